@@ -1,1 +1,272 @@
-fn main() {}
+//! Project automation for the clearlog workspace.
+//!
+//! ```text
+//! cargo xtask test            fmt check, layering check, clippy -D warnings, all tests (real KVM included)
+//! cargo xtask bench [CRATE]   criterion benchmarks (all, or one crate by directory or package name)
+//!                   [--quick] short runs, for CI
+//! cargo xtask deps            fail if a crate depends on a crate above it in the layering
+//! ```
+//!
+//! `cargo xtask test` prints what ran, what was skipped and why, and exits non-zero on any failure.
+//! With `CI=true` and `/dev/kvm` present it sets `CLEARLOG_REQUIRE_KVM=1`, which turns every real-KVM
+//! test that cannot run into a failure instead of a skip.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+mod layering;
+
+/// Environment variable the real-KVM tests read: when set to 1, a test that cannot use `/dev/kvm`
+/// fails instead of printing SKIPPED.
+const REQUIRE_KVM_ENV: &str = "CLEARLOG_REQUIRE_KVM";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(),
+        Some("bench") => bench(&args[1..]),
+        Some("deps") => deps(),
+        Some("-h" | "--help" | "help") | None => {
+            print_usage();
+            return if args.is_empty() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+        Some(other) => {
+            eprintln!("xtask: unknown command `{other}`");
+            print_usage();
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("xtask: FAILED: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_usage() {
+    eprintln!(
+        "usage: cargo xtask <command>\n\n\
+         commands:\n  \
+         test             fmt check, layering check, clippy -D warnings, cargo test --workspace (real KVM tests included)\n  \
+         bench [CRATE]    criterion benchmarks of all crates or one (bitmap, memory-api, kvm-accel, migration); --quick for short runs\n  \
+         deps             check that no crate depends on a crate above it in the layering"
+    );
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// One step of a check run: its name, how long it took and whether it passed.
+struct StepResult {
+    name: String,
+    ok: bool,
+    secs: f64,
+    note: String,
+}
+
+fn run_step(name: &str, mut cmd: Command) -> StepResult {
+    println!("\n==> xtask: {name}: {cmd:?}");
+    let start = Instant::now();
+    let status = cmd.status();
+    let secs = start.elapsed().as_secs_f64();
+    let (ok, note) = match status {
+        Ok(s) if s.success() => (true, String::new()),
+        Ok(s) => (false, format!("exit status {s}")),
+        Err(e) => (false, format!("could not start: {e}")),
+    };
+    StepResult {
+        name: name.to_string(),
+        ok,
+        secs,
+        note,
+    }
+}
+
+/// What the real-KVM tests will do on this machine, and why.
+fn kvm_status() -> (bool, String) {
+    let ci = std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false);
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => (
+            ci,
+            if ci {
+                "RUN: /dev/kvm is usable; CI=true so any KVM test that cannot run FAILS".to_string()
+            } else {
+                "RUN: /dev/kvm is usable".to_string()
+            },
+        ),
+        Err(e) => {
+            let present = Path::new("/dev/kvm").exists();
+            (
+                ci && present,
+                format!(
+                    "SKIPPED: /dev/kvm cannot be opened ({e}); real-KVM tests print SKIPPED and pass{}",
+                    if ci && present { " -- but CI=true and the device exists, so they FAIL" } else { "" }
+                ),
+            )
+        }
+    }
+}
+
+fn test() -> Result<(), String> {
+    let (require_kvm, kvm_note) = kvm_status();
+    println!("xtask test: real-KVM tests: {kvm_note}");
+    let mut results = Vec::new();
+
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    results.push(run_step("fmt --check", fmt));
+
+    println!("\n==> xtask: deps (layering check)");
+    let start = Instant::now();
+    let deps_result = deps();
+    results.push(StepResult {
+        name: "deps".into(),
+        ok: deps_result.is_ok(),
+        secs: start.elapsed().as_secs_f64(),
+        note: deps_result.err().unwrap_or_default(),
+    });
+
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    results.push(run_step("clippy -D warnings", clippy));
+
+    let mut tests = cargo();
+    tests.args(["test", "--workspace"]);
+    if require_kvm {
+        tests.env(REQUIRE_KVM_ENV, "1");
+    }
+    results.push(run_step(
+        "cargo test --workspace (unit, integration, doc, real KVM)",
+        tests,
+    ));
+
+    println!("\n==> xtask test summary");
+    println!("  real-KVM tests: {kvm_note}");
+    let mut failed = 0;
+    for r in &results {
+        println!(
+            "  {:<4} {:<60} {:>7.1}s {}",
+            if r.ok { "ok" } else { "FAIL" },
+            r.name,
+            r.secs,
+            r.note
+        );
+        failed += usize::from(!r.ok);
+    }
+    let passed = results.len() - failed;
+    println!("xtask: {passed} passed, {failed} failed");
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(format!("{failed} step(s) failed"))
+    }
+}
+
+fn bench(args: &[String]) -> Result<(), String> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let crates: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let packages = if crates.is_empty() {
+        layering::LIBRARY_CRATES
+            .iter()
+            .map(|c| c.package)
+            .collect::<Vec<_>>()
+    } else {
+        let mut out = Vec::new();
+        for c in crates {
+            match layering::LIBRARY_CRATES
+                .iter()
+                .find(|k| k.dir == c || k.package == c)
+            {
+                Some(k) => out.push(k.package),
+                None => {
+                    return Err(format!(
+                        "unknown crate `{c}`: use one of {}",
+                        layering::LIBRARY_CRATES
+                            .iter()
+                            .map(|k| k.dir)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                }
+            }
+        }
+        out
+    };
+    let mut failed = Vec::new();
+    for package in packages {
+        let mut cmd = cargo();
+        cmd.args(["bench", "-p", package]);
+        if quick {
+            cmd.args(["--", "--quick"]);
+        }
+        let r = run_step(&format!("bench {package}"), cmd);
+        if !r.ok {
+            failed.push(package);
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("benchmarks failed: {}", failed.join(", ")))
+    }
+}
+
+fn deps() -> Result<(), String> {
+    let output = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("cargo metadata output is not JSON: {e}"))?;
+    let violations = layering::check(&metadata)?;
+    if violations.is_empty() {
+        println!("deps: layering holds (bitmap <- memory-api <- kvm-accel, migration <- vmm-cli)");
+        Ok(())
+    } else {
+        for v in &violations {
+            eprintln!("deps: {v}");
+        }
+        Err(format!("{} layering violation(s)", violations.len()))
+    }
+}

@@ -1,0 +1,189 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Helpers shared by the integration tests (real KVM).
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use clearlog_kvm::guest_ram::GuestRam;
+use clearlog_kvm::layout::{counter_slot_addr, PARAMS_ADDR};
+use clearlog_kvm::vcpu::runner::VcpuRunner;
+use clearlog_kvm::vcpu::Vcpu;
+use clearlog_kvm::vm::{DirtyLogChoice, Vm, VmConfig};
+use clearlog_kvm::workload::params::{C_SWEEPS, P_ITERATION, P_WSS_PAGES, P_WSS_START};
+use clearlog_kvm::workload::{Workload, WorkloadSpec};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Returns true when the test can use /dev/kvm. Otherwise prints a loud SKIPPED line and
+/// returns false, except that with CI=true an existing but unusable /dev/kvm panics.
+pub fn kvm_available() -> bool {
+    let dev = Path::new("/dev/kvm");
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    if !dev.exists() {
+        eprintln!("SKIPPED: /dev/kvm not available (no such device node; is a kvm module loaded?)");
+        return false;
+    }
+    match std::fs::OpenOptions::new().read(true).write(true).open(dev) {
+        Ok(_) => true,
+        Err(e) if ci => panic!("CI=true and /dev/kvm exists but cannot be opened: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: /dev/kvm not available ({e})");
+            false
+        }
+    }
+}
+
+/// Serializes tests that run vCPUs inside one test binary (2-core machine, rate checks).
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A VM with one RAM region mapped from GPA 0.
+#[derive(Debug)]
+pub struct Guest {
+    pub vm: Vm,
+    pub mem: GuestMemoryMmap,
+}
+
+impl Guest {
+    /// `size` bytes of RAM registered as memslot 0 from GPA 0.
+    pub fn new(choice: DirtyLogChoice, size: u64, log_dirty: bool) -> Guest {
+        let g = Guest::unmapped(choice, size);
+        g.map(0, 0, size, log_dirty);
+        g
+    }
+
+    /// A VM and RAM, with no memslot yet.
+    pub fn unmapped(choice: DirtyLogChoice, size: u64) -> Guest {
+        let vm = Vm::new(VmConfig {
+            dirty_log: choice,
+            ..Default::default()
+        })
+        .expect("Vm::new");
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
+            .expect("guest memory");
+        Guest { vm, mem }
+    }
+
+    /// Registers `[gpa, gpa + size)` of the RAM as memslot `slot`.
+    pub fn map(&self, slot: u32, gpa: u64, size: u64, log_dirty: bool) {
+        let host = self.mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+        // SAFETY: `self.mem` lives as long as `self.vm` (same struct, dropped after the VM's
+        // users: tests stop vCPUs before dropping the Guest).
+        unsafe { self.vm.set_memslot(slot, gpa, size, host, log_dirty) }.expect("set_memslot");
+    }
+
+    /// Host address of guest physical `gpa`.
+    pub fn mem_host(&self, gpa: u64) -> u64 {
+        self.mem.get_host_address(GuestAddress(gpa)).unwrap() as u64
+    }
+
+    /// Loads `w` and starts its vCPUs.
+    pub fn start(&self, w: &Workload) -> Vec<VcpuRunner> {
+        let vcpus: Vec<Vcpu> = (0..w.vcpus())
+            .map(|i| Vcpu::new(&self.vm, i).expect("Vcpu::new"))
+            .collect();
+        let tsc = vcpus[0].tsc_khz().expect("tsc_khz");
+        w.load(&self.mem, tsc).expect("load");
+        vcpus
+            .into_iter()
+            .map(|v| {
+                v.setup_ring3(&w.entry(v.index()).unwrap())
+                    .expect("setup_ring3");
+                VcpuRunner::spawn(v).expect("spawn")
+            })
+            .collect()
+    }
+}
+
+/// A guest program (run as an `Image` at 0x8000) that dirties pages on demand: whenever
+/// the parameter block's `iteration` differs from the last value it handled, it writes the
+/// first byte of every page of `[wss_start, wss_start + wss_pages * 4096)` and then stores
+/// the iteration in its counter slot's `sweeps` field.
+pub fn dirty_on_demand_image() -> Vec<u8> {
+    use iced_x86::code_asm::*;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut wait = a.create_label();
+    let mut page = a.create_label();
+    let mut done = a.create_label();
+    a.mov(qword_ptr(rsi + 16), 1).unwrap(); // ready
+    a.xor(r12, r12).unwrap(); // last handled iteration
+    a.set_label(&mut wait).unwrap();
+    a.pause().unwrap();
+    a.mov(rax, qword_ptr(rdi + P_ITERATION as i32)).unwrap();
+    a.cmp(rax, r12).unwrap();
+    a.je(wait).unwrap();
+    a.mov(r12, rax).unwrap();
+    a.mov(r8, qword_ptr(rdi + P_WSS_START as i32)).unwrap();
+    a.mov(r9, qword_ptr(rdi + P_WSS_PAGES as i32)).unwrap();
+    a.set_label(&mut page).unwrap();
+    a.test(r9, r9).unwrap();
+    a.jz(done).unwrap();
+    a.mov(byte_ptr(r8), al).unwrap();
+    a.add(r8, 4096).unwrap();
+    a.dec(r9).unwrap();
+    a.jmp(page).unwrap();
+    a.set_label(&mut done).unwrap();
+    a.mov(qword_ptr(rsi + C_SWEEPS as i32), r12).unwrap();
+    a.jmp(wait).unwrap();
+    a.assemble(0x8000).unwrap()
+}
+
+/// Drives [`dirty_on_demand_image`].
+#[derive(Debug)]
+pub struct Dirtier<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub round: u64,
+}
+
+impl Dirtier<'_> {
+    /// Has the guest write one byte into each page of `[gpa, gpa + pages * 4096)` and waits
+    /// until it is done.
+    pub fn dirty(&mut self, gpa: u64, pages: u64) {
+        self.mem.store_u64(PARAMS_ADDR + P_WSS_START, gpa).unwrap();
+        self.mem
+            .store_u64(PARAMS_ADDR + P_WSS_PAGES, pages)
+            .unwrap();
+        self.round += 1;
+        self.mem
+            .store_u64(PARAMS_ADDR + P_ITERATION, self.round)
+            .unwrap();
+        let start = Instant::now();
+        while self.mem.load_u64(counter_slot_addr(0) + C_SWEEPS).unwrap() != self.round {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "guest did not dirty pages"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Starts the on-demand dirtier on a guest whose RAM is at least 1 MiB.
+pub fn start_dirtier(g: &Guest) -> VcpuRunner {
+    let w = Workload::new(WorkloadSpec::Image {
+        image: dirty_on_demand_image(),
+        load_gpa: 0x8000,
+        entry_gpa: 0x8000,
+    });
+    let mut r = g.start(&w);
+    let mon = clearlog_kvm::workload::monitor::WorkloadMonitor::new(&g.mem, 1);
+    mon.wait_ready(Duration::from_secs(10))
+        .expect("dirtier ready");
+    r.pop().unwrap()
+}
+
+/// Bit `i` of a dirty bitmap.
+pub fn bit(bm: &[u64], i: u64) -> bool {
+    bm[(i / 64) as usize] >> (i % 64) & 1 == 1
+}
+
+/// Indices of the set bits among the first `n`.
+pub fn set_bits(bm: &[u64], n: u64) -> Vec<u64> {
+    (0..n).filter(|&i| bit(bm, i)).collect()
+}

@@ -1,2 +1,84 @@
-//! TODO: clearlog-memory (filled in by a later issue).
+// Copyright 2025 The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Guest memory for a VMM with loss-free dirty-page tracking.
+//!
+//! The pieces, one module each:
+//!
+//! - [`RamBlock`] (`ram`): guest RAM in anonymous host memory (vm-memory's `MmapRegion`), placed in
+//!   one RAM address space at a 64-page-aligned page offset. Host-side writes through
+//!   [`RamBlock::write`] always mark the pages dirty.
+//! - Regions and [`Section`]s (`region`): RAM regions and aliases mapped in the guest-physical
+//!   address space with priorities, flattened into sections (what an accelerator registers).
+//! - [`MemoryListener`] (`listener`): the hooks an accelerator implements: map changes, logging
+//!   start/stop, `log_sync` (collect only) and `log_clear` (re-arm a range).
+//! - [`DirtyMemory`] (`dirty`): one atomic bitmap per [`DirtyClient`] (Migration, Vga, Code) over
+//!   the RAM address space; the accelerator folds KVM's bitmaps into it.
+//! - [`DirtySnapshot`] (`snapshot`): what [`MemorySystem::snapshot_and_clear_dirty`] returns.
+//! - [`ClearBitmap`] (`migration_sync`): migration's per-chunk "needs clear" bits.
+//! - [`MemorySystem`] (`system`): all of the above behind one topology lock.
+//!
+//! # Why clears go through the accelerator
+//!
+//! Several clients hold copies of the same KVM dirty bit. If each told KVM to clear "its" bits, a
+//! second clear for the same sync could wipe a write made after the first one, and that page would
+//! never be sent again. So a client never clears KVM directly: it calls
+//! [`MemorySystem::clear_dirty_bitmap`], which calls every listener's `log_clear` for the logging
+//! sections of the range; the accelerator clears only bits it saw at its last sync and has not
+//! cleared since.
+//!
+//! # Examples
+//!
+//! ```
+//! use clearlog_bitmap::Bitmap;
+//! use clearlog_memory::{ClearBitmap, DirtyClient, MemorySystem};
+//!
+//! let mem = MemorySystem::with_ram_capacity(1 << 30);
+//! let ram = mem.add_ram("ram", 0, 16 << 20).unwrap();
+//! let block = mem.ram_blocks()[0].clone();
+//!
+//! // Migration: start logging, then sync the block into migration's own bitmap.
+//! mem.log_global_start().unwrap();
+//! block.write(0x5000, b"device DMA").unwrap();
+//! mem.log_sync_all().unwrap(); // accelerators fold KVM's bits here
+//! let mut to_send = Bitmap::new_filled(block.pages() as usize);
+//! let mut clear = ClearBitmap::new(block.pages(), 15).unwrap();
+//! let newly = mem.sync_migration_bitmap(&block, &mut to_send, Some(&mut clear));
+//! assert_eq!(newly, 0); // page 5 was already marked for the first pass
+//!
+//! // Before sending page 5: re-arm its chunk in the accelerator, then read it.
+//! mem.clear_chunk_before_send(&block, &mut clear, 5).unwrap();
+//! let mut page = [0u8; 4096];
+//! block.read_page(5, &mut page).unwrap();
+//! assert_eq!(&page[..10], b"device DMA");
+//! # let _ = ram;
+//! ```
 #![deny(missing_docs)]
+
+pub mod dirty;
+pub mod error;
+pub mod listener;
+pub mod migration_sync;
+pub mod ram;
+pub mod region;
+pub mod snapshot;
+pub mod system;
+
+pub use dirty::{DirtyClient, DirtyClients, DirtyMemory};
+pub use error::{Error, ListenerError, Result};
+pub use listener::MemoryListener;
+pub use migration_sync::ClearBitmap;
+pub use ram::{is_zero_page, RamBlock, RamBlockId};
+pub use region::{RegionId, Section};
+pub use snapshot::DirtySnapshot;
+pub use system::{MemorySystem, DEFAULT_RAM_CAPACITY};
+
+/// log2 of the page size tracked by dirty logging.
+pub const PAGE_SHIFT: u32 = 12;
+/// Page size tracked by dirty logging (4 KiB, KVM's dirty-log granularity).
+pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+
+/// The examples of `README.md`, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

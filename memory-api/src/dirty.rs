@@ -1,0 +1,483 @@
+// Copyright 2025 The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Dirty-memory clients and their bitmaps over the RAM address space.
+//!
+//! Several consumers want to know which guest pages changed: live migration, a display that redraws
+//! what changed, a code cache. Each is a [`DirtyClient`] with its own [`AtomicBitmap`] over the whole
+//! RAM address space (one bit per page; RAM block `b`'s page `p` is bit `b.ram_page_offset() + p`).
+//! Two sources set bits: the accelerator (it folds what KVM reports with
+//! [`DirtyMemory::fold_bitmap`]) and the VMM itself (device writes, DMA, image loading, through
+//! [`DirtyMemory::set_dirty_range`]). Each client takes its own bits, so clients never steal each
+//! other's.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use clearlog_bitmap::{words_for_bits, AtomicBitmap, BITS_PER_WORD};
+
+use crate::{Error, Result};
+
+/// A consumer of dirty bits. Each has one atomic bitmap over the whole RAM address space.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_memory::DirtyClient;
+///
+/// assert_eq!(DirtyClient::ALL.len(), 3);
+/// assert_eq!(DirtyClient::Vga.index(), 1);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DirtyClient {
+    /// Live migration (on while global logging is on).
+    Migration = 0,
+    /// A display-like client that redraws what changed.
+    Vga = 1,
+    /// Code-cache invalidation (modelled for completeness).
+    Code = 2,
+}
+
+impl DirtyClient {
+    /// Every client, in index order.
+    pub const ALL: [DirtyClient; 3] = [DirtyClient::Migration, DirtyClient::Vga, DirtyClient::Code];
+
+    /// The client's index (its bit number in [`DirtyClients`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(clearlog_memory::DirtyClient::Code.index(), 2);
+    /// ```
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A set of [`DirtyClient`]s as a bit mask (bit = client as u8).
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_memory::{DirtyClient, DirtyClients};
+///
+/// let set = DirtyClients::NONE.with(DirtyClient::Vga).with(DirtyClient::Migration);
+/// assert!(set.contains(DirtyClient::Vga));
+/// assert!(!set.contains(DirtyClient::Code));
+/// assert_eq!(set.iter().collect::<Vec<_>>(), [DirtyClient::Migration, DirtyClient::Vga]);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct DirtyClients(pub u8);
+
+impl DirtyClients {
+    /// No client.
+    pub const NONE: DirtyClients = DirtyClients(0);
+    /// Every client.
+    pub const ALL: DirtyClients = DirtyClients(0b111);
+
+    /// Does the set contain `client`?
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{DirtyClient, DirtyClients};
+    /// assert!(DirtyClients::ALL.contains(DirtyClient::Code));
+    /// ```
+    pub const fn contains(self, client: DirtyClient) -> bool {
+        self.0 & (1 << client as u8) != 0
+    }
+
+    /// The set plus `client`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{DirtyClient, DirtyClients};
+    /// assert_eq!(DirtyClients::NONE.with(DirtyClient::Vga), DirtyClients(0b10));
+    /// ```
+    pub const fn with(self, client: DirtyClient) -> DirtyClients {
+        DirtyClients(self.0 | (1 << client as u8))
+    }
+
+    /// The set minus `client`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{DirtyClient, DirtyClients};
+    /// assert_eq!(DirtyClients::ALL.without(DirtyClient::Migration), DirtyClients(0b110));
+    /// ```
+    pub const fn without(self, client: DirtyClient) -> DirtyClients {
+        DirtyClients(self.0 & !(1 << client as u8))
+    }
+
+    /// The union of two sets.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::DirtyClients;
+    /// assert_eq!(DirtyClients(1).union(DirtyClients(4)), DirtyClients(5));
+    /// ```
+    pub const fn union(self, other: DirtyClients) -> DirtyClients {
+        DirtyClients(self.0 | other.0)
+    }
+
+    /// Is the set empty (no logging)?
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert!(clearlog_memory::DirtyClients::NONE.is_empty());
+    /// ```
+    pub const fn is_empty(self) -> bool {
+        self.0 & Self::ALL.0 == 0
+    }
+
+    /// The clients of the set, in index order.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{DirtyClient, DirtyClients};
+    /// assert_eq!(DirtyClients(0b100).iter().collect::<Vec<_>>(), [DirtyClient::Code]);
+    /// ```
+    pub fn iter(self) -> impl Iterator<Item = DirtyClient> {
+        DirtyClient::ALL
+            .into_iter()
+            .filter(move |c| self.contains(*c))
+    }
+}
+
+impl From<DirtyClient> for DirtyClients {
+    fn from(client: DirtyClient) -> Self {
+        DirtyClients::NONE.with(client)
+    }
+}
+
+/// The clients' dirty bitmaps: one bit per page of the RAM address space, per client.
+///
+/// The bitmaps are sized once, for the whole RAM address space (its capacity), so they never move:
+/// folds, host-side writes and takes run lock-free, concurrently with each other. Besides the
+/// bitmaps it keeps the set of *active* clients: those that receive host-side writes
+/// ([`set_dirty_range`](Self::set_dirty_range)). Migration is active while global logging is on;
+/// Vga and Code while at least one region logs for them.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_memory::{DirtyClient, DirtyClients, DirtyMemory};
+///
+/// let dirty = DirtyMemory::new(256);
+/// // KVM reported pages 1 and 64 of a slot that starts at RAM page 3.
+/// let kvm_log = [1u64 << 1, 1];
+/// let clients = DirtyClients::NONE.with(DirtyClient::Vga);
+/// assert_eq!(dirty.fold_bitmap(3, &kvm_log, 65, clients), 2);
+/// let vga = dirty.client(DirtyClient::Vga);
+/// assert_eq!(vga.iter_ones().collect::<Vec<_>>(), [4, 67]);
+/// assert_eq!(dirty.client(DirtyClient::Migration).count_ones(), 0);
+/// ```
+#[derive(Debug)]
+pub struct DirtyMemory {
+    clients: [AtomicBitmap; 3],
+    active: AtomicU8,
+}
+
+impl DirtyMemory {
+    /// Bitmaps for a RAM address space of `pages` pages (rounded up to a multiple of 64). No client
+    /// is active yet.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let dirty = clearlog_memory::DirtyMemory::new(100);
+    /// assert_eq!(dirty.capacity_pages(), 128);
+    /// ```
+    pub fn new(pages: u64) -> Self {
+        let bits = words_for_bits(pages as usize) * BITS_PER_WORD;
+        DirtyMemory {
+            clients: [
+                AtomicBitmap::new(bits),
+                AtomicBitmap::new(bits),
+                AtomicBitmap::new(bits),
+            ],
+            active: AtomicU8::new(0),
+        }
+    }
+
+    /// Number of pages the bitmaps cover (the RAM address space's capacity).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(clearlog_memory::DirtyMemory::new(64).capacity_pages(), 64);
+    /// ```
+    pub fn capacity_pages(&self) -> u64 {
+        self.clients[0].len() as u64
+    }
+
+    /// Clients that currently receive host-side writes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{DirtyClients, MemorySystem};
+    ///
+    /// let mem = MemorySystem::with_ram_capacity(1 << 24);
+    /// assert_eq!(mem.dirty().active_clients(), DirtyClients::NONE);
+    /// mem.log_global_start().unwrap();
+    /// assert_eq!(mem.dirty().active_clients(), DirtyClients(1));
+    /// ```
+    pub fn active_clients(&self) -> DirtyClients {
+        DirtyClients(self.active.load(Ordering::Acquire))
+    }
+
+    /// Set the active clients (the memory system does this when logging changes).
+    pub(crate) fn set_active_clients(&self, clients: DirtyClients) {
+        self.active.store(clients.0, Ordering::Release);
+    }
+
+    /// Fold an accelerator bitmap (KVM layout, bit 0 = `ram_first_page`) of `npages` pages into every
+    /// client in `clients` (the section's logging clients; Migration only while global logging is on).
+    /// `ram_first_page` need not be word-aligned. Returns the number of set bits folded.
+    ///
+    /// Bits of `words` at or past `npages` are ignored. Each destination word is one atomic OR, so a
+    /// fold never loses a bit that a client takes concurrently. One pass over `words` serves all
+    /// clients; zero words cost one load.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `words` holds fewer than `npages` bits or if the range passes the capacity. Use
+    /// [`try_fold_bitmap`](Self::try_fold_bitmap) when the sizes are not correct by construction.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{DirtyClient, DirtyClients, DirtyMemory};
+    ///
+    /// let dirty = DirtyMemory::new(128);
+    /// let n = dirty.fold_bitmap(64, &[0b1011], 2, DirtyClients::ALL);
+    /// assert_eq!(n, 2); // bit 3 is past npages and ignored
+    /// assert_eq!(dirty.client(DirtyClient::Code).iter_ones().collect::<Vec<_>>(), [64, 65]);
+    /// ```
+    #[track_caller]
+    pub fn fold_bitmap(
+        &self,
+        ram_first_page: u64,
+        words: &[u64],
+        npages: u64,
+        clients: DirtyClients,
+    ) -> u64 {
+        match self.try_fold_bitmap(ram_first_page, words, npages, clients) {
+            Ok(n) => n,
+            Err(e) => panic!("fold_bitmap: {e}"),
+        }
+    }
+
+    /// Fallible version of [`fold_bitmap`](Self::fold_bitmap).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BitmapTooSmall`] if `words` holds fewer than `npages` bits, [`Error::OutOfRange`] if
+    /// `[ram_first_page, ram_first_page + npages)` passes the capacity. Nothing is folded then.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{DirtyClients, DirtyMemory};
+    ///
+    /// let dirty = DirtyMemory::new(64);
+    /// assert!(dirty.try_fold_bitmap(32, &[1], 64, DirtyClients::ALL).is_err());
+    /// ```
+    pub fn try_fold_bitmap(
+        &self,
+        ram_first_page: u64,
+        words: &[u64],
+        npages: u64,
+        clients: DirtyClients,
+    ) -> Result<u64> {
+        let have = (words.len() as u64).saturating_mul(64);
+        if have < npages {
+            return Err(Error::BitmapTooSmall {
+                what: "accelerator bitmap",
+                need: npages,
+                have,
+            });
+        }
+        self.check_range(ram_first_page, npages)?;
+        let targets: Vec<&AtomicBitmap> =
+            clients.iter().map(|c| &self.clients[c.index()]).collect();
+        let nwords = words_for_bits(npages as usize);
+        let first_word = (ram_first_page / 64) as usize;
+        let shift = (ram_first_page % 64) as u32;
+        let tail_bits = (npages % 64) as u32;
+        let mut folded = 0u64;
+        for (k, &raw) in words[..nwords].iter().enumerate() {
+            let word = if k + 1 == nwords && tail_bits != 0 {
+                raw & ((1u64 << tail_bits) - 1)
+            } else {
+                raw
+            };
+            if word == 0 {
+                continue;
+            }
+            folded += u64::from(word.count_ones());
+            // Source word k covers RAM bits [first + 64k + shift, ...): it straddles two destination
+            // words unless the section starts on a word boundary.
+            let low = word << shift;
+            let high = if shift == 0 { 0 } else { word >> (64 - shift) };
+            for map in &targets {
+                if low != 0 {
+                    map.fetch_or_word(first_word + k, low);
+                }
+                if high != 0 {
+                    // In range: `high` only holds bits below `ram_first_page + npages`.
+                    map.fetch_or_word(first_word + k + 1, high);
+                }
+            }
+        }
+        Ok(folded)
+    }
+
+    /// Mark pages dirty for every client that is logging them (host-side writes: devices, DMA, image loading).
+    ///
+    /// Marks every [active](Self::active_clients) client. Call it *after* the data is written, so a
+    /// client that takes the bit reads the new data.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the range passes the capacity (RAM blocks only ever pass ranges inside themselves).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{DirtyClient, MemorySystem};
+    ///
+    /// let mem = MemorySystem::with_ram_capacity(1 << 24);
+    /// mem.log_global_start().unwrap();
+    /// mem.dirty().set_dirty_range(10, 3);
+    /// let migration = mem.dirty().client(DirtyClient::Migration);
+    /// assert_eq!(migration.iter_ones().collect::<Vec<_>>(), [10, 11, 12]);
+    /// assert_eq!(mem.dirty().client(DirtyClient::Vga).count_ones(), 0); // Vga not logging
+    /// ```
+    #[track_caller]
+    pub fn set_dirty_range(&self, ram_first_page: u64, npages: u64) {
+        if let Err(e) = self.check_range(ram_first_page, npages) {
+            panic!("set_dirty_range: {e}");
+        }
+        for client in self.active_clients().iter() {
+            self.clients[client.index()].set_range(ram_first_page as usize, npages as usize);
+        }
+    }
+
+    /// The client's bitmap.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{DirtyClient, DirtyMemory};
+    ///
+    /// let dirty = DirtyMemory::new(64);
+    /// dirty.client(DirtyClient::Vga).set(5);
+    /// assert!(dirty.client(DirtyClient::Vga).test(5));
+    /// ```
+    pub fn client(&self, client: DirtyClient) -> &AtomicBitmap {
+        &self.clients[client.index()]
+    }
+
+    fn check_range(&self, first: u64, npages: u64) -> Result<()> {
+        let size = self.capacity_pages();
+        match first.checked_add(npages) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange {
+                what: "RAM address space (pages)",
+                offset: first,
+                len: npages,
+                size,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ones(map: &AtomicBitmap) -> Vec<usize> {
+        map.iter_ones().collect()
+    }
+
+    #[test]
+    fn fold_aligned_and_unaligned_agree_with_bitwise_reference() {
+        for start in [0u64, 1, 37, 63, 64, 100] {
+            let dirty = DirtyMemory::new(512);
+            let words = [0x8000_0000_0000_0001u64, 0xf0f0, u64::MAX];
+            let npages = 150;
+            let clients = DirtyClients::NONE
+                .with(DirtyClient::Migration)
+                .with(DirtyClient::Vga);
+            let n = dirty.fold_bitmap(start, &words, npages, clients);
+            let expected: Vec<usize> = (0..npages as usize)
+                .filter(|&i| words[i / 64] >> (i % 64) & 1 == 1)
+                .map(|i| i + start as usize)
+                .collect();
+            assert_eq!(n as usize, expected.len(), "start {start}");
+            assert_eq!(
+                ones(dirty.client(DirtyClient::Migration)),
+                expected,
+                "start {start}"
+            );
+            assert_eq!(
+                ones(dirty.client(DirtyClient::Vga)),
+                expected,
+                "start {start}"
+            );
+            assert_eq!(dirty.client(DirtyClient::Code).count_ones(), 0);
+        }
+    }
+
+    #[test]
+    fn fold_keeps_existing_bits() {
+        let dirty = DirtyMemory::new(128);
+        dirty.client(DirtyClient::Vga).set(0);
+        dirty.fold_bitmap(5, &[1], 1, DirtyClient::Vga.into());
+        assert_eq!(ones(dirty.client(DirtyClient::Vga)), [0, 5]);
+    }
+
+    #[test]
+    fn fold_rejects_bad_sizes() {
+        let dirty = DirtyMemory::new(128);
+        assert!(matches!(
+            dirty.try_fold_bitmap(0, &[1], 65, DirtyClients::ALL),
+            Err(Error::BitmapTooSmall { .. })
+        ));
+        assert!(matches!(
+            dirty.try_fold_bitmap(100, &[1], 64, DirtyClients::ALL),
+            Err(Error::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            dirty.try_fold_bitmap(u64::MAX, &[1], 1, DirtyClients::ALL),
+            Err(Error::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn set_dirty_range_marks_only_active_clients() {
+        let dirty = DirtyMemory::new(128);
+        dirty.set_dirty_range(0, 3);
+        assert!(DirtyClient::ALL
+            .iter()
+            .all(|c| dirty.client(*c).count_ones() == 0));
+        dirty.set_active_clients(DirtyClients::NONE.with(DirtyClient::Code));
+        dirty.set_dirty_range(62, 4);
+        assert_eq!(ones(dirty.client(DirtyClient::Code)), [62, 63, 64, 65]);
+        assert_eq!(dirty.client(DirtyClient::Vga).count_ones(), 0);
+    }
+
+    #[test]
+    fn clients_set_operations() {
+        let s = DirtyClients::from(DirtyClient::Vga);
+        assert!(!s.is_empty());
+        assert_eq!(s.without(DirtyClient::Vga), DirtyClients::NONE);
+        assert_eq!(s.union(DirtyClient::Code.into()).iter().count(), 2);
+    }
+}

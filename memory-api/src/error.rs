@@ -1,0 +1,181 @@
+// Copyright 2025 The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The crate's error type.
+
+use crate::{DirtyClient, RamBlockId, RegionId};
+
+/// Error a [`crate::MemoryListener`] hook returns; boxed so accelerators keep their own error types.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_memory::ListenerError;
+///
+/// let e: ListenerError = "slot table full".into();
+/// assert_eq!(e.to_string(), "slot table full");
+/// ```
+pub type ListenerError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors of the memory API.
+///
+/// Every caller mistake (bad alignment, overlap, out-of-range access, clearing a region that does not
+/// log) is reported as one of these values: the API never panics or silently does nothing on them.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_memory::{Error, MemorySystem};
+///
+/// let mem = MemorySystem::with_ram_capacity(1 << 24);
+/// let err = mem.add_ram("ram", 0x1000, 0x1800).unwrap_err();
+/// assert!(matches!(err, Error::NotPageAligned { .. }));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A listener hook failed.
+    #[error("memory listener `{listener}` failed in {hook}: {source}")]
+    Listener {
+        /// Listener name.
+        listener: String,
+        /// Hook name.
+        hook: &'static str,
+        /// The listener's error.
+        #[source]
+        source: ListenerError,
+    },
+    /// An address or size that must be a multiple of the page size is not.
+    #[error("{what} {value:#x} is not a multiple of the page size")]
+    NotPageAligned {
+        /// Which argument.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// A region or block of size zero was requested.
+    #[error("{what} has size zero")]
+    ZeroSize {
+        /// What was empty.
+        what: &'static str,
+    },
+    /// A guest-physical range would wrap around the end of the address space.
+    #[error("range {start:#x}+{len:#x} overflows the 64-bit address space")]
+    AddressOverflow {
+        /// Start of the range.
+        start: u64,
+        /// Length of the range.
+        len: u64,
+    },
+    /// A region would overlap another mapped region of the same priority.
+    #[error("region `{name}` at {guest_addr:#x}+{size:#x} overlaps region {existing:?} of the same priority")]
+    Overlap {
+        /// Name of the region being mapped.
+        name: String,
+        /// Its guest-physical address.
+        guest_addr: u64,
+        /// Its size.
+        size: u64,
+        /// The region already mapped there.
+        existing: RegionId,
+    },
+    /// A byte range is not inside the region or block it addresses.
+    #[error("range {offset:#x}+{len:#x} is past the end of a {size:#x}-byte {what}")]
+    OutOfRange {
+        /// What was addressed (`"region"`, `"block"`, `"alias target"`).
+        what: &'static str,
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Size of the thing addressed.
+        size: u64,
+    },
+    /// A clear or snapshot was requested for a region none of whose sections logs.
+    #[error("region {region:?} has no section with dirty logging on{}", client.map(|c| format!(" for {c:?}")).unwrap_or_default())]
+    LoggingOff {
+        /// The region.
+        region: RegionId,
+        /// The client the caller asked about, if any.
+        client: Option<DirtyClient>,
+    },
+    /// The region is not (or no longer) in this memory system.
+    #[error("unknown region {0:?}")]
+    UnknownRegion(RegionId),
+    /// The RAM block is not (or no longer) in this memory system.
+    #[error("unknown RAM block {0:?}")]
+    UnknownBlock(RamBlockId),
+    /// The region exists but is not mapped in the guest-physical address space.
+    #[error("region {0:?} is not mapped")]
+    NotMapped(RegionId),
+    /// The region is already mapped.
+    #[error("region {0:?} is already mapped")]
+    AlreadyMapped(RegionId),
+    /// The region cannot be removed: aliases still point into it.
+    #[error("region {region:?} is still the target of alias {alias:?}")]
+    RegionInUse {
+        /// The region to remove.
+        region: RegionId,
+        /// An alias that targets it.
+        alias: RegionId,
+    },
+    /// An alias must point at a RAM region.
+    #[error("alias target {0:?} is not a RAM region")]
+    NotRam(RegionId),
+    /// Two RAM blocks would have the same name (names identify blocks in a migration stream).
+    #[error("a RAM block named `{0}` already exists")]
+    DuplicateName(String),
+    /// The RAM address space (and its dirty bitmaps) is full.
+    #[error(
+        "RAM address space full: {requested_pages} more pages do not fit in {capacity_pages} pages"
+    )]
+    RamSpaceExhausted {
+        /// Pages requested.
+        requested_pages: u64,
+        /// Capacity of the RAM address space in pages.
+        capacity_pages: u64,
+    },
+    /// Allocating host memory for a RAM block failed.
+    #[error("cannot map {size:#x} bytes of host memory: {source}")]
+    Mmap {
+        /// Size requested.
+        size: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// A volatile access to guest memory failed.
+    #[error("guest memory access failed: {0}")]
+    Volatile(#[from] vm_memory::VolatileMemoryError),
+    /// Migration logging is global: use `log_global_start`/`log_global_stop`.
+    #[error("{0:?} logging cannot be set per region")]
+    NotPerRegionClient(DirtyClient),
+    /// The listener is not registered.
+    #[error("listener is not registered")]
+    UnknownListener,
+    /// A clear-bitmap shift outside `ClearBitmap::MIN_SHIFT..=ClearBitmap::MAX_SHIFT`.
+    #[error("clear-bitmap shift {0} is outside 6..=31")]
+    InvalidClearShift(u8),
+    /// A caller-owned bitmap is too small for the RAM block it is used with.
+    #[error("{what} holds {have} bits, the block needs {need}")]
+    BitmapTooSmall {
+        /// Which bitmap.
+        what: &'static str,
+        /// Bits needed.
+        need: u64,
+        /// Bits it holds.
+        have: u64,
+    },
+}
+
+/// Result alias of this crate.
+///
+/// # Examples
+///
+/// ```
+/// fn size_of_first_block(mem: &clearlog_memory::MemorySystem) -> clearlog_memory::Result<u64> {
+///     Ok(mem.ram_blocks().first().map_or(0, |b| b.size()))
+/// }
+/// assert_eq!(size_of_first_block(&clearlog_memory::MemorySystem::new()).unwrap(), 0);
+/// ```
+pub type Result<T> = std::result::Result<T, Error>;

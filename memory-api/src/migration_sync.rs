@@ -1,0 +1,249 @@
+// Copyright 2025 The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The migration-facing sync: a RAM block's Migration bits into a caller-owned bitmap.
+//!
+//! Migration keeps its own bitmap per RAM block (one bit per page still to send). At every sync it
+//! takes the block's Migration-client bits into that bitmap
+//! ([`crate::MemorySystem::sync_migration_bitmap`]) and, instead of re-arming the accelerator for
+//! the whole block at once (one long vCPU stall on big guests), marks each chunk that received bits
+//! in a [`ClearBitmap`]. Before sending the first page of a marked chunk it clears the chunk in the
+//! accelerator ([`crate::MemorySystem::clear_chunk_before_send`]): re-arm first, then read, so a
+//! write after the read is caught by the next sync.
+
+use clearlog_bitmap::Bitmap;
+
+use crate::{Error, Result};
+
+/// Per-chunk "needs clear" bits of one RAM block (QEMU's `clear_bmap`): one bit per `2^shift` pages.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_memory::ClearBitmap;
+///
+/// let mut clear = ClearBitmap::new(1000, 8).unwrap(); // 256-page chunks
+/// assert_eq!(clear.chunk_count(), 4);
+/// assert_eq!(clear.chunk_of(700), 2);
+/// clear.set(2);
+/// assert_eq!(clear.chunk_pages(3), (768, 232)); // the last chunk is clipped to the block
+/// assert!(clear.test_and_clear(2));
+/// assert!(!clear.test_and_clear(2));
+/// assert!(ClearBitmap::new(1000, 5).is_err());
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClearBitmap {
+    bits: Bitmap,
+    shift: u8,
+    pages: u64,
+}
+
+impl ClearBitmap {
+    /// Smallest shift: 64 pages, the granularity of `KVM_CLEAR_DIRTY_LOG`.
+    pub const MIN_SHIFT: u8 = 6;
+    /// Largest shift.
+    pub const MAX_SHIFT: u8 = 31;
+
+    /// Bitmap for a block of `pages` pages with chunks of `2^shift` pages (error if shift out of range).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidClearShift`] unless `MIN_SHIFT <= shift <= MAX_SHIFT`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let clear = clearlog_memory::ClearBitmap::new(64, 6).unwrap();
+    /// assert_eq!(clear.chunk_count(), 1);
+    /// ```
+    pub fn new(pages: u64, shift: u8) -> Result<Self> {
+        if !(Self::MIN_SHIFT..=Self::MAX_SHIFT).contains(&shift) {
+            return Err(Error::InvalidClearShift(shift));
+        }
+        let chunks = pages.div_ceil(1u64 << shift);
+        Ok(ClearBitmap {
+            bits: Bitmap::new(chunks as usize),
+            shift,
+            pages,
+        })
+    }
+
+    /// The shift.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(clearlog_memory::ClearBitmap::new(64, 15).unwrap().shift(), 15);
+    /// ```
+    pub fn shift(&self) -> u8 {
+        self.shift
+    }
+
+    /// Chunk index of a page.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let clear = clearlog_memory::ClearBitmap::new(1 << 20, 18).unwrap();
+    /// assert_eq!(clear.chunk_of((1 << 18) + 5), 1);
+    /// ```
+    pub fn chunk_of(&self, page: u64) -> u64 {
+        page >> self.shift
+    }
+
+    /// Test and clear a chunk's bit.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `chunk >= self.chunk_count()` (like slice indexing: chunks come from
+    /// [`chunk_of`](Self::chunk_of) of a page of the block).
+    ///
+    /// # Examples
+    ///
+    /// See [`ClearBitmap`].
+    #[track_caller]
+    pub fn test_and_clear(&mut self, chunk: u64) -> bool {
+        self.bits.test_and_clear(chunk as usize)
+    }
+
+    /// Mark a chunk as needing a clear.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `chunk >= self.chunk_count()`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut clear = clearlog_memory::ClearBitmap::new(128, 6).unwrap();
+    /// clear.set(1);
+    /// assert!(clear.test(1));
+    /// ```
+    #[track_caller]
+    pub fn set(&mut self, chunk: u64) {
+        self.bits.set(chunk as usize);
+    }
+
+    /// Does a chunk need a clear?
+    ///
+    /// # Panics
+    ///
+    /// Panics if `chunk >= self.chunk_count()`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let clear = clearlog_memory::ClearBitmap::new(128, 6).unwrap();
+    /// assert!(!clear.test(0));
+    /// ```
+    #[track_caller]
+    pub fn test(&self, chunk: u64) -> bool {
+        self.bits.test(chunk as usize)
+    }
+
+    /// Number of chunks (the last one may be partial).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(clearlog_memory::ClearBitmap::new(129, 6).unwrap().chunk_count(), 3);
+    /// ```
+    pub fn chunk_count(&self) -> u64 {
+        self.bits.len() as u64
+    }
+
+    /// Number of chunks that need a clear.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut clear = clearlog_memory::ClearBitmap::new(129, 6).unwrap();
+    /// clear.set(0);
+    /// clear.set(2);
+    /// assert_eq!(clear.pending(), 2);
+    /// ```
+    pub fn pending(&self) -> u64 {
+        self.bits.count_ones() as u64
+    }
+
+    /// Pages of the block this bitmap was made for.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(clearlog_memory::ClearBitmap::new(129, 6).unwrap().block_pages(), 129);
+    /// ```
+    pub fn block_pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// First page and page count of a chunk, clipped to the block's end.
+    ///
+    /// # Examples
+    ///
+    /// See [`ClearBitmap`].
+    pub fn chunk_pages(&self, chunk: u64) -> (u64, u64) {
+        let first = (chunk << self.shift).min(self.pages);
+        let end = first.saturating_add(1u64 << self.shift).min(self.pages);
+        (first, end - first)
+    }
+
+    /// The chunk bits as words (bit `c` = chunk `c`).
+    pub(crate) fn words_mut(&mut self) -> &mut [u64] {
+        self.bits.as_words_mut()
+    }
+}
+
+/// OR `taken` (the Migration bits of one 64-page word of the block, word index `word`) into
+/// `dest_words[word]`; returns how many bits were not set there before, and marks the chunk.
+#[inline]
+pub(crate) fn merge_word(
+    dest_words: &mut [u64],
+    word: usize,
+    taken: u64,
+    clear: Option<(&mut [u64], u8)>,
+) -> u64 {
+    let old = dest_words[word];
+    dest_words[word] = old | taken;
+    if let Some((chunks, shift)) = clear {
+        // shift >= 6: a 64-page word lies inside one chunk.
+        let chunk = (word << 6) >> shift;
+        chunks[chunk / 64] |= 1 << (chunk % 64);
+    }
+    u64::from((taken & !old).count_ones())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shift_bounds() {
+        assert!(matches!(
+            ClearBitmap::new(1, 5),
+            Err(Error::InvalidClearShift(5))
+        ));
+        assert!(ClearBitmap::new(1, 6).is_ok());
+        assert!(ClearBitmap::new(1, 31).is_ok());
+        assert!(ClearBitmap::new(1, 32).is_err());
+    }
+
+    #[test]
+    fn chunk_pages_clip_at_block_end() {
+        let clear = ClearBitmap::new(100, 6).unwrap();
+        assert_eq!(clear.chunk_count(), 2);
+        assert_eq!(clear.chunk_pages(0), (0, 64));
+        assert_eq!(clear.chunk_pages(1), (64, 36));
+        assert_eq!(clear.chunk_pages(2), (100, 0));
+    }
+
+    #[test]
+    fn merge_counts_only_new_bits_and_marks_chunk() {
+        let mut dest = [0b0110u64, 0];
+        let mut chunks = [0u64];
+        assert_eq!(merge_word(&mut dest, 1, 0b11, Some((&mut chunks, 6))), 2);
+        assert_eq!(merge_word(&mut dest, 0, 0b1100, Some((&mut chunks, 6))), 1);
+        assert_eq!(dest, [0b1110, 0b11]);
+        assert_eq!(chunks, [0b11]);
+    }
+}

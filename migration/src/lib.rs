@@ -1,2 +1,112 @@
-//! TODO: clearlog-migration (filled in by a later issue).
+//! Precopy live migration of a guest's RAM and CPU/device state, with loss-free dirty-page tracking
+//! built on `KVM_CLEAR_DIRTY_LOG` (chunked re-arming), for any VMM using `clearlog-memory`.
+//!
+//! The crate does not depend on KVM: it drives dirty logging only through [`clearlog_memory`]
+//! (`log_global_start`, `log_sync_all`, `clear_dirty_bitmap_block`, `sync_migration_bitmap`), so any
+//! accelerator that implements a `MemoryListener` works. The VMM implements two small traits,
+//! [`VmControl`] (source: pause, resume, save state) and [`VmRestore`] (destination: restore state,
+//! resume).
+//!
+//! # Source algorithm
+//!
+//! 1. Setup: send the header, start global dirty logging, one "to send" bitmap per RAM block with every
+//!    page set, and (clear mode) a per-chunk "needs clear" bitmap (`2^shift` pages per chunk). A first
+//!    sync tells which chunks the accelerator holds dirty bits for.
+//! 2. Iterate: walk the dirty pages in order. Before reading any page of a chunk whose "needs clear" bit
+//!    is set, re-arm the whole chunk in the accelerator (`clear_dirty_bitmap_block`) and drop the bit:
+//!    re-arm, then read, so a guest write after the read is always caught by a later sync. Zero pages go
+//!    as a marker. After each pass: sync, count the newly dirty pages, mark their chunks, and estimate
+//!    the time to send what is left at the measured bandwidth (bytes sent / time spent sending, over the
+//!    whole live phase). Legacy mode re-arms whole blocks right after each sync instead.
+//! 3. Converge when the estimate is within the downtime limit: pause, sync, send the rest, the
+//!    CPU/device state, a per-page digest table (xxh3-64; see [`DigestMode`]: by default the digests of
+//!    the pages as last sent, hashed while sending; with [`DigestMode::Full`] all RAM hashed on all cores
+//!    while the guest is paused), the end marker; wait for the acknowledgement; stop logging. A migration that does not
+//!    converge within `max_iterations`/`max_time` fails with [`Error::NotConverged`].
+//! 4. On cancel or any error, logging stops and the guest is resumed if it was paused.
+//!
+//! # Stream format (version [`stream::VERSION`] = 1)
+//!
+//! All integers are little-endian. Bounds in brackets are checked by the decoder before anything is
+//! allocated or written.
+//!
+//! Header:
+//!
+//! | field        | type      | meaning                                                         |
+//! |--------------|-----------|-----------------------------------------------------------------|
+//! | magic        | u64       | `b"CLEARLOG"` ([`stream::MAGIC`])                               |
+//! | version      | u32       | 1                                                               |
+//! | page_size    | u32       | 4096; must equal the destination's                              |
+//! | flags        | u32       | bit 0: source waits for an acknowledgement; bit 1: full-RAM digest table ([`DigestMode::Full`]); other bits zero |
+//! | block_count  | u32       | \[1, 1024\]                                                     |
+//! | blocks       | repeated  | `name_len: u16` \[1, 256\], `name` (UTF-8), `size: u64` (bytes, non-zero page multiple) |
+//!
+//! The destination requires the same blocks (names and sizes, in order) as its own RAM.
+//!
+//! Records, each starting with a `u8` tag:
+//!
+//! | tag    | record  | payload                                                                                     |
+//! |--------|---------|---------------------------------------------------------------------------------------------|
+//! | `0x01` | pages   | `block: u32`, `count: u32` \[1, 256\], then `count` x (`page: u64` (index in the block, < its pages), `kind: u8` (0 = zero page, 1 = data), `page_size` bytes if kind is 1) |
+//! | `0x02` | state   | `name_len: u16` \[1, 256\], `name`, `len: u32` \[<= 64 MiB\], `len` bytes (at most 4096 blobs, 256 MiB in total) |
+//! | `0x03` | digests | `block: u32`, `count: u64` (= the block's page count), `count` x `u64` xxh3-64 of each page's final content |
+//! | `0xff` | end     | `b"CLRLEND!"` as u64, `page_records: u64` (page entries in the whole stream)                |
+//!
+//! Order: header, pages (any number, a page may repeat: the last one wins), state blobs, exactly one
+//! digest table per block, end. Pages or state after a digest table are rejected.
+//!
+//! Acknowledgement (destination to source, only if flag bit 0 is set): `b"ACK1"` as u32, `status: u32`
+//! (0 = loaded, verified and restored; 1 = failed, the destination will not resume).
+//!
+//! Digest check at the destination: with bit 1 set it hashes every page of its RAM after the end marker;
+//! otherwise it compares the table with the digests of the pages as it received them (a page never
+//! received is a mismatch).
+//!
+//! The destination resumes the guest only after the end marker, a digest match of every page,
+//! a successful `restore_state` and a sent acknowledgement. Truncation at any byte, an unknown version,
+//! a page-size or layout mismatch, a page outside its block, an oversized field and a digest mismatch
+//! each give their own [`Error`] variant.
+//!
+//! # Transports
+//!
+//! [`connect`] / [`Listener::bind`] take `tcp:HOST:PORT`, `unix:PATH` or `file:PATH` (a migration to a
+//! file is a snapshot: no acknowledgement; restoring reads it back). [`mem_channel`] connects two
+//! in-process ends for tests. Any `Read`/`Write` pair works through [`Transport::new`].
+//!
+//! # Example
+//!
+//! See [`Source`] for an in-process migration over [`mem_channel`].
 #![deny(missing_docs)]
+
+mod cancel;
+mod config;
+mod destination;
+mod digest;
+mod error;
+mod ratelimit;
+mod source;
+mod stats;
+pub mod stream;
+mod transport;
+mod vm;
+
+pub use cancel::CancelToken;
+pub use config::{
+    chunk_bytes_to_shift, shift_to_chunk_bytes, DigestMode, DirtyLogMode, MigrationConfig,
+    DEFAULT_ACK_TIMEOUT, DEFAULT_CLEAR_SHIFT, DEFAULT_DOWNTIME_LIMIT,
+};
+pub use destination::Destination;
+pub use digest::page_digests;
+pub use error::{BoxError, Error, Result};
+pub use ratelimit::RateLimitedWriter;
+pub use source::Source;
+pub use stats::{IncomingStats, IterationStats, MigrationStats, Progress};
+pub use transport::{
+    connect, mem_channel, pipe, Listener, MigrationUri, PipeReader, PipeWriter, Transport,
+    TransportRead,
+};
+pub use vm::{StateBlob, VmControl, VmRestore};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,317 @@
+//! The destination side: load, verify, restore, acknowledge, resume.
+
+use std::io::{BufReader, Write};
+use std::time::Instant;
+
+use clearlog_memory::{MemorySystem, PAGE_SIZE};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::digest::{hash_threads, page_digests};
+use crate::stats::IncomingStats;
+use crate::stream::{self, PageEntry, Record, StreamReader, FLAG_ACK_REQUESTED, FLAG_DIGEST_FULL};
+use crate::{Error, Result, StateBlob, Transport, VmRestore};
+
+/// Capacity of the incoming buffer (1 MiB).
+const READ_BUFFER: usize = 1 << 20;
+
+/// The incoming side of a migration, loading into the RAM blocks of its own [`MemorySystem`] (which must
+/// have the source's layout: same block names and sizes, in the same order).
+///
+/// A guest is never resumed from a stream that did not reach its end marker with a digest table
+/// matching the loaded RAM. See [`crate::Source`] for a complete example.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_memory::MemorySystem;
+/// use clearlog_migration::{BoxError, Destination, Error, StateBlob, Transport, VmRestore};
+///
+/// struct Vm;
+/// impl VmRestore for Vm {
+///     fn restore_state(&self, _: &[StateBlob]) -> Result<(), BoxError> { Ok(()) }
+///     fn resume(&self) -> Result<(), BoxError> { panic!("never resumed from a bad stream") }
+/// }
+/// let mem = MemorySystem::new();
+/// mem.add_ram("ram", 0, 1 << 20).unwrap();
+/// let garbage: &'static [u8] = b"not a migration stream";
+/// let err = Destination::new(&mem).receive(Transport::new(Some(Box::new(garbage)), None), &Vm).unwrap_err();
+/// assert!(matches!(err, Error::BadMagic(_)));
+/// ```
+#[derive(Debug)]
+pub struct Destination<'a> {
+    mem: &'a MemorySystem,
+}
+
+impl<'a> Destination<'a> {
+    /// A destination loading into `mem`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mem = clearlog_memory::MemorySystem::new();
+    /// let _dst = clearlog_migration::Destination::new(&mem);
+    /// ```
+    pub fn new(mem: &'a MemorySystem) -> Self {
+        Destination { mem }
+    }
+
+    /// Load the stream, verify it, restore the state, acknowledge (if the source asked), then resume.
+    ///
+    /// # Examples
+    ///
+    /// Restoring a snapshot file (`file:` URI; see [`crate::Source`] for a live migration):
+    ///
+    /// ```no_run
+    /// # use clearlog_migration::{connect, BoxError, CancelToken, Destination, Listener, MigrationConfig, Source, StateBlob, VmControl, VmRestore};
+    /// # struct Vm;
+    /// # impl VmRestore for Vm {
+    /// #     fn restore_state(&self, _: &[StateBlob]) -> Result<(), BoxError> { Ok(()) }
+    /// #     fn resume(&self) -> Result<(), BoxError> { Ok(()) }
+    /// # }
+    /// let mem = clearlog_memory::MemorySystem::new();
+    /// mem.add_ram("ram", 0, 1 << 30).unwrap();
+    /// let transport = Listener::bind("file:/tmp/vm.snap").unwrap().accept().unwrap();
+    /// let stats = Destination::new(&mem).receive(transport, &Vm).unwrap();
+    /// assert!(stats.resumed);
+    /// ```
+    pub fn receive(&self, transport: Transport, vm: &dyn VmRestore) -> Result<IncomingStats> {
+        let mut stats = self.receive_paused(transport, vm)?;
+        vm.resume().map_err(|source| Error::Vm {
+            hook: "resume",
+            source,
+        })?;
+        stats.resumed = true;
+        Ok(stats)
+    }
+
+    /// Like [`receive`](Self::receive) but returns without resuming: RAM is loaded and verified, the
+    /// state restored and the acknowledgement sent. The caller resumes the guest (for example after
+    /// saving or inspecting its memory).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use clearlog_migration::{connect, BoxError, CancelToken, Destination, Listener, MigrationConfig, Source, StateBlob, VmControl, VmRestore};
+    /// # struct Vm;
+    /// # impl VmRestore for Vm {
+    /// #     fn restore_state(&self, _: &[StateBlob]) -> Result<(), BoxError> { Ok(()) }
+    /// #     fn resume(&self) -> Result<(), BoxError> { Ok(()) }
+    /// # }
+    /// let mem = clearlog_memory::MemorySystem::new();
+    /// mem.add_ram("ram", 0, 1 << 30).unwrap();
+    /// let listener = Listener::bind("tcp:0.0.0.0:4444").unwrap();
+    /// let stats = Destination::new(&mem).receive_paused(listener.accept().unwrap(), &Vm).unwrap();
+    /// assert!(stats.acked && !stats.resumed);
+    /// // ... inspect or save `mem` ...
+    /// Vm.resume().unwrap();
+    /// ```
+    pub fn receive_paused(
+        &self,
+        transport: Transport,
+        vm: &dyn VmRestore,
+    ) -> Result<IncomingStats> {
+        let start = Instant::now();
+        let reader = transport.reader.ok_or(Error::Io {
+            context: "starting the incoming migration",
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "transport has no read half",
+            ),
+        })?;
+        let mut writer = transport.writer;
+        let mut r = StreamReader::new(BufReader::with_capacity(READ_BUFFER, reader));
+        let mut stats = IncomingStats::default();
+        let mut wants_ack = false;
+        let loaded = self.load(&mut r, &mut stats, &mut wants_ack);
+        stats.bytes_received = r.bytes_read();
+        stats.load_time_ms = start.elapsed().as_secs_f64() * 1000.0;
+        let ack_target = if wants_ack { writer.as_mut() } else { None };
+        let state = match loaded {
+            Ok(state) => state,
+            Err(e) => {
+                if let Some(w) = ack_target {
+                    let _ = send_ack(w.as_mut(), stream::ACK_FAILED);
+                }
+                return Err(e);
+            }
+        };
+        if let Err(source) = vm.restore_state(&state) {
+            if let Some(w) = ack_target {
+                let _ = send_ack(w.as_mut(), stream::ACK_FAILED);
+            }
+            return Err(Error::Vm {
+                hook: "restore_state",
+                source,
+            });
+        }
+        if let Some(w) = ack_target {
+            // If the acknowledgement cannot be sent the source resumes its guest: we must not.
+            send_ack(w.as_mut(), stream::ACK_OK)
+                .map_err(Error::io("sending the acknowledgement"))?;
+            stats.acked = true;
+        } else if wants_ack {
+            return Err(Error::Io {
+                context: "sending the acknowledgement",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "transport has no write half",
+                ),
+            });
+        }
+        Ok(stats)
+    }
+
+    /// Read everything up to the end marker and verify the digests; returns the state blobs.
+    fn load<R: std::io::Read>(
+        &self,
+        r: &mut StreamReader<R>,
+        stats: &mut IncomingStats,
+        wants_ack: &mut bool,
+    ) -> Result<Vec<StateBlob>> {
+        let header = r.read_header(PAGE_SIZE as u32)?;
+        *wants_ack = header.flags & FLAG_ACK_REQUESTED != 0;
+        let full = header.flags & FLAG_DIGEST_FULL != 0;
+        let blocks = self.mem.ram_blocks();
+        if blocks.len() != header.blocks.len() {
+            return Err(Error::LayoutMismatch(format!(
+                "stream has {} RAM blocks, destination has {}",
+                header.blocks.len(),
+                blocks.len()
+            )));
+        }
+        for (ours, theirs) in blocks.iter().zip(&header.blocks) {
+            if ours.name() != theirs.name || ours.size() != theirs.size {
+                return Err(Error::LayoutMismatch(format!(
+                    "stream block `{}` of {} bytes, destination block `{}` of {} bytes",
+                    theirs.name,
+                    theirs.size,
+                    ours.name(),
+                    ours.size()
+                )));
+            }
+        }
+        let zero_page = vec![0u8; PAGE_SIZE as usize];
+        let zero_digest = stream::zero_page_digest(PAGE_SIZE as usize);
+        // Sent-digest mode: the digest of each page as received (0 = never received: a mismatch).
+        // 8 bytes per page of our own RAM.
+        let mut received: Vec<Vec<u64>> = if full {
+            Vec::new()
+        } else {
+            blocks.iter().map(|b| vec![0; b.pages() as usize]).collect()
+        };
+        let mut state = Vec::new();
+        let mut state_bytes = 0u64;
+        let mut digests: Vec<Option<Vec<u64>>> = vec![None; blocks.len()];
+        let mut in_digests = false;
+        loop {
+            match r.next_record()? {
+                Record::Pages { block, count } => {
+                    if in_digests {
+                        return Err(Error::UnexpectedRecord(
+                            "page record after the digest table",
+                        ));
+                    }
+                    let ram = &blocks[block as usize];
+                    for _ in 0..count {
+                        match r.read_page(block)? {
+                            PageEntry::Data(page) => {
+                                ram.write_untracked(page * PAGE_SIZE, r.page_data())?;
+                                if let Some(table) = received.get_mut(block as usize) {
+                                    table[page as usize] = xxh3_64(r.page_data());
+                                }
+                            }
+                            PageEntry::Zero(page) => {
+                                ram.write_untracked(page * PAGE_SIZE, &zero_page)?;
+                                if let Some(table) = received.get_mut(block as usize) {
+                                    table[page as usize] = zero_digest;
+                                }
+                                stats.zero_pages += 1;
+                            }
+                        }
+                        stats.pages_received += 1;
+                    }
+                }
+                Record::State(blob) => {
+                    if in_digests {
+                        return Err(Error::UnexpectedRecord(
+                            "state record after the digest table",
+                        ));
+                    }
+                    if state.len() as u32 >= stream::MAX_STATE_BLOBS {
+                        return Err(Error::TooLarge {
+                            what: "state blob count",
+                            value: state.len() as u64 + 1,
+                            limit: stream::MAX_STATE_BLOBS.into(),
+                        });
+                    }
+                    state_bytes += blob.data.len() as u64;
+                    if state_bytes > stream::MAX_STATE_TOTAL_BYTES {
+                        return Err(Error::TooLarge {
+                            what: "total state size",
+                            value: state_bytes,
+                            limit: stream::MAX_STATE_TOTAL_BYTES,
+                        });
+                    }
+                    state.push(blob);
+                    stats.state_blobs += 1;
+                }
+                Record::Digests {
+                    block,
+                    digests: table,
+                } => {
+                    in_digests = true;
+                    let slot = &mut digests[block as usize];
+                    if slot.is_some() {
+                        return Err(Error::UnexpectedRecord(
+                            "digest table sent twice for one block",
+                        ));
+                    }
+                    *slot = Some(table);
+                }
+                Record::End { page_records } => {
+                    if page_records != stats.pages_received {
+                        return Err(Error::Malformed(
+                            "end marker page count (page records lost or added)",
+                        ));
+                    }
+                    break;
+                }
+            }
+        }
+        let t = Instant::now();
+        let threads = hash_threads();
+        for (i, (ram, table)) in blocks.iter().zip(digests).enumerate() {
+            let table = table.ok_or_else(|| Error::MissingDigests(ram.name().to_string()))?;
+            let computed;
+            let local = if full {
+                computed = page_digests(ram, threads)?;
+                &computed
+            } else {
+                &received[i]
+            };
+            let mut bad = local
+                .iter()
+                .zip(&table)
+                .enumerate()
+                .filter(|(_, (a, b))| a != b)
+                .map(|(i, _)| i as u64);
+            if let Some(page) = bad.next() {
+                return Err(Error::DigestMismatch {
+                    block: ram.name().to_string(),
+                    page,
+                    mismatched: 1 + bad.count() as u64,
+                });
+            }
+        }
+        stats.verify_ms = t.elapsed().as_secs_f64() * 1000.0;
+        Ok(state)
+    }
+}
+
+fn send_ack(w: &mut dyn Write, status: u32) -> std::io::Result<()> {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&stream::ACK_MAGIC.to_le_bytes());
+    b[4..].copy_from_slice(&status.to_le_bytes());
+    w.write_all(&b)?;
+    w.flush()
+}

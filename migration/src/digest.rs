@@ -1,0 +1,65 @@
+//! Per-page digests (xxh3-64) of RAM blocks, computed on all cores.
+
+use clearlog_memory::{RamBlock, PAGE_SIZE};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::Result;
+
+/// Pages read per `RamBlock::read` call while hashing (256 KiB).
+const PAGES_PER_READ: u64 = 64;
+
+/// xxh3-64 of every page of `block`, hashed by `threads` threads (at least 1).
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_memory::MemorySystem;
+///
+/// let mem = MemorySystem::new();
+/// mem.add_ram("ram", 0, 1 << 20).unwrap();
+/// let block = &mem.ram_blocks()[0];
+/// let digests = clearlog_migration::page_digests(block, 2).unwrap();
+/// assert_eq!(digests.len(), 256);
+/// assert_eq!(digests[0], xxhash_rust::xxh3::xxh3_64(&[0u8; 4096]));
+/// ```
+pub fn page_digests(block: &RamBlock, threads: usize) -> Result<Vec<u64>> {
+    let pages = block.pages();
+    let mut out = vec![0u64; pages as usize];
+    let threads = threads.max(1);
+    let per_thread = pages.div_ceil(threads as u64).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = out
+            .chunks_mut(per_thread as usize)
+            .enumerate()
+            .map(|(i, slice)| {
+                let first = i as u64 * per_thread;
+                s.spawn(move || hash_pages(block, first, slice))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })?;
+    Ok(out)
+}
+
+fn hash_pages(block: &RamBlock, first: u64, out: &mut [u64]) -> Result<()> {
+    let mut buf = vec![0u8; (PAGES_PER_READ * PAGE_SIZE) as usize];
+    for (n, digests) in out.chunks_mut(PAGES_PER_READ as usize).enumerate() {
+        let page = first + n as u64 * PAGES_PER_READ;
+        let bytes = &mut buf[..digests.len() * PAGE_SIZE as usize];
+        block.read(page * PAGE_SIZE, bytes)?;
+        for (d, p) in digests
+            .iter_mut()
+            .zip(bytes.chunks_exact(PAGE_SIZE as usize))
+        {
+            *d = xxh3_64(p);
+        }
+    }
+    Ok(())
+}
+
+/// Threads used for hashing at switchover: all available cores (the vCPUs are paused then).
+pub(crate) fn hash_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

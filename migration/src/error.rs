@@ -1,0 +1,211 @@
+//! The crate's error type.
+
+use std::time::Duration;
+
+/// An error from a VMM hook ([`crate::VmControl`], [`crate::VmRestore`]); boxed so a VMM keeps its own
+/// error types.
+///
+/// # Examples
+///
+/// ```
+/// let e: clearlog_migration::BoxError = "vCPU thread gone".into();
+/// assert_eq!(e.to_string(), "vCPU thread gone");
+/// ```
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors of the migration engine, the stream codec and the transports.
+///
+/// Every failure of the incoming stream has its own variant, so a caller (or a test) can tell a
+/// truncated stream from a corrupted one or from a layout mismatch.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::Error;
+///
+/// let err = Error::UnsupportedVersion { found: 9, supported: 1 };
+/// assert_eq!(err.to_string(), "unsupported stream version 9 (this build reads version 1)");
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    // ---- configuration ----
+    /// The clear-bitmap shift is outside `6..=31`.
+    #[error("clear-bitmap shift {0} out of range (6..=31)")]
+    ClearShiftOutOfRange(u8),
+    /// A clear chunk size in bytes is not a power-of-two multiple of the page size of at least 256 KiB
+    /// and at most 2^31 pages.
+    #[error(
+        "clear chunk size {0} bytes invalid: must be a power of two between 256 KiB and 8 TiB"
+    )]
+    InvalidClearChunkBytes(u64),
+    /// The downtime limit is zero.
+    #[error("downtime limit must be greater than zero")]
+    ZeroDowntimeLimit,
+    /// `max_iterations` is `Some(0)` or `max_time` is `Some(0)`.
+    #[error("iteration or time limit must be greater than zero when set")]
+    ZeroMigrationLimit,
+
+    // ---- source side ----
+    /// The memory API (an accelerator's listener, an out-of-range access...) failed.
+    #[error("memory API: {0}")]
+    Memory(#[from] clearlog_memory::Error),
+    /// A [`crate::VmControl`] or [`crate::VmRestore`] hook failed.
+    #[error("VMM hook `{hook}` failed: {source}")]
+    Vm {
+        /// The hook's name (`pause`, `resume`, `save_state`, `restore_state`, `set_throttle`).
+        hook: &'static str,
+        /// The VMM's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The migration was cancelled through its [`crate::CancelToken`].
+    #[error("migration cancelled")]
+    Cancelled,
+    /// The migration did not converge within the configured iteration or time limit.
+    #[error(
+        "migration did not converge: {iterations} iterations in {elapsed:?}, {remaining_bytes} bytes \
+         still dirty (estimated {expected_downtime:?} to send, limit {downtime_limit:?})"
+    )]
+    NotConverged {
+        /// Iterations done.
+        iterations: u32,
+        /// Time spent.
+        elapsed: Duration,
+        /// Dirty bytes left after the last sync.
+        remaining_bytes: u64,
+        /// Estimated time to send them at the measured bandwidth.
+        expected_downtime: Duration,
+        /// The configured downtime limit.
+        downtime_limit: Duration,
+    },
+    /// The destination did not acknowledge within the acknowledgement timeout.
+    #[error("no acknowledgement from the destination within {0:?}")]
+    AckTimeout(Duration),
+    /// The destination answered with a refusal (it failed to load or verify the stream).
+    #[error("destination refused the migration (status {0})")]
+    DestinationRefused(u32),
+    /// The destination's answer is not an acknowledgement.
+    #[error("malformed acknowledgement from the destination")]
+    BadAck,
+
+    // ---- transport ----
+    /// An I/O error of the transport.
+    #[error("transport I/O during {context}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A migration URI could not be parsed.
+    #[error("invalid migration URI `{uri}`: {reason}")]
+    InvalidUri {
+        /// The URI.
+        uri: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    // ---- incoming stream ----
+    /// The stream does not start with the magic number.
+    #[error("not a clearlog migration stream (magic {0:#018x})")]
+    BadMagic(u64),
+    /// The stream's version is not one this build reads.
+    #[error("unsupported stream version {found} (this build reads version {supported})")]
+    UnsupportedVersion {
+        /// Version in the stream.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// The stream's page size differs from ours.
+    #[error("page size mismatch: stream has {stream}, destination uses {local}")]
+    PageSizeMismatch {
+        /// Page size in the stream.
+        stream: u32,
+        /// Our page size.
+        local: u32,
+    },
+    /// The stream ended before its end marker (cut at `context`).
+    #[error("stream truncated while reading {0}")]
+    Truncated(&'static str),
+    /// A size field exceeds its bound (see the crate docs for each bound).
+    #[error("{what} of {value} exceeds the limit of {limit}")]
+    TooLarge {
+        /// The field.
+        what: &'static str,
+        /// The value read.
+        value: u64,
+        /// The bound.
+        limit: u64,
+    },
+    /// A size field is malformed (zero where it must not be, not a page multiple, not UTF-8...).
+    #[error("malformed {0} in stream")]
+    Malformed(&'static str),
+    /// The declared RAM layout differs from the destination's.
+    #[error("RAM layout mismatch: {0}")]
+    LayoutMismatch(String),
+    /// A record tag that this version does not define.
+    #[error("unknown record tag {0:#04x}")]
+    UnknownRecord(u8),
+    /// A record refers to a RAM block index not in the header.
+    #[error("record refers to RAM block {index}, but the stream declares {count} blocks")]
+    BlockOutOfRange {
+        /// The index read.
+        index: u32,
+        /// Declared block count.
+        count: u32,
+    },
+    /// A page record lies outside its RAM block.
+    #[error("page {page} outside RAM block `{block}` of {pages} pages")]
+    PageOutOfRange {
+        /// Block name.
+        block: String,
+        /// Page index read.
+        page: u64,
+        /// Block size in pages.
+        pages: u64,
+    },
+    /// Records appear in an order the format forbids (pages after the digest table, a digest table
+    /// sent twice...).
+    #[error("unexpected record: {0}")]
+    UnexpectedRecord(&'static str),
+    /// The digest table does not cover every block exactly once before the end marker.
+    #[error("digest table missing for RAM block `{0}`")]
+    MissingDigests(String),
+    /// A page of the loaded RAM does not match the source's digest.
+    #[error("digest mismatch in RAM block `{block}`, page {page} ({mismatched} mismatched pages in total)")]
+    DigestMismatch {
+        /// Block name of the first mismatching page.
+        block: String,
+        /// First mismatching page.
+        page: u64,
+        /// Number of mismatching pages.
+        mismatched: u64,
+    },
+}
+
+/// Result alias of this crate.
+///
+/// # Examples
+///
+/// ```
+/// fn check() -> clearlog_migration::Result<()> { Ok(()) }
+/// check().unwrap();
+/// ```
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wrap an I/O error, turning `UnexpectedEof` into [`Error::Truncated`].
+    pub(crate) fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+        move |source| {
+            if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::Truncated(context)
+            } else {
+                Error::Io { context, source }
+            }
+        }
+    }
+}

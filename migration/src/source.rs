@@ -1,0 +1,683 @@
+//! The source side: precopy iterations, convergence, switchover.
+
+use std::io::{BufWriter, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clearlog_bitmap::Bitmap;
+use clearlog_memory::{ClearBitmap, MemorySystem, RamBlock, PAGE_SIZE};
+
+use crate::digest::{hash_threads, page_digests};
+use crate::ratelimit::RateLimitedWriter;
+use crate::stats::{IterationStats, MigrationStats, Progress};
+use crate::stream::{self, BlockInfo, Header, PageBatch, FLAG_ACK_REQUESTED, FLAG_DIGEST_FULL};
+use crate::transport::TransportRead;
+use crate::{
+    CancelToken, DigestMode, DirtyLogMode, Error, MigrationConfig, Result, Transport, VmControl,
+};
+
+/// Capacity of the outgoing buffer (1 MiB): big writes keep the per-syscall cost negligible.
+const WRITE_BUFFER: usize = 1 << 20;
+/// Poll interval while waiting for the acknowledgement (bounds the reaction time to a cancel).
+const ACK_POLL: Duration = Duration::from_millis(100);
+
+/// Per-block state of the source.
+struct BlockState {
+    block: Arc<RamBlock>,
+    /// Pages still to send (QEMU's `bmap`).
+    dirty: Bitmap,
+    /// Pages sent at least once (for `resent_pages`).
+    sent: Bitmap,
+    /// Chunks whose accelerator bits must be re-armed before their pages are read.
+    clear: Option<ClearBitmap>,
+    /// [`DigestMode::Sent`]: xxh3-64 of each page as last sent (empty in `Full` mode).
+    sent_digest: Vec<u64>,
+}
+
+/// Counters of one pass over the dirty pages.
+#[derive(Default)]
+struct PassCounters {
+    pages: u64,
+    zero: u64,
+    bytes: u64,
+    clears: u64,
+}
+
+/// The outgoing side of a migration: see the crate docs for the algorithm.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_memory::MemorySystem;
+/// use clearlog_migration::{mem_channel, BoxError, CancelToken, Destination, MigrationConfig, Source, StateBlob, VmControl, VmRestore};
+///
+/// struct Vm;
+/// impl VmControl for Vm {
+///     fn pause(&self) -> Result<(), BoxError> { Ok(()) }
+///     fn resume(&self) -> Result<(), BoxError> { Ok(()) }
+///     fn save_state(&self) -> Result<Vec<StateBlob>, BoxError> { Ok(vec![StateBlob::new("cpu", vec![1])]) }
+/// }
+/// impl VmRestore for Vm {
+///     fn restore_state(&self, _: &[StateBlob]) -> Result<(), BoxError> { Ok(()) }
+///     fn resume(&self) -> Result<(), BoxError> { Ok(()) }
+/// }
+///
+/// let src_mem = MemorySystem::new();
+/// src_mem.add_ram("ram", 0, 1 << 20).unwrap();
+/// src_mem.ram_blocks()[0].write(8192, b"hello").unwrap();
+/// let dst_mem = MemorySystem::new();
+/// dst_mem.add_ram("ram", 0, 1 << 20).unwrap();
+///
+/// let (src_t, dst_t) = mem_channel();
+/// std::thread::scope(|s| {
+///     let dst = s.spawn(|| Destination::new(&dst_mem).receive(dst_t, &Vm));
+///     let stats = Source::new(&src_mem, MigrationConfig::default()).unwrap()
+///         .migrate(src_t, &Vm, None, &CancelToken::new()).unwrap();
+///     assert!(stats.converged);
+///     assert!(dst.join().unwrap().unwrap().resumed);
+/// });
+/// let mut buf = [0u8; 5];
+/// dst_mem.ram_blocks()[0].read(8192, &mut buf).unwrap();
+/// assert_eq!(&buf, b"hello");
+/// ```
+#[derive(Debug)]
+pub struct Source<'a> {
+    mem: &'a MemorySystem,
+    config: MigrationConfig,
+}
+
+impl<'a> Source<'a> {
+    /// A source for the RAM of `mem` (the config is validated here).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_migration::{DirtyLogMode, Error, MigrationConfig, Source};
+    ///
+    /// let mem = clearlog_memory::MemorySystem::new();
+    /// let bad = MigrationConfig { mode: DirtyLogMode::Clear { shift: 32 }, ..Default::default() };
+    /// assert!(matches!(Source::new(&mem, bad), Err(Error::ClearShiftOutOfRange(32))));
+    /// ```
+    pub fn new(mem: &'a MemorySystem, config: MigrationConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Source { mem, config })
+    }
+
+    /// Migrate: stream RAM while the guest runs, pause it when the rest fits in the downtime limit, send
+    /// the rest with the CPU/device state and the digest table, and wait for the acknowledgement (when the
+    /// transport has a read half).
+    ///
+    /// On any error (transport, accelerator, VMM hook, cancel, no convergence) global logging is stopped,
+    /// the guest is resumed if it was paused, and the error is returned: the source VM keeps running.
+    /// On success the guest stays paused (it now runs at the destination) and logging is stopped.
+    ///
+    /// # Examples
+    ///
+    /// Saving a snapshot to a file (no acknowledgement; see [`Source`] for a live migration):
+    ///
+    /// ```
+    /// # use clearlog_migration::{connect, BoxError, CancelToken, Destination, Listener, MigrationConfig, Source, StateBlob, VmControl, VmRestore};
+    /// # struct Vm;
+    /// # impl VmControl for Vm {
+    /// #     fn pause(&self) -> Result<(), BoxError> { Ok(()) }
+    /// #     fn resume(&self) -> Result<(), BoxError> { Ok(()) }
+    /// #     fn save_state(&self) -> Result<Vec<StateBlob>, BoxError> { Ok(vec![]) }
+    /// # }
+    /// let mem = clearlog_memory::MemorySystem::new();
+    /// mem.add_ram("ram", 0, 1 << 20).unwrap();
+    /// let path = std::env::temp_dir().join("clearlog-doc-migrate.snap");
+    /// let transport = connect(&format!("file:{}", path.display())).unwrap();
+    /// let stats = Source::new(&mem, MigrationConfig::default()).unwrap()
+    ///     .migrate(transport, &Vm, None, &CancelToken::new()).unwrap();
+    /// assert_eq!(std::fs::metadata(&path).unwrap().len(), stats.bytes_sent);
+    /// ```
+    pub fn migrate(
+        &self,
+        transport: Transport,
+        vm: &dyn VmControl,
+        progress: Option<&mut dyn FnMut(&Progress)>,
+        cancel: &CancelToken,
+    ) -> Result<MigrationStats> {
+        let writer = transport.writer.ok_or(Error::Io {
+            context: "starting the migration",
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "transport has no write half",
+            ),
+        })?;
+        let mut run = Run {
+            mem: self.mem,
+            config: &self.config,
+            vm,
+            cancel,
+            progress,
+            out: RateLimitedWriter::new(
+                BufWriter::with_capacity(WRITE_BUFFER, writer),
+                self.config.bandwidth_limit_bytes_per_s,
+            ),
+            ack: transport.reader,
+            blocks: Vec::new(),
+            batch: PageBatch::new(PAGE_SIZE as usize),
+            page_records: 0,
+            stats: MigrationStats::default(),
+            paused: false,
+            logging: false,
+            throttle: 0,
+            throttle_supported: true,
+        };
+        let start = Instant::now();
+        let result = run.run(start);
+        run.finish(result.is_ok());
+        result.map(|()| {
+            run.stats.total_time_ms = ms(start.elapsed());
+            run.stats.bytes_sent = run.out.bytes_written();
+            std::mem::take(&mut run.stats)
+        })
+    }
+}
+
+struct Run<'r, 'p> {
+    mem: &'r MemorySystem,
+    config: &'r MigrationConfig,
+    vm: &'r dyn VmControl,
+    cancel: &'r CancelToken,
+    progress: Option<&'p mut dyn FnMut(&Progress)>,
+    out: RateLimitedWriter<BufWriter<Box<dyn Write + Send>>>,
+    ack: Option<Box<dyn TransportRead>>,
+    blocks: Vec<BlockState>,
+    batch: PageBatch,
+    page_records: u64,
+    stats: MigrationStats,
+    paused: bool,
+    logging: bool,
+    throttle: u8,
+    throttle_supported: bool,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn vm_err(hook: &'static str) -> impl FnOnce(crate::BoxError) -> Error {
+    move |source| Error::Vm { hook, source }
+}
+
+impl Run<'_, '_> {
+    fn run(&mut self, start: Instant) -> Result<()> {
+        let cfg = self.config;
+        self.stats.mode = cfg.mode.name().to_string();
+        self.stats.digest_mode = match cfg.digest {
+            DigestMode::Sent => "sent",
+            DigestMode::Full => "full",
+        }
+        .to_string();
+        self.stats.clear_chunk_bytes = cfg.mode.clear_chunk_bytes().unwrap_or(0);
+        self.stats.bandwidth_limit_bytes_per_s = cfg.bandwidth_limit_bytes_per_s;
+        self.setup()?;
+        self.stats.setup_time_ms = ms(start.elapsed());
+
+        let mut send_time = Duration::ZERO;
+        let mut live_bytes = 0u64;
+        loop {
+            self.check_cancel()?;
+            self.stats.iterations += 1;
+            let iteration = self.stats.iterations;
+            let pass_start = Instant::now();
+            let pass = self.pass()?;
+            let pass_time = pass_start.elapsed();
+            send_time += pass_time;
+            live_bytes += pass.bytes;
+            let sync_start = Instant::now();
+            let dirty = self.sync()?;
+            let sync_time = sync_start.elapsed();
+            let remaining = self.remaining_bytes();
+            let bandwidth = if send_time.is_zero() {
+                0
+            } else {
+                (live_bytes as f64 / send_time.as_secs_f64()) as u64
+            };
+            self.stats.measured_bandwidth_bytes_per_s = bandwidth;
+            let expected = if remaining == 0 {
+                Duration::ZERO
+            } else if bandwidth == 0 {
+                Duration::MAX
+            } else {
+                Duration::from_secs_f64(remaining as f64 / bandwidth as f64)
+            };
+            tracing::info!(
+                iteration,
+                pages_sent = pass.pages,
+                zero_pages = pass.zero,
+                dirty_pages = dirty,
+                remaining_bytes = remaining,
+                pass_ms = ms(pass_time),
+                sync_ms = ms(sync_time),
+                log_clear_calls = pass.clears,
+                bandwidth,
+                "migration iteration"
+            );
+            self.stats.iteration_history.push(IterationStats {
+                iteration,
+                pages_sent: pass.pages,
+                zero_pages: pass.zero,
+                dirty_pages: dirty,
+                remaining_bytes: remaining,
+                pass_ms: ms(pass_time),
+                sync_ms: ms(sync_time),
+                bandwidth_bytes_per_s: bandwidth,
+                log_clear_calls: pass.clears,
+            });
+            self.report(iteration, remaining, bandwidth, expected, false);
+            if expected <= cfg.downtime_limit {
+                break;
+            }
+            let over_iterations = cfg.max_iterations.is_some_and(|max| iteration >= max);
+            let over_time = cfg.max_time.is_some_and(|max| start.elapsed() >= max);
+            if over_iterations || over_time {
+                return Err(Error::NotConverged {
+                    iterations: iteration,
+                    elapsed: start.elapsed(),
+                    remaining_bytes: remaining,
+                    expected_downtime: expected,
+                    downtime_limit: cfg.downtime_limit,
+                });
+            }
+            if cfg.auto_converge && iteration >= 2 {
+                self.auto_converge(dirty * PAGE_SIZE, pass.bytes)?;
+            }
+        }
+        self.switchover()
+    }
+
+    fn setup(&mut self) -> Result<()> {
+        let blocks = self.mem.ram_blocks();
+        let header = Header {
+            page_size: PAGE_SIZE as u32,
+            flags: if self.ack.is_some() {
+                FLAG_ACK_REQUESTED
+            } else {
+                0
+            } | if self.config.digest == DigestMode::Full {
+                FLAG_DIGEST_FULL
+            } else {
+                0
+            },
+            blocks: blocks
+                .iter()
+                .map(|b| BlockInfo {
+                    name: b.name().to_string(),
+                    size: b.size(),
+                })
+                .collect(),
+        };
+        header
+            .write_to(&mut self.out)
+            .map_err(Error::io("sending the header"))?;
+        self.stats.guest_mem_bytes = blocks.iter().map(|b| b.size()).sum();
+        for block in blocks {
+            let pages = block.pages() as usize;
+            let clear = match self.config.mode {
+                DirtyLogMode::Legacy => None,
+                DirtyLogMode::Clear { shift } => Some(ClearBitmap::new(block.pages(), shift)?),
+            };
+            self.blocks.push(BlockState {
+                block,
+                dirty: Bitmap::new_filled(pages),
+                sent: Bitmap::new(pages),
+                clear,
+                sent_digest: if self.config.digest == DigestMode::Sent {
+                    vec![0; pages]
+                } else {
+                    Vec::new()
+                },
+            });
+        }
+        self.logging = true;
+        self.mem.log_global_start()?;
+        // First sync: learn which chunks the accelerator holds bits for (all of them with KVM's
+        // INITIALLY_SET), so they are re-armed before the first pass reads them.
+        self.sync()?;
+        Ok(())
+    }
+
+    /// `log_sync_all`, fold into the per-block bitmaps, and (legacy) re-arm whole blocks at once.
+    /// Returns the number of newly dirty pages.
+    fn sync(&mut self) -> Result<u64> {
+        let t = Instant::now();
+        self.mem.log_sync_all()?;
+        self.stats.log_sync_ms += ms(t.elapsed());
+        self.stats.dirty_syncs += 1;
+        let mut new = 0;
+        for bs in &mut self.blocks {
+            new += self
+                .mem
+                .sync_migration_bitmap(&bs.block, &mut bs.dirty, bs.clear.as_mut());
+        }
+        if self.config.mode == DirtyLogMode::Legacy {
+            for i in 0..self.blocks.len() {
+                let block = self.blocks[i].block.clone();
+                self.clear_range(&block, 0, block.size())?;
+            }
+        }
+        Ok(new)
+    }
+
+    fn clear_range(&mut self, block: &RamBlock, offset: u64, len: u64) -> Result<()> {
+        let t = Instant::now();
+        self.mem.clear_dirty_bitmap_block(block, offset, len)?;
+        let took = t.elapsed();
+        self.stats.log_clear_calls += 1;
+        self.stats.log_clear_ms += ms(took);
+        tracing::debug!(
+            block = block.name(),
+            offset,
+            len,
+            us = took.as_micros() as u64,
+            "dirty log clear"
+        );
+        Ok(())
+    }
+
+    /// Re-arm chunk `chunk` of block `bi`.
+    fn clear_chunk(&mut self, bi: usize, chunk: u64, shift: u8) -> Result<()> {
+        let block = self.blocks[bi].block.clone();
+        let chunk_bytes = crate::shift_to_chunk_bytes(shift);
+        let offset = chunk << (u32::from(shift) + clearlog_memory::PAGE_SHIFT);
+        let len = chunk_bytes.min(block.size() - offset);
+        self.clear_range(&block, offset, len)
+    }
+
+    fn remaining_bytes(&self) -> u64 {
+        self.blocks
+            .iter()
+            .map(|b| b.dirty.count_ones() as u64 * PAGE_SIZE)
+            .sum()
+    }
+
+    fn check_cancel(&self) -> Result<()> {
+        if self.cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn send_batch(&mut self) -> Result<()> {
+        if !self.batch.is_empty() {
+            let record = self.batch.take();
+            self.out
+                .write_all(record)
+                .map_err(Error::io("sending pages"))?;
+        }
+        Ok(())
+    }
+
+    /// One walk over all dirty pages, in order. A chunk is re-armed (cleared in the accelerator) before
+    /// the first of its pages is read: a write after the clear is caught by the next sync.
+    fn pass(&mut self) -> Result<PassCounters> {
+        let mut c = PassCounters::default();
+        let bytes_before = self.out.bytes_written();
+        let clears_before = self.stats.log_clear_calls;
+        for bi in 0..self.blocks.len() {
+            let mut next = self.blocks[bi].dirty.find_next_set(0);
+            // TEST ONLY (`test_read_before_clear`): a chunk cleared after its pages were read.
+            let mut late_clear: Option<(u64, u8)> = None;
+            while let Some(page) = next {
+                let chunk_info = self.blocks[bi]
+                    .clear
+                    .as_ref()
+                    .map(|c| (c.shift(), c.chunk_of(page as u64)));
+                if let Some((shift, chunk)) = chunk_info {
+                    if let Some((pending, _)) = late_clear.filter(|(ch, _)| *ch != chunk) {
+                        late_clear = None;
+                        self.clear_chunk(bi, pending, shift)?;
+                    }
+                    if self.blocks[bi]
+                        .clear
+                        .as_mut()
+                        .is_some_and(|cl| cl.test_and_clear(chunk))
+                    {
+                        if self.config.test_read_before_clear {
+                            late_clear = Some((chunk, shift));
+                        } else {
+                            // Re-arm, THEN read.
+                            self.clear_chunk(bi, chunk, shift)?;
+                        }
+                    }
+                }
+                let bs = &mut self.blocks[bi];
+                bs.dirty.clear(page);
+                if bs.sent.test(page) {
+                    self.stats.resent_pages += 1;
+                } else {
+                    bs.sent.set(page);
+                }
+                let block = &bs.block;
+                let hash = !bs.sent_digest.is_empty();
+                let (zero, digest) = self.batch.push_page(bi as u32, page as u64, hash, |buf| {
+                    block
+                        .read(page as u64 * PAGE_SIZE, buf)
+                        .map_err(Error::from)
+                })?;
+                if hash {
+                    bs.sent_digest[page] = digest;
+                }
+                c.pages += 1;
+                c.zero += u64::from(zero);
+                if self.batch.is_full() {
+                    self.send_batch()?;
+                    self.check_cancel()?;
+                }
+                next = self.blocks[bi].dirty.find_next_set(page + 1);
+            }
+            self.send_batch()?;
+            if let Some((pending, shift)) = late_clear {
+                self.clear_chunk(bi, pending, shift)?;
+            }
+        }
+        self.out.flush().map_err(Error::io("sending pages"))?;
+        debug_assert!(self.batch.is_empty());
+        self.page_records += c.pages;
+        self.stats.pages_sent += c.pages;
+        self.stats.zero_pages += c.zero;
+        c.bytes = self.out.bytes_written() - bytes_before;
+        c.clears = self.stats.log_clear_calls - clears_before;
+        Ok(c)
+    }
+
+    fn report(
+        &mut self,
+        iteration: u32,
+        remaining: u64,
+        bandwidth: u64,
+        expected: Duration,
+        paused: bool,
+    ) {
+        if let Some(cb) = self.progress.as_mut() {
+            cb(&Progress {
+                iteration,
+                remaining_bytes: remaining,
+                bandwidth_bytes_per_s: bandwidth,
+                expected_downtime_ms: if expected == Duration::MAX {
+                    f64::INFINITY
+                } else {
+                    ms(expected)
+                },
+                paused,
+            });
+        }
+    }
+
+    /// QEMU-like auto-converge: when the guest dirtied more than half of what the pass sent, throttle
+    /// harder (20%, then +10% per iteration, at most 99%).
+    fn auto_converge(&mut self, dirtied: u64, sent: u64) -> Result<()> {
+        if !self.throttle_supported || dirtied * 2 <= sent {
+            return Ok(());
+        }
+        let next = if self.throttle == 0 {
+            20
+        } else {
+            (self.throttle + 10).min(99)
+        };
+        if next == self.throttle {
+            return Ok(());
+        }
+        if self.vm.set_throttle(next).map_err(vm_err("set_throttle"))? {
+            self.throttle = next;
+            self.stats.auto_converge_max_throttle_pct = next;
+            tracing::info!(throttle_pct = next, "auto-converge throttle");
+        } else {
+            self.throttle_supported = false;
+            tracing::warn!("auto-converge requested but the VMM does not support throttling");
+        }
+        Ok(())
+    }
+
+    fn switchover(&mut self) -> Result<()> {
+        self.check_cancel()?;
+        let pause_at = Instant::now();
+        self.vm.pause().map_err(vm_err("pause"))?;
+        self.paused = true;
+        // The limit applies to the live phase only: do not stretch the downtime.
+        self.out.set_rate(0);
+        self.sync()?;
+        let remaining = self.remaining_bytes();
+        self.report(
+            self.stats.iterations,
+            remaining,
+            self.stats.measured_bandwidth_bytes_per_s,
+            Duration::ZERO,
+            true,
+        );
+        let last = self.pass()?;
+        tracing::info!(pages_sent = last.pages, "migration final pass (paused)");
+
+        let state = self.vm.save_state().map_err(vm_err("save_state"))?;
+        let mut rec = Vec::new();
+        for blob in &state {
+            if blob.name.is_empty() || blob.name.len() > stream::MAX_NAME_LEN {
+                return Err(Error::Malformed(
+                    "state blob name (empty or over 256 bytes) from save_state",
+                ));
+            }
+            if blob.data.len() as u64 > u64::from(stream::MAX_STATE_BLOB_BYTES) {
+                return Err(Error::TooLarge {
+                    what: "state blob size",
+                    value: blob.data.len() as u64,
+                    limit: stream::MAX_STATE_BLOB_BYTES.into(),
+                });
+            }
+            rec.clear();
+            stream::encode_state(blob, &mut rec);
+            self.out
+                .write_all(&rec)
+                .map_err(Error::io("sending state"))?;
+        }
+
+        let t = Instant::now();
+        let threads = hash_threads();
+        for bi in 0..self.blocks.len() {
+            let full;
+            let digests = match self.config.digest {
+                DigestMode::Sent => &self.blocks[bi].sent_digest,
+                DigestMode::Full => {
+                    full = page_digests(&self.blocks[bi].block, threads)?;
+                    &full
+                }
+            };
+            rec.clear();
+            stream::encode_digests(bi as u32, digests, &mut rec);
+            self.out
+                .write_all(&rec)
+                .map_err(Error::io("sending digests"))?;
+        }
+        self.stats.digest_ms = ms(t.elapsed());
+        rec.clear();
+        stream::encode_end(self.page_records, &mut rec);
+        self.out
+            .write_all(&rec)
+            .map_err(Error::io("sending the end marker"))?;
+        self.out.flush().map_err(Error::io("flushing the stream"))?;
+        if let Some(reader) = self.ack.as_mut() {
+            wait_ack(reader.as_mut(), self.config.ack_timeout, self.cancel)?;
+        }
+        self.stats.downtime_ms = ms(pause_at.elapsed());
+        self.stats.converged = true;
+        tracing::info!(
+            downtime_ms = self.stats.downtime_ms,
+            digest_ms = self.stats.digest_ms,
+            "migration complete"
+        );
+        Ok(())
+    }
+
+    /// Cleanup on both paths: stop logging, drop the throttle, and on failure resume the guest.
+    fn finish(&mut self, ok: bool) {
+        if self.logging {
+            if let Err(e) = self.mem.log_global_stop() {
+                tracing::error!(error = %e, "stopping dirty logging failed");
+            }
+        }
+        if self.throttle != 0 {
+            if let Err(e) = self.vm.set_throttle(0) {
+                tracing::error!(error = %e, "removing the auto-converge throttle failed");
+            }
+        }
+        if !ok && self.paused {
+            match self.vm.resume() {
+                Ok(()) => tracing::warn!("migration failed after pause: source guest resumed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "migration failed and the source guest could not be resumed")
+                }
+            }
+        }
+    }
+}
+
+/// Read the 8-byte acknowledgement, polling so a cancel or the timeout is noticed.
+fn wait_ack(reader: &mut dyn TransportRead, timeout: Duration, cancel: &CancelToken) -> Result<()> {
+    reader
+        .set_read_timeout(Some(ACK_POLL))
+        .map_err(Error::io("waiting for the acknowledgement"))?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < buf.len() {
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::AckTimeout(timeout));
+        }
+        match reader.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(Error::Io {
+                    context: "waiting for the acknowledgement",
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                })
+            }
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                return Err(Error::Io {
+                    context: "waiting for the acknowledgement",
+                    source: e,
+                })
+            }
+        }
+    }
+    let magic = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let status = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    if magic != stream::ACK_MAGIC {
+        return Err(Error::BadAck);
+    }
+    if status != stream::ACK_OK {
+        return Err(Error::DestinationRefused(status));
+    }
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! Progress reports and statistics.
+
+use serde::{Deserialize, Serialize};
+
+/// Handed to the progress callback after every iteration (and once at switchover).
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::Progress;
+///
+/// let mut cb = |p: &Progress| println!("iter {} {} bytes left", p.iteration, p.remaining_bytes);
+/// cb(&Progress { iteration: 1, remaining_bytes: 4096, bandwidth_bytes_per_s: 1 << 30,
+///                expected_downtime_ms: 0.004, paused: false });
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Iterations finished (1 after the first full pass).
+    pub iteration: u32,
+    /// Dirty bytes still to send.
+    pub remaining_bytes: u64,
+    /// Bandwidth measured over the last iteration, bytes/s.
+    pub bandwidth_bytes_per_s: u64,
+    /// Time to send `remaining_bytes` at that bandwidth, ms.
+    pub expected_downtime_ms: f64,
+    /// The guest is paused (final report of the switchover).
+    pub paused: bool,
+}
+
+/// One iteration of the live phase (for plots).
+///
+/// # Examples
+///
+/// ```
+/// let it = clearlog_migration::IterationStats::default();
+/// assert_eq!(it.pages_sent, 0);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct IterationStats {
+    /// 1-based iteration number.
+    pub iteration: u32,
+    /// Pages sent during the pass.
+    pub pages_sent: u64,
+    /// Of which zero pages.
+    pub zero_pages: u64,
+    /// Pages the sync after the pass found newly dirty.
+    pub dirty_pages: u64,
+    /// Dirty bytes left after that sync.
+    pub remaining_bytes: u64,
+    /// Wall time of the pass (without the sync), ms.
+    pub pass_ms: f64,
+    /// Wall time of the sync, ms.
+    pub sync_ms: f64,
+    /// Bandwidth measured during the pass, bytes/s.
+    pub bandwidth_bytes_per_s: u64,
+    /// Chunk clears issued during the pass.
+    pub log_clear_calls: u64,
+}
+
+/// Statistics of a finished (or failed) outgoing migration; serializable for reports.
+///
+/// # Examples
+///
+/// ```
+/// let s = clearlog_migration::MigrationStats::default();
+/// assert!(!s.converged);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStats {
+    /// `"legacy"` or `"clear"`.
+    pub mode: String,
+    /// Clear chunk size in bytes (0 in legacy mode).
+    pub clear_chunk_bytes: u64,
+    /// Guest RAM size (all blocks).
+    pub guest_mem_bytes: u64,
+    /// From the call to `migrate` to the acknowledgement.
+    pub total_time_ms: f64,
+    /// Starting dirty logging, first sync and allocating the bitmaps.
+    pub setup_time_ms: f64,
+    /// From `pause` to the acknowledgement received (for a file: to the end of the final flush).
+    pub downtime_ms: f64,
+    /// `"sent"` or `"full"` ([`crate::DigestMode`]).
+    pub digest_mode: String,
+    /// Of the downtime: building the digest table (hashing all guest RAM in `full` mode).
+    pub digest_ms: f64,
+    /// Iterations of the live phase (full passes, the first one included).
+    pub iterations: u32,
+    /// Dirty-log syncs (`log_sync_all` calls).
+    pub dirty_syncs: u32,
+    /// Page records sent (zero pages included).
+    pub pages_sent: u64,
+    /// Bytes written to the transport.
+    pub bytes_sent: u64,
+    /// Pages sent as a zero marker.
+    pub zero_pages: u64,
+    /// Page records for pages that had already been sent once (not QEMU's "duplicate").
+    pub resent_pages: u64,
+    /// Time spent in `log_sync_all`.
+    pub log_sync_ms: f64,
+    /// Calls to `clear_dirty_bitmap_block` (chunks in clear mode, whole blocks in legacy mode).
+    pub log_clear_calls: u64,
+    /// Time spent in those calls.
+    pub log_clear_ms: f64,
+    /// The configured limit (0 = unlimited).
+    pub bandwidth_limit_bytes_per_s: u64,
+    /// Bytes sent in the live phase / time spent sending them.
+    pub measured_bandwidth_bytes_per_s: u64,
+    /// The migration reached the switchover and was acknowledged.
+    pub converged: bool,
+    /// Highest auto-converge throttle applied, % (0 = never throttled).
+    pub auto_converge_max_throttle_pct: u8,
+    /// Per-iteration details.
+    pub iteration_history: Vec<IterationStats>,
+}
+
+/// Statistics of an incoming migration.
+///
+/// # Examples
+///
+/// ```
+/// let s = clearlog_migration::IncomingStats::default();
+/// assert_eq!(s.pages_received, 0);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct IncomingStats {
+    /// Page records loaded (zero pages included).
+    pub pages_received: u64,
+    /// Of which zero pages.
+    pub zero_pages: u64,
+    /// Bytes read from the transport.
+    pub bytes_received: u64,
+    /// State blobs received.
+    pub state_blobs: u32,
+    /// Time checking the digest table (hashing all RAM when the source sent a full table).
+    pub verify_ms: f64,
+    /// From the first byte to the end marker.
+    pub load_time_ms: f64,
+    /// An acknowledgement was sent (false for a file).
+    pub acked: bool,
+    /// The guest was resumed.
+    pub resumed: bool,
+}

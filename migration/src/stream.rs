@@ -1,0 +1,685 @@
+//! The wire format: constants, an encoder for the source and a validating decoder for the destination.
+//!
+//! The layout is documented in the crate docs ("Stream format"). All integers are little-endian.
+//! The decoder checks every field before acting on it and bounds every allocation:
+//! a name is at most [`MAX_NAME_LEN`] bytes, a state blob at most [`MAX_STATE_BLOB_BYTES`], a page
+//! batch at most [`MAX_BATCH_PAGES`] pages (read into a fixed buffer), the header at most
+//! [`MAX_BLOCKS`] blocks, and a digest table exactly the page count of the destination's own RAM block
+//! (8 bytes per local page: never more than the destination already has).
+
+use std::io::{Read, Write};
+
+use crate::{Error, Result, StateBlob};
+
+/// `"CLEARLOG"` read as a little-endian `u64`: first field of every stream.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"CLEARLOG");
+/// Stream format version written by this build (and the only one it reads).
+pub const VERSION: u32 = 1;
+/// Header flag: the source waits for an acknowledgement (network transports; not files).
+pub const FLAG_ACK_REQUESTED: u32 = 1;
+/// Header flag: the digest table covers all of guest RAM at switchover ([`crate::DigestMode::Full`]):
+/// the destination hashes its RAM after loading. Without it the table holds the digests of the pages as
+/// sent ([`crate::DigestMode::Sent`]) and the destination compares the digests of the pages it received.
+pub const FLAG_DIGEST_FULL: u32 = 2;
+/// Most RAM blocks a header may declare.
+pub const MAX_BLOCKS: u32 = 1024;
+/// Longest RAM block or state blob name, bytes.
+pub const MAX_NAME_LEN: usize = 256;
+/// Largest state blob, bytes (64 MiB).
+pub const MAX_STATE_BLOB_BYTES: u32 = 64 << 20;
+/// Most state blobs in one stream.
+pub const MAX_STATE_BLOBS: u32 = 4096;
+/// Largest total size of all state blobs of one stream, bytes (256 MiB).
+pub const MAX_STATE_TOTAL_BYTES: u64 = 256 << 20;
+/// Most pages in one page record.
+pub const MAX_BATCH_PAGES: u32 = 256;
+/// Record tag: a batch of pages of one block.
+pub const TAG_PAGES: u8 = 0x01;
+/// Record tag: a state blob.
+pub const TAG_STATE: u8 = 0x02;
+/// Record tag: a block's digest table.
+pub const TAG_DIGESTS: u8 = 0x03;
+/// Record tag: end of stream.
+pub const TAG_END: u8 = 0xff;
+/// Page entry kind: the page is all zeros (no data follows).
+pub const PAGE_ZERO: u8 = 0;
+/// Page entry kind: `page_size` bytes of data follow.
+pub const PAGE_DATA: u8 = 1;
+/// `"CLRLEND!"` as a little-endian `u64`: payload of the end record.
+pub const END_MAGIC: u64 = u64::from_le_bytes(*b"CLRLEND!");
+/// `"ACK1"` as a little-endian `u32`: first field of the destination's answer.
+pub const ACK_MAGIC: u32 = u32::from_le_bytes(*b"ACK1");
+/// Acknowledgement status: loaded and verified.
+pub const ACK_OK: u32 = 0;
+/// Acknowledgement status: the destination failed (it will not resume).
+pub const ACK_FAILED: u32 = 1;
+
+/// One RAM block of the header: its name and size in bytes.
+///
+/// # Examples
+///
+/// ```
+/// let b = clearlog_migration::stream::BlockInfo { name: "ram0".into(), size: 1 << 20 };
+/// assert_eq!(b.size, 1 << 20);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockInfo {
+    /// Block name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The stream header.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::stream::{BlockInfo, Header};
+///
+/// let h = Header { page_size: 4096, flags: 0, blocks: vec![BlockInfo { name: "ram".into(), size: 8192 }] };
+/// let mut bytes = Vec::new();
+/// h.write_to(&mut bytes).unwrap();
+/// assert_eq!(&bytes[..8], b"CLEARLOG");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Page size of the source.
+    pub page_size: u32,
+    /// Flags ([`FLAG_ACK_REQUESTED`], [`FLAG_DIGEST_FULL`]).
+    pub flags: u32,
+    /// RAM layout.
+    pub blocks: Vec<BlockInfo>,
+}
+
+impl Header {
+    /// Encode (magic, version, page size, flags, block count, blocks).
+    ///
+    /// # Examples
+    ///
+    /// See [`Header`].
+    pub fn write_to<W: Write>(&self, w: &mut W) -> std::io::Result<()> {
+        let mut b = Vec::with_capacity(24 + self.blocks.len() * 32);
+        b.extend_from_slice(&MAGIC.to_le_bytes());
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&self.page_size.to_le_bytes());
+        b.extend_from_slice(&self.flags.to_le_bytes());
+        b.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
+        for block in &self.blocks {
+            b.extend_from_slice(&(block.name.len() as u16).to_le_bytes());
+            b.extend_from_slice(block.name.as_bytes());
+            b.extend_from_slice(&block.size.to_le_bytes());
+        }
+        w.write_all(&b)
+    }
+}
+
+/// Builds one page record in place, so pages are read straight into the outgoing buffer (no
+/// per-page allocation).
+#[derive(Debug)]
+pub(crate) struct PageBatch {
+    buf: Vec<u8>,
+    count: u32,
+    block: u32,
+    page_size: usize,
+}
+
+impl PageBatch {
+    pub(crate) fn new(page_size: usize) -> Self {
+        PageBatch {
+            buf: Vec::with_capacity(9 + MAX_BATCH_PAGES as usize * (9 + page_size)),
+            count: 0,
+            block: 0,
+            page_size,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.count >= MAX_BATCH_PAGES
+    }
+
+    /// Start a batch for `block` if empty; the caller flushes before switching blocks.
+    fn begin(&mut self, block: u32) {
+        if self.count == 0 {
+            self.buf.clear();
+            self.buf.push(TAG_PAGES);
+            self.buf.extend_from_slice(&block.to_le_bytes());
+            self.buf.extend_from_slice(&0u32.to_le_bytes());
+            self.block = block;
+        }
+        debug_assert_eq!(self.block, block);
+    }
+
+    /// Add page `page`, filling its data with `fill`; returns whether it was a zero page and, if `hash`,
+    /// the page's xxh3-64 (hashed while it is in cache).
+    pub(crate) fn push_page(
+        &mut self,
+        block: u32,
+        page: u64,
+        hash: bool,
+        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<(bool, u64)> {
+        self.begin(block);
+        let entry = self.buf.len();
+        self.buf.extend_from_slice(&page.to_le_bytes());
+        self.buf.push(PAGE_DATA);
+        let data = self.buf.len();
+        self.buf.resize(data + self.page_size, 0);
+        if let Err(e) = fill(&mut self.buf[data..]) {
+            self.buf.truncate(entry);
+            return Err(e);
+        }
+        let zero = is_zero(&self.buf[data..]);
+        let digest = match (hash, zero) {
+            (false, _) => 0,
+            (true, true) => zero_page_digest(self.page_size),
+            (true, false) => xxhash_rust::xxh3::xxh3_64(&self.buf[data..]),
+        };
+        if zero {
+            self.buf.truncate(data);
+            self.buf[data - 1] = PAGE_ZERO;
+        }
+        self.count += 1;
+        Ok((zero, digest))
+    }
+
+    /// The finished record (count patched in); the batch is empty afterwards.
+    pub(crate) fn take(&mut self) -> &[u8] {
+        let count = std::mem::take(&mut self.count);
+        self.buf[5..9].copy_from_slice(&count.to_le_bytes());
+        &self.buf
+    }
+}
+
+/// xxh3-64 of an all-zero page of `page_size` bytes (computed once per size).
+pub(crate) fn zero_page_digest(page_size: usize) -> u64 {
+    static CACHE: std::sync::OnceLock<(usize, u64)> = std::sync::OnceLock::new();
+    let (size, digest) =
+        *CACHE.get_or_init(|| (page_size, xxhash_rust::xxh3::xxh3_64(&vec![0; page_size])));
+    if size == page_size {
+        digest
+    } else {
+        xxhash_rust::xxh3::xxh3_64(&vec![0; page_size])
+    }
+}
+
+/// Is the buffer all zeros? (Word-wise; the compiler vectorizes it.)
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the aligned middle part.
+        unsafe { buf.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words.iter().fold(0, |a, &w| a | w) == 0
+}
+
+/// Encode a state record.
+pub(crate) fn encode_state(blob: &StateBlob, out: &mut Vec<u8>) {
+    out.push(TAG_STATE);
+    out.extend_from_slice(&(blob.name.len() as u16).to_le_bytes());
+    out.extend_from_slice(blob.name.as_bytes());
+    out.extend_from_slice(&(blob.data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&blob.data);
+}
+
+/// Encode a digest-table record.
+pub(crate) fn encode_digests(block: u32, digests: &[u64], out: &mut Vec<u8>) {
+    out.reserve(13 + digests.len() * 8);
+    out.push(TAG_DIGESTS);
+    out.extend_from_slice(&block.to_le_bytes());
+    out.extend_from_slice(&(digests.len() as u64).to_le_bytes());
+    for d in digests {
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+}
+
+/// Encode the end record.
+pub(crate) fn encode_end(page_records: u64, out: &mut Vec<u8>) {
+    out.push(TAG_END);
+    out.extend_from_slice(&END_MAGIC.to_le_bytes());
+    out.extend_from_slice(&page_records.to_le_bytes());
+}
+
+/// A record read by [`StreamReader::next_record`].
+///
+/// # Examples
+///
+/// See [`StreamReader::read_page`].
+#[derive(Debug)]
+pub enum Record {
+    /// A page batch header: call [`StreamReader::read_page`] `count` times.
+    Pages {
+        /// Block index (checked against the header).
+        block: u32,
+        /// Pages in the batch (1..=[`MAX_BATCH_PAGES`]).
+        count: u32,
+    },
+    /// A state blob.
+    State(StateBlob),
+    /// A block's digest table (length checked against the block).
+    Digests {
+        /// Block index.
+        block: u32,
+        /// One xxh3-64 per page.
+        digests: Vec<u64>,
+    },
+    /// The end marker, with the number of page entries the source sent.
+    End {
+        /// Page entries sent in the whole stream.
+        page_records: u64,
+    },
+}
+
+/// A page entry read by [`StreamReader::read_page`].
+///
+/// # Examples
+///
+/// See [`StreamReader::read_page`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum PageEntry {
+    /// Page index inside the block; the data is in the reader's page buffer.
+    Data(u64),
+    /// Page index of an all-zero page.
+    Zero(u64),
+}
+
+/// The validating decoder.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::stream::{BlockInfo, Header, StreamReader};
+/// use clearlog_migration::Error;
+///
+/// let h = Header { page_size: 4096, flags: 0, blocks: vec![BlockInfo { name: "ram".into(), size: 8192 }] };
+/// let mut bytes = Vec::new();
+/// h.write_to(&mut bytes).unwrap();
+/// let mut r = StreamReader::new(&bytes[..]);
+/// assert_eq!(r.read_header(4096).unwrap(), h);
+/// // Nothing follows the header: a clean truncation error.
+/// assert!(matches!(r.next_record(), Err(Error::Truncated(_))));
+/// ```
+#[derive(Debug)]
+pub struct StreamReader<R> {
+    r: R,
+    blocks: Vec<BlockInfo>,
+    page: Vec<u8>,
+    bytes: u64,
+}
+
+impl<R: Read> StreamReader<R> {
+    /// A decoder over `r`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let r = clearlog_migration::stream::StreamReader::new(&b""[..]);
+    /// assert_eq!(r.bytes_read(), 0);
+    /// ```
+    pub fn new(r: R) -> Self {
+        StreamReader {
+            r,
+            blocks: Vec::new(),
+            page: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Bytes consumed so far.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut r = clearlog_migration::stream::StreamReader::new(&b"CLEARLOG\x09\0\0\0"[..]);
+    /// assert!(r.read_header(4096).is_err()); // version 9
+    /// assert_eq!(r.bytes_read(), 12);
+    /// ```
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The page buffer filled by the last [`PageEntry::Data`].
+    ///
+    /// # Examples
+    ///
+    /// See [`StreamReader::read_page`].
+    pub fn page_data(&self) -> &[u8] {
+        &self.page
+    }
+
+    fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<()> {
+        self.r.read_exact(buf).map_err(Error::io(what))?;
+        self.bytes += buf.len() as u64;
+        Ok(())
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8> {
+        let mut b = [0; 1];
+        self.fill(&mut b, what)?;
+        Ok(b[0])
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16> {
+        let mut b = [0; 2];
+        self.fill(&mut b, what)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32> {
+        let mut b = [0; 4];
+        self.fill(&mut b, what)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64> {
+        let mut b = [0; 8];
+        self.fill(&mut b, what)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn name(&mut self, what: &'static str) -> Result<String> {
+        let len = self.u16(what)? as usize;
+        if len == 0 {
+            return Err(Error::Malformed(what));
+        }
+        if len > MAX_NAME_LEN {
+            return Err(Error::TooLarge {
+                what,
+                value: len as u64,
+                limit: MAX_NAME_LEN as u64,
+            });
+        }
+        let mut b = vec![0; len];
+        self.fill(&mut b, what)?;
+        String::from_utf8(b).map_err(|_| Error::Malformed(what))
+    }
+
+    /// Read and check the header: magic, version, page size (must equal `local_page_size`), block
+    /// count, names and sizes (non-zero page multiples). Matching the layout with the destination's RAM
+    /// is the caller's job (see [`crate::Destination`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_migration::{stream::{BlockInfo, Header, StreamReader}, Error};
+    ///
+    /// let h = Header { page_size: 4096, flags: 0, blocks: vec![BlockInfo { name: "ram".into(), size: 4096 }] };
+    /// let mut bytes = Vec::new();
+    /// h.write_to(&mut bytes).unwrap();
+    /// let err = StreamReader::new(&bytes[..]).read_header(65536).unwrap_err();
+    /// assert!(matches!(err, Error::PageSizeMismatch { stream: 4096, local: 65536 }));
+    /// ```
+    pub fn read_header(&mut self, local_page_size: u32) -> Result<Header> {
+        let magic = self.u64("header magic")?;
+        if magic != MAGIC {
+            return Err(Error::BadMagic(magic));
+        }
+        let version = self.u32("header version")?;
+        if version != VERSION {
+            return Err(Error::UnsupportedVersion {
+                found: version,
+                supported: VERSION,
+            });
+        }
+        let page_size = self.u32("header page size")?;
+        if page_size != local_page_size {
+            return Err(Error::PageSizeMismatch {
+                stream: page_size,
+                local: local_page_size,
+            });
+        }
+        let flags = self.u32("header flags")?;
+        if flags & !(FLAG_ACK_REQUESTED | FLAG_DIGEST_FULL) != 0 {
+            return Err(Error::Malformed("header flags"));
+        }
+        let count = self.u32("header block count")?;
+        if count == 0 {
+            return Err(Error::Malformed("header block count"));
+        }
+        if count > MAX_BLOCKS {
+            return Err(Error::TooLarge {
+                what: "header block count",
+                value: count.into(),
+                limit: MAX_BLOCKS.into(),
+            });
+        }
+        let mut blocks = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let name = self.name("RAM block name")?;
+            let size = self.u64("RAM block size")?;
+            if size == 0 || size % u64::from(page_size) != 0 {
+                return Err(Error::Malformed("RAM block size"));
+            }
+            blocks.push(BlockInfo { name, size });
+        }
+        self.page = vec![0; page_size as usize];
+        self.blocks = blocks.clone();
+        Ok(Header {
+            page_size,
+            flags,
+            blocks,
+        })
+    }
+
+    fn block_index(&mut self, what: &'static str) -> Result<u32> {
+        let index = self.u32(what)?;
+        if index as usize >= self.blocks.len() {
+            return Err(Error::BlockOutOfRange {
+                index,
+                count: self.blocks.len() as u32,
+            });
+        }
+        Ok(index)
+    }
+
+    /// Read the next record's tag and fixed fields (a page batch's entries are read with
+    /// [`read_page`](Self::read_page)). Must follow [`read_header`](Self::read_header).
+    ///
+    /// # Examples
+    ///
+    /// See [`StreamReader`] and [`StreamReader::read_page`].
+    pub fn next_record(&mut self) -> Result<Record> {
+        if self.blocks.is_empty() {
+            return Err(Error::UnexpectedRecord("record before the header"));
+        }
+        match self.u8("record tag")? {
+            TAG_PAGES => {
+                let block = self.block_index("page record block")?;
+                let count = self.u32("page record count")?;
+                if count == 0 {
+                    return Err(Error::Malformed("page record count"));
+                }
+                if count > MAX_BATCH_PAGES {
+                    return Err(Error::TooLarge {
+                        what: "page record count",
+                        value: count.into(),
+                        limit: MAX_BATCH_PAGES.into(),
+                    });
+                }
+                Ok(Record::Pages { block, count })
+            }
+            TAG_STATE => {
+                let name = self.name("state blob name")?;
+                let len = self.u32("state blob size")?;
+                if len > MAX_STATE_BLOB_BYTES {
+                    return Err(Error::TooLarge {
+                        what: "state blob size",
+                        value: len.into(),
+                        limit: MAX_STATE_BLOB_BYTES.into(),
+                    });
+                }
+                // Read in bounded steps so a lying length on a short stream costs at most one step.
+                let mut data = Vec::new();
+                let mut left = len as usize;
+                while left > 0 {
+                    let step = left.min(1 << 20);
+                    let at = data.len();
+                    data.resize(at + step, 0);
+                    self.fill(&mut data[at..], "state blob data")?;
+                    left -= step;
+                }
+                Ok(Record::State(StateBlob { name, data }))
+            }
+            TAG_DIGESTS => {
+                let block = self.block_index("digest table block")?;
+                let count = self.u64("digest table length")?;
+                let pages = self.blocks[block as usize].size / self.page.len() as u64;
+                if count != pages {
+                    return Err(Error::Malformed(
+                        "digest table length (must equal the block's page count)",
+                    ));
+                }
+                let mut digests = Vec::with_capacity(pages as usize);
+                let mut buf = [0u8; 8 * 512];
+                let mut left = count as usize;
+                while left > 0 {
+                    let n = left.min(512);
+                    self.fill(&mut buf[..n * 8], "digest table")?;
+                    digests.extend(buf[..n * 8].chunks_exact(8).map(|c| {
+                        let mut w = [0; 8];
+                        w.copy_from_slice(c);
+                        u64::from_le_bytes(w)
+                    }));
+                    left -= n;
+                }
+                Ok(Record::Digests { block, digests })
+            }
+            TAG_END => {
+                let magic = self.u64("end marker")?;
+                if magic != END_MAGIC {
+                    return Err(Error::Malformed("end marker"));
+                }
+                let page_records = self.u64("end marker page count")?;
+                Ok(Record::End { page_records })
+            }
+            tag => Err(Error::UnknownRecord(tag)),
+        }
+    }
+
+    /// Read one entry of a page batch of `block` (its index is checked against the block's size; data
+    /// lands in [`page_data`](Self::page_data)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_migration::stream::*;
+    ///
+    /// let h = Header { page_size: 4096, flags: 0, blocks: vec![BlockInfo { name: "ram".into(), size: 8192 }] };
+    /// let mut b = Vec::new();
+    /// h.write_to(&mut b).unwrap();
+    /// b.push(TAG_PAGES);
+    /// b.extend_from_slice(&0u32.to_le_bytes()); // block 0
+    /// b.extend_from_slice(&1u32.to_le_bytes()); // one page
+    /// b.extend_from_slice(&1u64.to_le_bytes()); // page 1
+    /// b.push(PAGE_DATA);
+    /// b.extend_from_slice(&[0xab; 4096]);
+    /// let mut r = StreamReader::new(&b[..]);
+    /// r.read_header(4096).unwrap();
+    /// assert!(matches!(r.next_record().unwrap(), Record::Pages { block: 0, count: 1 }));
+    /// assert_eq!(r.read_page(0).unwrap(), PageEntry::Data(1));
+    /// assert_eq!(r.page_data()[0], 0xab);
+    /// ```
+    pub fn read_page(&mut self, block: u32) -> Result<PageEntry> {
+        let page = self.u64("page index")?;
+        let info = &self.blocks[block as usize];
+        let pages = info.size / self.page.len() as u64;
+        if page >= pages {
+            return Err(Error::PageOutOfRange {
+                block: info.name.clone(),
+                page,
+                pages,
+            });
+        }
+        match self.u8("page kind")? {
+            PAGE_ZERO => Ok(PageEntry::Zero(page)),
+            PAGE_DATA => {
+                let mut buf = std::mem::take(&mut self.page);
+                let r = self.fill(&mut buf, "page data");
+                self.page = buf;
+                r?;
+                Ok(PageEntry::Data(page))
+            }
+            _ => Err(Error::Malformed("page kind")),
+        }
+    }
+
+    /// Consume the decoder, returning the reader.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let r = clearlog_migration::stream::StreamReader::new(&b"x"[..]);
+    /// assert_eq!(r.into_inner(), b"x");
+    /// ```
+    pub fn into_inner(self) -> R {
+        self.r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero(&p));
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+        p[4095] = 0;
+        p[1] = 1;
+        assert!(!is_zero(&p[1..]));
+    }
+
+    #[test]
+    fn batch_round_trip() {
+        let h = Header {
+            page_size: 4096,
+            flags: 0,
+            blocks: vec![BlockInfo {
+                name: "b".into(),
+                size: 4096 * 4,
+            }],
+        };
+        let mut out = Vec::new();
+        h.write_to(&mut out).unwrap();
+        let mut batch = PageBatch::new(4096);
+        let (zero, digest) = batch
+            .push_page(0, 3, true, |b| {
+                b.fill(0);
+                Ok(())
+            })
+            .unwrap();
+        assert!(zero);
+        assert_eq!(digest, xxhash_rust::xxh3::xxh3_64(&[0; 4096]));
+        let (zero, digest) = batch
+            .push_page(0, 1, true, |b| {
+                b.fill(7);
+                Ok(())
+            })
+            .unwrap();
+        assert!(!zero);
+        assert_eq!(digest, xxhash_rust::xxh3::xxh3_64(&[7; 4096]));
+        out.extend_from_slice(batch.take());
+        encode_end(2, &mut out);
+        let mut r = StreamReader::new(&out[..]);
+        r.read_header(4096).unwrap();
+        assert!(matches!(
+            r.next_record().unwrap(),
+            Record::Pages { block: 0, count: 2 }
+        ));
+        assert_eq!(r.read_page(0).unwrap(), PageEntry::Zero(3));
+        assert_eq!(r.read_page(0).unwrap(), PageEntry::Data(1));
+        assert!(r.page_data().iter().all(|&b| b == 7));
+        assert!(matches!(
+            r.next_record().unwrap(),
+            Record::End { page_records: 2 }
+        ));
+        assert_eq!(r.bytes_read(), out.len() as u64);
+    }
+}

@@ -1,0 +1,88 @@
+//! The small traits a VMM implements so the engine can pause, save, restore and resume its guest.
+
+use crate::BoxError;
+
+/// An opaque piece of VM state (CPU registers, a device...), carried as named bytes.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::StateBlob;
+///
+/// let blob = StateBlob::new("vcpu0", vec![1, 2, 3]);
+/// assert_eq!(blob.name, "vcpu0");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateBlob {
+    /// Name (at most [`crate::stream::MAX_NAME_LEN`] bytes of UTF-8).
+    pub name: String,
+    /// Contents (at most [`crate::stream::MAX_STATE_BLOB_BYTES`] bytes).
+    pub data: Vec<u8>,
+}
+
+impl StateBlob {
+    /// A blob.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let b = clearlog_migration::StateBlob::new("dev", b"x".to_vec());
+    /// assert_eq!(b.data, b"x");
+    /// ```
+    pub fn new(name: impl Into<String>, data: Vec<u8>) -> Self {
+        StateBlob {
+            name: name.into(),
+            data,
+        }
+    }
+}
+
+/// What the source side needs from the VMM.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::{BoxError, StateBlob, VmControl};
+///
+/// struct MyVm;
+/// impl VmControl for MyVm {
+///     fn pause(&self) -> Result<(), BoxError> { Ok(()) }
+///     fn resume(&self) -> Result<(), BoxError> { Ok(()) }
+///     fn save_state(&self) -> Result<Vec<StateBlob>, BoxError> {
+///         Ok(vec![StateBlob::new("vcpu0", vec![0; 16])])
+///     }
+/// }
+/// ```
+pub trait VmControl {
+    /// Stop the vCPUs (and devices that write guest RAM). Called once, at switchover.
+    fn pause(&self) -> Result<(), BoxError>;
+    /// Run the guest again: called when a migration fails or is cancelled after `pause`.
+    fn resume(&self) -> Result<(), BoxError>;
+    /// Save CPU and device state (called while paused).
+    fn save_state(&self) -> Result<Vec<StateBlob>, BoxError>;
+    /// Auto-converge: slow the vCPUs down to run `percent`% less (0 = full speed). Return `Ok(false)` if
+    /// throttling is not supported (the default), and the engine stops asking.
+    fn set_throttle(&self, _percent: u8) -> Result<bool, BoxError> {
+        Ok(false)
+    }
+}
+
+/// What the destination side needs from the VMM.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::{BoxError, StateBlob, VmRestore};
+///
+/// struct MyVm;
+/// impl VmRestore for MyVm {
+///     fn restore_state(&self, blobs: &[StateBlob]) -> Result<(), BoxError> { Ok(()) }
+///     fn resume(&self) -> Result<(), BoxError> { Ok(()) }
+/// }
+/// ```
+pub trait VmRestore {
+    /// Load the saved CPU/device state (called only after the stream ended and its digests verified).
+    fn restore_state(&self, blobs: &[StateBlob]) -> Result<(), BoxError>;
+    /// Start the guest (called only after `restore_state` succeeded and the acknowledgement was sent).
+    fn resume(&self) -> Result<(), BoxError>;
+}

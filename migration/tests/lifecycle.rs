@@ -1,0 +1,446 @@
+//! Transports end to end, snapshot/restore, and the failure paths: cancel, transport errors, no
+//! convergence, refusal, ack timeout. The source VM is never lost.
+
+mod common;
+
+use std::io::Read;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clearlog_migration::*;
+use common::*;
+
+const MIB: &[(&str, u64, u64)] = &[("ram", 0, 1 << 20)];
+
+fn config() -> MigrationConfig {
+    MigrationConfig {
+        bandwidth_limit_bytes_per_s: 64 << 20,
+        downtime_limit: Duration::from_millis(10),
+        max_time: Some(Duration::from_secs(30)),
+        ..MigrationConfig::default()
+    }
+}
+
+/// Migrate `src` (with a writer running for `active`) over `src_t`, receiving on `dst_t` into `dst`.
+fn migrate_pair(
+    src: &clearlog_memory::MemorySystem,
+    dst: &clearlog_memory::MemorySystem,
+    src_t: Transport,
+    dst_t: impl FnOnce() -> Transport + Send,
+    active: Duration,
+) -> (MigrationStats, IncomingStats) {
+    let vm_src = TestVm {
+        state: state_blobs(),
+        ..TestVm::default()
+    };
+    let vm_dst = TestVm::default();
+    let writer = spawn_writer(src, Tracking::Host, vm_src.gate.clone(), 9, 20_000, active);
+    let (s, d) = std::thread::scope(|sc| {
+        let d = sc.spawn(|| Destination::new(dst).receive(dst_t(), &vm_dst));
+        let s =
+            Source::new(src, config())
+                .unwrap()
+                .migrate(src_t, &vm_src, None, &CancelToken::new());
+        (s, d.join().unwrap())
+    });
+    let diff = diff_ram(src, dst);
+    vm_src.gate.stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let (s, d) = (s.unwrap(), d.unwrap());
+    assert!(diff.is_empty(), "{} pages differ", diff.len());
+    assert_eq!(*vm_dst.restored.lock().unwrap(), state_blobs());
+    (s, d)
+}
+
+#[test]
+fn tcp_loopback() {
+    let src = memory(LAYOUT);
+    prefill(&src, 1);
+    let dst = memory(LAYOUT);
+    let listener = Listener::bind("tcp:127.0.0.1:0").unwrap();
+    let uri = listener.local_uri().unwrap();
+    let (s, d) = migrate_pair(
+        &src,
+        &dst,
+        connect(&uri).unwrap(),
+        || listener.accept().unwrap(),
+        Duration::from_millis(200),
+    );
+    assert!(s.converged && d.acked && d.resumed);
+    assert_eq!(d.bytes_received, s.bytes_sent);
+}
+
+#[test]
+fn unix_socket() {
+    let path = std::env::temp_dir().join(format!("clearlog-mig-test-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let uri = format!("unix:{}", path.display());
+    let src = memory(LAYOUT);
+    prefill(&src, 2);
+    let dst = memory(LAYOUT);
+    let listener = Listener::bind(&uri).unwrap();
+    let (s, d) = migrate_pair(
+        &src,
+        &dst,
+        connect(&uri).unwrap(),
+        || listener.accept().unwrap(),
+        Duration::from_millis(100),
+    );
+    assert!(s.converged && d.acked);
+    drop(listener);
+    assert!(!path.exists(), "socket file removed");
+}
+
+#[test]
+fn file_snapshot_then_restore_and_continue() {
+    let path = std::env::temp_dir().join(format!("clearlog-mig-test-{}.snap", std::process::id()));
+    let uri = format!("file:{}", path.display());
+    let src = memory(LAYOUT);
+    prefill(&src, 3);
+    let vm = TestVm {
+        state: state_blobs(),
+        ..TestVm::default()
+    };
+    let writer = spawn_writer(
+        &src,
+        Tracking::Host,
+        vm.gate.clone(),
+        3,
+        20_000,
+        Duration::from_millis(150),
+    );
+    let stats = Source::new(&src, config())
+        .unwrap()
+        .migrate(connect(&uri).unwrap(), &vm, None, &CancelToken::new())
+        .unwrap();
+    vm.gate.stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    assert!(stats.converged);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), stats.bytes_sent);
+
+    // Restore into a fresh memory system: same RAM, state restored, resumed.
+    let restored = memory(LAYOUT);
+    let vm2 = TestVm::default();
+    let inc = Destination::new(&restored)
+        .receive(Listener::bind(&uri).unwrap().accept().unwrap(), &vm2)
+        .unwrap();
+    assert!(inc.resumed && !inc.acked);
+    assert!(diff_ram(&src, &restored).is_empty());
+    assert_eq!(*vm2.restored.lock().unwrap(), state_blobs());
+
+    // The restored guest continues: it runs, and migrates on again correctly.
+    let again = memory(LAYOUT);
+    let (src_t, dst_t) = mem_channel();
+    let (s, _) = migrate_pair(
+        &restored,
+        &again,
+        src_t,
+        || dst_t,
+        Duration::from_millis(100),
+    );
+    assert!(s.converged);
+    assert!(
+        !diff_ram(&src, &restored).is_empty(),
+        "the restored guest kept writing"
+    );
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn cancel_during_live_phase_keeps_the_source_running() {
+    let src = memory(LAYOUT);
+    prefill(&src, 4);
+    let dst = memory(LAYOUT);
+    let vm = TestVm::default();
+    let vm_dst = TestVm::default();
+    let cancel = CancelToken::new();
+    let (src_t, dst_t) = mem_channel();
+    let cfg = MigrationConfig {
+        bandwidth_limit_bytes_per_s: 4 << 20,
+        ..config()
+    };
+    let (s, d) = std::thread::scope(|sc| {
+        let d = sc.spawn(|| Destination::new(&dst).receive(dst_t, &vm_dst));
+        let c = cancel.clone();
+        sc.spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            c.cancel();
+        });
+        let s = Source::new(&src, cfg)
+            .unwrap()
+            .migrate(src_t, &vm, None, &cancel);
+        (s, d.join().unwrap())
+    });
+    assert!(matches!(s, Err(Error::Cancelled)), "{s:?}");
+    assert!(matches!(d, Err(Error::Truncated(_))), "{d:?}");
+    assert!(!src.global_logging());
+    assert_eq!(vm.pauses.load(Ordering::SeqCst), 0);
+    assert_eq!(vm_dst.resumes.load(Ordering::SeqCst), 0);
+}
+
+/// A destination that reads the whole stream and then says nothing.
+fn silent_destination(mut t: Transport) {
+    let mut sink = Vec::new();
+    let _ = t.reader.as_mut().unwrap().read_to_end(&mut sink);
+}
+
+#[test]
+fn cancel_while_waiting_for_ack_resumes_the_source() {
+    let src = memory(MIB);
+    let vm = TestVm::default();
+    let cancel = CancelToken::new();
+    let (src_t, dst_t) = mem_channel();
+    let s = std::thread::scope(|sc| {
+        sc.spawn(move || silent_destination(dst_t));
+        let c = cancel.clone();
+        sc.spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            c.cancel();
+        });
+        Source::new(&src, config())
+            .unwrap()
+            .migrate(src_t, &vm, None, &cancel)
+    });
+    assert!(matches!(s, Err(Error::Cancelled)), "{s:?}");
+    assert_eq!(vm.pauses.load(Ordering::SeqCst), 1);
+    assert_eq!(vm.resumes.load(Ordering::SeqCst), 1, "paused guest resumed");
+    assert!(!src.global_logging());
+}
+
+#[test]
+fn ack_timeout_resumes_the_source() {
+    let src = memory(MIB);
+    let vm = TestVm::default();
+    let (src_t, dst_t) = mem_channel();
+    let cfg = MigrationConfig {
+        ack_timeout: Duration::from_millis(300),
+        ..config()
+    };
+    let s = std::thread::scope(|sc| {
+        sc.spawn(move || silent_destination(dst_t));
+        Source::new(&src, cfg)
+            .unwrap()
+            .migrate(src_t, &vm, None, &CancelToken::new())
+    });
+    assert!(
+        matches!(s, Err(Error::AckTimeout(t)) if t == Duration::from_millis(300)),
+        "{s:?}"
+    );
+    assert_eq!(vm.resumes.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn transport_error_resumes_the_source() {
+    let src = memory(LAYOUT);
+    prefill(&src, 5);
+    let vm = TestVm::default();
+    let (src_t, mut dst_t) = mem_channel();
+    let s = std::thread::scope(|sc| {
+        sc.spawn(move || {
+            let mut buf = vec![0u8; 100_000];
+            dst_t.reader.as_mut().unwrap().read_exact(&mut buf).unwrap();
+            drop(dst_t); // the destination dies
+        });
+        Source::new(&src, config())
+            .unwrap()
+            .migrate(src_t, &vm, None, &CancelToken::new())
+    });
+    assert!(matches!(s, Err(Error::Io { .. })), "{s:?}");
+    assert!(!src.global_logging());
+    assert_eq!(
+        vm.pauses.load(Ordering::SeqCst),
+        vm.resumes.load(Ordering::SeqCst)
+    );
+}
+
+#[test]
+fn destination_refusal_resumes_the_source_not_the_destination() {
+    let src = memory(MIB);
+    prefill(&src, 6);
+    let dst = memory(MIB);
+    let vm = TestVm {
+        state: state_blobs(),
+        ..TestVm::default()
+    };
+    let vm_dst = TestVm {
+        fail_restore: true,
+        ..TestVm::default()
+    };
+    let (src_t, dst_t) = mem_channel();
+    let (s, d) = std::thread::scope(|sc| {
+        let d = sc.spawn(|| Destination::new(&dst).receive(dst_t, &vm_dst));
+        let s = Source::new(&src, config())
+            .unwrap()
+            .migrate(src_t, &vm, None, &CancelToken::new());
+        (s, d.join().unwrap())
+    });
+    assert!(
+        matches!(s, Err(Error::DestinationRefused(stream::ACK_FAILED))),
+        "{s:?}"
+    );
+    assert!(
+        matches!(
+            d,
+            Err(Error::Vm {
+                hook: "restore_state",
+                ..
+            })
+        ),
+        "{d:?}"
+    );
+    assert_eq!(vm.resumes.load(Ordering::SeqCst), 1);
+    assert_eq!(vm_dst.resumes.load(Ordering::SeqCst), 0);
+}
+
+/// Keeps iterating until the limit, then fails saying so; never pauses.
+#[test]
+fn no_convergence_hits_the_iteration_limit() {
+    let src = memory(MIB);
+    let vm = Arc::new(TestVm::default());
+    let writer = spawn_writer(
+        &src,
+        Tracking::Host,
+        vm.gate.clone(),
+        1,
+        200_000,
+        Duration::from_secs(60),
+    );
+    let cfg = MigrationConfig {
+        bandwidth_limit_bytes_per_s: 4 << 20,
+        downtime_limit: Duration::from_micros(100),
+        max_iterations: Some(3),
+        ..config()
+    };
+    let (src_t, dst_t) = mem_channel();
+    let s = std::thread::scope(|sc| {
+        sc.spawn(move || silent_destination(dst_t));
+        Source::new(&src, cfg)
+            .unwrap()
+            .migrate(src_t, &*vm, None, &CancelToken::new())
+    });
+    vm.gate.stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    match s {
+        Err(e @ Error::NotConverged { iterations: 3, .. }) => {
+            assert!(e.to_string().contains("did not converge"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(vm.pauses.load(Ordering::SeqCst), 0);
+    assert!(!src.global_logging());
+}
+
+#[test]
+fn no_convergence_hits_the_time_limit_and_auto_converge_throttles() {
+    let src = memory(MIB);
+    let vm = Arc::new(TestVm::default());
+    let writer = spawn_writer(
+        &src,
+        Tracking::Host,
+        vm.gate.clone(),
+        2,
+        200_000,
+        Duration::from_secs(60),
+    );
+    let cfg = MigrationConfig {
+        bandwidth_limit_bytes_per_s: 4 << 20,
+        downtime_limit: Duration::from_micros(100),
+        max_time: Some(Duration::from_millis(1500)),
+        auto_converge: true,
+        ..config()
+    };
+    let (src_t, dst_t) = mem_channel();
+    let s = std::thread::scope(|sc| {
+        sc.spawn(move || silent_destination(dst_t));
+        Source::new(&src, cfg)
+            .unwrap()
+            .migrate(src_t, &*vm, None, &CancelToken::new())
+    });
+    vm.gate.stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    match s {
+        Err(Error::NotConverged {
+            elapsed,
+            iterations,
+            ..
+        }) => {
+            assert!(elapsed >= Duration::from_millis(1500));
+            assert!(iterations >= 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        vm.max_throttle.load(Ordering::SeqCst) >= 20,
+        "auto-converge throttled"
+    );
+    assert_eq!(
+        vm.throttle.load(Ordering::SeqCst),
+        0,
+        "throttle removed at the end"
+    );
+}
+
+#[test]
+fn receive_paused_does_not_resume_and_stats_serialize() {
+    let src = memory(MIB);
+    prefill(&src, 8);
+    let dst = memory(MIB);
+    let vm = TestVm::default();
+    let vm_dst = TestVm::default();
+    let (src_t, dst_t) = mem_channel();
+    let (s, d) = std::thread::scope(|sc| {
+        let d = sc.spawn(|| Destination::new(&dst).receive_paused(dst_t, &vm_dst));
+        let s = Source::new(&src, config())
+            .unwrap()
+            .migrate(src_t, &vm, None, &CancelToken::new());
+        (s.unwrap(), d.join().unwrap().unwrap())
+    });
+    assert!(d.acked && !d.resumed);
+    assert_eq!(vm_dst.resumes.load(Ordering::SeqCst), 0);
+    let json = serde_json::to_value(&s).unwrap();
+    for field in [
+        "mode",
+        "clear_chunk_bytes",
+        "guest_mem_bytes",
+        "total_time_ms",
+        "setup_time_ms",
+        "downtime_ms",
+        "iterations",
+        "dirty_syncs",
+        "pages_sent",
+        "bytes_sent",
+        "zero_pages",
+        "resent_pages",
+        "log_sync_ms",
+        "log_clear_calls",
+        "log_clear_ms",
+        "bandwidth_limit_bytes_per_s",
+        "measured_bandwidth_bytes_per_s",
+        "converged",
+        "iteration_history",
+    ] {
+        assert!(json.get(field).is_some(), "missing {field}");
+    }
+    assert_eq!(json["mode"], "clear");
+    assert_eq!(json["clear_chunk_bytes"], 128u64 << 20);
+    assert_eq!(json["guest_mem_bytes"], 1u64 << 20);
+    assert_eq!(s.pages_sent, 256);
+    assert!(s.zero_pages > 0 && s.zero_pages < 256);
+    let back: MigrationStats = serde_json::from_value(json).unwrap();
+    assert_eq!(back, s);
+}
+
+#[test]
+fn invalid_config_is_refused_up_front() {
+    let mem = memory(MIB);
+    let cfg = MigrationConfig {
+        mode: DirtyLogMode::Clear { shift: 40 },
+        ..MigrationConfig::default()
+    };
+    assert!(matches!(
+        Source::new(&mem, cfg),
+        Err(Error::ClearShiftOutOfRange(40))
+    ));
+    assert!(!mem.global_logging());
+}

@@ -88,7 +88,10 @@ impl SlotDirtyCache {
     /// assert!(!cache.is_synced());
     /// ```
     pub fn new(pages: u64) -> Self {
-        Self { bits: Bitmap::new(pages as usize), synced: false }
+        Self {
+            bits: Bitmap::new(pages as usize),
+            synced: false,
+        }
     }
 
     /// Slot size in pages.
@@ -169,12 +172,20 @@ impl SlotDirtyCache {
     /// let req = cache.take_clear(0, 32).unwrap().unwrap();
     /// assert_eq!(req.bitmap, vec![0xffff_ffff]); // pages 32..63 are not touched
     /// ```
-    pub fn take_clear(&mut self, first_page: u64, npages: u64) -> Result<Option<ClearRequest>, CacheError> {
+    pub fn take_clear(
+        &mut self,
+        first_page: u64,
+        npages: u64,
+    ) -> Result<Option<ClearRequest>, CacheError> {
         let slot_pages = self.pages();
         let end = first_page
             .checked_add(npages)
             .filter(|&e| e <= slot_pages)
-            .ok_or(CacheError::OutOfRange { first_page, npages, slot_pages })?;
+            .ok_or(CacheError::OutOfRange {
+                first_page,
+                npages,
+                slot_pages,
+            })?;
         if !self.synced {
             return Err(CacheError::ClearBeforeSync { first_page, end });
         }
@@ -185,12 +196,16 @@ impl SlotDirtyCache {
         let start = first_page & !63;
         let widened_end = end.next_multiple_of(64).min(slot_pages);
         let num_pages = widened_end - start;
-        let num_pages = u32::try_from(num_pages)
-            .map_err(|_| CacheError::OutOfRange { first_page, npages, slot_pages })?;
+        let num_pages = u32::try_from(num_pages).map_err(|_| CacheError::OutOfRange {
+            first_page,
+            npages,
+            slot_pages,
+        })?;
 
         let words = self.bits.as_words();
         let first_word = (start / 64) as usize;
-        let mut bitmap = words[first_word..first_word + words_for_bits(num_pages as usize)].to_vec();
+        let mut bitmap =
+            words[first_word..first_word + words_for_bits(num_pages as usize)].to_vec();
         // Keep only [first_page, end) relative to `start`.
         let lo = first_page - start;
         let hi = end - start;
@@ -207,7 +222,12 @@ impl SlotDirtyCache {
         if bits == 0 {
             return Ok(None);
         }
-        Ok(Some(ClearRequest { first_page: start, num_pages, bitmap, bits }))
+        Ok(Some(ClearRequest {
+            first_page: start,
+            num_pages,
+            bitmap,
+            bits,
+        }))
     }
 }
 
@@ -245,14 +265,23 @@ mod tests {
     #[test]
     fn clear_before_sync_is_rejected() {
         let mut c = SlotDirtyCache::new(64);
-        assert!(matches!(c.take_clear(0, 64), Err(CacheError::ClearBeforeSync { .. })));
+        assert!(matches!(
+            c.take_clear(0, 64),
+            Err(CacheError::ClearBeforeSync { .. })
+        ));
     }
 
     #[test]
     fn out_of_range_is_rejected() {
         let mut c = synced(100, &[]);
-        assert!(matches!(c.take_clear(90, 11), Err(CacheError::OutOfRange { .. })));
-        assert!(matches!(c.take_clear(u64::MAX, 2), Err(CacheError::OutOfRange { .. })));
+        assert!(matches!(
+            c.take_clear(90, 11),
+            Err(CacheError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            c.take_clear(u64::MAX, 2),
+            Err(CacheError::OutOfRange { .. })
+        ));
         assert!(c.take_clear(90, 10).is_ok());
     }
 
@@ -278,7 +307,9 @@ mod tests {
         assert_eq!(req.bits, 100);
         assert_eq!(req.bitmap[0], !0u64 << 6); // pages 64..69 not cleared
         assert_eq!(req.bitmap[1], (1u64 << 42) - 1); // pages 128..169
-        assert!(c.bits().test(69) && c.bits().test(170) && !c.bits().test(70) && !c.bits().test(169));
+        assert!(
+            c.bits().test(69) && c.bits().test(170) && !c.bits().test(70) && !c.bits().test(169)
+        );
     }
 
     #[test]

@@ -80,6 +80,15 @@ pub enum Error {
         /// `KVM_CAP_NR_MEMSLOTS`.
         max: u32,
     },
+    /// Every memslot id the kernel offers is in use.
+    #[error("all {max} KVM memslots are in use: remove a memory region or merge regions")]
+    SlotLimit {
+        /// `KVM_CAP_NR_MEMSLOTS`.
+        max: u32,
+    },
+    /// A dirty-log clear that the per-slot cache refuses (before any sync, or out of range).
+    #[error(transparent)]
+    DirtyCache(#[from] crate::dirty_cache::CacheError),
     /// The memslot is not registered with this VM.
     #[error("memslot {0:#x} is not registered")]
     UnknownSlot(u32),

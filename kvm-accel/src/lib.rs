@@ -42,16 +42,21 @@
 
 pub mod caps;
 pub mod clear_log;
+pub mod dirty_cache;
 mod error;
 pub mod get_log;
+pub mod guest;
 pub mod guest_ram;
 pub mod layout;
 pub mod long_mode;
+pub mod memory_listener;
 pub mod vcpu;
 pub mod vm;
 pub mod workload;
 
+pub use dirty_cache::SlotDirtyCache;
 pub use error::{Error, Result};
+pub use memory_listener::{DirtyLogStats, KvmMemoryListener};
 
 /// The page size of dirty logging (4 KiB on x86-64).
 pub const PAGE_SIZE: u64 = 4096;

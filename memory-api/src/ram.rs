@@ -72,6 +72,16 @@ impl RamBlock {
                 len: size,
             })
             .and_then(|len| MmapRegion::new(len).map_err(|source| Error::Mmap { size, source }))?;
+        // Ask for transparent huge pages, as other VMMs do for guest RAM: the first touch of a
+        // multi-GiB guest (boot, or a migration destination loading pages) then takes one fault per
+        // 2 MiB instead of one per 4 KiB. Dirty logging still tracks 4 KiB pages (KVM maps logged
+        // slots with small pages). Only advice: failure (THP disabled) changes nothing but speed.
+        // SAFETY: the range is exactly the mapping vm-memory just created and still owns.
+        let rc =
+            unsafe { libc::madvise(mapping.as_ptr().cast(), mapping.size(), libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_HUGEPAGE) on guest RAM");
+        }
         Ok(RamBlock {
             id,
             name: name.to_owned(),

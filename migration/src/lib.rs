@@ -96,14 +96,14 @@ pub use config::{
     DEFAULT_ACK_TIMEOUT, DEFAULT_CLEAR_SHIFT, DEFAULT_DOWNTIME_LIMIT,
 };
 pub use destination::Destination;
-pub use digest::page_digests;
+pub use digest::{page_digests, ram_fingerprint};
 pub use error::{BoxError, Error, Result};
 pub use ratelimit::RateLimitedWriter;
 pub use source::Source;
 pub use stats::{IncomingStats, IterationStats, MigrationStats, Progress};
 pub use transport::{
-    connect, mem_channel, pipe, Listener, MigrationUri, PipeReader, PipeWriter, Transport,
-    TransportRead,
+    connect, mem_channel, peek_header, pipe, Listener, MigrationUri, PipeReader, PipeWriter,
+    Transport, TransportRead,
 };
 pub use vm::{StateBlob, VmControl, VmRestore};
 

@@ -514,3 +514,85 @@ mod tests {
         assert_eq!(r.read(&mut b).unwrap(), 0);
     }
 }
+
+/// Read the stream header at the start of `transport` without consuming it: the header is checked
+/// (magic, version, page size, bounded block layout) and returned, and the transport is rewound so a
+/// [`crate::Destination`] then reads the whole stream as usual.
+///
+/// A destination that learns the guest's RAM layout from the stream (instead of being configured
+/// with it) calls this first, creates RAM blocks matching [`Header::blocks`](crate::stream::Header),
+/// then receives.
+///
+/// # Errors
+/// The header errors of [`StreamReader::read_header`](crate::stream::StreamReader::read_header), or
+/// [`Error::Io`] if the transport has no read half.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::stream::{BlockInfo, Header};
+/// use clearlog_migration::{peek_header, Transport};
+///
+/// let h = Header { page_size: 4096, flags: 0, blocks: vec![BlockInfo { name: "ram0".into(), size: 1 << 20 }] };
+/// let mut bytes = Vec::new();
+/// h.write_to(&mut bytes).unwrap();
+/// let mut t = Transport::new(Some(Box::new(std::io::Cursor::new(bytes.clone()))), None);
+/// assert_eq!(peek_header(&mut t).unwrap(), h);
+/// // The transport still starts with the header.
+/// let mut again = Vec::new();
+/// std::io::Read::read_to_end(t.reader.as_mut().unwrap(), &mut again).unwrap();
+/// assert_eq!(again, bytes);
+/// ```
+pub fn peek_header(transport: &mut Transport) -> Result<crate::stream::Header> {
+    let mut inner = transport.reader.take().ok_or(Error::Io {
+        context: "reading the stream header",
+        source: io::Error::new(io::ErrorKind::InvalidInput, "transport has no read half"),
+    })?;
+    let mut recorder = Recorder {
+        inner: &mut inner,
+        seen: Vec::new(),
+    };
+    let header = crate::stream::StreamReader::new(&mut recorder)
+        .read_header(clearlog_memory::PAGE_SIZE as u32);
+    let seen = recorder.seen;
+    transport.reader = Some(Box::new(Replay {
+        prefix: io::Cursor::new(seen),
+        inner,
+    }));
+    header
+}
+
+/// Keeps a copy of every byte read through it.
+struct Recorder<'a> {
+    inner: &'a mut Box<dyn TransportRead>,
+    seen: Vec<u8>,
+}
+
+impl Read for Recorder<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.seen.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Bytes already read (the header), then the rest of the transport.
+struct Replay {
+    prefix: io::Cursor<Vec<u8>>,
+    inner: Box<dyn TransportRead>,
+}
+
+impl Read for Replay {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if (self.prefix.position() as usize) < self.prefix.get_ref().len() {
+            return self.prefix.read(buf);
+        }
+        self.inner.read(buf)
+    }
+}
+
+impl TransportRead for Replay {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.inner.set_read_timeout(timeout)
+    }
+}

@@ -1,6 +1,78 @@
-//! The `vmm` command line tool.
+//! `vmm`: the thin CLI of the clearlog workspace. It assembles the library crates (a KVM guest from
+//! `clearlog-kvm`, migration from `clearlog-migration`) and prints what they measure.
+//!
+//! Exit codes: 0 success, 1 a migration failed or did not verify, 2 usage errors.
 
-fn main() {
-    eprintln!("vmm: not built yet (see the open issues)");
-    std::process::exit(2);
+mod args;
+mod bench;
+mod caps;
+mod incoming;
+mod output;
+mod run;
+mod units;
+mod vm_control;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use args::{Cli, Command};
+
+/// A failure and the exit code it maps to.
+#[derive(Debug)]
+pub enum CliError {
+    /// The user asked for something impossible (exit 2).
+    Usage(String),
+    /// A migration failed or did not verify, or the guest failed (exit 1).
+    Failed(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            CliError::Usage(_) => ExitCode::from(2),
+            CliError::Failed(_) => ExitCode::from(1),
+        }
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Usage(m) | CliError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Result of a command.
+pub type CliResult<T = ()> = Result<T, CliError>;
+
+fn init_tracing(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(f) => EnvFilter::new(f),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log.as_deref());
+    let result = match cli.command {
+        Command::Caps { json } => caps::caps(json),
+        Command::Incoming(a) => incoming::incoming(a),
+        Command::Run(a) => run::run(a),
+        Command::Bench(a) => bench::bench(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            e.exit_code()
+        }
+    }
 }

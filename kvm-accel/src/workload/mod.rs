@@ -32,6 +32,7 @@
 //! assert_eq!(entry.rip, clearlog_kvm::layout::CODE_ADDR);
 //! ```
 
+pub mod check;
 pub mod monitor;
 pub mod params;
 pub mod programs;

@@ -6,35 +6,72 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use clearlog_kvm::guest_ram::GuestRam;
+use clearlog_bitmap::Bitmap;
+use clearlog_kvm::guest_ram::{GuestRam, RawGuestRam};
 use clearlog_kvm::layout::{counter_slot_addr, PARAMS_ADDR};
 use clearlog_kvm::vcpu::runner::VcpuRunner;
 use clearlog_kvm::vcpu::Vcpu;
 use clearlog_kvm::vm::{DirtyLogChoice, Vm, VmConfig};
 use clearlog_kvm::workload::params::{C_SWEEPS, P_ITERATION, P_WSS_PAGES, P_WSS_START};
 use clearlog_kvm::workload::{Workload, WorkloadSpec};
+use clearlog_kvm::KvmMemoryListener;
+use clearlog_memory::{DirtyClient, MemorySystem, RamBlock, RegionId};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+/// Is a real KVM required (so that a test that cannot run must fail rather than skip)?
+/// `CI=true` or `CLEARLOG_REQUIRE_KVM=1`.
+pub fn kvm_required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+        || std::env::var("CLEARLOG_REQUIRE_KVM").is_ok_and(|v| v == "1")
+}
+
 /// Returns true when the test can use /dev/kvm. Otherwise prints a loud SKIPPED line and
-/// returns false, except that with CI=true an existing but unusable /dev/kvm panics.
+/// returns false, except that with CI=true or CLEARLOG_REQUIRE_KVM=1 an existing but
+/// unusable /dev/kvm panics (and with CLEARLOG_REQUIRE_KVM=1 a missing one too).
 pub fn kvm_available() -> bool {
     let dev = Path::new("/dev/kvm");
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let required = kvm_required();
+    let explicit = std::env::var("CLEARLOG_REQUIRE_KVM").is_ok_and(|v| v == "1");
     if !dev.exists() {
+        if explicit {
+            panic!("CLEARLOG_REQUIRE_KVM=1 but /dev/kvm does not exist");
+        }
         eprintln!("SKIPPED: /dev/kvm not available (no such device node; is a kvm module loaded?)");
         return false;
     }
     match std::fs::OpenOptions::new().read(true).write(true).open(dev) {
         Ok(_) => true,
-        Err(e) if ci => panic!("CI=true and /dev/kvm exists but cannot be opened: {e}"),
+        Err(e) if required => {
+            panic!(
+                "CI=true or CLEARLOG_REQUIRE_KVM=1, and /dev/kvm exists but cannot be opened: {e}"
+            )
+        }
         Err(e) => {
             eprintln!("SKIPPED: /dev/kvm not available ({e})");
             false
         }
     }
+}
+
+/// True when the kernel offers manual dirty-log protection with `INITIALLY_SET`. Otherwise
+/// prints a loud SKIPPED line (or panics when KVM is required).
+pub fn manual_available() -> bool {
+    let kvm = clearlog_kvm::vm::open_kvm(Path::new("/dev/kvm")).expect("open /dev/kvm");
+    let caps = clearlog_kvm::caps::KvmCaps::probe(&kvm);
+    if caps.manual_protect_flags & 3 == 3 {
+        return true;
+    }
+    if kvm_required() {
+        panic!(
+            "KVM required but KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 offers {:#x}",
+            caps.manual_protect_flags
+        );
+    }
+    eprintln!("SKIPPED: manual dirty-log protection not offered by this kernel");
+    false
 }
 
 /// Serializes tests that run vCPUs inside one test binary (2-core machine, rate checks).
@@ -135,10 +172,17 @@ pub fn dirty_on_demand_image() -> Vec<u8> {
 }
 
 /// Drives [`dirty_on_demand_image`].
-#[derive(Debug)]
 pub struct Dirtier<'a> {
-    pub mem: &'a GuestMemoryMmap,
+    pub mem: &'a dyn GuestRam,
     pub round: u64,
+}
+
+impl std::fmt::Debug for Dirtier<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dirtier")
+            .field("round", &self.round)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Dirtier<'_> {
@@ -186,4 +230,128 @@ pub fn bit(bm: &[u64], i: u64) -> bool {
 /// Indices of the set bits among the first `n`.
 pub fn set_bits(bm: &[u64], n: u64) -> Vec<u64> {
     (0..n).filter(|&i| bit(bm, i)).collect()
+}
+
+/// A VM whose memory map is a [`MemorySystem`] followed by a [`KvmMemoryListener`]: the way a
+/// VMM uses this crate. The first RAM region (`low`) is mapped at GPA 0 and holds the guest
+/// infrastructure (page tables, code, parameters, counters).
+pub struct MemVm {
+    pub vm: Arc<Vm>,
+    pub memory: MemorySystem,
+    pub listener: Arc<KvmMemoryListener>,
+    pub low: RegionId,
+    pub low_block: Arc<RamBlock>,
+    /// Guest-physical view of `low` (GPA 0..low size).
+    pub ram: RawGuestRam,
+}
+
+impl std::fmt::Debug for MemVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemVm")
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemVm {
+    /// A VM in `choice` mode with `low_size` bytes of RAM at GPA 0, listener registered.
+    pub fn new(choice: DirtyLogChoice, low_size: u64) -> MemVm {
+        let vm = Arc::new(
+            Vm::new(VmConfig {
+                dirty_log: choice,
+                ..Default::default()
+            })
+            .expect("Vm::new"),
+        );
+        let memory = MemorySystem::new();
+        let low = memory.add_ram("low", 0, low_size).expect("add_ram low");
+        let listener = Arc::new(KvmMemoryListener::new(vm.clone()));
+        memory
+            .register_listener(listener.clone())
+            .expect("register_listener");
+        let low_block = memory.region_block(low).expect("low block").0;
+        // SAFETY: `low_block` (an Arc kept in this struct next to `ram`) owns the mapping
+        // `host_addr..host_addr + size`, page aligned, readable and writable, for as long as
+        // `ram` exists.
+        let ram = unsafe { RawGuestRam::new(low_block.host_addr() as *mut u8, low_block.size()) };
+        MemVm {
+            vm,
+            memory,
+            listener,
+            low,
+            low_block,
+            ram,
+        }
+    }
+
+    /// Loads `w` into `low` (after `prepare`, e.g. setting the iteration) and starts vCPU 0.
+    pub fn start(&self, w: &Workload, prepare: impl FnOnce(&RawGuestRam)) -> VcpuRunner {
+        let vcpu = Vcpu::new(&self.vm, 0).expect("Vcpu::new");
+        let tsc = vcpu.tsc_khz().expect("tsc_khz");
+        w.load(&self.ram, tsc).expect("load");
+        prepare(&self.ram);
+        vcpu.setup_ring3(&w.entry(0).unwrap()).expect("setup_ring3");
+        let r = VcpuRunner::spawn(vcpu).expect("spawn");
+        let mon = clearlog_kvm::workload::monitor::WorkloadMonitor::new(&self.ram, 1);
+        mon.wait_ready(Duration::from_secs(30))
+            .expect("workload ready");
+        r
+    }
+
+    /// Starts the on-demand dirtier ([`dirty_on_demand_image`]); it can write anywhere in the
+    /// first GiB of guest-physical space (the identity map covers it).
+    pub fn start_dirtier(&self) -> VcpuRunner {
+        let w = Workload::new(WorkloadSpec::Image {
+            image: dirty_on_demand_image(),
+            load_gpa: 0x8000,
+            entry_gpa: 0x8000,
+        });
+        self.start(&w, |_| {})
+    }
+
+    /// The RAM block and Migration-client bits of `region` as block page numbers.
+    pub fn client_pages(&self, region: RegionId, client: DirtyClient) -> Vec<u64> {
+        let block = self.memory.region_block(region).unwrap().0;
+        let first = block.ram_page_offset();
+        let map = self.memory.dirty().client(client);
+        (0..block.pages())
+            .filter(|&p| map.test((first + p) as usize))
+            .collect()
+    }
+
+    /// Takes (and thereby clears) the Migration client's bits of `region`'s block.
+    pub fn take_migration(&self, region: RegionId) -> Vec<u64> {
+        let block = self.memory.region_block(region).unwrap().0;
+        let mut dest = Bitmap::new(block.pages() as usize);
+        self.memory.sync_migration_bitmap(&block, &mut dest, None);
+        dest.iter_ones().map(|p| p as u64).collect()
+    }
+}
+
+/// The `clearlog_kvm::Error` inside a memory-api listener error, if any.
+pub fn kvm_error(e: &clearlog_memory::Error) -> Option<&clearlog_kvm::Error> {
+    match e {
+        clearlog_memory::Error::Listener { source, .. } => source.downcast_ref(),
+        _ => None,
+    }
+}
+
+/// A tiny xorshift PRNG for test schedules.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
 }

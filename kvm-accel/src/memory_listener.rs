@@ -1,0 +1,498 @@
+//! `KvmMemoryListener`: memslots that follow the memory map, and dirty logging through the
+//! per-slot [`SlotDirtyCache`].
+//!
+//! The listener is the only code that talks to KVM's dirty log. All of its slot bookkeeping, the
+//! `KVM_GET_DIRTY_LOG` of a sync and the `KVM_CLEAR_DIRTY_LOG` of a clear happen under one lock,
+//! the *slots lock*, so a clear can never interleave with a sync or a slot change. In manual mode:
+//!
+//! - `log_sync` copies the kernel bitmap into the slot's cache (replacing it) and folds the cache
+//!   into the clients logging the section. Nothing is cleared, so the vCPUs are not stalled.
+//! - `log_clear` sends KVM only the cached bits of the range (widened to 64 pages with zeros, clamped
+//!   at the slot end), then drops exactly that range from the cache: a bit is cleared at most once
+//!   per sync, and only if KVM reported it, whoever asks (migration, a display...).
+//!
+//! In legacy mode `log_sync` gets (and thereby clears) the kernel bitmap and `log_clear` does nothing.
+//!
+//! # Example
+//! ```no_run
+//! use std::sync::Arc;
+//! use clearlog_kvm::memory_listener::KvmMemoryListener;
+//! use clearlog_kvm::vm::{Vm, VmConfig};
+//! use clearlog_memory::MemorySystem;
+//!
+//! let vm = Arc::new(Vm::new(VmConfig::default()).unwrap());
+//! let memory = MemorySystem::new();
+//! memory.add_ram("ram", 0, 64 << 20).unwrap();
+//! let listener = Arc::new(KvmMemoryListener::new(vm.clone()));
+//! memory.register_listener(listener.clone()).unwrap(); // slots are created now
+//! memory.log_global_start().unwrap();                   // dirty logging on
+//! memory.log_sync_all().unwrap();                       // GET into the caches, fold into clients
+//! println!("{:?}", listener.stats());
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use clearlog_memory::{
+    DirtyClients, DirtyMemory, ListenerError, MemoryListener, RamBlock, Section,
+};
+
+use crate::dirty_cache::SlotDirtyCache;
+use crate::vm::Vm;
+use crate::Error;
+
+/// Counters of the listener's dirty-log work, for stats and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirtyLogStats {
+    /// `KVM_GET_DIRTY_LOG` calls.
+    pub syncs: u64,
+    /// Time spent in syncs (GET + fold), nanoseconds.
+    pub sync_ns: u64,
+    /// Dirty pages reported by syncs (summed over syncs).
+    pub pages_synced: u64,
+    /// `KVM_CLEAR_DIRTY_LOG` calls made.
+    pub clears: u64,
+    /// Clear requests that needed no ioctl (nothing known dirty in the range).
+    pub clears_skipped: u64,
+    /// Time spent in clears, nanoseconds.
+    pub clear_ns: u64,
+    /// Dirty bits cleared in KVM.
+    pub pages_cleared: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    syncs: AtomicU64,
+    sync_ns: AtomicU64,
+    pages_synced: AtomicU64,
+    clears: AtomicU64,
+    clears_skipped: AtomicU64,
+    clear_ns: AtomicU64,
+    pages_cleared: AtomicU64,
+}
+
+/// One memslot created for one section.
+#[derive(Debug)]
+struct KvmSlot {
+    id: u32,
+    size: u64,
+    host_addr: u64,
+    /// Keeps the host mapping alive for as long as KVM may use it.
+    _block: Arc<RamBlock>,
+    /// Present while dirty logging is on (manual mode).
+    cache: Option<SlotDirtyCache>,
+    /// GET buffer while dirty logging is on in legacy mode.
+    legacy_buffer: Option<Vec<u64>>,
+}
+
+impl KvmSlot {
+    fn logging(&self) -> bool {
+        self.cache.is_some() || self.legacy_buffer.is_some()
+    }
+}
+
+/// The slots lock's data: memslots by guest-physical start.
+#[derive(Debug, Default)]
+struct SlotTable {
+    by_guest_addr: BTreeMap<u64, KvmSlot>,
+}
+
+impl SlotTable {
+    fn free_id(&self, max: u32) -> Option<u32> {
+        let mut used: Vec<u32> = self.by_guest_addr.values().map(|s| s.id).collect();
+        used.sort_unstable();
+        let mut candidate = 0;
+        for id in used {
+            if id != candidate {
+                break;
+            }
+            candidate += 1;
+        }
+        (candidate < max).then_some(candidate)
+    }
+}
+
+/// A [`MemoryListener`] that maps every RAM section to a KVM memslot and implements `log_sync` and
+/// `log_clear` with a [`SlotDirtyCache`] per slot (see the module docs).
+pub struct KvmMemoryListener {
+    vm: Arc<Vm>,
+    slots: Mutex<SlotTable>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for KvmMemoryListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmMemoryListener")
+            .field("mode", &self.vm.dirty_log_mode())
+            .field("slots", &self.lock().by_guest_addr.len())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+fn listener_error(e: impl Into<Error>) -> ListenerError {
+    Box::new(e.into())
+}
+
+impl KvmMemoryListener {
+    /// A listener creating memslots in `vm`. Register it with
+    /// [`MemorySystem::register_listener`](clearlog_memory::MemorySystem::register_listener).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// let vm = Arc::new(clearlog_kvm::vm::Vm::new(Default::default()).unwrap());
+    /// let listener = clearlog_kvm::memory_listener::KvmMemoryListener::new(vm);
+    /// ```
+    pub fn new(vm: Arc<Vm>) -> Self {
+        Self {
+            vm,
+            slots: Mutex::new(SlotTable::default()),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The VM.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # let vm = std::sync::Arc::new(clearlog_kvm::vm::Vm::new(Default::default()).unwrap());
+    /// # let listener = clearlog_kvm::memory_listener::KvmMemoryListener::new(vm);
+    /// println!("{}", listener.vm().dirty_log_mode());
+    /// ```
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// Counters so far.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # let vm = std::sync::Arc::new(clearlog_kvm::vm::Vm::new(Default::default()).unwrap());
+    /// # let listener = clearlog_kvm::memory_listener::KvmMemoryListener::new(vm);
+    /// assert_eq!(listener.stats().clears, 0);
+    /// ```
+    pub fn stats(&self) -> DirtyLogStats {
+        let c = &self.counters;
+        DirtyLogStats {
+            syncs: c.syncs.load(Ordering::Relaxed),
+            sync_ns: c.sync_ns.load(Ordering::Relaxed),
+            pages_synced: c.pages_synced.load(Ordering::Relaxed),
+            clears: c.clears.load(Ordering::Relaxed),
+            clears_skipped: c.clears_skipped.load(Ordering::Relaxed),
+            clear_ns: c.clear_ns.load(Ordering::Relaxed),
+            pages_cleared: c.pages_cleared.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The memslot id used for the section starting at `guest_addr`, if any (for tests and tools).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # let vm = std::sync::Arc::new(clearlog_kvm::vm::Vm::new(Default::default()).unwrap());
+    /// # let listener = clearlog_kvm::memory_listener::KvmMemoryListener::new(vm);
+    /// assert_eq!(listener.slot_id_at(0), None);
+    /// ```
+    pub fn slot_id_at(&self, guest_addr: u64) -> Option<u32> {
+        self.lock().by_guest_addr.get(&guest_addr).map(|s| s.id)
+    }
+
+    /// A copy of the dirty cache of the slot at `guest_addr` (manual mode, logging on).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # let vm = std::sync::Arc::new(clearlog_kvm::vm::Vm::new(Default::default()).unwrap());
+    /// # let listener = clearlog_kvm::memory_listener::KvmMemoryListener::new(vm);
+    /// assert!(listener.cache_at(0).is_none());
+    /// ```
+    pub fn cache_at(&self, guest_addr: u64) -> Option<SlotDirtyCache> {
+        self.lock()
+            .by_guest_addr
+            .get(&guest_addr)
+            .and_then(|s| s.cache.clone())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotTable> {
+        // A panic while holding the lock leaves the table consistent (every change is a single
+        // insert/remove after the ioctl succeeded), so a poisoned lock is still usable.
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot_for<'a>(
+        table: &'a mut SlotTable,
+        section: &Section,
+    ) -> Result<&'a mut KvmSlot, ListenerError> {
+        match table.by_guest_addr.get_mut(&section.guest_addr) {
+            Some(slot) if slot.size == section.size => Ok(slot),
+            _ => Err(format!(
+                "no memslot for section at {:#x} (+{:#x}): the listener missed its region_add",
+                section.guest_addr, section.size
+            )
+            .into()),
+        }
+    }
+
+    /// Register (or re-register with new flags) the slot's memory with KVM.
+    fn set_slot(
+        &self,
+        slot: &KvmSlot,
+        guest_addr: u64,
+        log_dirty: bool,
+    ) -> Result<(), ListenerError> {
+        // SAFETY: the host range belongs to `slot._block`, an `Arc<RamBlock>` the slot holds until
+        // the memslot is deleted (region_del or Drop), so it stays mapped while KVM may use it.
+        unsafe {
+            self.vm
+                .set_memslot(slot.id, guest_addr, slot.size, slot.host_addr, log_dirty)
+        }
+        .map_err(listener_error)
+    }
+
+    fn start_logging(&self, slot: &mut KvmSlot, guest_addr: u64) -> Result<(), ListenerError> {
+        self.set_slot(slot, guest_addr, true)?;
+        let pages = slot.size / crate::PAGE_SIZE;
+        if self.vm.dirty_log_mode().is_manual() {
+            slot.cache = Some(SlotDirtyCache::new(pages));
+        } else {
+            slot.legacy_buffer = Some(vec![0; pages.div_ceil(64) as usize]);
+        }
+        Ok(())
+    }
+
+    /// GET the slot's log and fold it into `clients`. Called with the slots lock held.
+    fn sync_slot(
+        &self,
+        slot: &mut KvmSlot,
+        section: &Section,
+        clients: DirtyClients,
+        dirty: &DirtyMemory,
+    ) -> Result<(), ListenerError> {
+        let start = Instant::now();
+        let pages = section.pages();
+        let words: &[u64] = match (&mut slot.cache, &mut slot.legacy_buffer) {
+            (Some(cache), _) => {
+                self.vm
+                    .get_dirty_log(slot.id, cache.sync_buffer())
+                    .map_err(listener_error)?;
+                cache.mark_synced();
+                cache.bits().as_words()
+            }
+            (None, Some(buffer)) => {
+                self.vm
+                    .get_dirty_log(slot.id, buffer)
+                    .map_err(listener_error)?;
+                buffer
+            }
+            (None, None) => return Ok(()),
+        };
+        let found = dirty.try_fold_bitmap(section.ram_first_page(), words, pages, clients)?;
+        let ns = start.elapsed().as_nanos() as u64;
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        self.counters.sync_ns.fetch_add(ns, Ordering::Relaxed);
+        self.counters
+            .pages_synced
+            .fetch_add(found, Ordering::Relaxed);
+        tracing::debug!(
+            slot = slot.id,
+            pages_dirty = found,
+            us = ns / 1000,
+            "dirty log sync"
+        );
+        Ok(())
+    }
+}
+
+impl MemoryListener for KvmMemoryListener {
+    fn name(&self) -> &str {
+        "kvm"
+    }
+
+    fn priority(&self) -> i32 {
+        // Accelerators go first when the map grows, last when it shrinks.
+        10
+    }
+
+    fn region_add(&self, section: &Section) -> Result<(), ListenerError> {
+        let mut table = self.lock();
+        if table.by_guest_addr.contains_key(&section.guest_addr) {
+            return Err(format!("a memslot already starts at {:#x}", section.guest_addr).into());
+        }
+        let max = self.vm.caps().max_memslots;
+        let id = table
+            .free_id(max)
+            .ok_or_else(|| listener_error(Error::SlotLimit { max }))?;
+        let mut slot = KvmSlot {
+            id,
+            size: section.size,
+            host_addr: section.host_addr(),
+            _block: section.block.clone(),
+            cache: None,
+            legacy_buffer: None,
+        };
+        if section.log.is_empty() {
+            self.set_slot(&slot, section.guest_addr, false)?;
+        } else {
+            self.start_logging(&mut slot, section.guest_addr)?;
+        }
+        tracing::debug!(
+            slot = id,
+            guest_addr = section.guest_addr,
+            size = section.size,
+            "memslot added"
+        );
+        table.by_guest_addr.insert(section.guest_addr, slot);
+        Ok(())
+    }
+
+    fn region_del(&self, section: &Section, dirty: &DirtyMemory) -> Result<(), ListenerError> {
+        let mut table = self.lock();
+        let slot = Self::slot_for(&mut table, section)?;
+        // Whatever the guest wrote since the last sync must reach the clients before the slot
+        // (and its dirty bitmap) disappears.
+        if slot.logging() {
+            self.sync_slot(slot, section, section.log, dirty)?;
+        }
+        self.vm.remove_memslot(slot.id).map_err(listener_error)?;
+        tracing::debug!(
+            slot = slot.id,
+            guest_addr = section.guest_addr,
+            "memslot removed"
+        );
+        table.by_guest_addr.remove(&section.guest_addr);
+        Ok(())
+    }
+
+    fn log_start(
+        &self,
+        section: &Section,
+        old: DirtyClients,
+        new: DirtyClients,
+    ) -> Result<(), ListenerError> {
+        if !old.is_empty() || new.is_empty() {
+            return Ok(()); // KVM logs for all clients at once: nothing changes in the kernel
+        }
+        let mut table = self.lock();
+        let slot = Self::slot_for(&mut table, section)?;
+        if !slot.logging() {
+            self.start_logging(slot, section.guest_addr)?;
+            tracing::debug!(slot = slot.id, mode = %self.vm.dirty_log_mode(), "dirty logging started");
+        }
+        Ok(())
+    }
+
+    fn log_stop(
+        &self,
+        section: &Section,
+        old: DirtyClients,
+        new: DirtyClients,
+        dirty: &DirtyMemory,
+    ) -> Result<(), ListenerError> {
+        if old.is_empty() || !new.is_empty() {
+            return Ok(());
+        }
+        let mut table = self.lock();
+        let slot = Self::slot_for(&mut table, section)?;
+        if slot.logging() {
+            // Last sync, for the clients that were logging, before the kernel drops the bitmap.
+            self.sync_slot(slot, section, old, dirty)?;
+            self.set_slot(slot, section.guest_addr, false)?;
+            slot.cache = None;
+            slot.legacy_buffer = None;
+            tracing::debug!(slot = slot.id, "dirty logging stopped");
+        }
+        Ok(())
+    }
+
+    fn log_sync(&self, section: &Section, dirty: &DirtyMemory) -> Result<(), ListenerError> {
+        let mut table = self.lock();
+        let slot = Self::slot_for(&mut table, section)?;
+        self.sync_slot(slot, section, section.log, dirty)
+    }
+
+    fn log_clear(
+        &self,
+        section: &Section,
+        first_page: u64,
+        npages: u64,
+    ) -> Result<(), ListenerError> {
+        if !self.vm.dirty_log_mode().is_manual() {
+            return Ok(()); // legacy: the GET of the sync already re-protected everything
+        }
+        let start = Instant::now();
+        let mut table = self.lock();
+        let slot = Self::slot_for(&mut table, section)?;
+        let Some(cache) = slot.cache.as_mut() else {
+            return Err(listener_error(Error::SlotNotLogging(slot.id)));
+        };
+        let request = cache
+            .take_clear(first_page, npages)
+            .map_err(listener_error)?;
+        let Some(req) = request else {
+            self.counters.clears_skipped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        };
+        // Still under the slots lock: no sync can refill the cache before the kernel is told.
+        self.vm
+            .clear_dirty_log(slot.id, req.first_page, req.num_pages, &req.bitmap)
+            .map_err(listener_error)?;
+        let ns = start.elapsed().as_nanos() as u64;
+        self.counters.clears.fetch_add(1, Ordering::Relaxed);
+        self.counters.clear_ns.fetch_add(ns, Ordering::Relaxed);
+        self.counters
+            .pages_cleared
+            .fetch_add(req.bits, Ordering::Relaxed);
+        tracing::trace!(
+            slot = slot.id,
+            first_page = req.first_page,
+            num_pages = req.num_pages,
+            bits_cleared = req.bits,
+            us = ns / 1000,
+            "dirty log clear"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for KvmMemoryListener {
+    fn drop(&mut self) {
+        // The slots hold the RAM blocks alive; delete the memslots before those references go, so
+        // KVM never keeps a host range that could be unmapped and reused.
+        let table = std::mem::take(&mut *self.lock());
+        for slot in table.by_guest_addr.values() {
+            if let Err(e) = self.vm.remove_memslot(slot.id) {
+                tracing::warn!(slot = slot.id, error = %e, "could not delete memslot on drop");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clearlog_memory::MemorySystem;
+
+    #[test]
+    fn free_ids_fill_holes_and_respect_the_limit() {
+        let memory = MemorySystem::new();
+        memory.add_ram("ram", 0, 1 << 20).unwrap();
+        let block = memory.ram_blocks()[0].clone();
+        let slot = |id| KvmSlot {
+            id,
+            size: 4096,
+            host_addr: 0,
+            _block: block.clone(),
+            cache: None,
+            legacy_buffer: None,
+        };
+        let mut t = SlotTable::default();
+        assert_eq!(t.free_id(2), Some(0));
+        t.by_guest_addr.insert(0, slot(0));
+        t.by_guest_addr.insert(4096, slot(2));
+        assert_eq!(t.free_id(8), Some(1));
+        t.by_guest_addr.insert(8192, slot(1));
+        assert_eq!(t.free_id(8), Some(3));
+        assert_eq!(t.free_id(3), None);
+    }
+}

@@ -1,0 +1,213 @@
+//! Command-line arguments (clap).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::units::{parse_duration, parse_rate, parse_size};
+
+/// Measure live migration of KVM guests, with and without KVM_CLEAR_DIRTY_LOG.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter for tracing output on stderr (e.g. `info`, `clearlog_kvm=debug`); also RUST_LOG.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log: Option<String>,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// What this host's KVM offers, and which dirty-log mode `vmm` would use.
+    Caps {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Destination: wait for one migration (or restore a saved one), verify, resume.
+    Incoming(IncomingArgs),
+    /// Source: boot a guest workload, optionally migrate it.
+    Run(RunArgs),
+    /// Run source and destination as two processes on loopback TCP for each mode, print the table.
+    Bench(BenchArgs),
+}
+
+/// `vmm incoming`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["listen", "from"])))]
+pub struct IncomingArgs {
+    /// Where to listen: `tcp:HOST:PORT` or `unix:PATH` (listens on that address only).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Restore a saved migration: `file:PATH`.
+    #[arg(long, value_name = "file:PATH")]
+    pub from: Option<String>,
+    /// Write the guest RAM at switchover (before resuming) to PATH (guest physical 0 at offset 0).
+    #[arg(long, value_name = "PATH")]
+    pub save_memory: Option<PathBuf>,
+    /// Keep the resumed guest running this long, then check it makes progress and exit.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    pub run_after: Duration,
+    /// Print a fingerprint of guest RAM at switchover (before resuming), to compare with the
+    /// source's (`vmm run --ram-fingerprint`). Costs a pass over all RAM before the guest resumes.
+    #[arg(long)]
+    pub ram_fingerprint: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The guest workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadKind {
+    /// Paced random page writes over the working set.
+    Random,
+    /// Sweep the working set adding 1 to the first byte of each page (QEMU's migration test).
+    Increment,
+    /// Spin.
+    Idle,
+    /// A user's flat binary (`--image`, `--load-addr`).
+    Image,
+}
+
+/// Dirty-log mode of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DirtyLogArg {
+    /// The accelerator clears (re-protects) everything at every sync.
+    Legacy,
+    /// KVM_CLEAR_DIRTY_LOG: re-protect each chunk just before sending it.
+    Clear,
+}
+
+/// Guest shape and workload (shared by `run` and `bench`).
+#[derive(Debug, Clone, Args)]
+pub struct GuestArgs {
+    /// Guest RAM size.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4G")]
+    pub mem: u64,
+    /// Working set the workload writes (starting at 1 MiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "3G")]
+    pub wss: u64,
+    /// Target guest dirty rate in bytes/s [default for `random`: 288M; `increment` is unpaced
+    /// unless given].
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub dirty_rate: Option<u64>,
+}
+
+/// The scaled seed experiment's dirty rate (DESIGN.md section 5).
+pub const DEFAULT_DIRTY_RATE: u64 = 288 << 20;
+
+/// Migration settings (shared by `run` and `bench`).
+#[derive(Debug, Clone, Args)]
+pub struct MigrationArgs {
+    /// Bandwidth limit in bytes/s (`0` = unlimited).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate, default_value = "400M")]
+    pub bandwidth: u64,
+    /// Downtime limit.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "100ms")]
+    pub downtime: Duration,
+}
+
+/// `vmm run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest shape and workload.
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// The workload.
+    #[arg(long, value_enum, default_value = "random")]
+    pub workload: WorkloadKind,
+    /// Flat binary for `--workload image`.
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+    /// Guest-physical load address (and entry point) of `--image`.
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub load_addr: Option<u64>,
+    /// Migrate to `tcp:HOST:PORT`, `unix:PATH` or `file:PATH`. Without it the guest runs for `--warmup`.
+    #[arg(long, value_name = "URI")]
+    pub migrate_to: Option<String>,
+    /// Migration settings.
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Dirty-log mode.
+    #[arg(long, value_enum, default_value = "clear")]
+    pub dirty_log: DirtyLogArg,
+    /// Clear chunk size (`clear` mode): a power of two from 256K (64 pages) to 8T (2^31 pages).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "128M")]
+    pub clear_chunk: u64,
+    /// Run the workload this long before migrating.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2s")]
+    pub warmup: Duration,
+    /// Give up when not converged after this long.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "300s")]
+    pub max_time: Duration,
+    /// After a successful migration, print a fingerprint of the (paused) source RAM, to compare
+    /// with the destination's (`vmm incoming --ram-fingerprint`).
+    #[arg(long)]
+    pub ram_fingerprint: bool,
+    /// Print the stats as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vmm bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Guest shape and workload.
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Migration settings.
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Modes to compare: `legacy` and `clear:CHUNK`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "legacy,clear:1G,clear:128M,clear:16M,clear:1M"
+    )]
+    pub modes: Vec<String>,
+    /// Runs per mode.
+    #[arg(long, default_value_t = 5)]
+    pub runs: u32,
+    /// Warm-up of each run before migrating.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2s")]
+    pub warmup: Duration,
+    /// Write one JSON object per run to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Draw the runs as an SVG plot.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+/// Parse a guest address: decimal, or hex with `0x`.
+pub fn parse_addr(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    r.map_err(|_| format!("`{s}` is not an address: use decimal or 0x-prefixed hex, like 0x200000"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_addr("0x200000").unwrap(), 0x200000);
+        assert_eq!(parse_addr("4096").unwrap(), 4096);
+        assert!(parse_addr("zz").is_err());
+    }
+}

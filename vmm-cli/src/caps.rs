@@ -1,0 +1,46 @@
+//! `vmm caps`.
+
+use clearlog_kvm::caps::KvmCaps;
+use clearlog_kvm::vm::open_kvm;
+
+use crate::{CliError, CliResult};
+
+/// Print what this host's KVM offers and which dirty-log mode `vmm` would use.
+pub fn caps(json: bool) -> CliResult {
+    let kvm = open_kvm("/dev/kvm".as_ref()).map_err(|e| CliError::Failed(e.to_string()))?;
+    let caps = KvmCaps::probe(&kvm);
+    let mode = caps.default_dirty_log_mode();
+    if json {
+        let mut map = serde_json::Map::new();
+        for (k, v) in caps.fields() {
+            let value = v
+                .parse::<i64>()
+                .map(serde_json::Value::from)
+                .unwrap_or_else(|_| match v.as_str() {
+                    "true" | "yes" => true.into(),
+                    "false" | "no" => false.into(),
+                    _ => v.clone().into(),
+                });
+            map.insert(k.to_string(), value);
+        }
+        map.insert("dirty_log_mode".into(), mode.to_string().into());
+        map.insert("clear_dirty_log".into(), mode.is_manual().into());
+        println!("{}", serde_json::Value::Object(map));
+    } else {
+        println!("KVM capabilities of this host (/dev/kvm):");
+        for (k, v) in caps.fields() {
+            println!("  {k:<30} {v}");
+        }
+        println!("dirty-log mode vmm uses: {mode}");
+        if mode.is_manual() {
+            println!(
+                "  (KVM_CLEAR_DIRTY_LOG available: `--dirty-log clear` re-protects chunk by chunk)"
+            );
+        } else {
+            println!(
+                "  (no manual protect: `--dirty-log clear` falls back to clearing at every sync)"
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! `vmm incoming`: the destination side.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use clearlog_kvm::guest::{Guest, GuestConfig, RAM_BLOCK_NAME};
+use clearlog_kvm::workload::check::{check_increment, loaded_workload};
+use clearlog_kvm::workload::WorkloadKind;
+use clearlog_migration::{
+    peek_header, ram_fingerprint, Destination, Listener, MigrationUri, Transport,
+};
+
+use crate::args::IncomingArgs;
+use crate::output::print_incoming;
+use crate::vm_control::GuestControl;
+use crate::{CliError, CliResult};
+
+/// Open the incoming transport: accept one connection, or open the saved file.
+fn open_transport(a: &IncomingArgs) -> CliResult<Transport> {
+    if let Some(uri) = &a.listen {
+        match uri.parse::<MigrationUri>() {
+            Ok(MigrationUri::File(_)) => {
+                return Err(CliError::Usage(format!(
+                    "--listen {uri}: a file is not something to listen on; use --from {uri} to restore it"
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(CliError::Usage(format!(
+                    "--listen {uri}: {e}; use tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444) or unix:PATH"
+                )))
+            }
+        }
+        let listener = Listener::bind(uri).map_err(|e| {
+            CliError::Usage(format!(
+                "cannot listen on {uri}: {e} (is the port already in use?)"
+            ))
+        })?;
+        let local = listener.local_uri().unwrap_or_else(|_| uri.clone());
+        // Scripts (and `vmm bench`) wait for this line to know where to connect.
+        eprintln!("vmm: listening on {local}");
+        let _ = std::io::stderr().flush();
+        return listener
+            .accept()
+            .map_err(|e| CliError::Failed(format!("accepting the migration on {local}: {e}")));
+    }
+    let from = a.from.as_deref().unwrap_or_default();
+    match from.parse::<MigrationUri>() {
+        Ok(MigrationUri::File(path)) => std::fs::File::open(&path)
+            .map(Transport::file_reader)
+            .map_err(|e| CliError::Failed(format!("cannot open {}: {e}", path.display()))),
+        Ok(_) => Err(CliError::Usage(format!(
+            "--from {from}: only file:PATH can be restored; use --listen for sockets"
+        ))),
+        Err(e) => Err(CliError::Usage(format!(
+            "--from {from}: {e}; use file:PATH"
+        ))),
+    }
+}
+
+/// `vmm incoming`.
+pub fn incoming(a: IncomingArgs) -> CliResult {
+    let mut transport = open_transport(&a)?;
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        CliError::Failed(format!("{what}: {e}; no guest was resumed"))
+    };
+    let header =
+        peek_header(&mut transport).map_err(|e| failed("the incoming stream is not usable", &e))?;
+    let [block] = header.blocks.as_slice() else {
+        return Err(failed(
+            "unexpected RAM layout",
+            &format!(
+                "{} blocks, this VMM has one (`{RAM_BLOCK_NAME}`)",
+                header.blocks.len()
+            ),
+        ));
+    };
+    if block.name != RAM_BLOCK_NAME {
+        return Err(failed(
+            "unexpected RAM layout",
+            &format!("block `{}`, expected `{RAM_BLOCK_NAME}`", block.name),
+        ));
+    }
+    // A destination's vCPUs come from the stream's state blobs.
+    let guest = Guest::create(GuestConfig {
+        mem_bytes: block.size,
+        vcpus: 0,
+        ..GuestConfig::default()
+    })
+    .map_err(|e| failed("cannot create the destination guest", &e))?;
+
+    let start = Instant::now();
+    let stats = Destination::new(guest.memory())
+        .receive_paused(transport, &GuestControl(&guest))
+        .map_err(|e| failed("incoming migration failed", &e))?;
+    let received_ms = start.elapsed().as_secs_f64() * 1e3;
+
+    // Still paused: the memory is exactly what the source had at switchover.
+    let mut extra = serde_json::Map::new();
+    extra.insert("guest_mem_bytes".into(), guest.mem_bytes().into());
+    extra.insert("receive_ms".into(), received_ms.into());
+    let workload = loaded_workload(guest.ram()).ok().flatten();
+    extra.insert(
+        "workload".into(),
+        workload
+            .map_or("unknown".to_string(), |w| format!("{w:?}").to_lowercase())
+            .into(),
+    );
+    let mut verified = true;
+    if workload == Some(WorkloadKind::Increment) {
+        let check =
+            check_increment(guest.ram()).map_err(|e| failed("checking the increment rule", &e))?;
+        extra.insert("increment_consistent".into(), check.is_consistent().into());
+        extra.insert("increment_bad_pages".into(), check.bad_count.into());
+        verified &= check.is_consistent();
+    }
+    if a.ram_fingerprint {
+        let t = Instant::now();
+        let fp =
+            ram_fingerprint(guest.memory(), 2).map_err(|e| failed("fingerprinting RAM", &e))?;
+        extra.insert("ram_fingerprint".into(), format!("{fp:016x}").into());
+        extra.insert(
+            "ram_fingerprint_ms".into(),
+            (t.elapsed().as_secs_f64() * 1e3).into(),
+        );
+    }
+    if let Some(path) = &a.save_memory {
+        save_memory(&guest, path).map_err(|e| {
+            CliError::Failed(format!("saving guest RAM to {}: {e}", path.display()))
+        })?;
+        extra.insert("saved_memory".into(), path.display().to_string().into());
+    }
+    if !verified {
+        let extra = serde_json::Value::Object(extra);
+        print_incoming(&stats, &extra, a.json);
+        return Err(CliError::Failed(
+            "the received memory breaks the increment rule (lost writes); not resuming".into(),
+        ));
+    }
+
+    guest
+        .resume()
+        .map_err(|e| failed("resuming the guest", &e))?;
+    let mut stats = stats;
+    stats.resumed = true;
+    let before = guest.pages_written().unwrap_or(0);
+    std::thread::sleep(a.run_after);
+    let after = guest.pages_written().unwrap_or(0);
+    let failures = guest.vcpu_failures();
+    extra.insert(
+        "run_after_ms".into(),
+        (a.run_after.as_secs_f64() * 1e3).into(),
+    );
+    extra.insert(
+        "pages_written_after_resume".into(),
+        (after.saturating_sub(before)).into(),
+    );
+    extra.insert("verified".into(), failures.is_empty().into());
+    let extra = serde_json::Value::Object(extra);
+    print_incoming(&stats, &extra, a.json);
+    if !failures.is_empty() {
+        return Err(CliError::Failed(format!(
+            "the resumed guest failed: {failures:?}"
+        )));
+    }
+    if workload.is_some_and(|w| w != WorkloadKind::Idle)
+        && a.run_after >= Duration::from_millis(100)
+        && after == before
+    {
+        return Err(CliError::Failed(
+            "the resumed guest makes no progress".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Write guest RAM to `path`: guest-physical 0 at file offset 0.
+fn save_memory(guest: &Guest, path: &std::path::Path) -> std::io::Result<()> {
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let block = guest.block();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    while offset < block.size() {
+        let n = buf.len().min((block.size() - offset) as usize);
+        block
+            .read(offset, &mut buf[..n])
+            .map_err(std::io::Error::other)?;
+        file.write_all(&buf[..n])?;
+        offset += n as u64;
+    }
+    file.flush()
+}

@@ -1,0 +1,171 @@
+//! Printing results as text or JSON.
+
+use clearlog_kvm::guest::Guest;
+use clearlog_migration::{IncomingStats, MigrationStats};
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// The source's JSON object: the migration stats plus what the CLI measured around them.
+pub fn stats_json(
+    stats: &MigrationStats,
+    vm_dirty_log: &str,
+    guest_dirty_rate: f64,
+    fingerprint: Option<&str>,
+) -> serde_json::Value {
+    let mut v = serde_json::to_value(stats).unwrap_or_default();
+    if let Some(map) = v.as_object_mut() {
+        if let Some(fp) = fingerprint {
+            map.insert("ram_fingerprint".into(), fp.into());
+        }
+        map.insert("vm_dirty_log_mode".into(), vm_dirty_log.into());
+        map.insert(
+            "guest_dirty_rate_bytes_per_s".into(),
+            (guest_dirty_rate.round() as u64).into(),
+        );
+    }
+    v
+}
+
+/// Print a finished migration's stats.
+pub fn print_stats(
+    stats: &MigrationStats,
+    vm_dirty_log: String,
+    guest_dirty_rate: f64,
+    fingerprint: Option<String>,
+    json: bool,
+) {
+    if json {
+        println!(
+            "{}",
+            stats_json(
+                stats,
+                &vm_dirty_log,
+                guest_dirty_rate,
+                fingerprint.as_deref()
+            )
+        );
+        return;
+    }
+    println!(
+        "migration complete ({}; KVM dirty log: {vm_dirty_log})",
+        describe_mode(stats)
+    );
+    println!(
+        "  total time        {:>10.0} ms   (setup {:.0} ms)",
+        stats.total_time_ms, stats.setup_time_ms
+    );
+    println!("  downtime          {:>10.1} ms", stats.downtime_ms);
+    println!(
+        "  iterations        {:>10}      dirty syncs {}",
+        stats.iterations, stats.dirty_syncs
+    );
+    println!(
+        "  pages sent        {:>10}      zero pages {}, resent {}",
+        stats.pages_sent, stats.zero_pages, stats.resent_pages
+    );
+    println!(
+        "  bytes sent        {:>10.1} MiB",
+        stats.bytes_sent as f64 / MIB
+    );
+    println!(
+        "  bandwidth         {:>10.1} MiB/s (limit {})",
+        stats.measured_bandwidth_bytes_per_s as f64 / MIB,
+        if stats.bandwidth_limit_bytes_per_s == 0 {
+            "none".to_string()
+        } else {
+            format!(
+                "{:.0} MiB/s",
+                stats.bandwidth_limit_bytes_per_s as f64 / MIB
+            )
+        }
+    );
+    println!("  log_sync          {:>10.1} ms", stats.log_sync_ms);
+    println!(
+        "  log_clear         {:>10.1} ms   ({} calls)",
+        stats.log_clear_ms, stats.log_clear_calls
+    );
+    println!(
+        "  guest dirty rate  {:>10.1} MiB/s (measured during warm-up)",
+        guest_dirty_rate / MIB
+    );
+    if let Some(fp) = fingerprint {
+        println!("  RAM fingerprint   {fp:>16}");
+    }
+}
+
+/// "legacy" or "clear, 128 MiB chunks".
+pub fn describe_mode(stats: &MigrationStats) -> String {
+    if stats.mode == "clear" {
+        format!("clear, {} chunks", human_bytes(stats.clear_chunk_bytes))
+    } else {
+        stats.mode.clone()
+    }
+}
+
+/// `1 GiB`, `128 MiB`, `256 KiB`.
+pub fn human_bytes(b: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if b >= 1 << shift && b % (1 << shift) == 0 {
+            return format!("{} {unit}", b >> shift);
+        }
+    }
+    format!("{b} B")
+}
+
+/// Print what a guest did without migrating.
+pub fn print_run_summary(guest: &Guest, boot_ms: f64, rate: f64, json: bool) {
+    let written = guest.pages_written().unwrap_or(0);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "guest_mem_bytes": guest.mem_bytes(),
+                "vm_dirty_log_mode": guest.dirty_log_mode().to_string(),
+                "boot_ms": boot_ms,
+                "pages_written": written,
+                "guest_dirty_rate_bytes_per_s": rate.round() as u64,
+            })
+        );
+    } else {
+        println!(
+            "guest ran ({} MiB, KVM dirty log: {})",
+            guest.mem_bytes() >> 20,
+            guest.dirty_log_mode()
+        );
+        println!("  boot + pre-fault  {boot_ms:>10.0} ms");
+        println!("  pages written     {written:>10}");
+        println!("  guest dirty rate  {:>10.1} MiB/s", rate / MIB);
+    }
+}
+
+/// Print the destination's result.
+pub fn print_incoming(stats: &IncomingStats, extra: &serde_json::Value, json: bool) {
+    if json {
+        let mut v = serde_json::to_value(stats).unwrap_or_default();
+        if let (Some(map), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+            for (k, x) in extra {
+                map.insert(k.clone(), x.clone());
+            }
+        }
+        println!("{v}");
+        return;
+    }
+    println!("incoming migration verified and resumed");
+    println!(
+        "  pages received    {:>10}   (zero pages {})",
+        stats.pages_received, stats.zero_pages
+    );
+    println!(
+        "  bytes received    {:>10.1} MiB",
+        stats.bytes_received as f64 / MIB
+    );
+    println!(
+        "  load time         {:>10.0} ms   (verify {:.0} ms)",
+        stats.load_time_ms, stats.verify_ms
+    );
+    if let Some(map) = extra.as_object() {
+        for (k, v) in map {
+            println!("  {k:<17} {v}");
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! `vmm run`: the source side.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use clearlog_kvm::guest::{Guest, GuestConfig};
+use clearlog_kvm::layout::{DEFAULT_WSS_START, MAX_RAM};
+use clearlog_kvm::vm::DirtyLogChoice;
+use clearlog_kvm::workload::WorkloadSpec;
+use clearlog_migration::{
+    ram_fingerprint, CancelToken, DirtyLogMode, MigrationConfig, MigrationStats, Progress, Source,
+};
+
+use crate::args::{
+    DirtyLogArg, GuestArgs, MigrationArgs, RunArgs, WorkloadKind, DEFAULT_DIRTY_RATE,
+};
+use crate::output::{print_run_summary, print_stats};
+use crate::vm_control::GuestControl;
+use crate::{CliError, CliResult};
+
+/// Check a guest shape; every message says what is wrong and what to do.
+pub fn validate_guest(g: &GuestArgs, workload: WorkloadKind) -> CliResult {
+    let usage = |m: String| Err(CliError::Usage(m));
+    if g.mem == 0 || g.mem % (2 << 20) != 0 {
+        return usage(format!(
+            "--mem {} is not a multiple of 2M: use e.g. --mem 256M or --mem 4G",
+            g.mem
+        ));
+    }
+    if g.mem > MAX_RAM {
+        return usage(format!(
+            "--mem {} is larger than the {} GiB this guest layout supports",
+            g.mem,
+            MAX_RAM >> 30
+        ));
+    }
+    if matches!(workload, WorkloadKind::Random | WorkloadKind::Increment) {
+        if g.wss == 0 || g.wss % 4096 != 0 {
+            return usage(format!(
+                "--wss {} is not a positive multiple of the 4K page size",
+                g.wss
+            ));
+        }
+        if g.wss > g.mem.saturating_sub(DEFAULT_WSS_START) {
+            return usage(format!(
+                "--wss {} does not fit: the working set starts at 1M, so with --mem {} it can be at most {} bytes",
+                g.wss,
+                g.mem,
+                g.mem.saturating_sub(DEFAULT_WSS_START)
+            ));
+        }
+        if g.dirty_rate == Some(0) {
+            return usage("--dirty-rate must be positive (e.g. 288M)".into());
+        }
+    }
+    Ok(())
+}
+
+/// Check migration settings.
+pub fn validate_migration(m: &MigrationArgs) -> CliResult {
+    if m.bandwidth == 0 {
+        return Err(CliError::Usage(
+            "--bandwidth must be positive (e.g. 400M for 400 MiB/s)".into(),
+        ));
+    }
+    if m.downtime.is_zero() {
+        return Err(CliError::Usage(
+            "--downtime must be positive (e.g. 100ms)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The migration config for a dirty-log mode and clear chunk.
+pub fn migration_config(
+    m: &MigrationArgs,
+    dirty_log: DirtyLogArg,
+    clear_chunk: u64,
+    max_time: Duration,
+) -> CliResult<MigrationConfig> {
+    let mode = match dirty_log {
+        DirtyLogArg::Legacy => DirtyLogMode::Legacy,
+        DirtyLogArg::Clear => DirtyLogMode::from_clear_chunk_bytes(clear_chunk).map_err(|e| {
+            CliError::Usage(format!(
+                "--clear-chunk {clear_chunk}: {e} (a power of two from 256K = 64 pages, shift 6, to 8T = shift 31)"
+            ))
+        })?,
+    };
+    let config = MigrationConfig {
+        mode,
+        bandwidth_limit_bytes_per_s: m.bandwidth,
+        downtime_limit: m.downtime,
+        max_time: Some(max_time),
+        ..MigrationConfig::default()
+    };
+    config
+        .validate()
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok(config)
+}
+
+/// The VM's dirty-log mode for a migration mode: `legacy` really uses KVM's legacy get-and-clear
+/// (the seed's baseline), `clear` uses manual protection with INITIALLY_SET.
+fn vm_dirty_log(dirty_log: DirtyLogArg) -> DirtyLogChoice {
+    match dirty_log {
+        DirtyLogArg::Legacy => DirtyLogChoice::Legacy,
+        DirtyLogArg::Clear => DirtyLogChoice::Auto,
+    }
+}
+
+fn workload_spec(a: &RunArgs) -> CliResult<WorkloadSpec> {
+    Ok(match a.workload {
+        WorkloadKind::Random => WorkloadSpec::Random {
+            wss_bytes: a.guest.wss,
+            dirty_rate_bytes_per_s: a.guest.dirty_rate.unwrap_or(DEFAULT_DIRTY_RATE),
+            seed: std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15,
+        },
+        WorkloadKind::Increment => WorkloadSpec::Increment {
+            wss_bytes: a.guest.wss,
+            // `increment` sweeps as fast as it can unless a rate is given.
+            dirty_rate_bytes_per_s: a.guest.dirty_rate.unwrap_or(0),
+        },
+        WorkloadKind::Idle => WorkloadSpec::Idle,
+        WorkloadKind::Image => {
+            let path = a.image.as_ref().ok_or_else(|| {
+                CliError::Usage("--workload image needs --image FILE and --load-addr ADDR".into())
+            })?;
+            let load = a.load_addr.ok_or_else(|| {
+                CliError::Usage("--workload image needs --load-addr ADDR (e.g. 0x200000)".into())
+            })?;
+            let image = std::fs::read(path).map_err(|e| {
+                CliError::Usage(format!("cannot read --image {}: {e}", path.display()))
+            })?;
+            WorkloadSpec::Image {
+                image,
+                load_gpa: load,
+                entry_gpa: load,
+            }
+        }
+    })
+}
+
+/// `vmm run`.
+pub fn run(a: RunArgs) -> CliResult {
+    validate_guest(&a.guest, a.workload)?;
+    let config = match &a.migrate_to {
+        Some(_) => {
+            validate_migration(&a.migration)?;
+            Some(migration_config(
+                &a.migration,
+                a.dirty_log,
+                a.clear_chunk,
+                a.max_time,
+            )?)
+        }
+        None => None,
+    };
+    let spec = workload_spec(&a)?;
+    // Connect first: a wrong address should fail before minutes of guest boot.
+    let transport = match &a.migrate_to {
+        Some(uri) => Some(clearlog_migration::connect(uri).map_err(|e| {
+            CliError::Failed(format!(
+                "cannot reach the destination {uri}: {e} (is `vmm incoming` listening there?)"
+            ))
+        })?),
+        None => None,
+    };
+
+    let boot_start = Instant::now();
+    let guest = Guest::boot(GuestConfig {
+        mem_bytes: a.guest.mem,
+        dirty_log: vm_dirty_log(a.dirty_log),
+        workload: spec,
+        ..GuestConfig::default()
+    })
+    .map_err(|e| CliError::Failed(format!("cannot start the guest: {e}")))?;
+    let boot_ms = boot_start.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(mode = %guest.dirty_log_mode(), boot_ms, "guest running");
+
+    let before = guest.pages_written().unwrap_or(0);
+    let warm_start = Instant::now();
+    std::thread::sleep(a.warmup);
+    let written = guest.pages_written().unwrap_or(0) - before;
+    let rate = written as f64 * 4096.0 / warm_start.elapsed().as_secs_f64();
+
+    let (Some(config), Some(transport)) = (config, transport) else {
+        print_run_summary(&guest, boot_ms, rate, a.json);
+        return Ok(());
+    };
+    let stats = migrate(&guest, config, transport, &a.migrate_to.unwrap_or_default())?;
+    // The source stays paused after a successful migration: its RAM is the switchover state.
+    let fingerprint = if a.ram_fingerprint {
+        let fp = ram_fingerprint(guest.memory(), 2)
+            .map_err(|e| CliError::Failed(format!("fingerprinting RAM: {e}")))?;
+        Some(format!("{fp:016x}"))
+    } else {
+        None
+    };
+    print_stats(
+        &stats,
+        guest.dirty_log_mode().to_string(),
+        rate,
+        fingerprint,
+        a.json,
+    );
+    Ok(())
+}
+
+/// Run one migration of `guest`, with a progress bar on a terminal.
+pub fn migrate(
+    guest: &Guest,
+    config: MigrationConfig,
+    transport: clearlog_migration::Transport,
+    uri: &str,
+) -> CliResult<MigrationStats> {
+    let source = Source::new(guest.memory(), config).map_err(|e| CliError::Usage(e.to_string()))?;
+    let cancel = CancelToken::new();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(guest.mem_bytes());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} iter {msg} [{elapsed_precise}] {wide_bar} {bytes} left",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut on_progress = |p: &Progress| {
+        if let Some(bar) = &bar {
+            bar.set_length(bar.length().unwrap_or(0).max(p.remaining_bytes));
+            bar.set_position(bar.length().unwrap_or(0) - p.remaining_bytes);
+            bar.set_message(format!(
+                "{} | {:.0} MiB/s | expected downtime {:.0} ms{}",
+                p.iteration,
+                p.bandwidth_bytes_per_s as f64 / (1 << 20) as f64,
+                p.expected_downtime_ms,
+                if p.paused { " | paused" } else { "" }
+            ));
+        }
+    };
+    let result = source.migrate(
+        transport,
+        &GuestControl(guest),
+        Some(&mut on_progress),
+        &cancel,
+    );
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    result.map_err(|e| {
+        CliError::Failed(format!(
+            "migration to {uri} failed: {e}; the guest keeps running here"
+        ))
+    })
+}

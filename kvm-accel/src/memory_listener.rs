@@ -351,17 +351,23 @@ impl MemoryListener for KvmMemoryListener {
         let slot = Self::slot_for(&mut table, section)?;
         // Whatever the guest wrote since the last sync must reach the clients before the slot
         // (and its dirty bitmap) disappears.
-        if slot.logging() {
-            self.sync_slot(slot, section, section.log, dirty)?;
-        }
-        self.vm.remove_memslot(slot.id).map_err(listener_error)?;
+        let synced = if slot.logging() {
+            self.sync_slot(slot, section, section.log, dirty)
+        } else {
+            Ok(())
+        };
+        // The region goes away whatever happened: delete the memslot even if the sync failed (the
+        // error is still reported), so KVM never keeps a slot the memory map no longer has.
+        let removed = self.vm.remove_memslot(slot.id).map_err(listener_error);
         tracing::debug!(
             slot = slot.id,
             guest_addr = section.guest_addr,
             "memslot removed"
         );
-        table.by_guest_addr.remove(&section.guest_addr);
-        Ok(())
+        if removed.is_ok() {
+            table.by_guest_addr.remove(&section.guest_addr);
+        }
+        synced.and(removed)
     }
 
     fn log_start(

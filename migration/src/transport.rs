@@ -476,45 +476,6 @@ pub fn mem_channel() -> (Transport, Transport) {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uri_errors_are_specific() {
-        let reason = |u: &str| match u.parse::<MigrationUri>() {
-            Err(Error::InvalidUri { reason, .. }) => reason,
-            other => panic!("{u}: {other:?}"),
-        };
-        assert!(reason("nothing").contains("missing scheme"));
-        assert!(reason("http:x").contains("unknown scheme"));
-        assert!(reason("tcp:host").contains("missing port"));
-        assert!(reason("tcp:host:").contains("missing port"));
-        assert!(reason("tcp::80").contains("missing host"));
-        assert!(reason("tcp:host:99999").contains("port"));
-        assert!(reason("unix:").contains("missing path"));
-        assert!(reason("file:").contains("missing path"));
-        assert_eq!(
-            "tcp:[::1]:80".parse::<MigrationUri>().unwrap(),
-            MigrationUri::Tcp("[::1]:80".into())
-        );
-        assert_eq!(
-            "unix:/tmp/s".parse::<MigrationUri>().unwrap(),
-            MigrationUri::Unix("/tmp/s".into())
-        );
-    }
-
-    #[test]
-    fn pipe_timeout_and_eof() {
-        let (w, mut r) = pipe();
-        r.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
-        let mut b = [0; 1];
-        assert_eq!(r.read(&mut b).unwrap_err().kind(), io::ErrorKind::TimedOut);
-        drop(w);
-        assert_eq!(r.read(&mut b).unwrap(), 0);
-    }
-}
-
 /// Read the stream header at the start of `transport` without consuming it: the header is checked
 /// (magic, version, page size, bounded block layout) and returned, and the transport is rewound so a
 /// [`crate::Destination`] then reads the whole stream as usual.
@@ -594,5 +555,44 @@ impl Read for Replay {
 impl TransportRead for Replay {
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         self.inner.set_read_timeout(timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_errors_are_specific() {
+        let reason = |u: &str| match u.parse::<MigrationUri>() {
+            Err(Error::InvalidUri { reason, .. }) => reason,
+            other => panic!("{u}: {other:?}"),
+        };
+        assert!(reason("nothing").contains("missing scheme"));
+        assert!(reason("http:x").contains("unknown scheme"));
+        assert!(reason("tcp:host").contains("missing port"));
+        assert!(reason("tcp:host:").contains("missing port"));
+        assert!(reason("tcp::80").contains("missing host"));
+        assert!(reason("tcp:host:99999").contains("port"));
+        assert!(reason("unix:").contains("missing path"));
+        assert!(reason("file:").contains("missing path"));
+        assert_eq!(
+            "tcp:[::1]:80".parse::<MigrationUri>().unwrap(),
+            MigrationUri::Tcp("[::1]:80".into())
+        );
+        assert_eq!(
+            "unix:/tmp/s".parse::<MigrationUri>().unwrap(),
+            MigrationUri::Unix("/tmp/s".into())
+        );
+    }
+
+    #[test]
+    fn pipe_timeout_and_eof() {
+        let (w, mut r) = pipe();
+        r.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+        let mut b = [0; 1];
+        assert_eq!(r.read(&mut b).unwrap_err().kind(), io::ErrorKind::TimedOut);
+        drop(w);
+        assert_eq!(r.read(&mut b).unwrap(), 0);
     }
 }

@@ -130,6 +130,14 @@ pub struct RunArgs {
     /// Migrate to `tcp:HOST:PORT`, `unix:PATH` or `file:PATH`. Without it the guest runs for `--warmup`.
     #[arg(long, value_name = "URI")]
     pub migrate_to: Option<String>,
+    /// If the migration to `--migrate-to` fails, migrate to this URI instead, in the same process
+    /// (repeatable: tried in order until one succeeds). The guest keeps running between attempts.
+    #[arg(long, value_name = "URI", requires = "migrate_to")]
+    pub retry_to: Vec<String>,
+    /// Fail a TCP migration whose connection accepts no data for this long (send timeout and
+    /// TCP_USER_TIMEOUT), instead of waiting for the kernel to give up (~15 min).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub io_timeout: Duration,
     /// Migration settings.
     #[command(flatten)]
     pub migration: MigrationArgs,

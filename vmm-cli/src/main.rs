@@ -8,6 +8,7 @@ mod bench;
 mod caps;
 mod incoming;
 mod output;
+mod plot;
 mod run;
 mod units;
 mod vm_control;

@@ -8,13 +8,14 @@ use clearlog_kvm::layout::{DEFAULT_WSS_START, MAX_RAM};
 use clearlog_kvm::vm::DirtyLogChoice;
 use clearlog_kvm::workload::WorkloadSpec;
 use clearlog_migration::{
-    ram_fingerprint, CancelToken, DirtyLogMode, MigrationConfig, MigrationStats, Progress, Source,
+    ram_fingerprint, CancelToken, DirtyLogMode, MigrationConfig, MigrationStats, MigrationUri,
+    Progress, Source, Transport,
 };
 
 use crate::args::{
     DirtyLogArg, GuestArgs, MigrationArgs, RunArgs, WorkloadKind, DEFAULT_DIRTY_RATE,
 };
-use crate::output::{print_run_summary, print_stats};
+use crate::output::{print_run_summary, print_stats, stats_json};
 use crate::vm_control::GuestControl;
 use crate::{CliError, CliResult};
 
@@ -158,11 +159,7 @@ pub fn run(a: RunArgs) -> CliResult {
     let spec = workload_spec(&a)?;
     // Connect first: a wrong address should fail before minutes of guest boot.
     let transport = match &a.migrate_to {
-        Some(uri) => Some(clearlog_migration::connect(uri).map_err(|e| {
-            CliError::Failed(format!(
-                "cannot reach the destination {uri}: {e} (is `vmm incoming` listening there?)"
-            ))
-        })?),
+        Some(uri) => Some(connect_source(uri, a.io_timeout)?),
         None => None,
     };
 
@@ -187,7 +184,49 @@ pub fn run(a: RunArgs) -> CliResult {
         print_run_summary(&guest, boot_ms, rate, a.json);
         return Ok(());
     };
-    let stats = migrate(&guest, config, transport, &a.migrate_to.unwrap_or_default())?;
+    let uri = a.migrate_to.clone().unwrap_or_default();
+    let mut attempt = migrate(&guest, config.clone(), transport, &uri);
+    // `--retry-to`: the library resumed the guest and stopped logging; prove the guest still runs,
+    // then migrate again from this same process.
+    let mut errors: Vec<String> = Vec::new();
+    let mut progress_after_failure: Option<u64> = None;
+    for retry in &a.retry_to {
+        match &attempt {
+            Ok(_) | Err(CliError::Usage(_)) => break,
+            Err(e) => errors.push(e.to_string()),
+        }
+        eprintln!("vmm: {}; retrying to {retry}", errors[errors.len() - 1]);
+        let before = guest.pages_written().unwrap_or(0);
+        std::thread::sleep(PROGRESS_PROBE);
+        let progressed = guest.pages_written().unwrap_or(0).saturating_sub(before);
+        progress_after_failure.get_or_insert(progressed);
+        if progressed == 0 && a.workload != WorkloadKind::Idle {
+            eprintln!(
+                "vmm: warning: the guest wrote no page in {} ms after the failed migration",
+                PROGRESS_PROBE.as_millis()
+            );
+        }
+        attempt = connect_source(retry, a.io_timeout)
+            .and_then(|t| migrate(&guest, config.clone(), t, retry));
+    }
+    let stats = match attempt {
+        Ok(stats) => stats,
+        Err(e) => {
+            if a.json && !a.retry_to.is_empty() {
+                errors.push(e.to_string());
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "migrated": false,
+                        "first_error": errors.first(),
+                        "errors": errors,
+                        "progress_after_failure_pages": progress_after_failure,
+                    })
+                );
+            }
+            return Err(e);
+        }
+    };
     // The source stays paused after a successful migration: its RAM is the switchover state.
     let fingerprint = if a.ram_fingerprint {
         let fp = ram_fingerprint(guest.memory(), 2)
@@ -196,14 +235,107 @@ pub fn run(a: RunArgs) -> CliResult {
     } else {
         None
     };
-    print_stats(
-        &stats,
-        guest.dirty_log_mode().to_string(),
-        rate,
-        fingerprint,
-        a.json,
-    );
+    if a.retry_to.is_empty() {
+        print_stats(
+            &stats,
+            guest.dirty_log_mode().to_string(),
+            rate,
+            fingerprint,
+            a.json,
+        );
+        return Ok(());
+    }
+    // With `--retry-to`, say which attempt migrated and why the others failed.
+    let migrated_to = if errors.is_empty() {
+        uri.as_str()
+    } else {
+        a.retry_to[errors.len() - 1].as_str()
+    };
+    if a.json {
+        let mut v = stats_json(
+            &stats,
+            &guest.dirty_log_mode().to_string(),
+            rate,
+            fingerprint.as_deref(),
+        );
+        if let Some(map) = v.as_object_mut() {
+            map.insert("migrated".into(), true.into());
+            map.insert("migrated_to".into(), migrated_to.into());
+            map.insert("attempts".into(), (errors.len() + 1).into());
+            map.insert("first_error".into(), errors.first().cloned().into());
+            map.insert("errors".into(), errors.clone().into());
+            map.insert(
+                "progress_after_failure_pages".into(),
+                progress_after_failure.into(),
+            );
+        }
+        println!("{v}");
+    } else {
+        for (i, e) in errors.iter().enumerate() {
+            println!("attempt {} failed: {e}", i + 1);
+        }
+        if let Some(p) = progress_after_failure {
+            println!(
+                "  the guest kept running: {p} page writes in {} ms after the failure",
+                PROGRESS_PROBE.as_millis()
+            );
+        }
+        println!("attempt {} migrated to {migrated_to}", errors.len() + 1);
+        print_stats(
+            &stats,
+            guest.dirty_log_mode().to_string(),
+            rate,
+            fingerprint,
+            false,
+        );
+    }
     Ok(())
+}
+
+/// How long `--retry-to` watches the guest after a failed migration, to prove it still runs.
+const PROGRESS_PROBE: Duration = Duration::from_millis(300);
+
+/// Connect to a destination. A TCP connection gets a send timeout and `TCP_USER_TIMEOUT` of
+/// `io_timeout`, so a link that goes silent (cable pulled, peer host gone) fails the migration in
+/// seconds, and the guest keeps running here, instead of blocking for the kernel's ~15 minutes.
+pub fn connect_source(uri: &str, io_timeout: Duration) -> CliResult<Transport> {
+    let unreachable = |e: &dyn std::fmt::Display| {
+        CliError::Failed(format!(
+            "cannot reach the destination {uri}: {e} (is `vmm incoming` listening there?)"
+        ))
+    };
+    let Ok(MigrationUri::Tcp(addr)) = uri.parse::<MigrationUri>() else {
+        return clearlog_migration::connect(uri).map_err(|e| unreachable(&e));
+    };
+    let stream = std::net::TcpStream::connect(addr.as_str()).map_err(|e| unreachable(&e))?;
+    if !io_timeout.is_zero() {
+        stream
+            .set_write_timeout(Some(io_timeout))
+            .map_err(|e| unreachable(&e))?;
+        set_tcp_user_timeout(&stream, io_timeout).map_err(|e| unreachable(&e))?;
+    }
+    Transport::tcp(stream).map_err(|e| unreachable(&e))
+}
+
+/// `TCP_USER_TIMEOUT`: abort the connection when sent data stays unacknowledged this long.
+fn set_tcp_user_timeout(stream: &std::net::TcpStream, timeout: Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ms = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_uint and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Run one migration of `guest`, with a progress bar on a terminal.

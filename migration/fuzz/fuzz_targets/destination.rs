@@ -1,0 +1,91 @@
+//! Arbitrary bytes as an incoming migration stream, received by a `Destination` holding the guest the
+//! seed corpus was made for (one 1 MiB block `ram`).
+//!
+//! Checks, on every input:
+//! - no panic, no hang, no allocation over the documented bound (`BoundedAlloc`, `stream_bound`);
+//! - the guest is resumed iff `receive` returned `Ok`, `restore_state` ran exactly once before that, and
+//!   never on an error;
+//! - `receive` accepts exactly the streams the independent reference validator (`reference`) accepts,
+//!   and then the destination RAM and state equal the reference's: `resume` panics for any stream the
+//!   reference rejects.
+#![no_main]
+
+use std::cell::{Cell, RefCell};
+use std::io::Cursor;
+
+use clearlog_memory::MemorySystem;
+use clearlog_migration::{BoxError, Destination, StateBlob, Transport, VmRestore};
+use clearlog_migration_fuzz::{reference, with_limit, BoundedAlloc, Valid, RAM_NAME, RAM_SIZE};
+use libfuzzer_sys::fuzz_target;
+
+#[global_allocator]
+static ALLOC: BoundedAlloc = BoundedAlloc;
+
+struct Vm<'a> {
+    valid: &'a Option<Valid>,
+    mem: &'a MemorySystem,
+    restores: Cell<u32>,
+    resumes: Cell<u32>,
+    blobs: RefCell<Vec<StateBlob>>,
+}
+
+impl VmRestore for Vm<'_> {
+    fn restore_state(&self, blobs: &[StateBlob]) -> Result<(), BoxError> {
+        assert_eq!(self.restores.get(), 0, "restore_state called twice");
+        assert_eq!(self.resumes.get(), 0, "restore_state after resume");
+        self.restores.set(1);
+        *self.blobs.borrow_mut() = blobs.to_vec();
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), BoxError> {
+        // A guest must never be resumed from a bad stream.
+        let Some(valid) = self.valid else {
+            panic!("resume called for a stream the reference validator rejects");
+        };
+        assert_eq!(self.restores.get(), 1, "resume without restore_state");
+        assert_eq!(self.resumes.get(), 0, "resumed twice");
+        self.resumes.set(1);
+        let mut ram = vec![0u8; RAM_SIZE as usize];
+        self.mem.ram_blocks()[0].read(0, &mut ram).unwrap();
+        assert!(ram == valid.ram, "resumed with RAM that differs from the stream's");
+        let blobs = self.blobs.borrow();
+        assert_eq!(blobs.len(), valid.blobs.len());
+        for (b, (name, data)) in blobs.iter().zip(&valid.blobs) {
+            assert!(&b.name == name && &b.data == data, "state blob differs");
+        }
+        Ok(())
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let valid = reference(data);
+    let mem = MemorySystem::with_ram_capacity(RAM_SIZE);
+    mem.add_ram(RAM_NAME, 0, RAM_SIZE).unwrap();
+    let vm = Vm {
+        valid: &valid,
+        mem: &mem,
+        restores: Cell::new(0),
+        resumes: Cell::new(0),
+        blobs: RefCell::new(Vec::new()),
+    };
+    // A write half that accepts the acknowledgement, so acknowledged streams can succeed too.
+    let transport = Transport::new(
+        Some(Box::new(Cursor::new(data.to_vec()))),
+        Some(Box::new(std::io::sink())),
+    );
+    let (result, _largest) = with_limit(data.len(), || Destination::new(&mem).receive(transport, &vm));
+    match &result {
+        Ok(stats) => {
+            assert!(stats.resumed && vm.resumes.get() == 1, "Ok without resume");
+            let v = valid.as_ref().expect("Ok for a stream the reference rejects");
+            assert_eq!(stats.acked, v.ack);
+            assert!(stats.bytes_received <= data.len() as u64);
+        }
+        Err(e) => {
+            assert_eq!(vm.resumes.get(), 0, "resumed, then failed: {e}");
+            assert_eq!(vm.restores.get(), 0, "restored, then failed: {e}");
+            assert!(valid.is_none(), "the reference accepts a stream the destination rejects: {e}");
+        }
+    }
+});

@@ -13,10 +13,16 @@ pub fn caps(json: bool) -> CliResult {
     if json {
         let mut map = serde_json::Map::new();
         for (k, v) in caps.fields() {
+            // Numbers (flag masks are printed as hex, like `0x3`) become JSON numbers.
             let value = v
                 .parse::<i64>()
+                .ok()
+                .or_else(|| {
+                    v.strip_prefix("0x")
+                        .and_then(|h| i64::from_str_radix(h, 16).ok())
+                })
                 .map(serde_json::Value::from)
-                .unwrap_or_else(|_| match v.as_str() {
+                .unwrap_or_else(|| match v.as_str() {
                     "true" | "yes" => true.into(),
                     "false" | "no" => false.into(),
                     _ => v.clone().into(),

@@ -1,0 +1,483 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The `vmm` binary, driven as a user would: `caps`, migrations between two processes over TCP,
+//! Unix sockets and a file, and the error paths (exit code 2 for usage errors, 1 for failures,
+//! each with a message that says what was wrong).
+//!
+//! The migrations are scaled to the debug binary on a shared 2-core machine: the debug engine
+//! moves only about 10-20 MiB/s, so the random workload dirties 4 MiB/s (not 64 MiB/s, which a debug
+//! build can never converge on) with a 400 MiB/s limit.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const VMM: &str = env!("CARGO_BIN_EXE_vmm");
+
+/// Every field of the source's `--json` stats.
+const STATS_FIELDS: &[&str] = &[
+    "mode",
+    "clear_chunk_bytes",
+    "guest_mem_bytes",
+    "total_time_ms",
+    "setup_time_ms",
+    "downtime_ms",
+    "iterations",
+    "dirty_syncs",
+    "pages_sent",
+    "bytes_sent",
+    "zero_pages",
+    "resent_pages",
+    "log_sync_ms",
+    "log_clear_calls",
+    "log_clear_ms",
+    "bandwidth_limit_bytes_per_s",
+    "measured_bandwidth_bytes_per_s",
+    "converged",
+];
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(VMM).args(args).output().expect("run vmm")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs `vmm ARGS`, expects exit code `code` and a stderr containing every one of `needles`.
+fn expect_error(args: &[&str], code: i32, needles: &[&str]) {
+    let start = Instant::now();
+    let out = vmm(args);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "vmm {args:?}: expected exit {code}\nstderr: {stderr}\nstdout: {}",
+        text(&out.stdout)
+    );
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "vmm {args:?}: stderr does not mention `{n}`:\n{stderr}"
+        );
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "vmm {args:?} took {:?} to fail",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn caps_text_and_json() {
+    if !kvm_available("caps_text_and_json") {
+        return;
+    }
+    let out = vmm(&["caps"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let t = text(&out.stdout);
+    for needle in [
+        "api_version",
+        "manual_protect_flags",
+        "max_memslots",
+        "dirty-log mode vmm uses",
+    ] {
+        assert!(t.contains(needle), "`vmm caps` lacks {needle}:\n{t}");
+    }
+
+    let out = vmm(&["caps", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("caps --json is not JSON ({e}): {}", text(&out.stdout)));
+    assert_eq!(v["api_version"], 12, "{v}");
+    assert!(
+        v["manual_protect_flags"].is_u64(),
+        "flags must be a number: {v}"
+    );
+    assert!(v["max_memslots"].as_u64().is_some_and(|n| n > 0), "{v}");
+    let mode = v["dirty_log_mode"].as_str().expect("dirty_log_mode");
+    assert!(!mode.is_empty());
+    // The mode must agree with the flags: manual protection needs bit 0.
+    let flags = v["manual_protect_flags"].as_u64().unwrap();
+    assert_eq!(v["clear_dirty_log"], flags & 1 == 1, "{v}");
+}
+
+/// A running `vmm incoming`, its stderr drained by a thread.
+struct Incoming {
+    child: std::process::Child,
+    uri: String,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("uri", &self.uri)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts `vmm incoming --listen ADDR ...` and waits for `vmm: listening on URI`.
+fn start_incoming(listen: &str) -> Incoming {
+    let mut child = Command::new(VMM)
+        .args([
+            "incoming",
+            "--listen",
+            listen,
+            "--json",
+            "--ram-fingerprint",
+        ])
+        .args(["--run-after", "500ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm incoming");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(uri) = line.strip_prefix("vmm: listening on ") {
+                let _ = tx.send(uri.to_string());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let uri = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(uri) => uri,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "vmm incoming --listen {listen} never said where it listens:\n{}",
+                stderr.join().unwrap_or_default()
+            );
+        }
+    };
+    Incoming { child, uri, stderr }
+}
+
+/// The source's arguments of the scaled migration.
+fn run_args<'a>(to: &'a str, dirty_log: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        "--mem",
+        "256M",
+        "--workload",
+        "random",
+        "--wss",
+        "128M",
+        "--dirty-rate",
+        "4M",
+        "--bandwidth",
+        "400M",
+        "--warmup",
+        "500ms",
+        "--max-time",
+        "60s",
+        "--dirty-log",
+        dirty_log,
+        "--migrate-to",
+        to,
+        "--json",
+        "--ram-fingerprint",
+    ]
+}
+
+fn check_source_stats(v: &serde_json::Value, dirty_log: &str) {
+    for f in STATS_FIELDS {
+        assert!(v.get(f).is_some(), "source stats lack `{f}`: {v}");
+    }
+    assert_eq!(v["mode"], dirty_log, "{v}");
+    assert_eq!(v["converged"], true, "{v}");
+    assert_eq!(v["guest_mem_bytes"], 256u64 << 20, "{v}");
+    assert_eq!(v["bandwidth_limit_bytes_per_s"], 400u64 << 20, "{v}");
+    assert!(v["iterations"].as_u64().unwrap() >= 1, "{v}");
+    assert!(
+        v["pages_sent"].as_u64().unwrap() >= 65536,
+        "every page goes once: {v}"
+    );
+    if dirty_log == "clear" {
+        assert_eq!(v["clear_chunk_bytes"], 128u64 << 20, "{v}");
+    } else {
+        assert_eq!(v["clear_chunk_bytes"], 0, "{v}");
+    }
+}
+
+/// Migrates between two `vmm` processes through `listen` and compares the RAM fingerprints.
+fn socket_migration(listen: &str, dirty_log: &str) {
+    let incoming = start_incoming(listen);
+    let out = vmm(&run_args(&incoming.uri, dirty_log));
+    let src_err = text(&out.stderr);
+    let Incoming {
+        mut child,
+        uri,
+        stderr,
+    } = incoming;
+    if !out.status.success() {
+        let _ = child.kill();
+    }
+    let dst_out = child.wait_with_output().expect("wait for vmm incoming");
+    let dst_err = stderr.join().unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "vmm run to {uri}: {:?}\n{src_err}",
+        out.status
+    );
+    assert!(
+        dst_out.status.success(),
+        "vmm incoming on {uri}: {:?}\n{dst_err}",
+        dst_out.status
+    );
+    let src: serde_json::Value = serde_json::from_slice(&out.stdout).expect("run --json");
+    let dst: serde_json::Value = serde_json::from_slice(&dst_out.stdout).expect("incoming --json");
+    check_source_stats(&src, dirty_log);
+    assert_eq!(dst["acked"], true, "{dst}");
+    assert_eq!(dst["resumed"], true, "{dst}");
+    assert_eq!(dst["bytes_received"], src["bytes_sent"], "{src}\n{dst}");
+    assert_eq!(dst["pages_received"], src["pages_sent"], "{src}\n{dst}");
+    assert!(src["ram_fingerprint"].is_string(), "{src}");
+    assert_eq!(
+        src["ram_fingerprint"], dst["ram_fingerprint"],
+        "destination RAM at switchover differs from the source's"
+    );
+    assert!(
+        dst["pages_written_after_resume"].as_u64().unwrap() > 0,
+        "{dst}"
+    );
+}
+
+#[test]
+fn migration_over_tcp_clear() {
+    if !kvm_available("migration_over_tcp_clear") {
+        return;
+    }
+    let _serial = serial();
+    socket_migration("tcp:127.0.0.1:0", "clear");
+}
+
+#[test]
+fn migration_over_tcp_legacy() {
+    if !kvm_available("migration_over_tcp_legacy") {
+        return;
+    }
+    let _serial = serial();
+    socket_migration("tcp:127.0.0.1:0", "legacy");
+}
+
+#[test]
+fn migration_over_unix_socket() {
+    if !kvm_available("migration_over_unix_socket") {
+        return;
+    }
+    let _serial = serial();
+    let dir = TempDir::new("unix");
+    let listen = format!("unix:{}", dir.path().join("mig.sock").display());
+    socket_migration(&listen, "clear");
+}
+
+#[test]
+fn migration_to_a_file_and_restore() {
+    if !kvm_available("migration_to_a_file_and_restore") {
+        return;
+    }
+    let _serial = serial();
+    let dir = TempDir::new("file");
+    let uri = format!("file:{}", dir.path().join("vm.snap").display());
+    let out = vmm(&run_args(&uri, "clear"));
+    assert!(
+        out.status.success(),
+        "vmm run: {:?}\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    let src: serde_json::Value = serde_json::from_slice(&out.stdout).expect("run --json");
+    check_source_stats(&src, "clear");
+    let file_len = std::fs::metadata(dir.path().join("vm.snap")).unwrap().len();
+    assert_eq!(src["bytes_sent"], file_len, "{src}");
+
+    let out = vmm(&[
+        "incoming",
+        "--from",
+        &uri,
+        "--json",
+        "--ram-fingerprint",
+        "--run-after",
+        "500ms",
+    ]);
+    assert!(
+        out.status.success(),
+        "vmm incoming: {:?}\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    let dst: serde_json::Value = serde_json::from_slice(&out.stdout).expect("incoming --json");
+    assert_eq!(dst["acked"], false, "{dst}");
+    assert_eq!(dst["resumed"], true, "{dst}");
+    assert_eq!(
+        src["ram_fingerprint"], dst["ram_fingerprint"],
+        "{src}\n{dst}"
+    );
+    assert!(
+        dst["pages_written_after_resume"].as_u64().unwrap() > 0,
+        "{dst}"
+    );
+}
+
+// ----- error paths: none of these boots a guest -----
+
+/// A port nothing listens on (bound then closed).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn bad_uris_are_usage_errors() {
+    expect_error(
+        &["run", "--migrate-to", "bogus:xyz"],
+        2,
+        &["--migrate-to bogus:xyz", "unknown scheme"],
+    );
+    expect_error(
+        &["run", "--migrate-to", "tcp:127.0.0.1"],
+        2,
+        &["--migrate-to", "missing port"],
+    );
+    expect_error(
+        &["incoming", "--listen", "tcp:nohost"],
+        2,
+        &["--listen tcp:nohost", "missing port"],
+    );
+    expect_error(
+        &["incoming", "--listen", "file:/tmp/x.snap"],
+        2,
+        &["--from file:/tmp/x.snap"],
+    );
+    expect_error(
+        &["incoming", "--from", "tcp:127.0.0.1:4444"],
+        2,
+        &["only file:PATH"],
+    );
+}
+
+#[test]
+fn listen_on_a_port_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", taken.local_addr().unwrap());
+    expect_error(
+        &["incoming", "--listen", &addr],
+        2,
+        &[&format!("cannot listen on {addr}"), "already in use"],
+    );
+}
+
+#[test]
+fn no_listener_fails_fast_naming_the_destination() {
+    let to = format!("tcp:127.0.0.1:{}", closed_port());
+    // Connecting comes before the guest boots: no 4 GiB guest is started for nothing.
+    expect_error(
+        &["run", "--migrate-to", &to],
+        1,
+        &[&format!("cannot reach the destination {to}"), "refused"],
+    );
+}
+
+#[test]
+fn clear_chunk_out_of_range() {
+    let to = format!("tcp:127.0.0.1:{}", closed_port());
+    for chunk in ["4K", "3M", "16T", "128K"] {
+        expect_error(
+            &["run", "--migrate-to", &to, "--clear-chunk", chunk],
+            2,
+            &["--clear-chunk", "power of two"],
+        );
+    }
+}
+
+#[test]
+fn zero_and_negative_limits() {
+    let to = format!("tcp:127.0.0.1:{}", closed_port());
+    expect_error(
+        &["run", "--migrate-to", &to, "--bandwidth", "0"],
+        2,
+        &["--bandwidth must be positive"],
+    );
+    expect_error(
+        &["run", "--migrate-to", &to, "--downtime", "0"],
+        2,
+        &["--downtime must be positive"],
+    );
+    expect_error(
+        &["run", "--migrate-to", &to, "--downtime", "-5ms"],
+        2,
+        &["-5ms", "negative"],
+    );
+    expect_error(
+        &["run", "--migrate-to", &to, "--downtime=-5ms"],
+        2,
+        &["-5ms", "negative"],
+    );
+    expect_error(
+        &["run", "--migrate-to", &to, "--bandwidth", "-1M"],
+        2,
+        &["-1M", "negative"],
+    );
+    expect_error(&["run", "--mem", "-256M"], 2, &["-256M", "negative"]);
+    expect_error(
+        &["run", "--migrate-to", &to, "--downtime", "fast"],
+        2,
+        &["fast", "not a duration"],
+    );
+}
+
+#[test]
+fn guest_shape_errors() {
+    expect_error(
+        &["run", "--mem", "256M", "--wss", "512M"],
+        2,
+        &["--wss", "does not fit"],
+    );
+    expect_error(
+        &["run", "--mem", "256M", "--wss", "256M"],
+        2,
+        &["--wss", "does not fit"],
+    );
+    expect_error(
+        &["run", "--mem", "256M", "--wss", "1000"],
+        2,
+        &["--wss 1000", "4K page"],
+    );
+    expect_error(
+        &["run", "--mem", "3M", "--wss", "1M"],
+        2,
+        &["--mem", "multiple of 2M"],
+    );
+    expect_error(
+        &["run", "--workload", "image"],
+        2,
+        &["--workload image needs --image"],
+    );
+    expect_error(
+        &[
+            "run",
+            "--workload",
+            "image",
+            "--image",
+            "/nonexistent/guest.bin",
+            "--load-addr",
+            "0x200000",
+        ],
+        2,
+        &["cannot read --image /nonexistent/guest.bin"],
+    );
+}

@@ -3,6 +3,10 @@
 
 //! Low-level KVM support for loss-free dirty-page tracking with `KVM_CLEAR_DIRTY_LOG`.
 //!
+//! - [`memory_listener`]: [`KvmMemoryListener`], memslots that follow a `clearlog-memory` map, with
+//!   `log_sync`/`log_clear` through a per-slot [`SlotDirtyCache`] ([`dirty_cache`]) under one slots
+//!   lock, so no dirty bit is ever cleared in KVM unless KVM reported it since the last sync;
+//! - [`guest`]: a whole test guest (memory, VM, listener, vCPUs, workload) in one value;
 //! - [`caps`]: what the kernel offers, and the default [`caps::DirtyLogMode`];
 //! - [`clear_log`]: a safe, checked wrapper of `KVM_CLEAR_DIRTY_LOG`;
 //! - [`get_log`]: `KVM_GET_DIRTY_LOG` into a caller buffer;

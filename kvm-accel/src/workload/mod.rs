@@ -12,7 +12,7 @@
 //! 64-bit long mode, ring 3 (CPL 3, IOPL 3), identity-mapped guest RAM with 2 MiB pages,
 //! no IDT (an exception shuts the vCPU down), RDI = parameter block address, RSI = the
 //! vCPU's counter slot address, RSP = top of a 1 KiB stack below 1 MiB. A 4-byte write to
-//! [`DOORBELL_ADDR`](crate::layout::DOORBELL_ADDR) exits to the host (`KVM_EXIT_MMIO`);
+//! [`DOORBELL_ADDR`] exits to the host (`KVM_EXIT_MMIO`);
 //! port I/O faults on PVM.
 //!
 //! # Example

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use crate::error::{Error, Result};
 
@@ -146,16 +146,20 @@ impl GuestRam for RawGuestRam {
 
     fn write_at(&self, gpa: u64, data: &[u8]) -> Result<()> {
         let p = self.check(gpa, data.len())?;
-        // SAFETY: destination range checked inside the mapping; `data` cannot overlap guest
-        // memory handed out as a slice by this type (it hands none out).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        // Guest memory changes under our feet (vCPUs, other host threads): copy through
+        // vm-memory's volatile slice rather than plain memcpy, so no Rust-level data race.
+        // SAFETY: the range was checked to lie inside the mapping, which the creator
+        // guarantees valid for this object's lifetime (see `new`).
+        let slice = unsafe { VolatileSlice::new(p, data.len()) };
+        slice.copy_from(data);
         Ok(())
     }
 
     fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
         let p = self.check(gpa, buf.len())?;
-        // SAFETY: source range checked inside the mapping; `buf` is a distinct allocation.
-        unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: as in `write_at`.
+        let slice = unsafe { VolatileSlice::new(p, buf.len()) };
+        slice.copy_to(buf);
         Ok(())
     }
 

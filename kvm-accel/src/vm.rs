@@ -399,7 +399,13 @@ impl Vm {
     /// vm.get_dirty_log(0, &mut bitmap).unwrap();
     /// ```
     pub fn get_dirty_log(&self, slot: u32, bitmap: &mut [u64]) -> Result<()> {
-        let s = self.logging_slot(slot)?;
+        // Held across the ioctl: a concurrent remove + re-add of the slot with a larger size
+        // would otherwise make the kernel write past the checked buffer.
+        let slots = self.slots_lock();
+        let s = *slots.get(&slot).ok_or(Error::UnknownSlot(slot))?;
+        if !s.log_dirty {
+            return Err(Error::SlotNotLogging(slot));
+        }
         let needed = s.bitmap_words();
         if bitmap.len() < needed {
             return Err(Error::BufferTooSmall {
@@ -407,10 +413,13 @@ impl Vm {
                 got: bitmap.len(),
             });
         }
-        // SAFETY: the kernel's slot has `s.pages()` pages (we registered it and hold the
-        // only way to change it through this Vm), so it writes `needed` words at most.
-        unsafe { get_log::get_dirty_log(&self.fd, slot, &mut bitmap[..needed]) }
-            .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))
+        // SAFETY: the kernel's slot has `s.pages()` pages: we registered it through this Vm,
+        // the only way to change it, and hold the slot-table lock that every change takes, so
+        // the kernel writes `needed` words at most.
+        let result = unsafe { get_log::get_dirty_log(&self.fd, slot, &mut bitmap[..needed]) }
+            .map_err(Error::kvm("KVM_GET_DIRTY_LOG"));
+        drop(slots);
+        result
     }
 
     /// Clears the bits set in `bitmap` for pages `[first_page, first_page + num_pages)` of

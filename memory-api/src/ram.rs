@@ -337,6 +337,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "RamBlock::new calls madvise: unsupported by Miri")]
     fn write_marks_every_touched_page_after_writing() {
         let dirty = Arc::new(DirtyMemory::new(256));
         dirty.set_active_clients(crate::DirtyClients::ALL);
@@ -351,6 +352,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "RamBlock::new calls madvise: unsupported by Miri")]
     fn empty_write_marks_nothing() {
         let dirty = Arc::new(DirtyMemory::new(256));
         dirty.set_active_clients(crate::DirtyClients::ALL);
@@ -360,6 +362,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "RamBlock::new calls madvise: unsupported by Miri")]
     fn out_of_range_accesses_are_errors() {
         let dirty = Arc::new(DirtyMemory::new(256));
         let b = block(1, &dirty);

@@ -352,6 +352,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "RamBlock::new calls madvise: unsupported by Miri")]
     fn higher_priority_punches_a_hole() {
         let mut tree = RegionTree::default();
         let low = ram(&mut tree, 16, Some((0, 0)));
@@ -365,6 +366,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "RamBlock::new calls madvise: unsupported by Miri")]
     fn unmapped_regions_have_no_sections() {
         let mut tree = RegionTree::default();
         ram(&mut tree, 4, None);
@@ -372,6 +374,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "RamBlock::new calls madvise: unsupported by Miri")]
     fn alias_resolves_into_its_target_block() {
         let mut tree = RegionTree::default();
         let target = ram(&mut tree, 16, None);
@@ -402,6 +405,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "RamBlock::new calls madvise: unsupported by Miri")]
     fn same_priority_overlap_is_detected() {
         let mut tree = RegionTree::default();
         let r = ram(&mut tree, 16, Some((0, 0)));

@@ -52,6 +52,12 @@
 //! | `0x03` | digests | `block: u32`, `count: u64` (= the block's page count), `count` x `u64` xxh3-64 of each page's final content |
 //! | `0xff` | end     | `b"CLRLEND!"` as u64, `page_records: u64` (page entries in the whole stream)                |
 //!
+//! Allocation bound: the destination never allocates more than `MAX_STATE_BLOB_BYTES` (64 MiB) for a
+//! stream field, and a field whose bytes have not arrived yet costs at most one 1 MiB read step, so any
+//! single allocation while decoding `n` bytes of stream is at most `min(64 MiB, 2n + 2 MiB)` (plus the
+//! tables sized by the destination's own RAM: 8 bytes per local page). The fuzz targets in
+//! `migration/fuzz` enforce this bound with a checking global allocator.
+//!
 //! Order: header, pages (any number, a page may repeat: the last one wins), state blobs, exactly one
 //! digest table per block, end. Pages or state after a digest table are rejected.
 //!

@@ -33,6 +33,9 @@ pub const MAX_STATE_BLOBS: u32 = 4096;
 pub const MAX_STATE_TOTAL_BYTES: u64 = 256 << 20;
 /// Most pages in one page record.
 pub const MAX_BATCH_PAGES: u32 = 256;
+/// Digest-table entries allocated before any of them is read (1 MiB of `u64`s); a longer table grows
+/// as its bytes arrive, so a header announcing a huge block costs nothing until the data is there.
+const DIGEST_PREALLOC: u64 = 1 << 17;
 /// Record tag: a batch of pages of one block.
 pub const TAG_PAGES: u8 = 0x01;
 /// Record tag: a state blob.
@@ -534,7 +537,9 @@ impl<R: Read> StreamReader<R> {
                         "digest table length (must equal the block's page count)",
                     ));
                 }
-                let mut digests = Vec::with_capacity(pages as usize);
+                // `pages` comes from the header, which only the destination checks against its own
+                // RAM: grow with the data actually read rather than trusting it up front.
+                let mut digests = Vec::with_capacity(pages.min(DIGEST_PREALLOC) as usize);
                 let mut buf = [0u8; 8 * 512];
                 let mut left = count as usize;
                 while left > 0 {

@@ -370,3 +370,24 @@ fn digest_mismatch_refuses_to_resume() {
         assert!(receive(b).unwrap().resumed, "{digest:?}");
     }
 }
+
+#[test]
+fn stream_reader_digest_table_of_a_huge_header_block_is_not_preallocated() {
+    // Found by the `stream_reader` fuzz target (migration/fuzz). `StreamReader` alone does not know the
+    // destination's RAM: a header may announce a 4 EiB block, and a digest record whose count matches
+    // it used to reserve 8 bytes per announced page (2^53 bytes here) before reading a single entry,
+    // aborting the process. Now the table grows with the bytes that actually arrive.
+    let mut b = header(&[("ram", 1 << 62)]);
+    b.push(stream::TAG_DIGESTS);
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&((1u64 << 62) / 4096).to_le_bytes());
+    b.extend_from_slice(&[0xab; 8 * 3 + 5]); // three whole digests and part of a fourth
+    let mut r = stream::StreamReader::new(&b[..]);
+    r.read_header(4096).unwrap();
+    assert!(matches!(
+        r.next_record(),
+        Err(Error::Truncated("digest table"))
+    ));
+    // The destination itself refuses such a header before any record (its RAM is 16 pages).
+    assert!(matches!(receive(b), Err(Error::LayoutMismatch(_))));
+}

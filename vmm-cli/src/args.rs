@@ -50,7 +50,7 @@ pub struct IncomingArgs {
     #[arg(long, value_name = "PATH")]
     pub save_memory: Option<PathBuf>,
     /// Keep the resumed guest running this long, then check it makes progress and exit.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "1s")]
     pub run_after: Duration,
     /// Print a fingerprint of guest RAM at switchover (before resuming), to compare with the
     /// source's (`vmm run --ram-fingerprint`). Costs a pass over all RAM before the guest resumes.
@@ -87,14 +87,14 @@ pub enum DirtyLogArg {
 #[derive(Debug, Clone, Args)]
 pub struct GuestArgs {
     /// Guest RAM size.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4G")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "4G")]
     pub mem: u64,
     /// Working set the workload writes (starting at 1 MiB).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "3G")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "3G")]
     pub wss: u64,
     /// Target guest dirty rate in bytes/s [default for `random`: 288M; `increment` is unpaced
     /// unless given].
-    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    #[arg(long, value_name = "RATE", value_parser = parse_rate, allow_hyphen_values = true)]
     pub dirty_rate: Option<u64>,
 }
 
@@ -104,11 +104,11 @@ pub const DEFAULT_DIRTY_RATE: u64 = 288 << 20;
 /// Migration settings (shared by `run` and `bench`).
 #[derive(Debug, Clone, Args)]
 pub struct MigrationArgs {
-    /// Bandwidth limit in bytes/s (`0` = unlimited).
-    #[arg(long, value_name = "RATE", value_parser = parse_rate, default_value = "400M")]
+    /// Bandwidth limit of the live phase in bytes/s (must be positive).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate, allow_hyphen_values = true, default_value = "400M")]
     pub bandwidth: u64,
     /// Downtime limit.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "100ms")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "100ms")]
     pub downtime: Duration,
 }
 
@@ -136,7 +136,7 @@ pub struct RunArgs {
     pub retry_to: Vec<String>,
     /// Fail a TCP migration whose connection accepts no data for this long (send timeout and
     /// TCP_USER_TIMEOUT), instead of waiting for the kernel to give up (~15 min).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "10s")]
     pub io_timeout: Duration,
     /// Migration settings.
     #[command(flatten)]
@@ -145,13 +145,13 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "clear")]
     pub dirty_log: DirtyLogArg,
     /// Clear chunk size (`clear` mode): a power of two from 256K (64 pages) to 8T (2^31 pages).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "128M")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "128M")]
     pub clear_chunk: u64,
     /// Run the workload this long before migrating.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2s")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "2s")]
     pub warmup: Duration,
     /// Give up when not converged after this long.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "300s")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "300s")]
     pub max_time: Duration,
     /// After a successful migration, print a fingerprint of the (paused) source RAM, to compare
     /// with the destination's (`vmm incoming --ram-fingerprint`).
@@ -182,7 +182,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     pub runs: u32,
     /// Warm-up of each run before migrating.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2s")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "2s")]
     pub warmup: Duration,
     /// Write one JSON object per run to FILE.
     #[arg(long, value_name = "FILE")]

@@ -32,9 +32,15 @@ fn open_transport(a: &IncomingArgs) -> CliResult<Transport> {
             }
         }
         let listener = Listener::bind(uri).map_err(|e| {
-            CliError::Usage(format!(
-                "cannot listen on {uri}: {e} (is the port already in use?)"
-            ))
+            let hint = match &e {
+                clearlog_migration::Error::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    " (the address is already in use: pick another port or path)"
+                }
+                _ => "",
+            };
+            CliError::Usage(format!("cannot listen on {uri}: {e}{hint}"))
         })?;
         let local = listener.local_uri().unwrap_or_else(|_| uri.clone());
         // Scripts (and `vmm bench`) wait for this line to know where to connect.

@@ -144,6 +144,15 @@ fn workload_spec(a: &RunArgs) -> CliResult<WorkloadSpec> {
 /// `vmm run`.
 pub fn run(a: RunArgs) -> CliResult {
     validate_guest(&a.guest, a.workload)?;
+    // A malformed address is a usage error (exit 2), not an unreachable destination.
+    for (flag, uri) in a
+        .migrate_to
+        .iter()
+        .map(|u| ("--migrate-to", u))
+        .chain(a.retry_to.iter().map(|u| ("--retry-to", u)))
+    {
+        validate_uri(flag, uri)?;
+    }
     let config = match &a.migrate_to {
         Some(_) => {
             validate_migration(&a.migration)?;
@@ -290,6 +299,15 @@ pub fn run(a: RunArgs) -> CliResult {
         );
     }
     Ok(())
+}
+
+/// Check that `uri` (given with `flag`) is a migration address a source can use.
+pub fn validate_uri(flag: &str, uri: &str) -> CliResult {
+    uri.parse::<MigrationUri>().map(drop).map_err(|e| {
+        CliError::Usage(format!(
+            "{flag} {uri}: {e}; use tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444), unix:PATH or file:PATH"
+        ))
+    })
 }
 
 /// How long `--retry-to` watches the guest after a failed migration, to prove it still runs.

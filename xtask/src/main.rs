@@ -5,6 +5,13 @@
 //! cargo xtask bench [CRATE]   criterion benchmarks (all, or one crate by directory or package name)
 //!                   [--quick] short runs, for CI
 //! cargo xtask deps            fail if a crate depends on a crate above it in the layering
+//! cargo xtask faults [--count N] [--seed S]   cut N migrations at random points; the source must
+//!                             survive and a retry from the same process must verify
+//! cargo xtask soak [--runs N] [--seed S]      N random migrations, each verified (increment rule,
+//!                             RAM fingerprint, digest table); reports mismatched pages
+//! cargo xtask netns           two network namespaces, a shaped veth link; migrate, then cut the link
+//! cargo xtask fuzz [--seconds N]  each stream-decoder fuzz target for N s (default 30); SKIPPED without
+//!                             nightly + cargo-fuzz
 //! ```
 //!
 //! `cargo xtask test` prints what ran, what was skipped and why, and exits non-zero on any failure.
@@ -15,7 +22,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod faults;
+mod fuzz;
+mod harness;
 mod layering;
+mod netns;
+mod soak;
 
 /// Environment variable the real-KVM tests read: when set to 1, a test that cannot use `/dev/kvm`
 /// fails instead of printing SKIPPED.
@@ -27,6 +39,10 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
         Some("deps") => deps(),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("faults") => faults::faults(&args[1..]),
+        Some("soak") => soak::soak(&args[1..]),
+        Some("netns") => netns::netns(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print_usage();
             return if args.is_empty() {
@@ -56,7 +72,11 @@ fn print_usage() {
          commands:\n  \
          test             fmt check, layering check, clippy -D warnings, cargo test --workspace (real KVM tests included)\n  \
          bench [CRATE]    criterion benchmarks of all crates or one (bitmap, memory-api, kvm-accel, migration); --quick for short runs\n  \
-         deps             check that no crate depends on a crate above it in the layering"
+         deps             check that no crate depends on a crate above it in the layering\n  \
+         faults           cut migrations at random points (--count N, default 50; --seed S): the source survives and a retry verifies\n  \
+         soak             N random migrations (--runs N, default 200; --seed S), each verified; reports mismatched pages\n  \
+         netns            migrate between two network namespaces over a shaped veth link, then take the link down mid-migration\n  \
+         fuzz             run each migration stream-decoder fuzz target (--seconds N, default 30); SKIPPED without nightly + cargo-fuzz"
     );
 }
 

@@ -8,6 +8,9 @@
 //! - `receive` accepts exactly the streams the independent reference validator (`reference`) accepts,
 //!   and then the destination RAM and state equal the reference's: `resume` panics for any stream the
 //!   reference rejects.
+//!
+//! With `CLEARLOG_FUZZ_DEBUG` set, each input's `receive` result is printed (to check a corpus by hand:
+//! `CLEARLOG_FUZZ_DEBUG=1 cargo +nightly fuzz run destination corpus/destination -- -runs=0`).
 #![no_main]
 
 use std::cell::{Cell, RefCell};
@@ -48,7 +51,10 @@ impl VmRestore for Vm<'_> {
         self.resumes.set(1);
         let mut ram = vec![0u8; RAM_SIZE as usize];
         self.mem.ram_blocks()[0].read(0, &mut ram).unwrap();
-        assert!(ram == valid.ram, "resumed with RAM that differs from the stream's");
+        assert!(
+            ram == valid.ram,
+            "resumed with RAM that differs from the stream's"
+        );
         let blobs = self.blobs.borrow();
         assert_eq!(blobs.len(), valid.blobs.len());
         for (b, (name, data)) in blobs.iter().zip(&valid.blobs) {
@@ -74,18 +80,31 @@ fuzz_target!(|data: &[u8]| {
         Some(Box::new(Cursor::new(data.to_vec()))),
         Some(Box::new(std::io::sink())),
     );
-    let (result, _largest) = with_limit(data.len(), || Destination::new(&mem).receive(transport, &vm));
+    let (result, _largest) = with_limit(data.len(), || {
+        Destination::new(&mem).receive(transport, &vm)
+    });
+    if std::env::var_os("CLEARLOG_FUZZ_DEBUG").is_some() {
+        eprintln!(
+            "receive: {result:?}; reference accepts: {}",
+            valid.is_some()
+        );
+    }
     match &result {
         Ok(stats) => {
             assert!(stats.resumed && vm.resumes.get() == 1, "Ok without resume");
-            let v = valid.as_ref().expect("Ok for a stream the reference rejects");
+            let v = valid
+                .as_ref()
+                .expect("Ok for a stream the reference rejects");
             assert_eq!(stats.acked, v.ack);
             assert!(stats.bytes_received <= data.len() as u64);
         }
         Err(e) => {
             assert_eq!(vm.resumes.get(), 0, "resumed, then failed: {e}");
             assert_eq!(vm.restores.get(), 0, "restored, then failed: {e}");
-            assert!(valid.is_none(), "the reference accepts a stream the destination rejects: {e}");
+            assert!(
+                valid.is_none(),
+                "the reference accepts a stream the destination rejects: {e}"
+            );
         }
     }
 });

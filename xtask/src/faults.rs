@@ -1,0 +1,593 @@
+//! `cargo xtask faults`: cut migrations at random points and check that nothing is lost.
+//!
+//! Each case starts two destinations (`vmm incoming`): A behind a fault-injecting TCP proxy, B
+//! reached directly; then one source (`vmm run --migrate-to PROXY --retry-to B`). The proxy cuts
+//! the first migration at a random point; the same source process must report the failure, keep
+//! its guest running, and migrate to B, which must verify (RAM fingerprint equal to the source's,
+//! increment rule). A must never resume a guest.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::harness::{
+    build_vmm, check_opts, dest_outcome, incoming_cmd, jbool, jstr, ju64, kvm_usable,
+    leftover_children, opt_value, Proc, Rng, Shape, Workload,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// How the proxy breaks the first migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutKind {
+    /// Forward N bytes, then reset both connections (SO_LINGER 0).
+    ProxyReset,
+    /// Forward N bytes, then close both connections (FIN).
+    ProxyClose,
+    /// Forward N bytes, then reset only the source-facing connection; the destination's stays
+    /// open (silent) until the case ends.
+    SourceClose,
+    /// Forward N bytes, then `kill -9` the destination process.
+    KillAtBytes,
+    /// `kill -9` the destination a random delay after the stream started.
+    KillAfterDelay,
+    /// Forward N bytes, then stop forwarding with both connections open (the link goes silent):
+    /// the source's `--io-timeout` must notice.
+    Blackhole,
+}
+
+const KINDS: [CutKind; 6] = [
+    CutKind::ProxyReset,
+    CutKind::ProxyClose,
+    CutKind::SourceClose,
+    CutKind::KillAtBytes,
+    CutKind::KillAfterDelay,
+    CutKind::Blackhole,
+];
+
+impl CutKind {
+    fn name(self) -> &'static str {
+        match self {
+            CutKind::ProxyReset => "proxy-reset",
+            CutKind::ProxyClose => "proxy-close",
+            CutKind::SourceClose => "source-close",
+            CutKind::KillAtBytes => "kill-dst@bytes",
+            CutKind::KillAfterDelay => "kill-dst@delay",
+            CutKind::Blackhole => "blackhole",
+        }
+    }
+}
+
+/// The proxy's plan: cut after `bytes` source-to-destination bytes, or `delay` after the first.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    kind: CutKind,
+    bytes: u64,
+    delay: Duration,
+    dest_pid: u32,
+}
+
+/// What the proxy did.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyReport {
+    /// Source-to-destination bytes forwarded.
+    pub forwarded: u64,
+    /// Whether the cut happened (false: the stream ended first).
+    pub cut: bool,
+    /// Problems of the proxy itself.
+    pub error: Option<String>,
+}
+
+/// A one-connection TCP proxy that cuts the link according to a [`Plan`].
+#[derive(Debug)]
+pub struct Proxy {
+    /// Where the source connects.
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<ProxyReport>>,
+}
+
+const POLL: Duration = Duration::from_millis(50);
+
+fn set_linger_zero(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live `linger` and its exact size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: plain kill(2) of a child process we started and have not reaped yet.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+/// Copy `from` to `to` until EOF, an error, or `stop`.
+fn pump_back(mut from: TcpStream, mut to: TcpStream, stop: Arc<AtomicBool>) {
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match from.read(&mut buf) {
+            Ok(0) => {
+                let _ = to.shutdown(Shutdown::Write);
+                break;
+            }
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+}
+
+impl Proxy {
+    /// Listen on 127.0.0.1 (any port) and forward one connection to `upstream`.
+    fn start(upstream: SocketAddr, plan: Plan) -> Result<Proxy, String> {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("proxy: bind: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("proxy: local address: {e}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut report = ProxyReport::default();
+            if let Err(e) = proxy_main(listener, upstream, plan, &stop2, &mut report) {
+                report.error = Some(e);
+            }
+            report
+        });
+        Ok(Proxy {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Close everything and return what happened.
+    fn finish(mut self) -> ProxyReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn proxy_main(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    plan: Plan,
+    stop: &AtomicBool,
+    report: &mut ProxyReport,
+) -> Result<(), String> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("proxy: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let src = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    return Err("proxy: the source never connected".into());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(format!("proxy: accept: {e}")),
+        }
+    };
+    let io = |e: std::io::Error| format!("proxy: {e}");
+    src.set_nonblocking(false).map_err(io)?;
+    let dst = TcpStream::connect_timeout(&upstream, Duration::from_secs(10)).map_err(io)?;
+    for s in [&src, &dst] {
+        s.set_nodelay(true).map_err(io)?;
+        s.set_read_timeout(Some(POLL)).map_err(io)?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))
+            .map_err(io)?;
+    }
+    let back_stop = Arc::new(AtomicBool::new(false));
+    let back = {
+        let (from, to, st) = (
+            dst.try_clone().map_err(io)?,
+            src.try_clone().map_err(io)?,
+            back_stop.clone(),
+        );
+        std::thread::spawn(move || pump_back(from, to, st))
+    };
+    let stop_back = |back: JoinHandle<()>| {
+        back_stop.store(true, Ordering::Relaxed);
+        let _ = back.join();
+    };
+    let mut src = src;
+    let mut dst = dst;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut first_byte: Option<Instant> = None;
+    let mut src_eof = false;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            stop_back(back);
+            return Ok(());
+        }
+        let due = match plan.kind {
+            CutKind::KillAfterDelay => first_byte.is_some_and(|t| t.elapsed() >= plan.delay),
+            _ => report.forwarded >= plan.bytes,
+        };
+        if due && !report.cut {
+            report.cut = true;
+            match plan.kind {
+                CutKind::ProxyReset => {
+                    set_linger_zero(&src);
+                    set_linger_zero(&dst);
+                    stop_back(back);
+                    return Ok(()); // dropping both sockets with linger 0 sends RSTs
+                }
+                CutKind::ProxyClose => {
+                    let _ = src.shutdown(Shutdown::Both);
+                    let _ = dst.shutdown(Shutdown::Both);
+                    stop_back(back);
+                    return Ok(());
+                }
+                CutKind::SourceClose => {
+                    set_linger_zero(&src);
+                    stop_back(back);
+                    drop(src);
+                    // The destination's connection stays open and silent until the case ends.
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(POLL);
+                    }
+                    drop(dst);
+                    return Ok(());
+                }
+                CutKind::Blackhole => {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(POLL);
+                    }
+                    stop_back(back);
+                    return Ok(());
+                }
+                CutKind::KillAtBytes | CutKind::KillAfterDelay => {
+                    kill9(plan.dest_pid);
+                    // Keep proxying: the dead destination's socket ends the stream, as on a
+                    // real host crash seen through a live network.
+                }
+            }
+        }
+        if src_eof {
+            std::thread::sleep(POLL);
+            continue;
+        }
+        let want = match plan.kind {
+            CutKind::KillAfterDelay => buf.len(),
+            _ if report.cut => buf.len(),
+            _ => buf
+                .len()
+                .min((plan.bytes - report.forwarded).max(1) as usize),
+        };
+        match src.read(&mut buf[..want]) {
+            Ok(0) => {
+                let _ = dst.shutdown(Shutdown::Write);
+                src_eof = true;
+            }
+            Ok(n) => {
+                first_byte.get_or_insert_with(Instant::now);
+                if dst.write_all(&buf[..n]).is_err() {
+                    // The destination is gone: close the source side too.
+                    let _ = src.shutdown(Shutdown::Both);
+                    src_eof = true;
+                }
+                report.forwarded += n as u64;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => {
+                let _ = dst.shutdown(Shutdown::Both);
+                src_eof = true;
+            }
+        }
+    }
+}
+
+/// A rough length of the first stream: every page has a record (~16 bytes for a zero page), and
+/// pages the guest wrote before the migration (about `rate x (boot + warm-up)`) are sent whole.
+fn expected_stream_bytes(shape: &Shape) -> u64 {
+    let pages = shape.mem / 4096;
+    let written = shape.wss.min(shape.dirty_rate * 4 / 10);
+    pages * 16 + written / 4096 * 4112
+}
+
+/// One case's result.
+#[derive(Debug, Default)]
+struct CaseResult {
+    cut: bool,
+    source_reported: bool,
+    source_survived: bool,
+    retry_verified: bool,
+    wrongly_resumed: bool,
+    note: String,
+}
+
+/// `cargo xtask faults [--count N] [--seed S]`.
+pub fn faults(args: &[String]) -> Result<(), String> {
+    check_opts(args, &["--count", "--seed", "--only"])?;
+    let only: Option<u32> = opt_value(args, "--only")?;
+    let count: u32 = opt_value(args, "--count")?.unwrap_or(50);
+    let seed: u64 = opt_value(args, "--seed")?.unwrap_or_else(Rng::clock_seed);
+    if let Err(e) = kvm_usable() {
+        if crate::harness::is_ci() && std::path::Path::new("/dev/kvm").exists() {
+            return Err(format!("faults: {e} (CI=true)"));
+        }
+        println!("faults: SKIPPED: {e}");
+        return Ok(());
+    }
+    let vmm = build_vmm()?;
+    println!("\n==> xtask faults: {count} cut migrations, seed {seed} (rerun with --seed {seed})");
+    let mut rng = Rng::new(seed);
+    let mut rows = Vec::new();
+    let mut missed = 0u32;
+    let start = Instant::now();
+    for i in 0..count {
+        let kind = KINDS[(i as usize) % KINDS.len()];
+        let shape = Shape::random(&mut rng, 256 * MIB, 1024 * MIB, 75);
+        let case_seed = rng.next_u64();
+        if only.is_some_and(|o| o != i + 1) {
+            continue;
+        }
+        let t = Instant::now();
+        let mut case_rng = Rng::new(case_seed);
+        // A cut point past the end of the stream lets the first migration finish: try again with
+        // the range halved (the stream's length depends on how much the guest wrote).
+        let mut r = CaseResult::default();
+        for attempt in 0..4 {
+            r = run_case(&vmm, kind, &shape, &mut case_rng, 1u64 << attempt).unwrap_or_else(|e| {
+                CaseResult {
+                    note: format!("harness error: {e}"),
+                    ..CaseResult::default()
+                }
+            });
+            if r.cut || r.note.starts_with("harness error") {
+                break;
+            }
+            missed += 1;
+        }
+        let ok = r.cut
+            && r.source_reported
+            && r.source_survived
+            && r.retry_verified
+            && !r.wrongly_resumed;
+        println!(
+            "  {:>3} {:<15} {:<44} {:>5.1}s {} {}",
+            i + 1,
+            kind.name(),
+            shape.describe(),
+            t.elapsed().as_secs_f64(),
+            if ok { "ok  " } else { "FAIL" },
+            r.note
+        );
+        rows.push((kind, r));
+    }
+    let left = leftover_children();
+    println!(
+        "\n==> xtask faults summary (seed {seed}, {:.0} s)",
+        start.elapsed().as_secs_f64()
+    );
+    println!(
+        "  {:<15} {:>6} {:>10} {:>10} {:>10} {:>10} {:>16}",
+        "cut kind", "tried", "cut made", "src error", "survived", "retry ok", "wrongly resumed"
+    );
+    let mut total = [0u32; 6];
+    for kind in KINDS.iter().copied().map(Some).chain([None]) {
+        let sel: Vec<&CaseResult> = rows
+            .iter()
+            .filter(|(k, _)| kind.is_none_or(|x| x == *k))
+            .map(|(_, r)| r)
+            .collect();
+        if sel.is_empty() {
+            continue;
+        }
+        let c = |f: fn(&CaseResult) -> bool| sel.iter().filter(|r| f(r)).count() as u32;
+        let row = [
+            sel.len() as u32,
+            c(|r| r.cut),
+            c(|r| r.source_reported),
+            c(|r| r.source_survived),
+            c(|r| r.retry_verified),
+            c(|r| r.wrongly_resumed),
+        ];
+        if kind.is_none() {
+            total = row;
+        }
+        println!(
+            "  {:<15} {:>6} {:>10} {:>10} {:>10} {:>10} {:>16}",
+            kind.map_or("TOTAL", CutKind::name),
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5]
+        );
+    }
+    println!(
+        "  (cut points past the end of a stream, retried with an earlier point: {missed})\n  stray child processes after the run: {}",
+        left.len()
+    );
+    let [tried, cut, reported, survived, verified, wrong] = total;
+    if tried == cut
+        && tried == reported
+        && tried == survived
+        && tried == verified
+        && wrong == 0
+        && left.is_empty()
+    {
+        println!("faults: all {tried} cuts handled");
+        Ok(())
+    } else {
+        Err(format!(
+            "faults: {tried} cuts: {cut} made, {reported} reported, {survived} survived, {verified} retries verified, {wrong} destinations wrongly resumed, {} stray processes",
+            left.len()
+        ))
+    }
+}
+
+fn run_case(
+    vmm: &std::path::Path,
+    kind: CutKind,
+    shape: &Shape,
+    rng: &mut Rng,
+    divide: u64,
+) -> Result<CaseResult, String> {
+    let mut dst_a = Proc::spawn("incoming A", incoming_cmd(vmm, &[], "127.0.0.1"))?;
+    let mut dst_b = Proc::spawn("incoming B", incoming_cmd(vmm, &[], "127.0.0.1"))?;
+    let uri_a = dst_a.listen_uri()?;
+    let uri_b = dst_b.listen_uri()?;
+    let addr_a: SocketAddr = uri_a
+        .trim_start_matches("tcp:")
+        .parse()
+        .map_err(|e| format!("{uri_a}: {e}"))?;
+    // Cut uniformly in the expected stream (divided by `divide` after a miss).
+    let expected_bytes = expected_stream_bytes(shape);
+    let bytes = rng.range(64 << 10, (expected_bytes / divide).max(128 << 10));
+    let expected = Duration::from_secs_f64(expected_bytes as f64 / shape.bandwidth as f64);
+    let delay = expected.mul_f64(rng.range(0, 100) as f64 / 100.0 / divide as f64);
+    let proxy = Proxy::start(
+        addr_a,
+        Plan {
+            kind,
+            bytes,
+            delay,
+            dest_pid: dst_a.pid(),
+        },
+    )?;
+    let mut cmd = std::process::Command::new(vmm);
+    cmd.args(shape.run_args()).args([
+        format!("--migrate-to=tcp:{}", proxy.addr),
+        format!("--retry-to={uri_b}"),
+        "--warmup=300ms".into(),
+        "--max-time=60s".into(),
+        "--io-timeout=5s".into(),
+        "--ram-fingerprint".into(),
+        "--json".into(),
+    ]);
+    let mut src = Proc::spawn("source", cmd)?;
+    let src_status = src.wait_timeout(Duration::from_secs(150));
+    let report = proxy.finish();
+    if !report.cut {
+        // The first migration completed: nothing to judge (A resumed legitimately, B waits).
+        return Ok(CaseResult {
+            note: format!("no cut (stream ended after {} MiB)", report.forwarded >> 20),
+            ..CaseResult::default()
+        });
+    }
+    let a_status = dst_a.wait_timeout(Duration::from_secs(20));
+    let b_status = dst_b.wait_timeout(Duration::from_secs(60));
+
+    let mut r = CaseResult {
+        cut: report.cut,
+        ..CaseResult::default()
+    };
+    let mut notes = Vec::new();
+    let sj = src.json();
+    let first_error = jstr(&sj, "first_error");
+    r.source_reported = first_error
+        .as_deref()
+        .is_some_and(|e| e.contains("failed") && e.contains("keeps running"));
+    let progress = ju64(&sj, "progress_after_failure_pages").unwrap_or(0);
+    r.source_survived = r.source_reported && progress > 0;
+    // A's verdict: it must not have resumed, whatever happened to it.
+    let a = dest_outcome(&dst_a);
+    r.wrongly_resumed = a.resumed;
+    if a_status.is_err() {
+        notes.push("A had to be killed".to_string());
+    }
+    // B: verified and resumed, same RAM as the source, increment rule holds.
+    let b = dest_outcome(&dst_b);
+    let fp_src = jstr(&sj, "ram_fingerprint");
+    let fp_b = jstr(&b.json, "ram_fingerprint");
+    let increment_ok = shape.workload != Workload::Increment
+        || jbool(&b.json, "increment_consistent") == Some(true);
+    r.retry_verified = matches!(&src_status, Ok(s) if s.success())
+        && matches!(&b_status, Ok(s) if s.success())
+        && b.resumed
+        && fp_src.is_some()
+        && fp_src == fp_b
+        && increment_ok
+        && jstr(&sj, "migrated_to").as_deref() == Some(uri_b.as_str());
+    if let Some(e) = report.error {
+        notes.push(e);
+    }
+    if !r.source_reported {
+        notes.push(format!(
+            "source: {:?} {}",
+            src_status,
+            src.error_line().unwrap_or_default()
+        ));
+    } else if !r.source_survived {
+        notes.push(format!("source guest made no progress ({progress} pages)"));
+    }
+    if !r.retry_verified {
+        notes.push(format!(
+            "retry: src {:?} {} B {:?} fp {:?}/{:?} incr_ok {increment_ok} B err {}",
+            src_status.as_ref().map(|s| s.code()),
+            src.error_line().unwrap_or_default(),
+            b_status.as_ref().map(|s| s.code()),
+            fp_src,
+            fp_b,
+            dst_b.error_line().unwrap_or_default()
+        ));
+    }
+    if r.wrongly_resumed {
+        notes.push(format!("A RESUMED: {}", dst_a.stdout().trim()));
+    }
+    let short_err = first_error
+        .as_deref()
+        .and_then(|e| e.split(" failed: ").nth(1))
+        .map(|e| e.trim_end_matches("; the guest keeps running here"))
+        .unwrap_or("");
+    if let Some(e) = dst_a.error_line() {
+        notes.push(format!(
+            "A: {}",
+            e.trim_start_matches("vmm: error: ")
+                .trim_end_matches("; no guest was resumed")
+        ));
+    }
+    r.note = format!(
+        "cut@{}M +{progress}p err: {short_err}{}{}",
+        report.forwarded >> 20,
+        if notes.is_empty() { "" } else { " | " },
+        notes.join("; ")
+    );
+    Ok(r)
+}

@@ -1,0 +1,228 @@
+//! `cargo xtask soak --runs N [--seed S]`: N migrations with random workloads, sizes, modes and
+//! shifts, one at a time over loopback TCP, each verified three ways:
+//! - the stream's own digest table (a mismatch makes `vmm incoming` exit 1 and name the count),
+//! - the increment rule on the destination (increment workload),
+//! - the source's RAM fingerprint at switchover equals the destination's.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{
+    build_vmm, check_opts, dest_outcome, digest_mismatches, incoming_cmd, is_ci, jbool, jstr, ju64,
+    kvm_usable, leftover_children, opt_value, Proc, Rng, Shape, Workload,
+};
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Default)]
+struct Totals {
+    runs: u32,
+    ok: u32,
+    failed: u32,
+    increment_runs: u32,
+    increment_bad_pages: u64,
+    increment_inconsistent: u32,
+    digest_mismatched_pages: u64,
+    fingerprint_mismatches: u32,
+    legacy: u32,
+    clear: u32,
+    total_ms: f64,
+    downtime_ms: Vec<f64>,
+    over_downtime: u32,
+}
+
+/// `cargo xtask soak`.
+pub fn soak(args: &[String]) -> Result<(), String> {
+    check_opts(args, &["--runs", "--seed", "--max-mem"])?;
+    let runs: u32 = opt_value(args, "--runs")?.unwrap_or(200);
+    let seed: u64 = opt_value(args, "--seed")?.unwrap_or_else(Rng::clock_seed);
+    let max_mem_mib: u64 = opt_value(args, "--max-mem")?.unwrap_or(1024);
+    if let Err(e) = kvm_usable() {
+        if is_ci() && std::path::Path::new("/dev/kvm").exists() {
+            return Err(format!("soak: {e} (CI=true)"));
+        }
+        println!("soak: SKIPPED: {e}");
+        return Ok(());
+    }
+    let vmm = build_vmm()?;
+    println!(
+        "\n==> xtask soak: {runs} random migrations (128M-{max_mem_mib}M guests), seed {seed} (rerun with --seed {seed})"
+    );
+    let mut rng = Rng::new(seed);
+    let mut t = Totals::default();
+    let start = Instant::now();
+    for i in 0..runs {
+        let shape = Shape::random(&mut rng, 128 * MIB, max_mem_mib.max(128) * MIB, 80);
+        // A longer warm-up lets the workload touch more pages: longer streams.
+        let warmup_ms = rng.range(300, 2500);
+        let t0 = Instant::now();
+        let (ok, note) = match run_one(&vmm, &shape, warmup_ms, &mut t) {
+            Ok(()) => (true, String::new()),
+            Err(e) => (false, e),
+        };
+        t.runs += 1;
+        if ok {
+            t.ok += 1;
+        } else {
+            t.failed += 1;
+        }
+        match shape.clear_shift {
+            None => t.legacy += 1,
+            Some(_) => t.clear += 1,
+        }
+        if !ok || (i + 1) % 10 == 0 || runs <= 20 {
+            println!(
+                "  {:>4}/{runs} {:<44} warm-up {:>4} ms {:>5.1}s {} {note}",
+                i + 1,
+                shape.describe(),
+                warmup_ms,
+                t0.elapsed().as_secs_f64(),
+                if ok { "ok" } else { "FAIL" },
+            );
+        }
+    }
+    let left = leftover_children();
+    let mut dt = t.downtime_ms.clone();
+    dt.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        dt.get(((dt.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let mismatched = t.increment_bad_pages + t.digest_mismatched_pages;
+    println!(
+        "\n==> xtask soak summary (seed {seed}, {:.0} s)",
+        start.elapsed().as_secs_f64()
+    );
+    println!(
+        "  runs                        {:>8}   (legacy {}, clear {})",
+        t.runs, t.legacy, t.clear
+    );
+    println!("  verified                    {:>8}", t.ok);
+    println!("  failed                      {:>8}", t.failed);
+    println!(
+        "  increment runs              {:>8}   (inconsistent {})",
+        t.increment_runs, t.increment_inconsistent
+    );
+    println!("  increment-rule bad pages    {:>8}", t.increment_bad_pages);
+    println!(
+        "  digest-table mismatches     {:>8}   pages",
+        t.digest_mismatched_pages
+    );
+    println!(
+        "  fingerprint mismatches      {:>8}   runs",
+        t.fingerprint_mismatches
+    );
+    println!(
+        "  MISMATCHED PAGES            {:>8}   (must be 0)",
+        mismatched
+    );
+    println!(
+        "  migration time              {:>8.0}   ms mean; downtime p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        if t.ok > 0 { t.total_ms / f64::from(t.ok) } else { 0.0 },
+        pct(0.5),
+        pct(0.99),
+        dt.last().copied().unwrap_or(0.0)
+    );
+    println!(
+        "  downtime over 2x its limit  {:>8}   runs (not a correctness failure)",
+        t.over_downtime
+    );
+    println!("  stray child processes       {:>8}", left.len());
+    if t.failed == 0 && mismatched == 0 && t.fingerprint_mismatches == 0 && left.is_empty() {
+        println!("soak: all {} runs verified, 0 mismatched pages", t.runs);
+        Ok(())
+    } else {
+        Err(format!(
+            "soak: {} of {} runs failed, {mismatched} mismatched pages, {} fingerprint mismatches",
+            t.failed, t.runs, t.fingerprint_mismatches
+        ))
+    }
+}
+
+fn run_one(
+    vmm: &std::path::Path,
+    shape: &Shape,
+    warmup_ms: u64,
+    t: &mut Totals,
+) -> Result<(), String> {
+    let mut dst = Proc::spawn("incoming", incoming_cmd(vmm, &[], "127.0.0.1"))?;
+    let uri = dst.listen_uri()?;
+    let mut cmd = std::process::Command::new(vmm);
+    cmd.args(shape.run_args()).args([
+        format!("--migrate-to={uri}"),
+        format!("--warmup={warmup_ms}ms"),
+        "--max-time=60s".into(),
+        "--ram-fingerprint".into(),
+        "--json".into(),
+    ]);
+    let mut src = Proc::spawn("source", cmd)?;
+    let src_status = src.wait_timeout(Duration::from_secs(120));
+    let dst_status = dst.wait_timeout(Duration::from_secs(60));
+    let d = dest_outcome(&dst);
+    let sj = src.json();
+
+    let digest_bad = digest_mismatches(&dst.stderr());
+    t.digest_mismatched_pages += digest_bad;
+    let mut errors = Vec::new();
+    if shape.workload == Workload::Increment {
+        t.increment_runs += 1;
+        let bad = ju64(&d.json, "increment_bad_pages").unwrap_or(0);
+        t.increment_bad_pages += bad;
+        if jbool(&d.json, "increment_consistent") == Some(false) {
+            t.increment_inconsistent += 1;
+            errors.push(format!("increment rule broken ({bad} bad pages)"));
+        } else if d.json.is_some() && jbool(&d.json, "increment_consistent").is_none() {
+            errors.push("destination did not check the increment rule".into());
+        }
+    }
+    if digest_bad > 0 {
+        errors.push(format!("{digest_bad} pages mismatch the digest table"));
+    }
+    let fp_src = jstr(&sj, "ram_fingerprint");
+    let fp_dst = jstr(&d.json, "ram_fingerprint");
+    if fp_src.is_some() && fp_dst.is_some() && fp_src != fp_dst {
+        t.fingerprint_mismatches += 1;
+        errors.push(format!("fingerprints differ: {fp_src:?} vs {fp_dst:?}"));
+    }
+    match &src_status {
+        Ok(s) if s.success() => {}
+        other => errors.push(format!(
+            "source {:?}: {}",
+            other.as_ref().map(|s| s.code()),
+            src.error_line().unwrap_or_default()
+        )),
+    }
+    match &dst_status {
+        Ok(s) if s.success() && d.resumed => {}
+        other => errors.push(format!(
+            "destination {:?}: {}",
+            other.as_ref().map(|s| s.code()),
+            dst.error_line().unwrap_or_default()
+        )),
+    }
+    if fp_src.is_none() || fp_dst.is_none() {
+        errors.push("missing a RAM fingerprint".into());
+    }
+    if errors.is_empty() {
+        if let Some(v) = sj
+            .as_ref()
+            .and_then(|j| j.get("total_time_ms"))
+            .and_then(|v| v.as_f64())
+        {
+            t.total_ms += v;
+        }
+        if let Some(v) = sj
+            .as_ref()
+            .and_then(|j| j.get("downtime_ms"))
+            .and_then(|v| v.as_f64())
+        {
+            t.downtime_ms.push(v);
+            if v > 2.0 * shape.downtime_ms as f64 {
+                t.over_downtime += 1;
+            }
+        }
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}

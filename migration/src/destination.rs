@@ -3,7 +3,7 @@
 use std::io::{BufReader, Write};
 use std::time::Instant;
 
-use clearlog_memory::{MemorySystem, PAGE_SIZE};
+use clearlog_memory::{is_zero_page, MemorySystem, PAGE_SIZE};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::digest::{hash_threads, page_digests};
@@ -191,6 +191,7 @@ impl<'a> Destination<'a> {
             }
         }
         let zero_page = vec![0u8; PAGE_SIZE as usize];
+        let mut scratch = Box::new([0u8; PAGE_SIZE as usize]);
         let zero_digest = stream::zero_page_digest(PAGE_SIZE as usize);
         // Sent-digest mode: the digest of each page as received (0 = never received: a mismatch).
         // 8 bytes per page of our own RAM.
@@ -221,7 +222,15 @@ impl<'a> Destination<'a> {
                                 }
                             }
                             PageEntry::Zero(page) => {
-                                ram.write_untracked(page * PAGE_SIZE, &zero_page)?;
+                                // Fresh destination RAM is already zero: writing zeros would
+                                // fault in (allocate) every untouched page, which made a mostly
+                                // idle guest load ~10x slower than the source sends it and the
+                                // backlog showed up as downtime. Reading an untouched page maps
+                                // the shared zero page instead.
+                                ram.read_page(page, &mut scratch)?;
+                                if !is_zero_page(&scratch) {
+                                    ram.write_untracked(page * PAGE_SIZE, &zero_page)?;
+                                }
                                 if let Some(table) = received.get_mut(block as usize) {
                                     table[page as usize] = zero_digest;
                                 }

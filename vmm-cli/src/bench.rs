@@ -344,8 +344,8 @@ fn print_table(modes: &[BenchMode], results: &[RunResult], runs: u32) {
         print!(" {:>7}", format!("run{run}"));
     }
     println!(
-        " {:>8} {:>13} {:>11} {:>11} {:>6} {:>9}",
-        "avg (s)", "downtime (ms)", "pages sent", "resent", "iters", "vs legacy"
+        " {:>8} {:>13} {:>11} {:>11} {:>6} {:>12} {:>9}",
+        "avg (s)", "downtime (ms)", "pages sent", "resent", "iters", "guest MiB/s", "vs legacy"
     );
     for (i, mode) in modes.iter().enumerate() {
         let rs: Vec<&RunResult> = results.iter().filter(|r| r.mode == i).collect();
@@ -365,12 +365,14 @@ fn print_table(modes: &[BenchMode], results: &[RunResult], runs: u32) {
             _ => "-".into(),
         };
         println!(
-            " {:>8.2} {:>13.1} {:>11.0} {:>11.0} {:>6.1} {:>9}",
+            " {:>8.2} {:>13.1} {:>11.0} {:>11.0} {:>6.1} {:>12.0} {:>9}",
             total,
             avg("downtime_ms"),
             avg("pages_sent"),
             avg("resent_pages"),
             avg("iterations"),
+            // What the guest really dirtied while being migrated.
+            avg("guest_dirty_rate_during_migration_bytes_per_s") / (1u64 << 20) as f64,
             ratio
         );
     }

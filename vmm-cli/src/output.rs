@@ -9,7 +9,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 pub fn stats_json(
     stats: &MigrationStats,
     vm_dirty_log: &str,
-    guest_dirty_rate: f64,
+    (guest_dirty_rate, during_migration): (f64, Option<f64>),
     fingerprint: Option<&str>,
 ) -> serde_json::Value {
     let mut v = serde_json::to_value(stats).unwrap_or_default();
@@ -22,6 +22,12 @@ pub fn stats_json(
             "guest_dirty_rate_bytes_per_s".into(),
             (guest_dirty_rate.round() as u64).into(),
         );
+        if let Some(r) = during_migration {
+            map.insert(
+                "guest_dirty_rate_during_migration_bytes_per_s".into(),
+                (r.round() as u64).into(),
+            );
+        }
     }
     v
 }
@@ -30,7 +36,7 @@ pub fn stats_json(
 pub fn print_stats(
     stats: &MigrationStats,
     vm_dirty_log: String,
-    guest_dirty_rate: f64,
+    (guest_dirty_rate, during_migration): (f64, Option<f64>),
     fingerprint: Option<String>,
     json: bool,
 ) {
@@ -40,7 +46,7 @@ pub fn print_stats(
             stats_json(
                 stats,
                 &vm_dirty_log,
-                guest_dirty_rate,
+                (guest_dirty_rate, during_migration),
                 fingerprint.as_deref()
             )
         );
@@ -88,6 +94,12 @@ pub fn print_stats(
         "  guest dirty rate  {:>10.1} MiB/s (measured during warm-up)",
         guest_dirty_rate / MIB
     );
+    if let Some(r) = during_migration {
+        println!(
+            "  guest dirty rate  {:>10.1} MiB/s (while migrating)",
+            r / MIB
+        );
+    }
     if let Some(fp) = fingerprint {
         println!("  RAM fingerprint   {fp:>16}");
     }

@@ -194,6 +194,7 @@ pub fn run(a: RunArgs) -> CliResult {
         return Ok(());
     };
     let uri = a.migrate_to.clone().unwrap_or_default();
+    let written_before_migration = guest.pages_written().unwrap_or(0);
     let mut attempt = migrate(&guest, config.clone(), transport, &uri);
     // `--retry-to`: the library resumed the guest and stopped logging; prove the guest still runs,
     // then migrate again from this same process.
@@ -236,6 +237,17 @@ pub fn run(a: RunArgs) -> CliResult {
             return Err(e);
         }
     };
+    // What the guest really wrote while it was being migrated (it is paused now): a migration is
+    // only as good as the load it kept up with.
+    let during = if a.retry_to.is_empty() && stats.total_time_ms > 0.0 {
+        let written = guest
+            .pages_written()
+            .unwrap_or(0)
+            .saturating_sub(written_before_migration);
+        Some(written as f64 * 4096.0 / (stats.total_time_ms / 1e3))
+    } else {
+        None
+    };
     // The source stays paused after a successful migration: its RAM is the switchover state.
     let fingerprint = if a.ram_fingerprint {
         let fp = ram_fingerprint(guest.memory(), 2)
@@ -248,7 +260,7 @@ pub fn run(a: RunArgs) -> CliResult {
         print_stats(
             &stats,
             guest.dirty_log_mode().to_string(),
-            rate,
+            (rate, during),
             fingerprint,
             a.json,
         );
@@ -264,7 +276,7 @@ pub fn run(a: RunArgs) -> CliResult {
         let mut v = stats_json(
             &stats,
             &guest.dirty_log_mode().to_string(),
-            rate,
+            (rate, during),
             fingerprint.as_deref(),
         );
         if let Some(map) = v.as_object_mut() {
@@ -293,7 +305,7 @@ pub fn run(a: RunArgs) -> CliResult {
         print_stats(
             &stats,
             guest.dirty_log_mode().to_string(),
-            rate,
+            (rate, during),
             fingerprint,
             false,
         );

@@ -52,6 +52,10 @@ pub struct IncomingArgs {
     /// Keep the resumed guest running this long, then check it makes progress and exit.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "1s")]
     pub run_after: Duration,
+    /// Give up (without resuming anything) when the source sends nothing for this long, instead of
+    /// waiting forever on a dead link. `0` waits forever.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "60s")]
+    pub io_timeout: Duration,
     /// Print a fingerprint of guest RAM at switchover (before resuming), to compare with the
     /// source's (`vmm run --ram-fingerprint`). Costs a pass over all RAM before the guest resumes.
     #[arg(long)]
@@ -145,7 +149,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "clear")]
     pub dirty_log: DirtyLogArg,
     /// Clear chunk size (`clear` mode): a power of two from 256K (64 pages) to 8T (2^31 pages).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "128M")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "16M")]
     pub clear_chunk: u64,
     /// Run the workload this long before migrating.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "2s")]

@@ -72,6 +72,15 @@ pub fn incoming(a: IncomingArgs) -> CliResult {
     };
     let header =
         peek_header(&mut transport).map_err(|e| failed("the incoming stream is not usable", &e))?;
+    if !a.io_timeout.is_zero() {
+        if let Some(reader) = transport.reader.as_mut() {
+            // Only once the stream has started (a source may boot and warm up its guest for long
+            // before sending its header). A read that times out fails the stream like any transport error: nothing resumes.
+            reader.set_read_timeout(Some(a.io_timeout)).map_err(|e| {
+                CliError::Failed(format!("setting the --io-timeout on the connection: {e}"))
+            })?;
+        }
+    }
     let [block] = header.blocks.as_slice() else {
         return Err(failed(
             "unexpected RAM layout",

@@ -67,7 +67,8 @@ fn ready(a: &mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedError> 
 
 /// The `random` workload.
 ///
-/// Pre-faults the working set (writes `iteration` at offset 0 of every page), sets
+/// Pre-faults the working set (writes `iteration` at offset 0 and the page's guest address at
+/// offset 16 of every page, so the working set holds data, not zero pages), sets
 /// `ready`, then forever: xorshift64 picks a page uniformly
 /// (`page = (state * wss_pages) >> 64`), writes `iteration` at offset 0 and the new
 /// `pages_written` at offset 8, increments `pages_written`, paced by `ticks_per_page`.
@@ -97,6 +98,9 @@ pub fn random(ip: u64) -> Result<Vec<u8>> {
         a.jae(pf_done)?;
         a.mov(rax, qword_ptr(rdi + P_ITERATION as i32))?;
         a.mov(qword_ptr(r13), rax)?;
+        // Non-zero content, so the working set is data (as in the seed experiment), not zero
+        // pages that a migration would send as cheap markers.
+        a.mov(qword_ptr(r13 + 16), r13)?;
         a.add(r13, 4096)?;
         a.inc(rcx)?;
         a.jmp(pf)?;

@@ -10,12 +10,12 @@ use crate::{Error, Result};
 ///
 /// `vmm bench` on this project's 2-core PVM host (4 GiB guest, 3 GiB working set written at random at
 /// 288 MiB/s, 400 MiB/s bandwidth limit, 100 ms downtime limit, 5 interleaved runs per mode, all
-/// verified; see the workspace README) measured an average total migration time of 13.0 s without
-/// chunked clearing and 9.9 s / 9.3 s / 7.6 s / 7.8 s with 1 GiB / 128 MiB / 16 MiB / 1 MiB chunks.
-/// 16 MiB was the fastest and the steadiest (7.3-8.2 s); 1 MiB chunks made 16x more
-/// `KVM_CLEAR_DIRTY_LOG` calls (~32k per migration, ~0.45 s in total) for no gain. The seed
-/// experiment (13 GiB guest) found 128 MiB, 16 MiB and 1 MiB equally good (38-39 s vs 58 s), and 1 GiB
-/// (QEMU's own default, shift 18) the slowest chunked setting, as here.
+/// verified; see the workspace README) measured an average total migration time of 19.6 s without
+/// chunked clearing and 15.8 s / 14.5 s / 14.2 s / 13.9 s with 1 GiB / 128 MiB / 16 MiB / 1 MiB
+/// chunks. 16 MiB is within 2% of 1 MiB (run-to-run spread is about 5%) with 16x fewer
+/// `KVM_CLEAR_DIRTY_LOG` calls (~2,000 instead of ~31,500 per migration; 75 ms instead of 430 ms of
+/// clearing). The seed experiment (13 GiB guest) also found 128 MiB, 16 MiB and 1 MiB equally good
+/// (38-39 s vs 58 s) and 1 GiB (QEMU's own default, shift 18) the slowest chunked setting, as here.
 pub const DEFAULT_CLEAR_SHIFT: u8 = 12;
 
 /// Default downtime limit: 100 ms, the limit of the seed experiment and of our scaled benchmark

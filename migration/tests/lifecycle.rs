@@ -423,7 +423,10 @@ fn receive_paused_does_not_resume_and_stats_serialize() {
         assert!(json.get(field).is_some(), "missing {field}");
     }
     assert_eq!(json["mode"], "clear");
-    assert_eq!(json["clear_chunk_bytes"], 128u64 << 20);
+    assert_eq!(
+        json["clear_chunk_bytes"],
+        clearlog_migration::shift_to_chunk_bytes(clearlog_migration::DEFAULT_CLEAR_SHIFT)
+    );
     assert_eq!(json["guest_mem_bytes"], 1u64 << 20);
     assert_eq!(s.pages_sent, 256);
     assert!(s.zero_pages > 0 && s.zero_pages < 256);

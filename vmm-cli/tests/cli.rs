@@ -207,7 +207,8 @@ fn check_source_stats(v: &serde_json::Value, dirty_log: &str) {
         "every page goes once: {v}"
     );
     if dirty_log == "clear" {
-        assert_eq!(v["clear_chunk_bytes"], 128u64 << 20, "{v}");
+        // The CLI's default --clear-chunk.
+        assert_eq!(v["clear_chunk_bytes"], 16u64 << 20, "{v}");
     } else {
         assert_eq!(v["clear_chunk_bytes"], 0, "{v}");
     }

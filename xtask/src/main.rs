@@ -1,7 +1,7 @@
 //! Project automation for the clearlog workspace.
 //!
 //! ```text
-//! cargo xtask test            fmt check, layering check, clippy -D warnings, all tests (real KVM included)
+//! cargo xtask test            fmt check, layering check, packaging, clippy -D warnings, all tests (real KVM)
 //! cargo xtask bench [CRATE]   criterion benchmarks (all, or one crate by directory or package name)
 //!                   [--quick] short runs, for CI
 //! cargo xtask deps            fail if a crate depends on a crate above it in the layering
@@ -169,6 +169,16 @@ fn test() -> Result<(), String> {
         secs: start.elapsed().as_secs_f64(),
         note: deps_result.err().unwrap_or_default(),
     });
+
+    // Each library crate must be publishable. Packaged together, cargo resolves their path
+    // dependencies from each other (alone, a crate's dependency on an unpublished sibling cannot
+    // be resolved against crates.io yet).
+    let mut package = cargo();
+    package.args(["package", "--no-verify", "--allow-dirty", "--quiet"]);
+    for k in layering::LIBRARY_CRATES {
+        package.args(["-p", k.package]);
+    }
+    results.push(run_step("package (library crates, publishable)", package));
 
     let mut clippy = cargo();
     clippy.args([

@@ -12,8 +12,8 @@ use clearlog_migration::{
 
 use crate::args::IncomingArgs;
 use crate::output::print_incoming;
-use crate::vm_control::GuestControl;
 use crate::{CliError, CliResult};
+use vmm_cli::vm_control::GuestControl;
 
 /// Open the incoming transport: accept one connection, or open the saved file.
 fn open_transport(a: &IncomingArgs) -> CliResult<Transport> {

@@ -11,7 +11,6 @@ mod output;
 mod plot;
 mod run;
 mod units;
-mod vm_control;
 
 use std::process::ExitCode;
 

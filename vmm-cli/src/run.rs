@@ -16,8 +16,8 @@ use crate::args::{
     DirtyLogArg, GuestArgs, MigrationArgs, RunArgs, WorkloadKind, DEFAULT_DIRTY_RATE,
 };
 use crate::output::{print_run_summary, print_stats, stats_json};
-use crate::vm_control::GuestControl;
 use crate::{CliError, CliResult};
+use vmm_cli::vm_control::GuestControl;
 
 /// Check a guest shape; every message says what is wrong and what to do.
 pub fn validate_guest(g: &GuestArgs, workload: WorkloadKind) -> CliResult {

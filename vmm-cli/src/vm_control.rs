@@ -4,6 +4,15 @@ use clearlog_kvm::guest::Guest;
 use clearlog_migration::{BoxError, StateBlob, VmControl, VmRestore};
 
 /// Lets the migration engine pause, resume and save (or restore) a guest.
+///
+/// # Example
+/// ```no_run
+/// use clearlog_kvm::guest::{Guest, GuestConfig};
+/// use vmm_cli::vm_control::GuestControl;
+///
+/// let guest = Guest::boot(GuestConfig::default()).unwrap();
+/// let control = GuestControl(&guest); // a `VmControl` for `Source::migrate`
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct GuestControl<'a>(pub &'a Guest);
 

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use clearlog_kvm::guest::Guest;
-use clearlog_migration::{BoxError, StateBlob, VmControl, VmRestore};
 
 /// Is a real KVM required (a test that cannot run must then fail, not skip)?
 /// `CI=true` or `CLEARLOG_REQUIRE_KVM=1`.
@@ -44,43 +43,9 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// `clearlog-migration`'s VMM traits for a `clearlog-kvm` [`Guest`] (the binary's `GuestControl`,
-/// which lives in the binary crate and cannot be imported).
-#[derive(Debug, Clone, Copy)]
-pub struct GuestControl<'a>(pub &'a Guest);
-
-impl VmControl for GuestControl<'_> {
-    fn pause(&self) -> Result<(), BoxError> {
-        Ok(self.0.pause()?)
-    }
-
-    fn resume(&self) -> Result<(), BoxError> {
-        Ok(self.0.resume()?)
-    }
-
-    fn save_state(&self) -> Result<Vec<StateBlob>, BoxError> {
-        Ok(self
-            .0
-            .save_vcpus()?
-            .into_iter()
-            .map(|(name, data)| StateBlob::new(name, data))
-            .collect())
-    }
-}
-
-impl VmRestore for GuestControl<'_> {
-    fn restore_state(&self, blobs: &[StateBlob]) -> Result<(), BoxError> {
-        let blobs: Vec<(String, Vec<u8>)> = blobs
-            .iter()
-            .map(|b| (b.name.clone(), b.data.clone()))
-            .collect();
-        Ok(self.0.restore_vcpus(&blobs)?)
-    }
-
-    fn resume(&self) -> Result<(), BoxError> {
-        Ok(self.0.resume()?)
-    }
-}
+// Not every test binary that includes this module migrates.
+#[allow(unused_imports)]
+pub use vmm_cli::vm_control::GuestControl;
 
 /// The first page (index) where the RAM of two guests of the same size differs, if any.
 pub fn first_ram_difference(a: &Guest, b: &Guest) -> Option<u64> {

@@ -1,0 +1,6 @@
+//! The library half of the `vmm` CLI: wiring the binary and its integration tests share.
+//!
+//! `vmm` itself adds no logic of its own beyond assembling the library crates; this is the one
+//! piece of glue worth sharing: a `clearlog-kvm` guest seen through `clearlog-migration`'s traits.
+
+pub mod vm_control;

@@ -656,12 +656,13 @@ fn wait_ack(reader: &mut dyn TransportRead, timeout: Duration, cancel: &CancelTo
                 })
             }
             Ok(n) => got += n,
+            // A poll interval passed (the read timeout): check cancel and the deadline, read again.
+            // `TimedOut` is not one: it is the connection itself timing out (ETIMEDOUT, e.g. from
+            // TCP_USER_TIMEOUT on a dead link) and is reported as such.
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => {
                 return Err(Error::Io {

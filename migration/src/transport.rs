@@ -28,7 +28,7 @@ use crate::{Error, Result};
 /// impl TransportRead for Bytes {} // reads never block: no timeout needed
 /// ```
 pub trait TransportRead: Read + Send {
-    /// Make reads fail with `WouldBlock`/`TimedOut` after `timeout` (`None`: block). The default
+    /// Make reads fail with `WouldBlock` after `timeout`, as sockets do on Linux (`None`: block). The default
     /// ignores the request (reads then block).
     fn set_read_timeout(&mut self, _timeout: Option<Duration>) -> io::Result<()> {
         Ok(())
@@ -400,7 +400,7 @@ impl Read for PipeReader {
                 },
                 Some(t) => match self.rx.recv_timeout(t) {
                     Ok(c) => c,
-                    Err(RecvTimeoutError::Timeout) => return Err(io::ErrorKind::TimedOut.into()),
+                    Err(RecvTimeoutError::Timeout) => return Err(io::ErrorKind::WouldBlock.into()),
                     Err(RecvTimeoutError::Disconnected) => return Ok(0),
                 },
             };
@@ -591,7 +591,10 @@ mod tests {
         let (w, mut r) = pipe();
         r.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
         let mut b = [0; 1];
-        assert_eq!(r.read(&mut b).unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(
+            r.read(&mut b).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
         drop(w);
         assert_eq!(r.read(&mut b).unwrap(), 0);
     }

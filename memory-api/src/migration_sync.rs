@@ -188,6 +188,61 @@ impl ClearBitmap {
         (first, end - first)
     }
 
+    /// The chunk-clear-then-read rule, in one place: if `page`'s chunk is marked, unmark it and
+    /// call `rearm(first_page, npages)` for the chunk (clipped to the block) BEFORE the caller reads
+    /// `page`; a write after the re-arm is then caught by the next sync (read first, and a write
+    /// between the read and the re-arm is lost). Returns whether `rearm` was called. If it fails,
+    /// the chunk stays marked and its error is returned.
+    ///
+    /// [`crate::MemorySystem::clear_chunk_before_send`] and the migration engine both go through
+    /// this function.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] (converted into `E`) if `page` is outside the block; `rearm`'s error.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut clear = clearlog_memory::ClearBitmap::new(256, 6).unwrap();
+    /// clear.set(1);
+    /// let mut rearmed = Vec::new();
+    /// let mut rearm = |first, n| -> Result<(), clearlog_memory::Error> {
+    ///     rearmed.push((first, n));
+    ///     Ok(())
+    /// };
+    /// assert!(clear.clear_chunk_before_read(70, &mut rearm).unwrap());
+    /// assert!(!clear.clear_chunk_before_read(71, &mut rearm).unwrap()); // already re-armed
+    /// assert!(!clear.clear_chunk_before_read(0, &mut rearm).unwrap()); // never marked
+    /// assert_eq!(rearmed, [(64, 64)]);
+    /// assert!(clear.clear_chunk_before_read(256, &mut rearm).is_err());
+    /// ```
+    pub fn clear_chunk_before_read<E: From<Error>>(
+        &mut self,
+        page: u64,
+        rearm: impl FnOnce(u64, u64) -> std::result::Result<(), E>,
+    ) -> std::result::Result<bool, E> {
+        if page >= self.pages {
+            return Err(Error::OutOfRange {
+                what: "block (pages)",
+                offset: page,
+                len: 1,
+                size: self.pages,
+            }
+            .into());
+        }
+        let chunk = self.chunk_of(page);
+        if !self.test_and_clear(chunk) {
+            return Ok(false);
+        }
+        let (first, npages) = self.chunk_pages(chunk);
+        if let Err(e) = rearm(first, npages) {
+            self.set(chunk);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
     /// The chunk bits as words (bit `c` = chunk `c`).
     pub(crate) fn words_mut(&mut self) -> &mut [u64] {
         self.bits.as_words_mut()

@@ -1119,8 +1119,7 @@ impl MemorySystem {
         clear: &mut ClearBitmap,
         page: u64,
     ) -> Result<bool> {
-        let chunk = clear.chunk_of(page);
-        if page >= block.pages() || chunk >= clear.chunk_count() {
+        if page >= block.pages() {
             return Err(Error::OutOfRange {
                 what: "block (pages)",
                 offset: page,
@@ -1128,18 +1127,10 @@ impl MemorySystem {
                 size: block.pages(),
             });
         }
-        if !clear.test_and_clear(chunk) {
-            return Ok(false);
-        }
-        let (first, npages) = clear.chunk_pages(chunk);
-        let npages = npages.min(block.pages().saturating_sub(first));
-        if let Err(e) =
+        clear.clear_chunk_before_read(page, |first, npages| {
+            let npages = npages.min(block.pages().saturating_sub(first));
             self.clear_dirty_bitmap_block(block, first << PAGE_SHIFT, npages << PAGE_SHIFT)
-        {
-            clear.set(chunk);
-            return Err(e);
-        }
-        Ok(true)
+        })
     }
 
     /// All RAM blocks, in RAM-address-space order.

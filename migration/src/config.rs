@@ -216,10 +216,6 @@ pub struct MigrationConfig {
     /// What the digest table covers (default [`DigestMode::Sent`]: no downtime cost; use
     /// [`DigestMode::Full`] to verify dirty tracking end to end).
     pub digest: DigestMode,
-    /// TEST ONLY: read each chunk's pages BEFORE re-arming it (the wrong order), to show that the
-    /// consistency tests catch the lost writes that order causes. Never set this in a VMM.
-    #[doc(hidden)]
-    pub test_read_before_clear: bool,
 }
 
 impl Default for MigrationConfig {
@@ -233,7 +229,6 @@ impl Default for MigrationConfig {
             auto_converge: false,
             ack_timeout: DEFAULT_ACK_TIMEOUT,
             digest: DigestMode::default(),
-            test_read_before_clear: false,
         }
     }
 }

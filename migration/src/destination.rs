@@ -1,21 +1,25 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The destination side: load, verify, restore, acknowledge, resume.
 
 use std::io::{BufReader, Write};
 use std::time::Instant;
 
-use clearlog_memory::{is_zero_page, MemorySystem, PAGE_SIZE};
+use clearlog_memory::{is_zero_page, PAGE_SIZE};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::digest::{hash_threads, page_digests};
 use crate::stats::IncomingStats;
 use crate::stream::{self, PageEntry, Record, StreamReader, FLAG_ACK_REQUESTED, FLAG_DIGEST_FULL};
-use crate::{Error, Result, StateBlob, Transport, VmRestore};
+use crate::{Error, MigrationBlock, MigrationMemory, Result, StateBlob, Transport, VmRestore};
 
 /// Capacity of the incoming buffer (1 MiB).
 const READ_BUFFER: usize = 1 << 20;
 
-/// The incoming side of a migration, loading into the RAM blocks of its own [`MemorySystem`] (which must
-/// have the source's layout: same block names and sizes, in the same order).
+/// The incoming side of a migration, loading into the RAM blocks of its own memory (a
+/// `clearlog-memory` `MemorySystem`, or anything that implements [`MigrationMemory`]), which must
+/// have the source's layout: same block names and sizes, in the same order.
 ///
 /// A guest is never resumed from a stream that did not reach its end marker with a digest table
 /// matching the loaded RAM. See [`crate::Source`] for a complete example.
@@ -38,11 +42,11 @@ const READ_BUFFER: usize = 1 << 20;
 /// assert!(matches!(err, Error::BadMagic(_)));
 /// ```
 #[derive(Debug)]
-pub struct Destination<'a> {
-    mem: &'a MemorySystem,
+pub struct Destination<'a, M: ?Sized> {
+    mem: &'a M,
 }
 
-impl<'a> Destination<'a> {
+impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
     /// A destination loading into `mem`.
     ///
     /// # Examples
@@ -51,7 +55,7 @@ impl<'a> Destination<'a> {
     /// let mem = clearlog_memory::MemorySystem::new();
     /// let _dst = clearlog_migration::Destination::new(&mem);
     /// ```
-    pub fn new(mem: &'a MemorySystem) -> Self {
+    pub fn new(mem: &'a M) -> Self {
         Destination { mem }
     }
 
@@ -171,7 +175,7 @@ impl<'a> Destination<'a> {
         let header = r.read_header(PAGE_SIZE as u32)?;
         *wants_ack = header.flags & FLAG_ACK_REQUESTED != 0;
         let full = header.flags & FLAG_DIGEST_FULL != 0;
-        let blocks = self.mem.ram_blocks();
+        let blocks = self.mem.blocks();
         if blocks.len() != header.blocks.len() {
             return Err(Error::LayoutMismatch(format!(
                 "stream has {} RAM blocks, destination has {}",
@@ -216,7 +220,8 @@ impl<'a> Destination<'a> {
                     for _ in 0..count {
                         match r.read_page(block)? {
                             PageEntry::Data(page) => {
-                                ram.write_untracked(page * PAGE_SIZE, r.page_data())?;
+                                ram.write_untracked(page * PAGE_SIZE, r.page_data())
+                                    .map_err(mem_err("loading a page"))?;
                                 if let Some(table) = received.get_mut(block as usize) {
                                     table[page as usize] = xxh3_64(r.page_data());
                                 }
@@ -227,9 +232,11 @@ impl<'a> Destination<'a> {
                                 // idle guest load ~10x slower than the source sends it and the
                                 // backlog showed up as downtime. Reading an untouched page maps
                                 // the shared zero page instead.
-                                ram.read_page(page, &mut scratch)?;
+                                ram.read(page * PAGE_SIZE, &mut scratch[..])
+                                    .map_err(mem_err("reading a page"))?;
                                 if !is_zero_page(&scratch) {
-                                    ram.write_untracked(page * PAGE_SIZE, &zero_page)?;
+                                    ram.write_untracked(page * PAGE_SIZE, &zero_page)
+                                        .map_err(mem_err("loading a zero page"))?;
                                 }
                                 if let Some(table) = received.get_mut(block as usize) {
                                     table[page as usize] = zero_digest;
@@ -315,6 +322,11 @@ impl<'a> Destination<'a> {
         stats.verify_ms = t.elapsed().as_secs_f64() * 1000.0;
         Ok(state)
     }
+}
+
+/// What a failed memory call was doing, for [`Error::Memory`].
+fn mem_err(op: &'static str) -> impl FnOnce(crate::BoxError) -> Error {
+    move |source| Error::Memory { op, source }
 }
 
 fn send_ack(w: &mut dyn Write, status: u32) -> std::io::Result<()> {

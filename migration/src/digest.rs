@@ -1,11 +1,14 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Per-page digests (xxh3-64) of RAM blocks, computed on all cores.
 
-use clearlog_memory::{RamBlock, PAGE_SIZE};
+use clearlog_memory::PAGE_SIZE;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::Result;
+use crate::{Error, MigrationBlock, MigrationMemory, Result};
 
-/// Pages read per `RamBlock::read` call while hashing (256 KiB).
+/// Pages read per `MigrationBlock::read` call while hashing (256 KiB).
 const PAGES_PER_READ: u64 = 64;
 
 /// xxh3-64 of every page of `block`, hashed by `threads` threads (at least 1).
@@ -22,7 +25,7 @@ const PAGES_PER_READ: u64 = 64;
 /// assert_eq!(digests.len(), 256);
 /// assert_eq!(digests[0], xxhash_rust::xxh3::xxh3_64(&[0u8; 4096]));
 /// ```
-pub fn page_digests(block: &RamBlock, threads: usize) -> Result<Vec<u64>> {
+pub fn page_digests<B: MigrationBlock + ?Sized>(block: &B, threads: usize) -> Result<Vec<u64>> {
     let pages = block.pages();
     let mut out = vec![0u64; pages as usize];
     let threads = threads.max(1);
@@ -43,12 +46,17 @@ pub fn page_digests(block: &RamBlock, threads: usize) -> Result<Vec<u64>> {
     Ok(out)
 }
 
-fn hash_pages(block: &RamBlock, first: u64, out: &mut [u64]) -> Result<()> {
+fn hash_pages<B: MigrationBlock + ?Sized>(block: &B, first: u64, out: &mut [u64]) -> Result<()> {
     let mut buf = vec![0u8; (PAGES_PER_READ * PAGE_SIZE) as usize];
     for (n, digests) in out.chunks_mut(PAGES_PER_READ as usize).enumerate() {
         let page = first + n as u64 * PAGES_PER_READ;
         let bytes = &mut buf[..digests.len() * PAGE_SIZE as usize];
-        block.read(page * PAGE_SIZE, bytes)?;
+        block
+            .read(page * PAGE_SIZE, bytes)
+            .map_err(|source| Error::Memory {
+                op: "reading a page to hash it",
+                source,
+            })?;
         for (d, p) in digests
             .iter_mut()
             .zip(bytes.chunks_exact(PAGE_SIZE as usize))
@@ -82,9 +90,9 @@ pub(crate) fn hash_threads() -> usize {
 /// b.ram_blocks()[0].write(4096, &[1]).unwrap();
 /// assert_ne!(clearlog_migration::ram_fingerprint(&a, 2).unwrap(), clearlog_migration::ram_fingerprint(&b, 2).unwrap());
 /// ```
-pub fn ram_fingerprint(mem: &clearlog_memory::MemorySystem, threads: usize) -> Result<u64> {
+pub fn ram_fingerprint<M: MigrationMemory + ?Sized>(mem: &M, threads: usize) -> Result<u64> {
     let mut all = Vec::new();
-    for block in mem.ram_blocks() {
+    for block in mem.blocks() {
         for d in page_digests(&block, threads)? {
             all.extend_from_slice(&d.to_le_bytes());
         }

@@ -47,9 +47,16 @@ pub enum Error {
     ZeroMigrationLimit,
 
     // ---- source side ----
-    /// The memory API (an accelerator's listener, an out-of-range access...) failed.
-    #[error("memory API: {0}")]
-    Memory(#[from] clearlog_memory::Error),
+    /// Guest memory or its dirty tracking (an accelerator's listener, an out-of-range access...)
+    /// failed.
+    #[error("guest memory, {op}: {source}")]
+    Memory {
+        /// What the engine was doing (`syncing the dirty log`, `reading a page`...).
+        op: &'static str,
+        /// The memory implementation's error (a `clearlog_memory::Error` for a `MemorySystem`).
+        #[source]
+        source: BoxError,
+    },
     /// A [`crate::VmControl`] or [`crate::VmRestore`] hook failed.
     #[error("VMM hook `{hook}` failed: {source}")]
     Vm {

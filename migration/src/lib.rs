@@ -89,6 +89,7 @@ mod config;
 mod destination;
 mod digest;
 mod error;
+mod memory;
 mod ratelimit;
 mod source;
 mod stats;
@@ -104,12 +105,13 @@ pub use config::{
 pub use destination::Destination;
 pub use digest::{page_digests, ram_fingerprint};
 pub use error::{BoxError, Error, Result};
+pub use memory::{DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory};
 pub use ratelimit::RateLimitedWriter;
 pub use source::Source;
 pub use stats::{IncomingStats, IterationStats, MigrationStats, Progress};
 pub use transport::{
-    connect, mem_channel, peek_header, pipe, Listener, MigrationUri, PipeReader, PipeWriter,
-    Transport, TransportRead,
+    connect, connect_with, mem_channel, peek_header, pipe, ConnectOptions, Listener, MigrationUri,
+    PipeReader, PipeWriter, Transport, TransportRead, DEFAULT_IO_TIMEOUT,
 };
 pub use vm::{StateBlob, VmControl, VmRestore};
 

@@ -1,11 +1,10 @@
 //! The source side: precopy iterations, convergence, switchover.
 
 use std::io::{BufWriter, Write};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
-use clearlog_memory::{ClearBitmap, MemorySystem, RamBlock, PAGE_SIZE};
+use clearlog_memory::{ClearBitmap, PAGE_SIZE};
 
 use crate::digest::{hash_threads, page_digests};
 use crate::ratelimit::RateLimitedWriter;
@@ -13,7 +12,8 @@ use crate::stats::{IterationStats, MigrationStats, Progress};
 use crate::stream::{self, BlockInfo, Header, PageBatch, FLAG_ACK_REQUESTED, FLAG_DIGEST_FULL};
 use crate::transport::TransportRead;
 use crate::{
-    CancelToken, DigestMode, DirtyLogMode, Error, MigrationConfig, Result, Transport, VmControl,
+    CancelToken, DigestMode, DirtyLogMode, DirtyTracking, Error, MigrationBlock, MigrationConfig,
+    Result, Transport, VmControl,
 };
 
 /// Capacity of the outgoing buffer (1 MiB): big writes keep the per-syscall cost negligible.
@@ -22,8 +22,8 @@ const WRITE_BUFFER: usize = 1 << 20;
 const ACK_POLL: Duration = Duration::from_millis(100);
 
 /// Per-block state of the source.
-struct BlockState {
-    block: Arc<RamBlock>,
+struct BlockState<B> {
+    block: B,
     /// Pages still to send (QEMU's `bmap`).
     dirty: Bitmap,
     /// Pages sent at least once (for `resent_pages`).
@@ -81,13 +81,14 @@ struct PassCounters {
 /// assert_eq!(&buf, b"hello");
 /// ```
 #[derive(Debug)]
-pub struct Source<'a> {
-    mem: &'a MemorySystem,
+pub struct Source<'a, M: ?Sized> {
+    mem: &'a M,
     config: MigrationConfig,
 }
 
-impl<'a> Source<'a> {
-    /// A source for the RAM of `mem` (the config is validated here).
+impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
+    /// A source for the RAM of `mem` (the config is validated here): a `clearlog-memory`
+    /// `MemorySystem`, or any memory that implements [`DirtyTracking`].
     ///
     /// # Examples
     ///
@@ -98,7 +99,7 @@ impl<'a> Source<'a> {
     /// let bad = MigrationConfig { mode: DirtyLogMode::Clear { shift: 32 }, ..Default::default() };
     /// assert!(matches!(Source::new(&mem, bad), Err(Error::ClearShiftOutOfRange(32))));
     /// ```
-    pub fn new(mem: &'a MemorySystem, config: MigrationConfig) -> Result<Self> {
+    pub fn new(mem: &'a M, config: MigrationConfig) -> Result<Self> {
         config.validate()?;
         Ok(Source { mem, config })
     }
@@ -176,15 +177,15 @@ impl<'a> Source<'a> {
     }
 }
 
-struct Run<'r, 'p> {
-    mem: &'r MemorySystem,
+struct Run<'r, 'p, M: DirtyTracking + ?Sized> {
+    mem: &'r M,
     config: &'r MigrationConfig,
     vm: &'r dyn VmControl,
     cancel: &'r CancelToken,
     progress: Option<&'p mut dyn FnMut(&Progress)>,
     out: RateLimitedWriter<BufWriter<Box<dyn Write + Send>>>,
     ack: Option<Box<dyn TransportRead>>,
-    blocks: Vec<BlockState>,
+    blocks: Vec<BlockState<M::Block>>,
     batch: PageBatch,
     page_records: u64,
     stats: MigrationStats,
@@ -202,7 +203,12 @@ fn vm_err(hook: &'static str) -> impl FnOnce(crate::BoxError) -> Error {
     move |source| Error::Vm { hook, source }
 }
 
-impl Run<'_, '_> {
+/// What a failed memory call was doing, for [`Error::Memory`].
+fn mem_err(op: &'static str) -> impl FnOnce(crate::BoxError) -> Error {
+    move |source| Error::Memory { op, source }
+}
+
+impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     fn run(&mut self, start: Instant) -> Result<()> {
         let cfg = self.config;
         self.stats.mode = cfg.mode.name().to_string();
@@ -290,7 +296,7 @@ impl Run<'_, '_> {
     }
 
     fn setup(&mut self) -> Result<()> {
-        let blocks = self.mem.ram_blocks();
+        let blocks = self.mem.blocks();
         let header = Header {
             page_size: PAGE_SIZE as u32,
             flags: if self.ack.is_some() {
@@ -318,7 +324,10 @@ impl Run<'_, '_> {
             let pages = block.pages() as usize;
             let clear = match self.config.mode {
                 DirtyLogMode::Legacy => None,
-                DirtyLogMode::Clear { shift } => Some(ClearBitmap::new(block.pages(), shift)?),
+                DirtyLogMode::Clear { shift } => Some(
+                    ClearBitmap::new(block.pages(), shift)
+                        .map_err(|e| mem_err("sizing the clear bitmap")(e.into()))?,
+                ),
             };
             self.blocks.push(BlockState {
                 block,
@@ -333,58 +342,39 @@ impl Run<'_, '_> {
             });
         }
         self.logging = true;
-        self.mem.log_global_start()?;
+        self.mem
+            .start_logging()
+            .map_err(mem_err("starting dirty logging"))?;
         // First sync: learn which chunks the accelerator holds bits for (all of them with KVM's
         // INITIALLY_SET), so they are re-armed before the first pass reads them.
         self.sync()?;
         Ok(())
     }
 
-    /// `log_sync_all`, fold into the per-block bitmaps, and (legacy) re-arm whole blocks at once.
+    /// Sync, fold into the per-block bitmaps, and (legacy) re-arm whole blocks at once.
     /// Returns the number of newly dirty pages.
     fn sync(&mut self) -> Result<u64> {
         let t = Instant::now();
-        self.mem.log_sync_all()?;
+        let mem = self.mem;
+        mem.sync_dirty().map_err(mem_err("syncing the dirty log"))?;
         self.stats.log_sync_ms += ms(t.elapsed());
         self.stats.dirty_syncs += 1;
         let mut new = 0;
         for bs in &mut self.blocks {
-            new += self
-                .mem
-                .sync_migration_bitmap(&bs.block, &mut bs.dirty, bs.clear.as_mut());
+            new += mem
+                .take_dirty(&bs.block, &mut bs.dirty, bs.clear.as_mut())
+                .map_err(mem_err("taking the dirty bits"))?;
         }
         if self.config.mode == DirtyLogMode::Legacy {
-            for i in 0..self.blocks.len() {
-                let block = self.blocks[i].block.clone();
-                self.clear_range(&block, 0, block.size())?;
+            for bs in &self.blocks {
+                let t = Instant::now();
+                mem.clear_dirty(&bs.block, 0, bs.block.size())
+                    .map_err(mem_err("re-arming dirty tracking"))?;
+                self.stats.log_clear_calls += 1;
+                self.stats.log_clear_ms += ms(t.elapsed());
             }
         }
         Ok(new)
-    }
-
-    fn clear_range(&mut self, block: &RamBlock, offset: u64, len: u64) -> Result<()> {
-        let t = Instant::now();
-        self.mem.clear_dirty_bitmap_block(block, offset, len)?;
-        let took = t.elapsed();
-        self.stats.log_clear_calls += 1;
-        self.stats.log_clear_ms += ms(took);
-        tracing::debug!(
-            block = block.name(),
-            offset,
-            len,
-            us = took.as_micros() as u64,
-            "dirty log clear"
-        );
-        Ok(())
-    }
-
-    /// Re-arm chunk `chunk` of block `bi`.
-    fn clear_chunk(&mut self, bi: usize, chunk: u64, shift: u8) -> Result<()> {
-        let block = self.blocks[bi].block.clone();
-        let chunk_bytes = crate::shift_to_chunk_bytes(shift);
-        let offset = chunk << (u32::from(shift) + clearlog_memory::PAGE_SHIFT);
-        let len = chunk_bytes.min(block.size() - offset);
-        self.clear_range(&block, offset, len)
     }
 
     fn remaining_bytes(&self) -> u64 {
@@ -417,34 +407,36 @@ impl Run<'_, '_> {
         let mut c = PassCounters::default();
         let bytes_before = self.out.bytes_written();
         let clears_before = self.stats.log_clear_calls;
+        let mem = self.mem;
         for bi in 0..self.blocks.len() {
             let mut next = self.blocks[bi].dirty.find_next_set(0);
-            // TEST ONLY (`test_read_before_clear`): a chunk cleared after its pages were read.
-            let mut late_clear: Option<(u64, u8)> = None;
+            // Chunk of the last page sent: a chunk is re-armed at most once per pass, before its
+            // first page is read, so only a page of a new chunk needs asking.
+            let mut last_chunk = None;
             while let Some(page) = next {
-                let chunk_info = self.blocks[bi]
-                    .clear
-                    .as_ref()
-                    .map(|c| (c.shift(), c.chunk_of(page as u64)));
-                if let Some((shift, chunk)) = chunk_info {
-                    if let Some((pending, _)) = late_clear.filter(|(ch, _)| *ch != chunk) {
-                        late_clear = None;
-                        self.clear_chunk(bi, pending, shift)?;
-                    }
-                    if self.blocks[bi]
-                        .clear
-                        .as_mut()
-                        .is_some_and(|cl| cl.test_and_clear(chunk))
-                    {
-                        if self.config.test_read_before_clear {
-                            late_clear = Some((chunk, shift));
-                        } else {
-                            // Re-arm, THEN read.
-                            self.clear_chunk(bi, chunk, shift)?;
+                let bs = &mut self.blocks[bi];
+                if let Some(clear) = bs.clear.as_mut() {
+                    let chunk = clear.chunk_of(page as u64);
+                    if last_chunk != Some(chunk) {
+                        last_chunk = Some(chunk);
+                        let t = Instant::now();
+                        // Re-arm, THEN read.
+                        if mem
+                            .clear_chunk_before_send(&bs.block, clear, page as u64)
+                            .map_err(mem_err("re-arming a chunk before sending it"))?
+                        {
+                            let took = t.elapsed();
+                            self.stats.log_clear_calls += 1;
+                            self.stats.log_clear_ms += ms(took);
+                            tracing::trace!(
+                                block = bs.block.name(),
+                                chunk,
+                                us = took.as_micros() as u64,
+                                "dirty log clear"
+                            );
                         }
                     }
                 }
-                let bs = &mut self.blocks[bi];
                 bs.dirty.clear(page);
                 if bs.sent.test(page) {
                     self.stats.resent_pages += 1;
@@ -456,7 +448,7 @@ impl Run<'_, '_> {
                 let (zero, digest) = self.batch.push_page(bi as u32, page as u64, hash, |buf| {
                     block
                         .read(page as u64 * PAGE_SIZE, buf)
-                        .map_err(Error::from)
+                        .map_err(mem_err("reading a page"))
                 })?;
                 if hash {
                     bs.sent_digest[page] = digest;
@@ -470,9 +462,6 @@ impl Run<'_, '_> {
                 next = self.blocks[bi].dirty.find_next_set(page + 1);
             }
             self.send_batch()?;
-            if let Some((pending, shift)) = late_clear {
-                self.clear_chunk(bi, pending, shift)?;
-            }
         }
         self.out.flush().map_err(Error::io("sending pages"))?;
         debug_assert!(self.batch.is_empty());
@@ -613,7 +602,7 @@ impl Run<'_, '_> {
     /// Cleanup on both paths: stop logging, drop the throttle, and on failure resume the guest.
     fn finish(&mut self, ok: bool) {
         if self.logging {
-            if let Err(e) = self.mem.log_global_stop() {
+            if let Err(e) = self.mem.stop_logging() {
                 tracing::error!(error = %e, "stopping dirty logging failed");
             }
         }

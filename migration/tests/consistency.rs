@@ -55,7 +55,6 @@ fn run(
         bandwidth_limit_bytes_per_s: 32 << 20,
         downtime_limit: Duration::from_millis(10),
         max_time: Some(Duration::from_secs(30)),
-        test_read_before_clear: read_before_clear,
         digest,
         ..MigrationConfig::default()
     };
@@ -64,12 +63,20 @@ fn run(
     let (src_res, dst_res) = std::thread::scope(|s| {
         let d = s.spawn(|| Destination::new(&dst).receive(dst_t, &*vm_dst));
         let mut cb = |p: &Progress| progress.push(p.clone());
-        let r = Source::new(&src, config).unwrap().migrate(
-            src_t,
-            &*vm_src,
-            Some(&mut cb),
-            &CancelToken::new(),
-        );
+        let cancel = CancelToken::new();
+        let r = if read_before_clear {
+            let wrong_order = ReadBeforeClear::new(&src);
+            Source::new(&wrong_order, config).unwrap().migrate(
+                src_t,
+                &*vm_src,
+                Some(&mut cb),
+                &cancel,
+            )
+        } else {
+            Source::new(&src, config)
+                .unwrap()
+                .migrate(src_t, &*vm_src, Some(&mut cb), &cancel)
+        };
         (r, d.join().unwrap())
     });
     // The source guest is still paused on success: its RAM is the switchover state.

@@ -8,8 +8,8 @@ use clearlog_kvm::layout::{DEFAULT_WSS_START, MAX_RAM};
 use clearlog_kvm::vm::DirtyLogChoice;
 use clearlog_kvm::workload::WorkloadSpec;
 use clearlog_migration::{
-    ram_fingerprint, CancelToken, DirtyLogMode, MigrationConfig, MigrationStats, MigrationUri,
-    Progress, Source, Transport,
+    ram_fingerprint, CancelToken, ConnectOptions, DirtyLogMode, MigrationConfig, MigrationStats,
+    MigrationUri, Progress, Source, Transport,
 };
 
 use crate::args::{
@@ -325,47 +325,15 @@ pub fn validate_uri(flag: &str, uri: &str) -> CliResult {
 /// How long `--retry-to` watches the guest after a failed migration, to prove it still runs.
 const PROGRESS_PROBE: Duration = Duration::from_millis(300);
 
-/// Connect to a destination. A TCP connection gets a send timeout and `TCP_USER_TIMEOUT` of
-/// `io_timeout`, so a link that goes silent (cable pulled, peer host gone) fails the migration in
-/// seconds, and the guest keeps running here, instead of blocking for the kernel's ~15 minutes.
+/// Connect to a destination. A TCP connection is guarded against a dead link for `io_timeout`
+/// (the transport's send timeout and `TCP_USER_TIMEOUT`), so a link that goes silent (cable
+/// pulled, peer host gone) fails the migration in seconds and the guest keeps running here.
 pub fn connect_source(uri: &str, io_timeout: Duration) -> CliResult<Transport> {
-    let unreachable = |e: &dyn std::fmt::Display| {
+    clearlog_migration::connect_with(uri, &ConnectOptions { io_timeout }).map_err(|e| {
         CliError::Failed(format!(
             "cannot reach the destination {uri}: {e} (is `vmm incoming` listening there?)"
         ))
-    };
-    let Ok(MigrationUri::Tcp(addr)) = uri.parse::<MigrationUri>() else {
-        return clearlog_migration::connect(uri).map_err(|e| unreachable(&e));
-    };
-    let stream = std::net::TcpStream::connect(addr.as_str()).map_err(|e| unreachable(&e))?;
-    if !io_timeout.is_zero() {
-        stream
-            .set_write_timeout(Some(io_timeout))
-            .map_err(|e| unreachable(&e))?;
-        set_tcp_user_timeout(&stream, io_timeout).map_err(|e| unreachable(&e))?;
-    }
-    Transport::tcp(stream).map_err(|e| unreachable(&e))
-}
-
-/// `TCP_USER_TIMEOUT`: abort the connection when sent data stays unacknowledged this long.
-fn set_tcp_user_timeout(stream: &std::net::TcpStream, timeout: Duration) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let ms = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
-    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_uint and its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
-            (&ms as *const libc::c_uint).cast(),
-            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    })
 }
 
 /// Run one migration of `guest`, with a progress bar on a terminal.

@@ -8,10 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use clearlog_bitmap::Bitmap;
+use clearlog_memory::ClearBitmap;
 use clearlog_memory::{
     DirtyMemory, ListenerError, MemoryListener, MemorySystem, RamBlock, Section, PAGE_SIZE,
 };
-use clearlog_migration::{BoxError, StateBlob, VmControl, VmRestore};
+use clearlog_migration::{
+    BoxError, DirtyTracking, MemoryResult, MigrationMemory, StateBlob, VmControl, VmRestore,
+};
 use rand::{Rng, SeedableRng};
 
 /// One memslot of the fake accelerator: the "kernel" dirty bitmap (set by the guest writer) and the
@@ -118,6 +122,83 @@ impl MemoryListener for FakeAccel {
         }
         self.clears.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// A deliberately wrong dirty tracker for the loss tests: it re-arms each chunk only when the engine
+/// asks for the NEXT one (or syncs), so every chunk's pages are read BEFORE it is re-armed, and a
+/// write between the read and the late re-arm is lost. The consistency tests must catch that.
+pub struct ReadBeforeClear<'a> {
+    mem: &'a MemorySystem,
+    /// The chunk the engine last asked to re-arm: block, first page, pages.
+    pending: Mutex<Option<(Arc<RamBlock>, u64, u64)>>,
+}
+
+impl<'a> ReadBeforeClear<'a> {
+    pub fn new(mem: &'a MemorySystem) -> Self {
+        ReadBeforeClear {
+            mem,
+            pending: Mutex::new(None),
+        }
+    }
+
+    fn flush(&self) -> MemoryResult<()> {
+        if let Some((block, first, npages)) = self.pending.lock().unwrap().take() {
+            self.mem
+                .clear_dirty_bitmap_block(&block, first * PAGE_SIZE, npages * PAGE_SIZE)?;
+        }
+        Ok(())
+    }
+}
+
+impl MigrationMemory for ReadBeforeClear<'_> {
+    type Block = Arc<RamBlock>;
+    fn blocks(&self) -> Vec<Arc<RamBlock>> {
+        self.mem.blocks()
+    }
+}
+
+impl DirtyTracking for ReadBeforeClear<'_> {
+    fn start_logging(&self) -> MemoryResult<()> {
+        self.mem.start_logging()
+    }
+    fn stop_logging(&self) -> MemoryResult<()> {
+        self.flush()?;
+        self.mem.stop_logging()
+    }
+    fn sync_dirty(&self) -> MemoryResult<()> {
+        self.flush()?;
+        self.mem.sync_dirty()
+    }
+    fn take_dirty(
+        &self,
+        block: &Arc<RamBlock>,
+        dest: &mut Bitmap,
+        clear: Option<&mut ClearBitmap>,
+    ) -> MemoryResult<u64> {
+        self.mem.take_dirty(block, dest, clear)
+    }
+    fn clear_dirty(&self, block: &Arc<RamBlock>, offset: u64, len: u64) -> MemoryResult<()> {
+        self.mem.clear_dirty(block, offset, len)
+    }
+    fn clear_chunk_before_send(
+        &self,
+        block: &Arc<RamBlock>,
+        clear: &mut ClearBitmap,
+        page: u64,
+    ) -> MemoryResult<bool> {
+        clear.clear_chunk_before_read(page, |first, npages| -> MemoryResult<()> {
+            let previous = self
+                .pending
+                .lock()
+                .unwrap()
+                .replace((block.clone(), first, npages));
+            if let Some((b, f, n)) = previous {
+                self.mem
+                    .clear_dirty_bitmap_block(&b, f * PAGE_SIZE, n * PAGE_SIZE)?;
+            }
+            Ok(())
+        })
     }
 }
 

@@ -1,0 +1,260 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! What the engine needs of guest memory: [`MigrationMemory`] (the RAM blocks, both sides),
+//! [`DirtyTracking`] (dirty logging, the source) and [`MigrationBlock`] (one block's bytes).
+//!
+//! These are consumer-side traits: they hold exactly the calls the engine makes, so a VMM can
+//! migrate memory it manages itself. `clearlog-memory`'s [`MemorySystem`] implements them (and with
+//! it any VMM memory adopted into a `MemorySystem`, e.g. a vm-memory `GuestMemoryMmap`), and so do
+//! `&T` and `Arc<T>` of an implementation.
+
+use std::sync::Arc;
+
+use clearlog_bitmap::Bitmap;
+use clearlog_memory::{ClearBitmap, MemorySystem, RamBlock, PAGE_SHIFT};
+
+use crate::BoxError;
+
+/// Result of a [`MigrationMemory`], [`DirtyTracking`] or [`MigrationBlock`] call: the
+/// implementation's own error, boxed.
+pub type MemoryResult<T> = std::result::Result<T, BoxError>;
+
+/// One block of guest RAM as the engine sees it: a name, a size and its bytes.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::MigrationBlock;
+///
+/// let mem = clearlog_memory::MemorySystem::new();
+/// mem.add_ram("ram", 0, 1 << 20).unwrap();
+/// let block = mem.ram_blocks()[0].clone();
+/// assert_eq!((MigrationBlock::name(&block), MigrationBlock::pages(&block)), ("ram", 256));
+/// ```
+pub trait MigrationBlock: Send + Sync {
+    /// The block's name: it identifies the block in the stream, so both sides must use the same.
+    fn name(&self) -> &str;
+    /// Size in bytes, a non-zero multiple of the page size (4 KiB).
+    fn size(&self) -> u64;
+    /// Size in pages.
+    fn pages(&self) -> u64 {
+        self.size() >> PAGE_SHIFT
+    }
+    /// Copy `buf.len()` bytes at `offset` out of the block. The guest may be writing the same bytes
+    /// concurrently: a torn copy is fine, the page is dirty again and will be re-sent.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> MemoryResult<()>;
+    /// Copy `data` into the block at `offset` without marking anything dirty (a destination loading
+    /// incoming pages).
+    fn write_untracked(&self, offset: u64, data: &[u8]) -> MemoryResult<()>;
+}
+
+/// Guest RAM to migrate: its blocks, in stream order. All a destination needs.
+///
+/// # Examples
+///
+/// A destination over memory the VMM manages itself (here a `Vec`; a real VMM has its mappings):
+///
+/// ```
+/// use std::sync::Mutex;
+/// use clearlog_migration::{MemoryResult, MigrationBlock, MigrationMemory};
+///
+/// struct VecBlock(Mutex<Vec<u8>>);
+/// impl MigrationBlock for VecBlock {
+///     fn name(&self) -> &str { "ram" }
+///     fn size(&self) -> u64 { self.0.lock().unwrap().len() as u64 }
+///     fn read(&self, offset: u64, buf: &mut [u8]) -> MemoryResult<()> {
+///         let o = offset as usize;
+///         buf.copy_from_slice(self.0.lock().unwrap().get(o..o + buf.len()).ok_or("out of range")?);
+///         Ok(())
+///     }
+///     fn write_untracked(&self, offset: u64, data: &[u8]) -> MemoryResult<()> {
+///         let o = offset as usize;
+///         self.0.lock().unwrap().get_mut(o..o + data.len()).ok_or("out of range")?.copy_from_slice(data);
+///         Ok(())
+///     }
+/// }
+/// struct VecMemory(std::sync::Arc<VecBlock>);
+/// impl MigrationMemory for VecMemory {
+///     type Block = std::sync::Arc<VecBlock>;
+///     fn blocks(&self) -> Vec<Self::Block> { vec![self.0.clone()] }
+/// }
+///
+/// let mem = VecMemory(std::sync::Arc::new(VecBlock(Mutex::new(vec![0; 8192]))));
+/// let _destination = clearlog_migration::Destination::new(&mem);
+/// ```
+pub trait MigrationMemory {
+    /// A handle to one block (cheap to clone, e.g. an `Arc`).
+    type Block: MigrationBlock;
+    /// The RAM blocks, in stream order. Called once per migration, at its start.
+    fn blocks(&self) -> Vec<Self::Block>;
+}
+
+/// Dirty logging of guest RAM: what a migration source needs besides the blocks.
+///
+/// The rules an implementation must keep (they are what makes migration loss-free):
+/// - [`sync_dirty`](Self::sync_dirty) collects what the accelerator and the VMM's own writes dirtied
+///   since the last sync; [`take_dirty`](Self::take_dirty) then moves a block's bits into the
+///   engine's bitmap. Nothing may be lost between the two.
+/// - [`clear_dirty`](Self::clear_dirty) re-arms tracking for a range: a write that lands after it
+///   returns must be reported by a later sync. It may only clear what the accelerator reported
+///   since the last sync, once (two dirty-memory clients must never clear a bit twice).
+/// - The engine re-arms a chunk *before* reading its pages
+///   ([`clear_chunk_before_send`](Self::clear_chunk_before_send)); an implementation must not
+///   defer the clear past the call.
+///
+/// # Examples
+///
+/// `clearlog-memory`'s `MemorySystem` implements it: see [`crate::Source`].
+pub trait DirtyTracking: MigrationMemory {
+    /// Start dirty logging for migration (every block dirty from here on is reported).
+    fn start_logging(&self) -> MemoryResult<()>;
+    /// Stop dirty logging for migration.
+    fn stop_logging(&self) -> MemoryResult<()>;
+    /// Collect dirty bits from every dirty source (the accelerator, the VMM's device writes).
+    fn sync_dirty(&self) -> MemoryResult<()>;
+    /// Move `block`'s collected dirty bits into `dest` (one bit per page of the block) and return
+    /// how many were not already set there; with `clear`, mark every chunk that received a bit.
+    fn take_dirty(
+        &self,
+        block: &Self::Block,
+        dest: &mut Bitmap,
+        clear: Option<&mut ClearBitmap>,
+    ) -> MemoryResult<u64>;
+    /// Re-arm dirty tracking for bytes `[offset, offset + len)` of `block` (widened to pages).
+    fn clear_dirty(&self, block: &Self::Block, offset: u64, len: u64) -> MemoryResult<()>;
+    /// Re-arm `page`'s chunk if `clear` still marks it, then return (the caller reads the page
+    /// next). Returns whether a clear was sent. On failure the chunk stays marked.
+    ///
+    /// The default does it with [`clear_dirty`](Self::clear_dirty) through
+    /// [`ClearBitmap::clear_chunk_before_read`], the one implementation of the rule.
+    fn clear_chunk_before_send(
+        &self,
+        block: &Self::Block,
+        clear: &mut ClearBitmap,
+        page: u64,
+    ) -> MemoryResult<bool> {
+        clear.clear_chunk_before_read(page, |first, npages| {
+            self.clear_dirty(block, first << PAGE_SHIFT, npages << PAGE_SHIFT)
+        })
+    }
+}
+
+impl MigrationBlock for RamBlock {
+    fn name(&self) -> &str {
+        RamBlock::name(self)
+    }
+    fn size(&self) -> u64 {
+        RamBlock::size(self)
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> MemoryResult<()> {
+        Ok(RamBlock::read(self, offset, buf)?)
+    }
+    fn write_untracked(&self, offset: u64, data: &[u8]) -> MemoryResult<()> {
+        Ok(RamBlock::write_untracked(self, offset, data)?)
+    }
+}
+
+impl<T: MigrationBlock + ?Sized> MigrationBlock for Arc<T> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn pages(&self) -> u64 {
+        (**self).pages()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> MemoryResult<()> {
+        (**self).read(offset, buf)
+    }
+    fn write_untracked(&self, offset: u64, data: &[u8]) -> MemoryResult<()> {
+        (**self).write_untracked(offset, data)
+    }
+}
+
+impl MigrationMemory for MemorySystem {
+    type Block = Arc<RamBlock>;
+    fn blocks(&self) -> Vec<Arc<RamBlock>> {
+        self.ram_blocks()
+    }
+}
+
+impl DirtyTracking for MemorySystem {
+    fn start_logging(&self) -> MemoryResult<()> {
+        Ok(self.log_global_start()?)
+    }
+    fn stop_logging(&self) -> MemoryResult<()> {
+        Ok(self.log_global_stop()?)
+    }
+    fn sync_dirty(&self) -> MemoryResult<()> {
+        Ok(self.log_sync_all()?)
+    }
+    fn take_dirty(
+        &self,
+        block: &Arc<RamBlock>,
+        dest: &mut Bitmap,
+        clear: Option<&mut ClearBitmap>,
+    ) -> MemoryResult<u64> {
+        Ok(self.try_sync_migration_bitmap(block, dest, clear)?)
+    }
+    fn clear_dirty(&self, block: &Arc<RamBlock>, offset: u64, len: u64) -> MemoryResult<()> {
+        Ok(self.clear_dirty_bitmap_block(block, offset, len)?)
+    }
+    fn clear_chunk_before_send(
+        &self,
+        block: &Arc<RamBlock>,
+        clear: &mut ClearBitmap,
+        page: u64,
+    ) -> MemoryResult<bool> {
+        // The memory system's own entry point: the function its loss proptests exercise.
+        Ok(MemorySystem::clear_chunk_before_send(
+            self, block, clear, page,
+        )?)
+    }
+}
+
+/// Forwards every call: lets the engine take `&mem`, `Arc<mem>` or `&Arc<mem>` alike.
+macro_rules! forward_memory {
+    ($($wrapper:ty),*) => {$(
+        impl<T: MigrationMemory + ?Sized> MigrationMemory for $wrapper {
+            type Block = T::Block;
+            fn blocks(&self) -> Vec<T::Block> {
+                (**self).blocks()
+            }
+        }
+
+        impl<T: DirtyTracking + ?Sized> DirtyTracking for $wrapper {
+            fn start_logging(&self) -> MemoryResult<()> {
+                (**self).start_logging()
+            }
+            fn stop_logging(&self) -> MemoryResult<()> {
+                (**self).stop_logging()
+            }
+            fn sync_dirty(&self) -> MemoryResult<()> {
+                (**self).sync_dirty()
+            }
+            fn take_dirty(
+                &self,
+                block: &T::Block,
+                dest: &mut Bitmap,
+                clear: Option<&mut ClearBitmap>,
+            ) -> MemoryResult<u64> {
+                (**self).take_dirty(block, dest, clear)
+            }
+            fn clear_dirty(&self, block: &T::Block, offset: u64, len: u64) -> MemoryResult<()> {
+                (**self).clear_dirty(block, offset, len)
+            }
+            fn clear_chunk_before_send(
+                &self,
+                block: &T::Block,
+                clear: &mut ClearBitmap,
+                page: u64,
+            ) -> MemoryResult<bool> {
+                (**self).clear_chunk_before_send(block, clear, page)
+            }
+        }
+    )*};
+}
+
+forward_memory!(&T, Arc<T>);

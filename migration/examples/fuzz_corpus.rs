@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Writes the seed corpus of the stream-decoder fuzz targets (`migration/fuzz/`): real streams made by
 //! [`Source`], for the guest the fuzz targets load into (one 1 MiB RAM block named `ram` at 0).
 //!

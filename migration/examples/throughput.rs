@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Measures the engine's unlimited throughput over the in-memory channel and loopback TCP, and the cost
 //! of hashing RAM for the digest table.
 //!

@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Cancelling a migration from another thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Precopy live migration of a guest's RAM and CPU/device state, with loss-free dirty-page tracking
 //! built on `KVM_CLEAR_DIRTY_LOG` (chunked re-arming), for any VMM using `clearlog-memory`.
 //!

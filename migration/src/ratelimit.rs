@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A token-bucket rate limiter for the outgoing stream.
 
 use std::io::{self, Write};

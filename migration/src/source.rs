@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The source side: precopy iterations, convergence, switchover.
 
 use std::io::{BufWriter, Write};

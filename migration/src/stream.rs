@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The wire format: constants, an encoder for the source and a validating decoder for the destination.
 //!
 //! The layout is documented in the crate docs ("Stream format"). All integers are little-endian.

@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The small traits a VMM implements so the engine can pause, save, restore and resume its guest.
 
 use crate::BoxError;

@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Migration under a concurrent writer, without KVM: destination == source at switchover.
 //!
 //! The "accelerator" is either a fake KVM-like listener with a per-slot cache and a guest writer that

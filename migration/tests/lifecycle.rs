@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Transports end to end, snapshot/restore, and the failure paths: cancel, transport errors, no
 //! convergence, refusal, ack timeout. The source VM is never lost.
 

@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The destination's decoder on bad input: every failure is a distinct, clean error, and the guest is
 //! never restored or resumed.
 

@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `vmm bench`: the seed's experiment, scaled to this machine. Each run is two processes (`vmm
 //! incoming` and `vmm run --migrate-to`) on loopback TCP; runs of different modes are interleaved so
 //! slow drifts of the machine spread over all modes alike.

@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The library half of the `vmm` CLI: wiring the binary and its integration tests share.
 //!
 //! `vmm` itself adds no logic of its own beyond assembling the library crates; this is the one

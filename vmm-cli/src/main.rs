@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `vmm`: the thin CLI of the clearlog workspace. It assembles the library crates (a KVM guest from
 //! `clearlog-kvm`, migration from `clearlog-migration`) and prints what they measure.
 //!

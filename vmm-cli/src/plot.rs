@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `vmm bench --plot`: total time per mode, and remaining dirty bytes per iteration (plotters, SVG).
 
 use std::path::Path;

@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Parsing of the sizes, rates and durations the CLI takes (`4G`, `288M`, `100ms`).
 //!
 //! Sizes and rates use binary units, as DESIGN.md does: `400M` is 400 MiB. A bare number is bytes.

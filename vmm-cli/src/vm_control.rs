@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Wiring: a `clearlog-kvm` [`Guest`] seen through `clearlog-migration`'s VMM traits.
 
 use clearlog_kvm::guest::Guest;

@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `cargo xtask faults`: cut migrations at random points and check that nothing is lost.
 //!
 //! Each case starts two destinations (`vmm incoming`): A behind a fault-injecting TCP proxy, B

@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `cargo xtask fuzz [--seconds N]`: a short libFuzzer run of each stream-decoder fuzz target
 //! (`migration/fuzz`, cargo-fuzz), for CI.
 //!

@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Shared pieces of the migration harnesses (`faults`, `soak`, `netns`): building and running the
 //! release `vmm`, child processes that are always killed, a seeded PRNG, random guest shapes.
 

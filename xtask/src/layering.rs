@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The crate layering rule and its check against `cargo metadata`.
 //!
 //! Dependencies point one way only: `bitmap` <- `memory-api` <- (`kvm-accel`, `migration`) <- `vmm-cli`.

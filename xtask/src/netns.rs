@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `cargo xtask netns`: two "hosts" on this machine, two network namespaces joined by veth pairs.
 //!
 //! Link 1 is shaped with `tc` (tbf bandwidth limit; netem delay and loss where the kernel has

@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `cargo xtask soak --runs N [--seed S]`: N migrations with random workloads, sizes, modes and
 //! shifts, one at a time over loopback TCP, each verified three ways:
 //! - the stream's own digest table (a mismatch makes `vmm incoming` exit 1 and name the count),

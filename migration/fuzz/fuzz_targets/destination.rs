@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Arbitrary bytes as an incoming migration stream, received by a `Destination` holding the guest the
 //! seed corpus was made for (one 1 MiB block `ram`).
 //!

@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Arbitrary bytes through the public `StreamReader` API alone: `read_header`, then `next_record` (and
 //! `read_page` for each entry of a page batch) until the end record or the first error.
 //!

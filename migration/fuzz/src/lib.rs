@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Shared pieces of the stream-decoder fuzz targets: a global allocator that aborts on any allocation
 //! over the documented bound, the fuzzed guest's layout, and an independent reference validator of the
 //! stream format (the oracle that says whether a guest may be resumed from a stream).

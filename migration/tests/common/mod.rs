@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Shared test helpers: a fake KVM-like accelerator, a guest writer thread, a test VM.
 #![allow(dead_code)]
 

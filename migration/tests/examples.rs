@@ -1,0 +1,68 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The adopter example must keep working and keep its glue small: `cargo test` builds the examples,
+//! these tests run one and count its glue.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The glue of `examples/vmm_adopter.rs`: code lines (not blank, not comments) between the
+/// `// --- glue begin ---` and `// --- glue end ---` markers.
+fn glue_lines(source: &str) -> usize {
+    let mut inside = false;
+    let mut count = 0;
+    for line in source.lines().map(str::trim) {
+        match line {
+            "// --- glue begin ---" => inside = true,
+            "// --- glue end ---" => inside = false,
+            l if inside && !l.is_empty() && !l.starts_with("//") => count += 1,
+            _ => {}
+        }
+    }
+    count
+}
+
+#[test]
+fn vmm_adopter_glue_is_small() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/vmm_adopter.rs");
+    let source = std::fs::read_to_string(path).unwrap();
+    let glue = glue_lines(&source);
+    assert!(glue > 0, "no glue markers found in {path}");
+    assert!(glue < 60, "adopter glue grew to {glue} lines (limit: under 60)");
+    let claimed = format!("example's own VMM): {glue} lines.");
+    assert!(
+        source.contains(&claimed),
+        "the example's header must state its glue size: expected `{claimed}`"
+    );
+}
+
+/// The example binary cargo built beside this test (`cargo test` builds every example).
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/examples-<hash> -> target/<profile>/examples/<name>
+    exe.parent().unwrap().parent().unwrap().join("examples").join(name)
+}
+
+#[test]
+fn vmm_adopter_migrates_byte_equal_memory() {
+    let bin = example("vmm_adopter");
+    assert!(
+        bin.exists(),
+        "{} missing: run through `cargo test`, which builds the examples",
+        bin.display()
+    );
+    let out = Command::new(&bin).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "vmm_adopter failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or("");
+    assert_eq!(
+        last, "destination memory is byte-equal to the source's at switchover: yes",
+        "{stdout}"
+    );
+}

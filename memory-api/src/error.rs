@@ -156,6 +156,65 @@ pub enum Error {
     /// A clear-bitmap shift outside `ClearBitmap::MIN_SHIFT..=ClearBitmap::MAX_SHIFT`.
     #[error("clear-bitmap shift {0} is outside 6..=31")]
     InvalidClearShift(u8),
+    /// A memfd for RAM could not be created or sized.
+    #[error("cannot create or size a memfd for guest RAM: {0}")]
+    Memfd(#[source] std::io::Error),
+    /// hugetlb memory could not be had: the host has no (or not enough) free huge pages.
+    #[error(
+        "cannot get {size:#x} bytes of hugetlb guest RAM{}: the host has no free huge pages for it \
+         (reserve some with /proc/sys/vm/nr_hugepages; see HugePages_Free in /proc/meminfo): {source}",
+        if *huge_page_size != 0 { format!(" in {huge_page_size:#x}-byte pages") } else { String::new() }
+    )]
+    HugePagesUnavailable {
+        /// Bytes requested.
+        size: u64,
+        /// The huge page size (0 if unknown: the memfd could not even be created).
+        huge_page_size: u64,
+        /// The system call's error (`ENOMEM` from `mmap` when no huge pages are free).
+        #[source]
+        source: std::io::Error,
+    },
+    /// A hugetlb size or offset is not a multiple of the huge page size.
+    #[error("{what} {value:#x} is not a multiple of the huge page size {huge_page_size:#x}")]
+    NotHugePageAligned {
+        /// Which value.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+        /// The huge page size.
+        huge_page_size: u64,
+    },
+    /// The caller's backing file could not be inspected (`fstat`/`fstatfs` failed: a bad fd?).
+    #[error("cannot inspect the RAM backing file: {source}")]
+    BackingFile {
+        /// The system call's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The caller's backing fd is not a regular file (memfd, hugetlbfs or tmpfs file expected).
+    #[error(
+        "the RAM backing fd is not a regular file (a memfd, hugetlbfs or tmpfs file is expected)"
+    )]
+    BackingNotRegularFile,
+    /// The block would extend past the end of the caller's backing file.
+    #[error("RAM of {size:#x} bytes at file offset {offset:#x} is past the end of the {file_size:#x}-byte backing file (ftruncate it first)")]
+    BackingPastEof {
+        /// Offset of the block in the file.
+        offset: u64,
+        /// Size of the block.
+        size: u64,
+        /// Size of the file.
+        file_size: u64,
+    },
+    /// A vm-memory region's bitmap is already attached to a memory system (possibly this one).
+    #[error("the vm-memory region{} is already attached to a memory system", guest_addr.map(|a| format!(" at {a:#x}")).unwrap_or_default())]
+    AlreadyAttached {
+        /// Guest address of the region, when known.
+        guest_addr: Option<u64>,
+    },
+    /// The mapped RAM regions cannot be shown as one vm-memory `GuestMemoryMmap` (they overlap).
+    #[error("the mapped RAM regions do not form a vm-memory GuestMemoryMmap: {0}")]
+    GuestMemoryView(#[source] vm_memory::GuestRegionCollectionError),
     /// A caller-owned bitmap is too small for the RAM block it is used with.
     #[error("{what} holds {have} bits, the block needs {need}")]
     BitmapTooSmall {

@@ -55,6 +55,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod backing;
 pub mod dirty;
 pub mod error;
 pub mod listener;
@@ -63,7 +64,11 @@ pub mod ram;
 pub mod region;
 pub mod snapshot;
 pub mod system;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod vm_bitmap;
 
+pub use backing::RamBacking;
 pub use dirty::{DirtyClient, DirtyClients, DirtyMemory};
 pub use error::{Error, ListenerError, Result};
 pub use listener::MemoryListener;
@@ -72,6 +77,7 @@ pub use ram::{is_zero_page, RamBlock, RamBlockId};
 pub use region::{RegionId, Section};
 pub use snapshot::DirtySnapshot;
 pub use system::{MemorySystem, DEFAULT_RAM_CAPACITY};
+pub use vm_bitmap::{DirtyBitmap, DirtyBitmapSlice};
 
 /// log2 of the page size tracked by dirty logging.
 pub const PAGE_SHIFT: u32 = 12;

@@ -1,13 +1,14 @@
 // Copyright 2025 The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! RAM blocks: guest RAM backed by host memory (vm-memory's `MmapRegion`).
+//! RAM blocks: guest RAM backed by host memory (vm-memory's `MmapRegion` with a [`DirtyBitmap`]).
 
 use std::sync::Arc;
 
-use vm_memory::{MmapRegion, VolatileMemory};
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
-use crate::{DirtyMemory, Error, Result, PAGE_SHIFT, PAGE_SIZE};
+use crate::backing::NewMapping;
+use crate::{DirtyBitmap, DirtyMemory, Error, RamBacking, Result, PAGE_SHIFT, PAGE_SIZE};
 
 /// Identifies a RAM block inside one [`crate::MemorySystem`].
 ///
@@ -24,11 +25,16 @@ use crate::{DirtyMemory, Error, Result, PAGE_SHIFT, PAGE_SIZE};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RamBlockId(pub u32);
 
-/// A block of guest RAM: anonymous host memory, placed in the RAM address space at a page offset that
+/// A block of guest RAM: host memory, placed in the RAM address space at a page offset that
 /// is a multiple of 64 pages (so its dirty bits start on a bitmap word).
 ///
-/// The host memory is a private anonymous `MAP_NORESERVE` mapping made by vm-memory's
-/// [`MmapRegion`]: untouched pages cost nothing, so a multi-GiB guest is cheap until it runs.
+/// The host memory is a vm-memory [`MmapRegion<DirtyBitmap>`], shared (as an `Arc`) with any
+/// vm-memory `GuestMemoryMmap<DirtyBitmap>` that shows it (see
+/// [`crate::MemorySystem::add_guest_memory`] and [`crate::MemorySystem::guest_memory`]): writes
+/// through either are marked dirty by the region's [`DirtyBitmap`]. By default
+/// ([`RamBacking::Anonymous`]) it is a private anonymous `MAP_NORESERVE` mapping: untouched pages
+/// cost nothing, so a multi-GiB guest is cheap until it runs. [`RamBacking`] gives memfd and
+/// file-backed (shared, possibly hugetlbfs) blocks.
 /// All host-side accesses are volatile copies, because the guest may write the same bytes at any time.
 ///
 /// # Examples
@@ -51,45 +57,74 @@ pub struct RamBlockId(pub u32);
 pub struct RamBlock {
     id: RamBlockId,
     name: String,
-    mapping: MmapRegion,
+    mapping: Arc<MmapRegion<DirtyBitmap>>,
     pages: u64,
     ram_page_offset: u64,
     dirty: Arc<DirtyMemory>,
 }
 
 impl RamBlock {
-    /// Map `size` bytes (a non-zero page multiple, checked by the caller) of anonymous host memory.
+    /// A block over `mapping` (size a non-zero page multiple, checked by the caller) at
+    /// `ram_page_offset` of `dirty`'s RAM address space; attaches the mapping's bitmap there.
+    ///
+    /// `anonymous`: the mapping is ours and anonymous, so it gets the THP advice.
     pub(crate) fn new(
         id: RamBlockId,
         name: &str,
-        size: u64,
+        mapping: Arc<MmapRegion<DirtyBitmap>>,
         ram_page_offset: u64,
         dirty: Arc<DirtyMemory>,
+        anonymous: bool,
+        guest_addr: Option<u64>,
     ) -> Result<Self> {
-        let mapping = usize::try_from(size)
-            .map_err(|_| Error::AddressOverflow {
-                start: 0,
-                len: size,
-            })
-            .and_then(|len| MmapRegion::new(len).map_err(|source| Error::Mmap { size, source }))?;
-        // Ask for transparent huge pages, as other VMMs do for guest RAM: the first touch of a
-        // multi-GiB guest (boot, or a migration destination loading pages) then takes one fault per
-        // 2 MiB instead of one per 4 KiB. Dirty logging still tracks 4 KiB pages (KVM maps logged
-        // slots with small pages). Only advice: failure (THP disabled) changes nothing but speed.
-        // SAFETY: the range is exactly the mapping vm-memory just created and still owns.
-        let rc =
-            unsafe { libc::madvise(mapping.as_ptr().cast(), mapping.size(), libc::MADV_HUGEPAGE) };
-        if rc != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_HUGEPAGE) on guest RAM");
+        let pages = (mapping.size() as u64) >> PAGE_SHIFT;
+        mapping
+            .bitmap()
+            .attach(&dirty, ram_page_offset, pages, guest_addr)?;
+        if anonymous {
+            // Ask for transparent huge pages, as other VMMs do for guest RAM: the first touch of a
+            // multi-GiB guest (boot, or a migration destination loading pages) then takes one fault
+            // per 2 MiB instead of one per 4 KiB. Dirty logging still tracks 4 KiB pages (KVM maps
+            // logged slots with small pages). Only advice: failure (THP disabled) changes nothing
+            // but speed.
+            // SAFETY: the range is exactly the anonymous mapping vm-memory created for this block
+            // and still owns (kept alive by `mapping`); MADV_HUGEPAGE does not change its contents.
+            let rc = unsafe {
+                libc::madvise(mapping.as_ptr().cast(), mapping.size(), libc::MADV_HUGEPAGE)
+            };
+            if rc != 0 {
+                tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_HUGEPAGE) on guest RAM");
+            }
         }
         Ok(RamBlock {
             id,
             name: name.to_owned(),
             mapping,
-            pages: size >> PAGE_SHIFT,
+            pages,
             ram_page_offset,
             dirty,
         })
+    }
+
+    /// Map `size` bytes (a non-zero page multiple, checked by the caller) of `backing`.
+    pub(crate) fn with_backing(
+        id: RamBlockId,
+        name: &str,
+        size: u64,
+        ram_page_offset: u64,
+        dirty: Arc<DirtyMemory>,
+        backing: &RamBacking,
+    ) -> Result<Self> {
+        let NewMapping { mmap, anonymous } = backing.map(name, size)?;
+        Self::new(
+            id,
+            name,
+            Arc::new(mmap),
+            ram_page_offset,
+            dirty,
+            anonymous,
+            None,
+        )
     }
 
     /// Block id.
@@ -173,6 +208,62 @@ impl RamBlock {
         self.mapping.as_ptr() as u64
     }
 
+    /// The host mapping, shared with any vm-memory `GuestRegionMmap` that shows this block (build
+    /// one with `GuestRegionMmap::with_arc(block.mmap().clone(), guest_addr)`; writes through it
+    /// are tracked by its [`DirtyBitmap`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+    /// use clearlog_memory::{DirtyClient, MemorySystem};
+    ///
+    /// let mem = MemorySystem::with_ram_capacity(1 << 24);
+    /// mem.add_ram("ram", 0x10_0000, 0x10000).unwrap();
+    /// mem.log_global_start().unwrap();
+    /// let block = mem.ram_blocks()[0].clone();
+    /// let region = GuestRegionMmap::with_arc(block.mmap().clone(), GuestAddress(0x10_0000)).unwrap();
+    /// let gm = GuestMemoryMmap::from_regions(vec![region]).unwrap();
+    /// gm.write_slice(b"dma", GuestAddress(0x10_1000)).unwrap();
+    /// assert!(mem.dirty().client(DirtyClient::Migration).test(1));
+    /// ```
+    pub fn mmap(&self) -> &Arc<MmapRegion<DirtyBitmap>> {
+        &self.mapping
+    }
+
+    /// The file and offset backing this block, if it has one ([`RamBacking::Memfd`] or
+    /// [`RamBacking::File`], or an adopted file-backed vm-memory region): what a VMM hands to a
+    /// vhost-user backend.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{MemorySystem, RamBacking};
+    ///
+    /// let mem = MemorySystem::with_ram_capacity(1 << 24);
+    /// mem.add_ram("anon", 0, 0x10000).unwrap();
+    /// mem.add_ram_backed("shared", 0x10000, 0x10000, RamBacking::Memfd { hugetlb: false }).unwrap();
+    /// let blocks = mem.ram_blocks();
+    /// assert!(blocks[0].file_offset().is_none());
+    /// assert_eq!(blocks[1].file_offset().unwrap().start(), 0);
+    /// ```
+    pub fn file_offset(&self) -> Option<&FileOffset> {
+        self.mapping.file_offset()
+    }
+
+    /// Is the block's memory on hugetlbfs (a `MFD_HUGETLB` memfd or a hugetlbfs file)?
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let mem = clearlog_memory::MemorySystem::with_ram_capacity(1 << 24);
+    /// mem.add_ram("ram", 0, 0x10000).unwrap();
+    /// assert!(!mem.ram_blocks()[0].is_hugetlbfs());
+    /// ```
+    pub fn is_hugetlbfs(&self) -> bool {
+        self.mapping.is_hugetlbfs() == Some(true)
+    }
+
     /// Copy bytes out of the block at `offset` (volatile: the guest may be writing concurrently).
     ///
     /// # Errors
@@ -230,7 +321,8 @@ impl RamBlock {
     /// Write bytes into the block at `offset` and mark the pages dirty for every logging client:
     /// no host-side write through this API escapes tracking.
     ///
-    /// The pages are marked after the bytes land, so whoever takes the dirty bit reads the new data.
+    /// The write goes through the mapping's [`DirtyBitmap`], like a write through vm-memory. The
+    /// pages are marked after the bytes land, so whoever takes the dirty bit reads the new data.
     ///
     /// # Errors
     ///
@@ -251,13 +343,8 @@ impl RamBlock {
     /// assert_eq!(vga.iter_ones().collect::<Vec<_>>(), [0, 1]);
     /// ```
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.write_untracked(offset, data)?;
-        if !data.is_empty() {
-            let first = offset >> PAGE_SHIFT;
-            let last = (offset + data.len() as u64 - 1) >> PAGE_SHIFT;
-            self.dirty
-                .set_dirty_range(self.ram_page_offset + first, last - first + 1);
-        }
+        // `copy_from` marks the slice's pages in the bitmap after the copy.
+        self.slice(offset, data.len() as u64)?.copy_from(data);
         Ok(())
     }
 
@@ -280,8 +367,14 @@ impl RamBlock {
     /// assert_eq!(mem.dirty().client(DirtyClient::Migration).count_ones(), 0);
     /// ```
     pub fn write_untracked(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let slice = self.slice(offset, data.len() as u64)?;
-        slice.copy_from(data);
+        // Checks the range (the block size fits in usize, so the casts below are lossless).
+        self.slice(offset, data.len() as u64)?;
+        let start = self.mapping.as_ptr().wrapping_add(offset as usize);
+        // SAFETY: `[offset, offset + len)` was just checked to lie inside the mapping, which `self`
+        // keeps alive for the slice's lifetime (the borrow of `self`); every access to guest memory
+        // (ours, vm-memory's, the guest's) is volatile or by the CPU, as `VolatileSlice` requires.
+        let untracked = unsafe { VolatileSlice::new(start, data.len()) };
+        untracked.copy_from(data);
         Ok(())
     }
 
@@ -290,7 +383,11 @@ impl RamBlock {
         &self.dirty
     }
 
-    fn slice(&self, offset: u64, len: u64) -> Result<vm_memory::VolatileSlice<'_, ()>> {
+    fn slice(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<VolatileSlice<'_, crate::vm_bitmap::DirtyBitmapSlice<'_>>> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size() => {}
             _ => {
@@ -333,7 +430,15 @@ mod tests {
     use super::*;
 
     fn block(pages: u64, dirty: &Arc<DirtyMemory>) -> RamBlock {
-        RamBlock::new(RamBlockId(0), "test", pages * PAGE_SIZE, 64, dirty.clone()).unwrap()
+        RamBlock::with_backing(
+            RamBlockId(0),
+            "test",
+            pages * PAGE_SIZE,
+            64,
+            dirty.clone(),
+            &RamBacking::Anonymous,
+        )
+        .unwrap()
     }
 
     #[test]

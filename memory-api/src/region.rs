@@ -322,7 +322,15 @@ mod tests {
     fn ram(tree: &mut RegionTree, pages: u64, at: Option<(u64, i32)>) -> RegionId {
         let dirty = Arc::new(DirtyMemory::new(1024));
         let block = Arc::new(
-            RamBlock::new(RamBlockId(tree.next_id), "r", pages * PAGE_SIZE, 0, dirty).unwrap(),
+            RamBlock::with_backing(
+                RamBlockId(tree.next_id),
+                "r",
+                pages * PAGE_SIZE,
+                0,
+                dirty,
+                &crate::RamBacking::Anonymous,
+            )
+            .unwrap(),
         );
         tree.insert(RegionNode {
             name: "r".into(),

@@ -8,12 +8,17 @@ use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use clearlog_bitmap::{words_for_bits, Bitmap};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
+};
 
 use crate::migration_sync::merge_word;
 use crate::region::{Mapping, RegionKind, RegionNode, RegionTree};
 use crate::{
-    ClearBitmap, DirtyClient, DirtyClients, DirtyMemory, DirtySnapshot, Error, ListenerError,
-    MemoryListener, RamBlock, RamBlockId, RegionId, Result, Section, PAGE_SHIFT, PAGE_SIZE,
+    ClearBitmap, DirtyBitmap, DirtyClient, DirtyClients, DirtyMemory, DirtySnapshot, Error,
+    ListenerError, MemoryListener, RamBacking, RamBlock, RamBlockId, RegionId, Result, Section,
+    PAGE_SHIFT, PAGE_SIZE,
 };
 
 /// RAM address space of [`MemorySystem::new`]: 64 GiB (6 MiB of dirty bitmaps for three clients).
@@ -41,12 +46,31 @@ struct BlockEntry {
     region: RegionId,
 }
 
+/// Per-block index: what the per-page-chunk clear path needs, found without a scan.
+#[derive(Debug)]
+struct BlockIndex {
+    block: Arc<RamBlock>,
+    region: RegionId,
+    /// Indices into `State::sections` of the sections backed by this block, in guest-address order.
+    sections: Vec<usize>,
+}
+
+/// Where a new RAM block's host memory comes from.
+enum Source<'a> {
+    /// Map new memory.
+    Backing(&'a RamBacking),
+    /// Share an existing vm-memory mapping (adoption), shown at this guest address.
+    Mmap(Arc<MmapRegion<DirtyBitmap>>, u64),
+}
+
 /// Everything the topology lock guards.
 #[derive(Debug, Default)]
 struct State {
     tree: RegionTree,
     /// Sorted by RAM page offset.
     blocks: Vec<BlockEntry>,
+    /// The blocks by id, with their sections; rebuilt whenever blocks or sections change.
+    index: HashMap<RamBlockId, BlockIndex>,
     next_block_id: u32,
     /// The flattened view, sorted by guest address.
     sections: Vec<Section>,
@@ -96,11 +120,37 @@ fn check_range(what: &'static str, offset: u64, len: u64, size: u64) -> Result<(
 }
 
 impl State {
-    fn block_entry(&self, block: &RamBlock) -> Result<&BlockEntry> {
-        self.blocks
-            .iter()
-            .find(|e| std::ptr::eq(Arc::as_ptr(&e.block), block))
+    /// The index entry of `block`, if it is a block of this system (ids alone are not enough: a
+    /// block of another system may have the same id).
+    fn block_entry(&self, block: &RamBlock) -> Result<&BlockIndex> {
+        self.index
+            .get(&block.id())
+            .filter(|e| std::ptr::eq(Arc::as_ptr(&e.block), block))
             .ok_or(Error::UnknownBlock(block.id()))
+    }
+
+    /// Rebuild the per-block index from `blocks` and `sections`.
+    fn reindex(&mut self) {
+        let mut index: HashMap<RamBlockId, BlockIndex> = self
+            .blocks
+            .iter()
+            .map(|e| {
+                (
+                    e.block.id(),
+                    BlockIndex {
+                        block: e.block.clone(),
+                        region: e.region,
+                        sections: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        for (i, s) in self.sections.iter().enumerate() {
+            if let Some(e) = index.get_mut(&s.block.id()) {
+                e.sections.push(i);
+            }
+        }
+        self.index = index;
     }
 
     /// The block a region shows and the byte window `[start, end)` of the block it shows.
@@ -117,9 +167,12 @@ impl State {
         start: u64,
         end: u64,
     ) -> impl Iterator<Item = &Section> {
-        self.sections.iter().filter(move |s| {
-            s.block.id() == block && s.offset_in_block < end && start < s.offset_in_block + s.size
-        })
+        self.index
+            .get(&block)
+            .into_iter()
+            .flat_map(|e| e.sections.iter())
+            .map(|&i| &self.sections[i])
+            .filter(move |s| s.offset_in_block < end && start < s.offset_in_block + s.size)
     }
 
     /// Place a block of `pages` pages in the RAM address space: first fit at a 64-page boundary.
@@ -128,6 +181,7 @@ impl State {
         name: &str,
         size: u64,
         dirty: &Arc<DirtyMemory>,
+        source: Source<'_>,
     ) -> Result<Arc<RamBlock>> {
         if self.blocks.iter().any(|e| e.block.name() == name) {
             return Err(Error::DuplicateName(name.to_owned()));
@@ -150,7 +204,20 @@ impl State {
             });
         }
         let id = RamBlockId(self.next_block_id);
-        let block = Arc::new(RamBlock::new(id, name, size, cursor, dirty.clone())?);
+        let block = Arc::new(match source {
+            Source::Backing(backing) => {
+                RamBlock::with_backing(id, name, size, cursor, dirty.clone(), backing)?
+            }
+            Source::Mmap(mmap, guest_addr) => RamBlock::new(
+                id,
+                name,
+                mmap,
+                cursor,
+                dirty.clone(),
+                false,
+                Some(guest_addr),
+            )?,
+        });
         self.next_block_id += 1;
         // The region id is filled in by the caller right after inserting the region.
         self.blocks.insert(
@@ -216,6 +283,7 @@ impl State {
             }
         }
         self.sections = new;
+        self.reindex();
         dirty.set_active_clients(active);
         first.map_or(Ok(()), Err)
     }
@@ -335,6 +403,46 @@ impl MemorySystem {
     /// assert!(matches!(mem.add_ram("other", 0xf_f000, 0x2000), Err(Error::Overlap { .. })));
     /// ```
     pub fn add_ram(&self, name: &str, guest_addr: u64, size: u64) -> Result<RegionId> {
+        self.add_ram_backed(name, guest_addr, size, RamBacking::Anonymous)
+    }
+
+    /// [`add_ram`](Self::add_ram) with the host memory of `backing`: anonymous, a memfd this
+    /// crate creates, or the caller's file at an offset (see [`RamBacking`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`add_ram`](Self::add_ram), and the backing's: [`Error::Memfd`],
+    /// [`Error::HugePagesUnavailable`] (the host has no free huge pages), [`Error::NotHugePageAligned`],
+    /// [`Error::BackingFile`], [`Error::BackingNotRegularFile`], [`Error::BackingPastEof`],
+    /// [`Error::NotPageAligned`] (file offset), [`Error::Mmap`] (e.g. a file not opened read-write).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use clearlog_memory::{Error, MemorySystem, RamBacking};
+    ///
+    /// let mem = MemorySystem::with_ram_capacity(1 << 24);
+    /// let file = tempfile_of(1 << 20);
+    /// let backing = RamBacking::File { file: Arc::new(file), offset: 0x8_0000 };
+    /// mem.add_ram_backed("ram", 0, 0x8_0000, backing.clone()).unwrap();
+    /// let err = mem.add_ram_backed("more", 0x10_0000, 0x10_0000, backing).unwrap_err();
+    /// assert!(matches!(err, Error::BackingPastEof { .. }));
+    /// # fn tempfile_of(len: u64) -> std::fs::File {
+    /// #     let path = std::env::temp_dir().join(format!("clearlog-doc-{}", std::process::id()));
+    /// #     let f = std::fs::OpenOptions::new().read(true).write(true).create(true).open(&path).unwrap();
+    /// #     std::fs::remove_file(&path).unwrap();
+    /// #     f.set_len(len).unwrap();
+    /// #     f
+    /// # }
+    /// ```
+    pub fn add_ram_backed(
+        &self,
+        name: &str,
+        guest_addr: u64,
+        size: u64,
+        backing: RamBacking,
+    ) -> Result<RegionId> {
         self.add_ram_region(
             name,
             size,
@@ -342,6 +450,7 @@ impl MemorySystem {
                 guest_addr,
                 priority: 0,
             }),
+            Source::Backing(&backing),
         )
     }
 
@@ -362,10 +471,183 @@ impl MemorySystem {
     /// assert_eq!(mem.sections().len(), 1);
     /// ```
     pub fn create_ram(&self, name: &str, size: u64) -> Result<RegionId> {
-        self.add_ram_region(name, size, None)
+        self.create_ram_backed(name, size, RamBacking::Anonymous)
     }
 
-    fn add_ram_region(&self, name: &str, size: u64, mapping: Option<Mapping>) -> Result<RegionId> {
+    /// [`create_ram`](Self::create_ram) with the host memory of `backing`.
+    ///
+    /// # Errors
+    ///
+    /// As [`add_ram_backed`](Self::add_ram_backed), without the overlap check.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{MemorySystem, RamBacking};
+    ///
+    /// let mem = MemorySystem::with_ram_capacity(1 << 24);
+    /// let ram = mem.create_ram_backed("pc.ram", 0x10_0000, RamBacking::Memfd { hugetlb: false }).unwrap();
+    /// mem.map_region(ram, 0, 0).unwrap();
+    /// assert!(mem.ram_blocks()[0].file_offset().is_some());
+    /// ```
+    pub fn create_ram_backed(
+        &self,
+        name: &str,
+        size: u64,
+        backing: RamBacking,
+    ) -> Result<RegionId> {
+        self.add_ram_region(name, size, None, Source::Backing(&backing))
+    }
+
+    /// Adopt a VMM's vm-memory guest memory as it is: every region becomes a RAM block that
+    /// shares the region's mapping (`GuestRegionMmap::get_mmap`), mapped at the region's guest
+    /// address (priority 0), and the region's [`DirtyBitmap`] is attached to this memory system.
+    /// The VMM's devices keep writing through their own `GuestMemoryMmap`: those writes are
+    /// tracked like [`RamBlock::write`]s from now on (writes made before adoption are not).
+    ///
+    /// Blocks are named after their guest address: `ram@0x100000000` (`format!("ram@{addr:#x}")`).
+    /// Returns the new regions, in the order of `memory`'s regions.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyAttached`] if a region is already attached to a memory system (this one or
+    /// another), [`Error::NotPageAligned`], [`Error::ZeroSize`], and the errors of
+    /// [`add_ram`](Self::add_ram) (e.g. [`Error::Overlap`], [`Error::DuplicateName`]). On an error
+    /// nothing is adopted: regions already added by this call are removed again.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{DirtyBitmap, DirtyClient, Error, MemorySystem};
+    /// use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    ///
+    /// let gm = GuestMemoryMmap::<DirtyBitmap>::from_ranges(&[
+    ///     (GuestAddress(0), 0x10_0000),
+    ///     (GuestAddress(0x1_0000_0000), 0x10_0000),
+    /// ])
+    /// .unwrap();
+    /// let mem = MemorySystem::with_ram_capacity(1 << 24);
+    /// mem.add_guest_memory(&gm).unwrap();
+    /// let names: Vec<String> = mem.ram_blocks().iter().map(|b| b.name().to_owned()).collect();
+    /// assert_eq!(names, ["ram@0x0", "ram@0x100000000"]);
+    ///
+    /// mem.log_global_start().unwrap();
+    /// gm.write_slice(b"virtio", GuestAddress(0x1_0000_2000)).unwrap();
+    /// let block = &mem.ram_blocks()[1];
+    /// let dirty = mem.dirty().client(DirtyClient::Migration);
+    /// assert!(dirty.test(block.ram_page_offset() as usize + 2));
+    ///
+    /// // A region belongs to one memory system at a time.
+    /// let other = MemorySystem::with_ram_capacity(1 << 24);
+    /// assert!(matches!(other.add_guest_memory(&gm), Err(Error::AlreadyAttached { .. })));
+    /// ```
+    pub fn add_guest_memory(&self, memory: &GuestMemoryMmap<DirtyBitmap>) -> Result<Vec<RegionId>> {
+        for region in memory.iter() {
+            let guest_addr = region.start_addr().0;
+            check_page_aligned("guest address", guest_addr)?;
+            check_page_aligned("vm-memory region size", region.len())?;
+            if region.len() == 0 {
+                return Err(Error::ZeroSize {
+                    what: "vm-memory region",
+                });
+            }
+            if region.get_mmap().bitmap().is_attached() {
+                return Err(Error::AlreadyAttached {
+                    guest_addr: Some(guest_addr),
+                });
+            }
+        }
+        let mut added = Vec::new();
+        for region in memory.iter() {
+            let guest_addr = region.start_addr().0;
+            let result = self.add_ram_region(
+                &format!("ram@{guest_addr:#x}"),
+                region.len(),
+                Some(Mapping {
+                    guest_addr,
+                    priority: 0,
+                }),
+                Source::Mmap(region.get_mmap(), guest_addr),
+            );
+            match result {
+                Ok(id) => added.push(id),
+                Err(e) => {
+                    for id in added.into_iter().rev() {
+                        self.remove_region(id).ok();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(added)
+    }
+
+    /// A vm-memory view of the mapped RAM regions, for a VMM that starts from this memory system:
+    /// one `GuestRegionMmap` per RAM region mapped in the guest-physical address space, at its guest
+    /// address, over the block's own mapping (writes through it are tracked like
+    /// [`RamBlock::write`]s). Unmapped RAM regions and aliases are not in the view (a vm-memory
+    /// region shows a whole mapping at one address). The view is a snapshot of the topology: call
+    /// it again after adding or removing RAM.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GuestMemoryView`] if mapped RAM regions overlap (a higher-priority RAM region over
+    /// another one): vm-memory regions cannot overlap.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{DirtyClient, MemorySystem};
+    /// use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+    ///
+    /// let mem = MemorySystem::with_ram_capacity(1 << 24);
+    /// mem.add_ram("ram", 0x10_0000, 0x10_0000).unwrap();
+    /// mem.log_global_start().unwrap();
+    /// let gm = mem.guest_memory().unwrap();
+    /// assert_eq!(gm.num_regions(), 1);
+    /// gm.write_obj(7u64, GuestAddress(0x10_3000)).unwrap();
+    /// let block = &mem.ram_blocks()[0];
+    /// let mut buf = [0u8; 8];
+    /// block.read(0x3000, &mut buf).unwrap();
+    /// assert_eq!(u64::from_ne_bytes(buf), 7);
+    /// assert!(mem.dirty().client(DirtyClient::Migration).test(3));
+    /// ```
+    pub fn guest_memory(&self) -> Result<GuestMemoryMmap<DirtyBitmap>> {
+        let st = self.read();
+        let mut mapped: Vec<(u64, Arc<RamBlock>)> = st
+            .tree
+            .iter()
+            .filter_map(|(_, n)| match (&n.kind, n.mapping) {
+                (RegionKind::Ram(block), Some(m)) => Some((m.guest_addr, block.clone())),
+                _ => None,
+            })
+            .collect();
+        drop(st);
+        if mapped.is_empty() {
+            return Ok(GuestMemoryMmap::new());
+        }
+        mapped.sort_by_key(|(addr, _)| *addr);
+        let regions = mapped
+            .into_iter()
+            .map(|(addr, block)| {
+                GuestRegionMmap::with_arc(block.mmap().clone(), GuestAddress(addr)).ok_or(
+                    Error::AddressOverflow {
+                        start: addr,
+                        len: block.size(),
+                    },
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        GuestMemoryMmap::from_regions(regions).map_err(Error::GuestMemoryView)
+    }
+
+    fn add_ram_region(
+        &self,
+        name: &str,
+        size: u64,
+        mapping: Option<Mapping>,
+        source: Source<'_>,
+    ) -> Result<RegionId> {
         check_page_aligned("RAM size", size)?;
         if size == 0 {
             return Err(Error::ZeroSize { what: "RAM region" });
@@ -376,7 +658,7 @@ impl MemorySystem {
             st.tree
                 .check_overlap(name, m.guest_addr, size, m.priority, None)?;
         }
-        let block = st.alloc_block(name, size, &self.dirty)?;
+        let block = st.alloc_block(name, size, &self.dirty, source)?;
         let id = st.tree.insert(RegionNode {
             name: name.to_owned(),
             size,
@@ -559,6 +841,10 @@ impl MemorySystem {
         let result = st.update_topology(&self.dirty);
         if let RegionKind::Ram(block) = node.kind {
             st.blocks.retain(|e| !Arc::ptr_eq(&e.block, &block));
+            st.reindex();
+            // Writes through a vm-memory view that outlives the block mark nothing from now on
+            // (and the region may join a memory system again).
+            block.mmap().bitmap().detach();
             // A later block placed here must not inherit these bits.
             for client in DirtyClient::ALL {
                 self.dirty
@@ -1162,9 +1448,8 @@ impl MemorySystem {
     /// ```
     pub fn ram_block(&self, id: RamBlockId) -> Result<Arc<RamBlock>> {
         self.read()
-            .blocks
-            .iter()
-            .find(|e| e.block.id() == id)
+            .index
+            .get(&id)
             .map(|e| e.block.clone())
             .ok_or(Error::UnknownBlock(id))
     }
@@ -1210,5 +1495,16 @@ impl MemorySystem {
 impl Default for MemorySystem {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl Drop for MemorySystem {
+    /// Detach every block's [`DirtyBitmap`]: vm-memory views that outlive the memory system mark
+    /// nothing, and their regions may be adopted by another memory system.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for e in &st.blocks {
+            e.block.mmap().bitmap().detach();
+        }
     }
 }

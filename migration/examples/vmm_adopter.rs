@@ -18,8 +18,12 @@
 //! The last line says whether the destination holds exactly the source's memory at switchover; the
 //! exit code is 0 only if it does.
 //!
+//! `--untracked-writes` makes the vCPU stand-in write behind the bitmap's back (through the raw host
+//! address), as a guest would if its VMM forgot to wire KVM's dirty log in: the check must then fail,
+//! and `tests/examples.rs` asserts that it does.
+//!
 //! Adopter glue, the lines between the `glue begin`/`glue end` markers (everything that is not the
-//! example's own VMM): 31 lines. `vmm_adopter_glue_is_small` in `tests/examples.rs` counts them.
+//! example's own VMM): 49 lines. `vmm_adopter_glue_is_small` in `tests/examples.rs` counts them.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,7 +58,7 @@ struct Workers {
 }
 
 impl Workers {
-    fn start(mem: &Memory) -> Self {
+    fn start(mem: &Memory, untracked: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));
         // The two workers and the VMM thread meet here at every pause and resume.
@@ -91,7 +95,15 @@ impl Workers {
                         // The vCPU stand-in: random 8-byte writes anywhere in RAM.
                         let (base, size) = RAM[(x % 2) as usize];
                         let addr = GuestAddress(base + (x >> 8) % (size as u64 / 8) * 8);
-                        mem.write_obj(x, addr).unwrap();
+                        if untracked {
+                            let host = mem.get_host_address(addr).unwrap().cast::<u64>();
+                            // SAFETY: `addr` is 8-byte aligned inside a region of `mem`, whose
+                            // mapping lives as long as `mem` (this thread holds a clone); a
+                            // volatile store is how guest memory is written behind Rust's back.
+                            unsafe { host.write_volatile(x) };
+                        } else {
+                            mem.write_obj(x, addr).unwrap();
+                        }
                     }
                     std::thread::sleep(Duration::from_micros(20));
                 }
@@ -145,7 +157,10 @@ impl VmControl for Workers {
     }
     fn save_state(&self) -> Result<Vec<StateBlob>, BoxError> {
         let idx = self.used_idx.load(Ordering::Relaxed);
-        Ok(vec![StateBlob::new("virtio-used-idx", idx.to_le_bytes().to_vec())])
+        Ok(vec![StateBlob::new(
+            "virtio-used-idx",
+            idx.to_le_bytes().to_vec(),
+        )])
     }
 }
 
@@ -166,16 +181,21 @@ fn main() -> ExitCode {
     let socket = std::env::temp_dir().join(format!("vmm-adopter-{}.sock", std::process::id()));
     let uri = format!("unix:{}", socket.display());
 
+    let untracked = std::env::args().any(|a| a == "--untracked-writes");
     let source_mem = guest_memory();
-    let workers = Workers::start(&source_mem);
+    let workers = Workers::start(&source_mem, untracked);
     let dest_mem = guest_memory();
     let restored = Restored(Mutex::new(Vec::new()));
 
     // --- glue begin ---
     let source = MemorySystem::new();
-    source.add_guest_memory(&source_mem).expect("adopt source memory");
+    source
+        .add_guest_memory(&source_mem)
+        .expect("adopt source memory");
     let destination = MemorySystem::new();
-    destination.add_guest_memory(&dest_mem).expect("adopt destination memory");
+    destination
+        .add_guest_memory(&dest_mem)
+        .expect("adopt destination memory");
     let listener = Listener::bind(&uri).expect("bind the migration socket");
     let config = MigrationConfig {
         mode: DirtyLogMode::from_clear_chunk_bytes(1 << 20).unwrap(),

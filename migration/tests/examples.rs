@@ -29,7 +29,10 @@ fn vmm_adopter_glue_is_small() {
     let source = std::fs::read_to_string(path).unwrap();
     let glue = glue_lines(&source);
     assert!(glue > 0, "no glue markers found in {path}");
-    assert!(glue < 60, "adopter glue grew to {glue} lines (limit: under 60)");
+    assert!(
+        glue < 60,
+        "adopter glue grew to {glue} lines (limit: under 60)"
+    );
     let claimed = format!("example's own VMM): {glue} lines.");
     assert!(
         source.contains(&claimed),
@@ -41,7 +44,12 @@ fn vmm_adopter_glue_is_small() {
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/examples-<hash> -> target/<profile>/examples/<name>
-    exe.parent().unwrap().parent().unwrap().join("examples").join(name)
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
 }
 
 #[test]
@@ -63,6 +71,21 @@ fn vmm_adopter_migrates_byte_equal_memory() {
     let last = stdout.lines().last().unwrap_or("");
     assert_eq!(
         last, "destination memory is byte-equal to the source's at switchover: yes",
+        "{stdout}"
+    );
+}
+
+/// The check has teeth: writes that bypass dirty tracking make the example fail, naming the pages.
+#[test]
+fn vmm_adopter_detects_untracked_writes() {
+    let out = Command::new(example("vmm_adopter"))
+        .arg("--untracked-writes")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("byte-equal to the source's at switchover: NO ("),
         "{stdout}"
     );
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clearlog_kvm::guest::{Guest, GuestConfig, RAM_BLOCK_NAME};
 use clearlog_kvm::workload::check::{check_increment, loaded_workload};
 use clearlog_kvm::workload::WorkloadKind;
+use clearlog_migration::stream::Header;
 use clearlog_migration::{
     peek_header, ram_fingerprint, Destination, Listener, MigrationUri, Transport,
 };
@@ -18,8 +19,9 @@ use crate::output::print_incoming;
 use crate::{CliError, CliResult};
 use vmm_cli::vm_control::GuestControl;
 
-/// Open the incoming transport: accept one connection, or open the saved file.
-fn open_transport(a: &IncomingArgs) -> CliResult<Transport> {
+/// Open the incoming transport and read its header: the migration's connection (stray ones are
+/// skipped), or the saved file.
+fn open_transport(a: &IncomingArgs) -> CliResult<(Transport, Header)> {
     if let Some(uri) = &a.listen {
         match uri.parse::<MigrationUri>() {
             Ok(MigrationUri::File(_)) => {
@@ -49,15 +51,27 @@ fn open_transport(a: &IncomingArgs) -> CliResult<Transport> {
         // Scripts (and `vmm bench`) wait for this line to know where to connect.
         eprintln!("vmm: listening on {local}");
         let _ = std::io::stderr().flush();
-        return listener
-            .accept()
-            .map_err(|e| CliError::Failed(format!("accepting the migration on {local}: {e}")));
+        // A port probe that connects and closes without a header is logged and skipped; the first
+        // connection that sends a whole header is the migration.
+        return listener.accept_migration().map_err(|e| {
+            CliError::Failed(format!(
+                "the incoming stream on {local} is not usable: {e}; no guest was resumed"
+            ))
+        });
     }
     let from = a.from.as_deref().unwrap_or_default();
     match from.parse::<MigrationUri>() {
-        Ok(MigrationUri::File(path)) => std::fs::File::open(&path)
-            .map(Transport::file_reader)
-            .map_err(|e| CliError::Failed(format!("cannot open {}: {e}", path.display()))),
+        Ok(MigrationUri::File(path)) => {
+            let mut transport = std::fs::File::open(&path)
+                .map(Transport::file_reader)
+                .map_err(|e| CliError::Failed(format!("cannot open {}: {e}", path.display())))?;
+            let header = peek_header(&mut transport).map_err(|e| {
+                CliError::Failed(format!(
+                    "the incoming stream is not usable: {e}; no guest was resumed"
+                ))
+            })?;
+            Ok((transport, header))
+        }
         Ok(_) => Err(CliError::Usage(format!(
             "--from {from}: only file:PATH can be restored; use --listen for sockets"
         ))),
@@ -69,12 +83,10 @@ fn open_transport(a: &IncomingArgs) -> CliResult<Transport> {
 
 /// `vmm incoming`.
 pub fn incoming(a: IncomingArgs) -> CliResult {
-    let mut transport = open_transport(&a)?;
     let failed = |what: &str, e: &dyn std::fmt::Display| {
         CliError::Failed(format!("{what}: {e}; no guest was resumed"))
     };
-    let header =
-        peek_header(&mut transport).map_err(|e| failed("the incoming stream is not usable", &e))?;
+    let (mut transport, header) = open_transport(&a)?;
     if !a.io_timeout.is_zero() {
         if let Some(reader) = transport.reader.as_mut() {
             // Only once the stream has started (a source may boot and warm up its guest for long

@@ -216,7 +216,13 @@ fn check_source_stats(v: &serde_json::Value, dirty_log: &str) {
 
 /// Migrates between two `vmm` processes through `listen` and compares the RAM fingerprints.
 fn socket_migration(listen: &str, dirty_log: &str) {
+    socket_migration_after(listen, dirty_log, |_| {});
+}
+
+/// [`socket_migration`], with `probe` poking the destination's address first.
+fn socket_migration_after(listen: &str, dirty_log: &str, probe: impl FnOnce(&str)) {
     let incoming = start_incoming(listen);
+    probe(&incoming.uri);
     let out = vmm(&run_args(&incoming.uri, dirty_log));
     let src_err = text(&out.stderr);
     let Incoming {
@@ -284,6 +290,22 @@ fn migration_over_unix_socket() {
     let dir = TempDir::new("unix");
     let listen = format!("unix:{}", dir.path().join("mig.sock").display());
     socket_migration(&listen, "clear");
+}
+
+/// A port probe (health check, load balancer, `bash`'s `/dev/tcp`) connects and closes without a
+/// byte: the destination logs it and keeps listening for the real source.
+#[test]
+fn stray_connection_does_not_end_the_destination() {
+    if !kvm_available("stray_connection_does_not_end_the_destination") {
+        return;
+    }
+    let _serial = serial();
+    socket_migration_after("tcp:127.0.0.1:0", "clear", |uri| {
+        let addr = uri.strip_prefix("tcp:").unwrap();
+        drop(std::net::TcpStream::connect(addr).expect("probe connect"));
+        // A second probe that stays connected and silent while the source migrates.
+        std::mem::forget(std::net::TcpStream::connect(addr).expect("idle connect"));
+    });
 }
 
 #[test]

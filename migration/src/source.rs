@@ -527,8 +527,10 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     fn switchover(&mut self) -> Result<()> {
         self.check_cancel()?;
         let pause_at = Instant::now();
-        self.vm.pause().map_err(vm_err("pause"))?;
+        // Marked before the call: a pause that fails may still have stopped some vCPUs, and the
+        // failure path must resume them (resuming a running guest is harmless).
         self.paused = true;
+        self.vm.pause().map_err(vm_err("pause"))?;
         // The limit applies to the live phase only: do not stretch the downtime.
         self.out.set_rate(0);
         self.sync()?;

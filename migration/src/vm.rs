@@ -59,7 +59,9 @@ impl StateBlob {
 pub trait VmControl {
     /// Stop the vCPUs (and devices that write guest RAM). Called once, at switchover.
     fn pause(&self) -> Result<(), BoxError>;
-    /// Run the guest again: called when a migration fails or is cancelled after `pause`.
+    /// Run the guest again: called when a migration fails or is cancelled after `pause` was
+    /// called, even if `pause` itself failed (it may have stopped some vCPUs), so it must resume
+    /// whatever is paused and leave running vCPUs alone.
     fn resume(&self) -> Result<(), BoxError>;
     /// Save CPU and device state (called while paused).
     fn save_state(&self) -> Result<Vec<StateBlob>, BoxError>;

@@ -450,3 +450,27 @@ fn invalid_config_is_refused_up_front() {
     ));
     assert!(!mem.global_logging());
 }
+
+/// A pause that stopped some vCPUs and then failed: the failure path resumes the guest anyway.
+#[test]
+fn a_failed_pause_leaves_no_vcpu_paused() {
+    let src = memory(MIB);
+    let vm = TestVm {
+        fail_pause: true,
+        ..TestVm::default()
+    };
+    let (src_t, dst_t) = mem_channel();
+    let dst = memory(MIB);
+    let r = std::thread::scope(|sc| {
+        let d = sc.spawn(|| Destination::new(&dst).receive(dst_t, &TestVm::default()));
+        let r = Source::new(&src, config())
+            .unwrap()
+            .migrate(src_t, &vm, None, &CancelToken::new());
+        let _ = d.join().unwrap();
+        r
+    });
+    assert!(matches!(r, Err(Error::Vm { hook: "pause", .. })), "{r:?}");
+    assert_eq!(vm.pauses.load(Ordering::SeqCst), 1);
+    assert_eq!(vm.resumes.load(Ordering::SeqCst), 1, "guest left paused");
+    assert!(!src.global_logging());
+}

@@ -9,6 +9,7 @@
 mod args;
 mod bench;
 mod caps;
+mod fault;
 mod incoming;
 mod output;
 mod plot;

@@ -19,6 +19,7 @@ use crate::args::{
     DirtyLogArg, GuestArgs, MigrationArgs, RunArgs, WorkloadKind, DEFAULT_DIRTY_RATE,
 };
 use crate::output::{print_run_summary, print_stats, stats_json};
+use crate::fault::{faulty_transport, FaultPlan, FaultyControl, FaultyMemory, Injector};
 use crate::{CliError, CliResult};
 use vmm_cli::vm_control::GuestControl;
 
@@ -198,7 +199,7 @@ pub fn run(a: RunArgs) -> CliResult {
     };
     let uri = a.migrate_to.clone().unwrap_or_default();
     let written_before_migration = guest.pages_written().unwrap_or(0);
-    let mut attempt = migrate(&guest, config.clone(), transport, &uri);
+    let mut attempt = migrate(&guest, config.clone(), transport, &uri, a.fail_at);
     // `--retry-to`: the library resumed the guest and stopped logging; prove the guest still runs,
     // then migrate again from this same process.
     let mut errors: Vec<String> = Vec::new();
@@ -220,7 +221,7 @@ pub fn run(a: RunArgs) -> CliResult {
             );
         }
         attempt = connect_source(retry, a.io_timeout)
-            .and_then(|t| migrate(&guest, config.clone(), t, retry));
+            .and_then(|t| migrate(&guest, config.clone(), t, retry, None));
     }
     let stats = match attempt {
         Ok(stats) => stats,
@@ -345,8 +346,11 @@ pub fn migrate(
     config: MigrationConfig,
     transport: clearlog_migration::Transport,
     uri: &str,
+    fail_at: Option<FaultPlan>,
 ) -> CliResult<MigrationStats> {
-    let source = Source::new(guest.memory(), config).map_err(|e| CliError::Usage(e.to_string()))?;
+    config
+        .validate()
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let cancel = CancelToken::new();
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(guest.mem_bytes());
@@ -371,12 +375,25 @@ pub fn migrate(
             ));
         }
     };
-    let result = source.migrate(
-        transport,
-        &GuestControl(guest),
-        Some(&mut on_progress),
-        &cancel,
-    );
+    let control = GuestControl(guest);
+    let result = match fail_at {
+        None => Source::new(guest.memory(), config)
+            .and_then(|s| s.migrate(transport, &control, Some(&mut on_progress), &cancel)),
+        Some(plan) => {
+            let faults = Injector::new(plan);
+            let memory = FaultyMemory {
+                inner: guest.memory(),
+                faults: faults.clone(),
+            };
+            let control = FaultyControl {
+                inner: &control,
+                faults: faults.clone(),
+            };
+            let transport = faulty_transport(transport, &faults);
+            Source::new(&memory, config)
+                .and_then(|s| s.migrate(transport, &control, Some(&mut on_progress), &cancel))
+        }
+    };
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

@@ -327,6 +327,8 @@ pub struct TestVm {
     pub restored: Mutex<Vec<StateBlob>>,
     pub state: Vec<StateBlob>,
     pub fail_restore: bool,
+    /// `pause` stops the guest, then returns an error (a pause that half-worked).
+    pub fail_pause: bool,
     pub throttle: AtomicU32,
     pub max_throttle: AtomicU32,
 }
@@ -335,6 +337,9 @@ impl VmControl for TestVm {
     fn pause(&self) -> Result<(), BoxError> {
         *self.gate.paused.lock().unwrap() = true;
         self.pauses.fetch_add(1, Ordering::SeqCst);
+        if self.fail_pause {
+            return Err("vCPU 1 did not stop (vCPU 0 is paused)".into());
+        }
         Ok(())
     }
     fn resume(&self) -> Result<(), BoxError> {

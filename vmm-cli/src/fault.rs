@@ -1,0 +1,348 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! `vmm run --fail-at STEP[@N]`: make one step of the source's first migration fail, for
+//! `cargo xtask faults`. The engine must then stop logging, resume the guest and name the step.
+//!
+//! Every injection wraps the real thing (the memory system, the guest control, the transport) and
+//! fails the N-th call of its step (1 by default) with an error that says it was injected. Only
+//! the first migration attempt is wrapped: a `--retry-to` migration runs clean.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use clearlog_bitmap::Bitmap;
+use clearlog_memory::{ClearBitmap, MemorySystem, RamBlock};
+use clearlog_migration::{
+    BoxError, DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory, StateBlob, Transport,
+    TransportRead, VmControl,
+};
+
+/// A step of the source's migration that `--fail-at` can break.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultStep {
+    /// Pausing the guest at switchover (fails after the vCPUs were paused).
+    Pause,
+    /// A dirty-log sync.
+    Sync,
+    /// A chunk clear (or, in legacy mode, a whole-block re-arm).
+    Clear,
+    /// Reading a page to send it.
+    Read,
+    /// Writing the stream to the transport.
+    Send,
+    /// Saving the CPU and device state.
+    SaveState,
+    /// Reading the destination's acknowledgement.
+    Ack,
+}
+
+impl FaultStep {
+    /// Every step, in migration order.
+    pub const ALL: [FaultStep; 7] = [
+        FaultStep::Sync,
+        FaultStep::Clear,
+        FaultStep::Read,
+        FaultStep::Send,
+        FaultStep::Pause,
+        FaultStep::SaveState,
+        FaultStep::Ack,
+    ];
+
+    /// The name `--fail-at` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultStep::Pause => "pause",
+            FaultStep::Sync => "sync",
+            FaultStep::Clear => "clear",
+            FaultStep::Read => "read",
+            FaultStep::Send => "send",
+            FaultStep::SaveState => "save-state",
+            FaultStep::Ack => "ack",
+        }
+    }
+}
+
+/// `--fail-at STEP[@N]`: fail the N-th call of STEP (N >= 1, default 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// The step to break.
+    pub step: FaultStep,
+    /// Which call of it fails (1 = the first).
+    pub nth: u64,
+}
+
+impl FromStr for FaultPlan {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, nth) = match s.split_once('@') {
+            Some((name, n)) => (
+                name,
+                n.parse::<u64>()
+                    .ok()
+                    .filter(|&n| n >= 1)
+                    .ok_or_else(|| format!("`{n}` is not a call number (1, 2, ...)"))?,
+            ),
+            None => (s, 1),
+        };
+        let step = FaultStep::ALL
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| {
+                format!(
+                    "unknown step `{name}`: use one of {}",
+                    FaultStep::ALL.map(FaultStep::name).join(", ")
+                )
+            })?;
+        Ok(FaultPlan { step, nth })
+    }
+}
+
+impl fmt::Display for FaultPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.step.name(), self.nth)
+    }
+}
+
+/// Counts the calls of the planned step and says when to fail.
+#[derive(Debug)]
+pub struct Injector {
+    plan: FaultPlan,
+    calls: AtomicU64,
+}
+
+impl Injector {
+    /// An injector for `plan`.
+    pub fn new(plan: FaultPlan) -> Arc<Self> {
+        Arc::new(Injector {
+            plan,
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    /// Count a call of `step`; an error if it is the planned one.
+    fn check(&self, step: FaultStep) -> Result<(), InjectedFault> {
+        if step == self.plan.step && self.calls.fetch_add(1, Ordering::Relaxed) + 1 == self.plan.nth
+        {
+            return Err(InjectedFault(self.plan));
+        }
+        Ok(())
+    }
+}
+
+/// The error an injected fault raises.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("injected fault ({0})")]
+pub struct InjectedFault(FaultPlan);
+
+impl From<InjectedFault> for io::Error {
+    fn from(e: InjectedFault) -> Self {
+        io::Error::other(e)
+    }
+}
+
+/// The guest's memory with faults injected into sync, clear and read.
+#[derive(Debug)]
+pub struct FaultyMemory<'a> {
+    /// The real memory.
+    pub inner: &'a MemorySystem,
+    /// When to fail.
+    pub faults: Arc<Injector>,
+}
+
+/// A RAM block whose reads may fail.
+#[derive(Debug, Clone)]
+pub struct FaultyBlock {
+    inner: Arc<RamBlock>,
+    faults: Arc<Injector>,
+}
+
+impl MigrationBlock for FaultyBlock {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> MemoryResult<()> {
+        self.faults.check(FaultStep::Read)?;
+        MigrationBlock::read(&self.inner, offset, buf)
+    }
+    fn write_untracked(&self, offset: u64, data: &[u8]) -> MemoryResult<()> {
+        MigrationBlock::write_untracked(&self.inner, offset, data)
+    }
+}
+
+impl MigrationMemory for FaultyMemory<'_> {
+    type Block = FaultyBlock;
+    fn blocks(&self) -> Vec<FaultyBlock> {
+        self.inner
+            .ram_blocks()
+            .into_iter()
+            .map(|inner| FaultyBlock {
+                inner,
+                faults: self.faults.clone(),
+            })
+            .collect()
+    }
+}
+
+impl DirtyTracking for FaultyMemory<'_> {
+    fn start_logging(&self) -> MemoryResult<()> {
+        self.inner.start_logging()
+    }
+    fn stop_logging(&self) -> MemoryResult<()> {
+        self.inner.stop_logging()
+    }
+    fn sync_dirty(&self) -> MemoryResult<()> {
+        self.faults.check(FaultStep::Sync)?;
+        self.inner.sync_dirty()
+    }
+    fn take_dirty(
+        &self,
+        block: &FaultyBlock,
+        dest: &mut Bitmap,
+        clear: Option<&mut ClearBitmap>,
+    ) -> MemoryResult<u64> {
+        self.inner.take_dirty(&block.inner, dest, clear)
+    }
+    fn clear_dirty(&self, block: &FaultyBlock, offset: u64, len: u64) -> MemoryResult<()> {
+        self.faults.check(FaultStep::Clear)?;
+        self.inner.clear_dirty(&block.inner, offset, len)
+    }
+    fn clear_chunk_before_send(
+        &self,
+        block: &FaultyBlock,
+        clear: &mut ClearBitmap,
+        page: u64,
+    ) -> MemoryResult<bool> {
+        // Counted only when a clear would really go out: the chunk is still marked.
+        if clear.test(clear.chunk_of(page)) {
+            self.faults.check(FaultStep::Clear)?;
+        }
+        DirtyTracking::clear_chunk_before_send(self.inner, &block.inner, clear, page)
+    }
+}
+
+/// A guest control whose pause or state save may fail.
+pub struct FaultyControl<'a> {
+    /// The real control.
+    pub inner: &'a dyn VmControl,
+    /// When to fail.
+    pub faults: Arc<Injector>,
+}
+
+impl fmt::Debug for FaultyControl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultyControl")
+            .field("faults", &self.faults)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmControl for FaultyControl<'_> {
+    fn pause(&self) -> Result<(), BoxError> {
+        // Pause for real, then fail: the worst case, a pause that stopped vCPUs and still errs.
+        self.inner.pause()?;
+        Ok(self.faults.check(FaultStep::Pause)?)
+    }
+    fn resume(&self) -> Result<(), BoxError> {
+        self.inner.resume()
+    }
+    fn save_state(&self) -> Result<Vec<StateBlob>, BoxError> {
+        self.faults.check(FaultStep::SaveState)?;
+        self.inner.save_state()
+    }
+    fn set_throttle(&self, percent: u8) -> Result<bool, BoxError> {
+        self.inner.set_throttle(percent)
+    }
+}
+
+/// Wrap a transport so its writes (`send`) or its acknowledgement read (`ack`) may fail.
+pub fn faulty_transport(t: Transport, faults: &Arc<Injector>) -> Transport {
+    Transport::new(
+        t.reader.map(|inner| -> Box<dyn TransportRead> {
+            Box::new(FaultyReader {
+                inner,
+                faults: faults.clone(),
+            })
+        }),
+        t.writer.map(|inner| -> Box<dyn Write + Send> {
+            Box::new(FaultyWriter {
+                inner,
+                faults: faults.clone(),
+            })
+        }),
+    )
+}
+
+struct FaultyWriter {
+    inner: Box<dyn Write + Send>,
+    faults: Arc<Injector>,
+}
+
+impl Write for FaultyWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.faults.check(FaultStep::Send)?;
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct FaultyReader {
+    inner: Box<dyn TransportRead>,
+    faults: Arc<Injector>,
+}
+
+impl Read for FaultyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.faults.check(FaultStep::Ack)?;
+        self.inner.read(buf)
+    }
+}
+
+impl TransportRead for FaultyReader {
+    fn set_read_timeout(&mut self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        self.inner.set_read_timeout(timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_parse_and_reject_bad_input() {
+        assert_eq!(
+            "sync".parse::<FaultPlan>().unwrap(),
+            FaultPlan {
+                step: FaultStep::Sync,
+                nth: 1
+            }
+        );
+        assert_eq!("read@7".parse::<FaultPlan>().unwrap().nth, 7);
+        assert!("read@0".parse::<FaultPlan>().is_err());
+        assert!("read@x".parse::<FaultPlan>().is_err());
+        let e = "reboot".parse::<FaultPlan>().unwrap_err();
+        assert!(e.contains("save-state"), "{e}");
+        for step in FaultStep::ALL {
+            assert_eq!(step.name().parse::<FaultPlan>().unwrap().step, step);
+        }
+    }
+
+    #[test]
+    fn only_the_nth_call_of_the_step_fails() {
+        let inj = Injector::new("clear@3".parse().unwrap());
+        assert!(inj.check(FaultStep::Sync).is_ok());
+        assert!(inj.check(FaultStep::Clear).is_ok());
+        assert!(inj.check(FaultStep::Clear).is_ok());
+        assert!(inj.check(FaultStep::Clear).is_err());
+        assert!(inj.check(FaultStep::Clear).is_ok());
+    }
+}

@@ -204,11 +204,14 @@ pub fn run(a: RunArgs) -> CliResult {
     // then migrate again from this same process.
     let mut errors: Vec<String> = Vec::new();
     let mut progress_after_failure: Option<u64> = None;
+    // Whether dirty logging was still on right after the first failure (it must not be).
+    let mut logging_after_failure: Option<bool> = None;
     for retry in &a.retry_to {
         match &attempt {
             Ok(_) | Err(CliError::Usage(_)) => break,
             Err(e) => errors.push(e.to_string()),
         }
+        logging_after_failure.get_or_insert(guest.memory().global_logging());
         eprintln!("vmm: {}; retrying to {retry}", errors[errors.len() - 1]);
         let before = guest.pages_written().unwrap_or(0);
         std::thread::sleep(PROGRESS_PROBE);
@@ -235,6 +238,7 @@ pub fn run(a: RunArgs) -> CliResult {
                         "first_error": errors.first(),
                         "errors": errors,
                         "progress_after_failure_pages": progress_after_failure,
+                        "logging_after_failure": logging_after_failure,
                     })
                 );
             }
@@ -292,6 +296,10 @@ pub fn run(a: RunArgs) -> CliResult {
             map.insert(
                 "progress_after_failure_pages".into(),
                 progress_after_failure.into(),
+            );
+            map.insert(
+                "logging_after_failure".into(),
+                logging_after_failure.into(),
             );
         }
         println!("{v}");

@@ -51,6 +51,56 @@ const KINDS: [CutKind; 6] = [
     CutKind::Blackhole,
 ];
 
+/// The steps `vmm run --fail-at` can break, in migration order (see `vmm run --help`, Testing).
+const INJECT_STEPS: [&str; 7] = [
+    "sync",
+    "clear",
+    "read",
+    "send",
+    "pause",
+    "save-state",
+    "ack",
+];
+
+/// One kind of fault case: a link cut by the proxy, or a failure injected into a step of the
+/// source (`vmm run --fail-at STEP@N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Cut(CutKind),
+    Inject(&'static str),
+}
+
+impl Fault {
+    /// Every case kind: the cuts, then the injection points.
+    fn all() -> Vec<Fault> {
+        KINDS
+            .iter()
+            .map(|k| Fault::Cut(*k))
+            .chain(INJECT_STEPS.iter().map(|s| Fault::Inject(s)))
+            .collect()
+    }
+
+    fn name(self) -> String {
+        match self {
+            Fault::Cut(k) => k.name().to_string(),
+            Fault::Inject(step) => format!("fail@{step}"),
+        }
+    }
+
+    /// The highest call number worth injecting at (a later call may not happen: then the first
+    /// migration succeeds and the case is retried with a lower number).
+    fn max_call(self) -> u64 {
+        match self {
+            Fault::Cut(_) => 1,
+            Fault::Inject("sync") => 4,
+            Fault::Inject("clear") => 64,
+            Fault::Inject("read") => 20_000,
+            Fault::Inject("send") => 400,
+            Fault::Inject(_) => 1,
+        }
+    }
+}
+
 impl CutKind {
     fn name(self) -> &'static str {
         match self {
@@ -337,6 +387,8 @@ struct CaseResult {
     cut: bool,
     source_reported: bool,
     source_survived: bool,
+    /// Dirty logging was off right after the failure.
+    logging_stopped: bool,
     retry_verified: bool,
     wrongly_resumed: bool,
     note: String,
@@ -361,8 +413,9 @@ pub fn faults(args: &[String]) -> Result<(), String> {
     let mut rows = Vec::new();
     let mut missed = 0u32;
     let start = Instant::now();
+    let cases = Fault::all();
     for i in 0..count {
-        let kind = KINDS[(i as usize) % KINDS.len()];
+        let kind = cases[(i as usize) % cases.len()];
         let shape = Shape::random(&mut rng, 256 * MIB, 1024 * MIB, 75);
         let case_seed = rng.next_u64();
         if only.is_some_and(|o| o != i + 1) {
@@ -374,7 +427,14 @@ pub fn faults(args: &[String]) -> Result<(), String> {
         // the range halved (the stream's length depends on how much the guest wrote).
         let mut r = CaseResult::default();
         for attempt in 0..4 {
-            r = run_case(&vmm, kind, &shape, &mut case_rng, 1u64 << attempt).unwrap_or_else(|e| {
+            let result = match kind {
+                Fault::Cut(cut) => run_case(&vmm, cut, &shape, &mut case_rng, 1u64 << attempt),
+                Fault::Inject(step) => {
+                    let nth = case_rng.range(1, (kind.max_call() >> attempt).max(1));
+                    run_inject_case(&vmm, step, nth, &shape)
+                }
+            };
+            r = result.unwrap_or_else(|e| {
                 CaseResult {
                     note: format!("harness error: {e}"),
                     ..CaseResult::default()
@@ -388,6 +448,7 @@ pub fn faults(args: &[String]) -> Result<(), String> {
         let ok = r.cut
             && r.source_reported
             && r.source_survived
+            && r.logging_stopped
             && r.retry_verified
             && !r.wrongly_resumed;
         println!(
@@ -407,11 +468,18 @@ pub fn faults(args: &[String]) -> Result<(), String> {
         start.elapsed().as_secs_f64()
     );
     println!(
-        "  {:<15} {:>6} {:>10} {:>10} {:>10} {:>10} {:>16}",
-        "cut kind", "tried", "cut made", "src error", "survived", "retry ok", "wrongly resumed"
+        "  {:<15} {:>6} {:>10} {:>10} {:>10} {:>11} {:>10} {:>16}",
+        "fault",
+        "tried",
+        "fault made",
+        "src error",
+        "survived",
+        "logging off",
+        "retry ok",
+        "wrongly resumed"
     );
-    let mut total = [0u32; 6];
-    for kind in KINDS.iter().copied().map(Some).chain([None]) {
+    let mut total = [0u32; 7];
+    for kind in cases.iter().copied().map(Some).chain([None]) {
         let sel: Vec<&CaseResult> = rows
             .iter()
             .filter(|(k, _)| kind.is_none_or(|x| x == *k))
@@ -426,6 +494,7 @@ pub fn faults(args: &[String]) -> Result<(), String> {
             c(|r| r.cut),
             c(|r| r.source_reported),
             c(|r| r.source_survived),
+            c(|r| r.logging_stopped),
             c(|r| r.retry_verified),
             c(|r| r.wrongly_resumed),
         ];
@@ -433,33 +502,35 @@ pub fn faults(args: &[String]) -> Result<(), String> {
             total = row;
         }
         println!(
-            "  {:<15} {:>6} {:>10} {:>10} {:>10} {:>10} {:>16}",
-            kind.map_or("TOTAL", CutKind::name),
+            "  {:<15} {:>6} {:>10} {:>10} {:>10} {:>11} {:>10} {:>16}",
+            kind.map_or("TOTAL".to_string(), Fault::name),
             row[0],
             row[1],
             row[2],
             row[3],
             row[4],
-            row[5]
+            row[5],
+            row[6]
         );
     }
     println!(
         "  (cut points past the end of a stream, retried with an earlier point: {missed})\n  stray child processes after the run: {}",
         left.len()
     );
-    let [tried, cut, reported, survived, verified, wrong] = total;
+    let [tried, cut, reported, survived, logging_off, verified, wrong] = total;
     if tried == cut
         && tried == reported
         && tried == survived
+        && tried == logging_off
         && tried == verified
         && wrong == 0
         && left.is_empty()
     {
-        println!("faults: all {tried} cuts handled");
+        println!("faults: all {tried} faults handled");
         Ok(())
     } else {
         Err(format!(
-            "faults: {tried} cuts: {cut} made, {reported} reported, {survived} survived, {verified} retries verified, {wrong} destinations wrongly resumed, {} stray processes",
+            "faults: {tried} cases: {cut} faults made, {reported} reported, {survived} survived, {logging_off} stopped logging, {verified} retries verified, {wrong} destinations wrongly resumed, {} stray processes",
             left.len()
         ))
     }
@@ -514,11 +585,93 @@ fn run_case(
             ..CaseResult::default()
         });
     }
+    judge(
+        Judged {
+            src: &mut src,
+            src_status,
+            dst_a: &mut dst_a,
+            dst_b: &mut dst_b,
+            uri_b: &uri_b,
+            shape,
+        },
+        report.error,
+        format!("cut@{}M", report.forwarded >> 20),
+    )
+}
+
+/// A failure injected into one step of the source's first migration (`vmm run --fail-at`): the
+/// source must name the step, stop logging, keep its guest running and migrate to B.
+fn run_inject_case(
+    vmm: &std::path::Path,
+    step: &str,
+    nth: u64,
+    shape: &Shape,
+) -> Result<CaseResult, String> {
+    let mut dst_a = Proc::spawn("incoming A", incoming_cmd(vmm, &[], "127.0.0.1"))?;
+    let mut dst_b = Proc::spawn("incoming B", incoming_cmd(vmm, &[], "127.0.0.1"))?;
+    let uri_a = dst_a.listen_uri()?;
+    let uri_b = dst_b.listen_uri()?;
+    let mut cmd = std::process::Command::new(vmm);
+    cmd.args(shape.run_args()).args([
+        format!("--migrate-to={uri_a}"),
+        format!("--retry-to={uri_b}"),
+        format!("--fail-at={step}@{nth}"),
+        "--warmup=300ms".into(),
+        "--max-time=60s".into(),
+        "--io-timeout=5s".into(),
+        "--ram-fingerprint".into(),
+        "--json".into(),
+    ]);
+    let mut src = Proc::spawn("source", cmd)?;
+    let src_status = src.wait_timeout(Duration::from_secs(150));
+    let injected = jstr(&src.json(), "first_error").is_some_and(|e| e.contains("injected fault"));
+    if !injected {
+        // Call `nth` of the step never came: the first migration completed (A resumed
+        // legitimately). Nothing to judge.
+        return Ok(CaseResult {
+            note: format!("no fault ({step} call {nth} never happened)"),
+            ..CaseResult::default()
+        });
+    }
+    judge(
+        Judged {
+            src: &mut src,
+            src_status,
+            dst_a: &mut dst_a,
+            dst_b: &mut dst_b,
+            uri_b: &uri_b,
+            shape,
+        },
+        None,
+        format!("{step}@{nth}"),
+    )
+}
+
+/// The processes of a case whose first migration failed.
+struct Judged<'a> {
+    src: &'a mut Proc,
+    src_status: Result<std::process::ExitStatus, String>,
+    dst_a: &'a mut Proc,
+    dst_b: &'a mut Proc,
+    uri_b: &'a str,
+    shape: &'a Shape,
+}
+
+/// Judge a case whose first migration failed (the fault happened): see the module docs.
+fn judge(j: Judged<'_>, harness_error: Option<String>, head: String) -> Result<CaseResult, String> {
+    let Judged {
+        src,
+        src_status,
+        dst_a,
+        dst_b,
+        uri_b,
+        shape,
+    } = j;
     let a_status = dst_a.wait_timeout(Duration::from_secs(20));
     let b_status = dst_b.wait_timeout(Duration::from_secs(60));
 
     let mut r = CaseResult {
-        cut: report.cut,
+        cut: true,
         ..CaseResult::default()
     };
     let mut notes = Vec::new();
@@ -529,14 +682,15 @@ fn run_case(
         .is_some_and(|e| e.contains("failed") && e.contains("keeps running"));
     let progress = ju64(&sj, "progress_after_failure_pages").unwrap_or(0);
     r.source_survived = r.source_reported && progress > 0;
+    r.logging_stopped = jbool(&sj, "logging_after_failure") == Some(false);
     // A's verdict: it must not have resumed, whatever happened to it.
-    let a = dest_outcome(&dst_a);
+    let a = dest_outcome(dst_a);
     r.wrongly_resumed = a.resumed;
     if a_status.is_err() {
         notes.push("A had to be killed".to_string());
     }
     // B: verified and resumed, same RAM as the source, increment rule holds.
-    let b = dest_outcome(&dst_b);
+    let b = dest_outcome(dst_b);
     let fp_src = jstr(&sj, "ram_fingerprint");
     let fp_b = jstr(&b.json, "ram_fingerprint");
     let increment_ok = shape.workload != Workload::Increment
@@ -547,8 +701,8 @@ fn run_case(
         && fp_src.is_some()
         && fp_src == fp_b
         && increment_ok
-        && jstr(&sj, "migrated_to").as_deref() == Some(uri_b.as_str());
-    if let Some(e) = report.error {
+        && jstr(&sj, "migrated_to").as_deref() == Some(uri_b);
+    if let Some(e) = harness_error {
         notes.push(e);
     }
     if !r.source_reported {
@@ -586,9 +740,14 @@ fn run_case(
                 .trim_end_matches("; no guest was resumed")
         ));
     }
+    if !r.logging_stopped {
+        notes.push(format!(
+            "logging after the failure: {:?}",
+            jbool(&sj, "logging_after_failure")
+        ));
+    }
     r.note = format!(
-        "cut@{}M +{progress}p err: {short_err}{}{}",
-        report.forwarded >> 20,
+        "{head} +{progress}p err: {short_err}{}{}",
         if notes.is_empty() { "" } else { " | " },
         notes.join("; ")
     );

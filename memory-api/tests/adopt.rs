@@ -11,19 +11,7 @@ use std::collections::BTreeSet;
 
 use clearlog_bitmap::Bitmap;
 use clearlog_memory::{ClearBitmap, DirtyBitmap, Error, MemorySystem, RamBacking, PAGE_SIZE};
-use vm_memory::{
-    ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
-
-/// A virtio used-ring element (`struct virtq_used_elem`).
-#[derive(Clone, Copy, Default)]
-#[repr(C)]
-struct UsedElem {
-    id: u32,
-    len: u32,
-}
-// SAFETY: two u32 fields, no padding; every bit pattern is valid.
-unsafe impl ByteValued for UsedElem {}
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 const LOW: u64 = 0;
 const LOW_SIZE: u64 = 0x40_0000; // 4 MiB
@@ -80,7 +68,7 @@ fn vmm_memory_adopted_as_it_is() {
                    // A virtio used ring at HIGH + 0x10_0000: flags(u16) idx(u16) then elements.
     let ring_addr = GuestAddress(HIGH + 0x10_0000 + PAGE_SIZE - 4);
     let ring = gm.get_slice(ring_addr, 4 + 8 * 4).unwrap();
-    ring.write_obj(UsedElem { id: 7, len: 512 }, 4).unwrap(); // element 0: next page
+    ring.write_obj([7u32, 512u32], 4).unwrap(); // element 0 (id, len): next page
     ring.write_obj(3u16, 2).unwrap(); // used.idx: first page
 
     let mut dirty: Vec<BTreeSet<u64>> = Vec::new();

@@ -14,7 +14,7 @@ use vm_memory::{FileOffset, MmapRegion};
 
 use crate::{DirtyBitmap, Error, Result, PAGE_SIZE};
 
-/// `statfs.f_type` of hugetlbfs (`linux/magic.h`).
+/// `statfs.f_type` of a hugetlbfs file system (the kernel's `HUGETLBFS_MAGIC`).
 const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
 
 /// Host memory for a RAM block.

@@ -5,9 +5,15 @@
 //!
 //! The pieces, one module each:
 //!
-//! - [`RamBlock`] (`ram`): guest RAM in anonymous host memory (vm-memory's `MmapRegion`), placed in
-//!   one RAM address space at a 64-page-aligned page offset. Host-side writes through
+//! - [`RamBlock`] (`ram`): guest RAM in host memory (vm-memory's `MmapRegion<DirtyBitmap>`), placed
+//!   in one RAM address space at a 64-page-aligned page offset. Host-side writes through
 //!   [`RamBlock::write`] always mark the pages dirty.
+//! - [`RamBacking`] (`backing`): where a block's memory comes from: private anonymous memory, a
+//!   memfd (optionally hugetlb) or the caller's file at an offset, mapped shared (vhost-user).
+//! - [`DirtyBitmap`] (`vm_bitmap`): a vm-memory bitmap backend over the dirty-memory clients, so
+//!   writes through a VMM's `GuestMemoryMmap<DirtyBitmap>` are tracked;
+//!   [`MemorySystem::add_guest_memory`] adopts such memory, [`MemorySystem::guest_memory`] gives
+//!   a vm-memory view of a memory system's RAM.
 //! - Regions and [`Section`]s (`region`): RAM regions and aliases mapped in the guest-physical
 //!   address space with priorities, flattened into sections (what an accelerator registers).
 //! - [`MemoryListener`] (`listener`): the hooks an accelerator implements: map changes, logging
@@ -17,6 +23,8 @@
 //! - [`DirtySnapshot`] (`snapshot`): what [`MemorySystem::snapshot_and_clear_dirty`] returns.
 //! - [`ClearBitmap`] (`migration_sync`): migration's per-chunk "needs clear" bits.
 //! - [`MemorySystem`] (`system`): all of the above behind one topology lock.
+//! - `testing` (cargo feature `testing`): a conformance check for [`MemoryListener`]
+//!   implementations.
 //!
 //! # Why clears go through the accelerator
 //!

@@ -1377,6 +1377,11 @@ impl MemorySystem {
     /// reading any page to send it (clear, then read; the other order loses writes). Returns whether
     /// a clear was sent.
     ///
+    /// This is the one chunk-clear-then-read rule of migration: the chunk bit is taken, the chunk
+    /// is cleared in every listener, and the bit is restored if that fails. It is cheap per call:
+    /// the block's sections come from a per-block index (no scan of all blocks or sections) and
+    /// nothing is allocated.
+    ///
     /// # Errors
     ///
     /// [`Error::OutOfRange`] if the page is outside the block or `clear`, and the errors of

@@ -156,11 +156,8 @@ impl VmControl for Workers {
         Ok(())
     }
     fn save_state(&self) -> Result<Vec<StateBlob>, BoxError> {
-        let idx = self.used_idx.load(Ordering::Relaxed);
-        Ok(vec![StateBlob::new(
-            "virtio-used-idx",
-            idx.to_le_bytes().to_vec(),
-        )])
+        let idx = self.used_idx.load(Ordering::Relaxed).to_le_bytes().to_vec();
+        Ok(vec![StateBlob::new("virtio-used-idx", idx)])
     }
 }
 
@@ -189,13 +186,9 @@ fn main() -> ExitCode {
 
     // --- glue begin ---
     let source = MemorySystem::new();
-    source
-        .add_guest_memory(&source_mem)
-        .expect("adopt source memory");
+    source.add_guest_memory(&source_mem).unwrap();
     let destination = MemorySystem::new();
-    destination
-        .add_guest_memory(&dest_mem)
-        .expect("adopt destination memory");
+    destination.add_guest_memory(&dest_mem).unwrap();
     let listener = Listener::bind(&uri).expect("bind the migration socket");
     let config = MigrationConfig {
         mode: DirtyLogMode::from_clear_chunk_bytes(1 << 20).unwrap(),
@@ -204,7 +197,7 @@ fn main() -> ExitCode {
     };
     let (sent, received) = std::thread::scope(|s| {
         let incoming = s.spawn(|| {
-            let transport = listener.accept()?;
+            let (transport, _header) = listener.accept_migration()?;
             Destination::new(&destination).receive_paused(transport, &restored)
         });
         std::thread::sleep(Duration::from_millis(200)); // let the guest run a little

@@ -3,15 +3,17 @@
 
 //! The destination side: load, verify, restore, acknowledge, resume.
 
-use std::io::{BufReader, Write};
-use std::time::Instant;
+use std::io::{BufReader, Read, Write};
+use std::time::{Duration, Instant};
 
 use clearlog_memory::{is_zero_page, PAGE_SIZE};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::digest::{hash_threads, page_digests};
 use crate::stats::IncomingStats;
-use crate::stream::{self, PageEntry, Record, StreamReader, FLAG_ACK_REQUESTED, FLAG_DIGEST_FULL};
+use crate::stream::{
+    self, PageEntry, Record, StreamReader, FLAG_ACK_REQUESTED, FLAG_CONFIRM, FLAG_DIGEST_FULL,
+};
 use crate::{Error, MigrationBlock, MigrationMemory, Result, StateBlob, Transport, VmRestore};
 
 /// Capacity of the incoming buffer (1 MiB).
@@ -44,7 +46,12 @@ const READ_BUFFER: usize = 1 << 20;
 #[derive(Debug)]
 pub struct Destination<'a, M: ?Sized> {
     mem: &'a M,
+    confirm_timeout: Duration,
 }
+
+/// How long a destination waits for the source's confirmation after acknowledging (default of
+/// [`Destination::with_confirm_timeout`]).
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
     /// A destination loading into `mem`.
@@ -56,7 +63,26 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
     /// let _dst = clearlog_migration::Destination::new(&mem);
     /// ```
     pub fn new(mem: &'a M) -> Self {
-        Destination { mem }
+        Destination {
+            mem,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+        }
+    }
+
+    /// How long to wait, after acknowledging, for the source's confirmation before giving up
+    /// without resuming (default [`DEFAULT_CONFIRM_TIMEOUT`]). Only streams whose source asked for
+    /// the handshake ([`crate::stream::FLAG_CONFIRM`]) have one.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let mem = clearlog_memory::MemorySystem::new();
+    /// let _dst = clearlog_migration::Destination::new(&mem).with_confirm_timeout(Duration::from_secs(5));
+    /// ```
+    pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
     }
 
     /// Load the stream, verify it, restore the state, acknowledge (if the source asked), then resume.
@@ -89,7 +115,8 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
     }
 
     /// Like [`receive`](Self::receive) but returns without resuming: RAM is loaded and verified, the
-    /// state restored and the acknowledgement sent. The caller resumes the guest (for example after
+    /// state restored, the acknowledgement sent and (when the source asked for the handshake) its
+    /// confirmation received. The caller resumes the guest (for example after
     /// saving or inspecting its memory).
     ///
     /// # Examples
@@ -126,7 +153,8 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         let mut r = StreamReader::new(BufReader::with_capacity(READ_BUFFER, reader));
         let mut stats = IncomingStats::default();
         let mut wants_ack = false;
-        let loaded = self.load(&mut r, &mut stats, &mut wants_ack);
+        let mut wants_confirm = false;
+        let loaded = self.load(&mut r, &mut stats, &mut wants_ack, &mut wants_confirm);
         stats.bytes_received = r.bytes_read();
         stats.load_time_ms = start.elapsed().as_secs_f64() * 1000.0;
         let ack_target = if wants_ack { writer.as_mut() } else { None };
@@ -153,6 +181,11 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
             send_ack(w.as_mut(), stream::ACK_OK)
                 .map_err(Error::io("sending the acknowledgement"))?;
             stats.acked = true;
+            if wants_confirm {
+                // Resume only once the source has committed: without its confirmation it may
+                // resume its own copy of the guest.
+                wait_confirm(r.get_mut(), self.confirm_timeout)?;
+            }
         } else if wants_ack {
             return Err(Error::Io {
                 context: "sending the acknowledgement",
@@ -171,9 +204,11 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         r: &mut StreamReader<R>,
         stats: &mut IncomingStats,
         wants_ack: &mut bool,
+        wants_confirm: &mut bool,
     ) -> Result<Vec<StateBlob>> {
         let header = r.read_header(PAGE_SIZE as u32)?;
         *wants_ack = header.flags & FLAG_ACK_REQUESTED != 0;
+        *wants_confirm = *wants_ack && header.flags & FLAG_CONFIRM != 0;
         let full = header.flags & FLAG_DIGEST_FULL != 0;
         let blocks = self.mem.blocks();
         if blocks.len() != header.blocks.len() {
@@ -327,6 +362,39 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
 /// What a failed memory call was doing, for [`Error::Memory`].
 fn mem_err(op: &'static str) -> impl FnOnce(crate::BoxError) -> Error {
     move |source| Error::Memory { op, source }
+}
+
+/// Read the source's confirmation (see [`stream::FLAG_CONFIRM`]) within `timeout`.
+fn wait_confirm(
+    reader: &mut BufReader<Box<dyn crate::TransportRead>>,
+    timeout: Duration,
+) -> Result<()> {
+    let failed = |why: String| Error::NotConfirmed(why);
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(failed(format!("no confirmation within {timeout:?}")));
+        }
+        reader
+            .get_mut()
+            .set_read_timeout(Some(left))
+            .map_err(Error::io("waiting for the confirmation"))?;
+        match reader.read(&mut buf[got..]) {
+            Ok(0) => return Err(failed("the source closed the connection".into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(failed(e.to_string())),
+        }
+    }
+    let magic = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if magic != stream::CONFIRM_MAGIC || buf[4..] != [0; 4] {
+        return Err(failed(format!("bad confirmation {buf:02x?}")));
+    }
+    Ok(())
 }
 
 fn send_ack(w: &mut dyn Write, status: u32) -> std::io::Result<()> {

@@ -185,6 +185,12 @@ pub enum Error {
     /// The digest table does not cover every block exactly once before the end marker.
     #[error("digest table missing for RAM block `{0}`")]
     MissingDigests(String),
+    /// The destination acknowledged but the source's confirmation did not come: the source may be
+    /// running the guest, so the destination does not resume it.
+    #[error(
+        "the source did not confirm the migration ({0}): not resuming, the source keeps the guest"
+    )]
+    NotConfirmed(String),
     /// A page of the loaded RAM does not match the source's digest.
     #[error("digest mismatch in RAM block `{block}`, page {page} ({mismatched} mismatched pages in total)")]
     DigestMismatch {

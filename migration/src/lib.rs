@@ -40,7 +40,7 @@
 //! | magic        | u64       | `b"CLEARLOG"` ([`stream::MAGIC`])                               |
 //! | version      | u32       | 1                                                               |
 //! | page_size    | u32       | 4096; must equal the destination's                              |
-//! | flags        | u32       | bit 0: source waits for an acknowledgement; bit 1: full-RAM digest table ([`DigestMode::Full`]); other bits zero |
+//! | flags        | u32       | bit 0: source waits for an acknowledgement; bit 1: full-RAM digest table ([`DigestMode::Full`]); bit 2: the source confirms the acknowledgement ([`stream::FLAG_CONFIRM`]); other bits zero |
 //! | block_count  | u32       | \[1, 1024\]                                                     |
 //! | blocks       | repeated  | `name_len: u16` \[1, 256\], `name` (UTF-8), `size: u64` (bytes, non-zero page multiple) |
 //!
@@ -67,12 +67,19 @@
 //! Acknowledgement (destination to source, only if flag bit 0 is set): `b"ACK1"` as u32, `status: u32`
 //! (0 = loaded, verified and restored; 1 = failed, the destination will not resume).
 //!
+//! Confirmation (source to destination, only if flag bit 2 is set, after a positive acknowledgement):
+//! `b"GO!!"` as u32, `0u32`. It is the source's commit point: until a whole confirmation has left the
+//! source, any failure resumes the source's guest, and the destination, which resumes only after
+//! reading the confirmation, does not. So the guest never runs on both sides. (If the confirmation
+//! left but never arrives, neither side runs it: the source stays paused and its owner can resume it.)
+//!
 //! Digest check at the destination: with bit 1 set it hashes every page of its RAM after the end marker;
 //! otherwise it compares the table with the digests of the pages as it received them (a page never
 //! received is a mismatch).
 //!
 //! The destination resumes the guest only after the end marker, a digest match of every page,
-//! a successful `restore_state` and a sent acknowledgement. Truncation at any byte, an unknown version,
+//! a successful `restore_state`, a sent acknowledgement and (flag bit 2) the source's confirmation.
+//! Truncation at any byte, an unknown version,
 //! a page-size or layout mismatch, a page outside its block, an oversized field and a digest mismatch
 //! each give their own [`Error`] variant.
 //!
@@ -105,7 +112,7 @@ pub use config::{
     chunk_bytes_to_shift, shift_to_chunk_bytes, DigestMode, DirtyLogMode, MigrationConfig,
     DEFAULT_ACK_TIMEOUT, DEFAULT_CLEAR_SHIFT, DEFAULT_DOWNTIME_LIMIT,
 };
-pub use destination::Destination;
+pub use destination::{Destination, DEFAULT_CONFIRM_TIMEOUT};
 pub use digest::{page_digests, ram_fingerprint};
 pub use error::{BoxError, Error, Result};
 pub use memory::{DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory};

@@ -12,7 +12,9 @@ use clearlog_memory::{ClearBitmap, PAGE_SIZE};
 use crate::digest::{hash_threads, page_digests};
 use crate::ratelimit::RateLimitedWriter;
 use crate::stats::{IterationStats, MigrationStats, Progress};
-use crate::stream::{self, BlockInfo, Header, PageBatch, FLAG_ACK_REQUESTED, FLAG_DIGEST_FULL};
+use crate::stream::{
+    self, BlockInfo, Header, PageBatch, FLAG_ACK_REQUESTED, FLAG_CONFIRM, FLAG_DIGEST_FULL,
+};
 use crate::transport::TransportRead;
 use crate::{
     CancelToken, DigestMode, DirtyLogMode, DirtyTracking, Error, MigrationBlock, MigrationConfig,
@@ -303,7 +305,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         let header = Header {
             page_size: PAGE_SIZE as u32,
             flags: if self.ack.is_some() {
-                FLAG_ACK_REQUESTED
+                FLAG_ACK_REQUESTED | FLAG_CONFIRM
             } else {
                 0
             } | if self.config.digest == DigestMode::Full {
@@ -593,6 +595,15 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         self.out.flush().map_err(Error::io("flushing the stream"))?;
         if let Some(reader) = self.ack.as_mut() {
             wait_ack(reader.as_mut(), self.config.ack_timeout, self.cancel)?;
+            // The commit point: once the confirmation is out the guest runs at the destination.
+            // If it fails, no whole confirmation left us, the destination will not resume, and the
+            // failure path resumes the guest here.
+            let mut confirm = [0u8; 8];
+            confirm[..4].copy_from_slice(&stream::CONFIRM_MAGIC.to_le_bytes());
+            self.out
+                .write_all(&confirm)
+                .and_then(|()| self.out.flush())
+                .map_err(Error::io("sending the confirmation"))?;
         }
         self.stats.downtime_ms = ms(pause_at.elapsed());
         self.stats.converged = true;

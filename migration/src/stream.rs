@@ -24,6 +24,12 @@ pub const FLAG_ACK_REQUESTED: u32 = 1;
 /// the destination hashes its RAM after loading. Without it the table holds the digests of the pages as
 /// sent ([`crate::DigestMode::Sent`]) and the destination compares the digests of the pages it received.
 pub const FLAG_DIGEST_FULL: u32 = 2;
+/// Header flag (with [`FLAG_ACK_REQUESTED`]): after a positive acknowledgement the source sends a
+/// confirmation ([`CONFIRM_MAGIC`]), and the destination resumes only once it has read it. The
+/// source's commit point is the confirmation leaving it: before, any failure resumes the source
+/// (the destination cannot resume without the confirmation); after, the guest runs at the
+/// destination. So the two sides never both run the guest.
+pub const FLAG_CONFIRM: u32 = 4;
 /// Most RAM blocks a header may declare.
 pub const MAX_BLOCKS: u32 = 1024;
 /// Longest RAM block or state blob name, bytes.
@@ -59,6 +65,9 @@ pub const ACK_MAGIC: u32 = u32::from_le_bytes(*b"ACK1");
 pub const ACK_OK: u32 = 0;
 /// Acknowledgement status: the destination failed (it will not resume).
 pub const ACK_FAILED: u32 = 1;
+/// `"GO!!"` as a little-endian `u32`: the source's confirmation, followed by a `u32` 0; see
+/// [`FLAG_CONFIRM`].
+pub const CONFIRM_MAGIC: u32 = u32::from_le_bytes(*b"GO!!");
 
 /// One RAM block of the header: its name and size in bytes.
 ///
@@ -92,7 +101,7 @@ pub struct BlockInfo {
 pub struct Header {
     /// Page size of the source.
     pub page_size: u32,
-    /// Flags ([`FLAG_ACK_REQUESTED`], [`FLAG_DIGEST_FULL`]).
+    /// Flags ([`FLAG_ACK_REQUESTED`], [`FLAG_DIGEST_FULL`], [`FLAG_CONFIRM`]).
     pub flags: u32,
     /// RAM layout.
     pub blocks: Vec<BlockInfo>,
@@ -336,6 +345,19 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
+    /// The reader underneath (for what follows the stream: the destination reads the source's
+    /// confirmation through it).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut r = clearlog_migration::stream::StreamReader::new(std::io::Cursor::new(vec![1u8]));
+    /// assert_eq!(r.get_mut().position(), 0);
+    /// ```
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.r
+    }
+
     /// Bytes consumed so far.
     ///
     /// # Examples
@@ -440,7 +462,7 @@ impl<R: Read> StreamReader<R> {
             });
         }
         let flags = self.u32("header flags")?;
-        if flags & !(FLAG_ACK_REQUESTED | FLAG_DIGEST_FULL) != 0 {
+        if flags & !(FLAG_ACK_REQUESTED | FLAG_DIGEST_FULL | FLAG_CONFIRM) != 0 {
             return Err(Error::Malformed("header flags"));
         }
         let count = self.u32("header block count")?;

@@ -38,11 +38,13 @@ pub enum FaultStep {
     SaveState,
     /// Reading the destination's acknowledgement.
     Ack,
+    /// Sending the confirmation that commits the migration (the source's last write).
+    Confirm,
 }
 
 impl FaultStep {
     /// Every step, in migration order.
-    pub const ALL: [FaultStep; 7] = [
+    pub const ALL: [FaultStep; 8] = [
         FaultStep::Sync,
         FaultStep::Clear,
         FaultStep::Read,
@@ -50,6 +52,7 @@ impl FaultStep {
         FaultStep::Pause,
         FaultStep::SaveState,
         FaultStep::Ack,
+        FaultStep::Confirm,
     ];
 
     /// The name `--fail-at` takes.
@@ -62,6 +65,7 @@ impl FaultStep {
             FaultStep::Send => "send",
             FaultStep::SaveState => "save-state",
             FaultStep::Ack => "ack",
+            FaultStep::Confirm => "confirm",
         }
     }
 }
@@ -113,6 +117,9 @@ impl fmt::Display for FaultPlan {
 pub struct Injector {
     plan: FaultPlan,
     calls: AtomicU64,
+    /// Bytes read back from the destination: once the 8-byte acknowledgement is in, the next
+    /// write is the confirmation.
+    ack_bytes: AtomicU64,
 }
 
 impl Injector {
@@ -121,6 +128,7 @@ impl Injector {
         Arc::new(Injector {
             plan,
             calls: AtomicU64::new(0),
+            ack_bytes: AtomicU64::new(0),
         })
     }
 
@@ -287,7 +295,12 @@ struct FaultyWriter {
 
 impl Write for FaultyWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.faults.check(FaultStep::Send)?;
+        let acked = self.faults.ack_bytes.load(Ordering::Relaxed) >= 8;
+        self.faults.check(if acked {
+            FaultStep::Confirm
+        } else {
+            FaultStep::Send
+        })?;
         self.inner.write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -303,7 +316,9 @@ struct FaultyReader {
 impl Read for FaultyReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.faults.check(FaultStep::Ack)?;
-        self.inner.read(buf)
+        let n = self.inner.read(buf)?;
+        self.faults.ack_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 }
 

@@ -18,8 +18,8 @@ use clearlog_migration::{
 use crate::args::{
     DirtyLogArg, GuestArgs, MigrationArgs, RunArgs, WorkloadKind, DEFAULT_DIRTY_RATE,
 };
-use crate::output::{print_run_summary, print_stats, stats_json};
 use crate::fault::{faulty_transport, FaultPlan, FaultyControl, FaultyMemory, Injector};
+use crate::output::{print_run_summary, print_stats, stats_json};
 use crate::{CliError, CliResult};
 use vmm_cli::vm_control::GuestControl;
 
@@ -297,10 +297,7 @@ pub fn run(a: RunArgs) -> CliResult {
                 "progress_after_failure_pages".into(),
                 progress_after_failure.into(),
             );
-            map.insert(
-                "logging_after_failure".into(),
-                logging_after_failure.into(),
-            );
+            map.insert("logging_after_failure".into(), logging_after_failure.into());
         }
         println!("{v}");
     } else {

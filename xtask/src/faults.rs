@@ -52,7 +52,7 @@ const KINDS: [CutKind; 6] = [
 ];
 
 /// The steps `vmm run --fail-at` can break, in migration order (see `vmm run --help`, Testing).
-const INJECT_STEPS: [&str; 7] = [
+const INJECT_STEPS: [&str; 8] = [
     "sync",
     "clear",
     "read",
@@ -60,6 +60,7 @@ const INJECT_STEPS: [&str; 7] = [
     "pause",
     "save-state",
     "ack",
+    "confirm",
 ];
 
 /// One kind of fault case: a link cut by the proxy, or a failure injected into a step of the
@@ -434,11 +435,9 @@ pub fn faults(args: &[String]) -> Result<(), String> {
                     run_inject_case(&vmm, step, nth, &shape)
                 }
             };
-            r = result.unwrap_or_else(|e| {
-                CaseResult {
-                    note: format!("harness error: {e}"),
-                    ..CaseResult::default()
-                }
+            r = result.unwrap_or_else(|e| CaseResult {
+                note: format!("harness error: {e}"),
+                ..CaseResult::default()
             });
             if r.cut || r.note.starts_with("harness error") {
                 break;

@@ -176,7 +176,9 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
         run.finish(result.is_ok());
         result.map(|()| {
             run.stats.total_time_ms = ms(start.elapsed());
-            run.stats.bytes_sent = run.out.bytes_written();
+            if run.stats.bytes_sent == 0 {
+                run.stats.bytes_sent = run.out.bytes_written();
+            }
             std::mem::take(&mut run.stats)
         })
     }
@@ -595,14 +597,20 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         self.out.flush().map_err(Error::io("flushing the stream"))?;
         if let Some(reader) = self.ack.as_mut() {
             wait_ack(reader.as_mut(), self.config.ack_timeout, self.cancel)?;
+            // The stream ends here; the confirmation is handshake, not stream.
+            self.stats.bytes_sent = self.out.bytes_written();
             // The commit point: once the confirmation is out the guest runs at the destination.
             // If it fails, no whole confirmation left us, the destination will not resume, and the
             // failure path resumes the guest here.
+            // Written straight to the transport, not through the stream's buffer: a buffer that
+            // failed to flush would try again when dropped, and a late confirmation could then
+            // reach a destination after this side had resumed.
             let mut confirm = [0u8; 8];
             confirm[..4].copy_from_slice(&stream::CONFIRM_MAGIC.to_le_bytes());
-            self.out
+            let transport = self.out.get_mut().get_mut();
+            transport
                 .write_all(&confirm)
-                .and_then(|()| self.out.flush())
+                .and_then(|()| transport.flush())
                 .map_err(Error::io("sending the confirmation"))?;
         }
         self.stats.downtime_ms = ms(pause_at.elapsed());

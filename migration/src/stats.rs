@@ -92,7 +92,8 @@ pub struct MigrationStats {
     pub dirty_syncs: u32,
     /// Page records sent (zero pages included).
     pub pages_sent: u64,
-    /// Bytes written to the transport.
+    /// Bytes of the migration stream written to the transport (the 8-byte confirmation of the
+    /// commit handshake is not part of the stream).
     pub bytes_sent: u64,
     /// Pages sent as a zero marker.
     pub zero_pages: u64,

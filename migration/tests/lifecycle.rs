@@ -474,3 +474,82 @@ fn a_failed_pause_leaves_no_vcpu_paused() {
     assert_eq!(vm.resumes.load(Ordering::SeqCst), 1, "guest left paused");
     assert!(!src.global_logging());
 }
+
+/// The commit point: when the source cannot send its confirmation, it resumes its guest, and the
+/// destination, which acknowledged but never got the confirmation, does not resume. The guest runs
+/// on exactly one side.
+#[test]
+fn a_lost_confirmation_resumes_the_source_and_not_the_destination() {
+    use std::io::Write;
+    use std::sync::atomic::AtomicBool;
+
+    /// Reads the acknowledgement and remembers it came.
+    struct AckSeen(PipeReader, Arc<AtomicBool>);
+    impl std::io::Read for AckSeen {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.0.read(buf)?;
+            self.1.store(true, Ordering::SeqCst);
+            Ok(n)
+        }
+    }
+    impl TransportRead for AckSeen {
+        fn set_read_timeout(&mut self, t: Option<Duration>) -> std::io::Result<()> {
+            self.0.set_read_timeout(t)
+        }
+    }
+    /// Writes the stream; the first write after the acknowledgement came fails (a send timeout),
+    /// later ones go through: nothing may resend the confirmation behind the source's back.
+    struct FailsOnceAfterAck(PipeWriter, Arc<AtomicBool>, bool);
+    impl Write for FailsOnceAfterAck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.1.load(Ordering::SeqCst) && !self.2 {
+                self.2 = true;
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.flush()
+        }
+    }
+
+    let src = memory(MIB);
+    prefill(&src, 3);
+    let dst = memory(MIB);
+    let (to_dst, from_src) = pipe();
+    let (to_src, from_dst) = pipe();
+    let acked = Arc::new(AtomicBool::new(false));
+    let src_t = Transport::new(
+        Some(Box::new(AckSeen(from_dst, acked.clone()))),
+        Some(Box::new(FailsOnceAfterAck(to_dst, acked, false))),
+    );
+    let dst_t = Transport::new(Some(Box::new(from_src)), Some(Box::new(to_src)));
+    let vm_src = TestVm::default();
+    let vm_dst = TestVm::default();
+    let (s, d) = std::thread::scope(|sc| {
+        let d = sc.spawn(|| {
+            Destination::new(&dst)
+                .with_confirm_timeout(Duration::from_secs(5))
+                .receive(dst_t, &vm_dst)
+        });
+        let s =
+            Source::new(&src, config())
+                .unwrap()
+                .migrate(src_t, &vm_src, None, &CancelToken::new());
+        (s, d.join().unwrap())
+    });
+    let err = s.unwrap_err();
+    assert!(err.to_string().contains("confirmation"), "{err}");
+    assert_eq!(
+        vm_src.resumes.load(Ordering::SeqCst),
+        1,
+        "source not resumed"
+    );
+    assert!(matches!(d, Err(Error::NotConfirmed(_))), "{d:?}");
+    assert_eq!(
+        vm_dst.resumes.load(Ordering::SeqCst),
+        0,
+        "destination resumed too"
+    );
+    assert!(!src.global_logging());
+}

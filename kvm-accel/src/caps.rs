@@ -1,36 +1,57 @@
 // Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Kernel capability probing and the choice of dirty-log mode.
+//! Kernel capability probing, the choice of dirty-log mode and enabling manual protection on any
+//! VM fd.
 
 use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
 
 use kvm_bindings::{
     KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_GET_TSC_KHZ,
     KVM_CAP_IMMEDIATE_EXIT, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_MAX_VCPUS,
-    KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_NR_MEMSLOTS, KVM_CAP_NR_VCPUS, KVM_CAP_XCRS,
-    KVM_CAP_XSAVE, KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_NR_MEMSLOTS, KVM_CAP_NR_VCPUS,
+    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
-use kvm_ioctls::Kvm;
 
-/// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` as a `u64` flag.
+use crate::error::{Error, Result};
+use crate::raw;
+
+/// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` as a `u64` flag (bit 0).
+///
+/// # Example
+///
+/// ```
+/// assert_eq!(clearlog_kvm::MANUAL_PROTECT_ENABLE, 1);
+/// ```
 pub const MANUAL_PROTECT_ENABLE: u64 = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as u64;
-/// `KVM_DIRTY_LOG_INITIALLY_SET` as a `u64` flag.
+/// `KVM_DIRTY_LOG_INITIALLY_SET` as a `u64` flag (bit 1).
+///
+/// # Example
+///
+/// ```
+/// use clearlog_kvm::{INITIALLY_SET, MANUAL_PROTECT_ENABLE};
+/// assert_eq!(MANUAL_PROTECT_ENABLE | INITIALLY_SET, 3);
+/// ```
 pub const INITIALLY_SET: u64 = KVM_DIRTY_LOG_INITIALLY_SET as u64;
+
+/// The API version of every kernel this crate supports (`KVM_GET_API_VERSION`).
+pub(crate) const KVM_API_VERSION: i32 = 12;
 
 /// What the running kernel offers, as far as this crate cares.
 ///
-/// Probed once with [`KvmCaps::probe`] from `KVM_GET_API_VERSION` and
-/// `KVM_CHECK_EXTENSION` on the system fd. The obsolete capability 166
-/// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT`) is never consulted.
+/// Probed once with [`KvmCaps::probe`] (on a VM fd or the system fd) or
+/// [`KvmCaps::probe_device`] (opens `/dev/kvm`) from `KVM_CHECK_EXTENSION` and, on a system fd,
+/// `KVM_GET_API_VERSION`. The obsolete capability 166 (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT`) is
+/// never consulted.
 ///
 /// # Example
 ///
 /// ```no_run
-/// use clearlog_kvm::caps::KvmCaps;
+/// use clearlog_kvm::KvmCaps;
 ///
-/// let kvm = kvm_ioctls::Kvm::new().unwrap();
-/// let caps = KvmCaps::probe(&kvm);
+/// let caps = KvmCaps::probe_device("/dev/kvm".as_ref()).unwrap();
 /// println!("{caps}");
 /// for (name, value) in caps.fields() {
 ///     println!("{name} = {value}");
@@ -38,7 +59,8 @@ pub const INITIALLY_SET: u64 = KVM_DIRTY_LOG_INITIALLY_SET as u64;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KvmCaps {
-    /// `KVM_GET_API_VERSION` (12 on every supported kernel).
+    /// `KVM_GET_API_VERSION` (12 on every supported kernel; a VM fd does not answer it, and
+    /// exists only on API 12, so a probe on a VM fd reports 12).
     pub api_version: i32,
     /// Flags returned by `KVM_CHECK_EXTENSION(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)`:
     /// bit 0 = manual protect, bit 1 = initially set; 0 = unsupported.
@@ -58,16 +80,38 @@ pub struct KvmCaps {
     pub max_vcpus: u32,
     /// `KVM_GET_TSC_KHZ` is available on vCPU fds.
     pub get_tsc_khz: bool,
-    /// `KVM_GET_XSAVE`/`KVM_SET_XSAVE` are available.
+    /// `KVM_GET_XSAVE`/`KVM_SET_XSAVE` are available (x86-64 only; false elsewhere).
     pub xsave: bool,
-    /// `KVM_GET_XCRS`/`KVM_SET_XCRS` are available.
+    /// `KVM_GET_XCRS`/`KVM_SET_XCRS` are available (x86-64 only; false elsewhere).
     pub xcrs: bool,
     /// `kvm_run.immediate_exit` is honoured.
     pub immediate_exit: bool,
 }
 
-fn check(kvm: &Kvm, cap: u32) -> i32 {
-    kvm.check_extension_raw(libc::c_ulong::from(cap))
+fn check(fd: BorrowedFd<'_>, cap: u32) -> i32 {
+    raw::check_extension(fd, cap)
+}
+
+/// The x86-only capabilities of the report.
+enum X86Cap {
+    Xsave,
+    Xcrs,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn x86_cap(fd: BorrowedFd<'_>, cap: X86Cap) -> bool {
+    let cap = match cap {
+        X86Cap::Xsave => kvm_bindings::KVM_CAP_XSAVE,
+        X86Cap::Xcrs => kvm_bindings::KVM_CAP_XCRS,
+    };
+    check(fd, cap) > 0
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn x86_cap(_fd: BorrowedFd<'_>, cap: X86Cap) -> bool {
+    match cap {
+        X86Cap::Xsave | X86Cap::Xcrs => false,
+    }
 }
 
 fn nonneg(v: i32) -> u64 {
@@ -75,31 +119,66 @@ fn nonneg(v: i32) -> u64 {
 }
 
 impl KvmCaps {
-    /// Probes the capabilities of the kernel behind `kvm`.
+    /// Probes the capabilities behind `fd`: a VM fd (the answers are then those of that VM, as
+    /// the kernel documents for `KVM_CHECK_EXTENSION` on VM fds) or a `/dev/kvm` system fd. No
+    /// device is opened.
+    ///
+    /// Works with the fd of any kvm-ioctls version (`VmFd` implements `AsRawFd`: borrow it with
+    /// `BorrowedFd::borrow_raw`) or a plain `File`/`OwnedFd`.
     ///
     /// # Example
     ///
     /// ```no_run
+    /// use std::os::fd::{AsRawFd, BorrowedFd};
+    ///
     /// let kvm = kvm_ioctls::Kvm::new().unwrap();
-    /// let caps = clearlog_kvm::caps::KvmCaps::probe(&kvm);
+    /// let vm = kvm.create_vm().unwrap();
+    /// // SAFETY: `vm` owns the fd and outlives the borrow.
+    /// let fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+    /// let caps = clearlog_kvm::KvmCaps::probe(fd);
     /// assert_eq!(caps.api_version, 12);
     /// ```
-    pub fn probe(kvm: &Kvm) -> Self {
-        let spaces = check(kvm, KVM_CAP_MULTI_ADDRESS_SPACE);
+    pub fn probe(fd: impl AsFd) -> Self {
+        let fd = fd.as_fd();
+        let spaces = check(fd, KVM_CAP_MULTI_ADDRESS_SPACE);
         KvmCaps {
-            api_version: kvm.get_api_version(),
-            manual_protect_flags: nonneg(check(kvm, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)),
-            dirty_ring_max_bytes: nonneg(check(kvm, KVM_CAP_DIRTY_LOG_RING)),
-            dirty_ring_acq_rel_max_bytes: nonneg(check(kvm, KVM_CAP_DIRTY_LOG_RING_ACQ_REL)),
-            max_memslots: u32::try_from(check(kvm, KVM_CAP_NR_MEMSLOTS).max(0)).unwrap_or(0),
+            api_version: raw::get_api_version(fd).unwrap_or(KVM_API_VERSION),
+            manual_protect_flags: nonneg(check(fd, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)),
+            dirty_ring_max_bytes: nonneg(check(fd, KVM_CAP_DIRTY_LOG_RING)),
+            dirty_ring_acq_rel_max_bytes: nonneg(check(fd, KVM_CAP_DIRTY_LOG_RING_ACQ_REL)),
+            max_memslots: u32::try_from(check(fd, KVM_CAP_NR_MEMSLOTS).max(0)).unwrap_or(0),
             address_spaces: u32::try_from(spaces.max(1)).unwrap_or(1),
-            nr_vcpus: u32::try_from(check(kvm, KVM_CAP_NR_VCPUS).max(0)).unwrap_or(0),
-            max_vcpus: u32::try_from(check(kvm, KVM_CAP_MAX_VCPUS).max(0)).unwrap_or(0),
-            get_tsc_khz: check(kvm, KVM_CAP_GET_TSC_KHZ) > 0,
-            xsave: check(kvm, KVM_CAP_XSAVE) > 0,
-            xcrs: check(kvm, KVM_CAP_XCRS) > 0,
-            immediate_exit: check(kvm, KVM_CAP_IMMEDIATE_EXIT) > 0,
+            nr_vcpus: u32::try_from(check(fd, KVM_CAP_NR_VCPUS).max(0)).unwrap_or(0),
+            max_vcpus: u32::try_from(check(fd, KVM_CAP_MAX_VCPUS).max(0)).unwrap_or(0),
+            get_tsc_khz: check(fd, KVM_CAP_GET_TSC_KHZ) > 0,
+            xsave: x86_cap(fd, X86Cap::Xsave),
+            xcrs: x86_cap(fd, X86Cap::Xcrs),
+            immediate_exit: check(fd, KVM_CAP_IMMEDIATE_EXIT) > 0,
         }
+    }
+
+    /// Opens the KVM device node `path` (normally `/dev/kvm`) and probes it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::KvmMissing`], [`Error::KvmPermission`] or [`Error::KvmOpen`], each naming the
+    /// device and the fix; [`Error::ApiVersion`] for an API other than 12.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// let caps = clearlog_kvm::KvmCaps::probe_device("/dev/kvm".as_ref()).unwrap();
+    /// println!("manual protect flags: {:#x}", caps.manual_protect_flags);
+    /// ```
+    pub fn probe_device(path: &Path) -> Result<Self> {
+        let kvm = crate::vm::open_kvm(path)?;
+        let api = kvm.get_api_version();
+        if api != KVM_API_VERSION {
+            return Err(Error::ApiVersion(api));
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&kvm);
+        // SAFETY: `kvm` owns this open fd and outlives the borrow (the probe below).
+        Ok(Self::probe(unsafe { BorrowedFd::borrow_raw(fd) }))
     }
 
     /// All fields as `(name, value)` pairs, for reports and logs.
@@ -107,7 +186,7 @@ impl KvmCaps {
     /// # Example
     ///
     /// ```
-    /// let caps = clearlog_kvm::caps::KvmCaps::default();
+    /// let caps = clearlog_kvm::KvmCaps::default();
     /// assert!(caps.fields().iter().any(|(n, _)| *n == "manual_protect_flags"));
     /// ```
     pub fn fields(&self) -> Vec<(&'static str, String)> {
@@ -134,30 +213,31 @@ impl KvmCaps {
             ("xcrs", self.xcrs.to_string()),
             ("immediate_exit", self.immediate_exit.to_string()),
             (
+                // The report key predates the type's rename; `vmm caps --json` keeps it.
                 "default_dirty_log_mode",
-                self.default_dirty_log_mode().to_string(),
+                self.default_protect_mode().to_string(),
             ),
         ]
     }
 
     /// The dirty-log mode this crate uses by default on this kernel.
     ///
-    /// Same as [`default_dirty_log_mode`] applied to
+    /// Same as [`default_protect_mode`] applied to
     /// [`manual_protect_flags`](Self::manual_protect_flags).
     ///
     /// # Example
     ///
     /// ```
-    /// use clearlog_kvm::caps::{DirtyLogMode, KvmCaps};
+    /// use clearlog_kvm::{ProtectMode, KvmCaps};
     ///
     /// let caps = KvmCaps { manual_protect_flags: 3, ..Default::default() };
     /// assert_eq!(
-    ///     caps.default_dirty_log_mode(),
-    ///     DirtyLogMode::Manual { initially_set: true }
+    ///     caps.default_protect_mode(),
+    ///     ProtectMode::Manual { initially_set: true }
     /// );
     /// ```
-    pub fn default_dirty_log_mode(&self) -> DirtyLogMode {
-        default_dirty_log_mode(self.manual_protect_flags)
+    pub fn default_protect_mode(&self) -> ProtectMode {
+        default_protect_mode(self.manual_protect_flags)
     }
 }
 
@@ -180,15 +260,15 @@ impl fmt::Display for KvmCaps {
 /// # Example
 ///
 /// ```
-/// use clearlog_kvm::caps::DirtyLogMode;
+/// use clearlog_kvm::ProtectMode;
 ///
-/// let m = DirtyLogMode::Manual { initially_set: false };
+/// let m = ProtectMode::Manual { initially_set: false };
 /// assert!(m.is_manual());
 /// assert_eq!(m.enable_flags(), 1);
-/// assert_eq!(DirtyLogMode::Legacy.enable_flags(), 0);
+/// assert_eq!(ProtectMode::Legacy.enable_flags(), 0);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DirtyLogMode {
+pub enum ProtectMode {
     /// `KVM_GET_DIRTY_LOG` copies, clears and write-protects at every call.
     Legacy,
     /// `KVM_GET_DIRTY_LOG` only copies; `KVM_CLEAR_DIRTY_LOG` re-arms tracking.
@@ -199,16 +279,16 @@ pub enum DirtyLogMode {
     },
 }
 
-impl DirtyLogMode {
-    /// True for [`DirtyLogMode::Manual`].
+impl ProtectMode {
+    /// True for [`ProtectMode::Manual`].
     ///
     /// # Example
     ///
     /// ```
-    /// assert!(!clearlog_kvm::caps::DirtyLogMode::Legacy.is_manual());
+    /// assert!(!clearlog_kvm::ProtectMode::Legacy.is_manual());
     /// ```
     pub fn is_manual(&self) -> bool {
-        matches!(self, DirtyLogMode::Manual { .. })
+        matches!(self, ProtectMode::Manual { .. })
     }
 
     /// The `args[0]` of `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)` for this
@@ -217,27 +297,27 @@ impl DirtyLogMode {
     /// # Example
     ///
     /// ```
-    /// use clearlog_kvm::caps::DirtyLogMode;
-    /// assert_eq!(DirtyLogMode::Manual { initially_set: true }.enable_flags(), 3);
+    /// use clearlog_kvm::ProtectMode;
+    /// assert_eq!(ProtectMode::Manual { initially_set: true }.enable_flags(), 3);
     /// ```
     pub fn enable_flags(&self) -> u64 {
         match self {
-            DirtyLogMode::Legacy => 0,
-            DirtyLogMode::Manual { initially_set } => {
+            ProtectMode::Legacy => 0,
+            ProtectMode::Manual { initially_set } => {
                 MANUAL_PROTECT_ENABLE | if *initially_set { INITIALLY_SET } else { 0 }
             }
         }
     }
 }
 
-impl fmt::Display for DirtyLogMode {
+impl fmt::Display for ProtectMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DirtyLogMode::Legacy => f.write_str("legacy"),
-            DirtyLogMode::Manual {
+            ProtectMode::Legacy => f.write_str("legacy"),
+            ProtectMode::Manual {
                 initially_set: true,
             } => f.write_str("manual+initially-set"),
-            DirtyLogMode::Manual {
+            ProtectMode::Manual {
                 initially_set: false,
             } => f.write_str("manual"),
         }
@@ -254,24 +334,75 @@ impl fmt::Display for DirtyLogMode {
 /// # Example
 ///
 /// ```
-/// use clearlog_kvm::caps::{default_dirty_log_mode, DirtyLogMode};
+/// use clearlog_kvm::{default_protect_mode, ProtectMode};
 ///
-/// assert_eq!(default_dirty_log_mode(3), DirtyLogMode::Manual { initially_set: true });
-/// assert_eq!(default_dirty_log_mode(1), DirtyLogMode::Manual { initially_set: false });
-/// assert_eq!(default_dirty_log_mode(0), DirtyLogMode::Legacy);
+/// assert_eq!(default_protect_mode(3), ProtectMode::Manual { initially_set: true });
+/// assert_eq!(default_protect_mode(1), ProtectMode::Manual { initially_set: false });
+/// assert_eq!(default_protect_mode(0), ProtectMode::Legacy);
 /// ```
-pub fn default_dirty_log_mode(offered_flags: u64) -> DirtyLogMode {
+pub fn default_protect_mode(offered_flags: u64) -> ProtectMode {
     if offered_flags & MANUAL_PROTECT_ENABLE == 0 {
         tracing::warn!(
             offered_flags,
             "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 not offered: using legacy dirty logging"
         );
-        DirtyLogMode::Legacy
+        ProtectMode::Legacy
     } else {
-        DirtyLogMode::Manual {
+        ProtectMode::Manual {
             initially_set: offered_flags & INITIALLY_SET != 0,
         }
     }
+}
+
+/// Enables manual dirty-log protection (`KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)`) on
+/// any VM fd, with the kernel's flags: [`MANUAL_PROTECT_ENABLE`], optionally
+/// `| `[`INITIALLY_SET`]. Returns the [`ProtectMode`] now in effect, to hand to
+/// [`Vm::from_fd`](crate::Vm::from_fd).
+///
+/// **Call it before any memslot of the VM has dirty logging** (`KVM_MEM_LOG_DIRTY_PAGES`): the
+/// kernel applies the mode to slots whose logging starts afterwards, and a slot already logging
+/// keeps get-and-clear semantics. The usual place is right after `KVM_CREATE_VM`.
+///
+/// It first asks the kernel what it offers (`KVM_CHECK_EXTENSION` on the VM fd), so a kernel
+/// without the capability, or without `INITIALLY_SET`, gives
+/// [`Error::ManualProtectUnsupported`] with both masks instead of a bare `EINVAL`. Flags
+/// without [`MANUAL_PROTECT_ENABLE`] or with unknown bits give [`Error::InvalidProtectFlags`].
+///
+/// # Example
+///
+/// ```no_run
+/// use std::os::fd::{AsRawFd, BorrowedFd};
+/// use clearlog_kvm::{enable_manual_protect, ProtectMode, INITIALLY_SET, MANUAL_PROTECT_ENABLE};
+///
+/// let kvm = kvm_ioctls::Kvm::new().unwrap();
+/// let vm = kvm.create_vm().unwrap(); // any kvm-ioctls version: only the fd is used
+/// // SAFETY: `vm` owns the fd and outlives the borrow.
+/// let fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+/// let mode = enable_manual_protect(fd, MANUAL_PROTECT_ENABLE | INITIALLY_SET).unwrap();
+/// assert_eq!(mode, ProtectMode::Manual { initially_set: true });
+/// ```
+pub fn enable_manual_protect(vm: impl AsFd, flags: u64) -> Result<ProtectMode> {
+    let vm = vm.as_fd();
+    let known = MANUAL_PROTECT_ENABLE | INITIALLY_SET;
+    if flags & MANUAL_PROTECT_ENABLE == 0 || flags & !known != 0 {
+        return Err(Error::InvalidProtectFlags { flags });
+    }
+    let answer = raw::check_extension(vm, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2);
+    let offered = nonneg(answer);
+    if offered & flags != flags {
+        return Err(Error::ManualProtectUnsupported {
+            requested: flags,
+            offered,
+        });
+    }
+    raw::enable_cap(vm, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags).map_err(Error::kvm(
+        "KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)",
+    ))?;
+    let mode = ProtectMode::Manual {
+        initially_set: flags & INITIALLY_SET != 0,
+    };
+    tracing::debug!(flags, %mode, "manual dirty-log protection enabled");
+    Ok(mode)
 }
 
 #[cfg(test)]
@@ -280,25 +411,25 @@ mod tests {
 
     #[test]
     fn default_mode_table() {
-        assert_eq!(default_dirty_log_mode(0), DirtyLogMode::Legacy);
+        assert_eq!(default_protect_mode(0), ProtectMode::Legacy);
         // Bit 1 alone is meaningless without manual protect.
-        assert_eq!(default_dirty_log_mode(2), DirtyLogMode::Legacy);
+        assert_eq!(default_protect_mode(2), ProtectMode::Legacy);
         assert_eq!(
-            default_dirty_log_mode(1),
-            DirtyLogMode::Manual {
+            default_protect_mode(1),
+            ProtectMode::Manual {
                 initially_set: false
             }
         );
         assert_eq!(
-            default_dirty_log_mode(3),
-            DirtyLogMode::Manual {
+            default_protect_mode(3),
+            ProtectMode::Manual {
                 initially_set: true
             }
         );
         // Unknown future bits are ignored.
         assert_eq!(
-            default_dirty_log_mode(0xff),
-            DirtyLogMode::Manual {
+            default_protect_mode(0xff),
+            ProtectMode::Manual {
                 initially_set: true
             }
         );

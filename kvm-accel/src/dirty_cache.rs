@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `SlotDirtyCache`: what the accelerator knows is dirty in one memslot.
 //!
 //! With manual dirty-log protection, several users hold copies of the same KVM dirty bit (migration's
@@ -15,6 +18,15 @@
 use clearlog_bitmap::{words_for_bits, Bitmap};
 
 /// Why a clear cannot be computed.
+///
+/// # Example
+///
+/// ```
+/// use clearlog_kvm::{CacheError, SlotDirtyCache};
+///
+/// let mut cache = SlotDirtyCache::new(64);
+/// assert!(matches!(cache.take_clear(0, 64), Err(CacheError::ClearBeforeSync { .. })));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CacheError {
     /// Nothing is known to be dirty: the slot was never synced since logging started.
@@ -41,6 +53,17 @@ pub enum CacheError {
 ///
 /// The range is widened to the kernel's 64-page alignment (and clamped at the slot end), but the
 /// widened parts carry zeros: only pages of the requested range can be cleared.
+///
+/// # Example
+///
+/// ```
+/// let mut cache = clearlog_kvm::SlotDirtyCache::new(128);
+/// cache.sync_buffer()[0] = 0b1010;
+/// cache.mark_synced();
+/// // Pages 2..4 asked for: widened to 0..64, only page 3 set.
+/// let req: clearlog_kvm::ClearRequest = cache.take_clear(2, 2).unwrap().unwrap();
+/// assert_eq!((req.first_page, req.num_pages, req.bitmap[0]), (0, 64, 0b1000));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClearRequest {
     /// First page, a multiple of 64.

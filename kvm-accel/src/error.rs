@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::clear_log::ClearDirtyLogError;
+use crate::raw::ClearDirtyLogError;
 
 /// Errors returned by this crate.
 ///
@@ -80,15 +80,28 @@ pub enum Error {
         /// `KVM_CAP_NR_MEMSLOTS`.
         max: u32,
     },
-    /// Every memslot id the kernel offers is in use.
-    #[error("all {max} KVM memslots are in use: remove a memory region or merge regions")]
+    /// Every memslot id the listener may use is in use.
+    #[error("all memslot ids {start}..{end} of the listener are in use: remove a memory region, merge regions or give the listener more ids (KvmMemoryListener::with_slot_ids)")]
     SlotLimit {
+        /// First id the listener may use.
+        start: u32,
+        /// One past the last id the listener may use.
+        end: u32,
+    },
+    /// A slot-id range for [`KvmMemoryListener::with_slot_ids`](crate::KvmMemoryListener::with_slot_ids)
+    /// that is empty or goes past the kernel's limit.
+    #[error("invalid memslot id range {start}..{end}: it must be non-empty and end at most at {max} (KVM_CAP_NR_MEMSLOTS)")]
+    InvalidSlotIds {
+        /// Start of the range.
+        start: u32,
+        /// End of the range (exclusive).
+        end: u32,
         /// `KVM_CAP_NR_MEMSLOTS`.
         max: u32,
     },
     /// A dirty-log clear that the per-slot cache refuses (before any sync, or out of range).
     #[error(transparent)]
-    DirtyCache(#[from] crate::dirty_cache::CacheError),
+    DirtyCache(#[from] crate::CacheError),
     /// The memslot is not registered with this VM.
     #[error("memslot {0:#x} is not registered")]
     UnknownSlot(u32),
@@ -125,51 +138,44 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
-    /// Guest memory access outside the guest RAM.
-    #[error("guest memory access at {gpa:#x} (+{len:#x}) out of bounds")]
-    GuestMemory {
-        /// Guest physical address.
-        gpa: u64,
-        /// Length of the access.
-        len: usize,
+    /// A slot a [`KvmMemoryListener`](crate::KvmMemoryListener) owns was asked for through a
+    /// path that bypasses the listener's [`SlotDirtyCache`](crate::SlotDirtyCache).
+    #[error("memslot {slot} belongs to a KvmMemoryListener: its dirty log is read and cleared through the listener's cache only (MemorySystem::log_sync_all / clear_dirty_bitmap); a direct GET or CLEAR would lose writes")]
+    SlotOwnedByListener {
+        /// The slot id.
+        slot: u32,
     },
-    /// The guest RAM is too big or too small for the workload layout.
-    #[error("invalid guest layout: {0}")]
-    Layout(String),
-    /// Generating a guest program failed.
-    #[error("assembling guest code: {0}")]
-    Assemble(String),
-    /// A workload parameter is invalid.
-    #[error("invalid workload: {0}")]
-    InvalidWorkload(String),
-    /// A saved vCPU state blob cannot be parsed.
-    #[error("invalid vCPU state: {0}")]
-    InvalidState(String),
-    /// The vCPU left `KVM_RUN` for a reason the runner cannot handle.
-    #[error("vCPU {vcpu} stopped: {reason}")]
-    VcpuFailed {
-        /// vCPU index.
-        vcpu: u32,
-        /// Exit reason or error, as text.
-        reason: String,
+    /// The memslot id is already registered with this `Vm` by someone else.
+    #[error("memslot {slot} is already in use in this Vm (by the caller or another listener): give each user its own slot ids (KvmMemoryListener::with_slot_ids)")]
+    SlotInUse {
+        /// The slot id.
+        slot: u32,
     },
-    /// The vCPU thread did not reach the requested state in time.
-    #[error("vCPU {vcpu}: timed out waiting for it to {what}")]
-    VcpuTimeout {
-        /// vCPU index.
-        vcpu: u32,
-        /// What we waited for.
-        what: &'static str,
+    /// KVM refused to create a new memslot (`EEXIST` or `EINVAL`).
+    #[error("KVM_SET_USER_MEMORY_REGION refused new memslot {slot} (guest {guest_phys:#x}, size {size:#x}): {source}; the slot id (or the guest range) may be in use by a memslot the VMM made outside this Vm: give KvmMemoryListener the slot ids it may use with KvmMemoryListener::with_slot_ids")]
+    MemslotRefused {
+        /// The slot id.
+        slot: u32,
+        /// Guest physical address of the slot.
+        guest_phys: u64,
+        /// Size of the slot in bytes.
+        size: u64,
+        /// The kernel's error.
+        source: vmm_sys_util::errno::Error,
     },
-    /// The operation needs the vCPU thread to be paused.
-    #[error("vCPU {0} is not paused")]
-    VcpuNotPaused(u32),
-    /// Spawning the vCPU thread or registering the kick signal failed.
-    #[error("vCPU thread: {0}")]
-    Thread(String),
-    /// The workload did not become ready in time.
-    #[error("workload not ready after {0:?}")]
-    WorkloadTimeout(std::time::Duration),
+    /// The fd given to [`Vm::from_fd`](crate::Vm::from_fd) is not a KVM VM fd.
+    #[error("not a KVM VM fd: {reason}")]
+    NotAVmFd {
+        /// Why.
+        reason: &'static str,
+    },
+    /// Flags for [`enable_manual_protect`](crate::enable_manual_protect) without
+    /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` or with unknown bits.
+    #[error("invalid manual-protect flags {flags:#x}: use MANUAL_PROTECT_ENABLE (1), optionally | INITIALLY_SET (2)")]
+    InvalidProtectFlags {
+        /// The flags given.
+        flags: u64,
+    },
 }
 
 /// Convenience alias for `Result<T, clearlog_kvm::Error>`.

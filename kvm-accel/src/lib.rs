@@ -1,66 +1,63 @@
 // Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Low-level KVM support for loss-free dirty-page tracking with `KVM_CLEAR_DIRTY_LOG`.
+//! Loss-free dirty-page tracking on KVM with `KVM_CLEAR_DIRTY_LOG`, on a VM this crate creates or
+//! on the VM a VMM already has.
 //!
-//! - [`memory_listener`]: [`KvmMemoryListener`], memslots that follow a `clearlog-memory` map, with
-//!   `log_sync`/`log_clear` through a per-slot [`SlotDirtyCache`] ([`dirty_cache`]) under one slots
-//!   lock, so no dirty bit is ever cleared in KVM unless KVM reported it since the last sync;
-//! - [`guest`]: a whole test guest (memory, VM, listener, vCPUs, workload) in one value;
-//! - [`caps`]: what the kernel offers, and the default [`caps::DirtyLogMode`];
-//! - [`clear_log`]: a safe, checked wrapper of `KVM_CLEAR_DIRTY_LOG`;
-//! - [`get_log`]: `KVM_GET_DIRTY_LOG` into a caller buffer;
-//! - [`vm`]: a [`vm::Vm`] with its dirty-log mode set up and raw memslot operations;
-//! - [`vcpu`]: vCPUs started directly in 64-bit ring 3, their state for migration and a
-//!   runner thread with pause/resume/kick;
-//! - [`layout`], [`long_mode`], [`guest_ram`]: the guest environment;
-//! - [`workload`]: guest programs that dirty memory at a controlled rate, and a monitor.
+//! - [`KvmMemoryListener`]: memslots that follow a `clearlog-memory` map, with `log_sync`/`log_clear`
+//!   through a per-slot [`SlotDirtyCache`] under one slots lock, so no dirty bit is ever cleared in
+//!   KVM unless KVM reported it since the last sync. Its memslot ids come from a range the caller
+//!   may choose ([`KvmMemoryListener::with_slot_ids`]), next to the VMM's own slots.
+//! - [`Vm`]: a VM fd ([`Vm::new`] makes one; [`Vm::from_fd`] takes the VMM's, of any kvm-ioctls
+//!   version) with its [`ProtectMode`], probed [`KvmCaps`] and checked memslot and dirty-log calls,
+//!   which refuse slots a listener owns.
+//! - [`enable_manual_protect`]: manual dirty-log protection on any VM fd.
+//! - [`raw`]: the `KVM_GET_DIRTY_LOG` (into a caller buffer) and `KVM_CLEAR_DIRTY_LOG` ioctls on a
+//!   [`BorrowedFd`](std::os::fd::BorrowedFd), for slots the caller manages itself.
+//!
+//! Nothing here is x86-specific: the crate builds for aarch64 too. The ring-3 test guest (vCPUs,
+//! workloads) is the separate `clearlog-test-guest` crate.
 //!
 //! # Example
 //!
 //! ```no_run
-//! use clearlog_kvm::vcpu::{runner::VcpuRunner, Vcpu};
-//! use clearlog_kvm::vm::{Vm, VmConfig};
-//! use clearlog_kvm::workload::{monitor::WorkloadMonitor, Workload, WorkloadSpec};
-//! use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+//! use std::sync::Arc;
+//! use clearlog_kvm::{KvmMemoryListener, Vm, VmConfig};
+//! use clearlog_memory::MemorySystem;
 //!
-//! let vm = Vm::new(VmConfig::default()).unwrap();
-//! let size = 65usize << 20;
-//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap();
-//! let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-//! // SAFETY: `mem` outlives the VM's use of it in this example.
-//! unsafe { vm.set_memslot(0, 0, size as u64, host, true).unwrap() };
-//! let vcpu = Vcpu::new(&vm, 0).unwrap();
-//! let w = Workload::new(WorkloadSpec::Random {
-//!     wss_bytes: 64 << 20,
-//!     dirty_rate_bytes_per_s: 32 << 20,
-//!     seed: 1,
-//! });
-//! w.load(&mem, vcpu.tsc_khz().unwrap()).unwrap();
-//! vcpu.setup_ring3(&w.entry(0).unwrap()).unwrap();
-//! let runner = VcpuRunner::spawn(vcpu).unwrap();
-//! WorkloadMonitor::new(&mem, 1).wait_ready(std::time::Duration::from_secs(5)).unwrap();
+//! let vm = Arc::new(Vm::new(VmConfig::default()).unwrap()); // manual protect where offered
+//! let memory = MemorySystem::new();
+//! let ram = memory.add_ram("ram0", 0, 256 << 20).unwrap();
+//! memory.register_listener(Arc::new(KvmMemoryListener::new(vm))).unwrap(); // memslot created
+//! memory.log_global_start().unwrap();       // dirty logging on (Migration client)
+//! memory.log_sync_all().unwrap();           // KVM_GET_DIRTY_LOG into the slot caches
+//! memory.clear_dirty_bitmap(ram, 0, 1 << 20).unwrap(); // re-arm the first MiB: only bits KVM reported
 //! ```
 #![deny(missing_docs)]
-#![cfg(target_arch = "x86_64")]
 
-pub mod caps;
-pub mod clear_log;
-pub mod dirty_cache;
+mod caps;
+mod dirty_cache;
 mod error;
-pub mod get_log;
-pub mod guest;
-pub mod guest_ram;
-pub mod layout;
-pub mod long_mode;
-pub mod memory_listener;
-pub mod vcpu;
-pub mod vm;
-pub mod workload;
+mod memory_listener;
+pub mod raw;
+mod vm;
 
-pub use dirty_cache::SlotDirtyCache;
+pub use caps::{
+    default_protect_mode, enable_manual_protect, KvmCaps, ProtectMode, INITIALLY_SET,
+    MANUAL_PROTECT_ENABLE,
+};
+pub use dirty_cache::{CacheError, ClearRequest, SlotDirtyCache};
 pub use error::{Error, Result};
 pub use memory_listener::{DirtyLogStats, KvmMemoryListener};
+pub use raw::ClearDirtyLogError;
+pub use vm::{DirtyLogChoice, MemSlot, Vm, VmConfig, KVM_DEVICE};
 
-/// The page size of dirty logging (4 KiB on x86-64).
+/// The page size of dirty logging: one dirty bit per 4 KiB page (x86-64, and arm64 kernels with
+/// 4 KiB pages).
+///
+/// # Example
+///
+/// ```
+/// assert_eq!(clearlog_kvm::PAGE_SIZE, 4096);
+/// ```
 pub const PAGE_SIZE: u64 = 4096;

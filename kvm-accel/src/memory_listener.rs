@@ -1,3 +1,6 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `KvmMemoryListener`: memslots that follow the memory map, and dirty logging through the
 //! per-slot [`SlotDirtyCache`].
 //!
@@ -16,8 +19,7 @@
 //! # Example
 //! ```no_run
 //! use std::sync::Arc;
-//! use clearlog_kvm::memory_listener::KvmMemoryListener;
-//! use clearlog_kvm::vm::{Vm, VmConfig};
+//! use clearlog_kvm::{KvmMemoryListener, Vm, VmConfig};
 //! use clearlog_memory::MemorySystem;
 //!
 //! let vm = Arc::new(Vm::new(VmConfig::default()).unwrap());
@@ -31,6 +33,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -40,10 +43,17 @@ use clearlog_memory::{
 };
 
 use crate::dirty_cache::SlotDirtyCache;
-use crate::vm::Vm;
+use crate::vm::{MemSlot, SlotOwner, Vm};
 use crate::Error;
 
 /// Counters of the listener's dirty-log work, for stats and benchmarks.
+///
+/// # Example
+///
+/// ```
+/// let stats = clearlog_kvm::DirtyLogStats::default();
+/// assert_eq!(stats.syncs + stats.clears, 0);
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DirtyLogStats {
     /// `KVM_GET_DIRTY_LOG` calls.
@@ -100,24 +110,36 @@ struct SlotTable {
 }
 
 impl SlotTable {
-    fn free_id(&self, max: u32) -> Option<u32> {
-        let mut used: Vec<u32> = self.by_guest_addr.values().map(|s| s.id).collect();
-        used.sort_unstable();
-        let mut candidate = 0;
-        for id in used {
-            if id != candidate {
-                break;
-            }
-            candidate += 1;
-        }
-        (candidate < max).then_some(candidate)
+    /// The lowest id of `ids` that neither this table nor `taken` uses.
+    fn free_id(&self, ids: Range<u32>, taken: impl Fn(u32) -> bool) -> Option<u32> {
+        ids.into_iter()
+            .find(|&id| !taken(id) && !self.by_guest_addr.values().any(|s| s.id == id))
     }
 }
 
 /// A [`MemoryListener`] that maps every RAM section to a KVM memslot and implements `log_sync` and
 /// `log_clear` with a [`SlotDirtyCache`] per slot (see the module docs).
+///
+/// It owns its memslots: the [`Vm`] refuses its safe dirty-log and memslot calls on them
+/// ([`Error::SlotOwnedByListener`]), so every GET and CLEAR of a listener slot goes through
+/// its cache. Memslot ids come from [`KvmMemoryListener::new`]'s `0..max` or the range given to
+/// [`KvmMemoryListener::with_slot_ids`] (next to a VMM's own memslots).
+///
+/// # Example
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use clearlog_kvm::{KvmMemoryListener, Vm};
+///
+/// let vm = Arc::new(Vm::new(Default::default()).unwrap());
+/// // The VMM uses memslots 0..8 itself: the listener takes ids from 8 on.
+/// let listener = KvmMemoryListener::with_slot_ids(vm, 8..64).unwrap();
+/// assert_eq!(listener.slot_ids(), 8..64);
+/// ```
 pub struct KvmMemoryListener {
     vm: Arc<Vm>,
+    id: u64,
+    slot_ids: Range<u32>,
     slots: Mutex<SlotTable>,
     counters: Counters,
 }
@@ -125,7 +147,8 @@ pub struct KvmMemoryListener {
 impl std::fmt::Debug for KvmMemoryListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvmMemoryListener")
-            .field("mode", &self.vm.dirty_log_mode())
+            .field("mode", &self.vm.protect_mode())
+            .field("slot_ids", &self.slot_ids)
             .field("slots", &self.lock().by_guest_addr.len())
             .field("stats", &self.stats())
             .finish()
@@ -137,30 +160,82 @@ fn listener_error(e: impl Into<Error>) -> ListenerError {
 }
 
 impl KvmMemoryListener {
-    /// A listener creating memslots in `vm`. Register it with
+    /// A listener creating memslots in `vm`, with any id the kernel offers (`0..max_memslots`,
+    /// lowest free first). Register it with
     /// [`MemorySystem::register_listener`](clearlog_memory::MemorySystem::register_listener).
+    /// Next to memslots the VMM made itself, use [`KvmMemoryListener::with_slot_ids`].
     ///
     /// # Example
     /// ```no_run
     /// use std::sync::Arc;
-    /// let vm = Arc::new(clearlog_kvm::vm::Vm::new(Default::default()).unwrap());
-    /// let listener = clearlog_kvm::memory_listener::KvmMemoryListener::new(vm);
+    /// let vm = Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+    /// let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// ```
     pub fn new(vm: Arc<Vm>) -> Self {
+        let all = 0..vm.caps().max_memslots;
+        Self::build(vm, all)
+    }
+
+    /// A listener whose memslots take ids from `ids` only (lowest free first), so it can live next
+    /// to memslots the VMM made itself with other ids (KVM cannot be asked which ids are taken).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSlotIds`] for an empty range or one past the kernel's
+    /// `KVM_CAP_NR_MEMSLOTS`.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// let vm = Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+    /// // The VMM keeps memslots 0..16 for itself.
+    /// let listener = clearlog_kvm::KvmMemoryListener::with_slot_ids(vm, 16..512).unwrap();
+    /// ```
+    pub fn with_slot_ids(vm: Arc<Vm>, ids: Range<u32>) -> Result<Self, Error> {
+        let max = vm.caps().max_memslots;
+        if ids.is_empty() || ids.end > max {
+            return Err(Error::InvalidSlotIds {
+                start: ids.start,
+                end: ids.end,
+                max,
+            });
+        }
+        Ok(Self::build(vm, ids))
+    }
+
+    fn build(vm: Arc<Vm>, slot_ids: Range<u32>) -> Self {
         Self {
+            id: vm.new_listener_id(),
             vm,
+            slot_ids,
             slots: Mutex::new(SlotTable::default()),
             counters: Counters::default(),
         }
+    }
+
+    /// The memslot ids this listener may use.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+    /// let listener = clearlog_kvm::KvmMemoryListener::with_slot_ids(vm, 4..8).unwrap();
+    /// assert_eq!(listener.slot_ids(), 4..8);
+    /// ```
+    pub fn slot_ids(&self) -> Range<u32> {
+        self.slot_ids.clone()
+    }
+
+    fn owner(&self) -> SlotOwner {
+        SlotOwner::Listener(self.id)
     }
 
     /// The VM.
     ///
     /// # Example
     /// ```no_run
-    /// # let vm = std::sync::Arc::new(clearlog_kvm::vm::Vm::new(Default::default()).unwrap());
-    /// # let listener = clearlog_kvm::memory_listener::KvmMemoryListener::new(vm);
-    /// println!("{}", listener.vm().dirty_log_mode());
+    /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+    /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
+    /// println!("{}", listener.vm().protect_mode());
     /// ```
     pub fn vm(&self) -> &Arc<Vm> {
         &self.vm
@@ -170,8 +245,8 @@ impl KvmMemoryListener {
     ///
     /// # Example
     /// ```no_run
-    /// # let vm = std::sync::Arc::new(clearlog_kvm::vm::Vm::new(Default::default()).unwrap());
-    /// # let listener = clearlog_kvm::memory_listener::KvmMemoryListener::new(vm);
+    /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+    /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// assert_eq!(listener.stats().clears, 0);
     /// ```
     pub fn stats(&self) -> DirtyLogStats {
@@ -191,8 +266,8 @@ impl KvmMemoryListener {
     ///
     /// # Example
     /// ```no_run
-    /// # let vm = std::sync::Arc::new(clearlog_kvm::vm::Vm::new(Default::default()).unwrap());
-    /// # let listener = clearlog_kvm::memory_listener::KvmMemoryListener::new(vm);
+    /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+    /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// assert_eq!(listener.slot_id_at(0), None);
     /// ```
     pub fn slot_id_at(&self, guest_addr: u64) -> Option<u32> {
@@ -203,8 +278,8 @@ impl KvmMemoryListener {
     ///
     /// # Example
     /// ```no_run
-    /// # let vm = std::sync::Arc::new(clearlog_kvm::vm::Vm::new(Default::default()).unwrap());
-    /// # let listener = clearlog_kvm::memory_listener::KvmMemoryListener::new(vm);
+    /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+    /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// assert!(listener.cache_at(0).is_none());
     /// ```
     pub fn cache_at(&self, guest_addr: u64) -> Option<SlotDirtyCache> {
@@ -234,26 +309,34 @@ impl KvmMemoryListener {
         }
     }
 
-    /// Register (or re-register with new flags) the slot's memory with KVM.
+    /// Register (`create`) or re-register with new flags the slot's memory with KVM.
     fn set_slot(
         &self,
         slot: &KvmSlot,
         guest_addr: u64,
         log_dirty: bool,
+        create: bool,
     ) -> Result<(), ListenerError> {
+        let s = MemSlot {
+            guest_phys: guest_addr,
+            size: slot.size,
+            host_addr: slot.host_addr,
+            log_dirty,
+        };
         // SAFETY: the host range belongs to `slot._block`, an `Arc<RamBlock>` the slot holds until
         // the memslot is deleted (region_del or Drop), so it stays mapped while KVM may use it.
-        unsafe {
-            self.vm
-                .set_memslot(slot.id, guest_addr, slot.size, slot.host_addr, log_dirty)
-        }
-        .map_err(listener_error)
+        unsafe { self.vm.set_slot_as(slot.id, s, self.owner(), create) }.map_err(listener_error)
     }
 
-    fn start_logging(&self, slot: &mut KvmSlot, guest_addr: u64) -> Result<(), ListenerError> {
-        self.set_slot(slot, guest_addr, true)?;
+    fn start_logging(
+        &self,
+        slot: &mut KvmSlot,
+        guest_addr: u64,
+        create: bool,
+    ) -> Result<(), ListenerError> {
+        self.set_slot(slot, guest_addr, true, create)?;
         let pages = slot.size / crate::PAGE_SIZE;
-        if self.vm.dirty_log_mode().is_manual() {
+        if self.vm.protect_mode().is_manual() {
             slot.cache = Some(SlotDirtyCache::new(pages));
         } else {
             slot.legacy_buffer = Some(vec![0; pages.div_ceil(64) as usize]);
@@ -274,14 +357,14 @@ impl KvmMemoryListener {
         let words: &[u64] = match (&mut slot.cache, &mut slot.legacy_buffer) {
             (Some(cache), _) => {
                 self.vm
-                    .get_dirty_log(slot.id, cache.sync_buffer())
+                    .get_dirty_log_as(slot.id, cache.sync_buffer(), self.owner())
                     .map_err(listener_error)?;
                 cache.mark_synced();
                 cache.bits().as_words()
             }
             (None, Some(buffer)) => {
                 self.vm
-                    .get_dirty_log(slot.id, buffer)
+                    .get_dirty_log_as(slot.id, buffer, self.owner())
                     .map_err(listener_error)?;
                 buffer
             }
@@ -319,10 +402,14 @@ impl MemoryListener for KvmMemoryListener {
         if table.by_guest_addr.contains_key(&section.guest_addr) {
             return Err(format!("a memslot already starts at {:#x}", section.guest_addr).into());
         }
-        let max = self.vm.caps().max_memslots;
         let id = table
-            .free_id(max)
-            .ok_or_else(|| listener_error(Error::SlotLimit { max }))?;
+            .free_id(self.slot_ids.clone(), |id| self.vm.memslot(id).is_some())
+            .ok_or_else(|| {
+                listener_error(Error::SlotLimit {
+                    start: self.slot_ids.start,
+                    end: self.slot_ids.end,
+                })
+            })?;
         let mut slot = KvmSlot {
             id,
             size: section.size,
@@ -332,9 +419,9 @@ impl MemoryListener for KvmMemoryListener {
             legacy_buffer: None,
         };
         if section.log.is_empty() {
-            self.set_slot(&slot, section.guest_addr, false)?;
+            self.set_slot(&slot, section.guest_addr, false, true)?;
         } else {
-            self.start_logging(&mut slot, section.guest_addr)?;
+            self.start_logging(&mut slot, section.guest_addr, true)?;
         }
         tracing::debug!(
             slot = id,
@@ -358,7 +445,10 @@ impl MemoryListener for KvmMemoryListener {
         };
         // The region goes away whatever happened: delete the memslot even if the sync failed (the
         // error is still reported), so KVM never keeps a slot the memory map no longer has.
-        let removed = self.vm.remove_memslot(slot.id).map_err(listener_error);
+        let removed = self
+            .vm
+            .remove_slot_as(slot.id, self.owner())
+            .map_err(listener_error);
         tracing::debug!(
             slot = slot.id,
             guest_addr = section.guest_addr,
@@ -382,8 +472,8 @@ impl MemoryListener for KvmMemoryListener {
         let mut table = self.lock();
         let slot = Self::slot_for(&mut table, section)?;
         if !slot.logging() {
-            self.start_logging(slot, section.guest_addr)?;
-            tracing::debug!(slot = slot.id, mode = %self.vm.dirty_log_mode(), "dirty logging started");
+            self.start_logging(slot, section.guest_addr, false)?;
+            tracing::debug!(slot = slot.id, mode = %self.vm.protect_mode(), "dirty logging started");
         }
         Ok(())
     }
@@ -403,7 +493,7 @@ impl MemoryListener for KvmMemoryListener {
         if slot.logging() {
             // Last sync, for the clients that were logging, before the kernel drops the bitmap.
             self.sync_slot(slot, section, old, dirty)?;
-            self.set_slot(slot, section.guest_addr, false)?;
+            self.set_slot(slot, section.guest_addr, false, false)?;
             slot.cache = None;
             slot.legacy_buffer = None;
             tracing::debug!(slot = slot.id, "dirty logging stopped");
@@ -423,7 +513,7 @@ impl MemoryListener for KvmMemoryListener {
         first_page: u64,
         npages: u64,
     ) -> Result<(), ListenerError> {
-        if !self.vm.dirty_log_mode().is_manual() {
+        if !self.vm.protect_mode().is_manual() {
             return Ok(()); // legacy: the GET of the sync already re-protected everything
         }
         let start = Instant::now();
@@ -441,7 +531,13 @@ impl MemoryListener for KvmMemoryListener {
         };
         // Still under the slots lock: no sync can refill the cache before the kernel is told.
         self.vm
-            .clear_dirty_log(slot.id, req.first_page, req.num_pages, &req.bitmap)
+            .clear_dirty_log_as(
+                slot.id,
+                req.first_page,
+                req.num_pages,
+                &req.bitmap,
+                self.owner(),
+            )
             .map_err(listener_error)?;
         let ns = start.elapsed().as_nanos() as u64;
         self.counters.clears.fetch_add(1, Ordering::Relaxed);
@@ -467,7 +563,7 @@ impl Drop for KvmMemoryListener {
         // KVM never keeps a host range that could be unmapped and reused.
         let table = std::mem::take(&mut *self.lock());
         for slot in table.by_guest_addr.values() {
-            if let Err(e) = self.vm.remove_memslot(slot.id) {
+            if let Err(e) = self.vm.remove_slot_as(slot.id, self.owner()) {
                 tracing::warn!(slot = slot.id, error = %e, "could not delete memslot on drop");
             }
         }
@@ -493,12 +589,17 @@ mod tests {
             legacy_buffer: None,
         };
         let mut t = SlotTable::default();
-        assert_eq!(t.free_id(2), Some(0));
+        let none = |_| false;
+        assert_eq!(t.free_id(0..2, none), Some(0));
         t.by_guest_addr.insert(0, slot(0));
         t.by_guest_addr.insert(4096, slot(2));
-        assert_eq!(t.free_id(8), Some(1));
+        assert_eq!(t.free_id(0..8, none), Some(1));
         t.by_guest_addr.insert(8192, slot(1));
-        assert_eq!(t.free_id(8), Some(3));
-        assert_eq!(t.free_id(3), None);
+        assert_eq!(t.free_id(0..8, none), Some(3));
+        assert_eq!(t.free_id(0..3, none), None);
+        // A caller-given range, and ids the Vm knows are taken by someone else.
+        assert_eq!(t.free_id(2..8, none), Some(3));
+        assert_eq!(t.free_id(2..8, |id| id == 3 || id == 4), Some(5));
+        assert_eq!(t.free_id(5..6, |id| id == 5), None);
     }
 }

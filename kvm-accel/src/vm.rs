@@ -1,24 +1,30 @@
 // Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! A KVM virtual machine with a chosen dirty-log mode and raw memslot operations.
+//! A KVM virtual machine (made here, or the VMM's own VM fd) with its dirty-log mode, a table of
+//! its memslots and the checked dirty-log calls.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use kvm_bindings::{
-    kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    KVM_MEM_LOG_DIRTY_PAGES,
-};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_CAP_USER_MEMORY, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::caps::{DirtyLogMode, KvmCaps, INITIALLY_SET, MANUAL_PROTECT_ENABLE};
+use crate::caps::{enable_manual_protect, KvmCaps, ProtectMode, KVM_API_VERSION};
 use crate::error::{Error, Result};
-use crate::{clear_log, get_log, PAGE_SIZE};
+use crate::{raw, PAGE_SIZE};
 
 /// The default KVM device node.
+///
+/// # Example
+///
+/// ```
+/// assert_eq!(clearlog_kvm::KVM_DEVICE, "/dev/kvm");
+/// ```
 pub const KVM_DEVICE: &str = "/dev/kvm";
 
 /// Which dirty-log mode [`Vm::new`] should set up.
@@ -26,12 +32,12 @@ pub const KVM_DEVICE: &str = "/dev/kvm";
 /// # Example
 ///
 /// ```
-/// use clearlog_kvm::vm::DirtyLogChoice;
+/// use clearlog_kvm::DirtyLogChoice;
 /// assert_eq!(DirtyLogChoice::default(), DirtyLogChoice::Auto);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DirtyLogChoice {
-    /// The best the kernel offers ([`crate::caps::default_dirty_log_mode`]); falls back to
+    /// The best the kernel offers ([`crate::default_protect_mode`]); falls back to
     /// legacy, with a warning, when enabling manual protection fails.
     #[default]
     Auto,
@@ -50,7 +56,7 @@ pub enum DirtyLogChoice {
 /// # Example
 ///
 /// ```
-/// use clearlog_kvm::vm::{DirtyLogChoice, VmConfig};
+/// use clearlog_kvm::{DirtyLogChoice, VmConfig};
 ///
 /// let cfg = VmConfig { dirty_log: DirtyLogChoice::Legacy, ..Default::default() };
 /// assert_eq!(cfg.kvm_path, std::path::PathBuf::from("/dev/kvm"));
@@ -72,12 +78,13 @@ impl Default for VmConfig {
     }
 }
 
-/// A memslot as registered with [`Vm::set_memslot`].
+/// A memslot as registered with [`Vm::set_memslot`] (or by a
+/// [`KvmMemoryListener`](crate::KvmMemoryListener)).
 ///
 /// # Example
 ///
 /// ```
-/// use clearlog_kvm::vm::MemSlot;
+/// use clearlog_kvm::MemSlot;
 ///
 /// let s = MemSlot { guest_phys: 0, size: 100 * 4096, host_addr: 0x7f00_0000_0000, log_dirty: true };
 /// assert_eq!(s.pages(), 100);
@@ -97,42 +104,90 @@ pub struct MemSlot {
 
 impl MemSlot {
     /// Number of 4 KiB pages.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let s = clearlog_kvm::MemSlot { guest_phys: 0, size: 8192, host_addr: 0, log_dirty: false };
+    /// assert_eq!(s.pages(), 2);
+    /// ```
     pub fn pages(&self) -> u64 {
         self.size / PAGE_SIZE
     }
 
     /// Number of `u64` words of the slot's dirty bitmap.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let s = clearlog_kvm::MemSlot { guest_phys: 0, size: 65 * 4096, host_addr: 0, log_dirty: true };
+    /// assert_eq!(s.bitmap_words(), 2);
+    /// ```
     pub fn bitmap_words(&self) -> usize {
         usize::try_from(self.pages().div_ceil(64)).unwrap_or(usize::MAX)
     }
 }
 
-/// A KVM VM: the system fd, the VM fd, the probed capabilities, the dirty-log mode and
-/// a table of the memslots registered through it.
+/// Who made a memslot of a [`Vm`]: the caller ([`Vm::set_memslot`]) or a listener, by id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotOwner {
+    /// Made with [`Vm::set_memslot`]: the caller manages its dirty log.
+    Caller,
+    /// Made by the [`KvmMemoryListener`](crate::KvmMemoryListener) with this id.
+    Listener(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SlotEntry {
+    slot: MemSlot,
+    owner: SlotOwner,
+}
+
+/// How the `Vm` holds the VM fd.
+enum Handle {
+    /// Made by [`Vm::new`]: the kvm-ioctls handles (vCPUs are created through them).
+    Ioctls { kvm: Kvm, vm: VmFd },
+    /// A duplicate of a VMM's VM fd ([`Vm::from_fd`]).
+    Dup(OwnedFd),
+}
+
+/// A KVM VM: the VM fd, the probed capabilities, the dirty-log mode and a table of the
+/// memslots registered through it (by the caller or by a
+/// [`KvmMemoryListener`](crate::KvmMemoryListener)).
+///
+/// Made either here ([`Vm::new`] opens `/dev/kvm` and creates the VM) or on a VM the VMM
+/// already has ([`Vm::from_fd`]: any fd, whatever kvm-ioctls version made it).
 ///
 /// All methods take `&self`; the slot table has its own lock so a `Vm` can be shared
 /// between threads (e.g. in an `Arc`). Memslot changes and dirty-log calls for the same
 /// slot must still be ordered by the caller (the memory listener holds one slots lock).
 ///
+/// The safe dirty-log calls ([`Vm::get_dirty_log`], [`Vm::clear_dirty_log`]) and the memslot
+/// calls refuse slots a listener owns ([`Error::SlotOwnedByListener`]): the listener's
+/// [`SlotDirtyCache`](crate::SlotDirtyCache) must see every GET and CLEAR of them, or writes are
+/// lost. Go through the memory system (`log_sync_all`, `clear_dirty_bitmap`) instead.
+///
 /// # Example
 ///
 /// ```no_run
-/// use clearlog_kvm::vm::{Vm, VmConfig};
+/// use clearlog_kvm::{Vm, VmConfig};
 ///
 /// let vm = Vm::new(VmConfig::default()).unwrap();
-/// println!("dirty log mode: {}", vm.dirty_log_mode());
+/// println!("dirty log mode: {}", vm.protect_mode());
 /// ```
 pub struct Vm {
-    kvm: Kvm,
-    fd: VmFd,
+    handle: Handle,
     caps: KvmCaps,
-    mode: DirtyLogMode,
-    slots: Mutex<BTreeMap<u32, MemSlot>>,
+    mode: ProtectMode,
+    slots: Mutex<BTreeMap<u32, SlotEntry>>,
+    next_listener: AtomicU64,
 }
 
 impl fmt::Debug for Vm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Vm")
+            .field("fd", &self.as_fd().as_raw_fd())
+            .field("own_kvm", &self.kvm().is_some())
             .field("caps", &self.caps)
             .field("mode", &self.mode)
             .field("slots", &*self.slots_lock())
@@ -140,14 +195,28 @@ impl fmt::Debug for Vm {
     }
 }
 
+impl AsFd for Vm {
+    /// The VM fd (for the raw ioctls, or the VMM's own calls).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use std::os::fd::AsFd;
+    /// let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+    /// let caps = clearlog_kvm::KvmCaps::probe(vm.as_fd());
+    /// ```
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.handle {
+            // SAFETY: `vm` owns this open fd and lives as long as `self`, which the borrow
+            // cannot outlive.
+            Handle::Ioctls { vm, .. } => unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) },
+            Handle::Dup(fd) => fd.as_fd(),
+        }
+    }
+}
+
 /// Opens a KVM device node with an error that names the device and the fix.
-///
-/// # Example
-///
-/// ```no_run
-/// let kvm = clearlog_kvm::vm::open_kvm("/dev/kvm".as_ref()).unwrap();
-/// ```
-pub fn open_kvm(path: &Path) -> Result<Kvm> {
+pub(crate) fn open_kvm(path: &Path) -> Result<Kvm> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
         Error::KvmOpen {
             path: path.to_owned(),
@@ -172,85 +241,190 @@ impl Vm {
     /// Opens KVM, creates a VM and sets up the dirty-log mode.
     ///
     /// Manual protection is enabled here, before any memslot exists, so it applies to
-    /// every slot that later gets `KVM_MEM_LOG_DIRTY_PAGES`.
+    /// every slot that later gets `KVM_MEM_LOG_DIRTY_PAGES`. A VMM with its own VM uses
+    /// [`Vm::from_fd`] instead.
     ///
     /// # Example
     ///
     /// ```no_run
-    /// use clearlog_kvm::vm::{DirtyLogChoice, Vm, VmConfig};
+    /// use clearlog_kvm::{DirtyLogChoice, Vm, VmConfig};
     ///
     /// let vm = Vm::new(VmConfig {
     ///     dirty_log: DirtyLogChoice::Manual { initially_set: false },
     ///     ..Default::default()
     /// })
     /// .unwrap();
-    /// assert!(vm.dirty_log_mode().is_manual());
+    /// assert!(vm.protect_mode().is_manual());
     /// ```
     pub fn new(config: VmConfig) -> Result<Self> {
         let kvm = open_kvm(&config.kvm_path)?;
         let api = kvm.get_api_version();
-        if api != 12 {
+        if api != KVM_API_VERSION {
             return Err(Error::ApiVersion(api));
         }
-        let caps = KvmCaps::probe(&kvm);
-        let fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
-        let offered = caps.manual_protect_flags;
+        let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        // SAFETY: `vm` owns this open fd and outlives the borrow (this function).
+        let fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+        // Probed on the VM fd: the answers are this VM's.
+        let caps = KvmCaps::probe(fd);
         let mode = match config.dirty_log {
-            DirtyLogChoice::Legacy => DirtyLogMode::Legacy,
+            DirtyLogChoice::Legacy => ProtectMode::Legacy,
             DirtyLogChoice::Auto => {
-                let wanted = caps.default_dirty_log_mode();
-                match enable_manual(&fd, wanted) {
-                    Ok(()) => wanted,
-                    Err(e) => {
-                        tracing::warn!(
-                            error = %e,
-                            "enabling manual dirty-log protection failed: using legacy dirty logging"
-                        );
-                        DirtyLogMode::Legacy
+                let wanted = caps.default_protect_mode();
+                if wanted.is_manual() {
+                    match enable_manual_protect(fd, wanted.enable_flags()) {
+                        Ok(mode) => mode,
+                        Err(e) => {
+                            tracing::warn!(
+                                error = %e,
+                                "enabling manual dirty-log protection failed: using legacy dirty logging"
+                            );
+                            ProtectMode::Legacy
+                        }
                     }
+                } else {
+                    ProtectMode::Legacy
                 }
             }
             DirtyLogChoice::Manual { initially_set } => {
-                let wanted = DirtyLogMode::Manual { initially_set };
-                let requested = wanted.enable_flags();
-                if offered & requested != requested {
-                    return Err(Error::ManualProtectUnsupported { requested, offered });
-                }
-                enable_manual(&fd, wanted)?;
-                wanted
+                let wanted = ProtectMode::Manual { initially_set };
+                enable_manual_protect(fd, wanted.enable_flags())?
             }
         };
         tracing::debug!(%caps, %mode, "created KVM VM");
-        Ok(Vm {
-            kvm,
-            fd,
+        Ok(Self::with_handle(Handle::Ioctls { kvm, vm }, caps, mode))
+    }
+
+    /// A `Vm` on a VM the VMM already has: `vm` is its VM fd, from any kvm-ioctls version
+    /// (`VmFd` implements `AsRawFd`: borrow it with `BorrowedFd::borrow_raw`) or none.
+    ///
+    /// The fd is duplicated (`F_DUPFD_CLOEXEC`): the VMM keeps its own fd and the VM lives until
+    /// both are closed. `/dev/kvm` is not opened: the capabilities are probed with
+    /// `KVM_CHECK_EXTENSION` on the VM fd.
+    ///
+    /// `mode` is the dirty-log mode the VM is in: what [`enable_manual_protect`] returned, or
+    /// [`ProtectMode::Legacy`] if manual protection was never enabled. The kernel cannot be asked
+    /// which mode is on, so it must be right: the listener relies on it (in manual mode it never
+    /// expects a GET to clear). A manual mode the kernel does not offer is refused.
+    ///
+    /// Memslots the VMM made itself are unknown to this `Vm`; give its listeners slot ids that
+    /// avoid them ([`KvmMemoryListener::with_slot_ids`](crate::KvmMemoryListener::with_slot_ids)).
+    /// vCPUs stay the VMM's business ([`Vm::kvm`] and [`Vm::vm_fd`] are `None`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotAVmFd`] when `vm` is not a KVM VM fd (a `/dev/kvm` fd, another file),
+    /// [`Error::ManualProtectUnsupported`], [`Error::Kvm`] when the fd cannot be duplicated.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use std::os::fd::{AsRawFd, BorrowedFd};
+    /// use clearlog_kvm::{enable_manual_protect, Vm, MANUAL_PROTECT_ENABLE};
+    ///
+    /// let kvm = kvm_ioctls::Kvm::new().unwrap();
+    /// let vm_fd = kvm.create_vm().unwrap(); // the VMM's VM
+    /// // SAFETY: `vm_fd` owns the fd and outlives the borrows below.
+    /// let fd = unsafe { BorrowedFd::borrow_raw(vm_fd.as_raw_fd()) };
+    /// let mode = enable_manual_protect(fd, MANUAL_PROTECT_ENABLE).unwrap();
+    /// let vm = Vm::from_fd(fd, mode).unwrap();
+    /// assert!(vm.kvm().is_none());
+    /// ```
+    pub fn from_fd(vm: impl AsFd, mode: ProtectMode) -> Result<Self> {
+        let vm = vm.as_fd();
+        if raw::get_api_version(vm).is_some() {
+            return Err(Error::NotAVmFd {
+                reason: "it answers KVM_GET_API_VERSION: it is a /dev/kvm system fd, not a VM fd (KVM_CREATE_VM makes one)",
+            });
+        }
+        if raw::check_extension(vm, KVM_CAP_USER_MEMORY) <= 0 {
+            return Err(Error::NotAVmFd {
+                reason: "it does not answer KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY)",
+            });
+        }
+        let caps = KvmCaps::probe(vm);
+        let requested = mode.enable_flags();
+        if requested & caps.manual_protect_flags != requested {
+            return Err(Error::ManualProtectUnsupported {
+                requested,
+                offered: caps.manual_protect_flags,
+            });
+        }
+        let dup = vm.try_clone_to_owned().map_err(|e| Error::Kvm {
+            op: "F_DUPFD_CLOEXEC (duplicating the VM fd)",
+            source: vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)),
+        })?;
+        tracing::debug!(%caps, %mode, "using the VMM's KVM VM");
+        Ok(Self::with_handle(Handle::Dup(dup), caps, mode))
+    }
+
+    fn with_handle(handle: Handle, caps: KvmCaps, mode: ProtectMode) -> Self {
+        Vm {
+            handle,
             caps,
             mode,
             slots: Mutex::new(BTreeMap::new()),
-        })
+            next_listener: AtomicU64::new(0),
+        }
     }
 
-    /// The system (`/dev/kvm`) handle.
-    pub fn kvm(&self) -> &Kvm {
-        &self.kvm
+    /// The system (`/dev/kvm`) handle, when this `Vm` opened it ([`Vm::new`]); `None` on a
+    /// VMM's VM fd ([`Vm::from_fd`]). For creating vCPUs (`KVM_GET_SUPPORTED_CPUID`...).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+    /// assert!(vm.kvm().is_some());
+    /// ```
+    pub fn kvm(&self) -> Option<&Kvm> {
+        match &self.handle {
+            Handle::Ioctls { kvm, .. } => Some(kvm),
+            Handle::Dup(_) => None,
+        }
     }
 
-    /// The VM fd.
-    pub fn fd(&self) -> &VmFd {
-        &self.fd
+    /// The kvm-ioctls VM handle, when this `Vm` created the VM ([`Vm::new`]); `None` on a VMM's
+    /// VM fd. For creating vCPUs. Every VM has [`AsFd`] instead.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+    /// let vcpu = vm.vm_fd().unwrap().create_vcpu(0).unwrap();
+    /// ```
+    pub fn vm_fd(&self) -> Option<&VmFd> {
+        match &self.handle {
+            Handle::Ioctls { vm, .. } => Some(vm),
+            Handle::Dup(_) => None,
+        }
     }
 
-    /// The capabilities probed at creation.
+    /// The capabilities probed at creation (on the VM fd).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+    /// println!("{} memslots", vm.caps().max_memslots);
+    /// ```
     pub fn caps(&self) -> &KvmCaps {
         &self.caps
     }
 
     /// The dirty-log mode in effect.
-    pub fn dirty_log_mode(&self) -> DirtyLogMode {
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+    /// println!("{}", vm.protect_mode());
+    /// ```
+    pub fn protect_mode(&self) -> ProtectMode {
         self.mode
     }
 
-    fn slots_lock(&self) -> MutexGuard<'_, BTreeMap<u32, MemSlot>> {
+    fn slots_lock(&self) -> MutexGuard<'_, BTreeMap<u32, SlotEntry>> {
         // A panic while holding this lock cannot leave the map inconsistent: every
         // update is a single insert or remove.
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
@@ -268,11 +442,18 @@ impl Vm {
         Ok(())
     }
 
+    /// A fresh listener id (listeners register their slots under it).
+    pub(crate) fn new_listener_id(&self) -> u64 {
+        self.next_listener.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Creates or updates memslot `slot` (address-space id in bits 16-31).
     ///
     /// Calling it again for an existing slot with the same addresses and size toggles
     /// dirty logging (`log_dirty`). With manual protection and `INITIALLY_SET`, turning
-    /// logging on makes every page of the slot read as dirty.
+    /// logging on makes every page of the slot read as dirty. A slot a
+    /// [`KvmMemoryListener`](crate::KvmMemoryListener) owns is refused
+    /// ([`Error::SlotOwnedByListener`]).
     ///
     /// # Safety
     ///
@@ -284,7 +465,7 @@ impl Vm {
     ///
     /// ```no_run
     /// use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-    /// use clearlog_kvm::vm::{Vm, VmConfig};
+    /// use clearlog_kvm::{Vm, VmConfig};
     ///
     /// let vm = Vm::new(VmConfig::default()).unwrap();
     /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -300,87 +481,155 @@ impl Vm {
         host_addr: u64,
         log_dirty: bool,
     ) -> Result<()> {
+        let s = MemSlot {
+            guest_phys,
+            size,
+            host_addr,
+            log_dirty,
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.set_slot_as(slot, s, SlotOwner::Caller, false) }
+    }
+
+    /// Creates (`create`) or updates memslot `slot` for `owner`.
+    ///
+    /// # Safety
+    ///
+    /// As [`Vm::set_memslot`].
+    pub(crate) unsafe fn set_slot_as(
+        &self,
+        slot: u32,
+        s: MemSlot,
+        owner: SlotOwner,
+        create: bool,
+    ) -> Result<()> {
         self.check_slot_id(slot)?;
         let bad = |reason| Err(Error::InvalidMemslot { slot, reason });
-        if size == 0 {
+        if s.size == 0 {
             return bad("size is 0 (use remove_memslot)");
         }
-        if size % PAGE_SIZE != 0 || guest_phys % PAGE_SIZE != 0 || host_addr % PAGE_SIZE != 0 {
+        if s.size % PAGE_SIZE != 0 || s.guest_phys % PAGE_SIZE != 0 || s.host_addr % PAGE_SIZE != 0
+        {
             return bad("size and addresses must be multiples of 4 KiB");
         }
-        if guest_phys.checked_add(size).is_none() || host_addr.checked_add(size).is_none() {
+        if s.guest_phys.checked_add(s.size).is_none() || s.host_addr.checked_add(s.size).is_none() {
             return bad("range overflows");
         }
         let region = kvm_userspace_memory_region {
             slot,
-            flags: if log_dirty {
+            flags: if s.log_dirty {
                 KVM_MEM_LOG_DIRTY_PAGES
             } else {
                 0
             },
-            guest_phys_addr: guest_phys,
-            memory_size: size,
-            userspace_addr: host_addr,
+            guest_phys_addr: s.guest_phys,
+            memory_size: s.size,
+            userspace_addr: s.host_addr,
         };
         let mut slots = self.slots_lock();
+        let existing = slots.get(&slot).copied();
+        if let Some(e) = existing {
+            if owner == SlotOwner::Caller && e.owner != owner {
+                return Err(Error::SlotOwnedByListener { slot });
+            }
+            if create || e.owner != owner {
+                return Err(Error::SlotInUse { slot });
+            }
+        }
         // SAFETY: the caller guarantees the host range stays mapped while the slot exists.
-        unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
-        slots.insert(
-            slot,
-            MemSlot {
-                guest_phys,
-                size,
-                host_addr,
-                log_dirty,
-            },
-        );
+        unsafe { raw::set_user_memory_region(self.as_fd(), &region) }.map_err(|source| {
+            let new = existing.is_none();
+            match source.errno() {
+                libc::EEXIST | libc::EINVAL if new => Error::MemslotRefused {
+                    slot,
+                    guest_phys: s.guest_phys,
+                    size: s.size,
+                    source,
+                },
+                _ => Error::Kvm {
+                    op: "KVM_SET_USER_MEMORY_REGION",
+                    source,
+                },
+            }
+        })?;
+        slots.insert(slot, SlotEntry { slot: s, owner });
         Ok(())
     }
 
-    /// Deletes memslot `slot`. Sync its dirty log first if you need it.
+    /// Deletes memslot `slot`. Sync its dirty log first if you need it. A slot a listener owns is
+    /// refused ([`Error::SlotOwnedByListener`]): it goes when its region is removed.
     ///
     /// # Example
     ///
     /// ```no_run
-    /// # let vm = clearlog_kvm::vm::Vm::new(Default::default()).unwrap();
+    /// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
     /// vm.remove_memslot(0).unwrap();
     /// ```
     pub fn remove_memslot(&self, slot: u32) -> Result<()> {
+        self.remove_slot_as(slot, SlotOwner::Caller)
+    }
+
+    pub(crate) fn remove_slot_as(&self, slot: u32, owner: SlotOwner) -> Result<()> {
         let mut slots = self.slots_lock();
-        let Some(s) = slots.get(&slot).copied() else {
+        let Some(e) = slots.get(&slot).copied() else {
             return Err(Error::UnknownSlot(slot));
         };
+        if e.owner != owner {
+            return Err(Error::SlotOwnedByListener { slot });
+        }
         let region = kvm_userspace_memory_region {
             slot,
             flags: 0,
-            guest_phys_addr: s.guest_phys,
+            guest_phys_addr: e.slot.guest_phys,
             memory_size: 0,
-            userspace_addr: s.host_addr,
+            userspace_addr: e.slot.host_addr,
         };
         // SAFETY: size 0 deletes the slot; the kernel stops using the host mapping.
-        unsafe { self.fd.set_user_memory_region(region) }
+        unsafe { raw::set_user_memory_region(self.as_fd(), &region) }
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION (delete)"))?;
         slots.remove(&slot);
         Ok(())
     }
 
-    /// The registered memslot `slot`, if any.
+    /// The registered memslot `slot`, if any (made by the caller or by a listener).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+    /// assert!(vm.memslot(0).is_none());
+    /// ```
     pub fn memslot(&self, slot: u32) -> Option<MemSlot> {
-        self.slots_lock().get(&slot).copied()
+        self.slots_lock().get(&slot).map(|e| e.slot)
     }
 
     /// All registered memslots, by slot id.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+    /// assert!(vm.memslots().is_empty());
+    /// ```
     pub fn memslots(&self) -> Vec<(u32, MemSlot)> {
-        self.slots_lock().iter().map(|(k, v)| (*k, *v)).collect()
+        self.slots_lock()
+            .iter()
+            .map(|(k, e)| (*k, e.slot))
+            .collect()
     }
 
-    fn logging_slot(&self, slot: u32) -> Result<MemSlot> {
-        let s = self.memslot(slot).ok_or(Error::UnknownSlot(slot))?;
-        if !s.log_dirty {
-            return Err(Error::SlotNotLogging(slot));
-        }
-        Ok(s)
+    /// Does a [`KvmMemoryListener`](crate::KvmMemoryListener) own memslot `slot`?
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+    /// assert!(!vm.is_listener_slot(0));
+    /// ```
+    pub fn is_listener_slot(&self, slot: u32) -> bool {
+        self.slots_lock()
+            .get(&slot)
+            .is_some_and(|e| matches!(e.owner, SlotOwner::Listener(_)))
     }
 
     /// Copies the dirty bitmap of `slot` into `bitmap` (`KVM_GET_DIRTY_LOG`), without
@@ -390,33 +639,49 @@ impl Vm {
     /// written. In legacy mode the kernel also clears its bitmap and write-protects the
     /// slot; in manual mode it only copies (the same bits come back until cleared).
     ///
+    /// Only for slots made with [`Vm::set_memslot`]: a slot a listener owns gives
+    /// [`Error::SlotOwnedByListener`] (a legacy GET would eat bits the listener never sees; sync
+    /// it through the memory system).
+    ///
     /// # Example
     ///
     /// ```no_run
-    /// # let vm = clearlog_kvm::vm::Vm::new(Default::default()).unwrap();
+    /// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
     /// let words = vm.memslot(0).unwrap().bitmap_words();
     /// let mut bitmap = vec![0u64; words];
     /// vm.get_dirty_log(0, &mut bitmap).unwrap();
     /// ```
     pub fn get_dirty_log(&self, slot: u32, bitmap: &mut [u64]) -> Result<()> {
+        self.get_dirty_log_as(slot, bitmap, SlotOwner::Caller)
+    }
+
+    pub(crate) fn get_dirty_log_as(
+        &self,
+        slot: u32,
+        bitmap: &mut [u64],
+        owner: SlotOwner,
+    ) -> Result<()> {
         // Held across the ioctl: a concurrent remove + re-add of the slot with a larger size
         // would otherwise make the kernel write past the checked buffer.
         let slots = self.slots_lock();
-        let s = *slots.get(&slot).ok_or(Error::UnknownSlot(slot))?;
-        if !s.log_dirty {
+        let e = *slots.get(&slot).ok_or(Error::UnknownSlot(slot))?;
+        if e.owner != owner {
+            return Err(Error::SlotOwnedByListener { slot });
+        }
+        if !e.slot.log_dirty {
             return Err(Error::SlotNotLogging(slot));
         }
-        let needed = s.bitmap_words();
+        let needed = e.slot.bitmap_words();
         if bitmap.len() < needed {
             return Err(Error::BufferTooSmall {
                 needed,
                 got: bitmap.len(),
             });
         }
-        // SAFETY: the kernel's slot has `s.pages()` pages: we registered it through this Vm,
-        // the only way to change it, and hold the slot-table lock that every change takes, so
-        // the kernel writes `needed` words at most.
-        let result = unsafe { get_log::get_dirty_log(&self.fd, slot, &mut bitmap[..needed]) }
+        // SAFETY: the kernel's slot has `e.slot.pages()` pages: we registered it through this
+        // Vm, the only way to change it, and hold the slot-table lock that every change takes,
+        // so the kernel writes `needed` words at most.
+        let result = unsafe { raw::get_dirty_log(self.as_fd(), slot, &mut bitmap[..needed]) }
             .map_err(Error::kvm("KVM_GET_DIRTY_LOG"));
         drop(slots);
         result
@@ -431,10 +696,15 @@ impl Vm {
     /// allowed in manual mode ([`Error::NotManualMode`] otherwise; the kernel itself would
     /// accept it).
     ///
+    /// Only for slots made with [`Vm::set_memslot`]: a slot a listener owns gives
+    /// [`Error::SlotOwnedByListener`]. Its clears must go through its cache
+    /// (`MemorySystem::clear_dirty_bitmap`): a clear from a stale copy of the bitmap would wipe
+    /// the dirty bit of a later write.
+    ///
     /// # Example
     ///
     /// ```no_run
-    /// # let vm = clearlog_kvm::vm::Vm::new(Default::default()).unwrap();
+    /// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
     /// // Re-arm pages 0..31 of a 64-page slot 0; pages 32..63 are left alone.
     /// vm.clear_dirty_log(0, 0, 64, &[0xffff_ffff]).unwrap();
     /// ```
@@ -445,12 +715,33 @@ impl Vm {
         num_pages: u32,
         bitmap: &[u64],
     ) -> Result<()> {
+        self.clear_dirty_log_as(slot, first_page, num_pages, bitmap, SlotOwner::Caller)
+    }
+
+    pub(crate) fn clear_dirty_log_as(
+        &self,
+        slot: u32,
+        first_page: u64,
+        num_pages: u32,
+        bitmap: &[u64],
+        owner: SlotOwner,
+    ) -> Result<()> {
         if !self.mode.is_manual() {
             return Err(Error::NotManualMode);
         }
-        let s = self.logging_slot(slot)?;
+        let e = self
+            .slots_lock()
+            .get(&slot)
+            .copied()
+            .ok_or(Error::UnknownSlot(slot))?;
+        if e.owner != owner {
+            return Err(Error::SlotOwnedByListener { slot });
+        }
+        if !e.slot.log_dirty {
+            return Err(Error::SlotNotLogging(slot));
+        }
         let end = first_page.saturating_add(u64::from(num_pages));
-        let slot_pages = s.pages();
+        let slot_pages = e.slot.pages();
         let bad = |reason| {
             Err(Error::InvalidRange {
                 slot,
@@ -474,22 +765,7 @@ impl Vm {
                 "num_pages is not a multiple of 64 and the range does not end at the slot end",
             );
         }
-        clear_log::clear_dirty_log(&self.fd, slot, first_page, num_pages, bitmap)?;
+        raw::clear_dirty_log(self.as_fd(), slot, first_page, num_pages, bitmap)?;
         Ok(())
     }
-}
-
-fn enable_manual(fd: &VmFd, mode: DirtyLogMode) -> Result<()> {
-    let flags = mode.enable_flags() & (MANUAL_PROTECT_ENABLE | INITIALLY_SET);
-    if flags == 0 {
-        return Ok(());
-    }
-    let mut cap = kvm_enable_cap {
-        cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-        ..Default::default()
-    };
-    cap.args[0] = flags;
-    fd.enable_cap(&cap).map_err(Error::kvm(
-        "KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)",
-    ))
 }

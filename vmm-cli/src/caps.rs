@@ -3,16 +3,15 @@
 
 //! `vmm caps`.
 
-use clearlog_kvm::caps::KvmCaps;
-use clearlog_kvm::vm::open_kvm;
+use clearlog_kvm::KvmCaps;
 
 use crate::{CliError, CliResult};
 
 /// Print what this host's KVM offers and which dirty-log mode `vmm` would use.
 pub fn caps(json: bool) -> CliResult {
-    let kvm = open_kvm("/dev/kvm".as_ref()).map_err(|e| CliError::Failed(e.to_string()))?;
-    let caps = KvmCaps::probe(&kvm);
-    let mode = caps.default_dirty_log_mode();
+    let caps =
+        KvmCaps::probe_device("/dev/kvm".as_ref()).map_err(|e| CliError::Failed(e.to_string()))?;
+    let mode = caps.default_protect_mode();
     if json {
         let mut map = serde_json::Map::new();
         for (k, v) in caps.fields() {

@@ -6,13 +6,13 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use clearlog_kvm::guest::{Guest, GuestConfig, RAM_BLOCK_NAME};
-use clearlog_kvm::workload::check::{check_increment, loaded_workload};
-use clearlog_kvm::workload::WorkloadKind;
 use clearlog_migration::stream::Header;
 use clearlog_migration::{
     peek_header, ram_fingerprint, Destination, Listener, MigrationUri, Transport,
 };
+use clearlog_test_guest::workload::check::{check_increment, loaded_workload};
+use clearlog_test_guest::workload::WorkloadKind;
+use clearlog_test_guest::{Guest, GuestConfig, RAM_BLOCK_NAME};
 
 use crate::args::IncomingArgs;
 use crate::output::print_incoming;

@@ -3,8 +3,8 @@
 
 //! Printing results as text or JSON.
 
-use clearlog_kvm::guest::Guest;
 use clearlog_migration::{IncomingStats, MigrationStats};
+use clearlog_test_guest::Guest;
 
 const MIB: f64 = (1u64 << 20) as f64;
 
@@ -135,7 +135,7 @@ pub fn print_run_summary(guest: &Guest, boot_ms: f64, rate: f64, json: bool) {
             "{}",
             serde_json::json!({
                 "guest_mem_bytes": guest.mem_bytes(),
-                "vm_dirty_log_mode": guest.dirty_log_mode().to_string(),
+                "vm_dirty_log_mode": guest.protect_mode().to_string(),
                 "boot_ms": boot_ms,
                 "pages_written": written,
                 "guest_dirty_rate_bytes_per_s": rate.round() as u64,
@@ -145,7 +145,7 @@ pub fn print_run_summary(guest: &Guest, boot_ms: f64, rate: f64, json: bool) {
         println!(
             "guest ran ({} MiB, KVM dirty log: {})",
             guest.mem_bytes() >> 20,
-            guest.dirty_log_mode()
+            guest.protect_mode()
         );
         println!("  boot + pre-fault  {boot_ms:>10.0} ms");
         println!("  pages written     {written:>10}");

@@ -6,14 +6,14 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use clearlog_kvm::guest::{Guest, GuestConfig};
-use clearlog_kvm::layout::{DEFAULT_WSS_START, MAX_RAM};
-use clearlog_kvm::vm::DirtyLogChoice;
-use clearlog_kvm::workload::WorkloadSpec;
+use clearlog_kvm::DirtyLogChoice;
 use clearlog_migration::{
     ram_fingerprint, CancelToken, ConnectOptions, DirtyLogMode, MigrationConfig, MigrationStats,
     MigrationUri, Progress, Source, Transport,
 };
+use clearlog_test_guest::layout::{DEFAULT_WSS_START, MAX_RAM};
+use clearlog_test_guest::workload::WorkloadSpec;
+use clearlog_test_guest::{Guest, GuestConfig};
 
 use crate::args::{
     DirtyLogArg, GuestArgs, MigrationArgs, RunArgs, WorkloadKind, DEFAULT_DIRTY_RATE,
@@ -185,7 +185,7 @@ pub fn run(a: RunArgs) -> CliResult {
     })
     .map_err(|e| CliError::Failed(format!("cannot start the guest: {e}")))?;
     let boot_ms = boot_start.elapsed().as_secs_f64() * 1e3;
-    tracing::info!(mode = %guest.dirty_log_mode(), boot_ms, "guest running");
+    tracing::info!(mode = %guest.protect_mode(), boot_ms, "guest running");
 
     let before = guest.pages_written().unwrap_or(0);
     let warm_start = Instant::now();
@@ -267,7 +267,7 @@ pub fn run(a: RunArgs) -> CliResult {
     if a.retry_to.is_empty() {
         print_stats(
             &stats,
-            guest.dirty_log_mode().to_string(),
+            guest.protect_mode().to_string(),
             (rate, during),
             fingerprint,
             a.json,
@@ -283,7 +283,7 @@ pub fn run(a: RunArgs) -> CliResult {
     if a.json {
         let mut v = stats_json(
             &stats,
-            &guest.dirty_log_mode().to_string(),
+            &guest.protect_mode().to_string(),
             (rate, during),
             fingerprint.as_deref(),
         );
@@ -313,7 +313,7 @@ pub fn run(a: RunArgs) -> CliResult {
         println!("attempt {} migrated to {migrated_to}", errors.len() + 1);
         print_stats(
             &stats,
-            guest.dirty_log_mode().to_string(),
+            guest.protect_mode().to_string(),
             (rate, during),
             fingerprint,
             false,

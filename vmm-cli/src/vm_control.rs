@@ -3,14 +3,14 @@
 
 //! Wiring: a `clearlog-kvm` [`Guest`] seen through `clearlog-migration`'s VMM traits.
 
-use clearlog_kvm::guest::Guest;
 use clearlog_migration::{BoxError, StateBlob, VmControl, VmRestore};
+use clearlog_test_guest::Guest;
 
 /// Lets the migration engine pause, resume and save (or restore) a guest.
 ///
 /// # Example
 /// ```no_run
-/// use clearlog_kvm::guest::{Guest, GuestConfig};
+/// use clearlog_test_guest::{Guest, GuestConfig};
 /// use vmm_cli::vm_control::GuestControl;
 ///
 /// let guest = Guest::boot(GuestConfig::default()).unwrap();

@@ -19,16 +19,16 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clearlog_kvm::guest::{Guest, GuestConfig};
-use clearlog_kvm::layout::DEFAULT_WSS_START;
-use clearlog_kvm::vm::DirtyLogChoice;
-use clearlog_kvm::workload::check::check_increment;
-use clearlog_kvm::workload::{set_dirty_rate, WorkloadSpec};
+use clearlog_kvm::DirtyLogChoice;
 use clearlog_memory::DirtyClient;
 use clearlog_migration::{
     connect, ram_fingerprint, CancelToken, Destination, DirtyLogMode, Listener, MigrationConfig,
     MigrationStats, Source,
 };
+use clearlog_test_guest::layout::DEFAULT_WSS_START;
+use clearlog_test_guest::workload::check::check_increment;
+use clearlog_test_guest::workload::{set_dirty_rate, WorkloadSpec};
+use clearlog_test_guest::{Guest, GuestConfig};
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -74,13 +74,13 @@ fn migrate_and_check(
     let src = boot_source(dirty_log);
     if matches!(mode, DirtyLogMode::Clear { .. }) {
         assert!(
-            src.dirty_log_mode().is_manual(),
+            src.protect_mode().is_manual(),
             "{label}: the VM fell back to {} although this host offers manual protection",
-            src.dirty_log_mode()
+            src.protect_mode()
         );
     } else {
         assert!(
-            !src.dirty_log_mode().is_manual(),
+            !src.protect_mode().is_manual(),
             "{label}: legacy VM reports manual mode"
         );
     }

@@ -3,9 +3,12 @@
 
 //! The crate layering rule and its check against `cargo metadata`.
 //!
-//! Dependencies point one way only: `bitmap` <- `memory-api` <- (`kvm-accel`, `migration`) <- `vmm-cli`.
+//! Dependencies point one way only: `bitmap` <- `memory-api` <- (`kvm-accel`, `migration`) <- `vmm-cli`,
+//! with the test guest `kvm-accel/test-guest` on top of `kvm-accel` (the CLI runs it; `kvm-accel` may
+//! use it as a dev-dependency, for its example and real-KVM tests).
 //! `kvm-accel` and `migration` sit side by side: `migration` must work with any accelerator, so it never
-//! depends on `kvm-accel` (not even as a dev-dependency: its real-KVM tests live in `vmm-cli`).
+//! depends on `kvm-accel` or the test guest (not even as a dev-dependency: its real-KVM tests live in
+//! `vmm-cli`).
 
 /// One of our crates: its directory, package name and layer.
 pub struct LayeredCrate {
@@ -15,6 +18,8 @@ pub struct LayeredCrate {
     pub package: &'static str,
     /// Packages of ours it may depend on (any dependency kind).
     pub may_use: &'static [&'static str],
+    /// Packages of ours it may use as dev-dependencies only (examples, tests).
+    pub may_dev_use: &'static [&'static str],
 }
 
 /// The library crates, bottom layer first.
@@ -23,21 +28,31 @@ pub const LIBRARY_CRATES: &[LayeredCrate] = &[
         dir: "bitmap",
         package: "clearlog-bitmap",
         may_use: &[],
+        may_dev_use: &[],
     },
     LayeredCrate {
         dir: "memory-api",
         package: "clearlog-memory",
         may_use: &["clearlog-bitmap"],
+        may_dev_use: &[],
     },
     LayeredCrate {
         dir: "kvm-accel",
         package: "clearlog-kvm",
         may_use: &["clearlog-bitmap", "clearlog-memory"],
+        may_dev_use: &["clearlog-test-guest"],
+    },
+    LayeredCrate {
+        dir: "kvm-accel/test-guest",
+        package: "clearlog-test-guest",
+        may_use: &["clearlog-bitmap", "clearlog-memory", "clearlog-kvm"],
+        may_dev_use: &[],
     },
     LayeredCrate {
         dir: "migration",
         package: "clearlog-migration",
         may_use: &["clearlog-bitmap", "clearlog-memory"],
+        may_dev_use: &[],
     },
 ];
 
@@ -49,8 +64,10 @@ const CLI: LayeredCrate = LayeredCrate {
         "clearlog-bitmap",
         "clearlog-memory",
         "clearlog-kvm",
+        "clearlog-test-guest",
         "clearlog-migration",
     ],
+    may_dev_use: &[],
 };
 
 fn rule_for(package: &str) -> Option<&'static LayeredCrate> {
@@ -88,7 +105,10 @@ pub fn check(metadata: &serde_json::Value) -> Result<Vec<String>, String> {
             }
             let kind = d["kind"].as_str().unwrap_or("normal");
             let allowed = match rule_for(name) {
-                Some(rule) => rule.may_use.contains(&dep),
+                Some(rule) => {
+                    rule.may_use.contains(&dep)
+                        || (kind == "dev" && rule.may_dev_use.contains(&dep))
+                }
                 None => false, // xtask and anything unknown may not use our crates
             };
             if !allowed {
@@ -117,9 +137,27 @@ mod tests {
         json!({ "packages": [
             pkg("clearlog-bitmap", &[("thiserror", None)]),
             pkg("clearlog-memory", &[("clearlog-bitmap", None)]),
-            pkg("clearlog-kvm", &[("clearlog-memory", None), ("clearlog-bitmap", None)]),
+            pkg(
+                "clearlog-kvm",
+                &[
+                    ("clearlog-memory", None),
+                    ("clearlog-bitmap", None),
+                    ("clearlog-test-guest", Some("dev")),
+                ],
+            ),
+            pkg(
+                "clearlog-test-guest",
+                &[("clearlog-kvm", None), ("clearlog-memory", None)],
+            ),
             pkg("clearlog-migration", extra),
-            pkg("vmm-cli", &[("clearlog-kvm", None), ("clearlog-migration", None)]),
+            pkg(
+                "vmm-cli",
+                &[
+                    ("clearlog-kvm", None),
+                    ("clearlog-test-guest", None),
+                    ("clearlog-migration", None),
+                ],
+            ),
         ]})
     }
 
@@ -135,6 +173,24 @@ mod tests {
         let v = check(&m).unwrap();
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(v[0].contains("clearlog-migration") && v[0].contains("clearlog-kvm"));
+    }
+
+    #[test]
+    fn rejects_migration_on_the_test_guest() {
+        for kind in [None, Some("dev")] {
+            let m = workspace(&[("clearlog-test-guest", kind)]);
+            let v = check(&m).unwrap();
+            assert_eq!(v.len(), 1, "{kind:?}: {v:?}");
+        }
+    }
+
+    #[test]
+    fn kvm_may_use_the_test_guest_only_as_dev_dependency() {
+        let mut m = workspace(&[]);
+        m["packages"][2]["dependencies"][2]["kind"] = json!(null);
+        let v = check(&m).unwrap();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].contains("clearlog-kvm") && v[0].contains("clearlog-test-guest"));
     }
 
     #[test]

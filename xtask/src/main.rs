@@ -74,7 +74,7 @@ fn print_usage() {
         "usage: cargo xtask <command>\n\n\
          commands:\n  \
          test             fmt check, layering check, clippy -D warnings, cargo test --workspace (real KVM tests included)\n  \
-         bench [CRATE]    criterion benchmarks of all crates or one (bitmap, memory-api, kvm-accel, migration); --quick for short runs\n  \
+         bench [CRATE]    criterion benchmarks of all crates or one (bitmap, memory-api, kvm-accel/test-guest, migration); --quick for short runs\n  \
          deps             check that no crate depends on a crate above it in the layering\n  \
          faults           cut migrations at random points (--count N, default 50; --seed S): the source survives and a retry verifies\n  \
          soak             N random migrations (--runs N, default 200; --seed S), each verified; reports mismatched pages\n  \
@@ -194,6 +194,8 @@ fn test() -> Result<(), String> {
     ]);
     results.push(run_step("clippy -D warnings", clippy));
 
+    results.push(aarch64_check());
+
     let mut tests = cargo();
     tests.args(["test", "--workspace"]);
     if require_kvm {
@@ -224,6 +226,57 @@ fn test() -> Result<(), String> {
     } else {
         Err(format!("{failed} step(s) failed"))
     }
+}
+
+/// The target of the cross-architecture check.
+const AARCH64: &str = "aarch64-unknown-linux-gnu";
+
+/// `cargo check --target aarch64` of the arch-neutral library crates (the test guest is x86-64
+/// code and is left out). Adds the target with rustup when missing; if that fails the step is
+/// SKIPPED, loudly, and passes.
+fn aarch64_check() -> StepResult {
+    let name = format!("check --target {AARCH64} (bitmap, memory, kvm, migration)");
+    let installed = || {
+        Command::new("rustup")
+            .args(["target", "list", "--installed"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.trim() == AARCH64)
+            })
+            .unwrap_or(false)
+    };
+    if !installed() {
+        println!("\n==> xtask: rustup target add {AARCH64}");
+        let added = Command::new("rustup")
+            .args(["target", "add", AARCH64])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !added || !installed() {
+            let note = format!(
+                "SKIPPED: the {AARCH64} target is not installed and `rustup target add {AARCH64}` failed: the aarch64 build of the library crates is NOT checked"
+            );
+            println!("\n==> xtask: {name}: {note}");
+            return StepResult {
+                name,
+                ok: true,
+                secs: 0.0,
+                note,
+            };
+        }
+    }
+    let mut cmd = cargo();
+    cmd.args(["check", "--target", AARCH64]);
+    for p in [
+        "clearlog-bitmap",
+        "clearlog-memory",
+        "clearlog-kvm",
+        "clearlog-migration",
+    ] {
+        cmd.args(["-p", p]);
+    }
+    run_step(&name, cmd)
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
@@ -294,7 +347,7 @@ fn deps() -> Result<(), String> {
         .map_err(|e| format!("cargo metadata output is not JSON: {e}"))?;
     let violations = layering::check(&metadata)?;
     if violations.is_empty() {
-        println!("deps: layering holds (bitmap <- memory-api <- kvm-accel, migration <- vmm-cli)");
+        println!("deps: layering holds (bitmap <- memory-api <- kvm-accel (<- test-guest), migration <- vmm-cli)");
         Ok(())
     } else {
         for v in &violations {

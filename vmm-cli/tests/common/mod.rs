@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use clearlog_kvm::guest::Guest;
+use clearlog_test_guest::Guest;
 
 /// Is a real KVM required (a test that cannot run must then fail, not skip)?
 /// `CI=true` or `CLEARLOG_REQUIRE_KVM=1`.

@@ -1,0 +1,451 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Running a vCPU on its own thread, with pause, resume, kick and stop.
+//!
+//! Kicking uses a real-time signal ([`kick_signal`], `SIGRTMIN() + 0`) sent to the vCPU
+//! thread. Its handler sets `kvm_run.immediate_exit` of the vCPU that thread runs, so a
+//! kick is never lost: if the signal arrives while the thread is in `KVM_RUN`, the ioctl
+//! returns `EINTR`; if it arrives just before, `KVM_RUN` returns at once. The thread then
+//! clears `immediate_exit` (`VcpuFd::set_kvm_immediate_exit(0)`) and looks at what the
+//! controller wants.
+//!
+//! [`VcpuRunner::pause`] returns only once the thread is out of `KVM_RUN` and parked, with
+//! the [`Vcpu`] released so the controller can save its state
+//! ([`VcpuRunner::with_vcpu`]).
+
+use std::cell::Cell;
+use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::VcpuExit;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use super::Vcpu;
+use crate::error::{Error, Result};
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+///
+/// # Example
+///
+/// ```
+/// assert!(clearlog_test_guest::vcpu::runner::kick_signal() >= libc::SIGRTMIN());
+/// ```
+pub fn kick_signal() -> c_int {
+    SIGRTMIN()
+}
+
+thread_local! {
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
+    // Async-signal-safe: a const-initialized thread local and one volatile store.
+    let p = KVM_RUN_PTR.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: `p` is this thread's vCPU `kvm_run` mapping, set by the vCPU thread and
+        // cleared before the mapping can go away; the kernel expects userspace to write
+        // `immediate_exit` at any time.
+        unsafe { std::ptr::addr_of_mut!((*p).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn register_kick_handler() -> Result<()> {
+    static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| Error::Thread(format!("registering the kick signal handler: {e}")))
+}
+
+/// What the vCPU thread is doing.
+///
+/// # Example
+///
+/// ```
+/// use clearlog_test_guest::vcpu::runner::RunState;
+/// assert_ne!(RunState::Running, RunState::Paused);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunState {
+    /// In or around `KVM_RUN`.
+    Running,
+    /// Parked outside `KVM_RUN`, the vCPU available to the controller.
+    Paused,
+    /// The thread has ended normally.
+    Stopped,
+    /// The thread has ended because of an exit it cannot handle.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Stop,
+}
+
+struct Ctl {
+    want: Want,
+    state: RunState,
+}
+
+struct Shared {
+    index: u32,
+    vcpu: Mutex<Vcpu>,
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+    pending: AtomicBool,
+    io_exits: AtomicU64,
+    last_out: AtomicU64,
+    mmio_exits: AtomicU64,
+    last_mmio_addr: AtomicU64,
+    last_mmio_value: AtomicU64,
+    kicks: AtomicU64,
+}
+
+impl Shared {
+    fn ctl(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Counters of a running vCPU.
+///
+/// # Example
+///
+/// ```
+/// let s = clearlog_test_guest::vcpu::runner::RunStats::default();
+/// assert_eq!(s.io_exits, 0);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// Port I/O exits handled.
+    pub io_exits: u64,
+    /// Last `out`: `port << 32 | value` (value of up to 4 bytes), 0 if none.
+    pub last_out: u64,
+    /// MMIO exits handled (e.g. writes to the workloads' doorbell).
+    pub mmio_exits: u64,
+    /// Address of the last MMIO write, 0 if none.
+    pub last_mmio_addr: u64,
+    /// Value of the last MMIO write (up to 8 bytes, little-endian).
+    pub last_mmio_value: u64,
+    /// `KVM_RUN` returns caused by kicks (`EINTR`).
+    pub kicks: u64,
+}
+
+/// A vCPU running on its own thread.
+///
+/// Port I/O and MMIO exits are handled (reads return all ones, writes are recorded in
+/// [`RunStats`]; the workloads signal through the MMIO doorbell); any other exit ends the
+/// thread with [`RunState::Failed`].
+///
+/// # Example
+///
+/// ```no_run
+/// use clearlog_test_guest::vcpu::{runner::VcpuRunner, Vcpu};
+/// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+/// # let vcpu = Vcpu::new(&vm, 0).unwrap();
+/// let runner = VcpuRunner::spawn(vcpu).unwrap();
+/// runner.pause().unwrap();
+/// let state = runner.with_vcpu(|v| v.save_state()).unwrap().unwrap();
+/// runner.resume().unwrap();
+/// let vcpu = runner.stop().unwrap();
+/// ```
+pub struct VcpuRunner {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for VcpuRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuRunner")
+            .field("index", &self.shared.index)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+fn run_loop(shared: &Shared) -> RunState {
+    let mut guard = shared.vcpu.lock().unwrap_or_else(|p| p.into_inner());
+    let run_ptr: *mut kvm_run = guard.fd_mut().get_kvm_run();
+    KVM_RUN_PTR.with(|c| c.set(run_ptr));
+    let index = shared.index;
+    let result = loop {
+        if shared.pending.swap(false, Ordering::AcqRel) {
+            let mut ctl = shared.ctl();
+            match ctl.want {
+                Want::Run => {}
+                Want::Stop => break RunState::Stopped,
+                Want::Pause => {
+                    // Park: release the vCPU, report, wait for another wish.
+                    drop(guard);
+                    ctl.state = RunState::Paused;
+                    shared.cv.notify_all();
+                    while ctl.want == Want::Pause {
+                        ctl = shared.cv.wait(ctl).unwrap_or_else(|p| p.into_inner());
+                    }
+                    if ctl.want == Want::Stop {
+                        drop(ctl);
+                        KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
+                        return RunState::Stopped;
+                    }
+                    ctl.state = RunState::Running;
+                    shared.cv.notify_all();
+                    drop(ctl);
+                    guard = shared.vcpu.lock().unwrap_or_else(|p| p.into_inner());
+                    continue;
+                }
+            }
+        }
+        match guard.fd_mut().run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut v = [0u8; 4];
+                let n = data.len().min(4);
+                v[..n].copy_from_slice(&data[..n]);
+                shared.last_out.store(
+                    (u64::from(port) << 32) | u64::from(u32::from_le_bytes(v)),
+                    Ordering::Release,
+                );
+                shared.io_exits.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(VcpuExit::IoIn(_, data)) => {
+                data.fill(0xff);
+                shared.io_exits.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                let mut v = [0u8; 8];
+                let n = data.len().min(8);
+                v[..n].copy_from_slice(&data[..n]);
+                shared
+                    .last_mmio_value
+                    .store(u64::from_le_bytes(v), Ordering::Release);
+                shared.last_mmio_addr.store(addr, Ordering::Release);
+                shared.mmio_exits.fetch_add(1, Ordering::Release);
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xff);
+                shared.mmio_exits.fetch_add(1, Ordering::Release);
+            }
+            Ok(VcpuExit::Intr) => {
+                guard.fd_mut().set_kvm_immediate_exit(0);
+                shared.kicks.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(exit) => {
+                let what = format!("{exit:?}");
+                let rip = guard.fd().get_regs().map(|r| r.rip).unwrap_or(0);
+                break RunState::Failed(format!("unhandled exit {what} at rip {rip:#x}"));
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                guard.fd_mut().set_kvm_immediate_exit(0);
+                shared.kicks.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => break RunState::Failed(format!("KVM_RUN: {e}")),
+        }
+    };
+    KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
+    drop(guard);
+    tracing::debug!(vcpu = index, state = ?result, "vCPU thread ends");
+    result
+}
+
+impl VcpuRunner {
+    /// Starts `vcpu` running on a new thread named `vcpu<N>`.
+    pub fn spawn(vcpu: Vcpu) -> Result<Self> {
+        register_kick_handler()?;
+        let index = vcpu.index();
+        let shared = Arc::new(Shared {
+            index,
+            vcpu: Mutex::new(vcpu),
+            ctl: Mutex::new(Ctl {
+                want: Want::Run,
+                state: RunState::Running,
+            }),
+            cv: Condvar::new(),
+            pending: AtomicBool::new(false),
+            io_exits: AtomicU64::new(0),
+            last_out: AtomicU64::new(0),
+            mmio_exits: AtomicU64::new(0),
+            last_mmio_addr: AtomicU64::new(0),
+            last_mmio_value: AtomicU64::new(0),
+            kicks: AtomicU64::new(0),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let end = run_loop(&s);
+                let mut ctl = s.ctl();
+                ctl.state = end;
+                s.cv.notify_all();
+            })
+            .map_err(|e| Error::Thread(e.to_string()))?;
+        Ok(VcpuRunner {
+            shared,
+            thread: Some(thread),
+            timeout: Duration::from_secs(5),
+        })
+    }
+
+    /// Sets how long [`pause`](Self::pause) and [`resume`](Self::resume) wait (5 s by
+    /// default).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// The vCPU index.
+    pub fn index(&self) -> u32 {
+        self.shared.index
+    }
+
+    /// The thread's current state.
+    pub fn state(&self) -> RunState {
+        self.shared.ctl().state.clone()
+    }
+
+    /// Exit counters.
+    pub fn stats(&self) -> RunStats {
+        RunStats {
+            io_exits: self.shared.io_exits.load(Ordering::Acquire),
+            last_out: self.shared.last_out.load(Ordering::Acquire),
+            mmio_exits: self.shared.mmio_exits.load(Ordering::Acquire),
+            last_mmio_addr: self.shared.last_mmio_addr.load(Ordering::Acquire),
+            last_mmio_value: self.shared.last_mmio_value.load(Ordering::Acquire),
+            kicks: self.shared.kicks.load(Ordering::Acquire),
+        }
+    }
+
+    /// Forces the vCPU out of `KVM_RUN` once; it goes back in unless a pause or stop is
+    /// pending.
+    pub fn kick(&self) -> Result<()> {
+        if let Some(t) = &self.thread {
+            if !t.is_finished() {
+                t.kill(kick_signal())
+                    .map_err(|e| Error::Thread(format!("pthread_kill: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn request(&self, want: Want) -> Result<()> {
+        {
+            let mut ctl = self.shared.ctl();
+            if let RunState::Failed(reason) = &ctl.state {
+                return Err(Error::VcpuFailed {
+                    vcpu: self.index(),
+                    reason: reason.clone(),
+                });
+            }
+            ctl.want = want;
+            self.shared.cv.notify_all();
+        }
+        self.shared.pending.store(true, Ordering::Release);
+        self.kick()
+    }
+
+    fn wait_for(&self, what: &'static str, ok: impl Fn(&RunState) -> bool) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        let mut ctl = self.shared.ctl();
+        loop {
+            if ok(&ctl.state) {
+                return Ok(());
+            }
+            if let RunState::Failed(reason) = &ctl.state {
+                return Err(Error::VcpuFailed {
+                    vcpu: self.index(),
+                    reason: reason.clone(),
+                });
+            }
+            if ctl.state == RunState::Stopped {
+                return Err(Error::VcpuFailed {
+                    vcpu: self.index(),
+                    reason: "thread stopped".into(),
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::VcpuTimeout {
+                    vcpu: self.index(),
+                    what,
+                });
+            }
+            ctl = self
+                .shared
+                .cv
+                .wait_timeout(ctl, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Stops the vCPU and returns once its thread is out of `KVM_RUN` and parked.
+    pub fn pause(&self) -> Result<()> {
+        self.request(Want::Pause)?;
+        self.wait_for("pause", |s| *s == RunState::Paused)
+    }
+
+    /// Lets a paused vCPU run again; returns once the thread has left its parking spot.
+    pub fn resume(&self) -> Result<()> {
+        {
+            let mut ctl = self.shared.ctl();
+            if ctl.state != RunState::Paused {
+                return Err(Error::VcpuNotPaused(self.index()));
+            }
+            ctl.want = Want::Run;
+            self.shared.cv.notify_all();
+        }
+        self.wait_for("resume", |s| *s == RunState::Running)
+    }
+
+    /// Runs `f` on the paused vCPU (e.g. to save or restore its state).
+    pub fn with_vcpu<R>(&self, f: impl FnOnce(&mut Vcpu) -> R) -> Result<R> {
+        if self.state() != RunState::Paused {
+            return Err(Error::VcpuNotPaused(self.index()));
+        }
+        let mut v = self.shared.vcpu.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(f(&mut v))
+    }
+
+    /// Stops the thread, joins it and gives the vCPU back. Works in any state; a failed
+    /// vCPU is returned too (its failure was reported by `pause`/`resume`/`state`).
+    pub fn stop(mut self) -> Result<Vcpu> {
+        self.stop_thread()?;
+        let shared = self.shared.clone();
+        // Drops our other reference (the thread's one went with the join).
+        drop(self);
+        let shared = Arc::try_unwrap(shared)
+            .map_err(|_| Error::Thread("vCPU still shared after join".into()))?;
+        Ok(shared.vcpu.into_inner().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn stop_thread(&mut self) -> Result<()> {
+        let Some(t) = self.thread.take() else {
+            return Ok(());
+        };
+        {
+            let mut ctl = self.shared.ctl();
+            ctl.want = Want::Stop;
+            self.shared.cv.notify_all();
+        }
+        self.shared.pending.store(true, Ordering::Release);
+        if !t.is_finished() {
+            // The thread may exit between the check and the kill; ESRCH is fine then.
+            let _ = t.kill(kick_signal());
+        }
+        t.join()
+            .map_err(|_| Error::Thread("vCPU thread panicked".into()))
+    }
+}
+
+impl Drop for VcpuRunner {
+    fn drop(&mut self) {
+        let _ = self.stop_thread();
+    }
+}

@@ -1,0 +1,76 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The `random` workload holds its target dirty rate (its own test binary so no other
+//! vCPU competes for the 2 host cores of the test machine).
+
+mod common;
+
+use std::time::Duration;
+
+use clearlog_kvm::DirtyLogChoice;
+use clearlog_test_guest::layout::INFRA_END;
+use clearlog_test_guest::workload::monitor::WorkloadMonitor;
+use clearlog_test_guest::workload::{set_dirty_rate, Workload, WorkloadSpec};
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+fn within(measured: f64, target: f64, tol: f64) -> bool {
+    (measured - target).abs() <= target * tol
+}
+
+#[test]
+fn random_holds_target_rate() {
+    if !kvm_available() {
+        return;
+    }
+    let _s = serial();
+    let wss = 256 * MIB;
+    let target = 64 * MIB;
+    let g = Guest::new(DirtyLogChoice::Auto, INFRA_END + wss, false);
+    let w = Workload::new(WorkloadSpec::Random {
+        wss_bytes: wss,
+        dirty_rate_bytes_per_s: target,
+        seed: 0x1234_5678,
+    });
+    let r = g.start(&w).pop().unwrap();
+    let mon = WorkloadMonitor::new(&g.mem, 1);
+    mon.wait_ready(Duration::from_secs(20)).unwrap();
+    let s = mon.measure_rate(Duration::from_secs(1)).unwrap();
+    let mib_s = s.bytes_per_s() / MIB as f64;
+    eprintln!(
+        "random 64 MiB/s target: measured {mib_s:.2} MiB/s ({} pages in {:?})",
+        s.pages, s.elapsed
+    );
+    assert!(
+        within(s.bytes_per_s(), target as f64, 0.10),
+        "{mib_s:.2} MiB/s"
+    );
+
+    // The host changes the rate at runtime.
+    let tsc = r.with_vcpu(|v| v.tsc_khz()).err();
+    assert!(tsc.is_some(), "with_vcpu must refuse a running vCPU");
+    r.pause().unwrap();
+    let tsc = r.with_vcpu(|v| v.tsc_khz()).unwrap().unwrap();
+    r.resume().unwrap();
+    set_dirty_rate(&g.mem, tsc, 16 * MIB, 1).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let s = mon.measure_rate(Duration::from_secs(1)).unwrap();
+    let mib_s = s.bytes_per_s() / MIB as f64;
+    eprintln!("random 16 MiB/s target: measured {mib_s:.2} MiB/s");
+    assert!(
+        within(s.bytes_per_s(), (16 * MIB) as f64, 0.10),
+        "{mib_s:.2} MiB/s"
+    );
+
+    // A pause does not cause a burst afterwards (backlog capped at 50 ms).
+    r.pause().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    r.resume().unwrap();
+    let s = mon.measure_rate(Duration::from_millis(500)).unwrap();
+    let mib_s = s.bytes_per_s() / MIB as f64;
+    eprintln!("after a 500 ms pause: {mib_s:.2} MiB/s over 500 ms");
+    assert!(mib_s < 16.0 * 1.25, "{mib_s:.2} MiB/s");
+    r.stop().unwrap();
+}

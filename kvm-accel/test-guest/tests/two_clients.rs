@@ -1,0 +1,343 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Two dirty-log clients clearing the same pages concurrently while the guest writes (manual
+//! mode): migration (`sync_migration_bitmap` + `clear_chunk_before_send`, then read) on one
+//! thread, a display (`snapshot_and_clear_dirty` for Vga, then read) on another. This is the
+//! 8-step race of DESIGN.md section 2: with the listener's per-slot cache no write is lost; with
+//! a naive listener that clears whole ranges in KVM (bypassing the cache, through the raw
+//! `clearlog_kvm::raw::clear_dirty_log`) writes are lost. The safe `Vm::clear_dirty_log` refuses
+//! to do that on a listener's slot.
+//!
+//! Loss detection: the `random` workload stores a unique counter at offset 8 of every page it
+//! writes. Each client keeps, per page, the content it last read (always read after clearing).
+//! At the end of each round the guest is paused and both clients sync one last time; then for
+//! every page either the client's last read equals the current content, or the client has the
+//! page marked dirty (so it would read it again). Anything else is a lost write.
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clearlog_bitmap::Bitmap;
+use clearlog_kvm::DirtyLogChoice;
+use clearlog_kvm::{Error, KvmMemoryListener};
+use clearlog_memory::{
+    ClearBitmap, DirtyClient, DirtyClients, DirtyMemory, ListenerError, MemoryListener,
+    MemorySystem, RamBlock, RegionId, Section,
+};
+use clearlog_test_guest::layout::INFRA_END;
+use clearlog_test_guest::workload::{set_iteration, Workload, WorkloadSpec};
+use common::*;
+
+const PAGE: u64 = 4096;
+const MIB: u64 = 1 << 20;
+const WSS: u64 = 32 * MIB;
+
+/// A listener that forwards everything to the real one except `log_clear`, which clears the
+/// whole requested range in KVM (all ones, widened to 64 pages with zeros) without looking at
+/// what the last sync reported: what each client clearing "its" bits on its own amounts to.
+struct NaiveClear(Arc<KvmMemoryListener>);
+
+impl MemoryListener for NaiveClear {
+    fn name(&self) -> &str {
+        "naive-kvm"
+    }
+    fn priority(&self) -> i32 {
+        self.0.priority()
+    }
+    fn region_add(&self, s: &Section) -> Result<(), ListenerError> {
+        self.0.region_add(s)
+    }
+    fn region_del(&self, s: &Section, d: &DirtyMemory) -> Result<(), ListenerError> {
+        self.0.region_del(s, d)
+    }
+    fn log_start(
+        &self,
+        s: &Section,
+        o: DirtyClients,
+        n: DirtyClients,
+    ) -> Result<(), ListenerError> {
+        self.0.log_start(s, o, n)
+    }
+    fn log_stop(
+        &self,
+        s: &Section,
+        o: DirtyClients,
+        n: DirtyClients,
+        d: &DirtyMemory,
+    ) -> Result<(), ListenerError> {
+        self.0.log_stop(s, o, n, d)
+    }
+    fn log_sync(&self, s: &Section, d: &DirtyMemory) -> Result<(), ListenerError> {
+        self.0.log_sync(s, d)
+    }
+    fn log_clear(&self, s: &Section, first: u64, npages: u64) -> Result<(), ListenerError> {
+        if npages == 0 {
+            return Ok(());
+        }
+        let slot = self.0.slot_id_at(s.guest_addr).ok_or("no slot")?;
+        let start = first & !63;
+        let end = (first + npages).next_multiple_of(64).min(s.pages());
+        let mut bitmap = vec![0u64; (end - start).div_ceil(64) as usize];
+        for p in first..first + npages {
+            let b = p - start;
+            bitmap[(b / 64) as usize] |= 1 << (b % 64);
+        }
+        clearlog_kvm::raw::clear_dirty_log(
+            self.0.vm().as_fd(),
+            slot,
+            start,
+            (end - start) as u32,
+            &bitmap,
+        )
+        .map_err(|e| Box::new(e) as ListenerError)
+    }
+}
+
+type Content = [u64; 2];
+
+fn read_page(block: &RamBlock, page: u64) -> Content {
+    let mut b = [0u8; 16];
+    block.read(page * PAGE, &mut b).unwrap();
+    [
+        u64::from_le_bytes(b[..8].try_into().unwrap()),
+        u64::from_le_bytes(b[8..].try_into().unwrap()),
+    ]
+}
+
+struct Migration {
+    dest: Bitmap,
+    clear: ClearBitmap,
+    last: Vec<Content>,
+    pages_sent: u64,
+}
+
+impl Migration {
+    fn iterate(&mut self, memory: &MemorySystem, block: &RamBlock) {
+        memory.log_sync_all().unwrap();
+        memory.sync_migration_bitmap(block, &mut self.dest, Some(&mut self.clear));
+        let dirty: Vec<usize> = self.dest.iter_ones().collect();
+        for p in dirty {
+            self.dest.clear(p);
+            // Clear (re-arm) the chunk, then read: the migration ordering rule.
+            memory
+                .clear_chunk_before_send(block, &mut self.clear, p as u64)
+                .unwrap();
+            self.last[p] = read_page(block, p as u64);
+            self.pages_sent += 1;
+        }
+    }
+}
+
+struct Display {
+    last: Vec<Content>,
+    pages_read: u64,
+}
+
+impl Display {
+    fn iterate(&mut self, memory: &MemorySystem, region: RegionId, block: &RamBlock) {
+        memory.log_sync(region).unwrap();
+        let snap = memory
+            .snapshot_and_clear_dirty(region, 0, block.size(), DirtyClient::Vga)
+            .unwrap();
+        for off in snap.dirty_offsets() {
+            let p = off / PAGE;
+            self.last[p as usize] = read_page(block, p);
+            self.pages_read += 1;
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Outcome {
+    rounds: u64,
+    checks: u64,
+    migration_lost: u64,
+    display_lost: u64,
+    migration_sent: u64,
+    display_read: u64,
+    guest_writes: u64,
+}
+
+fn run(naive: bool, rounds: u64, round_len: Duration) -> Outcome {
+    let mv = MemVm::new(
+        DirtyLogChoice::Manual {
+            initially_set: true,
+        },
+        INFRA_END + WSS,
+    );
+    let listener: Arc<dyn MemoryListener> = if naive {
+        // Replace the registered listener by the naive wrapper around it.
+        let l: Arc<dyn MemoryListener> = mv.listener.clone();
+        mv.memory.unregister_listener(&l).unwrap();
+        let n: Arc<dyn MemoryListener> = Arc::new(NaiveClear(mv.listener.clone()));
+        mv.memory.register_listener(n.clone()).unwrap();
+        n
+    } else {
+        mv.listener.clone()
+    };
+    let region = mv.low;
+    let block = mv.low_block.clone();
+    let pages = block.pages();
+    mv.memory
+        .set_region_logging(region, DirtyClient::Vga, true)
+        .unwrap();
+    mv.memory.log_global_start().unwrap();
+    let w = Workload::new(WorkloadSpec::Random {
+        wss_bytes: WSS,
+        dirty_rate_bytes_per_s: 64 * MIB,
+        seed: 0xc0ff_ee00,
+    });
+    let r = mv.start(&w, |ram| set_iteration(ram, 1).unwrap());
+
+    let zero = vec![[0u64; 2]; pages as usize];
+    let mut mig = Migration {
+        dest: Bitmap::new(pages as usize),
+        clear: ClearBitmap::new(pages, 6).unwrap(),
+        last: zero.clone(),
+        pages_sent: 0,
+    };
+    let mut vga = Display {
+        last: zero,
+        pages_read: 0,
+    };
+    let first_wss = INFRA_END / PAGE;
+    let mut out = Outcome::default();
+    for round in 0..rounds {
+        set_iteration(&mv.ram, round + 2).unwrap();
+        let deadline = Instant::now() + round_len;
+        std::thread::scope(|s| {
+            let memory = &mv.memory;
+            let block = &block;
+            let mig = &mut mig;
+            let vga = &mut vga;
+            s.spawn(move || {
+                while Instant::now() < deadline {
+                    mig.iterate(memory, block);
+                }
+            });
+            s.spawn(move || {
+                while Instant::now() < deadline {
+                    vga.iterate(memory, region, block);
+                }
+            });
+        });
+        // Pause, one last sync for both, check every working-set page.
+        r.pause().unwrap();
+        mv.memory.log_sync_all().unwrap();
+        mv.memory
+            .sync_migration_bitmap(&block, &mut mig.dest, Some(&mut mig.clear));
+        let vga_map = mv.memory.dirty().client(DirtyClient::Vga);
+        let ram0 = block.ram_page_offset() as usize;
+        for p in first_wss..pages {
+            let cur = read_page(&block, p);
+            if mig.last[p as usize] != cur && !mig.dest.test(p as usize) {
+                out.migration_lost += 1;
+            }
+            if vga.last[p as usize] != cur && !vga_map.test(ram0 + p as usize) {
+                out.display_lost += 1;
+            }
+            out.checks += 1;
+        }
+        out.rounds += 1;
+        r.resume().unwrap();
+    }
+    r.pause().unwrap();
+    out.guest_writes = clearlog_test_guest::workload::monitor::WorkloadMonitor::new(&mv.ram, 1)
+        .pages_written()
+        .unwrap();
+    r.stop().unwrap();
+    out.migration_sent = mig.pages_sent;
+    out.display_read = vga.pages_read;
+    let s = mv.listener.stats();
+    eprintln!(
+        "two clients ({}): {out:?}; listener: {} syncs, {} clears ({} skipped), {} pages cleared",
+        if naive { "NAIVE clear" } else { "cached clear" },
+        s.syncs,
+        s.clears,
+        s.clears_skipped,
+        s.pages_cleared
+    );
+    drop(listener);
+    out
+}
+
+#[test]
+fn two_clients_lose_nothing() {
+    if !kvm_available() || !manual_available() {
+        return;
+    }
+    let _s = serial();
+    let out = run(false, 20, Duration::from_millis(200));
+    assert_eq!(out.migration_lost, 0, "{out:?}");
+    assert_eq!(out.display_lost, 0, "{out:?}");
+    // Both clients did real work, concurrently with the guest.
+    assert!(
+        out.migration_sent > 10_000 && out.display_read > 10_000,
+        "{out:?}"
+    );
+    assert!(out.guest_writes > 10_000, "{out:?}");
+}
+
+#[test]
+fn naive_clear_loses_writes() {
+    if !kvm_available() || !manual_available() {
+        return;
+    }
+    let _s = serial();
+    // The same run with a listener that clears without its cache: the harness must see losses.
+    let out = run(true, 5, Duration::from_millis(200));
+    assert!(
+        out.migration_lost + out.display_lost > 0,
+        "the naive clear should lose writes: {out:?}"
+    );
+}
+
+#[test]
+fn safe_clear_refuses_listener_slots() {
+    if !kvm_available() || !manual_available() {
+        return;
+    }
+    // What `naive_clear_loses_writes` does through the raw ioctl, the safe path refuses.
+    let mv = MemVm::new(
+        DirtyLogChoice::Manual {
+            initially_set: true,
+        },
+        INFRA_END + WSS,
+    );
+    mv.memory.log_global_start().unwrap();
+    mv.memory.log_sync_all().unwrap();
+    let slot = mv
+        .listener
+        .slot_id_at(0)
+        .expect("the listener's slot at GPA 0");
+    let vm = mv.listener.vm();
+    assert!(vm.is_listener_slot(slot));
+    let owned = |r: Result<(), Error>| {
+        assert!(
+            matches!(r, Err(Error::SlotOwnedByListener { slot: s }) if s == slot),
+            "{r:?}"
+        );
+    };
+    owned(vm.clear_dirty_log(slot, 0, 64, &[u64::MAX]));
+    let mut bitmap = vec![0u64; vm.memslot(slot).unwrap().bitmap_words()];
+    owned(vm.get_dirty_log(slot, &mut bitmap));
+    owned(vm.remove_memslot(slot));
+    let s = vm.memslot(slot).unwrap();
+    // SAFETY: refused before any ioctl (asserted), and the range is the listener's live block.
+    owned(unsafe { vm.set_memslot(slot, s.guest_phys, s.size, s.host_addr, false) });
+    let msg = vm
+        .clear_dirty_log(slot, 0, 64, &[u64::MAX])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains(&format!("memslot {slot}")) && msg.contains("cache"),
+        "{msg}"
+    );
+    // The listener's own path still works.
+    let region = mv.low;
+    mv.memory.clear_dirty_bitmap(region, 0, 64 * PAGE).unwrap();
+}

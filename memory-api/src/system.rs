@@ -1207,18 +1207,32 @@ impl MemorySystem {
         st.clear_block_range(block.id(), start, end)
     }
 
-    /// Atomically take and clear `client`'s bits for the range (widened to 64-page alignment), then
-    /// `clear_dirty_bitmap` for that range.
+    /// Re-arm the accelerators for the range (widened to 64-page alignment), then atomically take
+    /// and clear `client`'s bits for it.
     ///
     /// The widening is in the RAM address space, clipped to the region (an alias never takes bits of
-    /// block pages it does not show). Each bitmap word is taken with one atomic exchange, so a bit
-    /// set concurrently is either in the snapshot or still in the client's map. The accelerator is
-    /// re-armed after the take: read the pages after this returns.
+    /// block pages it does not show).
+    ///
+    /// # Order
+    ///
+    /// 1. Re-arm: every listener's `log_clear` for the logging sections of the range (what
+    ///    [`clear_dirty_bitmap`](Self::clear_dirty_bitmap) does). An accelerator clears only bits it
+    ///    saw at its last sync, and those are already in the client's map.
+    /// 2. Take: each bitmap word of `client` is taken with one atomic exchange, so a bit set
+    ///    concurrently is either in the snapshot or still in the client's map.
+    /// 3. The caller reads the pages after this returns.
+    ///
+    /// Clear, then read, as for migration: a write after the re-arm is reported by the accelerator's
+    /// next sync and lands in a later snapshot (or, if it comes before the take, in this one). If the
+    /// re-arm fails (e.g. an accelerator refuses a clear before any sync of its slot), nothing is
+    /// taken: the client's bits stay where they were and the error is returned. A re-arm that failed
+    /// half-way leaves the bits in the client's map too, so nothing is lost (a later snapshot takes
+    /// them and reads the pages then).
     ///
     /// # Errors
     ///
     /// As [`clear_dirty_bitmap`](Self::clear_dirty_bitmap); [`Error::LoggingOff`] if no section of the
-    /// region logs for `client`.
+    /// region logs for `client`. The client's bits are untouched on every error.
     ///
     /// # Examples
     ///
@@ -1241,13 +1255,14 @@ impl MemorySystem {
         let end_page = (ram0 + (end >> PAGE_SHIFT)).next_multiple_of(64);
         let first_page = first_page.max(ram0 + (win_start >> PAGE_SHIFT));
         let end_page = end_page.min(ram0 + (win_end >> PAGE_SHIFT));
+        let block_start = (first_page - ram0) << PAGE_SHIFT;
+        let block_end = (end_page - ram0) << PAGE_SHIFT;
+        // Re-arm first; take only what could be re-armed (see "Order").
+        st.clear_block_range(block.id(), block_start, block_end)?;
         let bits = self
             .dirty
             .client(client)
             .take_range(first_page as usize, (end_page - first_page) as usize);
-        let block_start = (first_page - ram0) << PAGE_SHIFT;
-        let block_end = (end_page - ram0) << PAGE_SHIFT;
-        st.clear_block_range(block.id(), block_start, block_end)?;
         Ok(DirtySnapshot::new(block_start - win_start, bits))
     }
 

@@ -1,0 +1,134 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Findings of the line-by-line review of the dirty-bit path, one test (or two) each, named after
+//! the finding. Each failed before its fix.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use clearlog_memory::{
+    DirtyClient, DirtyMemory, Error, ListenerError, MemoryListener, MemorySystem,
+    Section, PAGE_SIZE,
+};
+use common::{Call, FakeKvm, ModelKernel, Recorder};
+
+const P: u64 = PAGE_SIZE;
+type Journal = Arc<Mutex<Vec<(String, Call)>>>;
+
+fn ones(mem: &MemorySystem, client: DirtyClient) -> Vec<usize> {
+    mem.dirty().client(client).iter_ones().collect()
+}
+
+fn fail_once(r: &Recorder, hook: &'static str) {
+    *r.fail.lock().unwrap() = Some(hook);
+}
+
+// Finding 1: a display snapshot before any sync drops its bits.
+
+/// With the model accelerator, a snapshot before any sync of the slot fails in its `log_clear`
+/// ("before any log_sync"). The Vga bits of the host-side write must still be there afterwards,
+/// and the next snapshot (after a sync) must report the page.
+#[test]
+fn display_snapshot_before_any_sync_keeps_its_bits() {
+    let mem = MemorySystem::with_ram_capacity(4096 * P);
+    let kernel = Arc::new(Mutex::new(ModelKernel::default()));
+    mem.register_listener(FakeKvm::new(&kernel, true)).unwrap();
+    let vram = mem.add_ram("vram", 0, 128 * P).unwrap();
+    mem.set_region_logging(vram, DirtyClient::Vga, true)
+        .unwrap();
+    let block = mem.ram_blocks()[0].clone();
+    block.write(3 * P, b"pixel").unwrap();
+
+    let err = mem
+        .snapshot_and_clear_dirty(vram, 0, 128 * P, DirtyClient::Vga)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Listener { hook: "log_clear", .. }),
+        "{err}"
+    );
+    assert_eq!(
+        ones(&mem, DirtyClient::Vga),
+        [3],
+        "a snapshot that could not re-arm the accelerator must not take the client's bits"
+    );
+
+    // After a sync the snapshot works and still reports the host-side write.
+    mem.log_sync(vram).unwrap();
+    let snap = mem
+        .snapshot_and_clear_dirty(vram, 0, 128 * P, DirtyClient::Vga)
+        .unwrap();
+    assert!(snap.is_dirty(3 * P));
+}
+
+/// The same with a listener whose `log_clear` fails once: nothing is taken, the retry reports
+/// exactly the page.
+#[test]
+fn display_snapshot_with_a_failing_clear_keeps_its_bits() {
+    let mem = MemorySystem::with_ram_capacity(4096 * P);
+    let journal: Journal = Arc::default();
+    let kvm = Recorder::new("kvm", 0, &journal);
+    mem.register_listener(kvm.clone()).unwrap();
+    let vram = mem.add_ram("vram", 0, 128 * P).unwrap();
+    mem.set_region_logging(vram, DirtyClient::Vga, true)
+        .unwrap();
+    mem.ram_blocks()[0].write(70 * P, &[1]).unwrap();
+
+    fail_once(&kvm, "log_clear");
+    assert!(mem
+        .snapshot_and_clear_dirty(vram, 64 * P, P, DirtyClient::Vga)
+        .is_err());
+    assert_eq!(ones(&mem, DirtyClient::Vga), [70]);
+
+    let snap = mem
+        .snapshot_and_clear_dirty(vram, 64 * P, P, DirtyClient::Vga)
+        .unwrap();
+    assert_eq!(snap.dirty_offsets().collect::<Vec<_>>(), [70 * P]);
+    assert!(ones(&mem, DirtyClient::Vga).is_empty());
+}
+
+/// A listener that, while it re-arms a range, sees the guest write page `page` of the section (the
+/// write lands in the dirty bitmap, as a concurrent host-side write or fold would).
+struct WriteDuringClear {
+    dirty: Arc<DirtyMemory>,
+    page: u64,
+    armed: AtomicBool,
+}
+
+impl MemoryListener for WriteDuringClear {
+    fn log_clear(&self, s: &Section, _first: u64, _npages: u64) -> Result<(), ListenerError> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.dirty
+                .client(DirtyClient::Vga)
+                .set((s.ram_first_page() + self.page) as usize);
+        }
+        Ok(())
+    }
+}
+
+/// The order: the accelerator is re-armed first, the snapshot's bits are read after it. A bit set
+/// during the re-arm is in this snapshot (it is read after the re-arm), not left behind.
+#[test]
+fn display_snapshot_reads_its_bits_after_the_rearm() {
+    let mem = MemorySystem::with_ram_capacity(4096 * P);
+    let vram = mem.add_ram("vram", 0, 64 * P).unwrap();
+    mem.register_listener(Arc::new(WriteDuringClear {
+        dirty: mem.dirty().clone(),
+        page: 9,
+        armed: AtomicBool::new(true),
+    }))
+    .unwrap();
+    mem.set_region_logging(vram, DirtyClient::Vga, true)
+        .unwrap();
+    let snap = mem
+        .snapshot_and_clear_dirty(vram, 0, 64 * P, DirtyClient::Vga)
+        .unwrap();
+    assert_eq!(
+        snap.dirty_offsets().collect::<Vec<_>>(),
+        [9 * P],
+        "the bits must be taken after the accelerator's clear"
+    );
+    assert!(ones(&mem, DirtyClient::Vga).is_empty());
+}

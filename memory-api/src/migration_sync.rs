@@ -214,8 +214,8 @@ impl ClearBitmap {
     /// assert!(clear.clear_chunk_before_read(70, &mut rearm).unwrap());
     /// assert!(!clear.clear_chunk_before_read(71, &mut rearm).unwrap()); // already re-armed
     /// assert!(!clear.clear_chunk_before_read(0, &mut rearm).unwrap()); // never marked
-    /// assert_eq!(rearmed, [(64, 64)]);
     /// assert!(clear.clear_chunk_before_read(256, &mut rearm).is_err());
+    /// assert_eq!(rearmed, [(64, 64)]);
     /// ```
     pub fn clear_chunk_before_read<E: From<Error>>(
         &mut self,

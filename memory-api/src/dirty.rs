@@ -361,10 +361,25 @@ impl DirtyMemory {
     /// ```
     #[track_caller]
     pub fn set_dirty_range(&self, ram_first_page: u64, npages: u64) {
+        self.set_dirty_range_for(self.active_clients(), ram_first_page, npages);
+    }
+
+    /// Mark pages dirty for the clients in `clients` (active or not).
+    ///
+    /// # Panics
+    ///
+    /// As [`set_dirty_range`](Self::set_dirty_range).
+    #[track_caller]
+    pub(crate) fn set_dirty_range_for(
+        &self,
+        clients: DirtyClients,
+        ram_first_page: u64,
+        npages: u64,
+    ) {
         if let Err(e) = self.check_range(ram_first_page, npages) {
             panic!("set_dirty_range: {e}");
         }
-        for client in self.active_clients().iter() {
+        for client in clients.iter() {
             self.clients[client.index()].set_range(ram_first_page as usize, npages as usize);
         }
     }

@@ -100,6 +100,29 @@ fn keep_first(first: &mut Option<Error>, result: Result<()>) {
     }
 }
 
+/// The result of a hook that syncs a logging section one last time (`region_del`, `log_stop`).
+///
+/// If it failed, the listener's dirty bits since its previous sync are lost: mark every page of the
+/// section dirty for every client in `clients` (the clients that were logging it), so the whole
+/// section is resent and nothing is lost. The error is still returned.
+fn final_sync(
+    result: Result<()>,
+    dirty: &DirtyMemory,
+    section: &Section,
+    clients: DirtyClients,
+) -> Result<()> {
+    if result.is_err() && !clients.is_empty() {
+        dirty.set_dirty_range_for(clients, section.ram_first_page(), section.pages());
+        tracing::warn!(
+            guest_addr = section.guest_addr,
+            pages = section.pages(),
+            ?clients,
+            "last sync of a logging section failed: the whole section is marked dirty"
+        );
+    }
+    result
+}
+
 fn check_page_aligned(what: &'static str, value: u64) -> Result<()> {
     if value % PAGE_SIZE != 0 {
         return Err(Error::NotPageAligned { what, value });
@@ -233,6 +256,9 @@ impl State {
     /// Re-flatten and tell the listeners what changed: deletions (listeners in descending order),
     /// logging changes, then additions (ascending). All notifications run even if one fails (so
     /// every listener stays consistent with the new view); the first error is returned.
+    ///
+    /// A `region_del` or `log_stop` that fails for a logging section marks the whole section dirty
+    /// for the clients that were logging it (see [`final_sync`]).
     fn update_topology(&mut self, dirty: &DirtyMemory) -> Result<()> {
         let mut active = self.tree.region_logging_clients();
         if self.global_logging {
@@ -250,10 +276,8 @@ impl State {
 
         for s in old.iter().filter(|s| !new_keys.contains_key(&s.key())) {
             for l in self.listeners.iter().rev() {
-                keep_first(
-                    &mut first,
-                    hook(l, "region_del", l.listener.region_del(s, dirty)),
-                );
+                let r = hook(l, "region_del", l.listener.region_del(s, dirty));
+                keep_first(&mut first, final_sync(r, dirty, s, s.log));
             }
         }
         for s in &new {
@@ -262,10 +286,8 @@ impl State {
             };
             if old_log.0 & !s.log.0 != 0 {
                 for l in self.listeners.iter().rev() {
-                    keep_first(
-                        &mut first,
-                        hook(l, "log_stop", l.listener.log_stop(s, old_log, s.log, dirty)),
-                    );
+                    let r = hook(l, "log_stop", l.listener.log_stop(s, old_log, s.log, dirty));
+                    keep_first(&mut first, final_sync(r, dirty, s, old_log));
                 }
             }
             if s.log.0 & !old_log.0 != 0 {
@@ -788,7 +810,8 @@ impl MemorySystem {
     /// # Errors
     ///
     /// [`Error::UnknownRegion`], [`Error::NotMapped`], [`Error::Listener`] (the region is unmapped
-    /// anyway).
+    /// anyway; if a listener's last sync of a logging section failed, the section's pages are marked
+    /// dirty for the clients that were logging it, see [`MemoryListener::region_del`]).
     ///
     /// # Examples
     ///
@@ -924,14 +947,12 @@ impl MemorySystem {
         let entry = st.listeners.remove(at);
         let mut first = None;
         for s in st.sections.iter().rev() {
-            keep_first(
-                &mut first,
-                hook(
-                    &entry,
-                    "region_del",
-                    entry.listener.region_del(s, &self.dirty),
-                ),
+            let r = hook(
+                &entry,
+                "region_del",
+                entry.listener.region_del(s, &self.dirty),
             );
+            keep_first(&mut first, final_sync(r, &self.dirty, s, s.log));
         }
         if st.global_logging {
             keep_first(

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use clearlog_memory::{
-    DirtyClient, DirtyMemory, Error, ListenerError, MemoryListener, MemorySystem,
-    Section, PAGE_SIZE,
+    DirtyClient, DirtyMemory, Error, ListenerError, MemoryListener, MemorySystem, Section,
+    PAGE_SIZE,
 };
 use common::{Call, FakeKvm, ModelKernel, Recorder};
 
@@ -46,7 +46,13 @@ fn display_snapshot_before_any_sync_keeps_its_bits() {
         .snapshot_and_clear_dirty(vram, 0, 128 * P, DirtyClient::Vga)
         .unwrap_err();
     assert!(
-        matches!(err, Error::Listener { hook: "log_clear", .. }),
+        matches!(
+            err,
+            Error::Listener {
+                hook: "log_clear",
+                ..
+            }
+        ),
         "{err}"
     );
     assert_eq!(
@@ -131,4 +137,127 @@ fn display_snapshot_reads_its_bits_after_the_rearm() {
         "the bits must be taken after the accelerator's clear"
     );
     assert!(ones(&mem, DirtyClient::Vga).is_empty());
+}
+
+// Finding 2: a failed final sync on region removal is silent.
+
+/// `region_del` of a logging section fails (its last sync is lost): every page of the section is
+/// marked dirty in every client that was logging it, and the error still reaches the caller.
+#[test]
+fn failed_final_sync_on_region_removal_marks_the_section_dirty() {
+    let mem = MemorySystem::with_ram_capacity(4096 * P);
+    let journal: Journal = Arc::default();
+    let kvm = Recorder::new("kvm", 0, &journal);
+    mem.register_listener(kvm.clone()).unwrap();
+    let _pad = mem.add_ram("pad", 0x1000_0000, 3 * P).unwrap(); // "ram" starts at RAM page 64
+    let ram = mem.add_ram("ram", 0, 100 * P).unwrap();
+    let alias = mem
+        .add_alias("alias", ram, 20 * P, 10 * P, 0x4000_0000, 0)
+        .unwrap();
+    mem.set_region_logging(ram, DirtyClient::Vga, true).unwrap();
+    mem.log_global_start().unwrap();
+    assert!(ones(&mem, DirtyClient::Migration).is_empty());
+
+    // An alias goes away: its window of the block is resent.
+    fail_once(&kvm, "region_del");
+    let err = mem.remove_region(alias).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Listener {
+                hook: "region_del",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let window: Vec<usize> = (64 + 20..64 + 30).collect();
+    assert_eq!(ones(&mem, DirtyClient::Migration), window);
+    assert_eq!(ones(&mem, DirtyClient::Vga), window);
+    assert!(ones(&mem, DirtyClient::Code).is_empty());
+    for c in DirtyClient::ALL {
+        mem.dirty().client(c).clear_all();
+    }
+
+    // The RAM region is unmapped (a remap during migration): the whole region is resent.
+    fail_once(&kvm, "region_del");
+    assert!(mem.unmap_region(ram).is_err());
+    let all: Vec<usize> = (64..164).collect();
+    assert_eq!(ones(&mem, DirtyClient::Migration), all);
+    assert_eq!(ones(&mem, DirtyClient::Vga), all);
+    assert!(ones(&mem, DirtyClient::Code).is_empty());
+}
+
+/// A section that did not log loses nothing when its `region_del` fails: nothing is marked.
+#[test]
+fn failed_region_del_of_a_section_that_did_not_log_marks_nothing() {
+    let mem = MemorySystem::with_ram_capacity(4096 * P);
+    let journal: Journal = Arc::default();
+    let kvm = Recorder::new("kvm", 0, &journal);
+    mem.register_listener(kvm.clone()).unwrap();
+    let ram = mem.add_ram("ram", 0, 64 * P).unwrap();
+    fail_once(&kvm, "region_del");
+    assert!(mem.unmap_region(ram).is_err());
+    for c in DirtyClient::ALL {
+        assert!(ones(&mem, c).is_empty());
+    }
+}
+
+/// `log_stop` fails (the last sync before logging goes off): the section is marked for the clients
+/// that were logging it; for Vga's stop and for the global stop.
+#[test]
+fn failed_final_sync_on_log_stop_marks_the_section_dirty() {
+    let mem = MemorySystem::with_ram_capacity(4096 * P);
+    let journal: Journal = Arc::default();
+    let kvm = Recorder::new("kvm", 0, &journal);
+    mem.register_listener(kvm.clone()).unwrap();
+    let vram = mem.add_ram("vram", 0, 70 * P).unwrap();
+    mem.set_region_logging(vram, DirtyClient::Vga, true)
+        .unwrap();
+
+    fail_once(&kvm, "log_stop");
+    let err = mem
+        .set_region_logging(vram, DirtyClient::Vga, false)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Listener {
+                hook: "log_stop",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(ones(&mem, DirtyClient::Vga), (0..70).collect::<Vec<_>>());
+    assert!(ones(&mem, DirtyClient::Migration).is_empty());
+    mem.dirty().client(DirtyClient::Vga).clear_all();
+
+    mem.log_global_start().unwrap();
+    fail_once(&kvm, "log_stop");
+    assert!(mem.log_global_stop().is_err());
+    assert!(!mem.global_logging());
+    assert_eq!(
+        ones(&mem, DirtyClient::Migration),
+        (0..70).collect::<Vec<_>>()
+    );
+    assert!(ones(&mem, DirtyClient::Vga).is_empty());
+}
+
+/// Unregistering a listener whose last `region_del` sync fails: the same rule.
+#[test]
+fn failed_final_sync_on_unregister_marks_the_section_dirty() {
+    let mem = MemorySystem::with_ram_capacity(4096 * P);
+    let journal: Journal = Arc::default();
+    let kvm = Recorder::new("kvm", 0, &journal);
+    mem.register_listener(kvm.clone()).unwrap();
+    mem.add_ram("ram", 0, 64 * P).unwrap();
+    mem.log_global_start().unwrap();
+    fail_once(&kvm, "region_del");
+    let l: Arc<dyn MemoryListener> = kvm;
+    assert!(mem.unregister_listener(&l).is_err());
+    assert_eq!(
+        ones(&mem, DirtyClient::Migration),
+        (0..64).collect::<Vec<_>>()
+    );
 }

@@ -260,10 +260,7 @@ impl State {
     /// A `region_del` or `log_stop` that fails for a logging section marks the whole section dirty
     /// for the clients that were logging it (see [`final_sync`]).
     fn update_topology(&mut self, dirty: &DirtyMemory) -> Result<()> {
-        let mut active = self.tree.region_logging_clients();
-        if self.global_logging {
-            active = active.with(DirtyClient::Migration);
-        }
+        let active = self.logging_clients();
         // Host-side writes start reaching a newly logging client before the accelerator starts
         // logging for it: both are dirty sources and a page marked early is merely sent twice.
         dirty.set_active_clients(active.union(dirty.active_clients()));
@@ -308,6 +305,72 @@ impl State {
         self.reindex();
         dirty.set_active_clients(active);
         first.map_or(Ok(()), Err)
+    }
+
+    /// The clients that log somewhere: per-region clients, and Migration while global logging is on.
+    fn logging_clients(&self) -> DirtyClients {
+        let active = self.tree.region_logging_clients();
+        if self.global_logging {
+            active.with(DirtyClient::Migration)
+        } else {
+            active
+        }
+    }
+
+    /// Apply a change that only turns logging on (a client added to a region's set, global logging
+    /// started), all or nothing: every listener gets `log_start` for every section whose set grows.
+    ///
+    /// If a `log_start` fails, the change is rolled back: the listeners that already started for it
+    /// get the matching `log_stop` (new set back to the old one, latest first), the sections and the
+    /// active clients stay as they were, and the error is returned. The caller restores the flag
+    /// it changed (the region's set, `global_logging`).
+    fn start_logging(&mut self, dirty: &DirtyMemory) -> Result<()> {
+        let new = self.tree.flatten(self.global_logging);
+        let same_sections = new.len() == self.sections.len()
+            && new
+                .iter()
+                .zip(&self.sections)
+                .all(|(n, o)| n.key() == o.key() && o.log.0 & !n.log.0 == 0);
+        if !same_sections {
+            // Not a pure logging start (cannot happen today): take the general path.
+            return self.update_topology(dirty);
+        }
+        let before = dirty.active_clients();
+        let active = self.logging_clients();
+        // As in `update_topology`: host-side writes reach a new client before the accelerator logs.
+        dirty.set_active_clients(active.union(before));
+        let mut started: Vec<(usize, usize)> = Vec::new();
+        for (i, (s, old)) in new.iter().zip(&self.sections).enumerate() {
+            if s.log.0 & !old.log.0 == 0 {
+                continue;
+            }
+            for (j, l) in self.listeners.iter().enumerate() {
+                if let Err(e) = hook(l, "log_start", l.listener.log_start(s, old.log, s.log)) {
+                    tracing::warn!(error = %e, "log_start failed: rolling the logging change back");
+                    for &(si, lj) in started.iter().rev() {
+                        let (s, old_log) = (&new[si], self.sections[si].log);
+                        let back = Section {
+                            log: old_log,
+                            ..s.clone()
+                        };
+                        let l = &self.listeners[lj];
+                        let r = hook(
+                            l,
+                            "log_stop",
+                            l.listener.log_stop(&back, s.log, old_log, dirty),
+                        );
+                        keep_first(&mut None, final_sync(r, dirty, s, s.log));
+                    }
+                    dirty.set_active_clients(before);
+                    return Err(e);
+                }
+                started.push((i, j));
+            }
+        }
+        self.sections = new;
+        self.reindex();
+        dirty.set_active_clients(active);
+        Ok(())
     }
 
     /// `log_clear` on every listener for every logging section of `block`, clipped to the
@@ -966,11 +1029,19 @@ impl MemorySystem {
     /// Turn dirty logging on or off for a client on a region (Vga/Code; Migration is global).
     ///
     /// Logging set on a RAM region covers the aliases that show it. Listeners see `log_start` /
-    /// `log_stop` for the sections whose logging set changes.
+    /// `log_stop` for the sections whose logging set changes. Setting the state the region already
+    /// has is a no-op.
     ///
     /// # Errors
     ///
     /// [`Error::NotPerRegionClient`] for Migration, [`Error::UnknownRegion`], [`Error::Listener`].
+    ///
+    /// Turning logging on is all or nothing: if a listener's `log_start` fails, the listeners that
+    /// already started for this call get the matching `log_stop`, and the region's logging set, the
+    /// sections and the active clients are as before the call (a retry starts logging again).
+    /// Turning logging off cannot be refused: a failed `log_stop` is returned, logging is off anyway
+    /// and the section is marked dirty for the clients that were logging it (see
+    /// [`MemoryListener::log_stop`]).
     ///
     /// # Examples
     ///
@@ -994,12 +1065,23 @@ impl MemorySystem {
         }
         let mut st = self.write();
         let node = st.tree.get_mut(region)?;
+        let before = node.log;
         node.log = if on {
             node.log.with(client)
         } else {
             node.log.without(client)
         };
-        st.update_topology(&self.dirty)
+        if node.log == before {
+            return Ok(());
+        }
+        if !on {
+            return st.update_topology(&self.dirty);
+        }
+        if let Err(e) = st.start_logging(&self.dirty) {
+            st.tree.get_mut(region)?.log = before;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Start global dirty logging (migration): the Migration client logs all RAM.
@@ -1009,8 +1091,11 @@ impl MemorySystem {
     ///
     /// # Errors
     ///
-    /// [`Error::Listener`]. If a `log_global_start` fails, the listeners that already started get
-    /// `log_global_stop` and global logging stays off.
+    /// [`Error::Listener`]. Starting is all or nothing: if a `log_global_start` fails, the
+    /// listeners that already started get `log_global_stop`; if a `log_start` for a section fails,
+    /// the listeners that already started logging that change get the matching `log_stop`, then
+    /// every listener gets `log_global_stop`. Either way global logging stays off, the sections and
+    /// the active clients are as before, and a retry starts again from scratch.
     ///
     /// # Examples
     ///
@@ -1035,7 +1120,17 @@ impl MemorySystem {
             }
         }
         st.global_logging = true;
-        st.update_topology(&self.dirty)
+        if let Err(e) = st.start_logging(&self.dirty) {
+            st.global_logging = false;
+            for l in st.listeners.iter().rev() {
+                keep_first(
+                    &mut None,
+                    hook(l, "log_global_stop", l.listener.log_global_stop()),
+                );
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Stop global dirty logging.

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use clearlog_memory::{
-    DirtyClient, DirtyMemory, Error, ListenerError, MemoryListener, MemorySystem, Section,
-    PAGE_SIZE,
+    DirtyClient, DirtyClients, DirtyMemory, Error, ListenerError, MemoryListener, MemorySystem,
+    Section, PAGE_SIZE,
 };
 use common::{Call, FakeKvm, ModelKernel, Recorder};
 
@@ -260,4 +260,192 @@ fn failed_final_sync_on_unregister_marks_the_section_dirty() {
         ones(&mem, DirtyClient::Migration),
         (0..64).collect::<Vec<_>>()
     );
+}
+
+// Finding 3: a failed `log_start` leaves logging marked on.
+
+fn take(journal: &Journal) -> Vec<(String, Call)> {
+    journal.lock().unwrap().drain(..).collect()
+}
+
+/// Global logging: listener "b" refuses `log_start` for the first section. Everything goes back:
+/// "a" (already started for that section) gets the matching `log_stop`, both get
+/// `log_global_stop`, global logging, the sections' logs and the active clients are as before.
+/// A retry after "b" recovers really starts logging.
+#[test]
+fn failed_log_start_rolls_back_global_logging() {
+    let mem = MemorySystem::with_ram_capacity(4096 * P);
+    let journal: Journal = Arc::default();
+    let a = Recorder::new("a", 0, &journal);
+    let b = Recorder::new("b", 10, &journal);
+    mem.register_listener(a.clone()).unwrap();
+    mem.register_listener(b.clone()).unwrap();
+    mem.add_ram("low", 0, 64 * P).unwrap();
+    mem.add_ram("high", 0x1_0000_0000, 64 * P).unwrap();
+    take(&journal);
+
+    fail_once(&b, "log_start");
+    let err = mem.log_global_start().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Listener {
+                hook: "log_start",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!mem.global_logging());
+    assert!(mem.sections().iter().all(|s| s.log.is_empty()));
+    assert_eq!(mem.dirty().active_clients(), DirtyClients::NONE);
+    let calls = take(&journal);
+    let who_what: Vec<(&str, &Call)> = calls.iter().map(|(w, c)| (w.as_str(), c)).collect();
+    assert_eq!(
+        who_what,
+        [
+            ("a", &Call::GlobalStart),
+            ("b", &Call::GlobalStart),
+            ("a", &Call::Start(0, 0, 1)),
+            // b refused Start(0, 0, 1): roll back.
+            ("a", &Call::Stop(0, 1, 0)),
+            ("b", &Call::GlobalStop),
+            ("a", &Call::GlobalStop),
+        ]
+    );
+
+    // Host-side writes no longer reach Migration.
+    mem.ram_blocks()[0].write(0, &[1]).unwrap();
+    assert!(ones(&mem, DirtyClient::Migration).is_empty());
+
+    // The retry starts logging for real: b sees log_start.
+    mem.log_global_start().unwrap();
+    assert!(mem.global_logging());
+    let calls = take(&journal);
+    assert!(calls.contains(&("b".into(), Call::Start(0, 0, 1))));
+    assert!(calls.contains(&("b".into(), Call::Start(0x1_0000_0000, 0, 1))));
+    assert!(mem
+        .sections()
+        .iter()
+        .all(|s| s.log.contains(DirtyClient::Migration)));
+}
+
+/// Per-region logging: the same rule for `set_region_logging`.
+#[test]
+fn failed_log_start_rolls_back_region_logging() {
+    let mem = MemorySystem::with_ram_capacity(4096 * P);
+    let journal: Journal = Arc::default();
+    let a = Recorder::new("a", 0, &journal);
+    let b = Recorder::new("b", 10, &journal);
+    mem.register_listener(a.clone()).unwrap();
+    mem.register_listener(b.clone()).unwrap();
+    let vram = mem.add_ram("vram", 0, 64 * P).unwrap();
+    take(&journal);
+
+    fail_once(&b, "log_start");
+    assert!(mem
+        .set_region_logging(vram, DirtyClient::Vga, true)
+        .is_err());
+    assert!(mem.sections().iter().all(|s| s.log.is_empty()));
+    assert_eq!(mem.dirty().active_clients(), DirtyClients::NONE);
+    assert!(matches!(
+        mem.log_sync(vram),
+        Ok(()) // nothing logs: no listener is asked
+    ));
+    assert!(matches!(
+        mem.snapshot_and_clear_dirty(vram, 0, 64 * P, DirtyClient::Vga),
+        Err(Error::LoggingOff { .. })
+    ));
+    let calls = take(&journal);
+    assert_eq!(
+        calls,
+        [
+            ("a".to_owned(), Call::Start(0, 0, 2)),
+            ("a".to_owned(), Call::Stop(0, 2, 0)),
+        ]
+    );
+
+    mem.set_region_logging(vram, DirtyClient::Vga, true)
+        .unwrap();
+    let calls = take(&journal);
+    assert_eq!(
+        calls,
+        [
+            ("a".to_owned(), Call::Start(0, 0, 2)),
+            ("b".to_owned(), Call::Start(0, 0, 2)),
+        ]
+    );
+    assert!(mem.sections()[0].log.contains(DirtyClient::Vga));
+}
+
+/// An accelerator (the model KVM) that refuses its first `log_start`.
+struct FlakyStart {
+    kvm: Arc<FakeKvm>,
+    refuse: AtomicBool,
+}
+
+impl MemoryListener for FlakyStart {
+    fn region_add(&self, s: &Section) -> Result<(), ListenerError> {
+        self.kvm.region_add(s)
+    }
+    fn region_del(&self, s: &Section, d: &DirtyMemory) -> Result<(), ListenerError> {
+        self.kvm.region_del(s, d)
+    }
+    fn log_start(
+        &self,
+        s: &Section,
+        old: DirtyClients,
+        new: DirtyClients,
+    ) -> Result<(), ListenerError> {
+        if self.refuse.swap(false, Ordering::SeqCst) {
+            return Err("slot table busy".into());
+        }
+        self.kvm.log_start(s, old, new)
+    }
+    fn log_stop(
+        &self,
+        s: &Section,
+        old: DirtyClients,
+        new: DirtyClients,
+        d: &DirtyMemory,
+    ) -> Result<(), ListenerError> {
+        self.kvm.log_stop(s, old, new, d)
+    }
+    fn log_sync(&self, s: &Section, d: &DirtyMemory) -> Result<(), ListenerError> {
+        self.kvm.log_sync(s, d)
+    }
+    fn log_clear(&self, s: &Section, first: u64, n: u64) -> Result<(), ListenerError> {
+        self.kvm.log_clear(s, first, n)
+    }
+}
+
+/// With an accelerator: after its `log_start` failed, a retry really turns KVM logging on and the
+/// guest's writes are reported.
+#[test]
+fn failed_log_start_then_retry_really_logs() {
+    let mem = MemorySystem::with_ram_capacity(4096 * P);
+    let kernel = Arc::new(Mutex::new(ModelKernel::default()));
+    mem.register_listener(Arc::new(FlakyStart {
+        kvm: FakeKvm::new(&kernel, true),
+        refuse: AtomicBool::new(true),
+    }))
+    .unwrap();
+    let vram = mem.add_ram("vram", 0, 64 * P).unwrap();
+    assert!(mem
+        .set_region_logging(vram, DirtyClient::Vga, true)
+        .is_err());
+    assert!(!kernel.lock().unwrap().slots[&0].logging);
+
+    mem.set_region_logging(vram, DirtyClient::Vga, true)
+        .unwrap();
+    assert!(kernel.lock().unwrap().slots[&0].logging);
+    mem.log_sync(vram).unwrap(); // INITIALLY_SET: everything
+    mem.snapshot_and_clear_dirty(vram, 0, 64 * P, DirtyClient::Vga)
+        .unwrap();
+    kernel.lock().unwrap().guest_write(0, 12);
+    mem.log_sync(vram).unwrap();
+    let snap = mem
+        .snapshot_and_clear_dirty(vram, 0, 64 * P, DirtyClient::Vga)
+        .unwrap();
+    assert_eq!(snap.dirty_offsets().collect::<Vec<_>>(), [12 * P]);
 }

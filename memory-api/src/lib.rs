@@ -35,6 +35,36 @@
 //! sections of the range; the accelerator clears only bits it saw at its last sync and has not
 //! cleared since.
 //!
+//! # Memory topology during migration
+//!
+//! While global logging is on (a migration runs), the RAM layout is fixed: the migration stream's
+//! header lists the RAM blocks (names and sizes) when the migration starts, and every page record
+//! names one of them. So these are refused up front with [`Error::MigrationInProgress`] and change
+//! nothing: adding a RAM block ([`MemorySystem::add_ram`], [`MemorySystem::create_ram`],
+//! [`MemorySystem::add_ram_backed`], [`MemorySystem::create_ram_backed`],
+//! [`MemorySystem::add_guest_memory`]) and removing a RAM region ([`MemorySystem::remove_region`]
+//! of a region that owns a block). Stop or finish the migration first.
+//!
+//! Remaps stay allowed, because they keep the blocks: [`MemorySystem::map_region`] and
+//! [`MemorySystem::unmap_region`] of existing RAM, and adding or removing aliases
+//! ([`MemorySystem::add_alias`], [`MemorySystem::remove_region`] of an alias). Following them is
+//! the accelerator's job: it syncs a logging section one last time in `region_del` and registers
+//! the new one, already logging, in `region_add`; the migration keeps sending the same blocks.
+//!
+//! ```
+//! use clearlog_memory::{Error, MemorySystem};
+//!
+//! let mem = MemorySystem::with_ram_capacity(1 << 30);
+//! let ram = mem.add_ram("ram", 0, 16 << 20).unwrap();
+//! mem.log_global_start().unwrap(); // a migration starts
+//! assert!(matches!(mem.add_ram("hotplug", 1 << 32, 1 << 20), Err(Error::MigrationInProgress { .. })));
+//! assert!(matches!(mem.remove_region(ram), Err(Error::MigrationInProgress { .. })));
+//! mem.unmap_region(ram).unwrap(); // a remap is fine
+//! mem.map_region(ram, 0, 0).unwrap();
+//! mem.log_global_stop().unwrap(); // the migration ended
+//! mem.add_ram("hotplug", 1 << 32, 1 << 20).unwrap();
+//! ```
+//!
 //! # Examples
 //!
 //! ```

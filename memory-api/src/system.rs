@@ -123,6 +123,14 @@ fn final_sync(
     result
 }
 
+/// The RAM layout (the set of RAM blocks) is fixed while global logging (a migration) is on.
+fn check_no_migration(st: &State, what: &'static str) -> Result<()> {
+    if st.global_logging {
+        return Err(Error::MigrationInProgress { what });
+    }
+    Ok(())
+}
+
 fn check_page_aligned(what: &'static str, value: u64) -> Result<()> {
     if value % PAGE_SIZE != 0 {
         return Err(Error::NotPageAligned { what, value });
@@ -405,7 +413,7 @@ impl State {
 /// # Examples
 ///
 /// ```
-/// use clearlog_memory::{DirtyClient, MemorySystem};
+/// use clearlog_memory::{DirtyClient, Error, MemorySystem};
 ///
 /// let mem = MemorySystem::with_ram_capacity(1 << 30);
 /// let low = mem.add_ram("ram-low", 0, 0x80_0000).unwrap();
@@ -413,6 +421,9 @@ impl State {
 /// assert_eq!(mem.sections().len(), 2);
 /// mem.log_global_start().unwrap();
 /// assert!(mem.sections().iter().all(|s| s.log.contains(DirtyClient::Migration)));
+/// // The RAM layout is fixed while a migration runs.
+/// assert!(matches!(mem.remove_region(low), Err(Error::MigrationInProgress { .. })));
+/// mem.log_global_stop().unwrap();
 /// mem.remove_region(low).unwrap();
 /// assert_eq!(mem.ram_blocks().len(), 1);
 /// ```
@@ -474,9 +485,11 @@ impl MemorySystem {
     ///
     /// # Errors
     ///
-    /// [`Error::NotPageAligned`], [`Error::ZeroSize`], [`Error::AddressOverflow`], [`Error::Overlap`],
-    /// [`Error::DuplicateName`], [`Error::RamSpaceExhausted`], [`Error::Mmap`]; [`Error::Listener`] if
-    /// a listener rejects the new sections (the region is then removed again).
+    /// [`Error::MigrationInProgress`] while global logging is on (the RAM layout is fixed during a
+    /// migration, see the crate docs), [`Error::NotPageAligned`], [`Error::ZeroSize`],
+    /// [`Error::AddressOverflow`], [`Error::Overlap`], [`Error::DuplicateName`],
+    /// [`Error::RamSpaceExhausted`], [`Error::Mmap`]; [`Error::Listener`] if a listener rejects the
+    /// new sections (the region is then removed again). Nothing changes on an error.
     ///
     /// # Examples
     ///
@@ -595,6 +608,7 @@ impl MemorySystem {
     ///
     /// # Errors
     ///
+    /// [`Error::MigrationInProgress`] while global logging is on (nothing is adopted),
     /// [`Error::AlreadyAttached`] if a region is already attached to a memory system (this one or
     /// another), [`Error::NotPageAligned`], [`Error::ZeroSize`], and the errors of
     /// [`add_ram`](Self::add_ram) (e.g. [`Error::Overlap`], [`Error::DuplicateName`]). On an error
@@ -642,10 +656,14 @@ impl MemorySystem {
                 });
             }
         }
+        // One topology lock for the whole adoption: a migration cannot start half-way.
+        let mut st = self.write();
+        check_no_migration(&st, "add a RAM block")?;
         let mut added = Vec::new();
         for region in memory.iter() {
             let guest_addr = region.start_addr().0;
-            let result = self.add_ram_region(
+            let result = self.add_ram_locked(
+                &mut st,
                 &format!("ram@{guest_addr:#x}"),
                 region.len(),
                 Some(Mapping {
@@ -658,7 +676,7 @@ impl MemorySystem {
                 Ok(id) => added.push(id),
                 Err(e) => {
                     for id in added.into_iter().rev() {
-                        self.remove_region(id).ok();
+                        self.remove_locked(&mut st, id).ok();
                     }
                     return Err(e);
                 }
@@ -733,11 +751,23 @@ impl MemorySystem {
         mapping: Option<Mapping>,
         source: Source<'_>,
     ) -> Result<RegionId> {
+        let mut st = self.write();
+        check_no_migration(&st, "add a RAM block")?;
+        self.add_ram_locked(&mut st, name, size, mapping, source)
+    }
+
+    fn add_ram_locked(
+        &self,
+        st: &mut State,
+        name: &str,
+        size: u64,
+        mapping: Option<Mapping>,
+        source: Source<'_>,
+    ) -> Result<RegionId> {
         check_page_aligned("RAM size", size)?;
         if size == 0 {
             return Err(Error::ZeroSize { what: "RAM region" });
         }
-        let mut st = self.write();
         if let Some(m) = mapping {
             check_page_aligned("guest address", m.guest_addr)?;
             st.tree
@@ -756,7 +786,7 @@ impl MemorySystem {
             e.region = id;
         }
         if let Err(e) = st.update_topology(&self.dirty) {
-            self.remove_locked(&mut st, id).ok();
+            self.remove_locked(st, id).ok();
             return Err(e);
         }
         tracing::debug!(
@@ -770,7 +800,7 @@ impl MemorySystem {
 
     /// Show `[offset, offset + size)` of RAM region `target` at `guest_addr`, with `priority`.
     /// The alias's sections are backed by the target's block; logging set on the target applies to
-    /// them too.
+    /// them too. Allowed during a migration (an alias adds no RAM block).
     ///
     /// # Errors
     ///
@@ -831,6 +861,9 @@ impl MemorySystem {
     /// Map an unmapped region at `guest_addr` with `priority` (higher priorities hide lower ones where
     /// they overlap; equal priorities must not overlap).
     ///
+    /// Allowed during a migration: a remap keeps the RAM layout (the blocks) and the accelerator
+    /// follows it (`region_add` with logging already on).
+    ///
     /// # Errors
     ///
     /// [`Error::UnknownRegion`], [`Error::AlreadyMapped`], [`Error::NotPageAligned`],
@@ -870,6 +903,9 @@ impl MemorySystem {
 
     /// Unmap a region (it keeps its RAM block and can be mapped again).
     ///
+    /// Allowed during a migration: the block stays in the RAM layout, listeners sync the section one
+    /// last time in `region_del`, and the migration keeps sending the block.
+    ///
     /// # Errors
     ///
     /// [`Error::UnknownRegion`], [`Error::NotMapped`], [`Error::Listener`] (the region is unmapped
@@ -897,12 +933,14 @@ impl MemorySystem {
     /// Remove a region (listeners see `region_del` for each of its sections first).
     ///
     /// Removing a RAM region frees its block (host memory is unmapped once no section refers to it)
-    /// and clears the block's bits in every client.
+    /// and clears the block's bits in every client. Removing an alias leaves the block and its bits.
     ///
     /// # Errors
     ///
-    /// [`Error::UnknownRegion`], [`Error::RegionInUse`] (an alias targets it), [`Error::Listener`]
-    /// (the region is removed anyway).
+    /// [`Error::UnknownRegion`], [`Error::MigrationInProgress`] (a RAM region while global logging
+    /// is on: its block is part of the migration's layout; unmap it instead, or stop or finish the
+    /// migration first; aliases may be removed), [`Error::RegionInUse`] (an alias targets it),
+    /// [`Error::Listener`] (the region is removed anyway).
     ///
     /// # Examples
     ///
@@ -915,6 +953,9 @@ impl MemorySystem {
     /// ```
     pub fn remove_region(&self, region: RegionId) -> Result<()> {
         let mut st = self.write();
+        if matches!(st.tree.get(region)?.kind, RegionKind::Ram(_)) {
+            check_no_migration(&st, "remove a RAM region")?;
+        }
         self.remove_locked(&mut st, region)
     }
 

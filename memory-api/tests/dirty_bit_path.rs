@@ -449,3 +449,111 @@ fn failed_log_start_then_retry_really_logs() {
         .unwrap();
     assert_eq!(snap.dirty_offsets().collect::<Vec<_>>(), [12 * P]);
 }
+
+// Finding 4: RAM layout changes during a migration are refused up front, remaps are allowed.
+
+fn assert_migration_in_progress<T: std::fmt::Debug>(r: clearlog_memory::Result<T>, what: &str) {
+    match r {
+        Err(e @ Error::MigrationInProgress { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(what), "{msg}");
+            assert!(msg.contains("stop or finish the migration first"), "{msg}");
+        }
+        other => panic!("expected MigrationInProgress for {what}, got {other:?}"),
+    }
+}
+
+/// While global logging is on, every way to add a RAM block and removing a RAM region is refused
+/// with `MigrationInProgress`, and nothing changes (blocks, sections, listener calls, bitmaps).
+#[test]
+fn ram_layout_changes_during_migration_are_refused() {
+    use clearlog_memory::{DirtyBitmap, RamBacking};
+    use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+    let mem = MemorySystem::with_ram_capacity(4096 * P);
+    let journal: Journal = Arc::default();
+    mem.register_listener(Recorder::new("kvm", 0, &journal))
+        .unwrap();
+    let ram = mem.add_ram("ram", 0, 64 * P).unwrap();
+    let spare = mem.create_ram("spare", 16 * P).unwrap();
+    mem.log_global_start().unwrap();
+    journal.lock().unwrap().clear();
+    let sections = |m: &MemorySystem| -> Vec<(u64, u64, u8)> {
+        m.sections()
+            .iter()
+            .map(|s| (s.guest_addr, s.size, s.log.0))
+            .collect()
+    };
+    let before = sections(&mem);
+
+    assert_migration_in_progress(mem.add_ram("hotplug", 1 << 30, 64 * P), "add a RAM block");
+    assert_migration_in_progress(mem.create_ram("hotplug", 64 * P), "add a RAM block");
+    assert_migration_in_progress(
+        mem.add_ram_backed("hotplug", 1 << 30, 64 * P, RamBacking::Anonymous),
+        "add a RAM block",
+    );
+    assert_migration_in_progress(
+        mem.create_ram_backed("hotplug", 64 * P, RamBacking::Anonymous),
+        "add a RAM block",
+    );
+    let gm =
+        GuestMemoryMmap::<DirtyBitmap>::from_ranges(&[(GuestAddress(1 << 30), 0x10_0000)]).unwrap();
+    assert_migration_in_progress(mem.add_guest_memory(&gm), "add a RAM block");
+    assert!(
+        !gm.iter().next().unwrap().get_mmap().bitmap().is_attached(),
+        "a refused adoption attaches nothing"
+    );
+    assert_migration_in_progress(mem.remove_region(ram), "remove a RAM region");
+    assert_migration_in_progress(mem.remove_region(spare), "remove a RAM region");
+
+    let names: Vec<String> = mem
+        .ram_blocks()
+        .iter()
+        .map(|b| b.name().to_owned())
+        .collect();
+    assert_eq!(names, ["ram", "spare"]);
+    assert_eq!(sections(&mem), before);
+    assert!(journal.lock().unwrap().is_empty(), "listeners saw nothing");
+    assert!(mem.global_logging());
+
+    // After the migration the same changes work.
+    mem.log_global_stop().unwrap();
+    mem.add_ram("hotplug", 1 << 30, 64 * P).unwrap();
+    mem.remove_region(spare).unwrap();
+    mem.add_guest_memory(&gm).unwrap_err(); // overlaps "hotplug": an ordinary error now
+}
+
+/// Remaps of existing RAM and alias changes stay allowed during a migration: the accelerator
+/// follows them (`region_del` with a final sync, `region_add` with logging already on).
+#[test]
+fn remaps_and_aliases_during_migration_are_allowed() {
+    let mem = MemorySystem::with_ram_capacity(4096 * P);
+    let journal: Journal = Arc::default();
+    mem.register_listener(Recorder::new("kvm", 0, &journal))
+        .unwrap();
+    let ram = mem.add_ram("ram", 0, 64 * P).unwrap();
+    let rom = mem.create_ram("rom", 4 * P).unwrap();
+    mem.log_global_start().unwrap();
+    take(&journal);
+
+    mem.unmap_region(ram).unwrap();
+    mem.map_region(ram, 0x10_0000, 0).unwrap();
+    mem.map_region(rom, 0xf_0000, 0).unwrap();
+    mem.unmap_region(rom).unwrap();
+    let alias = mem.add_alias("hi", ram, 0, 16 * P, 1 << 32, 0).unwrap();
+    mem.remove_region(alias).unwrap();
+    let calls: Vec<Call> = take(&journal).into_iter().map(|(_, c)| c).collect();
+    assert_eq!(
+        calls,
+        [
+            Call::Del(0),
+            Call::Add(0x10_0000, 64 * P, 1),
+            Call::Add(0xf_0000, 4 * P, 1),
+            Call::Del(0xf_0000),
+            Call::Add(1 << 32, 16 * P, 1),
+            Call::Del(1 << 32),
+        ]
+    );
+    assert_eq!(mem.ram_blocks().len(), 2);
+    assert!(mem.global_logging());
+}

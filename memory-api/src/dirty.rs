@@ -2,14 +2,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Dirty-memory clients and their bitmaps over the RAM address space.
-//!
-//! Several consumers want to know which guest pages changed: live migration, a display that redraws
-//! what changed, a code cache. Each is a [`DirtyClient`] with its own [`AtomicBitmap`] over the whole
-//! RAM address space (one bit per page; RAM block `b`'s page `p` is bit `b.ram_page_offset() + p`).
-//! Two sources set bits: the accelerator (it folds what KVM reports with
-//! [`DirtyMemory::fold_bitmap`]) and the VMM itself (device writes, DMA, image loading, through
-//! [`DirtyMemory::set_dirty_range`]). Each client takes its own bits, so clients never steal each
-//! other's.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -155,6 +147,14 @@ impl From<DirtyClient> for DirtyClients {
 }
 
 /// The clients' dirty bitmaps: one bit per page of the RAM address space, per client.
+///
+/// Several consumers want to know which guest pages changed: live migration, a display that redraws
+/// what changed, a code cache. Each is a [`DirtyClient`] with its own [`AtomicBitmap`] over the whole
+/// RAM address space (one bit per page; RAM block `b`'s page `p` is bit `b.ram_page_offset() + p`).
+/// Two sources set bits: the accelerator (it folds what KVM reports with
+/// [`DirtyMemory::fold_bitmap`]) and the VMM itself (device writes, DMA, image loading, through
+/// [`DirtyMemory::set_dirty_range`]). Each client takes its own bits, so clients never steal each
+/// other's.
 ///
 /// The bitmaps are sized once, for the whole RAM address space (its capacity), so they never move:
 /// folds, host-side writes and takes run lock-free, concurrently with each other. Besides the

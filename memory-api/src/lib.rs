@@ -3,7 +3,9 @@
 
 //! Guest memory for a VMM with loss-free dirty-page tracking.
 //!
-//! The pieces, one module each:
+//! Every public item is at the crate root (`clearlog_memory::MemorySystem`): the modules are
+//! private, like kvm-ioctls', except the feature-gated `testing`. The pieces, one (private) module
+//! each:
 //!
 //! - [`RamBlock`] (`ram`): guest RAM in host memory (vm-memory's `MmapRegion<DirtyBitmap>`), placed
 //!   in one RAM address space at a 64-page-aligned page offset. Host-side writes through
@@ -93,18 +95,18 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod backing;
-pub mod dirty;
-pub mod error;
-pub mod listener;
-pub mod migration_sync;
-pub mod ram;
-pub mod region;
-pub mod snapshot;
-pub mod system;
+mod backing;
+mod dirty;
+mod error;
+mod listener;
+mod migration_sync;
+mod ram;
+mod region;
+mod snapshot;
+mod system;
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod vm_bitmap;
+mod vm_bitmap;
 
 pub use backing::RamBacking;
 pub use dirty::{DirtyClient, DirtyClients, DirtyMemory};
@@ -126,3 +128,56 @@ pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// One path per public item: the modules are private and every public item is re-exported at the
+/// crate root (`clearlog_memory::{MemorySystem, RamBlock, ...}`), like kvm-ioctls. Only `testing`
+/// (feature `testing`) is a public module. Each block below must fail to compile.
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::backing::RamBacking;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::dirty::DirtyMemory;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::error::Error;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::listener::MemoryListener;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::migration_sync::ClearBitmap;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::ram::RamBlock;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::region::Section;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::snapshot::DirtySnapshot;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::system::MemorySystem;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::vm_bitmap::DirtyBitmap;
+/// ```
+///
+/// ```
+/// use clearlog_memory::{
+///     ClearBitmap, DirtyBitmap, DirtyMemory, DirtySnapshot, Error, MemoryListener, MemorySystem,
+///     RamBacking, RamBlock, Section,
+/// };
+/// ```
+#[cfg(doctest)]
+pub struct PrivateModules;

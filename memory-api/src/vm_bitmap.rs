@@ -1,4 +1,4 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! [`DirtyBitmap`]: a vm-memory bitmap backend that marks pages in a memory system's dirty-memory

@@ -24,7 +24,7 @@ use std::time::Duration;
 use clearlog_memory::{MemorySystem, PAGE_SIZE};
 use clearlog_migration::stream::{ACK_MAGIC, ACK_OK};
 use clearlog_migration::{
-    BoxError, CancelToken, DigestMode, DirtyLogMode, MigrationConfig, Source, StateBlob, Transport,
+    BoxError, CancelToken, DirtyLogMode, MigrationConfig, Source, StateBlob, Transport, VerifyMode,
     VmControl,
 };
 
@@ -68,7 +68,7 @@ impl Write for SharedBuf {
 struct Case {
     name: &'static str,
     dirty: bool,
-    digest: DigestMode,
+    verify: VerifyMode,
     mode: DirtyLogMode,
     ack: bool,
     blobs: Vec<StateBlob>,
@@ -126,7 +126,7 @@ fn stream(case: &Case) -> Vec<u8> {
     });
     let config = MigrationConfig {
         mode: case.mode,
-        digest: case.digest,
+        verify: case.verify,
         // Slow enough (about 0.25 s for the whole 1 MiB if all data) that the writer dirties pages
         // between passes; idle streams are tiny anyway.
         bandwidth_limit_bytes_per_s: if case.dirty { 256 << 10 } else { 0 },
@@ -187,7 +187,7 @@ fn main() {
         Case {
             name: "idle-sent",
             dirty: false,
-            digest: DigestMode::Sent,
+            verify: VerifyMode::AfterResume,
             mode: clear,
             ack: false,
             blobs: two(),
@@ -195,7 +195,7 @@ fn main() {
         Case {
             name: "idle-full",
             dirty: false,
-            digest: DigestMode::Full,
+            verify: VerifyMode::Strict,
             mode: clear,
             ack: false,
             blobs: two(),
@@ -203,7 +203,7 @@ fn main() {
         Case {
             name: "idle-sent-ack-noblobs",
             dirty: false,
-            digest: DigestMode::Sent,
+            verify: VerifyMode::AfterResume,
             mode: clear,
             ack: true,
             blobs: Vec::new(),
@@ -211,7 +211,7 @@ fn main() {
         Case {
             name: "dirty-sent",
             dirty: true,
-            digest: DigestMode::Sent,
+            verify: VerifyMode::AfterResume,
             mode: clear,
             ack: false,
             blobs: many(),
@@ -219,7 +219,7 @@ fn main() {
         Case {
             name: "dirty-full",
             dirty: true,
-            digest: DigestMode::Full,
+            verify: VerifyMode::Strict,
             mode: clear,
             ack: false,
             blobs: many(),
@@ -227,7 +227,7 @@ fn main() {
         Case {
             name: "dirty-full-legacy-ack",
             dirty: true,
-            digest: DigestMode::Full,
+            verify: VerifyMode::Strict,
             mode: DirtyLogMode::Legacy,
             ack: true,
             blobs: two(),
@@ -235,7 +235,7 @@ fn main() {
         Case {
             name: "dirty-sent-ack",
             dirty: true,
-            digest: DigestMode::Sent,
+            verify: VerifyMode::AfterResume,
             mode: clear,
             ack: true,
             blobs: two(),

@@ -128,7 +128,8 @@ impl Workers {
         self.rendezvous.wait();
     }
 
-    fn stop(self, paused: bool) {
+    fn stop(self) {
+        let paused = self.paused.load(Ordering::Acquire);
         self.stop.store(true, Ordering::Release);
         if paused {
             self.resume();
@@ -241,8 +242,9 @@ fn main() -> ExitCode {
             false
         }
     };
-    // After a successful migration the source stays paused (its guest now runs at the destination).
-    workers.stop(sent.is_ok());
+    // After the commit the source stays paused (its guest runs at the destination, or, if the
+    // verification failed, waits here intact for its owner to decide).
+    workers.stop();
     if outcome {
         ExitCode::SUCCESS
     } else {

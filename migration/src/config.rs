@@ -149,32 +149,57 @@ pub fn chunk_bytes_to_shift(bytes: u64) -> Result<u8> {
     Ok(shift as u8)
 }
 
-/// What the digest table covers, and so what the destination's check proves.
+/// How a migration proves the destination holds exactly the source's memory at switchover.
 ///
-/// Measured on this 2-core machine (`examples/throughput.rs`): hashing RAM with xxh3-64 costs about
-/// 180 ms per GiB on one core and 100 ms per GiB on two, on EACH side, all of it downtime in `Full` mode
-/// (a 4 GiB guest: about 0.4 s at the source plus 0.5 s at the destination). `Sent` adds nothing to the
-/// downtime but the table itself (8 bytes per page).
+/// Both modes compare the xxh3-64 of every page of the source's final RAM (hashed while the source
+/// guest is paused, after the last pass) with what the destination holds, so both catch a page
+/// that dirty tracking lost (a stale copy at the destination), a lost or corrupted record, or a
+/// wrong page. They differ in when:
+///
+/// - [`AfterResume`](Self::AfterResume) (default): outside the downtime. The destination keeps
+///   the digest of every page as received (memory proportional to the pages received as data);
+///   once the destination has resumed, the still-paused source hashes its final RAM on all cores
+///   (pages its memory reports as never populated are not read) and streams the digests of its
+///   non-zero pages; the destination compares and answers with a verdict naming the pages that
+///   differ. The source stays paused (never resumed, never freed) until the verdict, so its owner
+///   can still fall back to it; a mismatch is [`Error::VerificationFailed`](crate::Error) on both
+///   sides.
+/// - [`Strict`](Self::Strict): before the destination resumes. The source hashes all of its RAM
+///   while paused and sends a digest table; the destination hashes its RAM after loading and
+///   resumes only on a match. Costs the hashing of all RAM on both sides in the downtime (on this
+///   2-core host about 100 ms per GiB per side): for tests and benchmarks that must not resume a
+///   bad guest.
 ///
 /// # Examples
 ///
 /// ```
-/// use clearlog_migration::{DigestMode, MigrationConfig};
+/// use clearlog_migration::{MigrationConfig, VerifyMode};
 ///
-/// assert_eq!(MigrationConfig::default().digest, DigestMode::Sent);
+/// assert_eq!(MigrationConfig::default().verify, VerifyMode::AfterResume);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DigestMode {
-    /// Digest of each page's bytes as last sent, computed while sending (the page is in cache); the
-    /// destination hashes each page as it receives it and compares the tables. Proves every page's final
-    /// record arrived intact and in order; costs no downtime. It cannot see a write that dirty tracking
-    /// lost (the source never re-sent it, so both sides agree on the stale copy).
+pub enum VerifyMode {
+    /// Verify after the destination resumed, outside the downtime (default).
     #[default]
-    Sent,
-    /// Digest of every page of guest RAM hashed while the guest is paused; the destination hashes its RAM
-    /// after loading. Proves destination RAM == source RAM at switchover, so it also catches pages lost by
-    /// dirty tracking, at the cost of hashing all RAM on both sides during the downtime.
-    Full,
+    AfterResume,
+    /// Verify before the destination resumes (downtime cost accepted).
+    Strict,
+}
+
+impl VerifyMode {
+    /// The mode's name in stats and on the command line: `after-resume` or `strict`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(clearlog_migration::VerifyMode::Strict.name(), "strict");
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            VerifyMode::AfterResume => "after-resume",
+            VerifyMode::Strict => "strict",
+        }
+    }
 }
 
 /// Parameters of an outgoing migration.
@@ -216,9 +241,9 @@ pub struct MigrationConfig {
     pub auto_converge: bool,
     /// How long to wait for the destination's acknowledgement (default [`DEFAULT_ACK_TIMEOUT`]).
     pub ack_timeout: Duration,
-    /// What the digest table covers (default [`DigestMode::Sent`]: no downtime cost; use
-    /// [`DigestMode::Full`] to verify dirty tracking end to end).
-    pub digest: DigestMode,
+    /// When the destination's memory is verified against the source's final memory (default
+    /// [`VerifyMode::AfterResume`]: outside the downtime).
+    pub verify: VerifyMode,
 }
 
 impl Default for MigrationConfig {
@@ -231,7 +256,7 @@ impl Default for MigrationConfig {
             max_time: None,
             auto_converge: false,
             ack_timeout: DEFAULT_ACK_TIMEOUT,
-            digest: DigestMode::default(),
+            verify: VerifyMode::default(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 //! The destination side: load, verify, restore, acknowledge, resume.
 
+use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,8 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::digest::{hash_threads, page_digests};
 use crate::stats::IncomingStats;
 use crate::stream::{
-    self, PageEntry, Record, StreamReader, FLAG_ACK_REQUESTED, FLAG_CONFIRM, FLAG_DIGEST_FULL,
+    self, PageEntry, Record, StreamReader, VerifyRecord, FLAG_ACK_REQUESTED, FLAG_CONFIRM,
+    FLAG_DIGEST_FULL, FLAG_VERIFY_AFTER,
 };
 use crate::{Error, MigrationBlock, MigrationMemory, Result, StateBlob, Transport, VmRestore};
 
@@ -23,8 +25,11 @@ const READ_BUFFER: usize = 1 << 20;
 /// `clearlog-memory` `MemorySystem`, or anything that implements [`MigrationMemory`]), which must
 /// have the source's layout: same block names and sizes, in the same order.
 ///
-/// A guest is never resumed from a stream that did not reach its end marker with a digest table
-/// matching the loaded RAM. See [`crate::Source`] for a complete example.
+/// A guest is never resumed from a stream that did not reach its end marker, nor before the
+/// source's confirmation (live migrations), nor (strict verification, or a snapshot file) before its
+/// memory was checked against the source's final memory. With the default verification the check
+/// runs right after resuming, and a mismatch is [`Error::VerificationFailed`] naming the pages.
+/// See [`crate::Source`] for a complete example.
 ///
 /// # Examples
 ///
@@ -105,19 +110,14 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
     /// assert!(stats.resumed);
     /// ```
     pub fn receive(&self, transport: Transport, vm: &dyn VmRestore) -> Result<IncomingStats> {
-        let mut stats = self.receive_paused(transport, vm)?;
-        vm.resume().map_err(|source| Error::Vm {
-            hook: "resume",
-            source,
-        })?;
-        stats.resumed = true;
-        Ok(stats)
+        self.receive_with(transport, vm, true)
     }
 
-    /// Like [`receive`](Self::receive) but returns without resuming: RAM is loaded and verified, the
-    /// state restored, the acknowledgement sent and (when the source asked for the handshake) its
-    /// confirmation received. The caller resumes the guest (for example after
-    /// saving or inspecting its memory).
+    /// Like [`receive`](Self::receive) but returns without resuming: RAM is loaded, the state
+    /// restored, the acknowledgement sent, the source's confirmation received and the memory
+    /// verified (with the default verification the source's final digests are read before this
+    /// returns: the time it takes is downtime here). The caller resumes the guest (for example
+    /// after saving or inspecting its memory).
     ///
     /// # Examples
     ///
@@ -141,6 +141,15 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         transport: Transport,
         vm: &dyn VmRestore,
     ) -> Result<IncomingStats> {
+        self.receive_with(transport, vm, false)
+    }
+
+    fn receive_with(
+        &self,
+        transport: Transport,
+        vm: &dyn VmRestore,
+        resume: bool,
+    ) -> Result<IncomingStats> {
         let start = Instant::now();
         let reader = transport.reader.ok_or(Error::Io {
             context: "starting the incoming migration",
@@ -152,31 +161,33 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         let mut writer = transport.writer;
         let mut r = StreamReader::new(BufReader::with_capacity(READ_BUFFER, reader));
         let mut stats = IncomingStats::default();
-        let mut wants_ack = false;
-        let mut wants_confirm = false;
-        let loaded = self.load(&mut r, &mut stats, &mut wants_ack, &mut wants_confirm);
+        let mut flags = 0;
+        let mut received = Vec::new();
+        let loaded = self.load(&mut r, &mut stats, &mut flags, &mut received);
+        let wants_ack = flags & FLAG_ACK_REQUESTED != 0;
+        let wants_confirm = wants_ack && flags & FLAG_CONFIRM != 0;
+        let verify_after = flags & FLAG_VERIFY_AFTER != 0;
         stats.bytes_received = r.bytes_read();
         stats.load_time_ms = start.elapsed().as_secs_f64() * 1000.0;
-        let ack_target = if wants_ack { writer.as_mut() } else { None };
-        let state = match loaded {
-            Ok(state) => state,
-            Err(e) => {
-                if let Some(w) = ack_target {
-                    let _ = send_ack(w.as_mut(), stream::ACK_FAILED);
-                }
-                return Err(e);
-            }
-        };
-        if let Err(source) = vm.restore_state(&state) {
+        let mut ack_target = if wants_ack { writer.as_mut() } else { None };
+        let refuse = |ack_target: Option<&mut Box<dyn Write + Send>>, e: Error| {
             if let Some(w) = ack_target {
                 let _ = send_ack(w.as_mut(), stream::ACK_FAILED);
             }
-            return Err(Error::Vm {
-                hook: "restore_state",
-                source,
-            });
+            e
+        };
+        let state = match loaded {
+            Ok(state) => state,
+            Err(e) => return Err(refuse(ack_target, e)),
+        };
+        let vm_err = |hook| move |source| Error::Vm { hook, source };
+        if let Err(e) = vm.check_loaded().map_err(vm_err("check_loaded")) {
+            return Err(refuse(ack_target, e));
         }
-        if let Some(w) = ack_target {
+        if let Err(e) = vm.restore_state(&state).map_err(vm_err("restore_state")) {
+            return Err(refuse(ack_target, e));
+        }
+        if let Some(w) = ack_target.as_mut() {
             // If the acknowledgement cannot be sent the source resumes its guest: we must not.
             send_ack(w.as_mut(), stream::ACK_OK)
                 .map_err(Error::io("sending the acknowledgement"))?;
@@ -195,21 +206,71 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                 ),
             });
         }
+        // A live destination resumes as soon as the source committed and verifies after; a
+        // snapshot (no source waiting) is verified first.
+        let resume_now = resume && (wants_ack || !verify_after);
+        if resume_now {
+            vm.resume().map_err(vm_err("resume"))?;
+            stats.resumed = true;
+            stats.resumed_at_unix_ns = crate::source::unix_ns();
+        }
+        if verify_after {
+            let t = Instant::now();
+            let result = verify_after_resume(&mut r, &self.mem.blocks(), received);
+            stats.verify_after_ms = t.elapsed().as_secs_f64() * 1000.0;
+            let mismatched = match result {
+                Ok(m) => m,
+                Err(e) => return Err(Error::VerificationIncomplete(e.to_string())),
+            };
+            stats.mismatched_pages = mismatched.count;
+            if let Some(w) = writer.as_mut().filter(|_| wants_ack) {
+                send_verdict(w.as_mut(), mismatched.count, stats.resumed_at_unix_ns).map_err(
+                    |e| Error::VerificationIncomplete(format!("sending the verdict: {e}")),
+                )?;
+            }
+            if mismatched.count > 0 {
+                return Err(Error::VerificationFailed {
+                    mismatched_pages: mismatched.count,
+                    first: mismatched.first.join(", "),
+                    after: if stats.resumed {
+                        "this destination guest is RUNNING on wrong memory: stop it; the source \
+                         still holds the guest, paused"
+                    } else {
+                        "this destination did not resume the guest"
+                    },
+                });
+            }
+        }
+        stats.verified = true;
+        if resume && !resume_now {
+            vm.resume().map_err(vm_err("resume"))?;
+            stats.resumed = true;
+            stats.resumed_at_unix_ns = crate::source::unix_ns();
+        }
         Ok(stats)
     }
 
     /// Read everything up to the end marker and verify the digests; returns the state blobs.
+    ///
+    /// `received` gets, per block, the xxh3-64 of every page received as data (the last version
+    /// of each; a zero page removes its entry): what the verification after resuming compares with
+    /// the source's final memory. Memory proportional to the pages received as data.
     fn load<R: std::io::Read>(
         &self,
         r: &mut StreamReader<R>,
         stats: &mut IncomingStats,
-        wants_ack: &mut bool,
-        wants_confirm: &mut bool,
+        flags: &mut u32,
+        received: &mut Vec<HashMap<u64, u64>>,
     ) -> Result<Vec<StateBlob>> {
         let header = r.read_header(PAGE_SIZE as u32)?;
-        *wants_ack = header.flags & FLAG_ACK_REQUESTED != 0;
-        *wants_confirm = *wants_ack && header.flags & FLAG_CONFIRM != 0;
+        *flags = header.flags;
         let full = header.flags & FLAG_DIGEST_FULL != 0;
+        let track = header.flags & FLAG_VERIFY_AFTER != 0;
+        if full == track {
+            return Err(Error::Malformed(
+                "header flags (exactly one verification: full digest table or after resuming)",
+            ));
+        }
         let blocks = self.mem.blocks();
         if blocks.len() != header.blocks.len() {
             return Err(Error::LayoutMismatch(format!(
@@ -231,13 +292,10 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         }
         let zero_page = vec![0u8; PAGE_SIZE as usize];
         let mut scratch = Box::new([0u8; PAGE_SIZE as usize]);
-        let zero_digest = stream::zero_page_digest(PAGE_SIZE as usize);
-        // Sent-digest mode: the digest of each page as received (0 = never received: a mismatch).
-        // 8 bytes per page of our own RAM.
-        let mut received: Vec<Vec<u64>> = if full {
-            Vec::new()
+        *received = if track {
+            blocks.iter().map(|_| HashMap::new()).collect()
         } else {
-            blocks.iter().map(|b| vec![0; b.pages() as usize]).collect()
+            Vec::new()
         };
         let mut state = Vec::new();
         let mut state_bytes = 0u64;
@@ -258,7 +316,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                                 ram.write_untracked(page * PAGE_SIZE, r.page_data())
                                     .map_err(mem_err("loading a page"))?;
                                 if let Some(table) = received.get_mut(block as usize) {
-                                    table[page as usize] = xxh3_64(r.page_data());
+                                    table.insert(page, xxh3_64(r.page_data()));
                                 }
                             }
                             PageEntry::Zero(page) => {
@@ -274,7 +332,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                                         .map_err(mem_err("loading a zero page"))?;
                                 }
                                 if let Some(table) = received.get_mut(block as usize) {
-                                    table[page as usize] = zero_digest;
+                                    table.remove(&page);
                                 }
                                 stats.zero_pages += 1;
                             }
@@ -310,6 +368,11 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                     block,
                     digests: table,
                 } => {
+                    if !full {
+                        return Err(Error::UnexpectedRecord(
+                            "digest table in a stream verified after resuming",
+                        ));
+                    }
                     in_digests = true;
                     let slot = &mut digests[block as usize];
                     if slot.is_some() {
@@ -329,17 +392,15 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                 }
             }
         }
+        if !full {
+            return Ok(state);
+        }
+        // Strict: hash all of our RAM and compare with the source's table before anything resumes.
         let t = Instant::now();
         let threads = hash_threads();
-        for (i, (ram, table)) in blocks.iter().zip(digests).enumerate() {
+        for (ram, table) in blocks.iter().zip(digests) {
             let table = table.ok_or_else(|| Error::MissingDigests(ram.name().to_string()))?;
-            let computed;
-            let local = if full {
-                computed = page_digests(ram, threads)?;
-                &computed
-            } else {
-                &received[i]
-            };
+            let local = page_digests(ram, threads)?;
             let mut bad = local
                 .iter()
                 .zip(&table)
@@ -362,6 +423,88 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
 /// What a failed memory call was doing, for [`Error::Memory`].
 fn mem_err(op: &'static str) -> impl FnOnce(crate::BoxError) -> Error {
     move |source| Error::Memory { op, source }
+}
+
+/// Pages that differ between the source's final memory and ours at switchover.
+struct Mismatches {
+    count: u64,
+    /// The first few, as `block page N`.
+    first: Vec<String>,
+}
+
+impl Mismatches {
+    fn push(&mut self, block: &str, page: u64) {
+        self.count += 1;
+        if self.first.len() < 8 {
+            self.first.push(format!("{block} page {page}"));
+        }
+    }
+}
+
+/// Read the source's final digests (verify records) and compare them with the pages as received:
+/// a page listed with another digest, or not received as data, differs; a page received as data
+/// that the source does not list (zero there) differs too.
+fn verify_after_resume<R: Read, B: MigrationBlock>(
+    r: &mut StreamReader<R>,
+    blocks: &[B],
+    mut received: Vec<HashMap<u64, u64>>,
+) -> Result<Mismatches> {
+    let mut bad = Mismatches {
+        count: 0,
+        first: Vec::new(),
+    };
+    let mut entries = Vec::new();
+    let mut total = 0u64;
+    loop {
+        entries.clear();
+        match r.next_verify(&mut entries)? {
+            VerifyRecord::Entries { block } => {
+                let table = &mut received[block as usize];
+                for &(page, digest) in &entries {
+                    if table.remove(&page) != Some(digest) {
+                        bad.push(blocks[block as usize].name(), page);
+                    }
+                }
+                total += entries.len() as u64;
+            }
+            VerifyRecord::End { entries } => {
+                if entries != total {
+                    return Err(Error::Malformed(
+                        "verify end entry count (verify records lost or added)",
+                    ));
+                }
+                break;
+            }
+        }
+    }
+    for (block, table) in blocks.iter().zip(&received) {
+        let mut left: Vec<u64> = table.keys().copied().collect();
+        left.sort_unstable();
+        for page in left {
+            bad.push(block.name(), page);
+        }
+    }
+    Ok(bad)
+}
+
+/// Send the verdict (see [`stream::VERDICT_MAGIC`]).
+fn send_verdict(
+    w: &mut dyn Write,
+    mismatched: u64,
+    resumed_at_unix_ns: u64,
+) -> std::io::Result<()> {
+    let mut b = [0u8; 24];
+    b[..4].copy_from_slice(&stream::VERDICT_MAGIC.to_le_bytes());
+    let status = if mismatched == 0 {
+        stream::VERDICT_OK
+    } else {
+        stream::VERDICT_MISMATCH
+    };
+    b[4..8].copy_from_slice(&status.to_le_bytes());
+    b[8..16].copy_from_slice(&mismatched.to_le_bytes());
+    b[16..].copy_from_slice(&resumed_at_unix_ns.to_le_bytes());
+    w.write_all(&b)?;
+    w.flush()
 }
 
 /// Read the source's confirmation (see [`stream::FLAG_CONFIRM`]) within `timeout`.

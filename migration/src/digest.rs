@@ -67,6 +67,84 @@ fn hash_pages<B: MigrationBlock + ?Sized>(block: &B, first: u64, out: &mut [u64]
     Ok(())
 }
 
+/// The xxh3-64 of every non-zero page of `block`, as `(page, digest)` in page order, hashed by
+/// `threads` threads; pages the block reports as never populated are not read (they are zero).
+/// What the source sends for [`crate::VerifyMode::AfterResume`].
+pub(crate) fn final_digests<B: MigrationBlock + ?Sized>(
+    block: &B,
+    threads: usize,
+) -> Result<Vec<(u64, u64)>> {
+    let mut ranges = Vec::new();
+    block
+        .populated(0, block.pages(), &mut ranges)
+        .map_err(|source| Error::Memory {
+            op: "asking which pages are populated",
+            source,
+        })?;
+    // Split the populated pages into `threads` runs of about the same size.
+    let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    let per_thread = total.div_ceil(threads.max(1) as u64).max(1);
+    let mut parts: Vec<Vec<std::ops::Range<u64>>> = vec![Vec::new()];
+    let mut filled = 0;
+    for mut r in ranges {
+        while r.start < r.end {
+            let take = (per_thread - filled).min(r.end - r.start);
+            if let Some(last) = parts.last_mut() {
+                last.push(r.start..r.start + take);
+            }
+            r.start += take;
+            filled += take;
+            if filled == per_thread {
+                parts.push(Vec::new());
+                filled = 0;
+            }
+        }
+    }
+    let results: Vec<Result<Vec<(u64, u64)>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .iter()
+            .map(|part| s.spawn(move || hash_nonzero(block, part)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut out = Vec::new();
+    for r in results {
+        out.extend(r?);
+    }
+    Ok(out)
+}
+
+fn hash_nonzero<B: MigrationBlock + ?Sized>(
+    block: &B,
+    ranges: &[std::ops::Range<u64>],
+) -> Result<Vec<(u64, u64)>> {
+    let mut buf = vec![0u8; (PAGES_PER_READ * PAGE_SIZE) as usize];
+    let mut out = Vec::new();
+    for r in ranges {
+        let mut page = r.start;
+        while page < r.end {
+            let n = (r.end - page).min(PAGES_PER_READ);
+            let bytes = &mut buf[..(n * PAGE_SIZE) as usize];
+            block
+                .read(page * PAGE_SIZE, bytes)
+                .map_err(|source| Error::Memory {
+                    op: "reading a page to hash it",
+                    source,
+                })?;
+            for (i, p) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                if !crate::stream::is_zero(p) {
+                    out.push((page + i as u64, xxh3_64(p)));
+                }
+            }
+            page += n;
+        }
+    }
+    Ok(out)
+}
+
 /// Threads used for hashing at switchover: all available cores (the vCPUs are paused then).
 pub(crate) fn hash_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -191,6 +191,27 @@ pub enum Error {
         "the source did not confirm the migration ({0}): not resuming, the source keeps the guest"
     )]
     NotConfirmed(String),
+    /// The destination's memory at switchover differs from the source's final memory
+    /// ([`crate::VerifyMode::AfterResume`]): a page lost by dirty tracking, a lost or corrupted
+    /// record. Reported on both sides. The source stays paused (its guest intact, never resumed by
+    /// the engine): its owner can stop the destination and resume the source.
+    #[error(
+        "verification FAILED: {mismatched_pages} page(s) of the destination differ from the source's \
+         final memory ({first}); {after}"
+    )]
+    VerificationFailed {
+        /// How many pages differ.
+        mismatched_pages: u64,
+        /// The first ones, as `block page N` (the destination knows them exactly; a source gets them
+        /// from the verdict only as a count).
+        first: String,
+        /// What state each side is in.
+        after: &'static str,
+    },
+    /// The verification did not complete after the commit (the peer went away, a timeout): the
+    /// destination may be running an unverified guest.
+    #[error("verification incomplete after the commit: {0}")]
+    VerificationIncomplete(String),
     /// A page of the loaded RAM does not match the source's digest.
     #[error("digest mismatch in RAM block `{block}`, page {page} ({mismatched} mismatched pages in total)")]
     DigestMismatch {

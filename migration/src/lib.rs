@@ -109,7 +109,7 @@ mod vm;
 
 pub use cancel::CancelToken;
 pub use config::{
-    chunk_bytes_to_shift, shift_to_chunk_bytes, DigestMode, DirtyLogMode, MigrationConfig,
+    chunk_bytes_to_shift, shift_to_chunk_bytes, DirtyLogMode, MigrationConfig, VerifyMode,
     DEFAULT_ACK_TIMEOUT, DEFAULT_CLEAR_SHIFT, DEFAULT_DOWNTIME_LIMIT,
 };
 pub use destination::{Destination, DEFAULT_CONFIRM_TIMEOUT};
@@ -118,7 +118,7 @@ pub use error::{BoxError, Error, Result};
 pub use memory::{DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory};
 pub use ratelimit::RateLimitedWriter;
 pub use source::Source;
-pub use stats::{IncomingStats, IterationStats, MigrationStats, Progress};
+pub use stats::{DowntimeBreakdown, IncomingStats, IterationStats, MigrationStats, Progress};
 pub use transport::{
     connect, connect_with, mem_channel, peek_header, pipe, ConnectOptions, Listener, MigrationUri,
     PipeReader, PipeWriter, Transport, TransportRead, DEFAULT_IO_TIMEOUT,

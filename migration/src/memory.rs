@@ -47,6 +47,21 @@ pub trait MigrationBlock: Send + Sync {
     /// Copy `data` into the block at `offset` without marking anything dirty (a destination loading
     /// incoming pages).
     fn write_untracked(&self, offset: u64, data: &[u8]) -> MemoryResult<()>;
+    /// Append to `out` the sub-ranges of pages `[first_page, first_page + npages)` that may hold
+    /// non-zero data; every other page of the range must read as zero now (memory the host never
+    /// populated). The engine asks only after re-arming the range's dirty tracking, so a page
+    /// populated after the answer is dirty again. The default reports the whole range.
+    fn populated(
+        &self,
+        first_page: u64,
+        npages: u64,
+        out: &mut Vec<std::ops::Range<u64>>,
+    ) -> MemoryResult<()> {
+        if npages > 0 {
+            out.push(first_page..first_page + npages);
+        }
+        Ok(())
+    }
 }
 
 /// Guest RAM to migrate: its blocks, in stream order. All a destination needs.
@@ -170,6 +185,14 @@ impl<T: MigrationBlock + ?Sized> MigrationBlock for Arc<T> {
     }
     fn write_untracked(&self, offset: u64, data: &[u8]) -> MemoryResult<()> {
         (**self).write_untracked(offset, data)
+    }
+    fn populated(
+        &self,
+        first_page: u64,
+        npages: u64,
+        out: &mut Vec<std::ops::Range<u64>>,
+    ) -> MemoryResult<()> {
+        (**self).populated(first_page, npages, out)
     }
 }
 

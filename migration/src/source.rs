@@ -9,16 +9,17 @@ use std::time::{Duration, Instant};
 use clearlog_bitmap::Bitmap;
 use clearlog_memory::{ClearBitmap, PAGE_SIZE};
 
-use crate::digest::{hash_threads, page_digests};
+use crate::digest::{final_digests, hash_threads, page_digests};
 use crate::ratelimit::RateLimitedWriter;
 use crate::stats::{IterationStats, MigrationStats, Progress};
 use crate::stream::{
     self, BlockInfo, Header, PageBatch, FLAG_ACK_REQUESTED, FLAG_CONFIRM, FLAG_DIGEST_FULL,
+    FLAG_VERIFY_AFTER,
 };
 use crate::transport::TransportRead;
 use crate::{
-    CancelToken, DigestMode, DirtyLogMode, DirtyTracking, Error, MigrationBlock, MigrationConfig,
-    Result, Transport, VmControl,
+    CancelToken, DirtyLogMode, DirtyTracking, DowntimeBreakdown, Error, MigrationBlock,
+    MigrationConfig, Result, Transport, VerifyMode, VmControl,
 };
 
 /// Capacity of the outgoing buffer (1 MiB): big writes keep the per-syscall cost negligible.
@@ -35,8 +36,6 @@ struct BlockState<B> {
     sent: Bitmap,
     /// Chunks whose accelerator bits must be re-armed before their pages are read.
     clear: Option<ClearBitmap>,
-    /// [`DigestMode::Sent`]: xxh3-64 of each page as last sent (empty in `Full` mode).
-    sent_digest: Vec<u64>,
 }
 
 /// Counters of one pass over the dirty pages.
@@ -167,6 +166,7 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
             page_records: 0,
             stats: MigrationStats::default(),
             paused: false,
+            committed: false,
             logging: false,
             throttle: 0,
             throttle_supported: true,
@@ -197,6 +197,9 @@ struct Run<'r, 'p, M: DirtyTracking + ?Sized> {
     page_records: u64,
     stats: MigrationStats,
     paused: bool,
+    /// The commit point passed (the confirmation left, or a file's stream ended): the guest now
+    /// belongs to the destination.
+    committed: bool,
     logging: bool,
     throttle: u8,
     throttle_supported: bool,
@@ -219,11 +222,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     fn run(&mut self, start: Instant) -> Result<()> {
         let cfg = self.config;
         self.stats.mode = cfg.mode.name().to_string();
-        self.stats.digest_mode = match cfg.digest {
-            DigestMode::Sent => "sent",
-            DigestMode::Full => "full",
-        }
-        .to_string();
+        self.stats.verify_mode = cfg.verify.name().to_string();
         self.stats.clear_chunk_bytes = cfg.mode.clear_chunk_bytes().unwrap_or(0);
         self.stats.bandwidth_limit_bytes_per_s = cfg.bandwidth_limit_bytes_per_s;
         self.setup()?;
@@ -310,10 +309,9 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 FLAG_ACK_REQUESTED | FLAG_CONFIRM
             } else {
                 0
-            } | if self.config.digest == DigestMode::Full {
-                FLAG_DIGEST_FULL
-            } else {
-                0
+            } | match self.config.verify {
+                VerifyMode::Strict => FLAG_DIGEST_FULL,
+                VerifyMode::AfterResume => FLAG_VERIFY_AFTER,
             },
             blocks: blocks
                 .iter()
@@ -341,11 +339,6 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 dirty: Bitmap::new_filled(pages),
                 sent: Bitmap::new(pages),
                 clear,
-                sent_digest: if self.config.digest == DigestMode::Sent {
-                    vec![0; pages]
-                } else {
-                    Vec::new()
-                },
             });
         }
         self.logging = true;
@@ -422,7 +415,9 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             let mut last_chunk = None;
             while let Some(page) = next {
                 let bs = &mut self.blocks[bi];
-                if let Some(clear) = bs.clear.as_mut() {
+                // Paused (the final pass): nothing can dirty a page any more, so re-arming is
+                // pointless work inside the downtime.
+                if let Some(clear) = bs.clear.as_mut().filter(|_| !self.paused) {
                     let chunk = clear.chunk_of(page as u64);
                     if last_chunk != Some(chunk) {
                         last_chunk = Some(chunk);
@@ -451,15 +446,11 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                     bs.sent.set(page);
                 }
                 let block = &bs.block;
-                let hash = !bs.sent_digest.is_empty();
-                let (zero, digest) = self.batch.push_page(bi as u32, page as u64, hash, |buf| {
+                let (zero, _) = self.batch.push_page(bi as u32, page as u64, false, |buf| {
                     block
                         .read(page as u64 * PAGE_SIZE, buf)
                         .map_err(mem_err("reading a page"))
                 })?;
-                if hash {
-                    bs.sent_digest[page] = digest;
-                }
                 c.pages += 1;
                 c.zero += u64::from(zero);
                 if self.batch.is_full() {
@@ -531,13 +522,18 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     fn switchover(&mut self) -> Result<()> {
         self.check_cancel()?;
         let pause_at = Instant::now();
+        self.stats.paused_at_unix_ns = unix_ns();
+        let mut b = DowntimeBreakdown::default();
         // Marked before the call: a pause that fails may still have stopped some vCPUs, and the
         // failure path must resume them (resuming a running guest is harmless).
         self.paused = true;
         self.vm.pause().map_err(vm_err("pause"))?;
+        b.pause_ms = ms(pause_at.elapsed());
         // The limit applies to the live phase only: do not stretch the downtime.
         self.out.set_rate(0);
+        let t = Instant::now();
         self.sync()?;
+        b.final_sync_ms = ms(t.elapsed());
         let remaining = self.remaining_bytes();
         self.report(
             self.stats.iterations,
@@ -546,9 +542,12 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             Duration::ZERO,
             true,
         );
+        let t = Instant::now();
         let last = self.pass()?;
+        b.final_pages_ms = ms(t.elapsed());
         tracing::info!(pages_sent = last.pages, "migration final pass (paused)");
 
+        let t = Instant::now();
         let state = self.vm.save_state().map_err(vm_err("save_state"))?;
         let mut rec = Vec::new();
         for blob in &state {
@@ -570,41 +569,40 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 .write_all(&rec)
                 .map_err(Error::io("sending state"))?;
         }
+        b.state_ms = ms(t.elapsed());
 
-        let t = Instant::now();
-        let threads = hash_threads();
-        for bi in 0..self.blocks.len() {
-            let full;
-            let digests = match self.config.digest {
-                DigestMode::Sent => &self.blocks[bi].sent_digest,
-                DigestMode::Full => {
-                    full = page_digests(&self.blocks[bi].block, threads)?;
-                    &full
-                }
-            };
-            rec.clear();
-            stream::encode_digests(bi as u32, digests, &mut rec);
-            self.out
-                .write_all(&rec)
-                .map_err(Error::io("sending digests"))?;
+        if self.config.verify == VerifyMode::Strict {
+            // Strict: all of RAM hashed while paused, checked by the destination before it resumes.
+            let t = Instant::now();
+            let threads = hash_threads();
+            for bi in 0..self.blocks.len() {
+                let digests = page_digests(&self.blocks[bi].block, threads)?;
+                rec.clear();
+                stream::encode_digests(bi as u32, &digests, &mut rec);
+                self.out
+                    .write_all(&rec)
+                    .map_err(Error::io("sending digests"))?;
+            }
+            b.verify_ms = ms(t.elapsed());
         }
-        self.stats.digest_ms = ms(t.elapsed());
         rec.clear();
         stream::encode_end(self.page_records, &mut rec);
         self.out
             .write_all(&rec)
             .map_err(Error::io("sending the end marker"))?;
         self.out.flush().map_err(Error::io("flushing the stream"))?;
+        self.stats.bytes_sent = self.out.bytes_written();
         if let Some(reader) = self.ack.as_mut() {
+            let t = Instant::now();
             wait_ack(reader.as_mut(), self.config.ack_timeout, self.cancel)?;
-            // The stream ends here; the confirmation is handshake, not stream.
-            self.stats.bytes_sent = self.out.bytes_written();
+            b.ack_ms = ms(t.elapsed());
             // The commit point: once the confirmation is out the guest runs at the destination.
             // If it fails, no whole confirmation left us, the destination will not resume, and the
             // failure path resumes the guest here.
             // Written straight to the transport, not through the stream's buffer: a buffer that
             // failed to flush would try again when dropped, and a late confirmation could then
             // reach a destination after this side had resumed.
+            let t = Instant::now();
             let mut confirm = [0u8; 8];
             confirm[..4].copy_from_slice(&stream::CONFIRM_MAGIC.to_le_bytes());
             let transport = self.out.get_mut().get_mut();
@@ -612,13 +610,78 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 .write_all(&confirm)
                 .and_then(|()| transport.flush())
                 .map_err(Error::io("sending the confirmation"))?;
+            b.confirm_ms = ms(t.elapsed());
         }
+        self.committed = true;
         self.stats.downtime_ms = ms(pause_at.elapsed());
+        self.stats.downtime_breakdown = b;
         self.stats.converged = true;
         tracing::info!(
             downtime_ms = self.stats.downtime_ms,
-            digest_ms = self.stats.digest_ms,
-            "migration complete"
+            ?b,
+            "migration committed"
+        );
+        match self.config.verify {
+            VerifyMode::AfterResume => self.verify_after_commit(),
+            VerifyMode::Strict => {
+                // The destination checked the table before acknowledging; a file is checked at
+                // restore time.
+                self.stats.verified = self.ack.is_some();
+                Ok(())
+            }
+        }
+    }
+
+    /// [`VerifyMode::AfterResume`]: the guest runs at the destination now; this side, still
+    /// paused, hashes its final RAM, streams the digests of its non-zero pages and waits for the
+    /// destination's verdict.
+    fn verify_after_commit(&mut self) -> Result<()> {
+        let t = Instant::now();
+        let threads = hash_threads();
+        let mut rec = Vec::new();
+        let mut total = 0u64;
+        let incomplete = |e: Error| Error::VerificationIncomplete(e.to_string());
+        for bi in 0..self.blocks.len() {
+            let entries = final_digests(&self.blocks[bi].block, threads).map_err(incomplete)?;
+            for part in entries.chunks(stream::MAX_VERIFY_ENTRIES as usize) {
+                rec.clear();
+                stream::encode_verify(bi as u32, part, &mut rec);
+                self.out
+                    .write_all(&rec)
+                    .map_err(|e| incomplete(Error::io("sending the final digests")(e)))?;
+            }
+            total += entries.len() as u64;
+        }
+        rec.clear();
+        stream::encode_verify_end(total, &mut rec);
+        self.out
+            .write_all(&rec)
+            .and_then(|()| self.out.flush())
+            .map_err(|e| incomplete(Error::io("sending the final digests")(e)))?;
+        self.stats.verify_pages = total;
+        if let Some(reader) = self.ack.as_mut() {
+            let verdict = read_verdict(reader.as_mut(), self.config.ack_timeout)?;
+            if verdict.resumed_at_unix_ns > self.stats.paused_at_unix_ns {
+                self.stats.guest_visible_downtime_ms =
+                    (verdict.resumed_at_unix_ns - self.stats.paused_at_unix_ns) as f64 / 1e6;
+            }
+            if verdict.mismatched_pages > 0 {
+                self.stats.verify_after_ms = ms(t.elapsed());
+                return Err(Error::VerificationFailed {
+                    mismatched_pages: verdict.mismatched_pages,
+                    first: "the destination's error names them".into(),
+                    after: "the source guest stays paused and intact: stop the destination and \
+                            resume the source",
+                });
+            }
+            self.stats.verified = true;
+        }
+        self.stats.verify_after_ms = ms(t.elapsed());
+        tracing::info!(
+            pages = total,
+            verified = self.stats.verified,
+            ms = self.stats.verify_after_ms,
+            "verification after the commit"
         );
         Ok(())
     }
@@ -635,7 +698,9 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 tracing::error!(error = %e, "removing the auto-converge throttle failed");
             }
         }
-        if !ok && self.paused {
+        // Once committed the guest belongs to the destination: never resume it here (a failed
+        // verification leaves it paused and intact for its owner to decide).
+        if !ok && self.paused && !self.committed {
             match self.vm.resume() {
                 Ok(()) => tracing::warn!("migration failed after pause: source guest resumed"),
                 Err(e) => {
@@ -644,6 +709,63 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             }
         }
     }
+}
+
+/// Now, as Unix time in ns (the host clock both sides of a local migration share).
+pub(crate) fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The destination's verdict on the verification after the commit.
+struct Verdict {
+    mismatched_pages: u64,
+    resumed_at_unix_ns: u64,
+}
+
+/// Read the 24-byte verdict within `timeout`.
+fn read_verdict(reader: &mut dyn TransportRead, timeout: Duration) -> Result<Verdict> {
+    let incomplete = |why: String| Error::VerificationIncomplete(why);
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 24];
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(incomplete(format!("no verdict within {timeout:?}")));
+        }
+        reader
+            .set_read_timeout(Some(left.min(ACK_POLL)))
+            .map_err(|e| incomplete(e.to_string()))?;
+        match reader.read(&mut buf[got..]) {
+            Ok(0) => return Err(incomplete("the destination closed the connection".into())),
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(incomplete(e.to_string())),
+        }
+    }
+    let word = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+    let long = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&buf[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    if word(0) != stream::VERDICT_MAGIC {
+        return Err(incomplete(format!("bad verdict {buf:02x?}")));
+    }
+    let mismatched_pages = long(8);
+    if (word(4) == stream::VERDICT_OK) != (mismatched_pages == 0) {
+        return Err(incomplete(format!("inconsistent verdict {buf:02x?}")));
+    }
+    Ok(Verdict {
+        mismatched_pages,
+        resumed_at_unix_ns: long(16),
+    })
 }
 
 /// Read the 8-byte acknowledgement, polling so a cancel or the timeout is noticed.

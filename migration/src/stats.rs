@@ -30,6 +30,52 @@ pub struct Progress {
     pub paused: bool,
 }
 
+/// Where a migration's downtime went, in milliseconds (see [`MigrationStats::downtime_ms`]).
+///
+/// # Examples
+///
+/// ```
+/// let b = clearlog_migration::DowntimeBreakdown::default();
+/// assert_eq!(b.total_ms(), 0.0);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct DowntimeBreakdown {
+    /// `VmControl::pause`.
+    pub pause_ms: f64,
+    /// The final dirty-log sync.
+    pub final_sync_ms: f64,
+    /// Sending the pages still dirty (no clears: the vCPUs are stopped).
+    pub final_pages_ms: f64,
+    /// `VmControl::save_state` and sending the state.
+    pub state_ms: f64,
+    /// Strict mode only: hashing all RAM and sending the digest table.
+    pub verify_ms: f64,
+    /// Waiting for the destination's acknowledgement (its loading, checks and restore).
+    pub ack_ms: f64,
+    /// Sending the confirmation (the commit).
+    pub confirm_ms: f64,
+}
+
+impl DowntimeBreakdown {
+    /// The sum of the parts.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let b = clearlog_migration::DowntimeBreakdown { pause_ms: 1.0, ack_ms: 2.5, ..Default::default() };
+    /// assert_eq!(b.total_ms(), 3.5);
+    /// ```
+    pub fn total_ms(&self) -> f64 {
+        self.pause_ms
+            + self.final_sync_ms
+            + self.final_pages_ms
+            + self.state_ms
+            + self.verify_ms
+            + self.ack_ms
+            + self.confirm_ms
+    }
+}
+
 /// One iteration of the live phase (for plots).
 ///
 /// # Examples
@@ -80,12 +126,29 @@ pub struct MigrationStats {
     pub total_time_ms: f64,
     /// Starting dirty logging, first sync and allocating the bitmaps.
     pub setup_time_ms: f64,
-    /// From `pause` to the acknowledgement received (for a file: to the end of the final flush).
+    /// From `pause` to the commit: the confirmation sent (for a file: the end of the final flush).
+    /// The guest's view, source pause to destination resume, is
+    /// [`guest_visible_downtime_ms`](Self::guest_visible_downtime_ms).
     pub downtime_ms: f64,
-    /// `"sent"` or `"full"` ([`crate::DigestMode`]).
-    pub digest_mode: String,
-    /// Of the downtime: building the digest table (hashing all guest RAM in `full` mode).
-    pub digest_ms: f64,
+    /// Where the downtime went.
+    pub downtime_breakdown: DowntimeBreakdown,
+    /// From the source's pause to the destination's resume, both on the host clock (`CLOCK_REALTIME`;
+    /// across hosts as good as their clock sync). 0 when unknown (a file, strict mode without a
+    /// verdict, or a destination that did not resume).
+    pub guest_visible_downtime_ms: f64,
+    /// When the source paused, Unix time in ns.
+    pub paused_at_unix_ns: u64,
+    /// `"after-resume"` or `"strict"` ([`crate::VerifyMode`]).
+    pub verify_mode: String,
+    /// Every check passed: the destination held exactly the source's final memory at switchover
+    /// (and, for a destination with its own checks, those passed too: it acknowledged). False for a
+    /// file: a snapshot is verified when it is restored.
+    pub verified: bool,
+    /// After the commit, outside the downtime ([`crate::VerifyMode::AfterResume`]): hashing the
+    /// final RAM, sending the digests and waiting for the verdict.
+    pub verify_after_ms: f64,
+    /// Digests of final non-zero pages sent for verification.
+    pub verify_pages: u64,
     /// Iterations of the live phase (full passes, the first one included).
     pub iterations: u32,
     /// Dirty-log syncs (`log_sync_all` calls).
@@ -135,8 +198,18 @@ pub struct IncomingStats {
     pub bytes_received: u64,
     /// State blobs received.
     pub state_blobs: u32,
-    /// Time checking the digest table (hashing all RAM when the source sent a full table).
+    /// In strict mode, before resuming: checking the digest table (hashing all RAM).
     pub verify_ms: f64,
+    /// After resuming ([`crate::VerifyMode::AfterResume`]): reading the source's digests and
+    /// comparing them with the pages as received.
+    pub verify_after_ms: f64,
+    /// Every check passed: the memory loaded equals the source's final memory at switchover
+    /// (strict or after-resume verification), the VMM's own checks passed, the state restored.
+    pub verified: bool,
+    /// Pages that differed from the source's final memory (0 when verified).
+    pub mismatched_pages: u64,
+    /// When the guest was resumed, Unix time in ns (0: not resumed here).
+    pub resumed_at_unix_ns: u64,
     /// From the first byte to the end marker.
     pub load_time_ms: f64,
     /// An acknowledgement was sent (false for a file).

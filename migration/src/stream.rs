@@ -30,6 +30,25 @@ pub const FLAG_DIGEST_FULL: u32 = 2;
 /// (the destination cannot resume without the confirmation); after, the guest runs at the
 /// destination. So the two sides never both run the guest.
 pub const FLAG_CONFIRM: u32 = 4;
+/// Header flag: after the commit the source streams the digests of its final RAM
+/// ([`TAG_VERIFY`] records, then [`TAG_VERIFY_END`]) and the destination answers with a verdict
+/// ([`VERDICT_MAGIC`]): the default verification ([`crate::VerifyMode::AfterResume`]), outside the
+/// downtime. On a file it follows the end marker and the destination checks it before resuming.
+pub const FLAG_VERIFY_AFTER: u32 = 8;
+/// Most entries in one verify record.
+pub const MAX_VERIFY_ENTRIES: u32 = 4096;
+/// Record tag (after the end marker): `(page, digest)` pairs of a block's final non-zero pages.
+pub const TAG_VERIFY: u8 = 0x04;
+/// Record tag: end of the verify records, with their entry count.
+pub const TAG_VERIFY_END: u8 = 0x05;
+/// `"VRFY"` as a little-endian `u32`: first field of the destination's verdict, followed by
+/// `status: u32` ([`VERDICT_OK`] or [`VERDICT_MISMATCH`]), `mismatched_pages: u64` and
+/// `resumed_at_unix_ns: u64` (0 if the destination had not resumed).
+pub const VERDICT_MAGIC: u32 = u32::from_le_bytes(*b"VRFY");
+/// Verdict status: the destination held exactly the source's final memory at switchover.
+pub const VERDICT_OK: u32 = 0;
+/// Verdict status: some pages differ.
+pub const VERDICT_MISMATCH: u32 = 1;
 /// Most RAM blocks a header may declare.
 pub const MAX_BLOCKS: u32 = 1024;
 /// Longest RAM block or state blob name, bytes.
@@ -101,7 +120,8 @@ pub struct BlockInfo {
 pub struct Header {
     /// Page size of the source.
     pub page_size: u32,
-    /// Flags ([`FLAG_ACK_REQUESTED`], [`FLAG_DIGEST_FULL`], [`FLAG_CONFIRM`]).
+    /// Flags ([`FLAG_ACK_REQUESTED`], [`FLAG_DIGEST_FULL`], [`FLAG_CONFIRM`],
+    /// [`FLAG_VERIFY_AFTER`]).
     pub flags: u32,
     /// RAM layout.
     pub blocks: Vec<BlockInfo>,
@@ -258,6 +278,45 @@ pub(crate) fn encode_end(page_records: u64, out: &mut Vec<u8>) {
     out.push(TAG_END);
     out.extend_from_slice(&END_MAGIC.to_le_bytes());
     out.extend_from_slice(&page_records.to_le_bytes());
+}
+
+/// Encode a verify record: `(page, digest)` pairs of block `block` (at most
+/// [`MAX_VERIFY_ENTRIES`]).
+pub(crate) fn encode_verify(block: u32, entries: &[(u64, u64)], out: &mut Vec<u8>) {
+    out.reserve(9 + entries.len() * 16);
+    out.push(TAG_VERIFY);
+    out.extend_from_slice(&block.to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (page, digest) in entries {
+        out.extend_from_slice(&page.to_le_bytes());
+        out.extend_from_slice(&digest.to_le_bytes());
+    }
+}
+
+/// Encode the end of the verify records.
+pub(crate) fn encode_verify_end(entries: u64, out: &mut Vec<u8>) {
+    out.push(TAG_VERIFY_END);
+    out.extend_from_slice(&END_MAGIC.to_le_bytes());
+    out.extend_from_slice(&entries.to_le_bytes());
+}
+
+/// What [`StreamReader::next_verify`] read.
+///
+/// # Examples
+///
+/// See [`StreamReader::next_verify`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum VerifyRecord {
+    /// Entries of block `block` were appended to the caller's vector.
+    Entries {
+        /// Block index (checked against the header).
+        block: u32,
+    },
+    /// The end of the verify records, with the entry count the source sent.
+    End {
+        /// Entries sent in all verify records.
+        entries: u64,
+    },
 }
 
 /// A record read by [`StreamReader::next_record`].
@@ -462,7 +521,8 @@ impl<R: Read> StreamReader<R> {
             });
         }
         let flags = self.u32("header flags")?;
-        if flags & !(FLAG_ACK_REQUESTED | FLAG_DIGEST_FULL | FLAG_CONFIRM) != 0 {
+        if flags & !(FLAG_ACK_REQUESTED | FLAG_DIGEST_FULL | FLAG_CONFIRM | FLAG_VERIFY_AFTER) != 0
+        {
             return Err(Error::Malformed("header flags"));
         }
         let count = self.u32("header block count")?;
@@ -635,6 +695,83 @@ impl<R: Read> StreamReader<R> {
                 Ok(PageEntry::Data(page))
             }
             _ => Err(Error::Malformed("page kind")),
+        }
+    }
+
+    /// Read the next verify record (they follow the end marker with [`FLAG_VERIFY_AFTER`]):
+    /// its `(page, digest)` entries are appended to `out` after checking each page lies inside its
+    /// block; or the end of them.
+    ///
+    /// # Errors
+    ///
+    /// Truncation, an unknown tag, a block or page out of range, more than
+    /// [`MAX_VERIFY_ENTRIES`] entries, a bad end marker: each its own [`Error`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_migration::stream::{BlockInfo, Header, StreamReader, VerifyRecord};
+    ///
+    /// let h = Header { page_size: 4096, flags: 0, blocks: vec![BlockInfo { name: "ram".into(), size: 8192 }] };
+    /// let mut bytes = Vec::new();
+    /// h.write_to(&mut bytes).unwrap();
+    /// bytes.push(0x04); // one entry for block 0: page 1, digest 7
+    /// bytes.extend_from_slice(&0u32.to_le_bytes());
+    /// bytes.extend_from_slice(&1u32.to_le_bytes());
+    /// bytes.extend_from_slice(&1u64.to_le_bytes());
+    /// bytes.extend_from_slice(&7u64.to_le_bytes());
+    /// bytes.push(0x05);
+    /// bytes.extend_from_slice(b"CLRLEND!");
+    /// bytes.extend_from_slice(&1u64.to_le_bytes());
+    /// let mut r = StreamReader::new(&bytes[..]);
+    /// r.read_header(4096).unwrap();
+    /// let mut entries = Vec::new();
+    /// assert_eq!(r.next_verify(&mut entries).unwrap(), VerifyRecord::Entries { block: 0 });
+    /// assert_eq!(entries, [(1, 7)]);
+    /// assert_eq!(r.next_verify(&mut entries).unwrap(), VerifyRecord::End { entries: 1 });
+    /// ```
+    pub fn next_verify(&mut self, out: &mut Vec<(u64, u64)>) -> Result<VerifyRecord> {
+        if self.blocks.is_empty() {
+            return Err(Error::UnexpectedRecord("verify record before the header"));
+        }
+        match self.u8("verify record tag")? {
+            TAG_VERIFY => {
+                let block = self.block_index("verify record block")?;
+                let count = self.u32("verify record count")?;
+                if count == 0 {
+                    return Err(Error::Malformed("verify record count"));
+                }
+                if count > MAX_VERIFY_ENTRIES {
+                    return Err(Error::TooLarge {
+                        what: "verify record count",
+                        value: count.into(),
+                        limit: MAX_VERIFY_ENTRIES.into(),
+                    });
+                }
+                let info = &self.blocks[block as usize];
+                let (name, pages) = (info.name.clone(), info.size / self.page.len() as u64);
+                for _ in 0..count {
+                    let page = self.u64("verify record page")?;
+                    if page >= pages {
+                        return Err(Error::PageOutOfRange {
+                            block: name,
+                            page,
+                            pages,
+                        });
+                    }
+                    let digest = self.u64("verify record digest")?;
+                    out.push((page, digest));
+                }
+                Ok(VerifyRecord::Entries { block })
+            }
+            TAG_VERIFY_END => {
+                if self.u64("verify end marker")? != END_MAGIC {
+                    return Err(Error::Malformed("verify end marker"));
+                }
+                let entries = self.u64("verify end entry count")?;
+                Ok(VerifyRecord::End { entries })
+            }
+            tag => Err(Error::UnknownRecord(tag)),
         }
     }
 

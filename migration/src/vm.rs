@@ -86,8 +86,16 @@ pub trait VmControl {
 /// }
 /// ```
 pub trait VmRestore {
-    /// Load the saved CPU/device state (called only after the stream ended and its digests verified).
+    /// Check the loaded memory with the VMM's own rules before anything is acknowledged (called
+    /// after the stream ended and, in strict mode, its digests matched; before `restore_state`).
+    /// An error refuses the migration: the source resumes its guest. Default: no check.
+    fn check_loaded(&self) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// Load the saved CPU/device state (called only after the stream ended and `check_loaded`
+    /// passed).
     fn restore_state(&self, blobs: &[StateBlob]) -> Result<(), BoxError>;
-    /// Start the guest (called only after `restore_state` succeeded and the acknowledgement was sent).
+    /// Start the guest (called only after `restore_state` succeeded, the acknowledgement was sent
+    /// and the source confirmed).
     fn resume(&self) -> Result<(), BoxError>;
 }

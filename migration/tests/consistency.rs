@@ -30,7 +30,7 @@ struct Outcome {
 fn run(
     seed: u64,
     mode: DirtyLogMode,
-    digest: DigestMode,
+    verify: VerifyMode,
     accel: bool,
     read_before_clear: bool,
     rate: u64,
@@ -58,7 +58,7 @@ fn run(
         bandwidth_limit_bytes_per_s: 32 << 20,
         downtime_limit: Duration::from_millis(10),
         max_time: Some(Duration::from_secs(30)),
-        digest,
+        verify,
         ..MigrationConfig::default()
     };
     let (src_t, dst_t) = mem_channel();
@@ -159,9 +159,9 @@ fn fake_accel_clear_and_legacy_many_seeds() {
     for seed in 0..12u64 {
         let mode = modes[seed as usize % modes.len()];
         let digest = if seed % 3 == 0 {
-            DigestMode::Full
+            VerifyMode::Strict
         } else {
-            DigestMode::Sent
+            VerifyMode::AfterResume
         };
         let o = run(seed, mode, digest, true, false, 30_000);
         let what = format!("seed {seed} {mode:?} {digest:?}");
@@ -205,7 +205,7 @@ fn host_write_tracking_many_seeds() {
         } else {
             DirtyLogMode::Legacy
         };
-        let o = run(seed, mode, DigestMode::Full, false, false, 30_000);
+        let o = run(seed, mode, VerifyMode::Strict, false, false, 30_000);
         assert_clean(&o, &format!("host seed {seed}"));
         assert!(o.src.as_ref().unwrap().resent_pages > 0);
     }
@@ -220,7 +220,7 @@ fn read_before_clear_is_detected() {
         let o = run(
             seed,
             DirtyLogMode::Clear { shift: 6 },
-            DigestMode::Full,
+            VerifyMode::Strict,
             true,
             true,
             60_000,
@@ -260,27 +260,55 @@ fn read_before_clear_is_detected() {
     );
 }
 
-/// The limit of [`DigestMode::Sent`], shown honestly: it verifies the stream, not dirty tracking. With
-/// the wrong order the migration "succeeds" in sent mode, and only a RAM comparison (or full mode, above)
-/// sees the lost writes.
+/// The default verification sees what dirty tracking lost, outside the downtime: with the wrong
+/// order the migration commits, the destination resumes, and then both sides report exactly the
+/// pages that differ; the source, committed, stays paused (its guest intact for a fallback).
 #[test]
-fn sent_digests_do_not_see_tracking_losses() {
-    for seed in 300..304u64 {
+fn verification_after_resume_detects_tracking_losses() {
+    let mut detected = 0;
+    for seed in 300..306u64 {
         let o = run(
             seed,
             DirtyLogMode::Clear { shift: 6 },
-            DigestMode::Sent,
+            VerifyMode::AfterResume,
             true,
             true,
             60_000,
         );
-        assert!(
-            o.src.is_ok() && o.dst.is_ok(),
-            "seed {seed}: sent digests only check the stream"
-        );
-        if !o.diff.is_empty() {
-            return;
+        if o.diff.is_empty() {
+            assert!(o.src.is_ok() && o.dst.is_ok(), "seed {seed}: false alarm");
+            continue;
         }
+        let lost = o.diff.len() as u64;
+        match &o.dst {
+            Err(Error::VerificationFailed {
+                mismatched_pages,
+                first,
+                ..
+            }) => {
+                assert_eq!(*mismatched_pages, lost, "seed {seed}: destination count");
+                assert!(first.contains("page"), "seed {seed}: {first}");
+            }
+            other => panic!("seed {seed}: {lost} pages lost, destination said {other:?}"),
+        }
+        match &o.src {
+            Err(Error::VerificationFailed {
+                mismatched_pages, ..
+            }) => assert_eq!(*mismatched_pages, lost, "seed {seed}: source count"),
+            other => panic!("seed {seed}: {lost} pages lost, source said {other:?}"),
+        }
+        assert_eq!(o.vm_dst.resumes.load(Ordering::SeqCst), 1, "seed {seed}");
+        assert_eq!(
+            o.vm_src.resumes.load(Ordering::SeqCst),
+            0,
+            "seed {seed}: a committed source must stay paused"
+        );
+        assert!(!o.src_logging);
+        detected += 1;
     }
-    panic!("no run lost a write with read-before-clear");
+    eprintln!("verification after resume: {detected}/6 runs lost writes, all detected");
+    assert!(
+        detected >= 4,
+        "only {detected}/6 runs lost writes: the test no longer shows the race"
+    );
 }

@@ -23,12 +23,12 @@ fn real_stream() -> (Vec<u8>, clearlog_memory::MemorySystem) {
 }
 
 fn stream_of(layout: &[(&str, u64, u64)]) -> (Vec<u8>, clearlog_memory::MemorySystem) {
-    stream_with(layout, DigestMode::Sent)
+    stream_with(layout, VerifyMode::AfterResume)
 }
 
 fn stream_with(
     layout: &[(&str, u64, u64)],
-    digest: DigestMode,
+    verify: VerifyMode,
 ) -> (Vec<u8>, clearlog_memory::MemorySystem) {
     let src = memory(layout);
     prefill(&src, 7);
@@ -39,7 +39,7 @@ fn stream_with(
     let buf = SharedBuf::default();
     let t = Transport::new(None, Some(Box::new(buf.clone())));
     let config = MigrationConfig {
-        digest,
+        verify,
         ..MigrationConfig::default()
     };
     let stats = Source::new(&src, config)
@@ -332,12 +332,12 @@ fn unknown_record_missing_digests_and_order() {
 
 #[test]
 fn digest_mismatch_refuses_to_resume() {
-    for digest in [DigestMode::Sent, DigestMode::Full] {
+    for digest in [VerifyMode::AfterResume, VerifyMode::Strict] {
         let (bytes, _) = stream_with(SMALL, digest);
         // The flag tells the destination which check to run.
         assert_eq!(
             bytes[16] & stream::FLAG_DIGEST_FULL as u8 != 0,
-            digest == DigestMode::Full
+            digest == VerifyMode::Strict
         );
         // Corrupt one byte of page data: the stream is well-formed but the RAM is wrong.
         let mut b = bytes.clone();

@@ -122,7 +122,9 @@ fn listener_with_a_range_avoiding_the_vmm_slot_works() {
     memory.log_global_start().unwrap();
     memory.log_sync_all().unwrap();
     memory.clear_dirty_bitmap(ram, 0, RAM).unwrap();
-    // A second region takes the next id of the range.
+    memory.log_global_stop().unwrap();
+    // A second region takes the next id of the range (RAM cannot be added while logging for a
+    // migration).
     memory.add_ram("ram1", 64 << 20, RAM).unwrap();
     assert_eq!(listener.slot_id_at(64 << 20), Some(2));
 }

@@ -1,4 +1,4 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Folding a 4 GiB guest's KVM bitmap into the clients, and the migration sync of a 4 GiB block.

@@ -1,4 +1,4 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! [`RamBacking`]: where a RAM block's host memory comes from.

@@ -1,15 +1,7 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Dirty-memory clients and their bitmaps over the RAM address space.
-//!
-//! Several consumers want to know which guest pages changed: live migration, a display that redraws
-//! what changed, a code cache. Each is a [`DirtyClient`] with its own [`AtomicBitmap`] over the whole
-//! RAM address space (one bit per page; RAM block `b`'s page `p` is bit `b.ram_page_offset() + p`).
-//! Two sources set bits: the accelerator (it folds what KVM reports with
-//! [`DirtyMemory::fold_bitmap`]) and the VMM itself (device writes, DMA, image loading, through
-//! [`DirtyMemory::set_dirty_range`]). Each client takes its own bits, so clients never steal each
-//! other's.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -155,6 +147,14 @@ impl From<DirtyClient> for DirtyClients {
 }
 
 /// The clients' dirty bitmaps: one bit per page of the RAM address space, per client.
+///
+/// Several consumers want to know which guest pages changed: live migration, a display that redraws
+/// what changed, a code cache. Each is a [`DirtyClient`] with its own [`AtomicBitmap`] over the whole
+/// RAM address space (one bit per page; RAM block `b`'s page `p` is bit `b.ram_page_offset() + p`).
+/// Two sources set bits: the accelerator (it folds what KVM reports with
+/// [`DirtyMemory::fold_bitmap`]) and the VMM itself (device writes, DMA, image loading, through
+/// [`DirtyMemory::set_dirty_range`]). Each client takes its own bits, so clients never steal each
+/// other's.
 ///
 /// The bitmaps are sized once, for the whole RAM address space (its capacity), so they never move:
 /// folds, host-side writes and takes run lock-free, concurrently with each other. Besides the
@@ -361,10 +361,25 @@ impl DirtyMemory {
     /// ```
     #[track_caller]
     pub fn set_dirty_range(&self, ram_first_page: u64, npages: u64) {
+        self.set_dirty_range_for(self.active_clients(), ram_first_page, npages);
+    }
+
+    /// Mark pages dirty for the clients in `clients` (active or not).
+    ///
+    /// # Panics
+    ///
+    /// As [`set_dirty_range`](Self::set_dirty_range).
+    #[track_caller]
+    pub(crate) fn set_dirty_range_for(
+        &self,
+        clients: DirtyClients,
+        ram_first_page: u64,
+        npages: u64,
+    ) {
         if let Err(e) = self.check_range(ram_first_page, npages) {
             panic!("set_dirty_range: {e}");
         }
-        for client in self.active_clients().iter() {
+        for client in clients.iter() {
             self.clients[client.index()].set_range(ram_first_page as usize, npages as usize);
         }
     }

@@ -1,4 +1,4 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! The crate's error type.
@@ -215,6 +215,18 @@ pub enum Error {
     /// The mapped RAM regions cannot be shown as one vm-memory `GuestMemoryMmap` (they overlap).
     #[error("the mapped RAM regions do not form a vm-memory GuestMemoryMmap: {0}")]
     GuestMemoryView(#[source] vm_memory::GuestRegionCollectionError),
+    /// The RAM layout cannot change while a migration runs (global dirty logging is on): the
+    /// migration stream's header fixed the list of RAM blocks (names and sizes) when it started.
+    /// Remapping existing RAM (`map_region`, `unmap_region`) and adding or removing aliases are
+    /// allowed.
+    #[error(
+        "cannot {what} while a migration runs: the RAM layout is fixed by the migration stream's \
+         header until the migration ends; stop or finish the migration first"
+    )]
+    MigrationInProgress {
+        /// What was refused (`"add a RAM block"`, `"remove a RAM region"`).
+        what: &'static str,
+    },
     /// A caller-owned bitmap is too small for the RAM block it is used with.
     #[error("{what} holds {have} bits, the block needs {need}")]
     BitmapTooSmall {

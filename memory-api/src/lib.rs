@@ -1,9 +1,11 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Guest memory for a VMM with loss-free dirty-page tracking.
 //!
-//! The pieces, one module each:
+//! Every public item is at the crate root (`clearlog_memory::MemorySystem`): the modules are
+//! private, like kvm-ioctls', except the feature-gated `testing`. The pieces, one (private) module
+//! each:
 //!
 //! - [`RamBlock`] (`ram`): guest RAM in host memory (vm-memory's `MmapRegion<DirtyBitmap>`), placed
 //!   in one RAM address space at a 64-page-aligned page offset. Host-side writes through
@@ -35,6 +37,36 @@
 //! sections of the range; the accelerator clears only bits it saw at its last sync and has not
 //! cleared since.
 //!
+//! # Memory topology during migration
+//!
+//! While global logging is on (a migration runs), the RAM layout is fixed: the migration stream's
+//! header lists the RAM blocks (names and sizes) when the migration starts, and every page record
+//! names one of them. So these are refused up front with [`Error::MigrationInProgress`] and change
+//! nothing: adding a RAM block ([`MemorySystem::add_ram`], [`MemorySystem::create_ram`],
+//! [`MemorySystem::add_ram_backed`], [`MemorySystem::create_ram_backed`],
+//! [`MemorySystem::add_guest_memory`]) and removing a RAM region ([`MemorySystem::remove_region`]
+//! of a region that owns a block). Stop or finish the migration first.
+//!
+//! Remaps stay allowed, because they keep the blocks: [`MemorySystem::map_region`] and
+//! [`MemorySystem::unmap_region`] of existing RAM, and adding or removing aliases
+//! ([`MemorySystem::add_alias`], [`MemorySystem::remove_region`] of an alias). Following them is
+//! the accelerator's job: it syncs a logging section one last time in `region_del` and registers
+//! the new one, already logging, in `region_add`; the migration keeps sending the same blocks.
+//!
+//! ```
+//! use clearlog_memory::{Error, MemorySystem};
+//!
+//! let mem = MemorySystem::with_ram_capacity(1 << 30);
+//! let ram = mem.add_ram("ram", 0, 16 << 20).unwrap();
+//! mem.log_global_start().unwrap(); // a migration starts
+//! assert!(matches!(mem.add_ram("hotplug", 1 << 32, 1 << 20), Err(Error::MigrationInProgress { .. })));
+//! assert!(matches!(mem.remove_region(ram), Err(Error::MigrationInProgress { .. })));
+//! mem.unmap_region(ram).unwrap(); // a remap is fine
+//! mem.map_region(ram, 0, 0).unwrap();
+//! mem.log_global_stop().unwrap(); // the migration ended
+//! mem.add_ram("hotplug", 1 << 32, 1 << 20).unwrap();
+//! ```
+//!
 //! # Examples
 //!
 //! ```
@@ -63,18 +95,18 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod backing;
-pub mod dirty;
-pub mod error;
-pub mod listener;
-pub mod migration_sync;
-pub mod ram;
-pub mod region;
-pub mod snapshot;
-pub mod system;
+mod backing;
+mod dirty;
+mod error;
+mod listener;
+mod migration_sync;
+mod ram;
+mod region;
+mod snapshot;
+mod system;
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod vm_bitmap;
+mod vm_bitmap;
 
 pub use backing::RamBacking;
 pub use dirty::{DirtyClient, DirtyClients, DirtyMemory};
@@ -96,3 +128,56 @@ pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// One path per public item: the modules are private and every public item is re-exported at the
+/// crate root (`clearlog_memory::{MemorySystem, RamBlock, ...}`), like kvm-ioctls. Only `testing`
+/// (feature `testing`) is a public module. Each block below must fail to compile.
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::backing::RamBacking;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::dirty::DirtyMemory;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::error::Error;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::listener::MemoryListener;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::migration_sync::ClearBitmap;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::ram::RamBlock;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::region::Section;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::snapshot::DirtySnapshot;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::system::MemorySystem;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use clearlog_memory::vm_bitmap::DirtyBitmap;
+/// ```
+///
+/// ```
+/// use clearlog_memory::{
+///     ClearBitmap, DirtyBitmap, DirtyMemory, DirtySnapshot, Error, MemoryListener, MemorySystem,
+///     RamBacking, RamBlock, Section,
+/// };
+/// ```
+#[cfg(doctest)]
+pub struct PrivateModules;

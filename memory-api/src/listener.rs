@@ -1,4 +1,4 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! The `MemoryListener` trait: how accelerators follow the memory map and dirty logging.
@@ -71,6 +71,11 @@ pub trait MemoryListener: Send + Sync {
         Ok(())
     }
     /// A section is going away. An accelerator that logs it syncs it one last time first.
+    ///
+    /// If this fails for a section that was logging, the memory system cannot know which pages the
+    /// lost sync would have reported: it marks every page of the section dirty for every client
+    /// that was logging it (the whole section is resent, nothing is lost) and returns the error to
+    /// the caller of the topology change.
     fn region_del(&self, _section: &Section, _dirty: &DirtyMemory) -> Result<(), ListenerError> {
         Ok(())
     }
@@ -84,6 +89,9 @@ pub trait MemoryListener: Send + Sync {
         Ok(())
     }
     /// Logging stopped for some client on a section. An accelerator syncs first if logging goes off.
+    ///
+    /// If this fails, every page of the section is marked dirty for the clients of `old` (as for a
+    /// failed [`region_del`](Self::region_del)) and the error is returned to the caller.
     fn log_stop(
         &self,
         _section: &Section,

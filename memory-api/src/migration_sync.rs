@@ -1,21 +1,21 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! The migration-facing sync: a RAM block's Migration bits into a caller-owned bitmap.
-//!
-//! Migration keeps its own bitmap per RAM block (one bit per page still to send). At every sync it
-//! takes the block's Migration-client bits into that bitmap
-//! ([`crate::MemorySystem::sync_migration_bitmap`]) and, instead of re-arming the accelerator for
-//! the whole block at once (one long vCPU stall on big guests), marks each chunk that received bits
-//! in a [`ClearBitmap`]. Before sending the first page of a marked chunk it clears the chunk in the
-//! accelerator ([`crate::MemorySystem::clear_chunk_before_send`]): re-arm first, then read, so a
-//! write after the read is caught by the next sync.
 
 use clearlog_bitmap::Bitmap;
 
 use crate::{Error, Result};
 
 /// Per-chunk "needs clear" bits of one RAM block (QEMU's `clear_bmap`): one bit per `2^shift` pages.
+///
+/// Migration keeps its own bitmap per RAM block (one bit per page still to send). At every sync it
+/// takes the block's Migration-client bits into that bitmap
+/// ([`crate::MemorySystem::sync_migration_bitmap`]) and, instead of re-arming the accelerator for
+/// the whole block at once (one long vCPU stall on big guests), marks each chunk that received bits
+/// in a [`ClearBitmap`]. Before sending the first page of a marked chunk it clears the chunk in the
+/// accelerator ([`crate::MemorySystem::clear_chunk_before_send`]): re-arm first, then read, so a
+/// write after the read is caught by the next sync.
 ///
 /// # Examples
 ///
@@ -214,8 +214,8 @@ impl ClearBitmap {
     /// assert!(clear.clear_chunk_before_read(70, &mut rearm).unwrap());
     /// assert!(!clear.clear_chunk_before_read(71, &mut rearm).unwrap()); // already re-armed
     /// assert!(!clear.clear_chunk_before_read(0, &mut rearm).unwrap()); // never marked
-    /// assert_eq!(rearmed, [(64, 64)]);
     /// assert!(clear.clear_chunk_before_read(256, &mut rearm).is_err());
+    /// assert_eq!(rearmed, [(64, 64)]);
     /// ```
     pub fn clear_chunk_before_read<E: From<Error>>(
         &mut self,

@@ -1,4 +1,4 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! RAM blocks: guest RAM backed by host memory (vm-memory's `MmapRegion` with a [`DirtyBitmap`]).

@@ -1,15 +1,7 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! The region tree and its flattened sections.
-//!
-//! The tree is a root container (the guest-physical address space) whose subregions are RAM regions
-//! (each backed by one [`RamBlock`]) and aliases (a window into a RAM region shown at another
-//! address, like a PC's RAM split below and above the 4 GiB hole). Each mapped subregion has a
-//! priority: where mapped regions overlap, the higher priority is visible; overlapping regions of
-//! equal priority are an error. Flattening the tree yields [`Section`]s: maximal pieces of visible
-//! guest-physical space, each backed by one contiguous range of one RAM block. Sections are what an
-//! accelerator registers (one KVM memslot each).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +24,14 @@ use crate::{DirtyClient, DirtyClients, Error, RamBlock, Result};
 pub struct RegionId(pub u32);
 
 /// A flattened, contiguous piece of guest-physical address space backed by one RAM block.
+///
+/// The region tree is a root container (the guest-physical address space) whose subregions are RAM regions
+/// (each backed by one [`RamBlock`]) and aliases (a window into a RAM region shown at another
+/// address, like a PC's RAM split below and above the 4 GiB hole). Each mapped subregion has a
+/// priority: where mapped regions overlap, the higher priority is visible; overlapping regions of
+/// equal priority are an error. Flattening the tree yields [`Section`]s: maximal pieces of visible
+/// guest-physical space, each backed by one contiguous range of one RAM block. Sections are what an
+/// accelerator registers (one KVM memslot each).
 ///
 /// # Examples
 ///

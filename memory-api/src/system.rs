@@ -1,4 +1,4 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! `MemorySystem`: RAM blocks, the region tree, listeners and dirty logging, in one place.
@@ -98,6 +98,37 @@ fn keep_first(first: &mut Option<Error>, result: Result<()>) {
         tracing::warn!(error = %e, "memory listener failed");
         first.get_or_insert(e);
     }
+}
+
+/// The result of a hook that syncs a logging section one last time (`region_del`, `log_stop`).
+///
+/// If it failed, the listener's dirty bits since its previous sync are lost: mark every page of the
+/// section dirty for every client in `clients` (the clients that were logging it), so the whole
+/// section is resent and nothing is lost. The error is still returned.
+fn final_sync(
+    result: Result<()>,
+    dirty: &DirtyMemory,
+    section: &Section,
+    clients: DirtyClients,
+) -> Result<()> {
+    if result.is_err() && !clients.is_empty() {
+        dirty.set_dirty_range_for(clients, section.ram_first_page(), section.pages());
+        tracing::warn!(
+            guest_addr = section.guest_addr,
+            pages = section.pages(),
+            ?clients,
+            "last sync of a logging section failed: the whole section is marked dirty"
+        );
+    }
+    result
+}
+
+/// The RAM layout (the set of RAM blocks) is fixed while global logging (a migration) is on.
+fn check_no_migration(st: &State, what: &'static str) -> Result<()> {
+    if st.global_logging {
+        return Err(Error::MigrationInProgress { what });
+    }
+    Ok(())
 }
 
 fn check_page_aligned(what: &'static str, value: u64) -> Result<()> {
@@ -233,11 +264,11 @@ impl State {
     /// Re-flatten and tell the listeners what changed: deletions (listeners in descending order),
     /// logging changes, then additions (ascending). All notifications run even if one fails (so
     /// every listener stays consistent with the new view); the first error is returned.
+    ///
+    /// A `region_del` or `log_stop` that fails for a logging section marks the whole section dirty
+    /// for the clients that were logging it (see [`final_sync`]).
     fn update_topology(&mut self, dirty: &DirtyMemory) -> Result<()> {
-        let mut active = self.tree.region_logging_clients();
-        if self.global_logging {
-            active = active.with(DirtyClient::Migration);
-        }
+        let active = self.logging_clients();
         // Host-side writes start reaching a newly logging client before the accelerator starts
         // logging for it: both are dirty sources and a page marked early is merely sent twice.
         dirty.set_active_clients(active.union(dirty.active_clients()));
@@ -250,10 +281,8 @@ impl State {
 
         for s in old.iter().filter(|s| !new_keys.contains_key(&s.key())) {
             for l in self.listeners.iter().rev() {
-                keep_first(
-                    &mut first,
-                    hook(l, "region_del", l.listener.region_del(s, dirty)),
-                );
+                let r = hook(l, "region_del", l.listener.region_del(s, dirty));
+                keep_first(&mut first, final_sync(r, dirty, s, s.log));
             }
         }
         for s in &new {
@@ -262,10 +291,8 @@ impl State {
             };
             if old_log.0 & !s.log.0 != 0 {
                 for l in self.listeners.iter().rev() {
-                    keep_first(
-                        &mut first,
-                        hook(l, "log_stop", l.listener.log_stop(s, old_log, s.log, dirty)),
-                    );
+                    let r = hook(l, "log_stop", l.listener.log_stop(s, old_log, s.log, dirty));
+                    keep_first(&mut first, final_sync(r, dirty, s, old_log));
                 }
             }
             if s.log.0 & !old_log.0 != 0 {
@@ -286,6 +313,72 @@ impl State {
         self.reindex();
         dirty.set_active_clients(active);
         first.map_or(Ok(()), Err)
+    }
+
+    /// The clients that log somewhere: per-region clients, and Migration while global logging is on.
+    fn logging_clients(&self) -> DirtyClients {
+        let active = self.tree.region_logging_clients();
+        if self.global_logging {
+            active.with(DirtyClient::Migration)
+        } else {
+            active
+        }
+    }
+
+    /// Apply a change that only turns logging on (a client added to a region's set, global logging
+    /// started), all or nothing: every listener gets `log_start` for every section whose set grows.
+    ///
+    /// If a `log_start` fails, the change is rolled back: the listeners that already started for it
+    /// get the matching `log_stop` (new set back to the old one, latest first), the sections and the
+    /// active clients stay as they were, and the error is returned. The caller restores the flag
+    /// it changed (the region's set, `global_logging`).
+    fn start_logging(&mut self, dirty: &DirtyMemory) -> Result<()> {
+        let new = self.tree.flatten(self.global_logging);
+        let same_sections = new.len() == self.sections.len()
+            && new
+                .iter()
+                .zip(&self.sections)
+                .all(|(n, o)| n.key() == o.key() && o.log.0 & !n.log.0 == 0);
+        if !same_sections {
+            // Not a pure logging start (cannot happen today): take the general path.
+            return self.update_topology(dirty);
+        }
+        let before = dirty.active_clients();
+        let active = self.logging_clients();
+        // As in `update_topology`: host-side writes reach a new client before the accelerator logs.
+        dirty.set_active_clients(active.union(before));
+        let mut started: Vec<(usize, usize)> = Vec::new();
+        for (i, (s, old)) in new.iter().zip(&self.sections).enumerate() {
+            if s.log.0 & !old.log.0 == 0 {
+                continue;
+            }
+            for (j, l) in self.listeners.iter().enumerate() {
+                if let Err(e) = hook(l, "log_start", l.listener.log_start(s, old.log, s.log)) {
+                    tracing::warn!(error = %e, "log_start failed: rolling the logging change back");
+                    for &(si, lj) in started.iter().rev() {
+                        let (s, old_log) = (&new[si], self.sections[si].log);
+                        let back = Section {
+                            log: old_log,
+                            ..s.clone()
+                        };
+                        let l = &self.listeners[lj];
+                        let r = hook(
+                            l,
+                            "log_stop",
+                            l.listener.log_stop(&back, s.log, old_log, dirty),
+                        );
+                        keep_first(&mut None, final_sync(r, dirty, s, s.log));
+                    }
+                    dirty.set_active_clients(before);
+                    return Err(e);
+                }
+                started.push((i, j));
+            }
+        }
+        self.sections = new;
+        self.reindex();
+        dirty.set_active_clients(active);
+        Ok(())
     }
 
     /// `log_clear` on every listener for every logging section of `block`, clipped to the
@@ -320,7 +413,7 @@ impl State {
 /// # Examples
 ///
 /// ```
-/// use clearlog_memory::{DirtyClient, MemorySystem};
+/// use clearlog_memory::{DirtyClient, Error, MemorySystem};
 ///
 /// let mem = MemorySystem::with_ram_capacity(1 << 30);
 /// let low = mem.add_ram("ram-low", 0, 0x80_0000).unwrap();
@@ -328,6 +421,9 @@ impl State {
 /// assert_eq!(mem.sections().len(), 2);
 /// mem.log_global_start().unwrap();
 /// assert!(mem.sections().iter().all(|s| s.log.contains(DirtyClient::Migration)));
+/// // The RAM layout is fixed while a migration runs.
+/// assert!(matches!(mem.remove_region(low), Err(Error::MigrationInProgress { .. })));
+/// mem.log_global_stop().unwrap();
 /// mem.remove_region(low).unwrap();
 /// assert_eq!(mem.ram_blocks().len(), 1);
 /// ```
@@ -389,9 +485,11 @@ impl MemorySystem {
     ///
     /// # Errors
     ///
-    /// [`Error::NotPageAligned`], [`Error::ZeroSize`], [`Error::AddressOverflow`], [`Error::Overlap`],
-    /// [`Error::DuplicateName`], [`Error::RamSpaceExhausted`], [`Error::Mmap`]; [`Error::Listener`] if
-    /// a listener rejects the new sections (the region is then removed again).
+    /// [`Error::MigrationInProgress`] while global logging is on (the RAM layout is fixed during a
+    /// migration, see the crate docs), [`Error::NotPageAligned`], [`Error::ZeroSize`],
+    /// [`Error::AddressOverflow`], [`Error::Overlap`], [`Error::DuplicateName`],
+    /// [`Error::RamSpaceExhausted`], [`Error::Mmap`]; [`Error::Listener`] if a listener rejects the
+    /// new sections (the region is then removed again). Nothing changes on an error.
     ///
     /// # Examples
     ///
@@ -510,6 +608,7 @@ impl MemorySystem {
     ///
     /// # Errors
     ///
+    /// [`Error::MigrationInProgress`] while global logging is on (nothing is adopted),
     /// [`Error::AlreadyAttached`] if a region is already attached to a memory system (this one or
     /// another), [`Error::NotPageAligned`], [`Error::ZeroSize`], and the errors of
     /// [`add_ram`](Self::add_ram) (e.g. [`Error::Overlap`], [`Error::DuplicateName`]). On an error
@@ -557,10 +656,14 @@ impl MemorySystem {
                 });
             }
         }
+        // One topology lock for the whole adoption: a migration cannot start half-way.
+        let mut st = self.write();
+        check_no_migration(&st, "add a RAM block")?;
         let mut added = Vec::new();
         for region in memory.iter() {
             let guest_addr = region.start_addr().0;
-            let result = self.add_ram_region(
+            let result = self.add_ram_locked(
+                &mut st,
                 &format!("ram@{guest_addr:#x}"),
                 region.len(),
                 Some(Mapping {
@@ -573,7 +676,7 @@ impl MemorySystem {
                 Ok(id) => added.push(id),
                 Err(e) => {
                     for id in added.into_iter().rev() {
-                        self.remove_region(id).ok();
+                        self.remove_locked(&mut st, id).ok();
                     }
                     return Err(e);
                 }
@@ -648,11 +751,23 @@ impl MemorySystem {
         mapping: Option<Mapping>,
         source: Source<'_>,
     ) -> Result<RegionId> {
+        let mut st = self.write();
+        check_no_migration(&st, "add a RAM block")?;
+        self.add_ram_locked(&mut st, name, size, mapping, source)
+    }
+
+    fn add_ram_locked(
+        &self,
+        st: &mut State,
+        name: &str,
+        size: u64,
+        mapping: Option<Mapping>,
+        source: Source<'_>,
+    ) -> Result<RegionId> {
         check_page_aligned("RAM size", size)?;
         if size == 0 {
             return Err(Error::ZeroSize { what: "RAM region" });
         }
-        let mut st = self.write();
         if let Some(m) = mapping {
             check_page_aligned("guest address", m.guest_addr)?;
             st.tree
@@ -671,7 +786,7 @@ impl MemorySystem {
             e.region = id;
         }
         if let Err(e) = st.update_topology(&self.dirty) {
-            self.remove_locked(&mut st, id).ok();
+            self.remove_locked(st, id).ok();
             return Err(e);
         }
         tracing::debug!(
@@ -685,7 +800,7 @@ impl MemorySystem {
 
     /// Show `[offset, offset + size)` of RAM region `target` at `guest_addr`, with `priority`.
     /// The alias's sections are backed by the target's block; logging set on the target applies to
-    /// them too.
+    /// them too. Allowed during a migration (an alias adds no RAM block).
     ///
     /// # Errors
     ///
@@ -746,6 +861,9 @@ impl MemorySystem {
     /// Map an unmapped region at `guest_addr` with `priority` (higher priorities hide lower ones where
     /// they overlap; equal priorities must not overlap).
     ///
+    /// Allowed during a migration: a remap keeps the RAM layout (the blocks) and the accelerator
+    /// follows it (`region_add` with logging already on).
+    ///
     /// # Errors
     ///
     /// [`Error::UnknownRegion`], [`Error::AlreadyMapped`], [`Error::NotPageAligned`],
@@ -785,10 +903,14 @@ impl MemorySystem {
 
     /// Unmap a region (it keeps its RAM block and can be mapped again).
     ///
+    /// Allowed during a migration: the block stays in the RAM layout, listeners sync the section one
+    /// last time in `region_del`, and the migration keeps sending the block.
+    ///
     /// # Errors
     ///
     /// [`Error::UnknownRegion`], [`Error::NotMapped`], [`Error::Listener`] (the region is unmapped
-    /// anyway).
+    /// anyway; if a listener's last sync of a logging section failed, the section's pages are marked
+    /// dirty for the clients that were logging it, see [`MemoryListener::region_del`]).
     ///
     /// # Examples
     ///
@@ -811,12 +933,14 @@ impl MemorySystem {
     /// Remove a region (listeners see `region_del` for each of its sections first).
     ///
     /// Removing a RAM region frees its block (host memory is unmapped once no section refers to it)
-    /// and clears the block's bits in every client.
+    /// and clears the block's bits in every client. Removing an alias leaves the block and its bits.
     ///
     /// # Errors
     ///
-    /// [`Error::UnknownRegion`], [`Error::RegionInUse`] (an alias targets it), [`Error::Listener`]
-    /// (the region is removed anyway).
+    /// [`Error::UnknownRegion`], [`Error::MigrationInProgress`] (a RAM region while global logging
+    /// is on: its block is part of the migration's layout; unmap it instead, or stop or finish the
+    /// migration first; aliases may be removed), [`Error::RegionInUse`] (an alias targets it),
+    /// [`Error::Listener`] (the region is removed anyway).
     ///
     /// # Examples
     ///
@@ -829,6 +953,9 @@ impl MemorySystem {
     /// ```
     pub fn remove_region(&self, region: RegionId) -> Result<()> {
         let mut st = self.write();
+        if matches!(st.tree.get(region)?.kind, RegionKind::Ram(_)) {
+            check_no_migration(&st, "remove a RAM region")?;
+        }
         self.remove_locked(&mut st, region)
     }
 
@@ -924,14 +1051,12 @@ impl MemorySystem {
         let entry = st.listeners.remove(at);
         let mut first = None;
         for s in st.sections.iter().rev() {
-            keep_first(
-                &mut first,
-                hook(
-                    &entry,
-                    "region_del",
-                    entry.listener.region_del(s, &self.dirty),
-                ),
+            let r = hook(
+                &entry,
+                "region_del",
+                entry.listener.region_del(s, &self.dirty),
             );
+            keep_first(&mut first, final_sync(r, &self.dirty, s, s.log));
         }
         if st.global_logging {
             keep_first(
@@ -945,11 +1070,19 @@ impl MemorySystem {
     /// Turn dirty logging on or off for a client on a region (Vga/Code; Migration is global).
     ///
     /// Logging set on a RAM region covers the aliases that show it. Listeners see `log_start` /
-    /// `log_stop` for the sections whose logging set changes.
+    /// `log_stop` for the sections whose logging set changes. Setting the state the region already
+    /// has is a no-op.
     ///
     /// # Errors
     ///
     /// [`Error::NotPerRegionClient`] for Migration, [`Error::UnknownRegion`], [`Error::Listener`].
+    ///
+    /// Turning logging on is all or nothing: if a listener's `log_start` fails, the listeners that
+    /// already started for this call get the matching `log_stop`, and the region's logging set, the
+    /// sections and the active clients are as before the call (a retry starts logging again).
+    /// Turning logging off cannot be refused: a failed `log_stop` is returned, logging is off anyway
+    /// and the section is marked dirty for the clients that were logging it (see
+    /// [`MemoryListener::log_stop`]).
     ///
     /// # Examples
     ///
@@ -973,12 +1106,23 @@ impl MemorySystem {
         }
         let mut st = self.write();
         let node = st.tree.get_mut(region)?;
+        let before = node.log;
         node.log = if on {
             node.log.with(client)
         } else {
             node.log.without(client)
         };
-        st.update_topology(&self.dirty)
+        if node.log == before {
+            return Ok(());
+        }
+        if !on {
+            return st.update_topology(&self.dirty);
+        }
+        if let Err(e) = st.start_logging(&self.dirty) {
+            st.tree.get_mut(region)?.log = before;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Start global dirty logging (migration): the Migration client logs all RAM.
@@ -988,8 +1132,11 @@ impl MemorySystem {
     ///
     /// # Errors
     ///
-    /// [`Error::Listener`]. If a `log_global_start` fails, the listeners that already started get
-    /// `log_global_stop` and global logging stays off.
+    /// [`Error::Listener`]. Starting is all or nothing: if a `log_global_start` fails, the
+    /// listeners that already started get `log_global_stop`; if a `log_start` for a section fails,
+    /// the listeners that already started logging that change get the matching `log_stop`, then
+    /// every listener gets `log_global_stop`. Either way global logging stays off, the sections and
+    /// the active clients are as before, and a retry starts again from scratch.
     ///
     /// # Examples
     ///
@@ -1014,7 +1161,17 @@ impl MemorySystem {
             }
         }
         st.global_logging = true;
-        st.update_topology(&self.dirty)
+        if let Err(e) = st.start_logging(&self.dirty) {
+            st.global_logging = false;
+            for l in st.listeners.iter().rev() {
+                keep_first(
+                    &mut None,
+                    hook(l, "log_global_stop", l.listener.log_global_stop()),
+                );
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Stop global dirty logging.
@@ -1207,18 +1364,32 @@ impl MemorySystem {
         st.clear_block_range(block.id(), start, end)
     }
 
-    /// Atomically take and clear `client`'s bits for the range (widened to 64-page alignment), then
-    /// `clear_dirty_bitmap` for that range.
+    /// Re-arm the accelerators for the range (widened to 64-page alignment), then atomically take
+    /// and clear `client`'s bits for it.
     ///
     /// The widening is in the RAM address space, clipped to the region (an alias never takes bits of
-    /// block pages it does not show). Each bitmap word is taken with one atomic exchange, so a bit
-    /// set concurrently is either in the snapshot or still in the client's map. The accelerator is
-    /// re-armed after the take: read the pages after this returns.
+    /// block pages it does not show).
+    ///
+    /// # Order
+    ///
+    /// 1. Re-arm: every listener's `log_clear` for the logging sections of the range (what
+    ///    [`clear_dirty_bitmap`](Self::clear_dirty_bitmap) does). An accelerator clears only bits it
+    ///    saw at its last sync, and those are already in the client's map.
+    /// 2. Take: each bitmap word of `client` is taken with one atomic exchange, so a bit set
+    ///    concurrently is either in the snapshot or still in the client's map.
+    /// 3. The caller reads the pages after this returns.
+    ///
+    /// Clear, then read, as for migration: a write after the re-arm is reported by the accelerator's
+    /// next sync and lands in a later snapshot (or, if it comes before the take, in this one). If the
+    /// re-arm fails (e.g. an accelerator refuses a clear before any sync of its slot), nothing is
+    /// taken: the client's bits stay where they were and the error is returned. A re-arm that failed
+    /// half-way leaves the bits in the client's map too, so nothing is lost (a later snapshot takes
+    /// them and reads the pages then).
     ///
     /// # Errors
     ///
     /// As [`clear_dirty_bitmap`](Self::clear_dirty_bitmap); [`Error::LoggingOff`] if no section of the
-    /// region logs for `client`.
+    /// region logs for `client`. The client's bits are untouched on every error.
     ///
     /// # Examples
     ///
@@ -1241,13 +1412,14 @@ impl MemorySystem {
         let end_page = (ram0 + (end >> PAGE_SHIFT)).next_multiple_of(64);
         let first_page = first_page.max(ram0 + (win_start >> PAGE_SHIFT));
         let end_page = end_page.min(ram0 + (win_end >> PAGE_SHIFT));
+        let block_start = (first_page - ram0) << PAGE_SHIFT;
+        let block_end = (end_page - ram0) << PAGE_SHIFT;
+        // Re-arm first; take only what could be re-armed (see "Order").
+        st.clear_block_range(block.id(), block_start, block_end)?;
         let bits = self
             .dirty
             .client(client)
             .take_range(first_page as usize, (end_page - first_page) as usize);
-        let block_start = (first_page - ram0) << PAGE_SHIFT;
-        let block_end = (end_page - ram0) << PAGE_SHIFT;
-        st.clear_block_range(block.id(), block_start, block_end)?;
         Ok(DirtySnapshot::new(block_start - win_start, bits))
     }
 

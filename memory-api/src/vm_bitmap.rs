@@ -1,46 +1,8 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! [`DirtyBitmap`]: a vm-memory bitmap backend that marks pages in a [`crate::MemorySystem`]'s
-//! dirty-memory clients.
-//!
-//! vm-memory calls a region's bitmap after every write it performs (`Bytes::write_slice`,
-//! `write_obj`, `read_volatile_from` a reader, `VolatileSlice` copies and stores, through slices
-//! taken at any offset). With `GuestMemoryMmap<DirtyBitmap>` those writes mark the written pages
-//! dirty for every *active* [`crate::DirtyClient`] of the memory system the region belongs to,
-//! exactly as [`crate::RamBlock::write`] does: after the bytes landed, so whoever takes the bit
-//! reads the new data.
-//!
-//! # Attached and detached bitmaps
-//!
-//! A bitmap is *attached* once its region is a RAM block of a memory system (made by
-//! [`crate::MemorySystem::add_ram_backed`] or adopted by
-//! [`crate::MemorySystem::add_guest_memory`]); it is *detached* again when that block is removed
-//! or the memory system is dropped. A detached bitmap records nothing: a bitmap made by
-//! [`NewBitmap::with_len`] (what `GuestMemoryMmap::from_ranges` uses) before its region joins a
-//! memory system has no client to mark, and writes made before adoption are simply not tracked
-//! (migration sends every page in its first pass anyway). All clones of a bitmap and all slices of
-//! it share one attachment.
-//!
-//! # Examples
-//!
-//! ```
-//! use clearlog_memory::{DirtyBitmap, DirtyClient, MemorySystem};
-//! use vm_memory::bitmap::Bitmap;
-//! use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-//!
-//! let gm = GuestMemoryMmap::<DirtyBitmap>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-//! let region = gm.iter().next().unwrap();
-//! assert!(!region.bitmap().is_attached()); // not in a memory system yet: records nothing
-//!
-//! let mem = MemorySystem::with_ram_capacity(1 << 24);
-//! mem.add_guest_memory(&gm).unwrap();
-//! mem.log_global_start().unwrap();
-//! gm.write_obj(0xdead_beef_u32, GuestAddress(0x3ffe)).unwrap(); // straddles pages 3 and 4
-//! let migration = mem.dirty().client(DirtyClient::Migration);
-//! assert_eq!(migration.iter_ones().collect::<Vec<_>>(), [3, 4]);
-//! assert!(region.bitmap().dirty_at(0x4000));
-//! ```
+//! [`DirtyBitmap`]: a vm-memory bitmap backend that marks pages in a memory system's dirty-memory
+//! clients.
 
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -101,10 +63,28 @@ impl Inner {
 /// A vm-memory [`Bitmap`] whose marks go to a [`crate::MemorySystem`]'s dirty-memory clients.
 ///
 /// Use it as the bitmap type of vm-memory's `GuestMemoryMmap<DirtyBitmap>` /
-/// `MmapRegion<DirtyBitmap>`; see the [module docs](self) for when it records. Cloning is cheap and
-/// shares the attachment.
+/// `MmapRegion<DirtyBitmap>`; see "Attached and detached bitmaps" below for when it records.
+/// Cloning is cheap and shares the attachment.
 ///
 /// `dirty_at(offset)` says whether any client (active or not) has the page of `offset` marked.
+///
+/// vm-memory calls a region's bitmap after every write it performs (`Bytes::write_slice`,
+/// `write_obj`, `read_volatile_from` a reader, `VolatileSlice` copies and stores, through slices
+/// taken at any offset). With `GuestMemoryMmap<DirtyBitmap>` those writes mark the written pages
+/// dirty for every *active* [`crate::DirtyClient`] of the memory system the region belongs to,
+/// exactly as [`crate::RamBlock::write`] does: after the bytes landed, so whoever takes the bit
+/// reads the new data.
+///
+/// # Attached and detached bitmaps
+///
+/// A bitmap is *attached* once its region is a RAM block of a memory system (made by
+/// [`crate::MemorySystem::add_ram_backed`] or adopted by
+/// [`crate::MemorySystem::add_guest_memory`]); it is *detached* again when that block is removed
+/// or the memory system is dropped. A detached bitmap records nothing: a bitmap made by
+/// [`NewBitmap::with_len`] (what `GuestMemoryMmap::from_ranges` uses) before its region joins a
+/// memory system has no client to mark, and writes made before adoption are simply not tracked
+/// (migration sends every page in its first pass anyway). All clones of a bitmap and all slices of
+/// it share one attachment.
 ///
 /// # Examples
 ///
@@ -121,6 +101,26 @@ impl Inner {
 /// bitmap.slice_at(0x2000).mark_dirty(0x10, 1); // a slice carries its base offset
 /// assert!(mem.dirty().client(DirtyClient::Migration).test(2));
 /// assert!(bitmap.dirty_at(0x2fff) && !bitmap.dirty_at(0x3000));
+/// ```
+///
+/// A VMM's own `GuestMemoryMmap<DirtyBitmap>`, adopted:
+///
+/// ```
+/// use clearlog_memory::{DirtyBitmap, DirtyClient, MemorySystem};
+/// use vm_memory::bitmap::Bitmap;
+/// use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+///
+/// let gm = GuestMemoryMmap::<DirtyBitmap>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+/// let region = gm.iter().next().unwrap();
+/// assert!(!region.bitmap().is_attached()); // not in a memory system yet: records nothing
+///
+/// let mem = MemorySystem::with_ram_capacity(1 << 24);
+/// mem.add_guest_memory(&gm).unwrap();
+/// mem.log_global_start().unwrap();
+/// gm.write_obj(0xdead_beef_u32, GuestAddress(0x3ffe)).unwrap(); // straddles pages 3 and 4
+/// let migration = mem.dirty().client(DirtyClient::Migration);
+/// assert_eq!(migration.iter_ones().collect::<Vec<_>>(), [3, 4]);
+/// assert!(region.bitmap().dirty_at(0x4000));
 /// ```
 #[derive(Clone, Default)]
 pub struct DirtyBitmap {
@@ -271,7 +271,7 @@ impl DirtyBitmapSlice<'_> {
     ///
     /// # Examples
     ///
-    /// See the [module docs](self).
+    /// See [`DirtyBitmap`].
     pub fn is_attached(&self) -> bool {
         self.inner.with_target(|_| ()).is_some()
     }

@@ -1,4 +1,4 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! A VMM-style flow: the VMM builds its own `GuestMemoryMmap<DirtyBitmap>`, the memory system
@@ -192,7 +192,9 @@ fn guest_memory_view_shares_the_blocks() {
     high.read(0x5000, &mut buf).unwrap();
     assert_eq!(u64::from_ne_bytes(buf), 42);
 
-    // A RAM region mapped over another (higher priority) cannot be shown by vm-memory.
+    // A RAM region mapped over another (higher priority) cannot be shown by vm-memory. (Adding
+    // RAM waits for the migration to end.)
+    mem.log_global_stop().unwrap();
     let rom = mem.create_ram("rom", 0x1000).unwrap();
     mem.map_region(rom, 0x1000, 1).unwrap();
     assert!(matches!(mem.guest_memory(), Err(Error::GuestMemoryView(_))));

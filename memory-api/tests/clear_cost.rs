@@ -1,4 +1,4 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! `clear_chunk_before_send` is cheap per call: no heap allocation, whatever the number of blocks

@@ -1,4 +1,4 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! `clear_dirty_bitmap`, `clear_dirty_bitmap_block` and `snapshot_and_clear_dirty` call `log_clear`

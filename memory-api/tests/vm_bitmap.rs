@@ -1,4 +1,4 @@
-// Copyright 2025 The clearlog authors.
+// Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! `DirtyBitmap` through vm-memory's own write paths: every path marks exactly the pages it wrote,
@@ -229,10 +229,17 @@ fn removing_the_block_detaches_its_bitmap() {
         .find(|s| Arc::ptr_eq(&s.block, &region))
         .unwrap()
         .region;
+    // RAM is removed only outside a migration; another region keeps Vga active, so a write
+    // through a still-attached bitmap would show.
+    mem.log_global_stop().unwrap();
+    let vram = mem.add_ram("vram", 0, PAGES * PAGE_SIZE).unwrap();
+    mem.set_region_logging(vram, DirtyClient::Vga, true)
+        .unwrap();
     mem.remove_region(id).unwrap();
     drop(block);
     gm.write_obj(1u8, addr(0, 0)).unwrap();
     assert_eq!(mem.dirty().client(DirtyClient::Migration).count_ones(), 0);
+    assert_eq!(mem.dirty().client(DirtyClient::Vga).count_ones(), 0);
     assert!(!gm.iter().next().unwrap().bitmap().is_attached());
     // The VMM's memory can join a memory system again.
     let other = MemorySystem::with_ram_capacity(1 << 24);

@@ -4,7 +4,7 @@
 //! Project automation for the clearlog workspace.
 //!
 //! ```text
-//! cargo xtask test            fmt check, layering check, packaging, clippy -D warnings, all tests (real KVM)
+//! cargo xtask test            fmt, layering, packaging, clippy -D warnings, aarch64 check, all tests (real KVM)
 //! cargo xtask bench [CRATE]   criterion benchmarks (all, or one crate by directory or package name)
 //!                   [--quick] short runs, for CI
 //! cargo xtask deps            fail if a crate depends on a crate above it in the layering
@@ -188,6 +188,7 @@ fn test() -> Result<(), String> {
         "clippy",
         "--workspace",
         "--all-targets",
+        "--all-features",
         "--",
         "-D",
         "warnings",
@@ -197,12 +198,13 @@ fn test() -> Result<(), String> {
     results.push(aarch64_check());
 
     let mut tests = cargo();
-    tests.args(["test", "--workspace"]);
+    // All features: `clearlog-memory`'s `testing` kit and its conformance tests are tests too.
+    tests.args(["test", "--workspace", "--all-features"]);
     if require_kvm {
         tests.env(REQUIRE_KVM_ENV, "1");
     }
     results.push(run_step(
-        "cargo test --workspace (unit, integration, doc, real KVM)",
+        "cargo test --workspace --all-features (unit, integration, doc, real KVM)",
         tests,
     ));
 

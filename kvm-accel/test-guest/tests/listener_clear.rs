@@ -388,14 +388,22 @@ fn removal_and_unmap_sync_first() {
         pages(3..7)
     );
 
-    // Removing a RAM region: the listener syncs it (stats), then memory-api frees the block
-    // and drops its bits by design.
+    // Removing a RAM region while a migration runs is refused (the stream's layout is fixed):
+    // the region and its slot stay.
+    let err = mv.memory.remove_region(t).unwrap_err();
+    assert!(
+        matches!(err, clearlog_memory::Error::MigrationInProgress { .. }),
+        "{err}"
+    );
+    assert!(mv.listener.slot_id_at(T_GPA).is_some());
+
+    // Unmapping it again: the listener syncs the slot once (stats) before it goes.
     mv.memory.log_sync_all().unwrap();
     r.resume().unwrap();
     d.dirty(T_GPA, 6);
     r.pause().unwrap();
     let before = mv.listener.stats();
-    mv.memory.remove_region(t).unwrap();
+    mv.memory.unmap_region(t).unwrap();
     let after = mv.listener.stats();
     assert_eq!(
         after.syncs - before.syncs,

@@ -30,6 +30,12 @@ use clearlog_bitmap::{words_for_bits, Bitmap};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CacheError {
     /// Nothing is known to be dirty: the slot was never synced since logging started.
+    ///
+    /// [`KvmMemoryListener`](crate::KvmMemoryListener) does not pass this on: it checks
+    /// [`SlotDirtyCache::is_synced`] first and treats such a clear as a no-op (counted in
+    /// [`DirtyLogStats::clears_before_sync`](crate::DirtyLogStats::clears_before_sync)), since a
+    /// slot made after the caller's sync (a region re-mapped during a migration) has nothing to
+    /// clear yet.
     #[error("clear of slot pages {first_page}..{end} before any sync of the slot: nothing is known dirty there (sync first)")]
     ClearBeforeSync {
         /// First page asked for.

@@ -108,6 +108,17 @@ pub enum Error {
     /// The memslot exists but dirty logging is off.
     #[error("memslot {0:#x} does not have dirty logging enabled")]
     SlotNotLogging(u32),
+    /// A sync of a section that clients log, whose memslot has no dirty log (logging never
+    /// started on it): its writes cannot be reported, so the sync fails instead of reporting none.
+    #[error("sync of memslot {slot} (guest {guest_addr:#x}, size {size:#x}): the section is logged by dirty-memory clients but the memslot has no dirty logging (did log_start or region_add fail?); its writes cannot be reported")]
+    SyncOfSlotNotLogging {
+        /// The slot id.
+        slot: u32,
+        /// Guest physical address of the section.
+        guest_addr: u64,
+        /// Size of the section in bytes.
+        size: u64,
+    },
     /// A memslot parameter is not page aligned or is zero.
     #[error("invalid memslot {slot:#x}: {reason}")]
     InvalidMemslot {

@@ -70,6 +70,10 @@ pub struct DirtyLogStats {
     pub clear_ns: u64,
     /// Dirty bits cleared in KVM.
     pub pages_cleared: u64,
+    /// Clear requests for a slot whose cache was never synced since its logging started (a slot
+    /// made or re-made after the caller's last sync, e.g. a region unmapped and mapped again
+    /// during a migration): nothing is known dirty there, so nothing is cleared (no ioctl).
+    pub clears_before_sync: u64,
 }
 
 #[derive(Default)]
@@ -81,6 +85,7 @@ struct Counters {
     clears_skipped: AtomicU64,
     clear_ns: AtomicU64,
     pages_cleared: AtomicU64,
+    clears_before_sync: AtomicU64,
 }
 
 /// One memslot created for one section.
@@ -259,6 +264,7 @@ impl KvmMemoryListener {
             clears_skipped: c.clears_skipped.load(Ordering::Relaxed),
             clear_ns: c.clear_ns.load(Ordering::Relaxed),
             pages_cleared: c.pages_cleared.load(Ordering::Relaxed),
+            clears_before_sync: c.clears_before_sync.load(Ordering::Relaxed),
         }
     }
 
@@ -368,7 +374,16 @@ impl KvmMemoryListener {
                     .map_err(listener_error)?;
                 buffer
             }
-            (None, None) => return Ok(()),
+            // The memory system says a client logs this section, but the slot has no dirty log:
+            // logging never started on it (a failed log_start or region_add). Returning Ok would
+            // tell the client "nothing was written" while KVM tracks nothing at all.
+            (None, None) => {
+                return Err(listener_error(Error::SyncOfSlotNotLogging {
+                    slot: slot.id,
+                    guest_addr: section.guest_addr,
+                    size: section.size,
+                }))
+            }
         };
         let found = dirty.try_fold_bitmap(section.ram_first_page(), words, pages, clients)?;
         let ns = start.elapsed().as_nanos() as u64;
@@ -522,6 +537,23 @@ impl MemoryListener for KvmMemoryListener {
         let Some(cache) = slot.cache.as_mut() else {
             return Err(listener_error(Error::SlotNotLogging(slot.id)));
         };
+        if !cache.is_synced() {
+            // Nothing is known dirty in a slot never synced since its logging started (it was
+            // created or re-created after the caller's sync, e.g. its region was unmapped and
+            // mapped again during a migration): there is nothing to clear. Its pages reach the
+            // clients through its own syncs (INITIALLY_SET: all dirty at the first one; without,
+            // KVM write-protects a slot created logging), so refusing would only kill the caller.
+            self.counters
+                .clears_before_sync
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(
+                slot = slot.id,
+                first_page,
+                npages,
+                "dirty log clear before the slot's first sync: nothing known dirty, nothing cleared"
+            );
+            return Ok(());
+        }
         let request = cache
             .take_clear(first_page, npages)
             .map_err(listener_error)?;
@@ -562,9 +594,19 @@ impl Drop for KvmMemoryListener {
         // The slots hold the RAM blocks alive; delete the memslots before those references go, so
         // KVM never keeps a host range that could be unmapped and reused.
         let table = std::mem::take(&mut *self.lock());
-        for slot in table.by_guest_addr.values() {
+        for slot in table.by_guest_addr.into_values() {
             if let Err(e) = self.vm.remove_slot_as(slot.id, self.owner()) {
-                tracing::warn!(slot = slot.id, error = %e, "could not delete memslot on drop");
+                // KVM may still map this host range into the guest: the mapping must outlive the
+                // memslot (see `set_slot`), so the RAM block is leaked on purpose, never unmapped.
+                tracing::error!(
+                    slot = slot.id,
+                    host_addr = slot.host_addr,
+                    size = slot.size,
+                    error = %e,
+                    "could not delete memslot on drop: its RAM block is LEAKED (kept mapped for \
+                     as long as the process lives) so KVM never uses a freed host range"
+                );
+                std::mem::forget(slot._block);
             }
         }
     }
@@ -573,7 +615,80 @@ impl Drop for KvmMemoryListener {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clearlog_memory::MemorySystem;
+    use clearlog_memory::{DirtyClient, MemorySystem};
+
+    /// A real VM, or None (with a loud SKIPPED line) when /dev/kvm cannot be opened; with
+    /// `CI=true` or `CLEARLOG_REQUIRE_KVM=1` that is a failure instead.
+    fn real_vm(test: &str) -> Option<Arc<Vm>> {
+        match Vm::new(crate::VmConfig::default()) {
+            Ok(vm) => Some(Arc::new(vm)),
+            Err(e)
+                if std::env::var("CI").is_ok_and(|v| v == "true")
+                    || std::env::var("CLEARLOG_REQUIRE_KVM").is_ok_and(|v| v == "1") =>
+            {
+                panic!("{test}: KVM required but unusable: {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: {test}: no usable /dev/kvm ({e})");
+                None
+            }
+        }
+    }
+
+    /// Finding: a sync of a section that clients log, whose slot has no dirty log, returned Ok
+    /// with no bits (the client would wait forever for writes it is never told about).
+    #[test]
+    fn sync_of_a_slot_that_is_not_logging_is_an_error() {
+        let Some(vm) = real_vm("sync_of_a_slot_that_is_not_logging_is_an_error") else {
+            return;
+        };
+        let memory = MemorySystem::with_ram_capacity(1 << 20);
+        memory.add_ram("ram", 0, 1 << 20).unwrap();
+        let listener = Arc::new(KvmMemoryListener::new(vm));
+        memory.register_listener(listener.clone()).unwrap();
+        // The memory system believes Migration logs the section; the slot was made without
+        // logging (as if log_start had failed).
+        let mut section = memory.sections()[0].clone();
+        assert!(section.log.is_empty());
+        section.log = DirtyClients::NONE.with(DirtyClient::Migration);
+        let err = listener
+            .log_sync(&section, memory.dirty())
+            .expect_err("a sync that cannot report anything must fail");
+        let id = listener.slot_id_at(0).unwrap();
+        match err.downcast_ref::<Error>() {
+            Some(Error::SyncOfSlotNotLogging { slot, .. }) => assert_eq!(*slot, id),
+            other => panic!("expected SyncOfSlotNotLogging, got {other:?} ({err})"),
+        }
+        assert!(err.to_string().contains(&format!("memslot {id}")), "{err}");
+        assert_eq!(listener.stats().syncs, 0);
+    }
+
+    /// Finding: `drop` released the slot's RAM block even when deleting the memslot failed, so
+    /// KVM could keep a host range that gets unmapped and reused.
+    #[test]
+    fn a_failed_memslot_delete_on_drop_keeps_the_ram_block_mapped() {
+        let Some(vm) = real_vm("a_failed_memslot_delete_on_drop_keeps_the_ram_block_mapped") else {
+            return;
+        };
+        let memory = MemorySystem::with_ram_capacity(1 << 20);
+        let ram = memory.add_ram("ram", 0, 1 << 20).unwrap();
+        let listener = Arc::new(KvmMemoryListener::new(vm.clone()));
+        memory.register_listener(listener.clone()).unwrap();
+        let block = Arc::downgrade(&memory.region_block(ram).unwrap().0);
+        let id = listener.slot_id_at(0).unwrap();
+        // Injection: the delete of this slot fails (the Vm no longer lets the listener touch it).
+        vm.steal_slot_for_test(id);
+        // Unregistering would try region_del first: drop the memory system (and its block
+        // references) and the listener instead, as a VMM tearing down does.
+        drop(memory);
+        drop(listener);
+        assert!(
+            block.upgrade().is_some(),
+            "the RAM block behind memslot {id} was freed although KVM still has the memslot"
+        );
+        // The kernel still has the slot: the VM's own teardown removes it.
+        assert!(vm.memslot(id).is_some());
+    }
 
     #[test]
     fn free_ids_fill_holes_and_respect_the_limit() {

@@ -591,6 +591,15 @@ impl Vm {
         Ok(())
     }
 
+    /// Fault injection for unit tests: hand `slot` to the caller in this `Vm`'s table only (the
+    /// kernel's memslot stays), so its owner's next delete fails before the ioctl.
+    #[cfg(test)]
+    pub(crate) fn steal_slot_for_test(&self, slot: u32) {
+        if let Some(e) = self.slots_lock().get_mut(&slot) {
+            e.owner = SlotOwner::Caller;
+        }
+    }
+
     /// The registered memslot `slot`, if any (made by the caller or by a listener).
     ///
     /// # Example

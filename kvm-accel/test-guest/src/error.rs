@@ -63,6 +63,14 @@ pub enum Error {
         /// What we waited for.
         what: &'static str,
     },
+    /// A failure injected for testing ([`VcpuRunner::inject_pause_failure`](crate::vcpu::runner::VcpuRunner::inject_pause_failure)).
+    #[error("vCPU {vcpu}: injected {what} failure")]
+    Injected {
+        /// The vCPU index.
+        vcpu: u32,
+        /// The operation that was made to fail.
+        what: &'static str,
+    },
     /// The operation needs the vCPU thread to be paused.
     #[error("vCPU {0} is not paused")]
     VcpuNotPaused(u32),

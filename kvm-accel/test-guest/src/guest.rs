@@ -37,7 +37,7 @@ use clearlog_kvm::{DirtyLogChoice, KvmMemoryListener, ProtectMode, Vm, VmConfig}
 
 use crate::guest_ram::{GuestRam, RawGuestRam};
 use crate::layout;
-use crate::vcpu::runner::VcpuRunner;
+use crate::vcpu::runner::{RunState, VcpuRunner};
 use crate::vcpu::state::VcpuState;
 use crate::vcpu::Vcpu;
 use crate::workload::monitor::WorkloadMonitor;
@@ -283,7 +283,7 @@ impl Guest {
             VcpuSet::Running(runners) => runners
                 .iter()
                 .filter_map(|r| match r.state() {
-                    crate::vcpu::runner::RunState::Failed(why) => Some((r.index(), why)),
+                    RunState::Failed(why) => Some((r.index(), why)),
                     _ => None,
                 })
                 .collect(),
@@ -291,28 +291,85 @@ impl Guest {
     }
 
     /// Pause every vCPU (returns when all are out of `KVM_RUN`).
+    ///
+    /// # Errors
+    ///
+    /// The first vCPU that cannot be paused. The vCPUs this call already paused are resumed
+    /// first (and a pause asked of the failing one is withdrawn), so a failed pause leaves the
+    /// guest running as before; vCPUs that were paused before the call stay paused.
     pub fn pause(&self) -> Result<()> {
-        if let VcpuSet::Running(runners) = &*self.lock_vcpus() {
-            for r in runners {
-                r.pause()?;
+        let set = self.lock_vcpus();
+        let VcpuSet::Running(runners) = &*set else {
+            return Ok(());
+        };
+        let mut paused_here: Vec<&VcpuRunner> = Vec::new();
+        for r in runners {
+            if r.state() == RunState::Paused {
+                continue;
             }
+            if let Err(e) = r.pause() {
+                r.cancel_pause();
+                for p in paused_here.iter().rev() {
+                    if let Err(re) = p.resume() {
+                        tracing::error!(vcpu = p.index(), error = %re, "resuming a vCPU after a failed pause");
+                    }
+                }
+                tracing::warn!(vcpu = r.index(), error = %e, resumed = paused_here.len(), "pause failed: the vCPUs it had paused run again");
+                return Err(e);
+            }
+            paused_here.push(r);
         }
         Ok(())
     }
 
     /// Resume the vCPUs; vCPUs never started (a destination) start now.
+    ///
+    /// Resumes every paused vCPU (and withdraws pauses asked for but not reached), also after a
+    /// failed [`pause`](Self::pause); failed vCPUs are skipped. Tries them all and returns the
+    /// first error.
     pub fn resume(&self) -> Result<()> {
         let mut set = self.lock_vcpus();
         match &mut *set {
             VcpuSet::Idle(_) => Self::start(&mut set),
             VcpuSet::Running(runners) => {
+                let mut first = Ok(());
                 for r in runners.iter() {
-                    if r.state() == crate::vcpu::runner::RunState::Paused {
-                        r.resume()?;
+                    if r.state() == RunState::Paused {
+                        if let Err(e) = r.resume() {
+                            tracing::error!(vcpu = r.index(), error = %e, "resuming a vCPU");
+                            first = first.and(Err(e));
+                        }
+                    } else {
+                        r.cancel_pause();
                     }
                 }
-                Ok(())
+                first
             }
+        }
+    }
+
+    /// The state of each vCPU thread (`Paused` for vCPUs not started yet).
+    pub fn vcpu_states(&self) -> Vec<RunState> {
+        match &*self.lock_vcpus() {
+            VcpuSet::Idle(v) => vec![RunState::Paused; v.len()],
+            VcpuSet::Running(r) => r.iter().map(VcpuRunner::state).collect(),
+        }
+    }
+
+    /// Fault injection, for testing failure paths (a migration engine's pause handling): the
+    /// next pause of running vCPU `vcpu` fails ([`Error::Injected`]) without pausing it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] if the vCPUs are not running or there is no such vCPU.
+    pub fn inject_pause_failure(&self, vcpu: u32) -> Result<()> {
+        match &*self.lock_vcpus() {
+            VcpuSet::Running(r) => r
+                .iter()
+                .find(|r| r.index() == vcpu)
+                .map(VcpuRunner::inject_pause_failure)
+                .ok_or_else(|| Error::InvalidState(format!("no running vCPU {vcpu}"))),
+            VcpuSet::Idle(_) => Err(Error::InvalidState("the vCPUs are not running".into())),
         }
     }
 

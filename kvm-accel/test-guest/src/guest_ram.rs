@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::error::{Error, Result};
 
@@ -14,8 +14,10 @@ use crate::error::{Error, Result};
 ///
 /// Implemented for `vm_memory::GuestMemoryMmap` and for a raw host mapping
 /// ([`RawGuestRam`]), so this crate does not depend on how the VMM manages memory.
-/// Reads and writes may race with a running guest; [`load_u64`](GuestRam::load_u64) is an
-/// atomic read for counters the guest updates.
+/// Reads and writes may race with a running guest (a copy may then be torn);
+/// [`load_u64`](GuestRam::load_u64) is an atomic read for counters the guest updates. For
+/// `GuestMemoryMmap` the copies are vm-memory's (`write_slice`/`read_slice`: volatile for up to 8
+/// bytes, a plain `copy_nonoverlapping` beyond); [`RawGuestRam`] copies with atomic word accesses.
 ///
 /// # Example
 ///
@@ -83,6 +85,15 @@ impl<B: Bitmap + 'static> GuestRam for GuestMemoryMmap<B> {
 
 /// Guest RAM given as one host mapping of guest physical `0..size`.
 ///
+/// Guest memory is shared with another agent, the vCPU, which writes it at any time. This type
+/// never forms a reference to plain (non-atomic) data in the mapping: every host access is an
+/// atomic access of a naturally aligned `u64` word inside it (`AtomicU64::from_ptr`; byte copies
+/// read or compare-and-swap whole words). So host threads never race each other in Rust's memory
+/// model, and a vCPU store is seen like another process's store to shared memory. A copy of more
+/// than one word is not atomic as a whole: it may see some of a concurrent write and not the rest
+/// (torn), which the callers tolerate (they load workloads before the vCPUs start and read
+/// counters with [`load_u64`](GuestRam::load_u64)).
+///
 /// # Example
 ///
 /// ```
@@ -93,6 +104,10 @@ impl<B: Bitmap + 'static> GuestRam for GuestMemoryMmap<B> {
 /// let ram = unsafe { RawGuestRam::new(buf.as_mut_ptr() as *mut u8, 4096) };
 /// ram.store_u64(8, 42).unwrap();
 /// assert_eq!(ram.load_u64(8).unwrap(), 42);
+/// ram.write_at(13, b"unaligned bytes").unwrap();
+/// let mut back = [0u8; 15];
+/// ram.read_at(13, &mut back).unwrap();
+/// assert_eq!(&back, b"unaligned bytes");
 /// ```
 #[derive(Debug)]
 pub struct RawGuestRam {
@@ -100,11 +115,11 @@ pub struct RawGuestRam {
     size: u64,
 }
 
-// SAFETY: RawGuestRam only does volatile/atomic accesses through a raw pointer whose
-// validity the creator guarantees for the object's lifetime; sharing it is as safe as
-// sharing the guest memory itself, which the vCPUs access concurrently anyway.
+// SAFETY: RawGuestRam only does atomic accesses of aligned words through a raw pointer whose
+// validity the creator guarantees for the object's lifetime (see `new`); atomics may be used from
+// any thread, and the vCPUs share the memory anyway.
 unsafe impl Send for RawGuestRam {}
-// SAFETY: see `Send`.
+// SAFETY: see `Send`: concurrent host accesses are all atomic, so they cannot data-race.
 unsafe impl Sync for RawGuestRam {}
 
 impl RawGuestRam {
@@ -112,30 +127,57 @@ impl RawGuestRam {
     ///
     /// # Safety
     ///
-    /// The range must be a readable and writable mapping, 8-byte aligned, valid for the
-    /// lifetime of the returned object.
+    /// The range must be a readable and writable mapping, 8-byte aligned, with `size` a multiple
+    /// of 8, valid for the lifetime of the returned object, and accessed by the host (other than
+    /// by the vCPUs of a VM) only atomically while it exists.
+    ///
+    /// # Panics
+    ///
+    /// If `host` is not 8-byte aligned or `size` not a multiple of 8.
     pub unsafe fn new(host: *mut u8, size: u64) -> Self {
+        assert!(
+            host as usize % 8 == 0 && size % 8 == 0,
+            "RawGuestRam needs an 8-byte aligned mapping of whole words"
+        );
         RawGuestRam { host, size }
     }
 
-    fn check(&self, gpa: u64, len: usize) -> Result<*mut u8> {
+    fn check(&self, gpa: u64, len: usize) -> Result<()> {
         match gpa.checked_add(len as u64) {
-            Some(end) if end <= self.size => {
-                // SAFETY: gpa + len <= size, so the offset stays inside the mapping.
-                Ok(unsafe { self.host.add(gpa as usize) })
-            }
+            Some(end) if end <= self.size => Ok(()),
             _ => Err(oob(gpa, len)),
         }
+    }
+
+    /// The word at word-aligned `offset` (< size), unchecked.
+    fn word(&self, offset: u64) -> &AtomicU64 {
+        debug_assert!(offset % 8 == 0 && offset < self.size);
+        // SAFETY: `offset` is 8-aligned and below `size` (a multiple of 8), so the 8 bytes lie
+        // inside the mapping, which `new`'s caller guarantees valid, aligned and accessed only
+        // atomically by the host for the lifetime of `self` (which the reference cannot outlive).
+        unsafe { AtomicU64::from_ptr(self.host.add(offset as usize) as *mut u64) }
     }
 
     fn atomic(&self, gpa: u64) -> Result<&AtomicU64> {
         if gpa % 8 != 0 {
             return Err(oob(gpa, 8));
         }
-        let p = self.check(gpa, 8)?;
-        // SAFETY: `p` is inside the mapping, 8-byte aligned (mapping aligned, gpa aligned)
-        // and valid for the lifetime of `self`; all our accesses to it are atomic.
-        Ok(unsafe { AtomicU64::from_ptr(p as *mut u64) })
+        self.check(gpa, 8)?;
+        Ok(self.word(gpa))
+    }
+
+    /// Calls `f(word_offset, first_byte_in_word, byte_count, position_in_data)` for each word
+    /// that `[gpa, gpa + len)` touches (already checked).
+    fn for_words(&self, gpa: u64, len: usize, mut f: impl FnMut(u64, usize, usize, usize)) {
+        let mut pos = 0usize;
+        while pos < len {
+            let at = gpa + pos as u64;
+            let word = at & !7;
+            let first = (at - word) as usize;
+            let n = (8 - first).min(len - pos);
+            f(word, first, n, pos);
+            pos += n;
+        }
     }
 }
 
@@ -145,21 +187,38 @@ impl GuestRam for RawGuestRam {
     }
 
     fn write_at(&self, gpa: u64, data: &[u8]) -> Result<()> {
-        let p = self.check(gpa, data.len())?;
-        // Guest memory changes under our feet (vCPUs, other host threads): copy through
-        // vm-memory's volatile slice rather than plain memcpy, so no Rust-level data race.
-        // SAFETY: the range was checked to lie inside the mapping, which the creator
-        // guarantees valid for this object's lifetime (see `new`).
-        let slice = unsafe { VolatileSlice::new(p, data.len()) };
-        slice.copy_from(data);
+        self.check(gpa, data.len())?;
+        self.for_words(gpa, data.len(), |word, first, n, pos| {
+            let w = self.word(word);
+            let src = &data[pos..pos + n];
+            if n == 8 {
+                w.store(
+                    u64::from_ne_bytes(src.try_into().unwrap()),
+                    Ordering::Relaxed,
+                );
+            } else {
+                // Part of a word: merge with a compare-and-swap so a concurrent store to the
+                // word's other bytes (host or vCPU) is not undone.
+                let _ = w.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                    let mut b = old.to_ne_bytes();
+                    b[first..first + n].copy_from_slice(src);
+                    Some(u64::from_ne_bytes(b))
+                });
+            }
+        });
+        // Make the copy visible to a reader that synchronizes with a later Release store.
+        std::sync::atomic::fence(Ordering::Release);
         Ok(())
     }
 
     fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
-        let p = self.check(gpa, buf.len())?;
-        // SAFETY: as in `write_at`.
-        let slice = unsafe { VolatileSlice::new(p, buf.len()) };
-        slice.copy_to(buf);
+        self.check(gpa, buf.len())?;
+        std::sync::atomic::fence(Ordering::Acquire);
+        let len = buf.len();
+        self.for_words(gpa, len, |word, first, n, pos| {
+            let b = self.word(word).load(Ordering::Relaxed).to_ne_bytes();
+            buf[pos..pos + n].copy_from_slice(&b[first..first + n]);
+        });
         Ok(())
     }
 
@@ -170,5 +229,35 @@ impl GuestRam for RawGuestRam {
     fn store_u64(&self, gpa: u64, value: u64) -> Result<()> {
         self.atomic(gpa)?.store(value, Ordering::Release);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_copies_at_every_alignment_round_trip() {
+        let mut buf = vec![0u64; 64];
+        // SAFETY: `buf` outlives `ram` and is only accessed through it meanwhile.
+        let ram = unsafe { RawGuestRam::new(buf.as_mut_ptr() as *mut u8, 512) };
+        for start in 0..16u64 {
+            for len in 0..40usize {
+                let data: Vec<u8> = (0..len).map(|i| (i as u8) ^ (start as u8 * 7)).collect();
+                ram.write_at(start, &data).unwrap();
+                let mut back = vec![0u8; len];
+                ram.read_at(start, &mut back).unwrap();
+                assert_eq!(back, data, "start {start} len {len}");
+            }
+        }
+        // A partial-word write leaves the word's other bytes alone.
+        ram.store_u64(64, u64::MAX).unwrap();
+        ram.write_at(66, &[0, 0]).unwrap();
+        assert_eq!(
+            ram.load_u64(64).unwrap().to_ne_bytes(),
+            [255, 255, 0, 0, 255, 255, 255, 255]
+        );
+        assert!(ram.write_at(510, &[0; 3]).is_err());
+        assert!(ram.read_at(512, &mut [0; 1]).is_err());
     }
 }

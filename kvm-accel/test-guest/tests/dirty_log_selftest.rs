@@ -11,13 +11,20 @@
 //! (read after the clear, as migration does). At round `k` (the guest has been writing `k`; the
 //! host bumps the iteration to `k + 1` before harvesting):
 //!
-//! - dirty: the value is `k - 1`, `k` or `k + 1` (anything older means a bit survived a clear:
-//!   a clear did not reach KVM). `k - 1` only from the one write whose iteration load raced the
-//!   previous bump (at most one per round).
-//! - clean and the value differs from `sent`: a write nobody reported. With the vCPU paused
-//!   during the harvest that is a lost write, full stop. With the vCPU running it is only
-//!   allowed for writes made after the harvest (value `k + 1`, or `k` for the one stale write),
-//!   and then the page MUST be dirty at round `k + 1`.
+//! - paused rounds: the vCPU is stopped at a sync point of its program
+//!   ([`VcpuRunner::pause_at_doorbell`]: the guest rings the MMIO doorbell after both stores of a
+//!   page write, so every write is either done or not started; no kick can land between a
+//!   store that faulted, setting the dirty bit, and its retirement). The check is strict: a dirty
+//!   page holds exactly `k`, a clean page exactly `sent`. No register decoding, no tolerance for a
+//!   write in flight. Only the first paused round after running rounds may see a page holding
+//!   `k - 1` (a write that loaded the iteration before the last running round's bump, retired
+//!   after its harvest; at most one per bump).
+//! - running rounds (the vCPU keeps writing during the harvest): dirty, the value is `k - 1`, `k`
+//!   or `k + 1` (anything older means a bit survived a clear: a clear did not reach KVM), or the
+//!   value read last time when the store that set the bit had not retired yet (at most one, and
+//!   then the page must be dirty next round); clean and the value differs from `sent`: allowed
+//!   only for writes made after the harvest (value `k + 1`, or `k` for the one stale write), and
+//!   then the page MUST be dirty at round `k + 1`.
 //!
 //! The RAM is 1 GiB + 3 pages (not a multiple of 64 pages), the working set all of it above the
 //! guest's 1 MiB infrastructure, so the slot's 3-page tail is written and cleared too.
@@ -31,8 +38,9 @@ use clearlog_kvm::DirtyLogChoice;
 use clearlog_memory::ClearBitmap;
 use clearlog_test_guest::guest_ram::GuestRam;
 use clearlog_test_guest::layout::INFRA_END;
+use clearlog_test_guest::vcpu::runner::VcpuRunner;
 use clearlog_test_guest::workload::monitor::WorkloadMonitor;
-use clearlog_test_guest::workload::{set_iteration, Workload, WorkloadSpec};
+use clearlog_test_guest::workload::{set_doorbell_sync, set_iteration, Workload, WorkloadSpec};
 use common::*;
 
 const PAGE: u64 = 4096;
@@ -47,6 +55,26 @@ struct Counts {
     stale_dirty: u64,
     in_flight: u64,
     written_after_harvest: u64,
+}
+
+/// How the vCPU was stopped for a round's harvest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    /// At a doorbell sync point, and so during the previous harvest: strict check.
+    Strict,
+    /// At a doorbell sync point, the previous round ran during its harvest.
+    AfterRunning,
+    /// Not stopped.
+    Running,
+}
+
+/// Stops the guest between two page writes: sync points on, pause at the next doorbell exit,
+/// sync points off again (the guest then runs at full speed after the resume).
+fn pause_between_writes(r: &VcpuRunner, ram: &dyn clearlog_test_guest::guest_ram::GuestRam) {
+    set_doorbell_sync(ram, true).unwrap();
+    r.pause_at_doorbell()
+        .expect("the guest rings the doorbell after each write");
+    set_doorbell_sync(ram, false).unwrap();
 }
 
 struct Harness<'a> {
@@ -83,8 +111,10 @@ impl Harness<'_> {
         std::mem::replace(&mut self.dest, Bitmap::new(self.block.pages() as usize))
     }
 
-    /// Check every working-set page after round `k` (see the module docs).
-    fn check(&mut self, k: u64, dirty: &Bitmap, exact: bool) {
+    /// Check every working-set page after round `k` (see the module docs). `round` is how the
+    /// vCPU was stopped for the harvest.
+    fn check(&mut self, k: u64, dirty: &Bitmap, round: Round) {
+        let exact = round != Round::Running;
         let mut next = Bitmap::new(self.wss_pages as usize);
         let mut stale_dirty = 0;
         let mut late = 0;
@@ -96,21 +126,26 @@ impl Harness<'_> {
             let sent = self.sent[i as usize];
             if dirty.test(p as usize) {
                 self.counts.dirty_seen += 1;
-                let fresh = if exact {
-                    v == k || v + 1 == k
-                } else {
-                    v + 1 >= k && v <= k + 1
+                let fresh = match round {
+                    Round::Strict => v == k,
+                    Round::AfterRunning => v == k || v + 1 == k,
+                    Round::Running => v + 1 >= k && v <= k + 1,
                 };
                 if fresh {
                     if v + 1 == k {
                         stale_dirty += 1;
                     }
-                } else if v == sent {
+                } else if v == sent && !exact {
                     // Reported but not written yet: the store that faulted (and so set the
                     // bit) had not retired when the harvest came. It retires later, faults
                     // again on the re-armed page, and must be reported next round.
                     in_flight += 1;
                     next.set(i as usize);
+                } else if v == sent {
+                    errors.push(format!(
+                        "page {p}: dirty but never written since its last read ({v}) at round {k} \
+                         with the vCPU stopped between two writes: a cleared bit came back"
+                    ));
                 } else {
                     errors.push(format!(
                         "page {p}: dirty but holds {v} (last read {sent}) at round {k}"
@@ -143,6 +178,12 @@ impl Harness<'_> {
         }
         // One write per bump can carry the old iteration (loaded before the bump), and the
         // in-flight page may have held the previous iteration already.
+        if round == Round::Strict && stale_dirty > 0 {
+            errors.push(format!(
+                "{stale_dirty} dirty pages hold the previous iteration at round {k} with the vCPU \
+                 stopped between writes since the last harvest: cleared bits came back"
+            ));
+        }
         if stale_dirty > 2 {
             errors.push(format!(
                 "{stale_dirty} dirty pages hold the previous iteration at round {k}: cleared bits came back"
@@ -164,9 +205,9 @@ impl Harness<'_> {
         self.counts.rounds += 1;
         assert!(
             errors.is_empty(),
-            "{} errors at round {k} ({}): {:?}",
+            "{} errors at round {k} ({:?}): {:?}",
             errors.len(),
-            if exact { "paused" } else { "running" },
+            round,
             &errors[..errors.len().min(10)]
         );
         self.must_be_dirty = next;
@@ -208,11 +249,11 @@ fn selftest(choice: DirtyLogChoice, shift_paused: u8, shift_running: u8) {
     let mut dirty_per_round = Vec::new();
     for _ in 0..ROUNDS {
         std::thread::sleep(Duration::from_millis(rng.range(1, 8)));
-        r.pause().unwrap();
+        pause_between_writes(&r, &mv.ram);
         set_iteration(&mv.ram, k + 1).unwrap();
         let dirty = h.harvest();
         dirty_per_round.push(dirty.count_ones());
-        h.check(k, &dirty, true);
+        h.check(k, &dirty, Round::Strict);
         r.resume().unwrap();
         k += 1;
     }
@@ -225,14 +266,28 @@ fn selftest(choice: DirtyLogChoice, shift_paused: u8, shift_running: u8) {
         set_iteration(&mv.ram, k + 1).unwrap();
         let dirty = h.harvest();
         dirty_per_round.push(dirty.count_ones());
-        h.check(k, &dirty, false);
+        h.check(k, &dirty, Round::Running);
         k += 1;
     }
-    // Final exact round: pause, harvest, every late write must show up now.
-    r.pause().unwrap();
+    // Exact round: stop between writes, harvest, every late write must show up now.
+    pause_between_writes(&r, &mv.ram);
     set_iteration(&mv.ram, k + 1).unwrap();
     let dirty = h.harvest();
-    h.check(k, &dirty, true);
+    h.check(k, &dirty, Round::AfterRunning);
+    // And a last strict round.
+    k += 1;
+    r.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(rng.range(1, 8)));
+    pause_between_writes(&r, &mv.ram);
+    set_iteration(&mv.ram, k + 1).unwrap();
+    let dirty = h.harvest();
+    h.check(k, &dirty, Round::Strict);
+    let doorbell_pauses = r.stats().doorbell_pauses;
+    assert_eq!(
+        doorbell_pauses,
+        ROUNDS + 2,
+        "every exact round stopped at a doorbell"
+    );
     let written = mon.pages_written().unwrap();
     r.stop().unwrap();
 

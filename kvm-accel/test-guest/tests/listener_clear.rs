@@ -3,8 +3,9 @@
 
 //! `KvmMemoryListener::log_clear` and its slot bookkeeping against the real kernel, through
 //! `MemorySystem` (DESIGN.md section 2): partial clears leave the rest of the 64-page word dirty
-//! in KVM, slots whose size is not a multiple of 64 pages, clear-before-sync is refused, slot
-//! removal and logging stop sync one last time, and the legacy-mode listener.
+//! in KVM, slots whose size is not a multiple of 64 pages, clear-before-sync clears nothing (and
+//! is no error), a remap between a sync and a chunk clear loses nothing, slot removal and logging
+//! stop sync one last time, and the legacy-mode listener.
 //!
 //! "Dirty in KVM" is observed with a sync while the vCPU is paused: in manual mode a sync is a
 //! pure `KVM_GET_DIRTY_LOG` that replaces the slot's cache, so the cache afterwards is exactly
@@ -12,9 +13,7 @@
 
 mod common;
 
-use clearlog_kvm::CacheError;
 use clearlog_kvm::DirtyLogChoice;
-use clearlog_kvm::Error;
 use clearlog_memory::DirtyClient;
 use clearlog_test_guest::layout::INFRA_END;
 use common::*;
@@ -172,18 +171,24 @@ fn region_of_100_pages() {
     r.stop().unwrap();
 }
 
-fn assert_clear_before_sync(e: &clearlog_memory::Error) {
-    assert!(
-        matches!(
-            kvm_error(e),
-            Some(Error::DirtyCache(CacheError::ClearBeforeSync { .. }))
-        ),
-        "expected ClearBeforeSync, got {e}"
-    );
+/// A clear before the slot's first sync since logging started: Ok, and no ioctl.
+fn assert_clear_before_sync_is_a_no_op(
+    mv: &MemVm,
+    clear: impl FnOnce() -> Result<(), clearlog_memory::Error>,
+) {
+    let before = mv.listener.stats();
+    if let Err(e) = clear() {
+        panic!("a clear before any sync must be a no-op, got {e}");
+    }
+    let after = mv.listener.stats();
+    assert_eq!(after.clears, before.clears, "no KVM_CLEAR_DIRTY_LOG");
+    assert_eq!(after.clears_before_sync, before.clears_before_sync + 1);
 }
 
+/// (Was `clear_before_sync_is_rejected`: since the remap finding, a clear of a never-synced slot
+/// is a no-op of the listener, not an error; nothing may be cleared in KVM either way.)
 #[test]
-fn clear_before_sync_is_rejected() {
+fn clear_before_sync_clears_nothing() {
     if !kvm_available() || !manual_available() {
         return;
     }
@@ -196,9 +201,8 @@ fn clear_before_sync_is_rejected() {
     );
     let t = mv.memory.add_ram("t", T_GPA, 64 * PAGE).unwrap();
     mv.memory.log_global_start().unwrap();
-    // log_global_start does not sync: nothing is known dirty, the clear must be an error.
-    let e = mv.memory.clear_dirty_bitmap(t, 0, 64 * PAGE).unwrap_err();
-    assert_clear_before_sync(&e);
+    // log_global_start does not sync: nothing is known dirty, the clear does nothing.
+    assert_clear_before_sync_is_a_no_op(&mv, || mv.memory.clear_dirty_bitmap(t, 0, 64 * PAGE));
     // And nothing was cleared in KVM: INITIALLY_SET bits are all still there.
     assert_eq!(paused_sync(&mv, t), (pages(0..64), pages(0..64)));
     mv.memory.clear_dirty_bitmap(t, 0, 64 * PAGE).unwrap();
@@ -206,15 +210,125 @@ fn clear_before_sync_is_rejected() {
     // Restarting logging gives the slot a fresh, never-synced cache.
     mv.memory.log_global_stop().unwrap();
     mv.memory.log_global_start().unwrap();
-    let e = mv.memory.clear_dirty_bitmap(t, 0, PAGE).unwrap_err();
-    assert_clear_before_sync(&e);
+    assert_clear_before_sync_is_a_no_op(&mv, || mv.memory.clear_dirty_bitmap(t, 0, PAGE));
     // Migration's chunk clear goes through the same path.
     let block = mv.memory.region_block(t).unwrap().0;
-    let e = mv
-        .memory
-        .clear_dirty_bitmap_block(&block, 0, 64 * PAGE)
-        .unwrap_err();
-    assert_clear_before_sync(&e);
+    assert_clear_before_sync_is_a_no_op(&mv, || {
+        mv.memory.clear_dirty_bitmap_block(&block, 0, 64 * PAGE)
+    });
+    // INITIALLY_SET on the restart: all 64 still dirty, none cleared by the no-op clears.
+    assert_eq!(paused_sync(&mv, t), (pages(0..64), pages(0..64)));
+}
+
+/// Finding 1: remapping a RAM region during a migration killed it. The sequence of a migration
+/// pass (sync, take Migration's bits, then clear each chunk before reading it) with an unmap +
+/// map of the region between the sync and the chunk clear: the new slot's cache was never
+/// synced and the clear was refused (`ClearBeforeSync`). Now the clear is a no-op, and no write
+/// is lost: those made before the unmap reach Migration through region_del's sync, those made on
+/// the new slot through its own syncs.
+fn remap_between_sync_and_clear(choice: DirtyLogChoice) {
+    let mv = MemVm::new(choice, INFRA_END);
+    let t = mv.memory.add_ram("t", T_GPA, 128 * PAGE).unwrap();
+    let block = mv.memory.region_block(t).unwrap().0;
+    mv.memory.log_global_start().unwrap();
+    let r = mv.start_dirtier();
+    let mut d = Dirtier {
+        mem: &mv.ram,
+        round: 0,
+    };
+    let mut to_send = clearlog_bitmap::Bitmap::new(128);
+    let mut clear = clearlog_memory::ClearBitmap::new(128, 6).unwrap();
+    let pass = |to_send: &mut clearlog_bitmap::Bitmap,
+                clear: &mut clearlog_memory::ClearBitmap,
+                remap: bool| {
+        mv.memory.log_sync_all().unwrap();
+        mv.memory
+            .try_sync_migration_bitmap(&block, to_send, Some(&mut *clear))
+            .unwrap();
+        let dirty: Vec<u64> = to_send.iter_ones().map(|p| p as u64).collect();
+        if remap {
+            mv.memory.unmap_region(t).unwrap();
+            mv.memory.map_region(t, T_GPA, 0).unwrap();
+        }
+        for &p in &dirty {
+            mv.memory
+                .clear_chunk_before_send(&block, clear, p)
+                .unwrap_or_else(|e| panic!("{choice:?}: chunk clear of page {p} failed: {e}"));
+            to_send.clear(p as usize);
+        }
+        dirty
+    };
+    // Drain what logging start reports (INITIALLY_SET: everything).
+    pass(&mut to_send, &mut clear, false);
+    pass(&mut to_send, &mut clear, false);
+
+    d.dirty(T_GPA, 10); // pages 0..10, reported by the next sync
+    let before = mv.listener.stats();
+    // The written pages of chunk 0 are known; before their chunk is cleared, the region is
+    // remapped, and the guest writes more: 64..69 on the old slot, right before the unmap...
+    mv.memory.log_sync_all().unwrap();
+    mv.memory
+        .try_sync_migration_bitmap(&block, &mut to_send, Some(&mut clear))
+        .unwrap();
+    let reported: Vec<u64> = to_send.iter_ones().map(|p| p as u64).collect();
+    assert!(
+        (0..10).all(|p| reported.contains(&p)),
+        "{choice:?}: {reported:?}"
+    );
+    d.dirty(T_GPA + 64 * PAGE, 5);
+    mv.memory.unmap_region(t).unwrap();
+    mv.memory.map_region(t, T_GPA, 0).unwrap();
+    for p in reported {
+        mv.memory
+            .clear_chunk_before_send(&block, &mut clear, p)
+            .unwrap_or_else(|e| panic!("{choice:?}: chunk clear after the remap failed: {e}"));
+        to_send.clear(p as usize);
+    }
+    if choice != DirtyLogChoice::Legacy {
+        assert!(
+            mv.listener.stats().clears_before_sync > before.clears_before_sync,
+            "{choice:?}: the clear of the new slot should have been a counted no-op"
+        );
+    }
+    // ...and 0..3 and 100..102 on the new slot, after the "send".
+    d.dirty(T_GPA, 3);
+    d.dirty(T_GPA + 100 * PAGE, 2);
+    r.pause().unwrap();
+    let got = pass(&mut to_send, &mut clear, false);
+    for p in (64..69).chain(0..3).chain(100..102) {
+        assert!(
+            got.contains(&p),
+            "{choice:?}: LOST WRITE: page {p} written around the remap is not reported: {got:?}"
+        );
+    }
+    // Once more with the remap inside a pass, the vCPU running again.
+    r.resume().unwrap();
+    d.dirty(T_GPA + 70 * PAGE, 4);
+    pass(&mut to_send, &mut clear, true);
+    d.dirty(T_GPA + 71 * PAGE, 1);
+    r.pause().unwrap();
+    let got = pass(&mut to_send, &mut clear, false);
+    assert!(
+        got.contains(&71),
+        "{choice:?}: LOST WRITE: page 71: {got:?}"
+    );
+    r.stop().unwrap();
+}
+
+#[test]
+fn remapping_a_region_during_migration_does_not_kill_it() {
+    if !kvm_available() {
+        return;
+    }
+    let _s = serial();
+    remap_between_sync_and_clear(DirtyLogChoice::Legacy);
+    if !manual_available() {
+        return;
+    }
+    remap_between_sync_and_clear(MANUAL);
+    remap_between_sync_and_clear(DirtyLogChoice::Manual {
+        initially_set: true,
+    });
 }
 
 #[test]

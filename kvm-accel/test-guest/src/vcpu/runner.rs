@@ -88,6 +88,8 @@ pub enum RunState {
 enum Want {
     Run,
     Pause,
+    /// Pause when the guest next exits on a write to the MMIO doorbell.
+    PauseAtDoorbell,
     Stop,
 }
 
@@ -108,6 +110,8 @@ struct Shared {
     last_mmio_addr: AtomicU64,
     last_mmio_value: AtomicU64,
     kicks: AtomicU64,
+    doorbell_pauses: AtomicU64,
+    fail_next_pause: AtomicBool,
 }
 
 impl Shared {
@@ -138,6 +142,8 @@ pub struct RunStats {
     pub last_mmio_value: u64,
     /// `KVM_RUN` returns caused by kicks (`EINTR`).
     pub kicks: u64,
+    /// Pauses taken at a doorbell exit ([`VcpuRunner::pause_at_doorbell`]).
+    pub doorbell_pauses: u64,
 }
 
 /// A vCPU running on its own thread.
@@ -178,18 +184,28 @@ fn run_loop(shared: &Shared) -> RunState {
     let run_ptr: *mut kvm_run = guard.fd_mut().get_kvm_run();
     KVM_RUN_PTR.with(|c| c.set(run_ptr));
     let index = shared.index;
+    // Set when the last exit was a write to the doorbell: the guest is at a sync point.
+    let mut at_doorbell = false;
     let result = loop {
-        if shared.pending.swap(false, Ordering::AcqRel) {
+        let doorbell_sync =
+            std::mem::take(&mut at_doorbell) && shared.ctl().want == Want::PauseAtDoorbell;
+        if doorbell_sync || shared.pending.swap(false, Ordering::AcqRel) {
             let mut ctl = shared.ctl();
             match ctl.want {
                 Want::Run => {}
+                // A doorbell pause is taken only right after a doorbell exit; anywhere else
+                // (another wish's kick) the vCPU keeps running.
+                Want::PauseAtDoorbell if !doorbell_sync => {}
                 Want::Stop => break RunState::Stopped,
-                Want::Pause => {
+                Want::Pause | Want::PauseAtDoorbell => {
+                    if doorbell_sync {
+                        shared.doorbell_pauses.fetch_add(1, Ordering::Relaxed);
+                    }
                     // Park: release the vCPU, report, wait for another wish.
                     drop(guard);
                     ctl.state = RunState::Paused;
                     shared.cv.notify_all();
-                    while ctl.want == Want::Pause {
+                    while matches!(ctl.want, Want::Pause | Want::PauseAtDoorbell) {
                         ctl = shared.cv.wait(ctl).unwrap_or_else(|p| p.into_inner());
                     }
                     if ctl.want == Want::Stop {
@@ -229,6 +245,7 @@ fn run_loop(shared: &Shared) -> RunState {
                     .store(u64::from_le_bytes(v), Ordering::Release);
                 shared.last_mmio_addr.store(addr, Ordering::Release);
                 shared.mmio_exits.fetch_add(1, Ordering::Release);
+                at_doorbell = addr == crate::layout::DOORBELL_ADDR;
             }
             Ok(VcpuExit::MmioRead(_, data)) => {
                 data.fill(0xff);
@@ -276,6 +293,8 @@ impl VcpuRunner {
             last_mmio_addr: AtomicU64::new(0),
             last_mmio_value: AtomicU64::new(0),
             kicks: AtomicU64::new(0),
+            doorbell_pauses: AtomicU64::new(0),
+            fail_next_pause: AtomicBool::new(false),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -319,6 +338,7 @@ impl VcpuRunner {
             last_mmio_addr: self.shared.last_mmio_addr.load(Ordering::Acquire),
             last_mmio_value: self.shared.last_mmio_value.load(Ordering::Acquire),
             kicks: self.shared.kicks.load(Ordering::Acquire),
+            doorbell_pauses: self.shared.doorbell_pauses.load(Ordering::Acquire),
         }
     }
 
@@ -386,9 +406,68 @@ impl VcpuRunner {
     }
 
     /// Stops the vCPU and returns once its thread is out of `KVM_RUN` and parked.
+    ///
+    /// The kick can land anywhere in the guest program, also between a store that faulted (its
+    /// page already marked dirty) and its retirement. To stop between two guest steps, use
+    /// [`pause_at_doorbell`](Self::pause_at_doorbell).
     pub fn pause(&self) -> Result<()> {
+        if self.shared.fail_next_pause.swap(false, Ordering::AcqRel) {
+            return Err(Error::Injected {
+                vcpu: self.index(),
+                what: "pause",
+            });
+        }
         self.request(Want::Pause)?;
         self.wait_for("pause", |s| *s == RunState::Paused)
+    }
+
+    /// Pauses the vCPU at its next exit on a write to the MMIO doorbell
+    /// ([`DOORBELL_ADDR`](crate::layout::DOORBELL_ADDR)) and returns once it is parked: the guest
+    /// is then at a sync point of its program (every store before the doorbell write retired,
+    /// none after it started). No kick is sent; the guest must ring the doorbell within the
+    /// timeout (the `random` workload does after every page write while
+    /// [`FLAG_DOORBELL_SYNC`](crate::workload::params::FLAG_DOORBELL_SYNC) is set).
+    ///
+    /// On a timeout the wish is withdrawn (the vCPU keeps running) and
+    /// [`Error::VcpuTimeout`] is returned.
+    pub fn pause_at_doorbell(&self) -> Result<()> {
+        {
+            let mut ctl = self.shared.ctl();
+            if let RunState::Failed(reason) = &ctl.state {
+                return Err(Error::VcpuFailed {
+                    vcpu: self.index(),
+                    reason: reason.clone(),
+                });
+            }
+            if ctl.state == RunState::Paused {
+                return Ok(());
+            }
+            ctl.want = Want::PauseAtDoorbell;
+            self.shared.cv.notify_all();
+        }
+        let r = self.wait_for("pause at the doorbell", |s| *s == RunState::Paused);
+        if r.is_err() {
+            self.cancel_pause();
+        }
+        r
+    }
+
+    /// Withdraws a pause that was asked for but not reached (the vCPU stays running). A vCPU
+    /// already parked stays paused (use [`resume`](Self::resume)).
+    pub fn cancel_pause(&self) {
+        let mut ctl = self.shared.ctl();
+        if ctl.state == RunState::Running && matches!(ctl.want, Want::Pause | Want::PauseAtDoorbell)
+        {
+            ctl.want = Want::Run;
+            self.shared.cv.notify_all();
+        }
+    }
+
+    /// Fault injection, for testing the failure paths of callers (e.g. a migration engine):
+    /// the next [`pause`](Self::pause) of this vCPU fails with [`Error::Injected`] without
+    /// pausing it.
+    pub fn inject_pause_failure(&self) {
+        self.shared.fail_next_pause.store(true, Ordering::Release);
     }
 
     /// Lets a paused vCPU run again; returns once the thread has left its parking spot.

@@ -377,6 +377,26 @@ pub fn set_iteration(ram: &(impl GuestRam + ?Sized), value: u64) -> Result<()> {
     ram.store_u64(PARAMS_ADDR + P_ITERATION, value)
 }
 
+/// Turns the `random` workload's doorbell sync points on or off
+/// ([`params::FLAG_DOORBELL_SYNC`]; used with
+/// [`VcpuRunner::pause_at_doorbell`](crate::vcpu::runner::VcpuRunner::pause_at_doorbell)).
+///
+/// # Example
+///
+/// ```
+/// use clearlog_test_guest::guest_ram::GuestRam;
+/// use vm_memory::{GuestAddress, GuestMemoryMmap};
+///
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+/// clearlog_test_guest::workload::set_doorbell_sync(&mem, true).unwrap();
+/// ```
+pub fn set_doorbell_sync(ram: &(impl GuestRam + ?Sized), on: bool) -> Result<()> {
+    ram.store_u64(
+        PARAMS_ADDR + P_FLAGS,
+        if on { FLAG_DOORBELL_SYNC } else { 0 },
+    )
+}
+
 /// Changes the dirty rate of a running workload (VM-wide bytes/s over `vcpus` vCPUs;
 /// 0 = unpaced).
 ///

@@ -15,7 +15,7 @@
 //! | 32     | `ticks_per_page` | TSC ticks between page writes, per vCPU; 0 = unpaced; read at every write, so the host may change it at runtime |
 //! | 40     | `seed`           | PRNG seed (`random`)                                      |
 //! | 48     | `iteration`      | value the `random` workload stores at offset 0 of each page it writes; the host may change it at runtime |
-//! | 56     | `flags`          | reserved, 0                                               |
+//! | 56     | `flags`          | [`FLAG_DOORBELL_SYNC`]: the `random` workload rings the doorbell after every page write (read at every write) |
 //! | 64     | `max_lag_ticks`  | if pacing falls further behind than this, the backlog is dropped (no burst after a pause) |
 //! | 72     | `vcpus`          | number of vCPUs running the workload                      |
 //!
@@ -64,6 +64,16 @@ pub const C_READY: u64 = 16;
 /// [`DOORBELL_ADDR`](crate::layout::DOORBELL_ADDR) once they are ready.
 pub const DOORBELL_READY: u32 = 1;
 
+/// `flags` bit: while set, the `random` workload writes [`DOORBELL_SYNC`] to the MMIO doorbell
+/// after each page write (both of its stores), a sync point where
+/// [`VcpuRunner::pause_at_doorbell`](crate::vcpu::runner::VcpuRunner::pause_at_doorbell) stops it
+/// between two writes. Each ring is a VM exit: set it only to stop the guest.
+pub const FLAG_DOORBELL_SYNC: u64 = 1;
+
+/// Value the `random` workload writes (as a `u32`) to the doorbell at a sync point
+/// ([`FLAG_DOORBELL_SYNC`]).
+pub const DOORBELL_SYNC: u32 = 2;
+
 /// The parameter block, host side.
 ///
 /// # Example
@@ -89,7 +99,7 @@ pub struct ParamBlock {
     pub seed: u64,
     /// Iteration value written into pages.
     pub iteration: u64,
-    /// Reserved flags.
+    /// Flags ([`FLAG_DOORBELL_SYNC`]).
     pub flags: u64,
     /// Largest pacing backlog kept, in TSC ticks.
     pub max_lag_ticks: u64,

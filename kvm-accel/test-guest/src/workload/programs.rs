@@ -130,6 +130,11 @@ pub fn random(ip: u64) -> Result<Vec<u8>> {
         a.inc(rax)?;
         a.mov(qword_ptr(rsi + C_PAGES_WRITTEN as i32), rax)?;
         a.mov(qword_ptr(rdx + 8), rax)?;
+        // Sync point: both stores of this page are done; ring the doorbell if asked to.
+        a.test(qword_ptr(rdi + P_FLAGS as i32), FLAG_DOORBELL_SYNC as i32)?;
+        a.jz(top)?;
+        a.mov(rax, crate::layout::DOORBELL_ADDR)?;
+        a.mov(dword_ptr(rax), DOORBELL_SYNC)?;
         a.jmp(top)?;
         a.assemble(ip)
     })()

@@ -100,6 +100,7 @@ mod dirty;
 mod error;
 mod listener;
 mod migration_sync;
+mod populated;
 mod ram;
 mod region;
 mod snapshot;

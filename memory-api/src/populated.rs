@@ -141,7 +141,8 @@ pub(crate) const PAGEMAP_SCAN: u64 = iowr(b'f', 16, std::mem::size_of::<PmScanAr
 /// more than 256 separate runs of populated pages are in it; then the walk continues.
 const REGIONS_PER_CALL: usize = 256;
 
-/// `PAGEMAP_SCAN` refused (ENOTTY/EINVAL: a kernel before 6.7) or `/proc/self/pagemap` missing:
+/// `PAGEMAP_SCAN` refused (ENOTTY/EINVAL: a kernel before 6.7; EPERM: a seccomp sandbox) or
+/// `/proc/self/pagemap` missing:
 /// private anonymous blocks then count as fully populated.
 static SCAN_MISSING: AtomicBool = AtomicBool::new(false);
 
@@ -213,14 +214,16 @@ pub(crate) fn scan(
         // `pm_scan_arg`: its `size` field says so), writes back inside `arg` (its `walk_end`) and at most
         // `arg.vec_len` entries of `regions` (a live local array of exactly that many
         // `page_region`s, each valid for any bit pattern). No flag asks it to change the page
-        // tables: it only reads them. The fd is the process's pagemap file, open for the
-        // process's lifetime; `'f'` ioctls on another fd would fail, not write elsewhere.
+        // tables: it only reads them. The fd is always this process's `/proc/self/pagemap`
+        // (opened once by `pagemap()` and never closed), whose handler has exactly this contract.
         let rc = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
         if rc < 0 {
             let error = io::Error::last_os_error();
             match error.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                Some(libc::ENOTTY) | Some(libc::EINVAL) => {
+                // ENOTTY/EINVAL: a kernel without PAGEMAP_SCAN (or with another `pm_scan_arg`);
+                // EPERM/EACCES/ENOSYS: a sandbox (seccomp) refuses the ioctl.
+                Some(libc::ENOTTY | libc::EINVAL | libc::EPERM | libc::EACCES | libc::ENOSYS) => {
                     scan_missing(&format!("PAGEMAP_SCAN: {error}"));
                     return Ok(false);
                 }
@@ -315,6 +318,20 @@ impl Populated {
             return Ok(());
         }
         let base = out.len();
+        let result = self.query_into(mapping, pages, base, out);
+        if result.is_err() {
+            out.truncate(base);
+        }
+        result
+    }
+
+    fn query_into(
+        &self,
+        mapping: &MmapRegion<DirtyBitmap>,
+        pages: Range<u64>,
+        base: usize,
+        out: &mut Vec<Range<u64>>,
+    ) -> Result<()> {
         let everything = |out: &mut Vec<Range<u64>>| -> Result<()> {
             out.truncate(base);
             out.push(pages.clone());

@@ -405,8 +405,10 @@ impl RamBlock {
     /// - **Shared without a known file** (an adopted `MAP_SHARED | MAP_ANONYMOUS` or raw mapping):
     ///   the whole range.
     ///
-    /// Without `PAGEMAP_SCAN` (kernel before 6.7, or no `/proc`), a private anonymous range is
-    /// reported whole (correct, just no faster than reading it); this is logged once per process.
+    /// Without `PAGEMAP_SCAN` (kernel before 6.7, no `/proc`, or a seccomp sandbox refusing the
+    /// ioctl), a private anonymous range is reported whole (correct, just no faster than reading
+    /// it); this is logged once per process. The same holds for a file-backed block whose file
+    /// cannot be reopened through `/proc/self/fd` (logged once per block).
     ///
     /// The answer is a snapshot: a page written after the call is not in it. Migration asks after
     /// re-arming a chunk's dirty tracking, so such a write is caught by the next dirty sync. The call
@@ -415,8 +417,8 @@ impl RamBlock {
     /// # Errors
     ///
     /// [`Error::OutOfRange`] if the range is not inside the block (nothing is appended);
-    /// [`Error::PopulatedScan`] if the kernel fails the query unexpectedly (`out` may then hold part
-    /// of the answer: treat the range as populated).
+    /// [`Error::PopulatedScan`] if the kernel fails the query unexpectedly (nothing is appended:
+    /// treat the range as populated).
     ///
     /// # Examples
     ///

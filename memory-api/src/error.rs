@@ -227,6 +227,18 @@ pub enum Error {
         /// What was refused (`"add a RAM block"`, `"remove a RAM region"`).
         what: &'static str,
     },
+    /// Asking the kernel which pages of a RAM block are populated failed unexpectedly
+    /// ([`crate::RamBlock::populated_pages`]): `PAGEMAP_SCAN` or `lseek(SEEK_DATA/SEEK_HOLE)`
+    /// returned an error other than "not supported" (which is not an error: the range then counts
+    /// as populated). A caller can treat the range as fully populated and read it.
+    #[error("cannot tell which guest pages are populated: {what}: {source}")]
+    PopulatedScan {
+        /// What failed.
+        what: &'static str,
+        /// The system call's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A caller-owned bitmap is too small for the RAM block it is used with.
     #[error("{what} holds {have} bits, the block needs {need}")]
     BitmapTooSmall {

@@ -10,6 +10,9 @@
 //! - [`RamBlock`] (`ram`): guest RAM in host memory (vm-memory's `MmapRegion<DirtyBitmap>`), placed
 //!   in one RAM address space at a 64-page-aligned page offset. Host-side writes through
 //!   [`RamBlock::write`] always mark the pages dirty.
+//! - [`RamBlock::populated_pages`] (`populated`): which pages of a block may hold data, from the
+//!   page tables (`PAGEMAP_SCAN`) or the backing file (`SEEK_DATA`), so migration can send
+//!   never-populated memory as zero without reading it.
 //! - [`RamBacking`] (`backing`): where a block's memory comes from: private anonymous memory, a
 //!   memfd (optionally hugetlb) or the caller's file at an offset, mapped shared (vhost-user).
 //! - [`DirtyBitmap`] (`vm_bitmap`): a vm-memory bitmap backend over the dirty-memory clients, so
@@ -100,6 +103,7 @@ mod dirty;
 mod error;
 mod listener;
 mod migration_sync;
+mod populated;
 mod ram;
 mod region;
 mod snapshot;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 use crate::backing::NewMapping;
+use crate::populated::Populated;
 use crate::{DirtyBitmap, DirtyMemory, Error, RamBacking, Result, PAGE_SHIFT, PAGE_SIZE};
 
 /// Identifies a RAM block inside one [`crate::MemorySystem`].
@@ -61,6 +62,7 @@ pub struct RamBlock {
     pages: u64,
     ram_page_offset: u64,
     dirty: Arc<DirtyMemory>,
+    populated: Populated,
 }
 
 impl RamBlock {
@@ -96,9 +98,11 @@ impl RamBlock {
                 tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_HUGEPAGE) on guest RAM");
             }
         }
+        let populated = Populated::for_mapping(&mapping);
         Ok(RamBlock {
             id,
             name: name.to_owned(),
+            populated,
             mapping,
             pages,
             ram_page_offset,
@@ -376,6 +380,93 @@ impl RamBlock {
         let untracked = unsafe { VolatileSlice::new(start, data.len()) };
         untracked.copy_from(data);
         Ok(())
+    }
+
+    /// Append to `out` the sub-ranges of pages `[first_page, first_page + npages)` (block page
+    /// numbers) that MAY hold non-zero data: sorted, merged (adjacent ranges this call appends are
+    /// joined; `out`'s earlier entries are left alone) and clipped to the asked range. Every other
+    /// page of the range is guaranteed to read as zero right now, without being read: a migration
+    /// source can send it as a zero page.
+    ///
+    /// How the block knows, by its host memory:
+    ///
+    /// - **Private anonymous** ([`RamBacking::Anonymous`], an adopted vm-memory `from_ranges`
+    ///   region): this process's page tables, with the `PAGEMAP_SCAN` ioctl (Linux 6.7+). A page
+    ///   neither present nor swapped (nor otherwise non-empty) was never written since the mapping
+    ///   was made, or was discarded (`MADV_DONTNEED`). Swapped pages are reported. Pages mapped to
+    ///   the shared zero page (read but never written) are reported too (they are read and found
+    ///   zero). With transparent huge pages, a touched huge page is reported whole (512 pages).
+    /// - **Shared file** ([`RamBacking::Memfd`], [`RamBacking::File`], an adopted region with a
+    ///   `FileOffset`): the file's data ranges (`lseek(SEEK_DATA/SEEK_HOLE)` on a private reopen of
+    ///   the file, so the caller's file offset does not move). Writes through any mapping of the
+    ///   file, by any process, and `pwrite`s are seen. File systems without hole tracking
+    ///   (hugetlbfs) report everything.
+    /// - **Private file mapping** (an adopted region): both of the above, merged.
+    /// - **Shared without a known file** (an adopted `MAP_SHARED | MAP_ANONYMOUS` or raw mapping):
+    ///   the whole range.
+    ///
+    /// Without `PAGEMAP_SCAN` (kernel before 6.7, no `/proc`, or a seccomp sandbox refusing the
+    /// ioctl), a private anonymous range is reported whole (correct, just no faster than reading
+    /// it); this is logged once per process. The same holds for a file-backed block whose file
+    /// cannot be reopened through `/proc/self/fd` (logged once per block).
+    ///
+    /// The answer is a snapshot: a page written after the call is not in it. Migration asks after
+    /// re-arming a chunk's dirty tracking, so such a write is caught by the next dirty sync. The call
+    /// costs one ioctl (or two `lseek`s per data run) and allocates nothing beyond growing `out`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] if the range is not inside the block (nothing is appended);
+    /// [`Error::PopulatedScan`] if the kernel fails the query unexpectedly (nothing is appended:
+    /// treat the range as populated).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{Error, MemorySystem, PAGE_SIZE};
+    ///
+    /// let mem = MemorySystem::with_ram_capacity(1 << 30);
+    /// mem.add_ram("ram", 0, 1 << 30).unwrap(); // untouched: costs nothing
+    /// let block = &mem.ram_blocks()[0];
+    /// block.write(5 * PAGE_SIZE, b"x").unwrap();
+    ///
+    /// let mut populated = Vec::new();
+    /// block.populated_pages(0, block.pages(), &mut populated).unwrap();
+    /// // Page 5 may hold data (with transparent huge pages, its whole 2 MiB is reported).
+    /// assert!(populated.iter().any(|r| r.contains(&5)));
+    /// // Far fewer than the block's 262144 pages (unless the kernel lacks PAGEMAP_SCAN).
+    /// let reported: u64 = populated.iter().map(|r| r.end - r.start).sum();
+    /// assert!(reported >= 1);
+    ///
+    /// assert!(matches!(
+    ///     block.populated_pages(block.pages() - 1, 2, &mut populated),
+    ///     Err(Error::OutOfRange { .. })
+    /// ));
+    /// ```
+    pub fn populated_pages(
+        &self,
+        first_page: u64,
+        npages: u64,
+        out: &mut Vec<std::ops::Range<u64>>,
+    ) -> Result<()> {
+        match first_page.checked_add(npages) {
+            Some(end) if end <= self.pages => {
+                self.populated.query(&self.mapping, first_page..end, out)
+            }
+            _ => Err(Error::OutOfRange {
+                what: "block",
+                offset: first_page.saturating_mul(PAGE_SIZE),
+                len: npages.saturating_mul(PAGE_SIZE),
+                size: self.size(),
+            }),
+        }
+    }
+
+    /// Test switch ([`crate::testing::force_populated_fallback`]): answer as on a kernel without
+    /// `PAGEMAP_SCAN` or `SEEK_DATA`.
+    #[cfg(feature = "testing")]
+    pub(crate) fn set_populated_fallback(&self, on: bool) {
+        self.populated.set_force_fallback(on);
     }
 
     /// The dirty bitmaps this block's writes mark (identifies the owning memory system).

@@ -67,6 +67,29 @@ use crate::{
     ClearBitmap, DirtyClient, MemoryListener, MemorySystem, RamBlock, RegionId, Section, PAGE_SHIFT,
 };
 
+/// Make [`RamBlock::populated_pages`] of `block` answer as on a kernel without `PAGEMAP_SCAN` or
+/// `SEEK_DATA` (`on = true`): every asked range is reported whole. For testing a caller's fallback
+/// path (e.g. a migration that must then read every page); `false` restores the real answer. Only
+/// this block is affected, so tests running in parallel do not see it.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_memory::testing::force_populated_fallback;
+/// use clearlog_memory::MemorySystem;
+///
+/// let mem = MemorySystem::with_ram_capacity(1 << 24);
+/// mem.add_ram("ram", 0, 1 << 20).unwrap();
+/// let block = &mem.ram_blocks()[0];
+/// force_populated_fallback(block, true);
+/// let mut populated = Vec::new();
+/// block.populated_pages(10, 20, &mut populated).unwrap();
+/// assert_eq!(populated, [10..30]);
+/// ```
+pub fn force_populated_fallback(block: &RamBlock, on: bool) {
+    block.set_populated_fallback(on);
+}
+
 /// Dirties a guest page as the guest would, so only the accelerator's dirty log sees it.
 ///
 /// `page` is relative to the start of `section` (guest-physical address

@@ -2,14 +2,17 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! `clear_chunk_before_send` is cheap per call: no heap allocation, whatever the number of blocks
-//! and sections (it finds the block's sections through a per-block index).
+//! and sections (it finds the block's sections through a per-block index). So is
+//! `RamBlock::populated_pages`, which the migration engine calls right after it for each chunk.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
 
 use clearlog_bitmap::Bitmap;
-use clearlog_memory::{ClearBitmap, ListenerError, MemoryListener, MemorySystem, Section};
+use clearlog_memory::{
+    ClearBitmap, ListenerError, MemoryListener, MemorySystem, RamBacking, Section, PAGE_SIZE,
+};
 
 /// Counts this thread's allocations.
 struct Counting;
@@ -71,4 +74,33 @@ fn clear_chunk_before_send_does_not_allocate() {
     let allocs = ALLOCS.with(Cell::get) - before;
     assert_eq!(allocs, 0, "clear_chunk_before_send allocated");
     assert_eq!(nop.0.load(std::sync::atomic::Ordering::Relaxed), 128);
+}
+
+#[test]
+fn populated_pages_does_not_allocate() {
+    let mem = MemorySystem::with_ram_capacity(1 << 30);
+    mem.add_ram("anon", 0, 64 << 20).unwrap();
+    mem.add_ram_backed(
+        "shm",
+        64 << 20,
+        64 << 20,
+        RamBacking::Memfd { hugetlb: false },
+    )
+    .unwrap();
+    for block in mem.ram_blocks() {
+        for p in (0..block.pages()).step_by(7) {
+            block.write(p * PAGE_SIZE, &[1]).unwrap();
+        }
+        // The first query opens what it needs (the pagemap or a reopen of the file) once.
+        let mut out = Vec::with_capacity(block.pages() as usize);
+        block.populated_pages(0, 4096, &mut out).unwrap();
+        let before = ALLOCS.with(Cell::get);
+        for chunk in (0..block.pages()).step_by(4096) {
+            out.clear();
+            block.populated_pages(chunk, 4096, &mut out).unwrap();
+            assert!(!out.is_empty());
+        }
+        let allocs = ALLOCS.with(Cell::get) - before;
+        assert_eq!(allocs, 0, "populated_pages allocated ({})", block.name());
+    }
 }

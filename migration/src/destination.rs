@@ -3,7 +3,7 @@
 
 //! The destination side: load, verify, restore, acknowledge, resume.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::{BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
@@ -181,6 +181,12 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
             Err(e) => return Err(refuse(ack_target, e)),
         };
         let vm_err = |hook| move |source| Error::Vm { hook, source };
+        // A snapshot (no source waiting for us) is verified before anything else happens to it.
+        let mut verified_early = false;
+        if verify_after && !wants_ack {
+            self.verify_now(&mut r, &mut stats, received.split_off(0), None)?;
+            verified_early = true;
+        }
         if let Err(e) = vm.check_loaded().map_err(vm_err("check_loaded")) {
             return Err(refuse(ack_target, e));
         }
@@ -206,48 +212,52 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                 ),
             });
         }
-        // A live destination resumes as soon as the source committed and verifies after; a
-        // snapshot (no source waiting) is verified first.
-        let resume_now = resume && (wants_ack || !verify_after);
-        if resume_now {
+        // A live destination resumes as soon as the source committed, then verifies.
+        if resume {
             vm.resume().map_err(vm_err("resume"))?;
             stats.resumed = true;
             stats.resumed_at_unix_ns = crate::source::unix_ns();
         }
-        if verify_after {
-            let t = Instant::now();
-            let result = verify_after_resume(&mut r, &self.mem.blocks(), received);
-            stats.verify_after_ms = t.elapsed().as_secs_f64() * 1000.0;
-            let mismatched = match result {
-                Ok(m) => m,
-                Err(e) => return Err(Error::VerificationIncomplete(e.to_string())),
-            };
-            stats.mismatched_pages = mismatched.count;
-            if let Some(w) = writer.as_mut().filter(|_| wants_ack) {
-                send_verdict(w.as_mut(), mismatched.count, stats.resumed_at_unix_ns).map_err(
-                    |e| Error::VerificationIncomplete(format!("sending the verdict: {e}")),
-                )?;
-            }
-            if mismatched.count > 0 {
-                return Err(Error::VerificationFailed {
-                    mismatched_pages: mismatched.count,
-                    first: mismatched.first.join(", "),
-                    after: if stats.resumed {
-                        "this destination guest is RUNNING on wrong memory: stop it; the source \
-                         still holds the guest, paused"
-                    } else {
-                        "this destination did not resume the guest"
-                    },
-                });
-            }
+        if verify_after && !verified_early {
+            let verdict_to = writer.as_mut().map(|w| w.as_mut() as &mut dyn Write);
+            self.verify_now(&mut r, &mut stats, received, verdict_to)?;
         }
         stats.verified = true;
-        if resume && !resume_now {
-            vm.resume().map_err(vm_err("resume"))?;
-            stats.resumed = true;
-            stats.resumed_at_unix_ns = crate::source::unix_ns();
-        }
+        stats.bytes_received = r.bytes_read();
         Ok(stats)
+    }
+
+    /// Read the source's final digests, compare them with the pages as received, answer with the
+    /// verdict (`verdict_to`, a live source), and fail naming the pages that differ.
+    fn verify_now<R: Read>(
+        &self,
+        r: &mut StreamReader<R>,
+        stats: &mut IncomingStats,
+        received: Vec<BTreeMap<u64, u64>>,
+        verdict_to: Option<&mut dyn Write>,
+    ) -> Result<()> {
+        let t = Instant::now();
+        let result = verify_after_resume(r, &self.mem.blocks(), received);
+        stats.verify_after_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let mismatched = result.map_err(|e| Error::VerificationIncomplete(e.to_string()))?;
+        stats.mismatched_pages = mismatched.count;
+        if let Some(w) = verdict_to {
+            send_verdict(w, mismatched.count, stats.resumed_at_unix_ns)
+                .map_err(|e| Error::VerificationIncomplete(format!("sending the verdict: {e}")))?;
+        }
+        if mismatched.count > 0 {
+            return Err(Error::VerificationFailed {
+                mismatched_pages: mismatched.count,
+                first: mismatched.first.join(", "),
+                after: if stats.resumed {
+                    "this destination guest is RUNNING on wrong memory: stop it; the source \
+                     still holds the guest, paused"
+                } else {
+                    "this destination did not resume the guest"
+                },
+            });
+        }
+        Ok(())
     }
 
     /// Read everything up to the end marker and verify the digests; returns the state blobs.
@@ -260,7 +270,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         r: &mut StreamReader<R>,
         stats: &mut IncomingStats,
         flags: &mut u32,
-        received: &mut Vec<HashMap<u64, u64>>,
+        received: &mut Vec<BTreeMap<u64, u64>>,
     ) -> Result<Vec<StateBlob>> {
         let header = r.read_header(PAGE_SIZE as u32)?;
         *flags = header.flags;
@@ -292,8 +302,9 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         }
         let zero_page = vec![0u8; PAGE_SIZE as usize];
         let mut scratch = Box::new([0u8; PAGE_SIZE as usize]);
+        let mut populated = Vec::new();
         *received = if track {
-            blocks.iter().map(|_| HashMap::new()).collect()
+            blocks.iter().map(|_| BTreeMap::new()).collect()
         } else {
             Vec::new()
         };
@@ -339,6 +350,40 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                         }
                         stats.pages_received += 1;
                     }
+                }
+                Record::ZeroRange {
+                    block,
+                    first_page,
+                    npages,
+                } => {
+                    if in_digests {
+                        return Err(Error::UnexpectedRecord("zero range after the digest table"));
+                    }
+                    let ram = &blocks[block as usize];
+                    // Only pages our own memory may have populated need zeroing: fresh RAM is
+                    // zero, and asking costs one query, not a read of every page.
+                    populated.clear();
+                    ram.populated(first_page, npages, &mut populated)
+                        .map_err(mem_err("asking which pages are populated"))?;
+                    for range in &populated {
+                        for page in range.clone() {
+                            ram.read(page * PAGE_SIZE, &mut scratch[..])
+                                .map_err(mem_err("reading a page"))?;
+                            if !is_zero_page(&scratch) {
+                                ram.write_untracked(page * PAGE_SIZE, &zero_page)
+                                    .map_err(mem_err("loading a zero page"))?;
+                            }
+                        }
+                    }
+                    if let Some(table) = received.get_mut(block as usize) {
+                        let end = first_page + npages;
+                        let gone: Vec<u64> =
+                            table.range(first_page..end).map(|(p, _)| *p).collect();
+                        for page in gone {
+                            table.remove(&page);
+                        }
+                    }
+                    stats.zero_range_pages += npages;
                 }
                 Record::State(blob) => {
                     if in_digests {
@@ -447,7 +492,7 @@ impl Mismatches {
 fn verify_after_resume<R: Read, B: MigrationBlock>(
     r: &mut StreamReader<R>,
     blocks: &[B],
-    mut received: Vec<HashMap<u64, u64>>,
+    mut received: Vec<BTreeMap<u64, u64>>,
 ) -> Result<Mismatches> {
     let mut bad = Mismatches {
         count: 0,

@@ -168,6 +168,24 @@ impl MigrationBlock for RamBlock {
     fn write_untracked(&self, offset: u64, data: &[u8]) -> MemoryResult<()> {
         Ok(RamBlock::write_untracked(self, offset, data)?)
     }
+    fn populated(
+        &self,
+        first_page: u64,
+        npages: u64,
+        out: &mut Vec<std::ops::Range<u64>>,
+    ) -> MemoryResult<()> {
+        match self.populated_pages(first_page, npages, out) {
+            Ok(()) => Ok(()),
+            // The kernel could not tell: every page may hold data (correct, only slower).
+            Err(clearlog_memory::Error::PopulatedScan { .. }) => {
+                if npages > 0 {
+                    out.push(first_page..first_page + npages);
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 impl<T: MigrationBlock + ?Sized> MigrationBlock for Arc<T> {

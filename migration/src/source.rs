@@ -38,11 +38,41 @@ struct BlockState<B> {
     clear: Option<ClearBitmap>,
 }
 
+/// Legacy mode has no chunks: the pass asks which pages are populated this many at a time (16 MiB).
+const LEGACY_WINDOW_PAGES: u64 = 4096;
+
+/// Take pages `[start, end)` out of `dirty` as one zero range (they are sent without being read):
+/// mark them sent, and return how many were dirty and how many of those had been sent before.
+fn take_zero_range(dirty: &mut Bitmap, sent: &mut Bitmap, start: u64, end: u64) -> (u64, u64) {
+    let (mut taken, mut resent) = (0u64, 0u64);
+    let (d, s) = (dirty.as_words_mut(), sent.as_words_mut());
+    let mut bit = start;
+    while bit < end {
+        let word = (bit / 64) as usize;
+        let lo = bit % 64;
+        let hi = (end - word as u64 * 64).min(64);
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        let was = d[word] & mask;
+        taken += u64::from(was.count_ones());
+        resent += u64::from((was & s[word]).count_ones());
+        s[word] |= was;
+        d[word] &= !mask;
+        bit = word as u64 * 64 + hi;
+    }
+    (taken, resent)
+}
+
 /// Counters of one pass over the dirty pages.
 #[derive(Default)]
 struct PassCounters {
     pages: u64,
     zero: u64,
+    /// Dirty pages sent inside zero ranges (not read).
+    zero_range: u64,
     bytes: u64,
     clears: u64,
 }
@@ -401,30 +431,43 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         Ok(())
     }
 
-    /// One walk over all dirty pages, in order. A chunk is re-armed (cleared in the accelerator) before
-    /// the first of its pages is read: a write after the clear is caught by the next sync.
+    /// One walk over all dirty pages, in order, one window at a time (a clear chunk, or
+    /// [`LEGACY_WINDOW_PAGES`] in legacy mode). Entering a window: re-arm it (clear mode, live
+    /// passes), THEN ask the memory which of its pages are populated, and send the dirty pages that
+    /// are not as zero ranges without reading them; then read and send the others. Re-arm before
+    /// asking: a page the guest populates after the question is dirty again (asked the other way
+    /// round, it would be lost). A window whose pages all go as a zero range is still re-armed, or
+    /// `INITIALLY_SET` would leave it dirty for the next pass.
     fn pass(&mut self) -> Result<PassCounters> {
         let mut c = PassCounters::default();
         let bytes_before = self.out.bytes_written();
         let clears_before = self.stats.log_clear_calls;
         let mem = self.mem;
+        let mut populated = Vec::new();
+        let mut rec = Vec::new();
         for bi in 0..self.blocks.len() {
             let mut next = self.blocks[bi].dirty.find_next_set(0);
-            // Chunk of the last page sent: a chunk is re-armed at most once per pass, before its
-            // first page is read, so only a page of a new chunk needs asking.
-            let mut last_chunk = None;
+            // End of the window being sent: pages below it were classified (and re-armed).
+            let mut window_end = 0u64;
             while let Some(page) = next {
                 let bs = &mut self.blocks[bi];
-                // Paused (the final pass): nothing can dirty a page any more, so re-arming is
-                // pointless work inside the downtime.
-                if let Some(clear) = bs.clear.as_mut().filter(|_| !self.paused) {
-                    let chunk = clear.chunk_of(page as u64);
-                    if last_chunk != Some(chunk) {
-                        last_chunk = Some(chunk);
+                let p = page as u64;
+                if p >= window_end {
+                    let (first, npages) = match bs.clear.as_ref() {
+                        Some(clear) => clear.chunk_pages(clear.chunk_of(p)),
+                        None => {
+                            let first = p - p % LEGACY_WINDOW_PAGES;
+                            (first, LEGACY_WINDOW_PAGES.min(bs.block.pages() - first))
+                        }
+                    };
+                    window_end = first + npages;
+                    // Paused (the final pass): nothing can dirty a page any more, so re-arming is
+                    // pointless work inside the downtime.
+                    if let Some(clear) = bs.clear.as_mut().filter(|_| !self.paused) {
                         let t = Instant::now();
-                        // Re-arm, THEN read.
+                        // Re-arm, THEN ask and read.
                         if mem
-                            .clear_chunk_before_send(&bs.block, clear, page as u64)
+                            .clear_chunk_before_send(&bs.block, clear, p)
                             .map_err(mem_err("re-arming a chunk before sending it"))?
                         {
                             let took = t.elapsed();
@@ -432,12 +475,51 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                             self.stats.log_clear_ms += ms(took);
                             tracing::trace!(
                                 block = bs.block.name(),
-                                chunk,
+                                first_page = first,
                                 us = took.as_micros() as u64,
                                 "dirty log clear"
                             );
                         }
                     }
+                    populated.clear();
+                    bs.block
+                        .populated(p, window_end - p, &mut populated)
+                        .map_err(mem_err("asking which pages are populated"))?;
+                    let mut cursor = p;
+                    let gaps = populated
+                        .iter()
+                        .map(|r| (r.start, r.end))
+                        .chain(std::iter::once((window_end, window_end)));
+                    for (start, end) in gaps {
+                        if cursor < start {
+                            let (dirty, resent) =
+                                take_zero_range(&mut bs.dirty, &mut bs.sent, cursor, start);
+                            if dirty > 0 {
+                                rec.clear();
+                                stream::encode_zero_range(
+                                    bi as u32,
+                                    cursor,
+                                    start - cursor,
+                                    &mut rec,
+                                );
+                                // Pages batched so far go first: records keep page order.
+                                if !self.batch.is_empty() {
+                                    let pages = self.batch.take();
+                                    self.out
+                                        .write_all(pages)
+                                        .map_err(Error::io("sending pages"))?;
+                                }
+                                self.out
+                                    .write_all(&rec)
+                                    .map_err(Error::io("sending pages"))?;
+                                c.zero_range += dirty;
+                                self.stats.resent_pages += resent;
+                            }
+                        }
+                        cursor = cursor.max(end);
+                    }
+                    next = bs.dirty.find_next_set(page);
+                    continue;
                 }
                 bs.dirty.clear(page);
                 if bs.sent.test(page) {
@@ -446,9 +528,9 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                     bs.sent.set(page);
                 }
                 let block = &bs.block;
-                let (zero, _) = self.batch.push_page(bi as u32, page as u64, false, |buf| {
+                let (zero, _) = self.batch.push_page(bi as u32, p, false, |buf| {
                     block
-                        .read(page as u64 * PAGE_SIZE, buf)
+                        .read(p * PAGE_SIZE, buf)
                         .map_err(mem_err("reading a page"))
                 })?;
                 c.pages += 1;
@@ -466,6 +548,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         self.page_records += c.pages;
         self.stats.pages_sent += c.pages;
         self.stats.zero_pages += c.zero;
+        self.stats.zero_range_pages += c.zero_range;
         c.bytes = self.out.bytes_written() - bytes_before;
         c.clears = self.stats.log_clear_calls - clears_before;
         Ok(c)
@@ -659,6 +742,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             .and_then(|()| self.out.flush())
             .map_err(|e| incomplete(Error::io("sending the final digests")(e)))?;
         self.stats.verify_pages = total;
+        self.stats.bytes_sent = self.out.bytes_written();
         if let Some(reader) = self.ack.as_mut() {
             let verdict = read_verdict(reader.as_mut(), self.config.ack_timeout)?;
             if verdict.resumed_at_unix_ns > self.stats.paused_at_unix_ns {

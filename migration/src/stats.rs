@@ -155,11 +155,15 @@ pub struct MigrationStats {
     pub dirty_syncs: u32,
     /// Page records sent (zero pages included).
     pub pages_sent: u64,
-    /// Bytes of the migration stream written to the transport (the 8-byte confirmation of the
-    /// commit handshake is not part of the stream).
+    /// Bytes of the migration stream written to the transport, the verify records after the
+    /// commit included (the 8-byte confirmation of the commit handshake is not part of the
+    /// stream).
     pub bytes_sent: u64,
     /// Pages sent as a zero marker.
     pub zero_pages: u64,
+    /// Dirty pages sent as zero ranges without being read (memory the source never populated),
+    /// not counted in `pages_sent`.
+    pub zero_range_pages: u64,
     /// Page records for pages that had already been sent once (not QEMU's "duplicate").
     pub resent_pages: u64,
     /// Time spent in `log_sync_all`.
@@ -194,6 +198,8 @@ pub struct IncomingStats {
     pub pages_received: u64,
     /// Of which zero pages.
     pub zero_pages: u64,
+    /// Pages received as zero ranges (memory the source never populated), not counted above.
+    pub zero_range_pages: u64,
     /// Bytes read from the transport.
     pub bytes_received: u64,
     /// State blobs received.

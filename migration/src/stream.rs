@@ -70,6 +70,9 @@ pub const TAG_PAGES: u8 = 0x01;
 pub const TAG_STATE: u8 = 0x02;
 /// Record tag: a block's digest table.
 pub const TAG_DIGESTS: u8 = 0x03;
+/// Record tag: a range of a block's pages that are all zero (memory the source never populated):
+/// `block: u32`, `first_page: u64`, `npages: u64`.
+pub const TAG_ZERO_RANGE: u8 = 0x06;
 /// Record tag: end of stream.
 pub const TAG_END: u8 = 0xff;
 /// Page entry kind: the page is all zeros (no data follows).
@@ -273,6 +276,14 @@ pub(crate) fn encode_digests(block: u32, digests: &[u64], out: &mut Vec<u8>) {
     }
 }
 
+/// Encode a zero-range record.
+pub(crate) fn encode_zero_range(block: u32, first_page: u64, npages: u64, out: &mut Vec<u8>) {
+    out.push(TAG_ZERO_RANGE);
+    out.extend_from_slice(&block.to_le_bytes());
+    out.extend_from_slice(&first_page.to_le_bytes());
+    out.extend_from_slice(&npages.to_le_bytes());
+}
+
 /// Encode the end record.
 pub(crate) fn encode_end(page_records: u64, out: &mut Vec<u8>) {
     out.push(TAG_END);
@@ -341,6 +352,16 @@ pub enum Record {
         block: u32,
         /// One xxh3-64 per page.
         digests: Vec<u64>,
+    },
+    /// Pages `[first_page, first_page + npages)` of a block are all zero (checked to lie inside
+    /// the block).
+    ZeroRange {
+        /// Block index.
+        block: u32,
+        /// First page of the range.
+        first_page: u64,
+        /// Pages in the range (at least 1).
+        npages: u64,
     },
     /// The end marker, with the number of page entries the source sent.
     End {
@@ -612,6 +633,28 @@ impl<R: Read> StreamReader<R> {
                     left -= step;
                 }
                 Ok(Record::State(StateBlob { name, data }))
+            }
+            TAG_ZERO_RANGE => {
+                let block = self.block_index("zero range block")?;
+                let first_page = self.u64("zero range first page")?;
+                let npages = self.u64("zero range length")?;
+                let info = &self.blocks[block as usize];
+                let pages = info.size / self.page.len() as u64;
+                if npages == 0 {
+                    return Err(Error::Malformed("zero range length"));
+                }
+                if first_page.checked_add(npages).is_none_or(|end| end > pages) {
+                    return Err(Error::PageOutOfRange {
+                        block: info.name.clone(),
+                        page: first_page.saturating_add(npages - 1),
+                        pages,
+                    });
+                }
+                Ok(Record::ZeroRange {
+                    block,
+                    first_page,
+                    npages,
+                })
             }
             TAG_DIGESTS => {
                 let block = self.block_index("digest table block")?;

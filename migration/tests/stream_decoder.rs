@@ -23,7 +23,7 @@ fn real_stream() -> (Vec<u8>, clearlog_memory::MemorySystem) {
 }
 
 fn stream_of(layout: &[(&str, u64, u64)]) -> (Vec<u8>, clearlog_memory::MemorySystem) {
-    stream_with(layout, VerifyMode::AfterResume)
+    stream_with(layout, VerifyMode::Strict)
 }
 
 fn stream_with(
@@ -75,9 +75,11 @@ fn receive_into(bytes: Vec<u8>, layout: &[(&str, u64, u64)]) -> Result<IncomingS
 }
 
 fn header(blocks: &[(&str, u64)]) -> Vec<u8> {
+    // Hand-made streams carry a full digest table (strict verification): one verification mode
+    // must be announced.
     let h = Header {
         page_size: 4096,
-        flags: 0,
+        flags: stream::FLAG_DIGEST_FULL,
         blocks: blocks
             .iter()
             .map(|(n, s)| BlockInfo {
@@ -95,11 +97,16 @@ fn small_header() -> Vec<u8> {
     header(&[("ram", 16 * 4096)])
 }
 
-/// Offset of the first data byte of the first data page entry in the first page record.
+/// Offset of the first data byte of the first data page entry in the first page record (zero
+/// ranges, 21 bytes each, may come first).
 fn first_data_page(bytes: &[u8]) -> usize {
-    assert_eq!(bytes[HDR], stream::TAG_PAGES);
-    let count = u32::from_le_bytes(bytes[HDR + 5..HDR + 9].try_into().unwrap());
-    let mut at = HDR + 9;
+    let mut rec = HDR;
+    while bytes[rec] == stream::TAG_ZERO_RANGE {
+        rec += 21;
+    }
+    assert_eq!(bytes[rec], stream::TAG_PAGES);
+    let count = u32::from_le_bytes(bytes[rec + 5..rec + 9].try_into().unwrap());
+    let mut at = rec + 9;
     for _ in 0..count {
         let kind = bytes[at + 8];
         if kind == stream::PAGE_DATA {
@@ -123,16 +130,24 @@ fn real_stream_loads_and_matches() {
         .unwrap();
     assert!(stats.resumed && !stats.acked);
     assert_eq!(stats.bytes_received, bytes.len() as u64);
-    assert_eq!(stats.pages_received, 16);
+    assert_eq!(stats.pages_received + stats.zero_range_pages, 16);
+    assert!(stats.verified);
     assert!(diff_ram(&src, &dst).is_empty());
     assert_eq!(*vm.restored.lock().unwrap(), state_blobs());
 }
 
 #[test]
 fn truncation_at_every_position_is_a_clean_error() {
-    // A 4-page guest with data pages, zero pages, state blobs and a digest table: every record type.
+    for verify in [VerifyMode::Strict, VerifyMode::AfterResume] {
+        truncation_at_every_position(verify);
+    }
+}
+
+fn truncation_at_every_position(verify: VerifyMode) {
+    // A 4-page guest with data pages, zero pages, state blobs and a digest table (or the final
+    // digests after the end marker): every record type.
     let tiny = &[("ram", 0, 4 * 4096)];
-    let (bytes, _) = stream_of(tiny);
+    let (bytes, _) = stream_with(tiny, verify);
     let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
     assert!(bytes.len() > 4096, "at least one data page");
     let dst = memory(tiny);
@@ -141,6 +156,9 @@ fn truncation_at_every_position_is_a_clean_error() {
         let t = Transport::new(Some(Box::new(&bytes[..len])), None);
         match Destination::new(&dst).receive(t, &vm) {
             Err(Error::Truncated(_)) => {}
+            // Cut inside the final digests that follow the end marker: a snapshot is checked
+            // before resuming, so nothing resumes either.
+            Err(Error::VerificationIncomplete(why)) if why.contains("truncated") => {}
             other => panic!("prefix of {len}/{} bytes: {other:?}", bytes.len()),
         }
     }
@@ -332,46 +350,80 @@ fn unknown_record_missing_digests_and_order() {
 
 #[test]
 fn digest_mismatch_refuses_to_resume() {
-    for digest in [VerifyMode::AfterResume, VerifyMode::Strict] {
-        let (bytes, _) = stream_with(SMALL, digest);
-        // The flag tells the destination which check to run.
-        assert_eq!(
-            bytes[16] & stream::FLAG_DIGEST_FULL as u8 != 0,
-            digest == VerifyMode::Strict
-        );
-        // Corrupt one byte of page data: the stream is well-formed but the RAM is wrong.
-        let mut b = bytes.clone();
-        let at = first_data_page(&b);
-        b[at + 100] ^= 0xff;
-        match receive(b) {
-            Err(Error::DigestMismatch {
-                block,
-                mismatched: 1,
-                ..
-            }) => assert_eq!(block, "ram"),
-            other => panic!("{digest:?}: {other:?}"),
-        }
-        // Corrupt the table itself (last page's digest).
-        let mut b = bytes.clone();
-        let last_digest = b.len() - 17 - 1;
-        b[last_digest] ^= 1;
-        assert!(
-            matches!(
-                receive(b),
-                Err(Error::DigestMismatch {
-                    page: 15,
-                    mismatched: 1,
-                    ..
-                })
-            ),
-            "{digest:?}"
-        );
-        // Clearing the flag makes a full table be checked as a sent table, and vice versa: still valid,
-        // since both describe the same final RAM here.
-        let mut b = bytes;
-        b[16] ^= stream::FLAG_DIGEST_FULL as u8;
-        assert!(receive(b).unwrap().resumed, "{digest:?}");
+    // Strict: a digest table before the end marker, checked before anything resumes.
+    let (bytes, _) = stream_with(SMALL, VerifyMode::Strict);
+    assert!(bytes[16] & stream::FLAG_DIGEST_FULL as u8 != 0);
+    // Corrupt one byte of page data: the stream is well-formed but the RAM is wrong.
+    let mut b = bytes.clone();
+    let at = first_data_page(&b);
+    b[at + 100] ^= 0xff;
+    match receive(b) {
+        Err(Error::DigestMismatch {
+            block,
+            mismatched: 1,
+            ..
+        }) => assert_eq!(block, "ram"),
+        other => panic!("{other:?}"),
     }
+    // Corrupt the table itself (last page's digest).
+    let mut b = bytes.clone();
+    let last_digest = b.len() - 17 - 1;
+    b[last_digest] ^= 1;
+    assert!(matches!(
+        receive(b),
+        Err(Error::DigestMismatch {
+            page: 15,
+            mismatched: 1,
+            ..
+        })
+    ));
+    // Announcing both verifications, or none, is malformed.
+    for flags in [
+        0u8,
+        (stream::FLAG_DIGEST_FULL | stream::FLAG_VERIFY_AFTER) as u8,
+    ] {
+        let mut b = bytes.clone();
+        b[16] = flags;
+        assert!(matches!(receive(b), Err(Error::Malformed(_))), "{flags}");
+    }
+}
+
+#[test]
+fn verification_after_resume_of_a_snapshot_refuses_to_resume() {
+    // After-resume verification on a file: the final digests follow the end marker and a
+    // snapshot (no source waiting) is checked before it resumes.
+    let (bytes, _) = stream_with(SMALL, VerifyMode::AfterResume);
+    assert!(bytes[16] & stream::FLAG_VERIFY_AFTER as u8 != 0);
+    assert!(receive(bytes.clone()).unwrap().verified);
+    // Corrupt one byte of page data: the verification names the page.
+    let mut b = bytes.clone();
+    let at = first_data_page(&b);
+    b[at + 100] ^= 0xff;
+    match receive(b) {
+        Err(Error::VerificationFailed {
+            mismatched_pages: 1,
+            first,
+            ..
+        }) => assert!(first.starts_with("ram page "), "{first}"),
+        other => panic!("{other:?}"),
+    }
+    // Corrupt the last final digest (the last 16 bytes of the last verify record come just
+    // before the 17-byte verify end).
+    let mut b = bytes.clone();
+    let n = b.len();
+    b[n - 17 - 1] ^= 1;
+    assert!(matches!(
+        receive(b),
+        Err(Error::VerificationFailed {
+            mismatched_pages: 1,
+            ..
+        })
+    ));
+    // The verify end's count disagrees (an entry was lost): incomplete, not resumed.
+    let mut b = bytes;
+    let n = b.len();
+    b[n - 8..].copy_from_slice(&999u64.to_le_bytes());
+    assert!(matches!(receive(b), Err(Error::VerificationIncomplete(_))));
 }
 
 #[test]

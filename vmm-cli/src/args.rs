@@ -172,6 +172,11 @@ pub struct RunArgs {
     /// keep its guest running; `--retry-to` migrations run clean. For `cargo xtask faults`.
     #[arg(long, value_name = "STEP[@N]", help_heading = "Testing")]
     pub fail_at: Option<crate::fault::FaultPlan>,
+    /// `lose-dirty-bits=N`: the source drops N dirty bits found at the sync after the first pass,
+    /// so those pages are not resent: a lost page, made on purpose. The default verification must
+    /// then fail the migration on both sides (exit code 3) naming the pages.
+    #[arg(long, value_name = "lose-dirty-bits=N", help_heading = "Testing")]
+    pub fault: Option<crate::fault::DirtyBitFault>,
 }
 
 /// `vmm bench`.

@@ -112,31 +112,64 @@ impl fmt::Display for FaultPlan {
     }
 }
 
+/// `--fault lose-dirty-bits=N`: the source drops N dirty bits found at the sync after the first
+/// pass, so those pages are not sent again: the lost page this project exists to prevent, made on
+/// purpose, for testing that the verification catches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtyBitFault {
+    /// How many bits to drop.
+    pub bits: u64,
+}
+
+impl FromStr for DirtyBitFault {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let n = s
+            .strip_prefix("lose-dirty-bits=")
+            .ok_or_else(|| format!("unknown fault `{s}`: use lose-dirty-bits=N"))?;
+        let bits = n.parse::<u64>().ok().filter(|&b| b >= 1).ok_or_else(|| {
+            format!("lose-dirty-bits={n}: N must be a whole number of at least 1")
+        })?;
+        Ok(DirtyBitFault { bits })
+    }
+}
+
 /// Counts the calls of the planned step and says when to fail.
 #[derive(Debug)]
 pub struct Injector {
-    plan: FaultPlan,
+    plan: Option<FaultPlan>,
     calls: AtomicU64,
+    /// `--fault lose-dirty-bits=N`: dirty bits still to drop at the sync after the first pass.
+    lose_left: AtomicU64,
+    /// Dirty-log syncs so far (the first is the engine's setup sync).
+    syncs: AtomicU64,
+
     /// Bytes read back from the destination: once the 8-byte acknowledgement is in, the next
     /// write is the confirmation.
     ack_bytes: AtomicU64,
 }
 
 impl Injector {
-    /// An injector for `plan`.
-    pub fn new(plan: FaultPlan) -> Arc<Self> {
+    /// An injector failing the step of `plan` and dropping `lose` dirty bits.
+    pub fn new(plan: Option<FaultPlan>, lose: Option<DirtyBitFault>) -> Arc<Self> {
         Arc::new(Injector {
             plan,
             calls: AtomicU64::new(0),
+            lose_left: AtomicU64::new(lose.map_or(0, |l| l.bits)),
+            syncs: AtomicU64::new(0),
+
             ack_bytes: AtomicU64::new(0),
         })
     }
 
     /// Count a call of `step`; an error if it is the planned one.
     fn check(&self, step: FaultStep) -> Result<(), InjectedFault> {
-        if step == self.plan.step && self.calls.fetch_add(1, Ordering::Relaxed) + 1 == self.plan.nth
-        {
-            return Err(InjectedFault(self.plan));
+        let Some(plan) = self.plan else {
+            return Ok(());
+        };
+        if step == plan.step && self.calls.fetch_add(1, Ordering::Relaxed) + 1 == plan.nth {
+            return Err(InjectedFault(plan));
         }
         Ok(())
     }
@@ -208,6 +241,7 @@ impl DirtyTracking for FaultyMemory<'_> {
     }
     fn sync_dirty(&self) -> MemoryResult<()> {
         self.faults.check(FaultStep::Sync)?;
+        self.faults.syncs.fetch_add(1, Ordering::Relaxed);
         self.inner.sync_dirty()
     }
     fn take_dirty(
@@ -216,7 +250,34 @@ impl DirtyTracking for FaultyMemory<'_> {
         dest: &mut Bitmap,
         clear: Option<&mut ClearBitmap>,
     ) -> MemoryResult<u64> {
-        self.inner.take_dirty(&block.inner, dest, clear)
+        let f = &self.faults;
+        // The sync after the first pass (the first sync is the engine's setup).
+        if f.syncs.load(Ordering::Relaxed) != 2 || f.lose_left.load(Ordering::Relaxed) == 0 {
+            return self.inner.take_dirty(&block.inner, dest, clear);
+        }
+        let before = dest.clone();
+        let newly = self.inner.take_dirty(&block.inner, dest, clear)?;
+        let mut dropped = 0;
+        for page in 0..dest.len() {
+            if f.lose_left.load(Ordering::Relaxed) == 0 {
+                break;
+            }
+            if dest.test(page) && !before.test(page) {
+                dest.clear(page);
+                // Re-arm it too, as a buggy accelerator that clears without telling would: with
+                // manual protection the kernel would otherwise report it again at the next sync.
+                self.inner
+                    .clear_dirty(&block.inner, page as u64 * 4096, 4096)?;
+                f.lose_left.fetch_sub(1, Ordering::Relaxed);
+                dropped += 1;
+            }
+        }
+        tracing::warn!(
+            block = block.inner.name(),
+            dropped,
+            "--fault lose-dirty-bits: dropped dirty bits found at this sync"
+        );
+        Ok(newly - dropped)
     }
     fn clear_dirty(&self, block: &FaultyBlock, offset: u64, len: u64) -> MemoryResult<()> {
         self.faults.check(FaultStep::Clear)?;
@@ -352,8 +413,19 @@ mod tests {
     }
 
     #[test]
+    fn dirty_bit_faults_parse() {
+        assert_eq!(
+            "lose-dirty-bits=64".parse::<DirtyBitFault>().unwrap().bits,
+            64
+        );
+        for bad in ["lose-dirty-bits=0", "lose-dirty-bits=x", "lose=3", ""] {
+            assert!(bad.parse::<DirtyBitFault>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn only_the_nth_call_of_the_step_fails() {
-        let inj = Injector::new("clear@3".parse().unwrap());
+        let inj = Injector::new(Some("clear@3".parse().unwrap()), None);
         assert!(inj.check(FaultStep::Sync).is_ok());
         assert!(inj.check(FaultStep::Clear).is_ok());
         assert!(inj.check(FaultStep::Clear).is_ok());

@@ -4,11 +4,13 @@
 //! `vmm incoming`: the destination side.
 
 use std::io::Write;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use clearlog_migration::stream::Header;
 use clearlog_migration::{
-    peek_header, ram_fingerprint, Destination, Listener, MigrationUri, Transport,
+    peek_header, ram_fingerprint, BoxError, Destination, Listener, MigrationUri, StateBlob,
+    Transport, VmRestore,
 };
 use clearlog_test_guest::workload::check::{check_increment, loaded_workload};
 use clearlog_test_guest::workload::WorkloadKind;
@@ -120,59 +122,40 @@ pub fn incoming(a: IncomingArgs) -> CliResult {
     .map_err(|e| failed("cannot create the destination guest", &e))?;
 
     let start = Instant::now();
-    let stats = Destination::new(guest.memory())
-        .receive_paused(transport, &GuestControl(&guest))
-        .map_err(|e| failed("incoming migration failed", &e))?;
+    let control = IncomingControl {
+        guest: &guest,
+        args: &a,
+        extra: Mutex::new(serde_json::Map::new()),
+    };
+    let received = Destination::new(guest.memory()).receive(transport, &control);
     let received_ms = start.elapsed().as_secs_f64() * 1e3;
-
-    // Still paused: the memory is exactly what the source had at switchover.
-    let mut extra = serde_json::Map::new();
+    let mut extra = control
+        .extra
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    let stats = match received {
+        Ok(stats) => stats,
+        Err(e @ clearlog_migration::Error::VerificationFailed { .. }) => {
+            if a.json {
+                println!("{}", serde_json::Value::Object(extra));
+            }
+            return Err(CliError::Mismatch(format!("incoming migration: {e}")));
+        }
+        Err(e) => {
+            let resumed = control_resumed(&extra);
+            return Err(CliError::Failed(format!(
+                "incoming migration failed: {e}; {}",
+                if resumed {
+                    "the guest was resumed but could not be verified"
+                } else {
+                    "no guest was resumed"
+                }
+            )));
+        }
+    };
     extra.insert("guest_mem_bytes".into(), guest.mem_bytes().into());
     extra.insert("receive_ms".into(), received_ms.into());
     let workload = loaded_workload(guest.ram()).ok().flatten();
-    extra.insert(
-        "workload".into(),
-        workload
-            .map_or("unknown".to_string(), |w| format!("{w:?}").to_lowercase())
-            .into(),
-    );
-    let mut verified = true;
-    if workload == Some(WorkloadKind::Increment) {
-        let check =
-            check_increment(guest.ram()).map_err(|e| failed("checking the increment rule", &e))?;
-        extra.insert("increment_consistent".into(), check.is_consistent().into());
-        extra.insert("increment_bad_pages".into(), check.bad_count.into());
-        verified &= check.is_consistent();
-    }
-    if a.ram_fingerprint {
-        let t = Instant::now();
-        let fp =
-            ram_fingerprint(guest.memory(), 2).map_err(|e| failed("fingerprinting RAM", &e))?;
-        extra.insert("ram_fingerprint".into(), format!("{fp:016x}").into());
-        extra.insert(
-            "ram_fingerprint_ms".into(),
-            (t.elapsed().as_secs_f64() * 1e3).into(),
-        );
-    }
-    if let Some(path) = &a.save_memory {
-        save_memory(&guest, path).map_err(|e| {
-            CliError::Failed(format!("saving guest RAM to {}: {e}", path.display()))
-        })?;
-        extra.insert("saved_memory".into(), path.display().to_string().into());
-    }
-    if !verified {
-        let extra = serde_json::Value::Object(extra);
-        print_incoming(&stats, &extra, a.json);
-        return Err(CliError::Failed(
-            "the received memory breaks the increment rule (lost writes); not resuming".into(),
-        ));
-    }
-
-    guest
-        .resume()
-        .map_err(|e| failed("resuming the guest", &e))?;
-    let mut stats = stats;
-    stats.resumed = true;
     let before = guest.pages_written().unwrap_or(0);
     std::thread::sleep(a.run_after);
     let after = guest.pages_written().unwrap_or(0);
@@ -185,7 +168,7 @@ pub fn incoming(a: IncomingArgs) -> CliResult {
         "pages_written_after_resume".into(),
         (after.saturating_sub(before)).into(),
     );
-    extra.insert("verified".into(), failures.is_empty().into());
+    extra.insert("guest_ran_after_resume".into(), failures.is_empty().into());
     let extra = serde_json::Value::Object(extra);
     print_incoming(&stats, &extra, a.json);
     if !failures.is_empty() {
@@ -202,6 +185,77 @@ pub fn incoming(a: IncomingArgs) -> CliResult {
         ));
     }
     Ok(())
+}
+
+/// The destination guest seen by the engine, with `vmm incoming`'s own checks: the increment rule
+/// before anything is acknowledged, and the RAM fingerprint and `--save-memory` right before the
+/// guest resumes (the memory is then exactly what the source had at switchover).
+struct IncomingControl<'a> {
+    guest: &'a Guest,
+    args: &'a IncomingArgs,
+    extra: Mutex<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl IncomingControl<'_> {
+    fn note(&self, key: &str, value: serde_json::Value) {
+        self.extra
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.into(), value);
+    }
+}
+
+impl VmRestore for IncomingControl<'_> {
+    fn check_loaded(&self) -> Result<(), BoxError> {
+        let workload = loaded_workload(self.guest.ram()).ok().flatten();
+        self.note(
+            "workload",
+            workload
+                .map_or("unknown".to_string(), |w| format!("{w:?}").to_lowercase())
+                .into(),
+        );
+        if workload == Some(WorkloadKind::Increment) {
+            let check = check_increment(self.guest.ram())?;
+            self.note("increment_consistent", check.is_consistent().into());
+            self.note("increment_bad_pages", check.bad_count.into());
+            if !check.is_consistent() {
+                return Err(format!(
+                    "the received memory breaks the increment rule ({} bad pages: lost writes)",
+                    check.bad_count
+                )
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    fn restore_state(&self, blobs: &[StateBlob]) -> Result<(), BoxError> {
+        GuestControl(self.guest).restore_state(blobs)
+    }
+
+    fn resume(&self) -> Result<(), BoxError> {
+        if self.args.ram_fingerprint {
+            let t = Instant::now();
+            let fp = ram_fingerprint(self.guest.memory(), 2)?;
+            self.note("ram_fingerprint", format!("{fp:016x}").into());
+            self.note(
+                "ram_fingerprint_ms",
+                (t.elapsed().as_secs_f64() * 1e3).into(),
+            );
+        }
+        if let Some(path) = &self.args.save_memory {
+            save_memory(self.guest, path)
+                .map_err(|e| format!("saving guest RAM to {}: {e}", path.display()))?;
+            self.note("saved_memory", path.display().to_string().into());
+        }
+        self.note("resumed_by_engine", true.into());
+        GuestControl(self.guest).resume()
+    }
+}
+
+/// Whether the engine got as far as resuming the guest.
+fn control_resumed(extra: &serde_json::Map<String, serde_json::Value>) -> bool {
+    extra.get("resumed_by_engine").is_some()
 }
 
 /// Write guest RAM to `path`: guest-physical 0 at file offset 0.

@@ -29,6 +29,12 @@ pub enum CliError {
     Usage(String),
     /// A migration failed or did not verify, or the guest failed (exit 1).
     Failed(String),
+    /// The verification found pages of the destination that differ from the source's final
+    /// memory (exit 3, on both sides).
+    Mismatch(String),
+    /// The migration committed (the guest belongs to the destination) but did not finish its
+    /// verification (exit 1; never retried).
+    Committed(String),
 }
 
 impl CliError {
@@ -36,6 +42,8 @@ impl CliError {
         match self {
             CliError::Usage(_) => ExitCode::from(2),
             CliError::Failed(_) => ExitCode::from(1),
+            CliError::Mismatch(_) => ExitCode::from(3),
+            CliError::Committed(_) => ExitCode::from(1),
         }
     }
 }
@@ -43,7 +51,10 @@ impl CliError {
 impl std::fmt::Display for CliError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CliError::Usage(m) | CliError::Failed(m) => f.write_str(m),
+            CliError::Usage(m)
+            | CliError::Failed(m)
+            | CliError::Mismatch(m)
+            | CliError::Committed(m) => f.write_str(m),
         }
     }
 }

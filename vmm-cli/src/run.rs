@@ -18,7 +18,9 @@ use clearlog_test_guest::{Guest, GuestConfig};
 use crate::args::{
     DirtyLogArg, GuestArgs, MigrationArgs, RunArgs, WorkloadKind, DEFAULT_DIRTY_RATE,
 };
-use crate::fault::{faulty_transport, FaultPlan, FaultyControl, FaultyMemory, Injector};
+use crate::fault::{
+    faulty_transport, DirtyBitFault, FaultPlan, FaultyControl, FaultyMemory, Injector,
+};
 use crate::output::{print_run_summary, print_stats, stats_json};
 use crate::{CliError, CliResult};
 use vmm_cli::vm_control::GuestControl;
@@ -199,7 +201,7 @@ pub fn run(a: RunArgs) -> CliResult {
     };
     let uri = a.migrate_to.clone().unwrap_or_default();
     let written_before_migration = guest.pages_written().unwrap_or(0);
-    let mut attempt = migrate(&guest, config.clone(), transport, &uri, a.fail_at);
+    let mut attempt = migrate(&guest, config.clone(), transport, &uri, a.fail_at, a.fault);
     // `--retry-to`: the library resumed the guest and stopped logging; prove the guest still runs,
     // then migrate again from this same process.
     let mut errors: Vec<String> = Vec::new();
@@ -208,7 +210,10 @@ pub fn run(a: RunArgs) -> CliResult {
     let mut logging_after_failure: Option<bool> = None;
     for retry in &a.retry_to {
         match &attempt {
-            Ok(_) | Err(CliError::Usage(_)) => break,
+            // After the commit the guest belongs to the destination: no retry.
+            Ok(_) | Err(CliError::Usage(_) | CliError::Mismatch(_) | CliError::Committed(_)) => {
+                break
+            }
             Err(e) => errors.push(e.to_string()),
         }
         logging_after_failure.get_or_insert(guest.memory().global_logging());
@@ -224,7 +229,7 @@ pub fn run(a: RunArgs) -> CliResult {
             );
         }
         attempt = connect_source(retry, a.io_timeout)
-            .and_then(|t| migrate(&guest, config.clone(), t, retry, None));
+            .and_then(|t| migrate(&guest, config.clone(), t, retry, None, None));
     }
     let stats = match attempt {
         Ok(stats) => stats,
@@ -352,6 +357,7 @@ pub fn migrate(
     transport: clearlog_migration::Transport,
     uri: &str,
     fail_at: Option<FaultPlan>,
+    fault: Option<DirtyBitFault>,
 ) -> CliResult<MigrationStats> {
     config
         .validate()
@@ -381,11 +387,11 @@ pub fn migrate(
         }
     };
     let control = GuestControl(guest);
-    let result = match fail_at {
-        None => Source::new(guest.memory(), config)
+    let result = match (fail_at, fault) {
+        (None, None) => Source::new(guest.memory(), config)
             .and_then(|s| s.migrate(transport, &control, Some(&mut on_progress), &cancel)),
-        Some(plan) => {
-            let faults = Injector::new(plan);
+        (plan, lose) => {
+            let faults = Injector::new(plan, lose);
             let memory = FaultyMemory {
                 inner: guest.memory(),
                 faults: faults.clone(),
@@ -402,9 +408,15 @@ pub fn migrate(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    result.map_err(|e| {
-        CliError::Failed(format!(
+    result.map_err(|e| match e {
+        clearlog_migration::Error::VerificationFailed { .. } => {
+            CliError::Mismatch(format!("migration to {uri}: {e}"))
+        }
+        clearlog_migration::Error::VerificationIncomplete(_) => CliError::Committed(format!(
+            "migration to {uri} committed but {e}; the source guest stays paused here"
+        )),
+        e => CliError::Failed(format!(
             "migration to {uri} failed: {e}; the guest keeps running here"
-        ))
+        )),
     })
 }

@@ -45,7 +45,7 @@ enum Display {
 }
 
 fn boot_source(dirty_log: DirtyLogChoice) -> Guest {
-    Guest::boot(GuestConfig {
+    let guest = Guest::boot(GuestConfig {
         mem_bytes: MEM,
         vcpus: 1,
         dirty_log,
@@ -55,7 +55,18 @@ fn boot_source(dirty_log: DirtyLogChoice) -> Guest {
         },
         ..GuestConfig::default()
     })
-    .expect("boot the source guest")
+    .expect("boot the source guest");
+    // Let the guest sweep its whole working set once: untouched pages go as cheap zero ranges, and
+    // the first pass must carry real data for the later passes to have something to resend.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while guest.pages_written().unwrap_or(0) < WSS / 4096 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not sweep its working set"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    guest
 }
 
 /// Migrates a running increment guest over TCP loopback, checks the destination before and after

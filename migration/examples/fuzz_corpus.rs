@@ -9,9 +9,11 @@
 //!
 //! - idle RAM (zero pages but a few) and dirty RAM (a writer thread rewrites a few hot pages while the
 //!   migration runs, under a bandwidth limit, so the stream has several passes and repeated pages);
-//! - both digest modes (`Sent`, `Full`), clear and legacy dirty-log modes;
+//! - both verification modes (`AfterResume`: the final digests and, acknowledged, the confirmation
+//!   follow the end marker; `Strict`: a digest table before it), clear and legacy dirty-log modes;
 //! - several state blobs (one empty, one 64 KiB);
-//! - with and without the acknowledgement flag (the source is given a reader holding an `ACK1` answer).
+//! - with and without the acknowledgement flag (the source is given a reader holding an `ACK1`
+//!   answer and a positive verdict).
 //!
 //! The corpus is kept small (well under 2 MB in total): few data pages per stream.
 
@@ -22,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clearlog_memory::{MemorySystem, PAGE_SIZE};
-use clearlog_migration::stream::{ACK_MAGIC, ACK_OK};
+use clearlog_migration::stream::{ACK_MAGIC, ACK_OK, VERDICT_MAGIC, VERDICT_OK};
 use clearlog_migration::{
     BoxError, CancelToken, DirtyLogMode, MigrationConfig, Source, StateBlob, Transport, VerifyMode,
     VmControl,
@@ -121,6 +123,12 @@ fn stream(case: &Case) -> Vec<u8> {
         let mut a = Vec::new();
         a.extend_from_slice(&ACK_MAGIC.to_le_bytes());
         a.extend_from_slice(&ACK_OK.to_le_bytes());
+        // The verdict a destination sends after checking the final digests (verified, resumed
+        // at an unknown time).
+        a.extend_from_slice(&VERDICT_MAGIC.to_le_bytes());
+        a.extend_from_slice(&VERDICT_OK.to_le_bytes());
+        a.extend_from_slice(&0u64.to_le_bytes());
+        a.extend_from_slice(&0u64.to_le_bytes());
         let a: &'static [u8] = Box::leak(a.into_boxed_slice());
         Box::new(a) as Box<dyn clearlog_migration::TransportRead>
     });
@@ -185,7 +193,7 @@ fn main() {
     let clear = DirtyLogMode::Clear { shift: 6 };
     let cases = [
         Case {
-            name: "idle-sent",
+            name: "idle-after",
             dirty: false,
             verify: VerifyMode::AfterResume,
             mode: clear,
@@ -193,7 +201,7 @@ fn main() {
             blobs: two(),
         },
         Case {
-            name: "idle-full",
+            name: "idle-strict",
             dirty: false,
             verify: VerifyMode::Strict,
             mode: clear,
@@ -201,7 +209,7 @@ fn main() {
             blobs: two(),
         },
         Case {
-            name: "idle-sent-ack-noblobs",
+            name: "idle-after-ack-noblobs",
             dirty: false,
             verify: VerifyMode::AfterResume,
             mode: clear,
@@ -209,7 +217,7 @@ fn main() {
             blobs: Vec::new(),
         },
         Case {
-            name: "dirty-sent",
+            name: "dirty-after",
             dirty: true,
             verify: VerifyMode::AfterResume,
             mode: clear,
@@ -217,7 +225,7 @@ fn main() {
             blobs: many(),
         },
         Case {
-            name: "dirty-full",
+            name: "dirty-strict",
             dirty: true,
             verify: VerifyMode::Strict,
             mode: clear,
@@ -225,7 +233,7 @@ fn main() {
             blobs: many(),
         },
         Case {
-            name: "dirty-full-legacy-ack",
+            name: "dirty-strict-legacy-ack",
             dirty: true,
             verify: VerifyMode::Strict,
             mode: DirtyLogMode::Legacy,
@@ -233,7 +241,7 @@ fn main() {
             blobs: two(),
         },
         Case {
-            name: "dirty-sent-ack",
+            name: "dirty-after-ack",
             dirty: true,
             verify: VerifyMode::AfterResume,
             mode: clear,

@@ -47,6 +47,14 @@ fn decode(data: &[u8]) {
                 let pages = header.blocks[block as usize].size / PAGE as u64;
                 assert_eq!(digests.len() as u64, pages);
             }
+            Ok(Record::ZeroRange {
+                block,
+                first_page,
+                npages,
+            }) => {
+                let pages = header.blocks[block as usize].size / PAGE as u64;
+                assert!(npages > 0 && first_page + npages <= pages);
+            }
             Ok(Record::End { .. }) | Err(_) => break,
         }
         assert!(r.bytes_read() <= data.len() as u64);

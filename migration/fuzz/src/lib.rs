@@ -19,10 +19,14 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::collections::BTreeMap;
+
 use clearlog_migration::stream::{
-    END_MAGIC, FLAG_ACK_REQUESTED, FLAG_DIGEST_FULL, MAGIC, MAX_BATCH_PAGES, MAX_BLOCKS,
-    MAX_NAME_LEN, MAX_STATE_BLOBS, MAX_STATE_BLOB_BYTES, MAX_STATE_TOTAL_BYTES, PAGE_DATA,
-    PAGE_ZERO, TAG_DIGESTS, TAG_END, TAG_PAGES, TAG_STATE, VERSION,
+    CONFIRM_MAGIC, END_MAGIC, FLAG_ACK_REQUESTED, FLAG_CONFIRM, FLAG_DIGEST_FULL,
+    FLAG_VERIFY_AFTER, MAGIC, MAX_BATCH_PAGES, MAX_BLOCKS, MAX_NAME_LEN, MAX_STATE_BLOBS,
+    MAX_STATE_BLOB_BYTES, MAX_STATE_TOTAL_BYTES, MAX_VERIFY_ENTRIES, PAGE_DATA, PAGE_ZERO,
+    TAG_DIGESTS, TAG_END, TAG_PAGES, TAG_STATE, TAG_VERIFY, TAG_VERIFY_END, TAG_ZERO_RANGE,
+    VERSION,
 };
 
 /// The fuzzed guest: one RAM block `ram` of 1 MiB at guest address 0 (as the seed corpus expects).
@@ -147,6 +151,11 @@ pub struct Valid {
     pub blobs: Vec<(String, Vec<u8>)>,
     /// The acknowledgement flag.
     pub ack: bool,
+    /// The memory was verified against the source's final memory (strict digest table, or the
+    /// final digests after the end marker). A live stream (acknowledged) that is valid up to the
+    /// source's confirmation is resumed before its verification: `verified` false then means
+    /// "resumed, then the verification failed".
+    pub verified: bool,
     /// Bytes up to and including the end record (trailing bytes are never read).
     pub len: usize,
 }
@@ -185,14 +194,23 @@ impl Cur<'_> {
 }
 
 /// An independent, straightforward reading of the stream format of the crate docs: `Some` iff a
-/// destination holding the fuzzed guest's layout (all-zero RAM) must accept `data` and resume.
+/// destination holding the fuzzed guest's layout (all-zero RAM) must resume from `data` (for a
+/// live, acknowledged stream: once it is valid up to the source's confirmation; the verification
+/// after that decides [`Valid::verified`]). For a stream without acknowledgement (a snapshot)
+/// `Some` also means verified.
 pub fn reference(data: &[u8]) -> Option<Valid> {
     let mut c = Cur { b: data, at: 0 };
     if c.u64()? != MAGIC || c.u32()? != VERSION || c.u32()? != PAGE as u32 {
         return None;
     }
     let flags = c.u32()?;
-    if flags & !(FLAG_ACK_REQUESTED | FLAG_DIGEST_FULL) != 0 {
+    if flags & !(FLAG_ACK_REQUESTED | FLAG_DIGEST_FULL | FLAG_CONFIRM | FLAG_VERIFY_AFTER) != 0 {
+        return None;
+    }
+    let full = flags & FLAG_DIGEST_FULL != 0;
+    let after = flags & FLAG_VERIFY_AFTER != 0;
+    let ack = flags & FLAG_ACK_REQUESTED != 0;
+    if full == after {
         return None;
     }
     let count = c.u32()?;
@@ -214,7 +232,8 @@ pub fn reference(data: &[u8]) -> Option<Valid> {
     }
     let pages = RAM_SIZE / PAGE as u64;
     let mut ram = vec![0u8; RAM_SIZE as usize];
-    let mut received = vec![0u64; pages as usize]; // 0 = never received
+    // Digests of the pages received as data (the last version of each).
+    let mut received: BTreeMap<u64, u64> = BTreeMap::new();
     let mut blobs = Vec::new();
     let mut state_bytes = 0u64;
     let mut table: Option<Vec<u64>> = None;
@@ -236,12 +255,31 @@ pub fn reference(data: &[u8]) -> Option<Valid> {
                     }
                     let dst = &mut ram[page as usize * PAGE..(page as usize + 1) * PAGE];
                     match c.u8()? {
-                        PAGE_ZERO => dst.fill(0),
-                        PAGE_DATA => dst.copy_from_slice(c.take(PAGE)?),
+                        PAGE_ZERO => {
+                            dst.fill(0);
+                            received.remove(&page);
+                        }
+                        PAGE_DATA => {
+                            dst.copy_from_slice(c.take(PAGE)?);
+                            received.insert(page, xxhash_rust::xxh3::xxh3_64(dst));
+                        }
                         _ => return None,
                     }
-                    received[page as usize] = xxhash_rust::xxh3::xxh3_64(dst);
                     page_entries += 1;
+                }
+            }
+            TAG_ZERO_RANGE => {
+                if table.is_some() || c.u32()? != 0 {
+                    return None;
+                }
+                let first = c.u64()?;
+                let n = c.u64()?;
+                if n == 0 || first.checked_add(n).is_none_or(|end| end > pages) {
+                    return None;
+                }
+                ram[first as usize * PAGE..(first + n) as usize * PAGE].fill(0);
+                for page in first..first + n {
+                    received.remove(&page);
                 }
             }
             TAG_STATE => {
@@ -261,7 +299,7 @@ pub fn reference(data: &[u8]) -> Option<Valid> {
                 blobs.push((name, bytes));
             }
             TAG_DIGESTS => {
-                if c.u32()? != 0 || c.u64()? != pages || table.is_some() {
+                if !full || c.u32()? != 0 || c.u64()? != pages || table.is_some() {
                     return None;
                 }
                 let t = c.take(pages as usize * 8)?;
@@ -280,21 +318,64 @@ pub fn reference(data: &[u8]) -> Option<Valid> {
             _ => return None,
         }
     }
-    let table = table?;
-    let local: Vec<u64> = if flags & FLAG_DIGEST_FULL != 0 {
-        ram.chunks_exact(PAGE)
+    if full {
+        let local: Vec<u64> = ram
+            .chunks_exact(PAGE)
             .map(xxhash_rust::xxh3::xxh3_64)
-            .collect()
-    } else {
-        received
-    };
-    if local != table {
+            .collect();
+        if table? != local {
+            return None;
+        }
+    }
+    // A live destination resumes once the source confirmed; a snapshot only once verified.
+    if ack && flags & FLAG_CONFIRM != 0 && (c.u32()? != CONFIRM_MAGIC || c.u32()? != 0) {
+        return None;
+    }
+    let verified = !after || verify_after(&mut c, pages, received).unwrap_or(false);
+    if !ack && !verified {
         return None;
     }
     Some(Valid {
         ram,
         blobs,
-        ack: flags & FLAG_ACK_REQUESTED != 0,
+        ack,
+        verified,
         len: c.at,
     })
+}
+
+/// The final digests after the end marker: `Some(true)` iff every listed page matches a page
+/// received as data and every page received as data is listed; `None` for a malformed tail.
+fn verify_after(c: &mut Cur<'_>, pages: u64, mut received: BTreeMap<u64, u64>) -> Option<bool> {
+    let mut ok = true;
+    let mut total = 0u64;
+    loop {
+        match c.u8()? {
+            TAG_VERIFY => {
+                if c.u32()? != 0 {
+                    return None;
+                }
+                let n = c.u32()?;
+                if n == 0 || n > MAX_VERIFY_ENTRIES {
+                    return None;
+                }
+                for _ in 0..n {
+                    let page = c.u64()?;
+                    if page >= pages {
+                        return None;
+                    }
+                    let digest = c.u64()?;
+                    ok &= received.remove(&page) == Some(digest);
+                }
+                total += u64::from(n);
+            }
+            TAG_VERIFY_END => {
+                if c.u64()? != END_MAGIC || c.u64()? != total {
+                    return None;
+                }
+                return Some(ok && received.is_empty());
+            }
+            _ => return None,
+        }
+    }
 }

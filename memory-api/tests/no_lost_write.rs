@@ -14,7 +14,7 @@
 //! Property, after a final sync: for every page, each client's last-read version equals the page's
 //! latest version, or the client still has the page marked dirty.
 //!
-//! With the per-slot cache (DESIGN.md section 2) the property holds. With the naive clear (all ones
+//! With the per-slot cache (docs/design.md section 2) the property holds. With the naive clear (all ones
 //! for the range) proptest finds the seed's race; a deterministic replay of the seed's 8 steps shows
 //! the same thing.
 

@@ -6,7 +6,8 @@
 //!
 //! The crate does not depend on KVM: it drives dirty logging only through [`clearlog_memory`]
 //! (`log_global_start`, `log_sync_all`, `clear_dirty_bitmap_block`, `sync_migration_bitmap`), so any
-//! accelerator that implements a `MemoryListener` works. The VMM implements two small traits,
+//! accelerator that implements a `MemoryListener` works; or through [`MigrationMemory`] and
+//! [`DirtyTracking`] implemented by the VMM itself. The VMM implements two small traits,
 //! [`VmControl`] (source: pause, resume, save state) and [`VmRestore`] (destination: restore state,
 //! resume).
 //!
@@ -15,18 +16,27 @@
 //! 1. Setup: send the header, start global dirty logging, one "to send" bitmap per RAM block with every
 //!    page set, and (clear mode) a per-chunk "needs clear" bitmap (`2^shift` pages per chunk). A first
 //!    sync tells which chunks the accelerator holds dirty bits for.
-//! 2. Iterate: walk the dirty pages in order. Before reading any page of a chunk whose "needs clear" bit
-//!    is set, re-arm the whole chunk in the accelerator (`clear_dirty_bitmap_block`) and drop the bit:
-//!    re-arm, then read, so a guest write after the read is always caught by a later sync. Zero pages go
-//!    as a marker. After each pass: sync, count the newly dirty pages, mark their chunks, and estimate
-//!    the time to send what is left at the measured bandwidth (bytes sent / time spent sending, over the
-//!    whole live phase). Legacy mode re-arms whole blocks right after each sync instead.
-//! 3. Converge when the estimate is within the downtime limit: pause, sync, send the rest, the
-//!    CPU/device state, a per-page digest table (xxh3-64; see [`DigestMode`]: by default the digests of
-//!    the pages as last sent, hashed while sending; with [`DigestMode::Full`] all RAM hashed on all cores
-//!    while the guest is paused), the end marker; wait for the acknowledgement; stop logging. A migration that does not
-//!    converge within `max_iterations`/`max_time` fails with [`Error::NotConverged`].
-//! 4. On cancel or any error, logging stops and the guest is resumed if it was paused.
+//! 2. Iterate: walk the dirty pages in order, one window at a time (a chunk; 16 MiB in legacy mode).
+//!    Entering a window: re-arm it in the accelerator if its "needs clear" bit is set (re-arm, then
+//!    read, so a guest write after the read is always caught by a later sync), THEN ask the memory
+//!    which of its pages are populated ([`MigrationBlock::populated`]): dirty pages that were never
+//!    populated go as one zero range, not read. Zero pages read go as a marker. After each pass:
+//!    sync, count the newly dirty pages, mark their chunks, and estimate the time to send what is
+//!    left at the measured bandwidth (bytes sent / time spent sending, over the whole live phase).
+//!    Legacy mode re-arms whole blocks right after each sync instead.
+//! 3. Converge when the estimate is within the downtime limit: pause, sync, send the rest (no
+//!    clears: the vCPUs are stopped), the CPU/device state ([`VerifyMode::Strict`] only: a digest
+//!    table of all RAM hashed while paused), the end marker; wait for the acknowledgement; send the
+//!    confirmation (the commit); stop logging. [`MigrationStats::downtime_breakdown`] says where the
+//!    downtime went. A migration that does not converge within `max_iterations`/`max_time` fails with
+//!    [`Error::NotConverged`].
+//! 4. Verify ([`VerifyMode::AfterResume`], the default): the destination resumes at the commit; the
+//!    source, still paused, hashes its final RAM on all cores (populated pages only) and streams the
+//!    digests of its non-zero pages; the destination compares them with the pages as it received
+//!    them and answers with a verdict. A mismatch is [`Error::VerificationFailed`] on both sides,
+//!    naming the pages on the destination; the source stays paused, never resumed by the engine.
+//! 5. On cancel or any error before the commit, logging stops and the guest is resumed if `pause`
+//!    was called.
 //!
 //! # Stream format (version [`stream::VERSION`] = 1)
 //!
@@ -40,7 +50,7 @@
 //! | magic        | u64       | `b"CLEARLOG"` ([`stream::MAGIC`])                               |
 //! | version      | u32       | 1                                                               |
 //! | page_size    | u32       | 4096; must equal the destination's                              |
-//! | flags        | u32       | bit 0: source waits for an acknowledgement; bit 1: full-RAM digest table ([`DigestMode::Full`]); bit 2: the source confirms the acknowledgement ([`stream::FLAG_CONFIRM`]); other bits zero |
+//! | flags        | u32       | bit 0: source waits for an acknowledgement; bit 1: full-RAM digest table ([`VerifyMode::Strict`]); bit 2: the source confirms the acknowledgement ([`stream::FLAG_CONFIRM`]); bit 3: final digests after the end marker ([`VerifyMode::AfterResume`]); exactly one of bits 1 and 3; other bits zero |
 //! | block_count  | u32       | \[1, 1024\]                                                     |
 //! | blocks       | repeated  | `name_len: u16` \[1, 256\], `name` (UTF-8), `size: u64` (bytes, non-zero page multiple) |
 //!
@@ -51,21 +61,31 @@
 //! | tag    | record  | payload                                                                                     |
 //! |--------|---------|---------------------------------------------------------------------------------------------|
 //! | `0x01` | pages   | `block: u32`, `count: u32` \[1, 256\], then `count` x (`page: u64` (index in the block, < its pages), `kind: u8` (0 = zero page, 1 = data), `page_size` bytes if kind is 1) |
+//! | `0x06` | zero range | `block: u32`, `first_page: u64`, `npages: u64` \[>= 1, inside the block\]: all zero (never populated at the source) |
 //! | `0x02` | state   | `name_len: u16` \[1, 256\], `name`, `len: u32` \[<= 64 MiB\], `len` bytes (at most 4096 blobs, 256 MiB in total) |
-//! | `0x03` | digests | `block: u32`, `count: u64` (= the block's page count), `count` x `u64` xxh3-64 of each page's final content |
-//! | `0xff` | end     | `b"CLRLEND!"` as u64, `page_records: u64` (page entries in the whole stream)                |
+//! | `0x03` | digests | (bit 1 only) `block: u32`, `count: u64` (= the block's page count), `count` x `u64` xxh3-64 of each page's final content |
+//! | `0xff` | end     | `b"CLRLEND!"` as u64, `page_records: u64` (page entries of `0x01` records in the whole stream) |
+//!
+//! After the end marker (and the handshake below, on a live stream), with bit 3:
+//!
+//! | tag    | record     | payload                                                                                  |
+//! |--------|------------|------------------------------------------------------------------------------------------|
+//! | `0x04` | verify     | `block: u32`, `count: u32` \[1, 4096\], `count` x (`page: u64`, `digest: u64`): xxh3-64 of the block's final non-zero pages (unlisted pages are zero) |
+//! | `0x05` | verify end | `b"CLRLEND!"` as u64, `entries: u64` (entries of all verify records)                      |
 //!
 //! Allocation bound: the destination never allocates more than `MAX_STATE_BLOB_BYTES` (64 MiB) for a
 //! stream field, and a field whose bytes have not arrived yet costs at most one 1 MiB read step, so any
 //! single allocation while decoding `n` bytes of stream is at most `min(64 MiB, 2n + 2 MiB)` (plus the
-//! tables sized by the destination's own RAM: 8 bytes per local page). The fuzz targets in
-//! `migration/fuzz` enforce this bound with a checking global allocator.
+//! tables sized by the destination's own RAM or by what it received: the digests of the pages received
+//! as data). The fuzz targets in `migration/fuzz` enforce this bound with a checking global allocator.
 //!
-//! Order: header, pages (any number, a page may repeat: the last one wins), state blobs, exactly one
-//! digest table per block, end. Pages or state after a digest table are rejected.
+//! Order: header, pages and zero ranges (any number, a page may repeat: the last one wins), state
+//! blobs, (bit 1) exactly one digest table per block, end. Pages or state after a digest table are
+//! rejected.
 //!
 //! Acknowledgement (destination to source, only if flag bit 0 is set): `b"ACK1"` as u32, `status: u32`
-//! (0 = loaded, verified and restored; 1 = failed, the destination will not resume).
+//! (0 = loaded, checked (strict digests, the VMM's [`VmRestore::check_loaded`]) and restored;
+//! 1 = failed, the destination will not resume).
 //!
 //! Confirmation (source to destination, only if flag bit 2 is set, after a positive acknowledgement):
 //! `b"GO!!"` as u32, `0u32`. It is the source's commit point: until a whole confirmation has left the
@@ -73,15 +93,14 @@
 //! reading the confirmation, does not. So the guest never runs on both sides. (If the confirmation
 //! left but never arrives, neither side runs it: the source stays paused and its owner can resume it.)
 //!
-//! Digest check at the destination: with bit 1 set it hashes every page of its RAM after the end marker;
-//! otherwise it compares the table with the digests of the pages as it received them (a page never
-//! received is a mismatch).
+//! Verdict (destination to source, bit 3, after the verify end): `b"VRFY"` as u32, `status: u32`
+//! (0 = verified, 1 = mismatch), `mismatched_pages: u64`, `resumed_at_unix_ns: u64`.
 //!
-//! The destination resumes the guest only after the end marker, a digest match of every page,
-//! a successful `restore_state`, a sent acknowledgement and (flag bit 2) the source's confirmation.
-//! Truncation at any byte, an unknown version,
-//! a page-size or layout mismatch, a page outside its block, an oversized field and a digest mismatch
-//! each give their own [`Error`] variant.
+//! The destination resumes the guest only after the end marker, (bit 1) a digest match of every page,
+//! the VMM's check, a successful `restore_state`, a sent acknowledgement and (bit 2) the source's
+//! confirmation; a snapshot file (no acknowledgement) is verified (bit 3) before it resumes.
+//! Truncation at any byte, an unknown version, a page-size or layout mismatch, a page outside its
+//! block, an oversized field and a digest mismatch each give their own [`Error`] variant.
 //!
 //! # Transports
 //!

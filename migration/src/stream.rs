@@ -20,9 +20,9 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"CLEARLOG");
 pub const VERSION: u32 = 1;
 /// Header flag: the source waits for an acknowledgement (network transports; not files).
 pub const FLAG_ACK_REQUESTED: u32 = 1;
-/// Header flag: the digest table covers all of guest RAM at switchover ([`crate::DigestMode::Full`]):
-/// the destination hashes its RAM after loading. Without it the table holds the digests of the pages as
-/// sent ([`crate::DigestMode::Sent`]) and the destination compares the digests of the pages it received.
+/// Header flag: a digest table of all guest RAM at switchover precedes the end marker
+/// ([`crate::VerifyMode::Strict`]): the destination hashes its RAM after loading and resumes only on a
+/// match.
 pub const FLAG_DIGEST_FULL: u32 = 2;
 /// Header flag (with [`FLAG_ACK_REQUESTED`]): after a positive acknowledgement the source sends a
 /// confirmation ([`CONFIRM_MAGIC`]), and the destination resumes only once it has read it. The

@@ -105,7 +105,7 @@ pub struct GuestArgs {
     pub dirty_rate: Option<u64>,
 }
 
-/// The scaled seed experiment's dirty rate (DESIGN.md section 5).
+/// The scaled seed experiment's dirty rate (docs/design.md section 5).
 pub const DEFAULT_DIRTY_RATE: u64 = 288 << 20;
 
 /// Migration settings (shared by `run` and `bench`).

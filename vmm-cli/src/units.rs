@@ -3,7 +3,7 @@
 
 //! Parsing of the sizes, rates and durations the CLI takes (`4G`, `288M`, `100ms`).
 //!
-//! Sizes and rates use binary units, as DESIGN.md does: `400M` is 400 MiB. A bare number is bytes.
+//! Sizes and rates use binary units, as docs/design.md does: `400M` is 400 MiB. A bare number is bytes.
 
 use std::time::Duration;
 

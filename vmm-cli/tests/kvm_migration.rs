@@ -298,7 +298,7 @@ fn clear_mode_migrates_increment_guest_without_loss_for_every_shift() {
     }
 }
 
-/// The 8-step race of DESIGN.md section 2 on real KVM: a display client syncs and clears the
+/// The 8-step race of docs/design.md section 2 on real KVM: a display client syncs and clears the
 /// same pages as the migration, concurrently. With the per-slot cache no write may be lost.
 #[test]
 fn vga_client_clearing_during_migration_loses_nothing() {

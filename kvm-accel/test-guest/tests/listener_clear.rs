@@ -2,7 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! `KvmMemoryListener::log_clear` and its slot bookkeeping against the real kernel, through
-//! `MemorySystem` (DESIGN.md section 2): partial clears leave the rest of the 64-page word dirty
+//! `MemorySystem` (docs/design.md section 2): partial clears leave the rest of the 64-page word dirty
 //! in KVM, slots whose size is not a multiple of 64 pages, clear-before-sync clears nothing (and
 //! is no error), a remap between a sync and a chunk clear loses nothing, slot removal and logging
 //! stop sync one last time, and the legacy-mode listener.

@@ -4,7 +4,7 @@
 //! Two dirty-log clients clearing the same pages concurrently while the guest writes (manual
 //! mode): migration (`sync_migration_bitmap` + `clear_chunk_before_send`, then read) on one
 //! thread, a display (`snapshot_and_clear_dirty` for Vga, then read) on another. This is the
-//! 8-step race of DESIGN.md section 2: with the listener's per-slot cache no write is lost; with
+//! 8-step race of docs/design.md section 2: with the listener's per-slot cache no write is lost; with
 //! a naive listener that clears whole ranges in KVM (bypassing the cache, through the raw
 //! `clearlog_kvm::raw::clear_dirty_log`) writes are lost. The safe `Vm::clear_dirty_log` refuses
 //! to do that on a listener's slot.

@@ -2,7 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Test doubles: a recording listener, a model of the kernel's dirty log in manual-protect mode, and
-//! a fake KVM accelerator (with and without the per-slot cache of DESIGN.md section 2).
+//! a fake KVM accelerator (with and without the per-slot cache of docs/design.md section 2).
 
 #![allow(dead_code)]
 
@@ -220,7 +220,7 @@ fn set_logging(slot: &mut KernelSlot, on: bool) {
 
 /// A fake KVM accelerator over [`ModelKernel`].
 ///
-/// With the cache it follows DESIGN.md section 2: `log_sync` GETs into a per-slot cache (replacing
+/// With the cache it follows docs/design.md section 2: `log_sync` GETs into a per-slot cache (replacing
 /// it) and folds; `log_clear` sends (cache AND range) widened to 64 pages with zeros outside,
 /// clamped at the slot end, and removes exactly the range from the cache; a clear before any sync
 /// is an error. Without the cache (`naive`) `log_clear` sends all ones for the range: the design the

@@ -30,7 +30,7 @@ struct Slot {
 }
 
 /// A fake manual-protect accelerator with `INITIALLY_SET` semantics, modelling `KVM_GET_DIRTY_LOG` /
-/// `KVM_CLEAR_DIRTY_LOG` with a per-slot cache (DESIGN.md section 2). Slots are keyed by block name.
+/// `KVM_CLEAR_DIRTY_LOG` with a per-slot cache (docs/design.md section 2). Slots are keyed by block name.
 #[derive(Default)]
 pub struct FakeAccel {
     slots: Mutex<HashMap<String, Arc<Slot>>>,

@@ -499,8 +499,19 @@ pub fn incoming_cmd(vmm: &std::path::Path, prefix: &[&str], host: &str) -> Comma
     cmd
 }
 
-/// The digest-table mismatch count in an `incoming` error (`(N mismatched pages in total)`).
+/// The mismatched-page count in an `incoming` error: the default verification's
+/// (`verification FAILED: N page(s)`) or a strict digest table's (`(N mismatched pages in total)`).
 pub fn digest_mismatches(stderr: &str) -> u64 {
+    // The default verification: "verification FAILED: N page(s) of the destination differ ...".
+    if let Some(n) = stderr
+        .split("verification FAILED: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+    {
+        return n;
+    }
+    // A strict digest table: "... (N mismatched pages in total)".
     stderr
         .split("mismatched pages in total")
         .next()

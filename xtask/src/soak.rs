@@ -3,7 +3,8 @@
 
 //! `cargo xtask soak --runs N [--seed S]`: N migrations with random workloads, sizes, modes and
 //! shifts, one at a time over loopback TCP, each verified three ways:
-//! - the stream's own digest table (a mismatch makes `vmm incoming` exit 1 and name the count),
+//! - the default verification (the source's final memory against the destination's at switchover:
+//!   a mismatch makes both sides exit 3 and name the count; `verified` in both JSONs),
 //! - the increment rule on the destination (increment workload),
 //! - the source's RAM fingerprint at switchover equals the destination's.
 
@@ -179,7 +180,17 @@ fn run_one(
         }
     }
     if digest_bad > 0 {
-        errors.push(format!("{digest_bad} pages mismatch the digest table"));
+        errors.push(format!(
+            "{digest_bad} pages differ from the source's final memory"
+        ));
+    }
+    // Every check passed, on both sides (the default verification after resuming included).
+    if jbool(&sj, "verified") != Some(true) || jbool(&d.json, "verified") != Some(true) {
+        errors.push(format!(
+            "not verified: source {:?}, destination {:?}",
+            jbool(&sj, "verified"),
+            jbool(&d.json, "verified")
+        ));
     }
     let fp_src = jstr(&sj, "ram_fingerprint");
     let fp_dst = jstr(&d.json, "ram_fingerprint");

@@ -315,11 +315,15 @@ fn lost_dirty_bits_are_detected(dirty_log: &str) {
     assert_eq!(dst_out.status.code(), Some(3), "vmm incoming:\n{dst_err}");
     for (side, err) in [("source", &src_err), ("destination", &dst_err)] {
         assert!(
-            err.contains("verification FAILED") && err.contains("page(s) of the destination differ"),
+            err.contains("verification FAILED")
+                && err.contains("page(s) of the destination differ"),
             "{side}: {err}"
         );
     }
-    assert!(dst_err.contains("ram0 page "), "the destination names the pages: {dst_err}");
+    assert!(
+        dst_err.contains("ram0 page "),
+        "the destination names the pages: {dst_err}"
+    );
 }
 
 #[test]

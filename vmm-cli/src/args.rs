@@ -236,7 +236,7 @@ pub struct BenchArgs {
 /// `vmm ladder`.
 #[derive(Debug, Args)]
 pub struct LadderArgs {
-    /// Guest RAM sizes, smallest first (each a multiple of 2M, at most 1T).
+    /// Guest RAM sizes, run in this order (each a multiple of 2M, at most 1T).
     #[arg(long = "ladder-sizes", value_name = "SIZE,...", value_delimiter = ',', value_parser = parse_size, default_value = "4G,16G,64G,256G")]
     pub sizes: Vec<u64>,
     /// Working set the workload writes (starting at 1 MiB), the same at every size.

@@ -37,7 +37,31 @@ pub enum Command {
     Run(RunArgs),
     /// Run source and destination as two processes on loopback TCP for each mode, print the table.
     Bench(BenchArgs),
+    /// The scale ladder: `bench` runs over growing guest sizes (4G..256G) with a fixed working
+    /// set, legacy vs clear, reporting each cost per GiB of guest RAM.
+    #[command(long_about = LADDER_ABOUT)]
+    Ladder(LadderArgs),
 }
+
+const LADDER_ABOUT: &str = "\
+The scale ladder: how migration costs grow with guest RAM when the working set does not.
+
+For each size of --ladder-sizes (default 4G,16G,64G,256G) and each mode of --modes (default
+legacy,clear:16M), interleaved, N runs (--runs, default 1): a `vmm incoming` and a `vmm run
+--migrate-to` process on loopback TCP, a `random` workload on a --wss working set (default 1G)
+at --dirty-rate (default 96M), --bandwidth 400M, --downtime 100ms.
+
+Per run and per GiB of guest RAM it reports: total time, first-pass time, downtime (and its
+breakdown), guest-visible downtime, time per dirty-log sync, clear calls and time, log start
+(setup), zero-range pages, verification after resume, and the peak RSS (VmHWM) of the source
+and destination processes. A table on stdout; one JSON object per run with --json FILE.
+
+Every run must verify (source and destination `verified: true`; with --ram-fingerprint the RAM
+fingerprints must match too, which costs a pass over all RAM on each side: off by default).
+Any run that does not verify makes the command exit 1.
+
+Guests above 127 GiB are fine: untouched RAM costs nothing, and the guest only touches its
+working set (which must lie in the first 127 GiB).";
 
 /// `vmm incoming`.
 #[derive(Debug, Args)]
@@ -207,6 +231,39 @@ pub struct BenchArgs {
     /// Draw the runs as an SVG plot.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+}
+
+/// `vmm ladder`.
+#[derive(Debug, Args)]
+pub struct LadderArgs {
+    /// Guest RAM sizes, run in this order (each a multiple of 2M, at most 1T).
+    #[arg(long = "ladder-sizes", value_name = "SIZE,...", value_delimiter = ',', value_parser = parse_size, default_value = "4G,16G,64G,256G")]
+    pub sizes: Vec<u64>,
+    /// Working set the workload writes (starting at 1 MiB), the same at every size.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "1G")]
+    pub wss: u64,
+    /// Guest dirty rate in bytes/s.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate, allow_hyphen_values = true, default_value = "96M")]
+    pub dirty_rate: u64,
+    /// Migration settings.
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Modes to compare: `legacy` and `clear:CHUNK`.
+    #[arg(long, value_delimiter = ',', default_value = "legacy,clear:16M")]
+    pub modes: Vec<String>,
+    /// Runs per size and mode.
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
+    /// Warm-up of each run before migrating.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "2s")]
+    pub warmup: Duration,
+    /// Also compare RAM fingerprints of source and destination (a pass over all RAM on each
+    /// side: slow for big guests).
+    #[arg(long)]
+    pub ram_fingerprint: bool,
+    /// Write one JSON object per run to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 /// Parse a guest address: decimal, or hex with `0x`.

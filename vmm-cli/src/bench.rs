@@ -66,18 +66,57 @@ impl BenchMode {
     }
 }
 
+/// What one run migrates: the guest, its workload and the migration settings.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// Guest RAM in bytes.
+    pub mem: u64,
+    /// Working set of the `random` workload.
+    pub wss: u64,
+    /// Guest dirty rate in bytes/s.
+    pub dirty_rate: u64,
+    /// Bandwidth limit in bytes/s.
+    pub bandwidth: u64,
+    /// Downtime limit.
+    pub downtime: Duration,
+    /// Warm-up before migrating.
+    pub warmup: Duration,
+    /// Compare RAM fingerprints of source and destination (a pass over all RAM on each side).
+    pub ram_fingerprint: bool,
+}
+
+impl RunSpec {
+    fn from_bench(a: &BenchArgs) -> Self {
+        Self {
+            mem: a.guest.mem,
+            wss: a.guest.wss,
+            dirty_rate: a.guest.dirty_rate.unwrap_or(DEFAULT_DIRTY_RATE),
+            bandwidth: a.migration.bandwidth,
+            downtime: a.migration.downtime,
+            warmup: a.warmup,
+            ram_fingerprint: true,
+        }
+    }
+}
+
 /// Result of one run.
 #[derive(Debug, Clone)]
-struct RunResult {
-    mode: usize,
-    run: u32,
-    verified: bool,
-    problem: Option<String>,
-    source: serde_json::Value,
+pub struct RunResult {
+    /// Index of the mode.
+    pub mode: usize,
+    /// Run number, from 1.
+    pub run: u32,
+    /// Both processes succeeded and verified (and the fingerprints matched, when asked).
+    pub verified: bool,
+    /// Why not.
+    pub problem: Option<String>,
+    /// The source's JSON, with the destination's under `destination`.
+    pub source: serde_json::Value,
 }
 
 impl RunResult {
-    fn f64(&self, key: &str) -> f64 {
+    /// A number of the source's JSON (NaN when missing).
+    pub fn f64(&self, key: &str) -> f64 {
         self.source
             .get(key)
             .and_then(serde_json::Value::as_f64)
@@ -128,8 +167,9 @@ fn last_json_line(s: &str) -> Option<serde_json::Value> {
         .find_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
 }
 
-fn one_run(
-    a: &BenchArgs,
+/// One migration between two `vmm` processes on loopback TCP.
+pub fn one_run(
+    a: &RunSpec,
     mode: &BenchMode,
     mode_index: usize,
     run: u32,
@@ -140,17 +180,20 @@ fn one_run(
     let spawn_err =
         |what: &str, e: std::io::Error| CliError::Failed(format!("cannot start {what}: {e}"));
 
+    let mut dest_args = vec![
+        "incoming",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--json",
+        "--run-after",
+        "300ms",
+    ];
+    if a.ram_fingerprint {
+        dest_args.push("--ram-fingerprint");
+    }
     let mut dest = KillOnDrop(Some(
         Command::new(&exe)
-            .args([
-                "incoming",
-                "--listen",
-                "tcp:127.0.0.1:0",
-                "--json",
-                "--ram-fingerprint",
-                "--run-after",
-                "300ms",
-            ])
+            .args(&dest_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -178,17 +221,17 @@ fn one_run(
     let mut src_args: Vec<String> = vec![
         "run".into(),
         "--mem".into(),
-        a.guest.mem.to_string(),
+        a.mem.to_string(),
         "--wss".into(),
-        a.guest.wss.to_string(),
+        a.wss.to_string(),
         "--dirty-rate".into(),
-        a.guest.dirty_rate.unwrap_or(DEFAULT_DIRTY_RATE).to_string(),
+        a.dirty_rate.to_string(),
         "--workload".into(),
         "random".into(),
         "--bandwidth".into(),
-        a.migration.bandwidth.to_string(),
+        a.bandwidth.to_string(),
         "--downtime".into(),
-        format!("{}us", a.migration.downtime.as_micros()),
+        format!("{}us", a.downtime.as_micros()),
         "--warmup".into(),
         format!("{}ms", a.warmup.as_millis()),
         "--max-time".into(),
@@ -196,8 +239,10 @@ fn one_run(
         "--migrate-to".into(),
         uri,
         "--json".into(),
-        "--ram-fingerprint".into(),
     ];
+    if a.ram_fingerprint {
+        src_args.push("--ram-fingerprint".into());
+    }
     src_args.extend(mode.run_args());
     let mut src = KillOnDrop(Some(
         Command::new(&exe)
@@ -238,13 +283,16 @@ fn one_run(
             "destination failed ({dest_status:?}): {}",
             dest_err.trim()
         ));
-    } else if source["ram_fingerprint"].is_null()
-        || source["ram_fingerprint"] != incoming["ram_fingerprint"]
+    } else if a.ram_fingerprint
+        && (source["ram_fingerprint"].is_null()
+            || source["ram_fingerprint"] != incoming["ram_fingerprint"])
     {
         problem = Some(format!(
             "RAM fingerprints differ: source {} destination {}",
             source["ram_fingerprint"], incoming["ram_fingerprint"]
         ));
+    } else if source["verified"] != serde_json::Value::Bool(true) {
+        problem = Some("the source did not report a verified migration".into());
     } else if incoming["verified"] != serde_json::Value::Bool(true) {
         problem = Some("the destination did not verify".into());
     }
@@ -291,11 +339,12 @@ pub fn bench(a: BenchArgs) -> CliResult {
         modes.len()
     );
     let timeout = Duration::from_secs(300);
+    let spec = RunSpec::from_bench(&a);
     let mut results = Vec::new();
     for run in 1..=a.runs {
         for (i, mode) in modes.iter().enumerate() {
             let t = Instant::now();
-            let r = one_run(&a, mode, i, run, timeout)?;
+            let r = one_run(&spec, mode, i, run, timeout)?;
             eprintln!(
                 "  run {run}/{} {:<14} total {:>7.2} s  downtime {:>6.1} ms  iterations {:>3}  {}  ({:.0} s wall)",
                 a.runs,

@@ -169,6 +169,10 @@ pub fn incoming(a: IncomingArgs) -> CliResult {
         (after.saturating_sub(before)).into(),
     );
     extra.insert("guest_ran_after_resume".into(), failures.is_empty().into());
+    extra.insert(
+        "peak_rss_bytes".into(),
+        crate::output::peak_rss_bytes().into(),
+    );
     let extra = serde_json::Value::Object(extra);
     print_incoming(&stats, &extra, a.json);
     if !failures.is_empty() {

@@ -11,6 +11,7 @@ mod bench;
 mod caps;
 mod fault;
 mod incoming;
+mod ladder;
 mod output;
 mod plot;
 mod run;
@@ -82,6 +83,7 @@ fn main() -> ExitCode {
         Command::Incoming(a) => incoming::incoming(a),
         Command::Run(a) => run::run(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Ladder(a) => ladder::ladder(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

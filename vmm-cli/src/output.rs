@@ -21,6 +21,7 @@ pub fn stats_json(
             map.insert("ram_fingerprint".into(), fp.into());
         }
         map.insert("vm_dirty_log_mode".into(), vm_dirty_log.into());
+        map.insert("peak_rss_bytes".into(), peak_rss_bytes().into());
         map.insert(
             "guest_dirty_rate_bytes_per_s".into(),
             (guest_dirty_rate.round() as u64).into(),
@@ -33,6 +34,23 @@ pub fn stats_json(
         }
     }
     v
+}
+
+/// This process's peak resident set size (`VmHWM` of `/proc/self/status`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_vm_hwm(&status)
+}
+
+/// The `VmHWM:` line of a `/proc/<pid>/status` text, in bytes.
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let mut words = line["VmHWM:".len()..].split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") | None => Some(value * 1024),
+        Some(_) => None,
+    }
 }
 
 /// Print a finished migration's stats.
@@ -139,6 +157,7 @@ pub fn print_run_summary(guest: &Guest, boot_ms: f64, rate: f64, json: bool) {
                 "boot_ms": boot_ms,
                 "pages_written": written,
                 "guest_dirty_rate_bytes_per_s": rate.round() as u64,
+                "peak_rss_bytes": peak_rss_bytes(),
             })
         );
     } else {
@@ -182,5 +201,20 @@ pub fn print_incoming(stats: &IncomingStats, extra: &serde_json::Value, json: bo
         for (k, v) in map {
             println!("  {k:<17} {v}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_hwm() {
+        assert_eq!(
+            parse_vm_hwm("Name:\tvmm\nVmPeak:\t  10 kB\nVmHWM:\t    2048 kB\nVmRSS:\t 1 kB\n"),
+            Some(2048 * 1024)
+        );
+        assert_eq!(parse_vm_hwm("Name: x\n"), None);
+        assert!(peak_rss_bytes().is_some_and(|b| b > 0));
     }
 }

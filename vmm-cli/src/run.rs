@@ -11,7 +11,7 @@ use clearlog_migration::{
     ram_fingerprint, CancelToken, ConnectOptions, DirtyLogMode, MigrationConfig, MigrationStats,
     MigrationUri, Progress, Source, Transport,
 };
-use clearlog_test_guest::layout::{DEFAULT_WSS_START, MAX_RAM};
+use clearlog_test_guest::layout::{mapped_end, DEFAULT_WSS_START, IDENTITY_MAP_LIMIT, MAX_RAM};
 use clearlog_test_guest::workload::WorkloadSpec;
 use clearlog_test_guest::{Guest, GuestConfig};
 
@@ -48,12 +48,19 @@ pub fn validate_guest(g: &GuestArgs, workload: WorkloadKind) -> CliResult {
                 g.wss
             ));
         }
-        if g.wss > g.mem.saturating_sub(DEFAULT_WSS_START) {
+        // The guest reaches only the RAM its identity map covers (the first 127 GiB).
+        let room = mapped_end(g.mem).saturating_sub(DEFAULT_WSS_START);
+        if g.wss > room {
             return usage(format!(
-                "--wss {} does not fit: the working set starts at 1M, so with --mem {} it can be at most {} bytes",
+                "--wss {} does not fit: the working set starts at 1M{}, so with --mem {} it can be at most {} bytes",
                 g.wss,
+                if g.mem > IDENTITY_MAP_LIMIT {
+                    format!(" and must lie in the first {} GiB the guest maps", IDENTITY_MAP_LIMIT >> 30)
+                } else {
+                    String::new()
+                },
                 g.mem,
-                g.mem.saturating_sub(DEFAULT_WSS_START)
+                room
             ));
         }
         if g.dirty_rate == Some(0) {

@@ -556,3 +556,142 @@ fn guest_shape_errors() {
         &["cannot read --image /nonexistent/guest.bin"],
     );
 }
+
+#[test]
+fn huge_guest_shape_errors() {
+    // Guest RAM may reach 1 TiB, but the working set must lie in the first 127 GiB.
+    expect_error(
+        &["run", "--mem", "256G", "--wss", "128G"],
+        2,
+        &["--wss", "does not fit", "first 127 GiB"],
+    );
+    expect_error(
+        &["run", "--mem", "1026G", "--wss", "1G"],
+        2,
+        &["--mem", "larger than the 1024 GiB"],
+    );
+    expect_error(
+        &["ladder", "--ladder-sizes", "4G,3M", "--wss", "1M"],
+        2,
+        &["--ladder-sizes 3 MiB", "multiple of 2M"],
+    );
+    expect_error(
+        &["ladder", "--runs", "0"],
+        2,
+        &["--runs must be at least 1"],
+    );
+}
+
+/// A 256 GiB guest with a 1 GiB working set boots, writes and reports in seconds (untouched RAM
+/// costs nothing).
+#[test]
+fn run_a_256_gib_guest() {
+    if !kvm_available("run_a_256_gib_guest") {
+        return;
+    }
+    let _serial = serial();
+    let start = Instant::now();
+    let out = vmm(&[
+        "run",
+        "--mem",
+        "256G",
+        "--wss",
+        "1G",
+        "--dirty-rate",
+        "64M",
+        "--warmup",
+        "300ms",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["guest_mem_bytes"], 256u64 << 30);
+    assert!(v["pages_written"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(start.elapsed() < Duration::from_secs(60));
+}
+
+/// `vmm ladder` with tiny sizes: every run verifies, the table is printed and the JSONL has the
+/// per-GiB fields.
+#[test]
+fn ladder_with_tiny_sizes() {
+    if !kvm_available("ladder_with_tiny_sizes") {
+        return;
+    }
+    let _serial = serial();
+    let dir = TempDir::new("ladder");
+    let json = dir.path().join("ladder.jsonl");
+    let out = vmm(&[
+        "ladder",
+        "--ladder-sizes",
+        "256M,512M",
+        "--wss",
+        "16M",
+        "--dirty-rate",
+        "4M",
+        "--runs",
+        "1",
+        "--warmup",
+        "300ms",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    for needle in [
+        "scenario",
+        "1st pass ms",
+        "ms/GiB",
+        "src RSS MiB",
+        "256 MiB legacy",
+        "512 MiB clear 16 MiB",
+        "4 runs, 4 verified",
+    ] {
+        assert!(stdout.contains(needle), "`{needle}` missing:\n{stdout}");
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&json)
+        .expect("the JSONL file")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 4);
+    let mut seen = std::collections::BTreeSet::new();
+    for v in &lines {
+        seen.insert((
+            v["guest_mem_bytes"].as_u64().unwrap(),
+            v["scenario"].as_str().unwrap().to_string(),
+        ));
+        assert_eq!(v["verified"], true, "{v}");
+        assert_eq!(v["source_verified"], true, "{v}");
+        assert_eq!(v["destination_verified"], true, "{v}");
+        for key in [
+            "total_time_ms",
+            "first_pass_ms",
+            "downtime_ms",
+            "guest_visible_downtime_ms",
+            "sync_ms",
+            "log_clear_calls",
+            "log_clear_ms",
+            "setup_time_ms",
+            "zero_range_pages",
+            "verify_after_ms",
+            "src_peak_rss_bytes",
+            "dst_peak_rss_bytes",
+        ] {
+            let x = v[key].as_f64().unwrap_or_else(|| panic!("{key} in {v}"));
+            let per_gib = v[format!("{key}_per_gib")]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{key}_per_gib in {v}"));
+            let gib = v["guest_mem_bytes"].as_f64().unwrap() / (1u64 << 30) as f64;
+            assert!(
+                (per_gib - x / gib).abs() <= 1e-6 * x.abs().max(1.0),
+                "{key}: {v}"
+            );
+        }
+        assert!(v["src_peak_rss_bytes"].as_f64().unwrap() > 0.0);
+        assert!(v["downtime_breakdown"]["final_sync_ms"].is_number(), "{v}");
+        // Untouched memory travels as zero ranges.
+        assert!(v["zero_range_pages"].as_f64().unwrap() > 0.0, "{v}");
+    }
+    assert_eq!(seen.len(), 4, "every size x mode once: {seen:?}");
+}

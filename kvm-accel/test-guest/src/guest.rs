@@ -53,7 +53,9 @@ pub const VCPU_BLOB_PREFIX: &str = "vcpu";
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct GuestConfig {
-    /// Guest RAM in bytes: a multiple of 2 MiB, at least 2 MiB, at most [`layout::MAX_RAM`].
+    /// Guest RAM in bytes: a multiple of 2 MiB, at least 2 MiB, at most [`layout::MAX_RAM`]
+    /// (1 TiB). The guest itself can only touch the first [`layout::IDENTITY_MAP_LIMIT`]
+    /// (127 GiB): the workload's working set must lie there ([`Guest::boot`] fails otherwise).
     pub mem_bytes: u64,
     /// Number of vCPUs (the workload runs on each).
     pub vcpus: u32,
@@ -183,6 +185,8 @@ impl Guest {
     pub fn boot(config: GuestConfig) -> Result<Self> {
         let timeout = config.ready_timeout;
         let workload = Workload::new(config.workload.clone()).with_vcpus(config.vcpus);
+        // Before creating anything: a working set the identity map does not cover fails here.
+        workload.validate(config.mem_bytes)?;
         let guest = Self::create(config)?;
         // Boot-time writes go straight to RAM: no dirty logging is on yet, so nothing can be missed.
         workload.load(&guest.ram, guest.tsc_khz)?;

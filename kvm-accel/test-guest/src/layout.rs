@@ -15,15 +15,26 @@
 //! | `0x4000..0x4050`     | parameter block ([`crate::workload::params`])                |
 //! | `0x5000..0x6000`     | counter block: one 64-byte slot per vCPU                     |
 //! | `0x8000..0x10000`    | workload code                                                |
-//! | `0x10000..0x90000`   | page directories (2 MiB pages), one per GiB of RAM           |
+//! | `0x10000..0x90000`   | page directories (2 MiB pages), one per mapped GiB           |
 //! | `0x90000..0xa0000`   | stacks, 1 KiB per vCPU, growing down from `0xa0000`          |
 //! | `0x100000..`         | working set (default start)                                  |
 //!
 //! All page-table levels have the user bit set and the mapping is the identity, so the
-//! ring-3 guest sees guest-physical addresses directly. Besides RAM (up to [`MAX_RAM`]),
-//! the last GiB of the identity map ([`DOORBELL_ADDR`]) is mapped too: it is never backed by
-//! a memslot, so a guest write there exits to the host as `KVM_EXIT_MMIO` (the workloads'
-//! signal to the host: port I/O from ring 3 faults on PVM, see [`crate::long_mode`]).
+//! ring-3 guest sees guest-physical addresses directly.
+//!
+//! The identity map covers the first [`IDENTITY_MAP_LIMIT`] (127 GiB) of RAM at most
+//! ([`mapped_end`]): guest RAM may be larger (up to [`MAX_RAM`], 1 TiB), but the guest can only
+//! touch what is mapped, so working sets and images must lie below [`mapped_end`] (checked by
+//! [`crate::workload::Workload::validate`], i.e. at `Guest::boot`). RAM above it is still RAM
+//! to the host (memslot, dirty log, migration); the built-in workloads never touch it.
+//!
+//! Besides RAM, the last 2 MiB page of the 128th GiB of virtual addresses is mapped: the
+//! doorbell's page. The guest writes to the virtual address [`DOORBELL_ADDR`]; it is mapped to
+//! the guest-physical [`doorbell_gpa`], which lies outside RAM: `DOORBELL_ADDR` itself for
+//! guests up to 127 GiB (identity, as before), the last page of the first GiB above RAM for
+//! larger ones. It is never backed by a memslot, so a guest write there exits to the host as
+//! `KVM_EXIT_MMIO` (the workloads' signal to the host: port I/O from ring 3 faults on PVM, see
+//! [`crate::long_mode`]); [`is_doorbell`] recognises the exit's address.
 
 /// Guest physical address of the GDT.
 pub const GDT_ADDR: u64 = 0x1000;
@@ -51,10 +62,14 @@ pub const CODE_END: u64 = 0x10000;
 pub const PD_ADDR: u64 = 0x10000;
 /// Number of page directories (each maps 1 GiB with 2 MiB pages).
 pub const PD_COUNT: u64 = 128;
-/// Largest guest RAM the identity map covers (127 GiB; the 128th GiB holds the doorbell).
-pub const MAX_RAM: u64 = (PD_COUNT - 1) << 30;
-/// Guest physical address of the MMIO doorbell: the last page of the identity map, never
-/// RAM. A 4-byte write there exits to the host with the written value.
+/// End of the identity map: the guest can touch RAM below this (127 GiB; the 128th GiB of
+/// virtual addresses holds the doorbell).
+pub const IDENTITY_MAP_LIMIT: u64 = (PD_COUNT - 1) << 30;
+/// Largest guest RAM (1 TiB). RAM above [`IDENTITY_MAP_LIMIT`] is not mapped in the guest.
+pub const MAX_RAM: u64 = 1 << 40;
+/// Virtual address of the MMIO doorbell (what guest programs write to): the last page of the
+/// 128th GiB. A 4-byte write there exits to the host with the written value, at the
+/// guest-physical [`doorbell_gpa`] (equal to this address for guests up to 127 GiB).
 pub const DOORBELL_ADDR: u64 = (PD_COUNT << 30) - 0x1000;
 /// Top of vCPU 0's stack; vCPU `i`'s stack top is `STACK_TOP - i * STACK_SIZE`.
 pub const STACK_TOP: u64 = 0xa0000;
@@ -71,6 +86,55 @@ pub const USER_DS: u16 = 0x18 | 3;
 pub const USER_CS: u16 = 0x20 | 3;
 /// GDT selector of the TSS.
 pub const TSS_SEL: u16 = 0x28;
+
+/// End of the RAM the guest can touch for a RAM ending at `ram_end`: the identity map covers
+/// `[0, mapped_end(ram_end))`.
+///
+/// # Example
+///
+/// ```
+/// use clearlog_test_guest::layout::{mapped_end, IDENTITY_MAP_LIMIT};
+/// assert_eq!(mapped_end(4 << 30), 4 << 30);
+/// assert_eq!(mapped_end(256 << 30), IDENTITY_MAP_LIMIT);
+/// ```
+pub fn mapped_end(ram_end: u64) -> u64 {
+    ram_end.min(IDENTITY_MAP_LIMIT)
+}
+
+/// Guest-physical address of the doorbell of a guest whose RAM ends at `ram_end`: never RAM.
+/// [`DOORBELL_ADDR`] for RAM up to [`IDENTITY_MAP_LIMIT`], else the last page of the first GiB
+/// above RAM (same offset in its 2 MiB page as [`DOORBELL_ADDR`], so one large page maps it).
+///
+/// # Example
+///
+/// ```
+/// use clearlog_test_guest::layout::{doorbell_gpa, DOORBELL_ADDR};
+/// assert_eq!(doorbell_gpa(4 << 30), DOORBELL_ADDR);
+/// assert_eq!(doorbell_gpa(256 << 30), (257 << 30) - 0x1000);
+/// ```
+pub fn doorbell_gpa(ram_end: u64) -> u64 {
+    if ram_end <= IDENTITY_MAP_LIMIT {
+        DOORBELL_ADDR
+    } else {
+        ram_end.next_multiple_of(1 << 30) + (1 << 30) - 0x1000
+    }
+}
+
+/// Whether an MMIO exit at guest-physical `gpa` is a doorbell ring: `gpa` is the
+/// [`doorbell_gpa`] of some RAM size (the last page of a GiB, from [`DOORBELL_ADDR`] up; such an
+/// address is never RAM of the guest that rings it).
+///
+/// # Example
+///
+/// ```
+/// use clearlog_test_guest::layout::{doorbell_gpa, is_doorbell};
+/// assert!(is_doorbell(doorbell_gpa(2 << 20)));
+/// assert!(is_doorbell(doorbell_gpa(512 << 30)));
+/// assert!(!is_doorbell((3 << 30) - 0x1000));
+/// ```
+pub fn is_doorbell(gpa: u64) -> bool {
+    gpa >= DOORBELL_ADDR && gpa % (1 << 30) == (1 << 30) - 0x1000
+}
 
 /// Guest physical address of vCPU `index`'s counter slot.
 ///
@@ -122,5 +186,29 @@ mod tests {
             }
         }
         assert!(COUNTER_SLOT_SIZE * u64::from(MAX_VCPUS) <= 0x1000);
+    }
+
+    #[test]
+    fn doorbell_is_outside_ram() {
+        let gib = 1u64 << 30;
+        for ram_end in [
+            2 << 20,
+            4 * gib,
+            IDENTITY_MAP_LIMIT - (2 << 20),
+            IDENTITY_MAP_LIMIT,
+            IDENTITY_MAP_LIMIT + (2 << 20),
+            128 * gib,
+            256 * gib,
+            MAX_RAM,
+        ] {
+            let db = doorbell_gpa(ram_end);
+            assert!(db >= ram_end, "{ram_end:#x}: {db:#x}");
+            assert!(is_doorbell(db));
+            // One 2 MiB page maps the doorbell's virtual page to it.
+            assert_eq!(db & 0x1f_ffff, DOORBELL_ADDR & 0x1f_ffff);
+            assert!(mapped_end(ram_end) <= IDENTITY_MAP_LIMIT);
+        }
+        assert!(!is_doorbell(DOORBELL_ADDR - (1 << 30)));
+        assert!(!is_doorbell(DOORBELL_ADDR + 0x1000));
     }
 }

@@ -60,7 +60,9 @@ pub fn gdt() -> [u64; 7] {
     ]
 }
 
-/// Writes the GDT, TSS and identity page tables covering `[0, ram_end)` into guest RAM.
+/// Writes the GDT, TSS and identity page tables covering `[0, mapped_end(ram_end))` (at most
+/// [`IDENTITY_MAP_LIMIT`], 127 GiB; see [`crate::layout`]) into guest RAM, plus the doorbell's
+/// page: virtual [`DOORBELL_ADDR`] to guest-physical [`doorbell_gpa`]`(ram_end)`.
 ///
 /// Fails if `ram_end` is beyond [`MAX_RAM`] or the infrastructure area is not backed.
 ///
@@ -99,16 +101,28 @@ pub fn write_tables(ram: &(impl GuestRam + ?Sized), ram_end: u64) -> Result<()> 
     pml4[..8].copy_from_slice(&(PDPT_ADDR | flags).to_le_bytes());
     ram.write_at(PML4_ADDR, &pml4)?;
 
-    let gibs = ram_end.div_ceil(1 << 30).max(1);
+    let gibs = mapped_end(ram_end).div_ceil(1 << 30).max(1);
+    let doorbell_gib = DOORBELL_ADDR >> 30;
+    debug_assert!(gibs <= doorbell_gib);
     let mut pdpt = vec![0u8; 4096];
-    // RAM, then the doorbell's GiB.
-    for g in (0..gibs).chain(std::iter::once(DOORBELL_ADDR >> 30)) {
+    // RAM (identity), then the doorbell's GiB: identity too for guests up to 127 GiB, else its
+    // page (the last 2 MiB) goes to the doorbell's guest-physical address above RAM.
+    for g in (0..gibs).chain(std::iter::once(doorbell_gib)) {
         let pd = PD_ADDR + g * 4096;
         let o = (g * 8) as usize;
         pdpt[o..o + 8].copy_from_slice(&(pd | flags).to_le_bytes());
         let mut pd_bytes = vec![0u8; 4096];
-        for e in 0..512u64 {
-            let addr = (g << 30) | (e << 21);
+        let entries = if g == doorbell_gib && doorbell_gpa(ram_end) != DOORBELL_ADDR {
+            511..512u64
+        } else {
+            0..512u64
+        };
+        for e in entries {
+            let addr = if g == doorbell_gib {
+                (doorbell_gpa(ram_end) & !((1 << 30) - 1)) | (e << 21)
+            } else {
+                (g << 30) | (e << 21)
+            };
             let o = (e * 8) as usize;
             pd_bytes[o..o + 8].copy_from_slice(&(addr | flags | PTE_LARGE).to_le_bytes());
         }
@@ -257,6 +271,44 @@ mod tests {
             .load_u64((db & !0xfff) + ((DOORBELL_ADDR >> 21) & 511) * 8)
             .unwrap();
         assert_eq!(pde & !0x1f_ffff, DOORBELL_ADDR & !0x1f_ffff);
+    }
+
+    /// The guest-physical address virtual `va` maps to, if mapped.
+    fn translate(mem: &GuestMemoryMmap<()>, va: u64) -> Option<u64> {
+        let pml4e = mem.load_u64(PML4_ADDR + ((va >> 39) & 511) * 8).unwrap();
+        if pml4e & 1 == 0 {
+            return None;
+        }
+        let pdpte = mem
+            .load_u64((pml4e & !0xfff) + ((va >> 30) & 511) * 8)
+            .unwrap();
+        if pdpte & 1 == 0 {
+            return None;
+        }
+        let pde = mem
+            .load_u64((pdpte & !0xfff) + ((va >> 21) & 511) * 8)
+            .unwrap();
+        (pde & 1 != 0).then_some((pde & !0x1f_ffff & !(1 << 63)) | (va & 0x1f_ffff))
+    }
+
+    #[test]
+    fn huge_guest_maps_low_ram_and_the_doorbell_above_ram() {
+        // Only the infrastructure area is backed; the tables describe a 256 GiB guest.
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let ram_end = 256u64 << 30;
+        write_tables(&mem, ram_end).unwrap();
+        assert_eq!(translate(&mem, 0x10_0000), Some(0x10_0000));
+        let top = IDENTITY_MAP_LIMIT - 8;
+        assert_eq!(translate(&mem, top), Some(top));
+        // The doorbell's virtual page goes above RAM; the rest of its GiB is unmapped.
+        let db = translate(&mem, DOORBELL_ADDR).unwrap();
+        assert_eq!(db, doorbell_gpa(ram_end));
+        assert!(db >= ram_end && is_doorbell(db));
+        assert_eq!(translate(&mem, IDENTITY_MAP_LIMIT), None);
+        assert_eq!(translate(&mem, 200 << 30), None);
+        // Small guests keep the identity doorbell.
+        write_tables(&mem, 4 << 30).unwrap();
+        assert_eq!(translate(&mem, DOORBELL_ADDR), Some(DOORBELL_ADDR));
     }
 
     #[test]

@@ -245,7 +245,7 @@ fn run_loop(shared: &Shared) -> RunState {
                     .store(u64::from_le_bytes(v), Ordering::Release);
                 shared.last_mmio_addr.store(addr, Ordering::Release);
                 shared.mmio_exits.fetch_add(1, Ordering::Release);
-                at_doorbell = addr == crate::layout::DOORBELL_ADDR;
+                at_doorbell = crate::layout::is_doorbell(addr);
             }
             Ok(VcpuExit::MmioRead(_, data)) => {
                 data.fill(0xff);

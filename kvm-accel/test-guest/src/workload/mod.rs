@@ -225,9 +225,12 @@ impl Workload {
         self.vcpus
     }
 
-    /// Checks the spec against a guest RAM ending at `ram_end`.
+    /// Checks the spec against a guest RAM ending at `ram_end`: the working set (or a high
+    /// image) must lie in RAM the identity map covers, below [`mapped_end`]`(ram_end)` (at most
+    /// 127 GiB, whatever the RAM size; see [`crate::layout`]).
     pub fn validate(&self, ram_end: u64) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidWorkload(m));
+        let mapped = mapped_end(ram_end);
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return bad(format!(
                 "vcpus must be in 1..={MAX_VCPUS}, got {}",
@@ -252,7 +255,14 @@ impl Workload {
                     ));
                 }
                 match self.wss_start.checked_add(*wss_bytes) {
-                    Some(end) if end <= ram_end => {}
+                    Some(end) if end <= ram_end && end <= mapped => {}
+                    Some(end) if end <= ram_end => {
+                        return bad(format!(
+                        "working set [{:#x}, +{wss_bytes:#x}) beyond the guest's identity map, which covers RAM below {mapped:#x} ({} GiB) only",
+                        self.wss_start,
+                        mapped >> 30
+                    ))
+                    }
                     _ => {
                         return bad(format!(
                         "working set [{:#x}, +{wss_bytes:#x}) beyond guest RAM end {ram_end:#x}",
@@ -269,10 +279,10 @@ impl Workload {
                 let len = image.len() as u64;
                 let end = load_gpa.checked_add(len);
                 let in_code = *load_gpa >= CODE_ADDR && end.is_some_and(|e| e <= CODE_END);
-                let high = *load_gpa >= INFRA_END && end.is_some_and(|e| e <= ram_end);
+                let high = *load_gpa >= INFRA_END && end.is_some_and(|e| e <= mapped);
                 if image.is_empty() || !(in_code || high) {
                     return bad(format!(
-                        "image [{load_gpa:#x}, +{len:#x}) must lie in [{CODE_ADDR:#x}, {CODE_END:#x}) or in [{INFRA_END:#x}, {ram_end:#x})"
+                        "image [{load_gpa:#x}, +{len:#x}) must lie in [{CODE_ADDR:#x}, {CODE_END:#x}) or in [{INFRA_END:#x}, {mapped:#x}) (RAM the identity map covers)"
                     ));
                 }
                 if *entry_gpa < *load_gpa || *entry_gpa >= load_gpa + len {
@@ -465,6 +475,23 @@ mod tests {
         assert!(img(PARAMS_ADDR, PARAMS_ADDR).is_err());
         assert!(img(CODE_END - 8, CODE_END - 8).is_err());
         assert!(img(2 * mb - 8, 2 * mb - 8).is_err());
+        // Huge guests: the working set must lie in the identity-mapped low RAM.
+        let huge = 256u64 << 30;
+        let wss = |bytes| {
+            Workload::new(WorkloadSpec::Random {
+                wss_bytes: bytes,
+                dirty_rate_bytes_per_s: 0,
+                seed: 0,
+            })
+        };
+        assert!(wss(64 * mb).validate(huge).is_ok());
+        assert!(wss(IDENTITY_MAP_LIMIT - INFRA_END).validate(huge).is_ok());
+        let e = wss(IDENTITY_MAP_LIMIT).validate(huge).unwrap_err();
+        assert!(e.to_string().contains("identity map"), "{e}");
+        assert!(wss(64 * mb)
+            .with_wss_start(200 << 30)
+            .validate(huge)
+            .is_err());
     }
 
     #[test]

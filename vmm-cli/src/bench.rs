@@ -430,7 +430,7 @@ fn print_table(modes: &[BenchMode], results: &[RunResult], runs: u32) {
     }
     let failed = results.iter().filter(|r| !r.verified).count();
     println!(
-        "{} runs, {} verified (destination RAM fingerprint == source RAM at switchover, stream digests checked){}",
+        "{} runs, {} verified (both sides verified: destination memory == source final memory at switchover; RAM fingerprints equal){}",
         results.len(),
         results.len() - failed,
         if failed > 0 { "; FAILED runs are excluded from the averages" } else { "" }

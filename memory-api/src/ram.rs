@@ -375,8 +375,11 @@ impl RamBlock {
         self.slice(offset, data.len() as u64)?;
         let start = self.mapping.as_ptr().wrapping_add(offset as usize);
         // SAFETY: `[offset, offset + len)` was just checked to lie inside the mapping, which `self`
-        // keeps alive for the slice's lifetime (the borrow of `self`); every access to guest memory
-        // (ours, vm-memory's, the guest's) is volatile or by the CPU, as `VolatileSlice` requires.
+        // keeps alive for the slice's lifetime (the borrow of `self`), so the pointer is valid for
+        // `len` bytes. `VolatileSlice` never forms a Rust reference to the bytes, only raw-pointer
+        // copies (vm-memory uses volatile accesses up to 8 bytes and a plain `memcpy` above): guest
+        // memory is shared with the vCPU, an agent outside Rust, and whoever reads bytes the guest
+        // may be writing tolerates a torn copy (migration resends a page that is dirty again).
         let untracked = unsafe { VolatileSlice::new(start, data.len()) };
         untracked.copy_from(data);
         Ok(())

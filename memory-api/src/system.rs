@@ -1372,19 +1372,21 @@ impl MemorySystem {
     ///
     /// # Order
     ///
-    /// 1. Re-arm: every listener's `log_clear` for the logging sections of the range (what
-    ///    [`clear_dirty_bitmap`](Self::clear_dirty_bitmap) does). An accelerator clears only bits it
-    ///    saw at its last sync, and those are already in the client's map.
-    /// 2. Take: each bitmap word of `client` is taken with one atomic exchange, so a bit set
+    /// 1. Take: each bitmap word of `client` is taken with one atomic exchange, so a bit set
     ///    concurrently is either in the snapshot or still in the client's map.
+    /// 2. Re-arm: every listener's `log_clear` for the logging sections of the range (what
+    ///    [`clear_dirty_bitmap`](Self::clear_dirty_bitmap) does). An accelerator clears only bits it
+    ///    saw at its last sync.
     /// 3. The caller reads the pages after this returns.
     ///
-    /// Clear, then read, as for migration: a write after the re-arm is reported by the accelerator's
-    /// next sync and lands in a later snapshot (or, if it comes before the take, in this one). If the
-    /// re-arm fails (e.g. an accelerator refuses a clear before any sync of its slot), nothing is
-    /// taken: the client's bits stay where they were and the error is returned. A re-arm that failed
-    /// half-way leaves the bits in the client's map too, so nothing is lost (a later snapshot takes
-    /// them and reads the pages then).
+    /// Take, re-arm, read, as migration does (take at the sync, clear the chunk, read): every page
+    /// whose bit was taken is re-armed before it is read, so a write after the read is caught.
+    /// Re-arming BEFORE taking is not safe with two clients: between the re-arm and the take, another
+    /// client's sync can fold a bit for a page written after the re-arm; this snapshot would take it
+    /// and read the page while the accelerator still holds the bit with the page writable, and the
+    /// other client's clear of that bit would then hide a later write from this client for good.
+    /// If the re-arm fails (e.g. a listener refuses a clear), the taken bits are put back (OR-ed:
+    /// a bit set meanwhile stays) and the error is returned: nothing is lost.
     ///
     /// # Errors
     ///
@@ -1414,12 +1416,17 @@ impl MemorySystem {
         let end_page = end_page.min(ram0 + (win_end >> PAGE_SHIFT));
         let block_start = (first_page - ram0) << PAGE_SHIFT;
         let block_end = (end_page - ram0) << PAGE_SHIFT;
-        // Re-arm first; take only what could be re-armed (see "Order").
-        st.clear_block_range(block.id(), block_start, block_end)?;
+        // Take, then re-arm (see "Order"); a failed re-arm puts the bits back.
+        let npages = end_page - first_page;
         let bits = self
             .dirty
             .client(client)
-            .take_range(first_page as usize, (end_page - first_page) as usize);
+            .take_range(first_page as usize, npages as usize);
+        if let Err(e) = st.clear_block_range(block.id(), block_start, block_end) {
+            self.dirty
+                .try_fold_bitmap(first_page, bits.as_words(), npages, client.into())?;
+            return Err(e);
+        }
         Ok(DirtySnapshot::new(block_start - win_start, bits))
     }
 

@@ -197,6 +197,7 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
             stats: MigrationStats::default(),
             paused: false,
             committed: false,
+            committed_at: None,
             logging: false,
             throttle: 0,
             throttle_supported: true,
@@ -205,10 +206,9 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
         let result = run.run(start);
         run.finish(result.is_ok());
         result.map(|()| {
-            run.stats.total_time_ms = ms(start.elapsed());
-            if run.stats.bytes_sent == 0 {
-                run.stats.bytes_sent = run.out.bytes_written();
-            }
+            // Until the commit: the verification after it is `verify_after_ms`.
+            let end = run.committed_at.unwrap_or_else(Instant::now);
+            run.stats.total_time_ms = ms(end.duration_since(start));
             std::mem::take(&mut run.stats)
         })
     }
@@ -230,6 +230,8 @@ struct Run<'r, 'p, M: DirtyTracking + ?Sized> {
     /// The commit point passed (the confirmation left, or a file's stream ended): the guest now
     /// belongs to the destination.
     committed: bool,
+    /// When the commit happened.
+    committed_at: Option<Instant>,
     logging: bool,
     throttle: u8,
     throttle_supported: bool,
@@ -696,6 +698,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             b.confirm_ms = ms(t.elapsed());
         }
         self.committed = true;
+        self.committed_at = Some(Instant::now());
         self.stats.downtime_ms = ms(pause_at.elapsed());
         self.stats.downtime_breakdown = b;
         self.stats.converged = true;

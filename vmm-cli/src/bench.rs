@@ -309,24 +309,34 @@ pub fn one_run(
     })
 }
 
-/// `vmm bench`.
-pub fn bench(a: BenchArgs) -> CliResult {
-    crate::run::validate_guest(&a.guest, crate::args::WorkloadKind::Random)?;
-    crate::run::validate_migration(&a.migration)?;
-    if a.runs == 0 {
+/// `--runs` and `--modes` of `vmm bench` and `vmm ladder`, checked (`example` shows a valid
+/// `--modes` in the error).
+pub(crate) fn runs_and_modes(
+    runs: u32,
+    modes: &[String],
+    example: &str,
+) -> CliResult<Vec<BenchMode>> {
+    if runs == 0 {
         return Err(CliError::Usage("--runs must be at least 1".into()));
     }
-    let modes = a
-        .modes
+    let modes = modes
         .iter()
         .map(|m| BenchMode::parse(m))
         .collect::<Result<Vec<_>, _>>()
         .map_err(CliError::Usage)?;
     if modes.is_empty() {
-        return Err(CliError::Usage(
-            "--modes is empty: give e.g. legacy,clear:128M".into(),
-        ));
+        return Err(CliError::Usage(format!(
+            "--modes is empty: give e.g. {example}"
+        )));
     }
+    Ok(modes)
+}
+
+/// `vmm bench`.
+pub fn bench(a: BenchArgs) -> CliResult {
+    crate::run::validate_guest(&a.guest, crate::args::WorkloadKind::Random)?;
+    crate::run::validate_migration(&a.migration)?;
+    let modes = runs_and_modes(a.runs, &a.modes, "legacy,clear:128M")?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     eprintln!(
         "vmm bench: guest {} MiB, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {:.0} MiB/s, downtime {} ms; {} run(s) of {} mode(s)",

@@ -114,20 +114,7 @@ pub fn ladder(a: LadderArgs) -> CliResult {
             .map_err(|e| CliError::Usage(format!("--ladder-sizes {}: {e}", size_label(mem))))?;
     }
     crate::run::validate_migration(&a.migration)?;
-    if a.runs == 0 {
-        return Err(CliError::Usage("--runs must be at least 1".into()));
-    }
-    let modes = a
-        .modes
-        .iter()
-        .map(|m| BenchMode::parse(m))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(CliError::Usage)?;
-    if modes.is_empty() {
-        return Err(CliError::Usage(
-            "--modes is empty: give e.g. legacy,clear:16M".into(),
-        ));
-    }
+    let modes = crate::bench::runs_and_modes(a.runs, &a.modes, "legacy,clear:16M")?;
     eprintln!(
         "vmm ladder: guests {}, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {:.0} MiB/s, downtime {} ms; {} run(s) of {} mode(s){}",
         a.sizes.iter().map(|&s| size_label(s)).collect::<Vec<_>>().join(", "),

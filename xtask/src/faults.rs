@@ -587,18 +587,8 @@ fn run_case(
             dest_pid: dst_a.pid(),
         },
     )?;
-    let mut cmd = std::process::Command::new(vmm);
-    cmd.args(shape.run_args()).args([
-        format!("--migrate-to=tcp:{}", proxy.addr),
-        format!("--retry-to={uri_b}"),
-        "--warmup=300ms".into(),
-        "--max-time=60s".into(),
-        "--io-timeout=5s".into(),
-        "--ram-fingerprint".into(),
-        "--json".into(),
-    ]);
-    let mut src = Proc::spawn("source", cmd)?;
-    let src_status = src.wait_timeout(Duration::from_secs(150));
+    let (mut src, src_status) =
+        run_source(vmm, shape, &format!("tcp:{}", proxy.addr), &uri_b, None)?;
     let report = proxy.finish();
     // The first migration finished before the proxy struck (a kill after the destination had the
     // guest and its verdict was in): nothing was cut. Try again with an earlier point.
@@ -625,6 +615,31 @@ fn run_case(
     )
 }
 
+/// Run the case's source to its end: migrate to `to`, retry to `retry`, with an optional extra
+/// argument (`--fail-at`).
+fn run_source(
+    vmm: &std::path::Path,
+    shape: &Shape,
+    to: &str,
+    retry: &str,
+    extra: Option<&str>,
+) -> Result<(Proc, Result<std::process::ExitStatus, String>), String> {
+    let mut cmd = std::process::Command::new(vmm);
+    cmd.args(shape.run_args()).args([
+        format!("--migrate-to={to}"),
+        format!("--retry-to={retry}"),
+        "--warmup=300ms".into(),
+        "--max-time=60s".into(),
+        "--io-timeout=5s".into(),
+        "--ram-fingerprint".into(),
+        "--json".into(),
+    ]);
+    cmd.args(extra);
+    let mut src = Proc::spawn("source", cmd)?;
+    let status = src.wait_timeout(Duration::from_secs(150));
+    Ok((src, status))
+}
+
 /// A failure injected into one step of the source's first migration (`vmm run --fail-at`): the
 /// source must name the step, stop logging, keep its guest running and migrate to B.
 fn run_inject_case(
@@ -637,19 +652,8 @@ fn run_inject_case(
     let mut dst_b = Proc::spawn("incoming B", incoming_cmd(vmm, &[], "127.0.0.1"))?;
     let uri_a = dst_a.listen_uri()?;
     let uri_b = dst_b.listen_uri()?;
-    let mut cmd = std::process::Command::new(vmm);
-    cmd.args(shape.run_args()).args([
-        format!("--migrate-to={uri_a}"),
-        format!("--retry-to={uri_b}"),
-        format!("--fail-at={step}@{nth}"),
-        "--warmup=300ms".into(),
-        "--max-time=60s".into(),
-        "--io-timeout=5s".into(),
-        "--ram-fingerprint".into(),
-        "--json".into(),
-    ]);
-    let mut src = Proc::spawn("source", cmd)?;
-    let src_status = src.wait_timeout(Duration::from_secs(150));
+    let fail_at = format!("--fail-at={step}@{nth}");
+    let (mut src, src_status) = run_source(vmm, shape, &uri_a, &uri_b, Some(&fail_at))?;
     let injected = jstr(&src.json(), "first_error").is_some_and(|e| e.contains("injected fault"));
     if !injected {
         // Call `nth` of the step never came: the first migration completed (A resumed

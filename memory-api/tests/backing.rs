@@ -5,6 +5,8 @@
 //! vhost-user backend does), the caller's file at an offset, clear errors for bad files, and
 //! hugetlb memory (skipped loudly where the host has no huge pages).
 
+mod common;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -13,21 +15,7 @@ use clearlog_memory::{DirtyClient, Error, MemorySystem, RamBacking, PAGE_SIZE};
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
 
 fn tempfile(len: u64) -> File {
-    let path = std::env::temp_dir().join(format!(
-        "clearlog-backing-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
-    f.set_len(len).unwrap();
-    f
+    common::unlinked_tempfile("backing", len)
 }
 
 #[test]

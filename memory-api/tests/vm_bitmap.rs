@@ -5,6 +5,8 @@
 //! for every active client, with slices at an offset and page-straddling writes; reads mark nothing;
 //! writers on several threads racing a migration thread that takes the bits lose no page.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::{Seek, SeekFrom, Write};
 use std::sync::atomic::Ordering;
@@ -249,18 +251,5 @@ fn removing_the_block_detaches_its_bitmap() {
 }
 
 fn tempfile() -> std::fs::File {
-    let path = std::env::temp_dir().join(format!(
-        "clearlog-vm-bitmap-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
-    f
+    common::unlinked_tempfile("vm-bitmap", 0)
 }

@@ -348,3 +348,22 @@ impl MemoryListener for FakeKvm {
         Ok(())
     }
 }
+
+/// A read-write file of `len` bytes that is already unlinked (gone when the last fd closes).
+pub fn unlinked_tempfile(tag: &str, len: u64) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!(
+        "clearlog-{tag}-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    f.set_len(len).unwrap();
+    f
+}

@@ -325,7 +325,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                         match r.read_page(block)? {
                             PageEntry::Data(page) => {
                                 ram.write_untracked(page * PAGE_SIZE, r.page_data())
-                                    .map_err(mem_err("loading a page"))?;
+                                    .map_err(Error::memory("loading a page"))?;
                                 if let Some(table) = received.get_mut(block as usize) {
                                     table.insert(page, xxh3_64(r.page_data()));
                                 }
@@ -337,10 +337,10 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                                 // backlog showed up as downtime. Reading an untouched page maps
                                 // the shared zero page instead.
                                 ram.read(page * PAGE_SIZE, &mut scratch[..])
-                                    .map_err(mem_err("reading a page"))?;
+                                    .map_err(Error::memory("reading a page"))?;
                                 if !is_zero_page(&scratch) {
                                     ram.write_untracked(page * PAGE_SIZE, &zero_page)
-                                        .map_err(mem_err("loading a zero page"))?;
+                                        .map_err(Error::memory("loading a zero page"))?;
                                 }
                                 if let Some(table) = received.get_mut(block as usize) {
                                     table.remove(&page);
@@ -364,14 +364,14 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                     // zero, and asking costs one query, not a read of every page.
                     populated.clear();
                     ram.populated(first_page, npages, &mut populated)
-                        .map_err(mem_err("asking which pages are populated"))?;
+                        .map_err(Error::memory("asking which pages are populated"))?;
                     for range in &populated {
                         for page in range.clone() {
                             ram.read(page * PAGE_SIZE, &mut scratch[..])
-                                .map_err(mem_err("reading a page"))?;
+                                .map_err(Error::memory("reading a page"))?;
                             if !is_zero_page(&scratch) {
                                 ram.write_untracked(page * PAGE_SIZE, &zero_page)
-                                    .map_err(mem_err("loading a zero page"))?;
+                                    .map_err(Error::memory("loading a zero page"))?;
                             }
                         }
                     }
@@ -463,11 +463,6 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         stats.verify_ms = t.elapsed().as_secs_f64() * 1000.0;
         Ok(state)
     }
-}
-
-/// What a failed memory call was doing, for [`Error::Memory`].
-fn mem_err(op: &'static str) -> impl FnOnce(crate::BoxError) -> Error {
-    move |source| Error::Memory { op, source }
 }
 
 /// Pages that differ between the source's final memory and ours at switchover.

@@ -53,10 +53,7 @@ fn hash_pages<B: MigrationBlock + ?Sized>(block: &B, first: u64, out: &mut [u64]
         let bytes = &mut buf[..digests.len() * PAGE_SIZE as usize];
         block
             .read(page * PAGE_SIZE, bytes)
-            .map_err(|source| Error::Memory {
-                op: "reading a page to hash it",
-                source,
-            })?;
+            .map_err(Error::memory("reading a page to hash it"))?;
         for (d, p) in digests
             .iter_mut()
             .zip(bytes.chunks_exact(PAGE_SIZE as usize))
@@ -77,10 +74,7 @@ pub(crate) fn final_digests<B: MigrationBlock + ?Sized>(
     let mut ranges = Vec::new();
     block
         .populated(0, block.pages(), &mut ranges)
-        .map_err(|source| Error::Memory {
-            op: "asking which pages are populated",
-            source,
-        })?;
+        .map_err(Error::memory("asking which pages are populated"))?;
     // Split the populated pages into `threads` runs of about the same size.
     let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
     let per_thread = total.div_ceil(threads.max(1) as u64).max(1);
@@ -130,10 +124,7 @@ fn hash_nonzero<B: MigrationBlock + ?Sized>(
             let bytes = &mut buf[..(n * PAGE_SIZE) as usize];
             block
                 .read(page * PAGE_SIZE, bytes)
-                .map_err(|source| Error::Memory {
-                    op: "reading a page to hash it",
-                    source,
-                })?;
+                .map_err(Error::memory("reading a page to hash it"))?;
             for (i, p) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
                 if !crate::stream::is_zero(p) {
                     out.push((page + i as u64, xxh3_64(p)));

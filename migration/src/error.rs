@@ -235,6 +235,11 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// Wrap a memory implementation's error, naming what the engine was doing.
+    pub(crate) fn memory(op: &'static str) -> impl FnOnce(BoxError) -> Error {
+        move |source| Error::Memory { op, source }
+    }
+
     /// Wrap an I/O error, turning `UnexpectedEof` into [`Error::Truncated`].
     pub(crate) fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
         move |source| {

@@ -245,11 +245,6 @@ fn vm_err(hook: &'static str) -> impl FnOnce(crate::BoxError) -> Error {
     move |source| Error::Vm { hook, source }
 }
 
-/// What a failed memory call was doing, for [`Error::Memory`].
-fn mem_err(op: &'static str) -> impl FnOnce(crate::BoxError) -> Error {
-    move |source| Error::Memory { op, source }
-}
-
 impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     fn run(&mut self, start: Instant) -> Result<()> {
         let cfg = self.config;
@@ -363,7 +358,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 DirtyLogMode::Legacy => None,
                 DirtyLogMode::Clear { shift } => Some(
                     ClearBitmap::new(block.pages(), shift)
-                        .map_err(|e| mem_err("sizing the clear bitmap")(e.into()))?,
+                        .map_err(|e| Error::memory("sizing the clear bitmap")(e.into()))?,
                 ),
             };
             self.blocks.push(BlockState {
@@ -376,7 +371,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         self.logging = true;
         self.mem
             .start_logging()
-            .map_err(mem_err("starting dirty logging"))?;
+            .map_err(Error::memory("starting dirty logging"))?;
         // First sync: learn which chunks the accelerator holds bits for (all of them with KVM's
         // INITIALLY_SET), so they are re-armed before the first pass reads them.
         self.sync()?;
@@ -388,20 +383,21 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     fn sync(&mut self) -> Result<u64> {
         let t = Instant::now();
         let mem = self.mem;
-        mem.sync_dirty().map_err(mem_err("syncing the dirty log"))?;
+        mem.sync_dirty()
+            .map_err(Error::memory("syncing the dirty log"))?;
         self.stats.log_sync_ms += ms(t.elapsed());
         self.stats.dirty_syncs += 1;
         let mut new = 0;
         for bs in &mut self.blocks {
             new += mem
                 .take_dirty(&bs.block, &mut bs.dirty, bs.clear.as_mut())
-                .map_err(mem_err("taking the dirty bits"))?;
+                .map_err(Error::memory("taking the dirty bits"))?;
         }
         if self.config.mode == DirtyLogMode::Legacy {
             for bs in &self.blocks {
                 let t = Instant::now();
                 mem.clear_dirty(&bs.block, 0, bs.block.size())
-                    .map_err(mem_err("re-arming dirty tracking"))?;
+                    .map_err(Error::memory("re-arming dirty tracking"))?;
                 self.stats.log_clear_calls += 1;
                 self.stats.log_clear_ms += ms(t.elapsed());
             }
@@ -470,7 +466,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                         // Re-arm, THEN ask and read.
                         if mem
                             .clear_chunk_before_send(&bs.block, clear, p)
-                            .map_err(mem_err("re-arming a chunk before sending it"))?
+                            .map_err(Error::memory("re-arming a chunk before sending it"))?
                         {
                             let took = t.elapsed();
                             self.stats.log_clear_calls += 1;
@@ -486,7 +482,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                     populated.clear();
                     bs.block
                         .populated(p, window_end - p, &mut populated)
-                        .map_err(mem_err("asking which pages are populated"))?;
+                        .map_err(Error::memory("asking which pages are populated"))?;
                     let mut cursor = p;
                     let gaps = populated
                         .iter()
@@ -533,7 +529,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 let (zero, _) = self.batch.push_page(bi as u32, p, false, |buf| {
                     block
                         .read(p * PAGE_SIZE, buf)
-                        .map_err(mem_err("reading a page"))
+                        .map_err(Error::memory("reading a page"))
                 })?;
                 c.pages += 1;
                 c.zero += u64::from(zero);

@@ -41,6 +41,23 @@ pub enum Command {
     /// set, legacy vs clear, reporting each cost per GiB of guest RAM.
     #[command(long_about = LADDER_ABOUT)]
     Ladder(LadderArgs),
+    /// Write the `random` workload as a Multiboot kernel for QEMU's `-kernel` (the QEMU side of
+    /// `vmm bench --compare`; `cargo xtask qemu-bench` runs it).
+    QemuImage(QemuImageArgs),
+}
+
+/// `vmm qemu-image`.
+#[derive(Debug, Args)]
+pub struct QemuImageArgs {
+    /// Guest shape and workload (the working set starts at 1 MiB, as in `vmm run`).
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// PRNG seed of the workload.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Where to write the image.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 const LADDER_ABOUT: &str = "\

@@ -14,6 +14,7 @@ mod incoming;
 mod ladder;
 mod output;
 mod plot;
+mod qemu_image;
 mod run;
 mod units;
 
@@ -84,6 +85,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run::run(a),
         Command::Bench(a) => bench::bench(a),
         Command::Ladder(a) => ladder::ladder(a),
+        Command::QemuImage(a) => qemu_image::qemu_image(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,6 +13,9 @@
 //! cargo xtask soak [--runs N] [--seed S]      N random migrations, each verified (increment rule,
 //!                             RAM fingerprint, digest table); reports mismatched pages
 //! cargo xtask netns           two network namespaces, a shaped veth link; migrate, then cut the link
+//! cargo xtask qemu-bench [--modes legacy,clear:1M,clear:16M] [--runs N] [--out FILE] [--smoke]
+//!                             the same workload migrated by QEMU 7.2, one JSON line per run for
+//!                             `vmm bench --compare FILE`
 //! cargo xtask fuzz [--seconds N]  each stream-decoder fuzz target for N s (default 30); SKIPPED without
 //!                             nightly + cargo-fuzz
 //! ```
@@ -30,6 +33,7 @@ mod fuzz;
 mod harness;
 mod layering;
 mod netns;
+mod qemu;
 mod soak;
 
 /// Environment variable the real-KVM tests read: when set to 1, a test that cannot use `/dev/kvm`
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Some("faults") => faults::faults(&args[1..]),
         Some("soak") => soak::soak(&args[1..]),
         Some("netns") => netns::netns(&args[1..]),
+        Some("qemu-bench") => qemu::qemu_bench(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print_usage();
             return if args.is_empty() {
@@ -79,6 +84,7 @@ fn print_usage() {
          faults           cut migrations at random points (--count N, default 50; --seed S): the source survives and a retry verifies\n  \
          soak             N random migrations (--runs N, default 200; --seed S), each verified; reports mismatched pages\n  \
          netns            migrate between two network namespaces over a shaped veth link, then take the link down mid-migration\n  \
+         qemu-bench       migrate the same workload with QEMU (--modes legacy,clear:1M,clear:16M --runs N --out FILE; --smoke: a short end-to-end check; --interleave-with-vmm MODES)\n  \
          fuzz             run each migration stream-decoder fuzz target (--seconds N, default 30); SKIPPED without nightly + cargo-fuzz"
     );
 }

@@ -43,6 +43,7 @@
 #![deny(missing_docs)]
 #![cfg(target_arch = "x86_64")]
 
+pub mod boot_image;
 mod error;
 mod guest;
 pub mod guest_ram;

@@ -248,6 +248,11 @@ pub struct BenchArgs {
     /// Draw the runs as an SVG plot.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Add the migrations in FILE (JSON lines: `cargo xtask qemu-bench` output, raw QEMU
+    /// `query-migrate` results, `vmm bench --json` lines) to a side-by-side table with medians
+    /// and ratios to QEMU. With `--runs 0`, print that table from FILE alone.
+    #[arg(long, value_name = "FILE")]
+    pub compare: Option<PathBuf>,
 }
 
 /// `vmm ladder`.

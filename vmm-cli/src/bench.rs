@@ -336,6 +336,14 @@ pub(crate) fn runs_and_modes(
 pub fn bench(a: BenchArgs) -> CliResult {
     crate::run::validate_guest(&a.guest, crate::args::WorkloadKind::Random)?;
     crate::run::validate_migration(&a.migration)?;
+    // Read the comparison first: a malformed file fails before any run.
+    let compare = a.compare.as_deref().map(crate::compare::load).transpose()?;
+    if a.runs == 0 {
+        if let Some(rows) = &compare {
+            crate::compare::print_table(rows);
+            return Ok(());
+        }
+    }
     let modes = runs_and_modes(a.runs, &a.modes, "legacy,clear:128M")?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     eprintln!(
@@ -369,6 +377,14 @@ pub fn bench(a: BenchArgs) -> CliResult {
         }
     }
     print_table(&modes, &results, a.runs);
+    if let Some(mut rows) = compare {
+        let ours = results
+            .iter()
+            .map(|r| (modes[r.mode].label(), &r.source, r.verified));
+        let mut all = crate::compare::vmm_rows(ours);
+        all.append(&mut rows);
+        crate::compare::print_table(&all);
+    }
     if let Some(path) = &a.json {
         write_json(path, &modes, &results)?;
     }

@@ -9,6 +9,7 @@
 mod args;
 mod bench;
 mod caps;
+mod compare;
 mod fault;
 mod incoming;
 mod ladder;

@@ -338,7 +338,13 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
         o.dirty_rate >> 20
     ));
     let img = Command::new(&vmm)
-        .args(["qemu-image", "--mem", &o.mem.to_string(), "--wss", &o.wss.to_string()])
+        .args([
+            "qemu-image",
+            "--mem",
+            &o.mem.to_string(),
+            "--wss",
+            &o.wss.to_string(),
+        ])
         .args(["--dirty-rate", &o.dirty_rate.to_string(), "--out"])
         .arg(&image)
         .output()
@@ -395,12 +401,20 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
                         t.elapsed().as_secs_f64()
                     );
                     if !problems.is_empty() {
-                        failures.push(format!("run {run} {}: {}", mode.label(), problems.join("; ")));
+                        failures.push(format!(
+                            "run {run} {}: {}",
+                            mode.label(),
+                            problems.join("; ")
+                        ));
                     }
                     writeln!(out, "{line}").map_err(|e| format!("{}: {e}", o.out.display()))?;
                 }
                 Err(e) => {
-                    println!("  run {run}/{} qemu {:<12} FAILED: {e}", o.runs, mode.label());
+                    println!(
+                        "  run {run}/{} qemu {:<12} FAILED: {e}",
+                        o.runs,
+                        mode.label()
+                    );
                     failures.push(format!("run {run} {}: {e}", mode.label()));
                 }
             }
@@ -545,9 +559,15 @@ impl Qmp {
 
     /// Timestamp (µs since the epoch) of the first `name` event seen.
     fn event_us(&self, name: &str) -> Option<u64> {
-        self.events.iter().find(|e| e["event"] == name).and_then(|e| {
-            Some(e["timestamp"]["seconds"].as_u64()? * 1_000_000 + e["timestamp"]["microseconds"].as_u64()?)
-        })
+        self.events
+            .iter()
+            .find(|e| e["event"] == name)
+            .and_then(|e| {
+                Some(
+                    e["timestamp"]["seconds"].as_u64()? * 1_000_000
+                        + e["timestamp"]["microseconds"].as_u64()?,
+                )
+            })
     }
 }
 
@@ -655,14 +675,27 @@ fn spawn_qemu(
     let mut cmd = Command::new(&o.qemu);
     cmd.args(["-accel", "kvm", "-cpu", "max", "-smp", "1"])
         .args(["-m", &format!("{}M", o.mem >> 20)])
-        .args(["-machine", &format!("pc,max-ram-below-4g={MAX_RAM_BELOW_4G}")])
-        .args(["-nodefaults", "-nographic", "-serial", "none", "-monitor", "none"])
+        .args([
+            "-machine",
+            &format!("pc,max-ram-below-4g={MAX_RAM_BELOW_4G}"),
+        ])
+        .args([
+            "-nodefaults",
+            "-nographic",
+            "-serial",
+            "none",
+            "-monitor",
+            "none",
+        ])
         .args(["-no-reboot", "-kernel"])
         .arg(image)
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", sock.display()));
     if let Some(shift) = mode.shift() {
-        cmd.args(["-global", &format!("migration.x-clear-bitmap-shift={shift}")]);
+        cmd.args([
+            "-global",
+            &format!("migration.x-clear-bitmap-shift={shift}"),
+        ]);
     }
     if let Some(port) = incoming {
         cmd.args(["-incoming", &format!("tcp:127.0.0.1:{port}")]);
@@ -721,7 +754,11 @@ fn one_run(
         if boot_start.elapsed() > Duration::from_secs(300) {
             return Err(format!(
                 "the guest did not become ready in 300 s (boot status {boot:#x}, {})",
-                if status == 1 { "in ring 3, pre-fault not done" } else { "ring 3 not reached" }
+                if status == 1 {
+                    "in ring 3, pre-fault not done"
+                } else {
+                    "ring 3 not reached"
+                }
             ));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -797,7 +834,9 @@ fn one_run(
     };
 
     let mut line = result.clone();
-    let m = line.as_object_mut().ok_or("query-migrate returned no object")?;
+    let m = line
+        .as_object_mut()
+        .ok_or("query-migrate returned no object")?;
     let stop_to_resume = match (stop, resume) {
         (Some(s), Some(r)) => json!((r as f64 - s as f64) / 1e3),
         _ => Value::Null,
@@ -911,8 +950,7 @@ fn vmm_round(o: &Opts, vmm: &Path, modes: &[String], work: &Path) -> Result<Vec<
     }
     let mut out = Vec::new();
     for l in text.lines().filter(|l| !l.trim().is_empty()) {
-        let mut v: Value =
-            serde_json::from_str(l).map_err(|e| format!("vmm bench JSON: {e}"))?;
+        let mut v: Value = serde_json::from_str(l).map_err(|e| format!("vmm bench JSON: {e}"))?;
         if let Some(m) = v.as_object_mut() {
             m.insert("system".into(), "vmm".into());
         }

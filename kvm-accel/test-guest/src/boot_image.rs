@@ -334,11 +334,11 @@ pub fn build(spec: &BootImageSpec) -> Result<Vec<u8>> {
         MULTIBOOT_MAGIC,
         MULTIBOOT_FLAGS,
         0u32.wrapping_sub(MULTIBOOT_MAGIC.wrapping_add(MULTIBOOT_FLAGS)),
-        load,                                 // header_addr (the header is at offset 0)
-        load,                                 // load_addr
-        load + CARRY_END as u32,              // load_end_addr
-        0,                                    // bss_end_addr: no bss
-        load + ENTRY32_OFFSET as u32,         // entry_addr
+        load,                         // header_addr (the header is at offset 0)
+        load,                         // load_addr
+        load + CARRY_END as u32,      // load_end_addr
+        0,                            // bss_end_addr: no bss
+        load + ENTRY32_OFFSET as u32, // entry_addr
     ];
     for (i, v) in header.iter().enumerate() {
         img[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
@@ -447,7 +447,9 @@ mod tests {
         assert_eq!(last.mnemonic(), Mnemonic::Jmp);
         assert_eq!(u64::from(last.far_branch32()), LOAD_ADDR + ENTRY64_OFFSET);
         assert_eq!(last.far_branch_selector(), KERNEL_CS);
-        assert!(m32.iter().any(|i| i.mnemonic() == Mnemonic::Movsd && i.has_rep_prefix()));
+        assert!(m32
+            .iter()
+            .any(|i| i.mnemonic() == Mnemonic::Movsd && i.has_rep_prefix()));
         assert!(m32.iter().any(|i| i.mnemonic() == Mnemonic::Wrmsr));
         let w = spec().workload();
         let m64 = decode(64, ENTRY64_OFFSET, entry64(&w).unwrap().len());

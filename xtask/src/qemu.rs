@@ -611,31 +611,32 @@ impl QemuProc {
     }
 }
 
-/// CPU seconds of a process: (all threads, all threads but the vCPUs), from /proc.
+/// CPU seconds of a process: (all threads, all threads but the vCPUs), from /proc. The process
+/// total comes from /proc/PID/stat, which keeps the time of threads that have exited (QEMU's
+/// migration thread ends with the migration); the vCPU threads are alive and read one by one.
 fn cpu_seconds(pid: u32) -> (f64, f64) {
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let mut all = 0.0;
-    let mut no_vcpu = 0.0;
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+    let ticks = |p: &Path| {
+        std::fs::read_to_string(p.join("stat"))
+            .ok()
+            .and_then(|s| stat_cpu_ticks(&s))
+    };
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let Some(all) = ticks(&proc_dir) else {
         return (f64::NAN, f64::NAN);
     };
-    for t in tasks.flatten() {
-        let p = t.path();
-        let (Ok(stat), Ok(comm)) = (
-            std::fs::read_to_string(p.join("stat")),
-            std::fs::read_to_string(p.join("comm")),
-        ) else {
-            continue;
-        };
-        let secs = stat_cpu_ticks(&stat).map_or(0.0, |t| t as f64 / hz);
-        all += secs;
-        // QEMU names its vCPU threads "CPU <n>/KVM".
-        if !comm.starts_with("CPU ") {
-            no_vcpu += secs;
+    let mut vcpu = 0;
+    if let Ok(tasks) = std::fs::read_dir(proc_dir.join("task")) {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            // With `-name ...,debug-threads=on` QEMU names its vCPU threads "CPU <n>/KVM".
+            if comm.starts_with("CPU ") {
+                vcpu += ticks(&t.path()).unwrap_or(0);
+            }
         }
     }
-    (all, no_vcpu)
+    (all as f64 / hz, all.saturating_sub(vcpu) as f64 / hz)
 }
 
 /// utime + stime (fields 14 and 15) of a /proc stat line; the command name may hold spaces.
@@ -687,6 +688,9 @@ fn spawn_qemu(
             "-monitor",
             "none",
         ])
+        // debug-threads: named threads ("CPU 0/KVM", "live_migration"), so the vCPU's CPU time can
+        // be told apart.
+        .args(["-name", &format!("clearlog-{name},debug-threads=on")])
         .args(["-no-reboot", "-kernel"])
         .arg(image)
         .arg("-qmp")

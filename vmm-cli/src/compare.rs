@@ -112,7 +112,7 @@ pub fn parse_line(line: &str) -> Result<Option<Row>, String> {
         num(&v, "chunk_bytes"),
     ) {
         (Some(m), _) => m.to_string(),
-        (None, Some(c)) if c == 0.0 => "legacy".into(),
+        (None, Some(0.0)) => "legacy".into(),
         (None, Some(c)) => format!("clear {}", human_chunk(c as u64)),
         (None, None) => "unknown".into(),
     };

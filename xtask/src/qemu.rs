@@ -147,7 +147,7 @@ impl Mode {
 
 fn human(b: u64) -> String {
     for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
-        if b >= 1 << shift && b % (1 << shift) == 0 {
+        if b >= 1 << shift && b.is_multiple_of(1 << shift) {
             return format!("{} {unit}", b >> shift);
         }
     }
@@ -286,7 +286,11 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
     if o.runs == 0 || o.modes.is_empty() {
         return Err("--runs must be at least 1 and --modes not empty".into());
     }
-    if o.mem % (2 * MIB) != 0 || o.wss == 0 || o.wss % PAGE != 0 || o.wss + MIB > o.mem {
+    if !o.mem.is_multiple_of(2 * MIB)
+        || o.wss == 0
+        || !o.wss.is_multiple_of(PAGE)
+        || o.wss + MIB > o.mem
+    {
         return Err(format!(
             "--mem {} must be a multiple of 2M and hold --wss {} from 1 MiB",
             o.mem, o.wss

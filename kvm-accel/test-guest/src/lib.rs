@@ -11,7 +11,9 @@
 //!   pause/resume/kick;
 //! - [`layout`], [`long_mode`], [`guest_ram`]: the guest environment;
 //! - [`workload`]: guest programs (assembled with iced-x86) that dirty memory at a controlled rate,
-//!   a progress monitor and the `increment` consistency check.
+//!   a progress monitor and the `increment` consistency check;
+//! - [`boot_image`]: the `random` workload as a Multiboot kernel for QEMU's `-kernel`, to compare
+//!   with QEMU on the same guest program.
 //!
 //! x86-64 only: on other architectures the crate is empty.
 //!

@@ -41,6 +41,8 @@ pub struct Row {
     pub syncs: Option<f64>,
     /// CPU seconds of the source and destination processes during the migration.
     pub cpu_s: (Option<f64>, Option<f64>),
+    /// The guest's write rate while being migrated, bytes/s.
+    pub guest_rate: Option<f64>,
 }
 
 fn num(v: &Value, key: &str) -> Option<f64> {
@@ -89,6 +91,7 @@ pub fn parse_line(line: &str) -> Result<Option<Row>, String> {
             guest_downtime_ms: num(&v, "guest_visible_downtime_ms"),
             sent_bytes: need("bytes_sent")?,
             syncs: num(&v, "dirty_syncs"),
+            guest_rate: num(&v, "guest_dirty_rate_during_migration_bytes_per_s"),
             cpu_s: (
                 get_cpu("source_cpu_s", "cpu_s"),
                 v.get("destination")
@@ -137,6 +140,7 @@ pub fn parse_line(line: &str) -> Result<Option<Row>, String> {
         sent_bytes: need("ram.transferred", num(&ram, "transferred"))?,
         syncs: num(&ram, "dirty-sync-count"),
         cpu_s: (num(&v, "source_cpu_s"), num(&v, "destination_cpu_s")),
+        guest_rate: num(&v, "guest_write_rate_during_migration_bytes_per_s"),
     }))
 }
 
@@ -186,6 +190,7 @@ pub fn vmm_rows<'a>(runs: impl IntoIterator<Item = (String, &'a Value, bool)>) -
                 sent_bytes: f64::NAN,
                 syncs: None,
                 cpu_s: (None, None),
+                guest_rate: None,
             })
         })
         .collect()
@@ -229,6 +234,8 @@ pub struct Group {
     pub syncs: f64,
     /// Median CPU seconds, source and destination.
     pub cpu_s: (f64, f64),
+    /// Median guest write rate while migrated, MiB/s.
+    pub guest_mib_s: f64,
     /// Ratio of the median total to the QEMU reference, with the reference's mode.
     pub vs_qemu: Option<(f64, String)>,
 }
@@ -262,6 +269,7 @@ pub fn groups(rows: &[Row]) -> Vec<Group> {
                 sent_mib: m(&|r| Some(r.sent_bytes / (1u64 << 20) as f64)),
                 syncs: m(&|r| r.syncs),
                 cpu_s: (m(&|r| r.cpu_s.0), m(&|r| r.cpu_s.1)),
+                guest_mib_s: m(&|r| r.guest_rate.map(|x| x / (1u64 << 20) as f64)),
                 system,
                 mode,
                 vs_qemu: None,
@@ -302,7 +310,7 @@ pub fn print_table(rows: &[Row]) {
     };
     println!("\nvmm and QEMU side by side (medians per system and mode):");
     println!(
-        "{:<6} {:<14} {:>5} {:>9} {:>13} {:>14} {:>10} {:>6} {:>13} {:>22}",
+        "{:<6} {:<14} {:>5} {:>9} {:>13} {:>14} {:>10} {:>6} {:>13} {:>11} {:>22}",
         "system",
         "mode",
         "runs",
@@ -312,6 +320,7 @@ pub fn print_table(rows: &[Row]) {
         "sent (MiB)",
         "syncs",
         "cpu src/dst",
+        "guest MiB/s",
         "vs QEMU"
     );
     for g in groups(rows) {
@@ -325,7 +334,7 @@ pub fn print_table(rows: &[Row]) {
             format!("{}/{}", g.ok, g.runs)
         };
         println!(
-            "{:<6} {:<14} {:>5} {:>9} {:>13} {:>14} {:>10} {:>6} {:>13} {:>22}",
+            "{:<6} {:<14} {:>5} {:>9} {:>13} {:>14} {:>10} {:>6} {:>13} {:>11} {:>22}",
             g.system,
             g.mode,
             runs,
@@ -335,11 +344,12 @@ pub fn print_table(rows: &[Row]) {
             f(g.sent_mib, 0),
             f(g.syncs, 0),
             format!("{}/{}", f(g.cpu_s.0, 1), f(g.cpu_s.1, 1)),
+            f(g.guest_mib_s, 0),
             vs
         );
     }
     println!(
-        "downtime: as each system reports it; guest-vis: QEMU source STOP to destination RESUME event, vmm guest_visible_downtime_ms; cpu: CPU seconds of each whole process (vCPU included) during the migration. Runs that did not complete (QEMU) or verify (vmm) are left out of the medians (shown as ok/all)."
+        "downtime: as each system reports it; guest-vis: QEMU source STOP to destination RESUME event, vmm guest_visible_downtime_ms; cpu: CPU seconds of each whole process (vCPU included) during the migration; guest MiB/s: what the guest wrote while being migrated. Runs that did not complete (QEMU) or verify (vmm) are left out of the medians (shown as ok/all)."
     );
 }
 
@@ -347,7 +357,7 @@ pub fn print_table(rows: &[Row]) {
 mod tests {
     use super::*;
 
-    const QEMU_EXTENDED: &str = r#"{"status":"completed","total-time":15500,"downtime":30,"setup-time":2,"ram":{"transferred":5935988736,"dirty-sync-count":12,"normal":1449000,"mbps":3200.5},"system":"qemu","version":"7.2.22","mode":"clear 1 MiB","chunk_bytes":1048576,"stop_to_resume_ms":41.5,"source_cpu_s":9.5,"destination_cpu_s":6.25}"#;
+    const QEMU_EXTENDED: &str = r#"{"status":"completed","total-time":15500,"downtime":30,"setup-time":2,"ram":{"transferred":5935988736,"dirty-sync-count":12,"normal":1449000,"mbps":3200.5},"system":"qemu","version":"7.2.22","mode":"clear 1 MiB","chunk_bytes":1048576,"stop_to_resume_ms":41.5,"source_cpu_s":9.5,"destination_cpu_s":6.25,"guest_write_rate_during_migration_bytes_per_s":301989888}"#;
     const QEMU_RAW: &str = r#"{"return": {"status":"completed","total-time":21800,"downtime":25,"ram":{"transferred":8425308160,"dirty-sync-count":20}}}"#;
     const VMM_LINE: &str = r#"{"scenario":"clear 1 MiB","verified":true,"total_time_ms":14900,"downtime_ms":73,"guest_visible_downtime_ms":80,"bytes_sent":5852102656,"dirty_syncs":11,"run":1}"#;
 
@@ -362,6 +372,7 @@ mod tests {
         assert_eq!(q.guest_downtime_ms, Some(41.5));
         assert_eq!(q.syncs, Some(12.0));
         assert_eq!(q.cpu_s, (Some(9.5), Some(6.25)));
+        assert_eq!(q.guest_rate, Some(288.0 * (1u64 << 20) as f64));
         let raw = parse_line(QEMU_RAW).unwrap().unwrap();
         assert_eq!(
             (raw.system.as_str(), raw.mode.as_str()),

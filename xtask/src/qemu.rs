@@ -391,7 +391,7 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
                 Ok(line) => {
                     let problems = check_run(&o, mode, &line);
                     println!(
-                        "  run {run}/{} qemu {:<12} total {:>6.2} s  downtime {:>4} ms  stop->resume {:>6.1} ms  sent {:>6.0} MiB  syncs {:>3}  guest {:>4.0} MiB/s  clears {:>6}  {} ({:.0} s wall)",
+                        "  run {run}/{} qemu {:<12} total {:>6.2} s  downtime {:>4} ms  stop->resume {:>6.1} ms  sent {:>6.0} MiB  syncs {:>3}  guest {:>4.0} MiB/s ({:>4.0} while migrating)  clears {:>6}  {} ({:.0} s wall)",
                         o.runs,
                         mode.label(),
                         line["total-time"].as_f64().unwrap_or(f64::NAN) / 1e3,
@@ -400,6 +400,7 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
                         line["ram"]["transferred"].as_f64().unwrap_or(f64::NAN) / MIB as f64,
                         line["ram"]["dirty-sync-count"],
                         line["guest_write_rate_bytes_per_s"].as_f64().unwrap_or(f64::NAN) / MIB as f64,
+                        line["guest_write_rate_during_migration_bytes_per_s"].as_f64().unwrap_or(f64::NAN) / MIB as f64,
                         line["shim"]["source"]["kvm_clear_dirty_log_calls"],
                         if problems.is_empty() { "ok".to_string() } else { format!("FAILED: {}", problems.join("; ")) },
                         t.elapsed().as_secs_f64()
@@ -808,6 +809,8 @@ fn one_run(
     };
     let wall_s = t0.elapsed().as_secs_f64();
     let (src_cpu1, src_nv1) = cpu_seconds(src.pid());
+    // The source guest is stopped now: its counter holds every page it wrote while migrated.
+    let pages_after = sq.read_u64s(COUNTER_SLOT, 1)?[0];
     // The destination resumes the guest when the stream ends.
     let resume_start = Instant::now();
     while dq.event_us("RESUME").is_none() {
@@ -845,6 +848,9 @@ fn one_run(
     let m = line
         .as_object_mut()
         .ok_or("query-migrate returned no object")?;
+    // Written while migrating, over migrate command to STOP.
+    let live_s = stop.map_or(wall_s, |s| s.saturating_sub(started_us) as f64 / 1e6);
+    let live_rate = (pages_after.saturating_sub(pages_before) * PAGE) as f64 / live_s.max(1e-3);
     let stop_to_resume = match (stop, resume) {
         (Some(s), Some(r)) => json!((r as f64 - s as f64) / 1e3),
         _ => Value::Null,
@@ -870,6 +876,7 @@ fn one_run(
         "guest_ready_s": ready_s,
         "guest_write_rate_bytes_per_s": guest_rate.round(),
         "guest_pages_written_before_migration": pages_before,
+        "guest_write_rate_during_migration_bytes_per_s": live_rate.round(),
         "destination_guest_write_rate_bytes_per_s": dst_rate.round(),
         "migrate_started_unix_us": started_us,
         "source_stop_unix_us": stop,

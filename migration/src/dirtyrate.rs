@@ -201,12 +201,14 @@ fn sample_pages(pages: u64, pages_per_gib: u32, rng: &mut u64) -> Vec<u64> {
 }
 
 /// `sample` mode: hash `pages_per_gib` random pages per GiB of every block of `mem` (chosen with
-/// `seed`), wait until `window` has passed since the first hash, hash them again and count the
-/// changed ones. The estimate is `changed / sampled x RAM pages` over the window.
+/// `seed`), wait, hash them again and count the changed ones: each page is watched for about
+/// `window` (the mean time between its two hashes is the reported `window_s`). The estimate is
+/// `changed / sampled x RAM pages` over the window.
 ///
 /// Cheap and invisible to the guest, but a sample: with `n` pages sampled and a dirty fraction
 /// `p` its relative standard error is `sqrt((1 - p) / (n p))`, large when few pages change (a
-/// small working set in a large guest, a short window). [`SampleStats`] reports it.
+/// small working set in a large guest, a short window). [`SampleStats`] reports it (sampling
+/// error only: the window's timing is assumed exact).
 ///
 /// # Errors
 ///
@@ -258,13 +260,17 @@ pub fn measure_sample<M: MigrationMemory + ?Sized>(
         }
         Ok(out)
     };
-    // Each page's own window runs from its first hash to its second; hashing both times in the
-    // same order at the same speed makes every page's window the time between the two starts.
+    // Each page's own window runs from its first hash to its second. Both passes hash in the same
+    // order; a pass that ran slower (the host is shared with the guest) shifts its pages' hash
+    // times, by half its duration on average: the mean window corrects for it.
     let t0 = Instant::now();
     let before = hash_all()?;
-    std::thread::sleep(window.saturating_sub(t0.elapsed()));
-    let window_s = t0.elapsed().as_secs_f64();
+    let d0 = t0.elapsed();
+    std::thread::sleep(window.saturating_sub(d0 / 2));
+    let t1 = Instant::now();
     let after = hash_all()?;
+    let d1 = t1.elapsed();
+    let window_s = (t1 - t0).as_secs_f64() + (d1.as_secs_f64() - d0.as_secs_f64()) / 2.0;
     let n = before.len() as u64;
     let k = before.iter().zip(&after).filter(|(a, b)| a != b).count() as u64;
     let total: u64 = blocks.iter().map(|b| b.pages()).sum();

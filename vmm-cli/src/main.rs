@@ -9,6 +9,7 @@
 mod args;
 mod bench;
 mod caps;
+mod dirtyrate;
 mod fault;
 mod incoming;
 mod ladder;
@@ -83,6 +84,7 @@ fn main() -> ExitCode {
         Command::Incoming(a) => incoming::incoming(a),
         Command::Run(a) => run::run(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Dirtyrate(a) => dirtyrate::dirtyrate(a),
         Command::Ladder(a) => ladder::ladder(a),
     };
     match result {

@@ -7,8 +7,9 @@
 use std::time::{Duration, Instant};
 
 use clearlog_migration::dirtyrate::{
-    measure_bitmap, measure_ring, measure_sample, predict_convergence, Convergence, DirtyRate,
-    DirtyRateMode, VcpuDirtyCounts, DEFAULT_MAX_PASSES,
+    measure_bitmap, measure_ring, measure_sample, predict_convergence,
+    predict_convergence_saturating, Convergence, DirtyRate, DirtyRateMode, VcpuDirtyCounts,
+    DEFAULT_MAX_PASSES,
 };
 use clearlog_test_guest::{Guest, GuestConfig};
 
@@ -51,15 +52,40 @@ pub fn measure(guest: &Guest, spec: DirtyrateSpec, sample_pages: u32) -> CliResu
     }
 }
 
-/// The verdict for a migration of `initial_bytes` at `m`'s bandwidth and downtime.
-pub fn verdict(rate: &DirtyRate, initial_bytes: u64, m: &MigrationArgs) -> CliResult<Convergence> {
-    predict_convergence(
-        rate.dirty_rate_bytes_per_s,
-        initial_bytes,
-        m.bandwidth,
-        m.downtime,
-        DEFAULT_MAX_PASSES,
-    )
+/// The convergence model a workload calls for: the `random` workload writes uniformly over its
+/// working set, so what a pass leaves dirty saturates (`Some(working set bytes)`); for the others
+/// the linear model, capped at the initial data (`None`; `increment` sweeps, which is linear
+/// until the whole working set is dirty).
+pub fn saturating_over(workload: WorkloadKind, wss: u64) -> Option<u64> {
+    (workload == WorkloadKind::Random).then_some(wss)
+}
+
+/// The verdict for a migration of `initial_bytes` at `m`'s bandwidth and downtime
+/// (docs/design.md section 6).
+pub fn verdict(
+    rate: &DirtyRate,
+    initial_bytes: u64,
+    saturating: Option<u64>,
+    m: &MigrationArgs,
+) -> CliResult<Convergence> {
+    match saturating {
+        Some(ws) => predict_convergence_saturating(
+            rate.dirty_rate_bytes_per_s,
+            rate.window_s,
+            ws,
+            initial_bytes,
+            m.bandwidth,
+            m.downtime,
+            DEFAULT_MAX_PASSES,
+        ),
+        None => predict_convergence(
+            rate.dirty_rate_bytes_per_s,
+            initial_bytes,
+            m.bandwidth,
+            m.downtime,
+            DEFAULT_MAX_PASSES,
+        ),
+    }
     .map_err(|e| CliError::Usage(e.to_string()))
 }
 
@@ -68,6 +94,7 @@ pub fn to_json(
     rate: &DirtyRate,
     verdict: &Convergence,
     initial_bytes: u64,
+    saturating: Option<u64>,
     m: &MigrationArgs,
 ) -> serde_json::Value {
     let mut v = serde_json::to_value(rate).unwrap_or_default();
@@ -89,6 +116,8 @@ pub fn to_json(
                 (m.downtime.as_secs_f64() * 1e3).into(),
             );
             cm.insert("initial_bytes".into(), initial_bytes.into());
+            cm.insert("model".into(), model_name(saturating).into());
+            cm.insert("working_set_bytes".into(), saturating.into());
             // JSON has no infinity.
             if !verdict.expected_total_s.is_finite() {
                 cm.insert("expected_total_s".into(), serde_json::Value::Null);
@@ -99,16 +128,24 @@ pub fn to_json(
     v
 }
 
+fn model_name(saturating: Option<u64>) -> &'static str {
+    match saturating {
+        Some(_) => "saturating",
+        None => "linear",
+    }
+}
+
 /// Print a measurement and its verdict (text, or one line of JSON).
 pub fn print(
     rate: &DirtyRate,
     verdict: &Convergence,
     initial_bytes: u64,
+    saturating: Option<u64>,
     m: &MigrationArgs,
     json: bool,
 ) {
     if json {
-        println!("{}", to_json(rate, verdict, initial_bytes, m));
+        println!("{}", to_json(rate, verdict, initial_bytes, saturating, m));
         return;
     }
     println!(
@@ -136,16 +173,18 @@ pub fn print(
     let dt = m.downtime.as_secs_f64() * 1e3;
     if verdict.converges {
         println!(
-            "converges at bandwidth {bw:.0} MiB/s with downtime {dt:.0} ms: yes, expected passes {} (downtime {:.0} ms, total {:.1} s for {:.0} MiB to send first)",
+            "converges at bandwidth {bw:.0} MiB/s with downtime {dt:.0} ms: yes, expected passes {} (downtime {:.0} ms, total {:.1} s for {:.0} MiB to send first; {} model)",
             verdict.expected_passes,
             verdict.expected_downtime_s * 1e3,
             verdict.expected_total_s,
-            initial_bytes as f64 / MIB
+            initial_bytes as f64 / MIB,
+            model_name(saturating)
         );
     } else {
         println!(
-            "converges at bandwidth {bw:.0} MiB/s with downtime {dt:.0} ms: no (dirty rate / bandwidth = {:.2}; after {} passes {:.0} ms would still be left)",
+            "converges at bandwidth {bw:.0} MiB/s with downtime {dt:.0} ms: no (write rate / bandwidth = {:.2}, {} model; after {} passes {:.0} ms would still be left)",
             verdict.ratio,
+            model_name(saturating),
             verdict.expected_passes,
             verdict.expected_downtime_s * 1e3
         );
@@ -209,7 +248,8 @@ pub fn dirtyrate(a: DirtyrateArgs) -> CliResult {
     tracing::debug!(warmup_ms = t.elapsed().as_millis() as u64, "measuring");
     let rate = measure(&guest, spec, a.sample_pages)?;
     let initial = initial_bytes(&guest, a.guest.wss, a.workload);
-    let v = verdict(&rate, initial, &a.migration)?;
-    print(&rate, &v, initial, &a.migration, a.json);
+    let model = saturating_over(a.workload, a.guest.wss);
+    let v = verdict(&rate, initial, model, &a.migration)?;
+    print(&rate, &v, initial, model, &a.migration, a.json);
     Ok(())
 }

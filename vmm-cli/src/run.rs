@@ -242,8 +242,9 @@ pub fn run(a: RunArgs) -> CliResult {
     if let Some(d) = a.dirtyrate {
         let measured = crate::dirtyrate::measure(&guest, d, a.sample_pages)?;
         let initial = crate::dirtyrate::initial_bytes(&guest, a.guest.wss, a.workload);
-        let v = crate::dirtyrate::verdict(&measured, initial, &a.migration)?;
-        crate::dirtyrate::print(&measured, &v, initial, &a.migration, a.json);
+        let model = crate::dirtyrate::saturating_over(a.workload, a.guest.wss);
+        let v = crate::dirtyrate::verdict(&measured, initial, model, &a.migration)?;
+        crate::dirtyrate::print(&measured, &v, initial, model, &a.migration, a.json);
     }
 
     let (Some(config), Some(transport)) = (config, transport) else {

@@ -321,33 +321,11 @@ pub fn run(a: RunArgs) -> CliResult {
     } else {
         None
     };
-    if a.retry_to.is_empty() {
-        if a.json {
-            let mut v = stats_json(
-                &stats,
-                &guest.protect_mode().to_string(),
-                (rate, during),
-                fingerprint.as_deref(),
-            );
-            view.add_to(&mut v);
-            println!("{v}");
-        } else {
-            print_stats(
-                &stats,
-                guest.protect_mode().to_string(),
-                (rate, during),
-                fingerprint,
-                false,
-            );
-            view.print();
-        }
-        return Ok(());
-    }
+    let retried = !a.retry_to.is_empty();
     // With `--retry-to`, say which attempt migrated and why the others failed.
-    let migrated_to = if errors.is_empty() {
-        uri.as_str()
-    } else {
-        a.retry_to[errors.len() - 1].as_str()
+    let migrated_to = match errors.len() {
+        0 => uri.as_str(),
+        n => a.retry_to[n - 1].as_str(),
     };
     if a.json {
         let mut v = stats_json(
@@ -356,7 +334,7 @@ pub fn run(a: RunArgs) -> CliResult {
             (rate, during),
             fingerprint.as_deref(),
         );
-        if let Some(map) = v.as_object_mut() {
+        if let (true, Some(map)) = (retried, v.as_object_mut()) {
             map.insert("migrated".into(), true.into());
             map.insert("migrated_to".into(), migrated_to.into());
             map.insert("attempts".into(), (errors.len() + 1).into());
@@ -370,7 +348,9 @@ pub fn run(a: RunArgs) -> CliResult {
         }
         view.add_to(&mut v);
         println!("{v}");
-    } else {
+        return Ok(());
+    }
+    if retried {
         for (i, e) in errors.iter().enumerate() {
             println!("attempt {} failed: {e}", i + 1);
         }
@@ -381,15 +361,15 @@ pub fn run(a: RunArgs) -> CliResult {
             );
         }
         println!("attempt {} migrated to {migrated_to}", errors.len() + 1);
-        print_stats(
-            &stats,
-            guest.protect_mode().to_string(),
-            (rate, during),
-            fingerprint,
-            false,
-        );
-        view.print();
     }
+    print_stats(
+        &stats,
+        guest.protect_mode().to_string(),
+        (rate, during),
+        fingerprint,
+        false,
+    );
+    view.print();
     Ok(())
 }
 

@@ -430,7 +430,7 @@ pub fn set_doorbell_sync(ram: &(impl GuestRam + ?Sized), on: bool) -> Result<()>
 
 /// Restarts the `random` workload's stall measurement: bumps `stall_epoch`, and each vCPU resets
 /// its `max_gap_ticks` at its next page write (so the largest gap is measured from about now;
-/// read it with [`monitor::WorkloadMonitor::stall`]). Returns the new epoch.
+/// read it with [`monitor::WorkloadMonitor::max_gap_ticks`]). Returns the new epoch.
 ///
 /// # Example
 ///

@@ -48,6 +48,10 @@ pub enum Error {
     /// `max_iterations` is `Some(0)` or `max_time` is `Some(0)`.
     #[error("iteration or time limit must be greater than zero when set")]
     ZeroMigrationLimit,
+    /// A dirty-rate measurement or convergence prediction was asked with impossible settings (a
+    /// zero window, no sampled pages, a zero bandwidth...).
+    #[error("dirty rate: {0}")]
+    InvalidDirtyRate(String),
 
     // ---- source side ----
     /// Guest memory or its dirty tracking (an accelerator's listener, an out-of-range access...)

@@ -117,6 +117,7 @@ mod cancel;
 mod config;
 mod destination;
 mod digest;
+pub mod dirtyrate;
 mod error;
 mod memory;
 mod ratelimit;

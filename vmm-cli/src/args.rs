@@ -37,6 +37,9 @@ pub enum Command {
     Run(RunArgs),
     /// Run source and destination as two processes on loopback TCP for each mode, print the table.
     Bench(BenchArgs),
+    /// Boot a guest workload and measure its dirty rate; predict whether a migration at
+    /// --bandwidth with --downtime converges (same as `vmm run --dirtyrate MODE,DURATION`).
+    Dirtyrate(DirtyrateArgs),
     /// The scale ladder: `bench` runs over growing guest sizes (4G..256G) with a fixed working
     /// set, legacy vs clear, reporting each cost per GiB of guest RAM.
     #[command(long_about = LADDER_ABOUT)]
@@ -144,6 +147,10 @@ pub struct GuestArgs {
     /// unless given].
     #[arg(long, value_name = "RATE", value_parser = parse_rate, allow_hyphen_values = true)]
     pub dirty_rate: Option<u64>,
+    /// vCPUs (1 to 64): each runs its own instance of the workload over its own part of the
+    /// working set; `--dirty-rate` is the whole guest's, shared equally.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u32,
 }
 
 /// The scaled seed experiment's dirty rate (docs/design.md section 5).
@@ -208,6 +215,14 @@ pub struct RunArgs {
     /// Print the stats as JSON.
     #[arg(long)]
     pub json: bool,
+    /// After the warm-up, measure the guest's dirty rate (MODE: sample, bitmap or ring; DURATION
+    /// default 1s) and print it with the convergence verdict for --bandwidth and --downtime
+    /// (a line of JSON with --json), before migrating (if --migrate-to) or exiting.
+    #[arg(long, value_name = "MODE[,DURATION]", value_parser = parse_dirtyrate_spec)]
+    pub dirtyrate: Option<DirtyrateSpec>,
+    /// Pages hashed per GiB of guest RAM by `--dirtyrate sample`.
+    #[arg(long, value_name = "N", default_value_t = clearlog_migration::dirtyrate::DEFAULT_SAMPLE_PAGES_PER_GIB)]
+    pub sample_pages: u32,
     /// Make the N-th call of one step of the first migration fail (STEP[@N], N from 1): sync,
     /// clear, read, send, pause, save-state, ack, confirm. The source must report the step, stop logging and
     /// keep its guest running; `--retry-to` migrations run clean. For `cargo xtask faults`.
@@ -253,6 +268,65 @@ pub struct BenchArgs {
     /// and ratios to QEMU. With `--runs 0`, print that table from FILE alone.
     #[arg(long, value_name = "FILE")]
     pub compare: Option<PathBuf>,
+}
+
+/// A dirty-rate measurement: mode and window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtyrateSpec {
+    /// How to measure.
+    pub mode: clearlog_migration::dirtyrate::DirtyRateMode,
+    /// The window.
+    pub duration: Duration,
+}
+
+/// Parse `MODE[,DURATION]` (`sample`, `bitmap,500ms`...).
+pub fn parse_dirtyrate_spec(s: &str) -> Result<DirtyrateSpec, String> {
+    let (mode, duration) = match s.split_once(',') {
+        Some((m, d)) => (m, parse_duration(d)?),
+        None => (s, Duration::from_secs(1)),
+    };
+    let mode = mode.parse().map_err(|e| format!("{e}"))?;
+    if duration.is_zero() {
+        return Err("the dirty-rate window must be longer than zero, e.g. bitmap,1s".into());
+    }
+    Ok(DirtyrateSpec { mode, duration })
+}
+
+/// `vmm dirtyrate`.
+#[derive(Debug, Args)]
+pub struct DirtyrateArgs {
+    /// Guest shape and workload.
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// The workload.
+    #[arg(long, value_enum, default_value = "random")]
+    pub workload: WorkloadKind,
+    /// How to measure: `sample` (hash sampled pages), `bitmap` (dirty logging) or `ring`
+    /// (per-vCPU dirty rings).
+    #[arg(long, default_value = "sample", value_parser = parse_mode)]
+    pub mode: clearlog_migration::dirtyrate::DirtyRateMode,
+    /// The measurement window.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "1s")]
+    pub duration: Duration,
+    /// Pages hashed per GiB of guest RAM in `sample` mode.
+    #[arg(long, value_name = "N", default_value_t = clearlog_migration::dirtyrate::DEFAULT_SAMPLE_PAGES_PER_GIB)]
+    pub sample_pages: u32,
+    /// Bandwidth and downtime limit of the migration the verdict is about.
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Dirty-log mode of the VM.
+    #[arg(long, value_enum, default_value = "clear")]
+    pub dirty_log: DirtyLogArg,
+    /// Run the workload this long before measuring.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "1s")]
+    pub warmup: Duration,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_mode(s: &str) -> Result<clearlog_migration::dirtyrate::DirtyRateMode, String> {
+    s.parse().map_err(|e| format!("{e}"))
 }
 
 /// `vmm ladder`.
@@ -306,6 +380,25 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn dirtyrate_specs() {
+        use clearlog_migration::dirtyrate::DirtyRateMode;
+        let s = parse_dirtyrate_spec("bitmap,500ms").unwrap();
+        assert_eq!(
+            (s.mode, s.duration),
+            (DirtyRateMode::Bitmap, Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_dirtyrate_spec("sample").unwrap().duration,
+            Duration::from_secs(1)
+        );
+        assert!(parse_dirtyrate_spec("bits")
+            .unwrap_err()
+            .contains("sample, bitmap or ring"));
+        assert!(parse_dirtyrate_spec("ring,0s").is_err());
+        assert!(parse_dirtyrate_spec("ring,fast").is_err());
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub struct RunSpec {
     pub warmup: Duration,
     /// Compare RAM fingerprints of source and destination (a pass over all RAM on each side).
     pub ram_fingerprint: bool,
+    /// vCPUs of the guest.
+    pub vcpus: u32,
 }
 
 impl RunSpec {
@@ -95,6 +97,7 @@ impl RunSpec {
             downtime: a.migration.downtime,
             warmup: a.warmup,
             ram_fingerprint: true,
+            vcpus: a.guest.vcpus,
         }
     }
 }
@@ -239,6 +242,8 @@ pub fn one_run(
         "--migrate-to".into(),
         uri,
         "--json".into(),
+        "--vcpus".into(),
+        a.vcpus.to_string(),
     ];
     if a.ram_fingerprint {
         src_args.push("--ram-fingerprint".into());
@@ -422,8 +427,16 @@ fn print_table(modes: &[BenchMode], results: &[RunResult], runs: u32) {
         print!(" {:>7}", format!("run{run}"));
     }
     println!(
-        " {:>8} {:>13} {:>11} {:>11} {:>6} {:>12} {:>9}",
-        "avg (s)", "downtime (ms)", "pages sent", "resent", "iters", "guest MiB/s", "vs legacy"
+        " {:>8} {:>13} {:>11} {:>11} {:>6} {:>12} {:>9} {:>10} {:>11}",
+        "avg (s)",
+        "downtime (ms)",
+        "pages sent",
+        "resent",
+        "iters",
+        "guest MiB/s",
+        "vs legacy",
+        "stall (ms)",
+        "write MiB/s"
     );
     for (i, mode) in modes.iter().enumerate() {
         let rs: Vec<&RunResult> = results.iter().filter(|r| r.mode == i).collect();
@@ -442,8 +455,13 @@ fn print_table(modes: &[BenchMode], results: &[RunResult], runs: u32) {
             Some(l) if l > 0.0 && !ok.is_empty() => format!("{:.2}x", total / l),
             _ => "-".into(),
         };
+        // The guest's own view of the live phase: worst stall of any run, mean achieved rate.
+        let stall = ok
+            .iter()
+            .map(|r| r.f64("guest_max_stall_ms"))
+            .fold(f64::NAN, f64::max);
         println!(
-            " {:>8.2} {:>13.1} {:>11.0} {:>11.0} {:>6.1} {:>12.0} {:>9}",
+            " {:>8.2} {:>13.1} {:>11.0} {:>11.0} {:>6.1} {:>12.0} {:>9} {:>10.1} {:>11.0}",
             total,
             avg("downtime_ms"),
             avg("pages_sent"),
@@ -451,7 +469,9 @@ fn print_table(modes: &[BenchMode], results: &[RunResult], runs: u32) {
             avg("iterations"),
             // What the guest really dirtied while being migrated.
             avg("guest_dirty_rate_during_migration_bytes_per_s") / (1u64 << 20) as f64,
-            ratio
+            ratio,
+            stall,
+            avg("guest_write_rate_bytes_per_s") / (1u64 << 20) as f64
         );
     }
     let failed = results.iter().filter(|r| !r.verified).count();

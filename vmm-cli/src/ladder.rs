@@ -109,6 +109,7 @@ pub fn ladder(a: LadderArgs) -> CliResult {
             mem,
             wss: a.wss,
             dirty_rate: Some(a.dirty_rate),
+            vcpus: 1,
         };
         crate::run::validate_guest(&g, WorkloadKind::Random)
             .map_err(|e| CliError::Usage(format!("--ladder-sizes {}: {e}", size_label(mem))))?;
@@ -138,6 +139,7 @@ pub fn ladder(a: LadderArgs) -> CliResult {
                 downtime: a.migration.downtime,
                 warmup: a.warmup,
                 ram_fingerprint: a.ram_fingerprint,
+                vcpus: 1,
             };
             for (mi, mode) in modes.iter().enumerate() {
                 let t = Instant::now();

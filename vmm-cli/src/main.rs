@@ -10,6 +10,7 @@ mod args;
 mod bench;
 mod caps;
 mod compare;
+mod dirtyrate;
 mod fault;
 mod incoming;
 mod ladder;
@@ -85,6 +86,7 @@ fn main() -> ExitCode {
         Command::Incoming(a) => incoming::incoming(a),
         Command::Run(a) => run::run(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Dirtyrate(a) => dirtyrate::dirtyrate(a),
         Command::Ladder(a) => ladder::ladder(a),
         Command::QemuImage(a) => qemu_image::qemu_image(a),
     };

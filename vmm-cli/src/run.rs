@@ -11,7 +11,9 @@ use clearlog_migration::{
     ram_fingerprint, CancelToken, ConnectOptions, DirtyLogMode, MigrationConfig, MigrationStats,
     MigrationUri, Progress, Source, Transport,
 };
-use clearlog_test_guest::layout::{mapped_end, DEFAULT_WSS_START, IDENTITY_MAP_LIMIT, MAX_RAM};
+use clearlog_test_guest::layout::{
+    mapped_end, DEFAULT_WSS_START, IDENTITY_MAP_LIMIT, MAX_RAM, MAX_VCPUS,
+};
 use clearlog_test_guest::workload::WorkloadSpec;
 use clearlog_test_guest::{Guest, GuestConfig};
 
@@ -23,6 +25,12 @@ use crate::fault::{
 };
 use crate::output::{print_run_summary, print_stats, stats_json};
 use crate::{CliError, CliResult};
+use std::sync::Mutex;
+
+use clearlog_migration::{BoxError, StateBlob, VmControl};
+use clearlog_test_guest::workload::check::loaded_workload;
+use clearlog_test_guest::workload::monitor::{achieved_rate, ticks_to_ms, WriteMark};
+use clearlog_test_guest::workload::{reset_stall, WorkloadKind as GuestWorkload};
 use vmm_cli::vm_control::GuestControl;
 
 /// Check a guest shape; every message says what is wrong and what to do.
@@ -66,6 +74,18 @@ pub fn validate_guest(g: &GuestArgs, workload: WorkloadKind) -> CliResult {
         if g.dirty_rate == Some(0) {
             return usage("--dirty-rate must be positive (e.g. 288M)".into());
         }
+        if g.wss / 4096 < u64::from(g.vcpus) {
+            return usage(format!(
+                "--wss {} has fewer pages than --vcpus {}: each vCPU needs a part of its own",
+                g.wss, g.vcpus
+            ));
+        }
+    }
+    if g.vcpus == 0 || g.vcpus > MAX_VCPUS {
+        return usage(format!(
+            "--vcpus {} is out of range: give 1 to {MAX_VCPUS}",
+            g.vcpus
+        ));
     }
     Ok(())
 }
@@ -115,26 +135,40 @@ pub fn migration_config(
 
 /// The VM's dirty-log mode for a migration mode: `legacy` really uses KVM's legacy get-and-clear
 /// (the seed's baseline), `clear` uses manual protection with INITIALLY_SET.
-fn vm_dirty_log(dirty_log: DirtyLogArg) -> DirtyLogChoice {
+pub fn vm_dirty_log(dirty_log: DirtyLogArg) -> DirtyLogChoice {
     match dirty_log {
         DirtyLogArg::Legacy => DirtyLogChoice::Legacy,
         DirtyLogArg::Clear => DirtyLogChoice::Auto,
     }
 }
 
-fn workload_spec(a: &RunArgs) -> CliResult<WorkloadSpec> {
-    Ok(match a.workload {
+/// The spec of a built-in workload (not `image`) for a guest shape.
+pub fn builtin_workload(kind: WorkloadKind, g: &GuestArgs) -> CliResult<WorkloadSpec> {
+    Ok(match kind {
         WorkloadKind::Random => WorkloadSpec::Random {
-            wss_bytes: a.guest.wss,
-            dirty_rate_bytes_per_s: a.guest.dirty_rate.unwrap_or(DEFAULT_DIRTY_RATE),
+            wss_bytes: g.wss,
+            dirty_rate_bytes_per_s: g.dirty_rate.unwrap_or(DEFAULT_DIRTY_RATE),
             seed: std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15,
         },
         WorkloadKind::Increment => WorkloadSpec::Increment {
-            wss_bytes: a.guest.wss,
+            wss_bytes: g.wss,
             // `increment` sweeps as fast as it can unless a rate is given.
-            dirty_rate_bytes_per_s: a.guest.dirty_rate.unwrap_or(0),
+            dirty_rate_bytes_per_s: g.dirty_rate.unwrap_or(0),
         },
         WorkloadKind::Idle => WorkloadSpec::Idle,
+        WorkloadKind::Image => {
+            return Err(CliError::Usage(
+                "--workload image needs --image FILE and --load-addr ADDR".into(),
+            ))
+        }
+    })
+}
+
+fn workload_spec(a: &RunArgs) -> CliResult<WorkloadSpec> {
+    Ok(match a.workload {
+        WorkloadKind::Random | WorkloadKind::Increment | WorkloadKind::Idle => {
+            builtin_workload(a.workload, &a.guest)?
+        }
         WorkloadKind::Image => {
             let path = a.image.as_ref().ok_or_else(|| {
                 CliError::Usage("--workload image needs --image FILE and --load-addr ADDR".into())
@@ -178,6 +212,9 @@ pub fn run(a: RunArgs) -> CliResult {
         }
         None => None,
     };
+    if let Some(d) = a.dirtyrate {
+        crate::dirtyrate::validate(d, a.sample_pages, &a.migration)?;
+    }
     let spec = workload_spec(&a)?;
     // Connect first: a wrong address should fail before minutes of guest boot.
     let transport = match &a.migrate_to {
@@ -188,6 +225,7 @@ pub fn run(a: RunArgs) -> CliResult {
     let boot_start = Instant::now();
     let guest = Guest::boot(GuestConfig {
         mem_bytes: a.guest.mem,
+        vcpus: a.guest.vcpus,
         dirty_log: vm_dirty_log(a.dirty_log),
         workload: spec,
         ..GuestConfig::default()
@@ -201,6 +239,13 @@ pub fn run(a: RunArgs) -> CliResult {
     std::thread::sleep(a.warmup);
     let written = guest.pages_written().unwrap_or(0) - before;
     let rate = written as f64 * 4096.0 / warm_start.elapsed().as_secs_f64();
+    if let Some(d) = a.dirtyrate {
+        let measured = crate::dirtyrate::measure(&guest, d, a.sample_pages)?;
+        let initial = crate::dirtyrate::initial_bytes(&guest, a.guest.wss, a.workload);
+        let model = crate::dirtyrate::saturating_over(a.workload, a.guest.wss);
+        let v = crate::dirtyrate::verdict(&measured, initial, model, &a.migration)?;
+        crate::dirtyrate::print(&measured, &v, initial, model, &a.migration, a.json);
+    }
 
     let (Some(config), Some(transport)) = (config, transport) else {
         print_run_summary(&guest, boot_ms, rate, a.json);
@@ -238,8 +283,8 @@ pub fn run(a: RunArgs) -> CliResult {
         attempt = connect_source(retry, a.io_timeout)
             .and_then(|t| migrate(&guest, config.clone(), t, retry, None, None));
     }
-    let stats = match attempt {
-        Ok(stats) => stats,
+    let (stats, view) = match attempt {
+        Ok(done) => done,
         Err(e) => {
             if a.json && !a.retry_to.is_empty() {
                 errors.push(e.to_string());
@@ -276,21 +321,11 @@ pub fn run(a: RunArgs) -> CliResult {
     } else {
         None
     };
-    if a.retry_to.is_empty() {
-        print_stats(
-            &stats,
-            guest.protect_mode().to_string(),
-            (rate, during),
-            fingerprint,
-            a.json,
-        );
-        return Ok(());
-    }
+    let retried = !a.retry_to.is_empty();
     // With `--retry-to`, say which attempt migrated and why the others failed.
-    let migrated_to = if errors.is_empty() {
-        uri.as_str()
-    } else {
-        a.retry_to[errors.len() - 1].as_str()
+    let migrated_to = match errors.len() {
+        0 => uri.as_str(),
+        n => a.retry_to[n - 1].as_str(),
     };
     if a.json {
         let mut v = stats_json(
@@ -299,7 +334,7 @@ pub fn run(a: RunArgs) -> CliResult {
             (rate, during),
             fingerprint.as_deref(),
         );
-        if let Some(map) = v.as_object_mut() {
+        if let (true, Some(map)) = (retried, v.as_object_mut()) {
             map.insert("migrated".into(), true.into());
             map.insert("migrated_to".into(), migrated_to.into());
             map.insert("attempts".into(), (errors.len() + 1).into());
@@ -311,8 +346,11 @@ pub fn run(a: RunArgs) -> CliResult {
             );
             map.insert("logging_after_failure".into(), logging_after_failure.into());
         }
+        view.add_to(&mut v);
         println!("{v}");
-    } else {
+        return Ok(());
+    }
+    if retried {
         for (i, e) in errors.iter().enumerate() {
             println!("attempt {} failed: {e}", i + 1);
         }
@@ -323,15 +361,109 @@ pub fn run(a: RunArgs) -> CliResult {
             );
         }
         println!("attempt {} migrated to {migrated_to}", errors.len() + 1);
-        print_stats(
-            &stats,
-            guest.protect_mode().to_string(),
-            (rate, during),
-            fingerprint,
-            false,
-        );
     }
+    print_stats(
+        &stats,
+        guest.protect_mode().to_string(),
+        (rate, during),
+        fingerprint,
+        false,
+    );
+    view.print();
     Ok(())
+}
+
+/// The guest's own view of a migration's live phase, from the `random` workload's counter block:
+/// the largest gap between two consecutive page writes (any vCPU) and the write rate it achieved,
+/// both in guest TSC time, from the migration's start to the moment the engine paused the guest
+/// (so the downtime is not in them). `None` for other workloads.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GuestView {
+    /// `guest_max_stall_ms`.
+    pub max_stall_ms: Option<f64>,
+    /// `guest_write_rate_bytes_per_s`.
+    pub write_rate_bytes_per_s: Option<f64>,
+}
+
+impl GuestView {
+    fn add_to(&self, v: &mut serde_json::Value) {
+        if let Some(map) = v.as_object_mut() {
+            map.insert("guest_max_stall_ms".into(), self.max_stall_ms.into());
+            map.insert(
+                "guest_write_rate_bytes_per_s".into(),
+                self.write_rate_bytes_per_s.map(|r| r.round() as u64).into(),
+            );
+        }
+    }
+
+    fn print(&self) {
+        if let Some(ms) = self.max_stall_ms {
+            println!("  guest max stall   {ms:>10.2} ms   (largest gap between two page writes, live phase)");
+        }
+        if let Some(r) = self.write_rate_bytes_per_s {
+            println!(
+                "  guest write rate  {:>10.1} MiB/s (achieved, guest clock, live phase)",
+                r / (1u64 << 20) as f64
+            );
+        }
+    }
+}
+
+/// A [`VmControl`] that reads the guest's view ([`GuestView`]) just before it pauses the guest.
+struct LiveProbe<'a> {
+    inner: GuestControl<'a>,
+    start: Option<Vec<WriteMark>>,
+    at_pause: Mutex<Option<(u64, Vec<WriteMark>)>>,
+}
+
+impl<'a> LiveProbe<'a> {
+    /// Restart the guest's stall measurement now (the migration's start).
+    fn start(guest: &'a Guest) -> Self {
+        let random = loaded_workload(guest.ram()).ok().flatten() == Some(GuestWorkload::Random);
+        let start = random
+            .then(|| {
+                reset_stall(guest.ram()).ok()?;
+                guest.monitor().write_marks().ok()
+            })
+            .flatten();
+        LiveProbe {
+            inner: GuestControl(guest),
+            start,
+            at_pause: Mutex::new(None),
+        }
+    }
+
+    fn view(&self) -> GuestView {
+        let guest = self.inner.0;
+        let at = self.at_pause.lock().unwrap_or_else(|p| p.into_inner());
+        match (&self.start, &*at) {
+            (Some(m0), Some((gap, m1))) => GuestView {
+                max_stall_ms: Some(ticks_to_ms(*gap, guest.tsc_khz())),
+                write_rate_bytes_per_s: achieved_rate(m0, m1, guest.tsc_khz()),
+            },
+            _ => GuestView::default(),
+        }
+    }
+}
+
+impl VmControl for LiveProbe<'_> {
+    fn pause(&self) -> Result<(), BoxError> {
+        if self.start.is_some() {
+            let mon = self.inner.0.monitor();
+            let mut at = self.at_pause.lock().unwrap_or_else(|p| p.into_inner());
+            // The first pause ends the live phase (a failed one resumes and fails the migration).
+            if at.is_none() {
+                *at = Some((mon.max_gap_ticks()?, mon.write_marks()?));
+            }
+        }
+        self.inner.pause()
+    }
+    fn resume(&self) -> Result<(), BoxError> {
+        self.inner.resume()
+    }
+    fn save_state(&self) -> Result<Vec<StateBlob>, BoxError> {
+        self.inner.save_state()
+    }
 }
 
 /// Check that `uri` (given with `flag`) is a migration address a source can use.
@@ -365,7 +497,7 @@ pub fn migrate(
     uri: &str,
     fail_at: Option<FaultPlan>,
     fault: Option<DirtyBitFault>,
-) -> CliResult<MigrationStats> {
+) -> CliResult<(MigrationStats, GuestView)> {
     config
         .validate()
         .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -393,7 +525,7 @@ pub fn migrate(
             ));
         }
     };
-    let control = GuestControl(guest);
+    let control = LiveProbe::start(guest);
     let result = match (fail_at, fault) {
         (None, None) => Source::new(guest.memory(), config)
             .and_then(|s| s.migrate(transport, &control, Some(&mut on_progress), &cancel)),
@@ -415,7 +547,8 @@ pub fn migrate(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    result.map_err(|e| match e {
+    let view = control.view();
+    result.map(|stats| (stats, view)).map_err(|e| match e {
         clearlog_migration::Error::VerificationFailed { .. } => {
             CliError::Mismatch(format!("migration to {uri}: {e}"))
         }

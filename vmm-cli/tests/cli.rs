@@ -202,6 +202,18 @@ fn check_source_stats(v: &serde_json::Value, dirty_log: &str) {
     assert_eq!(v["guest_mem_bytes"], 256u64 << 20, "{v}");
     assert_eq!(v["bandwidth_limit_bytes_per_s"], 400u64 << 20, "{v}");
     assert!(v["iterations"].as_u64().unwrap() >= 1, "{v}");
+    // The guest's own view of the live phase (random workload at 4 MiB/s).
+    let stall = v["guest_max_stall_ms"]
+        .as_f64()
+        .expect("guest_max_stall_ms");
+    assert!(stall > 0.0 && stall < 60_000.0, "{v}");
+    let rate = v["guest_write_rate_bytes_per_s"]
+        .as_f64()
+        .expect("guest_write_rate_bytes_per_s");
+    assert!(
+        (rate - (4u64 << 20) as f64).abs() < 0.25 * (4u64 << 20) as f64,
+        "the guest's achieved rate while migrating: {v}"
+    );
     assert!(
         v["pages_sent"].as_u64().unwrap() + v["zero_range_pages"].as_u64().unwrap() >= 65536,
         "every page goes once, read or in a zero range: {v}"
@@ -225,9 +237,22 @@ fn socket_migration(listen: &str, dirty_log: &str) {
 
 /// [`socket_migration`], with `probe` poking the destination's address first.
 fn socket_migration_after(listen: &str, dirty_log: &str, probe: impl FnOnce(&str)) {
+    socket_migration_with(listen, dirty_log, &[], probe);
+}
+
+/// [`socket_migration_after`] with `extra` arguments for the source; returns the destination's
+/// JSON.
+fn socket_migration_with(
+    listen: &str,
+    dirty_log: &str,
+    extra: &[&str],
+    probe: impl FnOnce(&str),
+) -> serde_json::Value {
     let incoming = start_incoming(listen);
     probe(&incoming.uri);
-    let out = vmm(&run_args(&incoming.uri, dirty_log));
+    let mut args = run_args(&incoming.uri, dirty_log);
+    args.extend_from_slice(extra);
+    let out = vmm(&args);
     let src_err = text(&out.stderr);
     let Incoming {
         mut child,
@@ -267,6 +292,18 @@ fn socket_migration_after(listen: &str, dirty_log: &str, probe: impl FnOnce(&str
         dst["pages_written_after_resume"].as_u64().unwrap() > 0,
         "{dst}"
     );
+    dst
+}
+
+#[test]
+fn migration_with_two_vcpus() {
+    if !kvm_available("migration_with_two_vcpus") {
+        return;
+    }
+    let _serial = serial();
+    let dst = socket_migration_with("tcp:127.0.0.1:0", "clear", &["--vcpus", "2"], |_| {});
+    // The destination made one vCPU per state blob, and both ran after the resume.
+    assert_eq!(dst["state_blobs"], 2, "{dst}");
 }
 
 #[test]
@@ -512,6 +549,123 @@ fn zero_and_negative_limits() {
         &["run", "--migrate-to", &to, "--downtime", "fast"],
         2,
         &["fast", "not a duration"],
+    );
+}
+
+#[test]
+fn vcpu_and_dirtyrate_usage_errors() {
+    expect_error(&["run", "--vcpus", "0"], 2, &["--vcpus 0", "1 to 64"]);
+    expect_error(&["run", "--vcpus", "65"], 2, &["--vcpus 65", "1 to 64"]);
+    expect_error(
+        &["run", "--mem", "64M", "--wss", "8K", "--vcpus", "3"],
+        2,
+        &["fewer pages than --vcpus 3"],
+    );
+    expect_error(
+        &["run", "--dirtyrate", "bits"],
+        2,
+        &["sample, bitmap or ring"],
+    );
+    expect_error(
+        &["run", "--dirtyrate", "bitmap,0s"],
+        2,
+        &["longer than zero"],
+    );
+    expect_error(
+        &["dirtyrate", "--mode", "fast"],
+        2,
+        &["sample, bitmap or ring"],
+    );
+    expect_error(&["dirtyrate", "--duration", "0s"], 2, &["--duration"]);
+    expect_error(
+        &["dirtyrate", "--sample-pages", "0"],
+        2,
+        &["--sample-pages"],
+    );
+    expect_error(&["dirtyrate", "--bandwidth", "0"], 2, &["--bandwidth"]);
+    expect_error(
+        &["dirtyrate", "--workload", "image"],
+        2,
+        &["built-in workloads"],
+    );
+}
+
+/// `vmm dirtyrate` on a small guest: bitmap counts the distinct pages of a known writer, the
+/// verdict follows, and ring mode says why it cannot run.
+#[test]
+fn dirtyrate_measures_a_guest() {
+    if !kvm_available("dirtyrate_measures_a_guest") {
+        return;
+    }
+    let _serial = serial();
+    let out = vmm(&[
+        "dirtyrate",
+        "--mem",
+        "64M",
+        "--wss",
+        "32M",
+        "--dirty-rate",
+        "8M",
+        "--vcpus",
+        "2",
+        "--mode",
+        "bitmap",
+        "--duration",
+        "500ms",
+        "--warmup",
+        "300ms",
+        "--bandwidth",
+        "100M",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("dirtyrate --json");
+    // 8 MiB/s for 0.5 s = 1024 writes over 8192 pages: ~963 distinct expected.
+    let mib = v["dirty_rate_mib_per_s"].as_f64().unwrap();
+    assert!(mib > 5.0 && mib < 9.0, "{v}");
+    assert_eq!(v["mode"], "bitmap", "{v}");
+    assert_eq!(v["convergence"]["converges"], true, "{v}");
+    assert!(
+        v["convergence"]["expected_passes"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    let text_out = vmm(&[
+        "dirtyrate",
+        "--mem",
+        "64M",
+        "--wss",
+        "32M",
+        "--dirty-rate",
+        "400M",
+        "--mode",
+        "sample",
+        "--bandwidth",
+        "100M",
+        "--duration",
+        "300ms",
+        "--warmup",
+        "100ms",
+    ]);
+    let t = text(&text_out.stdout);
+    assert!(text_out.status.success(), "{}", text(&text_out.stderr));
+    assert!(t.contains("dirty rate (sample"), "{t}");
+    assert!(t.contains("standard error"), "{t}");
+    assert!(
+        t.contains("converges at bandwidth 100 MiB/s with downtime 100 ms: "),
+        "{t}"
+    );
+    expect_error(
+        &[
+            "dirtyrate",
+            "--mem",
+            "64M",
+            "--wss",
+            "32M",
+            "--mode",
+            "ring",
+        ],
+        2,
+        &["dirty ring"],
     );
 }
 

@@ -44,10 +44,10 @@ enum Display {
     On,
 }
 
-fn boot_source(dirty_log: DirtyLogChoice) -> Guest {
+fn boot_source(dirty_log: DirtyLogChoice, vcpus: u32) -> Guest {
     let guest = Guest::boot(GuestConfig {
         mem_bytes: MEM,
-        vcpus: 1,
+        vcpus,
         dirty_log,
         workload: WorkloadSpec::Increment {
             wss_bytes: WSS,
@@ -81,8 +81,19 @@ fn migrate_and_check(
     display: Display,
     fingerprint: bool,
 ) -> MigrationStats {
-    let label = format!("{mode:?} (VM {dirty_log:?}, display {display:?})");
-    let src = boot_source(dirty_log);
+    migrate_and_check_on(1, dirty_log, mode, display, fingerprint)
+}
+
+/// [`migrate_and_check`] of a guest with `vcpus` vCPUs, each sweeping its own part.
+fn migrate_and_check_on(
+    vcpus: u32,
+    dirty_log: DirtyLogChoice,
+    mode: DirtyLogMode,
+    display: Display,
+    fingerprint: bool,
+) -> MigrationStats {
+    let label = format!("{mode:?} (VM {dirty_log:?}, display {display:?}, {vcpus} vCPUs)");
+    let src = boot_source(dirty_log, vcpus);
     if matches!(mode, DirtyLogMode::Clear { .. }) {
         assert!(
             src.protect_mode().is_manual(),
@@ -231,6 +242,10 @@ fn migrate_and_check(
 
     // The destination keeps running: unpace it, then its counters must advance.
     let sweeps = dst.monitor().sweeps_of(0).unwrap();
+    let per_vcpu: Vec<u64> = (0..vcpus)
+        .map(|i| dst.monitor().pages_written_of(i).unwrap())
+        .collect();
+    assert_eq!(dst.vcpu_count(), vcpus, "{label}: one vCPU per state blob");
     set_dirty_rate(dst.ram(), dst.tsc_khz(), 0, 1).unwrap();
     dst.resume().expect("resume the destination");
     let start = Instant::now();
@@ -259,6 +274,17 @@ fn migrate_and_check(
         after.is_consistent(),
         "{label}: resumed destination broke the rule: {after:?}"
     );
+    // Every vCPU resumed on the destination, each in its own part.
+    for (i, before) in per_vcpu.iter().enumerate() {
+        let start = Instant::now();
+        while dst.monitor().pages_written_of(i as u32).unwrap() <= *before {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{label}: vCPU {i} makes no progress on the destination"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     stats
 }
 
@@ -295,6 +321,23 @@ fn clear_mode_migrates_increment_guest_without_loss_for_every_shift() {
         if shift == 6 {
             assert!(stats.log_clear_calls > stats.iterations as u64, "{stats:?}");
         }
+    }
+}
+
+/// Two vCPUs, each sweeping its own part of the working set: the increment rule holds per part at
+/// the destination, in both modes, and the destination runs both vCPUs.
+#[test]
+fn two_vcpu_increment_guest_migrates_without_loss() {
+    if !kvm_available("two_vcpu_increment_guest_migrates_without_loss") {
+        return;
+    }
+    let _serial = serial();
+    for (choice, mode) in [
+        (DirtyLogChoice::Auto, DirtyLogMode::Clear { shift: 12 }),
+        (DirtyLogChoice::Legacy, DirtyLogMode::Legacy),
+    ] {
+        let stats = migrate_and_check_on(2, choice, mode, Display::Off, false);
+        assert!(stats.iterations >= 1, "{stats:?}");
     }
 }
 
@@ -412,7 +455,7 @@ fn remapping_a_ram_region_during_migration_does_not_kill_it() {
         ),
     ] {
         let label = format!("{mode:?} (VM {choice:?}) with remaps");
-        let src = boot_source(choice);
+        let src = boot_source(choice, 1);
         assert!(src.protect_mode().is_manual(), "{label}");
         let region = src.memory().sections()[0].region;
         // An alias of the working set at 4 GiB: the same RAM block, its own memslot.

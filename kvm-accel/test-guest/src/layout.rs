@@ -12,7 +12,7 @@
 //! | `0x1800..0x1868`     | 64-bit TSS (required by `KVM_SET_SREGS`; never used)         |
 //! | `0x2000..0x3000`     | PML4                                                         |
 //! | `0x3000..0x4000`     | PDPT (512 entries of 1 GiB)                                  |
-//! | `0x4000..0x4050`     | parameter block ([`crate::workload::params`])                |
+//! | `0x4000..0x4500`     | parameter block and parts table ([`crate::workload::params`]) |
 //! | `0x5000..0x6000`     | counter block: one 64-byte slot per vCPU                     |
 //! | `0x8000..0x10000`    | workload code                                                |
 //! | `0x10000..0x90000`   | page directories (2 MiB pages), one per mapped GiB           |

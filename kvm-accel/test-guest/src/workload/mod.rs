@@ -90,7 +90,8 @@ pub enum WorkloadSpec {
         /// PRNG seed.
         seed: u64,
     },
-    /// Sweep the working set adding 1 to the first byte of each page (one vCPU).
+    /// Sweep the working set adding 1 to the first byte of each page (each vCPU sweeps its own
+    /// part, see [`params::split_parts`]).
     Increment {
         /// Working-set size in bytes (a multiple of 4 KiB).
         wss_bytes: u64,
@@ -198,8 +199,9 @@ impl Workload {
         self
     }
 
-    /// Runs the workload on `n` vCPUs (they share the working set; each has its own
-    /// counter slot and stack).
+    /// Runs the workload on `n` vCPUs: each runs its own instance over its own part of the
+    /// working set ([`params::split_parts`]), with its own counter slot, stack and (`random`)
+    /// PRNG state.
     pub fn with_vcpus(mut self, n: u32) -> Self {
         self.vcpus = n;
         self
@@ -218,6 +220,11 @@ impl Workload {
     /// Working-set size in pages.
     pub fn wss_pages(&self) -> u64 {
         self.spec.wss_bytes() / PAGE_SIZE
+    }
+
+    /// Each vCPU's part of the working set: `(start GPA, pages)`, in vCPU order.
+    pub fn parts(&self) -> Vec<(u64, u64)> {
+        split_parts(self.wss_start, self.wss_pages(), self.vcpus)
     }
 
     /// Number of vCPUs.
@@ -246,6 +253,13 @@ impl Workload {
                 if *wss_bytes == 0 || wss_bytes % PAGE_SIZE != 0 {
                     return bad(format!(
                         "wss_bytes {wss_bytes} must be a non-zero multiple of 4096"
+                    ));
+                }
+                if wss_bytes / PAGE_SIZE < u64::from(self.vcpus) {
+                    return bad(format!(
+                        "a working set of {} page(s) cannot give each of {} vCPUs a part of its own",
+                        wss_bytes / PAGE_SIZE,
+                        self.vcpus
                     ));
                 }
                 if self.wss_start < INFRA_END || self.wss_start % PAGE_SIZE != 0 {
@@ -324,6 +338,7 @@ impl Workload {
             // Keep at most 50 ms of backlog.
             max_lag_ticks: u64::from(tsc_khz) * 50,
             vcpus: u64::from(self.vcpus),
+            stall_epoch: 0,
         }
     }
 
@@ -343,6 +358,12 @@ impl Workload {
             _ => ram.write_at(CODE_ADDR, &self.code()?)?,
         }
         ram.write_at(PARAMS_ADDR, &self.params(tsc_khz).to_bytes())?;
+        let mut parts = vec![0u8; 16 * MAX_VCPUS as usize];
+        for (i, (start, pages)) in self.parts().into_iter().enumerate() {
+            parts[16 * i..16 * i + 8].copy_from_slice(&start.to_le_bytes());
+            parts[16 * i + 8..16 * i + 16].copy_from_slice(&pages.to_le_bytes());
+        }
+        ram.write_at(PARAMS_ADDR + P_PARTS, &parts)?;
         ram.write_at(
             COUNTERS_ADDR,
             &vec![0u8; (COUNTER_SLOT_SIZE * u64::from(MAX_VCPUS)) as usize],
@@ -405,6 +426,25 @@ pub fn set_doorbell_sync(ram: &(impl GuestRam + ?Sized), on: bool) -> Result<()>
         PARAMS_ADDR + P_FLAGS,
         if on { FLAG_DOORBELL_SYNC } else { 0 },
     )
+}
+
+/// Restarts the `random` workload's stall measurement: bumps `stall_epoch`, and each vCPU resets
+/// its `max_gap_ticks` at its next page write (so the largest gap is measured from about now;
+/// read it with [`monitor::WorkloadMonitor::max_gap_ticks`]). Returns the new epoch.
+///
+/// # Example
+///
+/// ```
+/// use vm_memory::{GuestAddress, GuestMemoryMmap};
+///
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+/// assert_eq!(clearlog_test_guest::workload::reset_stall(&mem).unwrap(), 1);
+/// ```
+pub fn reset_stall(ram: &(impl GuestRam + ?Sized)) -> Result<u64> {
+    // Only the host writes this field, so load + store is not racy.
+    let epoch = ram.load_u64(PARAMS_ADDR + P_STALL_EPOCH)?.wrapping_add(1);
+    ram.store_u64(PARAMS_ADDR + P_STALL_EPOCH, epoch)?;
+    Ok(epoch)
 }
 
 /// Changes the dirty rate of a running workload (VM-wide bytes/s over `vcpus` vCPUs;
@@ -522,6 +562,40 @@ mod tests {
         assert_eq!(e1.rsi, counter_slot_addr(1));
         assert_eq!(e1.rsp, stack_top(1));
         assert!(w.entry(2).is_err());
+        // Each vCPU's part, in the parts table.
+        for (i, (start, pages)) in [(INFRA_END, 128u64), (INFRA_END + (128 << 12), 128)]
+            .into_iter()
+            .enumerate()
+        {
+            let off = PARAMS_ADDR + part_entry_offset(i as u32);
+            assert_eq!(mem.load_u64(off).unwrap(), start);
+            assert_eq!(mem.load_u64(off + 8).unwrap(), pages);
+        }
+    }
+
+    #[test]
+    fn parts_cover_the_working_set() {
+        for (pages, n) in [(1u64, 1u32), (7, 3), (256, 2), (1000, 64), (64, 64)] {
+            let parts = split_parts(INFRA_END, pages, n);
+            assert_eq!(parts.len(), n as usize);
+            assert_eq!(parts.iter().map(|p| p.1).sum::<u64>(), pages);
+            assert!(parts.iter().all(|p| p.1 > 0));
+            for w in parts.windows(2) {
+                assert_eq!(w[0].0 + w[0].1 * PAGE_SIZE, w[1].0);
+                assert!(w[0].1 >= w[1].1 && w[0].1 - w[1].1 <= 1);
+            }
+        }
+        let few = Workload::new(WorkloadSpec::Random {
+            wss_bytes: 2 * PAGE_SIZE,
+            dirty_rate_bytes_per_s: 0,
+            seed: 0,
+        })
+        .with_vcpus(3);
+        assert!(few
+            .validate(4 << 20)
+            .unwrap_err()
+            .to_string()
+            .contains("part"));
     }
 
     #[test]

@@ -40,6 +40,62 @@ impl RateSample {
     }
 }
 
+/// One vCPU's write progress as the guest recorded it (`random` workload): pages written and the
+/// guest TSC at the last of them. Two marks give the achieved write rate in guest time, which
+/// does not depend on when the host happened to read them ([`achieved_rate`]).
+///
+/// # Example
+///
+/// ```
+/// use clearlog_test_guest::workload::monitor::{achieved_rate, WriteMark};
+/// let a = [WriteMark { pages_written: 0, last_write_tsc: 0 }];
+/// let b = [WriteMark { pages_written: 256, last_write_tsc: 1_000_000_000 }];
+/// // 256 pages in 1 s of a 1 GHz TSC: 1 MiB/s.
+/// assert_eq!(achieved_rate(&a, &b, 1_000_000), Some((1 << 20) as f64));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteMark {
+    /// `pages_written`.
+    pub pages_written: u64,
+    /// `last_write_tsc`.
+    pub last_write_tsc: u64,
+}
+
+/// The achieved write rate in bytes/s between two sets of marks (one per vCPU, same order): the
+/// sum of each vCPU's pages over its own guest-TSC interval. `None` if no vCPU wrote in between
+/// or `tsc_khz` is 0.
+pub fn achieved_rate(before: &[WriteMark], after: &[WriteMark], tsc_khz: u32) -> Option<f64> {
+    if tsc_khz == 0 {
+        return None;
+    }
+    let hz = f64::from(tsc_khz) * 1e3;
+    let mut rate = 0.0;
+    let mut any = false;
+    for (b, a) in before.iter().zip(after) {
+        let pages = a.pages_written.wrapping_sub(b.pages_written);
+        let ticks = a.last_write_tsc.wrapping_sub(b.last_write_tsc) as i64;
+        if pages > 0 && ticks > 0 {
+            rate += pages as f64 * PAGE_SIZE as f64 * hz / ticks as f64;
+            any = true;
+        }
+    }
+    any.then_some(rate)
+}
+
+/// TSC ticks to milliseconds at `tsc_khz` (0 for a 0 kHz TSC).
+///
+/// # Example
+///
+/// ```
+/// assert_eq!(clearlog_test_guest::workload::monitor::ticks_to_ms(3_000_000, 3_000_000), 1.0);
+/// ```
+pub fn ticks_to_ms(ticks: u64, tsc_khz: u32) -> f64 {
+    if tsc_khz == 0 {
+        return 0.0;
+    }
+    ticks as f64 / f64::from(tsc_khz)
+}
+
 /// Reads the counter slots of a workload running on `vcpus` vCPUs.
 ///
 /// # Example
@@ -88,6 +144,36 @@ impl<'a, R: GuestRam + ?Sized> WorkloadMonitor<'a, R> {
     /// `sweeps` of vCPU `index`.
     pub fn sweeps_of(&self, index: u32) -> Result<u64> {
         self.field(index, C_SWEEPS)
+    }
+
+    /// Every vCPU's [`WriteMark`], in vCPU order.
+    pub fn write_marks(&self) -> Result<Vec<WriteMark>> {
+        (0..self.vcpus)
+            .map(|i| {
+                Ok(WriteMark {
+                    pages_written: self.field(i, C_PAGES_WRITTEN)?,
+                    last_write_tsc: self.field(i, C_LAST_WRITE_TSC)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The largest gap between two consecutive page writes of any vCPU, in guest TSC ticks, since
+    /// each vCPU applied the last [`reset_stall`](super::reset_stall) (or since `ready`). A vCPU
+    /// that has not written since the reset still reports its old maximum: read after at least
+    /// one write (`random` workload only; 0 for the others).
+    pub fn max_gap_ticks(&self) -> Result<u64> {
+        (0..self.vcpus).try_fold(0u64, |m, i| Ok(m.max(self.field(i, C_MAX_GAP_TICKS)?)))
+    }
+
+    /// Whether every vCPU has applied stall epoch `epoch` (its maximum restarted then).
+    pub fn stall_epoch_applied(&self, epoch: u64) -> Result<bool> {
+        for i in 0..self.vcpus {
+            if self.field(i, C_STALL_EPOCH)? != epoch {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// True when every vCPU has set `ready`.

@@ -56,6 +56,48 @@ fn pace(a: &mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedError> {
     Ok(())
 }
 
+/// Loads this vCPU's part of the working set: r8 = start GPA, r9 = pages, from the parameter
+/// block's `parts` table at the entry of this vCPU's index, `(rsi - COUNTERS_ADDR) / 64`.
+/// Clobbers rax.
+fn load_part(a: &mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedError> {
+    a.mov(rax, rsi)?;
+    a.sub(rax, crate::layout::COUNTERS_ADDR as i32)?;
+    a.shr(rax, 6)?;
+    a.shl(rax, 4)?;
+    a.add(rax, rdi)?;
+    a.mov(r8, qword_ptr(rax + P_PARTS as i32))?;
+    a.mov(r9, qword_ptr(rax + (P_PARTS + 8) as i32))?;
+    Ok(())
+}
+
+/// Records the gap since the previous page write (r15 holds its TSC): a new `max_gap_ticks` if
+/// larger (signed: a TSC that went backwards, as after a migration to another host, counts as
+/// no gap), or a restart of the maximum when the host changed `stall_epoch`. Then r15 and
+/// `last_write_tsc` = now. Clobbers rax, rcx, rdx.
+fn record_gap(a: &mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedError> {
+    let mut reset = a.create_label();
+    let mut store = a.create_label();
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(rcx, qword_ptr(rdi + P_STALL_EPOCH as i32))?;
+    a.cmp(rcx, qword_ptr(rsi + C_STALL_EPOCH as i32))?;
+    a.jne(reset)?;
+    a.mov(rcx, rax)?;
+    a.sub(rcx, r15)?;
+    a.cmp(rcx, qword_ptr(rsi + C_MAX_GAP_TICKS as i32))?;
+    a.jle(store)?;
+    a.mov(qword_ptr(rsi + C_MAX_GAP_TICKS as i32), rcx)?;
+    a.jmp(store)?;
+    a.set_label(&mut reset)?;
+    a.mov(qword_ptr(rsi + C_STALL_EPOCH as i32), rcx)?;
+    a.mov(qword_ptr(rsi + C_MAX_GAP_TICKS as i32), 0)?;
+    a.set_label(&mut store)?;
+    a.mov(r15, rax)?;
+    a.mov(qword_ptr(rsi + C_LAST_WRITE_TSC as i32), rax)?;
+    Ok(())
+}
+
 /// Marks the vCPU ready (counter slot, then one write of [`DOORBELL_READY`] to the MMIO
 /// doorbell) and starts the pacing clock in r12.
 fn ready(a: &mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedError> {
@@ -67,11 +109,12 @@ fn ready(a: &mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedError> 
 
 /// The `random` workload.
 ///
-/// Pre-faults the working set (writes `iteration` at offset 0 and the page's guest address at
-/// offset 16 of every page, so the working set holds data, not zero pages), sets
-/// `ready`, then forever: xorshift64 picks a page uniformly
-/// (`page = (state * wss_pages) >> 64`), writes `iteration` at offset 0 and the new
-/// `pages_written` at offset 8, increments `pages_written`, paced by `ticks_per_page`.
+/// Each vCPU works on its own part of the working set (the `parts` table). Pre-faults its part
+/// (writes `iteration` at offset 0 and the page's guest address at offset 16 of every page, so
+/// the working set holds data, not zero pages), sets `ready`, then forever: xorshift64 picks a
+/// page of the part uniformly (`page = (state * part_pages) >> 64`), writes `iteration` at
+/// offset 0 and the new `pages_written` at offset 8, increments `pages_written`, records the gap
+/// since its previous write (`max_gap_ticks`, `last_write_tsc`), paced by `ticks_per_page`.
 /// The PRNG state starts as `(seed ^ counter_slot_address) | 1`, so vCPUs differ.
 ///
 /// # Example
@@ -83,8 +126,7 @@ fn ready(a: &mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedError> 
 pub fn random(ip: u64) -> Result<Vec<u8>> {
     (|| {
         let mut a = CodeAssembler::new(64)?;
-        a.mov(r8, qword_ptr(rdi + P_WSS_START as i32))?;
-        a.mov(r9, qword_ptr(rdi + P_WSS_PAGES as i32))?;
+        load_part(&mut a)?;
         a.mov(r11, qword_ptr(rdi + P_SEED as i32))?;
         a.xor(r11, rsi)?;
         a.or(r11, 1)?;
@@ -106,6 +148,9 @@ pub fn random(ip: u64) -> Result<Vec<u8>> {
         a.jmp(pf)?;
         a.set_label(&mut pf_done)?;
         ready(&mut a)?;
+        // The first gap is measured from `ready`.
+        a.mov(r15, r12)?;
+        a.mov(qword_ptr(rsi + C_LAST_WRITE_TSC as i32), r12)?;
         let mut top = a.create_label();
         a.set_label(&mut top)?;
         pace(&mut a)?;
@@ -130,6 +175,7 @@ pub fn random(ip: u64) -> Result<Vec<u8>> {
         a.inc(rax)?;
         a.mov(qword_ptr(rsi + C_PAGES_WRITTEN as i32), rax)?;
         a.mov(qword_ptr(rdx + 8), rax)?;
+        record_gap(&mut a)?;
         // Sync point: both stores of this page are done; ring the doorbell if asked to.
         a.test(qword_ptr(rdi + P_FLAGS as i32), FLAG_DOORBELL_SYNC as i32)?;
         a.jz(top)?;
@@ -143,11 +189,11 @@ pub fn random(ip: u64) -> Result<Vec<u8>> {
 
 /// The `increment` workload (QEMU's migration-test guest).
 ///
-/// Sets `ready`, then sweeps the working set forever adding 1 to the first byte of each
-/// page, incrementing `pages_written` per page and `sweeps` per sweep, paced by
-/// `ticks_per_page` (0 = unpaced). Run it on one vCPU only: the consistency rule (walking
-/// pages in order, every first byte equals its predecessor except at most one place where
-/// it is one less, mod 256) assumes a single writer.
+/// Sets `ready`, then sweeps this vCPU's part of the working set (the `parts` table) forever
+/// adding 1 to the first byte of each page, incrementing `pages_written` per page and `sweeps`
+/// per sweep, paced by `ticks_per_page` (0 = unpaced). The consistency rule (walking a part's
+/// pages in order, every first byte equals its predecessor except at most one place where it
+/// is one less, mod 256) holds per part: one writer per part.
 ///
 /// # Example
 ///
@@ -158,8 +204,7 @@ pub fn random(ip: u64) -> Result<Vec<u8>> {
 pub fn increment(ip: u64) -> Result<Vec<u8>> {
     (|| {
         let mut a = CodeAssembler::new(64)?;
-        a.mov(r8, qword_ptr(rdi + P_WSS_START as i32))?;
-        a.mov(r9, qword_ptr(rdi + P_WSS_PAGES as i32))?;
+        load_part(&mut a)?;
         ready(&mut a)?;
         let mut sweep = a.create_label();
         let mut page = a.create_label();

@@ -727,6 +727,24 @@ impl Vm {
         self.clear_dirty_log_as(slot, first_page, num_pages, bitmap, SlotOwner::Caller)
     }
 
+    /// `KVM_CLEAR_DIRTY_LOG` for a slot a listener owns, with a range its cache built (64-page
+    /// aligned, inside the slot, logging on): only the mode is checked, the slot table is not
+    /// locked (the listener holds its own slots lock across its cache update and this call).
+    pub(crate) fn clear_owned_slot(
+        &self,
+        slot: u32,
+        first_page: u64,
+        num_pages: u32,
+        bitmap: &[u64],
+    ) -> Result<()> {
+        if !self.mode.is_manual() {
+            return Err(Error::NotManualMode);
+        }
+        debug_assert_eq!(first_page % 64, 0);
+        raw::clear_dirty_log(self.as_fd(), slot, first_page, num_pages, bitmap)?;
+        Ok(())
+    }
+
     pub(crate) fn clear_dirty_log_as(
         &self,
         slot: u32,

@@ -28,9 +28,9 @@ const MIN_BURST: f64 = 64.0 * 1024.0;
 /// use clearlog_migration::TokenBucket;
 ///
 /// let t0 = Instant::now();
-/// let mut b = TokenBucket::new(1 << 20, t0); // 1 MiB/s, starts with 50 ms worth (64 KiB minimum)
-/// assert_eq!(b.admit(64 << 10, t0), None); // the first 64 KiB pass at once
-/// let wait = b.admit(64 << 10, t0).unwrap(); // the next must wait for 62.5 ms
+/// let mut b = TokenBucket::new(1 << 20, t0); // 1 MiB/s, starts empty
+/// assert_eq!(b.admit(64 << 10, t0), None); // the first 64 KiB pass at once...
+/// let wait = b.admit(64 << 10, t0).unwrap(); // ...and are paid for: 62.5 ms
 /// assert!((wait.as_secs_f64() - 0.0625).abs() < 1e-6);
 /// ```
 #[derive(Debug, Clone)]
@@ -41,7 +41,9 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    /// A full bucket for `rate` bytes/s (0 = unlimited) at time `now`.
+    /// An empty bucket for `rate` bytes/s (0 = unlimited) at time `now`: the first piece goes at
+    /// once and is paid for afterwards, so a stream never runs above the limit on average, not
+    /// even by one burst at its start.
     ///
     /// # Examples
     ///
@@ -50,13 +52,11 @@ impl TokenBucket {
     /// assert_eq!(b.rate(), 400 << 20);
     /// ```
     pub fn new(rate: u64, now: Instant) -> Self {
-        let mut b = TokenBucket {
+        TokenBucket {
             rate,
             tokens: 0.0,
             last: now,
-        };
-        b.tokens = b.burst();
-        b
+        }
     }
 
     /// The limit in bytes/s (0 = unlimited).
@@ -107,8 +107,9 @@ impl TokenBucket {
     }
 }
 
-/// A writer that passes bytes to `inner` at most `rate` bytes/s on average (0 = unlimited), with
-/// bursts of at most 50 ms worth of bytes (at least 64 KiB). It also counts the bytes written.
+/// A writer that passes bytes to `inner` at most `rate` bytes/s on average (0 = unlimited); after
+/// a stall it catches up by at most 50 ms worth of bytes (at least 64 KiB). It also counts the
+/// bytes written.
 ///
 /// A [`TokenBucket`] with carry-over: oversleeping is paid back by the next pieces, so the long-run
 /// rate stays at the limit.
@@ -122,8 +123,8 @@ impl TokenBucket {
 ///
 /// let mut w = RateLimitedWriter::new(Vec::new(), 1 << 20); // 1 MiB/s
 /// let t = Instant::now();
-/// w.write_all(&vec![0u8; 256 << 10]).unwrap(); // the bucket starts with 64 KiB
-/// assert!(t.elapsed().as_secs_f64() > 0.1);
+/// w.write_all(&vec![0u8; 256 << 10]).unwrap(); // 4 pieces of 64 KiB, the first one free
+/// assert!(t.elapsed().as_secs_f64() > 0.15);
 /// assert_eq!(w.bytes_written(), 256 << 10);
 /// ```
 #[derive(Debug)]
@@ -150,7 +151,7 @@ impl<W: Write> RateLimitedWriter<W> {
         }
     }
 
-    /// Change the limit (0 = unlimited); the bucket restarts full.
+    /// Change the limit (0 = unlimited); the bucket restarts empty.
     ///
     /// # Examples
     ///
@@ -226,14 +227,13 @@ mod tests {
         let t0 = Instant::now();
         let mut now = t0;
         let mut b = TokenBucket::new(rate, t0);
-        let burst = b.burst();
         for _ in 0..pieces {
             while let Some(wait) = b.admit(len, now) {
                 now += wait + oversleep;
             }
         }
-        // The last piece is charged but not yet paid for; the first burst was free.
-        let paid = (pieces * len) as f64 - burst;
+        // The last piece is charged but not yet paid for.
+        let paid = ((pieces - 1) * len) as f64;
         let secs = now.duration_since(t0).as_secs_f64();
         paid / secs
     }
@@ -283,8 +283,8 @@ mod tests {
             w.write_all(&chunk).unwrap();
         }
         let secs = t.elapsed().as_secs_f64();
-        // The first burst (50 ms worth) is free and the last piece not yet paid for.
-        let measured = (4_000_000.0 - rate as f64 * BURST_SECS - 100_000.0) / secs;
+        // The last piece is not yet paid for.
+        let measured = (4_000_000.0 - 100_000.0) / secs;
         // Allow for scheduling noise.
         assert!(measured < rate as f64 * 1.1, "{measured} B/s > {rate}");
         assert!(measured > rate as f64 * 0.8, "{measured} B/s too slow");

@@ -7,7 +7,7 @@ use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
-use clearlog_memory::{ClearBitmap, PAGE_SIZE};
+use clearlog_memory::{ClearBitmap, PAGE_SHIFT, PAGE_SIZE};
 
 use crate::cpu::{ns_per_page, process_cpu_time, thread_cpu_time};
 use crate::digest::{final_digests, hash_threads, page_digests};
@@ -38,6 +38,13 @@ struct BlockState<B> {
     /// Chunks whose accelerator bits must be re-armed before their pages are read.
     clear: Option<ClearBitmap>,
 }
+
+/// Adjacent chunks marked for a clear are re-armed in one call up to this many bytes (4 MiB): on
+/// this machine's KVM one clear of 4 MiB costs about what two of 1 MiB do (fixed cost per call:
+/// ioctl, locks, TLB flush), while merging bigger runs saves little (measured with the
+/// `chunk_clear` table of the kvm-accel test-guest `dirty_log` bench; see docs/design.md).
+/// Re-arming the next chunks a few ms before their pages are read is safe: only late is lossy.
+const CLEAR_MERGE_BYTES: u64 = 4 << 20;
 
 /// Legacy mode has no chunks: the pass asks which pages are populated this many at a time (16 MiB).
 const LEGACY_WINDOW_PAGES: u64 = 4096;
@@ -300,12 +307,15 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             } else {
                 pass_bandwidth as f64 / cfg.bandwidth_limit_bytes_per_s as f64
             };
+            // The decision is taken here, after each full pass and its sync: see
+            // docs/design.md ("When to switch over").
+            let estimate_bw = cfg.estimate_bandwidth(bandwidth);
             let expected = if remaining == 0 {
                 Duration::ZERO
-            } else if bandwidth == 0 {
+            } else if estimate_bw == 0 {
                 Duration::MAX
             } else {
-                Duration::from_secs_f64(remaining as f64 / bandwidth as f64)
+                Duration::from_secs_f64(remaining as f64 / estimate_bw as f64)
             };
             tracing::info!(
                 iteration,
@@ -499,9 +509,12 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                     if let Some(clear) = bs.clear.as_mut().filter(|_| !self.paused) {
                         let t = Instant::now();
                         // Re-arm, THEN ask and read.
+                        let max =
+                            (CLEAR_MERGE_BYTES >> (u32::from(clear.shift()) + PAGE_SHIFT)).max(1);
                         if mem
-                            .clear_chunk_before_send(&bs.block, clear, p)
+                            .clear_chunks_before_send(&bs.block, clear, p, max)
                             .map_err(Error::memory("re-arming a chunk before sending it"))?
+                            > 0
                         {
                             let took = t.elapsed();
                             self.stats.log_clear_calls += 1;

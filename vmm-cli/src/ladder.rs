@@ -138,6 +138,7 @@ pub fn ladder(a: LadderArgs) -> CliResult {
                 downtime: a.migration.downtime,
                 warmup: a.warmup,
                 ram_fingerprint: a.ram_fingerprint,
+                switchover_bandwidth: a.migration.switchover_bandwidth,
             };
             for (mi, mode) in modes.iter().enumerate() {
                 let t = Instant::now();

@@ -727,9 +727,10 @@ impl Vm {
         self.clear_dirty_log_as(slot, first_page, num_pages, bitmap, SlotOwner::Caller)
     }
 
-    /// `KVM_CLEAR_DIRTY_LOG` for a slot a listener owns, with a range its cache built (64-page
-    /// aligned, inside the slot, logging on): only the mode is checked, the slot table is not
-    /// locked (the listener holds its own slots lock across its cache update and this call).
+    /// `KVM_CLEAR_DIRTY_LOG` for a range already known valid: one that `clear_dirty_log_as`
+    /// checked, or one a listener's cache built for its own logging slot (64-page aligned, inside
+    /// the slot). Only the mode is checked and the slot table is not locked (the listener holds
+    /// its own slots lock across its cache update and this call).
     pub(crate) fn clear_owned_slot(
         &self,
         slot: u32,
@@ -792,7 +793,6 @@ impl Vm {
                 "num_pages is not a multiple of 64 and the range does not end at the slot end",
             );
         }
-        raw::clear_dirty_log(self.as_fd(), slot, first_page, num_pages, bitmap)?;
-        Ok(())
+        self.clear_owned_slot(slot, first_page, num_pages, bitmap)
     }
 }

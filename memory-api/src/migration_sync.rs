@@ -222,25 +222,7 @@ impl ClearBitmap {
         page: u64,
         rearm: impl FnOnce(u64, u64) -> std::result::Result<(), E>,
     ) -> std::result::Result<bool, E> {
-        if page >= self.pages {
-            return Err(Error::OutOfRange {
-                what: "block (pages)",
-                offset: page,
-                len: 1,
-                size: self.pages,
-            }
-            .into());
-        }
-        let chunk = self.chunk_of(page);
-        if !self.test_and_clear(chunk) {
-            return Ok(false);
-        }
-        let (first, npages) = self.chunk_pages(chunk);
-        if let Err(e) = rearm(first, npages) {
-            self.set(chunk);
-            return Err(e);
-        }
-        Ok(true)
+        Ok(self.clear_run_before_read(page, 1, rearm)? != 0)
     }
 
     /// [`clear_chunk_before_read`](Self::clear_chunk_before_read) for a run of chunks: if
@@ -345,6 +327,55 @@ mod tests {
         assert!(ClearBitmap::new(1, 6).is_ok());
         assert!(ClearBitmap::new(1, 31).is_ok());
         assert!(ClearBitmap::new(1, 32).is_err());
+    }
+
+    #[test]
+    fn a_run_stops_at_the_cap_the_block_end_and_a_gap_and_fails_whole() {
+        // 5 chunks of 64 pages, the last one 36 pages.
+        let mut clear = ClearBitmap::new(4 * 64 + 36, 6).unwrap();
+        for c in 0..5 {
+            clear.set(c);
+        }
+        let mut calls = Vec::new();
+        let n = clear
+            .clear_run_before_read(10, 2, |f, n| -> Result<()> {
+                calls.push((f, n));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((n, &calls[..]), (2, &[(0, 128)][..]));
+        // A failing re-arm leaves every chunk of the run marked.
+        let err = clear.clear_run_before_read(128, 8, |_, _| -> Result<()> {
+            Err(Error::OutOfRange {
+                what: "test",
+                offset: 0,
+                len: 0,
+                size: 0,
+            })
+        });
+        assert!(err.is_err());
+        assert_eq!(clear.pending(), 3);
+        // The run ends at the block end, clipped.
+        calls.clear();
+        let n = clear
+            .clear_run_before_read(128, 8, |f, n| -> Result<()> {
+                calls.push((f, n));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((n, &calls[..]), (3, &[(128, 164)][..]));
+        // A gap ends a run.
+        clear.set(0);
+        clear.set(2);
+        calls.clear();
+        let n = clear
+            .clear_run_before_read(0, 8, |f, n| -> Result<()> {
+                calls.push((f, n));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((n, &calls[..]), (1, &[(0, 64)][..]));
+        assert!(clear.test(2));
     }
 
     #[test]

@@ -1589,14 +1589,6 @@ impl MemorySystem {
         clear: &mut ClearBitmap,
         page: u64,
     ) -> Result<bool> {
-        if page >= block.pages() {
-            return Err(Error::OutOfRange {
-                what: "block (pages)",
-                offset: page,
-                len: 1,
-                size: block.pages(),
-            });
-        }
         Ok(self.clear_chunks_before_send(block, clear, page, 1)? != 0)
     }
 

@@ -705,6 +705,21 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
+    /// The index (checked against the block's size) and kind byte of a page entry.
+    fn page_head(&mut self, block: u32) -> Result<(u64, u8)> {
+        let page = self.u64("page index")?;
+        let info = &self.blocks[block as usize];
+        let pages = info.size / self.page.len() as u64;
+        if page >= pages {
+            return Err(Error::PageOutOfRange {
+                block: info.name.clone(),
+                page,
+                pages,
+            });
+        }
+        Ok((page, self.u8("page kind")?))
+    }
+
     /// Read one entry of a page batch of `block` (its index is checked against the block's size; data
     /// lands in [`page_data`](Self::page_data)).
     ///
@@ -729,17 +744,8 @@ impl<R: Read> StreamReader<R> {
     /// assert_eq!(r.page_data()[0], 0xab);
     /// ```
     pub fn read_page(&mut self, block: u32) -> Result<PageEntry> {
-        let page = self.u64("page index")?;
-        let info = &self.blocks[block as usize];
-        let pages = info.size / self.page.len() as u64;
-        if page >= pages {
-            return Err(Error::PageOutOfRange {
-                block: info.name.clone(),
-                page,
-                pages,
-            });
-        }
-        match self.u8("page kind")? {
+        let (page, kind) = self.page_head(block)?;
+        match kind {
             PAGE_ZERO => Ok(PageEntry::Zero(page)),
             PAGE_DATA => {
                 let mut buf = std::mem::take(&mut self.page);
@@ -786,18 +792,9 @@ impl<R: Read> StreamReader<R> {
     where
         R: BufRead,
     {
-        let page = self.u64("page index")?;
-        let info = &self.blocks[block as usize];
         let page_size = self.page.len();
-        let pages = info.size / page_size as u64;
-        if page >= pages {
-            return Err(Error::PageOutOfRange {
-                block: info.name.clone(),
-                page,
-                pages,
-            });
-        }
-        match self.u8("page kind")? {
+        let (page, kind) = self.page_head(block)?;
+        match kind {
             PAGE_ZERO => Ok(PageEntry::Zero(page)),
             PAGE_DATA => {
                 let avail = self.r.fill_buf().map_err(Error::io("page data"))?;

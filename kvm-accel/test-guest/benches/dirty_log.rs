@@ -82,6 +82,20 @@ impl Rig {
         }
     }
 
+    /// A manual-mode rig, guest paused, synced and fully re-armed.
+    fn paused_manual() -> Rig {
+        let rig = Rig::new(
+            DirtyLogChoice::Manual {
+                initially_set: true,
+            },
+            sweep_spec(),
+        );
+        rig.runner().pause().unwrap();
+        rig.memory.log_sync_all().unwrap();
+        rig.clear_all();
+        rig
+    }
+
     fn runner(&self) -> &VcpuRunner {
         self.runner.as_ref().unwrap()
     }
@@ -191,15 +205,7 @@ fn table_chunk_clear(reps: usize) {
         "{:<8} {:>8} {:>12} {:>12}",
         "chunk", "calls", "total ms", "us/call"
     );
-    let rig = Rig::new(
-        DirtyLogChoice::Manual {
-            initially_set: true,
-        },
-        sweep_spec(),
-    );
-    rig.runner().pause().unwrap();
-    rig.memory.log_sync_all().unwrap();
-    rig.clear_all();
+    let rig = Rig::paused_manual();
     let block = rig.memory.region_block(rig.region).unwrap().0;
     for chunk in [256 << 10, MIB, 4 * MIB, 16 * MIB, 64 * MIB] {
         let calls = GIB / chunk;
@@ -313,15 +319,7 @@ fn bench(c: &mut Criterion) {
         table_chunk_clear(5);
         return;
     }
-    let rig = Rig::new(
-        DirtyLogChoice::Manual {
-            initially_set: true,
-        },
-        sweep_spec(),
-    );
-    rig.runner().pause().unwrap();
-    rig.memory.log_sync_all().unwrap();
-    rig.clear_all();
+    let rig = Rig::paused_manual();
     rig.dirty_everything();
     let mut g = c.benchmark_group("dirty_log_1GiB_manual");
     g.sample_size(10);

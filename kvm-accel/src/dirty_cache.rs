@@ -82,6 +82,24 @@ pub struct ClearRequest {
     pub bits: u64,
 }
 
+/// What a [`SlotDirtyCache::take_clear_into`] request covers (its words are in the caller's
+/// buffer).
+///
+/// # Example
+/// ```
+/// let r = clearlog_kvm::ClearRange { first_page: 64, num_pages: 64, bits: 3 };
+/// assert_eq!(r.first_page % 64, 0);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClearRange {
+    /// First page, a multiple of 64.
+    pub first_page: u64,
+    /// Pages covered: a multiple of 64, or up to the slot end.
+    pub num_pages: u32,
+    /// Number of set bits in the words.
+    pub bits: u64,
+}
+
 /// Per-memslot copy of the last dirty-log GET, minus the ranges cleared since.
 ///
 /// # Example
@@ -206,6 +224,41 @@ impl SlotDirtyCache {
         first_page: u64,
         npages: u64,
     ) -> Result<Option<ClearRequest>, CacheError> {
+        let mut bitmap = Vec::new();
+        Ok(self
+            .take_clear_into(first_page, npages, &mut bitmap)?
+            .map(|r| ClearRequest {
+                first_page: r.first_page,
+                num_pages: r.num_pages,
+                bitmap,
+                bits: r.bits,
+            }))
+    }
+
+    /// [`take_clear`](Self::take_clear) into a caller's buffer: `bitmap` is overwritten with the
+    /// request's words (its capacity is reused, so a warm buffer makes a clear allocation-free);
+    /// the returned range says what it covers.
+    ///
+    /// # Errors
+    /// As [`take_clear`](Self::take_clear).
+    ///
+    /// # Example
+    /// ```
+    /// let mut cache = clearlog_kvm::SlotDirtyCache::new(128);
+    /// cache.sync_buffer()[1] = 0b110;
+    /// cache.mark_synced();
+    /// let mut words = Vec::with_capacity(2);
+    /// let r = cache.take_clear_into(64, 64, &mut words).unwrap().unwrap();
+    /// assert_eq!((r.first_page, r.num_pages, r.bits), (64, 64, 2));
+    /// assert_eq!(words, [0b110]);
+    /// ```
+    pub fn take_clear_into(
+        &mut self,
+        first_page: u64,
+        npages: u64,
+        bitmap: &mut Vec<u64>,
+    ) -> Result<Option<ClearRange>, CacheError> {
+        bitmap.clear();
         let slot_pages = self.pages();
         let end = first_page
             .checked_add(npages)
@@ -233,8 +286,8 @@ impl SlotDirtyCache {
 
         let words = self.bits.as_words();
         let first_word = (start / 64) as usize;
-        let mut bitmap =
-            words[first_word..first_word + words_for_bits(num_pages as usize)].to_vec();
+        bitmap
+            .extend_from_slice(&words[first_word..first_word + words_for_bits(num_pages as usize)]);
         // Keep only [first_page, end) relative to `start`.
         let lo = first_page - start;
         let hi = end - start;
@@ -251,10 +304,9 @@ impl SlotDirtyCache {
         if bits == 0 {
             return Ok(None);
         }
-        Ok(Some(ClearRequest {
+        Ok(Some(ClearRange {
             first_page: start,
             num_pages,
-            bitmap,
             bits,
         }))
     }

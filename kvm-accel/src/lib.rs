@@ -46,7 +46,7 @@ pub use caps::{
     default_protect_mode, enable_manual_protect, KvmCaps, ProtectMode, INITIALLY_SET,
     MANUAL_PROTECT_ENABLE,
 };
-pub use dirty_cache::{CacheError, ClearRequest, SlotDirtyCache};
+pub use dirty_cache::{CacheError, ClearRange, ClearRequest, SlotDirtyCache};
 pub use error::{Error, Result};
 pub use memory_listener::{DirtyLogStats, KvmMemoryListener};
 pub use raw::ClearDirtyLogError;

@@ -100,6 +100,8 @@ struct KvmSlot {
     cache: Option<SlotDirtyCache>,
     /// GET buffer while dirty logging is on in legacy mode.
     legacy_buffer: Option<Vec<u64>>,
+    /// The words of the last clear request, reused so a clear does not allocate.
+    clear_words: Vec<u64>,
 }
 
 impl KvmSlot {
@@ -432,6 +434,7 @@ impl MemoryListener for KvmMemoryListener {
             _block: section.block.clone(),
             cache: None,
             legacy_buffer: None,
+            clear_words: Vec::new(),
         };
         if section.log.is_empty() {
             self.set_slot(&slot, section.guest_addr, false, true)?;
@@ -555,21 +558,17 @@ impl MemoryListener for KvmMemoryListener {
             return Ok(());
         }
         let request = cache
-            .take_clear(first_page, npages)
+            .take_clear_into(first_page, npages, &mut slot.clear_words)
             .map_err(listener_error)?;
         let Some(req) = request else {
             self.counters.clears_skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         };
         // Still under the slots lock: no sync can refill the cache before the kernel is told.
+        // The range comes from the slot's own cache (aligned, inside the slot) and the slot is
+        // this listener's and logging, so the Vm's table need not be consulted again.
         self.vm
-            .clear_dirty_log_as(
-                slot.id,
-                req.first_page,
-                req.num_pages,
-                &req.bitmap,
-                self.owner(),
-            )
+            .clear_owned_slot(slot.id, req.first_page, req.num_pages, &slot.clear_words)
             .map_err(listener_error)?;
         let ns = start.elapsed().as_nanos() as u64;
         self.counters.clears.fetch_add(1, Ordering::Relaxed);
@@ -702,6 +701,7 @@ mod tests {
             _block: block.clone(),
             cache: None,
             legacy_buffer: None,
+            clear_words: Vec::new(),
         };
         let mut t = SlotTable::default();
         let none = |_| false;

@@ -727,6 +727,25 @@ impl Vm {
         self.clear_dirty_log_as(slot, first_page, num_pages, bitmap, SlotOwner::Caller)
     }
 
+    /// `KVM_CLEAR_DIRTY_LOG` for a range already known valid: one that `clear_dirty_log_as`
+    /// checked, or one a listener's cache built for its own logging slot (64-page aligned, inside
+    /// the slot). Only the mode is checked and the slot table is not locked (the listener holds
+    /// its own slots lock across its cache update and this call).
+    pub(crate) fn clear_owned_slot(
+        &self,
+        slot: u32,
+        first_page: u64,
+        num_pages: u32,
+        bitmap: &[u64],
+    ) -> Result<()> {
+        if !self.mode.is_manual() {
+            return Err(Error::NotManualMode);
+        }
+        debug_assert_eq!(first_page % 64, 0);
+        raw::clear_dirty_log(self.as_fd(), slot, first_page, num_pages, bitmap)?;
+        Ok(())
+    }
+
     pub(crate) fn clear_dirty_log_as(
         &self,
         slot: u32,
@@ -774,7 +793,6 @@ impl Vm {
                 "num_pages is not a multiple of 64 and the range does not end at the slot end",
             );
         }
-        raw::clear_dirty_log(self.as_fd(), slot, first_page, num_pages, bitmap)?;
-        Ok(())
+        self.clear_owned_slot(slot, first_page, num_pages, bitmap)
     }
 }

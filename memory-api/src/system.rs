@@ -1589,6 +1589,38 @@ impl MemorySystem {
         clear: &mut ClearBitmap,
         page: u64,
     ) -> Result<bool> {
+        Ok(self.clear_chunks_before_send(block, clear, page, 1)? != 0)
+    }
+
+    /// [`clear_chunk_before_send`](Self::clear_chunk_before_send) for up to `max_chunks`
+    /// adjacent marked chunks at once (one `log_clear` per listener and section for the run,
+    /// through [`ClearBitmap::clear_run_before_read`]); returns how many chunks were re-armed.
+    ///
+    /// # Errors
+    ///
+    /// As [`clear_chunk_before_send`](Self::clear_chunk_before_send).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{ClearBitmap, MemorySystem};
+    /// let mem = MemorySystem::with_ram_capacity(1 << 24);
+    /// mem.add_ram("ram", 0, 0x10_0000).unwrap();
+    /// mem.log_global_start().unwrap();
+    /// let block = mem.ram_blocks()[0].clone();
+    /// let mut clear = ClearBitmap::new(block.pages(), 6).unwrap();
+    /// clear.set(0);
+    /// clear.set(1);
+    /// assert_eq!(mem.clear_chunks_before_send(&block, &mut clear, 3, 4).unwrap(), 2);
+    /// assert_eq!(clear.pending(), 0);
+    /// ```
+    pub fn clear_chunks_before_send(
+        &self,
+        block: &RamBlock,
+        clear: &mut ClearBitmap,
+        page: u64,
+        max_chunks: u64,
+    ) -> Result<u64> {
         if page >= block.pages() {
             return Err(Error::OutOfRange {
                 what: "block (pages)",
@@ -1597,7 +1629,7 @@ impl MemorySystem {
                 size: block.pages(),
             });
         }
-        clear.clear_chunk_before_read(page, |first, npages| {
+        clear.clear_run_before_read(page, max_chunks, |first, npages| {
             let npages = npages.min(block.pages().saturating_sub(first));
             self.clear_dirty_bitmap_block(block, first << PAGE_SHIFT, npages << PAGE_SHIFT)
         })

@@ -219,6 +219,11 @@ impl VerifyMode {
 /// };
 /// config.validate().unwrap();
 ///
+/// // The estimate may assume a faster link for the paused phase (off by default).
+/// let fast = MigrationConfig { switchover_bandwidth_bytes_per_s: 1 << 30, ..config.clone() };
+/// assert_eq!(fast.estimate_bandwidth(400 << 20), 1 << 30);
+/// assert_eq!(config.estimate_bandwidth(400 << 20), 400 << 20);
+///
 /// let bad = MigrationConfig { mode: DirtyLogMode::Clear { shift: 5 }, ..MigrationConfig::default() };
 /// assert!(bad.validate().is_err());
 /// ```
@@ -232,6 +237,13 @@ pub struct MigrationConfig {
     /// Switch to stop-and-copy when the remaining dirty bytes can be sent within this time at the
     /// measured bandwidth (default [`DEFAULT_DOWNTIME_LIMIT`]).
     pub downtime_limit: Duration,
+    /// Bandwidth in bytes/s the convergence estimate assumes for the stop-and-copy phase instead
+    /// of the bandwidth measured in the live phase; 0 = off (default: the measured bandwidth).
+    /// For a link faster than the live-phase limit (the limit is lifted while the guest is
+    /// paused), like QEMU 8.2's `avail-switchover-bandwidth`. Used only for the estimate: the
+    /// live phase still runs at `bandwidth_limit_bytes_per_s`. Set it no higher than the link
+    /// really delivers, or the downtime exceeds its limit.
+    pub switchover_bandwidth_bytes_per_s: u64,
     /// Give up with [`Error::NotConverged`] after this many iterations (default: no limit).
     pub max_iterations: Option<u32>,
     /// Give up with [`Error::NotConverged`] after this much time (default: no limit).
@@ -252,6 +264,7 @@ impl Default for MigrationConfig {
             mode: DirtyLogMode::default(),
             bandwidth_limit_bytes_per_s: 0,
             downtime_limit: DEFAULT_DOWNTIME_LIMIT,
+            switchover_bandwidth_bytes_per_s: 0,
             max_iterations: None,
             max_time: None,
             auto_converge: false,
@@ -262,6 +275,24 @@ impl Default for MigrationConfig {
 }
 
 impl MigrationConfig {
+    /// The bandwidth the convergence estimate uses, given the one `measured` in the live phase:
+    /// [`switchover_bandwidth_bytes_per_s`](Self::switchover_bandwidth_bytes_per_s) when set,
+    /// else `measured`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let c = clearlog_migration::MigrationConfig::default();
+    /// assert_eq!(c.estimate_bandwidth(123), 123);
+    /// ```
+    pub fn estimate_bandwidth(&self, measured: u64) -> u64 {
+        if self.switchover_bandwidth_bytes_per_s > 0 {
+            self.switchover_bandwidth_bytes_per_s
+        } else {
+            measured
+        }
+    }
+
     /// Check every parameter; each problem has its own [`Error`] variant.
     ///
     /// # Examples

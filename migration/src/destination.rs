@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use clearlog_memory::{is_zero_page, PAGE_SIZE};
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::cpu::{ns_per_page, process_cpu_time, thread_cpu_time};
+
 use crate::digest::{hash_threads, page_digests};
 use crate::stats::IncomingStats;
 use crate::stream::{
@@ -151,6 +153,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         resume: bool,
     ) -> Result<IncomingStats> {
         let start = Instant::now();
+        let cpu_start = (process_cpu_time(), thread_cpu_time());
         let reader = transport.reader.ok_or(Error::Io {
             context: "starting the incoming migration",
             source: std::io::Error::new(
@@ -164,6 +167,10 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         let mut flags = 0;
         let mut received = Vec::new();
         let loaded = self.load(&mut r, &mut stats, &mut flags, &mut received);
+        stats.dest_ns_per_page = ns_per_page(
+            thread_cpu_time().saturating_sub(cpu_start.1),
+            stats.pages_received,
+        );
         let wants_ack = flags & FLAG_ACK_REQUESTED != 0;
         let wants_confirm = wants_ack && flags & FLAG_CONFIRM != 0;
         let verify_after = flags & FLAG_VERIFY_AFTER != 0;
@@ -224,6 +231,8 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         }
         stats.verified = true;
         stats.bytes_received = r.bytes_read();
+        stats.cpu_s = process_cpu_time().saturating_sub(cpu_start.0).as_secs_f64();
+        stats.migration_thread_cpu_s = thread_cpu_time().saturating_sub(cpu_start.1).as_secs_f64();
         Ok(stats)
     }
 
@@ -265,7 +274,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
     /// `received` gets, per block, the xxh3-64 of every page received as data (the last version
     /// of each; a zero page removes its entry): what the verification after resuming compares with
     /// the source's final memory. Memory proportional to the pages received as data.
-    fn load<R: std::io::Read>(
+    fn load<R: std::io::BufRead>(
         &self,
         r: &mut StreamReader<R>,
         stats: &mut IncomingStats,
@@ -322,14 +331,19 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                     }
                     let ram = &blocks[block as usize];
                     for _ in 0..count {
-                        match r.read_page(block)? {
-                            PageEntry::Data(page) => {
-                                ram.write_untracked(page * PAGE_SIZE, r.page_data())
-                                    .map_err(Error::memory("loading a page"))?;
-                                if let Some(table) = received.get_mut(block as usize) {
-                                    table.insert(page, xxh3_64(r.page_data()));
-                                }
+                        let table = received.get_mut(block as usize);
+                        // One copy: from the read buffer into guest RAM; the digest is taken
+                        // from the same bytes while they are in the cache.
+                        let entry = r.read_page_with(block, |page, data| {
+                            ram.write_untracked(page * PAGE_SIZE, data)
+                                .map_err(Error::memory("loading a page"))?;
+                            if let Some(table) = table {
+                                table.insert(page, xxh3_64(data));
                             }
+                            Ok(())
+                        })?;
+                        match entry {
+                            PageEntry::Data(_) => {}
                             PageEntry::Zero(page) => {
                                 // Fresh destination RAM is already zero: writing zeros would
                                 // fault in (allocate) every untouched page, which made a mostly

@@ -115,6 +115,7 @@
 
 mod cancel;
 mod config;
+mod cpu;
 mod destination;
 mod digest;
 pub mod dirtyrate;
@@ -132,11 +133,12 @@ pub use config::{
     chunk_bytes_to_shift, shift_to_chunk_bytes, DirtyLogMode, MigrationConfig, VerifyMode,
     DEFAULT_ACK_TIMEOUT, DEFAULT_CLEAR_SHIFT, DEFAULT_DOWNTIME_LIMIT,
 };
+pub use cpu::{process_cpu_time, thread_cpu_time};
 pub use destination::{Destination, DEFAULT_CONFIRM_TIMEOUT};
 pub use digest::{page_digests, ram_fingerprint};
 pub use error::{BoxError, Error, Result};
 pub use memory::{DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory};
-pub use ratelimit::RateLimitedWriter;
+pub use ratelimit::{RateLimitedWriter, TokenBucket};
 pub use source::Source;
 pub use stats::{DowntimeBreakdown, IncomingStats, IterationStats, MigrationStats, Progress};
 pub use transport::{

@@ -153,6 +153,23 @@ pub trait DirtyTracking: MigrationMemory {
             self.clear_dirty(block, first << PAGE_SHIFT, npages << PAGE_SHIFT)
         })
     }
+    /// Re-arm `page`'s chunk and up to `max_chunks - 1` marked chunks right after it, before the
+    /// caller reads any of their pages; returns how many chunks were re-armed (0: not marked).
+    ///
+    /// The default re-arms one chunk through
+    /// [`clear_chunk_before_send`](Self::clear_chunk_before_send) (an implementation that
+    /// overrides only that keeps its behaviour); `MemorySystem` merges the run into one clear
+    /// with [`ClearBitmap::clear_run_before_read`].
+    fn clear_chunks_before_send(
+        &self,
+        block: &Self::Block,
+        clear: &mut ClearBitmap,
+        page: u64,
+        max_chunks: u64,
+    ) -> MemoryResult<u64> {
+        let _ = max_chunks;
+        Ok(u64::from(self.clear_chunk_before_send(block, clear, page)?))
+    }
 }
 
 impl MigrationBlock for RamBlock {
@@ -253,6 +270,17 @@ impl DirtyTracking for MemorySystem {
             self, block, clear, page,
         )?)
     }
+    fn clear_chunks_before_send(
+        &self,
+        block: &Arc<RamBlock>,
+        clear: &mut ClearBitmap,
+        page: u64,
+        max_chunks: u64,
+    ) -> MemoryResult<u64> {
+        Ok(MemorySystem::clear_chunks_before_send(
+            self, block, clear, page, max_chunks,
+        )?)
+    }
 }
 
 /// Forwards every call: lets the engine take `&mem`, `Arc<mem>` or `&Arc<mem>` alike.
@@ -293,6 +321,15 @@ macro_rules! forward_memory {
                 page: u64,
             ) -> MemoryResult<bool> {
                 (**self).clear_chunk_before_send(block, clear, page)
+            }
+            fn clear_chunks_before_send(
+                &self,
+                block: &T::Block,
+                clear: &mut ClearBitmap,
+                page: u64,
+                max_chunks: u64,
+            ) -> MemoryResult<u64> {
+                (**self).clear_chunks_before_send(block, clear, page, max_chunks)
             }
         }
     )*};

@@ -7,8 +7,9 @@ use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
-use clearlog_memory::{ClearBitmap, PAGE_SIZE};
+use clearlog_memory::{ClearBitmap, PAGE_SHIFT, PAGE_SIZE};
 
+use crate::cpu::{ns_per_page, process_cpu_time, thread_cpu_time};
 use crate::digest::{final_digests, hash_threads, page_digests};
 use crate::ratelimit::RateLimitedWriter;
 use crate::stats::{IterationStats, MigrationStats, Progress};
@@ -37,6 +38,13 @@ struct BlockState<B> {
     /// Chunks whose accelerator bits must be re-armed before their pages are read.
     clear: Option<ClearBitmap>,
 }
+
+/// Adjacent chunks marked for a clear are re-armed in one call up to this many bytes (4 MiB): on
+/// this machine's KVM one clear of 4 MiB costs about what two of 1 MiB do (fixed cost per call:
+/// ioctl, locks, TLB flush), while merging bigger runs saves little (measured with the
+/// `chunk_clear` table of the kvm-accel test-guest `dirty_log` bench; see docs/design.md).
+/// Re-arming the next chunks a few ms before their pages are read is safe: only late is lossy.
+const CLEAR_MERGE_BYTES: u64 = 4 << 20;
 
 /// Legacy mode has no chunks: the pass asks which pages are populated this many at a time (16 MiB).
 const LEGACY_WINDOW_PAGES: u64 = 4096;
@@ -201,14 +209,23 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
             logging: false,
             throttle: 0,
             throttle_supported: true,
+            pass_cpu: Duration::ZERO,
+            cpu_at_commit: None,
         };
         let start = Instant::now();
+        let cpu_start = (process_cpu_time(), thread_cpu_time());
         let result = run.run(start);
         run.finish(result.is_ok());
         result.map(|()| {
             // Until the commit: the verification after it is `verify_after_ms`.
             let end = run.committed_at.unwrap_or_else(Instant::now);
             run.stats.total_time_ms = ms(end.duration_since(start));
+            let (process, thread) = run
+                .cpu_at_commit
+                .unwrap_or_else(|| (process_cpu_time(), thread_cpu_time()));
+            run.stats.cpu_s = process.saturating_sub(cpu_start.0).as_secs_f64();
+            run.stats.migration_thread_cpu_s = thread.saturating_sub(cpu_start.1).as_secs_f64();
+            run.stats.source_ns_per_page = ns_per_page(run.pass_cpu, run.stats.pages_sent);
             std::mem::take(&mut run.stats)
         })
     }
@@ -235,6 +252,10 @@ struct Run<'r, 'p, M: DirtyTracking + ?Sized> {
     logging: bool,
     throttle: u8,
     throttle_supported: bool,
+    /// Thread CPU time spent in passes (for `source_ns_per_page`).
+    pass_cpu: Duration,
+    /// Process and thread CPU time at the commit.
+    cpu_at_commit: Option<(Duration, Duration)>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -276,12 +297,25 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 (live_bytes as f64 / send_time.as_secs_f64()) as u64
             };
             self.stats.measured_bandwidth_bytes_per_s = bandwidth;
+            let pass_bandwidth = if pass_time.is_zero() {
+                0
+            } else {
+                (pass.bytes as f64 / pass_time.as_secs_f64()) as u64
+            };
+            let fraction = if cfg.bandwidth_limit_bytes_per_s == 0 {
+                0.0
+            } else {
+                pass_bandwidth as f64 / cfg.bandwidth_limit_bytes_per_s as f64
+            };
+            // The decision is taken here, after each full pass and its sync: see
+            // docs/design.md ("When to switch over").
+            let estimate_bw = cfg.estimate_bandwidth(bandwidth);
             let expected = if remaining == 0 {
                 Duration::ZERO
-            } else if bandwidth == 0 {
+            } else if estimate_bw == 0 {
                 Duration::MAX
             } else {
-                Duration::from_secs_f64(remaining as f64 / bandwidth as f64)
+                Duration::from_secs_f64(remaining as f64 / estimate_bw as f64)
             };
             tracing::info!(
                 iteration,
@@ -293,6 +327,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 sync_ms = ms(sync_time),
                 log_clear_calls = pass.clears,
                 bandwidth,
+                pass_bandwidth,
                 "migration iteration"
             );
             self.stats.iteration_history.push(IterationStats {
@@ -304,6 +339,8 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 pass_ms: ms(pass_time),
                 sync_ms: ms(sync_time),
                 bandwidth_bytes_per_s: bandwidth,
+                pass_bandwidth_bytes_per_s: pass_bandwidth,
+                bandwidth_fraction_of_limit: fraction,
                 log_clear_calls: pass.clears,
             });
             self.report(iteration, remaining, bandwidth, expected, false);
@@ -437,6 +474,14 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     /// round, it would be lost). A window whose pages all go as a zero range is still re-armed, or
     /// `INITIALLY_SET` would leave it dirty for the next pass.
     fn pass(&mut self) -> Result<PassCounters> {
+        let cpu = thread_cpu_time();
+        let result = self.walk();
+        self.pass_cpu += thread_cpu_time().saturating_sub(cpu);
+        result
+    }
+
+    /// [`pass`](Self::pass) without the CPU accounting.
+    fn walk(&mut self) -> Result<PassCounters> {
         let mut c = PassCounters::default();
         let bytes_before = self.out.bytes_written();
         let clears_before = self.stats.log_clear_calls;
@@ -464,9 +509,12 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                     if let Some(clear) = bs.clear.as_mut().filter(|_| !self.paused) {
                         let t = Instant::now();
                         // Re-arm, THEN ask and read.
+                        let max =
+                            (CLEAR_MERGE_BYTES >> (u32::from(clear.shift()) + PAGE_SHIFT)).max(1);
                         if mem
-                            .clear_chunk_before_send(&bs.block, clear, p)
+                            .clear_chunks_before_send(&bs.block, clear, p, max)
                             .map_err(Error::memory("re-arming a chunk before sending it"))?
+                            > 0
                         {
                             let took = t.elapsed();
                             self.stats.log_clear_calls += 1;
@@ -695,6 +743,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         }
         self.committed = true;
         self.committed_at = Some(Instant::now());
+        self.cpu_at_commit = Some((process_cpu_time(), thread_cpu_time()));
         self.stats.downtime_ms = ms(pause_at.elapsed());
         self.stats.downtime_breakdown = b;
         self.stats.converged = true;

@@ -100,8 +100,16 @@ pub struct IterationStats {
     pub pass_ms: f64,
     /// Wall time of the sync, ms.
     pub sync_ms: f64,
-    /// Bandwidth measured during the pass, bytes/s.
+    /// Bandwidth measured over the live passes so far (this one included), bytes/s: what the
+    /// convergence estimate used after this pass.
     pub bandwidth_bytes_per_s: u64,
+    /// Bandwidth of this pass alone (its bytes / its wall time), bytes/s.
+    #[serde(default)]
+    pub pass_bandwidth_bytes_per_s: u64,
+    /// `pass_bandwidth_bytes_per_s` / the limit (0 when unlimited): how full the pass kept the
+    /// link.
+    #[serde(default)]
+    pub bandwidth_fraction_of_limit: f64,
     /// Chunk clears issued during the pass.
     pub log_clear_calls: u64,
 }
@@ -181,6 +189,18 @@ pub struct MigrationStats {
     pub converged: bool,
     /// Highest auto-converge throttle applied, % (0 = never throttled).
     pub auto_converge_max_throttle_pct: u8,
+    /// CPU time of the migrating thread while it walked dirty pages (reading, encoding,
+    /// writing to the transport, clears and populated-page queries included), per page record
+    /// sent, ns.
+    #[serde(default)]
+    pub source_ns_per_page: f64,
+    /// CPU seconds (user + system) of the migrating thread from `migrate` to the commit.
+    #[serde(default)]
+    pub migration_thread_cpu_s: f64,
+    /// CPU seconds (user + system) of the whole process from `migrate` to the commit: the
+    /// vCPU threads of a running guest included (as QEMU's `cpu_s` of a process).
+    #[serde(default)]
+    pub cpu_s: f64,
     /// Per-iteration details.
     pub iteration_history: Vec<IterationStats>,
 }
@@ -219,6 +239,16 @@ pub struct IncomingStats {
     pub resumed_at_unix_ns: u64,
     /// From the first byte to the end marker.
     pub load_time_ms: f64,
+    /// CPU time of the receiving thread while loading the stream (reading, decoding, copying
+    /// into guest RAM, tracking digests), per page record received, ns.
+    #[serde(default)]
+    pub dest_ns_per_page: f64,
+    /// CPU seconds (user + system) of the receiving thread from the first byte to the verdict.
+    #[serde(default)]
+    pub migration_thread_cpu_s: f64,
+    /// CPU seconds (user + system) of the whole process over the same span.
+    #[serde(default)]
+    pub cpu_s: f64,
     /// An acknowledgement was sent (false for a file).
     pub acked: bool,
     /// The guest was resumed.

@@ -10,7 +10,7 @@
 //! [`MAX_BLOCKS`] blocks, and a digest table exactly the page count of the destination's own RAM block
 //! (8 bytes per local page: never more than the destination already has).
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 
 use crate::{Error, Result, StateBlob};
 
@@ -154,9 +154,15 @@ impl Header {
 
 /// Builds one page record in place, so pages are read straight into the outgoing buffer (no
 /// per-page allocation).
+///
+/// The buffer is sized for a full batch and zeroed once, at creation; after that a page's bytes
+/// are written exactly once, by the read from guest memory (no zero-fill before it), and the
+/// zero check and the optional hash run on the copy while it is in the cache.
 #[derive(Debug)]
 pub(crate) struct PageBatch {
     buf: Vec<u8>,
+    /// Bytes of `buf` in use.
+    len: usize,
     count: u32,
     block: u32,
     page_size: usize,
@@ -165,7 +171,8 @@ pub(crate) struct PageBatch {
 impl PageBatch {
     pub(crate) fn new(page_size: usize) -> Self {
         PageBatch {
-            buf: Vec::with_capacity(9 + MAX_BATCH_PAGES as usize * (9 + page_size)),
+            buf: vec![0; 9 + MAX_BATCH_PAGES as usize * (9 + page_size)],
+            len: 0,
             count: 0,
             block: 0,
             page_size,
@@ -183,10 +190,10 @@ impl PageBatch {
     /// Start a batch for `block` if empty; the caller flushes before switching blocks.
     fn begin(&mut self, block: u32) {
         if self.count == 0 {
-            self.buf.clear();
-            self.buf.push(TAG_PAGES);
-            self.buf.extend_from_slice(&block.to_le_bytes());
-            self.buf.extend_from_slice(&0u32.to_le_bytes());
+            self.buf[0] = TAG_PAGES;
+            self.buf[1..5].copy_from_slice(&block.to_le_bytes());
+            self.buf[5..9].copy_from_slice(&0u32.to_le_bytes());
+            self.len = 9;
             self.block = block;
         }
         debug_assert_eq!(self.block, block);
@@ -201,25 +208,26 @@ impl PageBatch {
         hash: bool,
         fill: impl FnOnce(&mut [u8]) -> Result<()>,
     ) -> Result<(bool, u64)> {
+        assert!(!self.is_full(), "push_page on a full batch");
         self.begin(block);
-        let entry = self.buf.len();
-        self.buf.extend_from_slice(&page.to_le_bytes());
-        self.buf.push(PAGE_DATA);
-        let data = self.buf.len();
-        self.buf.resize(data + self.page_size, 0);
-        if let Err(e) = fill(&mut self.buf[data..]) {
-            self.buf.truncate(entry);
-            return Err(e);
-        }
-        let zero = is_zero(&self.buf[data..]);
+        let entry = self.len;
+        let data = entry + 9;
+        let end = data + self.page_size;
+        self.buf[entry..entry + 8].copy_from_slice(&page.to_le_bytes());
+        // `fill` overwrites the whole page: stale bytes of an earlier batch never go out.
+        fill(&mut self.buf[data..end])?;
+        let zero = is_zero(&self.buf[data..end]);
         let digest = match (hash, zero) {
             (false, _) => 0,
             (true, true) => zero_page_digest(self.page_size),
-            (true, false) => xxhash_rust::xxh3::xxh3_64(&self.buf[data..]),
+            (true, false) => xxhash_rust::xxh3::xxh3_64(&self.buf[data..end]),
         };
         if zero {
-            self.buf.truncate(data);
             self.buf[data - 1] = PAGE_ZERO;
+            self.len = data;
+        } else {
+            self.buf[data - 1] = PAGE_DATA;
+            self.len = end;
         }
         self.count += 1;
         Ok((zero, digest))
@@ -229,7 +237,7 @@ impl PageBatch {
     pub(crate) fn take(&mut self) -> &[u8] {
         let count = std::mem::take(&mut self.count);
         self.buf[5..9].copy_from_slice(&count.to_le_bytes());
-        &self.buf
+        &self.buf[..std::mem::take(&mut self.len)]
     }
 }
 
@@ -251,9 +259,12 @@ pub(crate) fn is_zero(buf: &[u8]) -> bool {
         // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the aligned middle part.
         unsafe { buf.align_to::<u64>() }
     };
+    // 64-byte steps: vectorized within a step, and a data page usually stops at the first.
     head.iter().all(|&b| b == 0)
         && tail.iter().all(|&b| b == 0)
-        && words.iter().fold(0, |a, &w| a | w) == 0
+        && words
+            .chunks(8)
+            .all(|c| c.iter().fold(0, |a, &w| a | w) == 0)
 }
 
 /// Encode a state record.
@@ -694,6 +705,21 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
+    /// The index (checked against the block's size) and kind byte of a page entry.
+    fn page_head(&mut self, block: u32) -> Result<(u64, u8)> {
+        let page = self.u64("page index")?;
+        let info = &self.blocks[block as usize];
+        let pages = info.size / self.page.len() as u64;
+        if page >= pages {
+            return Err(Error::PageOutOfRange {
+                block: info.name.clone(),
+                page,
+                pages,
+            });
+        }
+        Ok((page, self.u8("page kind")?))
+    }
+
     /// Read one entry of a page batch of `block` (its index is checked against the block's size; data
     /// lands in [`page_data`](Self::page_data)).
     ///
@@ -718,23 +744,72 @@ impl<R: Read> StreamReader<R> {
     /// assert_eq!(r.page_data()[0], 0xab);
     /// ```
     pub fn read_page(&mut self, block: u32) -> Result<PageEntry> {
-        let page = self.u64("page index")?;
-        let info = &self.blocks[block as usize];
-        let pages = info.size / self.page.len() as u64;
-        if page >= pages {
-            return Err(Error::PageOutOfRange {
-                block: info.name.clone(),
-                page,
-                pages,
-            });
-        }
-        match self.u8("page kind")? {
+        let (page, kind) = self.page_head(block)?;
+        match kind {
             PAGE_ZERO => Ok(PageEntry::Zero(page)),
             PAGE_DATA => {
                 let mut buf = std::mem::take(&mut self.page);
                 let r = self.fill(&mut buf, "page data");
                 self.page = buf;
                 r?;
+                Ok(PageEntry::Data(page))
+            }
+            _ => Err(Error::Malformed("page kind")),
+        }
+    }
+
+    /// Like [`read_page`](Self::read_page), but a data page is handed to `load` as
+    /// `(page, bytes)`, straight from the buffered reader's buffer when it holds the whole page
+    /// (the usual case), so the page is copied once: from that buffer into wherever `load` puts
+    /// it (guest RAM). [`page_data`](Self::page_data) is not updated on that path.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_migration::stream::*;
+    ///
+    /// let h = Header { page_size: 4096, flags: 0, blocks: vec![BlockInfo { name: "ram".into(), size: 8192 }] };
+    /// let mut b = Vec::new();
+    /// h.write_to(&mut b).unwrap();
+    /// b.push(TAG_PAGES);
+    /// b.extend_from_slice(&0u32.to_le_bytes());
+    /// b.extend_from_slice(&1u32.to_le_bytes());
+    /// b.extend_from_slice(&1u64.to_le_bytes());
+    /// b.push(PAGE_DATA);
+    /// b.extend_from_slice(&[0xab; 4096]);
+    /// let mut r = StreamReader::new(std::io::BufReader::new(&b[..]));
+    /// r.read_header(4096).unwrap();
+    /// assert!(matches!(r.next_record().unwrap(), Record::Pages { block: 0, count: 1 }));
+    /// let mut first = 0;
+    /// let e = r.read_page_with(0, |_, data| { first = data[0]; Ok(()) }).unwrap();
+    /// assert_eq!((e, first), (PageEntry::Data(1), 0xab));
+    /// ```
+    pub fn read_page_with(
+        &mut self,
+        block: u32,
+        load: impl FnOnce(u64, &[u8]) -> Result<()>,
+    ) -> Result<PageEntry>
+    where
+        R: BufRead,
+    {
+        let page_size = self.page.len();
+        let (page, kind) = self.page_head(block)?;
+        match kind {
+            PAGE_ZERO => Ok(PageEntry::Zero(page)),
+            PAGE_DATA => {
+                let avail = self.r.fill_buf().map_err(Error::io("page data"))?;
+                if avail.len() >= page_size {
+                    load(page, &avail[..page_size])?;
+                    self.r.consume(page_size);
+                    self.bytes += page_size as u64;
+                } else {
+                    // Split across two reads of the transport: through the page buffer.
+                    let mut buf = std::mem::take(&mut self.page);
+                    let r = self.fill(&mut buf, "page data");
+                    self.page = buf;
+                    r?;
+                    load(page, &self.page)?;
+                }
                 Ok(PageEntry::Data(page))
             }
             _ => Err(Error::Malformed("page kind")),

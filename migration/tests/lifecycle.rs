@@ -336,6 +336,52 @@ fn no_convergence_hits_the_iteration_limit() {
     assert!(!src.global_logging());
 }
 
+/// The same guest and limits as `no_convergence_hits_the_iteration_limit`, but the estimate may
+/// assume a fast paused phase (`switchover_bandwidth_bytes_per_s`): it switches over after the
+/// first pass, and the migration still verifies.
+#[test]
+fn switchover_bandwidth_lets_it_converge_after_one_pass() {
+    let src = memory(MIB);
+    let dst = memory(MIB);
+    prefill(&src, 1);
+    let vm = Arc::new(TestVm {
+        state: state_blobs(),
+        ..TestVm::default()
+    });
+    let writer = spawn_writer(
+        &src,
+        Tracking::Host,
+        vm.gate.clone(),
+        1,
+        200_000,
+        Duration::from_secs(60),
+    );
+    let cfg = MigrationConfig {
+        bandwidth_limit_bytes_per_s: 4 << 20,
+        downtime_limit: Duration::from_micros(100),
+        max_iterations: Some(3),
+        // At most 1 MiB dirty / 1 TiB/s = 1 us < 100 us.
+        switchover_bandwidth_bytes_per_s: 1 << 40,
+        ..config()
+    };
+    let (src_t, dst_t) = mem_channel();
+    let vm_dst = TestVm::default();
+    let (s, d) = std::thread::scope(|sc| {
+        let d = sc.spawn(|| Destination::new(&dst).receive(dst_t, &vm_dst));
+        let s = Source::new(&src, cfg)
+            .unwrap()
+            .migrate(src_t, &*vm, None, &CancelToken::new());
+        (s, d.join().unwrap())
+    });
+    vm.gate.stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let s = s.unwrap();
+    assert!(s.converged && s.verified, "{s:?}");
+    assert_eq!(s.iterations, 1);
+    assert!(d.unwrap().verified);
+    assert!(diff_ram(&src, &dst).is_empty());
+}
+
 #[test]
 fn no_convergence_hits_the_time_limit_and_auto_converge_throttles() {
     let src = memory(MIB);

@@ -165,6 +165,10 @@ pub struct MigrationArgs {
     /// Downtime limit.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "100ms")]
     pub downtime: Duration,
+    /// Bandwidth the switchover estimate assumes for the paused phase, bytes/s (like QEMU 8.2's
+    /// avail-switchover-bandwidth) [default: off, the measured live-phase bandwidth].
+    #[arg(long, value_name = "RATE", value_parser = parse_rate, allow_hyphen_values = true)]
+    pub switchover_bandwidth: Option<u64>,
 }
 
 /// `vmm run`.

@@ -85,6 +85,8 @@ pub struct RunSpec {
     pub ram_fingerprint: bool,
     /// vCPUs of the guest.
     pub vcpus: u32,
+    /// `--switchover-bandwidth` for the source (None: off).
+    pub switchover_bandwidth: Option<u64>,
 }
 
 impl RunSpec {
@@ -98,6 +100,7 @@ impl RunSpec {
             warmup: a.warmup,
             ram_fingerprint: true,
             vcpus: a.guest.vcpus,
+            switchover_bandwidth: a.migration.switchover_bandwidth,
         }
     }
 }
@@ -248,6 +251,9 @@ pub fn one_run(
     if a.ram_fingerprint {
         src_args.push("--ram-fingerprint".into());
     }
+    if let Some(bw) = a.switchover_bandwidth {
+        src_args.extend(["--switchover-bandwidth".into(), bw.to_string()]);
+    }
     src_args.extend(mode.run_args());
     let mut src = KillOnDrop(Some(
         Command::new(&exe)
@@ -303,7 +309,25 @@ pub fn one_run(
     }
     let mut source = source;
     if let Some(map) = source.as_object_mut() {
+        // The destination's per-page cost and CPU beside the source's, for the table and JSON.
+        for (to, from) in [
+            ("dest_ns_per_page", "dest_ns_per_page"),
+            ("dest_cpu_s", "cpu_s"),
+        ] {
+            map.insert(to.into(), incoming[from].clone());
+        }
         map.insert("destination".into(), incoming);
+        // Distance to the floor model of this run's own parameters (README, "The floor").
+        let floor = vmm_cli::floor::floor_model(a.wss, a.dirty_rate, a.bandwidth, a.downtime)
+            .map(|f| f.total_s());
+        let total = map.get("total_time_ms").and_then(serde_json::Value::as_f64);
+        if let (Some(floor), Some(total)) = (floor, total) {
+            map.insert("floor_s".into(), floor.into());
+            map.insert(
+                "vs_floor_pct".into(),
+                ((total / 1e3 / floor - 1.0) * 100.0).into(),
+            );
+        }
     }
     Ok(RunResult {
         mode: mode_index,
@@ -369,12 +393,16 @@ pub fn bench(a: BenchArgs) -> CliResult {
             let t = Instant::now();
             let r = one_run(&spec, mode, i, run, timeout)?;
             eprintln!(
-                "  run {run}/{} {:<14} total {:>7.2} s  downtime {:>6.1} ms  iterations {:>3}  {}  ({:.0} s wall)",
+                "  run {run}/{} {:<14} total {:>7.2} s ({:+.1}% vs floor {:.2} s)  downtime {:>6.1} ms  iterations {:>3}  ns/page src {:.0} dst {:.0}  {}  ({:.0} s wall)",
                 a.runs,
                 mode.label(),
                 r.f64("total_time_ms") / 1e3,
+                r.f64("vs_floor_pct"),
+                r.f64("floor_s"),
                 r.f64("downtime_ms"),
                 r.source["iterations"],
+                r.f64("source_ns_per_page"),
+                r.f64("dest_ns_per_page"),
                 if r.verified { "verified".to_string() } else { format!("NOT VERIFIED: {}", r.problem.clone().unwrap_or_default()) },
                 t.elapsed().as_secs_f64()
             );

@@ -140,6 +140,7 @@ pub fn ladder(a: LadderArgs) -> CliResult {
                 warmup: a.warmup,
                 ram_fingerprint: a.ram_fingerprint,
                 vcpus: 1,
+                switchover_bandwidth: a.migration.switchover_bandwidth,
             };
             for (mi, mode) in modes.iter().enumerate() {
                 let t = Instant::now();

@@ -6,4 +6,5 @@
 //! `vmm` itself adds no logic of its own beyond assembling the library crates; this is the one
 //! piece of glue worth sharing: a `clearlog-kvm` guest seen through `clearlog-migration`'s traits.
 
+pub mod floor;
 pub mod vm_control;

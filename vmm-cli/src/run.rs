@@ -92,6 +92,12 @@ pub fn validate_guest(g: &GuestArgs, workload: WorkloadKind) -> CliResult {
 
 /// Check migration settings.
 pub fn validate_migration(m: &MigrationArgs) -> CliResult {
+    if m.switchover_bandwidth == Some(0) {
+        return Err(CliError::Usage(
+            "--switchover-bandwidth must be positive (leave it out to use the measured bandwidth)"
+                .into(),
+        ));
+    }
     if m.bandwidth == 0 {
         return Err(CliError::Usage(
             "--bandwidth must be positive (e.g. 400M for 400 MiB/s)".into(),
@@ -124,6 +130,7 @@ pub fn migration_config(
         mode,
         bandwidth_limit_bytes_per_s: m.bandwidth,
         downtime_limit: m.downtime,
+        switchover_bandwidth_bytes_per_s: m.switchover_bandwidth.unwrap_or(0),
         max_time: Some(max_time),
         ..MigrationConfig::default()
     };

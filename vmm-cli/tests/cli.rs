@@ -530,6 +530,11 @@ fn zero_and_negative_limits() {
         &["--downtime must be positive"],
     );
     expect_error(
+        &["run", "--migrate-to", &to, "--switchover-bandwidth", "0"],
+        2,
+        &["--switchover-bandwidth must be positive"],
+    );
+    expect_error(
         &["run", "--migrate-to", &to, "--downtime", "-5ms"],
         2,
         &["-5ms", "negative"],

@@ -9,6 +9,7 @@
 //! - a printed table: sync and clear per GiB in legacy and manual mode right after the guest
 //!   wrote every page (legacy needs the guest to re-dirty everything before each GET, which does
 //!   not fit criterion's iteration model);
+//! - a printed table: re-arming the GiB chunk by chunk (256 KiB to 64 MiB chunks), per call;
 //! - a printed table: the guest's write rate (unpaced `random` over 1 GiB) in the 50 ms after a
 //!   sync vs. in 50 ms without one. Legacy GET write-protects every dirty page, so the guest then
 //!   takes a fault on every first write; a manual-mode sync does not touch the protection.
@@ -79,6 +80,20 @@ impl Rig {
             runner: Some(runner),
             _vm: vm,
         }
+    }
+
+    /// A manual-mode rig, guest paused, synced and fully re-armed.
+    fn paused_manual() -> Rig {
+        let rig = Rig::new(
+            DirtyLogChoice::Manual {
+                initially_set: true,
+            },
+            sweep_spec(),
+        );
+        rig.runner().pause().unwrap();
+        rig.memory.log_sync_all().unwrap();
+        rig.clear_all();
+        rig
     }
 
     fn runner(&self) -> &VcpuRunner {
@@ -181,6 +196,45 @@ fn table_sync_clear(reps: usize) {
     }
 }
 
+/// Re-arming a GiB the guest wrote completely, chunk by chunk as migration does (one
+/// `clear_dirty_bitmap_block` per chunk), for several chunk sizes, `reps` times: the per-call cost
+/// of the clear path (cache, locks, ioctl) against the per-page cost of write-protecting.
+fn table_chunk_clear(reps: usize) {
+    println!("\n1 GiB re-armed in chunks after the guest wrote every page ({reps} reps, median):");
+    println!(
+        "{:<8} {:>8} {:>12} {:>12}",
+        "chunk", "calls", "total ms", "us/call"
+    );
+    let rig = Rig::paused_manual();
+    let block = rig.memory.region_block(rig.region).unwrap().0;
+    for chunk in [256 << 10, MIB, 4 * MIB, 16 * MIB, 64 * MIB] {
+        let calls = GIB / chunk;
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            rig.dirty_everything();
+            rig.memory.log_sync_all().unwrap();
+            let t = Instant::now();
+            for i in 0..calls {
+                rig.memory
+                    .clear_dirty_bitmap_block(&block, INFRA_END + i * chunk, chunk)
+                    .unwrap();
+            }
+            times.push(t.elapsed());
+        }
+        times.sort();
+        let med = times[reps / 2];
+        println!(
+            "{:<8} {:>8} {:>12.3} {:>12.2}",
+            format!("{}K", chunk >> 10),
+            calls,
+            ms(med),
+            med.as_secs_f64() * 1e6 / calls as f64
+        );
+    }
+    let s = rig.listener.stats();
+    assert!(s.pages_cleared >= GIB / 4096, "{s:?}");
+}
+
 /// Guest write rate (pages/s) over `window`.
 fn rate(rig: &Rig, window: Duration) -> f64 {
     let mon = WorkloadMonitor::new(&rig.ram, 1);
@@ -260,15 +314,12 @@ fn bench(c: &mut Criterion) {
     if !kvm_ok() {
         return;
     }
-    let rig = Rig::new(
-        DirtyLogChoice::Manual {
-            initially_set: true,
-        },
-        sweep_spec(),
-    );
-    rig.runner().pause().unwrap();
-    rig.memory.log_sync_all().unwrap();
-    rig.clear_all();
+    // `CLEARLOG_BENCH_ONLY=chunk_clear` prints just that table (a quick before/after check).
+    if std::env::var("CLEARLOG_BENCH_ONLY").as_deref() == Ok("chunk_clear") {
+        table_chunk_clear(5);
+        return;
+    }
+    let rig = Rig::paused_manual();
     rig.dirty_everything();
     let mut g = c.benchmark_group("dirty_log_1GiB_manual");
     g.sample_size(10);
@@ -295,6 +346,7 @@ fn bench(c: &mut Criterion) {
     drop(rig);
 
     table_sync_clear(5);
+    table_chunk_clear(5);
     table_throughput_dip(8);
 }
 

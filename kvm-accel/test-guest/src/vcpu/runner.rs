@@ -21,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_run;
+use kvm_bindings::{kvm_run, KVM_EXIT_DIRTY_RING_FULL};
 use kvm_ioctls::VcpuExit;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -112,7 +112,15 @@ struct Shared {
     kicks: AtomicU64,
     doorbell_pauses: AtomicU64,
     fail_next_pause: AtomicBool,
+    ring_full_exits: AtomicU64,
+    on_ring_full: Option<RingFullHandler>,
 }
+
+/// Called on the vCPU thread at a `KVM_EXIT_DIRTY_RING_FULL` exit with the vCPU index: it must
+/// harvest and reset the rings (e.g. `KvmMemoryListener::reap_rings`) before returning, since the
+/// vCPU runs again right after. It runs outside any runner lock, so a migration that pauses the
+/// vCPUs meanwhile just finds the vCPU parking once the reap returns.
+pub type RingFullHandler = Arc<dyn Fn(u32) -> std::result::Result<(), String> + Send + Sync>;
 
 impl Shared {
     fn ctl(&self) -> MutexGuard<'_, Ctl> {
@@ -144,6 +152,8 @@ pub struct RunStats {
     pub kicks: u64,
     /// Pauses taken at a doorbell exit ([`VcpuRunner::pause_at_doorbell`]).
     pub doorbell_pauses: u64,
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits (each one handled by the [`RingFullHandler`]).
+    pub ring_full_exits: u64,
 }
 
 /// A vCPU running on its own thread.
@@ -255,6 +265,20 @@ fn run_loop(shared: &Shared) -> RunState {
                 guard.fd_mut().set_kvm_immediate_exit(0);
                 shared.kicks.fetch_add(1, Ordering::Relaxed);
             }
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+                shared.ring_full_exits.fetch_add(1, Ordering::Relaxed);
+                let Some(reap) = &shared.on_ring_full else {
+                    break RunState::Failed(
+                        "KVM_EXIT_DIRTY_RING_FULL and no ring-full handler to reap the rings"
+                            .into(),
+                    );
+                };
+                // The ring must be harvested and reset before KVM_RUN, or the vCPU exits again
+                // at once. No runner lock is held: the reap takes only the listener's slots lock.
+                if let Err(e) = reap(index) {
+                    break RunState::Failed(format!("reaping the dirty rings: {e}"));
+                }
+            }
             Ok(exit) => {
                 let what = format!("{exit:?}");
                 let rip = guard.fd().get_regs().map(|r| r.rip).unwrap_or(0);
@@ -276,6 +300,12 @@ fn run_loop(shared: &Shared) -> RunState {
 impl VcpuRunner {
     /// Starts `vcpu` running on a new thread named `vcpu<N>`.
     pub fn spawn(vcpu: Vcpu) -> Result<Self> {
+        Self::spawn_with_ring(vcpu, None)
+    }
+
+    /// [`spawn`](Self::spawn) for a vCPU of a dirty-ring VM: `on_ring_full` reaps the rings at
+    /// its `KVM_EXIT_DIRTY_RING_FULL` exits (without one such an exit ends the thread).
+    pub fn spawn_with_ring(vcpu: Vcpu, on_ring_full: Option<RingFullHandler>) -> Result<Self> {
         register_kick_handler()?;
         let index = vcpu.index();
         let shared = Arc::new(Shared {
@@ -295,6 +325,8 @@ impl VcpuRunner {
             kicks: AtomicU64::new(0),
             doorbell_pauses: AtomicU64::new(0),
             fail_next_pause: AtomicBool::new(false),
+            ring_full_exits: AtomicU64::new(0),
+            on_ring_full,
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -339,6 +371,7 @@ impl VcpuRunner {
             last_mmio_value: self.shared.last_mmio_value.load(Ordering::Acquire),
             kicks: self.shared.kicks.load(Ordering::Acquire),
             doorbell_pauses: self.shared.doorbell_pauses.load(Ordering::Acquire),
+            ring_full_exits: self.shared.ring_full_exits.load(Ordering::Acquire),
         }
     }
 

@@ -290,7 +290,7 @@ impl MemVm {
         w.load(&self.ram, tsc).expect("load");
         prepare(&self.ram);
         vcpu.setup_ring3(&w.entry(0).unwrap()).expect("setup_ring3");
-        let r = VcpuRunner::spawn(vcpu).expect("spawn");
+        let r = VcpuRunner::spawn_with_ring(vcpu, ring_handler(&self.listener)).expect("spawn");
         let mon = clearlog_test_guest::workload::monitor::WorkloadMonitor::new(&self.ram, 1);
         mon.wait_ready(Duration::from_secs(30))
             .expect("workload ready");
@@ -352,5 +352,39 @@ impl Rng {
     /// Uniform in `lo..=hi`.
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next() % (hi - lo + 1)
+    }
+}
+
+/// Ring mode: the vCPU's `KVM_EXIT_DIRTY_RING_FULL` handler (note the exit, reap through
+/// `listener`); `None` for the bitmap modes.
+#[allow(dead_code)]
+pub fn ring_handler(
+    listener: &Arc<KvmMemoryListener>,
+) -> Option<clearlog_test_guest::vcpu::runner::RingFullHandler> {
+    if !listener.vm().protect_mode().is_ring() {
+        return None;
+    }
+    let l = Arc::downgrade(listener);
+    Some(Arc::new(move |index| {
+        let l = l.upgrade().ok_or("listener gone")?;
+        l.vm().note_ring_full_exit(index);
+        l.reap_rings().map(|_| ()).map_err(|e| e.to_string())
+    }))
+}
+
+/// Can this host give a dirty ring? Without it the ring tests skip loudly (and fail with
+/// `CI=true`, like [`kvm_available`]).
+#[allow(dead_code)]
+pub fn ring_available() -> bool {
+    let caps = clearlog_kvm::KvmCaps::probe_device("/dev/kvm".as_ref());
+    match caps.ok().and_then(|c| clearlog_kvm::RingRange::of(&c)) {
+        Some(_) => true,
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("KVM present but no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
+        }
+        None => {
+            eprintln!("SKIPPED: no KVM dirty ring on this host");
+            false
+        }
     }
 }

@@ -53,7 +53,7 @@ pub use memory_listener::{
     DirtyLogStats, KvmMemoryListener, RingKick, RingReaper, RING_REAP_INTERVAL,
 };
 pub use raw::ClearDirtyLogError;
-pub use ring::{enable_dirty_ring, RingRange, VcpuRingStats, RING_MIN_BYTES};
+pub use ring::{enable_dirty_ring, is_pvm_host, RingRange, VcpuRingStats, RING_MIN_BYTES};
 pub use vm::{DirtyLogChoice, MemSlot, Vm, VmConfig, KVM_DEVICE};
 
 /// The page size of dirty logging: one dirty bit per 4 KiB page (x86-64, and arm64 kernels with

@@ -118,6 +118,20 @@ impl RingRange {
     }
 }
 
+/// Is this a PVM host (KVM's `kvm_pvm` module is loaded)? There the kernel's ring loses entries
+/// when guest code PVM emulates (ring 0) fills a ring (a warning in the kernel log from the ring
+/// push); guest ring-3 code runs natively and is fine. The ring is never a default, and tools
+/// should say so on such hosts (`vmm caps` does). A heuristic: `/sys/module/kvm_pvm` exists.
+///
+/// # Example
+///
+/// ```
+/// println!("PVM host: {}", clearlog_kvm::is_pvm_host());
+/// ```
+pub fn is_pvm_host() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
 /// Enables the dirty ring of `bytes` per vCPU on a VM fd: `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` where
 /// offered, `KVM_CAP_DIRTY_LOG_RING` otherwise. Must be called after the VM is created and before
 /// any vCPU (the kernel refuses it later), and never together with manual protection's

@@ -112,6 +112,9 @@ pub enum DirtyLogArg {
     Legacy,
     /// KVM_CLEAR_DIRTY_LOG: re-protect each chunk just before sending it.
     Clear,
+    /// KVM's per-vCPU dirty ring (`--ring-size`): harvest and reset re-protect. Never the default
+    /// (on PVM hosts the kernel can lose ring entries when emulated ring-0 code fills a ring).
+    Ring,
 }
 
 /// Guest shape and workload (shared by `run` and `bench`).
@@ -178,6 +181,10 @@ pub struct RunArgs {
     /// Clear chunk size (`clear` mode): a power of two from 256K (64 pages) to 8T (2^31 pages).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "16M")]
     pub clear_chunk: u64,
+    /// Dirty ring size per vCPU in bytes (`ring` mode): a power of two within the kernel's range
+    /// (`vmm caps` shows it).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "64K")]
+    pub ring_size: u64,
     /// Run the workload this long before migrating.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "2s")]
     pub warmup: Duration,

@@ -219,7 +219,7 @@ pub struct BenchArgs {
     /// Migration settings.
     #[command(flatten)]
     pub migration: MigrationArgs,
-    /// Modes to compare: `legacy` and `clear:CHUNK`.
+    /// Modes to compare: `legacy`, `clear:CHUNK`, `ring` and `ring:SIZE` (dirty ring per vCPU).
     #[arg(
         long,
         value_delimiter = ',',
@@ -255,7 +255,7 @@ pub struct LadderArgs {
     /// Migration settings.
     #[command(flatten)]
     pub migration: MigrationArgs,
-    /// Modes to compare: `legacy` and `clear:CHUNK`.
+    /// Modes to compare: `legacy`, `clear:CHUNK`, `ring` and `ring:SIZE` (dirty ring per vCPU).
     #[arg(long, value_delimiter = ',', default_value = "legacy,clear:16M")]
     pub modes: Vec<String>,
     /// Runs per size and mode.

@@ -161,6 +161,7 @@ struct Outcome {
     display_read: u64,
     guest_writes: u64,
     ring_full_exits: u64,
+    rings: Vec<clearlog_kvm::VcpuRingStats>,
 }
 
 fn run(naive: bool, rounds: u64, round_len: Duration) -> Outcome {
@@ -168,13 +169,20 @@ fn run(naive: bool, rounds: u64, round_len: Duration) -> Outcome {
         DirtyLogChoice::Manual {
             initially_set: true,
         },
+        1,
         naive,
         rounds,
         round_len,
     )
 }
 
-fn run_in(choice: DirtyLogChoice, naive: bool, rounds: u64, round_len: Duration) -> Outcome {
+fn run_in(
+    choice: DirtyLogChoice,
+    vcpus: u32,
+    naive: bool,
+    rounds: u64,
+    round_len: Duration,
+) -> Outcome {
     let mv = MemVm::new(choice, INFRA_END + WSS);
     let listener: Arc<dyn MemoryListener> = if naive {
         // Replace the registered listener by the naive wrapper around it.
@@ -197,8 +205,11 @@ fn run_in(choice: DirtyLogChoice, naive: bool, rounds: u64, round_len: Duration)
         wss_bytes: WSS,
         dirty_rate_bytes_per_s: 64 * MIB,
         seed: 0xc0ff_ee00,
-    });
-    let r = mv.start(&w, |ram| set_iteration(ram, 1).unwrap());
+    })
+    .with_vcpus(vcpus);
+    let runners = mv.start_vcpus(&w, |ram| set_iteration(ram, 1).unwrap());
+    let pause = || runners.iter().for_each(|r| r.pause().unwrap());
+    let resume = || runners.iter().for_each(|r| r.resume().unwrap());
 
     let zero = vec![[0u64; 2]; pages as usize];
     let mut mig = Migration {
@@ -233,7 +244,7 @@ fn run_in(choice: DirtyLogChoice, naive: bool, rounds: u64, round_len: Duration)
             });
         });
         // Pause, one last sync for both, check every working-set page.
-        r.pause().unwrap();
+        pause();
         mv.memory.log_sync_all().unwrap();
         mv.memory
             .sync_migration_bitmap(&block, &mut mig.dest, Some(&mut mig.clear));
@@ -250,14 +261,17 @@ fn run_in(choice: DirtyLogChoice, naive: bool, rounds: u64, round_len: Duration)
             out.checks += 1;
         }
         out.rounds += 1;
-        r.resume().unwrap();
+        resume();
     }
-    r.pause().unwrap();
-    out.guest_writes = clearlog_test_guest::workload::monitor::WorkloadMonitor::new(&mv.ram, 1)
+    pause();
+    out.guest_writes = clearlog_test_guest::workload::monitor::WorkloadMonitor::new(&mv.ram, vcpus)
         .pages_written()
         .unwrap();
-    out.ring_full_exits = r.stats().ring_full_exits;
-    r.stop().unwrap();
+    out.ring_full_exits = runners.iter().map(|r| r.stats().ring_full_exits).sum();
+    out.rings = mv.listener.ring_stats();
+    for r in runners {
+        r.stop().unwrap();
+    }
     out.migration_sent = mig.pages_sent;
     out.display_read = vga.pages_read;
     let s = mv.listener.stats();
@@ -290,8 +304,10 @@ fn two_clients_lose_nothing() {
     assert!(out.guest_writes > 10_000, "{out:?}");
 }
 
-/// The same race in ring mode: both clients fold the harvested bits and neither loses a write,
-/// with a ring small enough (16 KiB, 1024 entries) that the vCPU hits ring-full exits.
+/// The same race in ring mode, on 2 vCPUs writing the same working set (at random: two writers of
+/// one page are fine here, the check compares each page's content with what each client last
+/// saw): both clients fold the harvested bits of both rings and neither loses a write, with rings
+/// small enough (16 KiB, 1024 entries) that the vCPUs hit ring-full exits.
 #[test]
 fn two_clients_lose_nothing_ring() {
     if !kvm_available() || !ring_available() {
@@ -300,6 +316,7 @@ fn two_clients_lose_nothing_ring() {
     let _s = serial();
     let out = run_in(
         DirtyLogChoice::Ring { bytes: 16 << 10 },
+        2,
         false,
         10,
         Duration::from_millis(200),
@@ -311,6 +328,11 @@ fn two_clients_lose_nothing_ring() {
         "{out:?}"
     );
     assert!(out.ring_full_exits > 0, "the ring never filled: {out:?}");
+    assert_eq!(out.rings.len(), 2, "{out:?}");
+    assert!(
+        out.rings.iter().all(|r| r.harvested > 0),
+        "both vCPU rings were harvested: {out:?}"
+    );
 }
 
 #[test]

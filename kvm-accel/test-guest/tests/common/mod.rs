@@ -285,16 +285,32 @@ impl MemVm {
 
     /// Loads `w` into `low` (after `prepare`, e.g. setting the iteration) and starts vCPU 0.
     pub fn start(&self, w: &Workload, prepare: impl FnOnce(&RawGuestRam)) -> VcpuRunner {
-        let vcpu = Vcpu::new(&self.vm, 0).expect("Vcpu::new");
-        let tsc = vcpu.tsc_khz().expect("tsc_khz");
+        self.start_vcpus(w, prepare).pop().expect("one vCPU")
+    }
+
+    /// [`start`](Self::start) on every vCPU of `w` (`Workload::with_vcpus`): they share its
+    /// working set.
+    #[allow(dead_code)]
+    pub fn start_vcpus(&self, w: &Workload, prepare: impl FnOnce(&RawGuestRam)) -> Vec<VcpuRunner> {
+        let vcpus: Vec<Vcpu> = (0..w.vcpus())
+            .map(|i| Vcpu::new(&self.vm, i).expect("Vcpu::new"))
+            .collect();
+        let tsc = vcpus[0].tsc_khz().expect("tsc_khz");
         w.load(&self.ram, tsc).expect("load");
         prepare(&self.ram);
-        vcpu.setup_ring3(&w.entry(0).unwrap()).expect("setup_ring3");
-        let r = VcpuRunner::spawn_with_ring(vcpu, ring_handler(&self.listener)).expect("spawn");
-        let mon = clearlog_test_guest::workload::monitor::WorkloadMonitor::new(&self.ram, 1);
+        let runners: Vec<VcpuRunner> = vcpus
+            .into_iter()
+            .map(|v| {
+                v.setup_ring3(&w.entry(v.index()).unwrap())
+                    .expect("setup_ring3");
+                VcpuRunner::spawn_with_ring(v, ring_handler(&self.listener)).expect("spawn")
+            })
+            .collect();
+        let mon =
+            clearlog_test_guest::workload::monitor::WorkloadMonitor::new(&self.ram, w.vcpus());
         mon.wait_ready(Duration::from_secs(30))
             .expect("workload ready");
-        r
+        runners
     }
 
     /// Starts the on-demand dirtier ([`dirty_on_demand_image`]); it can write anywhere in the

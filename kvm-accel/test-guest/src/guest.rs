@@ -39,7 +39,7 @@ use clearlog_kvm::{
 
 use crate::guest_ram::{GuestRam, RawGuestRam};
 use crate::layout;
-use crate::vcpu::runner::{RingFullHandler, RunState, VcpuRunner};
+use crate::vcpu::runner::{RingFullHandler, RunState, VcpuKicker, VcpuRunner};
 use crate::vcpu::state::VcpuState;
 use crate::vcpu::Vcpu;
 use crate::workload::monitor::WorkloadMonitor;
@@ -208,7 +208,7 @@ impl Guest {
             for v in vcpus {
                 v.setup_ring3(&workload.entry(v.index())?)?;
             }
-            Self::start(&mut set, guest.ring_handler())?;
+            Self::start(&mut set, guest.ring_handler(), &guest.listener)?;
         }
         if workload.spec().wss_bytes() > 0 {
             guest.monitor().wait_ready(timeout)?;
@@ -233,11 +233,24 @@ impl Guest {
         }))
     }
 
-    fn start(set: &mut VcpuSet, ring: Option<RingFullHandler>) -> Result<()> {
+    fn start(
+        set: &mut VcpuSet,
+        ring: Option<RingFullHandler>,
+        listener: &KvmMemoryListener,
+    ) -> Result<()> {
         if let VcpuSet::Idle(vcpus) = set {
             let mut runners = Vec::new();
             for v in std::mem::take(vcpus) {
                 runners.push(VcpuRunner::spawn_with_ring(v, ring.clone())?);
+            }
+            if ring.is_some() {
+                // Every ring sync kicks the vCPUs first, so PML-buffered entries reach the rings.
+                let kickers: Vec<VcpuKicker> = runners.iter().map(|r| r.kicker()).collect();
+                listener.set_ring_kick(Arc::new(move || {
+                    for k in &kickers {
+                        k.kick();
+                    }
+                }));
             }
             *set = VcpuSet::Running(runners);
         }
@@ -357,7 +370,7 @@ impl Guest {
     pub fn resume(&self) -> Result<()> {
         let mut set = self.lock_vcpus();
         match &mut *set {
-            VcpuSet::Idle(_) => Self::start(&mut set, self.ring_handler()),
+            VcpuSet::Idle(_) => Self::start(&mut set, self.ring_handler(), &self.listener),
             VcpuSet::Running(runners) => {
                 let mut first = Ok(());
                 for r in runners.iter() {
@@ -372,6 +385,14 @@ impl Guest {
                 }
                 first
             }
+        }
+    }
+
+    /// The counters of each running vCPU (defaults for vCPUs not started yet).
+    pub fn vcpu_stats(&self) -> Vec<crate::vcpu::runner::RunStats> {
+        match &*self.lock_vcpus() {
+            VcpuSet::Idle(v) => vec![Default::default(); v.len()],
+            VcpuSet::Running(r) => r.iter().map(VcpuRunner::stats).collect(),
         }
     }
 

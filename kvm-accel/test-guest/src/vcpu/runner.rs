@@ -114,6 +114,38 @@ struct Shared {
     fail_next_pause: AtomicBool,
     ring_full_exits: AtomicU64,
     on_ring_full: Option<RingFullHandler>,
+    /// The vCPU thread's id while it runs: set at its start, cleared (under this lock) before it
+    /// ends, so a [`VcpuKicker`] holding the lock only ever signals a live thread.
+    thread_id: Mutex<Option<libc::pthread_t>>,
+}
+
+/// Kicks one vCPU out of `KVM_RUN` from any thread, without the [`VcpuRunner`] (e.g. a dirty-ring
+/// sync kicking every vCPU so the CPU's buffered dirty entries reach the rings). Harmless once the
+/// vCPU thread has ended.
+#[derive(Clone)]
+pub struct VcpuKicker(std::sync::Weak<Shared>);
+
+impl std::fmt::Debug for VcpuKicker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuKicker").finish_non_exhaustive()
+    }
+}
+
+impl VcpuKicker {
+    /// Sends the kick signal if the vCPU thread still runs; returns whether it did.
+    pub fn kick(&self) -> bool {
+        let Some(shared) = self.0.upgrade() else {
+            return false;
+        };
+        let id = shared.thread_id.lock().unwrap_or_else(|p| p.into_inner());
+        match *id {
+            // SAFETY: the thread clears `thread_id` under this lock before it ends, so `t` names
+            // a live thread of this process while we hold the lock; the kick signal's handler is
+            // registered (by `spawn`) and async-signal-safe.
+            Some(t) => unsafe { libc::pthread_kill(t, kick_signal()) == 0 },
+            None => false,
+        }
+    }
 }
 
 /// Called on the vCPU thread at a `KVM_EXIT_DIRTY_RING_FULL` exit with the vCPU index: it must
@@ -327,12 +359,17 @@ impl VcpuRunner {
             fail_next_pause: AtomicBool::new(false),
             ring_full_exits: AtomicU64::new(0),
             on_ring_full,
+            thread_id: Mutex::new(None),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                // SAFETY: pthread_self has no preconditions.
+                *s.thread_id.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(unsafe { libc::pthread_self() });
                 let end = run_loop(&s);
+                *s.thread_id.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 let mut ctl = s.ctl();
                 ctl.state = end;
                 s.cv.notify_all();
@@ -373,6 +410,11 @@ impl VcpuRunner {
             doorbell_pauses: self.shared.doorbell_pauses.load(Ordering::Acquire),
             ring_full_exits: self.shared.ring_full_exits.load(Ordering::Acquire),
         }
+    }
+
+    /// A [`VcpuKicker`] for this vCPU, usable from any thread.
+    pub fn kicker(&self) -> VcpuKicker {
+        VcpuKicker(Arc::downgrade(&self.shared))
     }
 
     /// Forces the vCPU out of `KVM_RUN` once; it goes back in unless a pause or stop is

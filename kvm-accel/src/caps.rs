@@ -277,9 +277,31 @@ pub enum ProtectMode {
         /// lazily as they are cleared.
         initially_set: bool,
     },
+    /// The per-vCPU dirty ring ([`enable_dirty_ring`](crate::enable_dirty_ring)): no dirty bitmap,
+    /// `KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG` are refused; harvesting the rings and
+    /// `KVM_RESET_DIRTY_RINGS` re-protect the pages (see docs/design.md, "The dirty ring").
+    Ring {
+        /// Ring size per vCPU in bytes (16-byte entries).
+        bytes: u32,
+        /// Enabled through `KVM_CAP_DIRTY_LOG_RING_ACQ_REL`.
+        acq_rel: bool,
+    },
 }
 
 impl ProtectMode {
+    /// True for [`ProtectMode::Ring`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use clearlog_kvm::ProtectMode;
+    /// assert!(ProtectMode::Ring { bytes: 65536, acq_rel: true }.is_ring());
+    /// assert!(!ProtectMode::Legacy.is_ring());
+    /// ```
+    pub fn is_ring(&self) -> bool {
+        matches!(self, ProtectMode::Ring { .. })
+    }
+
     /// True for [`ProtectMode::Manual`].
     ///
     /// # Example
@@ -302,7 +324,7 @@ impl ProtectMode {
     /// ```
     pub fn enable_flags(&self) -> u64 {
         match self {
-            ProtectMode::Legacy => 0,
+            ProtectMode::Legacy | ProtectMode::Ring { .. } => 0,
             ProtectMode::Manual { initially_set } => {
                 MANUAL_PROTECT_ENABLE | if *initially_set { INITIALLY_SET } else { 0 }
             }
@@ -320,6 +342,9 @@ impl fmt::Display for ProtectMode {
             ProtectMode::Manual {
                 initially_set: false,
             } => f.write_str("manual"),
+            ProtectMode::Ring { bytes, .. } => {
+                write!(f, "ring:{}", crate::ring::format_bytes(*bytes))
+            }
         }
     }
 }

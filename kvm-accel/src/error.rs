@@ -187,6 +187,55 @@ pub enum Error {
         /// The flags given.
         flags: u64,
     },
+    /// The dirty ring was asked for but the kernel offers neither `KVM_CAP_DIRTY_LOG_RING_ACQ_REL`
+    /// nor `KVM_CAP_DIRTY_LOG_RING`.
+    #[error("the dirty ring is not available: this kernel offers neither KVM_CAP_DIRTY_LOG_RING_ACQ_REL nor KVM_CAP_DIRTY_LOG_RING (use the bitmap modes: clear or legacy)")]
+    DirtyRingUnsupported,
+    /// A ring size that is not a power of two within the kernel's range.
+    #[error("dirty ring size {bytes} bytes is invalid: it must be a power of two in {min}..={max} bytes (this kernel's range)")]
+    DirtyRingSize {
+        /// The size asked for.
+        bytes: u64,
+        /// Smallest valid size.
+        min: u32,
+        /// Largest valid size (`KVM_CHECK_EXTENSION`).
+        max: u32,
+    },
+    /// `KVM_ENABLE_CAP` of the dirty ring was refused.
+    #[error("enabling a dirty ring of {bytes} bytes failed: {source} (it must be enabled before any vCPU exists, and the kernel may need a larger ring than {min} bytes for its reserved entries: valid sizes are powers of two in {min}..={max})")]
+    DirtyRingEnable {
+        /// The size asked for.
+        bytes: u32,
+        /// Smallest size we allow.
+        min: u32,
+        /// Largest size the kernel allows.
+        max: u32,
+        /// The kernel's error.
+        source: vmm_sys_util::errno::Error,
+    },
+    /// A dirty-ring call on a VM that is not in ring mode.
+    #[error("the dirty ring is not enabled on this VM (its mode is {mode})")]
+    DirtyRingNotEnabled {
+        /// The VM's mode.
+        mode: crate::ProtectMode,
+    },
+    /// A vCPU's ring could not be mapped or is registered twice.
+    #[error("dirty ring of vCPU {vcpu}: {reason}")]
+    DirtyRingVcpu {
+        /// The vCPU index.
+        vcpu: u32,
+        /// What went wrong.
+        reason: String,
+    },
+    /// `KVM_RESET_DIRTY_RINGS` reset fewer entries than were harvested: pages would stay
+    /// write-enabled and their next writes unreported.
+    #[error("KVM_RESET_DIRTY_RINGS reset {reset} entries but {harvested} were harvested and marked reset")]
+    DirtyRingReset {
+        /// Entries harvested and marked reset.
+        harvested: u64,
+        /// Entries the kernel says it reset.
+        reset: u64,
+    },
 }
 
 /// Convenience alias for `Result<T, clearlog_kvm::Error>`.

@@ -40,6 +40,7 @@ mod dirty_cache;
 mod error;
 mod memory_listener;
 pub mod raw;
+mod ring;
 mod vm;
 
 pub use caps::{
@@ -48,8 +49,11 @@ pub use caps::{
 };
 pub use dirty_cache::{CacheError, ClearRange, ClearRequest, SlotDirtyCache};
 pub use error::{Error, Result};
-pub use memory_listener::{DirtyLogStats, KvmMemoryListener};
+pub use memory_listener::{
+    DirtyLogStats, KvmMemoryListener, RingKick, RingReaper, RING_REAP_INTERVAL,
+};
 pub use raw::ClearDirtyLogError;
+pub use ring::{enable_dirty_ring, is_pvm_host, RingRange, VcpuRingStats, RING_MIN_BYTES};
 pub use vm::{DirtyLogChoice, MemSlot, Vm, VmConfig, KVM_DEVICE};
 
 /// The page size of dirty logging: one dirty bit per 4 KiB page (x86-64, and arm64 kernels with

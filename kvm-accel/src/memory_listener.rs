@@ -35,16 +35,59 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use clearlog_memory::{
     DirtyClients, DirtyMemory, ListenerError, MemoryListener, RamBlock, Section,
 };
 
 use crate::dirty_cache::SlotDirtyCache;
+use crate::ring::VcpuRingStats;
 use crate::vm::{MemSlot, SlotOwner, Vm};
 use crate::Error;
+
+/// The default interval of the ring reaper thread
+/// ([`KvmMemoryListener::start_ring_reaper`]); measured in docs/design.md ("The dirty ring").
+///
+/// # Example
+///
+/// ```
+/// assert_eq!(clearlog_kvm::RING_REAP_INTERVAL.as_millis(), 10);
+/// ```
+pub const RING_REAP_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The ring reaper thread of a listener; dropping it stops (and joins) the thread.
+///
+/// # Example
+///
+/// ```no_run
+/// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+/// let listener = std::sync::Arc::new(clearlog_kvm::KvmMemoryListener::new(vm));
+/// let reaper: clearlog_kvm::RingReaper = listener.start_ring_reaper(clearlog_kvm::RING_REAP_INTERVAL).unwrap();
+/// ```
+pub struct RingReaper {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RingReaper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingReaper").finish_non_exhaustive()
+    }
+}
+
+impl Drop for RingReaper {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 /// Counters of the listener's dirty-log work, for stats and benchmarks.
 ///
@@ -74,6 +117,19 @@ pub struct DirtyLogStats {
     /// made or re-made after the caller's last sync, e.g. a region unmapped and mapped again
     /// during a migration): nothing is known dirty there, so nothing is cleared (no ioctl).
     pub clears_before_sync: u64,
+    /// Ring mode: harvests of all vCPU rings (each followed by `KVM_RESET_DIRTY_RINGS` when it
+    /// found entries), from syncs, the reaper thread and ring-full exits.
+    pub ring_reaps: u64,
+    /// Ring mode: entries harvested (one per page a vCPU dirtied since its last harvest).
+    pub ring_entries: u64,
+    /// Ring mode: time spent harvesting and resetting, nanoseconds.
+    pub ring_reap_ns: u64,
+    /// Ring mode: harvests that found a ring completely full without a ring-full exit (entries
+    /// may have been lost by the kernel; see [`VcpuRingStats::found_full`]).
+    pub ring_found_full: u64,
+    /// Ring mode: entries for memslots this listener does not own (the VMM's own slots, or a
+    /// slot deleted since), dropped.
+    pub ring_foreign: u64,
 }
 
 #[derive(Default)]
@@ -86,6 +142,11 @@ struct Counters {
     clear_ns: AtomicU64,
     pages_cleared: AtomicU64,
     clears_before_sync: AtomicU64,
+    ring_reaps: AtomicU64,
+    ring_entries: AtomicU64,
+    ring_reap_ns: AtomicU64,
+    ring_found_full: AtomicU64,
+    ring_foreign: AtomicU64,
 }
 
 /// One memslot created for one section.
@@ -98,7 +159,8 @@ struct KvmSlot {
     _block: Arc<RamBlock>,
     /// Present while dirty logging is on (manual mode).
     cache: Option<SlotDirtyCache>,
-    /// GET buffer while dirty logging is on in legacy mode.
+    /// GET buffer while dirty logging is on in legacy mode; in ring mode, the pages harvested
+    /// from the rings since the last sync (the ring's per-slot cache).
     legacy_buffer: Option<Vec<u64>>,
     /// The words of the last clear request, reused so a clear does not allocate.
     clear_words: Vec<u64>,
@@ -149,7 +211,13 @@ pub struct KvmMemoryListener {
     slot_ids: Range<u32>,
     slots: Mutex<SlotTable>,
     counters: Counters,
+    /// Ring mode: kicks every vCPU out of `KVM_RUN` (set by the VMM), before a sync's harvest.
+    ring_kick: Mutex<Option<RingKick>>,
 }
+
+/// A VMM callback that kicks every vCPU out of `KVM_RUN` (ring mode), so entries still in the
+/// CPU's log buffer (PML) reach the rings.
+pub type RingKick = Arc<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for KvmMemoryListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -217,6 +285,7 @@ impl KvmMemoryListener {
             slot_ids,
             slots: Mutex::new(SlotTable::default()),
             counters: Counters::default(),
+            ring_kick: Mutex::new(None),
         }
     }
 
@@ -267,6 +336,11 @@ impl KvmMemoryListener {
             clear_ns: c.clear_ns.load(Ordering::Relaxed),
             pages_cleared: c.pages_cleared.load(Ordering::Relaxed),
             clears_before_sync: c.clears_before_sync.load(Ordering::Relaxed),
+            ring_reaps: c.ring_reaps.load(Ordering::Relaxed),
+            ring_entries: c.ring_entries.load(Ordering::Relaxed),
+            ring_reap_ns: c.ring_reap_ns.load(Ordering::Relaxed),
+            ring_found_full: c.ring_found_full.load(Ordering::Relaxed),
+            ring_foreign: c.ring_foreign.load(Ordering::Relaxed),
         }
     }
 
@@ -295,6 +369,158 @@ impl KvmMemoryListener {
             .by_guest_addr
             .get(&guest_addr)
             .and_then(|s| s.cache.clone())
+    }
+
+    /// Ring mode: sets the callback that kicks every vCPU (e.g. a signal to each vCPU thread);
+    /// every `log_sync` calls it before harvesting, so entries the CPU still buffers (PML) are
+    /// flushed to the rings at the vCPUs' exits. The kick does not wait for the exits: what a vCPU
+    /// flushes after the harvest comes with the next one, and a final sync with the vCPUs paused
+    /// (out of `KVM_RUN`, buffers flushed) misses nothing.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+    /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
+    /// listener.set_ring_kick(std::sync::Arc::new(|| { /* pthread_kill each vCPU thread */ }));
+    /// ```
+    pub fn set_ring_kick(&self, kick: RingKick) {
+        *self.ring_kick.lock().unwrap_or_else(|p| p.into_inner()) = Some(kick);
+    }
+
+    /// Ring mode: harvests every vCPU ring into the per-slot caches and resets the rings (all
+    /// under the slots lock). Returns the entries harvested. The reaper thread
+    /// ([`start_ring_reaper`](Self::start_ring_reaper)) and a vCPU's `KVM_EXIT_DIRTY_RING_FULL`
+    /// handler call it; syncs do it themselves. Outside ring mode it does nothing (0).
+    ///
+    /// # Errors
+    ///
+    /// `KVM_RESET_DIRTY_RINGS` failing or resetting fewer entries than harvested.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+    /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
+    /// let entries = listener.reap_rings().unwrap();
+    /// ```
+    pub fn reap_rings(&self) -> Result<u64, Error> {
+        if !self.vm.protect_mode().is_ring() {
+            return Ok(0);
+        }
+        let mut table = self.lock();
+        self.reap_locked(&mut table)
+    }
+
+    /// Per-vCPU ring counters (entries harvested, ring-full exits, rings found full), by vCPU
+    /// index; empty outside ring mode.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+    /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
+    /// for s in listener.ring_stats() {
+    ///     println!("vCPU {}: {} pages dirtied", s.vcpu, s.harvested);
+    /// }
+    /// ```
+    pub fn ring_stats(&self) -> Vec<VcpuRingStats> {
+        self.vm.ring_stats()
+    }
+
+    /// Ring mode: starts a thread that reaps the rings every `interval` (see docs/design.md for
+    /// the measured default, [`RING_REAP_INTERVAL`]), so rings rarely fill between syncs. It
+    /// stops when the returned [`RingReaper`] is dropped (or the listener is gone).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DirtyRingNotEnabled`] outside ring mode; the thread could not be spawned.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+    /// let listener = std::sync::Arc::new(clearlog_kvm::KvmMemoryListener::new(vm));
+    /// let reaper = listener.start_ring_reaper(clearlog_kvm::RING_REAP_INTERVAL).unwrap();
+    /// drop(reaper); // stops the thread
+    /// ```
+    pub fn start_ring_reaper(self: &Arc<Self>, interval: Duration) -> Result<RingReaper, Error> {
+        if !self.vm.protect_mode().is_ring() {
+            return Err(Error::DirtyRingNotEnabled {
+                mode: self.vm.protect_mode(),
+            });
+        }
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let weak = Arc::downgrade(self);
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("dirty-ring-reaper".into())
+            .spawn(move || loop {
+                let (lock, cv) = &*s;
+                let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+                let (guard, _) = cv
+                    .wait_timeout_while(guard, interval, |stopped| !*stopped)
+                    .unwrap_or_else(|p| p.into_inner());
+                if *guard {
+                    return;
+                }
+                drop(guard);
+                let Some(listener) = weak.upgrade() else {
+                    return;
+                };
+                if let Err(e) = listener.reap_rings() {
+                    tracing::error!(error = %e, "dirty ring reaper: harvest failed");
+                }
+            })
+            .map_err(|e| Error::DirtyRingVcpu {
+                vcpu: 0,
+                reason: format!("spawning the reaper thread: {e}"),
+            })?;
+        Ok(RingReaper {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Harvest all rings into the slots' pending bitmaps. Called with the slots lock held.
+    fn reap_locked(&self, table: &mut SlotTable) -> Result<u64, Error> {
+        let mut foreign = 0u64;
+        let mut last: Option<(u32, u64)> = None; // (slot id, guest addr) of the previous entry
+        let harvest = self.vm.harvest_rings(|slot, offset| {
+            let key = match last {
+                Some((id, addr)) if id == slot => Some(addr),
+                _ => table
+                    .by_guest_addr
+                    .iter()
+                    .find(|(_, s)| s.id == slot)
+                    .map(|(&a, _)| a),
+            };
+            let buffer = key.and_then(|a| {
+                last = Some((slot, a));
+                table
+                    .by_guest_addr
+                    .get_mut(&a)
+                    .and_then(|s| s.legacy_buffer.as_mut())
+            });
+            match buffer {
+                Some(words) if (offset / 64) < words.len() as u64 => {
+                    words[(offset / 64) as usize] |= 1 << (offset % 64);
+                }
+                _ => foreign += 1,
+            }
+        })?;
+        let c = &self.counters;
+        c.ring_reaps.fetch_add(1, Ordering::Relaxed);
+        c.ring_entries.fetch_add(harvest.entries, Ordering::Relaxed);
+        c.ring_reap_ns.fetch_add(harvest.ns, Ordering::Relaxed);
+        c.ring_found_full
+            .fetch_add(harvest.found_full, Ordering::Relaxed);
+        c.ring_foreign.fetch_add(foreign, Ordering::Relaxed);
+        Ok(harvest.entries)
+    }
+
+    /// Ring mode: reap before a section's pending bits are folded.
+    fn reap_if_ring(&self, table: &mut SlotTable) -> Result<(), ListenerError> {
+        if self.vm.protect_mode().is_ring() {
+            self.reap_locked(table).map_err(listener_error)?;
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, SlotTable> {
@@ -370,6 +596,9 @@ impl KvmMemoryListener {
                 cache.mark_synced();
                 cache.bits().as_words()
             }
+            // Ring mode: the pages harvested since the last sync (the caller reaped just now,
+            // under the slots lock); already re-protected by KVM_RESET_DIRTY_RINGS.
+            (None, Some(buffer)) if self.vm.protect_mode().is_ring() => buffer,
             (None, Some(buffer)) => {
                 self.vm
                     .get_dirty_log_as(slot.id, buffer, self.owner())
@@ -388,6 +617,12 @@ impl KvmMemoryListener {
             }
         };
         let found = dirty.try_fold_bitmap(section.ram_first_page(), words, pages, clients)?;
+        if self.vm.protect_mode().is_ring() {
+            // Folded into the clients: like a legacy GET, a ring sync hands its bits over.
+            if let Some(b) = slot.legacy_buffer.as_mut() {
+                b.fill(0);
+            }
+        }
         let ns = start.elapsed().as_nanos() as u64;
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         self.counters.sync_ns.fetch_add(ns, Ordering::Relaxed);
@@ -453,6 +688,7 @@ impl MemoryListener for KvmMemoryListener {
 
     fn region_del(&self, section: &Section, dirty: &DirtyMemory) -> Result<(), ListenerError> {
         let mut table = self.lock();
+        self.reap_if_ring(&mut table)?;
         let slot = Self::slot_for(&mut table, section)?;
         // Whatever the guest wrote since the last sync must reach the clients before the slot
         // (and its dirty bitmap) disappears.
@@ -507,6 +743,7 @@ impl MemoryListener for KvmMemoryListener {
             return Ok(());
         }
         let mut table = self.lock();
+        self.reap_if_ring(&mut table)?;
         let slot = Self::slot_for(&mut table, section)?;
         if slot.logging() {
             // Last sync, for the clients that were logging, before the kernel drops the bitmap.
@@ -520,7 +757,18 @@ impl MemoryListener for KvmMemoryListener {
     }
 
     fn log_sync(&self, section: &Section, dirty: &DirtyMemory) -> Result<(), ListenerError> {
+        if self.vm.protect_mode().is_ring() {
+            let kick = self
+                .ring_kick
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(kick) = kick {
+                kick();
+            }
+        }
         let mut table = self.lock();
+        self.reap_if_ring(&mut table)?;
         let slot = Self::slot_for(&mut table, section)?;
         self.sync_slot(slot, section, section.log, dirty)
     }

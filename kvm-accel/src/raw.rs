@@ -79,6 +79,8 @@ mod nr {
     ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
     // `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
     ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+    // `_IO(KVMIO, 0xc7)`.
+    ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
 }
 use nr::*;
 
@@ -112,6 +114,18 @@ pub(crate) fn enable_cap(vm: BorrowedFd<'_>, cap: u32, arg0: u64) -> errno::Resu
         return Err(errno::Error::last());
     }
     Ok(())
+}
+
+/// `KVM_RESET_DIRTY_RINGS` on a VM fd: re-protects the pages of every ring entry marked reset and
+/// recycles those entries; returns how many entries the kernel reset.
+pub(crate) fn reset_dirty_rings(vm: BorrowedFd<'_>) -> errno::Result<u64> {
+    // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the kernel reads the rings it mapped to us
+    // (their `flags` words, which we only change atomically) and writes no other user memory.
+    let ret = unsafe { ioctl(&vm, KVM_RESET_DIRTY_RINGS()) };
+    if ret < 0 {
+        return Err(errno::Error::last());
+    }
+    Ok(ret as u64)
 }
 
 /// `KVM_SET_USER_MEMORY_REGION` on a VM fd.

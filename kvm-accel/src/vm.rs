@@ -10,12 +10,14 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_CAP_USER_MEMORY, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::caps::{enable_manual_protect, KvmCaps, ProtectMode, KVM_API_VERSION};
 use crate::error::{Error, Result};
+use crate::ring::{enable_dirty_ring, DirtyRing, RingRange, VcpuRingStats};
 use crate::{raw, PAGE_SIZE};
 
 /// The default KVM device node.
@@ -48,6 +50,13 @@ pub enum DirtyLogChoice {
     Manual {
         /// Also enable `KVM_DIRTY_LOG_INITIALLY_SET`.
         initially_set: bool,
+    },
+    /// The per-vCPU dirty ring of `bytes` per vCPU ([`crate::enable_dirty_ring`]); never chosen by
+    /// `Auto`. vCPUs made through [`Vm::vm_fd`] must be registered with
+    /// [`Vm::register_vcpu_ring`].
+    Ring {
+        /// Ring size per vCPU in bytes: a power of two within [`crate::RingRange`].
+        bytes: u32,
     },
 }
 
@@ -181,6 +190,29 @@ pub struct Vm {
     mode: ProtectMode,
     slots: Mutex<BTreeMap<u32, SlotEntry>>,
     next_listener: AtomicU64,
+    /// The registered vCPU rings (ring mode), by vCPU index.
+    rings: Mutex<BTreeMap<u32, VcpuRing>>,
+}
+
+/// One vCPU's ring and its counters.
+struct VcpuRing {
+    ring: DirtyRing,
+    harvested: u64,
+    /// Ring-full exits reported since the last harvest of this ring.
+    full_since_harvest: u64,
+    full_exits: u64,
+    found_full: u64,
+}
+
+/// What [`Vm::harvest_rings`] found over all rings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RingHarvest {
+    /// Entries harvested and reset.
+    pub entries: u64,
+    /// Rings found completely full without a ring-full exit reported.
+    pub found_full: u64,
+    /// Time of the harvest and `KVM_RESET_DIRTY_RINGS`, nanoseconds.
+    pub ns: u64,
 }
 
 impl fmt::Debug for Vm {
@@ -290,6 +322,8 @@ impl Vm {
                 let wanted = ProtectMode::Manual { initially_set };
                 enable_manual_protect(fd, wanted.enable_flags())?
             }
+            // Right after KVM_CREATE_VM: the ring can only be enabled before any vCPU exists.
+            DirtyLogChoice::Ring { bytes } => enable_dirty_ring(fd, bytes)?,
         };
         tracing::debug!(%caps, %mode, "created KVM VM");
         Ok(Self::with_handle(Handle::Ioctls { kvm, vm }, caps, mode))
@@ -343,6 +377,11 @@ impl Vm {
             });
         }
         let caps = KvmCaps::probe(vm);
+        if let ProtectMode::Ring { bytes, .. } = mode {
+            RingRange::of(&caps)
+                .ok_or(Error::DirtyRingUnsupported)?
+                .check(bytes)?;
+        }
         let requested = mode.enable_flags();
         if requested & caps.manual_protect_flags != requested {
             return Err(Error::ManualProtectUnsupported {
@@ -365,7 +404,154 @@ impl Vm {
             mode,
             slots: Mutex::new(BTreeMap::new()),
             next_listener: AtomicU64::new(0),
+            rings: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    fn rings_lock(&self) -> MutexGuard<'_, BTreeMap<u32, VcpuRing>> {
+        // Counters and read positions are updated entry by entry; a panic mid-harvest leaves
+        // entries marked reset that the next reset recycles, nothing inconsistent.
+        self.rings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Maps the dirty ring of vCPU `index` from its vCPU fd (ring mode only). Every vCPU of a ring
+    /// VM must be registered right after `KVM_CREATE_VCPU`, before it first runs: entries of an
+    /// unregistered vCPU are never harvested, its ring fills and the vCPU stops with
+    /// `KVM_EXIT_DIRTY_RING_FULL` forever. Works on a VMM's own vCPU fds (any kvm-ioctls version).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DirtyRingNotEnabled`] when the VM is not in ring mode, [`Error::DirtyRingVcpu`]
+    /// when the index is registered already or the mapping fails.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use std::os::fd::{AsRawFd, BorrowedFd};
+    /// use clearlog_kvm::{DirtyLogChoice, Vm, VmConfig};
+    ///
+    /// let vm = Vm::new(VmConfig { dirty_log: DirtyLogChoice::Ring { bytes: 65536 }, ..Default::default() }).unwrap();
+    /// let vcpu = vm.vm_fd().unwrap().create_vcpu(0).unwrap();
+    /// // SAFETY: `vcpu` owns the fd and outlives the borrow.
+    /// vm.register_vcpu_ring(0, unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) }).unwrap();
+    /// ```
+    pub fn register_vcpu_ring(&self, index: u32, vcpu: impl AsFd) -> Result<()> {
+        let ProtectMode::Ring { bytes, .. } = self.mode else {
+            return Err(Error::DirtyRingNotEnabled { mode: self.mode });
+        };
+        let mut rings = self.rings_lock();
+        if rings.contains_key(&index) {
+            return Err(Error::DirtyRingVcpu {
+                vcpu: index,
+                reason: "already registered".into(),
+            });
+        }
+        let ring = DirtyRing::map(vcpu.as_fd(), bytes).map_err(|e| Error::DirtyRingVcpu {
+            vcpu: index,
+            reason: format!("mmap of the ring from the vCPU fd failed: {e}"),
+        })?;
+        rings.insert(
+            index,
+            VcpuRing {
+                ring,
+                harvested: 0,
+                full_since_harvest: 0,
+                full_exits: 0,
+                found_full: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops the ring of vCPU `index` (after the VMM destroyed or will never run it again).
+    /// Returns whether it was registered.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+    /// assert!(!vm.unregister_vcpu_ring(0));
+    /// ```
+    pub fn unregister_vcpu_ring(&self, index: u32) -> bool {
+        self.rings_lock().remove(&index).is_some()
+    }
+
+    /// Records a `KVM_EXIT_DIRTY_RING_FULL` exit of vCPU `index` (the VMM's vCPU loop calls it, then
+    /// has the rings reaped before running the vCPU again).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+    /// vm.note_ring_full_exit(0);
+    /// ```
+    pub fn note_ring_full_exit(&self, index: u32) {
+        if let Some(r) = self.rings_lock().get_mut(&index) {
+            r.full_exits += 1;
+            r.full_since_harvest += 1;
+        }
+    }
+
+    /// Per-vCPU ring counters, by vCPU index (empty outside ring mode).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+    /// assert!(vm.ring_stats().is_empty());
+    /// ```
+    pub fn ring_stats(&self) -> Vec<VcpuRingStats> {
+        self.rings_lock()
+            .iter()
+            .map(|(&vcpu, r)| VcpuRingStats {
+                vcpu,
+                harvested: r.harvested,
+                full_exits: r.full_exits,
+                found_full: r.found_full,
+            })
+            .collect()
+    }
+
+    /// Harvests every registered ring, giving each entry's `(slot, offset)` to `found`, then
+    /// `KVM_RESET_DIRTY_RINGS` re-protects the harvested pages. The caller (the listener) holds its
+    /// slots lock around this, so nobody sees a harvested bit before its page is re-protected.
+    pub(crate) fn harvest_rings(&self, mut found: impl FnMut(u32, u64)) -> Result<RingHarvest> {
+        let start = Instant::now();
+        let mut rings = self.rings_lock();
+        let mut total = RingHarvest::default();
+        for (&vcpu, r) in rings.iter_mut() {
+            let pass = r.ring.harvest(&mut found);
+            r.harvested += pass.entries;
+            if pass.full && r.full_since_harvest == 0 {
+                r.found_full += 1;
+                total.found_full += 1;
+                tracing::warn!(
+                    vcpu,
+                    entries = r.ring.entries(),
+                    "dirty ring found completely full without a ring-full exit: the kernel may \
+                     have dropped entries (known on PVM hosts when emulated ring-0 code fills a ring)"
+                );
+            }
+            if pass.entries > 0 {
+                r.full_since_harvest = 0;
+            }
+            total.entries += pass.entries;
+        }
+        if total.entries > 0 {
+            let reset = raw::reset_dirty_rings(self.as_fd())
+                .map_err(Error::kvm("KVM_RESET_DIRTY_RINGS"))?;
+            // The kernel resets exactly the entries marked reset: fewer means some stay
+            // write-enabled (their next writes would go unreported), so it is an error.
+            if reset < total.entries {
+                return Err(Error::DirtyRingReset {
+                    harvested: total.entries,
+                    reset,
+                });
+            }
+        }
+        drop(rings);
+        total.ns = start.elapsed().as_nanos() as u64;
+        Ok(total)
     }
 
     /// The system (`/dev/kvm`) handle, when this `Vm` opened it ([`Vm::new`]); `None` on a

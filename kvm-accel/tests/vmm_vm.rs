@@ -15,26 +15,8 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-/// True when the test can use /dev/kvm; otherwise a loud SKIPPED line, or a panic when KVM is
-/// required (CI=true or CLEARLOG_REQUIRE_KVM=1) and the device exists.
-fn kvm_available() -> bool {
-    let required = std::env::var("CI").is_ok_and(|v| v == "true")
-        || std::env::var("CLEARLOG_REQUIRE_KVM").is_ok_and(|v| v == "1");
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) if required && std::path::Path::new("/dev/kvm").exists() => {
-            panic!("KVM required, but /dev/kvm cannot be opened: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm not available ({e})");
-            false
-        }
-    }
-}
+mod common;
+use common::kvm_available;
 
 fn borrow(vm: &VmFd) -> BorrowedFd<'_> {
     // SAFETY: `vm` owns this open fd, and the borrow cannot outlive `vm`.

@@ -132,6 +132,9 @@ pub enum DirtyLogArg {
     Legacy,
     /// KVM_CLEAR_DIRTY_LOG: re-protect each chunk just before sending it.
     Clear,
+    /// KVM's per-vCPU dirty ring (`--ring-size`): harvest and reset re-protect. Never the default
+    /// (on PVM hosts the kernel can lose ring entries when emulated ring-0 code fills a ring).
+    Ring,
 }
 
 /// Guest shape and workload (shared by `run` and `bench`).
@@ -206,6 +209,10 @@ pub struct RunArgs {
     /// Clear chunk size (`clear` mode): a power of two from 256K (64 pages) to 8T (2^31 pages).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "16M")]
     pub clear_chunk: u64,
+    /// Dirty ring size per vCPU in bytes (`ring` mode): a power of two within the kernel's range
+    /// (`vmm caps` shows it).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "64K")]
+    pub ring_size: u64,
     /// Run the workload this long before migrating.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "2s")]
     pub warmup: Duration,
@@ -248,7 +255,7 @@ pub struct BenchArgs {
     /// Migration settings.
     #[command(flatten)]
     pub migration: MigrationArgs,
-    /// Modes to compare: `legacy` and `clear:CHUNK`.
+    /// Modes to compare: `legacy`, `clear:CHUNK`, `ring` and `ring:SIZE` (dirty ring per vCPU).
     #[arg(
         long,
         value_delimiter = ',',
@@ -318,9 +325,12 @@ pub struct DirtyrateArgs {
     /// Bandwidth and downtime limit of the migration the verdict is about.
     #[command(flatten)]
     pub migration: MigrationArgs,
-    /// Dirty-log mode of the VM.
+    /// Dirty-log mode of the VM (`--mode ring` always runs the VM with the ring).
     #[arg(long, value_enum, default_value = "clear")]
     pub dirty_log: DirtyLogArg,
+    /// Dirty ring size per vCPU in bytes (ring): a power of two within the kernel's range.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "64K")]
+    pub ring_size: u64,
     /// Run the workload this long before measuring.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "1s")]
     pub warmup: Duration,
@@ -348,7 +358,7 @@ pub struct LadderArgs {
     /// Migration settings.
     #[command(flatten)]
     pub migration: MigrationArgs,
-    /// Modes to compare: `legacy` and `clear:CHUNK`.
+    /// Modes to compare: `legacy`, `clear:CHUNK`, `ring` and `ring:SIZE` (dirty ring per vCPU).
     #[arg(long, value_delimiter = ',', default_value = "legacy,clear:16M")]
     pub modes: Vec<String>,
     /// Runs per size and mode.

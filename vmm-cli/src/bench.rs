@@ -23,18 +23,32 @@ pub enum BenchMode {
     Legacy,
     /// Manual protect + KVM_CLEAR_DIRTY_LOG in chunks of this many bytes.
     Clear(u64),
+    /// KVM's dirty ring of this many bytes per vCPU (`ring` = the `vmm run` default, 64K).
+    Ring(u64),
 }
 
 impl BenchMode {
-    /// Parse `legacy` or `clear:SIZE`.
+    /// Parse `legacy`, `clear:SIZE`, `ring` or `ring:SIZE`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if s == "legacy" {
             return Ok(BenchMode::Legacy);
         }
+        if s == "ring" {
+            return Ok(BenchMode::Ring(64 << 10));
+        }
+        if let Some(size) = s.strip_prefix("ring:") {
+            let bytes = parse_size(size).map_err(|e| format!("mode `{s}`: {e}"))?;
+            if !bytes.is_power_of_two() || bytes < u64::from(clearlog_kvm::RING_MIN_BYTES) {
+                return Err(format!(
+                    "mode `{s}`: the ring size must be a power of two of at least 4K (`vmm caps` shows this kernel's maximum)"
+                ));
+            }
+            return Ok(BenchMode::Ring(bytes));
+        }
         let Some(size) = s.strip_prefix("clear:") else {
             return Err(format!(
-                "mode `{s}`: use `legacy` or `clear:SIZE` like clear:128M"
+                "mode `{s}`: use `legacy`, `clear:SIZE` like clear:128M, `ring` or `ring:SIZE` like ring:64K"
             ));
         };
         let bytes = parse_size(size).map_err(|e| format!("mode `{s}`: {e}"))?;
@@ -48,12 +62,19 @@ impl BenchMode {
         match self {
             BenchMode::Legacy => "legacy".into(),
             BenchMode::Clear(b) => format!("clear {}", human_bytes(*b)),
+            BenchMode::Ring(b) => format!("ring {}", human_bytes(*b)),
         }
     }
 
     fn run_args(&self) -> Vec<String> {
         match self {
             BenchMode::Legacy => vec!["--dirty-log".into(), "legacy".into()],
+            BenchMode::Ring(b) => vec![
+                "--dirty-log".into(),
+                "ring".into(),
+                "--ring-size".into(),
+                b.to_string(),
+            ],
             BenchMode::Clear(b) => {
                 vec![
                     "--dirty-log".into(),
@@ -565,6 +586,10 @@ mod tests {
         assert_eq!(BenchMode::parse("clear:1G").unwrap().label(), "clear 1 GiB");
         assert!(BenchMode::parse("clear:3M").is_err());
         assert!(BenchMode::parse("clear:4K").is_err());
+        assert_eq!(BenchMode::parse("ring").unwrap(), BenchMode::Ring(64 << 10));
+        assert_eq!(BenchMode::parse("ring:16K").unwrap().label(), "ring 16 KiB");
+        assert!(BenchMode::parse("ring:3K").is_err());
+        assert!(BenchMode::parse("ring:48K").is_err());
         assert!(BenchMode::parse("fast").is_err());
     }
 

@@ -3,7 +3,7 @@
 
 //! `vmm caps`.
 
-use clearlog_kvm::KvmCaps;
+use clearlog_kvm::{is_pvm_host, KvmCaps, RingRange};
 
 use crate::{CliError, CliResult};
 
@@ -33,6 +33,16 @@ pub fn caps(json: bool) -> CliResult {
         }
         map.insert("dirty_log_mode".into(), mode.to_string().into());
         map.insert("clear_dirty_log".into(), mode.is_manual().into());
+        let ring = RingRange::of(&caps);
+        map.insert("dirty_ring".into(), ring.is_some().into());
+        map.insert("dirty_ring_min_bytes".into(), ring.map(|r| r.min).into());
+        map.insert(
+            "dirty_ring_max_bytes_usable".into(),
+            ring.map(|r| r.max).into(),
+        );
+        map.insert("dirty_ring_acq_rel".into(), ring.map(|r| r.acq_rel).into());
+        map.insert("dirty_ring_default".into(), false.into());
+        map.insert("pvm_host".into(), is_pvm_host().into());
         println!("{}", serde_json::Value::Object(map));
     } else {
         println!("KVM capabilities of this host (/dev/kvm):");
@@ -47,6 +57,20 @@ pub fn caps(json: bool) -> CliResult {
         } else {
             println!(
                 "  (no manual protect: `--dirty-log clear` falls back to clearing at every sync)"
+            );
+        }
+        match RingRange::of(&caps) {
+            Some(r) => println!(
+                "dirty ring: available (`--dirty-log ring --ring-size N`, N a power of two in {}..={} bytes{}), never the default",
+                r.min,
+                r.max,
+                if r.acq_rel { ", acquire/release" } else { "" }
+            ),
+            None => println!("dirty ring: not available on this kernel"),
+        }
+        if is_pvm_host() {
+            println!(
+                "  PVM host: off by default; the kernel's ring loses entries when emulated guest ring-0 code fills a ring (guest ring-3 writers, like vmm's workloads, are fine); rings found full without a ring-full exit are counted (rings_found_full)"
             );
         }
     }

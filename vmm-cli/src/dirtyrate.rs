@@ -11,22 +11,25 @@ use clearlog_migration::dirtyrate::{
     predict_convergence_saturating, Convergence, DirtyRate, DirtyRateMode, VcpuDirtyCounts,
     DEFAULT_MAX_PASSES,
 };
+use clearlog_migration::DirtyTracking;
 use clearlog_test_guest::{Guest, GuestConfig};
 
-use crate::args::{DirtyrateArgs, DirtyrateSpec, MigrationArgs, WorkloadKind};
+use crate::args::{DirtyLogArg, DirtyrateArgs, DirtyrateSpec, MigrationArgs, WorkloadKind};
 use crate::{CliError, CliResult};
 
 const MIB: f64 = (1u64 << 20) as f64;
 
-/// The `ring` mode hook: per-vCPU cumulative dirty-ring entry counts of `guest`'s VM, or `None`
-/// when the VM has no dirty ring.
-///
-/// LEAD: wire the dirty ring here once clearlog-kvm has it: return a closure that harvests every
-/// vCPU's ring (so entries still in a ring are counted) and returns each vCPU's harvested-entry
-/// counter, in vCPU order (e.g. `Some(Box::new(move || Ok(vm.ring_stats()?.per_vcpu_harvested)))`).
-/// Nothing else in this module changes: [`measure_ring`] turns the counts into per-vCPU rates.
-fn ring_counts(_guest: &Guest) -> Option<Box<dyn VcpuDirtyCounts + '_>> {
-    None
+/// The `ring` mode's counts: each vCPU's cumulative harvested dirty-ring entries, after reaping
+/// every ring (so entries still in a ring at the window's edges are counted). `None` when the VM
+/// has no dirty ring.
+fn ring_counts(guest: &Guest) -> Option<impl VcpuDirtyCounts + '_> {
+    let listener = guest.listener();
+    listener.vm().protect_mode().is_ring().then_some(
+        move || -> Result<Vec<u64>, clearlog_migration::BoxError> {
+            listener.reap_rings()?;
+            Ok(listener.ring_stats().iter().map(|s| s.harvested).collect())
+        },
+    )
 }
 
 /// Measure `guest`'s dirty rate as `spec` says.
@@ -43,11 +46,21 @@ pub fn measure(guest: &Guest, spec: DirtyrateSpec, sample_pages: u32) -> CliResu
         DirtyRateMode::Ring => {
             let counts = ring_counts(guest).ok_or_else(|| {
                 CliError::Usage(
-                    "--mode ring needs the VM's dirty ring, which this build of vmm does not enable yet: use sample or bitmap"
-                        .into(),
+                    "--mode ring needs a VM with the dirty ring (--dirty-log ring)".into(),
                 )
             })?;
-            measure_ring(&*counts, spec.duration, guest.mem_bytes() / 4096).map_err(failed)
+            // KVM pushes ring entries only for memslots with dirty logging on.
+            let mem = &**guest.memory();
+            let logging = |op: &str, e: clearlog_migration::BoxError| {
+                CliError::Failed(format!("measuring the dirty rate (ring): {op}: {e}"))
+            };
+            DirtyTracking::start_logging(mem).map_err(|e| logging("starting dirty logging", e))?;
+            let rate = measure_ring(&counts, spec.duration, guest.mem_bytes() / 4096);
+            let stopped =
+                DirtyTracking::stop_logging(mem).map_err(|e| logging("stopping dirty logging", e));
+            let rate = rate.map_err(failed)?;
+            stopped?;
+            Ok(rate)
         }
     }
 }
@@ -235,10 +248,15 @@ pub fn dirtyrate(a: DirtyrateArgs) -> CliResult {
     };
     validate(spec, a.sample_pages, &a.migration)?;
     let workload = crate::run::builtin_workload(a.workload, &a.guest)?;
+    // Ring mode measures the VM's dirty ring, so the VM gets one whatever `--dirty-log` says.
+    let dirty_log = match a.mode {
+        DirtyRateMode::Ring => DirtyLogArg::Ring,
+        _ => a.dirty_log,
+    };
     let guest = Guest::boot(GuestConfig {
         mem_bytes: a.guest.mem,
         vcpus: a.guest.vcpus,
-        dirty_log: crate::run::vm_dirty_log(a.dirty_log),
+        dirty_log: crate::run::vm_dirty_log(dirty_log, a.ring_size)?,
         workload,
         ..GuestConfig::default()
     })

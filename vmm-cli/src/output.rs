@@ -14,9 +14,13 @@ pub fn stats_json(
     vm_dirty_log: &str,
     (guest_dirty_rate, during_migration): (f64, Option<f64>),
     fingerprint: Option<&str>,
+    ring: Option<&serde_json::Value>,
 ) -> serde_json::Value {
     let mut v = serde_json::to_value(stats).unwrap_or_default();
     if let Some(map) = v.as_object_mut() {
+        if let Some(r) = ring {
+            map.insert("dirty_ring".into(), r.clone());
+        }
         if let Some(fp) = fingerprint {
             map.insert("ram_fingerprint".into(), fp.into());
         }
@@ -59,6 +63,7 @@ pub fn print_stats(
     vm_dirty_log: String,
     (guest_dirty_rate, during_migration): (f64, Option<f64>),
     fingerprint: Option<String>,
+    ring: Option<&serde_json::Value>,
     json: bool,
 ) {
     if json {
@@ -68,10 +73,17 @@ pub fn print_stats(
                 stats,
                 &vm_dirty_log,
                 (guest_dirty_rate, during_migration),
-                fingerprint.as_deref()
+                fingerprint.as_deref(),
+                ring,
             )
         );
         return;
+    }
+    if let Some(r) = ring {
+        println!(
+            "  dirty ring        {} entries harvested, {} ring-full exits, {} reaps ({:.1} ms), {} rings found full",
+            r["entries_harvested"], r["ring_full_exits"], r["reaps"], r["reap_ms"].as_f64().unwrap_or(0.0), r["rings_found_full"]
+        );
     }
     println!(
         "migration complete ({}; KVM dirty log: {vm_dirty_log})",
@@ -145,6 +157,38 @@ pub fn human_bytes(b: u64) -> String {
     format!("{b} B")
 }
 
+/// Ring mode: what the dirty ring did (`dirty_ring` in the JSON): entries harvested, ring-full
+/// exits, reaps and their time, rings found full, per vCPU too. `None` for the bitmap modes.
+pub fn ring_json(guest: &Guest) -> Option<serde_json::Value> {
+    if !guest.protect_mode().is_ring() {
+        return None;
+    }
+    let s = guest.listener().stats();
+    let per_vcpu: Vec<serde_json::Value> = guest
+        .listener()
+        .ring_stats()
+        .iter()
+        .map(|v| {
+            serde_json::json!({
+                "vcpu": v.vcpu,
+                "entries_harvested": v.harvested,
+                "ring_full_exits": v.full_exits,
+                "rings_found_full": v.found_full,
+            })
+        })
+        .collect();
+    Some(serde_json::json!({
+        "mode": guest.protect_mode().to_string(),
+        "entries_harvested": s.ring_entries,
+        "ring_full_exits": per_vcpu.iter().map(|v| v["ring_full_exits"].as_u64().unwrap_or(0)).sum::<u64>(),
+        "reaps": s.ring_reaps,
+        "reap_ms": s.ring_reap_ns as f64 / 1e6,
+        "rings_found_full": s.ring_found_full,
+        "foreign_entries": s.ring_foreign,
+        "per_vcpu": per_vcpu,
+    }))
+}
+
 /// Print what a guest did without migrating.
 pub fn print_run_summary(guest: &Guest, boot_ms: f64, rate: f64, json: bool) {
     let written = guest.pages_written().unwrap_or(0);
@@ -158,6 +202,7 @@ pub fn print_run_summary(guest: &Guest, boot_ms: f64, rate: f64, json: bool) {
                 "pages_written": written,
                 "guest_dirty_rate_bytes_per_s": rate.round() as u64,
                 "peak_rss_bytes": peak_rss_bytes(),
+                "dirty_ring": ring_json(guest),
             })
         );
     } else {

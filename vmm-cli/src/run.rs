@@ -23,7 +23,7 @@ use crate::args::{
 use crate::fault::{
     faulty_transport, DirtyBitFault, FaultPlan, FaultyControl, FaultyMemory, Injector,
 };
-use crate::output::{print_run_summary, print_stats, stats_json};
+use crate::output::{print_run_summary, print_stats, ring_json, stats_json};
 use crate::{CliError, CliResult};
 use std::sync::Mutex;
 
@@ -119,7 +119,8 @@ pub fn migration_config(
     max_time: Duration,
 ) -> CliResult<MigrationConfig> {
     let mode = match dirty_log {
-        DirtyLogArg::Legacy => DirtyLogMode::Legacy,
+        // The ring hands its bits over at each sync, like a legacy GET: nothing to clear.
+        DirtyLogArg::Legacy | DirtyLogArg::Ring => DirtyLogMode::Legacy,
         DirtyLogArg::Clear => DirtyLogMode::from_clear_chunk_bytes(clear_chunk).map_err(|e| {
             CliError::Usage(format!(
                 "--clear-chunk {clear_chunk}: {e} (a power of two from 256K = 64 pages, shift 6, to 8T = shift 31)"
@@ -142,11 +143,39 @@ pub fn migration_config(
 
 /// The VM's dirty-log mode for a migration mode: `legacy` really uses KVM's legacy get-and-clear
 /// (the seed's baseline), `clear` uses manual protection with INITIALLY_SET.
-pub fn vm_dirty_log(dirty_log: DirtyLogArg) -> DirtyLogChoice {
-    match dirty_log {
+pub fn vm_dirty_log(dirty_log: DirtyLogArg, ring_size: u64) -> CliResult<DirtyLogChoice> {
+    Ok(match dirty_log {
         DirtyLogArg::Legacy => DirtyLogChoice::Legacy,
         DirtyLogArg::Clear => DirtyLogChoice::Auto,
-    }
+        DirtyLogArg::Ring => DirtyLogChoice::Ring {
+            bytes: check_ring_size(ring_size)?,
+        },
+    })
+}
+
+/// `--ring-size` against this host's range (usage errors list it), and a host without the ring.
+pub fn check_ring_size(bytes: u64) -> CliResult<u32> {
+    let caps = clearlog_kvm::KvmCaps::probe_device(clearlog_kvm::KVM_DEVICE.as_ref())
+        .map_err(|e| CliError::Failed(format!("--dirty-log ring: {e}")))?;
+    let range = clearlog_kvm::RingRange::of(&caps).ok_or_else(|| {
+        CliError::Usage(format!(
+            "--dirty-log ring: {}",
+            clearlog_kvm::Error::DirtyRingUnsupported
+        ))
+    })?;
+    let bad = || {
+        CliError::Usage(format!(
+            "--ring-size {bytes}: {}",
+            clearlog_kvm::Error::DirtyRingSize {
+                bytes,
+                min: range.min,
+                max: range.max
+            }
+        ))
+    };
+    let b = u32::try_from(bytes).map_err(|_| bad())?;
+    range.check(b).map_err(|_| bad())?;
+    Ok(b)
 }
 
 /// The spec of a built-in workload (not `image`) for a guest shape.
@@ -233,7 +262,7 @@ pub fn run(a: RunArgs) -> CliResult {
     let guest = Guest::boot(GuestConfig {
         mem_bytes: a.guest.mem,
         vcpus: a.guest.vcpus,
-        dirty_log: vm_dirty_log(a.dirty_log),
+        dirty_log: vm_dirty_log(a.dirty_log, a.ring_size)?,
         workload: spec,
         ..GuestConfig::default()
     })
@@ -340,6 +369,7 @@ pub fn run(a: RunArgs) -> CliResult {
             &guest.protect_mode().to_string(),
             (rate, during),
             fingerprint.as_deref(),
+            ring_json(&guest).as_ref(),
         );
         if let (true, Some(map)) = (retried, v.as_object_mut()) {
             map.insert("migrated".into(), true.into());
@@ -374,6 +404,7 @@ pub fn run(a: RunArgs) -> CliResult {
         guest.protect_mode().to_string(),
         (rate, during),
         fingerprint,
+        ring_json(&guest).as_ref(),
         false,
     );
     view.print();

@@ -87,6 +87,7 @@ fn caps_text_and_json() {
         "manual_protect_flags",
         "max_memslots",
         "dirty-log mode vmm uses",
+        "dirty ring:",
     ] {
         assert!(t.contains(needle), "`vmm caps` lacks {needle}:\n{t}");
     }
@@ -106,6 +107,22 @@ fn caps_text_and_json() {
     // The mode must agree with the flags: manual protection needs bit 0.
     let flags = v["manual_protect_flags"].as_u64().unwrap();
     assert_eq!(v["clear_dirty_log"], flags & 1 == 1, "{v}");
+    // The ring: offered exactly when the kernel reports a size, never the default.
+    let ring_max = v["dirty_ring_acq_rel_max_bytes"]
+        .as_u64()
+        .unwrap()
+        .max(v["dirty_ring_max_bytes"].as_u64().unwrap());
+    assert_eq!(v["dirty_ring"], ring_max >= 4096, "{v}");
+    assert_eq!(v["dirty_ring_default"], false, "{v}");
+    assert!(!mode.starts_with("ring"), "{v}");
+    assert_eq!(
+        v["pvm_host"],
+        std::path::Path::new("/sys/module/kvm_pvm").exists(),
+        "{v}"
+    );
+    if v["pvm_host"] == true {
+        assert!(t.contains("PVM host: off by default"), "{t}");
+    }
 }
 
 /// A running `vmm incoming`, its stderr drained by a thread.
@@ -197,7 +214,19 @@ fn check_source_stats(v: &serde_json::Value, dirty_log: &str) {
     for f in STATS_FIELDS {
         assert!(v.get(f).is_some(), "source stats lack `{f}`: {v}");
     }
-    assert_eq!(v["mode"], dirty_log, "{v}");
+    if dirty_log == "ring" {
+        // The engine runs its legacy mode over the ring; the VM's mode and ring counters say ring.
+        assert_eq!(v["mode"], "legacy", "{v}");
+        assert_eq!(v["vm_dirty_log_mode"], "ring:64K", "{v}");
+        let r = &v["dirty_ring"];
+        assert_eq!(r["mode"], "ring:64K", "{v}");
+        assert!(r["entries_harvested"].as_u64().unwrap() > 0, "{v}");
+        assert!(r["reaps"].as_u64().unwrap() > 0, "{v}");
+        assert_eq!(r["per_vcpu"].as_array().unwrap().len(), 1, "{v}");
+    } else {
+        assert_eq!(v["mode"], dirty_log, "{v}");
+        assert!(v.get("dirty_ring").is_none(), "{v}");
+    }
     assert_eq!(v["converged"], true, "{v}");
     assert_eq!(v["guest_mem_bytes"], 256u64 << 20, "{v}");
     assert_eq!(v["bandwidth_limit_bytes_per_s"], 400u64 << 20, "{v}");
@@ -322,6 +351,65 @@ fn migration_over_tcp_legacy() {
     }
     let _serial = serial();
     socket_migration("tcp:127.0.0.1:0", "legacy");
+}
+
+#[test]
+fn migration_over_tcp_ring() {
+    if !kvm_available("migration_over_tcp_ring") || !ring_available() {
+        return;
+    }
+    let _serial = serial();
+    socket_migration("tcp:127.0.0.1:0", "ring");
+}
+
+/// The host's dirty-ring range from `vmm caps --json`, or None (a loud skip).
+fn ring_range() -> Option<(u64, u64)> {
+    let caps: serde_json::Value = serde_json::from_slice(&vmm(&["caps", "--json"]).stdout).ok()?;
+    let r = caps["dirty_ring_min_bytes"]
+        .as_u64()
+        .zip(caps["dirty_ring_max_bytes_usable"].as_u64());
+    if r.is_none() {
+        eprintln!("SKIPPED: no dirty ring on this host ({caps})");
+    }
+    r
+}
+
+fn ring_available() -> bool {
+    ring_range().is_some()
+}
+
+#[test]
+fn bad_ring_sizes_are_usage_errors_listing_the_range() {
+    if !kvm_available("bad_ring_sizes_are_usage_errors_listing_the_range") {
+        return;
+    }
+    let Some((min, max)) = ring_range() else {
+        return;
+    };
+    let range = format!("{min}..={max}");
+    let too_big = (max * 2).to_string();
+    for bad in ["48K", "1000", too_big.as_str()] {
+        expect_error(
+            &[
+                "run",
+                "--dirty-log",
+                "ring",
+                "--ring-size",
+                bad,
+                "--mem",
+                "64M",
+                "--wss",
+                "8M",
+            ],
+            2,
+            &["--ring-size", "power of two", &range],
+        );
+    }
+    expect_error(
+        &["bench", "--modes", "legacy,ring:3K"],
+        2,
+        &["ring:3K", "power of two"],
+    );
 }
 
 #[test]

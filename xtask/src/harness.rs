@@ -148,6 +148,8 @@ pub struct Shape {
     pub dirty_rate: u64,
     /// `None` = legacy, `Some(shift)` = clear with chunks of 2^shift pages.
     pub clear_shift: Option<u32>,
+    /// `Some(bytes)` = KVM's dirty ring of this size per vCPU (overrides `clear_shift`).
+    pub ring_bytes: Option<u64>,
     /// Bandwidth limit, bytes/s.
     pub bandwidth: u64,
     /// Downtime limit, ms.
@@ -179,9 +181,20 @@ impl Shape {
             workload,
             dirty_rate,
             clear_shift,
+            ring_bytes: None,
             bandwidth,
             downtime_ms: rng.range(50, 300),
         }
+    }
+
+    /// With `pct` percent chance, switch the shape to the dirty ring (16K, 64K or 256K per vCPU:
+    /// the smaller ones fill between syncs, so ring-full exits happen). Only for hosts with the
+    /// ring (the soak checks `vmm caps --json` first).
+    pub fn maybe_ring(mut self, rng: &mut Rng, pct: u64) -> Shape {
+        if rng.chance(pct) {
+            self.ring_bytes = Some(16384u64 << (2 * rng.range(0, 2)));
+        }
+        self
     }
 
     /// `vmm run` arguments for this shape (no destination).
@@ -201,9 +214,13 @@ impl Shape {
             format!("--bandwidth={}M", self.bandwidth / MIB),
             format!("--downtime={}ms", self.downtime_ms),
         ];
-        match self.clear_shift {
-            None => v.push("--dirty-log=legacy".into()),
-            Some(shift) => {
+        match (self.ring_bytes, self.clear_shift) {
+            (Some(bytes), _) => {
+                v.push("--dirty-log=ring".into());
+                v.push(format!("--ring-size={bytes}"));
+            }
+            (None, None) => v.push("--dirty-log=legacy".into()),
+            (None, Some(shift)) => {
                 v.push("--dirty-log=clear".into());
                 v.push(format!("--clear-chunk={}", 4096u64 << shift));
             }
@@ -211,11 +228,12 @@ impl Shape {
         v
     }
 
-    /// `legacy` or `clear/s12`.
+    /// `legacy`, `clear/s12` or `ring/16K`.
     pub fn mode(&self) -> String {
-        match self.clear_shift {
-            None => "legacy".into(),
-            Some(s) => format!("clear/s{s}"),
+        match (self.ring_bytes, self.clear_shift) {
+            (Some(b), _) => format!("ring/{}K", b >> 10),
+            (None, None) => "legacy".into(),
+            (None, Some(s)) => format!("clear/s{s}"),
         }
     }
 

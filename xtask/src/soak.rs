@@ -28,6 +28,7 @@ struct Totals {
     digest_mismatched_pages: u64,
     fingerprint_mismatches: u32,
     legacy: u32,
+    ring: u32,
     clear: u32,
     total_ms: f64,
     downtime_ms: Vec<f64>,
@@ -48,6 +49,16 @@ pub fn soak(args: &[String]) -> Result<(), String> {
         return Ok(());
     }
     let vmm = build_vmm()?;
+    // Ring runs only where the kernel has the dirty ring (`vmm caps --json` says).
+    let ring = std::process::Command::new(&vmm)
+        .args(["caps", "--json"])
+        .output()
+        .ok()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .is_some_and(|v| v["dirty_ring"] == true);
+    if !ring {
+        println!("soak: no dirty ring on this host: ring runs left out");
+    }
     println!(
         "\n==> xtask soak: {runs} random migrations (128M-{max_mem_mib}M guests), seed {seed} (rerun with --seed {seed})"
     );
@@ -55,7 +66,8 @@ pub fn soak(args: &[String]) -> Result<(), String> {
     let mut t = Totals::default();
     let start = Instant::now();
     for i in 0..runs {
-        let shape = Shape::random(&mut rng, 128 * MIB, max_mem_mib.max(128) * MIB, 80);
+        let shape = Shape::random(&mut rng, 128 * MIB, max_mem_mib.max(128) * MIB, 80)
+            .maybe_ring(&mut rng, if ring { 25 } else { 0 });
         // A longer warm-up lets the workload touch more pages: longer streams.
         let warmup_ms = rng.range(300, 2500);
         let t0 = Instant::now();
@@ -69,9 +81,10 @@ pub fn soak(args: &[String]) -> Result<(), String> {
         } else {
             t.failed += 1;
         }
-        match shape.clear_shift {
-            None => t.legacy += 1,
-            Some(_) => t.clear += 1,
+        match (shape.ring_bytes, shape.clear_shift) {
+            (Some(_), _) => t.ring += 1,
+            (None, None) => t.legacy += 1,
+            (None, Some(_)) => t.clear += 1,
         }
         if !ok || (i + 1) % 10 == 0 || runs <= 20 {
             println!(
@@ -98,8 +111,8 @@ pub fn soak(args: &[String]) -> Result<(), String> {
         start.elapsed().as_secs_f64()
     );
     println!(
-        "  runs                        {:>8}   (legacy {}, clear {})",
-        t.runs, t.legacy, t.clear
+        "  runs                        {:>8}   (legacy {}, clear {}, ring {})",
+        t.runs, t.legacy, t.clear, t.ring
     );
     println!("  verified                    {:>8}", t.ok);
     println!("  failed                      {:>8}", t.failed);

@@ -33,11 +33,13 @@ use std::time::Duration;
 
 use clearlog_memory::{MemorySystem, RamBlock};
 
-use clearlog_kvm::{DirtyLogChoice, KvmMemoryListener, ProtectMode, Vm, VmConfig};
+use clearlog_kvm::{
+    DirtyLogChoice, KvmMemoryListener, ProtectMode, RingReaper, Vm, VmConfig, RING_REAP_INTERVAL,
+};
 
 use crate::guest_ram::{GuestRam, RawGuestRam};
 use crate::layout;
-use crate::vcpu::runner::{RunState, VcpuRunner};
+use crate::vcpu::runner::{RingFullHandler, RunState, VcpuKicker, VcpuRunner};
 use crate::vcpu::state::VcpuState;
 use crate::vcpu::Vcpu;
 use crate::workload::monitor::WorkloadMonitor;
@@ -90,6 +92,8 @@ enum VcpuSet {
 pub struct Guest {
     // Field order is drop order: vCPUs stop before the memslots go, memslots before the RAM.
     vcpus: Mutex<VcpuSet>,
+    /// Ring mode: the background reaper of the vCPU rings.
+    _reaper: Option<RingReaper>,
     listener: Arc<KvmMemoryListener>,
     memory: Arc<MemorySystem>,
     vm: Arc<Vm>,
@@ -163,8 +167,14 @@ impl Guest {
             Some(v) => v.tsc_khz()?,
             None => 0,
         };
+        let reaper = if vm.protect_mode().is_ring() {
+            Some(listener.start_ring_reaper(RING_REAP_INTERVAL)?)
+        } else {
+            None
+        };
         Ok(Self {
             vcpus: Mutex::new(VcpuSet::Idle(vcpus)),
+            _reaper: reaper,
             listener,
             memory,
             vm,
@@ -198,7 +208,7 @@ impl Guest {
             for v in vcpus {
                 v.setup_ring3(&workload.entry(v.index())?)?;
             }
-            Self::start(&mut set)?;
+            Self::start(&mut set, guest.ring_handler(), &guest.listener)?;
         }
         if workload.spec().wss_bytes() > 0 {
             guest.monitor().wait_ready(timeout)?;
@@ -210,11 +220,37 @@ impl Guest {
         self.vcpus.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn start(set: &mut VcpuSet) -> Result<()> {
+    /// The ring-full handler of this guest's vCPUs (ring mode): note the exit, reap the rings.
+    fn ring_handler(&self) -> Option<RingFullHandler> {
+        if !self.vm.protect_mode().is_ring() {
+            return None;
+        }
+        let listener = Arc::downgrade(&self.listener);
+        Some(Arc::new(move |index| {
+            let l = listener.upgrade().ok_or("the memory listener is gone")?;
+            l.vm().note_ring_full_exit(index);
+            l.reap_rings().map(|_| ()).map_err(|e| e.to_string())
+        }))
+    }
+
+    fn start(
+        set: &mut VcpuSet,
+        ring: Option<RingFullHandler>,
+        listener: &KvmMemoryListener,
+    ) -> Result<()> {
         if let VcpuSet::Idle(vcpus) = set {
             let mut runners = Vec::new();
             for v in std::mem::take(vcpus) {
-                runners.push(VcpuRunner::spawn(v)?);
+                runners.push(VcpuRunner::spawn_with_ring(v, ring.clone())?);
+            }
+            if ring.is_some() {
+                // Every ring sync kicks the vCPUs first, so PML-buffered entries reach the rings.
+                let kickers: Vec<VcpuKicker> = runners.iter().map(|r| r.kicker()).collect();
+                listener.set_ring_kick(Arc::new(move || {
+                    for k in &kickers {
+                        k.kick();
+                    }
+                }));
             }
             *set = VcpuSet::Running(runners);
         }
@@ -334,7 +370,7 @@ impl Guest {
     pub fn resume(&self) -> Result<()> {
         let mut set = self.lock_vcpus();
         match &mut *set {
-            VcpuSet::Idle(_) => Self::start(&mut set),
+            VcpuSet::Idle(_) => Self::start(&mut set, self.ring_handler(), &self.listener),
             VcpuSet::Running(runners) => {
                 let mut first = Ok(());
                 for r in runners.iter() {
@@ -349,6 +385,14 @@ impl Guest {
                 }
                 first
             }
+        }
+    }
+
+    /// The counters of each running vCPU (defaults for vCPUs not started yet).
+    pub fn vcpu_stats(&self) -> Vec<crate::vcpu::runner::RunStats> {
+        match &*self.lock_vcpus() {
+            VcpuSet::Idle(v) => vec![Default::default(); v.len()],
+            VcpuSet::Running(r) => r.iter().map(VcpuRunner::stats).collect(),
         }
     }
 

@@ -289,6 +289,7 @@ fn selftest(choice: DirtyLogChoice, shift_paused: u8, shift_running: u8) {
         "every exact round stopped at a doorbell"
     );
     let written = mon.pages_written().unwrap();
+    let r_full_exits = r.stats().ring_full_exits;
     r.stop().unwrap();
 
     let s = mv.listener.stats();
@@ -319,6 +320,30 @@ fn selftest(choice: DirtyLogChoice, shift_paused: u8, shift_running: u8) {
     if mode.is_manual() {
         assert!(s.clears > 0);
     }
+    if mode.is_ring() {
+        let rs = mv.listener.ring_stats();
+        eprintln!(
+            "selftest {mode}: ring-full exits {}, ring entries {}, reaps {}, reaper+sync reap time {} us, rings found full {}",
+            r_full_exits, s.ring_entries, s.ring_reaps, s.ring_reap_ns / 1000, s.ring_found_full
+        );
+        assert!(r_full_exits > 0, "the ring is small enough to fill: {rs:?}");
+        assert_eq!(rs[0].full_exits, r_full_exits, "{rs:?}");
+        assert!(
+            s.ring_entries > 0 && rs[0].harvested == s.ring_entries,
+            "{rs:?} {s:?}"
+        );
+        assert_eq!(s.ring_foreign, 0, "{s:?}");
+    }
+}
+
+#[test]
+fn selftest_ring() {
+    if !kvm_available() || !ring_available() {
+        return;
+    }
+    let _s = serial();
+    // 16 KiB = 1024 entries per vCPU, far below the working set: rings fill every round.
+    selftest(DirtyLogChoice::Ring { bytes: 16 << 10 }, 6, 18);
 }
 
 #[test]

@@ -74,12 +74,20 @@ impl fmt::Debug for Vcpu {
 
 impl Vcpu {
     /// Creates vCPU `index` in `vm` and sets its CPUID to what KVM supports. `vm` must have been
-    /// made by [`Vm::new`] ([`Error::NoKvmHandles`] otherwise: use [`Vcpu::from_fds`]).
+    /// made by [`Vm::new`] ([`Error::NoKvmHandles`] otherwise: use [`Vcpu::from_fds`]). On a ring
+    /// VM the vCPU's dirty ring is registered with `vm` ([`Vm::register_vcpu_ring`]).
     pub fn new(vm: &Vm, index: u32) -> Result<Self> {
         let (Some(kvm), Some(fd)) = (vm.kvm(), vm.vm_fd()) else {
             return Err(Error::NoKvmHandles);
         };
-        Self::from_fds(kvm, fd, vm.caps(), index)
+        let vcpu = Self::from_fds(kvm, fd, vm.caps(), index)?;
+        if vm.protect_mode().is_ring() {
+            let raw = std::os::fd::AsRawFd::as_raw_fd(vcpu.fd());
+            // SAFETY: `vcpu` owns this open fd and outlives the borrow (the call below).
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+            vm.register_vcpu_ring(index, borrowed)?;
+        }
+        Ok(vcpu)
     }
 
     /// Creates vCPU `index` through kvm-ioctls handles the caller has (a VMM's VM, wrapped in a

@@ -21,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_run;
+use kvm_bindings::{kvm_run, KVM_EXIT_DIRTY_RING_FULL};
 use kvm_ioctls::VcpuExit;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -112,7 +112,47 @@ struct Shared {
     kicks: AtomicU64,
     doorbell_pauses: AtomicU64,
     fail_next_pause: AtomicBool,
+    ring_full_exits: AtomicU64,
+    on_ring_full: Option<RingFullHandler>,
+    /// The vCPU thread's id while it runs: set at its start, cleared (under this lock) before it
+    /// ends, so a [`VcpuKicker`] holding the lock only ever signals a live thread.
+    thread_id: Mutex<Option<libc::pthread_t>>,
 }
+
+/// Kicks one vCPU out of `KVM_RUN` from any thread, without the [`VcpuRunner`] (e.g. a dirty-ring
+/// sync kicking every vCPU so the CPU's buffered dirty entries reach the rings). Harmless once the
+/// vCPU thread has ended.
+#[derive(Clone)]
+pub struct VcpuKicker(std::sync::Weak<Shared>);
+
+impl std::fmt::Debug for VcpuKicker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuKicker").finish_non_exhaustive()
+    }
+}
+
+impl VcpuKicker {
+    /// Sends the kick signal if the vCPU thread still runs; returns whether it did.
+    pub fn kick(&self) -> bool {
+        let Some(shared) = self.0.upgrade() else {
+            return false;
+        };
+        let id = shared.thread_id.lock().unwrap_or_else(|p| p.into_inner());
+        match *id {
+            // SAFETY: the thread clears `thread_id` under this lock before it ends, so `t` names
+            // a live thread of this process while we hold the lock; the kick signal's handler is
+            // registered (by `spawn`) and async-signal-safe.
+            Some(t) => unsafe { libc::pthread_kill(t, kick_signal()) == 0 },
+            None => false,
+        }
+    }
+}
+
+/// Called on the vCPU thread at a `KVM_EXIT_DIRTY_RING_FULL` exit with the vCPU index: it must
+/// harvest and reset the rings (e.g. `KvmMemoryListener::reap_rings`) before returning, since the
+/// vCPU runs again right after. It runs outside any runner lock, so a migration that pauses the
+/// vCPUs meanwhile just finds the vCPU parking once the reap returns.
+pub type RingFullHandler = Arc<dyn Fn(u32) -> std::result::Result<(), String> + Send + Sync>;
 
 impl Shared {
     fn ctl(&self) -> MutexGuard<'_, Ctl> {
@@ -144,6 +184,8 @@ pub struct RunStats {
     pub kicks: u64,
     /// Pauses taken at a doorbell exit ([`VcpuRunner::pause_at_doorbell`]).
     pub doorbell_pauses: u64,
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits (each one handled by the [`RingFullHandler`]).
+    pub ring_full_exits: u64,
 }
 
 /// A vCPU running on its own thread.
@@ -255,6 +297,20 @@ fn run_loop(shared: &Shared) -> RunState {
                 guard.fd_mut().set_kvm_immediate_exit(0);
                 shared.kicks.fetch_add(1, Ordering::Relaxed);
             }
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+                shared.ring_full_exits.fetch_add(1, Ordering::Relaxed);
+                let Some(reap) = &shared.on_ring_full else {
+                    break RunState::Failed(
+                        "KVM_EXIT_DIRTY_RING_FULL and no ring-full handler to reap the rings"
+                            .into(),
+                    );
+                };
+                // The ring must be harvested and reset before KVM_RUN, or the vCPU exits again
+                // at once. No runner lock is held: the reap takes only the listener's slots lock.
+                if let Err(e) = reap(index) {
+                    break RunState::Failed(format!("reaping the dirty rings: {e}"));
+                }
+            }
             Ok(exit) => {
                 let what = format!("{exit:?}");
                 let rip = guard.fd().get_regs().map(|r| r.rip).unwrap_or(0);
@@ -276,6 +332,12 @@ fn run_loop(shared: &Shared) -> RunState {
 impl VcpuRunner {
     /// Starts `vcpu` running on a new thread named `vcpu<N>`.
     pub fn spawn(vcpu: Vcpu) -> Result<Self> {
+        Self::spawn_with_ring(vcpu, None)
+    }
+
+    /// [`spawn`](Self::spawn) for a vCPU of a dirty-ring VM: `on_ring_full` reaps the rings at
+    /// its `KVM_EXIT_DIRTY_RING_FULL` exits (without one such an exit ends the thread).
+    pub fn spawn_with_ring(vcpu: Vcpu, on_ring_full: Option<RingFullHandler>) -> Result<Self> {
         register_kick_handler()?;
         let index = vcpu.index();
         let shared = Arc::new(Shared {
@@ -295,12 +357,19 @@ impl VcpuRunner {
             kicks: AtomicU64::new(0),
             doorbell_pauses: AtomicU64::new(0),
             fail_next_pause: AtomicBool::new(false),
+            ring_full_exits: AtomicU64::new(0),
+            on_ring_full,
+            thread_id: Mutex::new(None),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                // SAFETY: pthread_self has no preconditions.
+                *s.thread_id.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(unsafe { libc::pthread_self() });
                 let end = run_loop(&s);
+                *s.thread_id.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 let mut ctl = s.ctl();
                 ctl.state = end;
                 s.cv.notify_all();
@@ -339,7 +408,13 @@ impl VcpuRunner {
             last_mmio_value: self.shared.last_mmio_value.load(Ordering::Acquire),
             kicks: self.shared.kicks.load(Ordering::Acquire),
             doorbell_pauses: self.shared.doorbell_pauses.load(Ordering::Acquire),
+            ring_full_exits: self.shared.ring_full_exits.load(Ordering::Acquire),
         }
+    }
+
+    /// A [`VcpuKicker`] for this vCPU, usable from any thread.
+    pub fn kicker(&self) -> VcpuKicker {
+        VcpuKicker(Arc::downgrade(&self.shared))
     }
 
     /// Forces the vCPU out of `KVM_RUN` once; it goes back in unless a pause or stop is

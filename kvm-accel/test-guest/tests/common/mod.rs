@@ -285,16 +285,32 @@ impl MemVm {
 
     /// Loads `w` into `low` (after `prepare`, e.g. setting the iteration) and starts vCPU 0.
     pub fn start(&self, w: &Workload, prepare: impl FnOnce(&RawGuestRam)) -> VcpuRunner {
-        let vcpu = Vcpu::new(&self.vm, 0).expect("Vcpu::new");
-        let tsc = vcpu.tsc_khz().expect("tsc_khz");
+        self.start_vcpus(w, prepare).pop().expect("one vCPU")
+    }
+
+    /// [`start`](Self::start) on every vCPU of `w` (`Workload::with_vcpus`): they share its
+    /// working set.
+    #[allow(dead_code)]
+    pub fn start_vcpus(&self, w: &Workload, prepare: impl FnOnce(&RawGuestRam)) -> Vec<VcpuRunner> {
+        let vcpus: Vec<Vcpu> = (0..w.vcpus())
+            .map(|i| Vcpu::new(&self.vm, i).expect("Vcpu::new"))
+            .collect();
+        let tsc = vcpus[0].tsc_khz().expect("tsc_khz");
         w.load(&self.ram, tsc).expect("load");
         prepare(&self.ram);
-        vcpu.setup_ring3(&w.entry(0).unwrap()).expect("setup_ring3");
-        let r = VcpuRunner::spawn(vcpu).expect("spawn");
-        let mon = clearlog_test_guest::workload::monitor::WorkloadMonitor::new(&self.ram, 1);
+        let runners: Vec<VcpuRunner> = vcpus
+            .into_iter()
+            .map(|v| {
+                v.setup_ring3(&w.entry(v.index()).unwrap())
+                    .expect("setup_ring3");
+                VcpuRunner::spawn_with_ring(v, ring_handler(&self.listener)).expect("spawn")
+            })
+            .collect();
+        let mon =
+            clearlog_test_guest::workload::monitor::WorkloadMonitor::new(&self.ram, w.vcpus());
         mon.wait_ready(Duration::from_secs(30))
             .expect("workload ready");
-        r
+        runners
     }
 
     /// Starts the on-demand dirtier ([`dirty_on_demand_image`]); it can write anywhere in the
@@ -352,5 +368,39 @@ impl Rng {
     /// Uniform in `lo..=hi`.
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next() % (hi - lo + 1)
+    }
+}
+
+/// Ring mode: the vCPU's `KVM_EXIT_DIRTY_RING_FULL` handler (note the exit, reap through
+/// `listener`); `None` for the bitmap modes.
+#[allow(dead_code)]
+pub fn ring_handler(
+    listener: &Arc<KvmMemoryListener>,
+) -> Option<clearlog_test_guest::vcpu::runner::RingFullHandler> {
+    if !listener.vm().protect_mode().is_ring() {
+        return None;
+    }
+    let l = Arc::downgrade(listener);
+    Some(Arc::new(move |index| {
+        let l = l.upgrade().ok_or("listener gone")?;
+        l.vm().note_ring_full_exit(index);
+        l.reap_rings().map(|_| ()).map_err(|e| e.to_string())
+    }))
+}
+
+/// Can this host give a dirty ring? Without it the ring tests skip loudly (and fail with
+/// `CI=true`, like [`kvm_available`]).
+#[allow(dead_code)]
+pub fn ring_available() -> bool {
+    let caps = clearlog_kvm::KvmCaps::probe_device("/dev/kvm".as_ref());
+    match caps.ok().and_then(|c| clearlog_kvm::RingRange::of(&c)) {
+        Some(_) => true,
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("KVM present but no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
+        }
+        None => {
+            eprintln!("SKIPPED: no KVM dirty ring on this host");
+            false
+        }
     }
 }

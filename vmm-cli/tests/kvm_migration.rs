@@ -334,7 +334,9 @@ fn ring_mode_migrates_increment_guest_without_loss() {
         return;
     }
     let _serial = serial();
-    let stats = migrate_and_check(
+    // Two vCPUs, each incrementing its own part, each with its own (small, so it fills) ring.
+    let stats = migrate_and_check_on(
+        2,
         DirtyLogChoice::Ring { bytes: 16 << 10 },
         DirtyLogMode::Legacy,
         Display::On,

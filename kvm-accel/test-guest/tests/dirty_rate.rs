@@ -98,6 +98,17 @@ fn random_records_write_gaps_and_rate() {
     r.pause().unwrap();
     let tsc = r.with_vcpu(|v| v.tsc_khz()).unwrap().unwrap();
     r.resume().unwrap();
+    // Measure from a write made after the resume: a vCPU thread the host has not scheduled yet
+    // would otherwise put its idle time into the window (seen once in a full `cargo xtask test`).
+    let resumed = mon.write_marks().unwrap()[0].pages_written;
+    let start = std::time::Instant::now();
+    while mon.write_marks().unwrap()[0].pages_written < resumed + 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the guest never wrote after resume"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 
     let m0 = mon.write_marks().unwrap();
     std::thread::sleep(Duration::from_secs(1));

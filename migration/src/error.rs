@@ -45,8 +45,10 @@ pub enum Error {
     /// The downtime limit is zero.
     #[error("downtime limit must be greater than zero")]
     ZeroDowntimeLimit,
-    /// `max_iterations` is `Some(0)` or `max_time` is `Some(0)`.
-    #[error("iteration or time limit must be greater than zero when set")]
+    /// `max_iterations`, `max_time` or `mid_pass_sync` is `Some(0)`.
+    #[error(
+        "iteration limit, time limit and mid-pass sync interval must be greater than zero when set"
+    )]
     ZeroMigrationLimit,
     /// A dirty-rate measurement or convergence prediction was asked with impossible settings (a
     /// zero window, no sampled pages, a zero bandwidth...).

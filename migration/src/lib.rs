@@ -131,7 +131,7 @@ mod vm;
 pub use cancel::CancelToken;
 pub use config::{
     chunk_bytes_to_shift, shift_to_chunk_bytes, DirtyLogMode, MigrationConfig, VerifyMode,
-    DEFAULT_ACK_TIMEOUT, DEFAULT_CLEAR_SHIFT, DEFAULT_DOWNTIME_LIMIT,
+    DEFAULT_ACK_TIMEOUT, DEFAULT_CLEAR_SHIFT, DEFAULT_DOWNTIME_LIMIT, DEFAULT_MID_PASS_SYNC,
 };
 pub use cpu::{process_cpu_time, thread_cpu_time};
 pub use destination::{Destination, DEFAULT_CONFIRM_TIMEOUT};

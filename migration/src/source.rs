@@ -211,6 +211,8 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
             throttle_supported: true,
             pass_cpu: Duration::ZERO,
             cpu_at_commit: None,
+            mid_pass_dirty: 0,
+            next_mid_pass_sync: None,
         };
         let start = Instant::now();
         let cpu_start = (process_cpu_time(), thread_cpu_time());
@@ -256,6 +258,10 @@ struct Run<'r, 'p, M: DirtyTracking + ?Sized> {
     pass_cpu: Duration,
     /// Process and thread CPU time at the commit.
     cpu_at_commit: Option<(Duration, Duration)>,
+    /// Pages newly dirty at this pass's mid-pass syncs (counted into the pass's sync).
+    mid_pass_dirty: u64,
+    /// When the next mid-pass sync is due (legacy mode, live passes).
+    next_mid_pass_sync: Option<Instant>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -288,8 +294,9 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             send_time += pass_time;
             live_bytes += pass.bytes;
             let sync_start = Instant::now();
-            let dirty = self.sync()?;
+            let dirty = self.sync()? + std::mem::take(&mut self.mid_pass_dirty);
             let sync_time = sync_start.elapsed();
+            self.schedule_mid_pass_sync(sync_time);
             let remaining = self.remaining_bytes();
             let bandwidth = if send_time.is_zero() {
                 0
@@ -411,7 +418,9 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             .map_err(Error::memory("starting dirty logging"))?;
         // First sync: learn which chunks the accelerator holds bits for (all of them with KVM's
         // INITIALLY_SET), so they are re-armed before the first pass reads them.
+        let t = Instant::now();
         self.sync()?;
+        self.schedule_mid_pass_sync(t.elapsed());
         Ok(())
     }
 
@@ -440,6 +449,34 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             }
         }
         Ok(new)
+    }
+
+    /// Legacy mode: when the next sync within a pass is due, given how long the last one took
+    /// (see [`MigrationConfig::mid_pass_sync`]).
+    fn schedule_mid_pass_sync(&mut self, last_sync: Duration) {
+        self.next_mid_pass_sync = match (self.config.mode, self.config.mid_pass_sync) {
+            (DirtyLogMode::Legacy, Some(interval)) => {
+                Some(Instant::now() + interval.max(last_sync * 50))
+            }
+            _ => None,
+        };
+    }
+
+    /// A sync within a live pass (legacy mode), at a window boundary: bits of pages still ahead
+    /// of the cursor join this pass (they were set already, or are sent now once instead of
+    /// twice), bits behind it wait for the next pass. Nothing is lost: every bit KVM hands over
+    /// lands in the dirty bitmap, as at the end of a pass.
+    fn mid_pass_sync_if_due(&mut self) -> Result<bool> {
+        match self.next_mid_pass_sync {
+            Some(due) if !self.paused && Instant::now() >= due => {
+                let t = Instant::now();
+                self.mid_pass_dirty += self.sync()?;
+                self.stats.mid_pass_syncs += 1;
+                self.schedule_mid_pass_sync(t.elapsed());
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     fn remaining_bytes(&self) -> u64 {
@@ -493,8 +530,16 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             // End of the window being sent: pages below it were classified (and re-armed).
             let mut window_end = 0u64;
             while let Some(page) = next {
-                let bs = &mut self.blocks[bi];
                 let p = page as u64;
+                // Between windows: pages below `window_end` are done for this pass.
+                if p >= window_end && self.mid_pass_sync_if_due()? {
+                    // Pages between the window's end and `p` may be dirty now: send them too.
+                    next = self.blocks[bi].dirty.find_next_set(window_end as usize);
+                    if next != Some(page) {
+                        continue;
+                    }
+                }
+                let bs = &mut self.blocks[bi];
                 if p >= window_end {
                     let (first, npages) = match bs.clear.as_ref() {
                         Some(clear) => clear.chunk_pages(clear.chunk_of(p)),

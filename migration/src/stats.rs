@@ -162,6 +162,10 @@ pub struct MigrationStats {
     pub iterations: u32,
     /// Dirty-log syncs (`log_sync_all` calls).
     pub dirty_syncs: u32,
+    /// Of `dirty_syncs`, those made within a live pass (legacy mode,
+    /// [`MigrationConfig::mid_pass_sync`](crate::MigrationConfig::mid_pass_sync)).
+    #[serde(default)]
+    pub mid_pass_syncs: u32,
     /// Page records sent (zero pages included).
     pub pages_sent: u64,
     /// Bytes of the migration stream written to the transport, the verify records after the

@@ -27,6 +27,11 @@ struct Outcome {
     progress: Vec<Progress>,
 }
 
+/// The mid-pass sync interval a seed runs with.
+fn mid_pass_sync(seed: u64) -> Option<Duration> {
+    (seed % 8 < 4).then_some(Duration::from_millis(20))
+}
+
 fn run(
     seed: u64,
     mode: DirtyLogMode,
@@ -59,6 +64,8 @@ fn run(
         downtime_limit: Duration::from_millis(10),
         max_time: Some(Duration::from_secs(30)),
         verify,
+        // Legacy mode: half the seeds also sync within passes (every 20 ms), half do not.
+        mid_pass_sync: mid_pass_sync(seed),
         ..MigrationConfig::default()
     };
     let (src_t, dst_t) = mem_channel();
@@ -130,7 +137,7 @@ fn assert_clean(o: &Outcome, what: &str) {
     assert!(!o.src_logging, "{what}: logging still on");
     assert_eq!(inc.pages_received, stats.pages_sent, "{what}");
     assert!(
-        stats.iterations >= 1 && stats.dirty_syncs == stats.iterations + 2,
+        stats.iterations >= 1 && stats.dirty_syncs == stats.iterations + 2 + stats.mid_pass_syncs,
         "{what}"
     );
     assert!(
@@ -194,6 +201,12 @@ fn fake_accel_clear_and_legacy_many_seeds() {
             }
             DirtyLogMode::Legacy => {
                 assert_eq!(stats.mode, "legacy");
+                // A first pass of 8 MiB at 32 MiB/s takes ~250 ms: several 20 ms intervals.
+                if mid_pass_sync(seed).is_some() {
+                    assert!(stats.mid_pass_syncs > 0, "{what}: no sync within a pass");
+                } else {
+                    assert_eq!(stats.mid_pass_syncs, 0, "{what}");
+                }
                 assert_eq!(
                     stats.log_clear_calls,
                     2 * stats.dirty_syncs as u64,

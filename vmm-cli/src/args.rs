@@ -172,6 +172,33 @@ pub struct MigrationArgs {
     /// avail-switchover-bandwidth) [default: off, the measured live-phase bandwidth].
     #[arg(long, value_name = "RATE", value_parser = parse_rate, allow_hyphen_values = true)]
     pub switchover_bandwidth: Option<u64>,
+    /// Legacy and ring modes: also sync the dirty log this often within a pass (stretched to 50x
+    /// the last sync's duration), or `off` for one sync per pass as QEMU does.
+    #[arg(long, value_name = "DURATION|off", value_parser = parse_mid_pass_sync, default_value = "250ms")]
+    pub mid_pass_sync: MidPassSync,
+}
+
+/// `--mid-pass-sync`: an interval, or `None` for `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MidPassSync(pub Option<Duration>);
+
+impl std::fmt::Display for MidPassSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(d) => write!(f, "{}ms", d.as_millis()),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+fn parse_mid_pass_sync(s: &str) -> Result<MidPassSync, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(MidPassSync(None));
+    }
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("`{s}`: use a positive interval, or off")),
+        d => Ok(MidPassSync(Some(d))),
+    }
 }
 
 /// `vmm run`.

@@ -108,6 +108,8 @@ pub struct RunSpec {
     pub vcpus: u32,
     /// `--switchover-bandwidth` for the source (None: off).
     pub switchover_bandwidth: Option<u64>,
+    /// `--mid-pass-sync` for the source.
+    pub mid_pass_sync: crate::args::MidPassSync,
 }
 
 impl RunSpec {
@@ -122,6 +124,7 @@ impl RunSpec {
             ram_fingerprint: true,
             vcpus: a.guest.vcpus,
             switchover_bandwidth: a.migration.switchover_bandwidth,
+            mid_pass_sync: a.migration.mid_pass_sync,
         }
     }
 }
@@ -275,6 +278,7 @@ pub fn one_run(
     if let Some(bw) = a.switchover_bandwidth {
         src_args.extend(["--switchover-bandwidth".into(), bw.to_string()]);
     }
+    src_args.extend(["--mid-pass-sync".into(), a.mid_pass_sync.to_string()]);
     src_args.extend(mode.run_args());
     let mut src = KillOnDrop(Some(
         Command::new(&exe)

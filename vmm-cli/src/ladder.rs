@@ -141,6 +141,7 @@ pub fn ladder(a: LadderArgs) -> CliResult {
                 ram_fingerprint: a.ram_fingerprint,
                 vcpus: 1,
                 switchover_bandwidth: a.migration.switchover_bandwidth,
+                mid_pass_sync: a.migration.mid_pass_sync,
             };
             for (mi, mode) in modes.iter().enumerate() {
                 let t = Instant::now();

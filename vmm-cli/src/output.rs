@@ -95,8 +95,8 @@ pub fn print_stats(
     );
     println!("  downtime          {:>10.1} ms", stats.downtime_ms);
     println!(
-        "  iterations        {:>10}      dirty syncs {}",
-        stats.iterations, stats.dirty_syncs
+        "  iterations        {:>10}      dirty syncs {} ({} within passes)",
+        stats.iterations, stats.dirty_syncs, stats.mid_pass_syncs
     );
     println!(
         "  pages sent        {:>10}      zero pages {}, resent {}",

@@ -132,6 +132,7 @@ pub fn migration_config(
         bandwidth_limit_bytes_per_s: m.bandwidth,
         downtime_limit: m.downtime,
         switchover_bandwidth_bytes_per_s: m.switchover_bandwidth.unwrap_or(0),
+        mid_pass_sync: m.mid_pass_sync.0,
         max_time: Some(max_time),
         ..MigrationConfig::default()
     };

@@ -623,6 +623,16 @@ fn zero_and_negative_limits() {
         &["--switchover-bandwidth must be positive"],
     );
     expect_error(
+        &["run", "--migrate-to", &to, "--mid-pass-sync", "0"],
+        2,
+        &["--mid-pass-sync", "positive interval, or off"],
+    );
+    expect_error(
+        &["run", "--migrate-to", &to, "--mid-pass-sync", "sometimes"],
+        2,
+        &["sometimes", "not a duration"],
+    );
+    expect_error(
         &["run", "--migrate-to", &to, "--downtime", "-5ms"],
         2,
         &["-5ms", "negative"],

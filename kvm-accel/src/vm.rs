@@ -653,10 +653,11 @@ impl Vm {
     /// use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
     /// use clearlog_kvm::{Vm, VmConfig};
     ///
-    /// let vm = Vm::new(VmConfig::default()).unwrap();
+    /// // `mem` is declared first so it is dropped last: it outlives the VM and its memslot.
     /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    /// let vm = Vm::new(VmConfig::default()).unwrap();
     /// let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-    /// // SAFETY: `mem` outlives `vm` in this example.
+    /// // SAFETY: `mem` outlives `vm` (declared before it, so dropped after it).
     /// unsafe { vm.set_memslot(0, 0, 1 << 20, host, true).unwrap() };
     /// ```
     pub unsafe fn set_memslot(

@@ -139,12 +139,22 @@ impl VcpuKicker {
         };
         let id = shared.thread_id.lock().unwrap_or_else(|p| p.into_inner());
         match *id {
-            // SAFETY: the thread clears `thread_id` under this lock before it ends, so `t` names
+            // SAFETY: the thread clears `thread_id` under this lock before it ends (a drop guard,
+            // so also when it unwinds), so `t` names
             // a live thread of this process while we hold the lock; the kick signal's handler is
             // registered (by `spawn`) and async-signal-safe.
             Some(t) => unsafe { libc::pthread_kill(t, kick_signal()) == 0 },
             None => false,
         }
+    }
+}
+
+/// Clears the vCPU thread's id when dropped: on the thread's way out, normal or unwinding.
+struct ForgetThreadId<'a>(&'a Mutex<Option<libc::pthread_t>>);
+
+impl Drop for ForgetThreadId<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
@@ -368,8 +378,11 @@ impl VcpuRunner {
                 // SAFETY: pthread_self has no preconditions.
                 *s.thread_id.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(unsafe { libc::pthread_self() });
+                // Forget the thread id however `run_loop` ends, a panic (e.g. in a ring-full
+                // handler) included: a kicker must never signal a thread that has ended.
+                let forget = ForgetThreadId(&s.thread_id);
                 let end = run_loop(&s);
-                *s.thread_id.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                drop(forget);
                 let mut ctl = s.ctl();
                 ctl.state = end;
                 s.cv.notify_all();

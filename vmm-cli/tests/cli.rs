@@ -694,7 +694,7 @@ fn vcpu_and_dirtyrate_usage_errors() {
 }
 
 /// `vmm dirtyrate` on a small guest: bitmap counts the distinct pages of a known writer, the
-/// verdict follows, and ring mode says why it cannot run.
+/// verdict follows, and ring mode gives per-vCPU rates (or says what is missing).
 #[test]
 fn dirtyrate_measures_a_guest() {
     if !kvm_available("dirtyrate_measures_a_guest") {
@@ -757,18 +757,44 @@ fn dirtyrate_measures_a_guest() {
         t.contains("converges at bandwidth 100 MiB/s with downtime 100 ms: "),
         "{t}"
     );
+    // Ring mode: the VM gets the ring; per-vCPU rates, two vCPUs writing half each.
+    let ring = vmm(&[
+        "dirtyrate",
+        "--mem",
+        "64M",
+        "--wss",
+        "32M",
+        "--dirty-rate",
+        "8M",
+        "--vcpus",
+        "2",
+        "--mode",
+        "ring",
+        "--ring-size",
+        "16K",
+        "--duration",
+        "500ms",
+        "--warmup",
+        "300ms",
+        "--json",
+    ]);
+    assert!(ring.status.success(), "{}", text(&ring.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&ring.stdout).expect("dirtyrate ring --json");
+    assert_eq!(v["mode"], "ring", "{v}");
+    // Ring entries follow the write rate (8 MiB/s), 4 MiB/s per vCPU.
+    let mib = v["dirty_rate_mib_per_s"].as_f64().unwrap();
+    assert!(mib > 6.5 && mib < 9.5, "{v}");
+    let per_vcpu = v["per_vcpu_mib_per_s"].as_array().expect("per-vCPU rates");
+    assert_eq!(per_vcpu.len(), 2, "{v}");
+    for r in per_vcpu {
+        let r = r.as_f64().unwrap();
+        assert!(r > 3.0 && r < 5.0, "{v}");
+    }
+    // `vmm run --dirtyrate ring` on a VM without the ring says what is missing.
     expect_error(
-        &[
-            "dirtyrate",
-            "--mem",
-            "64M",
-            "--wss",
-            "32M",
-            "--mode",
-            "ring",
-        ],
+        &["run", "--mem", "64M", "--wss", "32M", "--dirtyrate", "ring"],
         2,
-        &["dirty ring"],
+        &["dirty ring", "--dirty-log ring"],
     );
 }
 

@@ -294,6 +294,8 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             send_time += pass_time;
             live_bytes += pass.bytes;
             let sync_start = Instant::now();
+            // With mid-pass syncs this counts dirtyings that cost a send: a page dirtied before a
+            // mid-pass sync, sent, and dirtied again counts twice (it is sent twice).
             let dirty = self.sync()? + std::mem::take(&mut self.mid_pass_dirty);
             let sync_time = sync_start.elapsed();
             self.schedule_mid_pass_sync(sync_time);
@@ -455,8 +457,9 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     /// (see [`MigrationConfig::mid_pass_sync`]).
     fn schedule_mid_pass_sync(&mut self, last_sync: Duration) {
         self.next_mid_pass_sync = match (self.config.mode, self.config.mid_pass_sync) {
+            // An interval too long to represent means never.
             (DirtyLogMode::Legacy, Some(interval)) => {
-                Some(Instant::now() + interval.max(last_sync * 50))
+                Instant::now().checked_add(interval.max(last_sync.saturating_mul(50)))
             }
             _ => None,
         };

@@ -609,3 +609,35 @@ fn a_lost_confirmation_resumes_the_source_and_not_the_destination() {
     );
     assert!(!src.global_logging());
 }
+
+/// Legacy mode with a mid-pass sync interval too long to represent (a caller's "never"): no
+/// panic, no sync within a pass, and the migration verifies.
+#[test]
+fn unrepresentable_mid_pass_sync_interval_means_never() {
+    let src = memory(MIB);
+    let dst = memory(MIB);
+    prefill(&src, 3);
+    let vm = TestVm {
+        state: state_blobs(),
+        ..TestVm::default()
+    };
+    let cfg = MigrationConfig {
+        mode: DirtyLogMode::Legacy,
+        mid_pass_sync: Some(Duration::MAX),
+        ..config()
+    };
+    let (src_t, dst_t) = mem_channel();
+    let vm_dst = TestVm::default();
+    let (s, d) = std::thread::scope(|sc| {
+        let d = sc.spawn(|| Destination::new(&dst).receive(dst_t, &vm_dst));
+        let s = Source::new(&src, cfg)
+            .unwrap()
+            .migrate(src_t, &vm, None, &CancelToken::new());
+        (s, d.join().unwrap())
+    });
+    let s = s.unwrap();
+    assert!(s.converged && s.verified, "{s:?}");
+    assert_eq!(s.mid_pass_syncs, 0);
+    assert!(d.unwrap().verified);
+    assert!(diff_ram(&src, &dst).is_empty());
+}

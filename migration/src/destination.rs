@@ -350,12 +350,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                                 // idle guest load ~10x slower than the source sends it and the
                                 // backlog showed up as downtime. Reading an untouched page maps
                                 // the shared zero page instead.
-                                ram.read(page * PAGE_SIZE, &mut scratch[..])
-                                    .map_err(Error::memory("reading a page"))?;
-                                if !is_zero_page(&scratch) {
-                                    ram.write_untracked(page * PAGE_SIZE, &zero_page)
-                                        .map_err(Error::memory("loading a zero page"))?;
-                                }
+                                zero_page_in_place(ram, page, &mut scratch, &zero_page)?;
                                 if let Some(table) = received.get_mut(block as usize) {
                                     table.remove(&page);
                                 }
@@ -381,12 +376,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                         .map_err(Error::memory("asking which pages are populated"))?;
                     for range in &populated {
                         for page in range.clone() {
-                            ram.read(page * PAGE_SIZE, &mut scratch[..])
-                                .map_err(Error::memory("reading a page"))?;
-                            if !is_zero_page(&scratch) {
-                                ram.write_untracked(page * PAGE_SIZE, &zero_page)
-                                    .map_err(Error::memory("loading a zero page"))?;
-                            }
+                            zero_page_in_place(ram, page, &mut scratch, &zero_page)?;
                         }
                     }
                     if let Some(table) = received.get_mut(block as usize) {
@@ -493,6 +483,23 @@ impl Mismatches {
             self.first.push(format!("{block} page {page}"));
         }
     }
+}
+
+/// Makes `page` of `ram` zero, writing only when it is not (see the zero-page record in `load`
+/// for why). `scratch` holds one page; `zero_page` is a page of zeros.
+fn zero_page_in_place<B: MigrationBlock>(
+    ram: &B,
+    page: u64,
+    scratch: &mut [u8; PAGE_SIZE as usize],
+    zero_page: &[u8],
+) -> Result<()> {
+    ram.read(page * PAGE_SIZE, &mut scratch[..])
+        .map_err(Error::memory("reading a page"))?;
+    if !is_zero_page(scratch) {
+        ram.write_untracked(page * PAGE_SIZE, zero_page)
+            .map_err(Error::memory("loading a zero page"))?;
+    }
+    Ok(())
 }
 
 /// Read the source's final digests (verify records) and compare them with the pages as received:

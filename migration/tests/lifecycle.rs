@@ -56,6 +56,28 @@ fn migrate_pair(
     (s, d)
 }
 
+/// Migrate `src` into `dst` with `cfg` over an in-memory channel (the source's VM is `vm`, the
+/// destination's a fresh one); both sides' results.
+fn migrate_in_memory(
+    src: &clearlog_memory::MemorySystem,
+    dst: &clearlog_memory::MemorySystem,
+    cfg: MigrationConfig,
+    vm: &TestVm,
+) -> (
+    clearlog_migration::Result<MigrationStats>,
+    clearlog_migration::Result<IncomingStats>,
+) {
+    let (src_t, dst_t) = mem_channel();
+    let vm_dst = TestVm::default();
+    std::thread::scope(|sc| {
+        let d = sc.spawn(|| Destination::new(dst).receive(dst_t, &vm_dst));
+        let s = Source::new(src, cfg)
+            .unwrap()
+            .migrate(src_t, vm, None, &CancelToken::new());
+        (s, d.join().unwrap())
+    })
+}
+
 #[test]
 fn tcp_loopback() {
     let src = memory(LAYOUT);
@@ -364,15 +386,7 @@ fn switchover_bandwidth_lets_it_converge_after_one_pass() {
         switchover_bandwidth_bytes_per_s: 1 << 40,
         ..config()
     };
-    let (src_t, dst_t) = mem_channel();
-    let vm_dst = TestVm::default();
-    let (s, d) = std::thread::scope(|sc| {
-        let d = sc.spawn(|| Destination::new(&dst).receive(dst_t, &vm_dst));
-        let s = Source::new(&src, cfg)
-            .unwrap()
-            .migrate(src_t, &*vm, None, &CancelToken::new());
-        (s, d.join().unwrap())
-    });
+    let (s, d) = migrate_in_memory(&src, &dst, cfg, &vm);
     vm.gate.stop.store(true, Ordering::SeqCst);
     writer.join().unwrap();
     let s = s.unwrap();
@@ -626,15 +640,7 @@ fn unrepresentable_mid_pass_sync_interval_means_never() {
         mid_pass_sync: Some(Duration::MAX),
         ..config()
     };
-    let (src_t, dst_t) = mem_channel();
-    let vm_dst = TestVm::default();
-    let (s, d) = std::thread::scope(|sc| {
-        let d = sc.spawn(|| Destination::new(&dst).receive(dst_t, &vm_dst));
-        let s = Source::new(&src, cfg)
-            .unwrap()
-            .migrate(src_t, &vm, None, &CancelToken::new());
-        (s, d.join().unwrap())
-    });
+    let (s, d) = migrate_in_memory(&src, &dst, cfg, &vm);
     let s = s.unwrap();
     assert!(s.converged && s.verified, "{s:?}");
     assert_eq!(s.mid_pass_syncs, 0);

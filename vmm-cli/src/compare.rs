@@ -49,10 +49,6 @@ fn num(v: &Value, key: &str) -> Option<f64> {
     v.get(key).and_then(Value::as_f64)
 }
 
-fn human_chunk(b: u64) -> String {
-    crate::output::human_bytes(b)
-}
-
 /// Parses one line of a compare file; `Ok(None)` for a blank line.
 pub fn parse_line(line: &str) -> Result<Option<Row>, String> {
     let line = line.trim();
@@ -78,7 +74,7 @@ pub fn parse_line(line: &str) -> Result<Option<Row>, String> {
             (None, Some("legacy")) => "legacy".into(),
             (None, Some(_)) => format!(
                 "clear {}",
-                human_chunk(num(&v, "clear_chunk_bytes").unwrap_or(0.0) as u64)
+                crate::output::human_bytes(num(&v, "clear_chunk_bytes").unwrap_or(0.0) as u64)
             ),
             (None, None) => "unknown".into(),
         };
@@ -124,7 +120,7 @@ pub fn parse_line(line: &str) -> Result<Option<Row>, String> {
     ) {
         (Some(m), _) => m.to_string(),
         (None, Some(0.0)) => "legacy".into(),
-        (None, Some(c)) => format!("clear {}", human_chunk(c as u64)),
+        (None, Some(c)) => format!("clear {}", crate::output::human_bytes(c as u64)),
         (None, None) => "unknown".into(),
     };
     let ok = status == "completed";

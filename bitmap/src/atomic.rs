@@ -230,8 +230,10 @@ impl AtomicBitmap {
         self.words[w].fetch_and(!m, RMW) & m != 0
     }
 
-    /// Sets bits `[start, start + len)`, atomically per word (`fetch_or`; a
-    /// plain release store for words wholly inside the range).
+    /// Sets bits `[start, start + len)`, atomically per word (`fetch_or` on every
+    /// word, also those wholly inside the range: a plain store would end the release
+    /// sequence of another thread's earlier `fetch_or` on the word, and a reader that
+    /// sees the word full would then not see that thread's writes before its mark).
     ///
     /// # Panics
     ///
@@ -248,11 +250,7 @@ impl AtomicBitmap {
     pub fn set_range(&self, start: usize, len: usize) {
         let end = self.check_range(start, len);
         for_each_word_in_range(start, end, |i, m| {
-            if m == !0 {
-                self.words[i].store(!0, STORE);
-            } else {
-                self.words[i].fetch_or(m, RMW);
-            }
+            self.words[i].fetch_or(m, RMW);
         });
     }
 

@@ -116,10 +116,15 @@ fn take_range_loses_nothing() {
     let done = Arc::new(AtomicBool::new(false));
     // All writers and the taker start together, so takes and writes overlap.
     let start_line = Arc::new(Barrier::new(THREADS));
+    // Full passes the taker finished. A writer waits, after its last write, for a whole pass
+    // that started after it: on a loaded host the taker may otherwise only run once every
+    // writer is done, and the test would show no overlap at all.
+    let passes_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
     let writers: Vec<_> = (0..THREADS - 1)
         .map(|t| {
             let (m, start_line) = (Arc::clone(&map), Arc::clone(&start_line));
+            let passes_done = Arc::clone(&passes_done);
             thread::spawn(move || {
                 let mut set = Bitmap::new(BITS);
                 start_line.wait();
@@ -153,6 +158,10 @@ fn take_range_loses_nothing() {
                         set.set(bit);
                     }
                 }
+                let after = passes_done.load(Ordering::Acquire);
+                while passes_done.load(Ordering::Acquire) < after + 2 {
+                    thread::yield_now();
+                }
                 set
             })
         })
@@ -161,6 +170,7 @@ fn take_range_loses_nothing() {
     let taker = {
         let (m, done) = (Arc::clone(&map), Arc::clone(&done));
         let start_line = Arc::clone(&start_line);
+        let passes_done = Arc::clone(&passes_done);
         thread::spawn(move || {
             let mut taken = Bitmap::new(BITS);
             start_line.wait();
@@ -178,6 +188,7 @@ fn take_range_loses_nothing() {
                 if start >= BITS {
                     start = (passes * 31) % 64;
                     passes += 1;
+                    passes_done.store(passes, Ordering::Release);
                 }
             }
             taken

@@ -3,7 +3,7 @@
 
 //! Dirty-memory clients and their bitmaps over the RAM address space.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicU8, Ordering};
 
 use clearlog_bitmap::{words_for_bits, AtomicBitmap, BITS_PER_WORD};
 
@@ -234,6 +234,12 @@ impl DirtyMemory {
     /// Set the active clients (the memory system does this when logging changes).
     pub(crate) fn set_active_clients(&self, clients: DirtyClients) {
         self.active.store(clients.0, Ordering::Release);
+        // Pairs with the fence in `set_dirty_range`: a client turned on here, then reading
+        // pages, and a host write that stores a page, then loads the active set, form a
+        // store-buffering pattern. With a `SeqCst` fence between the store and the load on each
+        // side, at least one of them sees the other: the write is marked for the client, or the
+        // client's read sees the write.
+        fence(Ordering::SeqCst);
     }
 
     /// Fold an accelerator bitmap (KVM layout, bit 0 = `ram_first_page`) of `npages` pages into every
@@ -361,6 +367,9 @@ impl DirtyMemory {
     /// ```
     #[track_caller]
     pub fn set_dirty_range(&self, ram_first_page: u64, npages: u64) {
+        // The data is written; order that store before the load of the active set (see
+        // `set_active_clients`).
+        fence(Ordering::SeqCst);
         self.set_dirty_range_for(self.active_clients(), ram_first_page, npages);
     }
 
@@ -419,6 +428,46 @@ mod tests {
 
     fn ones(map: &AtomicBitmap) -> Vec<usize> {
         map.iter_ones().collect()
+    }
+
+    /// Finding: turning a client on (a store of the active set, then the client reads the pages)
+    /// and a VMM write (a store of the page, then a load of the active set to know whom to mark)
+    /// are a store-buffering pattern: with only release/acquire, both loads may miss the other
+    /// side's store (the write is neither marked for the client nor seen by its read: a lost
+    /// page). x86 forbids that outcome only because of its locked store; arm64 allows it. Run it
+    /// under Miri (`cargo xtask miri`), whose weak-memory emulation produces the outcome when no
+    /// `SeqCst` fence separates the store from the load on each side.
+    #[test]
+    fn turning_a_client_on_and_a_host_write_never_both_miss() {
+        use std::sync::atomic::AtomicU64;
+        use std::sync::Arc;
+        let runs = if cfg!(miri) { 64 } else { 2000 };
+        for run in 0..runs {
+            let dirty = Arc::new(DirtyMemory::new(64));
+            // The page's bytes (a relaxed atomic stands for the guest memory the VMM writes).
+            let page = Arc::new(AtomicU64::new(0));
+            let writer = {
+                let (dirty, page) = (dirty.clone(), page.clone());
+                std::thread::spawn(move || {
+                    page.store(1, Ordering::Relaxed);
+                    dirty.set_dirty_range(5, 1);
+                })
+            };
+            let migration = {
+                let (dirty, page) = (dirty.clone(), page.clone());
+                std::thread::spawn(move || {
+                    dirty.set_active_clients(DirtyClients::NONE.with(DirtyClient::Migration));
+                    page.load(Ordering::Relaxed)
+                })
+            };
+            writer.join().unwrap();
+            let seen = migration.join().unwrap();
+            let marked = dirty.client(DirtyClient::Migration).test(5);
+            assert!(
+                marked || seen == 1,
+                "run {run}: the write was neither marked for migration nor seen by its read"
+            );
+        }
     }
 
     #[test]

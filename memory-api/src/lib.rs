@@ -11,8 +11,10 @@
 //!   in one RAM address space at a 64-page-aligned page offset. Host-side writes through
 //!   [`RamBlock::write`] always mark the pages dirty.
 //! - [`RamBlock::populated_pages`] (`populated`): which pages of a block may hold data, from the
-//!   page tables (`PAGEMAP_SCAN`) or the backing file (`SEEK_DATA`), so migration can send
-//!   never-populated memory as zero without reading it.
+//!   page tables (`PAGEMAP_SCAN`) or the backing file (`SEEK_DATA`), chosen from what the kernel
+//!   says the mapping is (`mapping`: `/proc/self/smaps`), so migration can send never-populated
+//!   memory as zero without reading it; [`RamBlock::nonzero_pages`] (`zero_scan`) is the check
+//!   that trusts no such answer: it reads every byte.
 //! - [`RamBacking`] (`backing`): where a block's memory comes from: private anonymous memory, a
 //!   memfd (optionally hugetlb) or the caller's file at an offset, mapped shared (vhost-user).
 //! - [`DirtyBitmap`] (`vm_bitmap`): a vm-memory bitmap backend over the dirty-memory clients, so
@@ -102,6 +104,7 @@ mod backing;
 mod dirty;
 mod error;
 mod listener;
+mod mapping;
 mod migration_sync;
 mod populated;
 mod ram;
@@ -111,12 +114,14 @@ mod system;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod vm_bitmap;
+mod zero_scan;
 
 pub use backing::RamBacking;
 pub use dirty::{DirtyClient, DirtyClients, DirtyMemory};
 pub use error::{Error, ListenerError, Result};
 pub use listener::MemoryListener;
 pub use migration_sync::ClearBitmap;
+pub use populated::PopulatedMethod;
 pub use ram::{is_zero_page, RamBlock, RamBlockId};
 pub use region::{RegionId, Section};
 pub use snapshot::DirtySnapshot;

@@ -25,12 +25,14 @@ use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 
 use vm_memory::MmapRegion;
 
-use crate::{DirtyBitmap, Error, Result, PAGE_SHIFT, PAGE_SIZE};
+use crate::mapping::{self, MappingKind, Vma};
+use crate::{zero_scan, DirtyBitmap, Error, Result, PAGE_SHIFT, PAGE_SIZE};
 
 /// Page category bits of `PAGEMAP_SCAN` (`PAGE_IS_*` in `include/uapi/linux/fs.h`).
 pub(crate) mod category {
@@ -251,54 +253,84 @@ pub(crate) fn scan(
     Ok(true)
 }
 
-/// How a block finds its populated pages (decided from its mapping when the block is made).
+/// How a block finds its populated pages: decided from what the kernel says its mapping is
+/// ([`crate::mapping`]), when the block is made and again by
+/// [`RamBlock::reclassify_mapping`](crate::RamBlock::reclassify_mapping).
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_memory::{MemorySystem, PopulatedMethod, RamBacking};
+///
+/// let mem = MemorySystem::with_ram_capacity(1 << 24);
+/// mem.add_ram("anon", 0, 1 << 20).unwrap();
+/// mem.add_ram_backed("memfd", 1 << 20, 1 << 20, RamBacking::Memfd { hugetlb: false }).unwrap();
+/// let blocks = mem.ram_blocks();
+/// assert_eq!(blocks[0].populated_method(), PopulatedMethod::PageTables);
+/// assert_eq!(blocks[1].populated_method(), PopulatedMethod::FileData);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Method {
-    /// Private anonymous memory: this process's page tables.
-    Pagemap,
-    /// A shared file mapping: the file's data ranges.
-    File,
-    /// A private file mapping: pages copied on write are in the page tables, the others read
-    /// through to the file.
-    PagemapAndFile,
-    /// A shared mapping without a file we know: another process may write it, and nothing says
-    /// where. Everything counts as populated.
+#[non_exhaustive]
+pub enum PopulatedMethod {
+    /// Private anonymous memory: this process's page tables (`PAGEMAP_SCAN`).
+    PageTables,
+    /// One file mapped shared: the file's data ranges (`SEEK_DATA`/`SEEK_HOLE`).
+    FileData,
+    /// One file mapped private: pages copied on write (page tables) and the file's data ranges.
+    PageTablesAndFileData,
+    /// Nothing can be known without reading: every page counts as populated. A mapping of
+    /// several kinds, a shared mapping whose file cannot be opened, memory registered with
+    /// userfaultfd (a missing page's content comes from the handler), or no `/proc`.
     Everything,
 }
 
 /// The per-block state of the populated-pages query.
 #[derive(Debug)]
 pub(crate) struct Populated {
-    method: Method,
-    /// A private open file description of the backing file for `SEEK_DATA`/`SEEK_HOLE` (they
-    /// move the file offset, which the caller's fd must keep), opened at the first query.
-    /// `None`: it could not be opened; the block then counts as fully populated.
-    seek_file: OnceLock<Option<File>>,
+    state: RwLock<Classified>,
     /// Test switch: behave as on a kernel without `PAGEMAP_SCAN` or `SEEK_DATA`.
     force_fallback: AtomicBool,
 }
 
-const MAP_TYPE: i32 = 0x0f;
+/// What the kernel said the block's mapping is, and what follows for the query.
+#[derive(Debug)]
+struct Classified {
+    method: PopulatedMethod,
+    /// The mapped file, as a private open file description (`SEEK_DATA`/`SEEK_HOLE` move its
+    /// offset, which the caller's fd must keep), for the file methods.
+    file: Option<File>,
+    /// File offset of the block's first byte.
+    file_offset: u64,
+}
 
 impl Populated {
+    /// The state of a new block over `mapping`, asking the kernel what the mapping is.
     pub(crate) fn for_mapping(mapping: &MmapRegion<DirtyBitmap>) -> Self {
-        let private = mapping.flags() & MAP_TYPE == libc::MAP_PRIVATE;
-        let method = match (private, mapping.file_offset().is_some()) {
-            (true, false) => Method::Pagemap,
-            (true, true) => Method::PagemapAndFile,
-            (false, true) => Method::File,
-            (false, false) => Method::Everything,
-        };
+        let vmas = current_vmas();
         Populated {
-            method,
-            seek_file: OnceLock::new(),
+            state: RwLock::new(Classified::of(mapping, vmas.as_deref())),
             force_fallback: AtomicBool::new(false),
         }
     }
 
-    #[cfg(test)]
-    pub(crate) fn method(&self) -> Method {
-        self.method
+    /// Ask the kernel again (`vmas`: this process's VMAs, read once for several blocks).
+    pub(crate) fn reclassify(&self, mapping: &MmapRegion<DirtyBitmap>, vmas: Option<&[Vma]>) {
+        let fresh = Classified::of(mapping, vmas);
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if state.method != fresh.method {
+            tracing::info!(
+                host_addr = mapping.as_ptr() as u64,
+                size = mapping.size(),
+                was = ?state.method,
+                now = ?fresh.method,
+                "a RAM block's mapping changed: populated pages are now found another way"
+            );
+        }
+        *state = fresh;
+    }
+
+    pub(crate) fn method(&self) -> PopulatedMethod {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).method
     }
 
     #[cfg(feature = "testing")]
@@ -340,28 +372,30 @@ impl Populated {
         if self.force_fallback.load(Ordering::Relaxed) {
             return everything(out);
         }
-        match self.method {
-            Method::Everything => everything(out),
-            Method::Pagemap => {
-                if self.query_pagemap(mapping, &pages, base, out)? {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let file = || state.file.as_ref().map(|f| (f, state.file_offset));
+        match state.method {
+            PopulatedMethod::Everything => everything(out),
+            PopulatedMethod::PageTables => {
+                if query_pagemap(mapping, &pages, base, out)? {
                     Ok(())
                 } else {
                     everything(out)
                 }
             }
-            Method::File => {
-                if self.query_file(mapping, &pages, base, out)? {
+            PopulatedMethod::FileData => {
+                if query_file(file(), &pages, base, out)? {
                     Ok(())
                 } else {
                     everything(out)
                 }
             }
-            Method::PagemapAndFile => {
-                if !self.query_pagemap(mapping, &pages, base, out)? {
+            PopulatedMethod::PageTablesAndFileData => {
+                if !query_pagemap(mapping, &pages, base, out)? {
                     return everything(out);
                 }
                 let mid = out.len();
-                if !self.query_file(mapping, &pages, mid, out)? {
+                if !query_file(file(), &pages, mid, out)? {
                     return everything(out);
                 }
                 normalize(out, base);
@@ -370,83 +404,232 @@ impl Populated {
         }
     }
 
-    fn query_pagemap(
+    /// Call `nonzero(page)` for every page of `pages` (block page numbers, checked by the caller)
+    /// that holds a non-zero byte, by reading every byte: in place through the mapping, or, for a
+    /// file mapped shared, with `pread` from the file (the same bytes; reading a hole through a
+    /// shared mapping would allocate it, `pread` reads it as zero without allocating).
+    pub(crate) fn nonzero_pages(
         &self,
         mapping: &MmapRegion<DirtyBitmap>,
-        pages: &Range<u64>,
-        base: usize,
-        out: &mut Vec<Range<u64>>,
-    ) -> Result<bool> {
-        let host = mapping.as_ptr() as u64;
-        let start = host + (pages.start << PAGE_SHIFT);
-        let end = host + (pages.end << PAGE_SHIFT);
-        let wanted = category::PRESENT | category::SWAPPED;
-        scan(start, end, wanted, wanted, |r| {
-            // Round outwards and clip: the kernel reports page-aligned regions inside the range.
-            let first = (r.start.max(start) - host) >> PAGE_SHIFT;
-            let last = (r.end.min(end) - host).div_ceil(PAGE_SIZE);
-            push_merged(out, base, first..last);
-        })
-    }
-
-    fn seek_file(&self, mapping: &MmapRegion<DirtyBitmap>) -> Option<&File> {
-        self.seek_file
-            .get_or_init(|| {
-                let file = mapping.file_offset()?.file();
-                // A new open file description of the same file: our lseeks must not move the offset
-                // of the caller's fd (or of a vhost-user backend that received it).
-                match File::open(format!("/proc/self/fd/{}", file.as_raw_fd())) {
-                    Ok(f) => Some(f),
-                    Err(error) => {
-                        tracing::warn!(
-                            %error,
-                            "cannot reopen a RAM block's backing file for SEEK_DATA: the block \
-                             counts as fully populated"
-                        );
-                        None
-                    }
-                }
-            })
-            .as_ref()
-    }
-
-    fn query_file(
-        &self,
-        mapping: &MmapRegion<DirtyBitmap>,
-        pages: &Range<u64>,
-        base: usize,
-        out: &mut Vec<Range<u64>>,
-    ) -> Result<bool> {
-        let (Some(fo), Some(file)) = (mapping.file_offset(), self.seek_file(mapping)) else {
-            return Ok(false);
-        };
-        let file_base = fo.start();
-        let start = file_base + (pages.start << PAGE_SHIFT);
-        let end = file_base + (pages.end << PAGE_SHIFT);
-        let mut at = start;
-        while at < end {
-            let Some(data) = seek(file, at, libc::SEEK_DATA)? else {
-                break; // ENXIO: no data at or after `at`
-            };
-            if data >= end {
-                break;
-            }
-            // There is always a hole at the end of the file, so SEEK_HOLE after data finds one.
-            let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-            if hole <= data {
-                return Err(Error::PopulatedScan {
-                    what: "lseek(SEEK_HOLE) went backwards",
-                    source: io::Error::from_raw_os_error(libc::EIO),
-                });
-            }
-            // File systems may track holes in blocks smaller than a page: round outwards.
-            let first = (data - file_base) >> PAGE_SHIFT;
-            let last = (hole - file_base).div_ceil(PAGE_SIZE);
-            push_merged(out, base, first..last);
-            at = hole;
+        pages: Range<u64>,
+        mut nonzero: impl FnMut(u64),
+    ) -> Result<()> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        if let (PopulatedMethod::FileData, Some(file)) = (state.method, state.file.as_ref()) {
+            return pread_nonzero(file, state.file_offset, pages, nonzero);
         }
-        Ok(true)
+        drop(state);
+        let base = mapping
+            .as_ptr()
+            .wrapping_add((pages.start << PAGE_SHIFT) as usize);
+        // SAFETY: `pages` lies inside the block (checked by the caller), so `base` and the
+        // `pages.end - pages.start` pages after it are inside `mapping`, which the caller's
+        // borrow keeps mapped for the whole call; the mapping is page aligned.
+        unsafe {
+            zero_scan::scan_nonzero(base, (pages.end - pages.start) as usize, |i| {
+                nonzero(pages.start + i as u64)
+            })
+        };
+        Ok(())
     }
+}
+
+/// This process's VMAs, or `None` (logged) when `/proc/self/smaps` cannot be read.
+pub(crate) fn current_vmas() -> Option<Vec<Vma>> {
+    match mapping::read_vmas() {
+        Ok(v) => Some(v),
+        Err(error) => {
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    %error,
+                    "cannot read /proc/self/smaps: every RAM block counts as fully populated, so \
+                     migration reads every page"
+                );
+            }
+            None
+        }
+    }
+}
+
+impl Classified {
+    fn of(mapping: &MmapRegion<DirtyBitmap>, vmas: Option<&[Vma]>) -> Self {
+        let everything = Classified {
+            method: PopulatedMethod::Everything,
+            file: None,
+            file_offset: 0,
+        };
+        let Some(vmas) = vmas else {
+            return everything;
+        };
+        let start = mapping.as_ptr() as u64;
+        let kind = mapping::classify(vmas, start, mapping.size() as u64);
+        let (method, dev, inode, offset) = match kind {
+            MappingKind::PrivateAnonymous => {
+                return Classified {
+                    method: PopulatedMethod::PageTables,
+                    ..everything
+                }
+            }
+            MappingKind::Userfaultfd | MappingKind::Other => return everything,
+            MappingKind::SharedFile { dev, inode, offset } => {
+                (PopulatedMethod::FileData, dev, inode, offset)
+            }
+            MappingKind::PrivateFile { dev, inode, offset } => {
+                (PopulatedMethod::PageTablesAndFileData, dev, inode, offset)
+            }
+        };
+        match open_mapped_file(mapping, vmas, dev, inode) {
+            Some(file) => Classified {
+                method,
+                file: Some(file),
+                file_offset: offset,
+            },
+            None => {
+                tracing::warn!(
+                    host_addr = start,
+                    "cannot open the file a RAM block maps (no FileOffset for it, and \
+                     /proc/self/map_files needs CAP_SYS_ADMIN): the block counts as fully populated"
+                );
+                everything
+            }
+        }
+    }
+}
+
+/// A private open file description of the file mapped at `mapping`, checked to be the one the
+/// kernel maps there (`dev`, `inode`): the region's `FileOffset` file reopened, or else the file
+/// behind `/proc/self/map_files/` (a raw mapping adopted without its file).
+fn open_mapped_file(
+    mapping: &MmapRegion<DirtyBitmap>,
+    vmas: &[Vma],
+    dev: (u32, u32),
+    inode: u64,
+) -> Option<File> {
+    let is_it = |f: &File| {
+        f.metadata().is_ok_and(|m| {
+            mapping::dev_of(&m) == dev && std::os::unix::fs::MetadataExt::ino(&m) == inode
+        })
+    };
+    if let Some(fo) = mapping.file_offset() {
+        // A new open file description of the same file: our lseeks must not move the offset of
+        // the caller's fd (or of a vhost-user backend that received it).
+        if let Ok(f) = File::open(format!("/proc/self/fd/{}", fo.file().as_raw_fd())) {
+            if is_it(&f) {
+                return Some(f);
+            }
+        }
+    }
+    let start = mapping.as_ptr() as u64;
+    let vma = vmas.iter().find(|v| v.range.contains(&start))?;
+    let f = File::open(format!(
+        "/proc/self/map_files/{:x}-{:x}",
+        vma.range.start, vma.range.end
+    ))
+    .ok()?;
+    is_it(&f).then_some(f)
+}
+
+/// `PAGEMAP_SCAN` over `pages` of `mapping`; `Ok(false)` without the ioctl.
+fn query_pagemap(
+    mapping: &MmapRegion<DirtyBitmap>,
+    pages: &Range<u64>,
+    base: usize,
+    out: &mut Vec<Range<u64>>,
+) -> Result<bool> {
+    let host = mapping.as_ptr() as u64;
+    let start = host + (pages.start << PAGE_SHIFT);
+    let end = host + (pages.end << PAGE_SHIFT);
+    let wanted = category::PRESENT | category::SWAPPED;
+    scan(start, end, wanted, wanted, |r| {
+        // Round outwards and clip: the kernel reports page-aligned regions inside the range.
+        let first = (r.start.max(start) - host) >> PAGE_SHIFT;
+        let last = (r.end.min(end) - host).div_ceil(PAGE_SIZE);
+        push_merged(out, base, first..last);
+    })
+}
+
+/// The data ranges of the mapped file over `pages`; `Ok(false)` without a file.
+fn query_file(
+    file: Option<(&File, u64)>,
+    pages: &Range<u64>,
+    base: usize,
+    out: &mut Vec<Range<u64>>,
+) -> Result<bool> {
+    let Some((file, file_base)) = file else {
+        return Ok(false);
+    };
+    let start = file_base + (pages.start << PAGE_SHIFT);
+    let end = file_base + (pages.end << PAGE_SHIFT);
+    let mut at = start;
+    while at < end {
+        let Some(data) = seek(file, at, libc::SEEK_DATA)? else {
+            break; // ENXIO: no data at or after `at`
+        };
+        if data >= end {
+            break;
+        }
+        // There is always a hole at the end of the file, so SEEK_HOLE after data finds one.
+        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        if hole <= data {
+            return Err(Error::PopulatedScan {
+                what: "lseek(SEEK_HOLE) went backwards",
+                source: io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        // File systems may track holes in blocks smaller than a page: round outwards.
+        let first = (data - file_base) >> PAGE_SHIFT;
+        let last = (hole - file_base).div_ceil(PAGE_SIZE);
+        push_merged(out, base, first..last);
+        at = hole;
+    }
+    Ok(true)
+}
+
+/// Pages read per `pread` by [`pread_nonzero`] (256 KiB).
+const PREAD_PAGES: u64 = 64;
+
+/// [`Populated::nonzero_pages`] through the file: `pread`, then a zero check of each page.
+fn pread_nonzero(
+    file: &File,
+    file_base: u64,
+    pages: Range<u64>,
+    mut nonzero: impl FnMut(u64),
+) -> Result<()> {
+    let mut buf = vec![0u8; (PREAD_PAGES * PAGE_SIZE) as usize];
+    let mut page = pages.start;
+    while page < pages.end {
+        let n = (pages.end - page).min(PREAD_PAGES);
+        let bytes = &mut buf[..(n * PAGE_SIZE) as usize];
+        let mut got = 0;
+        while got < bytes.len() {
+            match file.read_at(
+                &mut bytes[got..],
+                file_base + (page << PAGE_SHIFT) + got as u64,
+            ) {
+                // Past the end of the file: a mapping cannot hold data there (it would fault).
+                Ok(0) => {
+                    bytes[got..].fill(0);
+                    got = bytes.len();
+                }
+                Ok(k) => got += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(Error::PopulatedScan {
+                        what: "pread of the RAM backing file",
+                        source,
+                    })
+                }
+            }
+        }
+        for (i, p) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
+            if p.iter().any(|&b| b != 0) {
+                nonzero(page + i as u64);
+            }
+        }
+        page += n;
+    }
+    Ok(())
 }
 
 /// `lseek(file, offset, whence)`; `None` on ENXIO (no data or hole there: past the end of file).
@@ -636,19 +819,171 @@ mod tests {
             "memfd page not FILE: {:#x}",
             got[0].2
         );
-        assert_eq!(Populated::for_mapping(&m).method(), Method::File);
+        assert_eq!(
+            Populated::for_mapping(&m).method(),
+            PopulatedMethod::FileData
+        );
     }
 
     #[test]
     #[cfg_attr(miri, ignore = "mmap")]
-    fn method_follows_the_mapping() {
+    fn method_follows_what_the_kernel_says_the_mapping_is() {
         let m = anon(1);
-        assert_eq!(Populated::for_mapping(&m).method(), Method::Pagemap);
+        assert_eq!(
+            Populated::for_mapping(&m).method(),
+            PopulatedMethod::PageTables
+        );
+        // Shared anonymous memory is a shmem file inside the kernel: its data ranges are known
+        // when /proc/self/map_files can be opened (CAP_SYS_ADMIN), and nothing is otherwise.
         let shared = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(4096, DirtyBitmap::new())
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_SHARED | libc::MAP_ANONYMOUS)
             .build()
             .unwrap();
-        assert_eq!(Populated::for_mapping(&shared).method(), Method::Everything);
+        let method = Populated::for_mapping(&shared).method();
+        assert!(
+            matches!(
+                method,
+                PopulatedMethod::FileData | PopulatedMethod::Everything
+            ),
+            "{method:?}"
+        );
+    }
+
+    /// A memfd of `pages` pages mapped `MAP_SHARED` by "the VMM" (this test), not by vm-memory.
+    fn vmm_mapped_memfd(pages: usize) -> (File, *mut u8) {
+        // SAFETY: a NUL-terminated name; no memory is handed over.
+        let fd = unsafe { libc::memfd_create(c"vmm-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len((pages << PAGE_SHIFT) as u64).unwrap();
+        // SAFETY: a new shared mapping of the memfd chosen by the kernel; the tests unmap it
+        // only after every region over it is dropped.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                pages << PAGE_SHIFT,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        (file, p.cast())
+    }
+
+    /// Finding: the method came from `MmapRegion::flags()`, which `with_raw_mmap_pointer` leaves at
+    /// `MAP_PRIVATE | MAP_ANONYMOUS` whatever the VMM mapped: a shared memfd was scanned as private
+    /// anonymous memory, and a page written with `pwrite` (or by another process) was reported
+    /// as never populated, so migration sent it as zero.
+    #[test]
+    #[cfg_attr(miri, ignore = "mmap")]
+    fn a_raw_shared_memfd_mapping_is_not_taken_for_anonymous_memory() {
+        if !kernel_has_pagemap_scan() {
+            eprintln!("SKIPPED: kernel older than 6.7 has no PAGEMAP_SCAN");
+            return;
+        }
+        const PAGES: usize = 16;
+        let (file, p) = vmm_mapped_memfd(PAGES);
+        // SAFETY: `p` is a live mapping of PAGES pages that outlives `m` (unmapped below, after
+        // `m` is dropped); vm-memory does not unmap a raw pointer region.
+        let m = unsafe {
+            vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(
+                PAGES << PAGE_SHIFT,
+                DirtyBitmap::new(),
+            )
+            .with_raw_mmap_pointer(p)
+            .build()
+            .unwrap()
+        };
+        // Written behind this process's page tables, as a vhost-user backend or `pwrite` does.
+        file.write_all_at(&[0x5a; 4096], 9 << PAGE_SHIFT).unwrap();
+        let populated = Populated::for_mapping(&m);
+        assert_ne!(
+            populated.method(),
+            PopulatedMethod::PageTables,
+            "a shared memfd mapping was classified from vm-memory's default flags"
+        );
+        let mut out = Vec::new();
+        populated.query(&m, 0..PAGES as u64, &mut out).unwrap();
+        assert!(
+            out.iter().any(|r| r.contains(&9)),
+            "page 9 (written with pwrite) reported as never populated: {out:?}"
+        );
+        let mut nonzero = Vec::new();
+        populated
+            .nonzero_pages(&m, 0..PAGES as u64, |p| nonzero.push(p))
+            .unwrap();
+        assert_eq!(nonzero, [9]);
+        drop(m);
+        // SAFETY: the mapping made by `vmm_mapped_memfd`; nothing refers to it any more.
+        unsafe { libc::munmap(p.cast(), PAGES << PAGE_SHIFT) };
+    }
+
+    /// `struct uffdio_api` and `struct uffdio_register` (`include/uapi/linux/userfaultfd.h`).
+    #[repr(C)]
+    #[derive(Default)]
+    struct UffdioApi {
+        api: u64,
+        features: u64,
+        ioctls: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct UffdioRegister {
+        start: u64,
+        len: u64,
+        mode: u64,
+        ioctls: u64,
+    }
+
+    /// Finding: under a missing-mode userfaultfd a never-touched page is empty in the page tables
+    /// but its content comes from the handler: it was reported as never populated (zero).
+    #[test]
+    #[cfg_attr(miri, ignore = "userfaultfd")]
+    fn userfaultfd_registered_memory_counts_as_populated() {
+        let m = anon(8);
+        // SAFETY: userfaultfd(2) takes flags only.
+        let uffd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if uffd < 0 {
+            eprintln!(
+                "SKIPPED: userfaultfd unavailable ({})",
+                io::Error::last_os_error()
+            );
+            return;
+        }
+        // SAFETY: `uffd` was just returned by the kernel and nothing else owns it.
+        let uffd = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(uffd as i32) };
+        let mut api = UffdioApi {
+            api: 0xaa,
+            ..Default::default()
+        };
+        // UFFDIO_API = _IOWR(0xAA, 0x3F, struct uffdio_api)
+        // SAFETY: the ioctl reads and writes one `uffdio_api`, which `api` is.
+        let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), iowr(0xaa, 0x3f, 24) as _, &mut api) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        let mut reg = UffdioRegister {
+            start: m.as_ptr() as u64,
+            len: m.size() as u64,
+            mode: 1, // UFFDIO_REGISTER_MODE_MISSING
+            ..Default::default()
+        };
+        // UFFDIO_REGISTER = _IOWR(0xAA, 0x00, struct uffdio_register)
+        // SAFETY: the ioctl reads and writes one `uffdio_register`, which `reg` is; it registers
+        // a mapping this test owns (`m`), and no page of it is touched while registered.
+        let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), iowr(0xaa, 0x00, 32) as _, &mut reg) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        let populated = Populated::for_mapping(&m);
+        assert_eq!(populated.method(), PopulatedMethod::Everything);
+        let mut out = Vec::new();
+        populated.query(&m, 0..8, &mut out).unwrap();
+        assert_eq!(out, [0..8]);
+        // Closing the userfaultfd unregisters the range; asking again sees plain memory.
+        drop(uffd);
+        populated.reclassify(&m, current_vmas().as_deref());
+        assert_eq!(populated.method(), PopulatedMethod::PageTables);
     }
 }

@@ -9,7 +9,9 @@ use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 use crate::backing::NewMapping;
 use crate::populated::Populated;
-use crate::{DirtyBitmap, DirtyMemory, Error, RamBacking, Result, PAGE_SHIFT, PAGE_SIZE};
+use crate::{
+    DirtyBitmap, DirtyMemory, Error, PopulatedMethod, RamBacking, Result, PAGE_SHIFT, PAGE_SIZE,
+};
 
 /// Identifies a RAM block inside one [`crate::MemorySystem`].
 ///
@@ -388,34 +390,50 @@ impl RamBlock {
     /// Append to `out` the sub-ranges of pages `[first_page, first_page + npages)` (block page
     /// numbers) that MAY hold non-zero data: sorted, merged (adjacent ranges this call appends are
     /// joined; `out`'s earlier entries are left alone) and clipped to the asked range. Every other
-    /// page of the range is guaranteed to read as zero right now, without being read: a migration
-    /// source can send it as a zero page.
+    /// page of the range reads as zero right now, without being read: a migration source can send
+    /// it as a zero page.
     ///
-    /// How the block knows, by its host memory:
+    /// How the block knows depends on what the **kernel** says its mapping is
+    /// (`/proc/self/smaps`, read when the block is made and again by
+    /// [`reclassify_mapping`](Self::reclassify_mapping); never vm-memory's flags, which a region
+    /// built with `with_raw_mmap_pointer` reports as private anonymous whatever was mapped), see
+    /// [`populated_method`](Self::populated_method):
     ///
-    /// - **Private anonymous** ([`RamBacking::Anonymous`], an adopted vm-memory `from_ranges`
-    ///   region): this process's page tables, with the `PAGEMAP_SCAN` ioctl (Linux 6.7+). A page
-    ///   neither present nor swapped (nor otherwise non-empty) was never written since the mapping
-    ///   was made, or was discarded (`MADV_DONTNEED`). Swapped pages are reported. Pages mapped to
-    ///   the shared zero page (read but never written) are reported too (they are read and found
-    ///   zero). With transparent huge pages, a touched huge page is reported whole (512 pages).
-    /// - **Shared file** ([`RamBacking::Memfd`], [`RamBacking::File`], an adopted region with a
-    ///   `FileOffset`): the file's data ranges (`lseek(SEEK_DATA/SEEK_HOLE)` on a private reopen of
-    ///   the file, so the caller's file offset does not move). Writes through any mapping of the
-    ///   file, by any process, and `pwrite`s are seen. File systems without hole tracking
-    ///   (hugetlbfs) report everything.
-    /// - **Private file mapping** (an adopted region): both of the above, merged.
-    /// - **Shared without a known file** (an adopted `MAP_SHARED | MAP_ANONYMOUS` or raw mapping):
-    ///   the whole range.
+    /// - **Private anonymous** ([`PopulatedMethod::PageTables`]: [`RamBacking::Anonymous`], an
+    ///   adopted vm-memory `from_ranges` region): this process's page tables, with the
+    ///   `PAGEMAP_SCAN` ioctl (Linux 6.7+). A page neither present nor swapped (nor otherwise
+    ///   non-empty) was never written since the mapping was made, or was discarded
+    ///   (`MADV_DONTNEED`). Swapped pages are reported. Pages mapped to the shared zero page (read
+    ///   but never written) are reported too. With transparent huge pages, a touched huge page is
+    ///   reported whole (512 pages).
+    /// - **One file mapped shared** ([`PopulatedMethod::FileData`]: [`RamBacking::Memfd`],
+    ///   [`RamBacking::File`], an adopted region with a `FileOffset`, or a raw shared mapping of a
+    ///   memfd, tmpfs or hugetlbfs file): the file's data ranges (`lseek(SEEK_DATA/SEEK_HOLE)` on
+    ///   a private open file description of the file, so no caller's file offset moves). Writes
+    ///   through any mapping of the file, by any process, and `pwrite`s are seen. The file is the
+    ///   region's `FileOffset` if it is the mapped file (same device and inode), else the one
+    ///   behind `/proc/self/map_files` (which needs `CAP_SYS_ADMIN`). File systems without hole
+    ///   tracking (hugetlbfs) report everything.
+    /// - **One file mapped private** ([`PopulatedMethod::PageTablesAndFileData`]): both, merged.
+    /// - **Anything else** ([`PopulatedMethod::Everything`]): the whole range. That is a mapping
+    ///   made of VMAs of different kinds, a shared mapping whose file cannot be opened, **memory
+    ///   registered with userfaultfd** in missing or minor mode (`um`/`ui` in `VmFlags`: a lazy
+    ///   snapshot restore or a postcopy destination, where a page absent from the page tables
+    ///   gets its content from the handler, not zero), or no readable `/proc/self/smaps`.
     ///
-    /// Without `PAGEMAP_SCAN` (kernel before 6.7, no `/proc`, or a seccomp sandbox refusing the
-    /// ioctl), a private anonymous range is reported whole (correct, just no faster than reading
-    /// it); this is logged once per process. The same holds for a file-backed block whose file
-    /// cannot be reopened through `/proc/self/fd` (logged once per block).
+    /// Without `PAGEMAP_SCAN` (kernel before 6.7, or a seccomp sandbox refusing the ioctl), a
+    /// private anonymous range is reported whole (correct, just no faster than reading it); this
+    /// is logged once per process.
     ///
     /// The answer is a snapshot: a page written after the call is not in it. Migration asks after
-    /// re-arming a chunk's dirty tracking, so such a write is caught by the next dirty sync. The call
-    /// costs one ioctl (or two `lseek`s per data run) and allocates nothing beyond growing `out`.
+    /// re-arming a chunk's dirty tracking, so such a write is caught by the next dirty sync. A
+    /// mapping changed after the block was made (a `mmap(MAP_FIXED)` over it, a userfaultfd
+    /// registered on it) is seen at the next [`reclassify_mapping`](Self::reclassify_mapping),
+    /// which [`crate::MemorySystem::log_global_start`] calls for every block; in between, the
+    /// answer follows the old kind. Migration does not depend on this answer to verify: its
+    /// default verification reads the pages this answer calls never populated
+    /// ([`nonzero_pages`](Self::nonzero_pages)). The call costs one ioctl (or two `lseek`s per
+    /// data run) and allocates nothing beyond growing `out`.
     ///
     /// # Errors
     ///
@@ -452,10 +470,96 @@ impl RamBlock {
         npages: u64,
         out: &mut Vec<std::ops::Range<u64>>,
     ) -> Result<()> {
+        let pages = self.page_range(first_page, npages)?;
+        self.populated.query(&self.mapping, pages, out)
+    }
+
+    /// Append to `out`, in order, the pages of `[first_page, first_page + npages)` that hold a
+    /// non-zero byte, found by **reading every byte**: no populated-pages answer is asked, so a
+    /// wrong one cannot hide a page from it. What migration uses to check what it sent as zero.
+    ///
+    /// It reads in place through the mapping (16-byte volatile loads, stopping at a page's first
+    /// non-zero bytes), or, for a file mapped shared ([`PopulatedMethod::FileData`]), with
+    /// `pread` from that file: the same bytes, but a hole reads as zero without being allocated
+    /// (reading it through a shared mapping would allocate it). Never-touched private anonymous
+    /// memory reads through the shared zero page, a 2 MiB huge zero page with transparent huge
+    /// pages, so a sparse guest is checked at tens of GB/s; the page tables then map the zero
+    /// page where they were empty (no memory is allocated). On memory registered with
+    /// userfaultfd a missing page's read waits for the handler, like any read.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] if the range is not inside the block (nothing is appended);
+    /// [`Error::PopulatedScan`] if a `pread` fails (what was appended stays).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{MemorySystem, PAGE_SIZE};
+    ///
+    /// let mem = MemorySystem::with_ram_capacity(1 << 30);
+    /// mem.add_ram("ram", 0, 64 << 20).unwrap();
+    /// let block = &mem.ram_blocks()[0];
+    /// block.write(7 * PAGE_SIZE + 4095, &[1]).unwrap();
+    /// block.write(9000 * PAGE_SIZE, &[0]).unwrap(); // written, but zero
+    /// let mut nonzero = Vec::new();
+    /// block.nonzero_pages(0, block.pages(), &mut nonzero).unwrap();
+    /// assert_eq!(nonzero, [7]);
+    /// ```
+    pub fn nonzero_pages(&self, first_page: u64, npages: u64, out: &mut Vec<u64>) -> Result<()> {
+        let pages = self.page_range(first_page, npages)?;
+        self.populated
+            .nonzero_pages(&self.mapping, pages, |page| out.push(page))
+    }
+
+    /// How [`populated_pages`](Self::populated_pages) finds populated pages, from what the kernel
+    /// said the mapping is when the block was made or last
+    /// [reclassified](Self::reclassify_mapping).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{MemorySystem, PopulatedMethod};
+    ///
+    /// let mem = MemorySystem::with_ram_capacity(1 << 24);
+    /// mem.add_ram("ram", 0, 1 << 20).unwrap();
+    /// assert_eq!(mem.ram_blocks()[0].populated_method(), PopulatedMethod::PageTables);
+    /// ```
+    pub fn populated_method(&self) -> PopulatedMethod {
+        self.populated.method()
+    }
+
+    /// Ask the kernel again what the block's mapping is (`/proc/self/smaps`): after the VMM
+    /// changed it (registered a userfaultfd on it, mapped something else over it). Cheap enough
+    /// for every migration start ([`crate::MemorySystem::log_global_start`] does it for every
+    /// block), not for every query: reading `/proc/self/smaps` walks the page tables.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{MemorySystem, PopulatedMethod};
+    ///
+    /// let mem = MemorySystem::with_ram_capacity(1 << 24);
+    /// mem.add_ram("ram", 0, 1 << 20).unwrap();
+    /// let block = &mem.ram_blocks()[0];
+    /// block.reclassify_mapping();
+    /// assert_eq!(block.populated_method(), PopulatedMethod::PageTables);
+    /// ```
+    pub fn reclassify_mapping(&self) {
+        let vmas = crate::populated::current_vmas();
+        self.reclassify_with(vmas.as_deref());
+    }
+
+    /// [`reclassify_mapping`](Self::reclassify_mapping) with this process's VMAs read once for
+    /// several blocks.
+    pub(crate) fn reclassify_with(&self, vmas: Option<&[crate::mapping::Vma]>) {
+        self.populated.reclassify(&self.mapping, vmas);
+    }
+
+    /// `[first_page, first_page + npages)`, checked to be inside the block.
+    fn page_range(&self, first_page: u64, npages: u64) -> Result<std::ops::Range<u64>> {
         match first_page.checked_add(npages) {
-            Some(end) if end <= self.pages => {
-                self.populated.query(&self.mapping, first_page..end, out)
-            }
+            Some(end) if end <= self.pages => Ok(first_page..end),
             _ => Err(Error::OutOfRange {
                 what: "block",
                 offset: first_page.saturating_mul(PAGE_SIZE),

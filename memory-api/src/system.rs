@@ -1128,7 +1128,10 @@ impl MemorySystem {
     /// Start global dirty logging (migration): the Migration client logs all RAM.
     ///
     /// Listeners see `log_global_start` (ascending priority), then `log_start` for every section.
-    /// Host-side writes mark the Migration client from now on. Starting twice is a no-op.
+    /// Host-side writes mark the Migration client from now on. Starting twice is a no-op. Every
+    /// RAM block first asks the kernel again what its mapping is
+    /// ([`RamBlock::reclassify_mapping`]), so a migration's populated-pages answers follow the
+    /// mappings as they are now (e.g. registered with userfaultfd since the block was made).
     ///
     /// # Errors
     ///
@@ -1151,6 +1154,10 @@ impl MemorySystem {
         let mut st = self.write();
         if st.global_logging {
             return Ok(());
+        }
+        let vmas = crate::populated::current_vmas();
+        for entry in &st.blocks {
+            entry.block.reclassify_with(vmas.as_deref());
         }
         for (i, l) in st.listeners.iter().enumerate() {
             if let Err(e) = hook(l, "log_global_start", l.listener.log_global_start()) {

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clearlog_memory::{
-    is_zero_page, DirtyBitmap, Error, MemorySystem, RamBacking, RamBlock, PAGE_SIZE,
+    is_zero_page, DirtyBitmap, Error, MemorySystem, PopulatedMethod, RamBacking, RamBlock,
+    PAGE_SIZE,
 };
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
@@ -418,8 +419,11 @@ fn private_file_mapping_reports_file_data_and_copied_pages() {
     assert_eq!(populated(&block, 4, 100), [5..6]);
 }
 
+/// Shared anonymous memory is a shmem file inside the kernel, with no file the VMM can hand us:
+/// its data ranges are known when `/proc/self/map_files` can be opened (`CAP_SYS_ADMIN`),
+/// and every page counts as populated otherwise. Either way no page that holds data is missed.
 #[test]
-fn shared_mapping_without_a_file_counts_as_populated() {
+fn shared_anonymous_mapping_is_its_shmem_file_or_everything() {
     let mmap = MmapRegionBuilder::new_with_bitmap(1 << 20, DirtyBitmap::new())
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(libc::MAP_SHARED | libc::MAP_ANONYMOUS)
@@ -430,8 +434,16 @@ fn shared_mapping_without_a_file_counts_as_populated() {
     let mem = MemorySystem::with_ram_capacity(1 << 30);
     mem.add_guest_memory(&gm).unwrap();
     let block = mem.ram_blocks()[0].clone();
-    assert_eq!(all(&block), [0..256]);
-    assert_eq!(populated(&block, 10, 5), [10..15]);
+    block.write(17 * PAGE_SIZE, b"shared").unwrap();
+    match block.populated_method() {
+        PopulatedMethod::FileData => assert_eq!(all(&block), [17..18]),
+        PopulatedMethod::Everything => {
+            assert_eq!(all(&block), [0..256]);
+            assert_eq!(populated(&block, 10, 5), [10..15]);
+        }
+        other => panic!("shared anonymous memory classified as {other:?}"),
+    }
+    check_unreported_pages_are_zero(&block, &all(&block));
 }
 
 #[test]

@@ -154,24 +154,41 @@ pub fn chunk_bytes_to_shift(bytes: u64) -> Result<u8> {
 
 /// How a migration proves the destination holds exactly the source's memory at switchover.
 ///
-/// Both modes compare the xxh3-64 of every page of the source's final RAM (hashed while the source
+/// Both modes compare the xxh3-64 of every page of the source's final RAM (read while the source
 /// guest is paused, after the last pass) with what the destination holds, so both catch a page
-/// that dirty tracking lost (a stale copy at the destination), a lost or corrupted record, or a
-/// wrong page. They differ in when:
+/// that dirty tracking lost (a stale copy at the destination), a lost or corrupted record, a
+/// wrong page, or a page the source's populated-pages answer ([`crate::MigrationBlock::populated`])
+/// left out. Neither trusts that answer: it only decides what the transfer may skip.
 ///
-/// - [`AfterResume`](Self::AfterResume) (default): outside the downtime. The destination keeps
-///   the digest of every page as received (memory proportional to the pages received as data);
-///   once the destination has resumed, the still-paused source hashes its final RAM on all cores
-///   (pages its memory reports as never populated are not read) and streams the digests of its
-///   non-zero pages; the destination compares and answers with a verdict naming the pages that
-///   differ. The source stays paused (never resumed, never freed) until the verdict, so its owner
-///   can still fall back to it; a mismatch is [`Error::VerificationFailed`](crate::Error) on both
-///   sides.
+/// - [`AfterResume`](Self::AfterResume) (default): outside the downtime. **What it proves**:
+///   (1) the source reads every page of its final RAM, the pages its populated-pages answer
+///   reports to hash them and every other page with [`crate::MigrationBlock::nonzero_pages`] (in
+///   place, all of them, not a sample) to check it is zero, and lists the digest of every page
+///   that holds data; (2) the destination received each listed page as data, its last copy with
+///   that digest, and received no data for an unlisted page; (3) every page the destination
+///   received as zero (zero pages and zero ranges) was read by the destination itself and is
+///   zero (made zero if it held data from before the stream: `stale_pages_zeroed`), never judged
+///   by its own populated-pages answer. So the destination's RAM when it resumed equals the
+///   source's final RAM. **What it does not prove**: that the destination's
+///   [`write_untracked`](crate::MigrationBlock::write_untracked) stored what it was given (the
+///   digest of a received page is taken from the bytes received, not re-read from RAM, which the
+///   resumed guest is already changing), that no other agent (a device backend) wrote the
+///   destination's RAM between the load and the resume, or that two pages are equal beyond
+///   xxh3-64 (a random collision per compared page is about 2^-64). The destination keeps the
+///   digest of every page received as data (memory proportional to those pages); the still
+///   paused source reads its RAM on all cores after the commit (cost: its populated pages are
+///   hashed, the rest is read in place; never-touched anonymous memory reads through the shared
+///   zero page, at tens of GB/s), streams the digests, and the destination answers with a
+///   verdict naming the pages that differ. The source stays paused (never resumed, never freed)
+///   until the verdict, so its owner can still fall back to it; a mismatch is
+///   [`Error::VerificationFailed`](crate::Error) on both sides.
 /// - [`Strict`](Self::Strict): before the destination resumes. The source hashes all of its RAM
-///   while paused and sends a digest table; the destination hashes its RAM after loading and
-///   resumes only on a match. Costs the hashing of all RAM on both sides in the downtime (on this
-///   2-core host about 100 ms per GiB per side): for tests and benchmarks that must not resume a
-///   bad guest.
+///   while paused and sends a digest table of every page; the destination hashes all of its own
+///   RAM after loading (re-reading what it wrote) and resumes only on a match. It proves the
+///   destination's RAM, as read back, equals the source's final RAM (up to xxh3-64), including
+///   what `write_untracked` stored. Costs the hashing of all RAM on both sides in the downtime
+///   (on this project's 2-core test host about 100 ms per GiB per side): for tests and
+///   benchmarks that must not resume a bad guest.
 ///
 /// # Examples
 ///

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::io::{BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
+use clearlog_bitmap::Bitmap;
 use clearlog_memory::{is_zero_page, PAGE_SIZE};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -311,7 +312,13 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         }
         let zero_page = vec![0u8; PAGE_SIZE as usize];
         let mut scratch = Box::new([0u8; PAGE_SIZE as usize]);
-        let mut populated = Vec::new();
+        let mut nonzero = Vec::new();
+        // Pages whose content now comes from a data record of this stream (a page zeroed later
+        // that is not in here held data from before the stream: stale).
+        let mut got_data: Vec<Bitmap> = blocks
+            .iter()
+            .map(|b| Bitmap::new(b.pages() as usize))
+            .collect();
         *received = if track {
             blocks.iter().map(|_| BTreeMap::new()).collect()
         } else {
@@ -330,6 +337,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                         ));
                     }
                     let ram = &blocks[block as usize];
+                    let got = &mut got_data[block as usize];
                     for _ in 0..count {
                         let table = received.get_mut(block as usize);
                         // One copy: from the read buffer into guest RAM; the digest is taken
@@ -343,18 +351,25 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                             Ok(())
                         })?;
                         match entry {
-                            PageEntry::Data(_) => {}
+                            PageEntry::Data(page) => got.set(page as usize),
                             PageEntry::Zero(page) => {
-                                // Fresh destination RAM is already zero: writing zeros would
-                                // fault in (allocate) every untouched page, which made a mostly
-                                // idle guest load ~10x slower than the source sends it and the
-                                // backlog showed up as downtime. Reading an untouched page maps
-                                // the shared zero page instead.
-                                zero_page_in_place(ram, page, &mut scratch, &zero_page)?;
+                                // Read, and written only if not zero: fresh destination RAM is
+                                // already zero, and writing zeros would fault in (allocate)
+                                // every untouched page (a mostly idle guest then loaded ~10x
+                                // slower than the source sends it, and the backlog showed up
+                                // as downtime). Reading an untouched page maps the shared zero
+                                // page instead.
+                                if zero_page_in_place(ram, page, &mut scratch, &zero_page)?
+                                    && !got.test(page as usize)
+                                {
+                                    stats.stale_pages_zeroed += 1;
+                                }
+                                got.clear(page as usize);
                                 if let Some(table) = received.get_mut(block as usize) {
                                     table.remove(&page);
                                 }
                                 stats.zero_pages += 1;
+                                stats.zero_checked_pages += 1;
                             }
                         }
                         stats.pages_received += 1;
@@ -369,16 +384,23 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                         return Err(Error::UnexpectedRecord("zero range after the digest table"));
                     }
                     let ram = &blocks[block as usize];
-                    // Only pages our own memory may have populated need zeroing: fresh RAM is
-                    // zero, and asking costs one query, not a read of every page.
-                    populated.clear();
-                    ram.populated(first_page, npages, &mut populated)
-                        .map_err(Error::memory("asking which pages are populated"))?;
-                    for range in &populated {
-                        for page in range.clone() {
-                            zero_page_in_place(ram, page, &mut scratch, &zero_page)?;
+                    // Every page is read (in place where the block can: untouched memory reads
+                    // through the shared zero page) and only non-zero ones are written. Our own
+                    // populated-pages answer is not asked: were it wrong, data this memory held
+                    // before the stream would stay where the source has zeros.
+                    nonzero.clear();
+                    ram.nonzero_pages(first_page, npages, &mut nonzero)
+                        .map_err(Error::memory("reading pages received as zero"))?;
+                    let got = &mut got_data[block as usize];
+                    for &page in &nonzero {
+                        ram.write_untracked(page * PAGE_SIZE, &zero_page)
+                            .map_err(Error::memory("loading a zero page"))?;
+                        if !got.test(page as usize) {
+                            stats.stale_pages_zeroed += 1;
                         }
                     }
+                    got.clear_range(first_page as usize, npages as usize);
+                    stats.zero_checked_pages += npages;
                     if let Some(table) = received.get_mut(block as usize) {
                         let end = first_page + npages;
                         let gone: Vec<u64> =
@@ -486,20 +508,21 @@ impl Mismatches {
 }
 
 /// Makes `page` of `ram` zero, writing only when it is not (see the zero-page record in `load`
-/// for why). `scratch` holds one page; `zero_page` is a page of zeros.
+/// for why); returns whether it wrote. `scratch` holds one page; `zero_page` is a page of zeros.
 fn zero_page_in_place<B: MigrationBlock>(
     ram: &B,
     page: u64,
     scratch: &mut [u8; PAGE_SIZE as usize],
     zero_page: &[u8],
-) -> Result<()> {
+) -> Result<bool> {
     ram.read(page * PAGE_SIZE, &mut scratch[..])
         .map_err(Error::memory("reading a page"))?;
-    if !is_zero_page(scratch) {
-        ram.write_untracked(page * PAGE_SIZE, zero_page)
-            .map_err(Error::memory("loading a zero page"))?;
+    if is_zero_page(scratch) {
+        return Ok(false);
     }
-    Ok(())
+    ram.write_untracked(page * PAGE_SIZE, zero_page)
+        .map_err(Error::memory("loading a zero page"))?;
+    Ok(true)
 }
 
 /// Read the source's final digests (verify records) and compare them with the pages as received:

@@ -3,9 +3,12 @@
 
 //! Per-page digests (xxh3-64) of RAM blocks, computed on all cores.
 
+use std::ops::Range;
+
 use clearlog_memory::PAGE_SIZE;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::memory::ask_populated;
 use crate::{Error, MigrationBlock, MigrationMemory, Result};
 
 /// Pages read per `MigrationBlock::read` call while hashing (256 KiB).
@@ -64,56 +67,129 @@ fn hash_pages<B: MigrationBlock + ?Sized>(block: &B, first: u64, out: &mut [u64]
     Ok(())
 }
 
-/// The xxh3-64 of every non-zero page of `block`, as `(page, digest)` in page order, hashed by
-/// `threads` threads; pages the block reports as never populated are not read (they are zero).
-/// What the source sends for [`crate::VerifyMode::AfterResume`].
+/// What the source's final check read of one block ([`final_digests`]).
+#[derive(Debug, Default)]
+pub(crate) struct FinalDigests {
+    /// `(page, xxh3-64)` of every page of the block that holds a non-zero byte.
+    pub(crate) entries: Vec<(u64, u64)>,
+    /// Pages the populated-pages answer called never populated, read to check they are zero.
+    pub(crate) zero_checked: u64,
+    /// Pages among those that hold data: the answer left them out (they were sent as zero unless
+    /// dirty tracking sent them again). In page order.
+    pub(crate) unreported: Vec<u64>,
+}
+
+/// The xxh3-64 of every non-zero page of `block`, found by reading all of it, on `threads`
+/// threads: what the source sends for [`crate::VerifyMode::AfterResume`]. The pages the block's
+/// populated-pages answer reports are read and hashed; every other page is read too
+/// ([`MigrationBlock::nonzero_pages`], in place where the block can) to check it is zero, so a
+/// wrong answer cannot hide a page from the verification: a page holding data there is hashed
+/// like the others and reported in [`FinalDigests::unreported`].
 pub(crate) fn final_digests<B: MigrationBlock + ?Sized>(
     block: &B,
     threads: usize,
-) -> Result<Vec<(u64, u64)>> {
-    let mut ranges = Vec::new();
-    block
-        .populated(0, block.pages(), &mut ranges)
+) -> Result<FinalDigests> {
+    let pages = block.pages();
+    let mut populated = Vec::new();
+    ask_populated(block, 0, pages, &mut populated)
         .map_err(Error::memory("asking which pages are populated"))?;
-    // Split the populated pages into `threads` runs of about the same size.
-    let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-    let per_thread = total.div_ceil(threads.max(1) as u64).max(1);
-    let mut parts: Vec<Vec<std::ops::Range<u64>>> = vec![Vec::new()];
-    let mut filled = 0;
-    for mut r in ranges {
-        while r.start < r.end {
-            let take = (per_thread - filled).min(r.end - r.start);
-            if let Some(last) = parts.last_mut() {
-                last.push(r.start..r.start + take);
-            }
-            r.start += take;
-            filled += take;
-            if filled == per_thread {
-                parts.push(Vec::new());
-                filled = 0;
-            }
+    let mut unpopulated = Vec::new();
+    let mut at = 0;
+    for r in populated.iter().chain(std::iter::once(&(pages..pages))) {
+        if at < r.start {
+            unpopulated.push(at..r.start);
         }
+        at = r.end;
     }
-    let results: Vec<Result<Vec<(u64, u64)>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = parts
+    let threads = threads.max(1);
+    let hash_parts = split_evenly(&populated, threads);
+    let check_parts = split_evenly(&unpopulated, threads);
+    let results: Vec<Result<FinalDigests>> = std::thread::scope(|s| {
+        let handles: Vec<_> = hash_parts
             .iter()
-            .map(|part| s.spawn(move || hash_nonzero(block, part)))
+            .zip(&check_parts)
+            .map(|(hash, check)| {
+                s.spawn(move || {
+                    let mut part = FinalDigests {
+                        entries: hash_nonzero(block, hash)?,
+                        ..FinalDigests::default()
+                    };
+                    check_zero(block, check, &mut part)?;
+                    Ok(part)
+                })
+            })
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     });
-    let mut out = Vec::new();
+    let mut out = FinalDigests::default();
     for r in results {
-        out.extend(r?);
+        let part = r?;
+        out.entries.extend(part.entries);
+        out.zero_checked += part.zero_checked;
+        out.unreported.extend(part.unreported);
     }
+    out.unreported.sort_unstable();
     Ok(out)
+}
+
+/// `ranges` cut into `n` lists of about the same number of pages (some may be empty).
+fn split_evenly(ranges: &[Range<u64>], n: usize) -> Vec<Vec<Range<u64>>> {
+    let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    let per = total.div_ceil(n as u64).max(1);
+    let mut parts: Vec<Vec<Range<u64>>> = vec![Vec::new(); n];
+    let (mut part, mut filled) = (0, 0);
+    for r in ranges {
+        let mut r = r.clone();
+        while r.start < r.end {
+            let take = (per - filled).min(r.end - r.start);
+            parts[part].push(r.start..r.start + take);
+            r.start += take;
+            filled += take;
+            if filled == per && part + 1 < n {
+                part += 1;
+                filled = 0;
+            }
+        }
+    }
+    parts
+}
+
+/// Read `ranges` (pages called never populated) and add every page holding data to `out`, hashed.
+fn check_zero<B: MigrationBlock + ?Sized>(
+    block: &B,
+    ranges: &[Range<u64>],
+    out: &mut FinalDigests,
+) -> Result<()> {
+    let mut found = Vec::new();
+    for r in ranges {
+        found.clear();
+        block
+            .nonzero_pages(r.start, r.end - r.start, &mut found)
+            .map_err(Error::memory("reading pages to check they are zero"))?;
+        out.zero_checked += r.end - r.start;
+        let mut page = [0u8; PAGE_SIZE as usize];
+        for &p in &found {
+            block
+                .read(p * PAGE_SIZE, &mut page)
+                .map_err(Error::memory("reading a page to hash it"))?;
+            // The source is paused, so the page still holds what the check saw; a page listed
+            // here must be non-zero (the destination treats a listed page it holds as zero as a
+            // mismatch), so check again what was read.
+            if !crate::stream::is_zero(&page) {
+                out.entries.push((p, xxh3_64(&page)));
+                out.unreported.push(p);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn hash_nonzero<B: MigrationBlock + ?Sized>(
     block: &B,
-    ranges: &[std::ops::Range<u64>],
+    ranges: &[Range<u64>],
 ) -> Result<Vec<(u64, u64)>> {
     let mut buf = vec![0u8; (PAGES_PER_READ * PAGE_SIZE) as usize];
     let mut out = Vec::new();

@@ -24,17 +24,22 @@
 //!    sync, count the newly dirty pages, mark their chunks, and estimate the time to send what is
 //!    left at the measured bandwidth (bytes sent / time spent sending, over the whole live phase).
 //!    Legacy mode re-arms whole blocks right after each sync instead.
-//! 3. Converge when the estimate is within the downtime limit: pause, sync, send the rest (no
-//!    clears: the vCPUs are stopped), the CPU/device state ([`VerifyMode::Strict`] only: a digest
-//!    table of all RAM hashed while paused), the end marker; wait for the acknowledgement; send the
+//! 3. Converge when the estimate is within the downtime limit: pause, save the CPU/device state
+//!    (before the final sync, so guest RAM that saving writes is sent), sync, send the rest (no
+//!    clears: the vCPUs are stopped), the state ([`VerifyMode::Strict`] only: a digest table of all
+//!    RAM hashed while paused), the end marker; wait for the acknowledgement; send the
 //!    confirmation (the commit); stop logging. [`MigrationStats::downtime_breakdown`] says where the
 //!    downtime went. A migration that does not converge within `max_iterations`/`max_time` fails with
 //!    [`Error::NotConverged`].
 //! 4. Verify ([`VerifyMode::AfterResume`], the default): the destination resumes at the commit; the
-//!    source, still paused, hashes its final RAM on all cores (populated pages only) and streams the
-//!    digests of its non-zero pages; the destination compares them with the pages as it received
-//!    them and answers with a verdict. A mismatch is [`Error::VerificationFailed`] on both sides,
-//!    naming the pages on the destination; the source stays paused, never resumed by the engine.
+//!    source, still paused, reads ALL of its final RAM on all cores (the pages its populated-pages
+//!    answer reports are hashed; every other page is read to check it is zero, so a wrong answer
+//!    cannot hide a page) and streams the digests of its non-zero pages; the destination compares
+//!    them with the pages as it received them and answers with a verdict. A mismatch is
+//!    [`Error::VerificationFailed`] on both sides, naming the pages on the destination; the source
+//!    stays paused, never resumed by the engine. The destination never asks its own
+//!    populated-pages answer: every page it receives as zero it reads, and zeroes if it held data
+//!    before the stream. What each mode proves, and what not: [`VerifyMode`].
 //! 5. On cancel or any error before the commit, logging stops and the guest is resumed if `pause`
 //!    was called.
 //!

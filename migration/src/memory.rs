@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use clearlog_bitmap::Bitmap;
-use clearlog_memory::{ClearBitmap, MemorySystem, RamBlock, PAGE_SHIFT};
+use clearlog_memory::{ClearBitmap, MemorySystem, RamBlock, PAGE_SHIFT, PAGE_SIZE};
 
 use crate::BoxError;
 
@@ -51,6 +51,14 @@ pub trait MigrationBlock: Send + Sync {
     /// non-zero data; every other page of the range must read as zero now (memory the host never
     /// populated). The engine asks only after re-arming the range's dirty tracking, so a page
     /// populated after the answer is dirty again. The default reports the whole range.
+    ///
+    /// The contract: ranges sorted, not overlapping, inside the asked range. The engine does not
+    /// rely on it: it clips what it gets to the asked range, sorts and merges it, so an answer
+    /// out of order, overlapping or past the block costs at most extra reads. An answer that
+    /// leaves out a page holding data makes the engine send that page as zero, and the default
+    /// verification ([`crate::VerifyMode::AfterResume`]) then fails on both sides naming it,
+    /// because it checks the pages this answer calls never populated with
+    /// [`nonzero_pages`](Self::nonzero_pages), not with this answer.
     fn populated(
         &self,
         first_page: u64,
@@ -62,7 +70,36 @@ pub trait MigrationBlock: Send + Sync {
         }
         Ok(())
     }
+
+    /// Append to `out`, in order, the pages of `[first_page, first_page + npages)` that hold a
+    /// non-zero byte, found by **reading** them: never from [`populated`](Self::populated)'s
+    /// answer or anything that answer comes from. The verification rests on it: the source checks
+    /// with it the pages its populated-pages answer called never populated, the destination the
+    /// pages it received as zero. The default reads through [`read`](Self::read), 256 KiB at a
+    /// time; an implementation may read faster (in place), never skip.
+    fn nonzero_pages(&self, first_page: u64, npages: u64, out: &mut Vec<u64>) -> MemoryResult<()> {
+        let mut buf = vec![0u8; (NONZERO_READ_PAGES * PAGE_SIZE) as usize];
+        let end = first_page
+            .checked_add(npages)
+            .ok_or("page range overflows")?;
+        let mut page = first_page;
+        while page < end {
+            let n = (end - page).min(NONZERO_READ_PAGES);
+            let bytes = &mut buf[..(n * PAGE_SIZE) as usize];
+            self.read(page * PAGE_SIZE, bytes)?;
+            for (i, p) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                if !crate::stream::is_zero(p) {
+                    out.push(page + i as u64);
+                }
+            }
+            page += n;
+        }
+        Ok(())
+    }
 }
+
+/// Pages the default [`MigrationBlock::nonzero_pages`] reads at a time (256 KiB).
+const NONZERO_READ_PAGES: u64 = 64;
 
 /// Guest RAM to migrate: its blocks, in stream order. All a destination needs.
 ///
@@ -203,6 +240,9 @@ impl MigrationBlock for RamBlock {
             Err(e) => Err(e.into()),
         }
     }
+    fn nonzero_pages(&self, first_page: u64, npages: u64, out: &mut Vec<u64>) -> MemoryResult<()> {
+        Ok(RamBlock::nonzero_pages(self, first_page, npages, out)?)
+    }
 }
 
 impl<T: MigrationBlock + ?Sized> MigrationBlock for Arc<T> {
@@ -228,6 +268,9 @@ impl<T: MigrationBlock + ?Sized> MigrationBlock for Arc<T> {
         out: &mut Vec<std::ops::Range<u64>>,
     ) -> MemoryResult<()> {
         (**self).populated(first_page, npages, out)
+    }
+    fn nonzero_pages(&self, first_page: u64, npages: u64, out: &mut Vec<u64>) -> MemoryResult<()> {
+        (**self).nonzero_pages(first_page, npages, out)
     }
 }
 
@@ -336,3 +379,63 @@ macro_rules! forward_memory {
 }
 
 forward_memory!(&T, Arc<T>);
+
+/// `block.populated(first_page, npages, out)`, then what the engine makes of any answer: clipped
+/// to the asked range, sorted, overlapping and touching ranges merged, empty ones dropped (see
+/// the contract on [`MigrationBlock::populated`]). `out` is cleared first.
+pub(crate) fn ask_populated<B: MigrationBlock + ?Sized>(
+    block: &B,
+    first_page: u64,
+    npages: u64,
+    out: &mut Vec<std::ops::Range<u64>>,
+) -> MemoryResult<()> {
+    out.clear();
+    block.populated(first_page, npages, out)?;
+    normalize_ranges(out, first_page..first_page.saturating_add(npages));
+    Ok(())
+}
+
+/// Clip every range of `ranges` to `window`, sort, merge, drop the empty ones (in place).
+fn normalize_ranges(ranges: &mut Vec<std::ops::Range<u64>>, window: std::ops::Range<u64>) {
+    for r in ranges.iter_mut() {
+        r.start = r.start.clamp(window.start, window.end);
+        r.end = r.end.clamp(r.start, window.end);
+    }
+    ranges.retain(|r| !r.is_empty());
+    ranges.sort_unstable_by_key(|r| r.start);
+    let mut w = 0;
+    for i in 0..ranges.len() {
+        let r = ranges[i].clone();
+        if w > 0 && r.start <= ranges[w - 1].end {
+            ranges[w - 1].end = ranges[w - 1].end.max(r.end);
+        } else {
+            ranges[w] = r;
+            w += 1;
+        }
+    }
+    ranges.truncate(w);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_populated_answer_is_clipped_sorted_and_merged() {
+        let mut r = vec![
+            90..200, // past the window's end
+            40..50,
+            0..12, // before the window's start
+            45..60,
+            60..61,
+            70..70,
+            30..30,
+            95..99,
+        ];
+        normalize_ranges(&mut r, 10..100);
+        assert_eq!(r, vec![10..12, 40..61, 90..100]);
+        let mut none: Vec<std::ops::Range<u64>> = vec![0..5, 200..300];
+        normalize_ranges(&mut none, 10..100);
+        assert!(none.is_empty());
+    }
+}

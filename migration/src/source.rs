@@ -11,6 +11,7 @@ use clearlog_memory::{ClearBitmap, PAGE_SHIFT, PAGE_SIZE};
 
 use crate::cpu::{ns_per_page, process_cpu_time, thread_cpu_time};
 use crate::digest::{final_digests, hash_threads, page_digests};
+use crate::memory::ask_populated;
 use crate::ratelimit::RateLimitedWriter;
 use crate::stats::{IterationStats, MigrationStats, Progress};
 use crate::stream::{
@@ -575,9 +576,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                             );
                         }
                     }
-                    populated.clear();
-                    bs.block
-                        .populated(p, window_end - p, &mut populated)
+                    ask_populated(&bs.block, p, window_end - p, &mut populated)
                         .map_err(Error::memory("asking which pages are populated"))?;
                     let mut cursor = p;
                     let gaps = populated
@@ -708,6 +707,11 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         b.pause_ms = ms(pause_at.elapsed());
         // The limit applies to the live phase only: do not stretch the downtime.
         self.out.set_rate(0);
+        // The state first: a device that writes guest RAM while it saves (flushing a queue into
+        // guest memory) dirties pages, and the final sync and pass below must send them.
+        let t = Instant::now();
+        let state = self.vm.save_state().map_err(vm_err("save_state"))?;
+        let save_ms = ms(t.elapsed());
         let t = Instant::now();
         self.sync()?;
         b.final_sync_ms = ms(t.elapsed());
@@ -725,7 +729,6 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         tracing::info!(pages_sent = last.pages, "migration final pass (paused)");
 
         let t = Instant::now();
-        let state = self.vm.save_state().map_err(vm_err("save_state"))?;
         let mut rec = Vec::new();
         for blob in &state {
             if blob.name.is_empty() || blob.name.len() > stream::MAX_NAME_LEN {
@@ -746,7 +749,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 .write_all(&rec)
                 .map_err(Error::io("sending state"))?;
         }
-        b.state_ms = ms(t.elapsed());
+        b.state_ms = save_ms + ms(t.elapsed());
 
         if self.config.verify == VerifyMode::Strict {
             // Strict: all of RAM hashed while paused, checked by the destination before it resumes.
@@ -820,8 +823,29 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         let mut rec = Vec::new();
         let mut total = 0u64;
         let incomplete = |e: Error| Error::VerificationIncomplete(e.to_string());
+        // Pages that hold data although the populated-pages answer left them out, as `block page N`.
+        let mut unreported = Vec::new();
         for bi in 0..self.blocks.len() {
-            let entries = final_digests(&self.blocks[bi].block, threads).map_err(incomplete)?;
+            let block = &self.blocks[bi].block;
+            let found = final_digests(block, threads).map_err(incomplete)?;
+            self.stats.verify_zero_checked_pages += found.zero_checked;
+            self.stats.verify_unreported_pages += found.unreported.len() as u64;
+            if !found.unreported.is_empty() {
+                tracing::error!(
+                    block = block.name(),
+                    pages = found.unreported.len(),
+                    "pages that hold data were missing from the populated-pages answer (sent as \
+                     zero unless dirty tracking resent them): the destination's verdict decides"
+                );
+            }
+            for &p in found
+                .unreported
+                .iter()
+                .take(8usize.saturating_sub(unreported.len()))
+            {
+                unreported.push(format!("{} page {p}", block.name()));
+            }
+            let entries = found.entries;
             for part in entries.chunks(stream::MAX_VERIFY_ENTRIES as usize) {
                 rec.clear();
                 stream::encode_verify(bi as u32, part, &mut rec);
@@ -849,7 +873,15 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 self.stats.verify_after_ms = ms(t.elapsed());
                 return Err(Error::VerificationFailed {
                     mismatched_pages: verdict.mismatched_pages,
-                    first: "the destination's error names them".into(),
+                    first: if unreported.is_empty() {
+                        "the destination's error names them".into()
+                    } else {
+                        format!(
+                            "the destination's error names them; this side's populated-pages \
+                             answer had left out pages that hold data: {}",
+                            unreported.join(", ")
+                        )
+                    },
                     after: "the source guest stays paused and intact: stop the destination and \
                             resume the source",
                 });
@@ -859,6 +891,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         self.stats.verify_after_ms = ms(t.elapsed());
         tracing::info!(
             pages = total,
+            zero_checked = self.stats.verify_zero_checked_pages,
             verified = self.stats.verified,
             ms = self.stats.verify_after_ms,
             "verification after the commit"

@@ -158,6 +158,15 @@ pub struct MigrationStats {
     pub verify_after_ms: f64,
     /// Digests of final non-zero pages sent for verification.
     pub verify_pages: u64,
+    /// Pages the populated-pages answer called never populated that the verification read to
+    /// check they are zero ([`crate::VerifyMode::AfterResume`]; all of them, not a sample).
+    #[serde(default)]
+    pub verify_zero_checked_pages: u64,
+    /// Of those, pages that held data: the populated-pages answer left them out (a wrong answer;
+    /// they were sent as zero unless dirty tracking sent them again). Listed in the verification,
+    /// so the destination's verdict says whether it holds them.
+    #[serde(default)]
+    pub verify_unreported_pages: u64,
     /// Iterations of the live phase (full passes, the first one included).
     pub iterations: u32,
     /// Dirty-log syncs (`log_sync_all` calls).
@@ -225,6 +234,14 @@ pub struct IncomingStats {
     pub zero_pages: u64,
     /// Pages received as zero ranges (memory the source never populated), not counted above.
     pub zero_range_pages: u64,
+    /// Pages received as zero (zero pages and zero ranges) that this side read to check they are
+    /// zero here: every one of them (the destination's own populated-pages answer is not asked).
+    #[serde(default)]
+    pub zero_checked_pages: u64,
+    /// Of those, pages that held data before the stream (not received as data in it) and were
+    /// zeroed: stale memory of the destination.
+    #[serde(default)]
+    pub stale_pages_zeroed: u64,
     /// Bytes read from the transport.
     pub bytes_received: u64,
     /// State blobs received.

@@ -63,7 +63,9 @@ pub trait VmControl {
     /// called, even if `pause` itself failed (it may have stopped some vCPUs), so it must resume
     /// whatever is paused and leave running vCPUs alone.
     fn resume(&self) -> Result<(), BoxError>;
-    /// Save CPU and device state (called while paused).
+    /// Save CPU and device state. Called once, right after `pause` and before the final dirty
+    /// sync and pass, so guest RAM that saving writes (a device flushing a queue into guest
+    /// memory, through a tracked write) is sent with the final pages.
     fn save_state(&self) -> Result<Vec<StateBlob>, BoxError>;
     /// Auto-converge: slow the vCPUs down to run `percent`% less (0 = full speed). Return `Ok(false)` if
     /// throttling is not supported (the default), and the engine stops asking.

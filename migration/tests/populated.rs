@@ -9,6 +9,7 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clearlog_memory::{MemorySystem, RamBacking, PAGE_SIZE};
@@ -95,4 +96,247 @@ fn never_populated_anonymous_memory_is_not_read() {
         "destination page 7000 kept stale data"
     );
     assert!(s.zero_range_pages > 0 && s.pages_sent + s.zero_range_pages >= SIZE / PAGE_SIZE);
+    // The verification read what went as zero ranges, on both sides, and found nothing hidden;
+    // the destination's stale page was zeroed by its own read.
+    assert!(s.verify_zero_checked_pages > 0, "{s:?}");
+    assert_eq!(s.verify_unreported_pages, 0, "{s:?}");
+    assert_eq!(d.stale_pages_zeroed, 1, "{d:?}");
+}
+
+/// A memfd of `size` bytes mapped `MAP_SHARED` by "the VMM" (the test), twice: one mapping is the
+/// guest RAM, the other stands for a vhost-user backend's view.
+struct VmmMemfd {
+    file: std::fs::File,
+    ram: *mut u8,
+    backend: *mut u8,
+    size: usize,
+}
+
+impl VmmMemfd {
+    fn new(size: usize) -> Self {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: a NUL-terminated name; no memory is handed over.
+        let fd = unsafe { libc::memfd_create(c"vmm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(size as u64).unwrap();
+        let map = || {
+            // SAFETY: a new shared mapping of the memfd chosen by the kernel, unmapped in `drop`
+            // after everything using it is gone.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            p.cast::<u8>()
+        };
+        let (ram, backend) = (map(), map());
+        VmmMemfd {
+            file,
+            ram,
+            backend,
+            size,
+        }
+    }
+}
+
+impl Drop for VmmMemfd {
+    fn drop(&mut self) {
+        // SAFETY: the two mappings made in `new`; the memory systems over them are dropped first
+        // (declared after this value in the tests).
+        unsafe {
+            libc::munmap(self.ram.cast(), self.size);
+            libc::munmap(self.backend.cast(), self.size);
+        }
+    }
+}
+
+/// Finding (issue "losses at the edges", 1), adopter-shaped: a VMM maps a memfd `MAP_SHARED`
+/// itself, wraps the pointer with vm-memory's `with_raw_mmap_pointer` (no flags, no file) and
+/// adopts it. vm-memory then says "private anonymous", the populated-pages answer came from the
+/// page tables, and pages written with `pwrite` or through the backend's mapping were sent as zero
+/// while both sides reported `verified`.
+#[test]
+fn an_adopted_raw_shared_memfd_mapping_loses_no_page() {
+    use clearlog_memory::DirtyBitmap;
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+    let vmm = VmmMemfd::new(SIZE as usize);
+    // SAFETY: `vmm.ram` is a live mapping of SIZE bytes that outlives the region (`vmm` is
+    // declared before the memory systems, so it is dropped after them).
+    let region = unsafe {
+        MmapRegionBuilder::new_with_bitmap(SIZE as usize, DirtyBitmap::new())
+            .with_raw_mmap_pointer(vmm.ram)
+            .build()
+            .unwrap()
+    };
+    let gm =
+        GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(region, GuestAddress(0)).unwrap()])
+            .unwrap();
+    let src = MemorySystem::with_ram_capacity(SIZE);
+    src.add_guest_memory(&gm).unwrap();
+    // pwrite, the backend's mapping, and the guest RAM mapping itself.
+    vmm.file
+        .write_all_at(&[0xa5; 4096], 100 * PAGE_SIZE)
+        .unwrap();
+    for page in [2000u64, 2001, 7777] {
+        // SAFETY: inside the backend's mapping of SIZE bytes; nothing else accesses these bytes.
+        unsafe { std::ptr::write_bytes(vmm.backend.add((page * PAGE_SIZE) as usize), 0x3c, 64) };
+    }
+    src.ram_blocks()[0].write(5 * PAGE_SIZE, b"ours").unwrap();
+    let dst = memory(&[("ram@0x0", 0, SIZE)]);
+    let (s, d) = migrate(&src, &dst);
+    let lost = diff_ram(&src, &dst);
+    assert!(
+        lost.is_empty(),
+        "pages lost: {lost:?} (source verified: {}, destination verified: {})",
+        s.verified,
+        d.verified
+    );
+    assert!(s.verified && d.verified);
+}
+
+/// `struct uffd_msg` is 32 bytes; a page fault carries its address at byte 16.
+const UFFD_MSG_BYTES: usize = 32;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+/// `_IOWR(0xAA, nr, size)`.
+const fn uffd_iowr(nr: u64, size: u64) -> u64 {
+    (3 << 30) | (size << 16) | (0xaa << 8) | nr
+}
+
+/// A userfaultfd over a private anonymous mapping whose handler thread fills every missing page
+/// with its page number (a lazy snapshot restore, as firecracker and cloud-hypervisor do).
+struct LazyRestore {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handler: Option<std::thread::JoinHandle<()>>,
+    served: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LazyRestore {
+    /// `None` (SKIPPED) where userfaultfd is unavailable.
+    fn register(base: *mut u8, len: usize) -> Option<Self> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        // SAFETY: userfaultfd(2) takes flags only.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            eprintln!("SKIPPED: userfaultfd: {}", std::io::Error::last_os_error());
+            return None;
+        }
+        // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
+        let uffd = unsafe { std::fs::File::from_raw_fd(fd as i32) };
+        let mut api = [0xaau64, 0, 0]; // struct uffdio_api { api, features, ioctls }
+                                       // SAFETY: UFFDIO_API reads and writes one `uffdio_api` (24 bytes), which `api` is.
+        let rc =
+            unsafe { libc::ioctl(uffd.as_raw_fd(), uffd_iowr(0x3f, 24) as _, api.as_mut_ptr()) };
+        assert_eq!(rc, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
+        // struct uffdio_register { start, len, mode (MISSING = 1), ioctls }
+        let mut reg = [base as u64, len as u64, 1, 0];
+        // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register` (32 bytes); the range is
+        // a mapping the test owns for the handler's lifetime.
+        let rc =
+            unsafe { libc::ioctl(uffd.as_raw_fd(), uffd_iowr(0x00, 32) as _, reg.as_mut_ptr()) };
+        assert_eq!(
+            rc,
+            0,
+            "UFFDIO_REGISTER: {}",
+            std::io::Error::last_os_error()
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let (s, n) = (stop.clone(), served.clone());
+        let base = base as u64;
+        let handler = std::thread::spawn(move || {
+            let mut msg = [0u8; UFFD_MSG_BYTES];
+            while !s.load(Ordering::Relaxed) {
+                let mut pfd = libc::pollfd {
+                    fd: uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut pfd, 1, 20) } <= 0 {
+                    continue;
+                }
+                // SAFETY: reads at most UFFD_MSG_BYTES into `msg`.
+                let got = unsafe {
+                    libc::read(uffd.as_raw_fd(), msg.as_mut_ptr().cast(), UFFD_MSG_BYTES)
+                };
+                if got != UFFD_MSG_BYTES as isize || msg[0] != UFFD_EVENT_PAGEFAULT {
+                    continue;
+                }
+                let addr = u64::from_le_bytes(msg[16..24].try_into().unwrap()) & !(PAGE_SIZE - 1);
+                let page = (addr - base) / PAGE_SIZE;
+                let content = [(page as u8) | 1; PAGE_SIZE as usize];
+                // struct uffdio_copy { dst, src, len, mode, copy }
+                let mut copy = [addr, content.as_ptr() as u64, PAGE_SIZE, 0, 0];
+                // SAFETY: UFFDIO_COPY reads one `uffdio_copy` (40 bytes) and `len` bytes at `src`
+                // (`content`, alive for the call), and places them at `dst`, a missing page of
+                // the registered range.
+                unsafe {
+                    libc::ioctl(
+                        uffd.as_raw_fd(),
+                        uffd_iowr(0x03, 40) as _,
+                        copy.as_mut_ptr(),
+                    )
+                };
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Some(LazyRestore {
+            stop,
+            handler: Some(handler),
+            served,
+        })
+    }
+}
+
+impl Drop for LazyRestore {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Finding (2): under a missing-mode userfaultfd (a lazy restore) a never-touched page is empty in
+/// the page tables but not zero: its content comes from the handler. It was sent as zero, and
+/// the default verification (which asked the same populated-pages answer) reported success.
+#[test]
+fn userfaultfd_registered_memory_is_read_not_sent_as_zero() {
+    const LAZY: u64 = 8 << 20;
+    let src = memory(&[("ram", 0, LAZY)]);
+    let block = src.ram_blocks()[0].clone();
+    let base = block.host_addr() as *mut u8;
+    // SAFETY: the block's own mapping; no THP, so the handler serves 4 KiB pages.
+    unsafe { libc::madvise(base.cast(), LAZY as usize, libc::MADV_NOHUGEPAGE) };
+    // Registered after the block was made (the migration's start must notice).
+    let Some(lazy) = LazyRestore::register(base, LAZY as usize) else {
+        return;
+    };
+    let dst = memory(&[("ram", 0, LAZY)]);
+    let (s, d) = migrate(&src, &dst);
+    let lost = diff_ram(&src, &dst);
+    assert!(
+        lost.is_empty(),
+        "{} pages lost, first {:?} (source verified: {}, destination verified: {}, handler served {})",
+        lost.len(),
+        lost.first(),
+        s.verified,
+        d.verified,
+        lazy.served.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(s.verified && d.verified);
+    drop(lazy);
 }

@@ -110,6 +110,12 @@ pub struct IncomingArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// `hide-populated=N`: before the stream, fill the last N pages of guest RAM with data (memory
+    /// that was not zero before the migration) and leave them out of this side's populated-pages
+    /// answer. The destination reads every page it receives as zero, so the migration must
+    /// still end with exactly the source's memory (`stale_pages_zeroed` counts them).
+    #[arg(long, value_name = "hide-populated=N", help_heading = "Testing")]
+    pub fault: Option<crate::fault::Fault>,
 }
 
 /// The guest workloads.
@@ -266,11 +272,13 @@ pub struct RunArgs {
     /// keep its guest running; `--retry-to` migrations run clean. For `cargo xtask faults`.
     #[arg(long, value_name = "STEP[@N]", help_heading = "Testing")]
     pub fail_at: Option<crate::fault::FaultPlan>,
-    /// `lose-dirty-bits=N`: the source drops N dirty bits found at the sync after the first pass,
-    /// so those pages are not resent: a lost page, made on purpose. The default verification must
-    /// then fail the migration on both sides (exit code 3) naming the pages.
-    #[arg(long, value_name = "lose-dirty-bits=N", help_heading = "Testing")]
-    pub fault: Option<crate::fault::DirtyBitFault>,
+    /// A loss made on purpose; the default verification must then fail the migration on both
+    /// sides (exit code 3) naming the pages. `lose-dirty-bits=N`: the source drops N dirty bits
+    /// found at the sync after the first pass, so those pages are not resent.
+    /// `hide-populated=N`: the source's populated-pages answer leaves out N pages that hold data
+    /// (as a misclassified mapping would), so they are sent as zero.
+    #[arg(long, value_name = "KIND=N", help_heading = "Testing")]
+    pub fault: Option<crate::fault::Fault>,
 }
 
 /// `vmm bench`.

@@ -8,14 +8,16 @@
 //! fails the N-th call of its step (1 by default) with an error that says it was injected. Only
 //! the first migration attempt is wrapped: a `--retry-to` migration runs clean.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use clearlog_bitmap::Bitmap;
-use clearlog_memory::{ClearBitmap, MemorySystem, RamBlock};
+use clearlog_memory::{is_zero_page, ClearBitmap, MemorySystem, RamBlock, PAGE_SIZE};
 use clearlog_migration::{
     BoxError, DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory, StateBlob, Transport,
     TransportRead, VmControl,
@@ -112,26 +114,48 @@ impl fmt::Display for FaultPlan {
     }
 }
 
-/// `--fault lose-dirty-bits=N`: the source drops N dirty bits found at the sync after the first
-/// pass, so those pages are not sent again: the lost page this project exists to prevent, made on
-/// purpose, for testing that the verification catches it.
+/// `--fault KIND=N`: a loss made on purpose, for testing that the default verification catches it
+/// (or, on a destination, that it cannot happen).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DirtyBitFault {
-    /// How many bits to drop.
-    pub bits: u64,
+pub enum Fault {
+    /// `lose-dirty-bits=N`: the source drops N dirty bits found at the sync after the first pass,
+    /// so those pages are not sent again: the lost page this project exists to prevent.
+    LoseDirtyBits(u64),
+    /// `hide-populated=N`: the populated-pages answer leaves out N pages that hold data, for every
+    /// caller, as a misclassified mapping would. On the source they are sent as zero; on a
+    /// destination, N pages are first filled with data (RAM that was not zero before the
+    /// stream) and hidden.
+    HidePopulated(u64),
 }
 
-impl FromStr for DirtyBitFault {
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fault::LoseDirtyBits(n) => write!(f, "lose-dirty-bits={n}"),
+            Fault::HidePopulated(n) => write!(f, "hide-populated={n}"),
+        }
+    }
+}
+
+impl FromStr for Fault {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let n = s
-            .strip_prefix("lose-dirty-bits=")
-            .ok_or_else(|| format!("unknown fault `{s}`: use lose-dirty-bits=N"))?;
-        let bits = n.parse::<u64>().ok().filter(|&b| b >= 1).ok_or_else(|| {
-            format!("lose-dirty-bits={n}: N must be a whole number of at least 1")
+        let (kind, n) = s.split_once('=').ok_or_else(|| {
+            format!("unknown fault `{s}`: use lose-dirty-bits=N or hide-populated=N")
         })?;
-        Ok(DirtyBitFault { bits })
+        let count = n
+            .parse::<u64>()
+            .ok()
+            .filter(|&c| c >= 1)
+            .ok_or_else(|| format!("{kind}={n}: N must be a whole number of at least 1"))?;
+        match kind {
+            "lose-dirty-bits" => Ok(Fault::LoseDirtyBits(count)),
+            "hide-populated" => Ok(Fault::HidePopulated(count)),
+            _ => Err(format!(
+                "unknown fault `{kind}`: use lose-dirty-bits=N or hide-populated=N"
+            )),
+        }
     }
 }
 
@@ -151,12 +175,16 @@ pub struct Injector {
 }
 
 impl Injector {
-    /// An injector failing the step of `plan` and dropping `lose` dirty bits.
-    pub fn new(plan: Option<FaultPlan>, lose: Option<DirtyBitFault>) -> Arc<Self> {
+    /// An injector failing the step of `plan` and making the loss of `fault`.
+    pub fn new(plan: Option<FaultPlan>, fault: Option<Fault>) -> Arc<Self> {
+        let lose = match fault {
+            Some(Fault::LoseDirtyBits(n)) => n,
+            _ => 0,
+        };
         Arc::new(Injector {
             plan,
             calls: AtomicU64::new(0),
-            lose_left: AtomicU64::new(lose.map_or(0, |l| l.bits)),
+            lose_left: AtomicU64::new(lose),
             syncs: AtomicU64::new(0),
 
             ack_bytes: AtomicU64::new(0),
@@ -186,20 +214,95 @@ impl From<InjectedFault> for io::Error {
     }
 }
 
-/// The guest's memory with faults injected into sync, clear and read.
+/// The guest's memory with faults injected into sync, clear and read, and pages hidden from the
+/// populated-pages answer.
 #[derive(Debug)]
 pub struct FaultyMemory<'a> {
     /// The real memory.
     pub inner: &'a MemorySystem,
     /// When to fail.
     pub faults: Arc<Injector>,
+    /// `--fault hide-populated`: pages left out of each block's populated-pages answer, by block
+    /// name.
+    pub hidden: HashMap<String, Arc<BTreeSet<u64>>>,
 }
 
-/// A RAM block whose reads may fail.
+impl<'a> FaultyMemory<'a> {
+    /// `inner` with `faults`, hiding nothing yet.
+    pub fn new(inner: &'a MemorySystem, faults: Arc<Injector>) -> Self {
+        FaultyMemory {
+            inner,
+            faults,
+            hidden: HashMap::new(),
+        }
+    }
+
+    /// Source side of `--fault hide-populated=N`: hide N pages of the first block that hold data,
+    /// spread over its populated part from 1 MiB on (the test guests' working set; their code and
+    /// page tables below stay visible). Returns the hidden pages.
+    pub fn hide_populated_pages(&mut self, n: u64) -> Result<Vec<u64>, BoxError> {
+        let Some(block) = self.inner.ram_blocks().into_iter().next() else {
+            return Ok(Vec::new());
+        };
+        let first = (1u64 << 20) / PAGE_SIZE;
+        let mut ranges = Vec::new();
+        if first < block.pages() {
+            block.populated_pages(first, block.pages() - first, &mut ranges)?;
+        }
+        let candidates: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        let stride = (candidates / n.max(1)).max(1);
+        let mut hidden = BTreeSet::new();
+        let mut page_buf = [0u8; PAGE_SIZE as usize];
+        for page in ranges.into_iter().flatten().step_by(stride as usize) {
+            if hidden.len() as u64 == n {
+                break;
+            }
+            block.read_page(page, &mut page_buf)?;
+            if !is_zero_page(&page_buf) {
+                hidden.insert(page);
+            }
+        }
+        tracing::warn!(
+            block = block.name(),
+            pages = ?hidden,
+            "--fault hide-populated: these pages hold data and are left out of every populated-pages answer"
+        );
+        let pages = hidden.iter().copied().collect();
+        self.hidden
+            .insert(block.name().to_string(), Arc::new(hidden));
+        Ok(pages)
+    }
+
+    /// Destination side of `--fault hide-populated=N`: fill the last N pages of the first block
+    /// with data (memory that is not zero before the stream) and hide them. Returns the pages.
+    pub fn fill_and_hide_last_pages(&mut self, n: u64) -> Result<Vec<u64>, BoxError> {
+        let Some(block) = self.inner.ram_blocks().into_iter().next() else {
+            return Ok(Vec::new());
+        };
+        let pages: Vec<u64> = (block.pages().saturating_sub(n)..block.pages()).collect();
+        for &p in &pages {
+            block.write_untracked(p * PAGE_SIZE + 64, b"stale data from before the stream")?;
+        }
+        tracing::warn!(
+            block = block.name(),
+            pages = ?pages,
+            "--fault hide-populated: these pages hold data from before the stream and are left \
+             out of every populated-pages answer"
+        );
+        self.hidden.insert(
+            block.name().to_string(),
+            Arc::new(pages.iter().copied().collect()),
+        );
+        Ok(pages)
+    }
+}
+
+/// A RAM block whose reads may fail and whose populated-pages answer may hide pages.
 #[derive(Debug, Clone)]
 pub struct FaultyBlock {
     inner: Arc<RamBlock>,
     faults: Arc<Injector>,
+    hidden: Option<Arc<BTreeSet<u64>>>,
 }
 
 impl MigrationBlock for FaultyBlock {
@@ -216,6 +319,42 @@ impl MigrationBlock for FaultyBlock {
     fn write_untracked(&self, offset: u64, data: &[u8]) -> MemoryResult<()> {
         MigrationBlock::write_untracked(&self.inner, offset, data)
     }
+    fn populated(
+        &self,
+        first_page: u64,
+        npages: u64,
+        out: &mut Vec<Range<u64>>,
+    ) -> MemoryResult<()> {
+        let base = out.len();
+        MigrationBlock::populated(&self.inner, first_page, npages, out)?;
+        if let Some(hidden) = &self.hidden {
+            let answer: Vec<Range<u64>> = out.drain(base..).collect();
+            out.extend(without(&answer, hidden));
+        }
+        Ok(())
+    }
+    fn nonzero_pages(&self, first_page: u64, npages: u64, out: &mut Vec<u64>) -> MemoryResult<()> {
+        // The check that reads: not faulted, or it would not be a check.
+        MigrationBlock::nonzero_pages(&self.inner, first_page, npages, out)
+    }
+}
+
+/// `ranges` without the pages of `hidden`.
+fn without(ranges: &[Range<u64>], hidden: &BTreeSet<u64>) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    for r in ranges {
+        let mut start = r.start;
+        for &h in hidden.range(r.clone()) {
+            if start < h {
+                out.push(start..h);
+            }
+            start = h + 1;
+        }
+        if start < r.end {
+            out.push(start..r.end);
+        }
+    }
+    out
 }
 
 impl MigrationMemory for FaultyMemory<'_> {
@@ -225,6 +364,7 @@ impl MigrationMemory for FaultyMemory<'_> {
             .ram_blocks()
             .into_iter()
             .map(|inner| FaultyBlock {
+                hidden: self.hidden.get(inner.name()).cloned(),
                 inner,
                 faults: self.faults.clone(),
             })
@@ -413,14 +553,35 @@ mod tests {
     }
 
     #[test]
-    fn dirty_bit_faults_parse() {
+    fn faults_parse() {
         assert_eq!(
-            "lose-dirty-bits=64".parse::<DirtyBitFault>().unwrap().bits,
-            64
+            "lose-dirty-bits=64".parse::<Fault>().unwrap(),
+            Fault::LoseDirtyBits(64)
         );
-        for bad in ["lose-dirty-bits=0", "lose-dirty-bits=x", "lose=3", ""] {
-            assert!(bad.parse::<DirtyBitFault>().is_err(), "{bad}");
+        assert_eq!(
+            "hide-populated=3".parse::<Fault>().unwrap(),
+            Fault::HidePopulated(3)
+        );
+        for bad in [
+            "lose-dirty-bits=0",
+            "lose-dirty-bits=x",
+            "lose=3",
+            "",
+            "hide-populated",
+            "hide-populated=-1",
+        ] {
+            assert!(bad.parse::<Fault>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn hidden_pages_are_cut_out_of_every_range() {
+        let hidden: BTreeSet<u64> = [0, 5, 6, 20, 99].into();
+        assert_eq!(
+            without(&[0..10, 15..21, 30..40], &hidden),
+            vec![1..5, 7..10, 15..20, 30..40]
+        );
+        assert!(without(&[5..7, 6..7], &hidden).is_empty());
     }
 
     #[test]

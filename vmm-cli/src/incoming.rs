@@ -17,6 +17,7 @@ use clearlog_test_guest::workload::WorkloadKind;
 use clearlog_test_guest::{Guest, GuestConfig, RAM_BLOCK_NAME};
 
 use crate::args::IncomingArgs;
+use crate::fault::{Fault, FaultyMemory, Injector};
 use crate::output::print_incoming;
 use crate::{CliError, CliResult};
 use vmm_cli::vm_control::GuestControl;
@@ -127,7 +128,21 @@ pub fn incoming(a: IncomingArgs) -> CliResult {
         args: &a,
         extra: Mutex::new(serde_json::Map::new()),
     };
-    let received = Destination::new(guest.memory()).receive(transport, &control);
+    let received = match a.fault {
+        None => Destination::new(guest.memory()).receive(transport, &control),
+        Some(Fault::HidePopulated(n)) => {
+            let mut memory = FaultyMemory::new(guest.memory(), Injector::new(None, None));
+            memory
+                .fill_and_hide_last_pages(n)
+                .map_err(|e| failed("--fault hide-populated", &e))?;
+            Destination::new(&memory).receive(transport, &control)
+        }
+        Some(other) => {
+            return Err(CliError::Usage(format!(
+                "--fault {other}: a destination only takes hide-populated=N"
+            )))
+        }
+    };
     let received_ms = start.elapsed().as_secs_f64() * 1e3;
     let mut extra = control
         .extra

@@ -20,9 +20,7 @@ use clearlog_test_guest::{Guest, GuestConfig};
 use crate::args::{
     DirtyLogArg, GuestArgs, MigrationArgs, RunArgs, WorkloadKind, DEFAULT_DIRTY_RATE,
 };
-use crate::fault::{
-    faulty_transport, DirtyBitFault, FaultPlan, FaultyControl, FaultyMemory, Injector,
-};
+use crate::fault::{faulty_transport, Fault, FaultPlan, FaultyControl, FaultyMemory, Injector};
 use crate::output::{print_run_summary, print_stats, ring_json, stats_json};
 use crate::{CliError, CliResult};
 use std::sync::Mutex;
@@ -535,7 +533,7 @@ pub fn migrate(
     transport: clearlog_migration::Transport,
     uri: &str,
     fail_at: Option<FaultPlan>,
-    fault: Option<DirtyBitFault>,
+    fault: Option<Fault>,
 ) -> CliResult<(MigrationStats, GuestView)> {
     config
         .validate()
@@ -568,12 +566,14 @@ pub fn migrate(
     let result = match (fail_at, fault) {
         (None, None) => Source::new(guest.memory(), config)
             .and_then(|s| s.migrate(transport, &control, Some(&mut on_progress), &cancel)),
-        (plan, lose) => {
-            let faults = Injector::new(plan, lose);
-            let memory = FaultyMemory {
-                inner: guest.memory(),
-                faults: faults.clone(),
-            };
+        (plan, fault) => {
+            let faults = Injector::new(plan, fault);
+            let mut memory = FaultyMemory::new(guest.memory(), faults.clone());
+            if let Some(Fault::HidePopulated(n)) = fault {
+                memory.hide_populated_pages(n).map_err(|e| {
+                    CliError::Failed(format!("--fault hide-populated: choosing the pages: {e}"))
+                })?;
+            }
             let control = FaultyControl {
                 inner: &control,
                 faults: faults.clone(),

@@ -142,6 +142,11 @@ impl std::fmt::Debug for Incoming {
 
 /// Starts `vmm incoming --listen ADDR ...` and waits for `vmm: listening on URI`.
 fn start_incoming(listen: &str) -> Incoming {
+    start_incoming_with(listen, &[])
+}
+
+/// [`start_incoming`] with `extra` arguments.
+fn start_incoming_with(listen: &str, extra: &[&str]) -> Incoming {
     let mut child = Command::new(VMM)
         .args([
             "incoming",
@@ -151,6 +156,7 @@ fn start_incoming(listen: &str) -> Incoming {
             "--ram-fingerprint",
         ])
         .args(["--run-after", "500ms"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -426,9 +432,15 @@ fn migration_over_unix_socket() {
 /// `--fault lose-dirty-bits=N` makes the source lose pages on purpose; the default verification
 /// must catch it in every run: exit code 3 on both sides, the page count in both errors.
 fn lost_dirty_bits_are_detected(dirty_log: &str) {
+    a_loss_is_detected(dirty_log, "lose-dirty-bits=64");
+}
+
+/// The source loses pages through `--fault FAULT`: exit code 3 on both sides, the pages named.
+/// Returns the source's stderr.
+fn a_loss_is_detected(dirty_log: &str, fault: &str) -> String {
     let incoming = start_incoming("tcp:127.0.0.1:0");
     let mut args = run_args(&incoming.uri, dirty_log);
-    args.extend(["--fault", "lose-dirty-bits=64"]);
+    args.extend(["--fault", fault]);
     let out = vmm(&args);
     let Incoming {
         child, stderr, uri, ..
@@ -449,6 +461,80 @@ fn lost_dirty_bits_are_detected(dirty_log: &str) {
         dst_err.contains("ram0 page "),
         "the destination names the pages: {dst_err}"
     );
+    src_err
+}
+
+/// `--fault hide-populated=N`: the source's populated-pages answer leaves out N pages that hold
+/// data (a misclassified mapping), so the transfer sends them as zero. The default verification
+/// does not ask that answer: it fails on both sides, and the source names the pages itself.
+fn hidden_populated_pages_are_detected(dirty_log: &str) {
+    let src_err = a_loss_is_detected(dirty_log, "hide-populated=5");
+    assert!(
+        src_err.contains("5 page(s) of the destination differ")
+            && src_err.contains("had left out pages that hold data: ram0 page "),
+        "the source names the pages its answer hid: {src_err}"
+    );
+}
+
+#[test]
+fn hidden_populated_pages_are_detected_clear() {
+    if !kvm_available("hidden_populated_pages_are_detected_clear") {
+        return;
+    }
+    let _serial = serial();
+    hidden_populated_pages_are_detected("clear");
+}
+
+#[test]
+fn hidden_populated_pages_are_detected_legacy() {
+    if !kvm_available("hidden_populated_pages_are_detected_legacy") {
+        return;
+    }
+    let _serial = serial();
+    hidden_populated_pages_are_detected("legacy");
+}
+
+#[test]
+fn hidden_populated_pages_are_detected_ring() {
+    if !kvm_available("hidden_populated_pages_are_detected_ring") || !ring_available() {
+        return;
+    }
+    let _serial = serial();
+    hidden_populated_pages_are_detected("ring");
+}
+
+/// `vmm incoming --fault hide-populated=N`: the destination's RAM holds data before the stream in
+/// N pages the source sends as zero, and its own populated-pages answer hides them. The
+/// destination does not ask that answer: it reads what it receives as zero, zeroes the stale
+/// pages, and ends with exactly the source's memory.
+#[test]
+fn a_destination_hiding_stale_pages_ends_with_the_sources_memory() {
+    if !kvm_available("a_destination_hiding_stale_pages_ends_with_the_sources_memory") {
+        return;
+    }
+    let _serial = serial();
+    let incoming = start_incoming_with("tcp:127.0.0.1:0", &["--fault", "hide-populated=8"]);
+    let out = vmm(&run_args(&incoming.uri, "clear"));
+    let Incoming {
+        child, stderr, uri, ..
+    } = incoming;
+    let dst_out = child.wait_with_output().expect("wait for vmm incoming");
+    let dst_err = stderr.join().unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "vmm run to {uri}:\n{}",
+        text(&out.stderr)
+    );
+    assert!(dst_out.status.success(), "vmm incoming:\n{dst_err}");
+    let src: serde_json::Value = serde_json::from_slice(&out.stdout).expect("run --json");
+    let dst: serde_json::Value = serde_json::from_slice(&dst_out.stdout).expect("incoming --json");
+    assert_eq!(src["verified"], true, "{src}");
+    assert_eq!(dst["verified"], true, "{dst}");
+    assert_eq!(
+        src["ram_fingerprint"], dst["ram_fingerprint"],
+        "the destination kept stale pages:\n{src}\n{dst}"
+    );
+    assert_eq!(dst["stale_pages_zeroed"], 8, "{dst}");
 }
 
 #[test]

@@ -225,7 +225,8 @@ mod demo {
         )?;
 
         // --- The guest: the increment workload on a vCPU the VMM makes from its own fds. ---
-        // SAFETY: the block maps RAM bytes, page aligned, read-write, and `block` outlives `ram`.
+        // SAFETY: the block maps RAM bytes, page aligned, read-write, and `block` outlives `ram`;
+        // the memory system accesses it through raw pointers only (no Rust reference into it).
         let guest_ram = unsafe { RawGuestRam::new(block.host_addr() as *mut u8, RAM) };
         let vcpu = Vcpu::from_fds(&kvm, &vm_fd, vm.caps(), 0).map_err(|e| e.to_string())?;
         let workload = Workload::new(WorkloadSpec::Increment {

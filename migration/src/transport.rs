@@ -58,6 +58,13 @@ impl TransportRead for io::Cursor<Vec<u8>> {}
 /// `reader` (no reader: no acknowledgement is requested, as for a file). The destination reads the stream
 /// from `reader` and acknowledges on `writer` when the source asked for it.
 ///
+/// A writer of your own must not keep bytes it could deliver later: the source writes the
+/// confirmation that commits the migration straight to `writer` and flushes it, and if that
+/// fails it resumes its guest. A writer that buffers and, after a failed `flush`, still sends its
+/// buffer later (when dropped, or from a thread of its own) can deliver the confirmation to a
+/// destination that then resumes too: the guest would run on both sides. Write through at once
+/// (as sockets and files do), or discard what is buffered once a `write` or `flush` failed.
+///
 /// # Examples
 ///
 /// ```

@@ -14,6 +14,12 @@
 //! The `fail@STEP` cases need no proxy: `vmm run --fail-at STEP@N` breaks the N-th call of one
 //! step of the source's first migration (sync, clear, read, send, pause, save-state, ack,
 //! confirm); the same checks apply.
+//!
+//! The `loss:` cases make a loss on purpose (`--fault`, see `crate::loss`): the source's
+//! populated-pages answer hides pages, or the source drops dirty bits, and both sides must fail
+//! the verification; or the destination's RAM holds stale data it hides from its own answer, and
+//! it must still end with the source's memory. A loss not caught while a side says `verified` is
+//! counted and fails the run.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -26,6 +32,7 @@ use crate::harness::{
     build_vmm, check_opts, dest_outcome, incoming_cmd, jbool, jstr, ju64, kvm_usable,
     leftover_children, opt_value, Proc, Rng, Shape, Workload,
 };
+use crate::loss::{run_loss, Loss};
 
 const MIB: u64 = 1 << 20;
 
@@ -75,15 +82,18 @@ const INJECT_STEPS: [&str; 8] = [
 enum Fault {
     Cut(CutKind),
     Inject(&'static str),
+    /// A loss made on purpose (`--fault`): it must be caught, or repaired by the destination.
+    Loss(Loss),
 }
 
 impl Fault {
-    /// Every case kind: the cuts, then the injection points.
+    /// Every case kind: the cuts, the injection points, then the losses.
     fn all() -> Vec<Fault> {
         KINDS
             .iter()
             .map(|k| Fault::Cut(*k))
             .chain(INJECT_STEPS.iter().map(|s| Fault::Inject(s)))
+            .chain(Loss::ALL.iter().map(|l| Fault::Loss(*l)))
             .collect()
     }
 
@@ -91,6 +101,7 @@ impl Fault {
         match self {
             Fault::Cut(k) => k.name().to_string(),
             Fault::Inject(step) => format!("fail@{step}"),
+            Fault::Loss(l) => l.name().to_string(),
         }
     }
 
@@ -98,7 +109,7 @@ impl Fault {
     /// migration succeeds and the case is retried with a lower number).
     fn max_call(self) -> u64 {
         match self {
-            Fault::Cut(_) => 1,
+            Fault::Cut(_) | Fault::Loss(_) => 1,
             Fault::Inject("sync") => 4,
             Fault::Inject("clear") => 64,
             Fault::Inject("read") => 20_000,
@@ -427,6 +438,8 @@ pub fn faults(args: &[String]) -> Result<(), String> {
     let mut rng = Rng::new(seed);
     let mut rows = Vec::new();
     let mut missed = 0u32;
+    // Loss cases whose destination differed from the source while a side said `verified`.
+    let mut undetected = 0u32;
     let start = Instant::now();
     let cases = Fault::all();
     for i in 0..count {
@@ -453,6 +466,7 @@ pub fn faults(args: &[String]) -> Result<(), String> {
                     };
                     run_inject_case(&vmm, step, nth, &shape)
                 }
+                Fault::Loss(loss) => run_loss_case(&vmm, loss, &shape, &mut undetected),
             };
             r = result.unwrap_or_else(|e| CaseResult {
                 note: format!("harness error: {e}"),
@@ -463,13 +477,18 @@ pub fn faults(args: &[String]) -> Result<(), String> {
             }
             missed += 1;
         }
-        let ok = r.cut
-            && (r.after_commit
-                || (r.source_reported
-                    && r.source_survived
-                    && r.logging_stopped
-                    && r.retry_verified))
-            && !r.wrongly_resumed;
+        let ok = match kind {
+            Fault::Loss(_) => r.ok,
+            _ => {
+                r.cut
+                    && (r.after_commit
+                        || (r.source_reported
+                            && r.source_survived
+                            && r.logging_stopped
+                            && r.retry_verified))
+                    && !r.wrongly_resumed
+            }
+        };
         println!(
             "  {:>3} {:<15} {:<44} {:>5.1}s {} {}",
             i + 1,
@@ -540,14 +559,14 @@ pub fn faults(args: &[String]) -> Result<(), String> {
         );
     }
     println!(
-        "  (cut points past the end of a stream, retried with an earlier point: {missed})\n  stray child processes after the run: {}",
+        "  (cut points past the end of a stream, retried with an earlier point: {missed})\n  losses not caught while a side said verified: {undetected} (must be 0)\n  stray child processes after the run: {}",
         left.len()
     );
     let [tried, cut, reported, survived, logging_off, verified, after_commit, wrong, handled] =
         total;
     // A cut after the commit is handled when the source keeps its guest paused and says so
     // (there is nothing to retry: the guest belonged to the destination).
-    if tried == cut && tried == handled && wrong == 0 && left.is_empty() {
+    if tried == cut && tried == handled && wrong == 0 && undetected == 0 && left.is_empty() {
         println!("faults: all {tried} faults handled");
         Ok(())
     } else {
@@ -675,6 +694,25 @@ fn run_inject_case(
         None,
         format!("{step}@{nth}"),
     )
+}
+
+/// A loss made on purpose: "fault made" when it happened, "handled" when it was caught on both
+/// sides (or, on a destination, repaired and verified).
+fn run_loss_case(
+    vmm: &std::path::Path,
+    loss: Loss,
+    shape: &Shape,
+    undetected: &mut u32,
+) -> Result<CaseResult, String> {
+    let o = run_loss(vmm, loss, shape, 300)?;
+    *undetected += u32::from(o.undetected);
+    Ok(CaseResult {
+        // A lose-dirty-bits case whose pages were all resent made no loss: tried again.
+        cut: o.made || (o.ok && loss == Loss::DestinationHidesStale),
+        ok: o.ok && !o.undetected,
+        note: o.note,
+        ..CaseResult::default()
+    })
 }
 
 /// The processes of a case whose first migration failed.

@@ -40,7 +40,7 @@ const LIBFUZZER_FLAGS: &[&str] = &[
 
 /// `rustup run nightly <args>`, with the variables cargo set for xtask itself removed (they point at
 /// the stable toolchain).
-fn nightly(args: &[&str]) -> Command {
+pub(crate) fn nightly(args: &[&str]) -> Command {
     let mut cmd = Command::new("rustup");
     cmd.args(["run", "nightly"]).args(args);
     for var in [

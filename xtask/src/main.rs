@@ -18,6 +18,7 @@
 //!                             `vmm bench --compare FILE`
 //! cargo xtask fuzz [--seconds N]  each stream-decoder fuzz target for N s (default 30); SKIPPED without
 //!                             nightly + cargo-fuzz
+//! cargo xtask miri            the memory-model tests under Miri; SKIPPED without nightly + miri
 //! ```
 //!
 //! `cargo xtask test` prints what ran, what was skipped and why, and exits non-zero on any failure.
@@ -32,6 +33,8 @@ mod faults;
 mod fuzz;
 mod harness;
 mod layering;
+mod loss;
+mod miri;
 mod netns;
 mod qemu;
 mod soak;
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("deps") => deps(),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("miri") => miri::miri(&args[1..]),
         Some("faults") => faults::faults(&args[1..]),
         Some("soak") => soak::soak(&args[1..]),
         Some("netns") => netns::netns(&args[1..]),
@@ -85,7 +89,8 @@ fn print_usage() {
          soak             N random migrations (--runs N, default 200; --seed S), each verified; reports mismatched pages\n  \
          netns            migrate between two network namespaces over a shaped veth link, then take the link down mid-migration\n  \
          qemu-bench       migrate the same workload with QEMU (--modes legacy,clear:1M,clear:16M --runs N --out FILE; --smoke: a short end-to-end check; --interleave-with-vmm MODES)\n  \
-         fuzz             run each migration stream-decoder fuzz target (--seconds N, default 30); SKIPPED without nightly + cargo-fuzz"
+         fuzz             run each migration stream-decoder fuzz target (--seconds N, default 30); SKIPPED without nightly + cargo-fuzz\n  \
+         miri             the memory-model tests (bitmap release sequences, dirty-client store buffering) under Miri; SKIPPED without nightly + miri"
     );
 }
 

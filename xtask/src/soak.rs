@@ -7,6 +7,10 @@
 //!   a mismatch makes both sides exit 3 and name the count; `verified` in both JSONs),
 //! - the increment rule on the destination (increment workload),
 //! - the source's RAM fingerprint at switchover equals the destination's.
+//!
+//! About one run in eight makes a loss on purpose instead (`crate::loss`, each kind in turn):
+//! it must be caught on both sides, or repaired by the destination; a loss not caught while a
+//! side says `verified` fails the soak.
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +18,7 @@ use crate::harness::{
     build_vmm, check_opts, dest_outcome, digest_mismatches, incoming_cmd, is_ci, jbool, jstr, ju64,
     kvm_usable, leftover_children, opt_value, Proc, Rng, Shape, Workload,
 };
+use crate::loss::{run_loss, Loss};
 
 const MIB: u64 = 1 << 20;
 
@@ -33,6 +38,11 @@ struct Totals {
     total_ms: f64,
     downtime_ms: Vec<f64>,
     over_downtime: u32,
+    /// Runs with a loss made on purpose (`--fault`), how many were handled as they must be, and
+    /// how many were not caught while a side said `verified` (must be 0).
+    loss_runs: u32,
+    losses_handled: u32,
+    losses_undetected: u32,
 }
 
 /// `cargo xtask soak`.
@@ -71,9 +81,16 @@ pub fn soak(args: &[String]) -> Result<(), String> {
         // A longer warm-up lets the workload touch more pages: longer streams.
         let warmup_ms = rng.range(300, 2500);
         let t0 = Instant::now();
-        let (ok, note) = match run_one(&vmm, &shape, warmup_ms, &mut t) {
-            Ok(()) => (true, String::new()),
-            Err(e) => (false, e),
+        // One run in eight makes a loss on purpose (each kind in turn).
+        let loss = rng
+            .chance(12)
+            .then(|| Loss::ALL[(t.loss_runs as usize) % Loss::ALL.len()]);
+        let (ok, note) = match loss {
+            None => match run_one(&vmm, &shape, warmup_ms, &mut t) {
+                Ok(()) => (true, String::new()),
+                Err(e) => (false, e),
+            },
+            Some(loss) => run_loss_one(&vmm, loss, &shape, warmup_ms, &mut t),
         };
         t.runs += 1;
         if ok {
@@ -86,11 +103,14 @@ pub fn soak(args: &[String]) -> Result<(), String> {
             (None, None) => t.legacy += 1,
             (None, Some(_)) => t.clear += 1,
         }
-        if !ok || (i + 1) % 10 == 0 || runs <= 20 {
+        if !ok || (i + 1) % 10 == 0 || runs <= 20 || loss.is_some() {
             println!(
                 "  {:>4}/{runs} {:<44} warm-up {:>4} ms {:>5.1}s {} {note}",
                 i + 1,
-                shape.describe(),
+                match loss {
+                    Some(l) => format!("{} {}", shape.describe(), l.name()),
+                    None => shape.describe(),
+                },
                 warmup_ms,
                 t0.elapsed().as_secs_f64(),
                 if ok { "ok" } else { "FAIL" },
@@ -144,8 +164,21 @@ pub fn soak(args: &[String]) -> Result<(), String> {
         "  downtime over 2x its limit  {:>8}   runs (not a correctness failure)",
         t.over_downtime
     );
+    println!(
+        "  losses made on purpose      {:>8}   runs ({} handled: caught on both sides, or repaired by the destination)",
+        t.loss_runs, t.losses_handled
+    );
+    println!(
+        "  LOSSES NOT CAUGHT           {:>8}   (must be 0: memory differed while a side said verified)",
+        t.losses_undetected
+    );
     println!("  stray child processes       {:>8}", left.len());
-    if t.failed == 0 && mismatched == 0 && t.fingerprint_mismatches == 0 && left.is_empty() {
+    if t.failed == 0
+        && mismatched == 0
+        && t.fingerprint_mismatches == 0
+        && t.losses_undetected == 0
+        && left.is_empty()
+    {
         println!("soak: all {} runs verified, 0 mismatched pages", t.runs);
         Ok(())
     } else {
@@ -153,6 +186,25 @@ pub fn soak(args: &[String]) -> Result<(), String> {
             "soak: {} of {} runs failed, {mismatched} mismatched pages, {} fingerprint mismatches",
             t.failed, t.runs, t.fingerprint_mismatches
         ))
+    }
+}
+
+/// A run with a loss made on purpose: see [`crate::loss`].
+fn run_loss_one(
+    vmm: &std::path::Path,
+    loss: Loss,
+    shape: &Shape,
+    warmup_ms: u64,
+    t: &mut Totals,
+) -> (bool, String) {
+    t.loss_runs += 1;
+    match run_loss(vmm, loss, shape, warmup_ms) {
+        Ok(o) => {
+            t.losses_handled += u32::from(o.ok);
+            t.losses_undetected += u32::from(o.undetected);
+            (o.ok && !o.undetected, o.note)
+        }
+        Err(e) => (false, format!("harness error: {e}")),
     }
 }
 

@@ -60,7 +60,8 @@ impl Rig {
         memory.register_listener(listener.clone()).unwrap();
         let block = memory.region_block(region).unwrap().0;
         // SAFETY: `_block`, kept in the Rig next to `ram`, owns this mapping for as long as
-        // `ram` exists; it is page aligned, readable and writable.
+        // `ram` exists; it is page aligned, readable and writable, and accessed only through raw
+        // pointers (no Rust reference into it).
         let ram = unsafe { RawGuestRam::new(block.host_addr() as *mut u8, block.size()) };
         memory.log_global_start().unwrap();
         let w = Workload::new(spec);

@@ -155,7 +155,10 @@ impl Guest {
             .register_listener(listener.clone())
             .map_err(memory_error)?;
         // SAFETY: the block's mapping of `mem` bytes is page-aligned, readable and writable, and
-        // lives as long as `block`, which this struct holds for as long as `ram`.
+        // lives as long as `block`, which this struct holds for as long as `ram`. Nothing forms a
+        // Rust reference into it: the memory system and vm-memory (a migration's copies) access it
+        // through raw pointers only, which `RawGuestRam`'s docs allow (their copies may overlap a
+        // store made through `ram`: the shared-memory case described there).
         let ram = unsafe { RawGuestRam::new(block.host_addr() as *mut u8, mem) };
         let mut vcpus = Vec::new();
         for i in 0..config.vcpus {

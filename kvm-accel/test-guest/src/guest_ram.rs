@@ -86,13 +86,22 @@ impl<B: Bitmap + 'static> GuestRam for GuestMemoryMmap<B> {
 /// Guest RAM given as one host mapping of guest physical `0..size`.
 ///
 /// Guest memory is shared with another agent, the vCPU, which writes it at any time. This type
-/// never forms a reference to plain (non-atomic) data in the mapping: every host access is an
-/// atomic access of a naturally aligned `u64` word inside it (`AtomicU64::from_ptr`; byte copies
-/// read or compare-and-swap whole words). So host threads never race each other in Rust's memory
-/// model, and a vCPU store is seen like another process's store to shared memory. A copy of more
-/// than one word is not atomic as a whole: it may see some of a concurrent write and not the rest
-/// (torn), which the callers tolerate (they load workloads before the vCPUs start and read
+/// never forms a reference to plain (non-atomic) data in the mapping: every access through it is
+/// an atomic access of a naturally aligned `u64` word inside it (`AtomicU64::from_ptr`; byte
+/// copies read or compare-and-swap whole words), so accesses through `RawGuestRam`s never race
+/// each other, and a vCPU store is seen like another process's store to shared memory. A copy of
+/// more than one word is not atomic as a whole: it may see some of a concurrent write and not the
+/// rest (torn), which the callers tolerate (they load workloads before the vCPUs start and read
 /// counters with [`load_u64`](GuestRam::load_u64)).
+///
+/// Other host code copies the same memory without atomics: a migration reads pages with plain
+/// copies (vm-memory's, and `memcpy`) while a test may store a workload parameter through this
+/// type into a page being copied. Rust's memory model calls that mix a data race; this crate does
+/// what vm-memory and every VMM do with guest memory: no Rust reference ever points into it, every
+/// access is a raw-pointer load, store or copy of plain bytes with no invariant, and a copy that
+/// overlaps a store may be torn (a migration re-sends a page dirtied meanwhile). Host writes that
+/// must reach a migration go through the memory system ([`crate::Guest::block`]), which marks them
+/// dirty; writes through this type are not tracked.
 ///
 /// # Example
 ///
@@ -119,7 +128,9 @@ pub struct RawGuestRam {
 // validity the creator guarantees for the object's lifetime (see `new`); atomics may be used from
 // any thread, and the vCPUs share the memory anyway.
 unsafe impl Send for RawGuestRam {}
-// SAFETY: see `Send`: concurrent host accesses are all atomic, so they cannot data-race.
+// SAFETY: see `Send`: accesses through `RawGuestRam`s from several threads are all atomic, so they
+// cannot race each other; plain copies by other host code are the shared-memory case of the type
+// docs, the same with or without `Sync`.
 unsafe impl Sync for RawGuestRam {}
 
 impl RawGuestRam {
@@ -128,8 +139,10 @@ impl RawGuestRam {
     /// # Safety
     ///
     /// The range must be a readable and writable mapping, 8-byte aligned, with `size` a multiple
-    /// of 8, valid for the lifetime of the returned object, and accessed by the host (other than
-    /// by the vCPUs of a VM) only atomically while it exists.
+    /// of 8, valid (not unmapped or remapped) for the lifetime of the returned object, and never
+    /// referenced by a Rust reference while it exists: other host code may access it only through
+    /// raw pointers (atomic accesses, volatile accesses or copies), as guest memory is; see the
+    /// type docs for what such concurrent copies may see.
     ///
     /// # Panics
     ///
@@ -153,8 +166,10 @@ impl RawGuestRam {
     fn word(&self, offset: u64) -> &AtomicU64 {
         debug_assert!(offset % 8 == 0 && offset < self.size);
         // SAFETY: `offset` is 8-aligned and below `size` (a multiple of 8), so the 8 bytes lie
-        // inside the mapping, which `new`'s caller guarantees valid, aligned and accessed only
-        // atomically by the host for the lifetime of `self` (which the reference cannot outlive).
+        // inside the mapping, which `new`'s caller guarantees valid, aligned and never referenced
+        // for the lifetime of `self` (which the reference cannot outlive). Accesses through this
+        // type are atomic; other host code's plain copies of the same bytes are the shared-memory
+        // case of the type docs.
         unsafe { AtomicU64::from_ptr(self.host.add(offset as usize) as *mut u64) }
     }
 

@@ -59,8 +59,8 @@ fn conformance(choice: DirtyLogChoice) {
     let low = mem.add_ram("low", 0, LOW).expect("low RAM");
     let block = mem.region_block(low).unwrap().0;
     // SAFETY: `block` (kept alive below, past every use of `ram`) owns the mapping
-    // `host_addr..host_addr + size`, page aligned, readable and writable; the host touches it
-    // only through `ram` while it exists.
+    // `host_addr..host_addr + size`, page aligned, readable and writable; nothing forms a Rust
+    // reference into it (the memory system's accesses are raw-pointer copies).
     let ram = unsafe { RawGuestRam::new(block.host_addr() as *mut u8, block.size()) };
     let vcpu = Vcpu::new(&vm, 0).expect("Vcpu::new");
     let w = Workload::new(WorkloadSpec::Image {

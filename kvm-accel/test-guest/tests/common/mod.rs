@@ -271,7 +271,7 @@ impl MemVm {
         let low_block = memory.region_block(low).expect("low block").0;
         // SAFETY: `low_block` (an Arc kept in this struct next to `ram`) owns the mapping
         // `host_addr..host_addr + size`, page aligned, readable and writable, for as long as
-        // `ram` exists.
+        // `ram` exists; nothing forms a Rust reference into it (raw-pointer copies only).
         let ram = unsafe { RawGuestRam::new(low_block.host_addr() as *mut u8, low_block.size()) };
         MemVm {
             vm,

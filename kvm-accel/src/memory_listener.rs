@@ -45,7 +45,7 @@ use clearlog_memory::{
 
 use crate::dirty_cache::SlotDirtyCache;
 use crate::ring::VcpuRingStats;
-use crate::vm::{MemSlot, SlotOwner, Vm};
+use crate::vm::{MemSlot, RingHarvester, SlotOwner, Vm};
 use crate::Error;
 
 /// The default interval of the ring reaper thread
@@ -127,8 +127,10 @@ pub struct DirtyLogStats {
     /// Ring mode: harvests that found a ring completely full without a ring-full exit (entries
     /// may have been lost by the kernel; see [`VcpuRingStats::found_full`]).
     pub ring_found_full: u64,
-    /// Ring mode: entries for memslots this listener does not own (the VMM's own slots, or a
-    /// slot deleted since), dropped.
+    /// Ring mode: entries of no logging memslot of the [`Vm`] (a slot deleted or no longer
+    /// logging since, or one the VMM made through its own fd), dropped. Entries of another
+    /// owner's logging slot (a second listener's, one made with [`Vm::set_memslot`]) are not
+    /// dropped: the `Vm` keeps them for their owner.
     pub ring_foreign: u64,
 }
 
@@ -183,6 +185,62 @@ impl SlotTable {
     fn free_id(&self, ids: Range<u32>, taken: impl Fn(u32) -> bool) -> Option<u32> {
         ids.into_iter()
             .find(|&id| !taken(id) && !self.by_guest_addr.values().any(|s| s.id == id))
+    }
+}
+
+/// A listener's ring harvest: entries of its logging slots go into their pending bitmaps.
+struct ListenerHarvest<'a> {
+    table: &'a mut SlotTable,
+    owner: SlotOwner,
+    /// (slot id, guest address) of the previous entry's slot: runs of entries of one slot.
+    last: Option<(u32, u64)>,
+}
+
+impl ListenerHarvest<'_> {
+    /// The pending bitmap of this listener's logging memslot `id`.
+    fn pending(&mut self, id: u32) -> Option<&mut Vec<u64>> {
+        let key = match self.last {
+            Some((last, addr)) if last == id => addr,
+            _ => {
+                let addr = self
+                    .table
+                    .by_guest_addr
+                    .iter()
+                    .find(|(_, s)| s.id == id)
+                    .map(|(&a, _)| a)?;
+                self.last = Some((id, addr));
+                addr
+            }
+        };
+        self.table
+            .by_guest_addr
+            .get_mut(&key)
+            .and_then(|s| s.legacy_buffer.as_mut())
+    }
+}
+
+impl RingHarvester for ListenerHarvest<'_> {
+    fn take(&mut self, slot: u32, offset: u64) -> bool {
+        match self.pending(slot) {
+            Some(words) if (offset / 64) < words.len() as u64 => {
+                words[(offset / 64) as usize] |= 1 << (offset % 64);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn drain(&mut self, slot: u32, owner: SlotOwner, bits: &[u64]) -> bool {
+        if owner != self.owner {
+            return false;
+        }
+        // A slot of ours that no longer logs: its bits go (as its bitmap would).
+        if let Some(words) = self.pending(slot) {
+            for (w, b) in words.iter_mut().zip(bits) {
+                *w |= b;
+            }
+        }
+        true
     }
 }
 
@@ -478,40 +536,23 @@ impl KvmMemoryListener {
         })
     }
 
-    /// Harvest all rings into the slots' pending bitmaps. Called with the slots lock held.
+    /// Harvest all rings into the slots' pending bitmaps, then take what the `Vm` kept for this
+    /// listener's slots from other harvests. Called with the slots lock held.
     fn reap_locked(&self, table: &mut SlotTable) -> Result<u64, Error> {
-        let mut foreign = 0u64;
-        let mut last: Option<(u32, u64)> = None; // (slot id, guest addr) of the previous entry
-        let harvest = self.vm.harvest_rings(|slot, offset| {
-            let key = match last {
-                Some((id, addr)) if id == slot => Some(addr),
-                _ => table
-                    .by_guest_addr
-                    .iter()
-                    .find(|(_, s)| s.id == slot)
-                    .map(|(&a, _)| a),
-            };
-            let buffer = key.and_then(|a| {
-                last = Some((slot, a));
-                table
-                    .by_guest_addr
-                    .get_mut(&a)
-                    .and_then(|s| s.legacy_buffer.as_mut())
-            });
-            match buffer {
-                Some(words) if (offset / 64) < words.len() as u64 => {
-                    words[(offset / 64) as usize] |= 1 << (offset % 64);
-                }
-                _ => foreign += 1,
-            }
-        })?;
+        let mut h = ListenerHarvest {
+            table,
+            owner: self.owner(),
+            last: None,
+        };
+        let (harvest, result) = self.vm.harvest_rings(&mut h);
         let c = &self.counters;
         c.ring_reaps.fetch_add(1, Ordering::Relaxed);
         c.ring_entries.fetch_add(harvest.entries, Ordering::Relaxed);
         c.ring_reap_ns.fetch_add(harvest.ns, Ordering::Relaxed);
         c.ring_found_full
             .fetch_add(harvest.found_full, Ordering::Relaxed);
-        c.ring_foreign.fetch_add(foreign, Ordering::Relaxed);
+        c.ring_foreign.fetch_add(harvest.dropped, Ordering::Relaxed);
+        result?;
         Ok(harvest.entries)
     }
 
@@ -862,6 +903,8 @@ impl Drop for KvmMemoryListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ring::DirtyRing;
+    use crate::vm::FakeReset;
     use clearlog_memory::{DirtyClient, MemorySystem};
 
     /// A real VM, or None (with a loud SKIPPED line) when /dev/kvm cannot be opened; with
@@ -935,6 +978,124 @@ mod tests {
         );
         // The kernel still has the slot: the VM's own teardown removes it.
         assert!(vm.memslot(id).is_some());
+    }
+
+    /// A real VM in ring mode (its memslots are real) whose rings the tests fake
+    /// ([`Vm::register_fake_ring`]), or None (SKIPPED) without KVM or without a dirty ring.
+    fn real_ring_vm(test: &str) -> Option<Arc<Vm>> {
+        let required = std::env::var("CI").is_ok_and(|v| v == "true")
+            || std::env::var("CLEARLOG_REQUIRE_KVM").is_ok_and(|v| v == "1");
+        match Vm::new(crate::VmConfig {
+            dirty_log: crate::DirtyLogChoice::Ring { bytes: 1 << 16 },
+            ..Default::default()
+        }) {
+            Ok(vm) => Some(Arc::new(vm)),
+            Err(e @ Error::DirtyRingUnsupported) => {
+                eprintln!("SKIPPED: {test}: {e}");
+                None
+            }
+            Err(e) if required => panic!("{test}: KVM required but unusable: {e}"),
+            Err(e) => {
+                eprintln!("SKIPPED: {test}: no usable /dev/kvm ({e})");
+                None
+            }
+        }
+    }
+
+    const RING_RAM: u64 = 1 << 20; // 256 pages
+
+    /// A memory system with `RING_RAM` of RAM at `gpa`, a listener on `vm` with `ids` registered
+    /// and global logging on; returns the listener's memslot id too.
+    fn ring_rig(
+        vm: &Arc<Vm>,
+        gpa: u64,
+        ids: Range<u32>,
+    ) -> (MemorySystem, Arc<KvmMemoryListener>, u32) {
+        let memory = MemorySystem::with_ram_capacity(4 << 20);
+        memory.add_ram("ram", gpa, RING_RAM).unwrap();
+        let listener = Arc::new(KvmMemoryListener::with_slot_ids(vm.clone(), ids).unwrap());
+        memory.register_listener(listener.clone()).unwrap();
+        memory.log_global_start().unwrap();
+        let id = listener.slot_id_at(gpa).unwrap();
+        (memory, listener, id)
+    }
+
+    /// The Migration client's dirty pages of the memory system's only RAM block.
+    fn migration_pages(memory: &MemorySystem) -> Vec<u64> {
+        let block = memory.ram_blocks()[0].clone();
+        let first = block.ram_page_offset();
+        let map = memory.dirty().client(DirtyClient::Migration);
+        (0..block.pages())
+            .filter(|&p| map.test((first + p) as usize))
+            .collect()
+    }
+
+    fn push(vm: &Vm, vcpu: u32, at: u32, slot: u32, offset: u64) {
+        vm.with_fake_ring(vcpu, |r| r.kernel_push(at, slot, offset))
+            .expect("a free ring entry");
+    }
+
+    /// Finding 4: a listener's reap dropped the entries of a logging slot the VMM made with
+    /// `Vm::set_memslot`; `Vm::get_dirty_log` on it failed in ring mode.
+    #[test]
+    fn a_vmm_logging_slot_keeps_its_ring_entries() {
+        use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+        // Declared before the Vm: dropped after it, so it outlives the memslot.
+        let vmm_mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(64 << 20), 64 * 4096)]).unwrap();
+        let Some(vm) = real_ring_vm("a_vmm_logging_slot_keeps_its_ring_entries") else {
+            return;
+        };
+        let host = vmm_mem.get_host_address(GuestAddress(64 << 20)).unwrap() as u64;
+        // SAFETY: `vmm_mem` outlives `vm` (declared first, dropped last).
+        unsafe { vm.set_memslot(100, 64 << 20, 64 * 4096, host, true) }.unwrap();
+        let (memory, listener, id) = ring_rig(&vm, 0, 0..8);
+        vm.register_fake_ring(0, DirtyRing::fake(16));
+        push(&vm, 0, 0, 100, 4);
+        push(&vm, 0, 1, id, 2);
+        memory.log_sync_all().unwrap();
+        assert_eq!(migration_pages(&memory), vec![2]);
+        assert_eq!(listener.stats().ring_foreign, 0, "nothing was dropped");
+        let mut bitmap = [0u64; 1];
+        vm.get_dirty_log(100, &mut bitmap).unwrap();
+        assert_eq!(
+            bitmap,
+            [1 << 4],
+            "the VMM's slot gets the entry the listener harvested"
+        );
+        // Get-and-clear, like a legacy GET.
+        vm.get_dirty_log(100, &mut bitmap).unwrap();
+        assert_eq!(bitmap, [0]);
+        // A GET harvests too, and keeps the listener's entries for the listener.
+        push(&vm, 0, 2, 100, 6);
+        push(&vm, 0, 3, id, 8);
+        vm.get_dirty_log(100, &mut bitmap).unwrap();
+        assert_eq!(bitmap, [1 << 6]);
+        memory.log_sync_all().unwrap();
+        assert_eq!(migration_pages(&memory), vec![2, 8]);
+    }
+
+    /// Finding 4: a second listener on the same Vm lost the entries the first one harvested.
+    #[test]
+    fn a_second_listener_gets_the_entries_the_first_one_harvested() {
+        let Some(vm) = real_ring_vm("a_second_listener_gets_the_entries_the_first_one_harvested")
+        else {
+            return;
+        };
+        let (memory_a, listener_a, id_a) = ring_rig(&vm, 0, 0..8);
+        let (memory_b, _listener_b, id_b) = ring_rig(&vm, 16 << 20, 8..16);
+        vm.register_fake_ring(0, DirtyRing::fake(16));
+        push(&vm, 0, 0, id_a, 1);
+        push(&vm, 0, 1, id_b, 11);
+        memory_a.log_sync_all().unwrap();
+        assert_eq!(migration_pages(&memory_a), vec![1]);
+        assert_eq!(listener_a.stats().ring_foreign, 0, "nothing was dropped");
+        memory_b.log_sync_all().unwrap();
+        assert_eq!(
+            migration_pages(&memory_b),
+            vec![11],
+            "the second listener's entry, harvested by the first, must reach it"
+        );
     }
 
     #[test]

@@ -226,9 +226,10 @@ pub(crate) struct RingPass {
 enum Backing {
     /// `mmap` of a vCPU fd, unmapped on drop.
     Mapped { len: usize },
-    /// Memory of this process (unit tests play the kernel on it).
+    /// Memory of this process (unit tests play the kernel on it): a boxed slice of `len` entries
+    /// turned into a raw pointer (`Box::into_raw`), freed on drop.
     #[cfg(test)]
-    Fake(#[allow(dead_code)] Box<[kvm_dirty_gfn]>),
+    Fake { len: usize },
 }
 
 /// One vCPU's dirty ring and our read position in it.
@@ -238,6 +239,9 @@ pub(crate) struct DirtyRing {
     /// Index (not yet wrapped) of the next entry to harvest.
     next: u32,
     backing: Backing,
+    /// Unit tests: the fake kernel's reset index (the next entry its reset looks at).
+    #[cfg(test)]
+    kernel_reset_next: u32,
 }
 
 // SAFETY: the ring is plain shared memory; every access goes through `&mut self` (one harvester
@@ -282,19 +286,26 @@ impl DirtyRing {
             entries: bytes / ENTRY_BYTES,
             next: 0,
             backing: Backing::Mapped { len },
+            #[cfg(test)]
+            kernel_reset_next: 0,
         })
     }
 
     /// A ring in process memory, for unit tests (they push entries as the kernel would).
     #[cfg(test)]
     pub(crate) fn fake(entries: u32) -> Self {
-        let mut mem = vec![kvm_dirty_gfn::default(); entries as usize].into_boxed_slice();
-        let base = NonNull::new(mem.as_mut_ptr()).expect("a boxed slice is never NULL");
+        let mem = vec![kvm_dirty_gfn::default(); entries as usize].into_boxed_slice();
+        // The pointer is taken from `Box::into_raw`, so no later move of a `Box` invalidates it.
+        let raw = Box::into_raw(mem);
+        let base = NonNull::new(raw.cast::<kvm_dirty_gfn>()).expect("a boxed slice is never NULL");
         DirtyRing {
             base,
             entries,
             next: 0,
-            backing: Backing::Fake(mem),
+            backing: Backing::Fake {
+                len: entries as usize,
+            },
+            kernel_reset_next: 0,
         }
     }
 
@@ -365,16 +376,34 @@ impl DirtyRing {
         Some(())
     }
 
-    /// Unit tests: the kernel's reset: entries marked reset become free; returns how many.
+    /// Unit tests: the kernel's reset: entries marked reset become free, in ring order from the
+    /// kernel's reset index up to the first entry not marked; returns how many.
     #[cfg(test)]
     pub(crate) fn kernel_reset(&mut self) -> u64 {
+        self.kernel_reset_at_most(u64::MAX)
+    }
+
+    /// Unit tests: entries marked reset that the (fake) kernel has not freed yet.
+    #[cfg(test)]
+    pub(crate) fn kernel_marked_reset(&self) -> u64 {
+        (0..self.entries)
+            .filter(|&i| self.flags(i).load(Ordering::Acquire) & GFN_F_RESET != 0)
+            .count() as u64
+    }
+
+    /// Unit tests: a reset that frees at most `max` entries (a kernel that resets fewer than were
+    /// marked); returns how many it freed.
+    #[cfg(test)]
+    pub(crate) fn kernel_reset_at_most(&mut self, max: u64) -> u64 {
         let mut n = 0;
-        for i in 0..self.entries {
-            let f = self.flags(i);
-            if f.load(Ordering::Acquire) & GFN_F_RESET != 0 {
-                f.store(0, Ordering::Release);
-                n += 1;
+        while n < max && n < u64::from(self.entries) {
+            let f = self.flags(self.kernel_reset_next);
+            if f.load(Ordering::Acquire) & GFN_F_RESET == 0 {
+                break;
             }
+            f.store(0, Ordering::Release);
+            self.kernel_reset_next = self.kernel_reset_next.wrapping_add(1);
+            n += 1;
         }
         n
     }
@@ -389,7 +418,13 @@ impl Drop for DirtyRing {
                 unsafe { libc::munmap(self.base.as_ptr().cast(), len) };
             }
             #[cfg(test)]
-            Backing::Fake(_) => {}
+            Backing::Fake { len } => {
+                let slice = std::ptr::slice_from_raw_parts_mut(self.base.as_ptr(), len);
+                // SAFETY: `slice` is exactly the boxed slice `fake` turned into a raw pointer with
+                // `Box::into_raw`; it is turned back into a `Box` once, here, and no pointer into
+                // it outlives `self`.
+                drop(unsafe { Box::from_raw(slice) });
+            }
         }
     }
 }

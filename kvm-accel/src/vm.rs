@@ -152,6 +152,29 @@ struct SlotEntry {
     owner: SlotOwner,
 }
 
+/// What the slot-table lock guards.
+#[derive(Debug, Default)]
+struct SlotState {
+    /// The memslots registered through this `Vm`, by id.
+    table: BTreeMap<u32, SlotEntry>,
+    /// Ring mode: per logging memslot, the pages harvested from the rings by someone other than
+    /// the slot's owner (another listener, a caller's GET, an unregister), one bit per page,
+    /// waiting for the owner to take them (a listener's reap, [`Vm::get_dirty_log`]). Only taken
+    /// after a `KVM_RESET_DIRTY_RINGS` confirmed them (docs/design.md section 2a).
+    pending: BTreeMap<u32, Vec<u64>>,
+}
+
+/// Who harvests the rings ([`Vm::harvest_rings`]) and what it does with the entries.
+pub(crate) trait RingHarvester {
+    /// Takes the entry of page `offset` of memslot `slot` if that slot is one of the harvester's
+    /// own logging slots (false otherwise: the `Vm` keeps it for the slot's owner, or drops it
+    /// when no logging slot has that id).
+    fn take(&mut self, slot: u32, offset: u64) -> bool;
+    /// After a confirmed reset: the pending pages the `Vm` keeps for `slot` (owned by `owner`).
+    /// True takes them (the `Vm` forgets them), false leaves them for their owner.
+    fn drain(&mut self, slot: u32, owner: SlotOwner, bits: &[u64]) -> bool;
+}
+
 /// How the `Vm` holds the VM fd.
 enum Handle {
     /// Made by [`Vm::new`]: the kvm-ioctls handles (vCPUs are created through them).
@@ -188,10 +211,25 @@ pub struct Vm {
     handle: Handle,
     caps: KvmCaps,
     mode: ProtectMode,
-    slots: Mutex<BTreeMap<u32, SlotEntry>>,
+    slots: Mutex<SlotState>,
     next_listener: AtomicU64,
     /// The registered vCPU rings (ring mode), by vCPU index.
     rings: Mutex<BTreeMap<u32, VcpuRing>>,
+    /// Unit tests: `KVM_RESET_DIRTY_RINGS` played on the fake rings instead of the kernel.
+    #[cfg(test)]
+    fake_reset: Mutex<Option<FakeReset>>,
+}
+
+/// Unit tests: how the fake `KVM_RESET_DIRTY_RINGS` behaves.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FakeReset {
+    /// Like the kernel: every entry marked reset is freed.
+    Kernel,
+    /// The ioctl fails with this errno; nothing is freed.
+    Fail(i32),
+    /// At most this many entries are freed (over all rings).
+    AtMost(u64),
 }
 
 /// One vCPU's ring and its counters.
@@ -207,8 +245,12 @@ struct VcpuRing {
 /// What [`Vm::harvest_rings`] found over all rings.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct RingHarvest {
-    /// Entries harvested and reset.
+    /// Entries harvested (and marked reset).
     pub entries: u64,
+    /// Entries of logging slots the harvester does not own, kept in the `Vm`'s pending store.
+    pub kept: u64,
+    /// Entries of no logging slot of this `Vm` (deleted since, logging off, or unknown), dropped.
+    pub dropped: u64,
     /// Rings found completely full without a ring-full exit reported.
     pub found_full: u64,
     /// Time of the harvest and `KVM_RESET_DIRTY_RINGS`, nanoseconds.
@@ -222,7 +264,7 @@ impl fmt::Debug for Vm {
             .field("own_kvm", &self.kvm().is_some())
             .field("caps", &self.caps)
             .field("mode", &self.mode)
-            .field("slots", &*self.slots_lock())
+            .field("slots", &self.slots_lock().table)
             .finish_non_exhaustive()
     }
 }
@@ -402,9 +444,11 @@ impl Vm {
             handle,
             caps,
             mode,
-            slots: Mutex::new(BTreeMap::new()),
+            slots: Mutex::new(SlotState::default()),
             next_listener: AtomicU64::new(0),
             rings: Mutex::new(BTreeMap::new()),
+            #[cfg(test)]
+            fake_reset: Mutex::new(None),
         }
     }
 
@@ -512,15 +556,49 @@ impl Vm {
             .collect()
     }
 
-    /// Harvests every registered ring, giving each entry's `(slot, offset)` to `found`, then
-    /// `KVM_RESET_DIRTY_RINGS` re-protects the harvested pages. The caller (the listener) holds its
-    /// slots lock around this, so nobody sees a harvested bit before its page is re-protected.
-    pub(crate) fn harvest_rings(&self, mut found: impl FnMut(u32, u64)) -> Result<RingHarvest> {
+    /// Harvests every registered ring, then `KVM_RESET_DIRTY_RINGS` re-protects the harvested
+    /// pages. Each entry goes to the harvester if the slot is one of its own
+    /// ([`RingHarvester::take`]), else to this `Vm`'s pending store when the slot is a logging slot
+    /// of someone else (another listener, the caller), else it is dropped. Once the reset
+    /// confirmed the entries, the harvester may take what the store holds for it
+    /// ([`RingHarvester::drain`]).
+    ///
+    /// A listener harvesting holds its slots lock around this, so nobody sees a harvested bit
+    /// before its page is re-protected. Returns the counts even when the reset failed.
+    pub(crate) fn harvest_rings(&self, h: &mut dyn RingHarvester) -> (RingHarvest, Result<()>) {
         let start = Instant::now();
         let mut rings = self.rings_lock();
+        let (mut total, result) = self.harvest_locked(&mut rings, h);
+        drop(rings);
+        total.ns = start.elapsed().as_nanos() as u64;
+        (total, result)
+    }
+
+    /// [`Vm::harvest_rings`] with the ring lock held (lock order: rings, then slots).
+    fn harvest_locked(
+        &self,
+        rings: &mut BTreeMap<u32, VcpuRing>,
+        h: &mut dyn RingHarvester,
+    ) -> (RingHarvest, Result<()>) {
         let mut total = RingHarvest::default();
+        let mut slots = self.slots_lock();
+        let SlotState { table, pending } = &mut *slots;
         for (&vcpu, r) in rings.iter_mut() {
-            let pass = r.ring.harvest(&mut found);
+            let pass = r.ring.harvest(|slot, offset| {
+                if h.take(slot, offset) {
+                    return;
+                }
+                match table.get(&slot) {
+                    Some(e) if e.slot.log_dirty && offset < e.slot.pages() => {
+                        let words = pending
+                            .entry(slot)
+                            .or_insert_with(|| vec![0; e.slot.bitmap_words()]);
+                        words[(offset / 64) as usize] |= 1 << (offset % 64);
+                        total.kept += 1;
+                    }
+                    _ => total.dropped += 1,
+                }
+            });
             r.harvested += pass.entries;
             if pass.full && r.full_since_harvest == 0 {
                 r.found_full += 1;
@@ -538,20 +616,97 @@ impl Vm {
             total.entries += pass.entries;
         }
         if total.entries > 0 {
-            let reset = raw::reset_dirty_rings(self.as_fd())
-                .map_err(Error::kvm("KVM_RESET_DIRTY_RINGS"))?;
+            let reset = match self.reset_dirty_rings(rings) {
+                Ok(reset) => reset,
+                Err(source) => {
+                    return (
+                        total,
+                        Err(Error::Kvm {
+                            op: "KVM_RESET_DIRTY_RINGS",
+                            source,
+                        }),
+                    )
+                }
+            };
             // The kernel resets exactly the entries marked reset: fewer means some stay
             // write-enabled (their next writes would go unreported), so it is an error.
             if reset < total.entries {
-                return Err(Error::DirtyRingReset {
-                    harvested: total.entries,
-                    reset,
-                });
+                return (
+                    total,
+                    Err(Error::DirtyRingReset {
+                        harvested: total.entries,
+                        reset,
+                    }),
+                );
             }
         }
-        drop(rings);
-        total.ns = start.elapsed().as_nanos() as u64;
-        Ok(total)
+        // Every harvested entry is re-protected: what the store holds is confirmed.
+        pending.retain(|&slot, bits| match table.get(&slot) {
+            Some(e) => !h.drain(slot, e.owner, bits),
+            None => false,
+        });
+        (total, Ok(()))
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS` (in unit tests with fake rings: the fake kernel's reset).
+    fn reset_dirty_rings(
+        &self,
+        rings: &mut BTreeMap<u32, VcpuRing>,
+    ) -> std::result::Result<u64, vmm_sys_util::errno::Error> {
+        #[cfg(test)]
+        if let Some(fake) = *self.fake_reset.lock().unwrap_or_else(|p| p.into_inner()) {
+            let mut left = match fake {
+                FakeReset::Kernel => u64::MAX,
+                FakeReset::Fail(errno) => return Err(vmm_sys_util::errno::Error::new(errno)),
+                FakeReset::AtMost(n) => n,
+            };
+            let mut reset = 0;
+            for r in rings.values_mut() {
+                let n = r.ring.kernel_reset_at_most(left);
+                left -= n;
+                reset += n;
+            }
+            return Ok(reset);
+        }
+        let _ = rings;
+        raw::reset_dirty_rings(self.as_fd())
+    }
+
+    /// Unit tests: registers a fake ring (process memory the test pushes entries into) as vCPU
+    /// `index`; from now on `KVM_RESET_DIRTY_RINGS` is played on the fake rings
+    /// ([`FakeReset::Kernel`] unless [`Vm::set_fake_reset`] said otherwise).
+    #[cfg(test)]
+    pub(crate) fn register_fake_ring(&self, index: u32, ring: DirtyRing) {
+        self.fake_reset
+            .lock()
+            .unwrap()
+            .get_or_insert(FakeReset::Kernel);
+        self.rings_lock().insert(
+            index,
+            VcpuRing {
+                ring,
+                harvested: 0,
+                full_since_harvest: 0,
+                full_exits: 0,
+                found_full: 0,
+            },
+        );
+    }
+
+    /// Unit tests: how the fake `KVM_RESET_DIRTY_RINGS` behaves from now on.
+    #[cfg(test)]
+    pub(crate) fn set_fake_reset(&self, fake: FakeReset) {
+        *self.fake_reset.lock().unwrap() = Some(fake);
+    }
+
+    /// Unit tests: runs `f` on the fake ring of vCPU `index` (to push entries as the kernel does).
+    #[cfg(test)]
+    pub(crate) fn with_fake_ring<R>(&self, index: u32, f: impl FnOnce(&mut DirtyRing) -> R) -> R {
+        f(&mut self
+            .rings_lock()
+            .get_mut(&index)
+            .expect("a registered ring")
+            .ring)
     }
 
     /// The system (`/dev/kvm`) handle, when this `Vm` opened it ([`Vm::new`]); `None` on a
@@ -610,9 +765,9 @@ impl Vm {
         self.mode
     }
 
-    fn slots_lock(&self) -> MutexGuard<'_, BTreeMap<u32, SlotEntry>> {
-        // A panic while holding this lock cannot leave the map inconsistent: every
-        // update is a single insert or remove.
+    fn slots_lock(&self) -> MutexGuard<'_, SlotState> {
+        // A panic while holding this lock cannot leave the maps inconsistent: every update is a
+        // single insert or remove (or one bit).
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -714,7 +869,7 @@ impl Vm {
             userspace_addr: s.host_addr,
         };
         let mut slots = self.slots_lock();
-        let existing = slots.get(&slot).copied();
+        let existing = slots.table.get(&slot).copied();
         if let Some(e) = existing {
             if owner == SlotOwner::Caller && e.owner != owner {
                 return Err(Error::SlotOwnedByListener { slot });
@@ -739,7 +894,11 @@ impl Vm {
                 },
             }
         })?;
-        slots.insert(slot, SlotEntry { slot: s, owner });
+        slots.table.insert(slot, SlotEntry { slot: s, owner });
+        if !s.log_dirty {
+            // Logging is off: what the rings reported for the slot goes, as a bitmap would.
+            slots.pending.remove(&slot);
+        }
         Ok(())
     }
 
@@ -758,7 +917,7 @@ impl Vm {
 
     pub(crate) fn remove_slot_as(&self, slot: u32, owner: SlotOwner) -> Result<()> {
         let mut slots = self.slots_lock();
-        let Some(e) = slots.get(&slot).copied() else {
+        let Some(e) = slots.table.get(&slot).copied() else {
             return Err(Error::UnknownSlot(slot));
         };
         if e.owner != owner {
@@ -774,7 +933,8 @@ impl Vm {
         // SAFETY: size 0 deletes the slot; the kernel stops using the host mapping.
         unsafe { raw::set_user_memory_region(self.as_fd(), &region) }
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION (delete)"))?;
-        slots.remove(&slot);
+        slots.table.remove(&slot);
+        slots.pending.remove(&slot);
         Ok(())
     }
 
@@ -782,7 +942,7 @@ impl Vm {
     /// kernel's memslot stays), so its owner's next delete fails before the ioctl.
     #[cfg(test)]
     pub(crate) fn steal_slot_for_test(&self, slot: u32) {
-        if let Some(e) = self.slots_lock().get_mut(&slot) {
+        if let Some(e) = self.slots_lock().table.get_mut(&slot) {
             e.owner = SlotOwner::Caller;
         }
     }
@@ -796,7 +956,7 @@ impl Vm {
     /// assert!(vm.memslot(0).is_none());
     /// ```
     pub fn memslot(&self, slot: u32) -> Option<MemSlot> {
-        self.slots_lock().get(&slot).map(|e| e.slot)
+        self.slots_lock().table.get(&slot).map(|e| e.slot)
     }
 
     /// All registered memslots, by slot id.
@@ -809,6 +969,7 @@ impl Vm {
     /// ```
     pub fn memslots(&self) -> Vec<(u32, MemSlot)> {
         self.slots_lock()
+            .table
             .iter()
             .map(|(k, e)| (*k, e.slot))
             .collect()
@@ -824,6 +985,7 @@ impl Vm {
     /// ```
     pub fn is_listener_slot(&self, slot: u32) -> bool {
         self.slots_lock()
+            .table
             .get(&slot)
             .is_some_and(|e| matches!(e.owner, SlotOwner::Listener(_)))
     }
@@ -834,6 +996,12 @@ impl Vm {
     /// `bitmap` must hold at least [`MemSlot::bitmap_words`] words; only that many are
     /// written. In legacy mode the kernel also clears its bitmap and write-protects the
     /// slot; in manual mode it only copies (the same bits come back until cleared).
+    ///
+    /// In ring mode there is no kernel bitmap: the call harvests every vCPU ring, resets them
+    /// (`KVM_RESET_DIRTY_RINGS`) and hands over, get-and-clear like a legacy GET, the pages of
+    /// `slot` that this harvest or an earlier one (a listener's reap) found. Entries of other
+    /// slots stay with this `Vm` for their owners. If the reset fails, nothing is handed over
+    /// (the pages are still writable) and the bits stay for the next call.
     ///
     /// Only for slots made with [`Vm::set_memslot`]: a slot a listener owns gives
     /// [`Error::SlotOwnedByListener`] (a legacy GET would eat bits the listener never sees; sync
@@ -848,7 +1016,60 @@ impl Vm {
     /// vm.get_dirty_log(0, &mut bitmap).unwrap();
     /// ```
     pub fn get_dirty_log(&self, slot: u32, bitmap: &mut [u64]) -> Result<()> {
+        if self.mode.is_ring() {
+            return self.get_dirty_log_ring(slot, bitmap);
+        }
         self.get_dirty_log_as(slot, bitmap, SlotOwner::Caller)
+    }
+
+    /// Checks a GET of `slot` for `owner` into `len` words; the words the slot needs.
+    fn check_get(slots: &SlotState, slot: u32, owner: SlotOwner, len: usize) -> Result<usize> {
+        let e = *slots.table.get(&slot).ok_or(Error::UnknownSlot(slot))?;
+        if e.owner != owner {
+            return Err(Error::SlotOwnedByListener { slot });
+        }
+        if !e.slot.log_dirty {
+            return Err(Error::SlotNotLogging(slot));
+        }
+        let needed = e.slot.bitmap_words();
+        if len < needed {
+            return Err(Error::BufferTooSmall { needed, got: len });
+        }
+        Ok(needed)
+    }
+
+    /// [`Vm::get_dirty_log`] in ring mode: harvest, reset, take the slot's pending pages.
+    fn get_dirty_log_ring(&self, slot: u32, bitmap: &mut [u64]) -> Result<()> {
+        let needed = Self::check_get(&self.slots_lock(), slot, SlotOwner::Caller, bitmap.len())?;
+        /// A harvest for the caller's GET: it owns no buffer, every entry goes to the store, and
+        /// it takes the store's bits of its slot.
+        struct Get {
+            slot: u32,
+            bits: Option<Vec<u64>>,
+        }
+        impl RingHarvester for Get {
+            fn take(&mut self, _slot: u32, _offset: u64) -> bool {
+                false
+            }
+            fn drain(&mut self, slot: u32, owner: SlotOwner, bits: &[u64]) -> bool {
+                let mine = slot == self.slot && owner == SlotOwner::Caller;
+                if mine {
+                    self.bits = Some(bits.to_vec());
+                }
+                mine
+            }
+        }
+        let mut get = Get { slot, bits: None };
+        let (_, result) = self.harvest_rings(&mut get);
+        result?;
+        let out = &mut bitmap[..needed];
+        out.fill(0);
+        if let Some(bits) = get.bits {
+            // The slot may have been re-made (another size) since the check: copy what fits.
+            let n = bits.len().min(needed);
+            out[..n].copy_from_slice(&bits[..n]);
+        }
+        Ok(())
     }
 
     pub(crate) fn get_dirty_log_as(
@@ -860,20 +1081,7 @@ impl Vm {
         // Held across the ioctl: a concurrent remove + re-add of the slot with a larger size
         // would otherwise make the kernel write past the checked buffer.
         let slots = self.slots_lock();
-        let e = *slots.get(&slot).ok_or(Error::UnknownSlot(slot))?;
-        if e.owner != owner {
-            return Err(Error::SlotOwnedByListener { slot });
-        }
-        if !e.slot.log_dirty {
-            return Err(Error::SlotNotLogging(slot));
-        }
-        let needed = e.slot.bitmap_words();
-        if bitmap.len() < needed {
-            return Err(Error::BufferTooSmall {
-                needed,
-                got: bitmap.len(),
-            });
-        }
+        let needed = Self::check_get(&slots, slot, owner, bitmap.len())?;
         // SAFETY: the kernel's slot has `e.slot.pages()` pages: we registered it through this
         // Vm, the only way to change it, and hold the slot-table lock that every change takes,
         // so the kernel writes `needed` words at most.
@@ -946,6 +1154,7 @@ impl Vm {
         }
         let e = self
             .slots_lock()
+            .table
             .get(&slot)
             .copied()
             .ok_or(Error::UnknownSlot(slot))?;

@@ -227,14 +227,35 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
-    /// `KVM_RESET_DIRTY_RINGS` reset fewer entries than were harvested: pages would stay
-    /// write-enabled and their next writes unreported.
-    #[error("KVM_RESET_DIRTY_RINGS reset {reset} entries but {harvested} were harvested and marked reset")]
+    /// `KVM_RESET_DIRTY_RINGS` reset fewer entries than were harvested: their pages may still be
+    /// write-enabled, so their bits are held back (no sync folds them) and every later harvest
+    /// calls the reset again until it confirms them.
+    #[error("KVM_RESET_DIRTY_RINGS reset {reset} entries but {harvested} were harvested and marked reset: {owed} stay owed a reset, their bits are held back until one confirms them")]
     DirtyRingReset {
-        /// Entries harvested and marked reset.
+        /// Entries harvested and marked reset, not confirmed before this call.
         harvested: u64,
         /// Entries the kernel says it reset.
         reset: u64,
+        /// Entries still owed a reset.
+        owed: u64,
+    },
+    /// `KVM_RESET_DIRTY_RINGS` failed: the harvested pages may still be write-enabled, so their
+    /// bits are held back (no sync folds them) and every later harvest calls the reset again.
+    #[error("KVM_RESET_DIRTY_RINGS failed with {owed} harvested entries owed a reset: their bits are held back until one confirms them")]
+    DirtyRingResetFailed {
+        /// Entries harvested and not confirmed by a reset.
+        owed: u64,
+        /// The kernel's error.
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
+    /// A sync in ring mode while harvested entries are owed a `KVM_RESET_DIRTY_RINGS`: their
+    /// pages may still be write-enabled, so their bits are not folded into any client yet (they
+    /// are kept, and fold once a reset confirms them).
+    #[error("dirty ring sync refused: {owed} harvested entries are owed a KVM_RESET_DIRTY_RINGS (it failed or reset fewer); their pages may be writable, so their bits are held back until a reset confirms them (the next sync or reap retries it)")]
+    DirtyRingResetOwed {
+        /// Entries still owed a reset.
+        owed: u64,
     },
 }
 

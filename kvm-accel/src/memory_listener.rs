@@ -452,7 +452,10 @@ impl KvmMemoryListener {
     ///
     /// # Errors
     ///
-    /// `KVM_RESET_DIRTY_RINGS` failing or resetting fewer entries than harvested.
+    /// [`Error::DirtyRingResetFailed`] or [`Error::DirtyRingReset`]: `KVM_RESET_DIRTY_RINGS`
+    /// failed or reset fewer entries than were harvested. The harvested bits are kept but held
+    /// back: no sync folds them (it fails with [`Error::DirtyRingResetOwed`]) until a later
+    /// harvest (every one calls the reset again while entries are owed) confirms them.
     ///
     /// # Example
     /// ```no_run
@@ -638,8 +641,15 @@ impl KvmMemoryListener {
                 cache.bits().as_words()
             }
             // Ring mode: the pages harvested since the last sync (the caller reaped just now,
-            // under the slots lock); already re-protected by KVM_RESET_DIRTY_RINGS.
-            (None, Some(buffer)) if self.vm.protect_mode().is_ring() => buffer,
+            // under the slots lock), once KVM_RESET_DIRTY_RINGS re-protected them: while a reset
+            // is owed, some may still be writable, so nothing is folded (the bits stay).
+            (None, Some(buffer)) if self.vm.protect_mode().is_ring() => {
+                let owed = self.vm.ring_reset_owed();
+                if owed > 0 {
+                    return Err(listener_error(Error::DirtyRingResetOwed { owed }));
+                }
+                buffer
+            }
             (None, Some(buffer)) => {
                 self.vm
                     .get_dirty_log_as(slot.id, buffer, self.owner())
@@ -1096,6 +1106,65 @@ mod tests {
             vec![11],
             "the second listener's entry, harvested by the first, must reach it"
         );
+    }
+
+    /// Finding 2: a failed `KVM_RESET_DIRTY_RINGS` left the harvested pages writable with their
+    /// bits pending; a later sync with no new entry issued no reset and folded them.
+    #[test]
+    fn a_failed_ring_reset_blocks_the_fold_until_a_reset_confirms() {
+        let Some(vm) = real_ring_vm("a_failed_ring_reset_blocks_the_fold_until_a_reset_confirms")
+        else {
+            return;
+        };
+        let (memory, listener, id) = ring_rig(&vm, 0, 0..8);
+        vm.register_fake_ring(0, DirtyRing::fake(16));
+        memory.log_sync_all().unwrap();
+        vm.set_fake_reset(FakeReset::Fail(libc::EIO));
+        push(&vm, 0, 0, id, 3);
+        assert!(listener.reap_rings().is_err(), "the reset failed");
+        // No new entry: the next sync must still not fold page 3 (it is writable, unreported).
+        let synced = memory.log_sync_all();
+        assert!(
+            synced.is_err(),
+            "a sync folded bits while KVM_RESET_DIRTY_RINGS was still owed: {:?}",
+            migration_pages(&memory)
+        );
+        assert_eq!(migration_pages(&memory), Vec::<u64>::new());
+        // The reset works again: the next harvest resets although nothing is new, then folds.
+        vm.set_fake_reset(FakeReset::Kernel);
+        memory.log_sync_all().unwrap();
+        assert_eq!(migration_pages(&memory), vec![3], "the bit is not lost");
+        assert_eq!(vm.with_fake_ring(0, |r| r.kernel_marked_reset()), 0);
+    }
+
+    /// Finding 2: a partial reset (fewer entries than marked) is retried by every later harvest,
+    /// even one with no new entry, and nothing folds before it is confirmed.
+    #[test]
+    fn a_partial_ring_reset_is_retried_by_the_next_harvest() {
+        let Some(vm) = real_ring_vm("a_partial_ring_reset_is_retried_by_the_next_harvest") else {
+            return;
+        };
+        let (memory, listener, id) = ring_rig(&vm, 0, 0..8);
+        vm.register_fake_ring(0, DirtyRing::fake(16));
+        memory.log_sync_all().unwrap();
+        vm.set_fake_reset(FakeReset::AtMost(1));
+        push(&vm, 0, 0, id, 5);
+        push(&vm, 0, 1, id, 6);
+        assert!(listener.reap_rings().is_err(), "1 of 2 entries reset");
+        vm.set_fake_reset(FakeReset::Fail(libc::EIO));
+        assert!(
+            memory.log_sync_all().is_err(),
+            "a sync folded bits while an entry was still owed a reset: {:?}",
+            migration_pages(&memory)
+        );
+        vm.set_fake_reset(FakeReset::AtMost(1));
+        memory.log_sync_all().unwrap();
+        assert_eq!(
+            vm.with_fake_ring(0, |r| r.kernel_marked_reset()),
+            0,
+            "the harvest with no new entry must call KVM_RESET_DIRTY_RINGS for the owed entry"
+        );
+        assert_eq!(migration_pages(&memory), vec![5, 6]);
     }
 
     #[test]

@@ -214,7 +214,7 @@ pub struct Vm {
     slots: Mutex<SlotState>,
     next_listener: AtomicU64,
     /// The registered vCPU rings (ring mode), by vCPU index.
-    rings: Mutex<BTreeMap<u32, VcpuRing>>,
+    rings: Mutex<RingState>,
     /// Unit tests: `KVM_RESET_DIRTY_RINGS` played on the fake rings instead of the kernel.
     #[cfg(test)]
     fake_reset: Mutex<Option<FakeReset>>,
@@ -230,6 +230,17 @@ pub(crate) enum FakeReset {
     Fail(i32),
     /// At most this many entries are freed (over all rings).
     AtMost(u64),
+}
+
+/// What the ring lock guards.
+#[derive(Default)]
+struct RingState {
+    /// The registered rings, by vCPU index.
+    rings: BTreeMap<u32, VcpuRing>,
+    /// Entries harvested (marked reset) that no `KVM_RESET_DIRTY_RINGS` has confirmed yet (it
+    /// failed, or reset fewer). Their pages may still be writable, so no harvested bit may be
+    /// handed to a client while this is not 0, and every harvest calls the reset again.
+    owed: u64,
 }
 
 /// One vCPU's ring and its counters.
@@ -446,13 +457,13 @@ impl Vm {
             mode,
             slots: Mutex::new(SlotState::default()),
             next_listener: AtomicU64::new(0),
-            rings: Mutex::new(BTreeMap::new()),
+            rings: Mutex::new(RingState::default()),
             #[cfg(test)]
             fake_reset: Mutex::new(None),
         }
     }
 
-    fn rings_lock(&self) -> MutexGuard<'_, BTreeMap<u32, VcpuRing>> {
+    fn rings_lock(&self) -> MutexGuard<'_, RingState> {
         // Counters and read positions are updated entry by entry; a panic mid-harvest leaves
         // entries marked reset that the next reset recycles, nothing inconsistent.
         self.rings.lock().unwrap_or_else(|p| p.into_inner())
@@ -484,7 +495,7 @@ impl Vm {
             return Err(Error::DirtyRingNotEnabled { mode: self.mode });
         };
         let mut rings = self.rings_lock();
-        if rings.contains_key(&index) {
+        if rings.rings.contains_key(&index) {
             return Err(Error::DirtyRingVcpu {
                 vcpu: index,
                 reason: "already registered".into(),
@@ -494,7 +505,7 @@ impl Vm {
             vcpu: index,
             reason: format!("mmap of the ring from the vCPU fd failed: {e}"),
         })?;
-        rings.insert(
+        rings.rings.insert(
             index,
             VcpuRing {
                 ring,
@@ -517,7 +528,7 @@ impl Vm {
     /// assert!(!vm.unregister_vcpu_ring(0));
     /// ```
     pub fn unregister_vcpu_ring(&self, index: u32) -> bool {
-        self.rings_lock().remove(&index).is_some()
+        self.rings_lock().rings.remove(&index).is_some()
     }
 
     /// Records a `KVM_EXIT_DIRTY_RING_FULL` exit of vCPU `index` (the VMM's vCPU loop calls it, then
@@ -530,7 +541,7 @@ impl Vm {
     /// vm.note_ring_full_exit(0);
     /// ```
     pub fn note_ring_full_exit(&self, index: u32) {
-        if let Some(r) = self.rings_lock().get_mut(&index) {
+        if let Some(r) = self.rings_lock().rings.get_mut(&index) {
             r.full_exits += 1;
             r.full_since_harvest += 1;
         }
@@ -546,6 +557,7 @@ impl Vm {
     /// ```
     pub fn ring_stats(&self) -> Vec<VcpuRingStats> {
         self.rings_lock()
+            .rings
             .iter()
             .map(|(&vcpu, r)| VcpuRingStats {
                 vcpu,
@@ -577,13 +589,13 @@ impl Vm {
     /// [`Vm::harvest_rings`] with the ring lock held (lock order: rings, then slots).
     fn harvest_locked(
         &self,
-        rings: &mut BTreeMap<u32, VcpuRing>,
+        state: &mut RingState,
         h: &mut dyn RingHarvester,
     ) -> (RingHarvest, Result<()>) {
         let mut total = RingHarvest::default();
         let mut slots = self.slots_lock();
         let SlotState { table, pending } = &mut *slots;
-        for (&vcpu, r) in rings.iter_mut() {
+        for (&vcpu, r) in state.rings.iter_mut() {
             let pass = r.ring.harvest(|slot, offset| {
                 if h.take(slot, offset) {
                     return;
@@ -615,29 +627,36 @@ impl Vm {
             }
             total.entries += pass.entries;
         }
-        if total.entries > 0 {
-            let reset = match self.reset_dirty_rings(rings) {
-                Ok(reset) => reset,
+        // Entries a failed or partial reset left owed are reset again now, even when this harvest
+        // found nothing new: until a reset confirms them their pages may be writable.
+        state.owed += total.entries;
+        if state.owed > 0 {
+            match self.reset_dirty_rings(&mut state.rings) {
+                // The kernel resets the entries marked reset, in ring order: once it reports as
+                // many as are owed, every marked entry is re-protected.
+                Ok(reset) => {
+                    let marked = state.owed;
+                    state.owed = marked.saturating_sub(reset);
+                    if state.owed > 0 {
+                        return (
+                            total,
+                            Err(Error::DirtyRingReset {
+                                harvested: marked,
+                                reset,
+                                owed: state.owed,
+                            }),
+                        );
+                    }
+                }
                 Err(source) => {
                     return (
                         total,
-                        Err(Error::Kvm {
-                            op: "KVM_RESET_DIRTY_RINGS",
+                        Err(Error::DirtyRingResetFailed {
+                            owed: state.owed,
                             source,
                         }),
                     )
                 }
-            };
-            // The kernel resets exactly the entries marked reset: fewer means some stay
-            // write-enabled (their next writes would go unreported), so it is an error.
-            if reset < total.entries {
-                return (
-                    total,
-                    Err(Error::DirtyRingReset {
-                        harvested: total.entries,
-                        reset,
-                    }),
-                );
             }
         }
         // Every harvested entry is re-protected: what the store holds is confirmed.
@@ -646,6 +665,12 @@ impl Vm {
             None => false,
         });
         (total, Ok(()))
+    }
+
+    /// Ring mode: entries harvested that no `KVM_RESET_DIRTY_RINGS` confirmed yet (0 when every
+    /// harvested page is re-protected). While it is not 0, no harvested bit may be folded.
+    pub(crate) fn ring_reset_owed(&self) -> u64 {
+        self.rings_lock().owed
     }
 
     /// `KVM_RESET_DIRTY_RINGS` (in unit tests with fake rings: the fake kernel's reset).
@@ -681,7 +706,7 @@ impl Vm {
             .lock()
             .unwrap()
             .get_or_insert(FakeReset::Kernel);
-        self.rings_lock().insert(
+        self.rings_lock().rings.insert(
             index,
             VcpuRing {
                 ring,
@@ -704,6 +729,7 @@ impl Vm {
     pub(crate) fn with_fake_ring<R>(&self, index: u32, f: impl FnOnce(&mut DirtyRing) -> R) -> R {
         f(&mut self
             .rings_lock()
+            .rings
             .get_mut(&index)
             .expect("a registered ring")
             .ring)

@@ -125,7 +125,9 @@ pub struct DirtyLogStats {
     /// Ring mode: time spent harvesting and resetting, nanoseconds.
     pub ring_reap_ns: u64,
     /// Ring mode: harvests that found a ring completely full without a ring-full exit (entries
-    /// may have been lost by the kernel; see [`VcpuRingStats::found_full`]).
+    /// may have been lost by the kernel; see [`VcpuRingStats::found_full`]). Each makes every
+    /// page of every logging slot dirty (this listener's, and the ones the [`Vm`] keeps entries
+    /// for), so the next sync reports them all: nothing lost can go unreported.
     pub ring_found_full: u64,
     /// Ring mode: entries of no logging memslot of the [`Vm`] (a slot deleted or no longer
     /// logging since, or one the VMM made through its own fd), dropped. Entries of another
@@ -220,6 +222,19 @@ impl ListenerHarvest<'_> {
 }
 
 impl RingHarvester for ListenerHarvest<'_> {
+    fn listener(&self) -> Option<SlotOwner> {
+        Some(self.owner)
+    }
+
+    fn all_dirty(&mut self) {
+        for slot in self.table.by_guest_addr.values_mut() {
+            let pages = slot.size / crate::PAGE_SIZE;
+            if let Some(words) = slot.legacy_buffer.as_mut() {
+                crate::vm::fill_pages(words, pages);
+            }
+        }
+    }
+
     fn take(&mut self, slot: u32, offset: u64) -> bool {
         match self.pending(slot) {
             Some(words) if (offset / 64) < words.len() as u64 => {
@@ -1165,6 +1180,40 @@ mod tests {
             "the harvest with no new entry must call KVM_RESET_DIRTY_RINGS for the owed entry"
         );
         assert_eq!(migration_pages(&memory), vec![5, 6]);
+    }
+
+    /// Finding 1: a ring found completely full (no ring-full exit reported) may have lost entries,
+    /// but the harvest only logged it: the next fold reported just the entries it found.
+    #[test]
+    fn a_ring_found_full_makes_every_logging_slot_dirty() {
+        let Some(vm) = real_ring_vm("a_ring_found_full_makes_every_logging_slot_dirty") else {
+            return;
+        };
+        let (memory, listener, id) = ring_rig(&vm, 0, 0..8);
+        // A second listener on the same Vm: its slot's entries are kept for it by the Vm.
+        let (memory_b, _listener_b, id_b) = ring_rig(&vm, 16 << 20, 8..16);
+        vm.register_fake_ring(0, DirtyRing::fake(8));
+        memory.log_sync_all().unwrap();
+        assert_eq!(migration_pages(&memory), Vec::<u64>::new());
+        // The kernel filled the whole ring (past its soft limit) and no exit was reported.
+        for i in 0..7 {
+            push(&vm, 0, i, id, u64::from(i) * 3);
+        }
+        push(&vm, 0, 7, id_b, 1);
+        memory.log_sync_all().unwrap();
+        assert_eq!(listener.stats().ring_found_full, 1);
+        assert_eq!(
+            migration_pages(&memory).len() as u64,
+            RING_RAM / 4096,
+            "a ring found full may have lost entries of any slot: every page of the harvesting \
+             listener's logging slots must be reported"
+        );
+        memory_b.log_sync_all().unwrap();
+        assert_eq!(
+            migration_pages(&memory_b).len() as u64,
+            RING_RAM / 4096,
+            "a ring found full: every page of the other listener's logging slot must be reported"
+        );
     }
 
     #[test]

@@ -209,7 +209,8 @@ pub struct VcpuRingStats {
     pub full_exits: u64,
     /// Harvests that found every entry of the ring dirty although no ring-full exit was
     /// reported since the previous harvest: the kernel pushed past its soft limit, which is where
-    /// entries can be lost (seen on PVM hosts when emulated ring-0 code fills a ring).
+    /// entries can be lost (seen on PVM hosts when emulated ring-0 code fills a ring). Every such
+    /// harvest marks every page of every logging memslot dirty.
     pub found_full: u64,
 }
 

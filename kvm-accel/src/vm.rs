@@ -164,8 +164,27 @@ struct SlotState {
     pending: BTreeMap<u32, Vec<u64>>,
 }
 
+/// Sets the bits of the first `pages` pages of `words` (the rest stays 0).
+pub(crate) fn fill_pages(words: &mut [u64], pages: u64) {
+    for (i, w) in words.iter_mut().enumerate() {
+        let first = i as u64 * 64;
+        *w = match pages.saturating_sub(first) {
+            0 => 0,
+            n if n >= 64 => u64::MAX,
+            n => (1 << n) - 1,
+        };
+    }
+}
+
 /// Who harvests the rings ([`Vm::harvest_rings`]) and what it does with the entries.
 pub(crate) trait RingHarvester {
+    /// The listener harvesting (its slots' entries go to [`take`](Self::take)); `None` for a
+    /// harvest of the `Vm` itself (a caller's GET, an unregister), whose entries all go to the
+    /// `Vm`'s pending store.
+    fn listener(&self) -> Option<SlotOwner>;
+    /// A ring was found completely full: the kernel may have lost entries of any slot, so every
+    /// page of every logging slot of the harvester must be reported dirty.
+    fn all_dirty(&mut self);
     /// Takes the entry of page `offset` of memslot `slot` if that slot is one of the harvester's
     /// own logging slots (false otherwise: the `Vm` keeps it for the slot's owner, or drops it
     /// when no logging slot has that id).
@@ -627,6 +646,20 @@ impl Vm {
             }
             total.entries += pass.entries;
         }
+        if total.found_full > 0 {
+            // Entries may be lost, of any slot: everything that logs may be dirty. The harvester
+            // marks its own slots; the store gets every other logging slot, whole.
+            h.all_dirty();
+            let harvester = h.listener();
+            for (&slot, e) in table.iter() {
+                if e.slot.log_dirty && Some(e.owner) != harvester {
+                    let words = pending
+                        .entry(slot)
+                        .or_insert_with(|| vec![0; e.slot.bitmap_words()]);
+                    fill_pages(words, e.slot.pages());
+                }
+            }
+        }
         // Entries a failed or partial reset left owed are reset again now, even when this harvest
         // found nothing new: until a reset confirms them their pages may be writable.
         state.owed += total.entries;
@@ -1074,6 +1107,10 @@ impl Vm {
             bits: Option<Vec<u64>>,
         }
         impl RingHarvester for Get {
+            fn listener(&self) -> Option<SlotOwner> {
+                None
+            }
+            fn all_dirty(&mut self) {}
             fn take(&mut self, _slot: u32, _offset: u64) -> bool {
                 false
             }

@@ -1216,6 +1216,40 @@ mod tests {
         );
     }
 
+    /// Finding 3: unregistering a ring dropped it with its unharvested entries.
+    #[test]
+    fn unregistering_a_ring_harvests_it_first() {
+        let Some(vm) = real_ring_vm("unregistering_a_ring_harvests_it_first") else {
+            return;
+        };
+        let (memory, _listener, id) = ring_rig(&vm, 0, 0..8);
+        vm.register_fake_ring(7, DirtyRing::fake(16));
+        memory.log_sync_all().unwrap();
+        push(&vm, 7, 0, id, 9);
+        assert!(vm.unregister_vcpu_ring(7).unwrap());
+        assert!(vm.ring_stats().is_empty(), "the ring is gone");
+        assert!(
+            !vm.unregister_vcpu_ring(7).unwrap(),
+            "not registered any more"
+        );
+        memory.log_sync_all().unwrap();
+        assert_eq!(
+            migration_pages(&memory),
+            vec![9],
+            "the entry left in the unregistered ring must reach its slot's owner"
+        );
+        // A reset that fails: the ring stays (with its entries, kept for their owner).
+        vm.register_fake_ring(8, DirtyRing::fake(16));
+        push(&vm, 8, 0, id, 10);
+        vm.set_fake_reset(FakeReset::Fail(libc::EIO));
+        assert!(vm.unregister_vcpu_ring(8).is_err());
+        assert_eq!(vm.ring_stats().len(), 1, "the ring is kept");
+        vm.set_fake_reset(FakeReset::Kernel);
+        assert!(vm.unregister_vcpu_ring(8).unwrap());
+        memory.log_sync_all().unwrap();
+        assert_eq!(migration_pages(&memory), vec![9, 10]);
+    }
+
     #[test]
     fn free_ids_fill_holes_and_respect_the_limit() {
         let memory = MemorySystem::new();

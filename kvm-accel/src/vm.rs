@@ -537,17 +537,48 @@ impl Vm {
         Ok(())
     }
 
-    /// Drops the ring of vCPU `index` (after the VMM destroyed or will never run it again).
+    /// Drops the ring of vCPU `index` (after the VMM destroyed it or will never run it again).
     /// Returns whether it was registered.
+    ///
+    /// Entries still in the ring belong to their slots' owners: every ring is harvested first
+    /// (into this `Vm`'s pending store, which the listeners' next reaps and [`Vm::get_dirty_log`]
+    /// take from) and reset, and the ring is dropped only once the reset confirmed them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DirtyRingResetFailed`] or [`Error::DirtyRingReset`]: the reset failed or reset
+    /// fewer entries; the ring stays registered (its harvested entries are kept) and a later call
+    /// or reap retries the reset.
     ///
     /// # Example
     ///
     /// ```no_run
     /// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
-    /// assert!(!vm.unregister_vcpu_ring(0));
+    /// assert!(!vm.unregister_vcpu_ring(0).unwrap());
     /// ```
-    pub fn unregister_vcpu_ring(&self, index: u32) -> bool {
-        self.rings_lock().rings.remove(&index).is_some()
+    pub fn unregister_vcpu_ring(&self, index: u32) -> Result<bool> {
+        let mut state = self.rings_lock();
+        if !state.rings.contains_key(&index) {
+            return Ok(false);
+        }
+        /// The `Vm`'s own harvest: every entry goes to the pending store, for its slot's owner.
+        struct Keep;
+        impl RingHarvester for Keep {
+            fn listener(&self) -> Option<SlotOwner> {
+                None
+            }
+            fn all_dirty(&mut self) {}
+            fn take(&mut self, _slot: u32, _offset: u64) -> bool {
+                false
+            }
+            fn drain(&mut self, _slot: u32, _owner: SlotOwner, _bits: &[u64]) -> bool {
+                false
+            }
+        }
+        // Under one hold of the ring lock: no other harvest runs between this one and the drop.
+        let (_, result) = self.harvest_locked(&mut state, &mut Keep);
+        result?;
+        Ok(state.rings.remove(&index).is_some())
     }
 
     /// Records a `KVM_EXIT_DIRTY_RING_FULL` exit of vCPU `index` (the VMM's vCPU loop calls it, then

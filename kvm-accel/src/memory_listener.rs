@@ -15,6 +15,13 @@
 //!   per sync, and only if KVM reported it, whoever asks (migration, a display...).
 //!
 //! In legacy mode `log_sync` gets (and thereby clears) the kernel bitmap and `log_clear` does nothing.
+//! In ring mode a sync harvests the vCPU rings (docs/design.md section 2a).
+//!
+//! When a logging slot is deleted (`region_del`) or stops logging (`log_stop`), it is synced one
+//! last time, and then its whole range is marked dirty for the clients that were logging it: a
+//! vCPU may write it between that last GET (or reap) and the deletion, and such a write is in no
+//! bitmap any more. So unmapping a region during a migration resends all of it, and nothing is
+//! lost.
 //!
 //! # Example
 //! ```no_run
@@ -284,7 +291,8 @@ pub struct KvmMemoryListener {
     slot_ids: Range<u32>,
     slots: Mutex<SlotTable>,
     counters: Counters,
-    /// Ring mode: kicks every vCPU out of `KVM_RUN` (set by the VMM), before a sync's harvest.
+    /// Ring mode: kicks every vCPU out of `KVM_RUN` (set by the VMM), before the harvest of a
+    /// sync, a region removal or a logging stop.
     ring_kick: Mutex<Option<RingKick>>,
 }
 
@@ -305,6 +313,25 @@ impl std::fmt::Debug for KvmMemoryListener {
 
 fn listener_error(e: impl Into<Error>) -> ListenerError {
     Box::new(e.into())
+}
+
+/// Marks every page of `section` dirty for `clients`: after its memslot was deleted or stopped
+/// logging, writes made since its last GET (or reap) are in no bitmap.
+fn mark_whole_section(
+    dirty: &DirtyMemory,
+    section: &Section,
+    clients: DirtyClients,
+) -> Result<(), ListenerError> {
+    dirty
+        .mark_dirty(clients, section.ram_first_page(), section.pages())
+        .map_err(|e| -> ListenerError { Box::new(e) })?;
+    tracing::debug!(
+        guest_addr = section.guest_addr,
+        pages = section.pages(),
+        ?clients,
+        "memslot deleted or logging off: its whole range is marked dirty"
+    );
+    Ok(())
 }
 
 impl KvmMemoryListener {
@@ -445,8 +472,9 @@ impl KvmMemoryListener {
     }
 
     /// Ring mode: sets the callback that kicks every vCPU (e.g. a signal to each vCPU thread);
-    /// every `log_sync` calls it before harvesting, so entries the CPU still buffers (PML) are
-    /// flushed to the rings at the vCPUs' exits. The kick does not wait for the exits: what a vCPU
+    /// every `log_sync`, `region_del` and `log_stop` calls it before harvesting (outside the slots
+    /// lock), so entries the CPU still buffers (PML) are flushed to the rings at the vCPUs' exits.
+    /// The kick does not wait for the exits: what a vCPU
     /// flushes after the harvest comes with the next one, and a final sync with the vCPUs paused
     /// (out of `KVM_RUN`, buffers flushed) misses nothing.
     ///
@@ -572,6 +600,22 @@ impl KvmMemoryListener {
         c.ring_foreign.fetch_add(harvest.dropped, Ordering::Relaxed);
         result?;
         Ok(harvest.entries)
+    }
+
+    /// Ring mode: calls the VMM's kick ([`set_ring_kick`](Self::set_ring_kick)) so the vCPUs
+    /// exit and flush what their CPUs still buffer into the rings, before a reap. Never called
+    /// with the slots lock held (a kicked vCPU may reap on a ring-full exit).
+    fn kick_vcpus(&self) {
+        if self.vm.protect_mode().is_ring() {
+            let kick = self
+                .ring_kick
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(kick) = kick {
+                kick();
+            }
+        }
     }
 
     /// Ring mode: reap before a section's pending bits are folded.
@@ -753,15 +797,19 @@ impl MemoryListener for KvmMemoryListener {
     }
 
     fn region_del(&self, section: &Section, dirty: &DirtyMemory) -> Result<(), ListenerError> {
+        // Ring mode: entries the CPUs still buffer reach the rings before the reap (outside the
+        // slots lock, as in log_sync).
+        self.kick_vcpus();
         let mut table = self.lock();
-        self.reap_if_ring(&mut table)?;
+        let reaped = self.reap_if_ring(&mut table);
         let slot = Self::slot_for(&mut table, section)?;
         // Whatever the guest wrote since the last sync must reach the clients before the slot
         // (and its dirty bitmap) disappears.
-        let synced = if slot.logging() {
-            self.sync_slot(slot, section, section.log, dirty)
+        let logging = slot.logging();
+        let synced = if logging {
+            reaped.and_then(|()| self.sync_slot(slot, section, section.log, dirty))
         } else {
-            Ok(())
+            reaped
         };
         // The region goes away whatever happened: delete the memslot even if the sync failed (the
         // error is still reported), so KVM never keeps a slot the memory map no longer has.
@@ -774,10 +822,17 @@ impl MemoryListener for KvmMemoryListener {
             guest_addr = section.guest_addr,
             "memslot removed"
         );
+        let mut marked = Ok(());
         if removed.is_ok() {
             table.by_guest_addr.remove(&section.guest_addr);
+            if logging {
+                // A vCPU may have written the slot after the last GET (or reap) and before its
+                // deletion: those writes are in no bitmap any more, so the whole range is dirty
+                // for the clients that were logging it.
+                marked = mark_whole_section(dirty, section, section.log);
+            }
         }
-        synced.and(removed)
+        synced.and(removed).and(marked)
     }
 
     fn log_start(
@@ -808,6 +863,8 @@ impl MemoryListener for KvmMemoryListener {
         if old.is_empty() || !new.is_empty() {
             return Ok(());
         }
+        // Ring mode: entries the CPUs still buffer reach the rings before the reap.
+        self.kick_vcpus();
         let mut table = self.lock();
         self.reap_if_ring(&mut table)?;
         let slot = Self::slot_for(&mut table, section)?;
@@ -818,21 +875,15 @@ impl MemoryListener for KvmMemoryListener {
             slot.cache = None;
             slot.legacy_buffer = None;
             tracing::debug!(slot = slot.id, "dirty logging stopped");
+            // A vCPU may have written the slot after that sync and before logging went off: those
+            // writes are in no bitmap, so the whole range is dirty for the clients that logged.
+            mark_whole_section(dirty, section, old)?;
         }
         Ok(())
     }
 
     fn log_sync(&self, section: &Section, dirty: &DirtyMemory) -> Result<(), ListenerError> {
-        if self.vm.protect_mode().is_ring() {
-            let kick = self
-                .ring_kick
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            if let Some(kick) = kick {
-                kick();
-            }
-        }
+        self.kick_vcpus();
         let mut table = self.lock();
         self.reap_if_ring(&mut table)?;
         let slot = Self::slot_for(&mut table, section)?;

@@ -174,6 +174,26 @@ pub enum Error {
         /// The kernel's error.
         source: vmm_sys_util::errno::Error,
     },
+    /// A listener was to create memslot `slot`, but the kernel already has a memslot with that id
+    /// that was not made through this `Vm` (one of the VMM's own, made through its own fd). KVM
+    /// would accept an identical request as a no-op, so without this check the listener would
+    /// take the VMM's slot over; the id is refused whatever range the listener was allowed.
+    #[error("memslot {slot} (for guest {guest_phys:#x}, size {size:#x}) already exists in KVM but was not made through this Vm (a memslot of the VMM's own?): it is not taken over; give the listener an id range without the VMM's own memslots (KvmMemoryListener::with_slot_ids)")]
+    SlotIdTaken {
+        /// The slot id.
+        slot: u32,
+        /// Guest physical address of the slot the listener wanted.
+        guest_phys: u64,
+        /// Size in bytes of the slot the listener wanted.
+        size: u64,
+    },
+    /// The inaccessible page the memslot-id probe points at could not be reserved.
+    #[error("cannot reserve a page for the memslot id probe")]
+    SlotProbePage {
+        /// The `mmap` error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The fd given to [`Vm::from_fd`](crate::Vm::from_fd) is not a KVM VM fd.
     #[error("not a KVM VM fd: {reason}")]
     NotAVmFd {

@@ -38,6 +38,7 @@
 mod caps;
 mod dirty_cache;
 mod error;
+mod guarded;
 mod memory_listener;
 pub mod raw;
 mod ring;

@@ -354,6 +354,14 @@ impl KvmMemoryListener {
     /// A listener whose memslots take ids from `ids` only (lowest free first), so it can live next
     /// to memslots the VMM made itself with other ids (KVM cannot be asked which ids are taken).
     ///
+    /// Before it creates a memslot the listener probes the id in the kernel (see docs/design.md
+    /// section 2a, "memslot ids"): an id that a memslot made outside its `Vm` already uses is
+    /// refused with [`Error::SlotIdTaken`], naming it, whatever range was allowed (KVM would
+    /// otherwise accept an identical request as a no-op, and the listener would take over the
+    /// VMM's slot). The probe has no side effect once the `Vm` knows a memslot; for the very first
+    /// one it creates and deletes a 1-page slot over an inaccessible page of ours at the new
+    /// slot's guest address (a vCPU touching that page in that instant gets `EFAULT`).
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidSlotIds`] for an empty range or one past the kernel's

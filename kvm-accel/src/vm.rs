@@ -17,6 +17,7 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use crate::caps::{enable_manual_protect, KvmCaps, ProtectMode, KVM_API_VERSION};
 use crate::error::{Error, Result};
+use crate::guarded::ProbePage;
 use crate::ring::{enable_dirty_ring, DirtyRing, RingRange, VcpuRingStats};
 use crate::{raw, PAGE_SIZE};
 
@@ -162,6 +163,8 @@ struct SlotState {
     /// waiting for the owner to take them (a listener's reap, [`Vm::get_dirty_log`]). Only taken
     /// after a `KVM_RESET_DIRTY_RINGS` confirmed them (docs/design.md section 2a).
     pending: BTreeMap<u32, Vec<u64>>,
+    /// The inaccessible page the memslot-id probes point at, made at the first probe.
+    probe_page: Option<ProbePage>,
 }
 
 /// Sets the bits of the first `pages` pages of `words` (the rest stays 0).
@@ -414,7 +417,9 @@ impl Vm {
     /// expects a GET to clear). A manual mode the kernel does not offer is refused.
     ///
     /// Memslots the VMM made itself are unknown to this `Vm`; give its listeners slot ids that
-    /// avoid them ([`KvmMemoryListener::with_slot_ids`](crate::KvmMemoryListener::with_slot_ids)).
+    /// avoid them ([`KvmMemoryListener::with_slot_ids`](crate::KvmMemoryListener::with_slot_ids)):
+    /// a listener probes each id before it creates a memslot and refuses one the VMM uses
+    /// ([`Error::SlotIdTaken`]) rather than take the VMM's memslot over.
     /// vCPUs stay the VMM's business ([`Vm::kvm`] and [`Vm::vm_fd`] are `None`).
     ///
     /// # Errors
@@ -644,7 +649,7 @@ impl Vm {
     ) -> (RingHarvest, Result<()>) {
         let mut total = RingHarvest::default();
         let mut slots = self.slots_lock();
-        let SlotState { table, pending } = &mut *slots;
+        let SlotState { table, pending, .. } = &mut *slots;
         for (&vcpu, r) in state.rings.iter_mut() {
             let pass = r.ring.harvest(|slot, offset| {
                 if h.take(slot, offset) {
@@ -968,6 +973,11 @@ impl Vm {
                 return Err(Error::SlotInUse { slot });
             }
         }
+        if create && existing.is_none() && matches!(owner, SlotOwner::Listener(_)) {
+            // KVM accepts a request identical to an existing memslot as a no-op: without this a
+            // listener would silently take over a memslot the VMM made through its own fd.
+            Self::probe_slot_id(self.as_fd(), &mut slots, slot, s)?;
+        }
         // SAFETY: the caller guarantees the host range stays mapped while the slot exists.
         unsafe { raw::set_user_memory_region(self.as_fd(), &region) }.map_err(|source| {
             let new = existing.is_none();
@@ -990,6 +1000,90 @@ impl Vm {
             slots.pending.remove(&slot);
         }
         Ok(())
+    }
+
+    /// Fails unless memslot id `slot` is free in the kernel, i.e. no memslot exists with that id
+    /// that was made outside this `Vm` (one of the VMM's own, made through its own fd): KVM cannot
+    /// be asked which ids exist, so we probe, without side effects where possible.
+    ///
+    /// Kernel facts (Linux 6.x `__kvm_set_memory_region`, checked on real KVM by the test
+    /// `kernel_memslot_facts_behind_the_slot_id_probe`): for an existing id, a request whose
+    /// `userspace_addr` or size differs from the slot's fails with `EINVAL` before any overlap
+    /// check; for a free id, a create overlapping another memslot fails with `EEXIST` (nothing is
+    /// created) and one overlapping none creates the slot; a delete (size 0) of a free id is
+    /// `EINVAL` (we never probe with a delete: on an existing id it would delete the VMM's slot).
+    ///
+    /// So the probe is a 1-page request for id `slot` whose `userspace_addr` is our own
+    /// inaccessible reservation ([`ProbePage`]: no memslot can have it), at the guest address of a
+    /// memslot this `Vm` knows in the same address space (a free id then gets `EEXIST`, nothing
+    /// happens): `EINVAL` means the id is in use by someone else. When this `Vm` knows no memslot
+    /// there yet, the request must create: 1 page at the new slot's guest address; `EINVAL` means
+    /// in use, success means free (the probe slot is deleted before the real one is made).
+    /// Caveat of that case: for that instant the first page of the new guest range maps the
+    /// inaccessible page, and a vCPU touching it then gets `EFAULT` from `KVM_RUN` (the range was
+    /// not guest memory before, so only a guest probing unmapped memory can notice). `EEXIST`
+    /// there means the id is free but the range overlaps a memslot of the VMM: the real create
+    /// reports it ([`Error::MemslotRefused`]).
+    fn probe_slot_id(
+        vm: BorrowedFd<'_>,
+        state: &mut SlotState,
+        slot: u32,
+        new: MemSlot,
+    ) -> Result<()> {
+        let as_id = slot >> 16;
+        let known = state
+            .table
+            .iter()
+            .find(|(&id, _)| id >> 16 == as_id)
+            .map(|(_, e)| e.slot.guest_phys);
+        if state.probe_page.is_none() {
+            let page = ProbePage::new().map_err(|source| Error::SlotProbePage { source })?;
+            state.probe_page = Some(page);
+        }
+        let Some(page) = state.probe_page.as_mut() else {
+            unreachable!("made just above")
+        };
+        let probe = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: known.unwrap_or(new.guest_phys),
+            memory_size: PAGE_SIZE,
+            userspace_addr: page.addr(),
+        };
+        // SAFETY: the request names our reservation `page`, a mapping of this process that stays
+        // mapped while any probe slot over it exists: the kernel refuses the request (nothing is
+        // created) or creates a 1-page slot over it, which is deleted right below; if that delete
+        // fails the page is leaked, never unmapped, so the slot can never name reused memory. The
+        // page is PROT_NONE: a vCPU touching it gets EFAULT, never our memory.
+        let created = unsafe { raw::set_user_memory_region(vm, &probe) };
+        match created {
+            Err(e) if e.errno() == libc::EINVAL => Err(Error::SlotIdTaken {
+                slot,
+                guest_phys: new.guest_phys,
+                size: new.size,
+            }),
+            Err(e) if e.errno() == libc::EEXIST => Ok(()),
+            Err(source) => Err(Error::Kvm {
+                op: "KVM_SET_USER_MEMORY_REGION (memslot id probe)",
+                source,
+            }),
+            Ok(()) => {
+                // The id was free and the probe made a slot: delete it (it is ours).
+                let delete = kvm_userspace_memory_region {
+                    memory_size: 0,
+                    ..probe
+                };
+                // SAFETY: size 0 deletes the probe slot just made (the kernel stops using the
+                // page); the page stays mapped if this fails.
+                unsafe { raw::set_user_memory_region(vm, &delete) }.map_err(|source| {
+                    page.leak();
+                    Error::Kvm {
+                        op: "KVM_SET_USER_MEMORY_REGION (deleting the memslot id probe)",
+                        source,
+                    }
+                })
+            }
+        }
     }
 
     /// Deletes memslot `slot`. Sync its dirty log first if you need it. A slot a listener owns is

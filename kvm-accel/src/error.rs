@@ -187,6 +187,25 @@ pub enum Error {
         /// Size in bytes of the slot the listener wanted.
         size: u64,
     },
+    /// `KVM_GET_DIRTY_LOG` wrote more than the memslot has in the `Vm`'s table and hit the guard
+    /// page after the buffer (`EFAULT`): the memslot was changed behind the `Vm`'s back (deleted
+    /// and made again larger through the VM fd). Nothing past the buffer was written.
+    #[error("KVM_GET_DIRTY_LOG of memslot {slot} overran the bitmap of the memslot this Vm registered: the memslot was changed behind this Vm's back (deleted and made again larger through another fd?)")]
+    SlotChangedBehindVm {
+        /// The slot id.
+        slot: u32,
+        /// The kernel's error (`EFAULT`).
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
+    /// A guarded dirty-bitmap buffer (words followed by an inaccessible guard page) could not be
+    /// mapped.
+    #[error("cannot map a guarded dirty-bitmap buffer")]
+    GuardedBuffer {
+        /// The `mmap`/`mprotect` error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The inaccessible page the memslot-id probe points at could not be reserved.
     #[error("cannot reserve a page for the memslot id probe")]
     SlotProbePage {

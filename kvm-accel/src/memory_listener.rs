@@ -51,6 +51,7 @@ use clearlog_memory::{
 };
 
 use crate::dirty_cache::SlotDirtyCache;
+use crate::guarded::GuardedWords;
 use crate::ring::VcpuRingStats;
 use crate::vm::{MemSlot, RingHarvester, SlotOwner, Vm};
 use crate::Error;
@@ -170,16 +171,18 @@ struct KvmSlot {
     _block: Arc<RamBlock>,
     /// Present while dirty logging is on (manual mode).
     cache: Option<SlotDirtyCache>,
-    /// GET buffer while dirty logging is on in legacy mode; in ring mode, the pages harvested
-    /// from the rings since the last sync (the ring's per-slot cache).
-    legacy_buffer: Option<Vec<u64>>,
+    /// Present while dirty logging is on. The buffer `KVM_GET_DIRTY_LOG` writes into (legacy
+    /// mode; manual mode, then copied into the cache): its words end right before a guard page,
+    /// so a memslot changed behind our back makes the GET fail instead of overflow. In ring mode,
+    /// the pages harvested from the rings since the last sync (the ring's per-slot cache).
+    log_buffer: Option<GuardedWords>,
     /// The words of the last clear request, reused so a clear does not allocate.
     clear_words: Vec<u64>,
 }
 
 impl KvmSlot {
     fn logging(&self) -> bool {
-        self.cache.is_some() || self.legacy_buffer.is_some()
+        self.cache.is_some() || self.log_buffer.is_some()
     }
 }
 
@@ -207,7 +210,7 @@ struct ListenerHarvest<'a> {
 
 impl ListenerHarvest<'_> {
     /// The pending bitmap of this listener's logging memslot `id`.
-    fn pending(&mut self, id: u32) -> Option<&mut Vec<u64>> {
+    fn pending(&mut self, id: u32) -> Option<&mut GuardedWords> {
         let key = match self.last {
             Some((last, addr)) if last == id => addr,
             _ => {
@@ -224,7 +227,7 @@ impl ListenerHarvest<'_> {
         self.table
             .by_guest_addr
             .get_mut(&key)
-            .and_then(|s| s.legacy_buffer.as_mut())
+            .and_then(|s| s.log_buffer.as_mut())
     }
 }
 
@@ -236,7 +239,7 @@ impl RingHarvester for ListenerHarvest<'_> {
     fn all_dirty(&mut self) {
         for slot in self.table.by_guest_addr.values_mut() {
             let pages = slot.size / crate::PAGE_SIZE;
-            if let Some(words) = slot.legacy_buffer.as_mut() {
+            if let Some(words) = slot.log_buffer.as_mut() {
                 crate::vm::fill_pages(words, pages);
             }
         }
@@ -679,13 +682,15 @@ impl KvmMemoryListener {
         guest_addr: u64,
         create: bool,
     ) -> Result<(), ListenerError> {
-        self.set_slot(slot, guest_addr, true, create)?;
         let pages = slot.size / crate::PAGE_SIZE;
+        // Mapped before logging starts: a failure leaves the slot as it was.
+        let buffer = GuardedWords::new(pages.div_ceil(64) as usize)
+            .map_err(|source| listener_error(Error::GuardedBuffer { source }))?;
+        self.set_slot(slot, guest_addr, true, create)?;
         if self.vm.protect_mode().is_manual() {
             slot.cache = Some(SlotDirtyCache::new(pages));
-        } else {
-            slot.legacy_buffer = Some(vec![0; pages.div_ceil(64) as usize]);
         }
+        slot.log_buffer = Some(buffer);
         Ok(())
     }
 
@@ -699,11 +704,15 @@ impl KvmMemoryListener {
     ) -> Result<(), ListenerError> {
         let start = Instant::now();
         let pages = section.pages();
-        let words: &[u64] = match (&mut slot.cache, &mut slot.legacy_buffer) {
-            (Some(cache), _) => {
+        let words: &[u64] = match (&mut slot.cache, &mut slot.log_buffer) {
+            (Some(cache), Some(buffer)) => {
                 self.vm
-                    .get_dirty_log_as(slot.id, cache.sync_buffer(), self.owner())
+                    .get_dirty_log_as(slot.id, buffer, self.owner())
                     .map_err(listener_error)?;
+                // The GET result replaces the cache (same size: one bit per page of the slot).
+                for (c, w) in cache.sync_buffer().iter_mut().zip(buffer.iter()) {
+                    *c = *w;
+                }
                 cache.mark_synced();
                 cache.bits().as_words()
             }
@@ -726,7 +735,7 @@ impl KvmMemoryListener {
             // The memory system says a client logs this section, but the slot has no dirty log:
             // logging never started on it (a failed log_start or region_add). Returning Ok would
             // tell the client "nothing was written" while KVM tracks nothing at all.
-            (None, None) => {
+            (_, None) => {
                 return Err(listener_error(Error::SyncOfSlotNotLogging {
                     slot: slot.id,
                     guest_addr: section.guest_addr,
@@ -737,7 +746,7 @@ impl KvmMemoryListener {
         let found = dirty.try_fold_bitmap(section.ram_first_page(), words, pages, clients)?;
         if self.vm.protect_mode().is_ring() {
             // Folded into the clients: like a legacy GET, a ring sync hands its bits over.
-            if let Some(b) = slot.legacy_buffer.as_mut() {
+            if let Some(b) = slot.log_buffer.as_mut() {
                 b.fill(0);
             }
         }
@@ -786,7 +795,7 @@ impl MemoryListener for KvmMemoryListener {
             host_addr: section.host_addr(),
             _block: section.block.clone(),
             cache: None,
-            legacy_buffer: None,
+            log_buffer: None,
             clear_words: Vec::new(),
         };
         if section.log.is_empty() {
@@ -881,7 +890,7 @@ impl MemoryListener for KvmMemoryListener {
             self.sync_slot(slot, section, old, dirty)?;
             self.set_slot(slot, section.guest_addr, false, false)?;
             slot.cache = None;
-            slot.legacy_buffer = None;
+            slot.log_buffer = None;
             tracing::debug!(slot = slot.id, "dirty logging stopped");
             // A vCPU may have written the slot after that sync and before logging went off: those
             // writes are in no bitmap, so the whole range is dirty for the clients that logged.
@@ -1320,7 +1329,7 @@ mod tests {
             host_addr: 0,
             _block: block.clone(),
             cache: None,
-            legacy_buffer: None,
+            log_buffer: None,
             clear_words: Vec::new(),
         };
         let mut t = SlotTable::default();

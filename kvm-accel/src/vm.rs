@@ -17,7 +17,7 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use crate::caps::{enable_manual_protect, KvmCaps, ProtectMode, KVM_API_VERSION};
 use crate::error::{Error, Result};
-use crate::guarded::ProbePage;
+use crate::guarded::{GuardedWords, ProbePage};
 use crate::ring::{enable_dirty_ring, DirtyRing, RingRange, VcpuRingStats};
 use crate::{raw, PAGE_SIZE};
 
@@ -165,6 +165,8 @@ struct SlotState {
     pending: BTreeMap<u32, Vec<u64>>,
     /// The inaccessible page the memslot-id probes point at, made at the first probe.
     probe_page: Option<ProbePage>,
+    /// The guarded buffer [`Vm::get_dirty_log`] GETs into (grown as needed).
+    scratch: Option<GuardedWords>,
 }
 
 /// Sets the bits of the first `pages` pages of `words` (the rest stays 0).
@@ -1174,11 +1176,15 @@ impl Vm {
             .is_some_and(|e| matches!(e.owner, SlotOwner::Listener(_)))
     }
 
-    /// Copies the dirty bitmap of `slot` into `bitmap` (`KVM_GET_DIRTY_LOG`), without
-    /// allocating.
+    /// Copies the dirty bitmap of `slot` into `bitmap` (`KVM_GET_DIRTY_LOG`).
     ///
     /// `bitmap` must hold at least [`MemSlot::bitmap_words`] words; only that many are
-    /// written. In legacy mode the kernel also clears its bitmap and write-protects the
+    /// written. The kernel writes into a scratch buffer of this `Vm` that ends right before an
+    /// inaccessible guard page (reused, allocated only when it grows), then the words are copied
+    /// to `bitmap`: if the memslot was deleted and made again larger behind this `Vm`'s back
+    /// (through the VM fd, e.g. [`Vm::vm_fd`] or the VMM's own fd), the kernel's copy hits the
+    /// guard and the call fails with [`Error::SlotChangedBehindVm`] instead of writing past the
+    /// buffer. In legacy mode the kernel also clears its bitmap and write-protects the
     /// slot; in manual mode it only copies (the same bits come back until cleared).
     ///
     /// In ring mode there is no kernel bitmap: the call harvests every vCPU ring, resets them
@@ -1203,7 +1209,22 @@ impl Vm {
         if self.mode.is_ring() {
             return self.get_dirty_log_ring(slot, bitmap);
         }
-        self.get_dirty_log_as(slot, bitmap, SlotOwner::Caller)
+        let mut slots = self.slots_lock();
+        let needed = Self::check_get(&slots, slot, SlotOwner::Caller, bitmap.len())?;
+        // The kernel writes into a guarded scratch buffer (see `get_dirty_log_guarded`), never
+        // into the caller's slice: a memslot changed behind this Vm's back gives an error.
+        if slots.scratch.as_ref().is_none_or(|s| s.len() < needed) {
+            let scratch =
+                GuardedWords::new(needed).map_err(|source| Error::GuardedBuffer { source })?;
+            slots.scratch = Some(scratch);
+        }
+        let Some(scratch) = slots.scratch.as_mut() else {
+            unreachable!("made just above")
+        };
+        let words = scratch.tail_mut(needed);
+        Self::get_dirty_log_guarded(self.as_fd(), slot, words)?;
+        bitmap[..needed].copy_from_slice(words);
+        Ok(())
     }
 
     /// Checks a GET of `slot` for `owner` into `len` words; the words the slot needs.
@@ -1260,23 +1281,37 @@ impl Vm {
         Ok(())
     }
 
+    /// `KVM_GET_DIRTY_LOG` of `slot` (checked for `owner`) into the last words of `buffer`, as
+    /// many as the slot has in this `Vm`'s table ([`GuardedWords::tail_mut`]).
     pub(crate) fn get_dirty_log_as(
         &self,
         slot: u32,
-        bitmap: &mut [u64],
+        buffer: &mut GuardedWords,
         owner: SlotOwner,
     ) -> Result<()> {
-        // Held across the ioctl: a concurrent remove + re-add of the slot with a larger size
-        // would otherwise make the kernel write past the checked buffer.
         let slots = self.slots_lock();
-        let needed = Self::check_get(&slots, slot, owner, bitmap.len())?;
-        // SAFETY: the kernel's slot has `e.slot.pages()` pages: we registered it through this
-        // Vm, the only way to change it, and hold the slot-table lock that every change takes,
-        // so the kernel writes `needed` words at most.
-        let result = unsafe { raw::get_dirty_log(self.as_fd(), slot, &mut bitmap[..needed]) }
-            .map_err(Error::kvm("KVM_GET_DIRTY_LOG"));
-        drop(slots);
-        result
+        let needed = Self::check_get(&slots, slot, owner, buffer.len())?;
+        Self::get_dirty_log_guarded(self.as_fd(), slot, buffer.tail_mut(needed))
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of `slot` into `words`, which end right before a guard page.
+    fn get_dirty_log_guarded(vm: BorrowedFd<'_>, slot: u32, words: &mut [u64]) -> Result<()> {
+        // SAFETY: `vm` is this Vm's VM fd. The kernel writes as many words as the memslot it
+        // knows has; `words` are the last words of a `GuardedWords`, so they end right before
+        // its PROT_NONE guard page. If the memslot has at most `words.len()` words (what this
+        // Vm's table says) the copy stays inside `words`; if it was made larger behind this Vm's
+        // back (through another fd), the kernel's ascending copy faults on the guard page and
+        // the ioctl fails with EFAULT: no byte past `words` is ever written.
+        unsafe { raw::get_dirty_log(vm, slot, words) }.map_err(|source| {
+            if source.errno() == libc::EFAULT {
+                Error::SlotChangedBehindVm { slot, source }
+            } else {
+                Error::Kvm {
+                    op: "KVM_GET_DIRTY_LOG",
+                    source,
+                }
+            }
+        })
     }
 
     /// Clears the bits set in `bitmap` for pages `[first_page, first_page + num_pages)` of

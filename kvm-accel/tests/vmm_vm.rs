@@ -269,8 +269,8 @@ fn kernel_memslot_facts_behind_the_slot_id_probe() {
     let res = reservation.addr();
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
-    // SAFETY (every call below): `mem` and `reservation` outlive `vm` (declared first); the
-    // probe slots that get created are deleted right away.
+    // SAFETY: every call below names `mem` or `reservation`, which outlive `vm` (declared
+    // first); the probe slots that get created are deleted right away.
     unsafe {
         assert_eq!(set_region(&vm, 1, 0, 0, 1 << 20, host), Ok(()));
         // Identical parameters on an existing slot: accepted, nothing changes (the takeover).

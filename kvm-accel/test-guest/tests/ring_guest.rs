@@ -149,7 +149,6 @@ fn ring_region_removal_and_logging_stop_kick_before_their_reap() {
         kicks.load(Ordering::Relaxed) > before,
         "log_stop must kick the vCPUs before its reap"
     );
-    d.round += 1;
     let got = mv.client_pages(t, DirtyClient::Vga);
     assert!(got.contains(&20), "the page the kick flushed: {got:?}");
     assert_eq!(got, (0..64).collect::<Vec<_>>(), "the whole range is dirty");

@@ -219,6 +219,14 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
+    /// Whether a fd given to this crate is a KVM fd could not be told (its `/proc/self/fd` link
+    /// could not be read, e.g. without `/proc`): no ioctl is issued on a fd of unknown kind.
+    #[error("cannot tell whether the fd is a KVM fd (is /proc mounted?)")]
+    FdKindUnknown {
+        /// The `fstat`/`readlink` error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Flags for [`enable_manual_protect`](crate::enable_manual_protect) without
     /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` or with unknown bits.
     #[error("invalid manual-protect flags {flags:#x}: use MANUAL_PROTECT_ENABLE (1), optionally | INITIALLY_SET (2)")]

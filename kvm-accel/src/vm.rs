@@ -15,10 +15,11 @@ use std::time::Instant;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_CAP_USER_MEMORY, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::caps::{enable_manual_protect, KvmCaps, ProtectMode, KVM_API_VERSION};
+use crate::caps::{enable_manual_protect_on, KvmCaps, ProtectMode, KVM_API_VERSION};
 use crate::error::{Error, Result};
 use crate::guarded::{GuardedWords, ProbePage};
-use crate::ring::{enable_dirty_ring, DirtyRing, RingRange, VcpuRingStats};
+use crate::raw::{FdKind, KvmFd};
+use crate::ring::{enable_dirty_ring_on, DirtyRing, RingRange, VcpuRingStats};
 use crate::{raw, PAGE_SIZE};
 
 /// The default KVM device node.
@@ -332,7 +333,7 @@ pub(crate) fn open_kvm(path: &Path) -> Result<Kvm> {
             source: vmm_sys_util::errno::Error::new(libc::EINVAL),
         }
     })?;
-    Kvm::new_with_path(c_path).map_err(|source| match source.errno() {
+    let kvm = Kvm::new_with_path(c_path).map_err(|source| match source.errno() {
         libc::ENOENT | libc::ENODEV | libc::ENXIO => Error::KvmMissing {
             path: path.to_owned(),
         },
@@ -343,7 +344,17 @@ pub(crate) fn open_kvm(path: &Path) -> Result<Kvm> {
             path: path.to_owned(),
             source,
         },
-    })
+    })?;
+    // No ioctl before we know the node is the KVM device (character device 10:232).
+    // SAFETY: `kvm` owns this open fd and outlives the borrow (this statement).
+    let fd = unsafe { BorrowedFd::borrow_raw(kvm.as_raw_fd()) };
+    if !matches!(FdKind::of(fd), Ok(FdKind::System)) {
+        return Err(Error::KvmOpen {
+            path: path.to_owned(),
+            source: vmm_sys_util::errno::Error::new(libc::ENODEV),
+        });
+    }
+    Ok(kvm)
 }
 
 impl Vm {
@@ -374,14 +385,16 @@ impl Vm {
         let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
         // SAFETY: `vm` owns this open fd and outlives the borrow (this function).
         let fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+        // SAFETY: KVM_CREATE_VM on the KVM device (`open_kvm` checked it) just returned this fd.
+        let fd = unsafe { KvmFd::new_unchecked(fd, FdKind::Vm) };
         // Probed on the VM fd: the answers are this VM's.
-        let caps = KvmCaps::probe(fd);
+        let caps = KvmCaps::probe_kvm(fd);
         let mode = match config.dirty_log {
             DirtyLogChoice::Legacy => ProtectMode::Legacy,
             DirtyLogChoice::Auto => {
                 let wanted = caps.default_protect_mode();
                 if wanted.is_manual() {
-                    match enable_manual_protect(fd, wanted.enable_flags()) {
+                    match enable_manual_protect_on(fd, wanted.enable_flags()) {
                         Ok(mode) => mode,
                         Err(e) => {
                             tracing::warn!(
@@ -397,10 +410,10 @@ impl Vm {
             }
             DirtyLogChoice::Manual { initially_set } => {
                 let wanted = ProtectMode::Manual { initially_set };
-                enable_manual_protect(fd, wanted.enable_flags())?
+                enable_manual_protect_on(fd, wanted.enable_flags())?
             }
             // Right after KVM_CREATE_VM: the ring can only be enabled before any vCPU exists.
-            DirtyLogChoice::Ring { bytes } => enable_dirty_ring(fd, bytes)?,
+            DirtyLogChoice::Ring { bytes } => enable_dirty_ring_on(fd, bytes)?,
         };
         tracing::debug!(%caps, %mode, "created KVM VM");
         Ok(Self::with_handle(Handle::Ioctls { kvm, vm }, caps, mode))
@@ -444,18 +457,18 @@ impl Vm {
     /// assert!(vm.kvm().is_none());
     /// ```
     pub fn from_fd(vm: impl AsFd, mode: ProtectMode) -> Result<Self> {
-        let vm = vm.as_fd();
-        if raw::get_api_version(vm).is_some() {
-            return Err(Error::NotAVmFd {
-                reason: "it answers KVM_GET_API_VERSION: it is a /dev/kvm system fd, not a VM fd (KVM_CREATE_VM makes one)",
-            });
-        }
+        // Duplicated first, then checked: the checked fd is the one we keep.
+        let dup = vm.as_fd().try_clone_to_owned().map_err(|e| Error::Kvm {
+            op: "F_DUPFD_CLOEXEC (duplicating the VM fd)",
+            source: vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)),
+        })?;
+        let vm = KvmFd::vm(dup.as_fd())?;
         if raw::check_extension(vm, KVM_CAP_USER_MEMORY) <= 0 {
             return Err(Error::NotAVmFd {
                 reason: "it does not answer KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY)",
             });
         }
-        let caps = KvmCaps::probe(vm);
+        let caps = KvmCaps::probe_kvm(vm);
         if let ProtectMode::Ring { bytes, .. } = mode {
             RingRange::of(&caps)
                 .ok_or(Error::DirtyRingUnsupported)?
@@ -468,10 +481,6 @@ impl Vm {
                 offered: caps.manual_protect_flags,
             });
         }
-        let dup = vm.try_clone_to_owned().map_err(|e| Error::Kvm {
-            op: "F_DUPFD_CLOEXEC (duplicating the VM fd)",
-            source: vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)),
-        })?;
         tracing::debug!(%caps, %mode, "using the VMM's KVM VM");
         Ok(Self::with_handle(Handle::Dup(dup), caps, mode))
     }
@@ -487,6 +496,13 @@ impl Vm {
             #[cfg(test)]
             fake_reset: Mutex::new(None),
         }
+    }
+
+    /// The VM fd, known to be a KVM VM fd.
+    fn kvm_fd(&self) -> KvmFd<'_> {
+        // SAFETY: `Vm::new` made the fd with KVM_CREATE_VM on the KVM device; `Vm::from_fd`
+        // checked its duplicate (`KvmFd::vm`), which is the fd we keep; it never changes.
+        unsafe { KvmFd::new_unchecked(self.as_fd(), FdKind::Vm) }
     }
 
     fn rings_lock(&self) -> MutexGuard<'_, RingState> {
@@ -527,7 +543,27 @@ impl Vm {
                 reason: "already registered".into(),
             });
         }
-        let ring = DirtyRing::map(vcpu.as_fd(), bytes).map_err(|e| Error::DirtyRingVcpu {
+        // Only a KVM vCPU fd is mapped: a ring of another file would get RESET stored into it.
+        let fd = match KvmFd::check(vcpu.as_fd()) {
+            Ok(Some(fd)) if fd.kind() == FdKind::Vcpu => fd,
+            Ok(_) => {
+                return Err(Error::DirtyRingVcpu {
+                    vcpu: index,
+                    reason: "not a KVM vCPU fd (its /proc/self/fd link is not \
+                             anon_inode:kvm-vcpu:N)"
+                        .into(),
+                })
+            }
+            Err(e) => {
+                return Err(Error::DirtyRingVcpu {
+                    vcpu: index,
+                    reason: format!(
+                        "not known to be a KVM vCPU fd: its /proc/self/fd link cannot be read ({e})"
+                    ),
+                })
+            }
+        };
+        let ring = DirtyRing::map(fd, bytes).map_err(|e| Error::DirtyRingVcpu {
             vcpu: index,
             reason: format!("mmap of the ring from the vCPU fd failed: {e}"),
         })?;
@@ -765,7 +801,7 @@ impl Vm {
             return Ok(reset);
         }
         let _ = rings;
-        raw::reset_dirty_rings(self.as_fd())
+        raw::reset_dirty_rings(self.kvm_fd())
     }
 
     /// Unit tests: registers a fake ring (process memory the test pushes entries into) as vCPU
@@ -978,10 +1014,10 @@ impl Vm {
         if create && existing.is_none() && matches!(owner, SlotOwner::Listener(_)) {
             // KVM accepts a request identical to an existing memslot as a no-op: without this a
             // listener would silently take over a memslot the VMM made through its own fd.
-            Self::probe_slot_id(self.as_fd(), &mut slots, slot, s)?;
+            Self::probe_slot_id(self.kvm_fd(), &mut slots, slot, s)?;
         }
         // SAFETY: the caller guarantees the host range stays mapped while the slot exists.
-        unsafe { raw::set_user_memory_region(self.as_fd(), &region) }.map_err(|source| {
+        unsafe { raw::set_user_memory_region(self.kvm_fd(), &region) }.map_err(|source| {
             let new = existing.is_none();
             match source.errno() {
                 libc::EEXIST | libc::EINVAL if new => Error::MemslotRefused {
@@ -1026,12 +1062,7 @@ impl Vm {
     /// not guest memory before, so only a guest probing unmapped memory can notice). `EEXIST`
     /// there means the id is free but the range overlaps a memslot of the VMM: the real create
     /// reports it ([`Error::MemslotRefused`]).
-    fn probe_slot_id(
-        vm: BorrowedFd<'_>,
-        state: &mut SlotState,
-        slot: u32,
-        new: MemSlot,
-    ) -> Result<()> {
+    fn probe_slot_id(vm: KvmFd<'_>, state: &mut SlotState, slot: u32, new: MemSlot) -> Result<()> {
         let as_id = slot >> 16;
         let known = state
             .table
@@ -1117,7 +1148,7 @@ impl Vm {
             userspace_addr: e.slot.host_addr,
         };
         // SAFETY: size 0 deletes the slot; the kernel stops using the host mapping.
-        unsafe { raw::set_user_memory_region(self.as_fd(), &region) }
+        unsafe { raw::set_user_memory_region(self.kvm_fd(), &region) }
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION (delete)"))?;
         slots.table.remove(&slot);
         slots.pending.remove(&slot);
@@ -1222,7 +1253,7 @@ impl Vm {
             unreachable!("made just above")
         };
         let words = scratch.tail_mut(needed);
-        Self::get_dirty_log_guarded(self.as_fd(), slot, words)?;
+        Self::get_dirty_log_guarded(self.kvm_fd(), slot, words)?;
         bitmap[..needed].copy_from_slice(words);
         Ok(())
     }
@@ -1291,18 +1322,18 @@ impl Vm {
     ) -> Result<()> {
         let slots = self.slots_lock();
         let needed = Self::check_get(&slots, slot, owner, buffer.len())?;
-        Self::get_dirty_log_guarded(self.as_fd(), slot, buffer.tail_mut(needed))
+        Self::get_dirty_log_guarded(self.kvm_fd(), slot, buffer.tail_mut(needed))
     }
 
     /// `KVM_GET_DIRTY_LOG` of `slot` into `words`, which end right before a guard page.
-    fn get_dirty_log_guarded(vm: BorrowedFd<'_>, slot: u32, words: &mut [u64]) -> Result<()> {
+    fn get_dirty_log_guarded(vm: KvmFd<'_>, slot: u32, words: &mut [u64]) -> Result<()> {
         // SAFETY: `vm` is this Vm's VM fd. The kernel writes as many words as the memslot it
         // knows has; `words` are the last words of a `GuardedWords`, so they end right before
         // its PROT_NONE guard page. If the memslot has at most `words.len()` words (what this
         // Vm's table says) the copy stays inside `words`; if it was made larger behind this Vm's
         // back (through another fd), the kernel's ascending copy faults on the guard page and
         // the ioctl fails with EFAULT: no byte past `words` is ever written.
-        unsafe { raw::get_dirty_log(vm, slot, words) }.map_err(|source| {
+        unsafe { raw::get_dirty_log(vm.fd(), slot, words) }.map_err(|source| {
             if source.errno() == libc::EFAULT {
                 Error::SlotChangedBehindVm { slot, source }
             } else {
@@ -1360,7 +1391,7 @@ impl Vm {
             return Err(Error::NotManualMode);
         }
         debug_assert_eq!(first_page % 64, 0);
-        raw::clear_dirty_log(self.as_fd(), slot, first_page, num_pages, bitmap)?;
+        raw::clear_dirty_log_on(self.kvm_fd(), slot, first_page, num_pages, bitmap)?;
         Ok(())
     }
 

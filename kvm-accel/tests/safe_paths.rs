@@ -2,11 +2,14 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! The safe API cannot be made to corrupt memory (real KVM): a memslot changed behind the `Vm`'s
-//! back cannot make a GET write past its buffer.
+//! back cannot make a GET write past its buffer, and fds that are not KVM's are refused before
+//! any ioctl or mapping.
 
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::sync::Arc;
 
-use clearlog_kvm::{DirtyLogChoice, Error, KvmMemoryListener, Vm, VmConfig};
+use clearlog_kvm::{DirtyLogChoice, Error, KvmCaps, KvmMemoryListener, Vm, VmConfig};
 use clearlog_memory::MemorySystem;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -115,4 +118,56 @@ fn a_listener_sync_of_a_slot_changed_behind_its_back_fails_cleanly() {
         memory.log_global_stop().ok();
         memory.unregister_listener(&l).ok();
     }
+}
+/// A memfd of 1 MiB (zeros).
+fn memfd() -> std::fs::File {
+    // SAFETY: a NUL-terminated name; no memory is handed over.
+    let fd = unsafe { libc::memfd_create(c"not-kvm".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.write_all(&vec![0u8; 1 << 20]).unwrap();
+    f
+}
+
+/// Finding 7b: the safe calls that issue KVM ioctls or map a ring from a caller's fd took any
+/// fd on trust; a fd that is not KVM's must be refused before any ioctl or mapping.
+#[test]
+fn fds_that_are_not_kvms_are_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let file = memfd();
+    // A ring VM: registering a memfd as a vCPU would map it and store RESET flags into it.
+    let caps = KvmCaps::probe_device("/dev/kvm".as_ref()).unwrap();
+    if let Some(range) = clearlog_kvm::RingRange::of(&caps) {
+        let vm = Vm::new(VmConfig {
+            dirty_log: DirtyLogChoice::Ring {
+                bytes: range.min.max(16 << 10),
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        let e = vm
+            .register_vcpu_ring(0, file.as_fd())
+            .expect_err("a memfd is not a vCPU fd");
+        assert!(e.to_string().contains("not a KVM vCPU fd"), "{e}");
+        assert!(vm.ring_stats().is_empty());
+        // A VM fd is not a vCPU fd either.
+        let e = vm.register_vcpu_ring(0, vm.as_fd()).unwrap_err();
+        assert!(e.to_string().contains("not a KVM vCPU fd"), "{e}");
+    }
+    let e = clearlog_kvm::raw::clear_dirty_log(file.as_fd(), 0, 0, 64, &[1]).unwrap_err();
+    assert!(e.to_string().contains("not a KVM VM fd"), "{e}");
+    let e = clearlog_kvm::enable_manual_protect(file.as_fd(), 1).unwrap_err();
+    assert!(matches!(e, Error::NotAVmFd { .. }), "{e}");
+    let e = clearlog_kvm::enable_dirty_ring(file.as_fd(), 1 << 16).unwrap_err();
+    assert!(matches!(e, Error::NotAVmFd { .. }), "{e}");
+    // Probing a fd that is not KVM's issues no ioctl and reports nothing offered.
+    assert_eq!(KvmCaps::probe(file.as_fd()), KvmCaps::default());
+    // The /dev/kvm system fd is still probed.
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    // SAFETY: `kvm` owns the fd and outlives the borrow.
+    let sys = unsafe { BorrowedFd::borrow_raw(kvm.as_raw_fd()) };
+    assert_eq!(KvmCaps::probe(sys).api_version, 12);
 }

@@ -406,6 +406,9 @@ pub fn default_protect_mode(offered_flags: u64) -> ProtectMode {
 /// without the capability, or without `INITIALLY_SET`, gives
 /// [`Error::ManualProtectUnsupported`] with both masks instead of a bare `EINVAL`. Flags
 /// without [`MANUAL_PROTECT_ENABLE`] or with unknown bits give [`Error::InvalidProtectFlags`].
+/// Before any ioctl the fd is checked to be a KVM VM fd (its `/proc/self/fd` link is
+/// `anon_inode:kvm-vm`): [`Error::NotAVmFd`] otherwise ([`Error::FdKindUnknown`] when that
+/// cannot be told).
 ///
 /// # Example
 ///

@@ -358,7 +358,7 @@ impl KvmMemoryListener {
     /// to memslots the VMM made itself with other ids (KVM cannot be asked which ids are taken).
     ///
     /// Before it creates a memslot the listener probes the id in the kernel (see docs/design.md
-    /// section 2a, "memslot ids"): an id that a memslot made outside its `Vm` already uses is
+    /// section 2b): an id that a memslot made outside its `Vm` already uses is
     /// refused with [`Error::SlotIdTaken`], naming it, whatever range was allowed (KVM would
     /// otherwise accept an identical request as a no-op, and the listener would take over the
     /// VMM's slot). The probe has no side effect once the `Vm` knows a memslot; for the very first

@@ -426,10 +426,16 @@ impl Vm {
     /// both are closed. `/dev/kvm` is not opened: the capabilities are probed with
     /// `KVM_CHECK_EXTENSION` on the VM fd.
     ///
-    /// `mode` is the dirty-log mode the VM is in: what [`enable_manual_protect`] returned, or
-    /// [`ProtectMode::Legacy`] if manual protection was never enabled. The kernel cannot be asked
-    /// which mode is on, so it must be right: the listener relies on it (in manual mode it never
-    /// expects a GET to clear). A manual mode the kernel does not offer is refused.
+    /// `mode` is the dirty-log mode the VM is in: what
+    /// [`enable_manual_protect`](crate::enable_manual_protect) (or
+    /// [`enable_dirty_ring`](crate::enable_dirty_ring)) returned, or [`ProtectMode::Legacy`] if
+    /// neither was enabled. The kernel cannot be asked which mode is on, so it must be right: the
+    /// listener relies on it (in manual mode it never expects a GET to clear). A manual mode the
+    /// kernel does not offer is refused. A ring size larger than the one enabled makes the first
+    /// harvest past the real ring raise `SIGBUS` (the process dies; no memory is touched).
+    ///
+    /// The fd is checked to be a KVM VM fd (the target of its `/proc/self/fd` link is
+    /// `anon_inode:kvm-vm`) before any ioctl.
     ///
     /// Memslots the VMM made itself are unknown to this `Vm`; give its listeners slot ids that
     /// avoid them ([`KvmMemoryListener::with_slot_ids`](crate::KvmMemoryListener::with_slot_ids)):
@@ -439,7 +445,8 @@ impl Vm {
     ///
     /// # Errors
     ///
-    /// [`Error::NotAVmFd`] when `vm` is not a KVM VM fd (a `/dev/kvm` fd, another file),
+    /// [`Error::NotAVmFd`] when `vm` is not a KVM VM fd (a `/dev/kvm` fd, a vCPU fd, another
+    /// file), [`Error::FdKindUnknown`] when that cannot be told (no `/proc`),
     /// [`Error::ManualProtectUnsupported`], [`Error::Kvm`] when the fd cannot be duplicated.
     ///
     /// # Example
@@ -516,10 +523,17 @@ impl Vm {
     /// unregistered vCPU are never harvested, its ring fills and the vCPU stops with
     /// `KVM_EXIT_DIRTY_RING_FULL` forever. Works on a VMM's own vCPU fds (any kvm-ioctls version).
     ///
+    /// Only a KVM vCPU fd is mapped (the target of its `/proc/self/fd` link is
+    /// `anon_inode:kvm-vcpu:N`): the harvest stores `RESET` flags into the mapping, which must be
+    /// KVM's ring, never another file's pages. That the vCPU belongs to this VM cannot be checked:
+    /// a vCPU of another VM would have its ring harvested here (a correctness matter of the
+    /// caller; past the end of a smaller real ring an access raises `SIGBUS`).
+    ///
     /// # Errors
     ///
     /// [`Error::DirtyRingNotEnabled`] when the VM is not in ring mode, [`Error::DirtyRingVcpu`]
-    /// when the index is registered already or the mapping fails.
+    /// when the index is registered already, the fd is not a KVM vCPU fd (or that cannot be told)
+    /// or the mapping fails.
     ///
     /// # Example
     ///

@@ -710,9 +710,9 @@ impl KvmMemoryListener {
                     .get_dirty_log_as(slot.id, buffer, self.owner())
                     .map_err(listener_error)?;
                 // The GET result replaces the cache (same size: one bit per page of the slot).
-                for (c, w) in cache.sync_buffer().iter_mut().zip(buffer.iter()) {
-                    *c = *w;
-                }
+                let dest = cache.sync_buffer();
+                let n = dest.len().min(buffer.len());
+                dest[..n].copy_from_slice(&buffer[..n]);
                 cache.mark_synced();
                 cache.bits().as_words()
             }

@@ -16,7 +16,7 @@ use kvm_bindings::{
 };
 
 use crate::error::{Error, Result};
-use crate::raw;
+use crate::raw::{self, FdKind, KvmFd};
 
 /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` as a `u64` flag (bit 0).
 ///
@@ -88,7 +88,7 @@ pub struct KvmCaps {
     pub immediate_exit: bool,
 }
 
-fn check(fd: BorrowedFd<'_>, cap: u32) -> i32 {
+fn check(fd: KvmFd<'_>, cap: u32) -> i32 {
     raw::check_extension(fd, cap)
 }
 
@@ -99,7 +99,7 @@ enum X86Cap {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn x86_cap(fd: BorrowedFd<'_>, cap: X86Cap) -> bool {
+fn x86_cap(fd: KvmFd<'_>, cap: X86Cap) -> bool {
     let cap = match cap {
         X86Cap::Xsave => kvm_bindings::KVM_CAP_XSAVE,
         X86Cap::Xcrs => kvm_bindings::KVM_CAP_XCRS,
@@ -108,7 +108,7 @@ fn x86_cap(fd: BorrowedFd<'_>, cap: X86Cap) -> bool {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn x86_cap(_fd: BorrowedFd<'_>, cap: X86Cap) -> bool {
+fn x86_cap(_fd: KvmFd<'_>, cap: X86Cap) -> bool {
     match cap {
         X86Cap::Xsave | X86Cap::Xcrs => false,
     }
@@ -124,7 +124,10 @@ impl KvmCaps {
     /// device is opened.
     ///
     /// Works with the fd of any kvm-ioctls version (`VmFd` implements `AsRawFd`: borrow it with
-    /// `BorrowedFd::borrow_raw`) or a plain `File`/`OwnedFd`.
+    /// `BorrowedFd::borrow_raw`) or a plain `File`/`OwnedFd`. The fd is checked to be the KVM
+    /// device or a KVM VM first (`fstat`, its `/proc/self/fd` link): for any other fd, or one
+    /// whose kind cannot be told, no ioctl is issued and nothing is offered
+    /// (`KvmCaps::default()`).
     ///
     /// # Example
     ///
@@ -139,7 +142,14 @@ impl KvmCaps {
     /// assert_eq!(caps.api_version, 12);
     /// ```
     pub fn probe(fd: impl AsFd) -> Self {
-        let fd = fd.as_fd();
+        match KvmFd::check(fd.as_fd()) {
+            Ok(Some(fd)) if fd.kind() != FdKind::Vcpu => Self::probe_kvm(fd),
+            _ => KvmCaps::default(),
+        }
+    }
+
+    /// [`KvmCaps::probe`] on a fd known to be the KVM device or a KVM VM.
+    pub(crate) fn probe_kvm(fd: KvmFd<'_>) -> Self {
         let spaces = check(fd, KVM_CAP_MULTI_ADDRESS_SPACE);
         KvmCaps {
             api_version: raw::get_api_version(fd).unwrap_or(KVM_API_VERSION),
@@ -178,7 +188,11 @@ impl KvmCaps {
         }
         let fd = std::os::fd::AsRawFd::as_raw_fd(&kvm);
         // SAFETY: `kvm` owns this open fd and outlives the borrow (the probe below).
-        Ok(Self::probe(unsafe { BorrowedFd::borrow_raw(fd) }))
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        // SAFETY: `open_kvm` checked that the fd it opened is the KVM device.
+        Ok(Self::probe_kvm(unsafe {
+            KvmFd::new_unchecked(fd, FdKind::System)
+        }))
     }
 
     /// All fields as `(name, value)` pairs, for reports and logs.
@@ -392,6 +406,9 @@ pub fn default_protect_mode(offered_flags: u64) -> ProtectMode {
 /// without the capability, or without `INITIALLY_SET`, gives
 /// [`Error::ManualProtectUnsupported`] with both masks instead of a bare `EINVAL`. Flags
 /// without [`MANUAL_PROTECT_ENABLE`] or with unknown bits give [`Error::InvalidProtectFlags`].
+/// Before any ioctl the fd is checked to be a KVM VM fd (its `/proc/self/fd` link is
+/// `anon_inode:kvm-vm`): [`Error::NotAVmFd`] otherwise ([`Error::FdKindUnknown`] when that
+/// cannot be told).
 ///
 /// # Example
 ///
@@ -407,7 +424,11 @@ pub fn default_protect_mode(offered_flags: u64) -> ProtectMode {
 /// assert_eq!(mode, ProtectMode::Manual { initially_set: true });
 /// ```
 pub fn enable_manual_protect(vm: impl AsFd, flags: u64) -> Result<ProtectMode> {
-    let vm = vm.as_fd();
+    enable_manual_protect_on(KvmFd::vm(vm.as_fd())?, flags)
+}
+
+/// [`enable_manual_protect`] on a fd known to be a KVM VM fd.
+pub(crate) fn enable_manual_protect_on(vm: KvmFd<'_>, flags: u64) -> Result<ProtectMode> {
     let known = MANUAL_PROTECT_ENABLE | INITIALLY_SET;
     if flags & MANUAL_PROTECT_ENABLE == 0 || flags & !known != 0 {
         return Err(Error::InvalidProtectFlags { flags });

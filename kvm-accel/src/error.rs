@@ -174,11 +174,58 @@ pub enum Error {
         /// The kernel's error.
         source: vmm_sys_util::errno::Error,
     },
+    /// A listener was to create memslot `slot`, but the kernel already has a memslot with that id
+    /// that was not made through this `Vm` (one of the VMM's own, made through its own fd). KVM
+    /// would accept an identical request as a no-op, so without this check the listener would
+    /// take the VMM's slot over; the id is refused whatever range the listener was allowed.
+    #[error("memslot {slot} (for guest {guest_phys:#x}, size {size:#x}) already exists in KVM but was not made through this Vm (a memslot of the VMM's own?): it is not taken over; give the listener an id range without the VMM's own memslots (KvmMemoryListener::with_slot_ids)")]
+    SlotIdTaken {
+        /// The slot id.
+        slot: u32,
+        /// Guest physical address of the slot the listener wanted.
+        guest_phys: u64,
+        /// Size in bytes of the slot the listener wanted.
+        size: u64,
+    },
+    /// `KVM_GET_DIRTY_LOG` wrote more than the memslot has in the `Vm`'s table and hit the guard
+    /// page after the buffer (`EFAULT`): the memslot was changed behind the `Vm`'s back (deleted
+    /// and made again larger through the VM fd). Nothing past the buffer was written.
+    #[error("KVM_GET_DIRTY_LOG of memslot {slot} overran the bitmap of the memslot this Vm registered: the memslot was changed behind this Vm's back (deleted and made again larger through another fd?)")]
+    SlotChangedBehindVm {
+        /// The slot id.
+        slot: u32,
+        /// The kernel's error (`EFAULT`).
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
+    /// A guarded dirty-bitmap buffer (words followed by an inaccessible guard page) could not be
+    /// mapped.
+    #[error("cannot map a guarded dirty-bitmap buffer")]
+    GuardedBuffer {
+        /// The `mmap`/`mprotect` error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The inaccessible page the memslot-id probe points at could not be reserved.
+    #[error("cannot reserve a page for the memslot id probe")]
+    SlotProbePage {
+        /// The `mmap` error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The fd given to [`Vm::from_fd`](crate::Vm::from_fd) is not a KVM VM fd.
     #[error("not a KVM VM fd: {reason}")]
     NotAVmFd {
         /// Why.
         reason: &'static str,
+    },
+    /// Whether a fd given to this crate is a KVM fd could not be told (its `/proc/self/fd` link
+    /// could not be read, e.g. without `/proc`): no ioctl is issued on a fd of unknown kind.
+    #[error("cannot tell whether the fd is a KVM fd (is /proc mounted?)")]
+    FdKindUnknown {
+        /// The `fstat`/`readlink` error.
+        #[source]
+        source: std::io::Error,
     },
     /// Flags for [`enable_manual_protect`](crate::enable_manual_protect) without
     /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` or with unknown bits.
@@ -227,14 +274,35 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
-    /// `KVM_RESET_DIRTY_RINGS` reset fewer entries than were harvested: pages would stay
-    /// write-enabled and their next writes unreported.
-    #[error("KVM_RESET_DIRTY_RINGS reset {reset} entries but {harvested} were harvested and marked reset")]
+    /// `KVM_RESET_DIRTY_RINGS` reset fewer entries than were harvested: their pages may still be
+    /// write-enabled, so their bits are held back (no sync folds them) and every later harvest
+    /// calls the reset again until it confirms them.
+    #[error("KVM_RESET_DIRTY_RINGS reset {reset} entries but {harvested} were harvested and marked reset: {owed} stay owed a reset, their bits are held back until one confirms them")]
     DirtyRingReset {
-        /// Entries harvested and marked reset.
+        /// Entries harvested and marked reset, not confirmed before this call.
         harvested: u64,
         /// Entries the kernel says it reset.
         reset: u64,
+        /// Entries still owed a reset.
+        owed: u64,
+    },
+    /// `KVM_RESET_DIRTY_RINGS` failed: the harvested pages may still be write-enabled, so their
+    /// bits are held back (no sync folds them) and every later harvest calls the reset again.
+    #[error("KVM_RESET_DIRTY_RINGS failed with {owed} harvested entries owed a reset: their bits are held back until one confirms them")]
+    DirtyRingResetFailed {
+        /// Entries harvested and not confirmed by a reset.
+        owed: u64,
+        /// The kernel's error.
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
+    /// A sync in ring mode while harvested entries are owed a `KVM_RESET_DIRTY_RINGS`: their
+    /// pages may still be write-enabled, so their bits are not folded into any client yet (they
+    /// are kept, and fold once a reset confirms them).
+    #[error("dirty ring sync refused: {owed} harvested entries are owed a KVM_RESET_DIRTY_RINGS (it failed or reset fewer); their pages may be writable, so their bits are held back until a reset confirms them (the next sync or reap retries it)")]
+    DirtyRingResetOwed {
+        /// Entries still owed a reset.
+        owed: u64,
     },
 }
 

@@ -10,7 +10,16 @@
 //!   may choose ([`KvmMemoryListener::with_slot_ids`]), next to the VMM's own slots.
 //! - [`Vm`]: a VM fd ([`Vm::new`] makes one; [`Vm::from_fd`] takes the VMM's, of any kvm-ioctls
 //!   version) with its [`ProtectMode`], probed [`KvmCaps`] and checked memslot and dirty-log calls,
-//!   which refuse slots a listener owns.
+//!   which refuse slots a listener owns. Its GETs write into buffers that end right before a guard
+//!   page, so a memslot re-made larger behind its back gives [`Error::SlotChangedBehindVm`]
+//!   instead of a write past the buffer; a listener probes each memslot id before it creates a
+//!   slot and refuses one the VMM made itself ([`Error::SlotIdTaken`]). Fds from the caller are
+//!   checked to be KVM's (VM or vCPU) before any ioctl or mapping.
+//! - The dirty ring ([`enable_dirty_ring`], [`Vm::register_vcpu_ring`]): harvest and
+//!   `KVM_RESET_DIRTY_RINGS` under the listener's slots lock; entries of slots another owner logs
+//!   are kept by the [`Vm`] for that owner; a failed or partial reset is owed and retried, and no
+//!   bit folds before one confirms it; a ring found completely full makes every logging slot dirty
+//!   (docs/design.md, sections 2a and 2b).
 //! - [`enable_manual_protect`]: manual dirty-log protection on any VM fd.
 //! - [`raw`]: the `KVM_GET_DIRTY_LOG` (into a caller buffer) and `KVM_CLEAR_DIRTY_LOG` ioctls on a
 //!   [`BorrowedFd`](std::os::fd::BorrowedFd), for slots the caller manages itself.
@@ -38,6 +47,7 @@
 mod caps;
 mod dirty_cache;
 mod error;
+mod guarded;
 mod memory_listener;
 pub mod raw;
 mod ring;

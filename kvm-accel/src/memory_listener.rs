@@ -15,6 +15,13 @@
 //!   per sync, and only if KVM reported it, whoever asks (migration, a display...).
 //!
 //! In legacy mode `log_sync` gets (and thereby clears) the kernel bitmap and `log_clear` does nothing.
+//! In ring mode a sync harvests the vCPU rings (docs/design.md section 2a).
+//!
+//! When a logging slot is deleted (`region_del`) or stops logging (`log_stop`), it is synced one
+//! last time, and then its whole range is marked dirty for the clients that were logging it: a
+//! vCPU may write it between that last GET (or reap) and the deletion, and such a write is in no
+//! bitmap any more. So unmapping a region during a migration resends all of it, and nothing is
+//! lost.
 //!
 //! # Example
 //! ```no_run
@@ -44,8 +51,9 @@ use clearlog_memory::{
 };
 
 use crate::dirty_cache::SlotDirtyCache;
+use crate::guarded::GuardedWords;
 use crate::ring::VcpuRingStats;
-use crate::vm::{MemSlot, SlotOwner, Vm};
+use crate::vm::{MemSlot, RingHarvester, SlotOwner, Vm};
 use crate::Error;
 
 /// The default interval of the ring reaper thread
@@ -125,10 +133,14 @@ pub struct DirtyLogStats {
     /// Ring mode: time spent harvesting and resetting, nanoseconds.
     pub ring_reap_ns: u64,
     /// Ring mode: harvests that found a ring completely full without a ring-full exit (entries
-    /// may have been lost by the kernel; see [`VcpuRingStats::found_full`]).
+    /// may have been lost by the kernel; see [`VcpuRingStats::found_full`]). Each makes every
+    /// page of every logging slot dirty (this listener's, and the ones the [`Vm`] keeps entries
+    /// for), so the next sync reports them all: nothing lost can go unreported.
     pub ring_found_full: u64,
-    /// Ring mode: entries for memslots this listener does not own (the VMM's own slots, or a
-    /// slot deleted since), dropped.
+    /// Ring mode: entries of no logging memslot of the [`Vm`] (a slot deleted or no longer
+    /// logging since, or one the VMM made through its own fd), dropped. Entries of another
+    /// owner's logging slot (a second listener's, one made with [`Vm::set_memslot`]) are not
+    /// dropped: the `Vm` keeps them for their owner.
     pub ring_foreign: u64,
 }
 
@@ -159,16 +171,18 @@ struct KvmSlot {
     _block: Arc<RamBlock>,
     /// Present while dirty logging is on (manual mode).
     cache: Option<SlotDirtyCache>,
-    /// GET buffer while dirty logging is on in legacy mode; in ring mode, the pages harvested
-    /// from the rings since the last sync (the ring's per-slot cache).
-    legacy_buffer: Option<Vec<u64>>,
+    /// Present while dirty logging is on. The buffer `KVM_GET_DIRTY_LOG` writes into (legacy
+    /// mode; manual mode, then copied into the cache): its words end right before a guard page,
+    /// so a memslot changed behind our back makes the GET fail instead of overflow. In ring mode,
+    /// the pages harvested from the rings since the last sync (the ring's per-slot cache).
+    log_buffer: Option<GuardedWords>,
     /// The words of the last clear request, reused so a clear does not allocate.
     clear_words: Vec<u64>,
 }
 
 impl KvmSlot {
     fn logging(&self) -> bool {
-        self.cache.is_some() || self.legacy_buffer.is_some()
+        self.cache.is_some() || self.log_buffer.is_some()
     }
 }
 
@@ -183,6 +197,75 @@ impl SlotTable {
     fn free_id(&self, ids: Range<u32>, taken: impl Fn(u32) -> bool) -> Option<u32> {
         ids.into_iter()
             .find(|&id| !taken(id) && !self.by_guest_addr.values().any(|s| s.id == id))
+    }
+}
+
+/// A listener's ring harvest: entries of its logging slots go into their pending bitmaps.
+struct ListenerHarvest<'a> {
+    table: &'a mut SlotTable,
+    owner: SlotOwner,
+    /// (slot id, guest address) of the previous entry's slot: runs of entries of one slot.
+    last: Option<(u32, u64)>,
+}
+
+impl ListenerHarvest<'_> {
+    /// The pending bitmap of this listener's logging memslot `id`.
+    fn pending(&mut self, id: u32) -> Option<&mut GuardedWords> {
+        let key = match self.last {
+            Some((last, addr)) if last == id => addr,
+            _ => {
+                let addr = self
+                    .table
+                    .by_guest_addr
+                    .iter()
+                    .find(|(_, s)| s.id == id)
+                    .map(|(&a, _)| a)?;
+                self.last = Some((id, addr));
+                addr
+            }
+        };
+        self.table
+            .by_guest_addr
+            .get_mut(&key)
+            .and_then(|s| s.log_buffer.as_mut())
+    }
+}
+
+impl RingHarvester for ListenerHarvest<'_> {
+    fn listener(&self) -> Option<SlotOwner> {
+        Some(self.owner)
+    }
+
+    fn all_dirty(&mut self) {
+        for slot in self.table.by_guest_addr.values_mut() {
+            let pages = slot.size / crate::PAGE_SIZE;
+            if let Some(words) = slot.log_buffer.as_mut() {
+                crate::vm::fill_pages(words, pages);
+            }
+        }
+    }
+
+    fn take(&mut self, slot: u32, offset: u64) -> bool {
+        match self.pending(slot) {
+            Some(words) if (offset / 64) < words.len() as u64 => {
+                words[(offset / 64) as usize] |= 1 << (offset % 64);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn drain(&mut self, slot: u32, owner: SlotOwner, bits: &[u64]) -> bool {
+        if owner != self.owner {
+            return false;
+        }
+        // A slot of ours that no longer logs: its bits go (as its bitmap would).
+        if let Some(words) = self.pending(slot) {
+            for (w, b) in words.iter_mut().zip(bits) {
+                *w |= b;
+            }
+        }
+        true
     }
 }
 
@@ -211,7 +294,8 @@ pub struct KvmMemoryListener {
     slot_ids: Range<u32>,
     slots: Mutex<SlotTable>,
     counters: Counters,
-    /// Ring mode: kicks every vCPU out of `KVM_RUN` (set by the VMM), before a sync's harvest.
+    /// Ring mode: kicks every vCPU out of `KVM_RUN` (set by the VMM), before the harvest of a
+    /// sync, a region removal or a logging stop.
     ring_kick: Mutex<Option<RingKick>>,
 }
 
@@ -234,6 +318,25 @@ fn listener_error(e: impl Into<Error>) -> ListenerError {
     Box::new(e.into())
 }
 
+/// Marks every page of `section` dirty for `clients`: after its memslot was deleted or stopped
+/// logging, writes made since its last GET (or reap) are in no bitmap.
+fn mark_whole_section(
+    dirty: &DirtyMemory,
+    section: &Section,
+    clients: DirtyClients,
+) -> Result<(), ListenerError> {
+    dirty
+        .mark_dirty(clients, section.ram_first_page(), section.pages())
+        .map_err(|e| -> ListenerError { Box::new(e) })?;
+    tracing::debug!(
+        guest_addr = section.guest_addr,
+        pages = section.pages(),
+        ?clients,
+        "memslot deleted or logging off: its whole range is marked dirty"
+    );
+    Ok(())
+}
+
 impl KvmMemoryListener {
     /// A listener creating memslots in `vm`, with any id the kernel offers (`0..max_memslots`,
     /// lowest free first). Register it with
@@ -253,6 +356,14 @@ impl KvmMemoryListener {
 
     /// A listener whose memslots take ids from `ids` only (lowest free first), so it can live next
     /// to memslots the VMM made itself with other ids (KVM cannot be asked which ids are taken).
+    ///
+    /// Before it creates a memslot the listener probes the id in the kernel (see docs/design.md
+    /// section 2b): an id that a memslot made outside its `Vm` already uses is
+    /// refused with [`Error::SlotIdTaken`], naming it, whatever range was allowed (KVM would
+    /// otherwise accept an identical request as a no-op, and the listener would take over the
+    /// VMM's slot). The probe has no side effect once the `Vm` knows a memslot; for the very first
+    /// one it creates and deletes a 1-page slot over an inaccessible page of ours at the new
+    /// slot's guest address (a vCPU touching that page in that instant gets `EFAULT`).
     ///
     /// # Errors
     ///
@@ -372,8 +483,9 @@ impl KvmMemoryListener {
     }
 
     /// Ring mode: sets the callback that kicks every vCPU (e.g. a signal to each vCPU thread);
-    /// every `log_sync` calls it before harvesting, so entries the CPU still buffers (PML) are
-    /// flushed to the rings at the vCPUs' exits. The kick does not wait for the exits: what a vCPU
+    /// every `log_sync`, `region_del` and `log_stop` calls it before harvesting (outside the slots
+    /// lock), so entries the CPU still buffers (PML) are flushed to the rings at the vCPUs' exits.
+    /// The kick does not wait for the exits: what a vCPU
     /// flushes after the harvest comes with the next one, and a final sync with the vCPUs paused
     /// (out of `KVM_RUN`, buffers flushed) misses nothing.
     ///
@@ -394,7 +506,10 @@ impl KvmMemoryListener {
     ///
     /// # Errors
     ///
-    /// `KVM_RESET_DIRTY_RINGS` failing or resetting fewer entries than harvested.
+    /// [`Error::DirtyRingResetFailed`] or [`Error::DirtyRingReset`]: `KVM_RESET_DIRTY_RINGS`
+    /// failed or reset fewer entries than were harvested. The harvested bits are kept but held
+    /// back: no sync folds them (it fails with [`Error::DirtyRingResetOwed`]) until a later
+    /// harvest (every one calls the reset again while entries are owed) confirms them.
     ///
     /// # Example
     /// ```no_run
@@ -478,41 +593,40 @@ impl KvmMemoryListener {
         })
     }
 
-    /// Harvest all rings into the slots' pending bitmaps. Called with the slots lock held.
+    /// Harvest all rings into the slots' pending bitmaps, then take what the `Vm` kept for this
+    /// listener's slots from other harvests. Called with the slots lock held.
     fn reap_locked(&self, table: &mut SlotTable) -> Result<u64, Error> {
-        let mut foreign = 0u64;
-        let mut last: Option<(u32, u64)> = None; // (slot id, guest addr) of the previous entry
-        let harvest = self.vm.harvest_rings(|slot, offset| {
-            let key = match last {
-                Some((id, addr)) if id == slot => Some(addr),
-                _ => table
-                    .by_guest_addr
-                    .iter()
-                    .find(|(_, s)| s.id == slot)
-                    .map(|(&a, _)| a),
-            };
-            let buffer = key.and_then(|a| {
-                last = Some((slot, a));
-                table
-                    .by_guest_addr
-                    .get_mut(&a)
-                    .and_then(|s| s.legacy_buffer.as_mut())
-            });
-            match buffer {
-                Some(words) if (offset / 64) < words.len() as u64 => {
-                    words[(offset / 64) as usize] |= 1 << (offset % 64);
-                }
-                _ => foreign += 1,
-            }
-        })?;
+        let mut h = ListenerHarvest {
+            table,
+            owner: self.owner(),
+            last: None,
+        };
+        let (harvest, result) = self.vm.harvest_rings(&mut h);
         let c = &self.counters;
         c.ring_reaps.fetch_add(1, Ordering::Relaxed);
         c.ring_entries.fetch_add(harvest.entries, Ordering::Relaxed);
         c.ring_reap_ns.fetch_add(harvest.ns, Ordering::Relaxed);
         c.ring_found_full
             .fetch_add(harvest.found_full, Ordering::Relaxed);
-        c.ring_foreign.fetch_add(foreign, Ordering::Relaxed);
+        c.ring_foreign.fetch_add(harvest.dropped, Ordering::Relaxed);
+        result?;
         Ok(harvest.entries)
+    }
+
+    /// Ring mode: calls the VMM's kick ([`set_ring_kick`](Self::set_ring_kick)) so the vCPUs
+    /// exit and flush what their CPUs still buffer into the rings, before a reap. Never called
+    /// with the slots lock held (a kicked vCPU may reap on a ring-full exit).
+    fn kick_vcpus(&self) {
+        if self.vm.protect_mode().is_ring() {
+            let kick = self
+                .ring_kick
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(kick) = kick {
+                kick();
+            }
+        }
     }
 
     /// Ring mode: reap before a section's pending bits are folded.
@@ -568,13 +682,15 @@ impl KvmMemoryListener {
         guest_addr: u64,
         create: bool,
     ) -> Result<(), ListenerError> {
-        self.set_slot(slot, guest_addr, true, create)?;
         let pages = slot.size / crate::PAGE_SIZE;
+        // Mapped before logging starts: a failure leaves the slot as it was.
+        let buffer = GuardedWords::new(pages.div_ceil(64) as usize)
+            .map_err(|source| listener_error(Error::GuardedBuffer { source }))?;
+        self.set_slot(slot, guest_addr, true, create)?;
         if self.vm.protect_mode().is_manual() {
             slot.cache = Some(SlotDirtyCache::new(pages));
-        } else {
-            slot.legacy_buffer = Some(vec![0; pages.div_ceil(64) as usize]);
         }
+        slot.log_buffer = Some(buffer);
         Ok(())
     }
 
@@ -588,17 +704,28 @@ impl KvmMemoryListener {
     ) -> Result<(), ListenerError> {
         let start = Instant::now();
         let pages = section.pages();
-        let words: &[u64] = match (&mut slot.cache, &mut slot.legacy_buffer) {
-            (Some(cache), _) => {
+        let words: &[u64] = match (&mut slot.cache, &mut slot.log_buffer) {
+            (Some(cache), Some(buffer)) => {
                 self.vm
-                    .get_dirty_log_as(slot.id, cache.sync_buffer(), self.owner())
+                    .get_dirty_log_as(slot.id, buffer, self.owner())
                     .map_err(listener_error)?;
+                // The GET result replaces the cache (same size: one bit per page of the slot).
+                let dest = cache.sync_buffer();
+                let n = dest.len().min(buffer.len());
+                dest[..n].copy_from_slice(&buffer[..n]);
                 cache.mark_synced();
                 cache.bits().as_words()
             }
             // Ring mode: the pages harvested since the last sync (the caller reaped just now,
-            // under the slots lock); already re-protected by KVM_RESET_DIRTY_RINGS.
-            (None, Some(buffer)) if self.vm.protect_mode().is_ring() => buffer,
+            // under the slots lock), once KVM_RESET_DIRTY_RINGS re-protected them: while a reset
+            // is owed, some may still be writable, so nothing is folded (the bits stay).
+            (None, Some(buffer)) if self.vm.protect_mode().is_ring() => {
+                let owed = self.vm.ring_reset_owed();
+                if owed > 0 {
+                    return Err(listener_error(Error::DirtyRingResetOwed { owed }));
+                }
+                buffer
+            }
             (None, Some(buffer)) => {
                 self.vm
                     .get_dirty_log_as(slot.id, buffer, self.owner())
@@ -608,7 +735,7 @@ impl KvmMemoryListener {
             // The memory system says a client logs this section, but the slot has no dirty log:
             // logging never started on it (a failed log_start or region_add). Returning Ok would
             // tell the client "nothing was written" while KVM tracks nothing at all.
-            (None, None) => {
+            (_, None) => {
                 return Err(listener_error(Error::SyncOfSlotNotLogging {
                     slot: slot.id,
                     guest_addr: section.guest_addr,
@@ -619,7 +746,7 @@ impl KvmMemoryListener {
         let found = dirty.try_fold_bitmap(section.ram_first_page(), words, pages, clients)?;
         if self.vm.protect_mode().is_ring() {
             // Folded into the clients: like a legacy GET, a ring sync hands its bits over.
-            if let Some(b) = slot.legacy_buffer.as_mut() {
+            if let Some(b) = slot.log_buffer.as_mut() {
                 b.fill(0);
             }
         }
@@ -668,7 +795,7 @@ impl MemoryListener for KvmMemoryListener {
             host_addr: section.host_addr(),
             _block: section.block.clone(),
             cache: None,
-            legacy_buffer: None,
+            log_buffer: None,
             clear_words: Vec::new(),
         };
         if section.log.is_empty() {
@@ -687,15 +814,19 @@ impl MemoryListener for KvmMemoryListener {
     }
 
     fn region_del(&self, section: &Section, dirty: &DirtyMemory) -> Result<(), ListenerError> {
+        // Ring mode: entries the CPUs still buffer reach the rings before the reap (outside the
+        // slots lock, as in log_sync).
+        self.kick_vcpus();
         let mut table = self.lock();
-        self.reap_if_ring(&mut table)?;
+        let reaped = self.reap_if_ring(&mut table);
         let slot = Self::slot_for(&mut table, section)?;
         // Whatever the guest wrote since the last sync must reach the clients before the slot
         // (and its dirty bitmap) disappears.
-        let synced = if slot.logging() {
-            self.sync_slot(slot, section, section.log, dirty)
+        let logging = slot.logging();
+        let synced = if logging {
+            reaped.and_then(|()| self.sync_slot(slot, section, section.log, dirty))
         } else {
-            Ok(())
+            reaped
         };
         // The region goes away whatever happened: delete the memslot even if the sync failed (the
         // error is still reported), so KVM never keeps a slot the memory map no longer has.
@@ -708,10 +839,17 @@ impl MemoryListener for KvmMemoryListener {
             guest_addr = section.guest_addr,
             "memslot removed"
         );
+        let mut marked = Ok(());
         if removed.is_ok() {
             table.by_guest_addr.remove(&section.guest_addr);
+            if logging {
+                // A vCPU may have written the slot after the last GET (or reap) and before its
+                // deletion: those writes are in no bitmap any more, so the whole range is dirty
+                // for the clients that were logging it.
+                marked = mark_whole_section(dirty, section, section.log);
+            }
         }
-        synced.and(removed)
+        synced.and(removed).and(marked)
     }
 
     fn log_start(
@@ -742,6 +880,8 @@ impl MemoryListener for KvmMemoryListener {
         if old.is_empty() || !new.is_empty() {
             return Ok(());
         }
+        // Ring mode: entries the CPUs still buffer reach the rings before the reap.
+        self.kick_vcpus();
         let mut table = self.lock();
         self.reap_if_ring(&mut table)?;
         let slot = Self::slot_for(&mut table, section)?;
@@ -750,23 +890,17 @@ impl MemoryListener for KvmMemoryListener {
             self.sync_slot(slot, section, old, dirty)?;
             self.set_slot(slot, section.guest_addr, false, false)?;
             slot.cache = None;
-            slot.legacy_buffer = None;
+            slot.log_buffer = None;
             tracing::debug!(slot = slot.id, "dirty logging stopped");
+            // A vCPU may have written the slot after that sync and before logging went off: those
+            // writes are in no bitmap, so the whole range is dirty for the clients that logged.
+            mark_whole_section(dirty, section, old)?;
         }
         Ok(())
     }
 
     fn log_sync(&self, section: &Section, dirty: &DirtyMemory) -> Result<(), ListenerError> {
-        if self.vm.protect_mode().is_ring() {
-            let kick = self
-                .ring_kick
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            if let Some(kick) = kick {
-                kick();
-            }
-        }
+        self.kick_vcpus();
         let mut table = self.lock();
         self.reap_if_ring(&mut table)?;
         let slot = Self::slot_for(&mut table, section)?;
@@ -862,6 +996,8 @@ impl Drop for KvmMemoryListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ring::DirtyRing;
+    use crate::vm::FakeReset;
     use clearlog_memory::{DirtyClient, MemorySystem};
 
     /// A real VM, or None (with a loud SKIPPED line) when /dev/kvm cannot be opened; with
@@ -937,6 +1073,251 @@ mod tests {
         assert!(vm.memslot(id).is_some());
     }
 
+    /// A real VM in ring mode (its memslots are real) whose rings the tests fake
+    /// ([`Vm::register_fake_ring`]), or None (SKIPPED) without KVM or without a dirty ring.
+    fn real_ring_vm(test: &str) -> Option<Arc<Vm>> {
+        let required = std::env::var("CI").is_ok_and(|v| v == "true")
+            || std::env::var("CLEARLOG_REQUIRE_KVM").is_ok_and(|v| v == "1");
+        match Vm::new(crate::VmConfig {
+            dirty_log: crate::DirtyLogChoice::Ring { bytes: 1 << 16 },
+            ..Default::default()
+        }) {
+            Ok(vm) => Some(Arc::new(vm)),
+            Err(e @ Error::DirtyRingUnsupported) => {
+                eprintln!("SKIPPED: {test}: {e}");
+                None
+            }
+            Err(e) if required => panic!("{test}: KVM required but unusable: {e}"),
+            Err(e) => {
+                eprintln!("SKIPPED: {test}: no usable /dev/kvm ({e})");
+                None
+            }
+        }
+    }
+
+    const RING_RAM: u64 = 1 << 20; // 256 pages
+
+    /// A memory system with `RING_RAM` of RAM at `gpa`, a listener on `vm` with `ids` registered
+    /// and global logging on; returns the listener's memslot id too.
+    fn ring_rig(
+        vm: &Arc<Vm>,
+        gpa: u64,
+        ids: Range<u32>,
+    ) -> (MemorySystem, Arc<KvmMemoryListener>, u32) {
+        let memory = MemorySystem::with_ram_capacity(4 << 20);
+        memory.add_ram("ram", gpa, RING_RAM).unwrap();
+        let listener = Arc::new(KvmMemoryListener::with_slot_ids(vm.clone(), ids).unwrap());
+        memory.register_listener(listener.clone()).unwrap();
+        memory.log_global_start().unwrap();
+        let id = listener.slot_id_at(gpa).unwrap();
+        (memory, listener, id)
+    }
+
+    /// The Migration client's dirty pages of the memory system's only RAM block.
+    fn migration_pages(memory: &MemorySystem) -> Vec<u64> {
+        let block = memory.ram_blocks()[0].clone();
+        let first = block.ram_page_offset();
+        let map = memory.dirty().client(DirtyClient::Migration);
+        (0..block.pages())
+            .filter(|&p| map.test((first + p) as usize))
+            .collect()
+    }
+
+    fn push(vm: &Vm, vcpu: u32, at: u32, slot: u32, offset: u64) {
+        vm.with_fake_ring(vcpu, |r| r.kernel_push(at, slot, offset))
+            .expect("a free ring entry");
+    }
+
+    /// Finding 4: a listener's reap dropped the entries of a logging slot the VMM made with
+    /// `Vm::set_memslot`; `Vm::get_dirty_log` on it failed in ring mode.
+    #[test]
+    fn a_vmm_logging_slot_keeps_its_ring_entries() {
+        use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+        // Declared before the Vm: dropped after it, so it outlives the memslot.
+        let vmm_mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(64 << 20), 64 * 4096)]).unwrap();
+        let Some(vm) = real_ring_vm("a_vmm_logging_slot_keeps_its_ring_entries") else {
+            return;
+        };
+        let host = vmm_mem.get_host_address(GuestAddress(64 << 20)).unwrap() as u64;
+        // SAFETY: `vmm_mem` outlives `vm` (declared first, dropped last).
+        unsafe { vm.set_memslot(100, 64 << 20, 64 * 4096, host, true) }.unwrap();
+        let (memory, listener, id) = ring_rig(&vm, 0, 0..8);
+        vm.register_fake_ring(0, DirtyRing::fake(16));
+        push(&vm, 0, 0, 100, 4);
+        push(&vm, 0, 1, id, 2);
+        memory.log_sync_all().unwrap();
+        assert_eq!(migration_pages(&memory), vec![2]);
+        assert_eq!(listener.stats().ring_foreign, 0, "nothing was dropped");
+        let mut bitmap = [0u64; 1];
+        vm.get_dirty_log(100, &mut bitmap).unwrap();
+        assert_eq!(
+            bitmap,
+            [1 << 4],
+            "the VMM's slot gets the entry the listener harvested"
+        );
+        // Get-and-clear, like a legacy GET.
+        vm.get_dirty_log(100, &mut bitmap).unwrap();
+        assert_eq!(bitmap, [0]);
+        // A GET harvests too, and keeps the listener's entries for the listener.
+        push(&vm, 0, 2, 100, 6);
+        push(&vm, 0, 3, id, 8);
+        vm.get_dirty_log(100, &mut bitmap).unwrap();
+        assert_eq!(bitmap, [1 << 6]);
+        memory.log_sync_all().unwrap();
+        assert_eq!(migration_pages(&memory), vec![2, 8]);
+    }
+
+    /// Finding 4: a second listener on the same Vm lost the entries the first one harvested.
+    #[test]
+    fn a_second_listener_gets_the_entries_the_first_one_harvested() {
+        let Some(vm) = real_ring_vm("a_second_listener_gets_the_entries_the_first_one_harvested")
+        else {
+            return;
+        };
+        let (memory_a, listener_a, id_a) = ring_rig(&vm, 0, 0..8);
+        let (memory_b, _listener_b, id_b) = ring_rig(&vm, 16 << 20, 8..16);
+        vm.register_fake_ring(0, DirtyRing::fake(16));
+        push(&vm, 0, 0, id_a, 1);
+        push(&vm, 0, 1, id_b, 11);
+        memory_a.log_sync_all().unwrap();
+        assert_eq!(migration_pages(&memory_a), vec![1]);
+        assert_eq!(listener_a.stats().ring_foreign, 0, "nothing was dropped");
+        memory_b.log_sync_all().unwrap();
+        assert_eq!(
+            migration_pages(&memory_b),
+            vec![11],
+            "the second listener's entry, harvested by the first, must reach it"
+        );
+    }
+
+    /// Finding 2: a failed `KVM_RESET_DIRTY_RINGS` left the harvested pages writable with their
+    /// bits pending; a later sync with no new entry issued no reset and folded them.
+    #[test]
+    fn a_failed_ring_reset_blocks_the_fold_until_a_reset_confirms() {
+        let Some(vm) = real_ring_vm("a_failed_ring_reset_blocks_the_fold_until_a_reset_confirms")
+        else {
+            return;
+        };
+        let (memory, listener, id) = ring_rig(&vm, 0, 0..8);
+        vm.register_fake_ring(0, DirtyRing::fake(16));
+        memory.log_sync_all().unwrap();
+        vm.set_fake_reset(FakeReset::Fail(libc::EIO));
+        push(&vm, 0, 0, id, 3);
+        assert!(listener.reap_rings().is_err(), "the reset failed");
+        // No new entry: the next sync must still not fold page 3 (it is writable, unreported).
+        let synced = memory.log_sync_all();
+        assert!(
+            synced.is_err(),
+            "a sync folded bits while KVM_RESET_DIRTY_RINGS was still owed: {:?}",
+            migration_pages(&memory)
+        );
+        assert_eq!(migration_pages(&memory), Vec::<u64>::new());
+        // The reset works again: the next harvest resets although nothing is new, then folds.
+        vm.set_fake_reset(FakeReset::Kernel);
+        memory.log_sync_all().unwrap();
+        assert_eq!(migration_pages(&memory), vec![3], "the bit is not lost");
+        assert_eq!(vm.with_fake_ring(0, |r| r.kernel_marked_reset()), 0);
+    }
+
+    /// Finding 2: a partial reset (fewer entries than marked) is retried by every later harvest,
+    /// even one with no new entry, and nothing folds before it is confirmed.
+    #[test]
+    fn a_partial_ring_reset_is_retried_by_the_next_harvest() {
+        let Some(vm) = real_ring_vm("a_partial_ring_reset_is_retried_by_the_next_harvest") else {
+            return;
+        };
+        let (memory, listener, id) = ring_rig(&vm, 0, 0..8);
+        vm.register_fake_ring(0, DirtyRing::fake(16));
+        memory.log_sync_all().unwrap();
+        vm.set_fake_reset(FakeReset::AtMost(1));
+        push(&vm, 0, 0, id, 5);
+        push(&vm, 0, 1, id, 6);
+        assert!(listener.reap_rings().is_err(), "1 of 2 entries reset");
+        vm.set_fake_reset(FakeReset::Fail(libc::EIO));
+        assert!(
+            memory.log_sync_all().is_err(),
+            "a sync folded bits while an entry was still owed a reset: {:?}",
+            migration_pages(&memory)
+        );
+        vm.set_fake_reset(FakeReset::AtMost(1));
+        memory.log_sync_all().unwrap();
+        assert_eq!(
+            vm.with_fake_ring(0, |r| r.kernel_marked_reset()),
+            0,
+            "the harvest with no new entry must call KVM_RESET_DIRTY_RINGS for the owed entry"
+        );
+        assert_eq!(migration_pages(&memory), vec![5, 6]);
+    }
+
+    /// Finding 1: a ring found completely full (no ring-full exit reported) may have lost entries,
+    /// but the harvest only logged it: the next fold reported just the entries it found.
+    #[test]
+    fn a_ring_found_full_makes_every_logging_slot_dirty() {
+        let Some(vm) = real_ring_vm("a_ring_found_full_makes_every_logging_slot_dirty") else {
+            return;
+        };
+        let (memory, listener, id) = ring_rig(&vm, 0, 0..8);
+        // A second listener on the same Vm: its slot's entries are kept for it by the Vm.
+        let (memory_b, _listener_b, id_b) = ring_rig(&vm, 16 << 20, 8..16);
+        vm.register_fake_ring(0, DirtyRing::fake(8));
+        memory.log_sync_all().unwrap();
+        assert_eq!(migration_pages(&memory), Vec::<u64>::new());
+        // The kernel filled the whole ring (past its soft limit) and no exit was reported.
+        for i in 0..7 {
+            push(&vm, 0, i, id, u64::from(i) * 3);
+        }
+        push(&vm, 0, 7, id_b, 1);
+        memory.log_sync_all().unwrap();
+        assert_eq!(listener.stats().ring_found_full, 1);
+        assert_eq!(
+            migration_pages(&memory).len() as u64,
+            RING_RAM / 4096,
+            "a ring found full may have lost entries of any slot: every page of the harvesting \
+             listener's logging slots must be reported"
+        );
+        memory_b.log_sync_all().unwrap();
+        assert_eq!(
+            migration_pages(&memory_b).len() as u64,
+            RING_RAM / 4096,
+            "a ring found full: every page of the other listener's logging slot must be reported"
+        );
+    }
+
+    /// Finding 3: unregistering a ring dropped it with its unharvested entries.
+    #[test]
+    fn unregistering_a_ring_harvests_it_first() {
+        let Some(vm) = real_ring_vm("unregistering_a_ring_harvests_it_first") else {
+            return;
+        };
+        let (memory, _listener, id) = ring_rig(&vm, 0, 0..8);
+        vm.register_fake_ring(7, DirtyRing::fake(16));
+        memory.log_sync_all().unwrap();
+        push(&vm, 7, 0, id, 9);
+        assert!(vm.unregister_vcpu_ring(7).unwrap());
+        assert!(vm.ring_stats().is_empty(), "the ring is gone");
+        assert!(
+            !vm.unregister_vcpu_ring(7).unwrap(),
+            "not registered any more"
+        );
+        memory.log_sync_all().unwrap();
+        assert_eq!(
+            migration_pages(&memory),
+            vec![9],
+            "the entry left in the unregistered ring must reach its slot's owner"
+        );
+        // A reset that fails: the ring stays (with its entries, kept for their owner).
+        vm.register_fake_ring(8, DirtyRing::fake(16));
+        push(&vm, 8, 0, id, 10);
+        vm.set_fake_reset(FakeReset::Fail(libc::EIO));
+        assert!(vm.unregister_vcpu_ring(8).is_err());
+        assert_eq!(vm.ring_stats().len(), 1, "the ring is kept");
+        vm.set_fake_reset(FakeReset::Kernel);
+        assert!(vm.unregister_vcpu_ring(8).unwrap());
+        memory.log_sync_all().unwrap();
+        assert_eq!(migration_pages(&memory), vec![9, 10]);
+    }
+
     #[test]
     fn free_ids_fill_holes_and_respect_the_limit() {
         let memory = MemorySystem::new();
@@ -948,7 +1329,7 @@ mod tests {
             host_addr: 0,
             _block: block.clone(),
             cache: None,
-            legacy_buffer: None,
+            log_buffer: None,
             clear_words: Vec::new(),
         };
         let mut t = SlotTable::default();

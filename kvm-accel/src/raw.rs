@@ -5,7 +5,14 @@
 //! made it.
 //!
 //! These functions know nothing of memslots or of [`KvmMemoryListener`](crate::KvmMemoryListener)s:
-//! they are for slots the caller manages itself. **Never use them on a slot a listener owns**:
+//! they are for slots the caller manages itself. The ioctl numbers of type `0xAE` are KVM's by
+//! convention only: another driver may give them another meaning and write through the pointers
+//! passed. So [`clear_dirty_log`] (safe) checks that its fd is a KVM VM fd (the target of
+//! `/proc/self/fd/N` is `anon_inode:kvm-vm`) before the ioctl, and [`get_dirty_log`] makes it
+//! part of its safety contract; the crate's other entry points that take a caller's fd
+//! ([`Vm::from_fd`](crate::Vm::from_fd), [`enable_manual_protect`](crate::enable_manual_protect),
+//! [`enable_dirty_ring`](crate::enable_dirty_ring), [`KvmCaps::probe`](crate::KvmCaps::probe),
+//! [`Vm::register_vcpu_ring`](crate::Vm::register_vcpu_ring)) check it the same way. **Never use them on a slot a listener owns**:
 //! its dirty bits belong to the listener's [`SlotDirtyCache`](crate::SlotDirtyCache), and a GET or
 //! CLEAR behind the cache's back loses writes (see [`clear_dirty_log`]). The safe
 //! [`Vm::get_dirty_log`](crate::Vm::get_dirty_log) and
@@ -49,8 +56,10 @@
 //! This module depends only on `kvm-bindings` and `vmm-sys-util`, so its two functions can be
 //! proposed to `kvm-ioctls` as `VmFd::clear_dirty_log` and a buffer-filling `get_dirty_log`.
 
-use std::os::fd::BorrowedFd;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::raw::c_void;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log,
@@ -84,32 +93,132 @@ mod nr {
 }
 use nr::*;
 
-/// `KVM_GET_API_VERSION` on a system fd; `None` when the fd does not answer it (a VM fd).
-pub(crate) fn get_api_version(fd: BorrowedFd<'_>) -> Option<i32> {
-    // SAFETY: KVM_GET_API_VERSION takes no argument and touches no user memory. Ioctl type
-    // 0xAE belongs to KVM alone (Documentation/userspace-api/ioctl/ioctl-number.rst), so on a fd
-    // that is not a KVM system fd the kernel just fails the call, which we report as `None`.
-    let ret = unsafe { ioctl(&fd, KVM_GET_API_VERSION()) };
+/// What a file descriptor is, as far as KVM is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FdKind {
+    /// The KVM device (`/dev/kvm`, character device 10:232): the system fd.
+    System,
+    /// A VM (`KVM_CREATE_VM`): an anonymous inode KVM names `kvm-vm`.
+    Vm,
+    /// A vCPU (`KVM_CREATE_VCPU`): an anonymous inode KVM names `kvm-vcpu:N`.
+    Vcpu,
+    /// Anything else.
+    Other,
+}
+
+/// `/dev/kvm`'s device number (the misc major, `KVM_MINOR`).
+const KVM_DEVICE_MAJOR_MINOR: (u32, u32) = (10, 232);
+
+impl FdKind {
+    /// What `fd` is: the KVM device (its device number, by `fstat`), a KVM VM or vCPU (the name of
+    /// its anonymous inode, the target of `/proc/self/fd/N`: only KVM makes inodes named `kvm-vm`
+    /// and `kvm-vcpu:N`), or something else. An error when the answer cannot be had (e.g. no
+    /// `/proc`): then nothing may be assumed about the fd.
+    pub(crate) fn of(fd: BorrowedFd<'_>) -> io::Result<FdKind> {
+        let meta = std::fs::File::from(fd.try_clone_to_owned()?).metadata()?;
+        if meta.file_type().is_char_device() {
+            let rdev = meta.rdev();
+            let is_kvm = (libc::major(rdev), libc::minor(rdev)) == KVM_DEVICE_MAJOR_MINOR;
+            return Ok(if is_kvm {
+                FdKind::System
+            } else {
+                FdKind::Other
+            });
+        }
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+        let link = link.to_string_lossy();
+        Ok(match link.strip_prefix("anon_inode:") {
+            Some("kvm-vm") => FdKind::Vm,
+            Some(name) if name.starts_with("kvm-vcpu:") => FdKind::Vcpu,
+            _ => FdKind::Other,
+        })
+    }
+}
+
+/// A borrowed fd known to be a KVM fd of a given kind: the only fds this module's ioctls are
+/// issued on. The ioctl numbers of type `0xAE` are KVM's by convention only (any driver may give
+/// the same numbers another meaning, and could then write through the pointers we pass), so what
+/// the kernel does with our memory is only known once the fd is known to be KVM's.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KvmFd<'a> {
+    fd: BorrowedFd<'a>,
+    kind: FdKind,
+}
+
+impl<'a> KvmFd<'a> {
+    /// `fd` if it is a KVM fd ([`FdKind::of`]), `None` if it is something else.
+    pub(crate) fn check(fd: BorrowedFd<'a>) -> io::Result<Option<Self>> {
+        Ok(match FdKind::of(fd)? {
+            FdKind::Other => None,
+            kind => Some(KvmFd { fd, kind }),
+        })
+    }
+
+    /// A KVM fd of `kind`, not checked.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must be a KVM fd of `kind` for as long as the borrow lives (e.g. the fd
+    /// `KVM_CREATE_VM` returned, or a duplicate of a fd [`KvmFd::check`] accepted: a duplicate
+    /// refers to the same open file).
+    pub(crate) unsafe fn new_unchecked(fd: BorrowedFd<'a>, kind: FdKind) -> Self {
+        debug_assert_ne!(kind, FdKind::Other);
+        KvmFd { fd, kind }
+    }
+
+    /// `fd` if it is a KVM VM fd; otherwise the error [`Vm::from_fd`](crate::Vm::from_fd) and
+    /// the other public entry points taking a VM fd give.
+    pub(crate) fn vm(fd: BorrowedFd<'a>) -> crate::Result<Self> {
+        use crate::Error;
+        let kind = FdKind::of(fd).map_err(|source| Error::FdKindUnknown { source })?;
+        let reason = match kind {
+            FdKind::Vm => return Ok(KvmFd { fd, kind }),
+            FdKind::System => "it is the /dev/kvm system fd, not a VM fd (KVM_CREATE_VM makes one)",
+            FdKind::Vcpu => "it is a KVM vCPU fd, not a VM fd",
+            FdKind::Other => "its /proc/self/fd link is not anon_inode:kvm-vm",
+        };
+        Err(Error::NotAVmFd { reason })
+    }
+
+    /// What kind of KVM fd it is.
+    pub(crate) fn kind(self) -> FdKind {
+        self.kind
+    }
+
+    /// The fd.
+    pub(crate) fn fd(self) -> BorrowedFd<'a> {
+        self.fd
+    }
+}
+
+/// `KVM_GET_API_VERSION`; `None` when the fd does not answer it (a VM fd).
+pub(crate) fn get_api_version(fd: KvmFd<'_>) -> Option<i32> {
+    // SAFETY: `fd` is a KVM fd. KVM_GET_API_VERSION takes no argument (we pass 0) and writes no
+    // user memory on the system fd; on a VM or vCPU fd KVM does not know it and fails the call,
+    // which we report as `None`.
+    let ret = unsafe { ioctl(&fd.fd, KVM_GET_API_VERSION()) };
     (ret >= 0).then_some(ret)
 }
 
 /// `KVM_CHECK_EXTENSION(cap)` on a system or VM fd: the kernel's answer, or -1 on error.
-pub(crate) fn check_extension(fd: BorrowedFd<'_>, cap: u32) -> i32 {
-    // SAFETY: KVM_CHECK_EXTENSION takes its argument by value and touches no user memory (and
-    // ioctl type 0xAE is KVM's alone: on another fd the call just fails).
-    unsafe { ioctl_with_val(&fd, KVM_CHECK_EXTENSION(), libc::c_ulong::from(cap)) }
+pub(crate) fn check_extension(fd: KvmFd<'_>, cap: u32) -> i32 {
+    // SAFETY: `fd` is a KVM fd; KVM_CHECK_EXTENSION takes its argument by value (a capability
+    // number, not an address) and writes no user memory (a vCPU fd just fails it).
+    unsafe { ioctl_with_val(&fd.fd, KVM_CHECK_EXTENSION(), libc::c_ulong::from(cap)) }
 }
 
 /// `KVM_ENABLE_CAP(cap, args[0] = arg0)` on a VM fd.
-pub(crate) fn enable_cap(vm: BorrowedFd<'_>, cap: u32, arg0: u64) -> errno::Result<()> {
+pub(crate) fn enable_cap(vm: KvmFd<'_>, cap: u32, arg0: u64) -> errno::Result<()> {
+    debug_assert_eq!(vm.kind(), FdKind::Vm);
     let mut c = kvm_enable_cap {
         cap,
         ..Default::default()
     };
     c.args[0] = arg0;
-    // SAFETY: KVM_ENABLE_CAP reads one `kvm_enable_cap`, which `c` is and which outlives the
-    // call; the capabilities this crate enables make the kernel write no user memory.
-    let ret = unsafe { ioctl_with_ref(&vm, KVM_ENABLE_CAP(), &c) };
+    // SAFETY: `vm` is a KVM fd. KVM_ENABLE_CAP reads one `kvm_enable_cap`, which `c` is and which
+    // outlives the call; the capabilities this crate enables (manual dirty-log protection, the
+    // dirty ring) make the kernel write no user memory.
+    let ret = unsafe { ioctl_with_ref(&vm.fd, KVM_ENABLE_CAP(), &c) };
     if ret < 0 {
         return Err(errno::Error::last());
     }
@@ -118,10 +227,12 @@ pub(crate) fn enable_cap(vm: BorrowedFd<'_>, cap: u32, arg0: u64) -> errno::Resu
 
 /// `KVM_RESET_DIRTY_RINGS` on a VM fd: re-protects the pages of every ring entry marked reset and
 /// recycles those entries; returns how many entries the kernel reset.
-pub(crate) fn reset_dirty_rings(vm: BorrowedFd<'_>) -> errno::Result<u64> {
-    // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the kernel reads the rings it mapped to us
-    // (their `flags` words, which we only change atomically) and writes no other user memory.
-    let ret = unsafe { ioctl(&vm, KVM_RESET_DIRTY_RINGS()) };
+pub(crate) fn reset_dirty_rings(vm: KvmFd<'_>) -> errno::Result<u64> {
+    debug_assert_eq!(vm.kind(), FdKind::Vm);
+    // SAFETY: `vm` is a KVM VM fd. KVM_RESET_DIRTY_RINGS takes no argument; the kernel works on
+    // the ring pages it allocated (their `flags` words, which we only access atomically, are the
+    // only part of them it writes) and touches no other memory of ours.
+    let ret = unsafe { ioctl(&vm.fd, KVM_RESET_DIRTY_RINGS()) };
     if ret < 0 {
         return Err(errno::Error::last());
     }
@@ -136,12 +247,14 @@ pub(crate) fn reset_dirty_rings(vm: BorrowedFd<'_>) -> errno::Result<u64> {
 /// process that stays valid until the slot is deleted or the VM is closed: the guest reads and
 /// writes it.
 pub(crate) unsafe fn set_user_memory_region(
-    vm: BorrowedFd<'_>,
+    vm: KvmFd<'_>,
     region: &kvm_userspace_memory_region,
 ) -> errno::Result<()> {
-    // SAFETY: the request matches `kvm_userspace_memory_region`, which the kernel only reads;
-    // the caller guarantees the host range it names stays mapped while the slot exists.
-    let ret = unsafe { ioctl_with_ref(&vm, KVM_SET_USER_MEMORY_REGION(), region) };
+    debug_assert_eq!(vm.kind(), FdKind::Vm);
+    // SAFETY: `vm` is a KVM VM fd; the request matches `kvm_userspace_memory_region`, which the
+    // kernel only reads; the caller guarantees the host range it names stays mapped while the
+    // slot exists.
+    let ret = unsafe { ioctl_with_ref(&vm.fd, KVM_SET_USER_MEMORY_REGION(), region) };
     if ret < 0 {
         return Err(errno::Error::last());
     }
@@ -160,10 +273,12 @@ pub(crate) unsafe fn set_user_memory_region(
 ///
 /// # Safety
 ///
-/// The kernel writes `ceil(slot_pages / 64)` words, where `slot_pages` is the size of the
-/// memslot *as the kernel knows it*: `bitmap` must hold at least that many words. Use
-/// [`Vm::get_dirty_log`](crate::Vm::get_dirty_log), which checks this against its slot table,
-/// for a safe variant.
+/// `vm` must be a KVM VM fd (any other driver may give this ioctl number another meaning). The
+/// kernel writes `ceil(slot_pages / 64)` words, where `slot_pages` is the size of the memslot
+/// *as the kernel knows it*, which another holder of the VM fd can change at any time: `bitmap`
+/// must hold at least that many words. [`Vm::get_dirty_log`](crate::Vm::get_dirty_log) is a safe
+/// variant: it GETs into a buffer that ends right before a guard page, so a larger slot fails
+/// the call instead.
 ///
 /// # Example
 ///
@@ -173,7 +288,8 @@ pub(crate) unsafe fn set_user_memory_region(
 /// # fn f(vm: &std::fs::File) -> Result<(), vmm_sys_util::errno::Error> {
 /// // Slot 0 (the caller's own) is known to hold 100 pages: 2 words.
 /// let mut bitmap = [0u64; 2];
-/// // SAFETY: slot 0 has 100 pages, the buffer holds 128 bits.
+/// // SAFETY: `vm` is a KVM VM fd; its slot 0 has 100 pages (nobody else changes it), the
+/// // buffer holds 128 bits.
 /// unsafe { clearlog_kvm::raw::get_dirty_log(vm.as_fd(), 0, &mut bitmap)? };
 /// # Ok(())
 /// # }
@@ -190,8 +306,9 @@ pub unsafe fn get_dirty_log(
             dirty_bitmap: bitmap.as_mut_ptr() as *mut c_void,
         },
     };
-    // SAFETY: the request matches `kvm_dirty_log`. The caller guarantees `bitmap` is large
-    // enough for the kernel's copy; `arg` and `bitmap` outlive the call.
+    // SAFETY: the caller guarantees `vm` is a KVM VM fd and `bitmap` large enough for the
+    // kernel's copy; the request matches `kvm_dirty_log`, which the kernel only reads; `arg` and
+    // `bitmap` outlive the call.
     let ret = unsafe { ioctl_with_ref(&vm, KVM_GET_DIRTY_LOG(), &arg) };
     if ret < 0 {
         return Err(errno::Error::last());
@@ -255,6 +372,13 @@ pub enum ClearDirtyLogError {
     /// Another errno.
     #[error("KVM_CLEAR_DIRTY_LOG: {0}")]
     Other(errno::Error),
+    /// The fd is not a KVM VM fd (or what it is could not be told, e.g. without `/proc`): no
+    /// ioctl was issued.
+    #[error("KVM_CLEAR_DIRTY_LOG: not a KVM VM fd{}", why.as_ref().map(|w| format!(" (cannot tell what the fd is: {w})")).unwrap_or_default())]
+    NotAVmFd {
+        /// Why the fd's kind could not be told, if that was the problem.
+        why: Option<String>,
+    },
 }
 
 impl ClearDirtyLogError {
@@ -295,6 +419,11 @@ impl ClearDirtyLogError {
 /// length, overflow) and maps the kernel's errors to distinct variants of
 /// [`ClearDirtyLogError`]. See the [module documentation](self) for the kernel's rules.
 ///
+/// `vm` is checked to be a KVM VM fd first (its `/proc/self/fd` link is `anon_inode:kvm-vm`;
+/// [`ClearDirtyLogError::NotAVmFd`] otherwise, no ioctl): another driver could give this ioctl
+/// number a meaning that writes through the pointers passed. That costs a `readlink` per call;
+/// [`Vm::clear_dirty_log`](crate::Vm::clear_dirty_log) checked its fd once, when it was made.
+///
 /// # Never on a slot a `KvmMemoryListener` owns
 ///
 /// A listener's slot has a [`SlotDirtyCache`](crate::SlotDirtyCache): every clear of it must go
@@ -326,6 +455,26 @@ pub fn clear_dirty_log(
     num_pages: u32,
     bitmap: &[u64],
 ) -> Result<(), ClearDirtyLogError> {
+    match KvmFd::check(vm) {
+        Ok(Some(fd)) if fd.kind() == FdKind::Vm => {
+            clear_dirty_log_on(fd, slot, first_page, num_pages, bitmap)
+        }
+        Ok(_) => Err(ClearDirtyLogError::NotAVmFd { why: None }),
+        Err(e) => Err(ClearDirtyLogError::NotAVmFd {
+            why: Some(e.to_string()),
+        }),
+    }
+}
+
+/// [`clear_dirty_log`] on a fd known to be a KVM VM fd (no check of the fd per call).
+pub(crate) fn clear_dirty_log_on(
+    vm: KvmFd<'_>,
+    slot: u32,
+    first_page: u64,
+    num_pages: u32,
+    bitmap: &[u64],
+) -> Result<(), ClearDirtyLogError> {
+    debug_assert_eq!(vm.kind(), FdKind::Vm);
     if num_pages == 0 {
         return Err(ClearDirtyLogError::Empty);
     }
@@ -355,10 +504,11 @@ pub fn clear_dirty_log(
             dirty_bitmap: bitmap.as_ptr() as *mut c_void,
         },
     };
-    // SAFETY: `vm` is a VM fd and KVM_CLEAR_DIRTY_LOG matches `kvm_clear_dirty_log`. The
-    // kernel reads `ceil(num_pages / 64)` u64 words from `dirty_bitmap`, which we checked
-    // `bitmap` holds; it writes nothing to user memory. `arg` and `bitmap` outlive the call.
-    let ret = unsafe { ioctl_with_ref(&vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
+    // SAFETY: `vm` is a KVM VM fd (`KvmFd`) and KVM_CLEAR_DIRTY_LOG matches
+    // `kvm_clear_dirty_log`. The kernel reads `ceil(num_pages / 64)` u64 words from
+    // `dirty_bitmap`, which we checked `bitmap` holds, and writes no user memory (it copies the
+    // struct in and never back). `arg` and `bitmap` outlive the call.
+    let ret = unsafe { ioctl_with_ref(&vm.fd, KVM_CLEAR_DIRTY_LOG(), &arg) };
     if ret < 0 {
         return Err(ClearDirtyLogError::from_errno(errno::Error::last()));
     }

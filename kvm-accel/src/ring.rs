@@ -16,7 +16,7 @@
 //! `DIRTY` (a release with `_ACQ_REL`), so we load `flags` with acquire before reading the entry,
 //! and store `RESET` with release after reading it. See docs/design.md, "The dirty ring".
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -27,7 +27,7 @@ use kvm_bindings::{
 
 use crate::caps::{KvmCaps, ProtectMode};
 use crate::error::{Error, Result};
-use crate::raw;
+use crate::raw::{self, FdKind, KvmFd};
 
 /// `KVM_DIRTY_GFN_F_DIRTY`: the entry holds a dirty page not harvested yet.
 pub(crate) const GFN_F_DIRTY: u32 = 1 << 0;
@@ -142,6 +142,8 @@ pub fn is_pvm_host() -> bool {
 ///
 /// # Errors
 ///
+/// [`Error::NotAVmFd`] when `vm` is not a KVM VM fd (checked through its `/proc/self/fd` link
+/// before any ioctl; [`Error::FdKindUnknown`] when that cannot be told),
 /// [`Error::DirtyRingUnsupported`] on a kernel without the capability, [`Error::DirtyRingSize`]
 /// for a size that is not a power of two within the range (listed in the error), and
 /// [`Error::DirtyRingEnable`] when the kernel refuses (e.g. vCPUs exist already).
@@ -159,8 +161,12 @@ pub fn is_pvm_host() -> bool {
 /// assert!(mode.is_ring());
 /// ```
 pub fn enable_dirty_ring(vm: impl AsFd, bytes: u32) -> Result<ProtectMode> {
-    let vm = vm.as_fd();
-    let caps = KvmCaps::probe(vm);
+    enable_dirty_ring_on(KvmFd::vm(vm.as_fd())?, bytes)
+}
+
+/// [`enable_dirty_ring`] on a fd known to be a KVM VM fd.
+pub(crate) fn enable_dirty_ring_on(vm: KvmFd<'_>, bytes: u32) -> Result<ProtectMode> {
+    let caps = KvmCaps::probe_kvm(vm);
     let range = RingRange::of(&caps).ok_or(Error::DirtyRingUnsupported)?;
     range.check(bytes)?;
     let cap = if range.acq_rel {
@@ -209,7 +215,8 @@ pub struct VcpuRingStats {
     pub full_exits: u64,
     /// Harvests that found every entry of the ring dirty although no ring-full exit was
     /// reported since the previous harvest: the kernel pushed past its soft limit, which is where
-    /// entries can be lost (seen on PVM hosts when emulated ring-0 code fills a ring).
+    /// entries can be lost (seen on PVM hosts when emulated ring-0 code fills a ring). Every such
+    /// harvest marks every page of every logging memslot dirty.
     pub found_full: u64,
 }
 
@@ -226,9 +233,10 @@ pub(crate) struct RingPass {
 enum Backing {
     /// `mmap` of a vCPU fd, unmapped on drop.
     Mapped { len: usize },
-    /// Memory of this process (unit tests play the kernel on it).
+    /// Memory of this process (unit tests play the kernel on it): a boxed slice of `len` entries
+    /// turned into a raw pointer (`Box::into_raw`), freed on drop.
     #[cfg(test)]
-    Fake(#[allow(dead_code)] Box<[kvm_dirty_gfn]>),
+    Fake { len: usize },
 }
 
 /// One vCPU's dirty ring and our read position in it.
@@ -238,10 +246,22 @@ pub(crate) struct DirtyRing {
     /// Index (not yet wrapped) of the next entry to harvest.
     next: u32,
     backing: Backing,
+    /// Unit tests: the fake kernel's reset index (the next entry its reset looks at).
+    #[cfg(test)]
+    kernel_reset_next: u32,
 }
 
-// SAFETY: the ring is plain shared memory; every access goes through `&mut self` (one harvester
-// at a time, under the `Vm`'s ring lock), and the kernel side only uses atomics on `flags`.
+// SAFETY: a `DirtyRing` owns what its pointer points at (a MAP_SHARED mapping of the vCPU fd,
+// which belongs to the process, not to a thread; or the fake ring's boxed slice), so moving it to
+// another thread moves nothing that is bound to the first one. It is not `Sync`, and the only
+// code that reads or writes the entries is its own `&self`/`&mut self` methods, so no two of our
+// threads access the entries at once (the `Vm` keeps its rings under a lock). The other party,
+// the kernel, writes an entry's `slot`/`offset` only while the entry is its own (no `DIRTY`) and
+// hands it over by setting `flags` with release semantics; we read `flags` with acquire before
+// the entry and give it back with a release store, so no access of ours races with the kernel's,
+// whatever thread we run on. (Two `Vm`s registering the same vCPU would make two owners of one
+// ring: entries seen twice, a correctness problem, but every shared access stays atomic or a read
+// of an entry the kernel does not write.)
 unsafe impl Send for DirtyRing {}
 
 impl std::fmt::Debug for DirtyRing {
@@ -256,21 +276,29 @@ impl std::fmt::Debug for DirtyRing {
 impl DirtyRing {
     /// Maps the ring of `bytes` of the vCPU behind `vcpu` (`KVM_DIRTY_LOG_PAGE_OFFSET` pages into
     /// the vCPU fd).
-    pub(crate) fn map(vcpu: BorrowedFd<'_>, bytes: u32) -> std::io::Result<Self> {
+    ///
+    /// The mapping is of a KVM vCPU fd (checked by `KvmFd`), so it is KVM's ring pages or
+    /// nothing: if the vCPU's VM has no ring, or a smaller one than `bytes` (a wrong
+    /// `ProtectMode::Ring` given to [`Vm::from_fd`](crate::Vm::from_fd), or a vCPU of another VM),
+    /// the kernel has no page to give past its ring and an access there raises `SIGBUS` (the
+    /// process dies), never touches memory of ours.
+    pub(crate) fn map(vcpu: KvmFd<'_>, bytes: u32) -> std::io::Result<Self> {
+        debug_assert_eq!(vcpu.kind(), FdKind::Vcpu);
         // SAFETY: sysconf has no memory-safety preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         let page = if page > 0 { page as i64 } else { 4096 };
         let offset = i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * page;
         let len = bytes as usize;
-        // SAFETY: a new shared mapping chosen by the kernel (no fixed address), of the vCPU fd at
-        // the offset KVM documents for the ring; nothing else in the process is affected.
+        // SAFETY: a new shared mapping at an address the kernel picks (no MAP_FIXED), so no
+        // existing mapping is touched, of a KVM vCPU fd at the offset KVM documents for the ring,
+        // MAP_SHARED and not executable as KVM requires.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&vcpu),
+                std::os::fd::AsRawFd::as_raw_fd(&vcpu.fd()),
                 offset,
             )
         };
@@ -282,19 +310,26 @@ impl DirtyRing {
             entries: bytes / ENTRY_BYTES,
             next: 0,
             backing: Backing::Mapped { len },
+            #[cfg(test)]
+            kernel_reset_next: 0,
         })
     }
 
     /// A ring in process memory, for unit tests (they push entries as the kernel would).
     #[cfg(test)]
     pub(crate) fn fake(entries: u32) -> Self {
-        let mut mem = vec![kvm_dirty_gfn::default(); entries as usize].into_boxed_slice();
-        let base = NonNull::new(mem.as_mut_ptr()).expect("a boxed slice is never NULL");
+        let mem = vec![kvm_dirty_gfn::default(); entries as usize].into_boxed_slice();
+        // The pointer is taken from `Box::into_raw`, so no later move of a `Box` invalidates it.
+        let raw = Box::into_raw(mem);
+        let base = NonNull::new(raw.cast::<kvm_dirty_gfn>()).expect("a boxed slice is never NULL");
         DirtyRing {
             base,
             entries,
             next: 0,
-            backing: Backing::Fake(mem),
+            backing: Backing::Fake {
+                len: entries as usize,
+            },
+            kernel_reset_next: 0,
         }
     }
 
@@ -308,8 +343,12 @@ impl DirtyRing {
             .base
             .as_ptr()
             .wrapping_add((index % self.entries) as usize);
-        // SAFETY: `e` is an entry inside the mapping (index wrapped), which lives as long as
-        // `self`; `flags` is a naturally aligned u32 the kernel also accesses atomically.
+        // SAFETY: `e` is an entry inside the mapping (index wrapped below `entries`, which is
+        // `bytes / 16` of a mapping of `bytes`), which lives as long as `self` and so outlives the
+        // returned reference; `flags` is a naturally aligned u32 (entries are 16-byte aligned in a
+        // page-aligned mapping) that the kernel accesses only atomically too (READ_ONCE, acquire
+        // loads and release stores), and we never access it non-atomically. (Past the end of a
+        // vCPU's real ring, see `map`, an access raises SIGBUS: no memory is touched.)
         unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*e).flags)) }
     }
 
@@ -328,7 +367,10 @@ impl DirtyRing {
                 .base
                 .as_ptr()
                 .wrapping_add((self.next % self.entries) as usize);
-            // SAFETY: as in `flags`; the kernel does not touch a dirty entry until we reset it.
+            // SAFETY: `e` is inside the mapping as in `flags`. The kernel writes an entry's slot
+            // and offset only while the entry is its own (before it sets DIRTY with release) and
+            // not again until we store RESET and KVM_RESET_DIRTY_RINGS frees it; our acquire load
+            // saw DIRTY, so these reads see its stores and race with no write.
             let (slot, offset) = unsafe {
                 (
                     std::ptr::addr_of!((*e).slot).read_volatile(),
@@ -356,7 +398,9 @@ impl DirtyRing {
             .base
             .as_ptr()
             .wrapping_add((at % self.entries) as usize);
-        // SAFETY: a free entry of the fake ring, which `self` owns.
+        // SAFETY: an entry of the fake ring's boxed slice (index wrapped), which `self` owns; its
+        // flags are 0, so the harvester does not read it, and `&mut self` excludes any other
+        // access meanwhile.
         unsafe {
             std::ptr::addr_of_mut!((*e).slot).write_volatile(slot);
             std::ptr::addr_of_mut!((*e).offset).write_volatile(offset);
@@ -365,16 +409,34 @@ impl DirtyRing {
         Some(())
     }
 
-    /// Unit tests: the kernel's reset: entries marked reset become free; returns how many.
+    /// Unit tests: the kernel's reset: entries marked reset become free, in ring order from the
+    /// kernel's reset index up to the first entry not marked; returns how many.
     #[cfg(test)]
     pub(crate) fn kernel_reset(&mut self) -> u64 {
+        self.kernel_reset_at_most(u64::MAX)
+    }
+
+    /// Unit tests: entries marked reset that the (fake) kernel has not freed yet.
+    #[cfg(test)]
+    pub(crate) fn kernel_marked_reset(&self) -> u64 {
+        (0..self.entries)
+            .filter(|&i| self.flags(i).load(Ordering::Acquire) & GFN_F_RESET != 0)
+            .count() as u64
+    }
+
+    /// Unit tests: a reset that frees at most `max` entries (a kernel that resets fewer than were
+    /// marked); returns how many it freed.
+    #[cfg(test)]
+    pub(crate) fn kernel_reset_at_most(&mut self, max: u64) -> u64 {
         let mut n = 0;
-        for i in 0..self.entries {
-            let f = self.flags(i);
-            if f.load(Ordering::Acquire) & GFN_F_RESET != 0 {
-                f.store(0, Ordering::Release);
-                n += 1;
+        while n < max && n < u64::from(self.entries) {
+            let f = self.flags(self.kernel_reset_next);
+            if f.load(Ordering::Acquire) & GFN_F_RESET == 0 {
+                break;
             }
+            f.store(0, Ordering::Release);
+            self.kernel_reset_next = self.kernel_reset_next.wrapping_add(1);
+            n += 1;
         }
         n
     }
@@ -389,7 +451,13 @@ impl Drop for DirtyRing {
                 unsafe { libc::munmap(self.base.as_ptr().cast(), len) };
             }
             #[cfg(test)]
-            Backing::Fake(_) => {}
+            Backing::Fake { len } => {
+                let slice = std::ptr::slice_from_raw_parts_mut(self.base.as_ptr(), len);
+                // SAFETY: `slice` is exactly the boxed slice `fake` turned into a raw pointer with
+                // `Box::into_raw`; it is turned back into a `Box` once, here, and no pointer into
+                // it outlives `self`.
+                drop(unsafe { Box::from_raw(slice) });
+            }
         }
     }
 }

@@ -15,9 +15,11 @@ use std::time::Instant;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_CAP_USER_MEMORY, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::caps::{enable_manual_protect, KvmCaps, ProtectMode, KVM_API_VERSION};
+use crate::caps::{enable_manual_protect_on, KvmCaps, ProtectMode, KVM_API_VERSION};
 use crate::error::{Error, Result};
-use crate::ring::{enable_dirty_ring, DirtyRing, RingRange, VcpuRingStats};
+use crate::guarded::{GuardedWords, ProbePage};
+use crate::raw::{FdKind, KvmFd};
+use crate::ring::{enable_dirty_ring_on, DirtyRing, RingRange, VcpuRingStats};
 use crate::{raw, PAGE_SIZE};
 
 /// The default KVM device node.
@@ -152,6 +154,52 @@ struct SlotEntry {
     owner: SlotOwner,
 }
 
+/// What the slot-table lock guards.
+#[derive(Debug, Default)]
+struct SlotState {
+    /// The memslots registered through this `Vm`, by id.
+    table: BTreeMap<u32, SlotEntry>,
+    /// Ring mode: per logging memslot, the pages harvested from the rings by someone other than
+    /// the slot's owner (another listener, a caller's GET, an unregister), one bit per page,
+    /// waiting for the owner to take them (a listener's reap, [`Vm::get_dirty_log`]). Only taken
+    /// after a `KVM_RESET_DIRTY_RINGS` confirmed them (docs/design.md section 2a).
+    pending: BTreeMap<u32, Vec<u64>>,
+    /// The inaccessible page the memslot-id probes point at, made at the first probe.
+    probe_page: Option<ProbePage>,
+    /// The guarded buffer [`Vm::get_dirty_log`] GETs into (grown as needed).
+    scratch: Option<GuardedWords>,
+}
+
+/// Sets the bits of the first `pages` pages of `words` (the rest stays 0).
+pub(crate) fn fill_pages(words: &mut [u64], pages: u64) {
+    for (i, w) in words.iter_mut().enumerate() {
+        let first = i as u64 * 64;
+        *w = match pages.saturating_sub(first) {
+            0 => 0,
+            n if n >= 64 => u64::MAX,
+            n => (1 << n) - 1,
+        };
+    }
+}
+
+/// Who harvests the rings ([`Vm::harvest_rings`]) and what it does with the entries.
+pub(crate) trait RingHarvester {
+    /// The listener harvesting (its slots' entries go to [`take`](Self::take)); `None` for a
+    /// harvest of the `Vm` itself (a caller's GET, an unregister), whose entries all go to the
+    /// `Vm`'s pending store.
+    fn listener(&self) -> Option<SlotOwner>;
+    /// A ring was found completely full: the kernel may have lost entries of any slot, so every
+    /// page of every logging slot of the harvester must be reported dirty.
+    fn all_dirty(&mut self);
+    /// Takes the entry of page `offset` of memslot `slot` if that slot is one of the harvester's
+    /// own logging slots (false otherwise: the `Vm` keeps it for the slot's owner, or drops it
+    /// when no logging slot has that id).
+    fn take(&mut self, slot: u32, offset: u64) -> bool;
+    /// After a confirmed reset: the pending pages the `Vm` keeps for `slot` (owned by `owner`).
+    /// True takes them (the `Vm` forgets them), false leaves them for their owner.
+    fn drain(&mut self, slot: u32, owner: SlotOwner, bits: &[u64]) -> bool;
+}
+
 /// How the `Vm` holds the VM fd.
 enum Handle {
     /// Made by [`Vm::new`]: the kvm-ioctls handles (vCPUs are created through them).
@@ -188,10 +236,36 @@ pub struct Vm {
     handle: Handle,
     caps: KvmCaps,
     mode: ProtectMode,
-    slots: Mutex<BTreeMap<u32, SlotEntry>>,
+    slots: Mutex<SlotState>,
     next_listener: AtomicU64,
     /// The registered vCPU rings (ring mode), by vCPU index.
-    rings: Mutex<BTreeMap<u32, VcpuRing>>,
+    rings: Mutex<RingState>,
+    /// Unit tests: `KVM_RESET_DIRTY_RINGS` played on the fake rings instead of the kernel.
+    #[cfg(test)]
+    fake_reset: Mutex<Option<FakeReset>>,
+}
+
+/// Unit tests: how the fake `KVM_RESET_DIRTY_RINGS` behaves.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FakeReset {
+    /// Like the kernel: every entry marked reset is freed.
+    Kernel,
+    /// The ioctl fails with this errno; nothing is freed.
+    Fail(i32),
+    /// At most this many entries are freed (over all rings).
+    AtMost(u64),
+}
+
+/// What the ring lock guards.
+#[derive(Default)]
+struct RingState {
+    /// The registered rings, by vCPU index.
+    rings: BTreeMap<u32, VcpuRing>,
+    /// Entries harvested (marked reset) that no `KVM_RESET_DIRTY_RINGS` has confirmed yet (it
+    /// failed, or reset fewer). Their pages may still be writable, so no harvested bit may be
+    /// handed to a client while this is not 0, and every harvest calls the reset again.
+    owed: u64,
 }
 
 /// One vCPU's ring and its counters.
@@ -207,8 +281,12 @@ struct VcpuRing {
 /// What [`Vm::harvest_rings`] found over all rings.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct RingHarvest {
-    /// Entries harvested and reset.
+    /// Entries harvested (and marked reset).
     pub entries: u64,
+    /// Entries of logging slots the harvester does not own, kept in the `Vm`'s pending store.
+    pub kept: u64,
+    /// Entries of no logging slot of this `Vm` (deleted since, logging off, or unknown), dropped.
+    pub dropped: u64,
     /// Rings found completely full without a ring-full exit reported.
     pub found_full: u64,
     /// Time of the harvest and `KVM_RESET_DIRTY_RINGS`, nanoseconds.
@@ -222,7 +300,7 @@ impl fmt::Debug for Vm {
             .field("own_kvm", &self.kvm().is_some())
             .field("caps", &self.caps)
             .field("mode", &self.mode)
-            .field("slots", &*self.slots_lock())
+            .field("slots", &self.slots_lock().table)
             .finish_non_exhaustive()
     }
 }
@@ -255,7 +333,7 @@ pub(crate) fn open_kvm(path: &Path) -> Result<Kvm> {
             source: vmm_sys_util::errno::Error::new(libc::EINVAL),
         }
     })?;
-    Kvm::new_with_path(c_path).map_err(|source| match source.errno() {
+    let kvm = Kvm::new_with_path(c_path).map_err(|source| match source.errno() {
         libc::ENOENT | libc::ENODEV | libc::ENXIO => Error::KvmMissing {
             path: path.to_owned(),
         },
@@ -266,7 +344,17 @@ pub(crate) fn open_kvm(path: &Path) -> Result<Kvm> {
             path: path.to_owned(),
             source,
         },
-    })
+    })?;
+    // No ioctl before we know the node is the KVM device (character device 10:232).
+    // SAFETY: `kvm` owns this open fd and outlives the borrow (this statement).
+    let fd = unsafe { BorrowedFd::borrow_raw(kvm.as_raw_fd()) };
+    if !matches!(FdKind::of(fd), Ok(FdKind::System)) {
+        return Err(Error::KvmOpen {
+            path: path.to_owned(),
+            source: vmm_sys_util::errno::Error::new(libc::ENODEV),
+        });
+    }
+    Ok(kvm)
 }
 
 impl Vm {
@@ -297,14 +385,16 @@ impl Vm {
         let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
         // SAFETY: `vm` owns this open fd and outlives the borrow (this function).
         let fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+        // SAFETY: KVM_CREATE_VM on the KVM device (`open_kvm` checked it) just returned this fd.
+        let fd = unsafe { KvmFd::new_unchecked(fd, FdKind::Vm) };
         // Probed on the VM fd: the answers are this VM's.
-        let caps = KvmCaps::probe(fd);
+        let caps = KvmCaps::probe_kvm(fd);
         let mode = match config.dirty_log {
             DirtyLogChoice::Legacy => ProtectMode::Legacy,
             DirtyLogChoice::Auto => {
                 let wanted = caps.default_protect_mode();
                 if wanted.is_manual() {
-                    match enable_manual_protect(fd, wanted.enable_flags()) {
+                    match enable_manual_protect_on(fd, wanted.enable_flags()) {
                         Ok(mode) => mode,
                         Err(e) => {
                             tracing::warn!(
@@ -320,10 +410,10 @@ impl Vm {
             }
             DirtyLogChoice::Manual { initially_set } => {
                 let wanted = ProtectMode::Manual { initially_set };
-                enable_manual_protect(fd, wanted.enable_flags())?
+                enable_manual_protect_on(fd, wanted.enable_flags())?
             }
             // Right after KVM_CREATE_VM: the ring can only be enabled before any vCPU exists.
-            DirtyLogChoice::Ring { bytes } => enable_dirty_ring(fd, bytes)?,
+            DirtyLogChoice::Ring { bytes } => enable_dirty_ring_on(fd, bytes)?,
         };
         tracing::debug!(%caps, %mode, "created KVM VM");
         Ok(Self::with_handle(Handle::Ioctls { kvm, vm }, caps, mode))
@@ -336,18 +426,27 @@ impl Vm {
     /// both are closed. `/dev/kvm` is not opened: the capabilities are probed with
     /// `KVM_CHECK_EXTENSION` on the VM fd.
     ///
-    /// `mode` is the dirty-log mode the VM is in: what [`enable_manual_protect`] returned, or
-    /// [`ProtectMode::Legacy`] if manual protection was never enabled. The kernel cannot be asked
-    /// which mode is on, so it must be right: the listener relies on it (in manual mode it never
-    /// expects a GET to clear). A manual mode the kernel does not offer is refused.
+    /// `mode` is the dirty-log mode the VM is in: what
+    /// [`enable_manual_protect`](crate::enable_manual_protect) (or
+    /// [`enable_dirty_ring`](crate::enable_dirty_ring)) returned, or [`ProtectMode::Legacy`] if
+    /// neither was enabled. The kernel cannot be asked which mode is on, so it must be right: the
+    /// listener relies on it (in manual mode it never expects a GET to clear). A manual mode the
+    /// kernel does not offer is refused. A ring size larger than the one enabled makes the first
+    /// harvest past the real ring raise `SIGBUS` (the process dies; no memory is touched).
+    ///
+    /// The fd is checked to be a KVM VM fd (the target of its `/proc/self/fd` link is
+    /// `anon_inode:kvm-vm`) before any ioctl.
     ///
     /// Memslots the VMM made itself are unknown to this `Vm`; give its listeners slot ids that
-    /// avoid them ([`KvmMemoryListener::with_slot_ids`](crate::KvmMemoryListener::with_slot_ids)).
+    /// avoid them ([`KvmMemoryListener::with_slot_ids`](crate::KvmMemoryListener::with_slot_ids)):
+    /// a listener probes each id before it creates a memslot and refuses one the VMM uses
+    /// ([`Error::SlotIdTaken`]) rather than take the VMM's memslot over.
     /// vCPUs stay the VMM's business ([`Vm::kvm`] and [`Vm::vm_fd`] are `None`).
     ///
     /// # Errors
     ///
-    /// [`Error::NotAVmFd`] when `vm` is not a KVM VM fd (a `/dev/kvm` fd, another file),
+    /// [`Error::NotAVmFd`] when `vm` is not a KVM VM fd (a `/dev/kvm` fd, a vCPU fd, another
+    /// file), [`Error::FdKindUnknown`] when that cannot be told (no `/proc`),
     /// [`Error::ManualProtectUnsupported`], [`Error::Kvm`] when the fd cannot be duplicated.
     ///
     /// # Example
@@ -365,18 +464,18 @@ impl Vm {
     /// assert!(vm.kvm().is_none());
     /// ```
     pub fn from_fd(vm: impl AsFd, mode: ProtectMode) -> Result<Self> {
-        let vm = vm.as_fd();
-        if raw::get_api_version(vm).is_some() {
-            return Err(Error::NotAVmFd {
-                reason: "it answers KVM_GET_API_VERSION: it is a /dev/kvm system fd, not a VM fd (KVM_CREATE_VM makes one)",
-            });
-        }
+        // Duplicated first, then checked: the checked fd is the one we keep.
+        let dup = vm.as_fd().try_clone_to_owned().map_err(|e| Error::Kvm {
+            op: "F_DUPFD_CLOEXEC (duplicating the VM fd)",
+            source: vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)),
+        })?;
+        let vm = KvmFd::vm(dup.as_fd())?;
         if raw::check_extension(vm, KVM_CAP_USER_MEMORY) <= 0 {
             return Err(Error::NotAVmFd {
                 reason: "it does not answer KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY)",
             });
         }
-        let caps = KvmCaps::probe(vm);
+        let caps = KvmCaps::probe_kvm(vm);
         if let ProtectMode::Ring { bytes, .. } = mode {
             RingRange::of(&caps)
                 .ok_or(Error::DirtyRingUnsupported)?
@@ -389,10 +488,6 @@ impl Vm {
                 offered: caps.manual_protect_flags,
             });
         }
-        let dup = vm.try_clone_to_owned().map_err(|e| Error::Kvm {
-            op: "F_DUPFD_CLOEXEC (duplicating the VM fd)",
-            source: vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)),
-        })?;
         tracing::debug!(%caps, %mode, "using the VMM's KVM VM");
         Ok(Self::with_handle(Handle::Dup(dup), caps, mode))
     }
@@ -402,13 +497,22 @@ impl Vm {
             handle,
             caps,
             mode,
-            slots: Mutex::new(BTreeMap::new()),
+            slots: Mutex::new(SlotState::default()),
             next_listener: AtomicU64::new(0),
-            rings: Mutex::new(BTreeMap::new()),
+            rings: Mutex::new(RingState::default()),
+            #[cfg(test)]
+            fake_reset: Mutex::new(None),
         }
     }
 
-    fn rings_lock(&self) -> MutexGuard<'_, BTreeMap<u32, VcpuRing>> {
+    /// The VM fd, known to be a KVM VM fd.
+    fn kvm_fd(&self) -> KvmFd<'_> {
+        // SAFETY: `Vm::new` made the fd with KVM_CREATE_VM on the KVM device; `Vm::from_fd`
+        // checked its duplicate (`KvmFd::vm`), which is the fd we keep; it never changes.
+        unsafe { KvmFd::new_unchecked(self.as_fd(), FdKind::Vm) }
+    }
+
+    fn rings_lock(&self) -> MutexGuard<'_, RingState> {
         // Counters and read positions are updated entry by entry; a panic mid-harvest leaves
         // entries marked reset that the next reset recycles, nothing inconsistent.
         self.rings.lock().unwrap_or_else(|p| p.into_inner())
@@ -419,10 +523,17 @@ impl Vm {
     /// unregistered vCPU are never harvested, its ring fills and the vCPU stops with
     /// `KVM_EXIT_DIRTY_RING_FULL` forever. Works on a VMM's own vCPU fds (any kvm-ioctls version).
     ///
+    /// Only a KVM vCPU fd is mapped (the target of its `/proc/self/fd` link is
+    /// `anon_inode:kvm-vcpu:N`): the harvest stores `RESET` flags into the mapping, which must be
+    /// KVM's ring, never another file's pages. That the vCPU belongs to this VM cannot be checked:
+    /// a vCPU of another VM would have its ring harvested here (a correctness matter of the
+    /// caller; past the end of a smaller real ring an access raises `SIGBUS`).
+    ///
     /// # Errors
     ///
     /// [`Error::DirtyRingNotEnabled`] when the VM is not in ring mode, [`Error::DirtyRingVcpu`]
-    /// when the index is registered already or the mapping fails.
+    /// when the index is registered already, the fd is not a KVM vCPU fd (or that cannot be told)
+    /// or the mapping fails.
     ///
     /// # Example
     ///
@@ -440,17 +551,37 @@ impl Vm {
             return Err(Error::DirtyRingNotEnabled { mode: self.mode });
         };
         let mut rings = self.rings_lock();
-        if rings.contains_key(&index) {
+        if rings.rings.contains_key(&index) {
             return Err(Error::DirtyRingVcpu {
                 vcpu: index,
                 reason: "already registered".into(),
             });
         }
-        let ring = DirtyRing::map(vcpu.as_fd(), bytes).map_err(|e| Error::DirtyRingVcpu {
+        // Only a KVM vCPU fd is mapped: a ring of another file would get RESET stored into it.
+        let fd = match KvmFd::check(vcpu.as_fd()) {
+            Ok(Some(fd)) if fd.kind() == FdKind::Vcpu => fd,
+            Ok(_) => {
+                return Err(Error::DirtyRingVcpu {
+                    vcpu: index,
+                    reason: "not a KVM vCPU fd (its /proc/self/fd link is not \
+                             anon_inode:kvm-vcpu:N)"
+                        .into(),
+                })
+            }
+            Err(e) => {
+                return Err(Error::DirtyRingVcpu {
+                    vcpu: index,
+                    reason: format!(
+                        "not known to be a KVM vCPU fd: its /proc/self/fd link cannot be read ({e})"
+                    ),
+                })
+            }
+        };
+        let ring = DirtyRing::map(fd, bytes).map_err(|e| Error::DirtyRingVcpu {
             vcpu: index,
             reason: format!("mmap of the ring from the vCPU fd failed: {e}"),
         })?;
-        rings.insert(
+        rings.rings.insert(
             index,
             VcpuRing {
                 ring,
@@ -463,17 +594,48 @@ impl Vm {
         Ok(())
     }
 
-    /// Drops the ring of vCPU `index` (after the VMM destroyed or will never run it again).
+    /// Drops the ring of vCPU `index` (after the VMM destroyed it or will never run it again).
     /// Returns whether it was registered.
+    ///
+    /// Entries still in the ring belong to their slots' owners: every ring is harvested first
+    /// (into this `Vm`'s pending store, which the listeners' next reaps and [`Vm::get_dirty_log`]
+    /// take from) and reset, and the ring is dropped only once the reset confirmed them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DirtyRingResetFailed`] or [`Error::DirtyRingReset`]: the reset failed or reset
+    /// fewer entries; the ring stays registered (its harvested entries are kept) and a later call
+    /// or reap retries the reset.
     ///
     /// # Example
     ///
     /// ```no_run
     /// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
-    /// assert!(!vm.unregister_vcpu_ring(0));
+    /// assert!(!vm.unregister_vcpu_ring(0).unwrap());
     /// ```
-    pub fn unregister_vcpu_ring(&self, index: u32) -> bool {
-        self.rings_lock().remove(&index).is_some()
+    pub fn unregister_vcpu_ring(&self, index: u32) -> Result<bool> {
+        let mut state = self.rings_lock();
+        if !state.rings.contains_key(&index) {
+            return Ok(false);
+        }
+        /// The `Vm`'s own harvest: every entry goes to the pending store, for its slot's owner.
+        struct Keep;
+        impl RingHarvester for Keep {
+            fn listener(&self) -> Option<SlotOwner> {
+                None
+            }
+            fn all_dirty(&mut self) {}
+            fn take(&mut self, _slot: u32, _offset: u64) -> bool {
+                false
+            }
+            fn drain(&mut self, _slot: u32, _owner: SlotOwner, _bits: &[u64]) -> bool {
+                false
+            }
+        }
+        // Under one hold of the ring lock: no other harvest runs between this one and the drop.
+        let (_, result) = self.harvest_locked(&mut state, &mut Keep);
+        result?;
+        Ok(state.rings.remove(&index).is_some())
     }
 
     /// Records a `KVM_EXIT_DIRTY_RING_FULL` exit of vCPU `index` (the VMM's vCPU loop calls it, then
@@ -486,7 +648,7 @@ impl Vm {
     /// vm.note_ring_full_exit(0);
     /// ```
     pub fn note_ring_full_exit(&self, index: u32) {
-        if let Some(r) = self.rings_lock().get_mut(&index) {
+        if let Some(r) = self.rings_lock().rings.get_mut(&index) {
             r.full_exits += 1;
             r.full_since_harvest += 1;
         }
@@ -502,6 +664,7 @@ impl Vm {
     /// ```
     pub fn ring_stats(&self) -> Vec<VcpuRingStats> {
         self.rings_lock()
+            .rings
             .iter()
             .map(|(&vcpu, r)| VcpuRingStats {
                 vcpu,
@@ -512,15 +675,49 @@ impl Vm {
             .collect()
     }
 
-    /// Harvests every registered ring, giving each entry's `(slot, offset)` to `found`, then
-    /// `KVM_RESET_DIRTY_RINGS` re-protects the harvested pages. The caller (the listener) holds its
-    /// slots lock around this, so nobody sees a harvested bit before its page is re-protected.
-    pub(crate) fn harvest_rings(&self, mut found: impl FnMut(u32, u64)) -> Result<RingHarvest> {
+    /// Harvests every registered ring, then `KVM_RESET_DIRTY_RINGS` re-protects the harvested
+    /// pages. Each entry goes to the harvester if the slot is one of its own
+    /// ([`RingHarvester::take`]), else to this `Vm`'s pending store when the slot is a logging slot
+    /// of someone else (another listener, the caller), else it is dropped. Once the reset
+    /// confirmed the entries, the harvester may take what the store holds for it
+    /// ([`RingHarvester::drain`]).
+    ///
+    /// A listener harvesting holds its slots lock around this, so nobody sees a harvested bit
+    /// before its page is re-protected. Returns the counts even when the reset failed.
+    pub(crate) fn harvest_rings(&self, h: &mut dyn RingHarvester) -> (RingHarvest, Result<()>) {
         let start = Instant::now();
         let mut rings = self.rings_lock();
+        let (mut total, result) = self.harvest_locked(&mut rings, h);
+        drop(rings);
+        total.ns = start.elapsed().as_nanos() as u64;
+        (total, result)
+    }
+
+    /// [`Vm::harvest_rings`] with the ring lock held (lock order: rings, then slots).
+    fn harvest_locked(
+        &self,
+        state: &mut RingState,
+        h: &mut dyn RingHarvester,
+    ) -> (RingHarvest, Result<()>) {
         let mut total = RingHarvest::default();
-        for (&vcpu, r) in rings.iter_mut() {
-            let pass = r.ring.harvest(&mut found);
+        let mut slots = self.slots_lock();
+        let SlotState { table, pending, .. } = &mut *slots;
+        for (&vcpu, r) in state.rings.iter_mut() {
+            let pass = r.ring.harvest(|slot, offset| {
+                if h.take(slot, offset) {
+                    return;
+                }
+                match table.get(&slot) {
+                    Some(e) if e.slot.log_dirty && offset < e.slot.pages() => {
+                        let words = pending
+                            .entry(slot)
+                            .or_insert_with(|| vec![0; e.slot.bitmap_words()]);
+                        words[(offset / 64) as usize] |= 1 << (offset % 64);
+                        total.kept += 1;
+                    }
+                    _ => total.dropped += 1,
+                }
+            });
             r.harvested += pass.entries;
             if pass.full && r.full_since_harvest == 0 {
                 r.found_full += 1;
@@ -537,21 +734,126 @@ impl Vm {
             }
             total.entries += pass.entries;
         }
-        if total.entries > 0 {
-            let reset = raw::reset_dirty_rings(self.as_fd())
-                .map_err(Error::kvm("KVM_RESET_DIRTY_RINGS"))?;
-            // The kernel resets exactly the entries marked reset: fewer means some stay
-            // write-enabled (their next writes would go unreported), so it is an error.
-            if reset < total.entries {
-                return Err(Error::DirtyRingReset {
-                    harvested: total.entries,
-                    reset,
-                });
+        if total.found_full > 0 {
+            // Entries may be lost, of any slot: everything that logs may be dirty. The harvester
+            // marks its own slots; the store gets every other logging slot, whole.
+            h.all_dirty();
+            let harvester = h.listener();
+            for (&slot, e) in table.iter() {
+                if e.slot.log_dirty && Some(e.owner) != harvester {
+                    let words = pending
+                        .entry(slot)
+                        .or_insert_with(|| vec![0; e.slot.bitmap_words()]);
+                    fill_pages(words, e.slot.pages());
+                }
             }
         }
-        drop(rings);
-        total.ns = start.elapsed().as_nanos() as u64;
-        Ok(total)
+        // Entries a failed or partial reset left owed are reset again now, even when this harvest
+        // found nothing new: until a reset confirms them their pages may be writable.
+        state.owed += total.entries;
+        if state.owed > 0 {
+            match self.reset_dirty_rings(&mut state.rings) {
+                // The kernel resets the entries marked reset, in ring order: once it reports as
+                // many as are owed, every marked entry is re-protected.
+                Ok(reset) => {
+                    let marked = state.owed;
+                    state.owed = marked.saturating_sub(reset);
+                    if state.owed > 0 {
+                        return (
+                            total,
+                            Err(Error::DirtyRingReset {
+                                harvested: marked,
+                                reset,
+                                owed: state.owed,
+                            }),
+                        );
+                    }
+                }
+                Err(source) => {
+                    return (
+                        total,
+                        Err(Error::DirtyRingResetFailed {
+                            owed: state.owed,
+                            source,
+                        }),
+                    )
+                }
+            }
+        }
+        // Every harvested entry is re-protected: what the store holds is confirmed.
+        pending.retain(|&slot, bits| match table.get(&slot) {
+            Some(e) => !h.drain(slot, e.owner, bits),
+            None => false,
+        });
+        (total, Ok(()))
+    }
+
+    /// Ring mode: entries harvested that no `KVM_RESET_DIRTY_RINGS` confirmed yet (0 when every
+    /// harvested page is re-protected). While it is not 0, no harvested bit may be folded.
+    pub(crate) fn ring_reset_owed(&self) -> u64 {
+        self.rings_lock().owed
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS` (in unit tests with fake rings: the fake kernel's reset).
+    fn reset_dirty_rings(
+        &self,
+        rings: &mut BTreeMap<u32, VcpuRing>,
+    ) -> std::result::Result<u64, vmm_sys_util::errno::Error> {
+        #[cfg(test)]
+        if let Some(fake) = *self.fake_reset.lock().unwrap_or_else(|p| p.into_inner()) {
+            let mut left = match fake {
+                FakeReset::Kernel => u64::MAX,
+                FakeReset::Fail(errno) => return Err(vmm_sys_util::errno::Error::new(errno)),
+                FakeReset::AtMost(n) => n,
+            };
+            let mut reset = 0;
+            for r in rings.values_mut() {
+                let n = r.ring.kernel_reset_at_most(left);
+                left -= n;
+                reset += n;
+            }
+            return Ok(reset);
+        }
+        let _ = rings;
+        raw::reset_dirty_rings(self.kvm_fd())
+    }
+
+    /// Unit tests: registers a fake ring (process memory the test pushes entries into) as vCPU
+    /// `index`; from now on `KVM_RESET_DIRTY_RINGS` is played on the fake rings
+    /// ([`FakeReset::Kernel`] unless [`Vm::set_fake_reset`] said otherwise).
+    #[cfg(test)]
+    pub(crate) fn register_fake_ring(&self, index: u32, ring: DirtyRing) {
+        self.fake_reset
+            .lock()
+            .unwrap()
+            .get_or_insert(FakeReset::Kernel);
+        self.rings_lock().rings.insert(
+            index,
+            VcpuRing {
+                ring,
+                harvested: 0,
+                full_since_harvest: 0,
+                full_exits: 0,
+                found_full: 0,
+            },
+        );
+    }
+
+    /// Unit tests: how the fake `KVM_RESET_DIRTY_RINGS` behaves from now on.
+    #[cfg(test)]
+    pub(crate) fn set_fake_reset(&self, fake: FakeReset) {
+        *self.fake_reset.lock().unwrap() = Some(fake);
+    }
+
+    /// Unit tests: runs `f` on the fake ring of vCPU `index` (to push entries as the kernel does).
+    #[cfg(test)]
+    pub(crate) fn with_fake_ring<R>(&self, index: u32, f: impl FnOnce(&mut DirtyRing) -> R) -> R {
+        f(&mut self
+            .rings_lock()
+            .rings
+            .get_mut(&index)
+            .expect("a registered ring")
+            .ring)
     }
 
     /// The system (`/dev/kvm`) handle, when this `Vm` opened it ([`Vm::new`]); `None` on a
@@ -610,9 +912,9 @@ impl Vm {
         self.mode
     }
 
-    fn slots_lock(&self) -> MutexGuard<'_, BTreeMap<u32, SlotEntry>> {
-        // A panic while holding this lock cannot leave the map inconsistent: every
-        // update is a single insert or remove.
+    fn slots_lock(&self) -> MutexGuard<'_, SlotState> {
+        // A panic while holding this lock cannot leave the maps inconsistent: every update is a
+        // single insert or remove (or one bit).
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -714,7 +1016,7 @@ impl Vm {
             userspace_addr: s.host_addr,
         };
         let mut slots = self.slots_lock();
-        let existing = slots.get(&slot).copied();
+        let existing = slots.table.get(&slot).copied();
         if let Some(e) = existing {
             if owner == SlotOwner::Caller && e.owner != owner {
                 return Err(Error::SlotOwnedByListener { slot });
@@ -723,8 +1025,13 @@ impl Vm {
                 return Err(Error::SlotInUse { slot });
             }
         }
+        if create && existing.is_none() && matches!(owner, SlotOwner::Listener(_)) {
+            // KVM accepts a request identical to an existing memslot as a no-op: without this a
+            // listener would silently take over a memslot the VMM made through its own fd.
+            Self::probe_slot_id(self.kvm_fd(), &mut slots, slot, s)?;
+        }
         // SAFETY: the caller guarantees the host range stays mapped while the slot exists.
-        unsafe { raw::set_user_memory_region(self.as_fd(), &region) }.map_err(|source| {
+        unsafe { raw::set_user_memory_region(self.kvm_fd(), &region) }.map_err(|source| {
             let new = existing.is_none();
             match source.errno() {
                 libc::EEXIST | libc::EINVAL if new => Error::MemslotRefused {
@@ -739,8 +1046,91 @@ impl Vm {
                 },
             }
         })?;
-        slots.insert(slot, SlotEntry { slot: s, owner });
+        slots.table.insert(slot, SlotEntry { slot: s, owner });
+        if !s.log_dirty {
+            // Logging is off: what the rings reported for the slot goes, as a bitmap would.
+            slots.pending.remove(&slot);
+        }
         Ok(())
+    }
+
+    /// Fails unless memslot id `slot` is free in the kernel, i.e. no memslot exists with that id
+    /// that was made outside this `Vm` (one of the VMM's own, made through its own fd): KVM cannot
+    /// be asked which ids exist, so we probe, without side effects where possible.
+    ///
+    /// Kernel facts (Linux 6.x `__kvm_set_memory_region`, checked on real KVM by the test
+    /// `kernel_memslot_facts_behind_the_slot_id_probe`): for an existing id, a request whose
+    /// `userspace_addr` or size differs from the slot's fails with `EINVAL` before any overlap
+    /// check; for a free id, a create overlapping another memslot fails with `EEXIST` (nothing is
+    /// created) and one overlapping none creates the slot; a delete (size 0) of a free id is
+    /// `EINVAL` (we never probe with a delete: on an existing id it would delete the VMM's slot).
+    ///
+    /// So the probe is a 1-page request for id `slot` whose `userspace_addr` is our own
+    /// inaccessible reservation ([`ProbePage`]: no memslot can have it), at the guest address of a
+    /// memslot this `Vm` knows in the same address space (a free id then gets `EEXIST`, nothing
+    /// happens): `EINVAL` means the id is in use by someone else. When this `Vm` knows no memslot
+    /// there yet, the request must create: 1 page at the new slot's guest address; `EINVAL` means
+    /// in use, success means free (the probe slot is deleted before the real one is made).
+    /// Caveat of that case: for that instant the first page of the new guest range maps the
+    /// inaccessible page, and a vCPU touching it then gets `EFAULT` from `KVM_RUN` (the range was
+    /// not guest memory before, so only a guest probing unmapped memory can notice). `EEXIST`
+    /// there means the id is free but the range overlaps a memslot of the VMM: the real create
+    /// reports it ([`Error::MemslotRefused`]).
+    fn probe_slot_id(vm: KvmFd<'_>, state: &mut SlotState, slot: u32, new: MemSlot) -> Result<()> {
+        let as_id = slot >> 16;
+        let known = state
+            .table
+            .iter()
+            .find(|(&id, _)| id >> 16 == as_id)
+            .map(|(_, e)| e.slot.guest_phys);
+        if state.probe_page.is_none() {
+            let page = ProbePage::new().map_err(|source| Error::SlotProbePage { source })?;
+            state.probe_page = Some(page);
+        }
+        let Some(page) = state.probe_page.as_mut() else {
+            unreachable!("made just above")
+        };
+        let probe = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: known.unwrap_or(new.guest_phys),
+            memory_size: PAGE_SIZE,
+            userspace_addr: page.addr(),
+        };
+        // SAFETY: the request names our reservation `page`, a mapping of this process that stays
+        // mapped while any probe slot over it exists: the kernel refuses the request (nothing is
+        // created) or creates a 1-page slot over it, which is deleted right below; if that delete
+        // fails the page is leaked, never unmapped, so the slot can never name reused memory. The
+        // page is PROT_NONE: a vCPU touching it gets EFAULT, never our memory.
+        let created = unsafe { raw::set_user_memory_region(vm, &probe) };
+        match created {
+            Err(e) if e.errno() == libc::EINVAL => Err(Error::SlotIdTaken {
+                slot,
+                guest_phys: new.guest_phys,
+                size: new.size,
+            }),
+            Err(e) if e.errno() == libc::EEXIST => Ok(()),
+            Err(source) => Err(Error::Kvm {
+                op: "KVM_SET_USER_MEMORY_REGION (memslot id probe)",
+                source,
+            }),
+            Ok(()) => {
+                // The id was free and the probe made a slot: delete it (it is ours).
+                let delete = kvm_userspace_memory_region {
+                    memory_size: 0,
+                    ..probe
+                };
+                // SAFETY: size 0 deletes the probe slot just made (the kernel stops using the
+                // page); the page stays mapped if this fails.
+                unsafe { raw::set_user_memory_region(vm, &delete) }.map_err(|source| {
+                    page.leak();
+                    Error::Kvm {
+                        op: "KVM_SET_USER_MEMORY_REGION (deleting the memslot id probe)",
+                        source,
+                    }
+                })
+            }
+        }
     }
 
     /// Deletes memslot `slot`. Sync its dirty log first if you need it. A slot a listener owns is
@@ -758,7 +1148,7 @@ impl Vm {
 
     pub(crate) fn remove_slot_as(&self, slot: u32, owner: SlotOwner) -> Result<()> {
         let mut slots = self.slots_lock();
-        let Some(e) = slots.get(&slot).copied() else {
+        let Some(e) = slots.table.get(&slot).copied() else {
             return Err(Error::UnknownSlot(slot));
         };
         if e.owner != owner {
@@ -772,9 +1162,10 @@ impl Vm {
             userspace_addr: e.slot.host_addr,
         };
         // SAFETY: size 0 deletes the slot; the kernel stops using the host mapping.
-        unsafe { raw::set_user_memory_region(self.as_fd(), &region) }
+        unsafe { raw::set_user_memory_region(self.kvm_fd(), &region) }
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION (delete)"))?;
-        slots.remove(&slot);
+        slots.table.remove(&slot);
+        slots.pending.remove(&slot);
         Ok(())
     }
 
@@ -782,7 +1173,7 @@ impl Vm {
     /// kernel's memslot stays), so its owner's next delete fails before the ioctl.
     #[cfg(test)]
     pub(crate) fn steal_slot_for_test(&self, slot: u32) {
-        if let Some(e) = self.slots_lock().get_mut(&slot) {
+        if let Some(e) = self.slots_lock().table.get_mut(&slot) {
             e.owner = SlotOwner::Caller;
         }
     }
@@ -796,7 +1187,7 @@ impl Vm {
     /// assert!(vm.memslot(0).is_none());
     /// ```
     pub fn memslot(&self, slot: u32) -> Option<MemSlot> {
-        self.slots_lock().get(&slot).map(|e| e.slot)
+        self.slots_lock().table.get(&slot).map(|e| e.slot)
     }
 
     /// All registered memslots, by slot id.
@@ -809,6 +1200,7 @@ impl Vm {
     /// ```
     pub fn memslots(&self) -> Vec<(u32, MemSlot)> {
         self.slots_lock()
+            .table
             .iter()
             .map(|(k, e)| (*k, e.slot))
             .collect()
@@ -824,16 +1216,27 @@ impl Vm {
     /// ```
     pub fn is_listener_slot(&self, slot: u32) -> bool {
         self.slots_lock()
+            .table
             .get(&slot)
             .is_some_and(|e| matches!(e.owner, SlotOwner::Listener(_)))
     }
 
-    /// Copies the dirty bitmap of `slot` into `bitmap` (`KVM_GET_DIRTY_LOG`), without
-    /// allocating.
+    /// Copies the dirty bitmap of `slot` into `bitmap` (`KVM_GET_DIRTY_LOG`).
     ///
     /// `bitmap` must hold at least [`MemSlot::bitmap_words`] words; only that many are
-    /// written. In legacy mode the kernel also clears its bitmap and write-protects the
+    /// written. The kernel writes into a scratch buffer of this `Vm` that ends right before an
+    /// inaccessible guard page (reused, allocated only when it grows), then the words are copied
+    /// to `bitmap`: if the memslot was deleted and made again larger behind this `Vm`'s back
+    /// (through the VM fd, e.g. [`Vm::vm_fd`] or the VMM's own fd), the kernel's copy hits the
+    /// guard and the call fails with [`Error::SlotChangedBehindVm`] instead of writing past the
+    /// buffer. In legacy mode the kernel also clears its bitmap and write-protects the
     /// slot; in manual mode it only copies (the same bits come back until cleared).
+    ///
+    /// In ring mode there is no kernel bitmap: the call harvests every vCPU ring, resets them
+    /// (`KVM_RESET_DIRTY_RINGS`) and hands over, get-and-clear like a legacy GET, the pages of
+    /// `slot` that this harvest or an earlier one (a listener's reap) found. Entries of other
+    /// slots stay with this `Vm` for their owners. If the reset fails, nothing is handed over
+    /// (the pages are still writable) and the bits stay for the next call.
     ///
     /// Only for slots made with [`Vm::set_memslot`]: a slot a listener owns gives
     /// [`Error::SlotOwnedByListener`] (a legacy GET would eat bits the listener never sees; sync
@@ -848,19 +1251,30 @@ impl Vm {
     /// vm.get_dirty_log(0, &mut bitmap).unwrap();
     /// ```
     pub fn get_dirty_log(&self, slot: u32, bitmap: &mut [u64]) -> Result<()> {
-        self.get_dirty_log_as(slot, bitmap, SlotOwner::Caller)
+        if self.mode.is_ring() {
+            return self.get_dirty_log_ring(slot, bitmap);
+        }
+        let mut slots = self.slots_lock();
+        let needed = Self::check_get(&slots, slot, SlotOwner::Caller, bitmap.len())?;
+        // The kernel writes into a guarded scratch buffer (see `get_dirty_log_guarded`), never
+        // into the caller's slice: a memslot changed behind this Vm's back gives an error.
+        if slots.scratch.as_ref().is_none_or(|s| s.len() < needed) {
+            let scratch =
+                GuardedWords::new(needed).map_err(|source| Error::GuardedBuffer { source })?;
+            slots.scratch = Some(scratch);
+        }
+        let Some(scratch) = slots.scratch.as_mut() else {
+            unreachable!("made just above")
+        };
+        let words = scratch.tail_mut(needed);
+        Self::get_dirty_log_guarded(self.kvm_fd(), slot, words)?;
+        bitmap[..needed].copy_from_slice(words);
+        Ok(())
     }
 
-    pub(crate) fn get_dirty_log_as(
-        &self,
-        slot: u32,
-        bitmap: &mut [u64],
-        owner: SlotOwner,
-    ) -> Result<()> {
-        // Held across the ioctl: a concurrent remove + re-add of the slot with a larger size
-        // would otherwise make the kernel write past the checked buffer.
-        let slots = self.slots_lock();
-        let e = *slots.get(&slot).ok_or(Error::UnknownSlot(slot))?;
+    /// Checks a GET of `slot` for `owner` into `len` words; the words the slot needs.
+    fn check_get(slots: &SlotState, slot: u32, owner: SlotOwner, len: usize) -> Result<usize> {
+        let e = *slots.table.get(&slot).ok_or(Error::UnknownSlot(slot))?;
         if e.owner != owner {
             return Err(Error::SlotOwnedByListener { slot });
         }
@@ -868,19 +1282,81 @@ impl Vm {
             return Err(Error::SlotNotLogging(slot));
         }
         let needed = e.slot.bitmap_words();
-        if bitmap.len() < needed {
-            return Err(Error::BufferTooSmall {
-                needed,
-                got: bitmap.len(),
-            });
+        if len < needed {
+            return Err(Error::BufferTooSmall { needed, got: len });
         }
-        // SAFETY: the kernel's slot has `e.slot.pages()` pages: we registered it through this
-        // Vm, the only way to change it, and hold the slot-table lock that every change takes,
-        // so the kernel writes `needed` words at most.
-        let result = unsafe { raw::get_dirty_log(self.as_fd(), slot, &mut bitmap[..needed]) }
-            .map_err(Error::kvm("KVM_GET_DIRTY_LOG"));
-        drop(slots);
-        result
+        Ok(needed)
+    }
+
+    /// [`Vm::get_dirty_log`] in ring mode: harvest, reset, take the slot's pending pages.
+    fn get_dirty_log_ring(&self, slot: u32, bitmap: &mut [u64]) -> Result<()> {
+        let needed = Self::check_get(&self.slots_lock(), slot, SlotOwner::Caller, bitmap.len())?;
+        /// A harvest for the caller's GET: it owns no buffer, every entry goes to the store, and
+        /// it takes the store's bits of its slot.
+        struct Get {
+            slot: u32,
+            bits: Option<Vec<u64>>,
+        }
+        impl RingHarvester for Get {
+            fn listener(&self) -> Option<SlotOwner> {
+                None
+            }
+            fn all_dirty(&mut self) {}
+            fn take(&mut self, _slot: u32, _offset: u64) -> bool {
+                false
+            }
+            fn drain(&mut self, slot: u32, owner: SlotOwner, bits: &[u64]) -> bool {
+                let mine = slot == self.slot && owner == SlotOwner::Caller;
+                if mine {
+                    self.bits = Some(bits.to_vec());
+                }
+                mine
+            }
+        }
+        let mut get = Get { slot, bits: None };
+        let (_, result) = self.harvest_rings(&mut get);
+        result?;
+        let out = &mut bitmap[..needed];
+        out.fill(0);
+        if let Some(bits) = get.bits {
+            // The slot may have been re-made (another size) since the check: copy what fits.
+            let n = bits.len().min(needed);
+            out[..n].copy_from_slice(&bits[..n]);
+        }
+        Ok(())
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of `slot` (checked for `owner`) into the last words of `buffer`, as
+    /// many as the slot has in this `Vm`'s table ([`GuardedWords::tail_mut`]).
+    pub(crate) fn get_dirty_log_as(
+        &self,
+        slot: u32,
+        buffer: &mut GuardedWords,
+        owner: SlotOwner,
+    ) -> Result<()> {
+        let slots = self.slots_lock();
+        let needed = Self::check_get(&slots, slot, owner, buffer.len())?;
+        Self::get_dirty_log_guarded(self.kvm_fd(), slot, buffer.tail_mut(needed))
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of `slot` into `words`, which end right before a guard page.
+    fn get_dirty_log_guarded(vm: KvmFd<'_>, slot: u32, words: &mut [u64]) -> Result<()> {
+        // SAFETY: `vm` is this Vm's VM fd. The kernel writes as many words as the memslot it
+        // knows has; `words` are the last words of a `GuardedWords`, so they end right before
+        // its PROT_NONE guard page. If the memslot has at most `words.len()` words (what this
+        // Vm's table says) the copy stays inside `words`; if it was made larger behind this Vm's
+        // back (through another fd), the kernel's ascending copy faults on the guard page and
+        // the ioctl fails with EFAULT: no byte past `words` is ever written.
+        unsafe { raw::get_dirty_log(vm.fd(), slot, words) }.map_err(|source| {
+            if source.errno() == libc::EFAULT {
+                Error::SlotChangedBehindVm { slot, source }
+            } else {
+                Error::Kvm {
+                    op: "KVM_GET_DIRTY_LOG",
+                    source,
+                }
+            }
+        })
     }
 
     /// Clears the bits set in `bitmap` for pages `[first_page, first_page + num_pages)` of
@@ -929,7 +1405,7 @@ impl Vm {
             return Err(Error::NotManualMode);
         }
         debug_assert_eq!(first_page % 64, 0);
-        raw::clear_dirty_log(self.as_fd(), slot, first_page, num_pages, bitmap)?;
+        raw::clear_dirty_log_on(self.kvm_fd(), slot, first_page, num_pages, bitmap)?;
         Ok(())
     }
 
@@ -946,6 +1422,7 @@ impl Vm {
         }
         let e = self
             .slots_lock()
+            .table
             .get(&slot)
             .copied()
             .ok_or(Error::UnknownSlot(slot))?;

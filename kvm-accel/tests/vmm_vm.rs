@@ -62,14 +62,15 @@ fn default_listener_next_to_vmm_slot_0_names_the_clash() {
         clearlog_memory::Error::Listener { source, .. } => source.downcast_ref::<Error>(),
         _ => None,
     };
+    // The probe finds the VMM's slot 0 before any create (KVM_SET_USER_MEMORY_REGION would
+    // refuse this one with EINVAL, but it accepts an identical request as a no-op).
     assert!(
         matches!(
             inner,
-            Some(Error::MemslotRefused {
+            Some(Error::SlotIdTaken {
                 slot: 0,
                 guest_phys: 0,
                 size: RAM,
-                ..
             })
         ),
         "{e:?}"
@@ -195,4 +196,167 @@ fn enable_manual_protect_checks_flags() {
     // The mode it returns is what `Vm::from_fd` takes.
     let vm = Vm::from_fd(borrow(&vm_fd), mode).unwrap();
     assert!(vm.protect_mode().is_manual());
+}
+
+/// One `KVM_SET_USER_MEMORY_REGION` through kvm-ioctls; the kernel's errno on failure.
+///
+/// # Safety
+///
+/// As `VmFd::set_user_memory_region`: a non-empty range must stay mapped while the slot exists.
+unsafe fn set_region(
+    vm: &VmFd,
+    slot: u32,
+    flags: u32,
+    gpa: u64,
+    size: u64,
+    host: u64,
+) -> Result<(), i32> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: host,
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|e| e.errno())
+}
+
+/// A private 1-page PROT_NONE reservation (never accessed; unmapped on drop).
+struct Reservation(*mut libc::c_void);
+
+impl Reservation {
+    fn new() -> Self {
+        // SAFETY: a new private anonymous mapping at an address the kernel picks; it changes no
+        // other mapping and nothing reads or writes it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Reservation(p)
+    }
+
+    fn addr(&self) -> u64 {
+        self.0 as u64
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `new` made, unmapped once; the tests delete every memslot that
+        // pointed at it before the reservation is dropped.
+        unsafe { libc::munmap(self.0, 4096) };
+    }
+}
+
+/// The kernel facts the slot-id probe of `KvmMemoryListener` relies on (Linux 6.x
+/// `__kvm_set_memory_region`), checked on this host.
+#[test]
+fn kernel_memslot_facts_behind_the_slot_id_probe() {
+    if !kvm_available() {
+        return;
+    }
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+    let reservation = Reservation::new();
+    let res = reservation.addr();
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    // SAFETY: every call below names `mem` or `reservation`, which outlive `vm` (declared
+    // first); the probe slots that get created are deleted right away.
+    unsafe {
+        assert_eq!(set_region(&vm, 1, 0, 0, 1 << 20, host), Ok(()));
+        // Identical parameters on an existing slot: accepted, nothing changes (the takeover).
+        assert_eq!(set_region(&vm, 1, 0, 0, 1 << 20, host), Ok(()));
+        // An existing id with another userspace_addr (or size): EINVAL, before any overlap check.
+        assert_eq!(set_region(&vm, 1, 0, 0, 4096, res), Err(libc::EINVAL));
+        assert_eq!(set_region(&vm, 1, 0, 1 << 30, 4096, res), Err(libc::EINVAL));
+        // A free id whose range overlaps another slot: EEXIST, nothing created...
+        assert_eq!(set_region(&vm, 2, 0, 0, 4096, res), Err(libc::EEXIST));
+        // ...so deleting it is EINVAL (a delete of a free id).
+        assert_eq!(set_region(&vm, 2, 0, 0, 0, res), Err(libc::EINVAL));
+        // A free id that overlaps nothing: created (and deleted again).
+        assert_eq!(set_region(&vm, 3, 0, 1 << 30, 4096, res), Ok(()));
+        assert_eq!(set_region(&vm, 3, 0, 1 << 30, 0, res), Ok(()));
+        assert_eq!(set_region(&vm, 3, 0, 1 << 30, 0, res), Err(libc::EINVAL));
+        // The VMM's slot 1 is still there, unchanged.
+        assert_eq!(set_region(&vm, 1, 0, 0, 4096, res), Err(libc::EINVAL));
+        assert_eq!(set_region(&vm, 1, 0, 0, 1 << 20, host), Ok(()));
+    }
+}
+
+/// Finding 6: a VMM with its own memslot 1 over RAM it also gave the listener, and a listener
+/// allowed ids 1..16 on `Vm::from_fd`: KVM accepts the identical `KVM_SET_USER_MEMORY_REGION` on
+/// the existing slot, so the listener took over the VMM's slot 1 silently.
+#[test]
+fn a_vmm_memslot_is_never_taken_over_by_a_listener() {
+    use clearlog_memory::DirtyBitmap;
+    if !kvm_available() {
+        return;
+    }
+    let gm =
+        GuestMemoryMmap::<DirtyBitmap>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let host = gm.get_host_address(GuestAddress(0)).unwrap() as u64;
+    let reservation = Reservation::new();
+    let kvm = Kvm::new().unwrap();
+    let vm_fd = kvm.create_vm().unwrap();
+    let mode = enable_manual_protect(borrow(&vm_fd), MANUAL_PROTECT_ENABLE).unwrap();
+    // SAFETY: `gm` outlives `vm_fd` (declared first).
+    unsafe { set_region(&vm_fd, 1, 0, 0, RAM, host) }.unwrap();
+    let vm = Arc::new(Vm::from_fd(borrow(&vm_fd), mode).unwrap());
+    let memory = MemorySystem::new();
+    memory.add_guest_memory(&gm).unwrap();
+    let listener = Arc::new(KvmMemoryListener::with_slot_ids(vm.clone(), 1..16).unwrap());
+    let e = memory.register_listener(listener.clone()).unwrap_err();
+    let inner = match &e {
+        clearlog_memory::Error::Listener { source, .. } => source.downcast_ref::<Error>(),
+        _ => None,
+    };
+    assert!(
+        matches!(inner, Some(Error::SlotIdTaken { slot: 1, .. })),
+        "{e:?}"
+    );
+    let msg = inner.unwrap().to_string();
+    for part in ["memslot 1", "VMM", "with_slot_ids"] {
+        assert!(msg.contains(part), "`{part}` missing from: {msg}");
+    }
+    assert!(vm.memslot(1).is_none() && listener.slot_id_at(0).is_none());
+    // The VMM's slot 1 is still there (an existing id answers EINVAL to a 1-page request).
+    // SAFETY: refused by the kernel, nothing is created.
+    let probe = unsafe { set_region(&vm_fd, 1, 0, 0, 4096, reservation.addr()) };
+    assert_eq!(probe, Err(libc::EINVAL));
+
+    // Whatever range the caller allows, and wherever the RAM is: id 1 is refused.
+    let other = MemorySystem::new();
+    other.add_ram("ram", 64 << 20, RAM).unwrap();
+    let e = other
+        .register_listener(Arc::new(
+            KvmMemoryListener::with_slot_ids(vm.clone(), 1..2).unwrap(),
+        ))
+        .unwrap_err();
+    assert!(format!("{e}").contains("memslot 1"), "{e}");
+
+    // With a range next to the VMM's slot the listener works: its first slot is probed with a
+    // create (the Vm knows no slot yet), the second against the first.
+    let listener = Arc::new(KvmMemoryListener::with_slot_ids(vm.clone(), 2..16).unwrap());
+    other.register_listener(listener.clone()).unwrap();
+    assert_eq!(listener.slot_id_at(64 << 20), Some(2));
+    other.add_ram("ram2", 128 << 20, RAM).unwrap();
+    assert_eq!(listener.slot_id_at(128 << 20), Some(3));
+    let ram = other.ram_blocks()[0].clone();
+    other.log_global_start().unwrap();
+    other.log_sync_all().unwrap();
+    other.clear_dirty_bitmap_block(&ram, 0, RAM).unwrap();
+    other.log_global_stop().unwrap();
+    // Nothing was left behind by the probes: ids 4.. are free in the kernel.
+    // SAFETY: refused by the kernel (overlaps slot 2), nothing is created.
+    let probe = unsafe { set_region(&vm_fd, 4, 0, 64 << 20, 4096, reservation.addr()) };
+    assert_eq!(probe, Err(libc::EEXIST));
 }

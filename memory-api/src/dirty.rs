@@ -420,6 +420,40 @@ impl DirtyMemory {
             }),
         }
     }
+
+    /// Mark pages `[ram_first_page, ram_first_page + npages)` dirty for every client in `clients`,
+    /// active or not: for an accelerator that can no longer tell which pages of a range were
+    /// written (e.g. a memslot deleted while a vCPU could still write it after its last sync), so
+    /// the clients that were logging the range get all of it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] if the range passes the capacity (or overflows); nothing is marked.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_memory::{DirtyClient, DirtyClients, DirtyMemory};
+    ///
+    /// let dirty = DirtyMemory::new(128);
+    /// let vga = DirtyClients::NONE.with(DirtyClient::Vga);
+    /// dirty.mark_dirty(vga, 62, 3).unwrap();
+    /// assert_eq!(dirty.client(DirtyClient::Vga).iter_ones().collect::<Vec<_>>(), [62, 63, 64]);
+    /// assert_eq!(dirty.client(DirtyClient::Migration).count_ones(), 0);
+    /// assert!(dirty.mark_dirty(vga, 100, 29).is_err());
+    /// ```
+    pub fn mark_dirty(
+        &self,
+        clients: DirtyClients,
+        ram_first_page: u64,
+        npages: u64,
+    ) -> Result<()> {
+        self.check_range(ram_first_page, npages)?;
+        for client in clients.iter() {
+            self.clients[client.index()].set_range(ram_first_page as usize, npages as usize);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -368,24 +368,34 @@ fn removal_and_unmap_sync_first() {
     };
 
     // Unmapping a logging region: its slot goes away; the writes since the last sync must
-    // reach the Migration client first (no explicit sync here).
+    // reach the Migration client first (no explicit sync here): the final sync reports them, and
+    // then the whole range is marked (a vCPU could have written after that sync).
     mv.memory.log_sync_all().unwrap();
     mv.take_migration(t);
     d.dirty(T_GPA + 5 * PAGE, 10);
     r.pause().unwrap();
+    let before = mv.listener.stats();
     mv.memory.unmap_region(t).unwrap();
+    let after = mv.listener.stats();
     assert_eq!(mv.listener.slot_id_at(T_GPA), None);
-    assert_eq!(mv.client_pages(t, DirtyClient::Migration), pages(5..15));
+    assert_eq!(after.syncs - before.syncs, 1, "one final sync");
+    assert_eq!(after.pages_synced - before.pages_synced, 10, "pages 5..15");
+    assert_eq!(mv.client_pages(t, DirtyClient::Migration), pages(0..64));
     mv.memory.map_region(t, T_GPA, 0).unwrap();
 
-    // Removing an alias during logging: the backing block keeps the bits.
+    // Removing an alias during logging: the backing block keeps the bits (its final sync's, and
+    // then the whole aliased range).
     r.resume().unwrap();
     d.dirty(A_GPA + 3 * PAGE, 4);
     r.pause().unwrap();
+    mv.take_migration(backing);
+    let before = mv.listener.stats();
     mv.memory.remove_region(alias).unwrap();
+    let after = mv.listener.stats();
+    assert_eq!(after.pages_synced - before.pages_synced, 4, "pages 3..7");
     assert_eq!(
         mv.client_pages(backing, DirtyClient::Migration),
-        pages(3..7)
+        pages(0..32)
     );
 
     // Removing a RAM region while a migration runs is refused (the stream's layout is fixed):
@@ -428,12 +438,22 @@ fn global_stop_syncs(choice: DirtyLogChoice) {
     mv.take_migration(t);
     d.dirty(T_GPA + 20 * PAGE, 20);
     r.pause().unwrap();
+    let before = mv.listener.stats();
     mv.memory.log_global_stop().unwrap();
+    let after = mv.listener.stats();
+    // One final sync per logging section (low and t); t's reports pages 20..40 (low's, the
+    // dirtier's counters), then every page of t is marked (logging is off: later writes are
+    // in no bitmap).
     assert_eq!(
-        mv.client_pages(t, DirtyClient::Migration),
-        pages(20..40),
+        after.syncs - before.syncs,
+        2,
+        "{choice:?}: one final sync per section"
+    );
+    assert!(
+        after.pages_synced - before.pages_synced >= 20,
         "{choice:?}: log_global_stop must sync one last time"
     );
+    assert_eq!(mv.client_pages(t, DirtyClient::Migration), pages(0..64));
     assert!(mv.listener.cache_at(T_GPA).is_none(), "cache freed");
 
     // Same for a per-region client (Vga) turning its logging off.
@@ -445,10 +465,14 @@ fn global_stop_syncs(choice: DirtyLogChoice) {
     r.resume().unwrap();
     d.dirty(T_GPA + 50 * PAGE, 3);
     r.pause().unwrap();
+    let before = mv.listener.stats();
     mv.memory
         .set_region_logging(t, DirtyClient::Vga, false)
         .unwrap();
-    assert_eq!(mv.client_pages(t, DirtyClient::Vga), pages(50..53));
+    let after = mv.listener.stats();
+    assert_eq!(after.syncs - before.syncs, 1);
+    assert_eq!(after.pages_synced - before.pages_synced, 3, "pages 50..53");
+    assert_eq!(mv.client_pages(t, DirtyClient::Vga), pages(0..64));
     r.stop().unwrap();
 }
 
@@ -501,5 +525,54 @@ fn legacy_sync_clears_and_log_clear_is_a_no_op() {
     r.pause().unwrap();
     mv.memory.log_sync_all().unwrap();
     assert_eq!(mv.take_migration(t), pages(10..14));
+    r.stop().unwrap();
+}
+
+/// Finding 5: a running vCPU may write a page between the last GET of a slot and its deletion (or
+/// its logging switched off); that write is in no bitmap any more. So after the slot goes (or
+/// stops logging) its whole range must be dirty for the clients that were logging it, not only
+/// the pages the final sync saw.
+#[test]
+fn unmapping_or_stopping_logging_marks_the_whole_range_dirty() {
+    if !kvm_available() || !manual_available() {
+        return;
+    }
+    let _s = serial();
+    let mv = MemVm::new(MANUAL, INFRA_END);
+    let t = mv.memory.add_ram("t", T_GPA, 64 * PAGE).unwrap();
+    mv.memory.log_global_start().unwrap();
+    let r = mv.start_dirtier();
+    let mut d = Dirtier {
+        mem: &mv.ram,
+        round: 0,
+    };
+    mv.memory.log_sync_all().unwrap();
+    mv.take_migration(t);
+    // Written after the last sync, with the vCPU still running while the region goes.
+    d.dirty(T_GPA + 5 * PAGE, 1);
+    mv.memory.unmap_region(t).unwrap();
+    assert_eq!(
+        mv.client_pages(t, DirtyClient::Migration),
+        pages(0..64),
+        "after its slot is deleted, every page of a logging region must be dirty for Migration"
+    );
+    mv.memory.map_region(t, T_GPA, 0).unwrap();
+    mv.memory.log_global_stop().unwrap();
+
+    // A display (Vga) turning its logging off while the vCPU runs.
+    mv.memory
+        .set_region_logging(t, DirtyClient::Vga, true)
+        .unwrap();
+    mv.memory.log_sync_all().unwrap();
+    mv.memory.dirty().client(DirtyClient::Vga).clear_all();
+    d.dirty(T_GPA + 50 * PAGE, 1);
+    mv.memory
+        .set_region_logging(t, DirtyClient::Vga, false)
+        .unwrap();
+    assert_eq!(
+        mv.client_pages(t, DirtyClient::Vga),
+        pages(0..64),
+        "after its logging is off, every page of the region must be dirty for Vga"
+    );
     r.stop().unwrap();
 }

@@ -118,6 +118,22 @@ pub fn print_stats(
             )
         }
     );
+    if stats.verify_mode == "after-resume" {
+        println!(
+            "  verification      {:>10.0} ms   after the commit: {} digests, {} pages read to check they are zero{}",
+            stats.verify_after_ms,
+            stats.verify_pages,
+            stats.verify_zero_checked_pages,
+            if stats.verify_unreported_pages > 0 {
+                format!(
+                    ", {} holding data that the populated-pages answer left out",
+                    stats.verify_unreported_pages
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
     println!("  log_sync          {:>10.1} ms", stats.log_sync_ms);
     println!(
         "  log_clear         {:>10.1} ms   ({} calls)",
@@ -241,6 +257,10 @@ pub fn print_incoming(stats: &IncomingStats, extra: &serde_json::Value, json: bo
     println!(
         "  load time         {:>10.0} ms   (verify {:.0} ms)",
         stats.load_time_ms, stats.verify_ms
+    );
+    println!(
+        "  checked zero      {:>10}   pages received as zero, read here (stale data zeroed: {})",
+        stats.zero_checked_pages, stats.stale_pages_zeroed
     );
     if let Some(map) = extra.as_object() {
         for (k, v) in map {

@@ -50,7 +50,6 @@ pub(crate) mod category {
     /// The page-table entry is a swap-type entry (swapped out, or being migrated).
     pub(crate) const SWAPPED: u64 = 1 << 4;
     /// The entry maps the shared zero page.
-    #[cfg(test)]
     pub(crate) const PFNZERO: u64 = 1 << 5;
     /// The entry maps a huge page (THP or hugetlb).
     #[cfg(test)]
@@ -405,9 +404,19 @@ impl Populated {
     }
 
     /// Call `nonzero(page)` for every page of `pages` (block page numbers, checked by the caller)
-    /// that holds a non-zero byte, by reading every byte: in place through the mapping, or, for a
-    /// file mapped shared, with `pread` from the file (the same bytes; reading a hole through a
-    /// shared mapping would allocate it, `pread` reads it as zero without allocating).
+    /// that holds a non-zero byte, by reading it, in page order, never from the populated-pages
+    /// answer:
+    ///
+    /// - a file mapped shared: `pread` from the file (the same bytes; reading a hole through a
+    ///   shared mapping would allocate it, `pread` reads it as zero without allocating);
+    /// - private anonymous memory: one byte of every 2 MiB is read first, which maps untouched
+    ///   memory to the kernel's shared zero page (a 2 MiB huge zero page with transparent huge
+    ///   pages); then the kernel says which pages of the range now map that zero page
+    ///   (`PAGEMAP_SCAN`, `PAGE_IS_PFNZERO`: a positive statement, the zero page is never
+    ///   written, so those pages are zero by construction, not by absence) and every other page
+    ///   is read in full. Without that answer (no `PAGEMAP_SCAN`, or it reports nothing) every
+    ///   page is read in full: silence never counts as zero;
+    /// - anything else: every page read in full, in place.
     pub(crate) fn nonzero_pages(
         &self,
         mapping: &MmapRegion<DirtyBitmap>,
@@ -415,23 +424,67 @@ impl Populated {
         mut nonzero: impl FnMut(u64),
     ) -> Result<()> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        if let (PopulatedMethod::FileData, Some(file)) = (state.method, state.file.as_ref()) {
+        let method = state.method;
+        if let (PopulatedMethod::FileData, Some(file)) = (method, state.file.as_ref()) {
             return pread_nonzero(file, state.file_offset, pages, nonzero);
         }
         drop(state);
-        let base = mapping
-            .as_ptr()
-            .wrapping_add((pages.start << PAGE_SHIFT) as usize);
-        // SAFETY: `pages` lies inside the block (checked by the caller), so `base` and the
-        // `pages.end - pages.start` pages after it are inside `mapping`, which the caller's
-        // borrow keeps mapped for the whole call; the mapping is page aligned.
-        unsafe {
-            zero_scan::scan_nonzero(base, (pages.end - pages.start) as usize, |i| {
-                nonzero(pages.start + i as u64)
-            })
+        let zero_mapped = if method == PopulatedMethod::PageTables
+            && !self.force_fallback.load(Ordering::Relaxed)
+        {
+            zero_page_ranges(mapping, &pages)?
+        } else {
+            Vec::new()
         };
+        // Read in full every page outside the ranges mapped to the zero page.
+        let mut at = pages.start;
+        for r in zero_mapped
+            .iter()
+            .chain(std::iter::once(&(pages.end..pages.end)))
+        {
+            if at < r.start {
+                let base = mapping.as_ptr().wrapping_add((at << PAGE_SHIFT) as usize);
+                // SAFETY: `at..r.start` lies inside `pages`, which lies inside the block (checked
+                // by the caller), so the pages at `base` are inside `mapping`, which the caller's
+                // borrow keeps mapped for the whole call; the mapping is page aligned.
+                unsafe {
+                    zero_scan::scan_nonzero(base, (r.start - at) as usize, |i| {
+                        nonzero(at + i as u64)
+                    })
+                };
+            }
+            at = at.max(r.end);
+        }
         Ok(())
     }
+}
+
+/// The page ranges of `pages` (block page numbers) that map the kernel's shared zero page, after
+/// one byte of every 2 MiB of them was read (mapping untouched private anonymous memory to it):
+/// sorted, merged, clipped to `pages`. Empty when `PAGEMAP_SCAN` is missing.
+fn zero_page_ranges(
+    mapping: &MmapRegion<DirtyBitmap>,
+    pages: &Range<u64>,
+) -> Result<Vec<Range<u64>>> {
+    const HUGE: u64 = 2 << 20;
+    let host = mapping.as_ptr() as u64;
+    let start = host + (pages.start << PAGE_SHIFT);
+    let end = host + (pages.end << PAGE_SHIFT);
+    let mut at = start;
+    while at < end {
+        // SAFETY: `at` lies inside `[start, end)`, inside the mapping the caller's borrow keeps
+        // mapped; a volatile one-byte read of memory the guest may write is fine.
+        unsafe { std::ptr::read_volatile(at as *const u8) };
+        at = (at / HUGE + 1) * HUGE;
+    }
+    let mut out = Vec::new();
+    scan(start, end, category::PFNZERO, category::PFNZERO, |r| {
+        // Inside the range, page aligned (the kernel reports whole pages of it).
+        let first = (r.start.max(start) - host) >> PAGE_SHIFT;
+        let last = (r.end.min(end) - host) >> PAGE_SHIFT;
+        push_merged(&mut out, 0, first..last);
+    })?;
+    Ok(out)
 }
 
 /// This process's VMAs, or `None` (logged) when `/proc/self/smaps` cannot be read.
@@ -848,6 +901,49 @@ mod tests {
             ),
             "{method:?}"
         );
+    }
+
+    /// `nonzero_pages` of private anonymous memory: pages mapped to the zero page after the
+    /// touch are skipped, everything else is read, and the answer is exact either way.
+    #[test]
+    #[cfg_attr(miri, ignore = "mmap")]
+    fn nonzero_pages_of_anonymous_memory_are_exact() {
+        for huge in [false, true] {
+            const PAGES: u64 = 4096; // 16 MiB
+            let m = anon(PAGES as usize);
+            if huge {
+                // SAFETY: the range is exactly the mapping `m` owns; the advice changes no contents.
+                unsafe { libc::madvise(m.as_ptr().cast(), m.size(), libc::MADV_HUGEPAGE) };
+            }
+            use vm_memory::VolatileMemory;
+            for p in [0u64, 1, 511, 512, 3000, PAGES - 1] {
+                m.get_slice((p << PAGE_SHIFT) as usize + 4095, 1)
+                    .unwrap()
+                    .copy_from(&[0x42u8]);
+            }
+            // Written, then zero again: present, not the zero page, but zero.
+            m.get_slice(2000 << PAGE_SHIFT, 8)
+                .unwrap()
+                .copy_from(&[1u8; 8]);
+            m.get_slice(2000 << PAGE_SHIFT, 8)
+                .unwrap()
+                .copy_from(&[0u8; 8]);
+            let populated = Populated::for_mapping(&m);
+            let mut found = Vec::new();
+            populated
+                .nonzero_pages(&m, 0..PAGES, |p| found.push(p))
+                .unwrap();
+            assert_eq!(
+                found,
+                [0, 1, 511, 512, 3000, PAGES - 1],
+                "huge pages: {huge}"
+            );
+            found.clear();
+            populated
+                .nonzero_pages(&m, 100..3001, |p| found.push(p))
+                .unwrap();
+            assert_eq!(found, [511, 512, 3000], "huge pages: {huge}");
+        }
     }
 
     /// A memfd of `pages` pages mapped `MAP_SHARED` by "the VMM" (this test), not by vm-memory.

@@ -478,14 +478,27 @@ impl RamBlock {
     /// non-zero byte, found by **reading every byte**: no populated-pages answer is asked, so a
     /// wrong one cannot hide a page from it. What migration uses to check what it sent as zero.
     ///
-    /// It reads in place through the mapping (16-byte volatile loads, stopping at a page's first
-    /// non-zero bytes), or, for a file mapped shared ([`PopulatedMethod::FileData`]), with
-    /// `pread` from that file: the same bytes, but a hole reads as zero without being allocated
-    /// (reading it through a shared mapping would allocate it). Never-touched private anonymous
-    /// memory reads through the shared zero page, a 2 MiB huge zero page with transparent huge
-    /// pages, so a sparse guest is checked at tens of GB/s; the page tables then map the zero
-    /// page where they were empty (no memory is allocated). On memory registered with
-    /// userfaultfd a missing page's read waits for the handler, like any read.
+    /// How, by the block's [`populated_method`](Self::populated_method):
+    ///
+    /// - **Private anonymous memory** ([`PopulatedMethod::PageTables`]): one byte of every 2 MiB
+    ///   is read first, which maps never-touched memory to the kernel's shared zero page (a 2 MiB
+    ///   huge zero page with transparent huge pages: no memory is allocated); then the kernel says
+    ///   which pages of the range now map that zero page (`PAGEMAP_SCAN`'s `PAGE_IS_PFNZERO`, a
+    ///   positive statement: the zero page is never written, so those pages are zero by
+    ///   construction, not because nothing was found); every other page is read in full, in
+    ///   place. Without that answer every page is read in full: silence never counts as zero.
+    ///   A sparse 64 GiB guest is checked in well under a second this way.
+    /// - **A file mapped shared** ([`PopulatedMethod::FileData`]): `pread` from that file, the
+    ///   same bytes, but a hole reads as zero without being allocated (reading it through a
+    ///   shared mapping would allocate it).
+    /// - **Anything else**: every page read in full, in place (16-byte volatile loads, stopping
+    ///   at a page's first non-zero bytes). On memory registered with userfaultfd a missing
+    ///   page's read waits for the handler, like any read.
+    ///
+    /// Reading leaves never-touched private anonymous pages mapped to the zero page (as any read
+    /// of them does); a later write to one gets a fresh page as before (on this project's 6.18
+    /// test host a write to the huge zero page gets a fresh huge page, measured with
+    /// `PAGEMAP_SCAN`).
     ///
     /// # Errors
     ///

@@ -143,8 +143,8 @@ impl Workers {
 // --- glue begin ---
 use clearlog_memory::MemorySystem;
 use clearlog_migration::{
-    connect, BoxError, CancelToken, Destination, DirtyLogMode, Listener, MigrationConfig, Source,
-    StateBlob, VmControl, VmRestore,
+    connect, BoxError, CancelToken, Destination, DirtyLogMode, ListenOptions, Listener,
+    MigrationConfig, Source, StateBlob, VmControl, VmRestore,
 };
 
 impl VmControl for Workers {
@@ -198,8 +198,8 @@ fn main() -> ExitCode {
     };
     let (sent, received) = std::thread::scope(|s| {
         let incoming = s.spawn(|| {
-            let (transport, _header) = listener.accept_migration()?;
-            Destination::new(&destination).receive_paused(transport, &restored)
+            let incoming = listener.accept_incoming(&ListenOptions::default())?;
+            Destination::new(&destination).receive_incoming_paused(incoming, &restored)
         });
         std::thread::sleep(Duration::from_millis(200)); // let the guest run a little
         let sent = Source::new(&source, config)

@@ -14,15 +14,24 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::cpu::{ns_per_page, process_cpu_time, thread_cpu_time};
 
 use crate::digest::{hash_threads, page_digests};
-use crate::stats::IncomingStats;
+use crate::stats::{ChannelStats, IncomingStats};
+use crate::stream::Header;
 use crate::stream::{
     self, PageEntry, Record, StreamReader, VerifyRecord, FLAG_ACK_REQUESTED, FLAG_CONFIRM,
     FLAG_DIGEST_FULL, FLAG_VERIFY_AFTER,
 };
-use crate::{Error, MigrationBlock, MigrationMemory, Result, StateBlob, Transport, VmRestore};
+use crate::transport::TransportRead;
+use crate::wire::{Ack, Confirm, Verdict};
+use crate::{
+    Error, Incoming, MigrationBlock, MigrationMemory, Result, StateBlob, Transport, VmRestore,
+};
 
 /// Capacity of the incoming buffer (1 MiB).
 const READ_BUFFER: usize = 1 << 20;
+
+/// How long the destination waits, after resuming, for each part of the source's final digests
+/// (the source reads all of its RAM first: seconds for a big guest).
+const VERIFY_WAIT: Duration = Duration::from_secs(600);
 
 /// The incoming side of a migration, loading into the RAM blocks of its own memory (a
 /// `clearlog-memory` `MemorySystem`, or anything that implements [`MigrationMemory`]), which must
@@ -113,7 +122,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
     /// assert!(stats.resumed);
     /// ```
     pub fn receive(&self, transport: Transport, vm: &dyn VmRestore) -> Result<IncomingStats> {
-        self.receive_with(transport, vm, true)
+        self.receive_with(transport, Vec::new(), None, None, vm, true)
     }
 
     /// Like [`receive`](Self::receive) but returns without resuming: RAM is loaded, the state
@@ -144,43 +153,162 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         transport: Transport,
         vm: &dyn VmRestore,
     ) -> Result<IncomingStats> {
-        self.receive_with(transport, vm, false)
+        self.receive_with(transport, Vec::new(), None, None, vm, false)
+    }
+
+    /// Receive what [`crate::Listener::accept_incoming`] accepted: a version-1 stream (a
+    /// connection or a `file:` snapshot) or a session, whose page channels are loaded by a thread
+    /// each (reading, copying into guest RAM, checking zero pages and hashing run there) while
+    /// the control channel is read here. Otherwise as [`receive`](Self::receive).
+    ///
+    /// # Examples
+    ///
+    /// A migration over a session of two page channels:
+    ///
+    /// ```
+    /// use clearlog_memory::MemorySystem;
+    /// use clearlog_migration::{
+    ///     connect_session, BoxError, CancelToken, Destination, ListenOptions, Listener,
+    ///     MigrationConfig, SessionOptions, Source, StateBlob, VmControl, VmRestore,
+    /// };
+    ///
+    /// struct Vm;
+    /// impl VmControl for Vm {
+    ///     fn pause(&self) -> Result<(), BoxError> { Ok(()) }
+    ///     fn resume(&self) -> Result<(), BoxError> { Ok(()) }
+    ///     fn save_state(&self) -> Result<Vec<StateBlob>, BoxError> { Ok(vec![]) }
+    /// }
+    /// impl VmRestore for Vm {
+    ///     fn restore_state(&self, _: &[StateBlob]) -> Result<(), BoxError> { Ok(()) }
+    ///     fn resume(&self) -> Result<(), BoxError> { Ok(()) }
+    /// }
+    /// let src = MemorySystem::new();
+    /// src.add_ram("ram", 0, 4 << 20).unwrap();
+    /// src.ram_blocks()[0].write(12345, b"hello").unwrap();
+    /// let dst = MemorySystem::new();
+    /// dst.add_ram("ram", 0, 4 << 20).unwrap();
+    ///
+    /// let listener = Listener::bind("tcp:127.0.0.1:0").unwrap();
+    /// let uri = listener.local_uri().unwrap();
+    /// std::thread::scope(|s| {
+    ///     let d = s.spawn(|| {
+    ///         let incoming = listener.accept_incoming(&ListenOptions::default()).unwrap();
+    ///         Destination::new(&dst).receive_incoming(incoming, &Vm)
+    ///     });
+    ///     let session = connect_session(&uri, &SessionOptions::default().with_channels(2)).unwrap();
+    ///     let stats = Source::new(&src, MigrationConfig::default()).unwrap()
+    ///         .migrate_session(session, &Vm, None, &CancelToken::new()).unwrap();
+    ///     assert!(stats.verified && stats.page_channels == 2);
+    ///     assert!(d.join().unwrap().unwrap().verified);
+    /// });
+    /// let mut buf = [0u8; 5];
+    /// dst.ram_blocks()[0].read(12345, &mut buf).unwrap();
+    /// assert_eq!(&buf, b"hello");
+    /// ```
+    pub fn receive_incoming(
+        &self,
+        incoming: Incoming,
+        vm: &dyn VmRestore,
+    ) -> Result<IncomingStats> {
+        self.receive_incoming_with(incoming, vm, true)
+    }
+
+    /// [`receive_incoming`](Self::receive_incoming) without resuming, as
+    /// [`receive_paused`](Self::receive_paused).
+    pub fn receive_incoming_paused(
+        &self,
+        incoming: Incoming,
+        vm: &dyn VmRestore,
+    ) -> Result<IncomingStats> {
+        self.receive_incoming_with(incoming, vm, false)
+    }
+
+    fn receive_incoming_with(
+        &self,
+        incoming: Incoming,
+        vm: &dyn VmRestore,
+        resume: bool,
+    ) -> Result<IncomingStats> {
+        match incoming {
+            Incoming::Stream { transport, .. } => {
+                self.receive_with(transport, Vec::new(), None, None, vm, resume)
+            }
+            Incoming::Session(s) => self.receive_with(
+                s.control,
+                s.pages,
+                Some(s.header),
+                s.control_cut,
+                vm,
+                resume,
+            ),
+        }
     }
 
     fn receive_with(
         &self,
-        transport: Transport,
+        control: Transport,
+        pages: Vec<Transport>,
+        session_header: Option<Header>,
+        control_cut: Option<Box<dyn Fn() + Send + Sync>>,
         vm: &dyn VmRestore,
         resume: bool,
     ) -> Result<IncomingStats> {
         let start = Instant::now();
         let cpu_start = (process_cpu_time(), thread_cpu_time());
-        let reader = transport.reader.ok_or(Error::Io {
+        let reader = control.reader.ok_or(Error::Io {
             context: "starting the incoming migration",
             source: std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "transport has no read half",
             ),
         })?;
-        let mut writer = transport.writer;
-        let mut r = StreamReader::new(BufReader::with_capacity(READ_BUFFER, reader));
-        let mut stats = IncomingStats::default();
+        let mut writer = control.writer;
+        // A session's header was read while it was accepted: count it with the stream.
+        let header_bytes = session_header.as_ref().map_or(0, |h| {
+            let mut b = Vec::new();
+            let _ = h.write_fields_to(&mut b);
+            b.len() as u64
+        });
+        let buffered = BufReader::with_capacity(READ_BUFFER, reader);
+        let mut r = match &session_header {
+            // The header came before the page channels joined: what follows are records.
+            Some(h) => StreamReader::with_layout(buffered, h),
+            None => StreamReader::new(buffered),
+        };
+        let mut stats = IncomingStats {
+            page_channels: pages.len() as u32,
+            ..IncomingStats::default()
+        };
         let mut flags = 0;
         let mut received = Vec::new();
-        let loaded = self.load(&mut r, &mut stats, &mut flags, &mut received);
-        stats.dest_ns_per_page = ns_per_page(
-            thread_cpu_time().saturating_sub(cpu_start.1),
-            stats.pages_received,
+        let loaded = self.load(
+            &mut r,
+            (session_header, pages, control_cut.as_deref()),
+            &mut stats,
+            &mut flags,
+            &mut received,
         );
+        // CPU per page record: this thread's while it loaded, and the page channels' threads'.
+        let channels_cpu: f64 = stats
+            .channel_stats
+            .iter()
+            .map(|c| c.ns_per_page * c.pages as f64)
+            .sum();
+        let load_cpu = thread_cpu_time().saturating_sub(cpu_start.1).as_nanos() as f64;
+        stats.dest_ns_per_page = if stats.pages_received == 0 {
+            0.0
+        } else {
+            (load_cpu + channels_cpu) / stats.pages_received as f64
+        };
         let wants_ack = flags & FLAG_ACK_REQUESTED != 0;
         let wants_confirm = wants_ack && flags & FLAG_CONFIRM != 0;
         let verify_after = flags & FLAG_VERIFY_AFTER != 0;
-        stats.bytes_received = r.bytes_read();
+        stats.bytes_received += r.bytes_read();
         stats.load_time_ms = start.elapsed().as_secs_f64() * 1000.0;
         let mut ack_target = if wants_ack { writer.as_mut() } else { None };
         let refuse = |ack_target: Option<&mut Box<dyn Write + Send>>, e: Error| {
             if let Some(w) = ack_target {
-                let _ = send_ack(w.as_mut(), stream::ACK_FAILED);
+                let _ = Ack::send(w.as_mut(), stream::ACK_FAILED);
             }
             e
         };
@@ -203,13 +331,13 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         }
         if let Some(w) = ack_target.as_mut() {
             // If the acknowledgement cannot be sent the source resumes its guest: we must not.
-            send_ack(w.as_mut(), stream::ACK_OK)
+            Ack::send(w.as_mut(), stream::ACK_OK)
                 .map_err(Error::io("sending the acknowledgement"))?;
             stats.acked = true;
             if wants_confirm {
                 // Resume only once the source has committed: without its confirmation it may
                 // resume its own copy of the guest.
-                wait_confirm(r.get_mut(), self.confirm_timeout)?;
+                Confirm::wait(&mut ConfirmReader(r.get_mut()), self.confirm_timeout)?;
             }
         } else if wants_ack {
             return Err(Error::Io {
@@ -227,11 +355,19 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
             stats.resumed_at_unix_ns = crate::source::unix_ns();
         }
         if verify_after && !verified_early {
+            // The source hashes and checks all of its RAM before its digests come: a bound for a
+            // source that went silent, generous for a big guest.
+            r.get_mut()
+                .get_mut()
+                .set_read_timeout(Some(VERIFY_WAIT))
+                .map_err(Error::io("waiting for the final digests"))?;
             let verdict_to = writer.as_mut().map(|w| w.as_mut() as &mut dyn Write);
             self.verify_now(&mut r, &mut stats, received, verdict_to)?;
         }
         stats.verified = true;
-        stats.bytes_received = r.bytes_read();
+        stats.bytes_received = r.bytes_read()
+            + header_bytes
+            + stats.channel_stats.iter().map(|c| c.bytes).sum::<u64>();
         stats.cpu_s = process_cpu_time().saturating_sub(cpu_start.0).as_secs_f64();
         stats.migration_thread_cpu_s = thread_cpu_time().saturating_sub(cpu_start.1).as_secs_f64();
         Ok(stats)
@@ -252,7 +388,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         let mismatched = result.map_err(|e| Error::VerificationIncomplete(e.to_string()))?;
         stats.mismatched_pages = mismatched.count;
         if let Some(w) = verdict_to {
-            send_verdict(w, mismatched.count, stats.resumed_at_unix_ns)
+            Verdict::send(w, mismatched.count, stats.resumed_at_unix_ns)
                 .map_err(|e| Error::VerificationIncomplete(format!("sending the verdict: {e}")))?;
         }
         if mismatched.count > 0 {
@@ -275,14 +411,23 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
     /// `received` gets, per block, the xxh3-64 of every page received as data (the last version
     /// of each; a zero page removes its entry): what the verification after resuming compares with
     /// the source's final memory. Memory proportional to the pages received as data.
+    ///
+    /// A session (`session_header` read already, `pages` its page channels): each page channel is
+    /// loaded by a thread of its own up to its channel end, while the control channel is read
+    /// here up to the end marker; pages on the control channel are refused.
     fn load<R: std::io::BufRead>(
         &self,
         r: &mut StreamReader<R>,
+        (session_header, pages, control_cut): Channels<'_>,
         stats: &mut IncomingStats,
         flags: &mut u32,
         received: &mut Vec<BTreeMap<u64, u64>>,
     ) -> Result<Vec<StateBlob>> {
-        let header = r.read_header(PAGE_SIZE as u32)?;
+        let session = session_header.is_some();
+        let header = match session_header {
+            Some(h) => h,
+            None => r.read_header(PAGE_SIZE as u32)?,
+        };
         *flags = header.flags;
         let full = header.flags & FLAG_DIGEST_FULL != 0;
         let track = header.flags & FLAG_VERIFY_AFTER != 0;
@@ -292,177 +437,67 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
             ));
         }
         let blocks = self.mem.blocks();
-        if blocks.len() != header.blocks.len() {
-            return Err(Error::LayoutMismatch(format!(
-                "stream has {} RAM blocks, destination has {}",
-                header.blocks.len(),
-                blocks.len()
-            )));
-        }
-        for (ours, theirs) in blocks.iter().zip(&header.blocks) {
-            if ours.name() != theirs.name || ours.size() != theirs.size {
-                return Err(Error::LayoutMismatch(format!(
-                    "stream block `{}` of {} bytes, destination block `{}` of {} bytes",
-                    theirs.name,
-                    theirs.size,
-                    ours.name(),
-                    ours.size()
-                )));
-            }
-        }
-        let zero_page = vec![0u8; PAGE_SIZE as usize];
-        let mut scratch = Box::new([0u8; PAGE_SIZE as usize]);
-        let mut nonzero = Vec::new();
-        // Pages whose content now comes from a data record of this stream (a page zeroed later
-        // that is not in here held data from before the stream: stale).
-        let mut got_data: Vec<Bitmap> = blocks
-            .iter()
-            .map(|b| Bitmap::new(b.pages() as usize))
-            .collect();
-        *received = if track {
-            blocks.iter().map(|_| BTreeMap::new()).collect()
-        } else {
-            Vec::new()
-        };
-        let mut state = Vec::new();
-        let mut state_bytes = 0u64;
-        let mut digests: Vec<Option<Vec<u64>>> = vec![None; blocks.len()];
-        let mut in_digests = false;
-        loop {
-            match r.next_record()? {
-                Record::Pages { block, count } => {
-                    if in_digests {
-                        return Err(Error::UnexpectedRecord(
-                            "page record after the digest table",
-                        ));
-                    }
-                    let ram = &blocks[block as usize];
-                    let got = &mut got_data[block as usize];
-                    for _ in 0..count {
-                        let table = received.get_mut(block as usize);
-                        // One copy: from the read buffer into guest RAM; the digest is taken
-                        // from the same bytes while they are in the cache.
-                        let entry = r.read_page_with(block, |page, data| {
-                            ram.write_untracked(page * PAGE_SIZE, data)
-                                .map_err(Error::memory("loading a page"))?;
-                            if let Some(table) = table {
-                                table.insert(page, xxh3_64(data));
-                            }
-                            Ok(())
-                        })?;
-                        match entry {
-                            PageEntry::Data(page) => got.set(page as usize),
-                            PageEntry::Zero(page) => {
-                                // Read, and written only if not zero: fresh destination RAM is
-                                // already zero, and writing zeros would fault in (allocate)
-                                // every untouched page (a mostly idle guest then loaded ~10x
-                                // slower than the source sends it, and the backlog showed up
-                                // as downtime). Reading an untouched page maps the shared zero
-                                // page instead.
-                                if zero_page_in_place(ram, page, &mut scratch, &zero_page)?
-                                    && !got.test(page as usize)
-                                {
-                                    stats.stale_pages_zeroed += 1;
-                                }
-                                got.clear(page as usize);
-                                if let Some(table) = received.get_mut(block as usize) {
-                                    table.remove(&page);
-                                }
-                                stats.zero_pages += 1;
-                                stats.zero_checked_pages += 1;
+        check_layout(&blocks, &header)?;
+        let (state, digests) = std::thread::scope(|scope| -> Result<_> {
+            let threads: Vec<_> = pages
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let (blocks, header) = (&blocks, &header);
+                    scope.spawn(move || {
+                        let r = load_channel(i as u32, t, blocks, header, track);
+                        if r.is_err() {
+                            // Wake the control channel's reader: the migration is over.
+                            if let Some(cut) = control_cut {
+                                cut();
                             }
                         }
-                        stats.pages_received += 1;
-                    }
-                }
-                Record::ZeroRange {
-                    block,
-                    first_page,
-                    npages,
-                } => {
-                    if in_digests {
-                        return Err(Error::UnexpectedRecord("zero range after the digest table"));
-                    }
-                    let ram = &blocks[block as usize];
-                    // Every page is read (in place where the block can: untouched memory reads
-                    // through the shared zero page) and only non-zero ones are written. Our own
-                    // populated-pages answer is not asked: were it wrong, data this memory held
-                    // before the stream would stay where the source has zeros.
-                    nonzero.clear();
-                    ram.nonzero_pages(first_page, npages, &mut nonzero)
-                        .map_err(Error::memory("reading pages received as zero"))?;
-                    let got = &mut got_data[block as usize];
-                    for &page in &nonzero {
-                        ram.write_untracked(page * PAGE_SIZE, &zero_page)
-                            .map_err(Error::memory("loading a zero page"))?;
-                        if !got.test(page as usize) {
-                            stats.stale_pages_zeroed += 1;
-                        }
-                    }
-                    got.clear_range(first_page as usize, npages as usize);
-                    stats.zero_checked_pages += npages;
-                    if let Some(table) = received.get_mut(block as usize) {
-                        let end = first_page + npages;
-                        let gone: Vec<u64> =
-                            table.range(first_page..end).map(|(p, _)| *p).collect();
-                        for page in gone {
-                            table.remove(&page);
-                        }
-                    }
-                    stats.zero_range_pages += npages;
-                }
-                Record::State(blob) => {
-                    if in_digests {
-                        return Err(Error::UnexpectedRecord(
-                            "state record after the digest table",
-                        ));
-                    }
-                    if state.len() as u32 >= stream::MAX_STATE_BLOBS {
-                        return Err(Error::TooLarge {
-                            what: "state blob count",
-                            value: state.len() as u64 + 1,
-                            limit: stream::MAX_STATE_BLOBS.into(),
+                        r
+                    })
+                })
+                .collect();
+            let mut inline = PageLoader::new(&blocks, track);
+            let control = load_control(r, &mut inline, session, full, blocks.len());
+            // Every channel thread ends (its stream ended, failed, or the source went away).
+            let mut loaders = vec![inline];
+            let mut channel_error = None;
+            for (i, t) in threads.into_iter().enumerate() {
+                match t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)) {
+                    Ok(l) => loaders.push(l),
+                    Err(e) => {
+                        channel_error.get_or_insert(Error::Channel {
+                            index: i as u32,
+                            source: Box::new(e),
                         });
                     }
-                    state_bytes += blob.data.len() as u64;
-                    if state_bytes > stream::MAX_STATE_TOTAL_BYTES {
-                        return Err(Error::TooLarge {
-                            what: "total state size",
-                            value: state_bytes,
-                            limit: stream::MAX_STATE_TOTAL_BYTES,
-                        });
-                    }
-                    state.push(blob);
-                    stats.state_blobs += 1;
-                }
-                Record::Digests {
-                    block,
-                    digests: table,
-                } => {
-                    if !full {
-                        return Err(Error::UnexpectedRecord(
-                            "digest table in a stream verified after resuming",
-                        ));
-                    }
-                    in_digests = true;
-                    let slot = &mut digests[block as usize];
-                    if slot.is_some() {
-                        return Err(Error::UnexpectedRecord(
-                            "digest table sent twice for one block",
-                        ));
-                    }
-                    *slot = Some(table);
-                }
-                Record::End { page_records } => {
-                    if page_records != stats.pages_received {
-                        return Err(Error::Malformed(
-                            "end marker page count (page records lost or added)",
-                        ));
-                    }
-                    break;
                 }
             }
-        }
+            // A channel's own error says more than the control channel's end of stream.
+            if let Some(e) = channel_error {
+                return Err(e);
+            }
+            let (state, digests, page_records) = control?;
+            stats.state_blobs = state.len() as u32;
+            let mut channel_stats = Vec::new();
+            *received = if track {
+                blocks.iter().map(|_| BTreeMap::new()).collect()
+            } else {
+                Vec::new()
+            };
+            for (i, l) in loaders.into_iter().enumerate() {
+                if i > 0 {
+                    channel_stats.push(l.channel_stats());
+                }
+                l.add_to(stats, received);
+            }
+            stats.channel_stats = channel_stats;
+            if page_records != stats.pages_received {
+                return Err(Error::Malformed(
+                    "end marker page count (page records lost or added)",
+                ));
+            }
+            Ok((state, digests))
+        })?;
         if !full {
             return Ok(state);
         }
@@ -505,24 +540,6 @@ impl Mismatches {
             self.first.push(format!("{block} page {page}"));
         }
     }
-}
-
-/// Makes `page` of `ram` zero, writing only when it is not (see the zero-page record in `load`
-/// for why); returns whether it wrote. `scratch` holds one page; `zero_page` is a page of zeros.
-fn zero_page_in_place<B: MigrationBlock>(
-    ram: &B,
-    page: u64,
-    scratch: &mut [u8; PAGE_SIZE as usize],
-    zero_page: &[u8],
-) -> Result<bool> {
-    ram.read(page * PAGE_SIZE, &mut scratch[..])
-        .map_err(Error::memory("reading a page"))?;
-    if is_zero_page(scratch) {
-        return Ok(false);
-    }
-    ram.write_untracked(page * PAGE_SIZE, zero_page)
-        .map_err(Error::memory("loading a zero page"))?;
-    Ok(true)
 }
 
 /// Read the source's final digests (verify records) and compare them with the pages as received:
@@ -571,63 +588,365 @@ fn verify_after_resume<R: Read, B: MigrationBlock>(
     Ok(bad)
 }
 
-/// Send the verdict (see [`stream::VERDICT_MAGIC`]).
-fn send_verdict(
-    w: &mut dyn Write,
-    mismatched: u64,
-    resumed_at_unix_ns: u64,
-) -> std::io::Result<()> {
-    let mut b = [0u8; 24];
-    b[..4].copy_from_slice(&stream::VERDICT_MAGIC.to_le_bytes());
-    let status = if mismatched == 0 {
-        stream::VERDICT_OK
-    } else {
-        stream::VERDICT_MISMATCH
-    };
-    b[4..8].copy_from_slice(&status.to_le_bytes());
-    b[8..16].copy_from_slice(&mismatched.to_le_bytes());
-    b[16..].copy_from_slice(&resumed_at_unix_ns.to_le_bytes());
-    w.write_all(&b)?;
-    w.flush()
-}
+/// A session's parts for [`Destination::load`]: the header its control channel sent, its page
+/// channels, and how to shut its control connection down.
+type Channels<'c> = (
+    Option<Header>,
+    Vec<Transport>,
+    Option<&'c (dyn Fn() + Send + Sync)>,
+);
 
-/// Read the source's confirmation (see [`stream::FLAG_CONFIRM`]) within `timeout`.
-fn wait_confirm(
-    reader: &mut BufReader<Box<dyn crate::TransportRead>>,
-    timeout: Duration,
-) -> Result<()> {
-    let failed = |why: String| Error::NotConfirmed(why);
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 8];
-    let mut got = 0;
-    while got < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(failed(format!("no confirmation within {timeout:?}")));
-        }
-        reader
-            .get_mut()
-            .set_read_timeout(Some(left))
-            .map_err(Error::io("waiting for the confirmation"))?;
-        match reader.read(&mut buf[got..]) {
-            Ok(0) => return Err(failed("the source closed the connection".into())),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(failed(e.to_string())),
-        }
+/// The destination's RAM must have the header's layout: same block names and sizes, in order.
+fn check_layout<B: MigrationBlock>(blocks: &[B], header: &Header) -> Result<()> {
+    if blocks.len() != header.blocks.len() {
+        return Err(Error::LayoutMismatch(format!(
+            "stream has {} RAM blocks, destination has {}",
+            header.blocks.len(),
+            blocks.len()
+        )));
     }
-    let magic = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-    if magic != stream::CONFIRM_MAGIC || buf[4..] != [0; 4] {
-        return Err(failed(format!("bad confirmation {buf:02x?}")));
+    for (ours, theirs) in blocks.iter().zip(&header.blocks) {
+        if ours.name() != theirs.name || ours.size() != theirs.size {
+            return Err(Error::LayoutMismatch(format!(
+                "stream block `{}` of {} bytes, destination block `{}` of {} bytes",
+                theirs.name,
+                theirs.size,
+                ours.name(),
+                ours.size()
+            )));
+        }
     }
     Ok(())
 }
 
-fn send_ack(w: &mut dyn Write, status: u32) -> std::io::Result<()> {
-    let mut b = [0u8; 8];
-    b[..4].copy_from_slice(&stream::ACK_MAGIC.to_le_bytes());
-    b[4..].copy_from_slice(&status.to_le_bytes());
-    w.write_all(&b)?;
-    w.flush()
+/// What the control channel (a version-1 stream: the whole stream) held up to its end marker: the
+/// state blobs, the digest tables (strict mode) and the end marker's page count.
+type ControlRead = (Vec<StateBlob>, Vec<Option<Vec<u64>>>, u64);
+
+/// Read the control channel up to the end marker. Pages go to `inline` (a version-1 stream; a
+/// session's pages travel on its page channels, so there they are refused).
+fn load_control<R: std::io::BufRead, B: MigrationBlock>(
+    r: &mut StreamReader<R>,
+    inline: &mut PageLoader<'_, B>,
+    session: bool,
+    full: bool,
+    nblocks: usize,
+) -> Result<ControlRead> {
+    let mut state = Vec::new();
+    let mut state_bytes = 0u64;
+    let mut digests: Vec<Option<Vec<u64>>> = vec![None; nblocks];
+    let mut in_digests = false;
+    let pages_here = |what| {
+        if session {
+            Err(Error::UnexpectedRecord(what))
+        } else {
+            Ok(())
+        }
+    };
+    loop {
+        match r.next_record()? {
+            Record::Pages { block, count } => {
+                pages_here("page record on a session's control channel")?;
+                if in_digests {
+                    return Err(Error::UnexpectedRecord(
+                        "page record after the digest table",
+                    ));
+                }
+                inline.pages(r, block, count)?;
+            }
+            Record::ZeroRange {
+                block,
+                first_page,
+                npages,
+            } => {
+                pages_here("zero range on a session's control channel")?;
+                if in_digests {
+                    return Err(Error::UnexpectedRecord("zero range after the digest table"));
+                }
+                inline.zero_range(block, first_page, npages)?;
+            }
+            Record::State(blob) => {
+                if in_digests {
+                    return Err(Error::UnexpectedRecord(
+                        "state record after the digest table",
+                    ));
+                }
+                if state.len() as u32 >= stream::MAX_STATE_BLOBS {
+                    return Err(Error::TooLarge {
+                        what: "state blob count",
+                        value: state.len() as u64 + 1,
+                        limit: stream::MAX_STATE_BLOBS.into(),
+                    });
+                }
+                state_bytes += blob.data.len() as u64;
+                if state_bytes > stream::MAX_STATE_TOTAL_BYTES {
+                    return Err(Error::TooLarge {
+                        what: "total state size",
+                        value: state_bytes,
+                        limit: stream::MAX_STATE_TOTAL_BYTES,
+                    });
+                }
+                state.push(blob);
+            }
+            Record::Digests {
+                block,
+                digests: table,
+            } => {
+                if !full {
+                    return Err(Error::UnexpectedRecord(
+                        "digest table in a stream verified after resuming",
+                    ));
+                }
+                in_digests = true;
+                let slot = &mut digests[block as usize];
+                if slot.is_some() {
+                    return Err(Error::UnexpectedRecord(
+                        "digest table sent twice for one block",
+                    ));
+                }
+                *slot = Some(table);
+            }
+            Record::ChannelEnd { .. } => {
+                return Err(Error::UnexpectedRecord(
+                    "a channel end on the control channel",
+                ))
+            }
+            Record::End { page_records } => return Ok((state, digests, page_records)),
+        }
+    }
+}
+
+/// A page channel's thread: load its records up to its channel end.
+fn load_channel<'b, B: MigrationBlock>(
+    index: u32,
+    t: Transport,
+    blocks: &'b [B],
+    header: &Header,
+    track: bool,
+) -> Result<PageLoader<'b, B>> {
+    let cpu = thread_cpu_time();
+    // Both halves are dropped when this returns: on an error the source sees the connection go.
+    let Transport { reader, writer } = t;
+    let _writer = writer;
+    let reader = reader.ok_or(Error::Io {
+        context: "a page channel",
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no read half"),
+    })?;
+    let mut r = StreamReader::with_layout(BufReader::with_capacity(READ_BUFFER, reader), header);
+    let mut loader = PageLoader::new(blocks, track);
+    loop {
+        match r.next_record()? {
+            Record::Pages { block, count } => loader.pages(&mut r, block, count)?,
+            Record::ZeroRange {
+                block,
+                first_page,
+                npages,
+            } => loader.zero_range(block, first_page, npages)?,
+            Record::ChannelEnd { page_records } => {
+                if page_records != loader.pages_received {
+                    return Err(Error::Malformed(
+                        "channel end page count (page records lost or added)",
+                    ));
+                }
+                break;
+            }
+            _ => {
+                return Err(Error::UnexpectedRecord(
+                    "a record other than pages on a page channel",
+                ))
+            }
+        }
+    }
+    loader.bytes = r.bytes_read();
+    loader.cpu = thread_cpu_time().saturating_sub(cpu);
+    tracing::debug!(
+        channel = index,
+        pages = loader.pages_received,
+        "page channel ended"
+    );
+    Ok(loader)
+}
+
+/// Loads page records and zero ranges of one stream (a version-1 stream, or one page channel of a
+/// session) into guest RAM, keeping what the verification needs.
+struct PageLoader<'b, B> {
+    blocks: &'b [B],
+    /// Per block, the xxh3-64 of every page received as data on this stream (the last copy; a
+    /// page received as zero leaves it). Empty unless verifying after resuming.
+    received: Vec<BTreeMap<u64, u64>>,
+    /// Per block, pages whose content now comes from a data record of this stream (a page zeroed
+    /// later that is not in here held data from before the stream: stale). A page always travels
+    /// on the same channel, so one stream's view is the whole truth for its pages.
+    got_data: Vec<Bitmap>,
+    scratch: Box<[u8; PAGE_SIZE as usize]>,
+    zero_page: Vec<u8>,
+    nonzero: Vec<u64>,
+    pages_received: u64,
+    zero_pages: u64,
+    zero_range_pages: u64,
+    zero_checked_pages: u64,
+    stale_pages_zeroed: u64,
+    bytes: u64,
+    cpu: Duration,
+}
+
+impl<'b, B: MigrationBlock> PageLoader<'b, B> {
+    fn new(blocks: &'b [B], track: bool) -> Self {
+        PageLoader {
+            blocks,
+            received: if track {
+                blocks.iter().map(|_| BTreeMap::new()).collect()
+            } else {
+                Vec::new()
+            },
+            got_data: blocks
+                .iter()
+                .map(|b| Bitmap::new(b.pages() as usize))
+                .collect(),
+            scratch: Box::new([0u8; PAGE_SIZE as usize]),
+            zero_page: vec![0u8; PAGE_SIZE as usize],
+            nonzero: Vec::new(),
+            pages_received: 0,
+            zero_pages: 0,
+            zero_range_pages: 0,
+            zero_checked_pages: 0,
+            stale_pages_zeroed: 0,
+            bytes: 0,
+            cpu: Duration::ZERO,
+        }
+    }
+
+    /// Load a page batch of `count` entries of `block`.
+    fn pages<R: std::io::BufRead>(
+        &mut self,
+        r: &mut StreamReader<R>,
+        block: u32,
+        count: u32,
+    ) -> Result<()> {
+        let ram = &self.blocks[block as usize];
+        let got = &mut self.got_data[block as usize];
+        for _ in 0..count {
+            let table = self.received.get_mut(block as usize);
+            // One copy: from the read buffer into guest RAM; the digest is taken from the same
+            // bytes while they are in the cache.
+            let entry = r.read_page_with(block, |page, data| {
+                ram.write_untracked(page * PAGE_SIZE, data)
+                    .map_err(Error::memory("loading a page"))?;
+                if let Some(table) = table {
+                    table.insert(page, xxh3_64(data));
+                }
+                Ok(())
+            })?;
+            match entry {
+                PageEntry::Data(page) => got.set(page as usize),
+                PageEntry::Zero(page) => {
+                    // Read, and written only if not zero: fresh destination RAM is already zero,
+                    // and writing zeros would fault in (allocate) every untouched page (a mostly
+                    // idle guest then loaded ~10x slower than the source sends it, and the backlog
+                    // showed up as downtime). Reading an untouched page maps the shared zero page
+                    // instead.
+                    if zero_page_in_place(ram, page, &mut self.scratch, &self.zero_page)?
+                        && !got.test(page as usize)
+                    {
+                        self.stale_pages_zeroed += 1;
+                    }
+                    got.clear(page as usize);
+                    if let Some(table) = self.received.get_mut(block as usize) {
+                        table.remove(&page);
+                    }
+                    self.zero_pages += 1;
+                    self.zero_checked_pages += 1;
+                }
+            }
+            self.pages_received += 1;
+        }
+        Ok(())
+    }
+
+    /// Load a zero range: every page is read (in place where the block can: untouched memory
+    /// reads through the shared zero page) and only non-zero ones are written. Our own
+    /// populated-pages answer is not asked: were it wrong, data this memory held before the
+    /// stream would stay where the source has zeros.
+    fn zero_range(&mut self, block: u32, first_page: u64, npages: u64) -> Result<()> {
+        let ram = &self.blocks[block as usize];
+        self.nonzero.clear();
+        ram.nonzero_pages(first_page, npages, &mut self.nonzero)
+            .map_err(Error::memory("reading pages received as zero"))?;
+        let got = &mut self.got_data[block as usize];
+        for &page in &self.nonzero {
+            ram.write_untracked(page * PAGE_SIZE, &self.zero_page)
+                .map_err(Error::memory("loading a zero page"))?;
+            if !got.test(page as usize) {
+                self.stale_pages_zeroed += 1;
+            }
+        }
+        got.clear_range(first_page as usize, npages as usize);
+        if let Some(table) = self.received.get_mut(block as usize) {
+            let end = first_page + npages;
+            let gone: Vec<u64> = table.range(first_page..end).map(|(p, _)| *p).collect();
+            for page in gone {
+                table.remove(&page);
+            }
+        }
+        self.zero_range_pages += npages;
+        self.zero_checked_pages += npages;
+        Ok(())
+    }
+
+    /// This stream as a page channel's stats.
+    fn channel_stats(&self) -> ChannelStats {
+        ChannelStats {
+            pages: self.pages_received,
+            bytes: self.bytes,
+            ns_per_page: ns_per_page(self.cpu, self.pages_received),
+        }
+    }
+
+    /// Add this stream's counts to `stats` and its digests to `received` (the streams carry
+    /// disjoint pages).
+    fn add_to(self, stats: &mut IncomingStats, received: &mut [BTreeMap<u64, u64>]) {
+        stats.pages_received += self.pages_received;
+        stats.zero_pages += self.zero_pages;
+        stats.zero_range_pages += self.zero_range_pages;
+        stats.zero_checked_pages += self.zero_checked_pages;
+        stats.stale_pages_zeroed += self.stale_pages_zeroed;
+        stats.bytes_received += self.bytes;
+        for (all, mine) in received.iter_mut().zip(self.received) {
+            all.extend(mine);
+        }
+    }
+}
+
+/// Makes `page` of `ram` zero, writing only when it is not (see [`PageLoader::pages`] for why);
+/// returns whether it wrote. `scratch` holds one page; `zero_page` is a page of zeros.
+fn zero_page_in_place<B: MigrationBlock>(
+    ram: &B,
+    page: u64,
+    scratch: &mut [u8; PAGE_SIZE as usize],
+    zero_page: &[u8],
+) -> Result<bool> {
+    ram.read(page * PAGE_SIZE, &mut scratch[..])
+        .map_err(Error::memory("reading a page"))?;
+    if is_zero_page(scratch) {
+        return Ok(false);
+    }
+    ram.write_untracked(page * PAGE_SIZE, zero_page)
+        .map_err(Error::memory("loading a zero page"))?;
+    Ok(true)
+}
+
+/// The control channel's buffered reader as a [`TransportRead`]: the confirmation is read through
+/// the buffer (bytes it already holds are not lost), with the timeout set on the connection.
+struct ConfirmReader<'a>(&'a mut BufReader<Box<dyn TransportRead>>);
+
+impl Read for ConfirmReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl TransportRead for ConfirmReader<'_> {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.0.get_mut().set_read_timeout(timeout)
+    }
 }

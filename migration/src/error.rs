@@ -115,6 +115,41 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A session connection's handshake failed (the hello exchange, the header, the peer's
+    /// answer did not come or was not one).
+    #[error("session handshake: {0}")]
+    Handshake(String),
+    /// The destination refused a session connection.
+    #[error("the destination refused the session: {0}")]
+    SessionRefused(&'static str),
+    /// The two sides speak no common protocol version.
+    #[error(
+        "protocol version mismatch: this side speaks version {ours}, the peer version {theirs}"
+    )]
+    SessionVersion {
+        /// The version this side speaks.
+        ours: u32,
+        /// The highest version the peer speaks.
+        theirs: u32,
+    },
+    /// A TCP listener on an address other than loopback was asked for without TLS.
+    #[error(
+        "refusing to listen on {addr} without TLS: anyone who reaches it could write the guest's \
+         memory; give TLS files, or allow plaintext explicitly"
+    )]
+    PlaintextRefused {
+        /// The address.
+        addr: String,
+    },
+    /// A page channel of a session failed.
+    #[error("page channel {index}: {source}")]
+    Channel {
+        /// The channel's index.
+        index: u32,
+        /// What went wrong on it.
+        #[source]
+        source: Box<Error>,
+    },
     /// A migration URI could not be parsed.
     #[error("invalid migration URI `{uri}`: {reason}")]
     InvalidUri {

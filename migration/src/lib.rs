@@ -127,11 +127,14 @@ pub mod dirtyrate;
 mod error;
 mod memory;
 mod ratelimit;
+mod sender;
+mod session;
 mod source;
 mod stats;
 pub mod stream;
 mod transport;
 mod vm;
+pub mod wire;
 
 pub use cancel::CancelToken;
 pub use config::{
@@ -143,9 +146,16 @@ pub use destination::{Destination, DEFAULT_CONFIRM_TIMEOUT};
 pub use digest::{page_digests, ram_fingerprint};
 pub use error::{BoxError, Error, Result};
 pub use memory::{DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory};
-pub use ratelimit::{RateLimitedWriter, TokenBucket};
+pub use ratelimit::{RateLimitedWriter, SharedBucket, TokenBucket};
+pub use session::{
+    accept_incoming, connect_session, open_session, Accepted, ChannelAcceptor, ChannelConnector,
+    Incoming, IncomingSession, ListenOptions, Session, SessionOptions, DEFAULT_CHANNELS,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+};
 pub use source::Source;
-pub use stats::{DowntimeBreakdown, IncomingStats, IterationStats, MigrationStats, Progress};
+pub use stats::{
+    ChannelStats, DowntimeBreakdown, IncomingStats, IterationStats, MigrationStats, Progress,
+};
 pub use transport::{
     connect, connect_with, mem_channel, peek_header, pipe, ConnectOptions, Listener, MigrationUri,
     PipeReader, PipeWriter, Transport, TransportRead, DEFAULT_IO_TIMEOUT,

@@ -130,8 +130,47 @@ impl TokenBucket {
 #[derive(Debug)]
 pub struct RateLimitedWriter<W> {
     inner: W,
-    bucket: TokenBucket,
+    bucket: SharedBucket,
     written: u64,
+}
+
+/// A [`TokenBucket`] several writers share (a session's page channels: one limit for all).
+///
+/// # Examples
+///
+/// ```
+/// use std::io::Write;
+/// use clearlog_migration::{RateLimitedWriter, SharedBucket};
+///
+/// let bucket = SharedBucket::new(1 << 20);
+/// let mut a = RateLimitedWriter::with_bucket(Vec::new(), bucket.clone());
+/// let mut b = RateLimitedWriter::with_bucket(Vec::new(), bucket.clone());
+/// let t = std::time::Instant::now();
+/// a.write_all(&[0; 128 << 10]).unwrap();
+/// b.write_all(&[0; 128 << 10]).unwrap(); // 256 KiB in all at 1 MiB/s
+/// assert!(t.elapsed().as_secs_f64() > 0.15);
+/// bucket.set_rate(0); // both unlimited now
+/// ```
+#[derive(Debug, Clone)]
+pub struct SharedBucket(std::sync::Arc<std::sync::Mutex<TokenBucket>>);
+
+impl SharedBucket {
+    /// An empty bucket for `rate` bytes/s (0 = unlimited).
+    pub fn new(rate: u64) -> Self {
+        SharedBucket(std::sync::Arc::new(std::sync::Mutex::new(
+            TokenBucket::new(rate, Instant::now()),
+        )))
+    }
+
+    /// Change the limit for every writer sharing it (0 = unlimited); the bucket restarts empty.
+    pub fn set_rate(&self, rate: u64) {
+        *self.lock() = TokenBucket::new(rate, Instant::now());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TokenBucket> {
+        // The bucket is a few numbers updated in one step: a poisoned lock is still consistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl<W: Write> RateLimitedWriter<W> {
@@ -144,9 +183,18 @@ impl<W: Write> RateLimitedWriter<W> {
     /// assert_eq!(w.bytes_written(), 0);
     /// ```
     pub fn new(inner: W, rate: u64) -> Self {
+        Self::with_bucket(inner, SharedBucket::new(rate))
+    }
+
+    /// Wrap `inner` with a limit shared with other writers.
+    ///
+    /// # Examples
+    ///
+    /// See [`SharedBucket`].
+    pub fn with_bucket(inner: W, bucket: SharedBucket) -> Self {
         RateLimitedWriter {
             inner,
-            bucket: TokenBucket::new(rate, Instant::now()),
+            bucket,
             written: 0,
         }
     }
@@ -162,7 +210,7 @@ impl<W: Write> RateLimitedWriter<W> {
     /// w.write_all(&[0; 1 << 20]).unwrap(); // no longer limited
     /// ```
     pub fn set_rate(&mut self, rate: u64) {
-        self.bucket = TokenBucket::new(rate, Instant::now());
+        self.bucket.set_rate(rate);
     }
 
     /// Bytes accepted so far.
@@ -196,18 +244,35 @@ impl<W: Write> RateLimitedWriter<W> {
 
 impl<W: Write> Write for RateLimitedWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // Pieces of at most one burst, so a huge buffer does not run ahead of the limit.
-        let piece = if self.bucket.rate == 0 {
-            buf.len()
-        } else {
-            buf.len().min(self.bucket.burst() as usize)
+        // Pieces of at most one burst, so a huge buffer does not run ahead of the limit. The
+        // lock is held only to count, never while sleeping or writing.
+        let piece = {
+            let mut bucket = self.bucket.lock();
+            let piece = if bucket.rate == 0 {
+                buf.len()
+            } else {
+                buf.len().min(bucket.burst() as usize)
+            };
+            loop {
+                match bucket.admit(piece, Instant::now()) {
+                    None => break piece,
+                    Some(wait) => {
+                        drop(bucket);
+                        std::thread::sleep(wait);
+                        bucket = self.bucket.lock();
+                    }
+                }
+            }
         };
-        while let Some(wait) = self.bucket.admit(piece, Instant::now()) {
-            std::thread::sleep(wait);
-        }
-        let n = self.inner.write(&buf[..piece])?;
+        let n = match self.inner.write(&buf[..piece]) {
+            Ok(n) => n,
+            Err(e) => {
+                self.bucket.lock().tokens += piece as f64;
+                return Err(e);
+            }
+        };
         // Charged for `piece`; give back what the inner writer did not take.
-        self.bucket.tokens += (piece - n) as f64;
+        self.bucket.lock().tokens += (piece - n) as f64;
         self.written += n as u64;
         Ok(n)
     }

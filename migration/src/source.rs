@@ -3,7 +3,8 @@
 
 //! The source side: precopy iterations, convergence, switchover.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
@@ -12,26 +13,21 @@ use clearlog_memory::{ClearBitmap, PAGE_SHIFT, PAGE_SIZE};
 use crate::cpu::{ns_per_page, process_cpu_time, thread_cpu_time};
 use crate::digest::{final_digests, hash_threads, page_digests};
 use crate::memory::ask_populated;
-use crate::ratelimit::RateLimitedWriter;
-use crate::stats::{IterationStats, MigrationStats, Progress};
+use crate::ratelimit::SharedBucket;
+use crate::sender::{self, Channels, Encoder, Out, Sent, WindowJob};
+use crate::stats::{ChannelStats, IterationStats, MigrationStats, Progress};
 use crate::stream::{
-    self, BlockInfo, Header, PageBatch, FLAG_ACK_REQUESTED, FLAG_CONFIRM, FLAG_DIGEST_FULL,
-    FLAG_VERIFY_AFTER,
+    self, BlockInfo, Header, FLAG_ACK_REQUESTED, FLAG_CONFIRM, FLAG_DIGEST_FULL, FLAG_VERIFY_AFTER,
 };
 use crate::transport::TransportRead;
+use crate::wire::{Ack, Confirm, Verdict};
 use crate::{
     CancelToken, DirtyLogMode, DirtyTracking, DowntimeBreakdown, Error, MigrationBlock,
-    MigrationConfig, Result, Transport, VerifyMode, VmControl,
+    MigrationConfig, Result, Session, Transport, VerifyMode, VmControl,
 };
 
-/// Capacity of the outgoing buffer (1 MiB): big writes keep the per-syscall cost negligible.
-const WRITE_BUFFER: usize = 1 << 20;
-/// Poll interval while waiting for the acknowledgement (bounds the reaction time to a cancel).
-const ACK_POLL: Duration = Duration::from_millis(100);
-
 /// Per-block state of the source.
-struct BlockState<B> {
-    block: B,
+struct BlockState {
     /// Pages still to send (QEMU's `bmap`).
     dirty: Bitmap,
     /// Pages sent at least once (for `resent_pages`).
@@ -84,6 +80,14 @@ struct PassCounters {
     zero_range: u64,
     bytes: u64,
     clears: u64,
+}
+
+impl PassCounters {
+    fn add_sent(&mut self, s: &Sent) {
+        self.pages += s.pages;
+        self.zero += s.zero;
+        self.bytes += s.bytes;
+    }
 }
 
 /// The outgoing side of a migration: see the crate docs for the algorithm.
@@ -182,54 +186,100 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
         progress: Option<&mut dyn FnMut(&Progress)>,
         cancel: &CancelToken,
     ) -> Result<MigrationStats> {
-        let writer = transport.writer.ok_or(Error::Io {
+        self.drive(transport, Vec::new(), false, vm, progress, cancel)
+    }
+
+    /// Migrate over a session ([`crate::connect_session`], [`crate::open_session`]): pages go on
+    /// its page channels (a window's pages always on the same channel; a thread per channel reads,
+    /// checks for zero and sends them; the bandwidth limit is shared), everything else on its
+    /// control channel. Otherwise as [`migrate`](Self::migrate): the same passes, switchover,
+    /// commit handshake and verification, and on any error before the commit (a failed channel
+    /// included) logging stops and the guest resumes.
+    ///
+    /// # Examples
+    ///
+    /// See [`crate::Destination::receive_incoming`].
+    pub fn migrate_session(
+        &self,
+        session: Session,
+        vm: &dyn VmControl,
+        progress: Option<&mut dyn FnMut(&Progress)>,
+        cancel: &CancelToken,
+    ) -> Result<MigrationStats> {
+        self.drive(session.control, session.pages, true, vm, progress, cancel)
+    }
+
+    fn drive(
+        &self,
+        control: Transport,
+        pages: Vec<Transport>,
+        session: bool,
+        vm: &dyn VmControl,
+        progress: Option<&mut dyn FnMut(&Progress)>,
+        cancel: &CancelToken,
+    ) -> Result<MigrationStats> {
+        let no_writer = || Error::Io {
             context: "starting the migration",
             source: std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "transport has no write half",
             ),
-        })?;
-        let mut run = Run {
-            mem: self.mem,
-            config: &self.config,
-            vm,
-            cancel,
-            progress,
-            out: RateLimitedWriter::new(
-                BufWriter::with_capacity(WRITE_BUFFER, writer),
-                self.config.bandwidth_limit_bytes_per_s,
-            ),
-            ack: transport.reader,
-            blocks: Vec::new(),
-            batch: PageBatch::new(PAGE_SIZE as usize),
-            page_records: 0,
-            stats: MigrationStats::default(),
-            paused: false,
-            committed: false,
-            committed_at: None,
-            logging: false,
-            throttle: 0,
-            throttle_supported: true,
-            pass_cpu: Duration::ZERO,
-            cpu_at_commit: None,
-            mid_pass_dirty: 0,
-            next_mid_pass_sync: None,
         };
-        let start = Instant::now();
-        let cpu_start = (process_cpu_time(), thread_cpu_time());
-        let result = run.run(start);
-        run.finish(result.is_ok());
-        result.map(|()| {
-            // Until the commit: the verification after it is `verify_after_ms`.
-            let end = run.committed_at.unwrap_or_else(Instant::now);
-            run.stats.total_time_ms = ms(end.duration_since(start));
-            let (process, thread) = run
-                .cpu_at_commit
-                .unwrap_or_else(|| (process_cpu_time(), thread_cpu_time()));
-            run.stats.cpu_s = process.saturating_sub(cpu_start.0).as_secs_f64();
-            run.stats.migration_thread_cpu_s = thread.saturating_sub(cpu_start.1).as_secs_f64();
-            run.stats.source_ns_per_page = ns_per_page(run.pass_cpu, run.stats.pages_sent);
-            std::mem::take(&mut run.stats)
+        let writer = control.writer.ok_or_else(no_writer)?;
+        let bucket = SharedBucket::new(self.config.bandwidth_limit_bytes_per_s);
+        let mut page_outs = Vec::with_capacity(pages.len());
+        for t in pages {
+            page_outs.push(sender::out(t.writer.ok_or_else(no_writer)?, bucket.clone()));
+        }
+        let blocks = self.mem.blocks();
+        std::thread::scope(|scope| {
+            let channels = if session {
+                Some(Channels::start(scope, &blocks, page_outs)?)
+            } else {
+                None
+            };
+            let mut run = Run {
+                mem: self.mem,
+                config: &self.config,
+                vm,
+                cancel,
+                progress,
+                out: sender::out(writer, bucket),
+                ack: control.reader,
+                blocks: &blocks,
+                states: Vec::new(),
+                channels,
+                encoder: Encoder::new(),
+                session,
+                page_records: 0,
+                stats: MigrationStats::default(),
+                paused: false,
+                committed: false,
+                committed_at: None,
+                logging: false,
+                throttle: 0,
+                throttle_supported: true,
+                pass_cpu: Duration::ZERO,
+                cpu_at_commit: None,
+                mid_pass_dirty: 0,
+                next_mid_pass_sync: None,
+            };
+            let start = Instant::now();
+            let cpu_start = (process_cpu_time(), thread_cpu_time());
+            let result = run.run(start);
+            run.finish(result.is_ok());
+            result.map(|()| {
+                // Until the commit: the verification after it is `verify_after_ms`.
+                let end = run.committed_at.unwrap_or_else(Instant::now);
+                run.stats.total_time_ms = ms(end.duration_since(start));
+                let (process, thread) = run
+                    .cpu_at_commit
+                    .unwrap_or_else(|| (process_cpu_time(), thread_cpu_time()));
+                run.stats.cpu_s = process.saturating_sub(cpu_start.0).as_secs_f64();
+                run.stats.migration_thread_cpu_s = thread.saturating_sub(cpu_start.1).as_secs_f64();
+                run.stats.source_ns_per_page = ns_per_page(run.pass_cpu, run.stats.pages_sent);
+                std::mem::take(&mut run.stats)
+            })
         })
     }
 }
@@ -240,10 +290,17 @@ struct Run<'r, 'p, M: DirtyTracking + ?Sized> {
     vm: &'r dyn VmControl,
     cancel: &'r CancelToken,
     progress: Option<&'p mut dyn FnMut(&Progress)>,
-    out: RateLimitedWriter<BufWriter<Box<dyn Write + Send>>>,
+    /// The control channel (a version-1 stream: the whole stream).
+    out: Out,
     ack: Option<Box<dyn TransportRead>>,
-    blocks: Vec<BlockState<M::Block>>,
-    batch: PageBatch,
+    blocks: &'r [M::Block],
+    states: Vec<BlockState>,
+    /// A session's page channels (`None`: pages go inline, a version-1 stream).
+    channels: Option<Channels>,
+    /// Encodes pages inline (a version-1 stream).
+    encoder: Encoder,
+    /// A session (version 2): the header goes without magic and version, after the hello.
+    session: bool,
     page_records: u64,
     stats: MigrationStats,
     paused: bool,
@@ -376,7 +433,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     }
 
     fn setup(&mut self) -> Result<()> {
-        let blocks = self.mem.blocks();
+        let blocks = self.blocks;
         let header = Header {
             page_size: PAGE_SIZE as u32,
             flags: if self.ack.is_some() {
@@ -395,10 +452,16 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 })
                 .collect(),
         };
-        header
-            .write_to(&mut self.out)
-            .map_err(Error::io("sending the header"))?;
+        if self.session {
+            // The hello that came first carried the magic and the version.
+            header.write_fields_to(&mut self.out)
+        } else {
+            header.write_to(&mut self.out)
+        }
+        .and_then(|()| self.out.flush())
+        .map_err(Error::io("sending the header"))?;
         self.stats.guest_mem_bytes = blocks.iter().map(|b| b.size()).sum();
+        self.stats.page_channels = self.channels.as_ref().map_or(0, |c| c.len() as u32);
         for block in blocks {
             let pages = block.pages() as usize;
             let clear = match self.config.mode {
@@ -408,8 +471,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                         .map_err(|e| Error::memory("sizing the clear bitmap")(e.into()))?,
                 ),
             };
-            self.blocks.push(BlockState {
-                block,
+            self.states.push(BlockState {
                 dirty: Bitmap::new_filled(pages),
                 sent: Bitmap::new(pages),
                 clear,
@@ -437,15 +499,15 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         self.stats.log_sync_ms += ms(t.elapsed());
         self.stats.dirty_syncs += 1;
         let mut new = 0;
-        for bs in &mut self.blocks {
+        for (block, bs) in self.blocks.iter().zip(&mut self.states) {
             new += mem
-                .take_dirty(&bs.block, &mut bs.dirty, bs.clear.as_mut())
+                .take_dirty(block, &mut bs.dirty, bs.clear.as_mut())
                 .map_err(Error::memory("taking the dirty bits"))?;
         }
         if self.config.mode == DirtyLogMode::Legacy {
-            for bs in &self.blocks {
+            for block in self.blocks {
                 let t = Instant::now();
-                mem.clear_dirty(&bs.block, 0, bs.block.size())
+                mem.clear_dirty(block, 0, block.size())
                     .map_err(Error::memory("re-arming dirty tracking"))?;
                 self.stats.log_clear_calls += 1;
                 self.stats.log_clear_ms += ms(t.elapsed());
@@ -484,7 +546,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     }
 
     fn remaining_bytes(&self) -> u64 {
-        self.blocks
+        self.states
             .iter()
             .map(|b| b.dirty.count_ones() as u64 * PAGE_SIZE)
             .sum()
@@ -497,23 +559,15 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         Ok(())
     }
 
-    fn send_batch(&mut self) -> Result<()> {
-        if !self.batch.is_empty() {
-            let record = self.batch.take();
-            self.out
-                .write_all(record)
-                .map_err(Error::io("sending pages"))?;
-        }
-        Ok(())
-    }
-
     /// One walk over all dirty pages, in order, one window at a time (a clear chunk, or
     /// [`LEGACY_WINDOW_PAGES`] in legacy mode). Entering a window: re-arm it (clear mode, live
     /// passes), THEN ask the memory which of its pages are populated, and send the dirty pages that
     /// are not as zero ranges without reading them; then read and send the others. Re-arm before
     /// asking: a page the guest populates after the question is dirty again (asked the other way
     /// round, it would be lost). A window whose pages all go as a zero range is still re-armed, or
-    /// `INITIALLY_SET` would leave it dirty for the next pass.
+    /// `INITIALLY_SET` would leave it dirty for the next pass. On a session each window goes to
+    /// the page channel of its index, whose thread reads (after the re-arm, which happened here
+    /// before the hand-over) and sends it; the pass ends when every channel sent its windows.
     fn pass(&mut self) -> Result<PassCounters> {
         let cpu = thread_cpu_time();
         let result = self.walk();
@@ -524,127 +578,143 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     /// [`pass`](Self::pass) without the CPU accounting.
     fn walk(&mut self) -> Result<PassCounters> {
         let mut c = PassCounters::default();
-        let bytes_before = self.out.bytes_written();
         let clears_before = self.stats.log_clear_calls;
-        let mem = self.mem;
         let mut populated = Vec::new();
-        let mut rec = Vec::new();
+        // Windows of earlier blocks, so every window of the guest has its own index.
+        let mut window_base = 0u64;
         for bi in 0..self.blocks.len() {
-            let mut next = self.blocks[bi].dirty.find_next_set(0);
-            // End of the window being sent: pages below it were classified (and re-armed).
-            let mut window_end = 0u64;
+            let window_pages = self.window_pages(bi);
+            let mut next = self.states[bi].dirty.find_next_set(0);
+            // End of the window sent last: pages below it are done for this pass.
+            let mut cursor = 0usize;
             while let Some(page) = next {
                 let p = page as u64;
-                // Between windows: pages below `window_end` are done for this pass.
-                if p >= window_end && self.mid_pass_sync_if_due()? {
-                    // Pages between the window's end and `p` may be dirty now: send them too.
-                    next = self.blocks[bi].dirty.find_next_set(window_end as usize);
+                if self.mid_pass_sync_if_due()? {
+                    // Pages between the last window's end and `p` may be dirty now: send them
+                    // too (they are still ahead of the cursor).
+                    next = self.states[bi].dirty.find_next_set(cursor);
                     if next != Some(page) {
                         continue;
                     }
                 }
-                let bs = &mut self.blocks[bi];
-                if p >= window_end {
-                    let (first, npages) = match bs.clear.as_ref() {
-                        Some(clear) => clear.chunk_pages(clear.chunk_of(p)),
-                        None => {
-                            let first = p - p % LEGACY_WINDOW_PAGES;
-                            (first, LEGACY_WINDOW_PAGES.min(bs.block.pages() - first))
-                        }
-                    };
-                    window_end = first + npages;
-                    // Paused (the final pass): nothing can dirty a page any more, so re-arming is
-                    // pointless work inside the downtime.
-                    if let Some(clear) = bs.clear.as_mut().filter(|_| !self.paused) {
-                        let t = Instant::now();
-                        // Re-arm, THEN ask and read.
-                        let max =
-                            (CLEAR_MERGE_BYTES >> (u32::from(clear.shift()) + PAGE_SHIFT)).max(1);
-                        if mem
-                            .clear_chunks_before_send(&bs.block, clear, p, max)
-                            .map_err(Error::memory("re-arming a chunk before sending it"))?
-                            > 0
-                        {
-                            let took = t.elapsed();
-                            self.stats.log_clear_calls += 1;
-                            self.stats.log_clear_ms += ms(took);
-                            tracing::trace!(
-                                block = bs.block.name(),
-                                first_page = first,
-                                us = took.as_micros() as u64,
-                                "dirty log clear"
-                            );
-                        }
-                    }
-                    ask_populated(&bs.block, p, window_end - p, &mut populated)
-                        .map_err(Error::memory("asking which pages are populated"))?;
-                    let mut cursor = p;
-                    let gaps = populated
-                        .iter()
-                        .map(|r| (r.start, r.end))
-                        .chain(std::iter::once((window_end, window_end)));
-                    for (start, end) in gaps {
-                        if cursor < start {
-                            let (dirty, resent) =
-                                take_zero_range(&mut bs.dirty, &mut bs.sent, cursor, start);
-                            if dirty > 0 {
-                                rec.clear();
-                                stream::encode_zero_range(
-                                    bi as u32,
-                                    cursor,
-                                    start - cursor,
-                                    &mut rec,
-                                );
-                                // Pages batched so far go first: records keep page order.
-                                if !self.batch.is_empty() {
-                                    let pages = self.batch.take();
-                                    self.out
-                                        .write_all(pages)
-                                        .map_err(Error::io("sending pages"))?;
-                                }
-                                self.out
-                                    .write_all(&rec)
-                                    .map_err(Error::io("sending pages"))?;
-                                c.zero_range += dirty;
-                                self.stats.resent_pages += resent;
-                            }
-                        }
-                        cursor = cursor.max(end);
-                    }
-                    next = bs.dirty.find_next_set(page);
-                    continue;
-                }
-                bs.dirty.clear(page);
-                if bs.sent.test(page) {
-                    self.stats.resent_pages += 1;
-                } else {
-                    bs.sent.set(page);
-                }
-                let block = &bs.block;
-                let (zero, _) = self.batch.push_page(bi as u32, p, false, |buf| {
-                    block
-                        .read(p * PAGE_SIZE, buf)
-                        .map_err(Error::memory("reading a page"))
-                })?;
-                c.pages += 1;
-                c.zero += u64::from(zero);
-                if self.batch.is_full() {
-                    self.send_batch()?;
-                    self.check_cancel()?;
-                }
-                next = self.blocks[bi].dirty.find_next_set(page + 1);
+                let first = p - p % window_pages;
+                let end = (first + window_pages).min(self.blocks[bi].pages());
+                let job = self.take_window(bi, p, end, &mut populated, &mut c)?;
+                self.send_window(window_base + first / window_pages, job, &mut c)?;
+                self.check_cancel()?;
+                cursor = end as usize;
+                next = self.states[bi].dirty.find_next_set(cursor);
             }
-            self.send_batch()?;
+            window_base += self.blocks[bi].pages().div_ceil(window_pages);
         }
-        self.out.flush().map_err(Error::io("sending pages"))?;
-        debug_assert!(self.batch.is_empty());
+        let sent = match self.channels.as_mut() {
+            Some(ch) => ch.barrier()?,
+            None => {
+                self.out.flush().map_err(Error::io("sending pages"))?;
+                Sent::default()
+            }
+        };
+        c.add_sent(&sent);
+        self.pass_cpu += sent.cpu;
         self.page_records += c.pages;
         self.stats.pages_sent += c.pages;
         self.stats.zero_pages += c.zero;
         self.stats.zero_range_pages += c.zero_range;
-        c.bytes = self.out.bytes_written() - bytes_before;
         c.clears = self.stats.log_clear_calls - clears_before;
         Ok(c)
+    }
+
+    /// Pages of a window of block `bi`: its clear chunk, or [`LEGACY_WINDOW_PAGES`].
+    fn window_pages(&self, bi: usize) -> u64 {
+        match self.states[bi].clear.as_ref() {
+            Some(clear) => 1u64 << clear.shift(),
+            None => LEGACY_WINDOW_PAGES,
+        }
+    }
+
+    /// Re-arm the window `[p, end)` of block `bi` (clear mode, live), ask which of its pages are
+    /// populated, and take its dirty pages: the never-populated ones as zero ranges, the others to
+    /// read.
+    fn take_window(
+        &mut self,
+        bi: usize,
+        p: u64,
+        end: u64,
+        populated: &mut Vec<Range<u64>>,
+        c: &mut PassCounters,
+    ) -> Result<WindowJob> {
+        let mem = self.mem;
+        let block = &self.blocks[bi];
+        let bs = &mut self.states[bi];
+        // Paused (the final pass): nothing can dirty a page any more, so re-arming is pointless
+        // work inside the downtime.
+        if let Some(clear) = bs.clear.as_mut().filter(|_| !self.paused) {
+            let t = Instant::now();
+            // Re-arm, THEN ask and read.
+            let max = (CLEAR_MERGE_BYTES >> (u32::from(clear.shift()) + PAGE_SHIFT)).max(1);
+            if mem
+                .clear_chunks_before_send(block, clear, p, max)
+                .map_err(Error::memory("re-arming a chunk before sending it"))?
+                > 0
+            {
+                let took = t.elapsed();
+                self.stats.log_clear_calls += 1;
+                self.stats.log_clear_ms += ms(took);
+                tracing::trace!(
+                    block = block.name(),
+                    first_page = p,
+                    us = took.as_micros() as u64,
+                    "dirty log clear"
+                );
+            }
+        }
+        ask_populated(block, p, end - p, populated)
+            .map_err(Error::memory("asking which pages are populated"))?;
+        let mut job = WindowJob {
+            block: bi as u32,
+            ..WindowJob::default()
+        };
+        let mut cursor = p;
+        for r in populated.iter().cloned().chain(std::iter::once(end..end)) {
+            if cursor < r.start {
+                let (dirty, resent) = take_zero_range(&mut bs.dirty, &mut bs.sent, cursor, r.start);
+                if dirty > 0 {
+                    job.zero_ranges.push(cursor..r.start);
+                    c.zero_range += dirty;
+                    self.stats.resent_pages += resent;
+                }
+            }
+            let mut page = bs.dirty.find_next_set(r.start.max(cursor) as usize);
+            while let Some(q) = page.filter(|&q| (q as u64) < r.end) {
+                bs.dirty.clear(q);
+                if bs.sent.test(q) {
+                    self.stats.resent_pages += 1;
+                } else {
+                    bs.sent.set(q);
+                }
+                job.pages.push(q as u64);
+                page = bs.dirty.find_next_set(q + 1);
+            }
+            cursor = cursor.max(r.end);
+        }
+        Ok(job)
+    }
+
+    /// Send a window: to the page channel of its index on a session, inline otherwise.
+    fn send_window(&mut self, window: u64, job: WindowJob, c: &mut PassCounters) -> Result<()> {
+        match self.channels.as_mut() {
+            Some(ch) => {
+                let index = (window % ch.len() as u64) as usize;
+                ch.send(index, job)
+            }
+            None => {
+                let sent =
+                    self.encoder
+                        .send(&job, &self.blocks[job.block as usize], &mut self.out)?;
+                c.add_sent(&sent);
+                Ok(())
+            }
+        }
     }
 
     fn report(
@@ -725,6 +795,19 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         );
         let t = Instant::now();
         let last = self.pass()?;
+        if let Some(ch) = self.channels.as_mut() {
+            // Every page channel ends: its end record says how many pages it carried.
+            ch.finish()?;
+            self.stats.channel_stats = ch
+                .totals()
+                .iter()
+                .map(|s| ChannelStats {
+                    pages: s.pages,
+                    bytes: s.bytes,
+                    ns_per_page: ns_per_page(s.cpu, s.pages),
+                })
+                .collect();
+        }
         b.final_pages_ms = ms(t.elapsed());
         tracing::info!(pages_sent = last.pages, "migration final pass (paused)");
 
@@ -756,7 +839,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             let t = Instant::now();
             let threads = hash_threads();
             for bi in 0..self.blocks.len() {
-                let digests = page_digests(&self.blocks[bi].block, threads)?;
+                let digests = page_digests(&self.blocks[bi], threads)?;
                 rec.clear();
                 stream::encode_digests(bi as u32, &digests, &mut rec);
                 self.out
@@ -771,10 +854,10 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             .write_all(&rec)
             .map_err(Error::io("sending the end marker"))?;
         self.out.flush().map_err(Error::io("flushing the stream"))?;
-        self.stats.bytes_sent = self.out.bytes_written();
+        self.stats.bytes_sent = self.bytes_sent();
         if let Some(reader) = self.ack.as_mut() {
             let t = Instant::now();
-            wait_ack(reader.as_mut(), self.config.ack_timeout, self.cancel)?;
+            Ack::wait_ok(reader.as_mut(), self.config.ack_timeout, self.cancel)?;
             b.ack_ms = ms(t.elapsed());
             // The commit point: once the confirmation is out the guest runs at the destination.
             // If it fails, no whole confirmation left us, the destination will not resume, and the
@@ -783,12 +866,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             // failed to flush would try again when dropped, and a late confirmation could then
             // reach a destination after this side had resumed.
             let t = Instant::now();
-            let mut confirm = [0u8; 8];
-            confirm[..4].copy_from_slice(&stream::CONFIRM_MAGIC.to_le_bytes());
-            let transport = self.out.get_mut().get_mut();
-            transport
-                .write_all(&confirm)
-                .and_then(|()| transport.flush())
+            Confirm::send(self.out.get_mut().get_mut().as_mut())
                 .map_err(Error::io("sending the confirmation"))?;
             b.confirm_ms = ms(t.elapsed());
         }
@@ -826,7 +904,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         // Pages that hold data although the populated-pages answer left them out, as `block page N`.
         let mut unreported = Vec::new();
         for bi in 0..self.blocks.len() {
-            let block = &self.blocks[bi].block;
+            let block = &self.blocks[bi];
             let found = final_digests(block, threads).map_err(incomplete)?;
             self.stats.verify_zero_checked_pages += found.zero_checked;
             self.stats.verify_unreported_pages += found.unreported.len() as u64;
@@ -862,17 +940,18 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             .and_then(|()| self.out.flush())
             .map_err(|e| incomplete(Error::io("sending the final digests")(e)))?;
         self.stats.verify_pages = total;
-        self.stats.bytes_sent = self.out.bytes_written();
+        self.stats.bytes_sent = self.bytes_sent();
         if let Some(reader) = self.ack.as_mut() {
-            let verdict = read_verdict(reader.as_mut(), self.config.ack_timeout)?;
-            if verdict.resumed_at_unix_ns > self.stats.paused_at_unix_ns {
+            let verdict = Verdict::read(reader.as_mut(), self.config.ack_timeout)?;
+            let resumed_at = verdict.resumed_at_unix_ns();
+            if resumed_at > self.stats.paused_at_unix_ns {
                 self.stats.guest_visible_downtime_ms =
-                    (verdict.resumed_at_unix_ns - self.stats.paused_at_unix_ns) as f64 / 1e6;
+                    (resumed_at - self.stats.paused_at_unix_ns) as f64 / 1e6;
             }
-            if verdict.mismatched_pages > 0 {
+            if verdict.mismatched_pages() > 0 {
                 self.stats.verify_after_ms = ms(t.elapsed());
                 return Err(Error::VerificationFailed {
-                    mismatched_pages: verdict.mismatched_pages,
+                    mismatched_pages: verdict.mismatched_pages(),
                     first: if unreported.is_empty() {
                         "the destination's error names them".into()
                     } else {
@@ -899,8 +978,21 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         Ok(())
     }
 
-    /// Cleanup on both paths: stop logging, drop the throttle, and on failure resume the guest.
+    /// Bytes written to the control channel and every page channel.
+    fn bytes_sent(&self) -> u64 {
+        self.out.bytes_written()
+            + self
+                .channels
+                .as_ref()
+                .map_or(0, |c| c.totals().iter().map(|s| s.bytes).sum())
+    }
+
+    /// Cleanup on both paths: stop the page channels' threads, stop logging, drop the throttle,
+    /// and on failure resume the guest.
     fn finish(&mut self, ok: bool) {
+        // Their threads end when their queues close (at once, or after a write in flight, which
+        // the connection's send timeout bounds).
+        self.channels = None;
         if self.logging {
             if let Err(e) = self.mem.stop_logging() {
                 tracing::error!(error = %e, "stopping dirty logging failed");
@@ -929,104 +1021,4 @@ pub(crate) fn unix_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
-}
-
-/// The destination's verdict on the verification after the commit.
-struct Verdict {
-    mismatched_pages: u64,
-    resumed_at_unix_ns: u64,
-}
-
-/// Read the 24-byte verdict within `timeout`.
-fn read_verdict(reader: &mut dyn TransportRead, timeout: Duration) -> Result<Verdict> {
-    let incomplete = |why: String| Error::VerificationIncomplete(why);
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 24];
-    let mut got = 0;
-    while got < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(incomplete(format!("no verdict within {timeout:?}")));
-        }
-        reader
-            .set_read_timeout(Some(left.min(ACK_POLL)))
-            .map_err(|e| incomplete(e.to_string()))?;
-        match reader.read(&mut buf[got..]) {
-            Ok(0) => return Err(incomplete("the destination closed the connection".into())),
-            Ok(n) => got += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(incomplete(e.to_string())),
-        }
-    }
-    let word = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
-    let long = |i: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&buf[i..i + 8]);
-        u64::from_le_bytes(w)
-    };
-    if word(0) != stream::VERDICT_MAGIC {
-        return Err(incomplete(format!("bad verdict {buf:02x?}")));
-    }
-    let mismatched_pages = long(8);
-    if (word(4) == stream::VERDICT_OK) != (mismatched_pages == 0) {
-        return Err(incomplete(format!("inconsistent verdict {buf:02x?}")));
-    }
-    Ok(Verdict {
-        mismatched_pages,
-        resumed_at_unix_ns: long(16),
-    })
-}
-
-/// Read the 8-byte acknowledgement, polling so a cancel or the timeout is noticed.
-fn wait_ack(reader: &mut dyn TransportRead, timeout: Duration, cancel: &CancelToken) -> Result<()> {
-    reader
-        .set_read_timeout(Some(ACK_POLL))
-        .map_err(Error::io("waiting for the acknowledgement"))?;
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 8];
-    let mut got = 0;
-    while got < buf.len() {
-        if cancel.is_cancelled() {
-            return Err(Error::Cancelled);
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::AckTimeout(timeout));
-        }
-        match reader.read(&mut buf[got..]) {
-            Ok(0) => {
-                return Err(Error::Io {
-                    context: "waiting for the acknowledgement",
-                    source: std::io::ErrorKind::UnexpectedEof.into(),
-                })
-            }
-            Ok(n) => got += n,
-            // A poll interval passed (the read timeout): check cancel and the deadline, read again.
-            // `TimedOut` is not one: it is the connection itself timing out (ETIMEDOUT, e.g. from
-            // TCP_USER_TIMEOUT on a dead link) and is reported as such.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => {
-                return Err(Error::Io {
-                    context: "waiting for the acknowledgement",
-                    source: e,
-                })
-            }
-        }
-    }
-    let magic = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-    let status = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    if magic != stream::ACK_MAGIC {
-        return Err(Error::BadAck);
-    }
-    if status != stream::ACK_OK {
-        return Err(Error::DestinationRefused(status));
-    }
-    Ok(())
 }

@@ -214,8 +214,33 @@ pub struct MigrationStats {
     /// vCPU threads of a running guest included (as QEMU's `cpu_s` of a process).
     #[serde(default)]
     pub cpu_s: f64,
+    /// Page channels of the session (0: a version-1 stream, pages inline).
+    #[serde(default)]
+    pub page_channels: u32,
+    /// What each page channel carried (empty for a version-1 stream).
+    #[serde(default)]
+    pub channel_stats: Vec<ChannelStats>,
     /// Per-iteration details.
     pub iteration_history: Vec<IterationStats>,
+}
+
+/// What one page channel of a session carried.
+///
+/// # Examples
+///
+/// ```
+/// let c = clearlog_migration::ChannelStats::default();
+/// assert_eq!(c.pages, 0);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChannelStats {
+    /// Page records (zero pages included).
+    pub pages: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// CPU time of the channel's thread per page record (reading, zero checks and encoding and
+    /// writing on the source; reading, copying into guest RAM and hashing on the destination), ns.
+    pub ns_per_page: f64,
 }
 
 /// Statistics of an incoming migration.
@@ -270,6 +295,12 @@ pub struct IncomingStats {
     /// CPU seconds (user + system) of the whole process over the same span.
     #[serde(default)]
     pub cpu_s: f64,
+    /// Page channels of the session (0: a version-1 stream, pages inline).
+    #[serde(default)]
+    pub page_channels: u32,
+    /// What each page channel carried (empty for a version-1 stream).
+    #[serde(default)]
+    pub channel_stats: Vec<ChannelStats>,
     /// An acknowledgement was sent (false for a file).
     pub acked: bool,
     /// The guest was resumed.

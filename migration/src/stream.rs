@@ -75,6 +75,8 @@ pub const TAG_DIGESTS: u8 = 0x03;
 pub const TAG_ZERO_RANGE: u8 = 0x06;
 /// Record tag: end of stream.
 pub const TAG_END: u8 = 0xff;
+/// Record tag: the end of a page channel of a session (`b"CLRLEND!"`, `page_records: u64`).
+pub const TAG_CHANNEL_END: u8 = 0x07;
 /// Page entry kind: the page is all zeros (no data follows).
 pub const PAGE_ZERO: u8 = 0;
 /// Page entry kind: `page_size` bytes of data follow.
@@ -140,6 +142,32 @@ impl Header {
         let mut b = Vec::with_capacity(24 + self.blocks.len() * 32);
         b.extend_from_slice(&MAGIC.to_le_bytes());
         b.extend_from_slice(&VERSION.to_le_bytes());
+        self.encode_fields(&mut b);
+        w.write_all(&b)
+    }
+
+    /// Encode the fields after the magic and the version (page size, flags, block count, blocks):
+    /// what a version-2 session's control channel sends after its hello.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_migration::stream::{BlockInfo, Header};
+    ///
+    /// let h = Header { page_size: 4096, flags: 0, blocks: vec![BlockInfo { name: "ram".into(), size: 8192 }] };
+    /// let mut fields = Vec::new();
+    /// h.write_fields_to(&mut fields).unwrap();
+    /// let mut all = Vec::new();
+    /// h.write_to(&mut all).unwrap();
+    /// assert_eq!(&all[12..], &fields[..]);
+    /// ```
+    pub fn write_fields_to<W: Write>(&self, w: &mut W) -> std::io::Result<()> {
+        let mut b = Vec::with_capacity(12 + self.blocks.len() * 32);
+        self.encode_fields(&mut b);
+        w.write_all(&b)
+    }
+
+    fn encode_fields(&self, b: &mut Vec<u8>) {
         b.extend_from_slice(&self.page_size.to_le_bytes());
         b.extend_from_slice(&self.flags.to_le_bytes());
         b.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
@@ -148,7 +176,6 @@ impl Header {
             b.extend_from_slice(block.name.as_bytes());
             b.extend_from_slice(&block.size.to_le_bytes());
         }
-        w.write_all(&b)
     }
 }
 
@@ -302,6 +329,13 @@ pub(crate) fn encode_end(page_records: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(&page_records.to_le_bytes());
 }
 
+/// Encode the end record of a page channel.
+pub(crate) fn encode_channel_end(page_records: u64, out: &mut Vec<u8>) {
+    out.push(TAG_CHANNEL_END);
+    out.extend_from_slice(&END_MAGIC.to_le_bytes());
+    out.extend_from_slice(&page_records.to_le_bytes());
+}
+
 /// Encode a verify record: `(page, digest)` pairs of block `block` (at most
 /// [`MAX_VERIFY_ENTRIES`]).
 pub(crate) fn encode_verify(block: u32, entries: &[(u64, u64)], out: &mut Vec<u8>) {
@@ -376,7 +410,12 @@ pub enum Record {
     },
     /// The end marker, with the number of page entries the source sent.
     End {
-        /// Page entries sent in the whole stream.
+        /// Page entries sent in the whole stream (a session: on all its page channels).
+        page_records: u64,
+    },
+    /// The end of a page channel of a session, with the page entries sent on it.
+    ChannelEnd {
+        /// Page entries sent on this channel.
         page_records: u64,
     },
 }
@@ -432,6 +471,17 @@ impl<R: Read> StreamReader<R> {
             r,
             blocks: Vec::new(),
             page: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// A decoder over `r` for records of a stream whose header was read elsewhere: a page channel
+    /// of a session, whose layout the control channel's header gave.
+    pub(crate) fn with_layout(r: R, header: &Header) -> Self {
+        StreamReader {
+            r,
+            blocks: header.blocks.clone(),
+            page: vec![0; header.page_size as usize],
             bytes: 0,
         }
     }
@@ -545,6 +595,16 @@ impl<R: Read> StreamReader<R> {
                 supported: VERSION,
             });
         }
+        self.read_header_fields(local_page_size)
+    }
+
+    /// Read and check the header's fields after the magic and the version: what a version-2
+    /// session's control channel carries after its hello (see [`Header::write_fields_to`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`read_header`](Self::read_header), but for the magic and the version.
+    pub fn read_header_fields(&mut self, local_page_size: u32) -> Result<Header> {
         let page_size = self.u32("header page size")?;
         if page_size != local_page_size {
             return Err(Error::PageSizeMismatch {
@@ -700,6 +760,14 @@ impl<R: Read> StreamReader<R> {
                 }
                 let page_records = self.u64("end marker page count")?;
                 Ok(Record::End { page_records })
+            }
+            TAG_CHANNEL_END => {
+                let magic = self.u64("channel end marker")?;
+                if magic != END_MAGIC {
+                    return Err(Error::Malformed("channel end marker"));
+                }
+                let page_records = self.u64("channel end page count")?;
+                Ok(Record::ChannelEnd { page_records })
             }
             tag => Err(Error::UnknownRecord(tag)),
         }

@@ -393,6 +393,40 @@ impl Listener {
         }
     }
 
+    /// Bind (or open) `uri` as a destination that will accept with `options`: a TCP address other
+    /// than loopback is refused without TLS unless `options.insecure_plaintext` says so (anyone
+    /// who reaches the port could write the guest's memory). Unix sockets are local (their file's
+    /// permissions say who may connect); files are read.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PlaintextRefused`], and those of [`bind`](Self::bind).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_migration::{Error, Listener, ListenOptions};
+    ///
+    /// let opts = ListenOptions::default();
+    /// assert!(Listener::bind_with("tcp:127.0.0.1:0", &opts).is_ok());
+    /// assert!(matches!(
+    ///     Listener::bind_with("tcp:0.0.0.0:0", &opts),
+    ///     Err(Error::PlaintextRefused { .. })
+    /// ));
+    /// ```
+    pub fn bind_with(uri: &str, options: &crate::ListenOptions) -> Result<Self> {
+        let listener = Self::bind(uri)?;
+        if let Listener::Tcp(l) = &listener {
+            let addr = l.local_addr().map_err(Error::io("TCP local address"))?;
+            if !addr.ip().is_loopback() && !options.insecure_plaintext {
+                return Err(Error::PlaintextRefused {
+                    addr: addr.to_string(),
+                });
+            }
+        }
+        Ok(listener)
+    }
+
     /// The address a source should connect to (useful with port 0).
     ///
     /// # Examples
@@ -433,174 +467,6 @@ impl Listener {
         }
     }
 }
-
-/// How many connections [`Listener::accept_migration`] keeps waiting for a header at once; further
-/// ones are closed at once (a flood of idle connections must not exhaust threads or descriptors).
-const MAX_PENDING_CONNECTIONS: usize = 16;
-
-/// A connection waiting for its header, and how to cut it off once another one has won.
-struct Pending {
-    peer: String,
-    shutdown: Box<dyn Fn() + Send>,
-}
-
-impl Listener {
-    /// Wait for the migration: accept connections until one delivers a complete, valid stream
-    /// header, and return it with its transport (the header not consumed, as [`peek_header`] leaves
-    /// it).
-    ///
-    /// A port probe must not use up a destination: a connection that closes (or resets) before a
-    /// whole header arrived is logged as a warning and the listener keeps waiting; a connection that
-    /// stays silent does not block a later one (the first complete header wins and the others are
-    /// shut down). A connection that sends a *wrong* header (bad magic, unknown version, bad layout)
-    /// is an error, as it is for [`peek_header`]: something is talking to us that is not a clearlog
-    /// source. A `file:` listener reads its file's header.
-    ///
-    /// # Errors
-    ///
-    /// The header errors of [`peek_header`]; [`Error::Io`] if accepting fails.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use std::io::Write;
-    /// use clearlog_migration::stream::{BlockInfo, Header};
-    /// use clearlog_migration::Listener;
-    ///
-    /// let listener = Listener::bind("tcp:127.0.0.1:0").unwrap();
-    /// let addr = listener.local_uri().unwrap().trim_start_matches("tcp:").to_string();
-    /// // A health check connects and closes without a byte; then the real source connects.
-    /// drop(std::net::TcpStream::connect(&addr).unwrap());
-    /// let source = std::thread::spawn(move || {
-    ///     let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    ///     let h = Header { page_size: 4096, flags: 0, blocks: vec![BlockInfo { name: "ram0".into(), size: 1 << 20 }] };
-    ///     h.write_to(&mut s).unwrap();
-    ///     s.flush().unwrap();
-    ///     s // keep the connection open until the destination has the header
-    /// });
-    /// let (_transport, header) = listener.accept_migration().unwrap();
-    /// assert_eq!(header.blocks[0].name, "ram0");
-    /// drop(source.join().unwrap());
-    /// ```
-    pub fn accept_migration(&self) -> Result<(Transport, crate::stream::Header)> {
-        match self {
-            Listener::File(_) => {
-                let mut transport = self.accept()?;
-                let header = peek_header(&mut transport)?;
-                Ok((transport, header))
-            }
-            Listener::Tcp(l) => {
-                l.set_nonblocking(true)
-                    .map_err(Error::io("polling the TCP listener"))?;
-                let result = self.race_for_header(|| match l.accept() {
-                    Ok((stream, peer)) => {
-                        let cut = stream
-                            .try_clone()
-                            .map_err(Error::io("cloning the TCP socket"))?;
-                        let shutdown = Box::new(move || {
-                            let _ = cut.shutdown(std::net::Shutdown::Both);
-                        });
-                        Ok(Some((Transport::tcp(stream)?, peer.to_string(), shutdown)))
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                    Err(e) => Err(Error::Io {
-                        context: "TCP accept",
-                        source: e,
-                    }),
-                });
-                l.set_nonblocking(false)
-                    .map_err(Error::io("polling the TCP listener"))?;
-                result
-            }
-            Listener::Unix(l, path) => {
-                l.set_nonblocking(true)
-                    .map_err(Error::io("polling the Unix listener"))?;
-                let result = self.race_for_header(|| match l.accept() {
-                    Ok((stream, _)) => {
-                        let cut = stream
-                            .try_clone()
-                            .map_err(Error::io("cloning the Unix socket"))?;
-                        // An accepted socket does not inherit the listener's non-blocking mode.
-                        let shutdown = Box::new(move || {
-                            let _ = cut.shutdown(std::net::Shutdown::Both);
-                        });
-                        Ok(Some((
-                            Transport::unix(stream)?,
-                            path.display().to_string(),
-                            shutdown,
-                        )))
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                    Err(e) => Err(Error::Io {
-                        context: "Unix accept",
-                        source: e,
-                    }),
-                });
-                l.set_nonblocking(false)
-                    .map_err(Error::io("polling the Unix listener"))?;
-                result
-            }
-        }
-    }
-
-    /// Poll `accept` and read each accepted connection's header on a thread of its own; the first
-    /// complete header wins. See [`accept_migration`](Self::accept_migration).
-    #[allow(clippy::type_complexity)]
-    fn race_for_header(
-        &self,
-        mut accept: impl FnMut() -> Result<Option<(Transport, String, Box<dyn Fn() + Send>)>>,
-    ) -> Result<(Transport, crate::stream::Header)> {
-        type Outcome = (usize, Transport, Result<crate::stream::Header>);
-        let (tx, rx) = std::sync::mpsc::channel::<Outcome>();
-        let mut pending: std::collections::HashMap<usize, Pending> = Default::default();
-        let mut next_id = 0usize;
-        let result = loop {
-            match accept() {
-                Ok(Some((mut transport, peer, shutdown))) => {
-                    if pending.len() >= MAX_PENDING_CONNECTIONS {
-                        tracing::warn!(%peer, "too many connections without a header: closing this one");
-                        shutdown();
-                        continue;
-                    }
-                    let id = next_id;
-                    next_id += 1;
-                    pending.insert(id, Pending { peer, shutdown });
-                    let tx = tx.clone();
-                    std::thread::spawn(move || {
-                        let header = peek_header(&mut transport);
-                        let _ = tx.send((id, transport, header));
-                    });
-                    continue;
-                }
-                Ok(None) => {}
-                Err(e) => break Err(e),
-            }
-            match rx.recv_timeout(ACCEPT_POLL) {
-                Ok((id, transport, Ok(header))) => {
-                    pending.remove(&id);
-                    break Ok((transport, header));
-                }
-                Ok((id, _, Err(e))) => {
-                    let peer = pending.remove(&id).map(|p| p.peer).unwrap_or_default();
-                    if matches!(e, Error::Truncated(_) | Error::Io { .. }) {
-                        tracing::warn!(%peer, error = %e, "a connection closed before sending a whole stream header (a port probe?); still waiting for the migration");
-                    } else {
-                        break Err(e);
-                    }
-                }
-                Err(_) => {}
-            }
-        };
-        // The losers are still blocked reading their headers: cut them off.
-        for p in pending.values() {
-            (p.shutdown)();
-        }
-        result
-    }
-}
-
-/// How often [`Listener::accept_migration`] polls for new connections while it waits for headers.
-const ACCEPT_POLL: Duration = Duration::from_millis(20);
 
 impl Drop for Listener {
     fn drop(&mut self) {
@@ -791,10 +657,7 @@ pub fn peek_header(transport: &mut Transport) -> Result<crate::stream::Header> {
     let header = crate::stream::StreamReader::new(&mut recorder)
         .read_header(clearlog_memory::PAGE_SIZE as u32);
     let seen = recorder.seen;
-    transport.reader = Some(Box::new(Replay {
-        prefix: io::Cursor::new(seen),
-        inner,
-    }));
+    transport.reader = Some(Box::new(Replay::new(seen, inner)));
     header
 }
 
@@ -813,9 +676,19 @@ impl Read for Recorder<'_> {
 }
 
 /// Bytes already read (the header), then the rest of the transport.
-struct Replay {
+pub(crate) struct Replay {
     prefix: io::Cursor<Vec<u8>>,
     inner: Box<dyn TransportRead>,
+}
+
+impl Replay {
+    /// `prefix` (bytes already read from `inner`), then `inner`.
+    pub(crate) fn new(prefix: Vec<u8>, inner: Box<dyn TransportRead>) -> Self {
+        Replay {
+            prefix: io::Cursor::new(prefix),
+            inner,
+        }
+    }
 }
 
 impl Read for Replay {

@@ -110,6 +110,10 @@ pub struct IncomingArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Listen on a TCP address other than loopback without TLS: anyone who can reach the port
+    /// could write the guest's memory. Refused without this flag.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     /// `hide-populated=N`: before the stream, fill the last N pages of guest RAM with data (memory
     /// that was not zero before the migration) and leave them out of this side's populated-pages
     /// answer. The destination reads every page it receives as zero, so the migration must
@@ -182,6 +186,11 @@ pub struct MigrationArgs {
     /// the last sync's duration), or `off` for one sync per pass as QEMU does.
     #[arg(long, value_name = "DURATION|off", value_parser = parse_mid_pass_sync, default_value = "250ms")]
     pub mid_pass_sync: MidPassSync,
+    /// Page channels of the session (`tcp:` and `unix:`; 1 to 64): each is a connection of its
+    /// own with a thread on each side. `0`: one version-1 stream, what a destination that speaks
+    /// only version 1 reads. A `file:` snapshot is always one stream.
+    #[arg(long, value_name = "N", default_value_t = clearlog_migration::DEFAULT_CHANNELS)]
+    pub channels: u32,
 }
 
 /// `--mid-pass-sync`: an interval, or `None` for `off`.

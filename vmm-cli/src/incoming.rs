@@ -7,10 +7,9 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use clearlog_migration::stream::Header;
 use clearlog_migration::{
-    peek_header, ram_fingerprint, BoxError, Destination, Listener, MigrationUri, StateBlob,
-    Transport, VmRestore,
+    peek_header, ram_fingerprint, BoxError, Destination, Incoming, ListenOptions, Listener,
+    MigrationUri, StateBlob, Transport, VmRestore,
 };
 use clearlog_test_guest::workload::check::{check_increment, loaded_workload};
 use clearlog_test_guest::workload::WorkloadKind;
@@ -22,9 +21,9 @@ use crate::output::print_incoming;
 use crate::{CliError, CliResult};
 use vmm_cli::vm_control::GuestControl;
 
-/// Open the incoming transport and read its header: the migration's connection (stray ones are
-/// skipped), or the saved file.
-fn open_transport(a: &IncomingArgs) -> CliResult<(Transport, Header)> {
+/// Accept the incoming migration and read its header: a session or a version-1 connection
+/// (stray and refused connections are logged and skipped), or the saved file.
+fn open_incoming(a: &IncomingArgs) -> CliResult<Incoming> {
     if let Some(uri) = &a.listen {
         match uri.parse::<MigrationUri>() {
             Ok(MigrationUri::File(_)) => {
@@ -39,12 +38,16 @@ fn open_transport(a: &IncomingArgs) -> CliResult<(Transport, Header)> {
                 )))
             }
         }
-        let listener = Listener::bind(uri).map_err(|e| {
+        let options = ListenOptions::default().with_insecure_plaintext(a.insecure_plaintext);
+        let listener = Listener::bind_with(uri, &options).map_err(|e| {
             let hint = match &e {
                 clearlog_migration::Error::Io { source, .. }
                     if source.kind() == std::io::ErrorKind::AddrInUse =>
                 {
                     " (the address is already in use: pick another port or path)"
+                }
+                clearlog_migration::Error::PlaintextRefused { .. } => {
+                    " (give --insecure-plaintext to accept anyone who can reach the port)"
                 }
                 _ => "",
             };
@@ -54,11 +57,12 @@ fn open_transport(a: &IncomingArgs) -> CliResult<(Transport, Header)> {
         // Scripts (and `vmm bench`) wait for this line to know where to connect.
         eprintln!("vmm: listening on {local}");
         let _ = std::io::stderr().flush();
-        // A port probe that connects and closes without a header is logged and skipped; the first
-        // connection that sends a whole header is the migration.
-        return listener.accept_migration().map_err(|e| {
+        // A port probe, a peer that is not a clearlog source, a second source while one joins:
+        // refused and logged; the first source whose session (or version-1 header) is complete
+        // is the migration.
+        return listener.accept_incoming(&options).map_err(|e| {
             CliError::Failed(format!(
-                "the incoming stream on {local} is not usable: {e}; no guest was resumed"
+                "accepting the migration on {local} failed: {e}; no guest was resumed"
             ))
         });
     }
@@ -73,7 +77,7 @@ fn open_transport(a: &IncomingArgs) -> CliResult<(Transport, Header)> {
                     "the incoming stream is not usable: {e}; no guest was resumed"
                 ))
             })?;
-            Ok((transport, header))
+            Ok(Incoming::Stream { transport, header })
         }
         Ok(_) => Err(CliError::Usage(format!(
             "--from {from}: only file:PATH can be restored; use --listen for sockets"
@@ -89,16 +93,16 @@ pub fn incoming(a: IncomingArgs) -> CliResult {
     let failed = |what: &str, e: &dyn std::fmt::Display| {
         CliError::Failed(format!("{what}: {e}; no guest was resumed"))
     };
-    let (mut transport, header) = open_transport(&a)?;
+    let mut incoming = open_incoming(&a)?;
     if !a.io_timeout.is_zero() {
-        if let Some(reader) = transport.reader.as_mut() {
-            // Only once the stream has started (a source may boot and warm up its guest for long
-            // before sending its header). A read that times out fails the stream like any transport error: nothing resumes.
-            reader.set_read_timeout(Some(a.io_timeout)).map_err(|e| {
-                CliError::Failed(format!("setting the --io-timeout on the connection: {e}"))
-            })?;
-        }
+        // Only once the stream has started (a source may boot and warm up its guest for long
+        // before sending its header). A read that times out fails the stream like any transport
+        // error: nothing resumes.
+        incoming.set_read_timeout(Some(a.io_timeout)).map_err(|e| {
+            CliError::Failed(format!("setting the --io-timeout on the connection: {e}"))
+        })?;
     }
+    let header = incoming.header().clone();
     let [block] = header.blocks.as_slice() else {
         return Err(failed(
             "unexpected RAM layout",
@@ -129,13 +133,13 @@ pub fn incoming(a: IncomingArgs) -> CliResult {
         extra: Mutex::new(serde_json::Map::new()),
     };
     let received = match a.fault {
-        None => Destination::new(guest.memory()).receive(transport, &control),
+        None => Destination::new(guest.memory()).receive_incoming(incoming, &control),
         Some(Fault::HidePopulated(n)) => {
             let mut memory = FaultyMemory::new(guest.memory(), Injector::new(None, None));
             memory
                 .fill_and_hide_last_pages(n)
                 .map_err(|e| failed("--fault hide-populated", &e))?;
-            Destination::new(&memory).receive(transport, &control)
+            Destination::new(&memory).receive_incoming(incoming, &control)
         }
         Some(other) => {
             return Err(CliError::Usage(format!(

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use clearlog_kvm::DirtyLogChoice;
 use clearlog_migration::{
-    ram_fingerprint, CancelToken, ConnectOptions, DirtyLogMode, MigrationConfig, MigrationStats,
-    MigrationUri, Progress, Source, Transport,
+    connect_session, ram_fingerprint, CancelToken, ConnectOptions, DirtyLogMode, MigrationConfig,
+    MigrationStats, MigrationUri, Progress, Session, SessionOptions, Source, Transport,
 };
 use clearlog_test_guest::layout::{
     mapped_end, DEFAULT_WSS_START, IDENTITY_MAP_LIMIT, MAX_RAM, MAX_VCPUS,
@@ -105,6 +105,13 @@ pub fn validate_migration(m: &MigrationArgs) -> CliResult {
         return Err(CliError::Usage(
             "--downtime must be positive (e.g. 100ms)".into(),
         ));
+    }
+    if m.channels > clearlog_migration::wire::MAX_CHANNELS {
+        return Err(CliError::Usage(format!(
+            "--channels {}: at most {} page channels (0 for one version-1 stream)",
+            m.channels,
+            clearlog_migration::wire::MAX_CHANNELS
+        )));
     }
     Ok(())
 }
@@ -253,7 +260,7 @@ pub fn run(a: RunArgs) -> CliResult {
     let spec = workload_spec(&a)?;
     // Connect first: a wrong address should fail before minutes of guest boot.
     let transport = match &a.migrate_to {
-        Some(uri) => Some(connect_source(uri, a.io_timeout)?),
+        Some(uri) => Some(connect_source(uri, a.io_timeout, a.migration.channels)?),
         None => None,
     };
 
@@ -315,7 +322,7 @@ pub fn run(a: RunArgs) -> CliResult {
                 PROGRESS_PROBE.as_millis()
             );
         }
-        attempt = connect_source(retry, a.io_timeout)
+        attempt = connect_source(retry, a.io_timeout, a.migration.channels)
             .and_then(|t| migrate(&guest, config.clone(), t, retry, None, None));
     }
     let (stats, view) = match attempt {
@@ -503,6 +510,20 @@ impl VmControl for LiveProbe<'_> {
     }
 }
 
+/// Migrate over a stream or a session.
+fn send<M: clearlog_migration::DirtyTracking + ?Sized>(
+    source: &Source<'_, M>,
+    outgoing: Outgoing,
+    control: &dyn VmControl,
+    progress: &mut dyn FnMut(&Progress),
+    cancel: &CancelToken,
+) -> clearlog_migration::Result<MigrationStats> {
+    match outgoing {
+        Outgoing::Stream(t) => source.migrate(t, control, Some(progress), cancel),
+        Outgoing::Session(s) => source.migrate_session(s, control, Some(progress), cancel),
+    }
+}
+
 /// Check that `uri` (given with `flag`) is a migration address a source can use.
 pub fn validate_uri(flag: &str, uri: &str) -> CliResult {
     uri.parse::<MigrationUri>().map(drop).map_err(|e| {
@@ -515,22 +536,55 @@ pub fn validate_uri(flag: &str, uri: &str) -> CliResult {
 /// How long `--retry-to` watches the guest after a failed migration, to prove it still runs.
 const PROGRESS_PROBE: Duration = Duration::from_millis(300);
 
-/// Connect to a destination. A TCP connection is guarded against a dead link for `io_timeout`
-/// (the transport's send timeout and `TCP_USER_TIMEOUT`), so a link that goes silent (cable
-/// pulled, peer host gone) fails the migration in seconds and the guest keeps running here.
-pub fn connect_source(uri: &str, io_timeout: Duration) -> CliResult<Transport> {
-    clearlog_migration::connect_with(uri, &ConnectOptions { io_timeout }).map_err(|e| {
+/// Where a migration goes: one version-1 stream (a `file:` snapshot, or `--channels 0`) or a
+/// session.
+pub enum Outgoing {
+    /// One stream.
+    Stream(Transport),
+    /// A session of page channels.
+    Session(Session),
+}
+
+impl Outgoing {
+    /// Every connection wrapped with `f` (fault injection).
+    fn map(self, mut f: impl FnMut(Transport) -> Transport) -> Outgoing {
+        match self {
+            Outgoing::Stream(t) => Outgoing::Stream(f(t)),
+            Outgoing::Session(s) => Outgoing::Session(s.map(f)),
+        }
+    }
+}
+
+/// Connect to a destination: a session of `channels` page channels for `tcp:` and `unix:`
+/// (`0`: one version-1 stream), one stream for `file:`. TCP connections are guarded against a
+/// dead link for `io_timeout` (the send timeout and `TCP_USER_TIMEOUT`), so a link that goes
+/// silent (cable pulled, peer host gone) fails the migration in seconds and the guest keeps
+/// running here.
+pub fn connect_source(uri: &str, io_timeout: Duration, channels: u32) -> CliResult<Outgoing> {
+    let unreachable = |e: clearlog_migration::Error| {
         CliError::Failed(format!(
             "cannot reach the destination {uri}: {e} (is `vmm incoming` listening there?)"
         ))
-    })
+    };
+    let is_file = matches!(uri.parse::<MigrationUri>(), Ok(MigrationUri::File(_)));
+    if is_file || channels == 0 {
+        return clearlog_migration::connect_with(uri, &ConnectOptions { io_timeout })
+            .map(Outgoing::Stream)
+            .map_err(unreachable);
+    }
+    let opts = SessionOptions::default()
+        .with_channels(channels)
+        .with_io_timeout(io_timeout);
+    connect_session(uri, &opts)
+        .map(Outgoing::Session)
+        .map_err(unreachable)
 }
 
 /// Run one migration of `guest`, with a progress bar on a terminal.
 pub fn migrate(
     guest: &Guest,
     config: MigrationConfig,
-    transport: clearlog_migration::Transport,
+    outgoing: Outgoing,
     uri: &str,
     fail_at: Option<FaultPlan>,
     fault: Option<Fault>,
@@ -565,7 +619,7 @@ pub fn migrate(
     let control = LiveProbe::start(guest);
     let result = match (fail_at, fault) {
         (None, None) => Source::new(guest.memory(), config)
-            .and_then(|s| s.migrate(transport, &control, Some(&mut on_progress), &cancel)),
+            .and_then(|s| send(&s, outgoing, &control, &mut on_progress, &cancel)),
         (plan, fault) => {
             let faults = Injector::new(plan, fault);
             let mut memory = FaultyMemory::new(guest.memory(), faults.clone());
@@ -578,9 +632,9 @@ pub fn migrate(
                 inner: &control,
                 faults: faults.clone(),
             };
-            let transport = faulty_transport(transport, &faults);
+            let outgoing = outgoing.map(|t| faulty_transport(t, &faults));
             Source::new(&memory, config)
-                .and_then(|s| s.migrate(transport, &control, Some(&mut on_progress), &cancel))
+                .and_then(|s| send(&s, outgoing, &control, &mut on_progress, &cancel))
         }
     };
     if let Some(bar) = bar {

@@ -130,6 +130,7 @@ mod ratelimit;
 mod source;
 mod stats;
 pub mod stream;
+pub mod tls;
 mod transport;
 mod vm;
 
@@ -146,6 +147,7 @@ pub use memory::{DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory};
 pub use ratelimit::{RateLimitedWriter, TokenBucket};
 pub use source::Source;
 pub use stats::{DowntimeBreakdown, IncomingStats, IterationStats, MigrationStats, Progress};
+pub use tls::{tls_client, tls_server, PeerIdentity, TlsClient, TlsError, TlsFiles, TlsServer};
 pub use transport::{
     connect, connect_with, mem_channel, peek_header, pipe, ConnectOptions, Listener, MigrationUri,
     PipeReader, PipeWriter, Transport, TransportRead, DEFAULT_IO_TIMEOUT,

@@ -35,6 +35,10 @@
 //! that the destination refuses would only learn it at its first read, after it had started to
 //! send. Session resumption is off: every connection presents and checks full certificates.
 //!
+//! The key exchange is X25519 or ECDHE (P-256/P-384): the `ring` provider has no post-quantum
+//! key exchange, so a recorded migration stream is not protected against a future quantum
+//! computer.
+//!
 //! The [`Transport`]'s reader and writer can be used from two threads at once. They share the
 //! rustls connection state behind a mutex, and each has its own handle on the socket: the reader
 //! reads ciphertext without the lock, then takes it to decrypt; the writer takes it to encrypt,
@@ -626,8 +630,14 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A DNS name or an IP address (an IPv6 address may keep the brackets of a URI: `[::1]`).
 fn parse_name(name: &str) -> Result<ServerName<'static>, TlsError> {
-    ServerName::try_from(name.trim())
+    let trimmed = name.trim();
+    let bare = trimmed
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(trimmed);
+    ServerName::try_from(bare)
         .map(|n| n.to_owned())
         .map_err(|_| TlsError::InvalidName(name.into()))
 }
@@ -1077,6 +1087,9 @@ impl Handshake {
     fn start(sock: TcpStream, conn: Connection, timeout: Duration) -> Result<Self, TlsError> {
         let io = |context| move |source| TlsError::Io { context, source };
         sock.set_nodelay(true).map_err(io("setting TCP_NODELAY"))?;
+        // The deadline is kept with socket timeouts, which need a blocking socket.
+        sock.set_nonblocking(false)
+            .map_err(io("making the socket blocking"))?;
         let saved = (
             sock.read_timeout()
                 .map_err(io("reading the socket timeouts"))?,
@@ -1086,7 +1099,10 @@ impl Handshake {
         Ok(Handshake {
             sock,
             conn,
-            deadline: Instant::now() + timeout,
+            // A timeout too large for an Instant: a day is as good as forever here.
+            deadline: Instant::now()
+                .checked_add(timeout)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)),
             timeout,
             saved,
             sniffed: false,
@@ -1642,6 +1658,7 @@ mod tests {
         assert!(parse_name("dst.example").is_ok());
         assert!(parse_name("192.0.2.10").is_ok());
         assert!(parse_name("::1").is_ok());
+        assert_eq!(parse_name("[::1]").unwrap(), parse_name("::1").unwrap());
         assert!(matches!(
             parse_name("not a name"),
             Err(TlsError::InvalidName(_))

@@ -524,6 +524,40 @@ fn authz_names_match_wildcard_certificates() {
     cli.unwrap();
 }
 
+#[test]
+fn a_client_without_a_certificate_is_refused() {
+    let pki = Pki::new();
+    let server = pki.server();
+    // A client of our CA that presents no certificate (rustls directly: ours always presents one).
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::pem::PemObject::from_pem_slice(pki.ca.pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            #[allow(deprecated)]
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (srv, cli) = std::thread::scope(|s| {
+        let srv = s.spawn(|| tls_server(listener.accept().unwrap().0, &server, TIMEOUT));
+        let conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
+        let cli =
+            rustls::StreamOwned::new(conn, TcpStream::connect(addr).unwrap()).read(&mut [0; 8]);
+        (srv.join().unwrap(), cli)
+    });
+    let e = server_err(srv);
+    assert!(matches!(e, TlsError::NoPeerCertificate), "{e:?}");
+    let e = cli.unwrap_err();
+    assert!(e.to_string().contains("CertificateRequired"), "{e}");
+}
+
 // ---- peers that do not behave ----
 
 #[test]

@@ -105,9 +105,13 @@
 //!
 //! # Making the certificates
 //!
-//! With `openssl` (1.1.1 or later; these exact commands were run with OpenSSL 3.0 to make the
-//! files under `migration/tests/data/tls/`, which the test `openssl_made_files_work` loads). Keep
-//! `ca-key.pem` off the migration hosts: each host needs only its directory.
+//! With `openssl` (1.1.1 or later). These commands were run as written, by hand, with OpenSSL
+//! 3.0.19 under `sh`: `TlsServer`/`TlsClient` loaded the files and a loopback handshake passed
+//! with the server names `dst.example` and `192.0.2.10` and the authorization list
+//! `source-a.example`. The files under `migration/tests/data/tls/` were made by the same commands
+//! with test names and a 100-year validity (its README lists them); the test
+//! `openssl_made_files_work` loads them. Keep `ca-key.pem` off the migration hosts: each host
+//! needs only its own directory.
 //!
 //! ```sh
 //! # The CA (10 years).

@@ -132,6 +132,7 @@ mod session;
 mod source;
 mod stats;
 pub mod stream;
+pub mod tls;
 mod transport;
 mod vm;
 pub mod wire;
@@ -156,6 +157,7 @@ pub use source::Source;
 pub use stats::{
     ChannelStats, DowntimeBreakdown, IncomingStats, IterationStats, MigrationStats, Progress,
 };
+pub use tls::{tls_client, tls_server, PeerIdentity, TlsClient, TlsError, TlsFiles, TlsServer};
 pub use transport::{
     connect, connect_with, mem_channel, peek_header, pipe, ConnectOptions, Listener, MigrationUri,
     PipeReader, PipeWriter, Transport, TransportRead, DEFAULT_IO_TIMEOUT,

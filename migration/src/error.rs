@@ -141,6 +141,14 @@ pub enum Error {
         /// The address.
         addr: String,
     },
+    /// A TLS handshake failed: either side refused the other's certificate, or the peer does
+    /// not speak TLS, or it stalled.
+    #[error("TLS handshake failed")]
+    Tls(#[source] crate::tls::TlsError),
+    /// TLS was asked for where it cannot run: it runs over TCP connections that clearlog opens or
+    /// accepts itself.
+    #[error("TLS runs over TCP only: {0}")]
+    TlsNeedsTcp(&'static str),
     /// A page channel of a session failed.
     #[error("page channel {index}: {source}")]
     Channel {
@@ -291,4 +299,17 @@ impl Error {
             }
         }
     }
+}
+
+/// `e` and its sources, joined with ": " (for logs: every message is short and never repeats its
+/// source).
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
 }

@@ -25,7 +25,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::stream::{Header, StreamReader, MAGIC};
-use crate::transport::{Listener, MigrationUri, TransportRead, DEFAULT_IO_TIMEOUT};
+use crate::tls::{tls_client, tls_server, PeerIdentity, TlsClient, TlsServer};
+use crate::transport::{guard_tcp, Listener, MigrationUri, TransportRead, DEFAULT_IO_TIMEOUT};
 use crate::wire::{
     read_within, Hello, HelloReply, ReadFailure, HELLO_ACCEPTED, HELLO_BAD_CHANNEL, HELLO_BUSY,
     HELLO_NO_SESSION, KIND_CONTROL, KIND_PAGES,
@@ -58,8 +59,11 @@ pub struct SessionOptions {
     /// TCP only: send timeout and `TCP_USER_TIMEOUT` of every connection (see
     /// [`Transport::tcp_with_timeout`]); zero turns the guard off.
     pub io_timeout: Duration,
-    /// How long the destination may take to answer each hello.
+    /// How long the destination may take to answer each hello, and each TLS handshake.
     pub handshake_timeout: Duration,
+    /// TCP only: run every connection over mutual TLS with this configuration (see
+    /// [`crate::tls`]). `None`: plaintext.
+    pub tls: Option<TlsClient>,
 }
 
 impl Default for SessionOptions {
@@ -68,6 +72,7 @@ impl Default for SessionOptions {
             channels: DEFAULT_CHANNELS,
             io_timeout: DEFAULT_IO_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            tls: None,
         }
     }
 }
@@ -88,6 +93,12 @@ impl SessionOptions {
     /// With this `handshake_timeout`.
     pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
         self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Over mutual TLS with `tls`.
+    pub fn with_tls(mut self, tls: TlsClient) -> Self {
+        self.tls = Some(tls);
         self
     }
 }
@@ -151,12 +162,15 @@ pub trait ChannelConnector {
 }
 
 /// Source side: open a session of `options.channels` page channels to `uri` (`tcp:` or `unix:`;
-/// a `file:` snapshot is one version-1 stream: use [`crate::connect`]).
+/// a `file:` snapshot is one version-1 stream: use [`crate::connect`]). With `options.tls`, each
+/// TCP connection runs the TLS handshake before its hello.
 ///
 /// # Errors
 ///
-/// [`Error::InvalidUri`] (a `file:` URI too), [`Error::Io`] if a connection fails, and the
-/// handshake errors of [`open_session`].
+/// [`Error::InvalidUri`] (a `file:` URI too), [`Error::TlsNeedsTcp`] for TLS over a Unix socket,
+/// [`Error::Io`]
+/// if a connection fails, [`Error::Tls`] if a TLS handshake fails (either side refusing the
+/// other's certificate, a peer not speaking TLS), and the handshake errors of [`open_session`].
 ///
 /// # Examples
 ///
@@ -179,28 +193,36 @@ pub fn connect_session(uri: &str, options: &SessionOptions) -> Result<Session> {
                 reason: "a file is one version-1 stream, not a session (use connect)",
             })
         }
+        MigrationUri::Unix(_) if options.tls.is_some() => {
+            return Err(Error::TlsNeedsTcp(
+                "a Unix socket is guarded by its file's permissions",
+            ))
+        }
         u => u,
     };
-    let mut connector = UriConnector {
-        uri,
-        io_timeout: options.io_timeout,
-    };
+    let mut connector = UriConnector { uri, options };
     open_session(&mut connector, options)
 }
 
 /// Connects to a `tcp:` or `unix:` URI.
-struct UriConnector {
+struct UriConnector<'a> {
     uri: MigrationUri,
-    io_timeout: Duration,
+    options: &'a SessionOptions,
 }
 
-impl ChannelConnector for UriConnector {
+impl ChannelConnector for UriConnector<'_> {
     fn connect(&mut self) -> Result<Transport> {
         match &self.uri {
-            MigrationUri::Tcp(addr) => Transport::tcp_with_timeout(
-                TcpStream::connect(addr).map_err(Error::io("TCP connect"))?,
-                self.io_timeout,
-            ),
+            MigrationUri::Tcp(addr) => {
+                let stream = TcpStream::connect(addr).map_err(Error::io("TCP connect"))?;
+                let stream = guard_tcp(stream, self.options.io_timeout)?;
+                match &self.options.tls {
+                    Some(tls) => {
+                        tls_client(stream, tls, self.options.handshake_timeout).map_err(Error::Tls)
+                    }
+                    None => Transport::tcp(stream),
+                }
+            }
             MigrationUri::Unix(path) => {
                 Transport::unix(UnixStream::connect(path).map_err(Error::io("Unix connect"))?)
             }
@@ -316,17 +338,22 @@ fn session_id() -> [u8; 16] {
 ///
 /// ```
 /// let opts = clearlog_migration::ListenOptions::default();
-/// assert!(!opts.insecure_plaintext);
+/// assert!(!opts.insecure_plaintext && opts.tls.is_none());
 /// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ListenOptions {
-    /// How long a connection may take to say what it is (its hello or its version-1 header's
-    /// first bytes), and a session's page channels to join after its control channel.
+    /// How long a connection may take to say what it is (its TLS handshake, then its hello or
+    /// its version-1 header's first bytes), and a session's page channels to join after its
+    /// control channel.
     pub handshake_timeout: Duration,
     /// Listen on a TCP address other than loopback without TLS. Off by default: anyone who
     /// reaches the port could write the guest's memory ([`Error::PlaintextRefused`]).
     pub insecure_plaintext: bool,
+    /// TCP only: accept only connections that complete mutual TLS with this configuration (see
+    /// [`crate::tls`]); every connection of a session must present the same identity. `None`:
+    /// plaintext.
+    pub tls: Option<TlsServer>,
 }
 
 impl Default for ListenOptions {
@@ -334,6 +361,7 @@ impl Default for ListenOptions {
         ListenOptions {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             insecure_plaintext: false,
+            tls: None,
         }
     }
 }
@@ -348,6 +376,12 @@ impl ListenOptions {
     /// Allow (or not) plaintext on an address other than loopback.
     pub fn with_insecure_plaintext(mut self, allow: bool) -> Self {
         self.insecure_plaintext = allow;
+        self
+    }
+
+    /// Accept only mutual TLS with `tls`.
+    pub fn with_tls(mut self, tls: TlsServer) -> Self {
+        self.tls = Some(tls);
         self
     }
 }
@@ -415,6 +449,15 @@ impl Incoming {
             Incoming::Session(s) => s.pages.len(),
         }
     }
+
+    /// Who the source of a session is, as its TLS certificate says: `None` without TLS (and for
+    /// a version-1 stream, whose identity is only logged).
+    pub fn peer_identity(&self) -> Option<&PeerIdentity> {
+        match self {
+            Incoming::Stream { .. } => None,
+            Incoming::Session(s) => s.peer.as_ref(),
+        }
+    }
 }
 
 /// A session on the destination side, ready to receive ([`crate::Destination::receive_incoming`]).
@@ -422,6 +465,8 @@ pub struct IncomingSession {
     pub(crate) control: Transport,
     pub(crate) pages: Vec<Transport>,
     pub(crate) header: Header,
+    /// Who the source is, as its TLS certificate says (`None` without TLS).
+    pub(crate) peer: Option<PeerIdentity>,
     /// Shuts the control connection down: a failed page channel wakes the control channel's
     /// reader with it.
     pub(crate) control_cut: Option<Box<dyn Fn() + Send + Sync>>,
@@ -432,6 +477,7 @@ impl std::fmt::Debug for IncomingSession {
         f.debug_struct("IncomingSession")
             .field("page_channels", &self.pages.len())
             .field("header", &self.header)
+            .field("peer", &self.peer)
             .finish_non_exhaustive()
     }
 }
@@ -465,12 +511,63 @@ const ACCEPT_POLL: Duration = Duration::from_millis(20);
 /// Connections being answered, by id: their peer's name and how to cut them off.
 type Pending = HashMap<usize, (String, Box<dyn Fn() + Send + Sync>)>;
 
+/// A connection as it arrives: ready to speak, or a socket still to set up (on the connection's
+/// own thread: a stalled TLS handshake never holds up the accept loop, and a socket that fails
+/// its setup is only refused).
+enum Opening {
+    Ready(Transport),
+    Tcp(TcpStream, Option<TlsServer>),
+    Unix(UnixStream),
+}
+
+impl Opening {
+    /// The connection's transport, and its TLS identity if it runs TLS; a refusal says why not.
+    fn open(
+        self,
+        timeout: Duration,
+    ) -> std::result::Result<(Transport, Option<PeerIdentity>), String> {
+        let err = |e: Error| crate::error::chain(&e);
+        match self {
+            Opening::Ready(t) => Ok((t, None)),
+            Opening::Tcp(sock, None) => Ok((Transport::tcp(sock).map_err(err)?, None)),
+            Opening::Tcp(sock, Some(tls)) => tls_server(sock, &tls, timeout)
+                .map(|(t, who)| (t, Some(who)))
+                .map_err(|e| format!("TLS: {}", crate::error::chain(&e))),
+            Opening::Unix(sock) => Ok((Transport::unix(sock).map_err(err)?, None)),
+        }
+    }
+}
+
+/// A connection that arrived, with its peer's name and how to cut it off.
+struct Arrival {
+    opening: Opening,
+    peer: String,
+    shutdown: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Where an accept gets its connections: a [`ChannelAcceptor`], or a listener of ours (which can
+/// hand over raw TCP sockets for TLS).
+trait Arrivals {
+    /// A new connection if one is waiting, `None` if not (it must not block).
+    fn poll(&mut self) -> Result<Option<Arrival>>;
+}
+
+impl Arrivals for &mut dyn ChannelAcceptor {
+    fn poll(&mut self) -> Result<Option<Arrival>> {
+        Ok(self.poll_accept()?.map(|a| Arrival {
+            opening: Opening::Ready(a.transport),
+            peer: a.peer,
+            shutdown: a.shutdown,
+        }))
+    }
+}
+
 /// What a connection's thread found out about it.
 enum Said {
     /// A whole version-1 header: this connection is the migration.
     Stream(Transport, Header),
-    /// A hello: the accept loop decides through `answer`.
-    Hello(Hello, mpsc::Sender<Answer>),
+    /// A hello, from this TLS identity: the accept loop decides through `answer`.
+    Hello(Hello, Option<PeerIdentity>, mpsc::Sender<Answer>),
     /// An accepted control channel, and its session's header (or why it never came).
     Control(Transport, Result<Header>),
     /// An accepted page channel.
@@ -490,6 +587,8 @@ enum Answer {
 /// The one session being set up.
 struct Forming {
     id: [u8; 16],
+    /// The TLS identity of its control channel: its page channels must present the same.
+    peer: Option<PeerIdentity>,
     /// The connection id of its control channel.
     control_conn: usize,
     control: Option<(Transport, Header)>,
@@ -513,19 +612,33 @@ impl Forming {
 /// probe, a peer that stays silent, a peer that sends something other than a clearlog stream, a
 /// second session while one is joining, a page channel of an unknown session.
 ///
+/// An acceptor's connections are already open: TLS ([`ListenOptions::tls`]) needs a listener
+/// that hands over TCP sockets, [`Listener::accept_incoming`].
+///
 /// # Errors
 ///
-/// Only the acceptor's own errors: what peers send never ends the wait.
+/// Only the acceptor's own errors, and [`Error::TlsNeedsTcp`] if `options` asks for TLS: what
+/// peers send never ends the wait.
 pub fn accept_incoming(
-    acceptor: &mut dyn ChannelAcceptor,
+    mut acceptor: &mut dyn ChannelAcceptor,
     options: &ListenOptions,
 ) -> Result<Incoming> {
+    if options.tls.is_some() {
+        return Err(Error::TlsNeedsTcp(
+            "accept with Listener::accept_incoming (a ChannelAcceptor's connections are already open)",
+        ));
+    }
+    accept_arrivals(&mut acceptor, options)
+}
+
+/// [`accept_incoming`] from any source of connections.
+fn accept_arrivals(arrivals: &mut dyn Arrivals, options: &ListenOptions) -> Result<Incoming> {
     let (tx, rx) = mpsc::channel::<(usize, Said)>();
     let mut pending: Pending = HashMap::new();
     let mut next = 0usize;
     let mut forming: Option<Forming> = None;
     let result = loop {
-        match acceptor.poll_accept() {
+        match arrivals.poll() {
             Ok(Some(a)) => {
                 if pending.len() >= MAX_PENDING_CONNECTIONS {
                     tracing::warn!(peer = %a.peer, "too many connections being answered: closing this one");
@@ -537,7 +650,7 @@ pub fn accept_incoming(
                 pending.insert(id, (a.peer, a.shutdown));
                 let tx = tx.clone();
                 let timeout = options.handshake_timeout;
-                std::thread::spawn(move || identify(id, a.transport, timeout, tx));
+                std::thread::spawn(move || identify(id, a.opening, timeout, tx));
                 continue;
             }
             Ok(None) => {}
@@ -567,7 +680,8 @@ pub fn accept_incoming(
                 pending.remove(&id);
                 tracing::warn!(%peer, "refused a connection: {why}; still waiting for the migration");
             }
-            Said::Hello(hello, answer) => match decide(&hello, &mut forming, id, options) {
+            Said::Hello(hello, who, answer) => match decide(&hello, who, &mut forming, id, options)
+            {
                 Ok(()) => {
                     let _ = answer.send(Answer::Accept);
                 }
@@ -598,10 +712,17 @@ pub fn accept_incoming(
             let Some((control, header)) = f.control else {
                 continue; // not complete without it
             };
+            tracing::info!(
+                page_channels = f.pages.len(),
+                tls_names = ?f.peer.as_ref().map(|p| &p.dns_names),
+                authorized_as = ?f.peer.as_ref().and_then(|p| p.authorized_as.as_ref()),
+                "accepted a session"
+            );
             break Ok(Incoming::Session(IncomingSession {
                 control,
                 pages: f.pages.into_iter().flatten().collect(),
                 header,
+                peer: f.peer,
                 control_cut,
             }));
         }
@@ -614,10 +735,7 @@ pub fn accept_incoming(
 }
 
 /// Drop the session being set up, cutting off its connections.
-fn drop_forming(
-    forming: &mut Option<Forming>,
-    pending: &mut Pending,
-) {
+fn drop_forming(forming: &mut Option<Forming>, pending: &mut Pending) {
     if let Some(f) = forming.take() {
         for c in std::iter::once(f.control_conn).chain(f.page_conns) {
             if let Some((_, cut)) = pending.remove(&c) {
@@ -631,6 +749,7 @@ fn drop_forming(
 /// channel joins it.
 fn decide(
     hello: &Hello,
+    peer: Option<PeerIdentity>,
     forming: &mut Option<Forming>,
     conn: usize,
     options: &ListenOptions,
@@ -640,6 +759,7 @@ fn decide(
         (KIND_CONTROL, None) => {
             *forming = Some(Forming {
                 id: hello.session(),
+                peer,
                 control_conn: conn,
                 control: None,
                 pages: (0..hello.channels()).map(|_| None).collect(),
@@ -649,6 +769,12 @@ fn decide(
             Ok(())
         }
         (KIND_PAGES, Some(f)) if f.id == hello.session() => {
+            if peer != f.peer {
+                return Err((
+                    HELLO_NO_SESSION,
+                    "a page channel whose TLS identity differs from its control channel's",
+                ));
+            }
             let c = hello.channel() as usize;
             if hello.channels() as usize != f.pages.len()
                 || c >= f.pages.len()
@@ -672,15 +798,28 @@ fn decide(
     }
 }
 
-/// A connection's thread: find out what it is (within `timeout` for its first bytes), answer a
-/// hello as the accept loop decides, read a session's header, report.
-fn identify(id: usize, mut t: Transport, timeout: Duration, tx: mpsc::Sender<(usize, Said)>) {
+/// A connection's thread: run its TLS handshake if it has one, find out what it is (within
+/// `timeout` for each), answer a hello as the accept loop decides, read a session's header,
+/// report.
+fn identify(id: usize, opening: Opening, timeout: Duration, tx: mpsc::Sender<(usize, Said)>) {
+    let (mut t, who) = match opening.open(timeout) {
+        Ok(opened) => opened,
+        Err(why) => {
+            let _ = tx.send((id, Said::Refused(why)));
+            return;
+        }
+    };
     let said = match first_bytes(&mut t, timeout) {
         Err(why) => Said::Refused(why),
-        Ok(First::Stream(header)) => Said::Stream(t, header),
+        Ok(First::Stream(header)) => {
+            if let Some(who) = &who {
+                tracing::info!(dns_names = ?who.dns_names, "a version-1 stream over TLS");
+            }
+            Said::Stream(t, header)
+        }
         Ok(First::Hello(hello)) => {
             let (answer_tx, answer_rx) = mpsc::channel();
-            if tx.send((id, Said::Hello(hello, answer_tx))).is_err() {
+            if tx.send((id, Said::Hello(hello, who, answer_tx))).is_err() {
                 return;
             }
             let Ok(answer) = answer_rx.recv() else {
@@ -837,15 +976,22 @@ impl Listener {
             Listener::Tcp(l) => {
                 l.set_nonblocking(true)
                     .map_err(Error::io("polling the TCP listener"))?;
-                let r = accept_incoming(&mut TcpAcceptor(l), options);
+                let mut acceptor = TcpAcceptor {
+                    listener: l,
+                    tls: options.tls.clone(),
+                };
+                let r = accept_arrivals(&mut acceptor, options);
                 l.set_nonblocking(false)
                     .map_err(Error::io("polling the TCP listener"))?;
                 r
             }
+            Listener::Unix(..) if options.tls.is_some() => Err(Error::TlsNeedsTcp(
+                "listen on a tcp: address (a Unix socket is guarded by its file's permissions)",
+            )),
             Listener::Unix(l, path) => {
                 l.set_nonblocking(true)
                     .map_err(Error::io("polling the Unix listener"))?;
-                let r = accept_incoming(&mut UnixAcceptor(l, path.display().to_string()), options);
+                let r = accept_arrivals(&mut UnixAcceptor(l, path.display().to_string()), options);
                 l.set_nonblocking(false)
                     .map_err(Error::io("polling the Unix listener"))?;
                 r
@@ -854,18 +1000,21 @@ impl Listener {
     }
 }
 
-struct TcpAcceptor<'a>(&'a std::net::TcpListener);
+struct TcpAcceptor<'a> {
+    listener: &'a std::net::TcpListener,
+    tls: Option<TlsServer>,
+}
 
-impl ChannelAcceptor for TcpAcceptor<'_> {
-    fn poll_accept(&mut self) -> Result<Option<Accepted>> {
-        match self.0.accept() {
+impl Arrivals for TcpAcceptor<'_> {
+    fn poll(&mut self) -> Result<Option<Arrival>> {
+        match self.listener.accept() {
             Ok((stream, peer)) => {
                 // An accepted socket does not inherit the listener's non-blocking mode.
-                let cut = stream
-                    .try_clone()
-                    .map_err(Error::io("cloning the TCP socket"))?;
-                Ok(Some(Accepted {
-                    transport: Transport::tcp(stream)?,
+                let Some(cut) = clone_or_drop(stream.try_clone(), &peer) else {
+                    return Ok(None);
+                };
+                Ok(Some(Arrival {
+                    opening: Opening::Tcp(stream, self.tls.clone()),
                     peer: peer.to_string(),
                     shutdown: Box::new(move || {
                         let _ = cut.shutdown(std::net::Shutdown::Both);
@@ -883,15 +1032,15 @@ impl ChannelAcceptor for TcpAcceptor<'_> {
 
 struct UnixAcceptor<'a>(&'a std::os::unix::net::UnixListener, String);
 
-impl ChannelAcceptor for UnixAcceptor<'_> {
-    fn poll_accept(&mut self) -> Result<Option<Accepted>> {
+impl Arrivals for UnixAcceptor<'_> {
+    fn poll(&mut self) -> Result<Option<Arrival>> {
         match self.0.accept() {
             Ok((stream, _)) => {
-                let cut = stream
-                    .try_clone()
-                    .map_err(Error::io("cloning the Unix socket"))?;
-                Ok(Some(Accepted {
-                    transport: Transport::unix(stream)?,
+                let Some(cut) = clone_or_drop(stream.try_clone(), &self.1) else {
+                    return Ok(None);
+                };
+                Ok(Some(Arrival {
+                    opening: Opening::Unix(stream),
                     peer: self.1.clone(),
                     shutdown: Box::new(move || {
                         let _ = cut.shutdown(std::net::Shutdown::Both);
@@ -905,4 +1054,14 @@ impl ChannelAcceptor for UnixAcceptor<'_> {
             }),
         }
     }
+}
+
+/// The second handle on an accepted socket (to cut it off), or `None` with a warning: without it
+/// (out of descriptors?) the connection is dropped and the wait goes on.
+fn clone_or_drop<S>(clone: io::Result<S>, peer: &dyn std::fmt::Display) -> Option<S> {
+    clone
+        .inspect_err(|e| {
+            tracing::warn!(%peer, "dropped a connection: cloning its socket: {e}; still waiting for the migration");
+        })
+        .ok()
 }

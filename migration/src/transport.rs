@@ -139,14 +139,7 @@ impl Transport {
     /// let t = clearlog_migration::Transport::tcp_with_timeout(s, Duration::from_secs(5)).unwrap();
     /// ```
     pub fn tcp_with_timeout(stream: TcpStream, io_timeout: Duration) -> Result<Self> {
-        if !io_timeout.is_zero() {
-            stream
-                .set_write_timeout(Some(io_timeout))
-                .map_err(Error::io("setting the TCP send timeout"))?;
-            set_tcp_user_timeout(&stream, io_timeout)
-                .map_err(Error::io("setting TCP_USER_TIMEOUT"))?;
-        }
-        Self::tcp(stream)
+        Self::tcp(guard_tcp(stream, io_timeout)?)
     }
 
     /// Both directions of a connected Unix stream socket.
@@ -193,6 +186,18 @@ impl Transport {
     pub fn file_reader(file: File) -> Self {
         Transport::new(Some(Box::new(file)), None)
     }
+}
+
+/// Guard a TCP stream against a dead link as [`Transport::tcp_with_timeout`] says (zero: no
+/// guard); TLS runs its handshake on the guarded stream.
+pub(crate) fn guard_tcp(stream: TcpStream, io_timeout: Duration) -> Result<TcpStream> {
+    if !io_timeout.is_zero() {
+        stream
+            .set_write_timeout(Some(io_timeout))
+            .map_err(Error::io("setting the TCP send timeout"))?;
+        set_tcp_user_timeout(&stream, io_timeout).map_err(Error::io("setting TCP_USER_TIMEOUT"))?;
+    }
+    Ok(stream)
 }
 
 /// A parsed migration address: `tcp:HOST:PORT`, `unix:PATH` or `file:PATH`.
@@ -394,13 +399,14 @@ impl Listener {
     }
 
     /// Bind (or open) `uri` as a destination that will accept with `options`: a TCP address other
-    /// than loopback is refused without TLS unless `options.insecure_plaintext` says so (anyone
-    /// who reaches the port could write the guest's memory). Unix sockets are local (their file's
-    /// permissions say who may connect); files are read.
+    /// than loopback is refused without TLS (`options.tls`) unless `options.insecure_plaintext`
+    /// says so (anyone who reaches the port could write the guest's memory). Unix sockets are
+    /// local (their file's permissions say who may connect); files are read.
     ///
     /// # Errors
     ///
-    /// [`Error::PlaintextRefused`], and those of [`bind`](Self::bind).
+    /// [`Error::PlaintextRefused`]; [`Error::TlsNeedsTcp`] for TLS on a Unix socket or a file; those
+    /// of [`bind`](Self::bind).
     ///
     /// # Examples
     ///
@@ -415,10 +421,13 @@ impl Listener {
     /// ));
     /// ```
     pub fn bind_with(uri: &str, options: &crate::ListenOptions) -> Result<Self> {
+        if options.tls.is_some() && !matches!(uri.parse()?, MigrationUri::Tcp(_)) {
+            return Err(Error::TlsNeedsTcp("listen on a tcp: address"));
+        }
         let listener = Self::bind(uri)?;
         if let Listener::Tcp(l) = &listener {
             let addr = l.local_addr().map_err(Error::io("TCP local address"))?;
-            if !addr.ip().is_loopback() && !options.insecure_plaintext {
+            if !addr.ip().is_loopback() && options.tls.is_none() && !options.insecure_plaintext {
                 return Err(Error::PlaintextRefused {
                     addr: addr.to_string(),
                 });

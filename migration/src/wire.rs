@@ -234,8 +234,9 @@ impl HelloReply {
 
 fn closed_after_hello() -> Error {
     Error::Handshake(format!(
-        "the destination closed the connection after our hello (a destination that speaks only \
-         stream version {} does that; this source speaks {SESSION_VERSION})",
+        "the destination closed the connection after our hello (a destination that requires TLS \
+         does that, and one that speaks only stream version {}; this source speaks plaintext \
+         version {SESSION_VERSION})",
         stream::VERSION
     ))
 }

@@ -112,8 +112,28 @@ pub struct IncomingArgs {
     pub json: bool,
     /// Listen on a TCP address other than loopback without TLS: anyone who can reach the port
     /// could write the guest's memory. Refused without this flag.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tls_dir")]
     pub insecure_plaintext: bool,
+    /// Accept only sources that complete mutual TLS 1.3 with the files in DIR: `ca.pem` (the CA
+    /// that signs both sides' certificates), `cert.pem` and `key.pem` (this destination's
+    /// certificate and key). `tcp:` only.
+    #[arg(long, value_name = "DIR", requires = "listen")]
+    pub tls_dir: Option<PathBuf>,
+    /// With --tls-dir: accept only a source whose certificate is valid for one of these names
+    /// (DNS names or IP addresses, comma-separated or repeated) [default: any certificate the CA
+    /// signed].
+    #[arg(
+        long,
+        value_name = "NAME[,NAME...]",
+        value_delimiter = ',',
+        requires = "tls_dir"
+    )]
+    pub tls_authz: Vec<String>,
+    /// How long a connection may take to say what it is (its TLS handshake, then its first
+    /// message) before it is refused; also how long a session's page channels may take to join.
+    /// A refused connection never ends the wait.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "10s")]
+    pub handshake_timeout: Duration,
     /// `hide-populated=N`: before the stream, fill the last N pages of guest RAM with data (memory
     /// that was not zero before the migration) and leave them out of this side's populated-pages
     /// answer. The destination reads every page it receives as zero, so the migration must
@@ -216,6 +236,20 @@ fn parse_mid_pass_sync(s: &str) -> Result<MidPassSync, String> {
     }
 }
 
+/// How a source authenticates its destination (`vmm run`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct SourceTlsArgs {
+    /// Migrate over mutual TLS 1.3 with the files in DIR: `ca.pem` (the CA that signs both sides'
+    /// certificates), `cert.pem` and `key.pem` (this source's certificate and key). `tcp:`
+    /// sessions only (`--channels` 1 or more).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// With --tls-dir: the name the destination's certificate must be valid for (a DNS name or an
+    /// IP address) [default: the host of the migration URI].
+    #[arg(long, value_name = "NAME", requires = "tls_dir")]
+    pub tls_hostname: Option<String>,
+}
+
 /// `vmm run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -242,6 +276,9 @@ pub struct RunArgs {
     /// TCP_USER_TIMEOUT), instead of waiting for the kernel to give up (~15 min).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "10s")]
     pub io_timeout: Duration,
+    /// TLS.
+    #[command(flatten)]
+    pub tls: SourceTlsArgs,
     /// Migration settings.
     #[command(flatten)]
     pub migration: MigrationArgs,

@@ -18,7 +18,8 @@ use clearlog_test_guest::{Guest, GuestConfig, RAM_BLOCK_NAME};
 use crate::args::IncomingArgs;
 use crate::fault::{Fault, FaultyMemory, Injector};
 use crate::output::print_incoming;
-use crate::{CliError, CliResult};
+use crate::{chain, CliError, CliResult};
+use clearlog_migration::tls::{TlsError, TlsFiles, TlsServer};
 use vmm_cli::vm_control::GuestControl;
 
 /// Accept the incoming migration and read its header: a session or a version-1 connection
@@ -38,7 +39,17 @@ fn open_incoming(a: &IncomingArgs) -> CliResult<Incoming> {
                 )))
             }
         }
-        let options = ListenOptions::default().with_insecure_plaintext(a.insecure_plaintext);
+        if a.handshake_timeout.is_zero() {
+            return Err(CliError::Usage(
+                "--handshake-timeout must be positive (e.g. 10s)".into(),
+            ));
+        }
+        let mut options = ListenOptions::default()
+            .with_insecure_plaintext(a.insecure_plaintext)
+            .with_handshake_timeout(a.handshake_timeout);
+        if let Some(dir) = &a.tls_dir {
+            options = options.with_tls(tls_server(dir, &a.tls_authz)?);
+        }
         let listener = Listener::bind_with(uri, &options).map_err(|e| {
             let hint = match &e {
                 clearlog_migration::Error::Io { source, .. }
@@ -47,7 +58,8 @@ fn open_incoming(a: &IncomingArgs) -> CliResult<Incoming> {
                     " (the address is already in use: pick another port or path)"
                 }
                 clearlog_migration::Error::PlaintextRefused { .. } => {
-                    " (give --insecure-plaintext to accept anyone who can reach the port)"
+                    " (give --tls-dir, or --insecure-plaintext to accept anyone who can reach \
+                     the port)"
                 }
                 _ => "",
             };
@@ -86,6 +98,19 @@ fn open_incoming(a: &IncomingArgs) -> CliResult<Incoming> {
             "--from {from}: {e}; use file:PATH"
         ))),
     }
+}
+
+/// The destination's TLS configuration from `--tls-dir` and `--tls-authz`.
+fn tls_server(dir: &std::path::Path, authz: &[String]) -> CliResult<TlsServer> {
+    let usage =
+        |e: TlsError| CliError::Usage(format!("--tls-dir {}: {}", dir.display(), chain(&e)));
+    let server = TlsServer::new(&TlsFiles::in_dir(dir)).map_err(usage)?;
+    if authz.is_empty() {
+        return Ok(server);
+    }
+    server
+        .with_authz(authz)
+        .map_err(|e| CliError::Usage(format!("--tls-authz {}: {}", authz.join(","), chain(&e))))
 }
 
 /// `vmm incoming`.

@@ -66,6 +66,19 @@ impl std::fmt::Display for CliError {
 /// Result of a command.
 pub type CliResult<T = ()> = Result<T, CliError>;
 
+/// `e` and its sources, joined with ": " (library errors keep their messages short and leave
+/// the cause to their source).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
 fn init_tracing(filter: Option<&str>) {
     use tracing_subscriber::EnvFilter;
     let filter = match filter {

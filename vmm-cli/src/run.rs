@@ -18,11 +18,12 @@ use clearlog_test_guest::workload::WorkloadSpec;
 use clearlog_test_guest::{Guest, GuestConfig};
 
 use crate::args::{
-    DirtyLogArg, GuestArgs, MigrationArgs, RunArgs, WorkloadKind, DEFAULT_DIRTY_RATE,
+    DirtyLogArg, GuestArgs, MigrationArgs, RunArgs, SourceTlsArgs, WorkloadKind, DEFAULT_DIRTY_RATE,
 };
 use crate::fault::{faulty_transport, Fault, FaultPlan, FaultyControl, FaultyMemory, Injector};
 use crate::output::{print_run_summary, print_stats, ring_json, stats_json};
-use crate::{CliError, CliResult};
+use crate::{chain, CliError, CliResult};
+use clearlog_migration::tls::{TlsClient, TlsFiles};
 use std::sync::Mutex;
 
 use clearlog_migration::{BoxError, StateBlob, VmControl};
@@ -260,7 +261,12 @@ pub fn run(a: RunArgs) -> CliResult {
     let spec = workload_spec(&a)?;
     // Connect first: a wrong address should fail before minutes of guest boot.
     let transport = match &a.migrate_to {
-        Some(uri) => Some(connect_source(uri, a.io_timeout, a.migration.channels)?),
+        Some(uri) => Some(connect_source(
+            uri,
+            a.io_timeout,
+            a.migration.channels,
+            &a.tls,
+        )?),
         None => None,
     };
 
@@ -322,7 +328,7 @@ pub fn run(a: RunArgs) -> CliResult {
                 PROGRESS_PROBE.as_millis()
             );
         }
-        attempt = connect_source(retry, a.io_timeout, a.migration.channels)
+        attempt = connect_source(retry, a.io_timeout, a.migration.channels, &a.tls)
             .and_then(|t| migrate(&guest, config.clone(), t, retry, None, None));
     }
     let (stats, view) = match attempt {
@@ -556,28 +562,74 @@ impl Outgoing {
 }
 
 /// Connect to a destination: a session of `channels` page channels for `tcp:` and `unix:`
-/// (`0`: one version-1 stream), one stream for `file:`. TCP connections are guarded against a
-/// dead link for `io_timeout` (the send timeout and `TCP_USER_TIMEOUT`), so a link that goes
-/// silent (cable pulled, peer host gone) fails the migration in seconds and the guest keeps
-/// running here.
-pub fn connect_source(uri: &str, io_timeout: Duration, channels: u32) -> CliResult<Outgoing> {
+/// (`0`: one version-1 stream), one stream for `file:`; with `--tls-dir`, every connection over
+/// mutual TLS. TCP connections are guarded against a dead link for `io_timeout` (the send
+/// timeout and `TCP_USER_TIMEOUT`), so a link that goes silent (cable pulled, peer host gone)
+/// fails the migration in seconds and the guest keeps running here.
+pub fn connect_source(
+    uri: &str,
+    io_timeout: Duration,
+    channels: u32,
+    tls: &SourceTlsArgs,
+) -> CliResult<Outgoing> {
+    let parsed = uri.parse::<MigrationUri>();
+    let tls = match (&tls.tls_dir, &parsed) {
+        (None, _) => None,
+        (Some(dir), Ok(MigrationUri::Tcp(addr))) if channels > 0 => {
+            let name = tls.tls_hostname.clone().unwrap_or_else(|| uri_host(addr));
+            Some(TlsClient::new(&TlsFiles::in_dir(dir), &name).map_err(|e| {
+                CliError::Usage(format!("--tls-dir {}: {}", dir.display(), chain(&e)))
+            })?)
+        }
+        (Some(_), Ok(MigrationUri::Tcp(_))) => {
+            return Err(CliError::Usage(
+                "--tls-dir needs a session: --channels 1 or more (0 is one version-1 stream, \
+                 without TLS)"
+                    .into(),
+            ))
+        }
+        (Some(_), _) => {
+            return Err(CliError::Usage(format!(
+                "--tls-dir: TLS runs over tcp: only, not {uri} (a Unix socket is guarded by its \
+                 file's permissions, a file by the file system's)"
+            )))
+        }
+    };
+    let with_tls = if tls.is_some() {
+        ", with --tls-dir"
+    } else {
+        ""
+    };
     let unreachable = |e: clearlog_migration::Error| {
         CliError::Failed(format!(
-            "cannot reach the destination {uri}: {e} (is `vmm incoming` listening there?)"
+            "cannot reach the destination {uri}: {} (is `vmm incoming` listening there{with_tls}?)",
+            chain(&e),
         ))
     };
-    let is_file = matches!(uri.parse::<MigrationUri>(), Ok(MigrationUri::File(_)));
+    let is_file = matches!(parsed, Ok(MigrationUri::File(_)));
     if is_file || channels == 0 {
         return clearlog_migration::connect_with(uri, &ConnectOptions { io_timeout })
             .map(Outgoing::Stream)
             .map_err(unreachable);
     }
-    let opts = SessionOptions::default()
+    let mut opts = SessionOptions::default()
         .with_channels(channels)
         .with_io_timeout(io_timeout);
+    if let Some(tls) = tls {
+        opts = opts.with_tls(tls);
+    }
     connect_session(uri, &opts)
         .map(Outgoing::Session)
         .map_err(unreachable)
+}
+
+/// The host of a `tcp:` URI's `HOST:PORT` (an IPv6 address without its brackets): the name a
+/// destination's certificate must be valid for unless `--tls-hostname` says otherwise.
+fn uri_host(addr: &str) -> String {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 /// Run one migration of `guest`, with a progress bar on a terminal.

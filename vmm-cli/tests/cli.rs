@@ -1064,3 +1064,229 @@ fn ladder_with_tiny_sizes() {
     }
     assert_eq!(seen.len(), 4, "every size x mode once: {seen:?}");
 }
+
+// ----- mutual TLS -----
+
+/// The openssl-made test certificates of the migration crate (`dst`: localhost and 127.0.0.1;
+/// `src-a`, `src-b`: two sources of the same CA).
+fn tls_dir(who: &str) -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../migration/tests/data/tls")
+        .join(who);
+    dir.to_str().unwrap().to_string()
+}
+
+/// A destination that accepts only `source-a.example` over TLS refuses a plaintext source, a
+/// source it does not authorize, a source that does not accept its certificate, an HTTP request
+/// and a peer that stalls in the handshake: each source fails before booting its guest, saying
+/// why, and the destination logs each refusal and keeps waiting. The authorized source then
+/// migrates the increment guest over 4 TLS channels: verified, every channel used, the increment
+/// rule holds at the destination.
+#[test]
+fn increment_guest_over_four_tls_channels_after_every_refusal() {
+    if !kvm_available("increment_guest_over_four_tls_channels_after_every_refusal") {
+        return;
+    }
+    let _serial = serial();
+    let (dst_dir, src_a, src_b) = (tls_dir("dst"), tls_dir("src-a"), tls_dir("src-b"));
+    let incoming = start_incoming_with(
+        "tcp:127.0.0.1:0",
+        &[
+            "--tls-dir",
+            &dst_dir,
+            "--tls-authz",
+            "source-a.example",
+            "--handshake-timeout",
+            "1s",
+        ],
+    );
+    let uri = incoming.uri.clone();
+    let addr = uri.strip_prefix("tcp:").unwrap();
+    let refused = |extra: &[&str], needle: &str| {
+        let mut args = vec!["run", "--mem", "64M", "--wss", "8M", "--migrate-to", &uri];
+        args.extend_from_slice(extra);
+        expect_error(
+            &args,
+            1,
+            &[&format!("cannot reach the destination {uri}"), needle],
+        );
+    };
+    refused(&[], "requires TLS");
+    refused(&["--tls-dir", &src_b], "not in its authorization list");
+    refused(
+        &["--tls-dir", &src_a, "--tls-hostname", "dst.example"],
+        "dst.example",
+    );
+    let mut http = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(&mut http, b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    // Connected and silent for the whole migration: its handshake times out on its own thread
+    // (the source below boots for longer than the 1 s allowed).
+    let _stalled = std::net::TcpStream::connect(addr).unwrap();
+
+    let out = vmm(&[
+        "run",
+        "--mem",
+        "256M",
+        "--workload",
+        "increment",
+        "--wss",
+        "128M",
+        "--dirty-rate",
+        "8M",
+        "--warmup",
+        "1s",
+        "--max-time",
+        "60s",
+        // Windows of 256 KiB: the 8 MiB the guest wrote span every channel many times.
+        "--clear-chunk",
+        "256K",
+        "--channels",
+        "4",
+        "--tls-dir",
+        &src_a,
+        "--migrate-to",
+        &uri,
+        "--json",
+        "--ram-fingerprint",
+    ]);
+    let src_err = text(&out.stderr);
+    let Incoming {
+        mut child, stderr, ..
+    } = incoming;
+    if !out.status.success() {
+        let _ = child.kill();
+    }
+    let dst_out = child.wait_with_output().expect("wait for vmm incoming");
+    let dst_err = stderr.join().unwrap_or_default();
+    assert!(out.status.success(), "vmm run: {:?}\n{src_err}", out.status);
+    assert!(
+        dst_out.status.success(),
+        "vmm incoming: {:?}\n{dst_err}",
+        dst_out.status
+    );
+    let src: serde_json::Value = serde_json::from_slice(&out.stdout).expect("run --json");
+    let dst: serde_json::Value = serde_json::from_slice(&dst_out.stdout).expect("incoming --json");
+    assert_eq!(src["verified"], true, "{src}");
+    assert_eq!(dst["verified"], true, "{dst}");
+    assert_eq!(dst["increment_consistent"], true, "{dst}");
+    assert_eq!(
+        src["ram_fingerprint"], dst["ram_fingerprint"],
+        "{src}\n{dst}"
+    );
+    assert_eq!(
+        (&src["page_channels"], &dst["page_channels"]),
+        (&4.into(), &4.into())
+    );
+    let per_channel = src["channel_stats"].as_array().expect("channel_stats");
+    assert_eq!(per_channel.len(), 4, "{src}");
+    assert!(
+        per_channel.iter().all(|c| c["pages"].as_u64().unwrap() > 0),
+        "every channel carried pages: {src}"
+    );
+    assert_eq!(dst["pages_received"], src["pages_sent"], "{src}\n{dst}");
+    // Every refusal was logged by the destination, which kept waiting.
+    for needle in [
+        "is not speaking TLS",
+        "not authorized",
+        "refused a connection",
+        "timed out",
+    ] {
+        assert!(
+            dst_err.contains(needle),
+            "destination log lacks `{needle}`:\n{dst_err}"
+        );
+    }
+}
+
+/// A TLS source to a plaintext destination fails saying so; the destination refuses it, keeps
+/// waiting, and a plaintext source then migrates.
+#[test]
+fn a_tls_source_to_a_plaintext_destination_is_refused() {
+    if !kvm_available("a_tls_source_to_a_plaintext_destination_is_refused") {
+        return;
+    }
+    let _serial = serial();
+    socket_migration_after("tcp:127.0.0.1:0", "clear", |uri| {
+        expect_error(
+            &["run", "--migrate-to", uri, "--tls-dir", &tls_dir("src-a")],
+            1,
+            &[&format!("cannot reach the destination {uri}"), "TLS"],
+        );
+    });
+}
+
+#[test]
+fn tls_usage_errors() {
+    let to = format!("tcp:127.0.0.1:{}", closed_port());
+    let src_a = tls_dir("src-a");
+    expect_error(
+        &[
+            "run",
+            "--migrate-to",
+            &to,
+            "--tls-dir",
+            &src_a,
+            "--channels",
+            "0",
+        ],
+        2,
+        &["--tls-dir needs a session", "--channels"],
+    );
+    expect_error(
+        &[
+            "run",
+            "--migrate-to",
+            "unix:/tmp/x.sock",
+            "--tls-dir",
+            &src_a,
+        ],
+        2,
+        &["TLS runs over tcp: only"],
+    );
+    expect_error(
+        &["run", "--migrate-to", &to, "--tls-dir", "/nonexistent"],
+        2,
+        &["--tls-dir /nonexistent", "ca.pem does not exist"],
+    );
+    expect_error(
+        &["run", "--migrate-to", &to, "--tls-hostname", "x"],
+        2,
+        &["--tls-dir"],
+    );
+    expect_error(
+        &[
+            "incoming",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--tls-authz",
+            "a.example",
+        ],
+        2,
+        &["--tls-dir"],
+    );
+    expect_error(
+        &[
+            "incoming",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--tls-dir",
+            &tls_dir("dst"),
+            "--tls-authz",
+            "not a name",
+        ],
+        2,
+        &["--tls-authz", "not a DNS name"],
+    );
+    expect_error(
+        &["incoming", "--listen", "tcp:0.0.0.0:0"],
+        2,
+        &["without TLS", "--tls-dir", "--insecure-plaintext"],
+    );
+    let dir = TempDir::new("tls-unix");
+    let sock = format!("unix:{}", dir.path().join("s").display());
+    expect_error(
+        &["incoming", "--listen", &sock, "--tls-dir", &tls_dir("dst")],
+        2,
+        &["TLS runs over TCP only"],
+    );
+}

@@ -107,11 +107,48 @@
 //! Truncation at any byte, an unknown version, a page-size or layout mismatch, a page outside its
 //! block, an oversized field and a digest mismatch each give their own [`Error`] variant.
 //!
+//! # Sessions (protocol version [`wire::SESSION_VERSION`] = 2)
+//!
+//! A session is one control channel and N page channels (1 to [`wire::MAX_CHANNELS`]; default
+//! [`DEFAULT_CHANNELS`]), each a connection of its own. Every connection starts with a
+//! [`wire::Hello`] (its kind, the session's random id, its channel index, the channel count, the
+//! versions the source speaks) and waits for the destination's [`wire::HelloReply`]; the control
+//! channel comes first, then the page channels in order. The destination picks the version (a
+//! later source that still speaks 2 runs 2; one that does not is told which version the
+//! destination speaks: [`Error::SessionVersion`] names both).
+//!
+//! The control channel then carries the version-1 stream above without its pages: the header's
+//! fields (from `page_size` on), the state blobs, the digest tables, the end marker, and in the
+//! other direction the acknowledgement, the confirmation, the verify records and the verdict (the
+//! [`wire`] messages, read and written in one place). Each page channel carries page and zero-range
+//! records, then a channel end (`0x07`, `b"CLRLEND!"` as u64, `page_records: u64` of this channel).
+//! The destination loads every page channel on its own thread, in the order of that channel; the
+//! control channel's end marker counts the page records of all channels.
+//!
+//! A page always travels on the same channel: the source walks RAM in windows (a clear chunk; 16
+//! MiB in legacy mode) and window `w` of a block goes on channel `w % N`, in every pass, the final
+//! one included. So two copies of a page are ordered by their one channel, and a newer copy can
+//! never be overwritten by an older one however the channels are delayed against each other.
+//! Zero detection and hashing run on the channel threads; the bandwidth limit is one token bucket
+//! shared by every channel ([`SharedBucket`]).
+//!
+//! With TLS ([`SessionOptions::tls`], [`ListenOptions::tls`]) every connection runs mutual TLS 1.3
+//! before its hello ([`tls`]); every connection of a session must present the same client
+//! certificate. A destination that is waiting refuses (and logs) every connection that is not
+//! the start of a migration it can take, and keeps waiting: [`accept_incoming`].
+//!
+//! A `file:` snapshot is one version-1 stream; a destination reads version-1 streams (a file, or a
+//! connection of a source that sends one: `vmm run --channels 0`) as before.
+//!
 //! # Transports
 //!
-//! [`connect`] / [`Listener::bind`] take `tcp:HOST:PORT`, `unix:PATH` or `file:PATH` (a migration to a
-//! file is a snapshot: no acknowledgement; restoring reads it back). [`mem_channel`] connects two
-//! in-process ends for tests. Any `Read`/`Write` pair works through [`Transport::new`].
+//! [`connect_session`] opens a session to `tcp:HOST:PORT` or `unix:PATH`; [`open_session`] over a
+//! [`ChannelConnector`] of your own (vsock, pre-connected descriptors). [`Listener::accept_incoming`]
+//! accepts either a session or a version-1 stream; [`accept_incoming`] over a [`ChannelAcceptor`]
+//! of your own. [`connect`] / [`Listener::bind`] take `tcp:HOST:PORT`, `unix:PATH` or `file:PATH`
+//! for one version-1 stream (a migration to a file is a snapshot: no acknowledgement; restoring
+//! reads it back). [`mem_channel`] connects two in-process ends for tests. Any `Read`/`Write` pair
+//! works through [`Transport::new`].
 //!
 //! # Example
 //!

@@ -29,7 +29,7 @@ use crate::tls::{tls_client, tls_server, PeerIdentity, TlsClient, TlsServer};
 use crate::transport::{guard_tcp, Listener, MigrationUri, TransportRead, DEFAULT_IO_TIMEOUT};
 use crate::wire::{
     read_within, Hello, HelloReply, ReadFailure, HELLO_ACCEPTED, HELLO_BAD_CHANNEL, HELLO_BUSY,
-    HELLO_NO_SESSION, KIND_CONTROL, KIND_PAGES,
+    HELLO_NO_SESSION, HELLO_VERSION, KIND_CONTROL, KIND_PAGES,
 };
 use crate::{Error, Result, Transport};
 
@@ -811,6 +811,15 @@ fn identify(id: usize, opening: Opening, timeout: Duration, tx: mpsc::Sender<(us
     };
     let said = match first_bytes(&mut t, timeout) {
         Err(why) => Said::Refused(why),
+        Ok(First::NoCommonVersion(theirs)) => {
+            if let Some(w) = t.writer.as_mut() {
+                let _ = HelloReply::new(HELLO_VERSION).write_to(w.as_mut());
+            }
+            Said::Refused(format!(
+                "a source of protocol version {theirs} that does not speak version {} any more",
+                crate::wire::SESSION_VERSION
+            ))
+        }
         Ok(First::Stream(header)) => {
             if let Some(who) = &who {
                 tracing::info!(dns_names = ?who.dns_names, "a version-1 stream over TLS");
@@ -858,6 +867,9 @@ enum First {
     Stream(Header),
     /// A session connection.
     Hello(Hello),
+    /// A source of a later version that speaks none of ours: answered [`HELLO_VERSION`], then
+    /// refused.
+    NoCommonVersion(u32),
 }
 
 /// Read a connection's first bytes within `timeout`: a version-1 header (peeked, as
@@ -895,18 +907,20 @@ fn first_bytes(t: &mut Transport, timeout: Duration) -> std::result::Result<Firs
                 crate::peek_header(t).map_err(|e| format!("a bad version-1 header: {e}"))?;
             Ok(First::Stream(header))
         }
-        crate::wire::SESSION_VERSION => {
+        v if v >= crate::wire::SESSION_VERSION => {
             let mut rest = [0u8; Hello::LEN];
             rest[..12].copy_from_slice(&head);
             read_within(r.as_mut(), &mut rest[12..], timeout, None)
                 .map_err(|e| format!("reading its hello: {e}"))?;
-            Hello::parse(&rest)
-                .map(First::Hello)
-                .map_err(|e| format!("a bad hello: {e}"))
+            match Hello::parse(&rest) {
+                Ok(hello) => Ok(First::Hello(hello)),
+                Err(Error::SessionVersion { theirs, .. }) => Ok(First::NoCommonVersion(theirs)),
+                Err(e) => Err(format!("a bad hello: {e}")),
+            }
         }
         v => Err(format!(
-            "a clearlog source of protocol version {v}, which this destination does not speak \
-             (it speaks {} and {})",
+            "a clearlog stream of version {v}, which this destination does not read (it reads \
+             {} and {})",
             crate::stream::VERSION,
             crate::wire::SESSION_VERSION
         )),

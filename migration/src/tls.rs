@@ -170,8 +170,9 @@ use crate::{Transport, TransportRead};
 /// certificate; [`tls_client`] waits for it (see [the module docs](self)).
 pub const ACCEPTED: [u8; 8] = *b"CLRLTLS1";
 
-/// A reasonable deadline for a handshake: [`tls_client`] and [`tls_server`] take it explicitly.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A reasonable deadline for a handshake ([`tls_client`] and [`tls_server`] take it explicitly):
+/// the sessions' own.
+pub use crate::session::DEFAULT_HANDSHAKE_TIMEOUT;
 
 /// The most plaintext sealed per lock hold and per `write` call (4 TLS records).
 const WRITE_CHUNK: usize = 64 << 10;

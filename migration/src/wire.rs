@@ -112,22 +112,29 @@ impl Hello {
         self.channels.get()
     }
 
-    /// Check and decode a hello (at least [`Hello::LEN`] bytes; the magic and the version checked
-    /// by the caller are checked again).
+    /// The highest protocol version the source speaks.
+    pub fn version(&self) -> u32 {
+        self.version.get()
+    }
+
+    /// Check and decode a hello (at least [`Hello::LEN`] bytes). Every later version keeps this
+    /// layout for its hello, so a newer source that still speaks version 2 (its lowest version at
+    /// most 2) is understood, and runs version 2.
     ///
     /// # Errors
     ///
-    /// [`Error::BadMagic`], [`Error::UnsupportedVersion`], [`Error::Malformed`] (kind, reserved
-    /// bits, channel index, channel count over [`MAX_CHANNELS`]).
+    /// [`Error::BadMagic`]; [`Error::SessionVersion`] when the source speaks no version this
+    /// side speaks (its lowest is above 2, or its highest below); [`Error::Malformed`] (kind,
+    /// reserved bits, channel index), [`Error::TooLarge`] (channel count over [`MAX_CHANNELS`]).
     pub fn parse(bytes: &[u8]) -> Result<Self> {
         let (h, _) = Hello::read_from_prefix(bytes).map_err(|_| Error::Truncated("hello"))?;
         if h.magic.get() != MAGIC {
             return Err(Error::BadMagic(h.magic.get()));
         }
-        if h.version.get() != SESSION_VERSION || h.min_version.get() > SESSION_VERSION {
-            return Err(Error::UnsupportedVersion {
-                found: h.version.get(),
-                supported: SESSION_VERSION,
+        if h.version.get() < SESSION_VERSION || h.min_version.get() > SESSION_VERSION {
+            return Err(Error::SessionVersion {
+                ours: SESSION_VERSION,
+                theirs: h.version.get(),
             });
         }
         if h.reserved.get() != 0 {
@@ -497,9 +504,14 @@ mod tests {
             with(&|h| h.magic = 1.into()),
             Err(Error::BadMagic(1))
         ));
+        // A newer source that still speaks version 2 is understood; one that does not is not.
+        assert_eq!(with(&|h| h.version = 3.into()).unwrap().version(), 3);
         assert!(matches!(
-            with(&|h| h.version = 3.into()),
-            Err(Error::UnsupportedVersion { found: 3, .. })
+            with(&|h| {
+                h.version = 4.into();
+                h.min_version = 3.into();
+            }),
+            Err(Error::SessionVersion { ours: 2, theirs: 4 })
         ));
         assert!(matches!(
             with(&|h| h.channel = 4.into()),

@@ -263,3 +263,43 @@ fn plaintext_on_a_public_address_is_refused_unless_asked_for() {
     assert!(Listener::bind_with("tcp:0.0.0.0:0", &yes).is_ok());
     assert!(Listener::bind_with("tcp:127.0.0.1:0", &opts).is_ok());
 }
+
+/// A source of a later protocol version sends the same hello layout. One that still speaks
+/// version 2 (its lowest version) is answered "accepted, version 2"; one that does not is
+/// answered with the version this destination speaks, which the source can name, and refused;
+/// the destination keeps waiting and the real source migrates.
+#[test]
+fn a_later_version_is_negotiated_down_or_refused_naming_both() {
+    let hello = |version: u32, min_version: u32| {
+        let mut b = Vec::new();
+        wire::Hello::new(wire::KIND_CONTROL, [9; 16], 0, 1)
+            .write_to(&mut b)
+            .unwrap();
+        b[8..12].copy_from_slice(&version.to_le_bytes());
+        b[40..44].copy_from_slice(&min_version.to_le_bytes());
+        b
+    };
+    let reply = |uri: &str, bytes: &[u8]| {
+        let mut s = std::net::TcpStream::connect(tcp_addr(uri)).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut t = Transport::tcp(s).unwrap();
+        wire::HelloReply::read_expecting_accept(
+            t.reader.as_mut().unwrap().as_mut(),
+            Duration::from_secs(5),
+        )
+        .map(|()| t)
+    };
+    migrate_after("tcp:127.0.0.1:0", Via::Session(2), |uri| {
+        let e = reply(uri, &hello(4, 3)).map(drop).unwrap_err();
+        assert!(
+            matches!(e, Error::SessionVersion { ours: 2, theirs: 2 }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("version 2"), "{e}");
+        // Version 3 that still speaks 2: accepted as version 2 (then it goes away without its
+        // page channel, and the session is dropped when its channels do not join in time).
+        let joined = reply(uri, &hello(3, 2)).unwrap();
+        drop(joined);
+        std::thread::sleep(Duration::from_millis(100));
+    });
+}

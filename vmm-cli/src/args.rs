@@ -343,6 +343,11 @@ pub struct BenchArgs {
         default_value = "legacy,clear:1G,clear:128M,clear:16M,clear:1M"
     )]
     pub modes: Vec<String>,
+    /// Transports to compare, each with every mode: `plain:N` (N page channels; `plain:0` is one
+    /// version-1 stream) or `tls:N` (mutual TLS 1.3 on every channel, with a CA and certificates
+    /// made for the bench) [default: plain with --channels].
+    #[arg(long, value_delimiter = ',', value_name = "plain:N|tls:N")]
+    pub transports: Vec<String>,
     /// Runs per mode.
     #[arg(long, default_value_t = 5)]
     pub runs: u32,

@@ -87,6 +87,107 @@ impl BenchMode {
     }
 }
 
+/// How a run's migration travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchTransport {
+    /// Page channels (0: one version-1 stream).
+    pub channels: u32,
+    /// Mutual TLS on every channel.
+    pub tls: bool,
+}
+
+impl BenchTransport {
+    /// Plaintext over `channels` page channels.
+    pub fn plain(channels: u32) -> Self {
+        BenchTransport {
+            channels,
+            tls: false,
+        }
+    }
+
+    /// Parse `plain:N` or `tls:N`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let bad = || {
+            format!(
+                "transport `{s}`: use plain:N or tls:N (N page channels, 1 to {})",
+                clearlog_migration::wire::MAX_CHANNELS
+            )
+        };
+        let (kind, n) = s.split_once(':').ok_or_else(bad)?;
+        let channels: u32 = n.parse().map_err(|_| bad())?;
+        if channels > clearlog_migration::wire::MAX_CHANNELS {
+            return Err(bad());
+        }
+        match kind {
+            "plain" => Ok(BenchTransport::plain(channels)),
+            "tls" if channels == 0 => Err(format!(
+                "transport `{s}`: TLS runs over a session (tls:1 or more)"
+            )),
+            "tls" => Ok(BenchTransport {
+                channels,
+                tls: true,
+            }),
+            _ => Err(bad()),
+        }
+    }
+
+    /// Table label.
+    pub fn label(&self) -> String {
+        match (self.tls, self.channels) {
+            (false, 0) => "v1 stream".into(),
+            (false, n) => format!("plain x{n}"),
+            (true, n) => format!("tls x{n}"),
+        }
+    }
+}
+
+/// A throwaway CA and certificates for `tls:N` runs: `src/` and `dst/` under a temporary
+/// directory (the destination's certificate names 127.0.0.1 and localhost), removed on drop.
+struct BenchTls(std::path::PathBuf);
+
+impl BenchTls {
+    fn make() -> CliResult<Self> {
+        let dir = std::env::temp_dir().join(format!("vmm-bench-tls-{}", std::process::id()));
+        let failed = |e: &dyn std::fmt::Display| {
+            CliError::Failed(format!("making the bench's TLS certificates: {e}"))
+        };
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| failed(&e))?;
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().map_err(|e| failed(&e))?;
+        let ca_pem = ca.self_signed(&ca_key).map_err(|e| failed(&e))?.pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        for (side, names) in [
+            (
+                "dst",
+                vec!["localhost".to_string(), "127.0.0.1".to_string()],
+            ),
+            ("src", vec!["bench-source.example".to_string()]),
+        ] {
+            let key = rcgen::KeyPair::generate().map_err(|e| failed(&e))?;
+            let cert = rcgen::CertificateParams::new(names)
+                .and_then(|p| p.signed_by(&key, &issuer))
+                .map_err(|e| failed(&e))?;
+            let d = dir.join(side);
+            std::fs::create_dir_all(&d).map_err(|e| failed(&e))?;
+            for (file, pem) in [
+                ("ca.pem", ca_pem.clone()),
+                ("cert.pem", cert.pem()),
+                ("key.pem", key.serialize_pem()),
+            ] {
+                std::fs::write(d.join(file), pem).map_err(|e| failed(&e))?;
+            }
+        }
+        Ok(BenchTls(dir))
+    }
+}
+
+impl Drop for BenchTls {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// What one run migrates: the guest, its workload and the migration settings.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
@@ -110,6 +211,10 @@ pub struct RunSpec {
     pub switchover_bandwidth: Option<u64>,
     /// `--mid-pass-sync` for the source.
     pub mid_pass_sync: crate::args::MidPassSync,
+    /// How the migration travels.
+    pub transport: BenchTransport,
+    /// With TLS: the directory of the `src/` and `dst/` TLS files.
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 impl RunSpec {
@@ -125,6 +230,8 @@ impl RunSpec {
             vcpus: a.guest.vcpus,
             switchover_bandwidth: a.migration.switchover_bandwidth,
             mid_pass_sync: a.migration.mid_pass_sync,
+            transport: BenchTransport::plain(a.migration.channels),
+            tls_dir: None,
         }
     }
 }
@@ -221,9 +328,19 @@ pub fn one_run(
     if a.ram_fingerprint {
         dest_args.push("--ram-fingerprint");
     }
+    let tls_files = |side: &str| {
+        a.tls_dir
+            .as_ref()
+            .map(|d| d.join(side).display().to_string())
+            .filter(|_| a.transport.tls)
+    };
+    let dest_tls: Vec<String> = tls_files("dst")
+        .map(|d| vec!["--tls-dir".into(), d])
+        .unwrap_or_default();
     let mut dest = KillOnDrop(Some(
         Command::new(&exe)
             .args(&dest_args)
+            .args(&dest_tls)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -279,6 +396,10 @@ pub fn one_run(
         src_args.extend(["--switchover-bandwidth".into(), bw.to_string()]);
     }
     src_args.extend(["--mid-pass-sync".into(), a.mid_pass_sync.to_string()]);
+    src_args.extend(["--channels".into(), a.transport.channels.to_string()]);
+    if let Some(d) = tls_files("src") {
+        src_args.extend(["--tls-dir".into(), d]);
+    }
     src_args.extend(mode.run_args());
     let mut src = KillOnDrop(Some(
         Command::new(&exe)
@@ -399,6 +520,31 @@ pub fn bench(a: BenchArgs) -> CliResult {
         }
     }
     let modes = runs_and_modes(a.runs, &a.modes, "legacy,clear:128M")?;
+    let transports = if a.transports.is_empty() {
+        vec![BenchTransport::plain(a.migration.channels)]
+    } else {
+        a.transports
+            .iter()
+            .map(|t| BenchTransport::parse(t))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CliError::Usage)?
+    };
+    let tls = match transports.iter().any(|t| t.tls) {
+        true => Some(BenchTls::make()?),
+        false => None,
+    };
+    // Every mode with every transport; one transport keeps the mode's own label.
+    let scenarios: Vec<(BenchMode, BenchTransport)> = modes
+        .iter()
+        .flat_map(|m| transports.iter().map(move |t| (m.clone(), *t)))
+        .collect();
+    let labels: Vec<String> = scenarios
+        .iter()
+        .map(|(m, t)| match transports.len() {
+            1 => m.label(),
+            _ => format!("{} {}", m.label(), t.label()),
+        })
+        .collect();
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     eprintln!(
         "vmm bench: guest {} MiB, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {:.0} MiB/s, downtime {} ms; {} run(s) of {} mode(s)",
@@ -408,19 +554,23 @@ pub fn bench(a: BenchArgs) -> CliResult {
         mib(a.migration.bandwidth),
         a.migration.downtime.as_millis(),
         a.runs,
-        modes.len()
+        scenarios.len()
     );
     let timeout = Duration::from_secs(300);
-    let spec = RunSpec::from_bench(&a);
     let mut results = Vec::new();
     for run in 1..=a.runs {
-        for (i, mode) in modes.iter().enumerate() {
+        for (i, (mode, transport)) in scenarios.iter().enumerate() {
+            let spec = RunSpec {
+                transport: *transport,
+                tls_dir: tls.as_ref().map(|t| t.0.clone()),
+                ..RunSpec::from_bench(&a)
+            };
             let t = Instant::now();
             let r = one_run(&spec, mode, i, run, timeout)?;
             eprintln!(
                 "  run {run}/{} {:<14} total {:>7.2} s ({:+.1}% vs floor {:.2} s)  downtime {:>6.1} ms  iterations {:>3}  ns/page src {:.0} dst {:.0}  {}  ({:.0} s wall)",
                 a.runs,
-                mode.label(),
+                labels[i],
                 r.f64("total_time_ms") / 1e3,
                 r.f64("vs_floor_pct"),
                 r.f64("floor_s"),
@@ -434,20 +584,23 @@ pub fn bench(a: BenchArgs) -> CliResult {
             results.push(r);
         }
     }
-    print_table(&modes, &results, a.runs);
+    let legacy = scenarios
+        .iter()
+        .position(|(m, t)| *m == BenchMode::Legacy && *t == transports[0]);
+    print_table(&labels, legacy, &results, a.runs);
     if let Some(mut rows) = compare {
         let ours = results
             .iter()
-            .map(|r| (modes[r.mode].label(), &r.source, r.verified));
+            .map(|r| (labels[r.mode].clone(), &r.source, r.verified));
         let mut all = crate::compare::vmm_rows(ours);
         all.append(&mut rows);
         crate::compare::print_table(&all);
     }
     if let Some(path) = &a.json {
-        write_json(path, &modes, &results)?;
+        write_json(path, &labels, &scenarios, &results)?;
     }
     if let Some(path) = &a.plot {
-        crate::plot::plot(path, &modes, &results_for_plot(&modes, &results))
+        crate::plot::plot(path, &labels, &results_for_plot(&results))
             .map_err(|e| CliError::Failed(format!("drawing {}: {e}", path.display())))?;
         eprintln!("vmm bench: plot written to {}", path.display());
     }
@@ -465,8 +618,9 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-fn print_table(modes: &[BenchMode], results: &[RunResult], runs: u32) {
-    let legacy_avg = modes.iter().position(|m| *m == BenchMode::Legacy).map(|i| {
+/// The table of runs by scenario (`labels`); ratios to the scenario `legacy`, if any.
+fn print_table(labels: &[String], legacy: Option<usize>, results: &[RunResult], runs: u32) {
+    let legacy_avg = legacy.map(|i| {
         mean(
             &results
                 .iter()
@@ -475,7 +629,11 @@ fn print_table(modes: &[BenchMode], results: &[RunResult], runs: u32) {
                 .collect::<Vec<_>>(),
         )
     });
-    print!("{:<14}", "scenario");
+    print!(
+        "{:<width$}",
+        "scenario",
+        width = labels.iter().map(String::len).max().unwrap_or(0).max(14)
+    );
     for run in 1..=runs {
         print!(" {:>7}", format!("run{run}"));
     }
@@ -491,9 +649,10 @@ fn print_table(modes: &[BenchMode], results: &[RunResult], runs: u32) {
         "stall (ms)",
         "write MiB/s"
     );
-    for (i, mode) in modes.iter().enumerate() {
+    let width = labels.iter().map(String::len).max().unwrap_or(0).max(14);
+    for (i, label) in labels.iter().enumerate() {
         let rs: Vec<&RunResult> = results.iter().filter(|r| r.mode == i).collect();
-        print!("{:<14}", mode.label());
+        print!("{label:<width$}");
         for r in &rs {
             if r.verified {
                 print!(" {:>7.2}", r.f64("total_time_ms") / 1e3);
@@ -536,7 +695,12 @@ fn print_table(modes: &[BenchMode], results: &[RunResult], runs: u32) {
     );
 }
 
-fn write_json(path: &Path, modes: &[BenchMode], results: &[RunResult]) -> CliResult {
+fn write_json(
+    path: &Path,
+    labels: &[String],
+    scenarios: &[(BenchMode, BenchTransport)],
+    results: &[RunResult],
+) -> CliResult {
     let mut out = String::new();
     for r in results {
         let mut v = r.source.clone();
@@ -546,7 +710,10 @@ fn write_json(path: &Path, modes: &[BenchMode], results: &[RunResult]) -> CliRes
         let map = v.as_object_mut().expect("object");
         map.insert("run".into(), r.run.into());
         map.insert("verified".into(), r.verified.into());
-        map.insert("scenario".into(), modes[r.mode].label().into());
+        map.insert("scenario".into(), labels[r.mode].clone().into());
+        let transport = scenarios[r.mode].1;
+        map.insert("tls".into(), transport.tls.into());
+        map.insert("channels".into(), transport.channels.into());
         if let Some(p) = &r.problem {
             map.insert("problem".into(), p.clone().into());
         }
@@ -558,7 +725,7 @@ fn write_json(path: &Path, modes: &[BenchMode], results: &[RunResult]) -> CliRes
 }
 
 /// What the plot needs of each run: (mode index, total seconds, remaining bytes per iteration).
-fn results_for_plot(_modes: &[BenchMode], results: &[RunResult]) -> Vec<(usize, f64, Vec<f64>)> {
+fn results_for_plot(results: &[RunResult]) -> Vec<(usize, f64, Vec<f64>)> {
     results
         .iter()
         .filter(|r| r.verified)
@@ -595,6 +762,18 @@ mod tests {
         assert!(BenchMode::parse("ring:3K").is_err());
         assert!(BenchMode::parse("ring:48K").is_err());
         assert!(BenchMode::parse("fast").is_err());
+    }
+
+    #[test]
+    fn transports_parse() {
+        let t = |s| BenchTransport::parse(s);
+        assert_eq!(t("plain:2").unwrap(), BenchTransport::plain(2));
+        assert_eq!(t("plain:0").unwrap().label(), "v1 stream");
+        assert_eq!(t("tls:4").unwrap().label(), "tls x4");
+        assert!(t("tls:0").unwrap_err().contains("tls:1 or more"));
+        assert!(t("plain:65").is_err());
+        assert!(t("quic:2").is_err());
+        assert!(t("plain").is_err());
     }
 
     #[test]

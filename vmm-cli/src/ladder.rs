@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use crate::args::{GuestArgs, LadderArgs, WorkloadKind};
-use crate::bench::{one_run, BenchMode, RunResult, RunSpec};
+use crate::bench::{one_run, BenchMode, BenchTransport, RunResult, RunSpec};
 use crate::{CliError, CliResult};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -142,6 +142,8 @@ pub fn ladder(a: LadderArgs) -> CliResult {
                 vcpus: 1,
                 switchover_bandwidth: a.migration.switchover_bandwidth,
                 mid_pass_sync: a.migration.mid_pass_sync,
+                transport: BenchTransport::plain(a.migration.channels),
+                tls_dir: None,
             };
             for (mi, mode) in modes.iter().enumerate() {
                 let t = Instant::now();

@@ -7,12 +7,10 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::bench::BenchMode;
-
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Draw the runs: `(mode index, total seconds, remaining bytes after each iteration)`.
-pub fn plot(path: &Path, modes: &[BenchMode], runs: &[(usize, f64, Vec<f64>)]) -> PlotResult {
+pub fn plot(path: &Path, labels: &[String], runs: &[(usize, f64, Vec<f64>)]) -> PlotResult {
     let root = SVGBackend::new(path, (1200, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(520);
@@ -25,22 +23,22 @@ pub fn plot(path: &Path, modes: &[BenchMode], runs: &[(usize, f64, Vec<f64>)]) -
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d(-0.5f64..(modes.len() as f64 - 0.5), 0f64..max_t)?;
+        .build_cartesian_2d(-0.5f64..(labels.len() as f64 - 0.5), 0f64..max_t)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(modes.len().max(1))
+        .x_labels(labels.len().max(1))
         .x_label_formatter(&|x| {
             let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < modes.len() {
-                modes[i as usize].label()
+            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
+                labels[i as usize].clone()
             } else {
                 String::new()
             }
         })
         .y_desc("seconds")
         .draw()?;
-    for (i, _) in modes.iter().enumerate() {
+    for i in 0..labels.len() {
         let times: Vec<f64> = runs.iter().filter(|r| r.0 == i).map(|r| r.1).collect();
         if times.is_empty() {
             continue;
@@ -80,7 +78,7 @@ pub fn plot(path: &Path, modes: &[BenchMode], runs: &[(usize, f64, Vec<f64>)]) -
         .x_desc("iteration")
         .y_desc("MiB")
         .draw()?;
-    for (i, mode) in modes.iter().enumerate() {
+    for (i, label) in labels.iter().enumerate() {
         let mut first = true;
         for r in runs.iter().filter(|r| r.0 == i) {
             let points: Vec<(f64, f64)> =
@@ -92,7 +90,7 @@ pub fn plot(path: &Path, modes: &[BenchMode], runs: &[(usize, f64, Vec<f64>)]) -
             if first {
                 let c = color(i);
                 series
-                    .label(mode.label())
+                    .label(label.as_str())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
                 first = false;
             }

@@ -5,12 +5,28 @@
 //! of the comparison").
 //!
 //! Per run and mode: `vmm qemu-image` writes our `random` workload as a Multiboot kernel; a
-//! destination QEMU waits with `-incoming tcp:127.0.0.1:PORT`; a source QEMU boots the image; both
-//! are driven over QMP (unix sockets). After the guest is ready (pre-fault done) and a warm-up, the
-//! source gets `max-bandwidth` and `downtime-limit` and migrates; `query-migrate` is polled until it
-//! completes. One JSON line per run: the raw `query-migrate` result plus our fields (`system`,
-//! `version`, `mode`, `chunk_bytes`, `stop_to_resume_ms`, CPU seconds of each QEMU, the guest's
-//! write rate, the KVM dirty-log ioctls each QEMU made).
+//! destination QEMU starts with `-incoming defer`; a source QEMU boots the image; both are driven
+//! over QMP (unix sockets). The destination gets its capabilities and parameters, then
+//! `migrate-incoming tcp:127.0.0.1:PORT` (QEMU reads the multifd settings when it starts listening,
+//! so they must come first). After the guest is ready (its pre-fault wrote the whole working set)
+//! and a warm-up, the source gets the same capabilities, `max-bandwidth` and `downtime-limit` and
+//! migrates; `query-migrate` is polled until it completes. One JSON line per run: the raw
+//! `query-migrate` result plus our fields (`system`, `version`, `mode`, `chunk_bytes`,
+//! `multifd_channels`, `stop_to_resume_ms`, CPU seconds of each QEMU, the guest's write rate, the
+//! KVM dirty-log ioctls each QEMU made).
+//!
+//! Which QEMU: the host's (`qemu-system-x86_64` on PATH, or `--qemu PATH`; Debian 12: 7.2), or
+//! `--qemu-root DIR`: the QEMU of a Debian tree (debootstrap), run as `chroot DIR /usr/bin/env
+//! ... /usr/bin/qemu-system-x86_64` (Debian 13 "trixie": 10.0). The tree gets /dev, /dev/shm,
+//! /proc, /sys and /tmp bind-mounted from the host (idempotent, as root), and every file QEMU
+//! opens (image, shim, QMP sockets, shim statistics) lives under /tmp, so one path names it on
+//! both sides. `--install` with `--qemu-root`, or `--install-qemu10 [DIR]`, debootstraps the tree
+//! when it has no QEMU.
+//!
+//! `--multifd N` turns on the `multifd` capability with `multifd-channels` N on both sides (0: off).
+//! `--bandwidth 0` is no limit: `max-bandwidth` 0, which QEMU 7.2 and 10.0 both take as "no rate
+//! limit" (their rate-limit check only applies a non-zero maximum). Each run checks what QEMU
+//! reports back: the bandwidth it holds, multifd on both sides and pages through its channels.
 //!
 //! Modes: `clear:CHUNK` sets `-global migration.x-clear-bitmap-shift` (chunk = 2^shift pages).
 //! `legacy`: QEMU 7.2 has no switch to stop using KVM_CLEAR_DIRTY_LOG, so an LD_PRELOAD shim (C,
@@ -21,8 +37,12 @@
 //!
 //! `--smoke`: a short end-to-end check (512M guest, 256M working set, legacy and clear:1M once):
 //! the migration completes, the guest was writing before and after it, and dirty pages were re-sent.
+//! With `--qemu-root` and `--multifd` it checks those paths the same way.
 
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -44,6 +64,16 @@ const COUNTER_SLOT: u64 = 0x5000;
 /// Must match clearlog_test_guest::boot_image::QEMU_MAX_RAM_BELOW_4G, which the image assumes.
 const MAX_RAM_BELOW_4G: &str = "2G";
 const QEMU: &str = "qemu-system-x86_64";
+/// QEMU's path inside a `--qemu-root` tree (Debian's package puts it there).
+const TREE_QEMU: &str = "/usr/bin/qemu-system-x86_64";
+/// Where `--install-qemu10` puts the tree unless told otherwise.
+const DEFAULT_QEMU10_ROOT: &str = "/opt/trixie";
+/// The host directories a `--qemu-root` tree needs, in mount order (/dev before /dev/shm): KVM and
+/// shared memory, /proc for QEMU's own reads, /sys, and /tmp for every file we share with QEMU.
+const TREE_MOUNTS: [&str; 5] = ["/dev", "/dev/shm", "/proc", "/sys", "/tmp"];
+/// The work directory of a `--qemu-root` run: under /tmp, which the tree shares, so a path means
+/// the same file inside and outside it.
+const TREE_WORK: &str = "/tmp/clearlog-qemu-bench";
 
 /// The LD_PRELOAD shim (see the module documentation). Counts are written as JSON to
 /// `$CLEARLOG_SHIM_STATS` when QEMU exits.
@@ -201,18 +231,33 @@ struct Opts {
     mem: u64,
     wss: u64,
     dirty_rate: u64,
+    /// Bytes per second; 0 = no limit.
     bandwidth: u64,
     downtime_ms: u64,
     warmup_ms: u64,
     smoke: bool,
     install: bool,
     interleave_with_vmm: Option<Vec<String>>,
+    /// The QEMU binary: on the host, or inside `qemu_root`.
     qemu: String,
+    /// A Debian tree whose QEMU runs under chroot(8); None: the host's QEMU.
+    qemu_root: Option<PathBuf>,
+    /// multifd channels on both sides; 0 = multifd off.
+    multifd: u8,
 }
 
 const USAGE: &str = "usage: cargo xtask qemu-bench [--modes legacy,clear:1M,clear:16M] [--runs N] [--out FILE] [--append]
-       [--mem 4G] [--wss 3G] [--dirty-rate 288M] [--bandwidth 400M] [--downtime 100ms] [--warmup 2s]
-       [--interleave-with-vmm MODES] [--install] [--qemu PATH] [--smoke]";
+       [--mem 4G] [--wss 3G] [--dirty-rate 288M] [--bandwidth 400M|0] [--downtime 100ms] [--warmup 2s]
+       [--multifd N] [--interleave-with-vmm MODES] [--install] [--qemu PATH]
+       [--qemu-root DIR | --install-qemu10 [DIR]] [--smoke]
+  --bandwidth 0      no bandwidth limit (QEMU max-bandwidth 0)
+  --multifd N        the multifd capability with N channels on both sides (0, the default: off)
+  --qemu-root DIR    run DIR's QEMU under chroot (a debootstrap tree; /dev, /dev/shm, /proc, /sys
+                     and /tmp are bind-mounted into it if they are not yet); --qemu is then a path
+                     inside DIR (default /usr/bin/qemu-system-x86_64)
+  --install          install what is missing: the host's qemu-system-x86 with apt-get, or with
+                     --qemu-root a Debian trixie tree (debootstrap, QEMU 10.0)
+  --install-qemu10 [DIR]  --qemu-root DIR --install (DIR: /opt/trixie)";
 
 fn parse_opts(args: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
@@ -230,8 +275,12 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         install: false,
         interleave_with_vmm: None,
         qemu: QEMU.into(),
+        qemu_root: None,
+        multifd: 0,
     };
     let mut explicit_shape = false;
+    let mut explicit_qemu = false;
+    let mut roots: Vec<PathBuf> = Vec::new();
     let mut i = 0;
     while i < args.len() {
         let flag = args[i].as_str();
@@ -239,6 +288,18 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--smoke" => o.smoke = true,
             "--append" => o.append = true,
             "--install" => o.install = true,
+            "--install-qemu10" => {
+                // The directory is optional: the next word is it unless it is another option.
+                let dir = match args.get(i + 1) {
+                    Some(d) if !d.starts_with('-') => {
+                        i += 1;
+                        d.clone()
+                    }
+                    _ => DEFAULT_QEMU10_ROOT.into(),
+                };
+                roots.push(PathBuf::from(dir));
+                o.install = true;
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             _ => {
                 let v = args
@@ -259,7 +320,14 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
                     "--bandwidth" => o.bandwidth = parse_size(v)?,
                     "--downtime" => o.downtime_ms = parse_ms(v)?,
                     "--warmup" => o.warmup_ms = parse_ms(v)?,
-                    "--qemu" => o.qemu = v.clone(),
+                    "--qemu" => (o.qemu, explicit_qemu) = (v.clone(), true),
+                    "--qemu-root" => roots.push(PathBuf::from(v)),
+                    "--multifd" => {
+                        // QEMU's multifd-channels is a uint8 of at least 1.
+                        o.multifd = v.parse().map_err(|_| {
+                            format!("--multifd {v}: give 0 (off) or a channel count up to 255")
+                        })?
+                    }
                     "--interleave-with-vmm" => {
                         o.interleave_with_vmm = Some(v.split(',').map(str::to_string).collect())
                     }
@@ -268,6 +336,32 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             }
         }
         i += 1;
+    }
+    roots.dedup();
+    match roots.as_slice() {
+        [] => {}
+        [root] => {
+            if root.as_os_str().is_empty() || root == Path::new("/") {
+                return Err(format!(
+                    "--qemu-root {}: name the tree's directory",
+                    root.display()
+                ));
+            }
+            o.qemu_root = Some(root.clone());
+            if !explicit_qemu {
+                o.qemu = TREE_QEMU.into();
+            }
+        }
+        _ => {
+            return Err(format!(
+                "--qemu-root / --install-qemu10 name different trees: {}",
+                roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        }
     }
     if o.smoke {
         if !explicit_shape {
@@ -309,32 +403,42 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
         println!("qemu-bench: SKIPPED: {e}");
         return Ok(());
     }
-    if !have_qemu(&o.qemu) && o.install {
-        println!("==> xtask qemu-bench: apt-get install -y qemu-system-x86");
-        let ok = Command::new("apt-get")
-            .args(["install", "-y", "qemu-system-x86"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            return Err("apt-get install -y qemu-system-x86 failed".into());
+    if let Some(root) = &o.qemu_root {
+        if !root.join(o.qemu.trim_start_matches('/')).exists() {
+            if !o.install {
+                return Err(format!(
+                    "{} has no {} (pass --install, or --install-qemu10 {0}, to debootstrap Debian trixie with QEMU 10.0 there)",
+                    root.display(),
+                    o.qemu
+                ));
+            }
+            install_tree(root)?;
         }
-    }
-    if !have_qemu(&o.qemu) {
-        let msg = format!(
-            "{} is not installed (apt-get install -y qemu-system-x86, or pass --install)",
-            o.qemu
-        );
-        if o.smoke && !is_ci() {
-            println!("qemu-bench: SKIPPED: {msg}: the QEMU end-to-end check did NOT run");
-            return Ok(());
+        mount_tree(root)?;
+    } else {
+        if !have_qemu(&o.qemu) && o.install {
+            apt_install("qemu-system-x86")?;
         }
-        return Err(msg);
+        if !have_qemu(&o.qemu) {
+            let msg = format!(
+                "{} is not installed (apt-get install -y qemu-system-x86, or pass --install)",
+                o.qemu
+            );
+            if o.smoke && !is_ci() {
+                println!("qemu-bench: SKIPPED: {msg}: the QEMU end-to-end check did NOT run");
+                return Ok(());
+            }
+            return Err(msg);
+        }
     }
     let vmm = build_vmm()?;
-    let work = workspace_root().join("target/qemu-bench");
+    let work = match o.qemu_root {
+        Some(_) => PathBuf::from(TREE_WORK),
+        None => workspace_root().join("target/qemu-bench"),
+    };
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let shim = build_shim(&work)?;
+    let qemu_version = probe_qemu(&o, &shim, &work)?;
     let image = work.join(format!(
         "random-{}M-{}M-{}M.img",
         o.mem >> 20,
@@ -372,13 +476,18 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
         .open(&o.out)
         .map_err(|e| format!("{}: {e}", o.out.display()))?;
     println!(
-        "\n==> xtask qemu-bench: {}: guest {} MiB, working set {} MiB at {} MiB/s (TSC {} kHz), bandwidth {} MiB/s, downtime {} ms, {} run(s) of {}",
-        o.qemu,
+        "\n==> xtask qemu-bench: {} ({qemu_version}): guest {} MiB, working set {} MiB ({} MiB pre-faulted before the warm-up) at {} MiB/s (TSC {} kHz), bandwidth {}, multifd {}, downtime {} ms, {} run(s) of {}",
+        qemu_label(&o),
         o.mem >> 20,
+        o.wss >> 20,
         o.wss >> 20,
         o.dirty_rate >> 20,
         image_info["tsc_khz"],
-        o.bandwidth >> 20,
+        bandwidth_label(o.bandwidth),
+        match o.multifd {
+            0 => "off".to_string(),
+            n => format!("{n} channels"),
+        },
         o.downtime_ms,
         o.runs,
         o.modes.iter().map(|m| m.label()).collect::<Vec<_>>().join(", ")
@@ -391,19 +500,23 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
                 Ok(line) => {
                     let problems = check_run(&o, mode, &line);
                     println!(
-                        "  run {run}/{} qemu {:<12} total {:>6.2} s  downtime {:>4} ms  stop->resume {:>6.1} ms  sent {:>6.0} MiB  syncs {:>3}  guest {:>4.0} MiB/s ({:>4.0} while migrating)  clears {:>6}  {} ({:.0} s wall)",
+                        "  run {run}/{} qemu {} {:<12} total {:>6.2} s  downtime {:>4} ms  stop->resume {:>6.1} ms  sent {:>6.0} MiB ({:>5.0} MiB/s)  syncs {:>3}  guest {:>4.0} MiB/s ({:>4.0} while migrating)  clears {:>6}  {} ({:.0} s wall, guest ready in {:.1} s)",
                         o.runs,
+                        line["version"].as_str().unwrap_or("?"),
                         mode.label(),
                         line["total-time"].as_f64().unwrap_or(f64::NAN) / 1e3,
                         line["downtime"],
                         line["stop_to_resume_ms"].as_f64().unwrap_or(f64::NAN),
                         line["ram"]["transferred"].as_f64().unwrap_or(f64::NAN) / MIB as f64,
+                        line["ram"]["transferred"].as_f64().unwrap_or(f64::NAN) / MIB as f64
+                            / (line["total-time"].as_f64().unwrap_or(f64::NAN) / 1e3),
                         line["ram"]["dirty-sync-count"],
                         line["guest_write_rate_bytes_per_s"].as_f64().unwrap_or(f64::NAN) / MIB as f64,
                         line["guest_write_rate_during_migration_bytes_per_s"].as_f64().unwrap_or(f64::NAN) / MIB as f64,
                         line["shim"]["source"]["kvm_clear_dirty_log_calls"],
                         if problems.is_empty() { "ok".to_string() } else { format!("FAILED: {}", problems.join("; ")) },
-                        t.elapsed().as_secs_f64()
+                        t.elapsed().as_secs_f64(),
+                        line["guest_ready_s"].as_f64().unwrap_or(f64::NAN)
                     );
                     if !problems.is_empty() {
                         failures.push(format!(
@@ -458,6 +571,213 @@ fn have_qemu(qemu: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// `apt-get install -y PKG`.
+fn apt_install(pkg: &str) -> Result<(), String> {
+    println!("==> xtask qemu-bench: apt-get install -y {pkg}");
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", pkg])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("apt-get install -y {pkg} failed"))
+    }
+}
+
+/// Debian trixie (QEMU 10.0) in `root`: the smallest tree that runs QEMU.
+fn install_tree(root: &Path) -> Result<(), String> {
+    if !Command::new("debootstrap")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        apt_install("debootstrap")?;
+    }
+    println!(
+        "==> xtask qemu-bench: debootstrap --variant=minbase --include=qemu-system-x86,qemu-utils trixie {}",
+        root.display()
+    );
+    let ok = Command::new("debootstrap")
+        .args([
+            "--variant=minbase",
+            "--include=qemu-system-x86,qemu-utils",
+            "trixie",
+        ])
+        .arg(root)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        return Err(format!(
+            "debootstrap of Debian trixie into {} failed (its log: {}/debootstrap/debootstrap.log)",
+            root.display(),
+            root.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The mount points of /proc/self/mountinfo (field 5; spaces and the like come octal-escaped).
+fn parse_mount_points(mountinfo: &str) -> HashSet<PathBuf> {
+    let unescape = |s: &str| {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            let oct = b.get(i + 1..i + 4).and_then(|d| {
+                std::str::from_utf8(d)
+                    .ok()
+                    .and_then(|d| u8::from_str_radix(d, 8).ok())
+            });
+            match (b[i], oct) {
+                (b'\\', Some(c)) => {
+                    out.push(c);
+                    i += 4;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        PathBuf::from(OsString::from_vec(out))
+    };
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape)
+        .collect()
+}
+
+/// Bind-mounts into `root` whichever of [`TREE_MOUNTS`] is not mounted there yet, so a second run
+/// (or a tree prepared by hand) mounts nothing twice. Then checks that QEMU will find /dev/kvm.
+fn mount_tree(root: &Path) -> Result<(), String> {
+    let root = root
+        .canonicalize()
+        .map_err(|e| format!("--qemu-root {}: {e}", root.display()))?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    let mounted = parse_mount_points(&info);
+    for dir in TREE_MOUNTS {
+        let target = root.join(dir.trim_start_matches('/'));
+        if mounted.contains(&target) {
+            continue;
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(format!(
+                "{} is not mounted and only root can bind-mount {dir} there: run as root",
+                target.display()
+            ));
+        }
+        std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+        println!(
+            "==> xtask qemu-bench: mount --bind {dir} {}",
+            target.display()
+        );
+        let ok = Command::new("mount")
+            .args(["--bind", dir])
+            .arg(&target)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err(format!("mount --bind {dir} {} failed", target.display()));
+        }
+    }
+    let kvm = Command::new("chroot")
+        .arg(&root)
+        .args(["/usr/bin/test", "-c", "/dev/kvm"])
+        .status()
+        .map_err(|e| format!("chroot {}: {e}", root.display()))?;
+    if !kvm.success() {
+        return Err(format!(
+            "/dev/kvm is not a device inside {} although its /dev is mounted",
+            root.display()
+        ));
+    }
+    Ok(())
+}
+
+/// A command that runs QEMU with `env` added to its environment: the host's binary, or
+/// `chroot ROOT /usr/bin/env K=V... QEMU`, so the variables (LD_PRELOAD among them) reach QEMU
+/// and not the host's chroot(8). chroot and env exec in place: the child's PID is QEMU's.
+fn qemu_command(o: &Opts, env: &[(&str, &OsStr)]) -> Command {
+    match &o.qemu_root {
+        None => {
+            let mut cmd = Command::new(&o.qemu);
+            cmd.envs(env.iter().copied());
+            cmd
+        }
+        Some(root) => {
+            let mut cmd = Command::new("chroot");
+            cmd.arg(root).arg("/usr/bin/env");
+            for (k, v) in env {
+                let mut kv = OsString::from(k);
+                kv.push("=");
+                kv.push(v);
+                cmd.arg(kv);
+            }
+            cmd.arg(&o.qemu);
+            cmd
+        }
+    }
+}
+
+/// How the header names the QEMU that runs.
+fn qemu_label(o: &Opts) -> String {
+    match &o.qemu_root {
+        None => o.qemu.clone(),
+        Some(root) => format!("chroot {} {}", root.display(), o.qemu),
+    }
+}
+
+fn bandwidth_label(bandwidth: u64) -> String {
+    match bandwidth {
+        0 => "unlimited".into(),
+        b => format!("{} MiB/s", b >> 20),
+    }
+}
+
+/// Runs `QEMU --version` with the shim preloaded: the shim must load (its statistics file appears,
+/// written by its destructor inside QEMU's process), which also proves that QEMU reads and writes
+/// our work directory under the same path. Returns the version line.
+fn probe_qemu(o: &Opts, shim: &Path, work: &Path) -> Result<String, String> {
+    let stats = work.join("probe.shim.json");
+    let _ = std::fs::remove_file(&stats);
+    let out = qemu_command(
+        o,
+        &[
+            ("LD_PRELOAD", shim.as_os_str()),
+            ("CLEARLOG_SHIM_STATS", stats.as_os_str()),
+        ],
+    )
+    .arg("--version")
+    .output()
+    .map_err(|e| format!("cannot run {}: {e}", qemu_label(o)))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!(
+            "{} --version failed ({}): {}",
+            qemu_label(o),
+            out.status,
+            stderr.trim()
+        ));
+    }
+    if !stats.exists() {
+        return Err(format!(
+            "the LD_PRELOAD shim {} did not load into {} (no {}): {}",
+            shim.display(),
+            qemu_label(o),
+            stats.display(),
+            stderr.trim()
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(stdout.lines().next().unwrap_or_default().trim().to_string())
 }
 
 fn build_shim(work: &Path) -> Result<PathBuf, String> {
@@ -671,57 +991,95 @@ fn spawn_qemu(
     image: &Path,
     shim: &Path,
     work: &Path,
-    incoming: Option<u16>,
+    incoming: bool,
 ) -> Result<(QemuProc, PathBuf, PathBuf, PathBuf), String> {
     let sock = work.join(format!("{name}.qmp"));
     let log = work.join(format!("{name}.log"));
     let stats = work.join(format!("{name}.shim.json"));
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(&stats);
-    let mut cmd = Command::new(&o.qemu);
-    cmd.args(["-accel", "kvm", "-cpu", "max", "-smp", "1"])
-        .args(["-m", &format!("{}M", o.mem >> 20)])
-        .args([
-            "-machine",
-            &format!("pc,max-ram-below-4g={MAX_RAM_BELOW_4G}"),
-        ])
-        .args([
-            "-nodefaults",
-            "-nographic",
-            "-serial",
-            "none",
-            "-monitor",
-            "none",
-        ])
-        // debug-threads: named threads ("CPU 0/KVM", "live_migration"), so the vCPU's CPU time can
-        // be told apart.
-        .args(["-name", &format!("clearlog-{name},debug-threads=on")])
-        .args(["-no-reboot", "-kernel"])
-        .arg(image)
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", sock.display()));
+    let hide = OsStr::new(if mode == Mode::Legacy { "1" } else { "0" });
+    let mut cmd = qemu_command(
+        o,
+        &[
+            ("LD_PRELOAD", shim.as_os_str()),
+            ("CLEARLOG_SHIM_STATS", stats.as_os_str()),
+            ("CLEARLOG_SHIM_HIDE_MANUAL_PROTECT", hide),
+        ],
+    );
+    // No IA32_ARCH_CAPABILITIES: QEMU 10.0 sets it to a value this host's KVM refuses ("failed to
+    // set MSR 0x10a", then an assertion), and the ring-3 workload does not read it. The same CPU
+    // for every QEMU version keeps their runs comparable.
+    cmd.args([
+        "-accel",
+        "kvm",
+        "-cpu",
+        "max,-arch-capabilities",
+        "-smp",
+        "1",
+    ])
+    .args(["-m", &format!("{}M", o.mem >> 20)])
+    .args([
+        "-machine",
+        &format!("pc,max-ram-below-4g={MAX_RAM_BELOW_4G}"),
+    ])
+    .args([
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "none",
+        "-monitor",
+        "none",
+    ])
+    // debug-threads: named threads ("CPU 0/KVM", "live_migration"), so the vCPU's CPU time can
+    // be told apart.
+    .args(["-name", &format!("clearlog-{name},debug-threads=on")])
+    .args(["-no-reboot", "-kernel"])
+    .arg(image)
+    .arg("-qmp")
+    .arg(format!("unix:{},server=on,wait=off", sock.display()));
     if let Some(shift) = mode.shift() {
         cmd.args([
             "-global",
             &format!("migration.x-clear-bitmap-shift={shift}"),
         ]);
     }
-    if let Some(port) = incoming {
-        cmd.args(["-incoming", &format!("tcp:127.0.0.1:{port}")]);
+    if incoming {
+        // Listens only at `migrate-incoming`, after the capabilities are set (multifd needs that).
+        cmd.args(["-incoming", "defer"]);
     }
-    cmd.env("LD_PRELOAD", shim)
-        .env("CLEARLOG_SHIM_STATS", &stats)
-        .env(
-            "CLEARLOG_SHIM_HIDE_MANUAL_PROTECT",
-            if mode == Mode::Legacy { "1" } else { "0" },
-        )
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?);
     let child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", o.qemu))?;
+        .map_err(|e| format!("cannot start {}: {e}", qemu_label(o)))?;
     Ok((QemuProc { child }, sock, log, stats))
+}
+
+/// Turns the multifd capability on with `channels` channels; 0 leaves it off (QEMU's default).
+fn set_multifd(q: &mut Qmp, channels: u8) -> Result<(), String> {
+    if channels == 0 {
+        return Ok(());
+    }
+    q.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+    )?;
+    q.cmd(
+        "migrate-set-parameters",
+        json!({ "multifd-channels": channels }),
+    )?;
+    Ok(())
+}
+
+/// Whether QEMU reports the multifd capability on.
+fn multifd_capability(q: &mut Qmp) -> Result<bool, String> {
+    let caps = q.cmd("query-migrate-capabilities", json!({}))?;
+    caps.as_array()
+        .and_then(|c| c.iter().find(|c| c["capability"] == "multifd"))
+        .and_then(|c| c["state"].as_bool())
+        .ok_or_else(|| format!("query-migrate-capabilities has no multifd: {caps}"))
 }
 
 /// One migration between two QEMUs; the JSON line.
@@ -734,13 +1092,16 @@ fn one_run(
     work: &Path,
 ) -> Result<Value, String> {
     let port = free_port()?;
+    let uri = format!("tcp:127.0.0.1:{port}");
     let (mut dst, dst_sock, dst_log, dst_stats) =
-        spawn_qemu(o, mode, "destination", image, shim, work, Some(port))?;
+        spawn_qemu(o, mode, "destination", image, shim, work, true)?;
     let (mut src, src_sock, src_log, src_stats) =
-        spawn_qemu(o, mode, "source", image, shim, work, None)?;
+        spawn_qemu(o, mode, "source", image, shim, work, false)?;
     let mut dq = Qmp::connect(&dst_sock, &mut dst.child)?;
     let mut sq = Qmp::connect(&src_sock, &mut src.child)?;
     let version = sq.cmd("query-version", json!({}))?;
+    set_multifd(&mut dq, o.multifd)?;
+    dq.cmd("migrate-incoming", json!({ "uri": uri }))?;
 
     // Boot (SeaBIOS and the ring-0 stub are emulated on PVM: seconds), then the pre-fault.
     let boot_start = Instant::now();
@@ -781,17 +1142,24 @@ fn one_run(
     let guest_rate =
         (w1.1.saturating_sub(w0.1) * PAGE) as f64 / w1.0.duration_since(w0.0).as_secs_f64();
 
+    set_multifd(&mut sq, o.multifd)?;
+    // max-bandwidth 0 is QEMU's "no limit" (see the module documentation).
     sq.cmd(
         "migrate-set-parameters",
         json!({"max-bandwidth": o.bandwidth, "downtime-limit": o.downtime_ms}),
     )?;
     let params = sq.cmd("query-migrate-parameters", json!({}))?;
+    let dst_params = dq.cmd("query-migrate-parameters", json!({}))?;
+    let multifd_on = json!({
+        "source": multifd_capability(&mut sq)?,
+        "destination": multifd_capability(&mut dq)?,
+    });
     let pages_before = sq.read_u64s(COUNTER_SLOT, 1)?[0];
     let (src_cpu0, src_nv0) = cpu_seconds(src.pid());
     let (dst_cpu0, dst_nv0) = cpu_seconds(dst.pid());
     let started_us = now_us();
     let t0 = Instant::now();
-    sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
+    sq.cmd("migrate", json!({ "uri": uri }))?;
     let result = loop {
         std::thread::sleep(Duration::from_millis(50));
         let r = sq.cmd("query-migrate", json!({}))?;
@@ -862,17 +1230,23 @@ fn one_run(
             version["qemu"]["major"], version["qemu"]["minor"], version["qemu"]["micro"]
         ),
         "package": version["package"],
+        "qemu_root": o.qemu_root.as_ref().map(|r| r.display().to_string()),
         "mode": mode.label(),
         "chunk_bytes": match mode { Mode::Legacy => 0, Mode::Clear(b) => b },
+        "multifd_channels": o.multifd,
+        "multifd_capability": multifd_on,
         "clear_bitmap_shift": mode.shift(),
         "run": run,
         "mem_bytes": o.mem,
         "wss_bytes": o.wss,
         "dirty_rate_bytes_per_s": o.dirty_rate,
         "bandwidth_limit_bytes_per_s": o.bandwidth,
+        "bandwidth_unlimited": o.bandwidth == 0,
         "downtime_limit_ms": o.downtime_ms,
         "warmup_ms": o.warmup_ms,
         "migration_parameters": params,
+        "destination_migration_parameters": dst_params,
+        "prefaulted_bytes": o.wss,
         "guest_ready_s": ready_s,
         "guest_write_rate_bytes_per_s": guest_rate.round(),
         "guest_pages_written_before_migration": pages_before,
@@ -941,6 +1315,39 @@ fn check_run(o: &Opts, mode: Mode, line: &Value) -> Vec<String> {
     }
     if line["stop_to_resume_ms"].is_null() {
         p.push("no STOP or RESUME event".into());
+    }
+    // The limit QEMU holds must be the one asked for (0: none), or the run measured something else.
+    if line["migration_parameters"]["max-bandwidth"].as_u64() != Some(o.bandwidth) {
+        p.push(format!(
+            "QEMU holds max-bandwidth {}, not the {} asked for",
+            line["migration_parameters"]["max-bandwidth"], o.bandwidth
+        ));
+    }
+    let multifd_bytes = f(&line["ram"]["multifd-bytes"]);
+    if o.multifd == 0 {
+        if multifd_bytes > 0.0 {
+            p.push(format!(
+                "multifd off, yet {multifd_bytes} bytes went through multifd"
+            ));
+        }
+    } else {
+        let n = u64::from(o.multifd);
+        for side in ["source", "destination"] {
+            if line["multifd_capability"][side] != true {
+                p.push(format!("multifd is not on at the {side}"));
+            }
+        }
+        for key in ["migration_parameters", "destination_migration_parameters"] {
+            if line[key]["multifd-channels"].as_u64() != Some(n) {
+                p.push(format!(
+                    "{key}: multifd-channels {}, not {n}",
+                    line[key]["multifd-channels"]
+                ));
+            }
+        }
+        if multifd_bytes <= 0.0 {
+            p.push("multifd on, yet no page went through its channels".into());
+        }
     }
     p
 }
@@ -1012,6 +1419,59 @@ mod tests {
     }
 
     #[test]
+    fn qemu_root_multifd_and_unlimited_bandwidth() {
+        let a = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        let o = parse_opts(&a("--smoke")).unwrap();
+        assert_eq!((o.qemu_root, o.qemu.as_str(), o.multifd), (None, QEMU, 0));
+        assert!(!o.install);
+
+        let o = parse_opts(&a("--qemu-root /opt/trixie --multifd 2 --bandwidth 0")).unwrap();
+        assert_eq!(o.qemu_root, Some(PathBuf::from("/opt/trixie")));
+        assert_eq!((o.qemu.as_str(), o.multifd, o.bandwidth), (TREE_QEMU, 2, 0));
+        assert_eq!(bandwidth_label(o.bandwidth), "unlimited");
+        assert_eq!(bandwidth_label(400 * MIB), "400 MiB/s");
+        // --qemu names a binary inside the tree.
+        let o = parse_opts(&a("--qemu /usr/local/bin/qemu --qemu-root /t")).unwrap();
+        assert_eq!(o.qemu, "/usr/local/bin/qemu");
+        assert_eq!(qemu_label(&o), "chroot /t /usr/local/bin/qemu");
+
+        // --install-qemu10 takes its directory only when one follows.
+        let o = parse_opts(&a("--install-qemu10 --multifd 4")).unwrap();
+        assert_eq!(o.qemu_root, Some(PathBuf::from(DEFAULT_QEMU10_ROOT)));
+        assert!(o.install);
+        assert_eq!(o.multifd, 4);
+        let o = parse_opts(&a("--install-qemu10 /srv/t")).unwrap();
+        assert_eq!(o.qemu_root, Some(PathBuf::from("/srv/t")));
+        let o = parse_opts(&a("--install-qemu10 /srv/t --qemu-root /srv/t")).unwrap();
+        assert_eq!(o.qemu_root, Some(PathBuf::from("/srv/t")));
+        assert!(parse_opts(&a("--install-qemu10 /a --qemu-root /b")).is_err());
+        assert!(parse_opts(&a("--qemu-root /")).is_err());
+
+        assert!(parse_opts(&a("--multifd 256")).is_err());
+        assert!(parse_opts(&a("--multifd -1")).is_err());
+        assert!(parse_opts(&a("--multifd two")).is_err());
+        assert!(parse_opts(&a("--multifd")).is_err());
+
+        // The dense shape fits: 6000 MiB from 1 MiB in a 6 GiB guest.
+        let o = parse_opts(&a("--mem 6G --wss 6000M --dirty-rate 8M --bandwidth 0")).unwrap();
+        assert_eq!((o.mem, o.wss, o.dirty_rate), (6 << 30, 6000 * MIB, 8 * MIB));
+    }
+
+    #[test]
+    fn mountinfo_mount_points() {
+        let info = "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+                    30 22 0:5 / /opt/trixie/dev rw - devtmpfs devtmpfs rw\n\
+                    31 30 0:25 / /opt/trixie/dev/shm rw - tmpfs tmpfs rw\n\
+                    40 22 254:0 /tmp /srv/my\\040tree/tmp rw - ext4 /dev/vda rw\n";
+        let m = parse_mount_points(info);
+        assert_eq!(m.len(), 4);
+        assert!(m.contains(Path::new("/opt/trixie/dev")));
+        assert!(m.contains(Path::new("/opt/trixie/dev/shm")));
+        assert!(m.contains(Path::new("/srv/my tree/tmp")));
+        assert!(!m.contains(Path::new("/opt/trixie/proc")));
+    }
+
+    #[test]
     fn monitor_dump_and_proc_stat() {
         let xp = "0000000000005000: 0x0000000000000a25 0x0000000000000000\r\n0000000000005010: 0x0000000000000001\r\n";
         assert_eq!(parse_xp(xp), vec![0xa25, 0, 1]);
@@ -1030,6 +1490,7 @@ mod tests {
             "ram": {"normal": 80000, "dirty-sync-count": 5},
             "shim": {"source": {"kvm_clear_dirty_log_calls": 300}},
             "stop_to_resume_ms": 40.0,
+            "migration_parameters": {"max-bandwidth": 400 * MIB},
         });
         assert!(check_run(&o, Mode::Clear(MIB), &good).is_empty());
         // The same numbers claimed as legacy: clears happened, so legacy was not in effect.
@@ -1038,5 +1499,29 @@ mod tests {
         idle["guest_write_rate_bytes_per_s"] = json!(0);
         idle["ram"]["normal"] = json!(65536);
         assert_eq!(check_run(&o, Mode::Clear(MIB), &idle).len(), 2);
+        // A limit QEMU did not take, or pages through multifd that was meant to be off.
+        let mut other_limit = good.clone();
+        other_limit["migration_parameters"]["max-bandwidth"] = json!(134217728);
+        other_limit["ram"]["multifd-bytes"] = json!(4096);
+        assert_eq!(check_run(&o, Mode::Clear(MIB), &other_limit).len(), 2);
+
+        // multifd asked for: on at both sides, the channel count held, pages through it.
+        let m = parse_opts(&["--smoke", "--multifd", "2", "--bandwidth", "0"].map(String::from))
+            .unwrap();
+        let mut on = good.clone();
+        on["migration_parameters"] = json!({"max-bandwidth": 0, "multifd-channels": 2});
+        on["destination_migration_parameters"] = json!({"multifd-channels": 2});
+        on["multifd_capability"] = json!({"source": true, "destination": true});
+        on["ram"]["multifd-bytes"] = json!(300_000_000u64);
+        assert!(
+            check_run(&m, Mode::Clear(MIB), &on).is_empty(),
+            "{:?}",
+            check_run(&m, Mode::Clear(MIB), &on)
+        );
+        let mut half = on.clone();
+        half["multifd_capability"]["destination"] = json!(false);
+        half["destination_migration_parameters"]["multifd-channels"] = json!(4);
+        half["ram"]["multifd-bytes"] = json!(0);
+        assert_eq!(check_run(&m, Mode::Clear(MIB), &half).len(), 3);
     }
 }

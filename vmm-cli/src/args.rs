@@ -192,8 +192,8 @@ pub const DEFAULT_DIRTY_RATE: u64 = 288 << 20;
 /// Migration settings (shared by `run` and `bench`).
 #[derive(Debug, Clone, Args)]
 pub struct MigrationArgs {
-    /// Bandwidth limit of the live phase in bytes/s (must be positive).
-    #[arg(long, value_name = "RATE", value_parser = parse_rate, allow_hyphen_values = true, default_value = "400M")]
+    /// Bandwidth limit of the live phase in bytes/s, or `unlimited` (stored as 0).
+    #[arg(long, value_name = "RATE|unlimited", value_parser = parse_bandwidth, allow_hyphen_values = true, default_value = "400M")]
     pub bandwidth: u64,
     /// Downtime limit.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "100ms")]
@@ -211,6 +211,26 @@ pub struct MigrationArgs {
     /// only version 1 reads. A `file:` snapshot is always one stream.
     #[arg(long, value_name = "N", default_value_t = clearlog_migration::DEFAULT_CHANNELS)]
     pub channels: u32,
+}
+
+/// `--bandwidth`: a positive rate, or `unlimited` (0, as the library's
+/// `bandwidth_limit_bytes_per_s`). A rate of zero is refused: it reads like "no bandwidth".
+fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    if s.trim().eq_ignore_ascii_case("unlimited") {
+        return Ok(0);
+    }
+    match parse_rate(s)? {
+        0 => Err("--bandwidth must be positive (e.g. 400M for 400 MiB/s), or unlimited".into()),
+        r => Ok(r),
+    }
+}
+
+/// `--bandwidth` as it is given on a command line (`unlimited` for 0).
+pub fn bandwidth_arg(bandwidth: u64) -> String {
+    match bandwidth {
+        0 => "unlimited".into(),
+        b => b.to_string(),
+    }
 }
 
 /// `--mid-pass-sync`: an interval, or `None` for `off`.
@@ -476,6 +496,15 @@ pub fn parse_addr(s: &str) -> Result<u64, String> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn bandwidth_is_a_positive_rate_or_unlimited() {
+        assert_eq!(parse_bandwidth("unlimited"), Ok(0));
+        assert_eq!(parse_bandwidth("400M"), Ok(400 << 20));
+        assert!(parse_bandwidth("0").unwrap_err().contains("or unlimited"));
+        assert_eq!(bandwidth_arg(0), "unlimited");
+        assert_eq!(parse_bandwidth(&bandwidth_arg(5 << 20)), Ok(5 << 20));
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

@@ -376,7 +376,7 @@ pub fn one_run(
         "--workload".into(),
         "random".into(),
         "--bandwidth".into(),
-        a.bandwidth.to_string(),
+        crate::args::bandwidth_arg(a.bandwidth),
         "--downtime".into(),
         format!("{}us", a.downtime.as_micros()),
         "--warmup".into(),

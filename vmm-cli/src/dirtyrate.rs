@@ -216,6 +216,12 @@ pub fn initial_bytes(guest: &Guest, wss: u64, workload: WorkloadKind) -> u64 {
 /// Check the settings a measurement needs before booting anything.
 pub fn validate(spec: DirtyrateSpec, sample_pages: u32, m: &MigrationArgs) -> CliResult {
     crate::run::validate_migration(m)?;
+    if m.bandwidth == 0 {
+        return Err(CliError::Usage(
+            "the convergence verdict needs a bandwidth: give --bandwidth RATE, not unlimited"
+                .into(),
+        ));
+    }
     if spec.duration.is_zero() {
         return Err(CliError::Usage(
             "--duration must be longer than zero (e.g. 1s)".into(),

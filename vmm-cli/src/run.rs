@@ -97,11 +97,6 @@ pub fn validate_migration(m: &MigrationArgs) -> CliResult {
                 .into(),
         ));
     }
-    if m.bandwidth == 0 {
-        return Err(CliError::Usage(
-            "--bandwidth must be positive (e.g. 400M for 400 MiB/s)".into(),
-        ));
-    }
     if m.downtime.is_zero() {
         return Err(CliError::Usage(
             "--downtime must be positive (e.g. 100ms)".into(),

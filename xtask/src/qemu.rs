@@ -238,6 +238,8 @@ struct Opts {
     smoke: bool,
     install: bool,
     interleave_with_vmm: Option<Vec<String>>,
+    /// `vmm bench --transports` of the interleaved rounds (None: vmm's default).
+    vmm_transports: Option<String>,
     /// The QEMU binary: on the host, or inside `qemu_root`.
     qemu: String,
     /// A Debian tree whose QEMU runs under chroot(8); None: the host's QEMU.
@@ -248,7 +250,7 @@ struct Opts {
 
 const USAGE: &str = "usage: cargo xtask qemu-bench [--modes legacy,clear:1M,clear:16M] [--runs N] [--out FILE] [--append]
        [--mem 4G] [--wss 3G] [--dirty-rate 288M] [--bandwidth 400M|0] [--downtime 100ms] [--warmup 2s]
-       [--multifd N] [--interleave-with-vmm MODES] [--install] [--qemu PATH]
+       [--multifd N] [--interleave-with-vmm MODES [--vmm-transports plain:N,tls:N]] [--install] [--qemu PATH]
        [--qemu-root DIR | --install-qemu10 [DIR]] [--smoke]
   --bandwidth 0      no bandwidth limit (QEMU max-bandwidth 0)
   --multifd N        the multifd capability with N channels on both sides (0, the default: off)
@@ -274,6 +276,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         smoke: false,
         install: false,
         interleave_with_vmm: None,
+        vmm_transports: None,
         qemu: QEMU.into(),
         qemu_root: None,
         multifd: 0,
@@ -328,6 +331,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
                             format!("--multifd {v}: give 0 (off) or a channel count up to 255")
                         })?
                     }
+                    "--vmm-transports" => o.vmm_transports = Some(v.clone()),
                     "--interleave-with-vmm" => {
                         o.interleave_with_vmm = Some(v.split(',').map(str::to_string).collect())
                     }
@@ -1352,6 +1356,14 @@ fn check_run(o: &Opts, mode: Mode, line: &Value) -> Vec<String> {
     p
 }
 
+/// `vmm --bandwidth` for `bytes_per_s` (0: no limit, which vmm spells `unlimited`).
+fn vmm_bandwidth(bytes_per_s: u64) -> String {
+    match bytes_per_s {
+        0 => "unlimited".into(),
+        b => b.to_string(),
+    }
+}
+
 /// One `vmm bench --runs 1` round over `modes`; its JSON lines tagged `system: vmm`.
 fn vmm_round(o: &Opts, vmm: &Path, modes: &[String], work: &Path) -> Result<Vec<Value>, String> {
     let json = work.join("vmm-round.jsonl");
@@ -1360,10 +1372,15 @@ fn vmm_round(o: &Opts, vmm: &Path, modes: &[String], work: &Path) -> Result<Vec<
         .args(["bench", "--runs", "1", "--modes", &modes.join(",")])
         .args(["--mem", &o.mem.to_string(), "--wss", &o.wss.to_string()])
         .args(["--dirty-rate", &o.dirty_rate.to_string()])
-        .args(["--bandwidth", &o.bandwidth.to_string()])
+        .args(["--bandwidth", &vmm_bandwidth(o.bandwidth)])
         .args(["--downtime", &format!("{}ms", o.downtime_ms)])
         .args(["--warmup", &format!("{}ms", o.warmup_ms), "--json"])
         .arg(&json)
+        .args(
+            o.vmm_transports
+                .iter()
+                .flat_map(|t| ["--transports", t.as_str()]),
+        )
         .status()
         .map_err(|e| format!("running vmm bench: {e}"))?;
     let text = std::fs::read_to_string(&json).unwrap_or_default();

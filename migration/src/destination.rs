@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
@@ -21,7 +22,7 @@ use crate::stream::{
     FLAG_DIGEST_FULL, FLAG_VERIFY_AFTER,
 };
 use crate::transport::TransportRead;
-use crate::wire::{Ack, Confirm, Verdict};
+use crate::wire::{Ack, Confirm, Drained, Verdict};
 use crate::{
     Error, Incoming, MigrationBlock, MigrationMemory, Result, StateBlob, Transport, VmRestore,
 };
@@ -284,6 +285,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         let loaded = self.load(
             &mut r,
             (session_header, pages, control_cut.as_deref()),
+            writer.as_mut().map(|w| w.as_mut() as &mut dyn Write),
             &mut stats,
             &mut flags,
             &mut received,
@@ -419,6 +421,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         &self,
         r: &mut StreamReader<R>,
         (session_header, pages, control_cut): Channels<'_>,
+        reply: Option<&mut dyn Write>,
         stats: &mut IncomingStats,
         flags: &mut u32,
         received: &mut Vec<BTreeMap<u64, u64>>,
@@ -438,15 +441,18 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         }
         let blocks = self.mem.blocks();
         check_layout(&blocks, &header)?;
+        let progress = ChannelProgress::new(pages.len());
         let (state, digests) = std::thread::scope(|scope| -> Result<_> {
             let threads: Vec<_> = pages
                 .into_iter()
                 .enumerate()
                 .map(|(i, t)| {
-                    let (blocks, header) = (&blocks, &header);
+                    let (blocks, header, progress) = (&blocks, &header, &progress);
                     scope.spawn(move || {
-                        let r = load_channel(i as u32, t, blocks, header, track);
+                        let loaded = &progress.loaded[i];
+                        let r = load_channel(i as u32, t, blocks, header, track, loaded);
                         if r.is_err() {
+                            progress.failed.store(true, Ordering::Release);
                             // Wake the control channel's reader: the migration is over.
                             if let Some(cut) = control_cut {
                                 cut();
@@ -457,7 +463,11 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                 })
                 .collect();
             let mut inline = PageLoader::new(&blocks, track);
-            let control = load_control(r, &mut inline, session, full, blocks.len());
+            let drain = reply.filter(|_| session).map(|reply| Drain {
+                progress: &progress,
+                reply,
+            });
+            let control = load_control(r, &mut inline, session, drain, full, blocks.len());
             // Every channel thread ends (its stream ended, failed, or the source went away).
             let mut loaders = vec![inline];
             let mut channel_error = None;
@@ -623,12 +633,71 @@ fn check_layout<B: MigrationBlock>(blocks: &[B], header: &Header) -> Result<()> 
 /// state blobs, the digest tables (strict mode) and the end marker's page count.
 type ControlRead = (Vec<StateBlob>, Vec<Option<Vec<u64>>>, u64);
 
+/// How far each page channel of a session has loaded, for drain requests.
+struct ChannelProgress {
+    /// Page records each channel has loaded into guest memory.
+    loaded: Vec<AtomicU64>,
+    /// A channel failed: a drain waits no longer.
+    failed: AtomicBool,
+}
+
+impl ChannelProgress {
+    fn new(channels: usize) -> Self {
+        ChannelProgress {
+            loaded: (0..channels).map(|_| AtomicU64::new(0)).collect(),
+            failed: AtomicBool::new(false),
+        }
+    }
+}
+
+/// What answers a session's drain requests: the channels' progress and the control channel's
+/// writer.
+struct Drain<'a> {
+    progress: &'a ChannelProgress,
+    reply: &'a mut dyn Write,
+}
+
+impl Drain<'_> {
+    /// Wait until every channel has loaded at least `page_records` (one count per channel), then
+    /// answer [`Drained`]. A channel that fails ends the wait (its own error is what the
+    /// migration reports); a channel that never gets there runs into its read timeout.
+    fn answer(&mut self, page_records: &[u64]) -> Result<()> {
+        if page_records.len() != self.progress.loaded.len() {
+            return Err(Error::Malformed(
+                "drain request (not one count per page channel)",
+            ));
+        }
+        let caught_up = || {
+            self.progress
+                .loaded
+                .iter()
+                .zip(page_records)
+                .all(|(loaded, &sent)| loaded.load(Ordering::Acquire) >= sent)
+        };
+        while !caught_up() {
+            if self.progress.failed.load(Ordering::Acquire) {
+                return Err(Error::Io {
+                    context: "draining the page channels",
+                    source: std::io::Error::other("a page channel failed"),
+                });
+            }
+            std::thread::sleep(DRAIN_POLL);
+        }
+        Drained::send(self.reply).map_err(Error::io("answering a drain request"))
+    }
+}
+
+/// How often a drain request looks at the channels' progress.
+const DRAIN_POLL: Duration = Duration::from_micros(200);
+
 /// Read the control channel up to the end marker. Pages go to `inline` (a version-1 stream; a
-/// session's pages travel on its page channels, so there they are refused).
+/// session's pages travel on its page channels, so there they are refused, and its drain
+/// requests are answered through `drain`).
 fn load_control<R: std::io::BufRead, B: MigrationBlock>(
     r: &mut StreamReader<R>,
     inline: &mut PageLoader<'_, B>,
     session: bool,
+    mut drain: Option<Drain<'_>>,
     full: bool,
     nblocks: usize,
 ) -> Result<ControlRead> {
@@ -711,6 +780,10 @@ fn load_control<R: std::io::BufRead, B: MigrationBlock>(
                     "a channel end on the control channel",
                 ))
             }
+            Record::Drain { page_records } => match drain.as_mut() {
+                Some(d) => d.answer(&page_records)?,
+                None => return Err(Error::UnexpectedRecord("a drain request outside a session")),
+            },
             Record::End { page_records } => return Ok((state, digests, page_records)),
         }
     }
@@ -723,6 +796,7 @@ fn load_channel<'b, B: MigrationBlock>(
     blocks: &'b [B],
     header: &Header,
     track: bool,
+    loaded: &AtomicU64,
 ) -> Result<PageLoader<'b, B>> {
     let cpu = thread_cpu_time();
     // Both halves are dropped when this returns: on an error the source sees the connection go.
@@ -736,7 +810,10 @@ fn load_channel<'b, B: MigrationBlock>(
     let mut loader = PageLoader::new(blocks, track);
     loop {
         match r.next_record()? {
-            Record::Pages { block, count } => loader.pages(&mut r, block, count)?,
+            Record::Pages { block, count } => {
+                loader.pages(&mut r, block, count)?;
+                loaded.store(loader.pages_received, Ordering::Release);
+            }
             Record::ZeroRange {
                 block,
                 first_page,

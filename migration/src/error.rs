@@ -98,6 +98,10 @@ pub enum Error {
     /// The destination did not acknowledge within the acknowledgement timeout.
     #[error("no acknowledgement from the destination within {0:?}")]
     AckTimeout(Duration),
+    /// The destination did not load what the source had sent within the time (a session's drain
+    /// before the switchover).
+    #[error("the destination did not catch up within {0:?}")]
+    DrainTimeout(Duration),
     /// The destination answered with a refusal (it failed to load or verify the stream).
     #[error("destination refused the migration (status {0})")]
     DestinationRefused(u32),

@@ -125,6 +125,14 @@
 //! The destination loads every page channel on its own thread, in the order of that channel; the
 //! control channel's end marker counts the page records of all channels.
 //!
+//! Before it switches over, the source drains: a drain record on the control channel (`0x08`,
+//! `channels: u32`, then per page channel the page records it carried so far) is answered with
+//! [`wire::Drained`] once the destination has loaded all of them. A destination slower than the
+//! link holds a backlog in its channels' socket buffers (tens of MiB on Linux TCP); without the
+//! drain the paused phase would wait for it. The source then syncs again and switches over only
+//! if what its guest dirtied meanwhile still fits the downtime limit
+//! ([`MigrationStats::drain_ms`]). A version-1 stream has no return path to ask on.
+//!
 //! A page always travels on the same channel: the source walks RAM in windows (a clear chunk; 16
 //! MiB in legacy mode) and window `w` of a block goes on channel `w % N`, in every pass, the final
 //! one included. So two copies of a page are ordered by their one channel, and a newer copy can

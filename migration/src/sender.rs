@@ -205,6 +205,11 @@ impl Channels {
         Ok(all)
     }
 
+    /// Page records each channel sent, up to the last barrier.
+    pub(crate) fn records(&self) -> &[u64] {
+        &self.records
+    }
+
     /// What each channel sent in all.
     pub(crate) fn totals(&self) -> &[Sent] {
         &self.totals

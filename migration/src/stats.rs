@@ -141,6 +141,11 @@ pub struct MigrationStats {
     pub downtime_ms: f64,
     /// Where the downtime went.
     pub downtime_breakdown: DowntimeBreakdown,
+    /// A session: how long the source waited, its guest running, for the destination to load
+    /// what it had sent before switching over (the backlog in the channels' socket buffers; a
+    /// destination slower than the link makes it grow). Not part of the downtime.
+    #[serde(default)]
+    pub drain_ms: f64,
     /// From the source's pause to the destination's resume, both on the host clock (`CLOCK_REALTIME`;
     /// across hosts as good as their clock sync). 0 when unknown (a file, strict mode without a
     /// verdict, or a destination that did not resume).

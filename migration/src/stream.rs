@@ -77,6 +77,10 @@ pub const TAG_ZERO_RANGE: u8 = 0x06;
 pub const TAG_END: u8 = 0xff;
 /// Record tag: the end of a page channel of a session (`b"CLRLEND!"`, `page_records: u64`).
 pub const TAG_CHANNEL_END: u8 = 0x07;
+/// Record tag (a session's control channel): drain. `channels: u32` (the session's page channel
+/// count), then per page channel `page_records: u64`, the page entries it carried so far; the
+/// destination answers [`crate::wire::Drained`] once it has loaded them all.
+pub const TAG_DRAIN: u8 = 0x08;
 /// Page entry kind: the page is all zeros (no data follows).
 pub const PAGE_ZERO: u8 = 0;
 /// Page entry kind: `page_size` bytes of data follow.
@@ -330,6 +334,15 @@ pub(crate) fn encode_end(page_records: u64, out: &mut Vec<u8>) {
 }
 
 /// Encode the end record of a page channel.
+/// Encode a drain request: the page entries each page channel carried so far.
+pub(crate) fn encode_drain(page_records: &[u64], out: &mut Vec<u8>) {
+    out.push(TAG_DRAIN);
+    out.extend_from_slice(&(page_records.len() as u32).to_le_bytes());
+    for r in page_records {
+        out.extend_from_slice(&r.to_le_bytes());
+    }
+}
+
 pub(crate) fn encode_channel_end(page_records: u64, out: &mut Vec<u8>) {
     out.push(TAG_CHANNEL_END);
     out.extend_from_slice(&END_MAGIC.to_le_bytes());
@@ -417,6 +430,11 @@ pub enum Record {
     ChannelEnd {
         /// Page entries sent on this channel.
         page_records: u64,
+    },
+    /// A session's drain request: the page entries each page channel carried so far.
+    Drain {
+        /// Per page channel (at most [`crate::wire::MAX_CHANNELS`]).
+        page_records: Vec<u64>,
     },
 }
 
@@ -768,6 +786,23 @@ impl<R: Read> StreamReader<R> {
                 }
                 let page_records = self.u64("channel end page count")?;
                 Ok(Record::ChannelEnd { page_records })
+            }
+            TAG_DRAIN => {
+                let channels = self.u32("drain channel count")?;
+                if channels == 0 {
+                    return Err(Error::Malformed("drain channel count (none)"));
+                }
+                if channels > crate::wire::MAX_CHANNELS {
+                    return Err(Error::TooLarge {
+                        what: "drain channel count",
+                        value: channels.into(),
+                        limit: crate::wire::MAX_CHANNELS.into(),
+                    });
+                }
+                let page_records = (0..channels)
+                    .map(|_| self.u64("drain page count"))
+                    .collect::<Result<_>>()?;
+                Ok(Record::Drain { page_records })
             }
             tag => Err(Error::UnknownRecord(tag)),
         }

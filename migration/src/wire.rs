@@ -10,6 +10,7 @@
 //! |----------------|-------|---------------------------|--------|
 //! | [`Hello`]      | 48    | source to destination, first bytes of every v2 connection | `b"CLEARLOG"`, version 2, kind (1 control, 2 page channel), session id (16 bytes), channel index, page channel count, lowest version the source speaks, reserved 0 |
 //! | [`HelloReply`] | 16    | destination to source, answer to a hello | `b"HELO"`, version chosen, status (0 accepted, 1 version not spoken, 2 busy with another session, 3 no such session, 4 bad channel), highest version the destination speaks |
+//! | [`Drained`]    | 8     | destination to source, answer to a drain record | `b"DRND"`, 0 |
 //! | [`Ack`]        | 8     | destination to source     | `b"ACK1"`, status (0 loaded and restored, 1 failed) |
 //! | [`Confirm`]    | 8     | source to destination     | `b"GO!!"`, 0 |
 //! | [`Verdict`]    | 24    | destination to source     | `b"VRFY"`, status (0 verified, 1 mismatch), mismatched pages, resume time (Unix ns) |
@@ -299,6 +300,71 @@ impl Ack {
         }
         if ack.status.get() != stream::ACK_OK {
             return Err(Error::DestinationRefused(ack.status.get()));
+        }
+        Ok(())
+    }
+}
+
+const DRAINED_MAGIC: u32 = u32::from_le_bytes(*b"DRND");
+
+/// The destination's answer to a drain request ([`stream::TAG_DRAIN`]): every page record the
+/// request counted is in guest memory. The source switches over only after it, so the paused
+/// phase never waits for a backlog the destination had not loaded yet.
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::{wire::Drained, CancelToken};
+/// use std::time::Duration;
+///
+/// let mut bytes = Vec::new();
+/// Drained::send(&mut bytes).unwrap();
+/// let mut r = std::io::Cursor::new(bytes);
+/// Drained::wait(&mut r, Duration::from_secs(1), &CancelToken::new()).unwrap();
+/// ```
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct Drained {
+    magic: U32,
+    zero: U32,
+}
+
+impl Drained {
+    /// Send it and flush.
+    pub fn send(w: &mut dyn Write) -> io::Result<()> {
+        let d = Drained {
+            magic: DRAINED_MAGIC.into(),
+            zero: 0.into(),
+        };
+        w.write_all(d.as_bytes())?;
+        w.flush()
+    }
+
+    /// Wait up to `timeout` for it, polling so a cancel is noticed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DrainTimeout`], [`Error::Cancelled`], [`Error::Malformed`] (not this message),
+    /// [`Error::Io`] (the connection failed or closed).
+    pub fn wait(r: &mut dyn TransportRead, timeout: Duration, cancel: &CancelToken) -> Result<()> {
+        let mut b = [0u8; 8];
+        read_within(r, &mut b, timeout, Some(cancel)).map_err(|e| match e {
+            ReadFailure::Timeout => Error::DrainTimeout(timeout),
+            ReadFailure::Cancelled => Error::Cancelled,
+            ReadFailure::Eof => Error::Io {
+                context: "waiting for the destination to drain",
+                source: io::ErrorKind::UnexpectedEof.into(),
+            },
+            ReadFailure::Io(source) => Error::Io {
+                context: "waiting for the destination to drain",
+                source,
+            },
+        })?;
+        let d = Drained::read_from_bytes(&b[..]).map_err(|_| Error::Malformed("drained"))?;
+        if d.magic.get() != DRAINED_MAGIC || d.zero.get() != 0 {
+            return Err(Error::Malformed(
+                "drained (not the destination's drain answer)",
+            ));
         }
         Ok(())
     }

@@ -547,11 +547,11 @@ pub fn bench(a: BenchArgs) -> CliResult {
         .collect();
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     eprintln!(
-        "vmm bench: guest {} MiB, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {:.0} MiB/s, downtime {} ms; {} run(s) of {} mode(s)",
+        "vmm bench: guest {} MiB, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {}, downtime {} ms; {} run(s) of {} mode(s)",
         a.guest.mem >> 20,
         a.guest.wss >> 20,
         mib(a.guest.dirty_rate.unwrap_or(DEFAULT_DIRTY_RATE)),
-        mib(a.migration.bandwidth),
+        crate::output::rate_label(a.migration.bandwidth),
         a.migration.downtime.as_millis(),
         a.runs,
         scenarios.len()
@@ -568,12 +568,14 @@ pub fn bench(a: BenchArgs) -> CliResult {
             let t = Instant::now();
             let r = one_run(&spec, mode, i, run, timeout)?;
             eprintln!(
-                "  run {run}/{} {:<14} total {:>7.2} s ({:+.1}% vs floor {:.2} s)  downtime {:>6.1} ms  iterations {:>3}  ns/page src {:.0} dst {:.0}  {}  ({:.0} s wall)",
+                "  run {run}/{} {:<14} total {:>7.2} s ({})  downtime {:>6.1} ms  iterations {:>3}  ns/page src {:.0} dst {:.0}  {}  ({:.0} s wall)",
                 a.runs,
                 labels[i],
                 r.f64("total_time_ms") / 1e3,
-                r.f64("vs_floor_pct"),
-                r.f64("floor_s"),
+                match r.f64("floor_s") {
+                    f if f.is_nan() => "no floor model for this run".to_string(),
+                    f => format!("{:+.1}% vs floor {f:.2} s", r.f64("vs_floor_pct")),
+                },
                 r.f64("downtime_ms"),
                 r.source["iterations"],
                 r.f64("source_ns_per_page"),

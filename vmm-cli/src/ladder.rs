@@ -117,11 +117,11 @@ pub fn ladder(a: LadderArgs) -> CliResult {
     crate::run::validate_migration(&a.migration)?;
     let modes = crate::bench::runs_and_modes(a.runs, &a.modes, "legacy,clear:16M")?;
     eprintln!(
-        "vmm ladder: guests {}, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {:.0} MiB/s, downtime {} ms; {} run(s) of {} mode(s){}",
+        "vmm ladder: guests {}, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {}, downtime {} ms; {} run(s) of {} mode(s){}",
         a.sizes.iter().map(|&s| size_label(s)).collect::<Vec<_>>().join(", "),
         a.wss >> 20,
         a.dirty_rate as f64 / MIB,
-        a.migration.bandwidth as f64 / MIB,
+        crate::output::rate_label(a.migration.bandwidth),
         a.migration.downtime.as_millis(),
         a.runs,
         modes.len(),

@@ -283,3 +283,11 @@ mod tests {
         assert!(peak_rss_bytes().is_some_and(|b| b > 0));
     }
 }
+
+/// A bandwidth limit for people: `400 MiB/s`, or `unlimited` for 0.
+pub fn rate_label(bytes_per_s: u64) -> String {
+    match bytes_per_s {
+        0 => "unlimited".into(),
+        b => format!("{:.0} MiB/s", b as f64 / (1u64 << 20) as f64),
+    }
+}

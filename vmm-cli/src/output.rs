@@ -269,6 +269,14 @@ pub fn print_incoming(stats: &IncomingStats, extra: &serde_json::Value, json: bo
     }
 }
 
+/// A bandwidth limit for people: `400 MiB/s`, or `unlimited` for 0.
+pub fn rate_label(bytes_per_s: u64) -> String {
+    match bytes_per_s {
+        0 => "unlimited".into(),
+        b => format!("{:.0} MiB/s", b as f64 / (1u64 << 20) as f64),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,13 +289,5 @@ mod tests {
         );
         assert_eq!(parse_vm_hwm("Name: x\n"), None);
         assert!(peak_rss_bytes().is_some_and(|b| b > 0));
-    }
-}
-
-/// A bandwidth limit for people: `400 MiB/s`, or `unlimited` for 0.
-pub fn rate_label(bytes_per_s: u64) -> String {
-    match bytes_per_s {
-        0 => "unlimited".into(),
-        b => format!("{:.0} MiB/s", b as f64 / (1u64 << 20) as f64),
     }
 }

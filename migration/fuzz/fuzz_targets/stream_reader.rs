@@ -55,7 +55,8 @@ fn decode(data: &[u8]) {
                 let pages = header.blocks[block as usize].size / PAGE as u64;
                 assert!(npages > 0 && first_page + npages <= pages);
             }
-            Ok(Record::End { .. }) | Err(_) => break,
+            // A session's page channel ends with its own marker.
+            Ok(Record::End { .. } | Record::ChannelEnd { .. }) | Err(_) => break,
         }
         assert!(r.bytes_read() <= data.len() as u64);
     }

@@ -9,8 +9,8 @@
 //! - the source's RAM fingerprint at switchover equals the destination's.
 //!
 //! Sources use the default session mostly, one version-1 stream (`--channels 0`) or 1 or 4 page
-//! channels now and then; about a third of the sessions run over mutual TLS with the test
-//! certificates (`migration/tests/data/tls`; the destination's certificate names 127.0.0.1).
+//! channels now and then; every other session (the first included) runs over mutual TLS with the
+//! test certificates (`migration/tests/data/tls`; the destination's certificate names 127.0.0.1).
 //!
 //! About one run in eight makes a loss on purpose instead (`crate::loss`, each kind in turn):
 //! it must be caught on both sides, or repaired by the destination; a loss not caught while a
@@ -44,6 +44,8 @@ struct Totals {
     v1: u32,
     sessions: u32,
     tls: u32,
+    /// Sessions without TLS (loss runs left out).
+    plain_sessions: u32,
     total_ms: f64,
     downtime_ms: Vec<f64>,
     over_downtime: u32,
@@ -88,7 +90,6 @@ pub fn soak(args: &[String]) -> Result<(), String> {
         let shape = Shape::random(&mut rng, 128 * MIB, max_mem_mib.max(128) * MIB, 80)
             .maybe_ring(&mut rng, if ring { 25 } else { 0 });
         let shape = shape.with_channels(pick_channels(&mut rng));
-        let tls = shape.channels != Some(0) && rng.chance(35);
         // A longer warm-up lets the workload touch more pages: longer streams.
         let warmup_ms = rng.range(300, 2500);
         let t0 = Instant::now();
@@ -96,6 +97,8 @@ pub fn soak(args: &[String]) -> Result<(), String> {
         let loss = rng
             .chance(12)
             .then(|| Loss::ALL[(t.loss_runs as usize) % Loss::ALL.len()]);
+        // Every other session (not a loss run) over TLS, the first one included: short soaks too.
+        let tls = loss.is_none() && shape.channels != Some(0) && t.plain_sessions >= t.tls;
         let (ok, note) = match loss {
             None => match run_one(&vmm, &shape, warmup_ms, tls, &mut t) {
                 Ok(()) => (true, String::new()),
@@ -118,7 +121,8 @@ pub fn soak(args: &[String]) -> Result<(), String> {
             t.v1 += 1;
         } else {
             t.sessions += 1;
-            t.tls += u32::from(tls && loss.is_none());
+            t.tls += u32::from(tls);
+            t.plain_sessions += u32::from(!tls && loss.is_none());
         }
         if !ok || (i + 1) % 10 == 0 || runs <= 20 || loss.is_some() {
             println!(

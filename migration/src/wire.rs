@@ -126,7 +126,8 @@ impl Hello {
     ///
     /// [`Error::BadMagic`]; [`Error::SessionVersion`] when the source speaks no version this
     /// side speaks (its lowest is above 2, or its highest below); [`Error::Malformed`] (kind,
-    /// reserved bits, channel index), [`Error::TooLarge`] (channel count over [`MAX_CHANNELS`]).
+    /// reserved bits, channel index, no page channel), [`Error::TooLarge`] (channel count over
+    /// [`MAX_CHANNELS`]).
     pub fn parse(bytes: &[u8]) -> Result<Self> {
         let (h, _) = Hello::read_from_prefix(bytes).map_err(|_| Error::Truncated("hello"))?;
         if h.magic.get() != MAGIC {
@@ -142,9 +143,10 @@ impl Hello {
             return Err(Error::Malformed("hello (reserved field not zero)"));
         }
         match h.kind() {
-            KIND_CONTROL if h.channel() == 0 => {}
+            // A session has at least one page channel (pages never travel on the control channel).
+            KIND_CONTROL if h.channel() == 0 && h.channels() > 0 => {}
             KIND_PAGES if h.channel() < h.channels() => {}
-            _ => return Err(Error::Malformed("hello (kind or channel index)")),
+            _ => return Err(Error::Malformed("hello (kind, channel index or count)")),
         }
         if h.channels() > MAX_CHANNELS {
             return Err(Error::TooLarge {
@@ -462,7 +464,12 @@ impl Verdict {
                 "bad verdict {b:02x?}"
             )));
         }
-        if (v.status.get() == stream::VERDICT_OK) != (v.mismatched_pages.get() == 0) {
+        let consistent = match v.status.get() {
+            stream::VERDICT_OK => v.mismatched_pages.get() == 0,
+            stream::VERDICT_MISMATCH => v.mismatched_pages.get() > 0,
+            _ => false, // a status the table does not define
+        };
+        if !consistent {
             return Err(Error::VerificationIncomplete(format!(
                 "inconsistent verdict {b:02x?}"
             )));
@@ -591,6 +598,16 @@ mod tests {
             with(&|h| h.reserved = 1.into()),
             Err(Error::Malformed(_))
         ));
+        // Found by the `session_wire` fuzz target: a control hello of no page channel made a
+        // destination accept a session that could carry no page.
+        assert!(matches!(
+            with(&|h| {
+                h.kind = KIND_CONTROL.into();
+                h.channel = 0.into();
+                h.channels = 0.into();
+            }),
+            Err(Error::Malformed(_))
+        ));
         assert!(matches!(
             with(&|h| {
                 h.channels = 1000.into();
@@ -619,6 +636,18 @@ mod tests {
         assert!(matches!(
             Confirm::wait(&mut r, Duration::from_secs(1)),
             Err(Error::NotConfirmed(why)) if why.contains("closed")
+        ));
+    }
+
+    #[test]
+    fn a_verdict_of_an_unknown_status_is_refused() {
+        // Found by the `session_wire` fuzz target: status 0xa6 with pages was taken as a mismatch.
+        let mut b = Vec::new();
+        Verdict::send(&mut b, 5, 0).unwrap();
+        b[4] = 0xa6;
+        assert!(matches!(
+            Verdict::read(&mut std::io::Cursor::new(b), Duration::from_secs(1)),
+            Err(Error::VerificationIncomplete(why)) if why.contains("inconsistent")
         ));
     }
 

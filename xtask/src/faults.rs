@@ -1,15 +1,24 @@
 // Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! `cargo xtask faults`: cut migrations at random points and check that nothing is lost.
+//! `cargo xtask faults`: cut migrations at every step and check that nothing is lost.
 //!
-//! Each case starts two destinations (`vmm incoming`): A behind a fault-injecting TCP proxy, B
-//! reached directly; then one source (`vmm run --migrate-to PROXY --retry-to B`). The proxy cuts
-//! the first migration at a random point; the same source process must report the failure, keep
-//! its guest running, and migrate to B, which must verify (RAM fingerprint equal to the source's,
-//! increment rule). A must never resume a guest. A cut that lands after the commit (A had the
-//! guest and was killed during the verification) is handled when the source says so and keeps its
-//! guest paused: there is nothing to retry, the guest belonged to A.
+//! Each cut case starts two destinations (`vmm incoming`): A behind a fault-injecting TCP proxy
+//! (`crate::proxy`), B reached directly; then one source (`vmm run --migrate-to PROXY --retry-to
+//! B`). The proxy forwards every connection of the source (a session's control channel and page
+//! channels, or one version-1 stream) and cuts one of them at one step: during the session
+//! handshake, at the header or a page channel's first record, after a random byte count or
+//! delay, at the state and end marker, the acknowledgement, the confirmation, the final digests or
+//! the verdict; by reset, close, a reset of the source's side only, a silent link, or killing A.
+//! `crate::judge` says what must come of it: before the commit the same source process reports
+//! the failure, keeps its guest running and migrates to B, which must verify (RAM fingerprint
+//! equal to the source's, increment rule), and A never resumes; after the commit the source says
+//! so and keeps its guest paused, and A has the guest exactly when it had the confirmation; during
+//! the handshake (before the source boots) the source exits with a clear error and A keeps waiting,
+//! then verifies a migration from a new source.
+//!
+//! Sources use the default session, one version-1 stream (`--channels 0`) or four page channels
+//! in turn, so every path stays exercised.
 //!
 //! The `fail@STEP` cases need no proxy: `vmm run --fail-at STEP@N` breaks the N-th call of one
 //! step of the source's first migration (sync, clear, read, send, pause, save-state, ack,
@@ -20,49 +29,131 @@
 //! the verification; or the destination's RAM holds stale data it hides from its own answer, and
 //! it must still end with the source's memory. A loss not caught while a side says `verified` is
 //! counted and fails the run.
+//!
+//! `--no-retry` checks the judge itself: sources get no `--retry-to`, so every cut and injection
+//! case that needs the retry (all but the handshake cuts, whose retry is a new source) must be
+//! reported FAIL, and the run fails.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    build_vmm, check_opts, dest_outcome, incoming_cmd, jbool, jstr, ju64, kvm_usable,
-    leftover_children, opt_value, Proc, Rng, Shape, Workload,
+    build_vmm, check_opts, incoming_cmd, jstr, kvm_usable, leftover_children, opt_value, Proc, Rng,
+    Shape,
 };
+use crate::judge::{judge, judge_before_boot, CaseResult, Expect, Judged};
 use crate::loss::{run_loss, Loss};
+use crate::proxy::{How, Plan, Proxy, Step};
 
 const MIB: u64 = 1 << 20;
 
-/// How the proxy breaks the first migration.
+/// The page channels of a session without `--channels` (`clearlog_migration::DEFAULT_CHANNELS`).
+const DEFAULT_CHANNELS: u32 = 2;
+
+/// The steps of a migration a cut case can hit (the proxy's [`Step`] without its numbers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CutKind {
-    /// Forward N bytes, then reset both connections (SO_LINGER 0).
-    ProxyReset,
-    /// Forward N bytes, then close both connections (FIN).
-    ProxyClose,
-    /// Forward N bytes, then reset only the source-facing connection; the destination's stays
-    /// open (silent) until the case ends.
-    SourceClose,
-    /// Forward N bytes, then `kill -9` the destination process.
-    KillAtBytes,
-    /// `kill -9` the destination a random delay after the stream started.
-    KillAfterDelay,
-    /// Forward N bytes, then stop forwarding with both connections open (the link goes silent):
-    /// the source's `--io-timeout` must notice.
-    Blackhole,
+enum At {
+    Hello,
+    First,
+    Bytes,
+    Delay,
+    End,
+    Ack,
+    Confirm,
+    Verify,
+    Verdict,
 }
 
-const KINDS: [CutKind; 6] = [
-    CutKind::ProxyReset,
-    CutKind::ProxyClose,
-    CutKind::SourceClose,
-    CutKind::KillAtBytes,
-    CutKind::KillAfterDelay,
-    CutKind::Blackhole,
+impl At {
+    fn name(self) -> &'static str {
+        match self {
+            At::Hello => "hello",
+            At::First => "first",
+            At::Bytes => "bytes",
+            At::Delay => "delay",
+            At::End => "end",
+            At::Ack => "ack",
+            At::Confirm => "confirm",
+            At::Verify => "verify",
+            At::Verdict => "verdict",
+        }
+    }
+
+    /// The step exists only in a session (a version-1 stream has no hello, and its end marker is
+    /// not found without decoding it).
+    fn session_only(self) -> bool {
+        matches!(self, At::Hello | At::End)
+    }
+
+    /// What must come of a cut at this step.
+    fn expect(self) -> Expect {
+        match self {
+            At::Hello => Expect::BeforeBoot,
+            At::First | At::Bytes | At::End | At::Ack => Expect::BeforeCommit,
+            // The confirmation never reaches A; the source sent it: it committed.
+            At::Confirm => Expect::AfterCommit { a_resumes: false },
+            At::Verify | At::Verdict => Expect::AfterCommit { a_resumes: true },
+            At::Delay => Expect::Either,
+        }
+    }
+}
+
+/// Which connection a cut case cuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// The control channel (a version-1 stream: the stream).
+    Control,
+    /// A page channel picked at random (a version-1 stream: the stream).
+    Page,
+    /// Any connection, picked at random.
+    Any,
+}
+
+/// A cut case: one connection cut one way at one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cut {
+    at: At,
+    how: How,
+    target: Target,
+}
+
+/// Every cut case: each step once, with each way of cutting, on the channels that carry the step
+/// (page channels have ended before the end marker: a cut there is no fault).
+const CUTS: [Cut; 15] = [
+    Cut::new(At::Hello, How::Reset, Target::Page),
+    Cut::new(At::Hello, How::Close, Target::Control),
+    Cut::new(At::First, How::Reset, Target::Control),
+    Cut::new(At::First, How::Close, Target::Page),
+    Cut::new(At::Bytes, How::Reset, Target::Page),
+    Cut::new(At::Bytes, How::SourceReset, Target::Page),
+    Cut::new(At::Bytes, How::Blackhole, Target::Page),
+    Cut::new(At::Bytes, How::KillDestination, Target::Page),
+    Cut::new(At::Delay, How::KillDestination, Target::Control),
+    Cut::new(At::Delay, How::Reset, Target::Any),
+    Cut::new(At::End, How::Reset, Target::Control),
+    Cut::new(At::Ack, How::Close, Target::Control),
+    Cut::new(At::Confirm, How::Reset, Target::Control),
+    Cut::new(At::Verify, How::Close, Target::Control),
+    Cut::new(At::Verdict, How::Reset, Target::Control),
 ];
+
+impl Cut {
+    const fn new(at: At, how: How, target: Target) -> Cut {
+        Cut { at, how, target }
+    }
+
+    fn name(self) -> String {
+        let target = match self.target {
+            Target::Control => "ctl",
+            Target::Page => "page",
+            Target::Any => "any",
+        };
+        match self.how {
+            How::KillDestination => format!("kill-dst@{}", self.at.name()),
+            how => format!("{}:{target}@{}", how.name(), self.at.name()),
+        }
+    }
+}
 
 /// The steps `vmm run --fail-at` can break, in migration order (see `vmm run --help`, Testing).
 const INJECT_STEPS: [&str; 8] = [
@@ -80,7 +171,7 @@ const INJECT_STEPS: [&str; 8] = [
 /// source (`vmm run --fail-at STEP@N`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
-    Cut(CutKind),
+    Cut(Cut),
     Inject(&'static str),
     /// A loss made on purpose (`--fault`): it must be caught, or repaired by the destination.
     Loss(Loss),
@@ -89,9 +180,8 @@ enum Fault {
 impl Fault {
     /// Every case kind: the cuts, the injection points, then the losses.
     fn all() -> Vec<Fault> {
-        KINDS
-            .iter()
-            .map(|k| Fault::Cut(*k))
+        CUTS.iter()
+            .map(|c| Fault::Cut(*c))
             .chain(INJECT_STEPS.iter().map(|s| Fault::Inject(s)))
             .chain(Loss::ALL.iter().map(|l| Fault::Loss(*l)))
             .collect()
@@ -99,7 +189,7 @@ impl Fault {
 
     fn name(self) -> String {
         match self {
-            Fault::Cut(k) => k.name().to_string(),
+            Fault::Cut(c) => c.name(),
             Fault::Inject(step) => format!("fail@{step}"),
             Fault::Loss(l) => l.name().to_string(),
         }
@@ -117,280 +207,15 @@ impl Fault {
             Fault::Inject(_) => 1,
         }
     }
-}
 
-impl CutKind {
-    fn name(self) -> &'static str {
+    /// The page channels of the case's source: the default session mostly, a version-1 stream
+    /// and four channels in turn (by case number and seed), a session where the step needs one.
+    fn channels(self, case: u32, seed: u64) -> Option<u32> {
+        const MIX: [Option<u32>; 5] = [None, Some(0), None, Some(4), None];
+        let pick = MIX[((u64::from(case) + seed) % MIX.len() as u64) as usize];
         match self {
-            CutKind::ProxyReset => "proxy-reset",
-            CutKind::ProxyClose => "proxy-close",
-            CutKind::SourceClose => "source-close",
-            CutKind::KillAtBytes => "kill-dst@bytes",
-            CutKind::KillAfterDelay => "kill-dst@delay",
-            CutKind::Blackhole => "blackhole",
-        }
-    }
-}
-
-/// The proxy's plan: cut after `bytes` source-to-destination bytes, or `delay` after the first.
-#[derive(Debug, Clone, Copy)]
-struct Plan {
-    kind: CutKind,
-    bytes: u64,
-    delay: Duration,
-    dest_pid: u32,
-}
-
-/// What the proxy did.
-#[derive(Debug, Clone, Default)]
-pub struct ProxyReport {
-    /// Source-to-destination bytes forwarded.
-    pub forwarded: u64,
-    /// Whether the cut happened (false: the stream ended first).
-    pub cut: bool,
-    /// Problems of the proxy itself.
-    pub error: Option<String>,
-}
-
-/// A one-connection TCP proxy that cuts the link according to a [`Plan`].
-#[derive(Debug)]
-pub struct Proxy {
-    /// Where the source connects.
-    pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<ProxyReport>>,
-}
-
-const POLL: Duration = Duration::from_millis(50);
-
-fn set_linger_zero(s: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on a socket we own, with a pointer to a live `linger` and its exact size.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-}
-
-fn kill9(pid: u32) {
-    // SAFETY: plain kill(2) of a child process we started and have not reaped yet.
-    unsafe {
-        libc::kill(pid as libc::pid_t, libc::SIGKILL);
-    }
-}
-
-/// Copy `from` to `to` until EOF, an error, or `stop`.
-fn pump_back(mut from: TcpStream, mut to: TcpStream, stop: Arc<AtomicBool>) {
-    let mut buf = [0u8; 4096];
-    while !stop.load(Ordering::Relaxed) {
-        match from.read(&mut buf) {
-            Ok(0) => {
-                let _ = to.shutdown(Shutdown::Write);
-                break;
-            }
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => {
-                // Reset (a killed destination with unread data): the source must see it too.
-                let _ = to.shutdown(Shutdown::Both);
-                break;
-            }
-        }
-    }
-}
-
-impl Proxy {
-    /// Listen on 127.0.0.1 (any port) and forward one connection to `upstream`.
-    fn start(upstream: SocketAddr, plan: Plan) -> Result<Proxy, String> {
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("proxy: bind: {e}"))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| format!("proxy: local address: {e}"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut report = ProxyReport::default();
-            if let Err(e) = proxy_main(listener, upstream, plan, &stop2, &mut report) {
-                report.error = Some(e);
-            }
-            report
-        });
-        Ok(Proxy {
-            addr,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Close everything and return what happened.
-    fn finish(mut self) -> ProxyReport {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn proxy_main(
-    listener: TcpListener,
-    upstream: SocketAddr,
-    plan: Plan,
-    stop: &AtomicBool,
-    report: &mut ProxyReport,
-) -> Result<(), String> {
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| format!("proxy: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let src = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
-                    return Err("proxy: the source never connected".into());
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(format!("proxy: accept: {e}")),
-        }
-    };
-    let io = |e: std::io::Error| format!("proxy: {e}");
-    src.set_nonblocking(false).map_err(io)?;
-    let dst = TcpStream::connect_timeout(&upstream, Duration::from_secs(10)).map_err(io)?;
-    for s in [&src, &dst] {
-        s.set_nodelay(true).map_err(io)?;
-        s.set_read_timeout(Some(POLL)).map_err(io)?;
-        s.set_write_timeout(Some(Duration::from_secs(5)))
-            .map_err(io)?;
-    }
-    let back_stop = Arc::new(AtomicBool::new(false));
-    let back = {
-        let (from, to, st) = (
-            dst.try_clone().map_err(io)?,
-            src.try_clone().map_err(io)?,
-            back_stop.clone(),
-        );
-        std::thread::spawn(move || pump_back(from, to, st))
-    };
-    let stop_back = |back: JoinHandle<()>| {
-        back_stop.store(true, Ordering::Relaxed);
-        let _ = back.join();
-    };
-    let mut src = src;
-    let mut dst = dst;
-    let mut buf = vec![0u8; 64 << 10];
-    let mut first_byte: Option<Instant> = None;
-    let mut src_eof = false;
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            stop_back(back);
-            return Ok(());
-        }
-        let due = match plan.kind {
-            CutKind::KillAfterDelay => first_byte.is_some_and(|t| t.elapsed() >= plan.delay),
-            _ => report.forwarded >= plan.bytes,
-        };
-        if due && !report.cut {
-            report.cut = true;
-            match plan.kind {
-                CutKind::ProxyReset => {
-                    set_linger_zero(&src);
-                    set_linger_zero(&dst);
-                    stop_back(back);
-                    return Ok(()); // dropping both sockets with linger 0 sends RSTs
-                }
-                CutKind::ProxyClose => {
-                    let _ = src.shutdown(Shutdown::Both);
-                    let _ = dst.shutdown(Shutdown::Both);
-                    stop_back(back);
-                    return Ok(());
-                }
-                CutKind::SourceClose => {
-                    set_linger_zero(&src);
-                    stop_back(back);
-                    drop(src);
-                    // The destination's connection stays open and silent until the case ends.
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(POLL);
-                    }
-                    drop(dst);
-                    return Ok(());
-                }
-                CutKind::Blackhole => {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(POLL);
-                    }
-                    stop_back(back);
-                    return Ok(());
-                }
-                CutKind::KillAtBytes | CutKind::KillAfterDelay => {
-                    kill9(plan.dest_pid);
-                    // Keep proxying: the dead destination's socket ends the stream, as on a
-                    // real host crash seen through a live network.
-                }
-            }
-        }
-        if src_eof {
-            std::thread::sleep(POLL);
-            continue;
-        }
-        let want = match plan.kind {
-            CutKind::KillAfterDelay => buf.len(),
-            _ if report.cut => buf.len(),
-            _ => buf
-                .len()
-                .min((plan.bytes - report.forwarded).max(1) as usize),
-        };
-        match src.read(&mut buf[..want]) {
-            Ok(0) => {
-                let _ = dst.shutdown(Shutdown::Write);
-                src_eof = true;
-            }
-            Ok(n) => {
-                first_byte.get_or_insert_with(Instant::now);
-                if dst.write_all(&buf[..n]).is_err() {
-                    // The destination is gone: close the source side too.
-                    let _ = src.shutdown(Shutdown::Both);
-                    src_eof = true;
-                }
-                report.forwarded += n as u64;
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => {
-                let _ = dst.shutdown(Shutdown::Both);
-                src_eof = true;
-            }
+            Fault::Cut(c) if c.at.session_only() && pick == Some(0) => None,
+            _ => pick,
         }
     }
 }
@@ -403,29 +228,28 @@ fn expected_stream_bytes(shape: &Shape) -> u64 {
     pages * 16 + written / 4096 * 4112
 }
 
-/// One case's result.
+/// What the run found.
 #[derive(Debug, Default)]
-struct CaseResult {
-    cut: bool,
-    source_reported: bool,
-    source_survived: bool,
-    /// Dirty logging was off right after the failure.
-    logging_stopped: bool,
-    /// The cut came after the commit: the source reported it and kept its guest paused.
-    after_commit: bool,
-    /// The case was handled as it must be.
-    ok: bool,
-    retry_verified: bool,
-    wrongly_resumed: bool,
-    note: String,
+struct Tally {
+    rows: Vec<(Fault, CaseResult)>,
+    /// Cut points past the end of a stream (or of a channel), retried with an earlier point.
+    missed: u32,
+    /// Loss cases whose destination differed from the source while a side said `verified`.
+    undetected: u32,
 }
 
-/// `cargo xtask faults [--count N] [--seed S]`.
+/// `cargo xtask faults [--count N] [--seed S] [--only I] [--no-retry]`.
 pub fn faults(args: &[String]) -> Result<(), String> {
-    check_opts(args, &["--count", "--seed", "--only"])?;
-    let only: Option<u32> = opt_value(args, "--only")?;
-    let count: u32 = opt_value(args, "--count")?.unwrap_or(50);
-    let seed: u64 = opt_value(args, "--seed")?.unwrap_or_else(Rng::clock_seed);
+    let no_retry = args.iter().any(|a| a == "--no-retry");
+    let args: Vec<String> = args
+        .iter()
+        .filter(|a| *a != "--no-retry")
+        .cloned()
+        .collect();
+    check_opts(&args, &["--count", "--seed", "--only"])?;
+    let only: Option<u32> = opt_value(&args, "--only")?;
+    let count: u32 = opt_value(&args, "--count")?.unwrap_or(50);
+    let seed: u64 = opt_value(&args, "--seed")?.unwrap_or_else(Rng::clock_seed);
     if let Err(e) = kvm_usable() {
         if crate::harness::is_ci() && std::path::Path::new("/dev/kvm").exists() {
             return Err(format!("faults: {e} (CI=true)"));
@@ -434,94 +258,104 @@ pub fn faults(args: &[String]) -> Result<(), String> {
         return Ok(());
     }
     let vmm = build_vmm()?;
-    println!("\n==> xtask faults: {count} cut migrations, seed {seed} (rerun with --seed {seed})");
-    let mut rng = Rng::new(seed);
-    let mut rows = Vec::new();
-    let mut missed = 0u32;
-    // Loss cases whose destination differed from the source while a side said `verified`.
-    let mut undetected = 0u32;
-    let start = Instant::now();
     let cases = Fault::all();
+    println!(
+        "\n==> xtask faults: {count} cases of {} kinds, seed {seed} (rerun with --seed {seed}){}",
+        cases.len(),
+        if no_retry {
+            "; --no-retry: every cut and injection must be reported FAIL"
+        } else {
+            ""
+        }
+    );
+    let mut rng = Rng::new(seed);
+    let mut tally = Tally::default();
+    let start = Instant::now();
     for i in 0..count {
         let kind = cases[(i as usize) % cases.len()];
-        let shape = Shape::random(&mut rng, 256 * MIB, 1024 * MIB, 75);
+        let shape = Shape::random(&mut rng, 256 * MIB, 1024 * MIB, 75)
+            .with_channels(kind.channels(i, seed));
         let case_seed = rng.next_u64();
         if only.is_some_and(|o| o != i + 1) {
             continue;
         }
         let t = Instant::now();
-        let mut case_rng = Rng::new(case_seed);
-        // A cut point past the end of the stream lets the first migration finish: try again with
-        // the range halved (the stream's length depends on how much the guest wrote).
-        let mut r = CaseResult::default();
-        for attempt in 0..4 {
-            let result = match kind {
-                Fault::Cut(cut) => run_case(&vmm, cut, &shape, &mut case_rng, 1u64 << attempt),
-                Fault::Inject(step) => {
-                    // The last try fails the first call: it happens in every migration.
-                    let nth = if attempt == 3 {
-                        1
-                    } else {
-                        case_rng.range(1, (kind.max_call() >> (2 * attempt)).max(1))
-                    };
-                    run_inject_case(&vmm, step, nth, &shape)
-                }
-                Fault::Loss(loss) => run_loss_case(&vmm, loss, &shape, &mut undetected),
-            };
-            r = result.unwrap_or_else(|e| CaseResult {
-                note: format!("harness error: {e}"),
-                ..CaseResult::default()
-            });
-            if r.cut || r.note.starts_with("harness error") {
-                break;
-            }
-            missed += 1;
-        }
-        let ok = match kind {
-            Fault::Loss(_) => r.ok,
-            _ => {
-                r.cut
-                    && (r.after_commit
-                        || (r.source_reported
-                            && r.source_survived
-                            && r.logging_stopped
-                            && r.retry_verified))
-                    && !r.wrongly_resumed
-            }
-        };
+        let r = run_kind(&vmm, kind, &shape, case_seed, no_retry, &mut tally);
         println!(
-            "  {:>3} {:<15} {:<44} {:>5.1}s {} {}",
+            "  {:>3} {:<20} {:<52} {:>5.1}s {} {}",
             i + 1,
             kind.name(),
             shape.describe(),
             t.elapsed().as_secs_f64(),
-            if ok { "ok  " } else { "FAIL" },
+            if r.ok { "ok  " } else { "FAIL" },
             r.note
         );
-        r.ok = ok;
-        rows.push((kind, r));
+        tally.rows.push((kind, r));
     }
+    summary(&cases, &tally, seed, start.elapsed())
+}
+
+/// Run one case, trying an earlier fault point when the first migration ended before the fault.
+fn run_kind(
+    vmm: &std::path::Path,
+    kind: Fault,
+    shape: &Shape,
+    case_seed: u64,
+    no_retry: bool,
+    tally: &mut Tally,
+) -> CaseResult {
+    let mut case_rng = Rng::new(case_seed);
+    let mut r = CaseResult::default();
+    for attempt in 0..4 {
+        let result = match kind {
+            Fault::Cut(cut) => run_cut(vmm, cut, shape, &mut case_rng, 1u64 << attempt, no_retry),
+            Fault::Inject(step) => {
+                // The last try fails the first call: it happens in every migration.
+                let nth = if attempt == 3 {
+                    1
+                } else {
+                    case_rng.range(1, (kind.max_call() >> (2 * attempt)).max(1))
+                };
+                run_inject_case(vmm, step, nth, shape, no_retry)
+            }
+            Fault::Loss(loss) => run_loss_case(vmm, loss, shape, &mut tally.undetected),
+        };
+        r = result.unwrap_or_else(|e| CaseResult {
+            note: format!("harness error: {e}"),
+            ..CaseResult::default()
+        });
+        if r.cut || r.note.starts_with("harness error") {
+            break;
+        }
+        tally.missed += 1;
+    }
+    r
+}
+
+/// Print the summary table and decide the run.
+fn summary(cases: &[Fault], tally: &Tally, seed: u64, took: Duration) -> Result<(), String> {
     let left = leftover_children();
     println!(
         "\n==> xtask faults summary (seed {seed}, {:.0} s)",
-        start.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
-    println!(
-        "  {:<15} {:>6} {:>10} {:>10} {:>10} {:>11} {:>10} {:>13} {:>16} {:>8}",
-        "fault",
+    let heads = [
         "tried",
         "fault made",
         "src error",
         "survived",
         "logging off",
         "retry ok",
+        "before boot",
         "after commit",
         "wrongly resumed",
-        "handled"
-    );
-    let mut total = [0u32; 9];
+        "handled",
+    ];
+    println!("  {:<20} {}", "fault", heads.join(" "));
+    let mut total = [0u32; 10];
     for kind in cases.iter().copied().map(Some).chain([None]) {
-        let sel: Vec<&CaseResult> = rows
+        let sel: Vec<&CaseResult> = tally
+            .rows
             .iter()
             .filter(|(k, _)| kind.is_none_or(|x| x == *k))
             .map(|(_, r)| r)
@@ -537,6 +371,7 @@ pub fn faults(args: &[String]) -> Result<(), String> {
             c(|r| r.source_survived),
             c(|r| r.logging_stopped),
             c(|r| r.retry_verified),
+            c(|r| r.before_boot),
             c(|r| r.after_commit),
             c(|r| r.wrongly_resumed),
             c(|r| r.ok),
@@ -544,94 +379,188 @@ pub fn faults(args: &[String]) -> Result<(), String> {
         if kind.is_none() {
             total = row;
         }
+        let cells: Vec<String> = row
+            .iter()
+            .zip(heads)
+            .map(|(n, h)| format!("{n:>w$}", w = h.len()))
+            .collect();
         println!(
-            "  {:<15} {:>6} {:>10} {:>10} {:>10} {:>11} {:>10} {:>13} {:>16} {:>8}",
+            "  {:<20} {}",
             kind.map_or("TOTAL".to_string(), Fault::name),
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            row[4],
-            row[5],
-            row[6],
-            row[7],
-            row[8]
+            cells.join(" ")
         );
     }
     println!(
-        "  (cut points past the end of a stream, retried with an earlier point: {missed})\n  losses not caught while a side said verified: {undetected} (must be 0)\n  stray child processes after the run: {}",
+        "  (fault points past the end of a stream or channel, retried with an earlier point: {})\n  losses not caught while a side said verified: {} (must be 0)\n  stray child processes after the run: {}",
+        tally.missed,
+        tally.undetected,
         left.len()
     );
-    let [tried, cut, reported, survived, logging_off, verified, after_commit, wrong, handled] =
+    let [tried, cut, reported, survived, logging_off, verified, before_boot, after_commit, wrong, ok] =
         total;
-    // A cut after the commit is handled when the source keeps its guest paused and says so
-    // (there is nothing to retry: the guest belonged to the destination).
-    if tried == cut && tried == handled && wrong == 0 && undetected == 0 && left.is_empty() {
+    if tried == cut && tried == ok && wrong == 0 && tally.undetected == 0 && left.is_empty() {
         println!("faults: all {tried} faults handled");
         Ok(())
     } else {
         Err(format!(
-            "faults: {tried} cases: {cut} faults made, {handled} handled ({reported} reported, {survived} survived, {logging_off} stopped logging, {verified} retries verified, {after_commit} after the commit), {wrong} destinations wrongly resumed, {} stray processes",
+            "faults: {tried} cases: {cut} faults made, {ok} handled ({reported} reported, {survived} survived, {logging_off} stopped logging, {verified} retries verified, {before_boot} before boot, {after_commit} after the commit), {wrong} destinations wrongly resumed, {} stray processes",
             left.len()
         ))
     }
 }
 
-fn run_case(
+/// The connection a cut case cuts, among the source's.
+fn pick_conn(target: Target, channels: u32, rng: &mut Rng) -> usize {
+    match (target, channels) {
+        (_, 0) | (Target::Control, _) => 0,
+        (Target::Page, n) => rng.range(1, u64::from(n)) as usize,
+        (Target::Any, n) => rng.range(0, u64::from(n)) as usize,
+    }
+}
+
+/// The proxy's step for a cut at `at`, with its random point: bytes uniform in the expected
+/// length of the connection's stream, a delay uniform in the expected migration time (each
+/// divided by `divide` after a miss).
+fn plan_step(at: At, shape: &Shape, channels: u32, rng: &mut Rng, divide: u64) -> Step {
+    let expected_bytes = expected_stream_bytes(shape);
+    match at {
+        At::Hello => Step::Hello,
+        At::First => Step::First,
+        At::Bytes => {
+            let share = expected_bytes / u64::from(channels.max(1));
+            Step::Bytes(rng.range(64 << 10, (share / divide).max(128 << 10)))
+        }
+        At::Delay => {
+            let expected = Duration::from_secs_f64(expected_bytes as f64 / shape.bandwidth as f64);
+            Step::Delay(expected.mul_f64(rng.range(0, 100) as f64 / 100.0 / divide as f64))
+        }
+        At::End => Step::End,
+        At::Ack => Step::Ack,
+        At::Confirm => Step::Confirm,
+        At::Verify => Step::Verify,
+        At::Verdict => Step::Verdict,
+    }
+}
+
+/// Which connection was cut, for the report: `ctl` (the control channel), `stream` (a version-1
+/// stream), `pageK/N` (connection K, the library's page channel K-1 of N).
+fn conn_label(conn: usize, channels: u32) -> String {
+    match (conn, channels) {
+        (0, 0) => "stream".into(),
+        (0, _) => "ctl".into(),
+        (k, n) => format!("page{k}/{n}"),
+    }
+}
+
+/// A case's two destinations: A (`--io-timeout 10s`, so a silent link fails it soon), where the
+/// first migration goes, and B, where the retry goes.
+struct Destinations {
+    a: Proc,
+    b: Proc,
+    uri_a: String,
+    uri_b: String,
+}
+
+impl Destinations {
+    fn start(vmm: &std::path::Path) -> Result<Destinations, String> {
+        let mut a = incoming_cmd(vmm, &[], "127.0.0.1");
+        a.arg("--io-timeout=10s");
+        let mut a = Proc::spawn("incoming A", a)?;
+        let mut b = Proc::spawn("incoming B", incoming_cmd(vmm, &[], "127.0.0.1"))?;
+        let (uri_a, uri_b) = (a.listen_uri()?, b.listen_uri()?);
+        Ok(Destinations { a, b, uri_a, uri_b })
+    }
+
+    /// `--retry-to B` unless `no_retry`.
+    fn retry(&self, no_retry: bool) -> Option<&str> {
+        (!no_retry).then_some(self.uri_b.as_str())
+    }
+
+    /// What the judge looks at, with the case's source.
+    fn judged<'a>(
+        &'a mut self,
+        src: &'a mut Proc,
+        src_status: Result<std::process::ExitStatus, String>,
+        shape: &'a Shape,
+    ) -> Judged<'a> {
+        Judged {
+            src,
+            src_status,
+            dst_a: &mut self.a,
+            dst_b: &mut self.b,
+            uri_b: &self.uri_b,
+            shape,
+        }
+    }
+}
+
+fn run_cut(
     vmm: &std::path::Path,
-    kind: CutKind,
+    cut: Cut,
     shape: &Shape,
     rng: &mut Rng,
     divide: u64,
+    no_retry: bool,
 ) -> Result<CaseResult, String> {
-    let mut dst_a = Proc::spawn("incoming A", incoming_cmd(vmm, &[], "127.0.0.1"))?;
-    let mut dst_b = Proc::spawn("incoming B", incoming_cmd(vmm, &[], "127.0.0.1"))?;
-    let uri_a = dst_a.listen_uri()?;
-    let uri_b = dst_b.listen_uri()?;
-    let addr_a: SocketAddr = uri_a
+    let mut dst = Destinations::start(vmm)?;
+    let addr_a: SocketAddr = dst
+        .uri_a
         .trim_start_matches("tcp:")
         .parse()
-        .map_err(|e| format!("{uri_a}: {e}"))?;
-    // Cut uniformly in the expected stream (divided by `divide` after a miss).
-    let expected_bytes = expected_stream_bytes(shape);
-    let bytes = rng.range(64 << 10, (expected_bytes / divide).max(128 << 10));
-    let expected = Duration::from_secs_f64(expected_bytes as f64 / shape.bandwidth as f64);
-    let delay = expected.mul_f64(rng.range(0, 100) as f64 / 100.0 / divide as f64);
-    let proxy = Proxy::start(
-        addr_a,
-        Plan {
-            kind,
-            bytes,
-            delay,
-            dest_pid: dst_a.pid(),
-        },
-    )?;
-    let (mut src, src_status) =
-        run_source(vmm, shape, &format!("tcp:{}", proxy.addr), &uri_b, None)?;
+        .map_err(|e| format!("{}: {e}", dst.uri_a))?;
+    let channels = shape.channels.unwrap_or(DEFAULT_CHANNELS);
+    // Page channel 0 carries the first window of RAM, where the guest writes; another may carry
+    // only zero ranges: after a miss, cut channel 0.
+    let conn = match cut.target {
+        Target::Page if divide > 1 && channels > 0 => 1,
+        t => pick_conn(t, channels, rng),
+    };
+    let step = plan_step(cut.at, shape, channels, rng, divide);
+    let plan = Plan {
+        step,
+        how: cut.how,
+        conn,
+        session: channels > 0,
+        dest_pid: dst.a.pid(),
+    };
+    let proxy = Proxy::start(addr_a, plan)?;
+    let to = format!("tcp:{}", proxy.addr);
+    let (mut src, src_status) = run_source(vmm, shape, &to, dst.retry(no_retry), None)?;
     let report = proxy.finish();
-    // The first migration finished before the proxy struck (a kill after the destination had the
-    // guest and its verdict was in): nothing was cut. Try again with an earlier point.
+    let head = format!(
+        "{} {}@{} of {} conns",
+        conn_label(conn, channels),
+        cut.how.name(),
+        match step {
+            Step::Bytes(_) => format!("{}K", report.forwarded >> 10),
+            Step::Delay(d) => format!("{}ms", d.as_millis()),
+            _ => cut.at.name().to_string(),
+        },
+        report.connections
+    );
+    // The first migration finished before the proxy struck, or the cut went unnoticed (a page
+    // channel cut after its end): no fault. Try again with an earlier point.
     let first_migration_ok =
         matches!(&src_status, Ok(s) if s.success()) && jstr(&src.json(), "first_error").is_none();
     if !report.cut || first_migration_ok {
-        // The first migration completed: nothing to judge (A resumed legitimately, B waits).
         return Ok(CaseResult {
-            note: format!("no cut (stream ended after {} MiB)", report.forwarded >> 20),
+            note: format!(
+                "no fault ({head}: {})",
+                if report.cut {
+                    "unnoticed"
+                } else {
+                    "never reached"
+                }
+            ),
             ..CaseResult::default()
         });
     }
-    judge(
-        Judged {
-            src: &mut src,
-            src_status,
-            dst_a: &mut dst_a,
-            dst_b: &mut dst_b,
-            uri_b: &uri_b,
-            shape,
-        },
-        report.error,
-        format!("cut@{}M", report.forwarded >> 20),
-    )
+    let to_a = dst.uri_a.clone();
+    let judged = dst.judged(&mut src, src_status, shape);
+    if cut.at.expect() == Expect::BeforeBoot {
+        return judge_before_boot(judged, || run_source(vmm, shape, &to_a, None, None), head);
+    }
+    Ok(judge(judged, cut.at.expect(), report.error, head))
 }
 
 /// Run the case's source to its end: migrate to `to`, retry to `retry`, with an optional extra
@@ -640,19 +569,19 @@ fn run_source(
     vmm: &std::path::Path,
     shape: &Shape,
     to: &str,
-    retry: &str,
+    retry: Option<&str>,
     extra: Option<&str>,
 ) -> Result<(Proc, Result<std::process::ExitStatus, String>), String> {
     let mut cmd = std::process::Command::new(vmm);
     cmd.args(shape.run_args()).args([
         format!("--migrate-to={to}"),
-        format!("--retry-to={retry}"),
         "--warmup=300ms".into(),
         "--max-time=60s".into(),
         "--io-timeout=5s".into(),
         "--ram-fingerprint".into(),
         "--json".into(),
     ]);
+    cmd.args(retry.map(|r| format!("--retry-to={r}")));
     cmd.args(extra);
     let mut src = Proc::spawn("source", cmd)?;
     let status = src.wait_timeout(Duration::from_secs(150));
@@ -666,14 +595,16 @@ fn run_inject_case(
     step: &str,
     nth: u64,
     shape: &Shape,
+    no_retry: bool,
 ) -> Result<CaseResult, String> {
-    let mut dst_a = Proc::spawn("incoming A", incoming_cmd(vmm, &[], "127.0.0.1"))?;
-    let mut dst_b = Proc::spawn("incoming B", incoming_cmd(vmm, &[], "127.0.0.1"))?;
-    let uri_a = dst_a.listen_uri()?;
-    let uri_b = dst_b.listen_uri()?;
+    let mut dst = Destinations::start(vmm)?;
     let fail_at = format!("--fail-at={step}@{nth}");
-    let (mut src, src_status) = run_source(vmm, shape, &uri_a, &uri_b, Some(&fail_at))?;
-    let injected = jstr(&src.json(), "first_error").is_some_and(|e| e.contains("injected fault"));
+    let (mut src, src_status) =
+        run_source(vmm, shape, &dst.uri_a, dst.retry(no_retry), Some(&fail_at))?;
+    let injected = src
+        .stderr()
+        .contains(&format!("injected fault ({step}@{nth})"))
+        || jstr(&src.json(), "first_error").is_some_and(|e| e.contains("injected fault"));
     if !injected {
         // Call `nth` of the step never came: the first migration completed (A resumed
         // legitimately). Nothing to judge.
@@ -682,18 +613,18 @@ fn run_inject_case(
             ..CaseResult::default()
         });
     }
-    judge(
-        Judged {
-            src: &mut src,
-            src_status,
-            dst_a: &mut dst_a,
-            dst_b: &mut dst_b,
-            uri_b: &uri_b,
-            shape,
-        },
+    // A page read can be the verification's, after the commit.
+    let expect = if step == "read" {
+        Expect::Either
+    } else {
+        Expect::BeforeCommit
+    };
+    Ok(judge(
+        dst.judged(&mut src, src_status, shape),
+        expect,
         None,
         format!("{step}@{nth}"),
-    )
+    ))
 }
 
 /// A loss made on purpose: "fault made" when it happened, "handled" when it was caught on both
@@ -715,114 +646,75 @@ fn run_loss_case(
     })
 }
 
-/// The processes of a case whose first migration failed.
-struct Judged<'a> {
-    src: &'a mut Proc,
-    src_status: Result<std::process::ExitStatus, String>,
-    dst_a: &'a mut Proc,
-    dst_b: &'a mut Proc,
-    uri_b: &'a str,
-    shape: &'a Shape,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Judge a case whose first migration failed (the fault happened): see the module docs.
-fn judge(j: Judged<'_>, harness_error: Option<String>, head: String) -> Result<CaseResult, String> {
-    let Judged {
-        src,
-        src_status,
-        dst_a,
-        dst_b,
-        uri_b,
-        shape,
-    } = j;
-    let a_status = dst_a.wait_timeout(Duration::from_secs(20));
-    let b_status = dst_b.wait_timeout(Duration::from_secs(60));
+    #[test]
+    fn every_step_is_cut_and_every_way_of_cutting_is_used() {
+        for at in [
+            At::Hello,
+            At::First,
+            At::Bytes,
+            At::Delay,
+            At::End,
+            At::Ack,
+            At::Confirm,
+            At::Verify,
+            At::Verdict,
+        ] {
+            assert!(CUTS.iter().any(|c| c.at == at), "{at:?}");
+        }
+        for how in [
+            How::Reset,
+            How::Close,
+            How::SourceReset,
+            How::Blackhole,
+            How::KillDestination,
+        ] {
+            assert!(CUTS.iter().any(|c| c.how == how), "{how:?}");
+        }
+        assert!(CUTS.iter().any(|c| c.target == Target::Page));
+    }
 
-    let mut r = CaseResult {
-        cut: true,
-        ..CaseResult::default()
-    };
-    let mut notes = Vec::new();
-    let sj = src.json();
-    let first_error = jstr(&sj, "first_error");
-    r.source_reported = first_error
-        .as_deref()
-        .is_some_and(|e| e.contains("failed") && e.contains("keeps running"));
-    // Cut after the commit (the destination had the guest, then died during the verification):
-    // the source must say so and keep its guest paused and intact, never retry nor resume it.
-    r.after_commit = first_error
-        .as_deref()
-        .is_some_and(|e| e.contains("committed but") && e.contains("stays paused"));
-    let progress = ju64(&sj, "progress_after_failure_pages").unwrap_or(0);
-    r.source_survived = r.source_reported && progress > 0;
-    r.logging_stopped = jbool(&sj, "logging_after_failure") == Some(false);
-    // A's verdict: it must not have resumed, whatever happened to it.
-    let a = dest_outcome(dst_a);
-    r.wrongly_resumed = a.resumed;
-    if a_status.is_err() {
-        notes.push("A had to be killed".to_string());
+    #[test]
+    fn channel_counts_vary_and_session_steps_get_a_session() {
+        let all = Fault::all();
+        let picked: Vec<Option<u32>> = (0..all.len() as u32)
+            .map(|i| all[i as usize].channels(i, 19))
+            .collect();
+        for want in [None, Some(0), Some(4)] {
+            assert!(picked.contains(&want), "{want:?} in {picked:?}");
+        }
+        let hello = Fault::Cut(CUTS[0]);
+        assert!((0..10).all(|i| hello.channels(i, 0) != Some(0)));
     }
-    // B: verified and resumed, same RAM as the source, increment rule holds.
-    let b = dest_outcome(dst_b);
-    let fp_src = jstr(&sj, "ram_fingerprint");
-    let fp_b = jstr(&b.json, "ram_fingerprint");
-    let increment_ok = shape.workload != Workload::Increment
-        || jbool(&b.json, "increment_consistent") == Some(true);
-    r.retry_verified = matches!(&src_status, Ok(s) if s.success())
-        && matches!(&b_status, Ok(s) if s.success())
-        && b.resumed
-        && fp_src.is_some()
-        && fp_src == fp_b
-        && increment_ok
-        && jstr(&sj, "migrated_to").as_deref() == Some(uri_b);
-    if let Some(e) = harness_error {
-        notes.push(e);
+
+    #[test]
+    fn ci_runs_every_case_kind() {
+        let ci = std::fs::read_to_string(crate::workspace_root().join(".ci/run")).unwrap();
+        let count: usize = ci
+            .split("cargo xtask faults --count ")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .expect(".ci/run runs `cargo xtask faults --count N`");
+        assert!(
+            count >= Fault::all().len(),
+            "{count} < {}",
+            Fault::all().len()
+        );
     }
-    if !r.source_reported {
-        notes.push(format!(
-            "source: {:?} {}",
-            src_status,
-            src.error_line().unwrap_or_default()
-        ));
-    } else if !r.source_survived {
-        notes.push(format!("source guest made no progress ({progress} pages)"));
+
+    #[test]
+    fn a_version_1_stream_is_always_connection_0() {
+        let mut rng = Rng::new(1);
+        for target in [Target::Control, Target::Page, Target::Any] {
+            assert_eq!(pick_conn(target, 0, &mut rng), 0);
+        }
+        for _ in 0..50 {
+            let k = pick_conn(Target::Page, 4, &mut rng);
+            assert!((1..=4).contains(&k));
+        }
     }
-    if !r.retry_verified {
-        notes.push(format!(
-            "retry: src {:?} {} B {:?} fp {:?}/{:?} incr_ok {increment_ok} B err {}",
-            src_status.as_ref().map(|s| s.code()),
-            src.error_line().unwrap_or_default(),
-            b_status.as_ref().map(|s| s.code()),
-            fp_src,
-            fp_b,
-            dst_b.error_line().unwrap_or_default()
-        ));
-    }
-    if r.wrongly_resumed {
-        notes.push(format!("A RESUMED: {}", dst_a.stdout().trim()));
-    }
-    let short_err = first_error
-        .as_deref()
-        .and_then(|e| e.split(" failed: ").nth(1))
-        .map(|e| e.trim_end_matches("; the guest keeps running here"))
-        .unwrap_or("");
-    if let Some(e) = dst_a.error_line() {
-        notes.push(format!(
-            "A: {}",
-            e.trim_start_matches("vmm: error: ")
-                .trim_end_matches("; no guest was resumed")
-        ));
-    }
-    if !r.logging_stopped {
-        notes.push(format!(
-            "logging after the failure: {:?}",
-            jbool(&sj, "logging_after_failure")
-        ));
-    }
-    r.note = format!(
-        "{head} +{progress}p err: {short_err}{}{}",
-        if notes.is_empty() { "" } else { " | " },
-        notes.join("; ")
-    );
-    Ok(r)
 }

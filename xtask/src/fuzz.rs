@@ -1,8 +1,10 @@
 // Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! `cargo xtask fuzz [--seconds N]`: a short libFuzzer run of each stream-decoder fuzz target
-//! (`migration/fuzz`, cargo-fuzz), for CI.
+//! `cargo xtask fuzz [--seconds N]`: a short libFuzzer run of each fuzz target of `migration/fuzz`
+//! (cargo-fuzz), for CI: the stream decoder (`destination`, `stream_reader`), the session's
+//! fixed-size messages (`session_wire`) and a destination accepting arbitrary connections
+//! (`session_accept`).
 //!
 //! Needs a nightly toolchain (rustup) and `cargo-fuzz`; without either it prints a loud SKIPPED with the
 //! reason and succeeds. With both present, a build failure or any crash, leak, timeout (10 s per input)
@@ -25,7 +27,12 @@ use std::time::Instant;
 use crate::{run_step, workspace_root};
 
 /// The cargo-fuzz targets of `migration/fuzz`.
-const TARGETS: &[&str] = &["destination", "stream_reader"];
+const TARGETS: &[&str] = &[
+    "destination",
+    "stream_reader",
+    "session_wire",
+    "session_accept",
+];
 
 /// Default run time per target, seconds.
 const DEFAULT_SECONDS: u64 = 30;
@@ -117,7 +124,7 @@ pub fn fuzz(args: &[String]) -> Result<(), String> {
     if let Some(reason) = missing_prerequisite() {
         println!("\n**********************************************************************");
         println!("xtask fuzz: SKIPPED: {reason}");
-        println!("  the stream-decoder fuzz targets in migration/fuzz did NOT run");
+        println!("  the fuzz targets in migration/fuzz did NOT run");
         println!("**********************************************************************");
         return Ok(());
     }

@@ -8,8 +8,11 @@
 //! cargo xtask bench [CRATE]   criterion benchmarks (all, or one crate by directory or package name)
 //!                   [--quick] short runs, for CI
 //! cargo xtask deps            fail if a crate depends on a crate above it in the layering
-//! cargo xtask faults [--count N] [--seed S]   cut N migrations at random points; the source must
-//!                             survive and a retry from the same process must verify
+//! cargo xtask faults [--count N] [--seed S] [--only I] [--no-retry]   cut one connection of N
+//!                             migrations at every step (handshake, header, pages, end, ack,
+//!                             confirm, verification, verdict) or fail a step of the source; the
+//!                             source must survive and a retry from the same process must verify
+//!                             (--no-retry: a self-check, the cases needing the retry must fail)
 //! cargo xtask soak [--runs N] [--seed S]      N random migrations, each verified (increment rule,
 //!                             RAM fingerprint, digest table); reports mismatched pages
 //! cargo xtask netns           two network namespaces, a shaped veth link; migrate, then cut the link
@@ -34,10 +37,12 @@ use std::time::Instant;
 mod faults;
 mod fuzz;
 mod harness;
+mod judge;
 mod layering;
 mod loss;
 mod miri;
 mod netns;
+mod proxy;
 mod qemu;
 mod soak;
 
@@ -87,7 +92,7 @@ fn print_usage() {
          test             fmt check, layering check, clippy -D warnings, cargo test --workspace (real KVM tests included)\n  \
          bench [CRATE]    criterion benchmarks of all crates or one (bitmap, memory-api, kvm-accel/test-guest, migration); --quick for short runs\n  \
          deps             check that no crate depends on a crate above it in the layering\n  \
-         faults           cut migrations at random points (--count N, default 50; --seed S): the source survives and a retry verifies\n  \
+         faults           cut one connection of a migration at every step (--count N, default 50; --seed S; --only I; --no-retry): the source survives and a retry verifies\n  \
          soak             N random migrations (--runs N, default 200; --seed S), each verified; reports mismatched pages\n  \
          netns            migrate between two network namespaces over a shaped veth link, then take the link down mid-migration\n  \
          qemu-bench       migrate the same workload with QEMU (--modes legacy,clear:1M,clear:16M --runs N --out FILE; --smoke: a short end-to-end check; --interleave-with-vmm MODES; --qemu-root DIR: a debootstrap tree's QEMU under chroot, --install-qemu10 [DIR] creates one; --multifd N; --bandwidth 0: no limit; --help for all)\n  \

@@ -9,6 +9,13 @@
 //! and keep its guest running, the destination on link 1 must never resume, and the same source
 //! process then migrates over link 2 (`--retry-to`), which must verify.
 //!
+//! The destinations listen on the veth addresses, which `vmm incoming` refuses without TLS: every
+//! migration runs over mutual TLS with the test certificates (`migration/tests/data/tls`; the
+//! destination's names `localhost`, so sources pass `--tls-hostname localhost`), and phase 0
+//! checks the refusal itself. Phase 1 also sends a source whose certificate the destination's
+//! `--tls-authz` does not list: it is refused and the destination keeps waiting. Phase 1 uses
+//! the default session, phase 2 four page channels.
+//!
 //! Where namespaces cannot be created the test says SKIPPED (and fails with `CI=true`). Only
 //! addresses in 10.213.77.0/29, inside namespaces this test creates, are used; the namespaces
 //! (and their links) are deleted at the end, also on failure.
@@ -17,8 +24,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    build_vmm, dest_outcome, incoming_cmd, is_ci, jbool, jstr, ju64, kvm_usable, leftover_children,
-    opt_value, Proc, Rng,
+    build_vmm, dest_outcome, incoming_cmd, incoming_tls_args, is_ci, jbool, jstr, ju64, kvm_usable,
+    leftover_children, opt_value, source_tls_args, Proc, Rng,
 };
 
 const SRC_IP1: &str = "10.213.77.1";
@@ -228,6 +235,11 @@ pub fn netns(args: &[String]) -> Result<(), String> {
         net.src, net.dst
     );
     let mut rng = Rng::new(seed);
+    let r0 = phase_plaintext_refused(&vmm, &net);
+    match &r0 {
+        Ok(msg) => println!("  phase 0 (plaintext on a veth address): ok: {msg}"),
+        Err(e) => println!("  phase 0 (plaintext on a veth address): FAIL: {e}"),
+    }
     let r1 = phase_migrate(&vmm, &net);
     let stream_bytes = match &r1 {
         Ok((msg, bytes)) => {
@@ -255,13 +267,14 @@ pub fn netns(args: &[String]) -> Result<(), String> {
         "  stray child processes: {}, namespaces left: {stale}",
         left.len()
     );
-    match (r1, r2) {
-        (Ok(_), Ok(_)) if left.is_empty() && stale == 0 => {
+    match (r0, r1, r2) {
+        (Ok(_), Ok(_), Ok(_)) if left.is_empty() && stale == 0 => {
             println!("netns: passed");
             Ok(())
         }
-        (a, b) => Err(format!(
-            "netns: phase 1 {}, phase 2 {}, {} stray processes, {stale} namespaces left",
+        (z, a, b) => Err(format!(
+            "netns: phase 0 {}, phase 1 {}, phase 2 {}, {} stray processes, {stale} namespaces left",
+            if z.is_ok() { "ok" } else { "FAILED" },
             if a.is_ok() { "ok" } else { "FAILED" },
             if b.is_ok() { "ok" } else { "FAILED" },
             left.len()
@@ -269,7 +282,34 @@ pub fn netns(args: &[String]) -> Result<(), String> {
     }
 }
 
-fn source_cmd(vmm: &std::path::Path, ns: &str, extra: &[String]) -> Command {
+/// A destination in the destination namespace, listening on `ip` over mutual TLS.
+fn dest_cmd(vmm: &std::path::Path, net: &Net, ip: &str) -> Command {
+    let mut cmd = incoming_cmd(vmm, &["ip", "netns", "exec", &net.dst], ip);
+    cmd.args(incoming_tls_args());
+    cmd
+}
+
+/// `vmm incoming` on a veth address without TLS must refuse to start (a usage error, exit 2).
+fn phase_plaintext_refused(vmm: &std::path::Path, net: &Net) -> Result<String, String> {
+    let mut dst = Proc::spawn(
+        "plaintext incoming",
+        incoming_cmd(vmm, &["ip", "netns", "exec", &net.dst], DST_IP1),
+    )?;
+    let status = dst.wait_timeout(Duration::from_secs(20));
+    let error = dst.error_line().unwrap_or_default();
+    if matches!(&status, Ok(s) if s.code() == Some(2)) && error.contains("--insecure-plaintext") {
+        Ok(format!("refused to start: `{error}`"))
+    } else {
+        Err(format!(
+            "a plaintext destination on {DST_IP1} was not refused: {status:?} `{error}` {}",
+            dst.stderr().trim()
+        ))
+    }
+}
+
+/// A source in the source namespace, over mutual TLS with the certificate in `tls` (the
+/// destination's names `localhost`, not its veth address).
+fn source_cmd(vmm: &std::path::Path, ns: &str, tls: &str, extra: &[String]) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns]).arg(vmm).args([
         "run",
@@ -284,20 +324,44 @@ fn source_cmd(vmm: &std::path::Path, ns: &str, extra: &[String]) -> Command {
         "--ram-fingerprint",
         "--json",
     ]);
+    cmd.args(source_tls_args(tls, Some("localhost")));
     cmd.args(extra);
     cmd
 }
 
+/// A source whose certificate (`source-b.example`) the destination's `--tls-authz` does not
+/// list: it must fail before booting its guest, and the destination must keep waiting.
+fn refused_source(
+    vmm: &std::path::Path,
+    net: &Net,
+    uri: &str,
+    dst: &mut Proc,
+) -> Result<(), String> {
+    let mut src = Proc::spawn(
+        "unauthorized source",
+        source_cmd(vmm, &net.src, "src-b", &[format!("--migrate-to={uri}")]),
+    )?;
+    let status = src.wait_timeout(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(300));
+    if matches!(&status, Ok(s) if s.code() == Some(1)) && dst.running() {
+        Ok(())
+    } else {
+        Err(format!(
+            "a source the destination does not authorize: {status:?} {} | destination still waiting: {}",
+            src.error_line().unwrap_or_default(),
+            dst.running()
+        ))
+    }
+}
+
 /// Migrate over link 1; returns a summary and the stream's length.
 fn phase_migrate(vmm: &std::path::Path, net: &Net) -> Result<(String, u64), String> {
-    let mut dst = Proc::spawn(
-        "incoming",
-        incoming_cmd(vmm, &["ip", "netns", "exec", &net.dst], DST_IP1),
-    )?;
+    let mut dst = Proc::spawn("incoming", dest_cmd(vmm, net, DST_IP1))?;
     let uri = dst.listen_uri()?;
+    refused_source(vmm, net, &uri, &mut dst)?;
     let mut src = Proc::spawn(
         "source",
-        source_cmd(vmm, &net.src, &[format!("--migrate-to={uri}")]),
+        source_cmd(vmm, &net.src, "src-a", &[format!("--migrate-to={uri}")]),
     )?;
     let s = src.wait_timeout(Duration::from_secs(120));
     let d = dst.wait_timeout(Duration::from_secs(60));
@@ -308,13 +372,15 @@ fn phase_migrate(vmm: &std::path::Path, net: &Net) -> Result<(String, u64), Stri
         && out.resumed
         && fp.is_some()
         && fp == jstr(&out.json, "ram_fingerprint")
-        && jbool(&out.json, "increment_consistent") == Some(true);
+        && jbool(&out.json, "increment_consistent") == Some(true)
+        && ju64(&out.json, "page_channels").is_some_and(|n| n > 0);
     if !ok {
         return Err(format!(
-            "source {s:?} {} | destination {d:?} {} | fingerprints {fp:?} / {:?}",
+            "source {s:?} {} | destination {d:?} {} | fingerprints {fp:?} / {:?} | page channels {:?}",
             src.error_line().unwrap_or_default(),
             dst.error_line().unwrap_or_default(),
-            jstr(&out.json, "ram_fingerprint")
+            jstr(&out.json, "ram_fingerprint"),
+            ju64(&out.json, "page_channels")
         ));
     }
     let bw = sj
@@ -331,7 +397,9 @@ fn phase_migrate(vmm: &std::path::Path, net: &Net) -> Result<(String, u64), Stri
     }
     let bytes = ju64(&sj, "bytes_sent").unwrap_or(0);
     Ok((format!(
-        "verified (fingerprint {}, increment rule holds), {} MiB in {:.0} ms, {:.1} ms downtime, {:.0} MiB/s on a {:.0} MiB/s link",
+        "source-b.example refused, the destination kept waiting; source-a.example over mutual TLS, {} page channels: \
+         verified (fingerprint {}, increment rule holds), {} MiB in {:.0} ms, {:.1} ms downtime, {:.0} MiB/s on a {:.0} MiB/s link",
+        ju64(&out.json, "page_channels").unwrap_or(0),
         fp.unwrap_or_default(),
         bytes >> 20,
         sj.as_ref().and_then(|j| j.get("total_time_ms")).and_then(|v| v.as_f64()).unwrap_or(0.0),
@@ -349,14 +417,8 @@ fn phase_link_down(
     rng: &mut Rng,
     stream_bytes: u64,
 ) -> Result<String, String> {
-    let mut dst_a = Proc::spawn(
-        "incoming A (link 1)",
-        incoming_cmd(vmm, &["ip", "netns", "exec", &net.dst], DST_IP1),
-    )?;
-    let mut dst_b = Proc::spawn(
-        "incoming B (link 2)",
-        incoming_cmd(vmm, &["ip", "netns", "exec", &net.dst], DST_IP2),
-    )?;
+    let mut dst_a = Proc::spawn("incoming A (link 1)", dest_cmd(vmm, net, DST_IP1))?;
+    let mut dst_b = Proc::spawn("incoming B (link 2)", dest_cmd(vmm, net, DST_IP2))?;
     let (uri_a, uri_b) = (dst_a.listen_uri()?, dst_b.listen_uri()?);
     let base = net.tx_bytes(&net.src, &net.link1.0)?;
     // Cut somewhere in 5%..70% of the stream (as long as phase 1's).
@@ -366,9 +428,11 @@ fn phase_link_down(
         source_cmd(
             vmm,
             &net.src,
+            "src-a",
             &[
                 format!("--migrate-to={uri_a}"),
                 format!("--retry-to={uri_b}"),
+                "--channels=4".into(),
             ],
         ),
     )?;
@@ -419,7 +483,8 @@ fn phase_link_down(
         && out_b.resumed
         && fp.is_some()
         && fp == jstr(&out_b.json, "ram_fingerprint")
-        && jbool(&out_b.json, "increment_consistent") == Some(true);
+        && jbool(&out_b.json, "increment_consistent") == Some(true)
+        && ju64(&out_b.json, "page_channels") == Some(4);
     if !retry_ok {
         problems.push(format!(
             "retry over link 2 did not verify: source {s:?} {} | B {b:?} {}",
@@ -430,7 +495,8 @@ fn phase_link_down(
     if problems.is_empty() {
         Ok(format!(
             "link down after {} MiB; source error: `{first_error}`; guest wrote {progress} pages in 300 ms after; \
-             A {} and never resumed; retry on link 2 verified (fingerprint {}); source done {:.0} ms after the cut",
+             A {} and never resumed; retry on link 2 verified over mutual TLS, 4 page channels (fingerprint {}); \
+             source done {:.0} ms after the cut",
             sent >> 20,
             if a_still_waiting { "was still waiting" } else { "exited" },
             fp.unwrap_or_default(),

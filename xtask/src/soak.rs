@@ -8,6 +8,10 @@
 //! - the increment rule on the destination (increment workload),
 //! - the source's RAM fingerprint at switchover equals the destination's.
 //!
+//! Sources use the default session mostly, one version-1 stream (`--channels 0`) or 1 or 4 page
+//! channels now and then; every other session (the first included) runs over mutual TLS with the
+//! test certificates (`migration/tests/data/tls`; the destination's certificate names 127.0.0.1).
+//!
 //! About one run in eight makes a loss on purpose instead (`crate::loss`, each kind in turn):
 //! it must be caught on both sides, or repaired by the destination; a loss not caught while a
 //! side says `verified` fails the soak.
@@ -15,8 +19,9 @@
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    build_vmm, check_opts, dest_outcome, digest_mismatches, incoming_cmd, is_ci, jbool, jstr, ju64,
-    kvm_usable, leftover_children, opt_value, Proc, Rng, Shape, Workload,
+    build_vmm, check_opts, dest_outcome, digest_mismatches, incoming_cmd, incoming_tls_args, is_ci,
+    jbool, jstr, ju64, kvm_usable, leftover_children, opt_value, source_tls_args, Proc, Rng, Shape,
+    Workload,
 };
 use crate::loss::{run_loss, Loss};
 
@@ -35,6 +40,12 @@ struct Totals {
     legacy: u32,
     ring: u32,
     clear: u32,
+    /// Runs over one version-1 stream, over a session, and sessions over mutual TLS.
+    v1: u32,
+    sessions: u32,
+    tls: u32,
+    /// Sessions without TLS (loss runs left out).
+    plain_sessions: u32,
     total_ms: f64,
     downtime_ms: Vec<f64>,
     over_downtime: u32,
@@ -78,6 +89,7 @@ pub fn soak(args: &[String]) -> Result<(), String> {
     for i in 0..runs {
         let shape = Shape::random(&mut rng, 128 * MIB, max_mem_mib.max(128) * MIB, 80)
             .maybe_ring(&mut rng, if ring { 25 } else { 0 });
+        let shape = shape.with_channels(pick_channels(&mut rng));
         // A longer warm-up lets the workload touch more pages: longer streams.
         let warmup_ms = rng.range(300, 2500);
         let t0 = Instant::now();
@@ -85,8 +97,10 @@ pub fn soak(args: &[String]) -> Result<(), String> {
         let loss = rng
             .chance(12)
             .then(|| Loss::ALL[(t.loss_runs as usize) % Loss::ALL.len()]);
+        // Every other session (not a loss run) over TLS, the first one included: short soaks too.
+        let tls = loss.is_none() && shape.channels != Some(0) && t.plain_sessions >= t.tls;
         let (ok, note) = match loss {
-            None => match run_one(&vmm, &shape, warmup_ms, &mut t) {
+            None => match run_one(&vmm, &shape, warmup_ms, tls, &mut t) {
                 Ok(()) => (true, String::new()),
                 Err(e) => (false, e),
             },
@@ -103,13 +117,21 @@ pub fn soak(args: &[String]) -> Result<(), String> {
             (None, None) => t.legacy += 1,
             (None, Some(_)) => t.clear += 1,
         }
+        if shape.channels == Some(0) {
+            t.v1 += 1;
+        } else {
+            t.sessions += 1;
+            t.tls += u32::from(tls);
+            t.plain_sessions += u32::from(!tls && loss.is_none());
+        }
         if !ok || (i + 1) % 10 == 0 || runs <= 20 || loss.is_some() {
             println!(
                 "  {:>4}/{runs} {:<44} warm-up {:>4} ms {:>5.1}s {} {note}",
                 i + 1,
-                match loss {
-                    Some(l) => format!("{} {}", shape.describe(), l.name()),
-                    None => shape.describe(),
+                match (loss, tls) {
+                    (Some(l), _) => format!("{} {}", shape.describe(), l.name()),
+                    (None, true) => format!("{} tls", shape.describe()),
+                    (None, false) => shape.describe(),
                 },
                 warmup_ms,
                 t0.elapsed().as_secs_f64(),
@@ -133,6 +155,10 @@ pub fn soak(args: &[String]) -> Result<(), String> {
     println!(
         "  runs                        {:>8}   (legacy {}, clear {}, ring {})",
         t.runs, t.legacy, t.clear, t.ring
+    );
+    println!(
+        "  version-1 streams           {:>8}   (sessions {}, of which over TLS {})",
+        t.v1, t.sessions, t.tls
     );
     println!("  verified                    {:>8}", t.ok);
     println!("  failed                      {:>8}", t.failed);
@@ -208,16 +234,36 @@ fn run_loss_one(
     }
 }
 
+/// The source's `--channels`: the default session mostly, now and then one version-1 stream,
+/// one page channel or four.
+fn pick_channels(rng: &mut Rng) -> Option<u32> {
+    match rng.range(0, 9) {
+        0 | 1 => Some(0),
+        2 => Some(1),
+        3 | 4 => Some(4),
+        _ => None,
+    }
+}
+
 fn run_one(
     vmm: &std::path::Path,
     shape: &Shape,
     warmup_ms: u64,
+    tls: bool,
     t: &mut Totals,
 ) -> Result<(), String> {
-    let mut dst = Proc::spawn("incoming", incoming_cmd(vmm, &[], "127.0.0.1"))?;
+    let mut incoming = incoming_cmd(vmm, &[], "127.0.0.1");
+    if tls {
+        incoming.args(incoming_tls_args());
+    }
+    let mut dst = Proc::spawn("incoming", incoming)?;
     let uri = dst.listen_uri()?;
     let mut cmd = std::process::Command::new(vmm);
-    cmd.args(shape.run_args()).args([
+    cmd.args(shape.run_args());
+    if tls {
+        cmd.args(source_tls_args("src-a", None));
+    }
+    cmd.args([
         format!("--migrate-to={uri}"),
         format!("--warmup={warmup_ms}ms"),
         "--max-time=60s".into(),

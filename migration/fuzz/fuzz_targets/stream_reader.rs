@@ -55,11 +55,11 @@ fn decode(data: &[u8]) {
                 let pages = header.blocks[block as usize].size / PAGE as u64;
                 assert!(npages > 0 && first_page + npages <= pages);
             }
-            Ok(Record::ChannelEnd { .. }) => {}
             Ok(Record::Drain { page_records }) => {
                 assert!((1..=64).contains(&page_records.len()));
             }
-            Ok(Record::End { .. }) | Err(_) => break,
+            // A session's page channel ends with its own marker.
+            Ok(Record::End { .. } | Record::ChannelEnd { .. }) | Err(_) => break,
         }
         assert!(r.bytes_read() <= data.len() as u64);
     }

@@ -1,9 +1,10 @@
 // Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Shared pieces of the stream-decoder fuzz targets: a global allocator that aborts on any allocation
-//! over the documented bound, the fuzzed guest's layout, and an independent reference validator of the
-//! stream format (the oracle that says whether a guest may be resumed from a stream).
+//! Shared pieces of the fuzz targets (the session targets' own are in [`session`]): a global
+//! allocator that aborts on any allocation over the documented bound, the fuzzed guest's layout,
+//! and an independent reference validator of the stream format (the oracle that says whether a
+//! guest may be resumed from a stream).
 //!
 //! # Allocation bound
 //!
@@ -20,6 +21,8 @@ use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use std::collections::BTreeMap;
+
+pub mod session;
 
 use clearlog_migration::stream::{
     CONFIRM_MAGIC, END_MAGIC, FLAG_ACK_REQUESTED, FLAG_CONFIRM, FLAG_DIGEST_FULL,
@@ -160,9 +163,10 @@ pub struct Valid {
     pub len: usize,
 }
 
-struct Cur<'a> {
-    b: &'a [u8],
-    at: usize,
+/// A cursor over bytes, reading the stream format's little-endian fields.
+pub(crate) struct Cur<'a> {
+    pub(crate) b: &'a [u8],
+    pub(crate) at: usize,
 }
 
 impl Cur<'_> {
@@ -193,24 +197,18 @@ impl Cur<'_> {
     }
 }
 
-/// An independent, straightforward reading of the stream format of the crate docs: `Some` iff a
-/// destination holding the fuzzed guest's layout (all-zero RAM) must resume from `data` (for a
-/// live, acknowledged stream: once it is valid up to the source's confirmation; the verification
-/// after that decides [`Valid::verified`]). For a stream without acknowledgement (a snapshot)
-/// `Some` also means verified.
-pub fn reference(data: &[u8]) -> Option<Valid> {
-    let mut c = Cur { b: data, at: 0 };
-    if c.u64()? != MAGIC || c.u32()? != VERSION || c.u32()? != PAGE as u32 {
+/// A header's flags and blocks (name, size).
+pub(crate) type Fields = (u32, Vec<(String, u64)>);
+
+/// The header's fields after the magic and the version, as the format allows them: this page
+/// size, only known flags, 1 to `MAX_BLOCKS` blocks, each with a 1- to 256-byte UTF-8 name and a
+/// non-zero size that is a multiple of the page. Returns the flags and the blocks.
+pub(crate) fn header_fields(c: &mut Cur<'_>) -> Option<Fields> {
+    if c.u32()? != PAGE as u32 {
         return None;
     }
     let flags = c.u32()?;
     if flags & !(FLAG_ACK_REQUESTED | FLAG_DIGEST_FULL | FLAG_CONFIRM | FLAG_VERIFY_AFTER) != 0 {
-        return None;
-    }
-    let full = flags & FLAG_DIGEST_FULL != 0;
-    let after = flags & FLAG_VERIFY_AFTER != 0;
-    let ack = flags & FLAG_ACK_REQUESTED != 0;
-    if full == after {
         return None;
     }
     let count = c.u32()?;
@@ -225,6 +223,26 @@ pub fn reference(data: &[u8]) -> Option<Valid> {
             return None;
         }
         blocks.push((name, size));
+    }
+    Some((flags, blocks))
+}
+
+/// An independent, straightforward reading of the stream format of the crate docs: `Some` iff a
+/// destination holding the fuzzed guest's layout (all-zero RAM) must resume from `data` (for a
+/// live, acknowledged stream: once it is valid up to the source's confirmation; the verification
+/// after that decides [`Valid::verified`]). For a stream without acknowledgement (a snapshot)
+/// `Some` also means verified.
+pub fn reference(data: &[u8]) -> Option<Valid> {
+    let mut c = Cur { b: data, at: 0 };
+    if c.u64()? != MAGIC || c.u32()? != VERSION {
+        return None;
+    }
+    let (flags, blocks) = header_fields(&mut c)?;
+    let full = flags & FLAG_DIGEST_FULL != 0;
+    let after = flags & FLAG_VERIFY_AFTER != 0;
+    let ack = flags & FLAG_ACK_REQUESTED != 0;
+    if full == after {
+        return None;
     }
     // The destination's layout: exactly one block `ram` of RAM_SIZE.
     if blocks != [(RAM_NAME.to_string(), RAM_SIZE)] {

@@ -334,7 +334,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = clearlog_migration::dirtyrate::DEFAULT_SAMPLE_PAGES_PER_GIB)]
     pub sample_pages: u32,
     /// Make the N-th call of one step of the first migration fail (STEP[@N], N from 1): sync,
-    /// clear, read, send, pause, save-state, ack, confirm. The source must report the step, stop logging and
+    /// clear, read, send, drain (a session), pause, save-state, ack, confirm. The source must report the step, stop logging and
     /// keep its guest running; `--retry-to` migrations run clean. For `cargo xtask faults`.
     #[arg(long, value_name = "STEP[@N]", help_heading = "Testing")]
     pub fail_at: Option<crate::fault::FaultPlan>,

@@ -36,6 +36,9 @@ pub enum FaultStep {
     Read,
     /// Writing the stream to the transport.
     Send,
+    /// A session's wait for the destination to catch up before the switchover (reading its
+    /// drain answer; the guest is still running).
+    Drain,
     /// Saving the CPU and device state.
     SaveState,
     /// Reading the destination's acknowledgement.
@@ -46,11 +49,12 @@ pub enum FaultStep {
 
 impl FaultStep {
     /// Every step, in migration order.
-    pub const ALL: [FaultStep; 8] = [
+    pub const ALL: [FaultStep; 9] = [
         FaultStep::Sync,
         FaultStep::Clear,
         FaultStep::Read,
         FaultStep::Send,
+        FaultStep::Drain,
         FaultStep::Pause,
         FaultStep::SaveState,
         FaultStep::Ack,
@@ -65,6 +69,7 @@ impl FaultStep {
             FaultStep::Clear => "clear",
             FaultStep::Read => "read",
             FaultStep::Send => "send",
+            FaultStep::Drain => "drain",
             FaultStep::SaveState => "save-state",
             FaultStep::Ack => "ack",
             FaultStep::Confirm => "confirm",
@@ -169,8 +174,11 @@ pub struct Injector {
     /// Dirty-log syncs so far (the first is the engine's setup sync).
     syncs: AtomicU64,
 
-    /// Bytes read back from the destination: once the 8-byte acknowledgement is in, the next
-    /// write is the confirmation.
+    /// The source paused its guest: reads from the destination are the acknowledgement now
+    /// (before, a session's drain answers).
+    paused: std::sync::atomic::AtomicBool,
+    /// Bytes read back from the destination since the pause: once the 8-byte acknowledgement is
+    /// in, the next write is the confirmation.
     ack_bytes: AtomicU64,
 }
 
@@ -186,7 +194,7 @@ impl Injector {
             calls: AtomicU64::new(0),
             lose_left: AtomicU64::new(lose),
             syncs: AtomicU64::new(0),
-
+            paused: std::sync::atomic::AtomicBool::new(false),
             ack_bytes: AtomicU64::new(0),
         })
     }
@@ -457,6 +465,7 @@ impl VmControl for FaultyControl<'_> {
     fn pause(&self) -> Result<(), BoxError> {
         // Pause for real, then fail: the worst case, a pause that stopped vCPUs and still errs.
         self.inner.pause()?;
+        self.faults.paused.store(true, Ordering::Relaxed);
         Ok(self.faults.check(FaultStep::Pause)?)
     }
     fn resume(&self) -> Result<(), BoxError> {
@@ -471,7 +480,8 @@ impl VmControl for FaultyControl<'_> {
     }
 }
 
-/// Wrap a transport so its writes (`send`) or its acknowledgement read (`ack`) may fail.
+/// Wrap a transport so its writes (`send`, `confirm`) or its reads (`drain` before the pause,
+/// `ack` after it) may fail.
 pub fn faulty_transport(t: Transport, faults: &Arc<Injector>) -> Transport {
     Transport::new(
         t.reader.map(|inner| -> Box<dyn TransportRead> {
@@ -516,9 +526,16 @@ struct FaultyReader {
 
 impl Read for FaultyReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.faults.check(FaultStep::Ack)?;
+        let paused = self.faults.paused.load(Ordering::Relaxed);
+        self.faults.check(if paused {
+            FaultStep::Ack
+        } else {
+            FaultStep::Drain
+        })?;
         let n = self.inner.read(buf)?;
-        self.faults.ack_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        if paused {
+            self.faults.ack_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
         Ok(n)
     }
 }

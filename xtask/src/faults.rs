@@ -21,7 +21,7 @@
 //! in turn, so every path stays exercised.
 //!
 //! The `fail@STEP` cases need no proxy: `vmm run --fail-at STEP@N` breaks the N-th call of one
-//! step of the source's first migration (sync, clear, read, send, pause, save-state, ack,
+//! step of the source's first migration (sync, clear, read, send, drain, pause, save-state, ack,
 //! confirm); the same checks apply.
 //!
 //! The `loss:` cases make a loss on purpose (`--fault`, see `crate::loss`): the source's
@@ -156,11 +156,12 @@ impl Cut {
 }
 
 /// The steps `vmm run --fail-at` can break, in migration order (see `vmm run --help`, Testing).
-const INJECT_STEPS: [&str; 8] = [
+const INJECT_STEPS: [&str; 9] = [
     "sync",
     "clear",
     "read",
     "send",
+    "drain",
     "pause",
     "save-state",
     "ack",
@@ -215,6 +216,8 @@ impl Fault {
         let pick = MIX[((u64::from(case) + seed) % MIX.len() as u64) as usize];
         match self {
             Fault::Cut(c) if c.at.session_only() && pick == Some(0) => None,
+            // Only a session drains.
+            Fault::Inject("drain") if pick == Some(0) => None,
             _ => pick,
         }
     }

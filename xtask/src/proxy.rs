@@ -8,9 +8,12 @@
 //! opens them: connection 0 is the control channel, connection k page channel k-1), and cuts one
 //! of them at one step of the migration ([`Plan`]). A step is found by counting bytes on each
 //! direction of a connection: the fixed-size messages of `migration/src/wire.rs` (the 48-byte
-//! hello, its 16-byte reply, the 8-byte acknowledgement and confirmation) and the header's length
-//! tell where each step starts, so a cut lands exactly before the message it names. Plaintext only:
-//! under TLS the byte counts are the records', not the messages'.
+//! hello, its 16-byte reply, the 8-byte drain answers, acknowledgement and confirmation) and the
+//! header's length tell where each step starts, so a cut lands exactly before the message it
+//! names. A session drains before it switches over: the destination's 8-byte `Drained` answers
+//! (`b"DRND"`) come down the control channel before the acknowledgement, so the proxy counts them
+//! to place the acknowledgement, and the state and end marker are the first bytes up after the
+//! last of them. Plaintext only: under TLS the byte counts are the records', not the messages'.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -23,8 +26,11 @@ use std::time::{Duration, Instant};
 const HELLO: u64 = 48;
 /// `wire::HelloReply`: the destination's answer to a hello.
 const HELLO_REPLY: u64 = 16;
-/// `wire::Ack` (destination to source) and `wire::Confirm` (source to destination).
+/// `wire::Ack` and `wire::Drained` (destination to source) and `wire::Confirm` (source to
+/// destination).
 const ACK: u64 = 8;
+/// The first bytes of `wire::Drained`.
+const DRAINED_MAGIC: &[u8; 4] = b"DRND";
 /// How long a pump's read waits before it looks at the stop flags again.
 const POLL: Duration = Duration::from_millis(50);
 /// The most header bytes the proxy keeps to find the header's length.
@@ -43,8 +49,9 @@ pub enum Step {
     Bytes(u64),
     /// This long after the migration's first byte (the header).
     Delay(Duration),
-    /// Control channel: at the state and end marker, the first bytes after the header (a session
-    /// only: a version-1 stream's end is not found without decoding every record).
+    /// Control channel: at the state and end marker, the first bytes up after the destination's
+    /// last drain answer (a session only: a version-1 stream's end is not found without decoding
+    /// every record).
     End,
     /// Control channel: before the destination's acknowledgement reaches the source.
     Ack,
@@ -116,6 +123,12 @@ enum Dir {
 struct Seen {
     /// Length of the control channel's header, once it arrived whole.
     header_len: Option<u64>,
+    /// Control channel: drain answers that came down (each before the acknowledgement).
+    drains: u64,
+    /// Control channel bytes sent up when the latest drain answer had gone down whole.
+    up_at_drained: Option<u64>,
+    /// Drain answers `up_at_drained` accounts for.
+    drains_noted: u64,
     /// Control channel bytes sent up when the acknowledgement had gone down whole.
     up_at_ack: Option<u64>,
 }
@@ -144,12 +157,15 @@ impl Plan {
             Step::End => on(
                 0,
                 Dir::Up,
-                seen.header_len.filter(|_| self.session).map(|h| up + h),
+                seen.header_len
+                    .filter(|_| self.session)
+                    .and(seen.up_at_drained)
+                    .map(|u| u.max(up)),
             ),
-            Step::Ack => on(0, Dir::Down, Some(down)),
+            Step::Ack => on(0, Dir::Down, Some(down + ACK * seen.drains)),
             Step::Confirm => on(0, Dir::Up, seen.up_at_ack),
             Step::Verify => on(0, Dir::Up, seen.up_at_ack.map(|u| u + ACK)),
-            Step::Verdict => on(0, Dir::Down, Some(down + ACK)),
+            Step::Verdict => on(0, Dir::Down, Some(down + ACK * (seen.drains + 1))),
         }
     }
 }
@@ -305,19 +321,45 @@ impl Shared {
         }
     }
 
+    /// Count the drain answers among the control channel's down bytes `down` (all of them so
+    /// far): the 8-byte messages after the handshake that start with `b"DRND"`, up to the first
+    /// that does not (the acknowledgement). Called before the bytes are forwarded, so a cut at
+    /// the acknowledgement finds it past every drain answer.
+    fn note_down(&self, down: &[u8]) {
+        if !self.plan.session {
+            return;
+        }
+        let after = down
+            .get(self.plan.handshake(Dir::Down) as usize..)
+            .unwrap_or(&[]);
+        let drains = after
+            .chunks_exact(ACK as usize)
+            .take_while(|m| m.starts_with(DRAINED_MAGIC))
+            .count() as u64;
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.drains = seen.drains.max(drains);
+        }
+    }
+
     /// Note, before the control channel's `dir` bytes reach `total`, when the migration started
-    /// and where the source stood when the acknowledgement went down whole (before it is
-    /// forwarded: the source answers it at once).
+    /// and where the source stood when a drain answer and the acknowledgement went down whole
+    /// (before they are forwarded: the source answers them at once).
     fn note_progress(&self, dir: Dir, link: &Link, total: u64) {
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
+        let answers = self.plan.handshake(Dir::Down) + ACK * seen.drains;
         match dir {
             Dir::Up if total > self.plan.handshake(Dir::Up) => {
                 self.started.get_or_init(Instant::now);
             }
-            Dir::Down if total >= self.plan.handshake(Dir::Down) + ACK => {
-                if let Ok(mut seen) = self.seen.lock() {
-                    seen.up_at_ack
-                        .get_or_insert_with(|| link.up.load(Ordering::SeqCst));
-                }
+            Dir::Down if seen.drains > seen.drains_noted && total >= answers => {
+                seen.up_at_drained = Some(link.up.load(Ordering::SeqCst));
+                seen.drains_noted = seen.drains;
+            }
+            Dir::Down if total >= answers + ACK => {
+                seen.up_at_ack
+                    .get_or_insert_with(|| link.up.load(Ordering::SeqCst));
             }
             _ => {}
         }
@@ -467,6 +509,8 @@ fn open_link(
 fn pump(conn: usize, dir: Dir, from: &TcpStream, to: &TcpStream, link: &Link, shared: &Shared) {
     let mut buf = vec![0u8; 64 << 10];
     let mut head = Vec::new();
+    // The control channel's down bytes: a few fixed-size answers.
+    let mut down = Vec::new();
     let mut from = from;
     loop {
         if shared.stop.load(Ordering::SeqCst) || link.stopped.load(Ordering::SeqCst) {
@@ -496,6 +540,10 @@ fn pump(conn: usize, dir: Dir, from: &TcpStream, to: &TcpStream, link: &Link, sh
         if conn == 0 && dir == Dir::Up && head.len() < HEAD_KEEP {
             head.extend_from_slice(&buf[..n.min(HEAD_KEEP - head.len())]);
             shared.note_head(&head);
+        }
+        if conn == 0 && dir == Dir::Down && down.len() < HEAD_KEEP {
+            down.extend_from_slice(&buf[..n.min(HEAD_KEEP - down.len())]);
+            shared.note_down(&down);
         }
         let pos = link.counter(dir).load(Ordering::SeqCst);
         let cut = (!shared.fired.load(Ordering::SeqCst))
@@ -561,6 +609,9 @@ mod tests {
         let none = Seen::default();
         let after_ack = Seen {
             header_len: Some(40),
+            drains: 1,
+            up_at_drained: Some(200),
+            drains_noted: 1,
             up_at_ack: Some(1000),
         };
         let s = |step, conn| plan(step, conn, true);
@@ -572,8 +623,17 @@ mod tests {
             Some(148)
         );
         assert_eq!(s(Step::End, 0).cut_offset(0, Dir::Up, none), None);
-        assert_eq!(s(Step::End, 0).cut_offset(0, Dir::Up, after_ack), Some(88));
+        // The state and end marker come up after the last drain answer went down.
+        assert_eq!(s(Step::End, 0).cut_offset(0, Dir::Up, after_ack), Some(200));
         assert_eq!(s(Step::Ack, 0).cut_offset(0, Dir::Down, none), Some(16));
+        assert_eq!(
+            s(Step::Ack, 0).cut_offset(0, Dir::Down, after_ack),
+            Some(24)
+        );
+        assert_eq!(
+            s(Step::Verdict, 0).cut_offset(0, Dir::Down, after_ack),
+            Some(32)
+        );
         assert_eq!(s(Step::Confirm, 0).cut_offset(0, Dir::Up, none), None);
         assert_eq!(
             s(Step::Confirm, 0).cut_offset(0, Dir::Up, after_ack),

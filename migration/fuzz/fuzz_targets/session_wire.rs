@@ -4,8 +4,7 @@
 //! Arbitrary bytes as each fixed-size session message (`clearlog_migration::wire`): a hello
 //! (`Hello::parse`), the hello's reply (`HelloReply::read_expecting_accept`), the acknowledgement
 //! (`Ack::wait_ok`), the confirmation (`Confirm::wait`), the drain answer (`Drained::wait`) and
-//! the verdict (`Verdict::read`), each
-//! read from the start of the input.
+//! the verdict (`Verdict::read`), each read from the start of the input.
 //!
 //! Checks, on every input: no panic, no hang; each reader accepts exactly what the wire table of
 //! the module docs says (an independent reading here), and what it returns is what the bytes say

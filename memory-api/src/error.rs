@@ -153,9 +153,10 @@ pub enum Error {
     /// The listener is not registered.
     #[error("listener is not registered")]
     UnknownListener,
-    /// A clear-bitmap shift outside `ClearBitmap::MIN_SHIFT..=ClearBitmap::MAX_SHIFT`.
-    #[error("clear-bitmap shift {0} is outside 6..=31")]
-    InvalidClearShift(u8),
+    /// A bitmap of `clearlog-bitmap` refused the call (a [`crate::ClearBitmap`] with a shift
+    /// outside its range, a page past its block).
+    #[error("dirty bitmap")]
+    Bitmap(#[from] clearlog_bitmap::Error),
     /// A memfd for RAM could not be created or sized.
     #[error("cannot create or size a memfd for guest RAM: {0}")]
     Memfd(#[source] std::io::Error),

@@ -7,13 +7,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use clearlog_bitmap::{words_for_bits, Bitmap};
+use clearlog_bitmap::Bitmap;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MmapRegion,
 };
 
-use crate::migration_sync::merge_word;
 use crate::region::{Mapping, RegionKind, RegionNode, RegionTree};
 use crate::{
     ClearBitmap, DirtyBitmap, DirtyClient, DirtyClients, DirtyMemory, DirtySnapshot, Error,
@@ -1518,128 +1517,24 @@ impl MemorySystem {
                 have: dest.len() as u64,
             });
         }
-        let mut chunks = match clear {
-            Some(c) => {
-                let need = pages.div_ceil(1u64 << c.shift());
-                if c.chunk_count() < need {
-                    return Err(Error::BitmapTooSmall {
-                        what: "clear bitmap",
-                        need,
-                        have: c.chunk_count(),
-                    });
-                }
-                let shift = c.shift();
-                Some((c.words_mut(), shift))
+        if let Some(c) = clear.as_deref() {
+            let need = pages.div_ceil(1u64 << c.shift());
+            if c.chunk_count() < need {
+                return Err(Error::BitmapTooSmall {
+                    what: "clear bitmap",
+                    need,
+                    have: c.chunk_count(),
+                });
             }
-            None => None,
-        };
-        let map = self.dirty.client(DirtyClient::Migration);
+        }
         // Blocks start on a 64-page boundary: block word i is map word first + i.
         let first = (block.ram_page_offset() / 64) as usize;
-        let nwords = words_for_bits(pages as usize);
-        let tail = pages % 64;
-        let dest_words = dest.as_words_mut();
-        let mut newly_dirty = 0;
-        for i in 0..nwords {
-            let idx = first + i;
-            if map.load_word(idx) == 0 {
-                continue;
-            }
-            let taken = if i + 1 == nwords && tail != 0 {
-                let mask = (1u64 << tail) - 1;
-                map.fetch_and_word(idx, !mask) & mask
-            } else {
-                map.take_word(idx)
-            };
-            if taken != 0 {
-                let chunk_map = chunks.as_mut().map(|(words, shift)| (&mut **words, *shift));
-                newly_dirty += merge_word(dest_words, i, taken, chunk_map);
-            }
-        }
-        Ok(newly_dirty)
-    }
-
-    /// Re-arm the accelerator for `page`'s chunk if the chunk still needs it: call this before
-    /// reading any page to send it (clear, then read; the other order loses writes). Returns whether
-    /// a clear was sent.
-    ///
-    /// This is the one chunk-clear-then-read rule of migration: the chunk bit is taken, the chunk
-    /// is cleared in every listener, and the bit is restored if that fails. It is cheap per call:
-    /// the block's sections come from a per-block index (no scan of all blocks or sections) and
-    /// nothing is allocated.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::OutOfRange`] if the page is outside the block or `clear`, and the errors of
-    /// [`clear_dirty_bitmap_block`](Self::clear_dirty_bitmap_block) (the chunk then stays marked).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use clearlog_bitmap::Bitmap;
-    /// use clearlog_memory::{ClearBitmap, MemorySystem};
-    ///
-    /// let mem = MemorySystem::with_ram_capacity(1 << 24);
-    /// mem.add_ram("ram", 0, 0x100_000).unwrap();
-    /// mem.log_global_start().unwrap();
-    /// let block = mem.ram_blocks()[0].clone();
-    /// block.write(0x3000, &[1]).unwrap();
-    /// let mut dest = Bitmap::new(256);
-    /// let mut clear = ClearBitmap::new(256, 6).unwrap();
-    /// mem.sync_migration_bitmap(&block, &mut dest, Some(&mut clear));
-    /// assert!(mem.clear_chunk_before_send(&block, &mut clear, 3).unwrap());
-    /// assert!(!mem.clear_chunk_before_send(&block, &mut clear, 4).unwrap());
-    /// ```
-    pub fn clear_chunk_before_send(
-        &self,
-        block: &RamBlock,
-        clear: &mut ClearBitmap,
-        page: u64,
-    ) -> Result<bool> {
-        Ok(self.clear_chunks_before_send(block, clear, page, 1)? != 0)
-    }
-
-    /// [`clear_chunk_before_send`](Self::clear_chunk_before_send) for up to `max_chunks`
-    /// adjacent marked chunks at once (one `log_clear` per listener and section for the run,
-    /// through [`ClearBitmap::clear_run_before_read`]); returns how many chunks were re-armed.
-    ///
-    /// # Errors
-    ///
-    /// As [`clear_chunk_before_send`](Self::clear_chunk_before_send).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use clearlog_memory::{ClearBitmap, MemorySystem};
-    /// let mem = MemorySystem::with_ram_capacity(1 << 24);
-    /// mem.add_ram("ram", 0, 0x10_0000).unwrap();
-    /// mem.log_global_start().unwrap();
-    /// let block = mem.ram_blocks()[0].clone();
-    /// let mut clear = ClearBitmap::new(block.pages(), 6).unwrap();
-    /// clear.set(0);
-    /// clear.set(1);
-    /// assert_eq!(mem.clear_chunks_before_send(&block, &mut clear, 3, 4).unwrap(), 2);
-    /// assert_eq!(clear.pending(), 0);
-    /// ```
-    pub fn clear_chunks_before_send(
-        &self,
-        block: &RamBlock,
-        clear: &mut ClearBitmap,
-        page: u64,
-        max_chunks: u64,
-    ) -> Result<u64> {
-        if page >= block.pages() {
-            return Err(Error::OutOfRange {
-                what: "block (pages)",
-                offset: page,
-                len: 1,
-                size: block.pages(),
-            });
-        }
-        clear.clear_run_before_read(page, max_chunks, |first, npages| {
-            let npages = npages.min(block.pages().saturating_sub(first));
-            self.clear_dirty_bitmap_block(block, first << PAGE_SHIFT, npages << PAGE_SHIFT)
-        })
+        Ok(self.dirty.client(DirtyClient::Migration).take_into(
+            first,
+            pages as usize,
+            dest,
+            clear,
+        )?)
     }
 
     /// All RAM blocks, in RAM-address-space order.

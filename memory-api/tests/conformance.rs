@@ -59,7 +59,7 @@ fn naive_model_accelerator_fails() {
 fn naive_failure_names_the_race() {
     let msg = panic_message(catch_unwind(AssertUnwindSafe(|| run(false, None))));
     assert!(msg.contains("one clear per sync"), "{msg}");
-    assert!(msg.contains("clear_chunk_before_send"), "{msg}");
+    assert!(msg.contains("chunk re-arm"), "{msg}");
 }
 
 /// A listener that never syncs: the guest's writes are invisible to every client.

@@ -191,8 +191,11 @@ impl Harness {
             if self.migration[b].to_send.test(p as usize) {
                 // Re-arm the chunk in the accelerator, THEN take the bit and read the page.
                 let m = &mut self.migration[b];
-                self.mem
-                    .clear_chunk_before_send(&self.blocks[b], &mut m.clear, p)
+                let (mem, block) = (&self.mem, &self.blocks[b]);
+                m.clear
+                    .clear_run_before_read(p, 1, |first, n| {
+                        mem.clear_dirty_bitmap_block(block, first * PAGE_SIZE, n * PAGE_SIZE)
+                    })
                     .unwrap();
                 m.to_send.clear(p as usize);
                 self.migration[b].read[p as usize] = self.read_version(b, p);

@@ -288,7 +288,10 @@ fn sync_and_clear_run_concurrently_without_deadlock() {
         mem.log_sync_all().unwrap();
         mem.sync_migration_bitmap(&block, &mut dest, Some(&mut clear));
         for page in (0..512).step_by(64) {
-            mem.clear_chunk_before_send(&block, &mut clear, page)
+            clear
+                .clear_run_before_read(page, 1, |first, n| {
+                    mem.clear_dirty_bitmap_block(&block, first * PAGE_SIZE, n * PAGE_SIZE)
+                })
                 .unwrap();
         }
     }

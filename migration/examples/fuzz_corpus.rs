@@ -26,8 +26,8 @@ use std::time::Duration;
 use clearlog_memory::{MemorySystem, PAGE_SIZE};
 use clearlog_migration::stream::{ACK_MAGIC, ACK_OK, VERDICT_MAGIC, VERDICT_OK};
 use clearlog_migration::{
-    BoxError, CancelToken, DirtyLogMode, MigrationConfig, Source, StateBlob, Transport, VerifyMode,
-    VmControl,
+    BoxError, CancelToken, MigrationConfig, MigrationDirtyLogMode, Source, StateBlob, Transport,
+    VerifyMode, VmControl,
 };
 
 /// The fuzz targets' guest: one block `ram` of 1 MiB at guest address 0.
@@ -71,7 +71,7 @@ struct Case {
     name: &'static str,
     dirty: bool,
     verify: VerifyMode,
-    mode: DirtyLogMode,
+    mode: MigrationDirtyLogMode,
     ack: bool,
     blobs: Vec<StateBlob>,
 }
@@ -190,7 +190,7 @@ fn main() {
             StateBlob::new("devices", b"serial=on,virtio-net=off".to_vec()),
         ]
     };
-    let clear = DirtyLogMode::Clear { shift: 6 };
+    let clear = MigrationDirtyLogMode::Clear { shift: 6 };
     let cases = [
         Case {
             name: "idle-after",
@@ -236,7 +236,7 @@ fn main() {
             name: "dirty-strict-legacy-ack",
             dirty: true,
             verify: VerifyMode::Strict,
-            mode: DirtyLogMode::Legacy,
+            mode: MigrationDirtyLogMode::Legacy,
             ack: true,
             blobs: two(),
         },

@@ -143,8 +143,8 @@ impl Workers {
 // --- glue begin ---
 use clearlog_memory::MemorySystem;
 use clearlog_migration::{
-    connect, BoxError, CancelToken, Destination, DirtyLogMode, Listener, MigrationConfig, Source,
-    StateBlob, VmControl, VmRestore,
+    connect, BoxError, CancelToken, Destination, Listener, MigrationConfig, MigrationDirtyLogMode,
+    Source, StateBlob, VmControl, VmRestore,
 };
 
 impl VmControl for Workers {
@@ -192,7 +192,7 @@ fn main() -> ExitCode {
     destination.add_guest_memory(&dest_mem).unwrap();
     let listener = Listener::bind(&uri).expect("bind the migration socket");
     let config = MigrationConfig {
-        mode: DirtyLogMode::from_clear_chunk_bytes(1 << 20).unwrap(),
+        mode: MigrationDirtyLogMode::from_clear_chunk_bytes(1 << 20).unwrap(),
         bandwidth_limit_bytes_per_s: 256 << 20,
         ..MigrationConfig::default()
     };

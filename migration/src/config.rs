@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use clearlog_memory::{ClearBitmap, PAGE_SHIFT};
+use clearlog_bitmap::ClearBitmap;
+
+use crate::PAGE_SHIFT;
 
 use crate::{Error, Result};
 
@@ -33,23 +35,31 @@ pub const DEFAULT_DOWNTIME_LIMIT: Duration = Duration::from_millis(100);
 /// docs), so this leaves a wide margin for big guests on slow hosts.
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How the source re-arms the accelerator's dirty tracking.
+/// The migration engine's dirty-log mode: how the source re-arms the accelerator's dirty
+/// tracking, and what a migration reports as its `mode` ([`crate::MigrationStats::mode`]).
+///
+/// The accelerator's own mode is its business (`clearlog_kvm::KvmDirtyLogMode` on KVM): the VMM
+/// picks the engine mode that matches it. Manual protection (`KVM_CLEAR_DIRTY_LOG`) goes with
+/// [`Clear`](Self::Clear); get-and-clear logging with [`Legacy`](Self::Legacy); KVM's dirty ring
+/// with [`Ring`](Self::Ring).
 ///
 /// # Examples
 ///
 /// ```
-/// use clearlog_migration::DirtyLogMode;
+/// use clearlog_migration::MigrationDirtyLogMode;
 ///
-/// let mode = DirtyLogMode::from_clear_chunk_bytes(128 << 20).unwrap();
-/// assert_eq!(mode, DirtyLogMode::Clear { shift: 15 });
+/// let mode = MigrationDirtyLogMode::from_clear_chunk_bytes(128 << 20).unwrap();
+/// assert_eq!(mode, MigrationDirtyLogMode::Clear { shift: 15 });
 /// assert_eq!(mode.clear_chunk_bytes(), Some(128 << 20));
 /// assert_eq!(mode.name(), "clear");
-/// assert_eq!(DirtyLogMode::Legacy.name(), "legacy");
+/// assert_eq!(MigrationDirtyLogMode::Legacy.name(), "legacy");
+/// assert_eq!(MigrationDirtyLogMode::Ring.name(), "ring");
+/// assert!(MigrationDirtyLogMode::Ring.rearms_at_sync());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DirtyLogMode {
-    /// Re-arm whole RAM blocks right after every sync (what an accelerator without manual protect does
-    /// inside its sync). Kept for comparison.
+pub enum MigrationDirtyLogMode {
+    /// Re-arm whole RAM blocks right after every sync (what an accelerator without manual protect
+    /// does inside its sync). Kept for comparison.
     Legacy,
     /// Re-arm chunks of `2^shift` pages lazily, just before the first page of the chunk is read
     /// (`KVM_CLEAR_DIRTY_LOG`).
@@ -57,61 +67,88 @@ pub enum DirtyLogMode {
         /// log2 of the chunk size in pages, `6..=31`.
         shift: u8,
     },
+    /// The accelerator's sync re-arms what it reports (KVM's dirty ring: harvest and
+    /// `KVM_RESET_DIRTY_RINGS`). The engine runs as in [`Legacy`](Self::Legacy) (its whole-block
+    /// clears cost nothing there); the migration says `ring`.
+    Ring,
 }
 
-impl Default for DirtyLogMode {
+impl Default for MigrationDirtyLogMode {
     fn default() -> Self {
-        DirtyLogMode::Clear {
+        MigrationDirtyLogMode::Clear {
             shift: DEFAULT_CLEAR_SHIFT,
         }
     }
 }
 
-impl DirtyLogMode {
+impl MigrationDirtyLogMode {
     /// Clear mode with chunks of `bytes` bytes (a power of two, at least 256 KiB = 64 pages).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidClearChunkBytes`](crate::Error::InvalidClearChunkBytes).
     ///
     /// # Examples
     ///
     /// ```
-    /// use clearlog_migration::DirtyLogMode;
+    /// use clearlog_migration::MigrationDirtyLogMode;
     ///
-    /// assert_eq!(DirtyLogMode::from_clear_chunk_bytes(1 << 30).unwrap(), DirtyLogMode::Clear { shift: 18 });
-    /// assert!(DirtyLogMode::from_clear_chunk_bytes(4096).is_err());
+    /// assert_eq!(
+    ///     MigrationDirtyLogMode::from_clear_chunk_bytes(1 << 30).unwrap(),
+    ///     MigrationDirtyLogMode::Clear { shift: 18 }
+    /// );
+    /// assert!(MigrationDirtyLogMode::from_clear_chunk_bytes(4096).is_err());
     /// ```
     pub fn from_clear_chunk_bytes(bytes: u64) -> Result<Self> {
-        Ok(DirtyLogMode::Clear {
+        Ok(MigrationDirtyLogMode::Clear {
             shift: chunk_bytes_to_shift(bytes)?,
         })
     }
 
-    /// Chunk size in bytes (`None` in legacy mode).
+    /// Chunk size in bytes (`None` unless clear mode).
     ///
     /// # Examples
     ///
     /// ```
-    /// use clearlog_migration::DirtyLogMode;
+    /// use clearlog_migration::MigrationDirtyLogMode;
     ///
-    /// assert_eq!(DirtyLogMode::Clear { shift: 6 }.clear_chunk_bytes(), Some(256 << 10));
-    /// assert_eq!(DirtyLogMode::Legacy.clear_chunk_bytes(), None);
+    /// assert_eq!(MigrationDirtyLogMode::Clear { shift: 6 }.clear_chunk_bytes(), Some(256 << 10));
+    /// assert_eq!(MigrationDirtyLogMode::Legacy.clear_chunk_bytes(), None);
     /// ```
     pub fn clear_chunk_bytes(&self) -> Option<u64> {
         match self {
-            DirtyLogMode::Legacy => None,
-            DirtyLogMode::Clear { shift } => Some(shift_to_chunk_bytes(*shift)),
+            MigrationDirtyLogMode::Legacy | MigrationDirtyLogMode::Ring => None,
+            MigrationDirtyLogMode::Clear { shift } => Some(shift_to_chunk_bytes(*shift)),
         }
     }
 
-    /// `"legacy"` or `"clear"` (the `mode` field of [`crate::MigrationStats`]).
+    /// Does the engine re-arm whole blocks at every sync (legacy and ring), rather than chunks
+    /// before they are read (clear)? Only then does it sync within a pass
+    /// ([`MigrationConfig::mid_pass_sync`]).
     ///
     /// # Examples
     ///
     /// ```
-    /// assert_eq!(clearlog_migration::DirtyLogMode::Legacy.name(), "legacy");
+    /// use clearlog_migration::MigrationDirtyLogMode;
+    /// assert!(MigrationDirtyLogMode::Legacy.rearms_at_sync());
+    /// assert!(!MigrationDirtyLogMode::default().rearms_at_sync());
+    /// ```
+    pub fn rearms_at_sync(&self) -> bool {
+        !matches!(self, MigrationDirtyLogMode::Clear { .. })
+    }
+
+    /// `"legacy"`, `"clear"` or `"ring"` (the `mode` field of [`crate::MigrationStats`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(clearlog_migration::MigrationDirtyLogMode::Legacy.name(), "legacy");
     /// ```
     pub fn name(&self) -> &'static str {
         match self {
-            DirtyLogMode::Legacy => "legacy",
-            DirtyLogMode::Clear { .. } => "clear",
+            MigrationDirtyLogMode::Legacy => "legacy",
+            MigrationDirtyLogMode::Clear { .. } => "clear",
+            MigrationDirtyLogMode::Ring => "ring",
         }
     }
 }
@@ -228,10 +265,10 @@ impl VerifyMode {
 ///
 /// ```
 /// use std::time::Duration;
-/// use clearlog_migration::{DirtyLogMode, MigrationConfig};
+/// use clearlog_migration::{MigrationDirtyLogMode, MigrationConfig};
 ///
 /// let config = MigrationConfig {
-///     mode: DirtyLogMode::Clear { shift: 12 },
+///     mode: MigrationDirtyLogMode::Clear { shift: 12 },
 ///     bandwidth_limit_bytes_per_s: 400 << 20,
 ///     downtime_limit: Duration::from_millis(100),
 ///     max_time: Some(Duration::from_secs(120)),
@@ -244,13 +281,13 @@ impl VerifyMode {
 /// assert_eq!(fast.estimate_bandwidth(400 << 20), 1 << 30);
 /// assert_eq!(config.estimate_bandwidth(400 << 20), 400 << 20);
 ///
-/// let bad = MigrationConfig { mode: DirtyLogMode::Clear { shift: 5 }, ..MigrationConfig::default() };
+/// let bad = MigrationConfig { mode: MigrationDirtyLogMode::Clear { shift: 5 }, ..MigrationConfig::default() };
 /// assert!(bad.validate().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct MigrationConfig {
     /// Dirty-log re-arm mode (default: clear, [`DEFAULT_CLEAR_SHIFT`]).
-    pub mode: DirtyLogMode,
+    pub mode: MigrationDirtyLogMode,
     /// Bandwidth limit of the live phase in bytes per second; 0 = unlimited (default). As in QEMU, the
     /// limit is lifted once the guest is paused, so it does not stretch the downtime.
     pub bandwidth_limit_bytes_per_s: u64,
@@ -276,7 +313,7 @@ pub struct MigrationConfig {
     /// When the destination's memory is verified against the source's final memory (default
     /// [`VerifyMode::AfterResume`]: outside the downtime).
     pub verify: VerifyMode,
-    /// Legacy mode only: also sync the dirty log this often *within* a live pass (default
+    /// Legacy and ring modes only: also sync the dirty log this often *within* a live pass (default
     /// [`DEFAULT_MID_PASS_SYNC`]; `None`: once per pass, as QEMU does). A legacy sync re-arms the
     /// whole guest, so a page written after the pass's sync but before it is sent goes twice;
     /// syncing again mid-pass takes that write's bit while the page is still ahead of the cursor
@@ -291,7 +328,7 @@ pub struct MigrationConfig {
 impl Default for MigrationConfig {
     fn default() -> Self {
         MigrationConfig {
-            mode: DirtyLogMode::default(),
+            mode: MigrationDirtyLogMode::default(),
             bandwidth_limit_bytes_per_s: 0,
             downtime_limit: DEFAULT_DOWNTIME_LIMIT,
             switchover_bandwidth_bytes_per_s: 0,
@@ -336,7 +373,7 @@ impl MigrationConfig {
     /// assert!(matches!(c.validate(), Err(Error::ZeroDowntimeLimit)));
     /// ```
     pub fn validate(&self) -> Result<()> {
-        if let DirtyLogMode::Clear { shift } = self.mode {
+        if let MigrationDirtyLogMode::Clear { shift } = self.mode {
             if !(ClearBitmap::MIN_SHIFT..=ClearBitmap::MAX_SHIFT).contains(&shift) {
                 return Err(Error::ClearShiftOutOfRange(shift));
             }
@@ -381,7 +418,7 @@ mod tests {
         ok.validate().unwrap();
         for shift in [0, 5, 32, 255] {
             let c = MigrationConfig {
-                mode: DirtyLogMode::Clear { shift },
+                mode: MigrationDirtyLogMode::Clear { shift },
                 ..ok.clone()
             };
             assert!(matches!(c.validate(), Err(Error::ClearShiftOutOfRange(s)) if s == shift));

@@ -8,18 +8,20 @@ use std::io::{BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
-use clearlog_memory::{is_zero_page, PAGE_SIZE};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cpu::{ns_per_page, process_cpu_time, thread_cpu_time};
 
 use crate::digest::{hash_threads, page_digests};
+use crate::memory::is_zero_page;
 use crate::stats::IncomingStats;
 use crate::stream::{
     self, PageEntry, Record, StreamReader, VerifyRecord, FLAG_ACK_REQUESTED, FLAG_CONFIRM,
     FLAG_DIGEST_FULL, FLAG_VERIFY_AFTER,
 };
-use crate::{Error, MigrationBlock, MigrationMemory, Result, StateBlob, Transport, VmRestore};
+use crate::{
+    Error, MigrationBlock, MigrationMemory, Result, StateBlob, Transport, VmRestore, PAGE_SIZE,
+};
 
 /// Capacity of the incoming buffer (1 MiB).
 const READ_BUFFER: usize = 1 << 20;

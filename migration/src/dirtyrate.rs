@@ -750,7 +750,7 @@ fn simulate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clearlog_memory::MemorySystem;
+    use crate::testing::PlainMemory;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
@@ -758,9 +758,8 @@ mod tests {
     fn sample_counts_changed_pages_and_its_error_covers_the_truth() {
         // 64 MiB, every page sampled would be 16384; 512/GiB samples 32. Sample all pages with a
         // huge per-GiB count, and check the estimate is exact then.
-        let mem = Arc::new(MemorySystem::new());
-        mem.add_ram("ram", 0, 64 << 20).unwrap();
-        let block = mem.ram_blocks()[0].clone();
+        let mem = Arc::new(PlainMemory::new(&[("ram", 64 << 20)]));
+        let block = mem.block(0).clone();
         let stop = Arc::new(AtomicBool::new(false));
         // A writer that changes the first quarter of RAM (4096 pages) during the window.
         let w = {
@@ -796,9 +795,8 @@ mod tests {
 
     #[test]
     fn bitmap_counts_distinct_pages_written_in_the_window() {
-        let mem = Arc::new(MemorySystem::new());
-        mem.add_ram("ram", 0, 16 << 20).unwrap();
-        let block = mem.ram_blocks()[0].clone();
+        let mem = Arc::new(PlainMemory::new(&[("ram", 16 << 20)]));
+        let block = mem.block(0).clone();
         // Written before the window: not counted.
         block.write(0, &[1]).unwrap();
         let w = {
@@ -806,7 +804,7 @@ mod tests {
             std::thread::spawn(move || {
                 // Wait for the measurement to start logging, then write 100 distinct pages
                 // (the first one three times).
-                while !mem.global_logging() {
+                while !mem.logging() {
                     std::thread::yield_now();
                 }
                 std::thread::sleep(Duration::from_millis(30));
@@ -821,7 +819,7 @@ mod tests {
         let r = measure_bitmap(&*mem, Duration::from_millis(150)).unwrap();
         w.join().unwrap();
         assert_eq!(r.dirty_pages, 100);
-        assert!(!mem.global_logging(), "logging must be stopped");
+        assert!(!mem.logging(), "logging must be stopped");
         assert!(r.window_s > 0.1);
         let want = 100.0 * 4096.0 / r.window_s;
         assert!((r.dirty_rate_bytes_per_s - want).abs() < 1e-6);
@@ -829,12 +827,12 @@ mod tests {
 
     #[test]
     fn bad_input_is_an_error() {
-        let mem = MemorySystem::new();
+        let mem = PlainMemory::new(&[]);
         assert!(matches!(
             measure_sample(&mem, Duration::from_millis(1), 512, 0),
             Err(Error::InvalidDirtyRate(_))
         ));
-        mem.add_ram("ram", 0, 1 << 20).unwrap();
+        let mem = PlainMemory::new(&[("ram", 1 << 20)]);
         for r in [
             measure_sample(&mem, Duration::ZERO, 512, 0),
             measure_sample(&mem, Duration::from_millis(1), 0, 0),

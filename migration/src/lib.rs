@@ -126,23 +126,29 @@ mod digest;
 pub mod dirtyrate;
 mod error;
 mod memory;
+#[cfg(feature = "clearlog-memory")]
+mod memory_system;
 mod ratelimit;
 mod source;
 mod stats;
 pub mod stream;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod transport;
 mod vm;
 
 pub use cancel::CancelToken;
 pub use config::{
-    chunk_bytes_to_shift, shift_to_chunk_bytes, DirtyLogMode, MigrationConfig, VerifyMode,
+    chunk_bytes_to_shift, shift_to_chunk_bytes, MigrationConfig, MigrationDirtyLogMode, VerifyMode,
     DEFAULT_ACK_TIMEOUT, DEFAULT_CLEAR_SHIFT, DEFAULT_DOWNTIME_LIMIT, DEFAULT_MID_PASS_SYNC,
 };
 pub use cpu::{process_cpu_time, thread_cpu_time};
 pub use destination::{Destination, DEFAULT_CONFIRM_TIMEOUT};
 pub use digest::{page_digests, ram_fingerprint};
 pub use error::{BoxError, Error, Result};
-pub use memory::{DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory};
+pub use memory::{
+    DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory, PAGE_SHIFT, PAGE_SIZE,
+};
 pub use ratelimit::{RateLimitedWriter, TokenBucket};
 pub use source::Source;
 pub use stats::{DowntimeBreakdown, IncomingStats, IterationStats, MigrationStats, Progress};

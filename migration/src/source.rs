@@ -6,8 +6,7 @@
 use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant};
 
-use clearlog_bitmap::Bitmap;
-use clearlog_memory::{ClearBitmap, PAGE_SHIFT, PAGE_SIZE};
+use clearlog_bitmap::{Bitmap, ClearBitmap};
 
 use crate::cpu::{ns_per_page, process_cpu_time, thread_cpu_time};
 use crate::digest::{final_digests, hash_threads, page_digests};
@@ -20,8 +19,8 @@ use crate::stream::{
 };
 use crate::transport::TransportRead;
 use crate::{
-    CancelToken, DirtyLogMode, DirtyTracking, DowntimeBreakdown, Error, MigrationBlock,
-    MigrationConfig, Result, Transport, VerifyMode, VmControl,
+    CancelToken, DirtyTracking, DowntimeBreakdown, Error, MigrationBlock, MigrationConfig,
+    MigrationDirtyLogMode, Result, Transport, VerifyMode, VmControl, PAGE_SHIFT, PAGE_SIZE,
 };
 
 /// Capacity of the outgoing buffer (1 MiB): big writes keep the per-syscall cost negligible.
@@ -136,10 +135,10 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
     /// # Examples
     ///
     /// ```
-    /// use clearlog_migration::{DirtyLogMode, Error, MigrationConfig, Source};
+    /// use clearlog_migration::{MigrationDirtyLogMode, Error, MigrationConfig, Source};
     ///
     /// let mem = clearlog_memory::MemorySystem::new();
-    /// let bad = MigrationConfig { mode: DirtyLogMode::Clear { shift: 32 }, ..Default::default() };
+    /// let bad = MigrationConfig { mode: MigrationDirtyLogMode::Clear { shift: 32 }, ..Default::default() };
     /// assert!(matches!(Source::new(&mem, bad), Err(Error::ClearShiftOutOfRange(32))));
     /// ```
     pub fn new(mem: &'a M, config: MigrationConfig) -> Result<Self> {
@@ -402,8 +401,8 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         for block in blocks {
             let pages = block.pages() as usize;
             let clear = match self.config.mode {
-                DirtyLogMode::Legacy => None,
-                DirtyLogMode::Clear { shift } => Some(
+                MigrationDirtyLogMode::Legacy | MigrationDirtyLogMode::Ring => None,
+                MigrationDirtyLogMode::Clear { shift } => Some(
                     ClearBitmap::new(block.pages(), shift)
                         .map_err(|e| Error::memory("sizing the clear bitmap")(e.into()))?,
                 ),
@@ -442,7 +441,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 .take_dirty(&bs.block, &mut bs.dirty, bs.clear.as_mut())
                 .map_err(Error::memory("taking the dirty bits"))?;
         }
-        if self.config.mode == DirtyLogMode::Legacy {
+        if self.config.mode.rearms_at_sync() {
             for bs in &self.blocks {
                 let t = Instant::now();
                 mem.clear_dirty(&bs.block, 0, bs.block.size())
@@ -459,7 +458,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     fn schedule_mid_pass_sync(&mut self, last_sync: Duration) {
         self.next_mid_pass_sync = match (self.config.mode, self.config.mid_pass_sync) {
             // An interval too long to represent means never.
-            (DirtyLogMode::Legacy, Some(interval)) => {
+            (mode, Some(interval)) if mode.rearms_at_sync() => {
                 Instant::now().checked_add(interval.max(last_sync.saturating_mul(50)))
             }
             _ => None,

@@ -788,8 +788,8 @@ pub fn peek_header(transport: &mut Transport) -> Result<crate::stream::Header> {
         inner: &mut inner,
         seen: Vec::new(),
     };
-    let header = crate::stream::StreamReader::new(&mut recorder)
-        .read_header(clearlog_memory::PAGE_SIZE as u32);
+    let header =
+        crate::stream::StreamReader::new(&mut recorder).read_header(crate::PAGE_SIZE as u32);
     let seen = recorder.seen;
     transport.reader = Some(Box::new(Replay {
         prefix: io::Cursor::new(seen),

@@ -34,7 +34,7 @@ fn mid_pass_sync(seed: u64) -> Option<Duration> {
 
 fn run(
     seed: u64,
-    mode: DirtyLogMode,
+    mode: MigrationDirtyLogMode,
     verify: VerifyMode,
     accel: bool,
     read_before_clear: bool,
@@ -158,10 +158,10 @@ fn assert_clean(o: &Outcome, what: &str) {
 #[test]
 fn fake_accel_clear_and_legacy_many_seeds() {
     let modes = [
-        DirtyLogMode::Clear { shift: 6 },
-        DirtyLogMode::Legacy,
-        DirtyLogMode::Clear { shift: 7 },
-        DirtyLogMode::Clear { shift: 31 },
+        MigrationDirtyLogMode::Clear { shift: 6 },
+        MigrationDirtyLogMode::Legacy,
+        MigrationDirtyLogMode::Clear { shift: 7 },
+        MigrationDirtyLogMode::Clear { shift: 31 },
     ];
     for seed in 0..12u64 {
         let mode = modes[seed as usize % modes.len()];
@@ -184,7 +184,7 @@ fn fake_accel_clear_and_legacy_many_seeds() {
         );
         assert!(stats.iterations >= 2, "{what}: expected several iterations");
         match mode {
-            DirtyLogMode::Clear { shift } => {
+            MigrationDirtyLogMode::Clear { shift } => {
                 assert_eq!(stats.mode, "clear");
                 assert_eq!(stats.clear_chunk_bytes, 4096 << shift);
                 // Shift 6 on 8 MiB: adjacent 64-page chunks are re-armed together up to 4 MiB
@@ -199,7 +199,7 @@ fn fake_accel_clear_and_legacy_many_seeds() {
                     );
                 }
             }
-            DirtyLogMode::Legacy => {
+            MigrationDirtyLogMode::Legacy => {
                 assert_eq!(stats.mode, "legacy");
                 // A first pass of 8 MiB at 32 MiB/s takes ~250 ms: several 20 ms intervals.
                 if mid_pass_sync(seed).is_some() {
@@ -213,6 +213,7 @@ fn fake_accel_clear_and_legacy_many_seeds() {
                     "{what}: 2 blocks per sync"
                 );
             }
+            MigrationDirtyLogMode::Ring => unreachable!("not one of this test's modes"),
         }
     }
 }
@@ -221,9 +222,9 @@ fn fake_accel_clear_and_legacy_many_seeds() {
 fn host_write_tracking_many_seeds() {
     for seed in 100..106u64 {
         let mode = if seed % 2 == 0 {
-            DirtyLogMode::Clear { shift: 6 }
+            MigrationDirtyLogMode::Clear { shift: 6 }
         } else {
-            DirtyLogMode::Legacy
+            MigrationDirtyLogMode::Legacy
         };
         let o = run(seed, mode, VerifyMode::Strict, false, false, 30_000);
         assert_clean(&o, &format!("host seed {seed}"));
@@ -239,7 +240,7 @@ fn read_before_clear_is_detected() {
     for seed in 200..206u64 {
         let o = run(
             seed,
-            DirtyLogMode::Clear { shift: 6 },
+            MigrationDirtyLogMode::Clear { shift: 6 },
             VerifyMode::Strict,
             true,
             true,
@@ -289,7 +290,7 @@ fn verification_after_resume_detects_tracking_losses() {
     for seed in 300..306u64 {
         let o = run(
             seed,
-            DirtyLogMode::Clear { shift: 6 },
+            MigrationDirtyLogMode::Clear { shift: 6 },
             VerifyMode::AfterResume,
             true,
             true,

@@ -511,7 +511,7 @@ fn receive_paused_does_not_resume_and_stats_serialize() {
 fn invalid_config_is_refused_up_front() {
     let mem = memory(MIB);
     let cfg = MigrationConfig {
-        mode: DirtyLogMode::Clear { shift: 40 },
+        mode: MigrationDirtyLogMode::Clear { shift: 40 },
         ..MigrationConfig::default()
     };
     assert!(matches!(
@@ -636,7 +636,7 @@ fn unrepresentable_mid_pass_sync_interval_means_never() {
         ..TestVm::default()
     };
     let cfg = MigrationConfig {
-        mode: DirtyLogMode::Legacy,
+        mode: MigrationDirtyLogMode::Legacy,
         mid_pass_sync: Some(Duration::MAX),
         ..config()
     };

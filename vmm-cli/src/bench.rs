@@ -52,7 +52,7 @@ impl BenchMode {
             ));
         };
         let bytes = parse_size(size).map_err(|e| format!("mode `{s}`: {e}"))?;
-        clearlog_migration::DirtyLogMode::from_clear_chunk_bytes(bytes)
+        clearlog_migration::MigrationDirtyLogMode::from_clear_chunk_bytes(bytes)
             .map_err(|e| format!("mode `{s}`: {e} (a power of two from 256K to 8T)"))?;
         Ok(BenchMode::Clear(bytes))
     }

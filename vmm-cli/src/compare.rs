@@ -71,7 +71,7 @@ pub fn parse_line(line: &str) -> Result<Option<Row>, String> {
             v.get("mode").and_then(Value::as_str),
         ) {
             (Some(s), _) => s.to_string(),
-            (None, Some("legacy")) => "legacy".into(),
+            (None, Some(m @ ("legacy" | "ring"))) => m.into(),
             (None, Some(_)) => format!(
                 "clear {}",
                 crate::output::human_bytes(num(&v, "clear_chunk_bytes").unwrap_or(0.0) as u64)

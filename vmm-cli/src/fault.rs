@@ -423,18 +423,6 @@ impl DirtyTracking for FaultyMemory<'_> {
         self.faults.check(FaultStep::Clear)?;
         self.inner.clear_dirty(&block.inner, offset, len)
     }
-    fn clear_chunk_before_send(
-        &self,
-        block: &FaultyBlock,
-        clear: &mut ClearBitmap,
-        page: u64,
-    ) -> MemoryResult<bool> {
-        // Counted only when a clear would really go out: the chunk is still marked.
-        if clear.test(clear.chunk_of(page)) {
-            self.faults.check(FaultStep::Clear)?;
-        }
-        DirtyTracking::clear_chunk_before_send(self.inner, &block.inner, clear, page)
-    }
 }
 
 /// A guest control whose pause or state save may fail.

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use clearlog_kvm::DirtyLogChoice;
 use clearlog_migration::{
-    ram_fingerprint, CancelToken, ConnectOptions, DirtyLogMode, MigrationConfig, MigrationStats,
-    MigrationUri, Progress, Source, Transport,
+    ram_fingerprint, CancelToken, ConnectOptions, MigrationConfig, MigrationDirtyLogMode,
+    MigrationStats, MigrationUri, Progress, Source, Transport,
 };
 use clearlog_test_guest::layout::{
     mapped_end, DEFAULT_WSS_START, IDENTITY_MAP_LIMIT, MAX_RAM, MAX_VCPUS,
@@ -117,9 +117,10 @@ pub fn migration_config(
     max_time: Duration,
 ) -> CliResult<MigrationConfig> {
     let mode = match dirty_log {
+        DirtyLogArg::Legacy => MigrationDirtyLogMode::Legacy,
         // The ring hands its bits over at each sync, like a legacy GET: nothing to clear.
-        DirtyLogArg::Legacy | DirtyLogArg::Ring => DirtyLogMode::Legacy,
-        DirtyLogArg::Clear => DirtyLogMode::from_clear_chunk_bytes(clear_chunk).map_err(|e| {
+        DirtyLogArg::Ring => MigrationDirtyLogMode::Ring,
+        DirtyLogArg::Clear => MigrationDirtyLogMode::from_clear_chunk_bytes(clear_chunk).map_err(|e| {
             CliError::Usage(format!(
                 "--clear-chunk {clear_chunk}: {e} (a power of two from 256K = 64 pages, shift 6, to 8T = shift 31)"
             ))

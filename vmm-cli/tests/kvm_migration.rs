@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use clearlog_kvm::DirtyLogChoice;
 use clearlog_memory::DirtyClient;
 use clearlog_migration::{
-    connect, ram_fingerprint, CancelToken, Destination, DirtyLogMode, Listener, MigrationConfig,
-    MigrationStats, Source,
+    connect, ram_fingerprint, CancelToken, Destination, Listener, MigrationConfig,
+    MigrationDirtyLogMode, MigrationStats, Source,
 };
 use clearlog_test_guest::layout::DEFAULT_WSS_START;
 use clearlog_test_guest::workload::check::check_increment;
@@ -77,7 +77,7 @@ fn boot_source(dirty_log: DirtyLogChoice, vcpus: u32) -> Guest {
 /// so only some runs do it).
 fn migrate_and_check(
     dirty_log: DirtyLogChoice,
-    mode: DirtyLogMode,
+    mode: MigrationDirtyLogMode,
     display: Display,
     fingerprint: bool,
 ) -> MigrationStats {
@@ -88,13 +88,13 @@ fn migrate_and_check(
 fn migrate_and_check_on(
     vcpus: u32,
     dirty_log: DirtyLogChoice,
-    mode: DirtyLogMode,
+    mode: MigrationDirtyLogMode,
     display: Display,
     fingerprint: bool,
 ) -> MigrationStats {
     let label = format!("{mode:?} (VM {dirty_log:?}, display {display:?}, {vcpus} vCPUs)");
     let src = boot_source(dirty_log, vcpus);
-    if matches!(mode, DirtyLogMode::Clear { .. }) {
+    if matches!(mode, MigrationDirtyLogMode::Clear { .. }) {
         assert!(
             src.protect_mode().is_manual(),
             "{label}: the VM fell back to {} although this host offers manual protection",
@@ -300,7 +300,7 @@ fn migrate_and_check_on(
     }
     // Legacy (and ring) migrations sync within passes by default: the first pass alone (8 MiB at
     // 8 MiB/s) spans several 250 ms intervals, so the loss checks above covered those syncs.
-    if mode == DirtyLogMode::Legacy {
+    if mode == MigrationDirtyLogMode::Legacy {
         assert!(stats.mid_pass_syncs > 0, "{label}: no sync within a pass");
     }
     stats
@@ -314,7 +314,7 @@ fn legacy_mode_migrates_increment_guest_without_loss() {
     let _serial = serial();
     let stats = migrate_and_check(
         DirtyLogChoice::Legacy,
-        DirtyLogMode::Legacy,
+        MigrationDirtyLogMode::Legacy,
         Display::Off,
         true,
     );
@@ -343,7 +343,7 @@ fn ring_mode_migrates_increment_guest_without_loss() {
     let stats = migrate_and_check_on(
         2,
         DirtyLogChoice::Ring { bytes: 16 << 10 },
-        DirtyLogMode::Legacy,
+        MigrationDirtyLogMode::Legacy,
         Display::On,
         true,
     );
@@ -359,7 +359,7 @@ fn clear_mode_migrates_increment_guest_without_loss_for_every_shift() {
     for shift in [6u8, 12, 15, 18, 31] {
         let stats = migrate_and_check(
             DirtyLogChoice::Auto,
-            DirtyLogMode::Clear { shift },
+            MigrationDirtyLogMode::Clear { shift },
             Display::Off,
             matches!(shift, 6 | 31),
         );
@@ -380,8 +380,11 @@ fn two_vcpu_increment_guest_migrates_without_loss() {
     }
     let _serial = serial();
     for (choice, mode) in [
-        (DirtyLogChoice::Auto, DirtyLogMode::Clear { shift: 12 }),
-        (DirtyLogChoice::Legacy, DirtyLogMode::Legacy),
+        (
+            DirtyLogChoice::Auto,
+            MigrationDirtyLogMode::Clear { shift: 12 },
+        ),
+        (DirtyLogChoice::Legacy, MigrationDirtyLogMode::Legacy),
     ] {
         let stats = migrate_and_check_on(2, choice, mode, Display::Off, false);
         assert!(stats.iterations >= 1, "{stats:?}");
@@ -397,15 +400,21 @@ fn vga_client_clearing_during_migration_loses_nothing() {
     }
     let _serial = serial();
     for (i, (choice, mode)) in [
-        (DirtyLogChoice::Auto, DirtyLogMode::Clear { shift: 6 }),
-        (DirtyLogChoice::Auto, DirtyLogMode::Clear { shift: 15 }),
+        (
+            DirtyLogChoice::Auto,
+            MigrationDirtyLogMode::Clear { shift: 6 },
+        ),
+        (
+            DirtyLogChoice::Auto,
+            MigrationDirtyLogMode::Clear { shift: 15 },
+        ),
         (
             DirtyLogChoice::Manual {
                 initially_set: false,
             },
-            DirtyLogMode::Clear { shift: 6 },
+            MigrationDirtyLogMode::Clear { shift: 6 },
         ),
-        (DirtyLogChoice::Legacy, DirtyLogMode::Legacy),
+        (DirtyLogChoice::Legacy, MigrationDirtyLogMode::Legacy),
     ]
     .into_iter()
     .enumerate()
@@ -493,12 +502,15 @@ fn remapping_a_ram_region_during_migration_does_not_kill_it() {
     let _serial = serial();
     let mut clears_of_new_slots = 0;
     for (choice, mode) in [
-        (DirtyLogChoice::Auto, DirtyLogMode::Clear { shift: 6 }),
+        (
+            DirtyLogChoice::Auto,
+            MigrationDirtyLogMode::Clear { shift: 6 },
+        ),
         (
             DirtyLogChoice::Manual {
                 initially_set: false,
             },
-            DirtyLogMode::Clear { shift: 12 },
+            MigrationDirtyLogMode::Clear { shift: 12 },
         ),
     ] {
         let label = format!("{mode:?} (VM {choice:?}) with remaps");

@@ -4,7 +4,7 @@
 //! The approach of Linux's `dirty_log_test` (selftests/kvm), rewritten for our stack: a guest
 //! writes the current `iteration` into random pages as fast as it can while the host harvests the
 //! dirty log the way migration does (`log_sync_all`, `sync_migration_bitmap` with a
-//! `ClearBitmap`, then `clear_chunk_before_send` for every chunk, then read the pages), and
+//! `ClearBitmap`, then re-arm every chunk (`ClearBitmap::clear_run_before_read`), then read the pages), and
 //! every page of the working set is checked at every round against what it holds.
 //!
 //! Per page the host keeps `sent`: the value it read the last time the page was reported dirty
@@ -100,11 +100,18 @@ impl Harness<'_> {
         for chunk in 0..self.clear.chunk_count() {
             if self.clear.test(chunk) {
                 let (first, _) = self.clear.chunk_pages(chunk);
-                assert!(self
-                    .mv
-                    .memory
-                    .clear_chunk_before_send(&self.block, &mut self.clear, first)
-                    .unwrap());
+                let (memory, block) = (&self.mv.memory, &self.block);
+                let rearmed = self
+                    .clear
+                    .clear_run_before_read(first, 1, |first, n| {
+                        memory.clear_dirty_bitmap_block(
+                            block,
+                            first * clearlog_memory::PAGE_SIZE,
+                            n * clearlog_memory::PAGE_SIZE,
+                        )
+                    })
+                    .unwrap();
+                assert_eq!(rearmed, 1);
             }
         }
         assert_eq!(self.clear.pending(), 0);

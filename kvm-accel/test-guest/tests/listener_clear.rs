@@ -251,8 +251,11 @@ fn remap_between_sync_and_clear(choice: DirtyLogChoice) {
             mv.memory.map_region(t, T_GPA, 0).unwrap();
         }
         for &p in &dirty {
-            mv.memory
-                .clear_chunk_before_send(&block, clear, p)
+            clear
+                .clear_run_before_read(p, 1, |first, n| {
+                    mv.memory
+                        .clear_dirty_bitmap_block(&block, first * PAGE, n * PAGE)
+                })
                 .unwrap_or_else(|e| panic!("{choice:?}: chunk clear of page {p} failed: {e}"));
             to_send.clear(p as usize);
         }
@@ -279,8 +282,11 @@ fn remap_between_sync_and_clear(choice: DirtyLogChoice) {
     mv.memory.unmap_region(t).unwrap();
     mv.memory.map_region(t, T_GPA, 0).unwrap();
     for p in reported {
-        mv.memory
-            .clear_chunk_before_send(&block, &mut clear, p)
+        clear
+            .clear_run_before_read(p, 1, |first, n| {
+                mv.memory
+                    .clear_dirty_bitmap_block(&block, first * PAGE, n * PAGE)
+            })
             .unwrap_or_else(|e| panic!("{choice:?}: chunk clear after the remap failed: {e}"));
         to_send.clear(p as usize);
     }

@@ -2,7 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Two dirty-log clients clearing the same pages concurrently while the guest writes (manual
-//! mode): migration (`sync_migration_bitmap` + `clear_chunk_before_send`, then read) on one
+//! mode): migration (`sync_migration_bitmap`, re-arm the chunk (`ClearBitmap::clear_run_before_read`), then read) on one
 //! thread, a display (`snapshot_and_clear_dirty` for Vga, then read) on another. This is the
 //! 8-step race of docs/design.md section 2: with the listener's per-slot cache no write is lost; with
 //! a naive listener that clears whole ranges in KVM (bypassing the cache, through the raw
@@ -26,7 +26,7 @@ use clearlog_kvm::DirtyLogChoice;
 use clearlog_kvm::{Error, KvmMemoryListener};
 use clearlog_memory::{
     ClearBitmap, DirtyClient, DirtyClients, DirtyMemory, ListenerError, MemoryListener,
-    MemorySystem, RamBlock, RegionId, Section,
+    MemorySystem, RamBlock, RegionId, Section, PAGE_SIZE,
 };
 use clearlog_test_guest::layout::INFRA_END;
 use clearlog_test_guest::workload::{set_iteration, Workload, WorkloadSpec};
@@ -123,8 +123,10 @@ impl Migration {
         for p in dirty {
             self.dest.clear(p);
             // Clear (re-arm) the chunk, then read: the migration ordering rule.
-            memory
-                .clear_chunk_before_send(block, &mut self.clear, p as u64)
+            self.clear
+                .clear_run_before_read(p as u64, 1, |first, n| {
+                    memory.clear_dirty_bitmap_block(block, first * PAGE_SIZE, n * PAGE_SIZE)
+                })
                 .unwrap();
             self.last[p] = read_page(block, p as u64);
             self.pages_sent += 1;

@@ -626,10 +626,9 @@ impl AtomicBitmap {
         }
         let nwords = words_for_bits(nbits);
         let tail = nbits % BITS_PER_WORD;
-        let dest_words = dest.as_words_mut();
+        let words = &self.words[first_word..first_word + nwords];
         let mut newly = 0;
-        for i in 0..nwords {
-            let word = &self.words[first_word + i];
+        for (i, (word, dest)) in words.iter().zip(dest.as_words_mut()).enumerate() {
             if word.load(LOAD) == 0 {
                 continue;
             }
@@ -639,8 +638,8 @@ impl AtomicBitmap {
             } else {
                 word.swap(0, RMW)
             };
-            let old = dest_words[i];
-            dest_words[i] = old | taken;
+            let old = *dest;
+            *dest = old | taken;
             newly += u64::from((taken & !old).count_ones());
             if let Some(c) = clear.as_deref_mut() {
                 c.mark_word(i, taken);

@@ -9,7 +9,7 @@
 //!   KVM unless KVM reported it since the last sync. Its memslot ids come from a range the caller
 //!   may choose ([`KvmMemoryListener::with_slot_ids`]), next to the VMM's own slots.
 //! - [`Vm`]: a VM fd ([`Vm::new`] makes one; [`Vm::from_fd`] takes the VMM's, of any kvm-ioctls
-//!   version) with its [`ProtectMode`], probed [`KvmCaps`] and checked memslot and dirty-log calls,
+//!   version) with its [`KvmDirtyLogMode`], probed [`KvmCaps`] and checked memslot and dirty-log calls,
 //!   which refuse slots a listener owns. Its GETs write into buffers that end right before a guard
 //!   page, so a memslot re-made larger behind its back gives [`Error::SlotChangedBehindVm`]
 //!   instead of a write past the buffer; a listener probes each memslot id before it creates a
@@ -45,26 +45,38 @@
 #![deny(missing_docs)]
 
 mod caps;
+mod device;
 mod dirty_cache;
+mod dirty_log;
 mod error;
+mod fd;
 mod guarded;
 mod memory_listener;
+mod mode;
 pub mod raw;
 mod ring;
+mod ring_registry;
+mod skip;
+mod slots;
+mod stats;
 mod vm;
+mod vmm_slot_cache;
 
-pub use caps::{
-    default_protect_mode, enable_manual_protect, KvmCaps, ProtectMode, INITIALLY_SET,
-    MANUAL_PROTECT_ENABLE,
-};
+pub use caps::{enable_manual_protect, KvmCaps};
+pub use device::KVM_DEVICE;
 pub use dirty_cache::{CacheError, ClearRange, ClearRequest, SlotDirtyCache};
 pub use error::{Error, Result};
-pub use memory_listener::{
-    DirtyLogStats, KvmMemoryListener, RingKick, RingReaper, RING_REAP_INTERVAL,
-};
+pub use fd::AsKvmFd;
+pub use memory_listener::{KvmMemoryListener, RingKick, RingReaper, RING_REAP_INTERVAL};
+pub use mode::{default_dirty_log_mode, KvmDirtyLogMode, INITIALLY_SET, MANUAL_PROTECT_ENABLE};
 pub use raw::ClearDirtyLogError;
 pub use ring::{enable_dirty_ring, is_pvm_host, RingRange, VcpuRingStats, RING_MIN_BYTES};
-pub use vm::{DirtyLogChoice, MemSlot, Vm, VmConfig, KVM_DEVICE};
+#[doc(hidden)]
+pub use skip::doctest_kvm_skip;
+pub use slots::MemSlot;
+pub use stats::DirtyLogStats;
+pub use vm::{Vm, VmConfig};
+pub use vmm_slot_cache::VmmSlotCache;
 
 /// The page size of dirty logging: one dirty bit per 4 KiB page (x86-64, and arm64 kernels with
 /// 4 KiB pages).

@@ -166,20 +166,6 @@ impl<'a> KvmFd<'a> {
         KvmFd { fd, kind }
     }
 
-    /// `fd` if it is a KVM VM fd; otherwise the error [`Vm::from_fd`](crate::Vm::from_fd) and
-    /// the other public entry points taking a VM fd give.
-    pub(crate) fn vm(fd: BorrowedFd<'a>) -> crate::Result<Self> {
-        use crate::Error;
-        let kind = FdKind::of(fd).map_err(|source| Error::FdKindUnknown { source })?;
-        let reason = match kind {
-            FdKind::Vm => return Ok(KvmFd { fd, kind }),
-            FdKind::System => "it is the /dev/kvm system fd, not a VM fd (KVM_CREATE_VM makes one)",
-            FdKind::Vcpu => "it is a KVM vCPU fd, not a VM fd",
-            FdKind::Other => "its /proc/self/fd link is not anon_inode:kvm-vm",
-        };
-        Err(Error::NotAVmFd { reason })
-    }
-
     /// What kind of KVM fd it is.
     pub(crate) fn kind(self) -> FdKind {
         self.kind
@@ -433,7 +419,7 @@ impl ClearDirtyLogError {
 /// dirty bit of a write made after that copy: the page is never reported again, a lost write
 /// (the `two_clients` test of `clearlog-test-guest` shows it happen). This function cannot
 /// check it (it knows only a fd); [`Vm::clear_dirty_log`](crate::Vm::clear_dirty_log), the safe
-/// path, refuses listener slots with [`Error::SlotOwnedByListener`](crate::Error::SlotOwnedByListener).
+/// path, refuses listener slots with [`Error::SlotOwnedByCache`](crate::Error::SlotOwnedByCache).
 ///
 /// # Example
 ///

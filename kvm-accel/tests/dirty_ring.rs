@@ -7,8 +7,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use clearlog_kvm::{
-    enable_dirty_ring, DirtyLogChoice, Error, KvmCaps, KvmMemoryListener, ProtectMode, RingRange,
-    Vm, VmConfig,
+    enable_dirty_ring, Error, KvmCaps, KvmDirtyLogMode, KvmMemoryListener, RingRange, Vm, VmConfig,
 };
 use clearlog_memory::MemorySystem;
 
@@ -34,7 +33,7 @@ fn ring_range() -> Option<RingRange> {
 
 fn ring_vm(bytes: u32) -> Result<Vm, Error> {
     Vm::new(VmConfig {
-        dirty_log: DirtyLogChoice::Ring { bytes },
+        dirty_log: Some(KvmDirtyLogMode::Ring { bytes }),
         ..Default::default()
     })
 }
@@ -52,13 +51,7 @@ fn bad_ring_sizes_list_the_valid_range() {
         }
     }
     let vm = ring_vm(r.max).expect("the largest size");
-    assert_eq!(
-        vm.protect_mode(),
-        ProtectMode::Ring {
-            bytes: r.max,
-            acq_rel: r.acq_rel
-        }
-    );
+    assert_eq!(vm.dirty_log_mode(), KvmDirtyLogMode::Ring { bytes: r.max });
 }
 
 #[test]
@@ -130,13 +123,6 @@ fn a_vmms_own_vm_and_vcpu_register_their_ring() {
     assert_eq!(stats.len(), 1);
     assert_eq!(stats[0].harvested, 0);
     // A from_fd ring mode with a size the kernel cannot have is refused.
-    let err = Vm::from_fd(
-        fd,
-        ProtectMode::Ring {
-            bytes: 3000,
-            acq_rel: true,
-        },
-    )
-    .unwrap_err();
+    let err = Vm::from_fd(fd, KvmDirtyLogMode::Ring { bytes: 3000 }).unwrap_err();
     assert!(matches!(err, Error::DirtyRingSize { .. }), "{err}");
 }

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::sync::Arc;
 
-use clearlog_kvm::{DirtyLogChoice, Error, KvmCaps, KvmMemoryListener, Vm, VmConfig};
+use clearlog_kvm::{Error, KvmCaps, KvmDirtyLogMode, KvmMemoryListener, Vm, VmConfig};
 use clearlog_memory::MemorySystem;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -51,10 +51,10 @@ fn a_get_of_a_slot_changed_behind_the_vms_back_cannot_overflow() {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 * SIZE as usize)]).unwrap();
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
     for choice in [
-        DirtyLogChoice::Legacy,
-        DirtyLogChoice::Manual {
+        Some(KvmDirtyLogMode::Legacy),
+        Some(KvmDirtyLogMode::Manual {
             initially_set: false,
-        },
+        }),
     ] {
         let vm = Vm::new(VmConfig {
             dirty_log: choice,
@@ -94,10 +94,10 @@ fn a_listener_sync_of_a_slot_changed_behind_its_back_fails_cleanly() {
     let big = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 * SIZE as usize)]).unwrap();
     let host = big.get_host_address(GuestAddress(0)).unwrap() as u64;
     for choice in [
-        DirtyLogChoice::Legacy,
-        DirtyLogChoice::Manual {
+        Some(KvmDirtyLogMode::Legacy),
+        Some(KvmDirtyLogMode::Manual {
             initially_set: false,
-        },
+        }),
     ] {
         let vm = Arc::new(
             Vm::new(VmConfig {
@@ -142,9 +142,9 @@ fn fds_that_are_not_kvms_are_refused() {
     let caps = KvmCaps::probe_device("/dev/kvm".as_ref()).unwrap();
     if let Some(range) = clearlog_kvm::RingRange::of(&caps) {
         let vm = Vm::new(VmConfig {
-            dirty_log: DirtyLogChoice::Ring {
+            dirty_log: Some(KvmDirtyLogMode::Ring {
                 bytes: range.min.max(16 << 10),
-            },
+            }),
             ..Default::default()
         })
         .unwrap();

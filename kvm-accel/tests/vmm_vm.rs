@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use clearlog_kvm::{
-    enable_manual_protect, Error, KvmMemoryListener, ProtectMode, Vm, MANUAL_PROTECT_ENABLE,
+    enable_manual_protect, Error, KvmDirtyLogMode, KvmMemoryListener, Vm, MANUAL_PROTECT_ENABLE,
 };
 use clearlog_memory::MemorySystem;
 use kvm_bindings::kvm_userspace_memory_region;
@@ -28,7 +28,7 @@ const VMM_SIZE: u64 = 2 << 20;
 const RAM: u64 = 4 << 20;
 
 /// The VMM's VM with manual protect and its own memslot 0, made with kvm-ioctls directly.
-fn vmm_vm() -> (Kvm, VmFd, GuestMemoryMmap, ProtectMode) {
+fn vmm_vm() -> (Kvm, VmFd, GuestMemoryMmap, KvmDirtyLogMode) {
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
     let mode = enable_manual_protect(borrow(&vm), MANUAL_PROTECT_ENABLE).unwrap();
@@ -101,7 +101,7 @@ fn listener_with_a_range_avoiding_the_vmm_slot_works() {
     let listener = Arc::new(KvmMemoryListener::with_slot_ids(vm.clone(), 1..4).unwrap());
     memory.register_listener(listener.clone()).unwrap();
     assert_eq!(listener.slot_id_at(0), Some(1));
-    assert!(vm.is_listener_slot(1));
+    assert!(vm.is_cache_slot(1));
     memory.log_global_start().unwrap();
     memory.log_sync_all().unwrap();
     memory.clear_dirty_bitmap(ram, 0, RAM).unwrap();
@@ -145,13 +145,13 @@ fn from_fd_refuses_what_is_not_a_vm_fd() {
     let kvm = Kvm::new().unwrap();
     // SAFETY: `kvm` owns this open fd and outlives the borrow.
     let sys = unsafe { BorrowedFd::borrow_raw(kvm.as_raw_fd()) };
-    let e = Vm::from_fd(sys, ProtectMode::Legacy).unwrap_err();
+    let e = Vm::from_fd(sys, KvmDirtyLogMode::Legacy).unwrap_err();
     assert!(
         matches!(e, Error::NotAVmFd { .. }) && e.to_string().contains("/dev/kvm"),
         "{e}"
     );
     let file = std::fs::File::open("/proc/self/status").unwrap();
-    let e = Vm::from_fd(file.as_fd(), ProtectMode::Legacy).unwrap_err();
+    let e = Vm::from_fd(file.as_fd(), KvmDirtyLogMode::Legacy).unwrap_err();
     assert!(matches!(e, Error::NotAVmFd { .. }), "{e}");
 }
 
@@ -162,7 +162,7 @@ fn from_fd_dups_the_fd_and_probes_the_vm() {
     }
     let kvm = Kvm::new().unwrap();
     let vm_fd = kvm.create_vm().unwrap();
-    let vm = Vm::from_fd(borrow(&vm_fd), ProtectMode::Legacy).unwrap();
+    let vm = Vm::from_fd(borrow(&vm_fd), KvmDirtyLogMode::Legacy).unwrap();
     assert_ne!(vm.as_fd().as_raw_fd(), vm_fd.as_raw_fd());
     assert_eq!(vm.caps().api_version, 12);
     assert!(vm.caps().max_memslots > 0);
@@ -189,13 +189,13 @@ fn enable_manual_protect_checks_flags() {
     let mode = enable_manual_protect(borrow(&vm_fd), MANUAL_PROTECT_ENABLE).unwrap();
     assert_eq!(
         mode,
-        ProtectMode::Manual {
+        KvmDirtyLogMode::Manual {
             initially_set: false
         }
     );
     // The mode it returns is what `Vm::from_fd` takes.
     let vm = Vm::from_fd(borrow(&vm_fd), mode).unwrap();
-    assert!(vm.protect_mode().is_manual());
+    assert!(vm.dirty_log_mode().is_manual());
 }
 
 /// One `KVM_SET_USER_MEMORY_REGION` through kvm-ioctls; the kernel's errno on failure.

@@ -132,16 +132,14 @@ fn stream(case: &Case) -> Vec<u8> {
         let a: &'static [u8] = Box::leak(a.into_boxed_slice());
         Box::new(a) as Box<dyn clearlog_migration::TransportRead>
     });
-    let config = MigrationConfig {
-        mode: case.mode,
-        verify: case.verify,
+    let config = MigrationConfig::default()
+        .with_mode(case.mode)
+        .with_verify(case.verify)
         // Slow enough (about 0.25 s for the whole 1 MiB if all data) that the writer dirties pages
         // between passes; idle streams are tiny anyway.
-        bandwidth_limit_bytes_per_s: if case.dirty { 256 << 10 } else { 0 },
-        downtime_limit: Duration::from_millis(100),
-        max_time: Some(Duration::from_secs(30)),
-        ..MigrationConfig::default()
-    };
+        .with_bandwidth_limit_bytes_per_s(if case.dirty { 256 << 10 } else { 0 })
+        .with_downtime_limit(Duration::from_millis(100))
+        .with_max_time(Some(Duration::from_secs(30)));
     let vm = Vm {
         paused,
         blobs: case.blobs.clone(),

@@ -130,10 +130,7 @@ fn main() {
     let listener = Listener::bind("tcp:127.0.0.1:0").expect("bind");
     let uri = listener.local_uri().expect("uri");
     for verify in [VerifyMode::AfterResume, VerifyMode::Strict] {
-        let config = MigrationConfig {
-            verify,
-            ..MigrationConfig::default()
-        };
+        let config = MigrationConfig::default().with_verify(verify);
         let name = format!("tcp loopback, {} verification", verify.name());
         run(
             &name,

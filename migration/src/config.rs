@@ -267,24 +267,23 @@ impl VerifyMode {
 /// use std::time::Duration;
 /// use clearlog_migration::{MigrationDirtyLogMode, MigrationConfig};
 ///
-/// let config = MigrationConfig {
-///     mode: MigrationDirtyLogMode::Clear { shift: 12 },
-///     bandwidth_limit_bytes_per_s: 400 << 20,
-///     downtime_limit: Duration::from_millis(100),
-///     max_time: Some(Duration::from_secs(120)),
-///     ..MigrationConfig::default()
-/// };
+/// let config = MigrationConfig::default()
+///     .with_mode(MigrationDirtyLogMode::Clear { shift: 12 })
+///     .with_bandwidth_limit_bytes_per_s(400 << 20)
+///     .with_downtime_limit(Duration::from_millis(100))
+///     .with_max_time(Some(Duration::from_secs(120)));
 /// config.validate().unwrap();
 ///
 /// // The estimate may assume a faster link for the paused phase (off by default).
-/// let fast = MigrationConfig { switchover_bandwidth_bytes_per_s: 1 << 30, ..config.clone() };
+/// let fast = config.clone().with_switchover_bandwidth_bytes_per_s(1 << 30);
 /// assert_eq!(fast.estimate_bandwidth(400 << 20), 1 << 30);
 /// assert_eq!(config.estimate_bandwidth(400 << 20), 400 << 20);
 ///
-/// let bad = MigrationConfig { mode: MigrationDirtyLogMode::Clear { shift: 5 }, ..MigrationConfig::default() };
+/// let bad = MigrationConfig::default().with_mode(MigrationDirtyLogMode::Clear { shift: 5 });
 /// assert!(bad.validate().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct MigrationConfig {
     /// Dirty-log re-arm mode (default: clear, [`DEFAULT_CLEAR_SHIFT`]).
     pub mode: MigrationDirtyLogMode,
@@ -342,6 +341,36 @@ impl Default for MigrationConfig {
     }
 }
 
+/// `with_<field>`: the config with one field changed, for building a config in one expression
+/// (the struct is `#[non_exhaustive]`: literals outside this crate cannot name every field).
+macro_rules! with_fields {
+    ($($with:ident: $field:ident: $ty:ty;)*) => {
+        impl MigrationConfig {
+            $(
+                #[doc = concat!("The config with [`", stringify!($field), "`](Self::", stringify!($field), ") set to `", stringify!($field), "`.")]
+                #[must_use]
+                pub fn $with(mut self, $field: $ty) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+with_fields! {
+    with_mode: mode: MigrationDirtyLogMode;
+    with_bandwidth_limit_bytes_per_s: bandwidth_limit_bytes_per_s: u64;
+    with_downtime_limit: downtime_limit: Duration;
+    with_switchover_bandwidth_bytes_per_s: switchover_bandwidth_bytes_per_s: u64;
+    with_max_iterations: max_iterations: Option<u32>;
+    with_max_time: max_time: Option<Duration>;
+    with_auto_converge: auto_converge: bool;
+    with_ack_timeout: ack_timeout: Duration;
+    with_verify: verify: VerifyMode;
+    with_mid_pass_sync: mid_pass_sync: Option<Duration>;
+}
+
 impl MigrationConfig {
     /// The bandwidth the convergence estimate uses, given the one `measured` in the live phase:
     /// [`switchover_bandwidth_bytes_per_s`](Self::switchover_bandwidth_bytes_per_s) when set,
@@ -369,7 +398,7 @@ impl MigrationConfig {
     /// use std::time::Duration;
     /// use clearlog_migration::{Error, MigrationConfig};
     ///
-    /// let c = MigrationConfig { downtime_limit: Duration::ZERO, ..Default::default() };
+    /// let c = MigrationConfig::default().with_downtime_limit(Duration::ZERO);
     /// assert!(matches!(c.validate(), Err(Error::ZeroDowntimeLimit)));
     /// ```
     pub fn validate(&self) -> Result<()> {
@@ -417,21 +446,12 @@ mod tests {
         let ok = MigrationConfig::default();
         ok.validate().unwrap();
         for shift in [0, 5, 32, 255] {
-            let c = MigrationConfig {
-                mode: MigrationDirtyLogMode::Clear { shift },
-                ..ok.clone()
-            };
+            let c = ok.clone().with_mode(MigrationDirtyLogMode::Clear { shift });
             assert!(matches!(c.validate(), Err(Error::ClearShiftOutOfRange(s)) if s == shift));
         }
-        let c = MigrationConfig {
-            max_iterations: Some(0),
-            ..ok.clone()
-        };
+        let c = ok.clone().with_max_iterations(Some(0));
         assert!(matches!(c.validate(), Err(Error::ZeroMigrationLimit)));
-        let c = MigrationConfig {
-            max_time: Some(Duration::ZERO),
-            ..ok
-        };
+        let c = ok.with_max_time(Some(Duration::ZERO));
         assert!(matches!(c.validate(), Err(Error::ZeroMigrationLimit)));
     }
 }

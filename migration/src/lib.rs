@@ -125,6 +125,8 @@ mod destination;
 mod digest;
 pub mod dirtyrate;
 mod error;
+#[cfg(feature = "vm-memory")]
+mod guest_memory;
 mod memory;
 #[cfg(feature = "clearlog-memory")]
 mod memory_system;
@@ -138,6 +140,9 @@ mod transport;
 mod vm;
 
 pub use cancel::CancelToken;
+/// The bitmaps [`DirtyTracking`] passes (`clearlog-bitmap`'s, re-exported: an implementation
+/// needs no other dependency).
+pub use clearlog_bitmap::{Bitmap, ClearBitmap};
 pub use config::{
     chunk_bytes_to_shift, shift_to_chunk_bytes, MigrationConfig, MigrationDirtyLogMode, VerifyMode,
     DEFAULT_ACK_TIMEOUT, DEFAULT_CLEAR_SHIFT, DEFAULT_DOWNTIME_LIMIT, DEFAULT_MID_PASS_SYNC,
@@ -146,6 +151,8 @@ pub use cpu::{process_cpu_time, thread_cpu_time};
 pub use destination::{Destination, DEFAULT_CONFIRM_TIMEOUT};
 pub use digest::{page_digests, ram_fingerprint};
 pub use error::{BoxError, Error, Result};
+#[cfg(feature = "vm-memory")]
+pub use guest_memory::GuestMemoryBlock;
 pub use memory::{
     DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory, PAGE_SHIFT, PAGE_SIZE,
 };

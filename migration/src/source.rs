@@ -138,7 +138,7 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
     /// use clearlog_migration::{MigrationDirtyLogMode, Error, MigrationConfig, Source};
     ///
     /// let mem = clearlog_memory::MemorySystem::new();
-    /// let bad = MigrationConfig { mode: MigrationDirtyLogMode::Clear { shift: 32 }, ..Default::default() };
+    /// let bad = MigrationConfig::default().with_mode(MigrationDirtyLogMode::Clear { shift: 32 });
     /// assert!(matches!(Source::new(&mem, bad), Err(Error::ClearShiftOutOfRange(32))));
     /// ```
     pub fn new(mem: &'a M, config: MigrationConfig) -> Result<Self> {

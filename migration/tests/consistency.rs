@@ -58,16 +58,14 @@ fn run(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let active = Duration::from_millis(rng.random_range(150..400));
     let writer = spawn_writer(&src, tracking, vm_src.gate.clone(), seed, rate, active);
-    let config = MigrationConfig {
-        mode,
-        bandwidth_limit_bytes_per_s: 32 << 20,
-        downtime_limit: Duration::from_millis(10),
-        max_time: Some(Duration::from_secs(30)),
-        verify,
+    let config = MigrationConfig::default()
+        .with_mode(mode)
+        .with_bandwidth_limit_bytes_per_s(32 << 20)
+        .with_downtime_limit(Duration::from_millis(10))
+        .with_max_time(Some(Duration::from_secs(30)))
+        .with_verify(verify)
         // Legacy mode: half the seeds also sync within passes (every 20 ms), half do not.
-        mid_pass_sync: mid_pass_sync(seed),
-        ..MigrationConfig::default()
-    };
+        .with_mid_pass_sync(mid_pass_sync(seed));
     let (src_t, dst_t) = mem_channel();
     let mut progress = Vec::new();
     let (src_res, dst_res) = std::thread::scope(|s| {

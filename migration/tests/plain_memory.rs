@@ -104,10 +104,10 @@ fn migrate(
         stop: AtomicBool::new(false),
         writes: AtomicU64::new(0),
     };
-    let mut config = MigrationConfig::default();
-    config.mode = mode;
-    config.bandwidth_limit_bytes_per_s = 32 << 20;
-    config.mid_pass_sync = Some(Duration::from_millis(20));
+    let config = MigrationConfig::default()
+        .with_mode(mode)
+        .with_bandwidth_limit_bytes_per_s(32 << 20)
+        .with_mid_pass_sync(Some(Duration::from_millis(20)));
     let (tx, rx) = mem_channel();
     let (sent, received) = std::thread::scope(|s| {
         let writer = s.spawn(|| write_loop(&src, &guest, untracked_from));

@@ -19,11 +19,9 @@ use common::*;
 const SIZE: u64 = 64 << 20;
 
 fn config() -> MigrationConfig {
-    MigrationConfig {
-        downtime_limit: Duration::from_millis(50),
-        max_time: Some(Duration::from_secs(30)),
-        ..MigrationConfig::default()
-    }
+    MigrationConfig::default()
+        .with_downtime_limit(Duration::from_millis(50))
+        .with_max_time(Some(Duration::from_secs(30)))
 }
 
 fn migrate(src: &MemorySystem, dst: &MemorySystem) -> (MigrationStats, IncomingStats) {

@@ -129,12 +129,10 @@ impl DirtyTracking for Lying<'_> {
 }
 
 fn config(mode: MigrationDirtyLogMode) -> MigrationConfig {
-    MigrationConfig {
-        mode,
-        downtime_limit: Duration::from_millis(50),
-        max_time: Some(Duration::from_secs(30)),
-        ..MigrationConfig::default()
-    }
+    MigrationConfig::default()
+        .with_mode(mode)
+        .with_downtime_limit(Duration::from_millis(50))
+        .with_max_time(Some(Duration::from_secs(30)))
 }
 
 fn run<S: DirtyTracking + ?Sized, D: MigrationMemory + Sync + ?Sized>(

@@ -11,7 +11,7 @@ use crate::{CliError, CliResult};
 pub fn caps(json: bool) -> CliResult {
     let caps =
         KvmCaps::probe_device("/dev/kvm".as_ref()).map_err(|e| CliError::Failed(e.to_string()))?;
-    let mode = caps.default_protect_mode();
+    let mode = caps.default_dirty_log_mode();
     if json {
         let mut map = serde_json::Map::new();
         for (k, v) in caps.fields() {

@@ -24,7 +24,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 /// has no dirty ring.
 fn ring_counts(guest: &Guest) -> Option<impl VcpuDirtyCounts + '_> {
     let listener = guest.listener();
-    listener.vm().protect_mode().is_ring().then_some(
+    listener.vm().dirty_log_mode().is_ring().then_some(
         move || -> Result<Vec<u64>, clearlog_migration::BoxError> {
             listener.reap_rings()?;
             Ok(listener.ring_stats().iter().map(|s| s.harvested).collect())

@@ -176,7 +176,7 @@ pub fn human_bytes(b: u64) -> String {
 /// Ring mode: what the dirty ring did (`dirty_ring` in the JSON): entries harvested, ring-full
 /// exits, reaps and their time, rings found full, per vCPU too. `None` for the bitmap modes.
 pub fn ring_json(guest: &Guest) -> Option<serde_json::Value> {
-    if !guest.protect_mode().is_ring() {
+    if !guest.dirty_log_mode().is_ring() {
         return None;
     }
     let s = guest.listener().stats();
@@ -194,7 +194,7 @@ pub fn ring_json(guest: &Guest) -> Option<serde_json::Value> {
         })
         .collect();
     Some(serde_json::json!({
-        "mode": guest.protect_mode().to_string(),
+        "mode": guest.dirty_log_mode().to_string(),
         "entries_harvested": s.ring_entries,
         "ring_full_exits": per_vcpu.iter().map(|v| v["ring_full_exits"].as_u64().unwrap_or(0)).sum::<u64>(),
         "reaps": s.ring_reaps,
@@ -213,7 +213,7 @@ pub fn print_run_summary(guest: &Guest, boot_ms: f64, rate: f64, json: bool) {
             "{}",
             serde_json::json!({
                 "guest_mem_bytes": guest.mem_bytes(),
-                "vm_dirty_log_mode": guest.protect_mode().to_string(),
+                "vm_dirty_log_mode": guest.dirty_log_mode().to_string(),
                 "boot_ms": boot_ms,
                 "pages_written": written,
                 "guest_dirty_rate_bytes_per_s": rate.round() as u64,
@@ -225,7 +225,7 @@ pub fn print_run_summary(guest: &Guest, boot_ms: f64, rate: f64, json: bool) {
         println!(
             "guest ran ({} MiB, KVM dirty log: {})",
             guest.mem_bytes() >> 20,
-            guest.protect_mode()
+            guest.dirty_log_mode()
         );
         println!("  boot + pre-fault  {boot_ms:>10.0} ms");
         println!("  pages written     {written:>10}");

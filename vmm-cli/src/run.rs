@@ -6,7 +6,7 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use clearlog_kvm::DirtyLogChoice;
+use clearlog_kvm::KvmDirtyLogMode;
 use clearlog_migration::{
     ram_fingerprint, CancelToken, ConnectOptions, MigrationConfig, MigrationDirtyLogMode,
     MigrationStats, MigrationUri, Progress, Source, Transport,
@@ -126,15 +126,13 @@ pub fn migration_config(
             ))
         })?,
     };
-    let config = MigrationConfig {
-        mode,
-        bandwidth_limit_bytes_per_s: m.bandwidth,
-        downtime_limit: m.downtime,
-        switchover_bandwidth_bytes_per_s: m.switchover_bandwidth.unwrap_or(0),
-        mid_pass_sync: m.mid_pass_sync.0,
-        max_time: Some(max_time),
-        ..MigrationConfig::default()
-    };
+    let config = MigrationConfig::default()
+        .with_mode(mode)
+        .with_bandwidth_limit_bytes_per_s(m.bandwidth)
+        .with_downtime_limit(m.downtime)
+        .with_switchover_bandwidth_bytes_per_s(m.switchover_bandwidth.unwrap_or(0))
+        .with_mid_pass_sync(m.mid_pass_sync.0)
+        .with_max_time(Some(max_time));
     config
         .validate()
         .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -143,13 +141,13 @@ pub fn migration_config(
 
 /// The VM's dirty-log mode for a migration mode: `legacy` really uses KVM's legacy get-and-clear
 /// (the seed's baseline), `clear` uses manual protection with INITIALLY_SET.
-pub fn vm_dirty_log(dirty_log: DirtyLogArg, ring_size: u64) -> CliResult<DirtyLogChoice> {
+pub fn vm_dirty_log(dirty_log: DirtyLogArg, ring_size: u64) -> CliResult<Option<KvmDirtyLogMode>> {
     Ok(match dirty_log {
-        DirtyLogArg::Legacy => DirtyLogChoice::Legacy,
-        DirtyLogArg::Clear => DirtyLogChoice::Auto,
-        DirtyLogArg::Ring => DirtyLogChoice::Ring {
+        DirtyLogArg::Legacy => Some(KvmDirtyLogMode::Legacy),
+        DirtyLogArg::Clear => None,
+        DirtyLogArg::Ring => Some(KvmDirtyLogMode::Ring {
             bytes: check_ring_size(ring_size)?,
-        },
+        }),
     })
 }
 
@@ -268,7 +266,7 @@ pub fn run(a: RunArgs) -> CliResult {
     })
     .map_err(|e| CliError::Failed(format!("cannot start the guest: {e}")))?;
     let boot_ms = boot_start.elapsed().as_secs_f64() * 1e3;
-    tracing::info!(mode = %guest.protect_mode(), boot_ms, "guest running");
+    tracing::info!(mode = %guest.dirty_log_mode(), boot_ms, "guest running");
 
     let before = guest.pages_written().unwrap_or(0);
     let warm_start = Instant::now();
@@ -366,7 +364,7 @@ pub fn run(a: RunArgs) -> CliResult {
     if a.json {
         let mut v = stats_json(
             &stats,
-            &guest.protect_mode().to_string(),
+            &guest.dirty_log_mode().to_string(),
             (rate, during),
             fingerprint.as_deref(),
             ring_json(&guest).as_ref(),
@@ -401,7 +399,7 @@ pub fn run(a: RunArgs) -> CliResult {
     }
     print_stats(
         &stats,
-        guest.protect_mode().to_string(),
+        guest.dirty_log_mode().to_string(),
         (rate, during),
         fingerprint,
         ring_json(&guest).as_ref(),

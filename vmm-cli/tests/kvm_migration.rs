@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clearlog_kvm::DirtyLogChoice;
+use clearlog_kvm::KvmDirtyLogMode;
 use clearlog_memory::DirtyClient;
 use clearlog_migration::{
     connect, ram_fingerprint, CancelToken, Destination, Listener, MigrationConfig,
@@ -44,7 +44,7 @@ enum Display {
     On,
 }
 
-fn boot_source(dirty_log: DirtyLogChoice, vcpus: u32) -> Guest {
+fn boot_source(dirty_log: Option<KvmDirtyLogMode>, vcpus: u32) -> Guest {
     let guest = Guest::boot(GuestConfig {
         mem_bytes: MEM,
         vcpus,
@@ -76,7 +76,7 @@ fn boot_source(dirty_log: DirtyLogChoice, vcpus: u32) -> Guest {
 /// the two `ram_fingerprint`s are compared too (about 2.5 s per side for 128 MiB in a debug build,
 /// so only some runs do it).
 fn migrate_and_check(
-    dirty_log: DirtyLogChoice,
+    dirty_log: Option<KvmDirtyLogMode>,
     mode: MigrationDirtyLogMode,
     display: Display,
     fingerprint: bool,
@@ -87,7 +87,7 @@ fn migrate_and_check(
 /// [`migrate_and_check`] of a guest with `vcpus` vCPUs, each sweeping its own part.
 fn migrate_and_check_on(
     vcpus: u32,
-    dirty_log: DirtyLogChoice,
+    dirty_log: Option<KvmDirtyLogMode>,
     mode: MigrationDirtyLogMode,
     display: Display,
     fingerprint: bool,
@@ -96,13 +96,13 @@ fn migrate_and_check_on(
     let src = boot_source(dirty_log, vcpus);
     if matches!(mode, MigrationDirtyLogMode::Clear { .. }) {
         assert!(
-            src.protect_mode().is_manual(),
+            src.dirty_log_mode().is_manual(),
             "{label}: the VM fell back to {} although this host offers manual protection",
-            src.protect_mode()
+            src.dirty_log_mode()
         );
     } else {
         assert!(
-            !src.protect_mode().is_manual(),
+            !src.dirty_log_mode().is_manual(),
             "{label}: legacy VM reports manual mode"
         );
     }
@@ -116,13 +116,11 @@ fn migrate_and_check_on(
 
     let listener = Listener::bind("tcp:127.0.0.1:0").expect("bind");
     let uri = listener.local_uri().expect("local uri");
-    let config = MigrationConfig {
-        mode,
-        bandwidth_limit_bytes_per_s: BANDWIDTH,
-        downtime_limit: Duration::from_millis(100),
-        max_time: Some(Duration::from_secs(60)),
-        ..MigrationConfig::default()
-    };
+    let config = MigrationConfig::default()
+        .with_mode(mode)
+        .with_bandwidth_limit_bytes_per_s(BANDWIDTH)
+        .with_downtime_limit(Duration::from_millis(100))
+        .with_max_time(Some(Duration::from_secs(60)));
     let region = src.memory().sections()[0].region;
     let stop = AtomicBool::new(false);
     let snapshots = AtomicU64::new(0);
@@ -181,7 +179,7 @@ fn migrate_and_check_on(
         vga_dirty.load(Ordering::Relaxed),
     );
     assert!(stats.converged, "{label}: not converged: {stats:?}");
-    if src.protect_mode().is_ring() {
+    if src.dirty_log_mode().is_ring() {
         let rings = src.listener().ring_stats();
         let l = src.listener().stats();
         eprintln!(
@@ -313,7 +311,7 @@ fn legacy_mode_migrates_increment_guest_without_loss() {
     }
     let _serial = serial();
     let stats = migrate_and_check(
-        DirtyLogChoice::Legacy,
+        Some(KvmDirtyLogMode::Legacy),
         MigrationDirtyLogMode::Legacy,
         Display::Off,
         true,
@@ -342,7 +340,7 @@ fn ring_mode_migrates_increment_guest_without_loss() {
     // Two vCPUs, each incrementing its own part, each with its own (small, so it fills) ring.
     let stats = migrate_and_check_on(
         2,
-        DirtyLogChoice::Ring { bytes: 16 << 10 },
+        Some(KvmDirtyLogMode::Ring { bytes: 16 << 10 }),
         MigrationDirtyLogMode::Legacy,
         Display::On,
         true,
@@ -358,7 +356,7 @@ fn clear_mode_migrates_increment_guest_without_loss_for_every_shift() {
     let _serial = serial();
     for shift in [6u8, 12, 15, 18, 31] {
         let stats = migrate_and_check(
-            DirtyLogChoice::Auto,
+            None,
             MigrationDirtyLogMode::Clear { shift },
             Display::Off,
             matches!(shift, 6 | 31),
@@ -380,11 +378,8 @@ fn two_vcpu_increment_guest_migrates_without_loss() {
     }
     let _serial = serial();
     for (choice, mode) in [
-        (
-            DirtyLogChoice::Auto,
-            MigrationDirtyLogMode::Clear { shift: 12 },
-        ),
-        (DirtyLogChoice::Legacy, MigrationDirtyLogMode::Legacy),
+        (None, MigrationDirtyLogMode::Clear { shift: 12 }),
+        (Some(KvmDirtyLogMode::Legacy), MigrationDirtyLogMode::Legacy),
     ] {
         let stats = migrate_and_check_on(2, choice, mode, Display::Off, false);
         assert!(stats.iterations >= 1, "{stats:?}");
@@ -400,21 +395,15 @@ fn vga_client_clearing_during_migration_loses_nothing() {
     }
     let _serial = serial();
     for (i, (choice, mode)) in [
+        (None, MigrationDirtyLogMode::Clear { shift: 6 }),
+        (None, MigrationDirtyLogMode::Clear { shift: 15 }),
         (
-            DirtyLogChoice::Auto,
-            MigrationDirtyLogMode::Clear { shift: 6 },
-        ),
-        (
-            DirtyLogChoice::Auto,
-            MigrationDirtyLogMode::Clear { shift: 15 },
-        ),
-        (
-            DirtyLogChoice::Manual {
+            Some(KvmDirtyLogMode::Manual {
                 initially_set: false,
-            },
+            }),
             MigrationDirtyLogMode::Clear { shift: 6 },
         ),
-        (DirtyLogChoice::Legacy, MigrationDirtyLogMode::Legacy),
+        (Some(KvmDirtyLogMode::Legacy), MigrationDirtyLogMode::Legacy),
     ]
     .into_iter()
     .enumerate()
@@ -502,20 +491,17 @@ fn remapping_a_ram_region_during_migration_does_not_kill_it() {
     let _serial = serial();
     let mut clears_of_new_slots = 0;
     for (choice, mode) in [
+        (None, MigrationDirtyLogMode::Clear { shift: 6 }),
         (
-            DirtyLogChoice::Auto,
-            MigrationDirtyLogMode::Clear { shift: 6 },
-        ),
-        (
-            DirtyLogChoice::Manual {
+            Some(KvmDirtyLogMode::Manual {
                 initially_set: false,
-            },
+            }),
             MigrationDirtyLogMode::Clear { shift: 12 },
         ),
     ] {
         let label = format!("{mode:?} (VM {choice:?}) with remaps");
         let src = boot_source(choice, 1);
-        assert!(src.protect_mode().is_manual(), "{label}");
+        assert!(src.dirty_log_mode().is_manual(), "{label}");
         let region = src.memory().sections()[0].region;
         // An alias of the working set at 4 GiB: the same RAM block, its own memslot.
         const ALIAS_GPA: u64 = 1 << 32;
@@ -533,13 +519,11 @@ fn remapping_a_ram_region_during_migration_does_not_kill_it() {
         .expect("create the destination guest");
         let listener = Listener::bind("tcp:127.0.0.1:0").expect("bind");
         let uri = listener.local_uri().expect("local uri");
-        let config = MigrationConfig {
-            mode,
-            bandwidth_limit_bytes_per_s: BANDWIDTH,
-            downtime_limit: Duration::from_millis(100),
-            max_time: Some(Duration::from_secs(60)),
-            ..MigrationConfig::default()
-        };
+        let config = MigrationConfig::default()
+            .with_mode(mode)
+            .with_bandwidth_limit_bytes_per_s(BANDWIDTH)
+            .with_downtime_limit(Duration::from_millis(100))
+            .with_max_time(Some(Duration::from_secs(60)));
         let stop = AtomicBool::new(false);
         let remaps = AtomicU64::new(0);
         let (stats, incoming) = std::thread::scope(|s| {

@@ -34,7 +34,7 @@ use std::time::Duration;
 use clearlog_memory::{MemorySystem, RamBlock};
 
 use clearlog_kvm::{
-    DirtyLogChoice, KvmMemoryListener, ProtectMode, RingReaper, Vm, VmConfig, RING_REAP_INTERVAL,
+    KvmDirtyLogMode, KvmMemoryListener, RingReaper, Vm, VmConfig, RING_REAP_INTERVAL,
 };
 
 use crate::guest_ram::{GuestRam, RawGuestRam};
@@ -62,7 +62,7 @@ pub struct GuestConfig {
     /// Number of vCPUs (the workload runs on each).
     pub vcpus: u32,
     /// Dirty-log mode of the VM.
-    pub dirty_log: DirtyLogChoice,
+    pub dirty_log: Option<KvmDirtyLogMode>,
     /// The guest program.
     pub workload: WorkloadSpec,
     /// How long [`Guest::boot`] waits for the workload to pre-fault its working set.
@@ -74,7 +74,7 @@ impl Default for GuestConfig {
         Self {
             mem_bytes: 256 << 20,
             vcpus: 1,
-            dirty_log: DirtyLogChoice::Auto,
+            dirty_log: None,
             workload: WorkloadSpec::Idle,
             ready_timeout: Duration::from_secs(60),
         }
@@ -107,7 +107,7 @@ impl std::fmt::Debug for Guest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Guest")
             .field("mem_bytes", &self.mem_bytes)
-            .field("mode", &self.vm.protect_mode())
+            .field("mode", &self.vm.dirty_log_mode())
             .finish_non_exhaustive()
     }
 }
@@ -170,7 +170,7 @@ impl Guest {
             Some(v) => v.tsc_khz()?,
             None => 0,
         };
-        let reaper = if vm.protect_mode().is_ring() {
+        let reaper = if vm.dirty_log_mode().is_ring() {
             Some(listener.start_ring_reaper(RING_REAP_INTERVAL)?)
         } else {
             None
@@ -225,7 +225,7 @@ impl Guest {
 
     /// The ring-full handler of this guest's vCPUs (ring mode): note the exit, reap the rings.
     fn ring_handler(&self) -> Option<RingFullHandler> {
-        if !self.vm.protect_mode().is_ring() {
+        if !self.vm.dirty_log_mode().is_ring() {
             return None;
         }
         let listener = Arc::downgrade(&self.listener);
@@ -292,8 +292,8 @@ impl Guest {
     }
 
     /// The dirty-log mode in use.
-    pub fn protect_mode(&self) -> ProtectMode {
-        self.vm.protect_mode()
+    pub fn dirty_log_mode(&self) -> KvmDirtyLogMode {
+        self.vm.dirty_log_mode()
     }
 
     /// Guest TSC frequency in kHz.

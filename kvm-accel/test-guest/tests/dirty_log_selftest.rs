@@ -34,7 +34,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
-use clearlog_kvm::DirtyLogChoice;
+use clearlog_kvm::KvmDirtyLogMode;
 use clearlog_memory::ClearBitmap;
 use clearlog_test_guest::guest_ram::GuestRam;
 use clearlog_test_guest::layout::INFRA_END;
@@ -221,10 +221,10 @@ impl Harness<'_> {
     }
 }
 
-fn selftest(choice: DirtyLogChoice, shift_paused: u8, shift_running: u8) {
+fn selftest(choice: Option<KvmDirtyLogMode>, shift_paused: u8, shift_running: u8) {
     let started = Instant::now();
     let mv = MemVm::new(choice, RAM);
-    let mode = mv.vm.protect_mode();
+    let mode = mv.vm.dirty_log_mode();
     mv.memory.log_global_start().unwrap();
     let wss_pages = (RAM - INFRA_END) / PAGE;
     let w = Workload::new(WorkloadSpec::Random {
@@ -350,7 +350,7 @@ fn selftest_ring() {
     }
     let _s = serial();
     // 16 KiB = 1024 entries per vCPU, far below the working set: rings fill every round.
-    selftest(DirtyLogChoice::Ring { bytes: 16 << 10 }, 6, 18);
+    selftest(Some(KvmDirtyLogMode::Ring { bytes: 16 << 10 }), 6, 18);
 }
 
 #[test]
@@ -359,7 +359,7 @@ fn selftest_legacy() {
         return;
     }
     let _s = serial();
-    selftest(DirtyLogChoice::Legacy, 6, 18);
+    selftest(Some(KvmDirtyLogMode::Legacy), 6, 18);
 }
 
 #[test]
@@ -369,9 +369,9 @@ fn selftest_manual_initially_set() {
     }
     let _s = serial();
     selftest(
-        DirtyLogChoice::Manual {
+        Some(KvmDirtyLogMode::Manual {
             initially_set: true,
-        },
+        }),
         6,
         12,
     );
@@ -384,9 +384,9 @@ fn selftest_manual() {
     }
     let _s = serial();
     selftest(
-        DirtyLogChoice::Manual {
+        Some(KvmDirtyLogMode::Manual {
             initially_set: false,
-        },
+        }),
         9,
         18,
     );

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
-use clearlog_kvm::DirtyLogChoice;
+use clearlog_kvm::KvmDirtyLogMode;
 use clearlog_kvm::{Error, KvmMemoryListener};
 use clearlog_memory::{
     ClearBitmap, DirtyClient, DirtyClients, DirtyMemory, ListenerError, MemoryListener,
@@ -171,9 +171,9 @@ const MIN_GUEST_WRITES: u64 = 10_000;
 
 fn run(naive: bool, rounds: u64, round_len: Duration) -> Outcome {
     run_in(
-        DirtyLogChoice::Manual {
+        Some(KvmDirtyLogMode::Manual {
             initially_set: true,
-        },
+        }),
         1,
         naive,
         rounds,
@@ -182,7 +182,7 @@ fn run(naive: bool, rounds: u64, round_len: Duration) -> Outcome {
 }
 
 fn run_in(
-    choice: DirtyLogChoice,
+    choice: Option<KvmDirtyLogMode>,
     vcpus: u32,
     naive: bool,
     rounds: u64,
@@ -325,7 +325,7 @@ fn two_clients_lose_nothing_ring() {
     }
     let _s = serial();
     let out = run_in(
-        DirtyLogChoice::Ring { bytes: 16 << 10 },
+        Some(KvmDirtyLogMode::Ring { bytes: 16 << 10 }),
         2,
         false,
         10,
@@ -366,9 +366,9 @@ fn safe_clear_refuses_listener_slots() {
     }
     // What `naive_clear_loses_writes` does through the raw ioctl, the safe path refuses.
     let mv = MemVm::new(
-        DirtyLogChoice::Manual {
+        Some(KvmDirtyLogMode::Manual {
             initially_set: true,
-        },
+        }),
         INFRA_END + WSS,
     );
     mv.memory.log_global_start().unwrap();
@@ -378,10 +378,10 @@ fn safe_clear_refuses_listener_slots() {
         .slot_id_at(0)
         .expect("the listener's slot at GPA 0");
     let vm = mv.listener.vm();
-    assert!(vm.is_listener_slot(slot));
+    assert!(vm.is_cache_slot(slot));
     let owned = |r: Result<(), Error>| {
         assert!(
-            matches!(r, Err(Error::SlotOwnedByListener { slot: s }) if s == slot),
+            matches!(r, Err(Error::SlotOwnedByCache { slot: s }) if s == slot),
             "{r:?}"
         );
     };

@@ -81,11 +81,8 @@ impl Vcpu {
             return Err(Error::NoKvmHandles);
         };
         let vcpu = Self::from_fds(kvm, fd, vm.caps(), index)?;
-        if vm.protect_mode().is_ring() {
-            let raw = std::os::fd::AsRawFd::as_raw_fd(vcpu.fd());
-            // SAFETY: `vcpu` owns this open fd and outlives the borrow (the call below).
-            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
-            vm.register_vcpu_ring(index, borrowed)?;
+        if vm.dirty_log_mode().is_ring() {
+            vm.register_vcpu_ring(index, vcpu.fd())?;
         }
         Ok(vcpu)
     }

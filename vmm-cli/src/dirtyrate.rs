@@ -215,7 +215,7 @@ pub fn initial_bytes(guest: &Guest, wss: u64, workload: WorkloadKind) -> u64 {
 
 /// Check the settings a measurement needs before booting anything.
 pub fn validate(spec: DirtyrateSpec, sample_pages: u32, m: &MigrationArgs) -> CliResult {
-    crate::run::validate_migration(m)?;
+    crate::setup::validate_migration(m)?;
     if spec.duration.is_zero() {
         return Err(CliError::Usage(
             "--duration must be longer than zero (e.g. 1s)".into(),
@@ -241,13 +241,13 @@ pub fn dirtyrate(a: DirtyrateArgs) -> CliResult {
             "vmm dirtyrate runs the built-in workloads (random, increment, idle); for an image use vmm run --workload image --dirtyrate MODE".into(),
         ));
     }
-    crate::run::validate_guest(&a.guest, a.workload)?;
+    crate::setup::validate_guest(&a.guest, a.workload)?;
     let spec = DirtyrateSpec {
         mode: a.mode,
         duration: a.duration,
     };
     validate(spec, a.sample_pages, &a.migration)?;
-    let workload = crate::run::builtin_workload(a.workload, &a.guest)?;
+    let workload = crate::setup::builtin_workload(a.workload, &a.guest)?;
     // Ring mode measures the VM's dirty ring, so the VM gets one whatever `--dirty-log` says.
     let dirty_log = match a.mode {
         DirtyRateMode::Ring => DirtyLogArg::Ring,
@@ -256,7 +256,7 @@ pub fn dirtyrate(a: DirtyrateArgs) -> CliResult {
     let guest = Guest::boot(GuestConfig {
         mem_bytes: a.guest.mem,
         vcpus: a.guest.vcpus,
-        dirty_log: crate::run::vm_dirty_log(dirty_log, a.ring_size)?,
+        dirty_log: crate::setup::vm_dirty_log(dirty_log, a.ring_size)?,
         workload,
         ..GuestConfig::default()
     })

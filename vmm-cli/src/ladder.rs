@@ -3,7 +3,7 @@
 
 //! `vmm ladder`: the scale ladder. The same working set in ever larger guests (4 GiB to 256 GiB by
 //! default), legacy and clear interleaved, each run two processes on loopback TCP exactly as `vmm
-//! bench` runs them ([`crate::bench::one_run`]); every cost is also reported per GiB of guest RAM,
+//! bench` runs them ([`crate::bench_run::one_run`]); every cost is also reported per GiB of guest RAM,
 //! to show which ones grow with the guest rather than with its working set.
 
 use std::path::Path;
@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use crate::args::{GuestArgs, LadderArgs, WorkloadKind};
-use crate::bench::{one_run, BenchMode, RunResult, RunSpec};
+use crate::bench_mode::BenchMode;
+use crate::bench_run::{one_run, RunResult, RunSpec};
 use crate::{CliError, CliResult};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -111,11 +112,11 @@ pub fn ladder(a: LadderArgs) -> CliResult {
             dirty_rate: Some(a.dirty_rate),
             vcpus: 1,
         };
-        crate::run::validate_guest(&g, WorkloadKind::Random)
+        crate::setup::validate_guest(&g, WorkloadKind::Random)
             .map_err(|e| CliError::Usage(format!("--ladder-sizes {}: {e}", size_label(mem))))?;
     }
-    crate::run::validate_migration(&a.migration)?;
-    let modes = crate::bench::runs_and_modes(a.runs, &a.modes, "legacy,clear:16M")?;
+    crate::setup::validate_migration(&a.migration)?;
+    let modes = crate::bench_mode::runs_and_modes(a.runs, &a.modes, "legacy,clear:16M")?;
     eprintln!(
         "vmm ladder: guests {}, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {:.0} MiB/s, downtime {} ms; {} run(s) of {} mode(s){}",
         a.sizes.iter().map(|&s| size_label(s)).collect::<Vec<_>>().join(", "),
@@ -195,7 +196,7 @@ pub fn ladder(a: LadderArgs) -> CliResult {
 
 /// `256 GiB`, `512 MiB`.
 fn size_label(b: u64) -> String {
-    crate::output::human_bytes(b)
+    crate::units::human_bytes(b)
 }
 
 fn mean(v: impl Iterator<Item = f64>) -> f64 {
@@ -272,8 +273,12 @@ fn print_table(sizes: &[u64], modes: &[BenchMode], rungs: &[Rung]) {
             println!();
         }
     }
-    // Where the downtime went.
     println!();
+    print_downtime_table(modes, rungs);
+}
+
+/// Where each run's downtime went (`downtime_breakdown`), and how many runs verified.
+fn print_downtime_table(modes: &[BenchMode], rungs: &[Rung]) {
     let parts = [
         "pause_ms",
         "final_sync_ms",

@@ -4,20 +4,26 @@
 //! `vmm`: the thin CLI of the clearlog workspace. It assembles the library crates (a KVM guest from
 //! `clearlog-kvm`, migration from `clearlog-migration`) and prints what they measure.
 //!
-//! Exit codes: 0 success, 1 a migration failed or did not verify, 2 usage errors.
+//! Exit codes: 0 success; 1 a migration (or the guest) failed, or committed without finishing
+//! its verification; 2 a usage error; 3 the verification found pages of the destination that
+//! differ from the source's final memory (on both sides).
 
 mod args;
 mod bench;
+mod bench_mode;
+mod bench_run;
 mod caps;
 mod compare;
 mod dirtyrate;
 mod fault;
+mod guest_view;
 mod incoming;
 mod ladder;
 mod output;
 mod plot;
 mod qemu_image;
 mod run;
+mod setup;
 mod units;
 
 use std::process::ExitCode;

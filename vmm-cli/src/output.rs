@@ -6,6 +6,8 @@
 use clearlog_migration::{IncomingStats, MigrationStats};
 use clearlog_test_guest::Guest;
 
+use crate::units::human_bytes;
+
 const MIB: f64 = (1u64 << 20) as f64;
 
 /// The source's JSON object: the migration stats plus what the CLI measured around them.
@@ -161,16 +163,6 @@ pub fn describe_mode(stats: &MigrationStats) -> String {
     } else {
         stats.mode.clone()
     }
-}
-
-/// `1 GiB`, `128 MiB`, `256 KiB`.
-pub fn human_bytes(b: u64) -> String {
-    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
-        if b >= 1 << shift && b % (1 << shift) == 0 {
-            return format!("{} {unit}", b >> shift);
-        }
-    }
-    format!("{b} B")
 }
 
 /// Ring mode: what the dirty ring did (`dirty_ring` in the JSON): entries harvested, ring-full

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::bench::BenchMode;
+use crate::bench_mode::BenchMode;
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 

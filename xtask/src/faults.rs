@@ -265,24 +265,8 @@ fn proxy_main(
     stop: &AtomicBool,
     report: &mut ProxyReport,
 ) -> Result<(), String> {
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| format!("proxy: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let src = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
-                    return Err("proxy: the source never connected".into());
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(format!("proxy: accept: {e}")),
-        }
-    };
+    let src = accept_source(&listener, stop)?;
     let io = |e: std::io::Error| format!("proxy: {e}");
-    src.set_nonblocking(false).map_err(io)?;
     let dst = TcpStream::connect_timeout(&upstream, Duration::from_secs(10)).map_err(io)?;
     for s in [&src, &dst] {
         s.set_nodelay(true).map_err(io)?;
@@ -290,27 +274,18 @@ fn proxy_main(
         s.set_write_timeout(Some(Duration::from_secs(5)))
             .map_err(io)?;
     }
-    let back_stop = Arc::new(AtomicBool::new(false));
-    let back = {
-        let (from, to, st) = (
-            dst.try_clone().map_err(io)?,
-            src.try_clone().map_err(io)?,
-            back_stop.clone(),
-        );
-        std::thread::spawn(move || pump_back(from, to, st))
+    let back = Pump::back(&dst, &src).map_err(io)?;
+    let hold = || {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(POLL);
+        }
     };
-    let stop_back = |back: JoinHandle<()>| {
-        back_stop.store(true, Ordering::Relaxed);
-        let _ = back.join();
-    };
-    let mut src = src;
-    let mut dst = dst;
+    let (mut src, mut dst) = (src, dst);
     let mut buf = vec![0u8; 64 << 10];
     let mut first_byte: Option<Instant> = None;
     let mut src_eof = false;
     loop {
         if stop.load(Ordering::Relaxed) {
-            stop_back(back);
             return Ok(());
         }
         let due = match plan.kind {
@@ -323,38 +298,28 @@ fn proxy_main(
                 CutKind::ProxyReset => {
                     set_linger_zero(&src);
                     set_linger_zero(&dst);
-                    stop_back(back);
                     return Ok(()); // dropping both sockets with linger 0 sends RSTs
                 }
                 CutKind::ProxyClose => {
                     let _ = src.shutdown(Shutdown::Both);
                     let _ = dst.shutdown(Shutdown::Both);
-                    stop_back(back);
                     return Ok(());
                 }
                 CutKind::SourceClose => {
                     set_linger_zero(&src);
-                    stop_back(back);
+                    drop(back);
                     drop(src);
                     // The destination's connection stays open and silent until the case ends.
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(POLL);
-                    }
-                    drop(dst);
+                    hold();
                     return Ok(());
                 }
                 CutKind::Blackhole => {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(POLL);
-                    }
-                    stop_back(back);
+                    hold();
                     return Ok(());
                 }
-                CutKind::KillAtBytes | CutKind::KillAfterDelay => {
-                    kill9(plan.dest_pid);
-                    // Keep proxying: the dead destination's socket ends the stream, as on a
-                    // real host crash seen through a live network.
-                }
+                // Keep proxying: the dead destination's socket ends the stream, as on a real
+                // host crash seen through a live network.
+                CutKind::KillAtBytes | CutKind::KillAfterDelay => kill9(plan.dest_pid),
             }
         }
         if src_eof {
@@ -368,29 +333,100 @@ fn proxy_main(
                 .len()
                 .min((plan.bytes - report.forwarded).max(1) as usize),
         };
-        match src.read(&mut buf[..want]) {
-            Ok(0) => {
-                let _ = dst.shutdown(Shutdown::Write);
-                src_eof = true;
+        src_eof = forward(
+            &mut src,
+            &mut dst,
+            &mut buf[..want],
+            report,
+            &mut first_byte,
+        );
+    }
+}
+
+/// Waits (at most 120 s) for the source to connect to the proxy.
+fn accept_source(listener: &TcpListener, stop: &AtomicBool) -> Result<TcpStream, String> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("proxy: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)
+                    .map_err(|e| format!("proxy: {e}"))?;
+                return Ok(s);
             }
-            Ok(n) => {
-                first_byte.get_or_insert_with(Instant::now);
-                if dst.write_all(&buf[..n]).is_err() {
-                    // The destination is gone: close the source side too.
-                    let _ = src.shutdown(Shutdown::Both);
-                    src_eof = true;
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    return Err("proxy: the source never connected".into());
                 }
-                report.forwarded += n as u64;
+                std::thread::sleep(Duration::from_millis(10));
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => {
-                let _ = dst.shutdown(Shutdown::Both);
-                src_eof = true;
+            Err(e) => return Err(format!("proxy: accept: {e}")),
+        }
+    }
+}
+
+/// The thread pumping the destination's replies back to the source; stopped (and joined) on
+/// drop.
+struct Pump {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Pump {
+    fn back(dst: &TcpStream, src: &TcpStream) -> std::io::Result<Pump> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (from, to, st) = (dst.try_clone()?, src.try_clone()?, stop.clone());
+        let thread = Some(std::thread::spawn(move || pump_back(from, to, st)));
+        Ok(Pump { stop, thread })
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Forwards what the source sent (at most `buf.len()` bytes); whether the source side is done
+/// (it closed, or the destination is gone).
+fn forward(
+    src: &mut TcpStream,
+    dst: &mut TcpStream,
+    buf: &mut [u8],
+    report: &mut ProxyReport,
+    first_byte: &mut Option<Instant>,
+) -> bool {
+    match src.read(buf) {
+        Ok(0) => {
+            let _ = dst.shutdown(Shutdown::Write);
+            true
+        }
+        Ok(n) => {
+            first_byte.get_or_insert_with(Instant::now);
+            report.forwarded += n as u64;
+            if dst.write_all(&buf[..n]).is_err() {
+                // The destination is gone: close the source side too.
+                let _ = src.shutdown(Shutdown::Both);
+                return true;
             }
+            false
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            false
+        }
+        Err(_) => {
+            let _ = dst.shutdown(Shutdown::Both);
+            true
         }
     }
 }
@@ -436,10 +472,7 @@ pub fn faults(args: &[String]) -> Result<(), String> {
     let vmm = build_vmm()?;
     println!("\n==> xtask faults: {count} cut migrations, seed {seed} (rerun with --seed {seed})");
     let mut rng = Rng::new(seed);
-    let mut rows = Vec::new();
-    let mut missed = 0u32;
-    // Loss cases whose destination differed from the source while a side said `verified`.
-    let mut undetected = 0u32;
+    let mut tally = Tally::default();
     let start = Instant::now();
     let cases = Fault::all();
     for i in 0..count {
@@ -450,87 +483,118 @@ pub fn faults(args: &[String]) -> Result<(), String> {
             continue;
         }
         let t = Instant::now();
-        let mut case_rng = Rng::new(case_seed);
-        // A cut point past the end of the stream lets the first migration finish: try again with
-        // the range halved (the stream's length depends on how much the guest wrote).
-        let mut r = CaseResult::default();
-        for attempt in 0..4 {
-            let result = match kind {
-                Fault::Cut(cut) => run_case(&vmm, cut, &shape, &mut case_rng, 1u64 << attempt),
-                Fault::Inject(step) => {
-                    // The last try fails the first call: it happens in every migration.
-                    let nth = if attempt == 3 {
-                        1
-                    } else {
-                        case_rng.range(1, (kind.max_call() >> (2 * attempt)).max(1))
-                    };
-                    run_inject_case(&vmm, step, nth, &shape)
-                }
-                Fault::Loss(loss) => run_loss_case(&vmm, loss, &shape, &mut undetected),
-            };
-            r = result.unwrap_or_else(|e| CaseResult {
-                note: format!("harness error: {e}"),
-                ..CaseResult::default()
-            });
-            if r.cut || r.note.starts_with("harness error") {
-                break;
-            }
-            missed += 1;
-        }
-        let ok = match kind {
-            Fault::Loss(_) => r.ok,
-            _ => {
-                r.cut
-                    && (r.after_commit
-                        || (r.source_reported
-                            && r.source_survived
-                            && r.logging_stopped
-                            && r.retry_verified))
-                    && !r.wrongly_resumed
-            }
-        };
+        let r = run_fault_case(&vmm, kind, &shape, case_seed, &mut tally);
         println!(
             "  {:>3} {:<15} {:<44} {:>5.1}s {} {}",
             i + 1,
             kind.name(),
             shape.describe(),
             t.elapsed().as_secs_f64(),
-            if ok { "ok  " } else { "FAIL" },
+            if r.ok { "ok  " } else { "FAIL" },
             r.note
         );
-        r.ok = ok;
-        rows.push((kind, r));
+        tally.rows.push((kind, r));
     }
     let left = leftover_children();
     println!(
         "\n==> xtask faults summary (seed {seed}, {:.0} s)",
         start.elapsed().as_secs_f64()
     );
+    tally.print(&cases);
     println!(
-        "  {:<15} {:>6} {:>10} {:>10} {:>10} {:>11} {:>10} {:>13} {:>16} {:>8}",
-        "fault",
-        "tried",
-        "fault made",
-        "src error",
-        "survived",
-        "logging off",
-        "retry ok",
-        "after commit",
-        "wrongly resumed",
-        "handled"
+        "  (cut points past the end of a stream, retried with an earlier point: {})\n  losses not caught while a side said verified: {} (must be 0)\n  stray child processes after the run: {}",
+        tally.missed,
+        tally.undetected,
+        left.len()
     );
-    let mut total = [0u32; 9];
-    for kind in cases.iter().copied().map(Some).chain([None]) {
-        let sel: Vec<&CaseResult> = rows
+    tally.verdict(left.len())
+}
+
+/// One fault case: a cut point past the end of the stream lets the first migration finish, so it
+/// is tried again with the range halved (the stream's length depends on how much the guest
+/// wrote), up to 4 times; whether the case was handled as it must be is in `ok`.
+fn run_fault_case(
+    vmm: &std::path::Path,
+    kind: Fault,
+    shape: &Shape,
+    case_seed: u64,
+    tally: &mut Tally,
+) -> CaseResult {
+    let mut case_rng = Rng::new(case_seed);
+    let mut r = CaseResult::default();
+    for attempt in 0..4 {
+        let result = match kind {
+            Fault::Cut(cut) => run_case(vmm, cut, shape, &mut case_rng, 1u64 << attempt),
+            Fault::Inject(step) => {
+                // The last try fails the first call: it happens in every migration.
+                let nth = if attempt == 3 {
+                    1
+                } else {
+                    case_rng.range(1, (kind.max_call() >> (2 * attempt)).max(1))
+                };
+                run_inject_case(vmm, step, nth, shape)
+            }
+            Fault::Loss(loss) => run_loss_case(vmm, loss, shape, &mut tally.undetected),
+        };
+        r = result.unwrap_or_else(|e| CaseResult {
+            note: format!("harness error: {e}"),
+            ..CaseResult::default()
+        });
+        if r.cut || r.note.starts_with("harness error") {
+            break;
+        }
+        tally.missed += 1;
+    }
+    r.ok = match kind {
+        Fault::Loss(_) => r.ok,
+        _ => {
+            r.cut
+                && (r.after_commit
+                    || (r.source_reported
+                        && r.source_survived
+                        && r.logging_stopped
+                        && r.retry_verified))
+                && !r.wrongly_resumed
+        }
+    };
+    r
+}
+
+/// The bookkeeping of a faults run: every case's result, the cut points that missed, the losses
+/// no side caught.
+#[derive(Debug, Default)]
+struct Tally {
+    rows: Vec<(Fault, CaseResult)>,
+    /// Cut points past the end of a stream (retried with an earlier point).
+    missed: u32,
+    /// Loss cases whose destination differed from the source while a side said `verified`.
+    undetected: u32,
+}
+
+/// The columns of the summary, in the order of [`Tally::counts`].
+const TALLY_COLUMNS: [&str; 9] = [
+    "tried",
+    "fault made",
+    "src error",
+    "survived",
+    "logging off",
+    "retry ok",
+    "after commit",
+    "wrongly resumed",
+    "handled",
+];
+
+impl Tally {
+    /// The counts of the cases of `kind` (all cases: `None`), by [`TALLY_COLUMNS`].
+    fn counts(&self, kind: Option<Fault>) -> [u32; 9] {
+        let sel: Vec<&CaseResult> = self
+            .rows
             .iter()
             .filter(|(k, _)| kind.is_none_or(|x| x == *k))
             .map(|(_, r)| r)
             .collect();
-        if sel.is_empty() {
-            continue;
-        }
         let c = |f: fn(&CaseResult) -> bool| sel.iter().filter(|r| f(r)).count() as u32;
-        let row = [
+        [
             sel.len() as u32,
             c(|r| r.cut),
             c(|r| r.source_reported),
@@ -540,39 +604,44 @@ pub fn faults(args: &[String]) -> Result<(), String> {
             c(|r| r.after_commit),
             c(|r| r.wrongly_resumed),
             c(|r| r.ok),
-        ];
-        if kind.is_none() {
-            total = row;
-        }
-        println!(
-            "  {:<15} {:>6} {:>10} {:>10} {:>10} {:>11} {:>10} {:>13} {:>16} {:>8}",
-            kind.map_or("TOTAL".to_string(), Fault::name),
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            row[4],
-            row[5],
-            row[6],
-            row[7],
-            row[8]
-        );
+        ]
     }
-    println!(
-        "  (cut points past the end of a stream, retried with an earlier point: {missed})\n  losses not caught while a side said verified: {undetected} (must be 0)\n  stray child processes after the run: {}",
-        left.len()
-    );
-    let [tried, cut, reported, survived, logging_off, verified, after_commit, wrong, handled] =
-        total;
-    // A cut after the commit is handled when the source keeps its guest paused and says so
-    // (there is nothing to retry: the guest belonged to the destination).
-    if tried == cut && tried == handled && wrong == 0 && undetected == 0 && left.is_empty() {
-        println!("faults: all {tried} faults handled");
-        Ok(())
-    } else {
+
+    /// One row per fault kind tried, and the total.
+    fn print(&self, kinds: &[Fault]) {
+        let widths = [6, 10, 10, 10, 11, 10, 13, 16, 8];
+        let mut header = format!("  {:<15}", "fault");
+        for (c, w) in TALLY_COLUMNS.iter().zip(widths) {
+            header += &format!(" {c:>w$}");
+        }
+        println!("{header}");
+        for kind in kinds.iter().copied().map(Some).chain([None]) {
+            let row = self.counts(kind);
+            if row[0] == 0 {
+                continue;
+            }
+            let mut line = format!("  {:<15}", kind.map_or("TOTAL".to_string(), Fault::name));
+            for (n, w) in row.iter().zip(widths) {
+                line += &format!(" {n:>w$}");
+            }
+            println!("{line}");
+        }
+    }
+
+    /// Every fault made and handled, no destination wrongly resumed, no loss missed, no stray
+    /// process (`stray` of them left).
+    fn verdict(&self, stray: usize) -> Result<(), String> {
+        let [tried, cut, reported, survived, logging_off, verified, after_commit, wrong, handled] =
+            self.counts(None);
+        // A cut after the commit is handled when the source keeps its guest paused and says so
+        // (there is nothing to retry: the guest belonged to the destination).
+        if tried == cut && tried == handled && wrong == 0 && self.undetected == 0 && stray == 0 {
+            println!("faults: all {tried} faults handled");
+            return Ok(());
+        }
         Err(format!(
-            "faults: {tried} cases: {cut} faults made, {handled} handled ({reported} reported, {survived} survived, {logging_off} stopped logging, {verified} retries verified, {after_commit} after the commit), {wrong} destinations wrongly resumed, {} stray processes",
-            left.len()
+            "faults: {tried} cases: {cut} faults made, {handled} handled ({reported} reported, {survived} survived, {logging_off} stopped logging, {verified} retries verified, {after_commit} after the commit), {wrong} destinations wrongly resumed, {} undetected losses, {stray} stray processes",
+            self.undetected
         ))
     }
 }
@@ -825,4 +894,39 @@ fn judge(j: Judged<'_>, harness_error: Option<String>, head: String) -> Result<C
         notes.join("; ")
     );
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tally_counts_by_kind_and_every_case_must_be_handled() {
+        let handled = CaseResult {
+            cut: true,
+            source_reported: true,
+            source_survived: true,
+            logging_stopped: true,
+            retry_verified: true,
+            ok: true,
+            ..CaseResult::default()
+        };
+        let mut t = Tally::default();
+        t.rows.push((Fault::Cut(CutKind::ProxyReset), handled));
+        t.rows.push((
+            Fault::Cut(CutKind::Blackhole),
+            CaseResult {
+                cut: true,
+                after_commit: true,
+                ok: true,
+                ..CaseResult::default()
+            },
+        ));
+        assert_eq!(t.counts(None), [2, 2, 1, 1, 1, 1, 1, 0, 2]);
+        assert_eq!(t.counts(Some(Fault::Cut(CutKind::ProxyReset)))[0], 1);
+        assert!(t.verdict(0).is_ok());
+        assert!(t.verdict(1).is_err(), "a stray process fails the run");
+        t.undetected = 1;
+        assert!(t.verdict(0).is_err(), "a loss no side caught fails the run");
+    }
 }

@@ -38,6 +38,10 @@ mod miri;
 mod netns;
 mod qemu;
 mod soak;
+/// The CLI's size, rate and duration parsing, this same file: one source for both.
+#[allow(dead_code)]
+#[path = "../../vmm-cli/src/units.rs"]
+mod units;
 
 /// Environment variable the real-KVM tests read: when set to 1, a test that cannot use `/dev/kvm`
 /// fails instead of printing SKIPPED.

@@ -31,18 +31,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::harness::{build_vmm, is_ci, kvm_usable};
+use crate::units::{human_bytes, parse_duration, parse_size};
 use crate::workspace_root;
+
+/// A duration flag in milliseconds (`100ms`, `2s`; a bare number is milliseconds).
+fn parse_ms(s: &str) -> Result<u64, String> {
+    Ok(parse_duration(s)?.as_millis() as u64)
+}
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
-/// Where the boot stub reports progress, and the value it writes right before ring 3
-/// (clearlog_test_guest::boot_image::{BOOT_STATUS_ADDR, BOOT_STATUS_RING3}).
-const BOOT_STATUS_ADDR: u64 = 0x4800;
-const BOOT_STATUS_RING3: u64 = 0xb007_0002;
-/// vCPU 0's counter slot: pages_written at +0, ready at +16 (clearlog_test_guest::layout).
-const COUNTER_SLOT: u64 = 0x5000;
-/// Must match clearlog_test_guest::boot_image::QEMU_MAX_RAM_BELOW_4G, which the image assumes.
-const MAX_RAM_BELOW_4G: &str = "2G";
 const QEMU: &str = "qemu-system-x86_64";
 
 /// The LD_PRELOAD shim (see the module documentation). Counts are written as JSON to
@@ -140,55 +138,9 @@ impl Mode {
     fn label(self) -> String {
         match self {
             Mode::Legacy => "legacy".into(),
-            Mode::Clear(b) => format!("clear {}", human(b)),
+            Mode::Clear(b) => format!("clear {}", human_bytes(b)),
         }
     }
-}
-
-fn human(b: u64) -> String {
-    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
-        if b >= 1 << shift && b.is_multiple_of(1 << shift) {
-            return format!("{} {unit}", b >> shift);
-        }
-    }
-    format!("{b} B")
-}
-
-/// `123`, `4K`, `400M`, `4G`, `1T` (binary units).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mul) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("`{s}`: unknown unit (use K, M, G or T)")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mul))
-        .ok_or_else(|| format!("`{s}` is not a size like 400M"))
-}
-
-/// `100ms`, `2s`.
-fn parse_ms(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    if let Some(n) = s.strip_suffix("ms") {
-        return n.parse().map_err(|_| format!("`{s}` is not a duration"));
-    }
-    if let Some(n) = s.strip_suffix('s') {
-        return n
-            .parse::<u64>()
-            .map(|v| v * 1000)
-            .map_err(|_| format!("`{s}` is not a duration"));
-    }
-    Err(format!("`{s}`: give a unit, e.g. 100ms or 2s"))
 }
 
 /// Options of `cargo xtask qemu-bench`.
@@ -309,58 +261,14 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
         println!("qemu-bench: SKIPPED: {e}");
         return Ok(());
     }
-    if !have_qemu(&o.qemu) && o.install {
-        println!("==> xtask qemu-bench: apt-get install -y qemu-system-x86");
-        let ok = Command::new("apt-get")
-            .args(["install", "-y", "qemu-system-x86"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            return Err("apt-get install -y qemu-system-x86 failed".into());
-        }
-    }
-    if !have_qemu(&o.qemu) {
-        let msg = format!(
-            "{} is not installed (apt-get install -y qemu-system-x86, or pass --install)",
-            o.qemu
-        );
-        if o.smoke && !is_ci() {
-            println!("qemu-bench: SKIPPED: {msg}: the QEMU end-to-end check did NOT run");
-            return Ok(());
-        }
-        return Err(msg);
+    if !ensure_qemu(&o)? {
+        return Ok(());
     }
     let vmm = build_vmm()?;
     let work = workspace_root().join("target/qemu-bench");
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let shim = build_shim(&work)?;
-    let image = work.join(format!(
-        "random-{}M-{}M-{}M.img",
-        o.mem >> 20,
-        o.wss >> 20,
-        o.dirty_rate >> 20
-    ));
-    let img = Command::new(&vmm)
-        .args([
-            "qemu-image",
-            "--mem",
-            &o.mem.to_string(),
-            "--wss",
-            &o.wss.to_string(),
-        ])
-        .args(["--dirty-rate", &o.dirty_rate.to_string(), "--out"])
-        .arg(&image)
-        .output()
-        .map_err(|e| format!("running vmm qemu-image: {e}"))?;
-    if !img.status.success() {
-        return Err(format!(
-            "vmm qemu-image failed: {}",
-            String::from_utf8_lossy(&img.stderr).trim()
-        ));
-    }
-    let image_info: Value = serde_json::from_slice(&img.stdout)
-        .map_err(|e| format!("vmm qemu-image printed no JSON: {e}"))?;
+    let image = Image::write(&vmm, &o, &work)?;
     if let Some(dir) = o.out.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
@@ -377,34 +285,22 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
         o.mem >> 20,
         o.wss >> 20,
         o.dirty_rate >> 20,
-        image_info["tsc_khz"],
+        image.tsc_khz,
         o.bandwidth >> 20,
         o.downtime_ms,
         o.runs,
         o.modes.iter().map(|m| m.label()).collect::<Vec<_>>().join(", ")
     );
     let mut failures = Vec::new();
+    let mut write =
+        |line: &Value| writeln!(out, "{line}").map_err(|e| format!("{}: {e}", o.out.display()));
     for run in 1..=o.runs {
         for &mode in &o.modes {
             let t = Instant::now();
             match one_run(&o, mode, run, &image, &shim, &work) {
                 Ok(line) => {
                     let problems = check_run(&o, mode, &line);
-                    println!(
-                        "  run {run}/{} qemu {:<12} total {:>6.2} s  downtime {:>4} ms  stop->resume {:>6.1} ms  sent {:>6.0} MiB  syncs {:>3}  guest {:>4.0} MiB/s ({:>4.0} while migrating)  clears {:>6}  {} ({:.0} s wall)",
-                        o.runs,
-                        mode.label(),
-                        line["total-time"].as_f64().unwrap_or(f64::NAN) / 1e3,
-                        line["downtime"],
-                        line["stop_to_resume_ms"].as_f64().unwrap_or(f64::NAN),
-                        line["ram"]["transferred"].as_f64().unwrap_or(f64::NAN) / MIB as f64,
-                        line["ram"]["dirty-sync-count"],
-                        line["guest_write_rate_bytes_per_s"].as_f64().unwrap_or(f64::NAN) / MIB as f64,
-                        line["guest_write_rate_during_migration_bytes_per_s"].as_f64().unwrap_or(f64::NAN) / MIB as f64,
-                        line["shim"]["source"]["kvm_clear_dirty_log_calls"],
-                        if problems.is_empty() { "ok".to_string() } else { format!("FAILED: {}", problems.join("; ")) },
-                        t.elapsed().as_secs_f64()
-                    );
+                    println!("{}", run_summary(&o, mode, run, &line, &problems, t));
                     if !problems.is_empty() {
                         failures.push(format!(
                             "run {run} {}: {}",
@@ -412,7 +308,7 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
                             problems.join("; ")
                         ));
                     }
-                    writeln!(out, "{line}").map_err(|e| format!("{}: {e}", o.out.display()))?;
+                    write(&line)?;
                 }
                 Err(e) => {
                     println!(
@@ -425,9 +321,8 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
             }
         }
         if let Some(vmm_modes) = &o.interleave_with_vmm {
-            let lines = vmm_round(&o, &vmm, vmm_modes, &work)?;
-            for l in lines {
-                writeln!(out, "{l}").map_err(|e| format!("{}: {e}", o.out.display()))?;
+            for line in vmm_round(&o, &vmm, vmm_modes, &work)? {
+                write(&line)?;
             }
         }
     }
@@ -448,6 +343,120 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
         Ok(())
     } else {
         Err(failures.join("\n"))
+    }
+}
+
+/// Installs QEMU if asked (`--install`); `false` when it is missing and that is a loud skip
+/// (`--smoke` outside CI) rather than a failure.
+fn ensure_qemu(o: &Opts) -> Result<bool, String> {
+    if !have_qemu(&o.qemu) && o.install {
+        println!("==> xtask qemu-bench: apt-get install -y qemu-system-x86");
+        let ok = Command::new("apt-get")
+            .args(["install", "-y", "qemu-system-x86"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err("apt-get install -y qemu-system-x86 failed".into());
+        }
+    }
+    if have_qemu(&o.qemu) {
+        return Ok(true);
+    }
+    let msg = format!(
+        "{} is not installed (apt-get install -y qemu-system-x86, or pass --install)",
+        o.qemu
+    );
+    if o.smoke && !is_ci() {
+        println!("qemu-bench: SKIPPED: {msg}: the QEMU end-to-end check did NOT run");
+        return Ok(false);
+    }
+    Err(msg)
+}
+
+/// The line a run prints.
+fn run_summary(
+    o: &Opts,
+    mode: Mode,
+    run: u32,
+    line: &Value,
+    problems: &[String],
+    t: Instant,
+) -> String {
+    let mib = |v: &Value| v.as_f64().unwrap_or(f64::NAN) / MIB as f64;
+    format!(
+        "  run {run}/{} qemu {:<12} total {:>6.2} s  downtime {:>4} ms  stop->resume {:>6.1} ms  sent {:>6.0} MiB  syncs {:>3}  guest {:>4.0} MiB/s ({:>4.0} while migrating)  clears {:>6}  {} ({:.0} s wall)",
+        o.runs,
+        mode.label(),
+        line["total-time"].as_f64().unwrap_or(f64::NAN) / 1e3,
+        line["downtime"],
+        line["stop_to_resume_ms"].as_f64().unwrap_or(f64::NAN),
+        mib(&line["ram"]["transferred"]),
+        line["ram"]["dirty-sync-count"],
+        mib(&line["guest_write_rate_bytes_per_s"]),
+        mib(&line["guest_write_rate_during_migration_bytes_per_s"]),
+        line["shim"]["source"]["kvm_clear_dirty_log_calls"],
+        if problems.is_empty() { "ok".to_string() } else { format!("FAILED: {}", problems.join("; ")) },
+        t.elapsed().as_secs_f64()
+    )
+}
+
+/// The guest image `vmm qemu-image` wrote, and what it says of its layout: where the boot stub
+/// reports, vCPU 0's counter slot (pages written at +0, ready at +16), the RAM split QEMU must use.
+#[derive(Debug, Clone)]
+struct Image {
+    path: PathBuf,
+    tsc_khz: Value,
+    boot_status_addr: u64,
+    boot_status_ring3: u64,
+    counter_slot: u64,
+    max_ram_below_4g: u64,
+}
+
+impl Image {
+    /// `vmm qemu-image` of the run's guest shape, into `work`.
+    fn write(vmm: &Path, o: &Opts, work: &Path) -> Result<Image, String> {
+        let path = work.join(format!(
+            "random-{}M-{}M-{}M.img",
+            o.mem >> 20,
+            o.wss >> 20,
+            o.dirty_rate >> 20
+        ));
+        let out = Command::new(vmm)
+            .args([
+                "qemu-image",
+                "--mem",
+                &o.mem.to_string(),
+                "--wss",
+                &o.wss.to_string(),
+            ])
+            .args(["--dirty-rate", &o.dirty_rate.to_string(), "--out"])
+            .arg(&path)
+            .output()
+            .map_err(|e| format!("running vmm qemu-image: {e}"))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!("vmm qemu-image failed: {}", err.trim()));
+        }
+        let info: Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("vmm qemu-image printed no JSON: {e}"))?;
+        Image::from_json(path, &info)
+    }
+
+    fn from_json(path: PathBuf, info: &Value) -> Result<Image, String> {
+        let num = |k: &str| {
+            info[k]
+                .as_u64()
+                .ok_or_else(|| format!("vmm qemu-image printed no `{k}`: {info}"))
+        };
+        Ok(Image {
+            path,
+            tsc_khz: info["tsc_khz"].clone(),
+            boot_status_addr: num("boot_status_addr")?,
+            boot_status_ring3: num("boot_status_ring3")?,
+            counter_slot: num("counter_slot_addr")?,
+            max_ram_below_4g: num("max_ram_below_4g")?,
+        })
     }
 }
 
@@ -668,7 +677,7 @@ fn spawn_qemu(
     o: &Opts,
     mode: Mode,
     name: &'static str,
-    image: &Path,
+    image: &Image,
     shim: &Path,
     work: &Path,
     incoming: Option<u16>,
@@ -683,7 +692,7 @@ fn spawn_qemu(
         .args(["-m", &format!("{}M", o.mem >> 20)])
         .args([
             "-machine",
-            &format!("pc,max-ram-below-4g={MAX_RAM_BELOW_4G}"),
+            &format!("pc,max-ram-below-4g={}M", image.max_ram_below_4g >> 20),
         ])
         .args([
             "-nodefaults",
@@ -697,7 +706,7 @@ fn spawn_qemu(
         // be told apart.
         .args(["-name", &format!("clearlog-{name},debug-threads=on")])
         .args(["-no-reboot", "-kernel"])
-        .arg(image)
+        .arg(&image.path)
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", sock.display()));
     if let Some(shift) = mode.shift() {
@@ -729,7 +738,7 @@ fn one_run(
     o: &Opts,
     mode: Mode,
     run: u32,
-    image: &Path,
+    image: &Image,
     shim: &Path,
     work: &Path,
 ) -> Result<Value, String> {
@@ -741,113 +750,32 @@ fn one_run(
     let mut dq = Qmp::connect(&dst_sock, &mut dst.child)?;
     let mut sq = Qmp::connect(&src_sock, &mut src.child)?;
     let version = sq.cmd("query-version", json!({}))?;
-
-    // Boot (SeaBIOS and the ring-0 stub are emulated on PVM: seconds), then the pre-fault.
-    let boot_start = Instant::now();
-    let mut status = 0;
-    loop {
-        if let Ok(Some(st)) = src.child.try_wait() {
-            return Err(format!(
-                "the source QEMU exited ({st}) while booting: {}",
-                std::fs::read_to_string(&src_log).unwrap_or_default().trim()
-            ));
-        }
-        let boot = sq.read_u64s(BOOT_STATUS_ADDR, 1)?[0] & 0xffff_ffff;
-        if boot == BOOT_STATUS_RING3 {
-            status = 1;
-            let c = sq.read_u64s(COUNTER_SLOT, 3)?;
-            if c[2] == 1 {
-                break;
-            }
-        }
-        if boot_start.elapsed() > Duration::from_secs(300) {
-            return Err(format!(
-                "the guest did not become ready in 300 s (boot status {boot:#x}, {})",
-                if status == 1 {
-                    "in ring 3, pre-fault not done"
-                } else {
-                    "ring 3 not reached"
-                }
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let ready_s = boot_start.elapsed().as_secs_f64();
-
+    let ready_s = wait_ready(&mut sq, &mut src, &src_log, image)?;
     // Warm-up; the guest's write rate over it.
-    let w0 = (Instant::now(), sq.read_u64s(COUNTER_SLOT, 1)?[0]);
-    std::thread::sleep(Duration::from_millis(o.warmup_ms));
-    let w1 = (Instant::now(), sq.read_u64s(COUNTER_SLOT, 1)?[0]);
-    let guest_rate =
-        (w1.1.saturating_sub(w0.1) * PAGE) as f64 / w1.0.duration_since(w0.0).as_secs_f64();
-
+    let guest_rate = write_rate(&mut sq, image, Duration::from_millis(o.warmup_ms))?;
     sq.cmd(
         "migrate-set-parameters",
         json!({"max-bandwidth": o.bandwidth, "downtime-limit": o.downtime_ms}),
     )?;
     let params = sq.cmd("query-migrate-parameters", json!({}))?;
-    let pages_before = sq.read_u64s(COUNTER_SLOT, 1)?[0];
-    let (src_cpu0, src_nv0) = cpu_seconds(src.pid());
-    let (dst_cpu0, dst_nv0) = cpu_seconds(dst.pid());
+    let pages_before = sq.read_u64s(image.counter_slot, 1)?[0];
+    let (src_cpu0, dst_cpu0) = (cpu_seconds(src.pid()), cpu_seconds(dst.pid()));
     let started_us = now_us();
     let t0 = Instant::now();
-    sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
-    let result = loop {
-        std::thread::sleep(Duration::from_millis(50));
-        let r = sq.cmd("query-migrate", json!({}))?;
-        match r["status"].as_str() {
-            Some("completed") => break r,
-            Some("failed" | "cancelled") => {
-                return Err(format!("migration {}: {r}", r["status"]));
-            }
-            _ => {}
-        }
-        if t0.elapsed() > Duration::from_secs(600) {
-            let _ = sq.cmd("migrate_cancel", json!({}));
-            return Err("migration did not complete in 600 s".into());
-        }
-    };
+    let result = migrate(&mut sq, port)?;
     let wall_s = t0.elapsed().as_secs_f64();
-    let (src_cpu1, src_nv1) = cpu_seconds(src.pid());
+    let src_cpu1 = cpu_seconds(src.pid());
     // The source guest is stopped now: its counter holds every page it wrote while migrated.
-    let pages_after = sq.read_u64s(COUNTER_SLOT, 1)?[0];
-    // The destination resumes the guest when the stream ends.
-    let resume_start = Instant::now();
-    while dq.event_us("RESUME").is_none() {
-        if resume_start.elapsed() > Duration::from_secs(30) {
-            return Err("the destination did not resume in 30 s".into());
-        }
-        let st = dq.cmd("query-status", json!({}))?;
-        if st["status"] == "running" && dq.event_us("RESUME").is_none() {
-            // The event may come right after the status turns; read once more.
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    let (dst_cpu1, dst_nv1) = cpu_seconds(dst.pid());
+    let pages_after = sq.read_u64s(image.counter_slot, 1)?[0];
+    wait_resume(&mut dq)?;
+    let dst_cpu1 = cpu_seconds(dst.pid());
     // The guest goes on writing on the destination.
-    let d0 = (Instant::now(), dq.read_u64s(COUNTER_SLOT, 1)?[0]);
-    std::thread::sleep(Duration::from_millis(500));
-    let d1 = (Instant::now(), dq.read_u64s(COUNTER_SLOT, 1)?[0]);
-    let dst_rate =
-        (d1.1.saturating_sub(d0.1) * PAGE) as f64 / d1.0.duration_since(d0.0).as_secs_f64();
+    let dst_rate = write_rate(&mut dq, image, Duration::from_millis(500))?;
     let _ = sq.cmd("query-status", json!({}));
-    let stop = sq.event_us("STOP");
-    let resume = dq.event_us("RESUME");
+    let (stop, resume) = (sq.event_us("STOP"), dq.event_us("RESUME"));
     let _ = sq.cmd("quit", json!({}));
     let _ = dq.cmd("quit", json!({}));
-    let src_err = src.finish(&src_log);
-    let dst_err = dst.finish(&dst_log);
-    let read_stats = |p: &Path| -> Value {
-        std::fs::read_to_string(p)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or(Value::Null)
-    };
-
-    let mut line = result.clone();
-    let m = line
-        .as_object_mut()
-        .ok_or("query-migrate returned no object")?;
+    let (src_err, dst_err) = (src.finish(&src_log), dst.finish(&dst_log));
     // Written while migrating, over migrate command to STOP.
     let live_s = stop.map_or(wall_s, |s| s.saturating_sub(started_us) as f64 / 1e6);
     let live_rate = (pages_after.saturating_sub(pages_before) * PAGE) as f64 / live_s.max(1e-3);
@@ -855,6 +783,10 @@ fn one_run(
         (Some(s), Some(r)) => json!((r as f64 - s as f64) / 1e3),
         _ => Value::Null,
     };
+    let mut line = result;
+    let m = line
+        .as_object_mut()
+        .ok_or("query-migrate returned no object")?;
     let extra = json!({
         "system": "qemu",
         "version": format!(
@@ -883,11 +815,11 @@ fn one_run(
         "destination_resume_unix_us": resume,
         "stop_to_resume_ms": stop_to_resume,
         "harness_wall_s": wall_s,
-        "source_cpu_s": src_cpu1 - src_cpu0,
-        "source_cpu_s_without_vcpu": src_nv1 - src_nv0,
-        "destination_cpu_s": dst_cpu1 - dst_cpu0,
-        "destination_cpu_s_without_vcpu": dst_nv1 - dst_nv0,
-        "shim": {"source": read_stats(&src_stats), "destination": read_stats(&dst_stats)},
+        "source_cpu_s": src_cpu1.0 - src_cpu0.0,
+        "source_cpu_s_without_vcpu": src_cpu1.1 - src_cpu0.1,
+        "destination_cpu_s": dst_cpu1.0 - dst_cpu0.0,
+        "destination_cpu_s_without_vcpu": dst_cpu1.1 - dst_cpu0.1,
+        "shim": {"source": shim_stats(&src_stats), "destination": shim_stats(&dst_stats)},
         "source_stderr": src_err.trim(),
         "destination_stderr": dst_err.trim(),
     });
@@ -895,6 +827,90 @@ fn one_run(
         m.insert(k.clone(), v.clone());
     }
     Ok(line)
+}
+
+/// What the shim counted, from its statistics file (`null` if it wrote none).
+fn shim_stats(p: &Path) -> Value {
+    std::fs::read_to_string(p)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until the source guest is in ring 3 with its working set pre-faulted (SeaBIOS and the
+/// ring-0 stub are emulated on PVM: seconds); the seconds it took.
+fn wait_ready(sq: &mut Qmp, src: &mut QemuProc, log: &Path, image: &Image) -> Result<f64, String> {
+    let start = Instant::now();
+    let mut in_ring3 = false;
+    loop {
+        if let Ok(Some(st)) = src.child.try_wait() {
+            return Err(format!(
+                "the source QEMU exited ({st}) while booting: {}",
+                std::fs::read_to_string(log).unwrap_or_default().trim()
+            ));
+        }
+        let boot = sq.read_u64s(image.boot_status_addr, 1)?[0] & 0xffff_ffff;
+        if boot == image.boot_status_ring3 {
+            in_ring3 = true;
+            if sq.read_u64s(image.counter_slot, 3)?[2] == 1 {
+                return Ok(start.elapsed().as_secs_f64());
+            }
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            return Err(format!(
+                "the guest did not become ready in 300 s (boot status {boot:#x}, {})",
+                if in_ring3 {
+                    "in ring 3, pre-fault not done"
+                } else {
+                    "ring 3 not reached"
+                }
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The guest's write rate over `window` (bytes/s), from vCPU 0's counter.
+fn write_rate(q: &mut Qmp, image: &Image, window: Duration) -> Result<f64, String> {
+    let w0 = (Instant::now(), q.read_u64s(image.counter_slot, 1)?[0]);
+    std::thread::sleep(window);
+    let w1 = (Instant::now(), q.read_u64s(image.counter_slot, 1)?[0]);
+    Ok((w1.1.saturating_sub(w0.1) * PAGE) as f64 / w1.0.duration_since(w0.0).as_secs_f64())
+}
+
+/// Starts the migration to `port` and polls `query-migrate` until it completes; its result.
+fn migrate(sq: &mut Qmp, port: u16) -> Result<Value, String> {
+    let t0 = Instant::now();
+    sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let r = sq.cmd("query-migrate", json!({}))?;
+        match r["status"].as_str() {
+            Some("completed") => return Ok(r),
+            Some("failed" | "cancelled") => return Err(format!("migration {}: {r}", r["status"])),
+            _ => {}
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            let _ = sq.cmd("migrate_cancel", json!({}));
+            return Err("migration did not complete in 600 s".into());
+        }
+    }
+}
+
+/// Waits for the destination's RESUME event (it resumes the guest when the stream ends).
+fn wait_resume(dq: &mut Qmp) -> Result<(), String> {
+    let start = Instant::now();
+    while dq.event_us("RESUME").is_none() {
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err("the destination did not resume in 30 s".into());
+        }
+        let st = dq.cmd("query-status", json!({}))?;
+        if st["status"] == "running" && dq.event_us("RESUME").is_none() {
+            // The event may come right after the status turns; read once more.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
 }
 
 /// What makes a run's numbers meaningless: incomplete migration, a guest that was not writing, a
@@ -999,7 +1015,8 @@ mod tests {
         assert!(parse_size("4X").is_err());
         assert_eq!(parse_ms("100ms").unwrap(), 100);
         assert_eq!(parse_ms("2s").unwrap(), 2000);
-        assert!(parse_ms("2").is_err());
+        assert_eq!(parse_ms("2").unwrap(), 2);
+        assert!(parse_ms("2x").is_err());
         let a = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
         let o = parse_opts(&a("--modes legacy,clear:1M --runs 3 --mem 1G --wss 512M")).unwrap();
         assert_eq!(o.modes, vec![Mode::Legacy, Mode::Clear(MIB)]);
@@ -1018,6 +1035,22 @@ mod tests {
         let stat = "4242 (CPU 0/KVM) R 1 2 3 4 5 6 7 8 9 10 150 25 0 0 20 0 1 0 100";
         assert_eq!(stat_cpu_ticks(stat), Some(175));
         assert!(stat_cpu_ticks("garbage").is_none());
+    }
+
+    #[test]
+    fn the_image_layout_comes_from_vmm_qemu_image() {
+        let info = json!({"tsc_khz": 2_000_000, "boot_status_addr": 18432, "boot_status_ring3": 2953248770u64,
+                          "counter_slot_addr": 20480, "max_ram_below_4g": 2147483648u64});
+        let img = Image::from_json(PathBuf::from("x.img"), &info).unwrap();
+        assert_eq!(
+            (
+                img.boot_status_addr,
+                img.counter_slot,
+                img.max_ram_below_4g >> 20
+            ),
+            (0x4800, 0x5000, 2048)
+        );
+        assert!(Image::from_json(PathBuf::from("x.img"), &json!({})).is_err());
     }
 
     #[test]

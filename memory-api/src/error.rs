@@ -3,7 +3,7 @@
 
 //! The crate's error type.
 
-use crate::{DirtyClient, RamBlockId, RegionId};
+use crate::ids::{DirtyClient, RamBlockId, RegionId};
 
 /// Error a [`crate::MemoryListener`] hook returns; boxed so accelerators keep their own error types.
 ///

@@ -107,6 +107,7 @@
 mod backing;
 mod dirty;
 mod error;
+mod ids;
 mod listener;
 mod mapping;
 mod populated;
@@ -121,12 +122,13 @@ mod zero_scan;
 
 pub use backing::RamBacking;
 pub use clearlog_bitmap::ClearBitmap;
-pub use dirty::{DirtyClient, DirtyClients, DirtyMemory};
+pub use dirty::DirtyMemory;
 pub use error::{Error, ListenerError, Result};
+pub use ids::{DirtyClient, DirtyClients, RamBlockId, RegionId};
 pub use listener::MemoryListener;
 pub use populated::PopulatedMethod;
-pub use ram::{is_zero_page, RamBlock, RamBlockId};
-pub use region::{RegionId, Section};
+pub use ram::{is_zero_page, RamBlock};
+pub use region::Section;
 pub use snapshot::DirtySnapshot;
 pub use system::{MemorySystem, DEFAULT_RAM_CAPACITY};
 pub use vm_bitmap::{DirtyBitmap, DirtyBitmapSlice};

@@ -485,7 +485,7 @@ fn ram_layout_changes_during_migration_are_refused() {
     let sections = |m: &MemorySystem| -> Vec<(u64, u64, u8)> {
         m.sections()
             .iter()
-            .map(|s| (s.guest_addr, s.size, s.log.0))
+            .map(|s| (s.guest_addr, s.size, s.log.bits()))
             .collect()
     };
     let before = sections(&mem);

@@ -99,13 +99,13 @@ impl State {
             let Some(&old_log) = old_logs.get(&s.key()) else {
                 continue;
             };
-            if old_log.0 & !s.log.0 != 0 {
+            if !old_log.minus(s.log).is_empty() {
                 for l in self.listeners.iter().rev() {
                     let r = hook(l, "log_stop", l.listener.log_stop(s, old_log, s.log, dirty));
                     keep_first(&mut first, final_sync(r, dirty, s, old_log));
                 }
             }
-            if s.log.0 & !old_log.0 != 0 {
+            if !s.log.minus(old_log).is_empty() {
                 for l in &self.listeners {
                     keep_first(
                         &mut first,

@@ -40,7 +40,7 @@ impl State {
             && new
                 .iter()
                 .zip(&self.sections)
-                .all(|(n, o)| n.key() == o.key() && o.log.0 & !n.log.0 == 0);
+                .all(|(n, o)| n.key() == o.key() && o.log.minus(n.log).is_empty());
         if !same_sections {
             // Not a pure logging start (cannot happen today): take the general path.
             return self.update_topology(dirty);
@@ -51,7 +51,7 @@ impl State {
         dirty.set_active_clients(active.union(before));
         let mut started: Vec<(usize, usize)> = Vec::new();
         for (i, (s, old)) in new.iter().zip(&self.sections).enumerate() {
-            if s.log.0 & !old.log.0 == 0 {
+            if s.log.minus(old.log).is_empty() {
                 continue;
             }
             for (j, l) in self.listeners.iter().enumerate() {

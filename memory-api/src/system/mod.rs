@@ -241,8 +241,12 @@ impl MemorySystem {
     /// # Examples
     ///
     /// ```
-    /// use clearlog_memory::{MemorySystem, RamBlockId};
-    /// assert!(MemorySystem::new().ram_block(RamBlockId(0)).is_err());
+    /// use clearlog_memory::MemorySystem;
+    ///
+    /// let other = MemorySystem::with_ram_capacity(1 << 24);
+    /// other.add_ram("ram", 0, 0x1000).unwrap();
+    /// let id = other.ram_blocks()[0].id(); // a block of another memory system
+    /// assert!(MemorySystem::new().ram_block(id).is_err());
     /// ```
     pub fn ram_block(&self, id: RamBlockId) -> Result<Arc<RamBlock>> {
         self.read()

@@ -53,7 +53,7 @@ impl State {
                 capacity_pages: capacity,
             });
         }
-        let id = RamBlockId(self.next_block_id);
+        let id = RamBlockId::new(self.next_block_id);
         let block = Arc::new(match source {
             Source::Backing(backing) => {
                 RamBlock::with_backing(id, name, size, cursor, dirty.clone(), backing)?
@@ -74,7 +74,7 @@ impl State {
             index,
             BlockEntry {
                 block: block.clone(),
-                region: RegionId(u32::MAX),
+                region: RegionId::new(u32::MAX),
             },
         );
         Ok(block)

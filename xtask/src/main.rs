@@ -8,6 +8,7 @@
 //! cargo xtask bench [CRATE]   criterion benchmarks (all, or one crate by directory or package name)
 //!                   [--quick] short runs, for CI
 //! cargo xtask deps            fail if a crate depends on a crate above it in the layering
+//! cargo xtask structure       fail on an import circle between files or a function over 100 lines
 //! cargo xtask faults [--count N] [--seed S]   cut N migrations at random points; the source must
 //!                             survive and a retry from the same process must verify
 //! cargo xtask soak [--runs N] [--seed S]      N random migrations, each verified (increment rule,
@@ -38,6 +39,7 @@ mod miri;
 mod netns;
 mod qemu;
 mod soak;
+mod structure;
 /// The CLI's size, rate and duration parsing, this same file: one source for both.
 #[allow(dead_code)]
 #[path = "../../vmm-cli/src/units.rs"]
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
         Some("deps") => deps(),
+        Some("structure") => structure::structure(&workspace_root()),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("miri") => miri::miri(&args[1..]),
         Some("faults") => faults::faults(&args[1..]),
@@ -89,6 +92,7 @@ fn print_usage() {
          test             fmt check, layering check, clippy -D warnings, cargo test --workspace (real KVM tests included)\n  \
          bench [CRATE]    criterion benchmarks of all crates or one (bitmap, memory-api, kvm-accel/test-guest, migration); --quick for short runs\n  \
          deps             check that no crate depends on a crate above it in the layering\n  \
+         structure        check that no files of a crate import each other in a circle and no function is over 100 lines\n  \
          faults           cut migrations at random points (--count N, default 50; --seed S): the source survives and a retry verifies\n  \
          soak             N random migrations (--runs N, default 200; --seed S), each verified; reports mismatched pages\n  \
          netns            migrate between two network namespaces over a shaped veth link, then take the link down mid-migration\n  \
@@ -186,6 +190,16 @@ fn test() -> Result<(), String> {
         ok: deps_result.is_ok(),
         secs: start.elapsed().as_secs_f64(),
         note: deps_result.err().unwrap_or_default(),
+    });
+
+    println!("\n==> xtask: structure (import circles, long functions)");
+    let start = Instant::now();
+    let structure_result = structure::structure(&workspace_root());
+    results.push(StepResult {
+        name: "structure".into(),
+        ok: structure_result.is_ok(),
+        secs: start.elapsed().as_secs_f64(),
+        note: structure_result.err().unwrap_or_default(),
     });
 
     // Each library crate must be publishable. Packaged together, cargo resolves their path

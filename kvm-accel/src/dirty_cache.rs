@@ -28,6 +28,7 @@ use clearlog_bitmap::{words_for_bits, Bitmap};
 /// assert!(matches!(cache.take_clear(0, 64), Err(CacheError::ClearBeforeSync { .. })));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CacheError {
     /// Nothing is known to be dirty: the slot was never synced since logging started.
     ///

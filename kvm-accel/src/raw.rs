@@ -356,15 +356,14 @@ pub enum ClearDirtyLogError {
     #[error("KVM_CLEAR_DIRTY_LOG: not available while the dirty ring is enabled (ENXIO)")]
     DirtyRingEnabled,
     /// Another errno.
-    #[error("KVM_CLEAR_DIRTY_LOG: {0}")]
-    Other(errno::Error),
-    /// The fd is not a KVM VM fd (or what it is could not be told, e.g. without `/proc`): no
-    /// ioctl was issued.
-    #[error("KVM_CLEAR_DIRTY_LOG: not a KVM VM fd{}", why.as_ref().map(|w| format!(" (cannot tell what the fd is: {w})")).unwrap_or_default())]
-    NotAVmFd {
-        /// Why the fd's kind could not be told, if that was the problem.
-        why: Option<String>,
-    },
+    #[error("KVM_CLEAR_DIRTY_LOG failed")]
+    Other(#[source] errno::Error),
+    /// The fd is not a KVM VM fd: no ioctl was issued.
+    #[error("KVM_CLEAR_DIRTY_LOG: not a KVM VM fd")]
+    NotAVmFd,
+    /// What the fd is could not be told (e.g. without `/proc`): no ioctl was issued.
+    #[error("KVM_CLEAR_DIRTY_LOG: cannot tell whether the fd is a KVM VM fd (is /proc mounted?)")]
+    FdKindUnknown(#[source] errno::Error),
 }
 
 impl ClearDirtyLogError {
@@ -445,10 +444,10 @@ pub fn clear_dirty_log(
         Ok(Some(fd)) if fd.kind() == FdKind::Vm => {
             clear_dirty_log_on(fd, slot, first_page, num_pages, bitmap)
         }
-        Ok(_) => Err(ClearDirtyLogError::NotAVmFd { why: None }),
-        Err(e) => Err(ClearDirtyLogError::NotAVmFd {
-            why: Some(e.to_string()),
-        }),
+        Ok(_) => Err(ClearDirtyLogError::NotAVmFd),
+        Err(e) => Err(ClearDirtyLogError::FdKindUnknown(errno::Error::new(
+            e.raw_os_error().unwrap_or(libc::EIO),
+        ))),
     }
 }
 

@@ -33,6 +33,7 @@ use crate::{Error, RamBlock, Result};
 /// assert!(section.log.is_empty());
 /// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Section {
     /// The region this section shows (for an alias: the alias region).
     pub region: RegionId,

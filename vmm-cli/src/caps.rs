@@ -5,12 +5,13 @@
 
 use clearlog_kvm::{is_pvm_host, KvmCaps, RingRange};
 
+use crate::chain::ErrorChain;
 use crate::{CliError, CliResult};
 
 /// Print what this host's KVM offers and which dirty-log mode `vmm` would use.
 pub fn caps(json: bool) -> CliResult {
-    let caps =
-        KvmCaps::probe_device("/dev/kvm".as_ref()).map_err(|e| CliError::Failed(e.to_string()))?;
+    let caps = KvmCaps::probe_device("/dev/kvm".as_ref())
+        .map_err(|e| CliError::Failed(e.chain().to_string()))?;
     let mode = caps.default_dirty_log_mode();
     if json {
         let mut map = serde_json::Map::new();

@@ -15,6 +15,7 @@ use clearlog_migration::DirtyTracking;
 use clearlog_test_guest::{Guest, GuestConfig};
 
 use crate::args::{DirtyLogArg, DirtyrateArgs, DirtyrateSpec, MigrationArgs, WorkloadKind};
+use crate::chain::ErrorChain;
 use crate::{CliError, CliResult};
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -35,7 +36,11 @@ fn ring_counts(guest: &Guest) -> Option<impl VcpuDirtyCounts + '_> {
 /// Measure `guest`'s dirty rate as `spec` says.
 pub fn measure(guest: &Guest, spec: DirtyrateSpec, sample_pages: u32) -> CliResult<DirtyRate> {
     let failed = |e: clearlog_migration::Error| {
-        CliError::Failed(format!("measuring the dirty rate ({}): {e}", spec.mode))
+        CliError::Failed(format!(
+            "measuring the dirty rate ({}): {}",
+            spec.mode,
+            e.chain()
+        ))
     };
     match spec.mode {
         DirtyRateMode::Sample => {
@@ -52,7 +57,10 @@ pub fn measure(guest: &Guest, spec: DirtyrateSpec, sample_pages: u32) -> CliResu
             // KVM pushes ring entries only for memslots with dirty logging on.
             let mem = &**guest.memory();
             let logging = |op: &str, e: clearlog_migration::BoxError| {
-                CliError::Failed(format!("measuring the dirty rate (ring): {op}: {e}"))
+                CliError::Failed(format!(
+                    "measuring the dirty rate (ring): {op}: {}",
+                    e.chain()
+                ))
             };
             DirtyTracking::start_logging(mem).map_err(|e| logging("starting dirty logging", e))?;
             let rate = measure_ring(&counts, spec.duration, guest.mem_bytes() / 4096);
@@ -260,7 +268,7 @@ pub fn dirtyrate(a: DirtyrateArgs) -> CliResult {
         workload,
         ..GuestConfig::default()
     })
-    .map_err(|e| CliError::Failed(format!("cannot start the guest: {e}")))?;
+    .map_err(|e| CliError::Failed(format!("cannot start the guest: {}", e.chain())))?;
     let t = Instant::now();
     std::thread::sleep(a.warmup);
     tracing::debug!(warmup_ms = t.elapsed().as_millis() as u64, "measuring");

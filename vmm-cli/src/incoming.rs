@@ -17,6 +17,7 @@ use clearlog_test_guest::workload::WorkloadKind;
 use clearlog_test_guest::{Guest, GuestConfig, RAM_BLOCK_NAME};
 
 use crate::args::IncomingArgs;
+use crate::chain::ErrorChain;
 use crate::fault::{Fault, FaultyMemory, Injector};
 use crate::output::print_incoming;
 use crate::{CliError, CliResult};
@@ -58,7 +59,8 @@ fn open_transport(a: &IncomingArgs) -> CliResult<(Transport, Header)> {
         // connection that sends a whole header is the migration.
         return listener.accept_migration().map_err(|e| {
             CliError::Failed(format!(
-                "the incoming stream on {local} is not usable: {e}; no guest was resumed"
+                "the incoming stream on {local} is not usable: {}; no guest was resumed",
+                e.chain()
             ))
         });
     }
@@ -70,7 +72,8 @@ fn open_transport(a: &IncomingArgs) -> CliResult<(Transport, Header)> {
                 .map_err(|e| CliError::Failed(format!("cannot open {}: {e}", path.display())))?;
             let header = peek_header(&mut transport).map_err(|e| {
                 CliError::Failed(format!(
-                    "the incoming stream is not usable: {e}; no guest was resumed"
+                    "the incoming stream is not usable: {}; no guest was resumed",
+                    e.chain()
                 ))
             })?;
             Ok((transport, header))
@@ -107,7 +110,10 @@ pub fn incoming(a: IncomingArgs) -> CliResult {
             if a.json {
                 println!("{}", serde_json::Value::Object(extra));
             }
-            return Err(CliError::Mismatch(format!("incoming migration: {e}")));
+            return Err(CliError::Mismatch(format!(
+                "incoming migration: {}",
+                e.chain()
+            )));
         }
         Err(e) => {
             let resumed = if control_resumed(&extra) {
@@ -116,7 +122,8 @@ pub fn incoming(a: IncomingArgs) -> CliResult {
                 "no guest was resumed"
             };
             return Err(CliError::Failed(format!(
-                "incoming migration failed: {e}; {resumed}"
+                "incoming migration failed: {}; {resumed}",
+                e.chain()
             )));
         }
     };
@@ -147,7 +154,7 @@ fn guest_for(header: &Header) -> CliResult<Guest> {
         vcpus: 0,
         ..GuestConfig::default()
     })
-    .map_err(|e| failed("cannot create the destination guest", &e))
+    .map_err(|e| failed("cannot create the destination guest", &e.chain()))
 }
 
 /// Receives the stream into `guest` (`--fault hide-populated=N`: into memory that hides N pages
@@ -174,7 +181,7 @@ fn receive(
             let mut memory = FaultyMemory::new(guest.memory(), Injector::new(None, None));
             memory
                 .fill_and_hide_last_pages(n)
-                .map_err(|e| failed("--fault hide-populated", &e))?;
+                .map_err(|e| failed("--fault hide-populated", &e.chain()))?;
             Destination::new(&memory).receive(transport, control)
         }
         Some(other) => {

@@ -13,6 +13,7 @@ mod bench;
 mod bench_mode;
 mod bench_run;
 mod caps;
+mod chain;
 mod compare;
 mod dirtyrate;
 mod fault;

@@ -13,6 +13,7 @@ use clearlog_test_guest::layout::COUNTERS_ADDR;
 use clearlog_test_guest::vcpu::Vcpu;
 
 use crate::args::{QemuImageArgs, WorkloadKind, DEFAULT_DIRTY_RATE};
+use crate::chain::ErrorChain;
 use crate::{CliError, CliResult};
 
 /// `vmm qemu-image`: prints one JSON line describing the image it wrote.
@@ -48,8 +49,9 @@ pub fn qemu_image(a: QemuImageArgs) -> CliResult {
 
 fn host_tsc_khz() -> CliResult<u32> {
     let fail = |what: &str, e: String| CliError::Failed(format!("{what}: {e}"));
-    let vm = Vm::new(VmConfig::default()).map_err(|e| fail("creating a KVM VM", e.to_string()))?;
-    let vcpu = Vcpu::new(&vm, 0).map_err(|e| fail("creating a vCPU", e.to_string()))?;
+    let vm = Vm::new(VmConfig::default())
+        .map_err(|e| fail("creating a KVM VM", e.chain().to_string()))?;
+    let vcpu = Vcpu::new(&vm, 0).map_err(|e| fail("creating a vCPU", e.chain().to_string()))?;
     vcpu.tsc_khz()
-        .map_err(|e| fail("reading the TSC frequency", e.to_string()))
+        .map_err(|e| fail("reading the TSC frequency", e.chain().to_string()))
 }

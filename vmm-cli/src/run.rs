@@ -13,6 +13,7 @@ use clearlog_test_guest::workload::WorkloadSpec;
 use clearlog_test_guest::{Guest, GuestConfig};
 
 use crate::args::{RunArgs, WorkloadKind};
+use crate::chain::ErrorChain;
 use crate::fault::{faulty_transport, Fault, FaultPlan, FaultyControl, FaultyMemory, Injector};
 use crate::guest_view::{GuestView, LiveProbe};
 use crate::output::{print_run_summary, print_stats, ring_json, stats_json};
@@ -80,7 +81,7 @@ pub fn run(a: RunArgs) -> CliResult {
         true => Some(format!(
             "{:016x}",
             ram_fingerprint(guest.memory(), 2)
-                .map_err(|e| CliError::Failed(format!("fingerprinting RAM: {e}")))?
+                .map_err(|e| CliError::Failed(format!("fingerprinting RAM: {}", e.chain())))?
         )),
         false => None,
     };
@@ -151,7 +152,7 @@ fn boot(a: &RunArgs, spec: WorkloadSpec) -> CliResult<Booted> {
         workload: spec,
         ..GuestConfig::default()
     })
-    .map_err(|e| CliError::Failed(format!("cannot start the guest: {e}")))?;
+    .map_err(|e| CliError::Failed(format!("cannot start the guest: {}", e.chain())))?;
     let boot_ms = boot_start.elapsed().as_secs_f64() * 1e3;
     tracing::info!(mode = %guest.dirty_log_mode(), boot_ms, "guest running");
     let before = guest.pages_written().unwrap_or(0);
@@ -370,7 +371,10 @@ pub fn migrate(
             let mut memory = FaultyMemory::new(guest.memory(), faults.clone());
             if let Some(Fault::HidePopulated(n)) = fault {
                 memory.hide_populated_pages(n).map_err(|e| {
-                    CliError::Failed(format!("--fault hide-populated: choosing the pages: {e}"))
+                    CliError::Failed(format!(
+                        "--fault hide-populated: choosing the pages: {}",
+                        e.chain()
+                    ))
                 })?;
             }
             let control = FaultyControl {
@@ -388,13 +392,15 @@ pub fn migrate(
     let view = control.view();
     result.map(|stats| (stats, view)).map_err(|e| match e {
         clearlog_migration::Error::VerificationFailed { .. } => {
-            CliError::Mismatch(format!("migration to {uri}: {e}"))
+            CliError::Mismatch(format!("migration to {uri}: {}", e.chain()))
         }
         clearlog_migration::Error::VerificationIncomplete(_) => CliError::Committed(format!(
-            "migration to {uri} committed but {e}; the source guest stays paused here"
+            "migration to {uri} committed but {}; the source guest stays paused here",
+            e.chain()
         )),
         e => CliError::Failed(format!(
-            "migration to {uri} failed: {e}; the guest keeps running here"
+            "migration to {uri} failed: {}; the guest keeps running here",
+            e.chain()
         )),
     })
 }

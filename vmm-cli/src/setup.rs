@@ -17,6 +17,7 @@ use clearlog_test_guest::layout::{
 use clearlog_test_guest::workload::WorkloadSpec;
 
 use crate::args::{DirtyLogArg, GuestArgs, MigrationArgs, WorkloadKind, DEFAULT_DIRTY_RATE};
+use crate::chain::ErrorChain;
 use crate::{CliError, CliResult};
 
 /// Check a guest shape; every message says what is wrong and what to do.
@@ -142,7 +143,7 @@ pub fn vm_dirty_log(dirty_log: DirtyLogArg, ring_size: u64) -> CliResult<Option<
 /// `--ring-size` against this host's range (usage errors list it), and a host without the ring.
 pub fn check_ring_size(bytes: u64) -> CliResult<u32> {
     let caps = clearlog_kvm::KvmCaps::probe_device(clearlog_kvm::KVM_DEVICE.as_ref())
-        .map_err(|e| CliError::Failed(format!("--dirty-log ring: {e}")))?;
+        .map_err(|e| CliError::Failed(format!("--dirty-log ring: {}", e.chain())))?;
     let range = clearlog_kvm::RingRange::of(&caps).ok_or_else(|| {
         CliError::Usage(format!(
             "--dirty-log ring: {}",
@@ -201,7 +202,8 @@ pub fn validate_uri(flag: &str, uri: &str) -> CliResult {
 pub fn connect_source(uri: &str, io_timeout: Duration) -> CliResult<Transport> {
     clearlog_migration::connect_with(uri, &ConnectOptions { io_timeout }).map_err(|e| {
         CliError::Failed(format!(
-            "cannot reach the destination {uri}: {e} (is `vmm incoming` listening there?)"
+            "cannot reach the destination {uri}: {} (is `vmm incoming` listening there?)",
+            e.chain()
         ))
     })
 }

@@ -203,7 +203,7 @@ impl GuestRam for ImageRam {
 }
 
 fn asm_err(e: iced_x86::IcedError) -> Error {
-    Error::Assemble(e.to_string())
+    Error::Assemble(e)
 }
 
 /// The 32-bit entry: copy the infrastructure area down, enable long mode, jump to 64-bit code.

@@ -148,12 +148,12 @@ impl Guest {
         ));
         let region = memory
             .add_ram(RAM_BLOCK_NAME, 0, mem)
-            .map_err(memory_error)?;
-        let (block, _) = memory.region_block(region).map_err(memory_error)?;
+            .map_err(Error::Memory)?;
+        let (block, _) = memory.region_block(region).map_err(Error::Memory)?;
         let listener = Arc::new(KvmMemoryListener::new(vm.clone()));
         memory
             .register_listener(listener.clone())
-            .map_err(memory_error)?;
+            .map_err(Error::Memory)?;
         // SAFETY: the block's mapping of `mem` bytes is page-aligned, readable and writable, and
         // lives as long as `block`, which this struct holds for as long as `ram`. Nothing forms a
         // Rust reference into it: the memory system and vm-memory (a migration's copies) access it
@@ -522,8 +522,4 @@ impl Drop for Guest {
 /// The vCPU index of a state blob name (`vcpu3` -> 3).
 fn vcpu_blob_index(name: &str) -> Option<u32> {
     name.strip_prefix(VCPU_BLOB_PREFIX)?.parse().ok()
-}
-
-fn memory_error(e: clearlog_memory::Error) -> Error {
-    Error::Layout(format!("guest memory: {e}"))
 }

@@ -202,8 +202,7 @@ impl Vcpu {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| Error::InvalidState(format!("MSR list: {e:?}")))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(Error::MsrList)?;
         let n = self
             .fd
             .get_msrs(&mut msrs)
@@ -262,8 +261,7 @@ impl Vcpu {
             });
         }
         if !entries.is_empty() {
-            let msrs = Msrs::from_entries(&entries)
-                .map_err(|e| Error::InvalidState(format!("MSR list: {e:?}")))?;
+            let msrs = Msrs::from_entries(&entries).map_err(Error::MsrList)?;
             let n = self
                 .fd
                 .set_msrs(&msrs)

@@ -55,13 +55,14 @@ extern "C" fn kick_handler(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
 }
 
 fn register_kick_handler() -> Result<()> {
-    static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    // The errno of the one registration, kept for every later caller.
+    static REGISTERED: OnceLock<std::result::Result<(), i32>> = OnceLock::new();
     REGISTERED
-        .get_or_init(|| {
-            register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.to_string())
+        .get_or_init(|| register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.errno()))
+        .map_err(|errno| Error::Thread {
+            what: "registering the kick signal handler",
+            source: std::io::Error::from_raw_os_error(errno),
         })
-        .clone()
-        .map_err(|e| Error::Thread(format!("registering the kick signal handler: {e}")))
 }
 
 /// What the vCPU thread is doing.
@@ -422,7 +423,7 @@ impl VcpuRunner {
                 ctl.state = end;
                 s.cv.notify_all();
             })
-            .map_err(|e| Error::Thread(e.to_string()))?;
+            .map_err(Error::thread("spawning the vCPU thread"))?;
         Ok(VcpuRunner {
             shared,
             thread: Some(thread),
@@ -470,8 +471,10 @@ impl VcpuRunner {
     pub fn kick(&self) -> Result<()> {
         if let Some(t) = &self.thread {
             if !t.is_finished() {
-                t.kill(kick_signal())
-                    .map_err(|e| Error::Thread(format!("pthread_kill: {e}")))?;
+                t.kill(kick_signal()).map_err(|e| Error::Thread {
+                    what: "pthread_kill",
+                    source: std::io::Error::from_raw_os_error(e.errno()),
+                })?;
             }
         }
         Ok(())
@@ -622,8 +625,7 @@ impl VcpuRunner {
         let shared = self.shared.clone();
         // Drops our other reference (the thread's one went with the join).
         drop(self);
-        let shared = Arc::try_unwrap(shared)
-            .map_err(|_| Error::Thread("vCPU still shared after join".into()))?;
+        let shared = Arc::try_unwrap(shared).map_err(|_| Error::VcpuStillShared)?;
         Ok(shared.vcpu.into_inner().unwrap_or_else(|p| p.into_inner()))
     }
 
@@ -641,8 +643,7 @@ impl VcpuRunner {
             // The thread may exit between the check and the kill; ESRCH is fine then.
             let _ = t.kill(kick_signal());
         }
-        t.join()
-            .map_err(|_| Error::Thread("vCPU thread panicked".into()))
+        t.join().map_err(|_| Error::ThreadPanicked)
     }
 }
 

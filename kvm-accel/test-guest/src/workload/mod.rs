@@ -316,7 +316,10 @@ impl Workload {
             WorkloadKind::Image => Vec::new(),
         };
         if code.len() as u64 > CODE_END - CODE_ADDR {
-            return Err(Error::Assemble("program larger than the code area".into()));
+            return Err(Error::ProgramTooLarge {
+                len: code.len(),
+                max: CODE_END - CODE_ADDR,
+            });
         }
         Ok(code)
     }

@@ -12,7 +12,7 @@ use super::params::*;
 use crate::error::{Error, Result};
 
 fn asm_err(e: iced_x86::IcedError) -> Error {
-    Error::Assemble(e.to_string())
+    Error::Assemble(e)
 }
 
 /// Emits `r12 = rdtsc` (clobbers rax, rdx).

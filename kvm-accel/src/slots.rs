@@ -318,7 +318,7 @@ impl SlotTable {
         let known = self
             .entries
             .iter()
-            .find(|(&id, _)| id >> 16 == as_id)
+            .find(|&(&id, _)| id >> 16 == as_id)
             .map(|(_, e)| e.slot.guest_phys);
         if self.probe_page.is_none() {
             let page = ProbePage::new().map_err(|source| Error::SlotProbePage { source })?;

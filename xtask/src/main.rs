@@ -4,11 +4,13 @@
 //! Project automation for the clearlog workspace.
 //!
 //! ```text
-//! cargo xtask test            fmt, layering, packaging, clippy -D warnings, aarch64 check, all tests (real KVM)
+//! cargo xtask test            fmt, layering, structure, packaging, clippy -D warnings, aarch64 and MSRV
+//!                             checks, all tests (real KVM), the engine's tests without the memory API
 //! cargo xtask bench [CRATE]   criterion benchmarks (all, or one crate by directory or package name)
 //!                   [--quick] short runs, for CI
 //! cargo xtask deps            fail if a crate depends on a crate above it in the layering
 //! cargo xtask structure       fail on an import circle between files or a function over 100 lines
+//! cargo xtask msrv            cargo check of the library crates with the workspace's rust-version
 //! cargo xtask faults [--count N] [--seed S]   cut N migrations at random points; the source must
 //!                             survive and a retry from the same process must verify
 //! cargo xtask soak [--runs N] [--seed S]      N random migrations, each verified (increment rule,
@@ -32,6 +34,7 @@ use std::time::Instant;
 
 mod faults;
 mod fuzz;
+mod gates;
 mod harness;
 mod layering;
 mod loss;
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("deps") => deps(),
         Some("structure") => structure::structure(&workspace_root()),
+        Some("msrv") => gates::msrv_check().into_result(),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("miri") => miri::miri(&args[1..]),
         Some("faults") => faults::faults(&args[1..]),
@@ -89,10 +93,11 @@ fn print_usage() {
     eprintln!(
         "usage: cargo xtask <command>\n\n\
          commands:\n  \
-         test             fmt check, layering check, clippy -D warnings, cargo test --workspace (real KVM tests included)\n  \
+         test             fmt check, layering and structure checks, clippy -D warnings, aarch64 and MSRV checks, cargo test --workspace (real KVM tests included), the engine's tests without the memory API\n  \
          bench [CRATE]    criterion benchmarks of all crates or one (bitmap, memory-api, kvm-accel/test-guest, migration); --quick for short runs\n  \
-         deps             check that no crate depends on a crate above it in the layering\n  \
+         deps             check that no crate depends on a crate above it in the layering (and the engine without default features on no memory API)\n  \
          structure        check that no files of a crate import each other in a circle and no function is over 100 lines\n  \
+         msrv             cargo check of the library crates with the workspace's rust-version (installed with rustup; SKIPPED when it cannot be)\n  \
          faults           cut migrations at random points (--count N, default 50; --seed S): the source survives and a retry verifies\n  \
          soak             N random migrations (--runs N, default 200; --seed S), each verified; reports mismatched pages\n  \
          netns            migrate between two network namespaces over a shaped veth link, then take the link down mid-migration\n  \
@@ -124,6 +129,16 @@ struct StepResult {
     note: String,
 }
 
+impl StepResult {
+    fn into_result(self) -> Result<(), String> {
+        if self.ok {
+            Ok(())
+        } else {
+            Err(format!("{}: {}", self.name, self.note))
+        }
+    }
+}
+
 fn run_step(name: &str, mut cmd: Command) -> StepResult {
     println!("\n==> xtask: {name}: {cmd:?}");
     let start = Instant::now();
@@ -144,9 +159,7 @@ fn run_step(name: &str, mut cmd: Command) -> StepResult {
 
 /// What the real-KVM tests will do on this machine, and why.
 fn kvm_status() -> (bool, String) {
-    let ci = std::env::var("CI")
-        .map(|v| v == "true" || v == "1")
-        .unwrap_or(false);
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -225,6 +238,7 @@ fn test() -> Result<(), String> {
     results.push(run_step("clippy -D warnings", clippy));
 
     results.push(aarch64_check());
+    results.push(gates::msrv_check());
 
     let mut tests = cargo();
     // All features: `clearlog-memory`'s `testing` kit and its conformance tests are tests too.
@@ -236,6 +250,7 @@ fn test() -> Result<(), String> {
         "cargo test --workspace --all-features (unit, integration, doc, real KVM)",
         tests,
     ));
+    results.push(gates::bare_engine_tests());
 
     println!("\n==> xtask test summary");
     println!("  real-KVM tests: {kvm_note}");
@@ -271,12 +286,11 @@ fn aarch64_check() -> StepResult {
         Command::new("rustup")
             .args(["target", "list", "--installed"])
             .output()
-            .map(|o| {
+            .is_ok_and(|o| {
                 String::from_utf8_lossy(&o.stdout)
                     .lines()
                     .any(|l| l.trim() == AARCH64)
             })
-            .unwrap_or(false)
     };
     if !installed() {
         println!("\n==> xtask: rustup target add {AARCH64}");
@@ -376,9 +390,10 @@ fn deps() -> Result<(), String> {
     }
     let metadata: serde_json::Value = serde_json::from_slice(&output.stdout)
         .map_err(|e| format!("cargo metadata output is not JSON: {e}"))?;
-    let violations = layering::check(&metadata)?;
+    let mut violations = layering::check(&metadata)?;
+    violations.extend(gates::bare_engine_deps().err());
     if violations.is_empty() {
-        println!("deps: layering holds (bitmap <- memory-api <- kvm-accel (<- test-guest), migration <- vmm-cli)");
+        println!("deps: layering holds (bitmap <- memory-api <- kvm-accel (<- test-guest), migration <- vmm-cli); the engine without default features has no memory API");
         Ok(())
     } else {
         for v in &violations {

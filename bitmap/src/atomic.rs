@@ -739,7 +739,7 @@ impl AtomicBitmap {
     /// assert_eq!(map.count_ones(), 0);
     /// ```
     pub fn clear_all(&self) {
-        for w in self.words.iter() {
+        for w in &self.words {
             w.store(0, STORE);
         }
     }

@@ -299,9 +299,9 @@ mod tests {
             ClearBitmap::new(1, 5).unwrap_err(),
             Error::InvalidClearShift { shift: 5 }
         );
-        assert!(ClearBitmap::new(1, 6).is_ok());
-        assert!(ClearBitmap::new(1, 31).is_ok());
-        assert!(ClearBitmap::new(1, 32).is_err());
+        ClearBitmap::new(1, 6).unwrap();
+        ClearBitmap::new(1, 31).unwrap();
+        ClearBitmap::new(1, 32).unwrap_err();
     }
 
     #[test]
@@ -326,7 +326,7 @@ mod tests {
                 actual: 1,
             })
         });
-        assert!(err.is_err());
+        err.unwrap_err();
         assert_eq!(clear.pending(), 3);
         // The run ends at the block end, clipped.
         calls.clear();

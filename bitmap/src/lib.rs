@@ -52,6 +52,7 @@
 //! ```
 
 #![forbid(unsafe_code)]
+#![deny(unreachable_pub)]
 
 mod atomic;
 mod bitmap;

@@ -42,7 +42,7 @@
 //! memory.log_sync_all().unwrap();           // KVM_GET_DIRTY_LOG into the slot caches
 //! memory.clear_dirty_bitmap(ram, 0, 1 << 20).unwrap(); // re-arm the first MiB: only bits KVM reported
 //! ```
-#![deny(missing_docs)]
+#![deny(unreachable_pub)]
 
 mod caps;
 mod device;

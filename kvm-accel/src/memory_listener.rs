@@ -1219,7 +1219,7 @@ mod tests {
         push(&vm, 8, 0, id, 10);
         vm.rings_for_test()
             .set_fake_reset(FakeReset::Fail(libc::EIO));
-        assert!(vm.unregister_vcpu_ring(8).is_err());
+        vm.unregister_vcpu_ring(8).unwrap_err();
         assert_eq!(vm.ring_stats().len(), 1, "the ring is kept");
         vm.rings_for_test().set_fake_reset(FakeReset::Kernel);
         assert!(vm.unregister_vcpu_ring(8).unwrap());

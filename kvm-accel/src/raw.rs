@@ -289,7 +289,7 @@ pub unsafe fn get_dirty_log(
         slot,
         padding1: 0,
         __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 {
-            dirty_bitmap: bitmap.as_mut_ptr() as *mut c_void,
+            dirty_bitmap: bitmap.as_mut_ptr().cast::<c_void>(),
         },
     };
     // SAFETY: the caller guarantees `vm` is a KVM VM fd and `bitmap` large enough for the

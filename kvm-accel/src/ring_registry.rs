@@ -232,7 +232,7 @@ impl RingRegistry {
         let SlotTable {
             entries, pending, ..
         } = slots;
-        for (&vcpu, r) in self.rings.iter_mut() {
+        for (&vcpu, r) in &mut self.rings {
             let pass = r.ring.harvest(|slot, offset| {
                 if h.take(slot, offset) {
                     return;

@@ -45,7 +45,7 @@ fn bad_ring_sizes_list_the_valid_range() {
     for bad in [0, 1000, r.min + 16, r.min / 2, r.max.saturating_mul(2)] {
         match ring_vm(bad) {
             Err(e @ Error::DirtyRingSize { .. }) => {
-                assert!(e.to_string().contains(&range), "{e}")
+                assert!(e.to_string().contains(&range), "{e}");
             }
             other => panic!("size {bad}: expected DirtyRingSize, got {other:?}"),
         }
@@ -66,7 +66,7 @@ fn the_ring_must_be_enabled_before_any_vcpu() {
     let fd = unsafe { BorrowedFd::borrow_raw(vm_fd.as_raw_fd()) };
     match enable_dirty_ring(fd, 64 << 10) {
         Err(e @ Error::DirtyRingEnable { .. }) => {
-            assert!(e.to_string().contains("before any vCPU"), "{e}")
+            assert!(e.to_string().contains("before any vCPU"), "{e}");
         }
         other => panic!("expected DirtyRingEnable, got {other:?}"),
     }
@@ -86,9 +86,9 @@ fn ring_calls_outside_ring_mode_are_refused() {
         Err(Error::DirtyRingNotEnabled { .. })
     ));
     let listener = Arc::new(KvmMemoryListener::new(Arc::new(vm)));
-    assert!(listener
+    listener
         .start_ring_reaper(clearlog_kvm::RING_REAP_INTERVAL)
-        .is_err());
+        .unwrap_err();
     assert_eq!(listener.reap_rings().unwrap(), 0);
 }
 
@@ -114,7 +114,7 @@ fn a_vmms_own_vm_and_vcpu_register_their_ring() {
     ));
     let memory = MemorySystem::with_ram_capacity(1 << 20);
     memory.add_ram("ram", 0, 1 << 20).unwrap();
-    let listener = Arc::new(KvmMemoryListener::new(vm.clone()));
+    let listener = Arc::new(KvmMemoryListener::new(vm));
     memory.register_listener(listener.clone()).unwrap();
     memory.log_global_start().unwrap();
     memory.log_sync_all().unwrap();

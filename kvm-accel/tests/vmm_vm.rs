@@ -345,7 +345,7 @@ fn a_vmm_memslot_is_never_taken_over_by_a_listener() {
 
     // With a range next to the VMM's slot the listener works: its first slot is probed with a
     // create (the Vm knows no slot yet), the second against the first.
-    let listener = Arc::new(KvmMemoryListener::with_slot_ids(vm.clone(), 2..16).unwrap());
+    let listener = Arc::new(KvmMemoryListener::with_slot_ids(vm, 2..16).unwrap());
     other.register_listener(listener.clone()).unwrap();
     assert_eq!(listener.slot_id_at(64 << 20), Some(2));
     other.add_ram("ram2", 128 << 20, RAM).unwrap();

@@ -102,7 +102,7 @@
 //! assert_eq!(&page[..10], b"device DMA");
 //! # let _ = ram;
 //! ```
-#![deny(missing_docs)]
+#![deny(unreachable_pub)]
 
 mod backing;
 mod dirty;

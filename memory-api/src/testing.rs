@@ -118,7 +118,7 @@ pub trait GuestWriter {
 
 impl<F: Fn(&Section, u64)> GuestWriter for F {
     fn dirty(&self, section: &Section, page: u64) {
-        self(section, page)
+        self(section, page);
     }
 }
 

@@ -74,7 +74,7 @@ impl MemoryListener for NeverSyncs {
 fn listener_without_final_sync_fails() {
     let mem = MemorySystem::with_ram_capacity(64 << 20);
     let msg = panic_message(catch_unwind(AssertUnwindSafe(|| {
-        check_memory_listener(&mem, Arc::new(NeverSyncs), &|_: &Section, _: u64| {})
+        check_memory_listener(&mem, Arc::new(NeverSyncs), &|_: &Section, _: u64| {});
     })));
     assert!(
         msg.contains("rule broken (final sync at log_stop)"),

@@ -256,9 +256,8 @@ fn migration_sync_counts_only_new_pages_and_marks_chunks() {
         Err(Error::BitmapTooSmall { .. })
     ));
     let mut small = ClearBitmap::new(100, 6).unwrap();
-    assert!(mem
-        .try_sync_migration_bitmap(&block, &mut dest, Some(&mut small))
-        .is_err());
+    mem.try_sync_migration_bitmap(&block, &mut dest, Some(&mut small))
+        .unwrap_err();
 }
 
 #[test]

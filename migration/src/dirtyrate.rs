@@ -800,7 +800,7 @@ mod tests {
         // Written before the window: not counted.
         block.write(0, &[1]).unwrap();
         let w = {
-            let (mem, block) = (mem.clone(), block.clone());
+            let (mem, block) = (mem.clone(), block);
             std::thread::spawn(move || {
                 // Wait for the measurement to start logging, then write 100 distinct pages
                 // (the first one three times).
@@ -841,12 +841,12 @@ mod tests {
             assert!(matches!(r, Err(Error::InvalidDirtyRate(_))), "{r:?}");
         }
         let ms = Duration::from_millis(100);
-        assert!(predict_convergence(f64::NAN, 1, 1, ms, 1).is_err());
-        assert!(predict_convergence(-1.0, 1, 1, ms, 1).is_err());
-        assert!(predict_convergence(1.0, 1, 0, ms, 1).is_err());
-        assert!(predict_convergence(1.0, 1, 1, Duration::ZERO, 1).is_err());
-        assert!(predict_convergence(1.0, 0, 1, ms, 1).is_err());
-        assert!(predict_convergence(1.0, 1, 1, ms, 0).is_err());
+        predict_convergence(f64::NAN, 1, 1, ms, 1).unwrap_err();
+        predict_convergence(-1.0, 1, 1, ms, 1).unwrap_err();
+        predict_convergence(1.0, 1, 0, ms, 1).unwrap_err();
+        predict_convergence(1.0, 1, 1, Duration::ZERO, 1).unwrap_err();
+        predict_convergence(1.0, 0, 1, ms, 1).unwrap_err();
+        predict_convergence(1.0, 1, 1, ms, 0).unwrap_err();
     }
 
     #[test]
@@ -876,9 +876,9 @@ mod tests {
         let growing = || -> std::result::Result<Vec<u64>, BoxError> {
             Ok(vec![0; 1 + k.fetch_add(1, Ordering::Relaxed) as usize])
         };
-        assert!(measure_ring(&growing, Duration::from_millis(1), 1).is_err());
+        measure_ring(&growing, Duration::from_millis(1), 1).unwrap_err();
         let none = || -> std::result::Result<Vec<u64>, BoxError> { Ok(vec![]) };
-        assert!(measure_ring(&none, Duration::from_millis(1), 1).is_err());
+        measure_ring(&none, Duration::from_millis(1), 1).unwrap_err();
         let failing = || -> std::result::Result<Vec<u64>, BoxError> { Err("ring gone".into()) };
         assert!(matches!(
             measure_ring(&failing, Duration::from_millis(1), 1),
@@ -935,8 +935,8 @@ mod tests {
         // The whole working set dirty within the window.
         let full = predict_convergence_saturating(2e9, 1.0, ws, ws, 400 << 20, ms100, 3).unwrap();
         assert!(!full.converges && full.ratio.is_infinite());
-        assert!(predict_convergence_saturating(1.0, 0.0, ws, ws, 1, ms100, 1).is_err());
-        assert!(predict_convergence_saturating(1.0, 1.0, 0, ws, 1, ms100, 1).is_err());
+        predict_convergence_saturating(1.0, 0.0, ws, ws, 1, ms100, 1).unwrap_err();
+        predict_convergence_saturating(1.0, 1.0, 0, ws, 1, ms100, 1).unwrap_err();
     }
 
     #[test]

@@ -116,7 +116,7 @@
 //! # Example
 //!
 //! See [`Source`] for an in-process migration over [`mem_channel`].
-#![deny(missing_docs)]
+#![deny(unreachable_pub)]
 
 mod cancel;
 mod config;

@@ -916,7 +916,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             match self.vm.resume() {
                 Ok(()) => tracing::warn!("migration failed after pause: source guest resumed"),
                 Err(e) => {
-                    tracing::error!(error = %e, "migration failed and the source guest could not be resumed")
+                    tracing::error!(error = %e, "migration failed and the source guest could not be resumed");
                 }
             }
         }

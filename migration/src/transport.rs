@@ -336,7 +336,7 @@ fn set_tcp_user_timeout(stream: &TcpStream, timeout: Duration) -> io::Result<()>
             stream.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_USER_TIMEOUT,
-            (&ms as *const libc::c_uint).cast(),
+            (&raw const ms).cast(),
             std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
         )
     };

@@ -207,7 +207,7 @@ fn fake_accel_clear_and_legacy_many_seeds() {
                 }
                 assert_eq!(
                     stats.log_clear_calls,
-                    2 * stats.dirty_syncs as u64,
+                    2 * u64::from(stats.dirty_syncs),
                     "{what}: 2 blocks per sync"
                 );
             }

@@ -340,7 +340,7 @@ fn no_convergence_hits_the_iteration_limit() {
     writer.join().unwrap();
     match s {
         Err(e @ Error::NotConverged { iterations: 3, .. }) => {
-            assert!(e.to_string().contains("did not converge"))
+            assert!(e.to_string().contains("did not converge"));
         }
         other => panic!("{other:?}"),
     }

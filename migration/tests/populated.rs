@@ -263,7 +263,7 @@ impl LazyRestore {
                     revents: 0,
                 };
                 // SAFETY: one valid pollfd.
-                if unsafe { libc::poll(&mut pfd, 1, 20) } <= 0 {
+                if unsafe { libc::poll(&raw mut pfd, 1, 20) } <= 0 {
                     continue;
                 }
                 // SAFETY: reads at most UFFD_MSG_BYTES into `msg`.

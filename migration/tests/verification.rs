@@ -238,7 +238,7 @@ fn a_destination_hiding_its_stale_pages_still_ends_equal_to_the_source() {
     }
     let dst = Lying {
         mem: &dst_mem,
-        lie: Lie::Hide(Arc::new(stale.clone())),
+        lie: Lie::Hide(Arc::new(stale)),
     };
     let (s, d) = run(&src, &dst, MigrationDirtyLogMode::default());
     let differ = diff_ram(&src, &dst_mem);

@@ -446,14 +446,14 @@ mod tests {
         assert!(parse_dirtyrate_spec("bits")
             .unwrap_err()
             .contains("sample, bitmap or ring"));
-        assert!(parse_dirtyrate_spec("ring,0s").is_err());
-        assert!(parse_dirtyrate_spec("ring,fast").is_err());
+        parse_dirtyrate_spec("ring,0s").unwrap_err();
+        parse_dirtyrate_spec("ring,fast").unwrap_err();
     }
 
     #[test]
     fn addresses() {
         assert_eq!(parse_addr("0x200000").unwrap(), 0x200000);
         assert_eq!(parse_addr("4096").unwrap(), 4096);
-        assert!(parse_addr("zz").is_err());
+        parse_addr("zz").unwrap_err();
     }
 }

@@ -27,7 +27,7 @@ pub fn bench(a: BenchArgs) -> CliResult {
         }
     }
     let modes = runs_and_modes(a.runs, &a.modes, "legacy,clear:128M")?;
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
     eprintln!(
         "vmm bench: guest {} MiB, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {:.0} MiB/s, downtime {} ms; {} run(s) of {} mode(s)",
         a.guest.mem >> 20,

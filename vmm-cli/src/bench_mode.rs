@@ -113,19 +113,19 @@ mod tests {
             BenchMode::Clear(128 << 20)
         );
         assert_eq!(BenchMode::parse("clear:1G").unwrap().label(), "clear 1 GiB");
-        assert!(BenchMode::parse("clear:3M").is_err());
-        assert!(BenchMode::parse("clear:4K").is_err());
+        BenchMode::parse("clear:3M").unwrap_err();
+        BenchMode::parse("clear:4K").unwrap_err();
         assert_eq!(BenchMode::parse("ring").unwrap(), BenchMode::Ring(64 << 10));
         assert_eq!(BenchMode::parse("ring:16K").unwrap().label(), "ring 16 KiB");
-        assert!(BenchMode::parse("ring:3K").is_err());
-        assert!(BenchMode::parse("ring:48K").is_err());
-        assert!(BenchMode::parse("fast").is_err());
+        BenchMode::parse("ring:3K").unwrap_err();
+        BenchMode::parse("ring:48K").unwrap_err();
+        BenchMode::parse("fast").unwrap_err();
     }
 
     #[test]
     fn runs_and_modes_are_checked() {
-        assert!(runs_and_modes(0, &["legacy".into()], "legacy").is_err());
-        assert!(runs_and_modes(1, &[], "legacy").is_err());
+        runs_and_modes(0, &["legacy".into()], "legacy").unwrap_err();
+        runs_and_modes(1, &[], "legacy").unwrap_err();
         assert_eq!(
             runs_and_modes(2, &["ring".into()], "x").unwrap(),
             [BenchMode::Ring(64 << 10)]

@@ -24,12 +24,14 @@ pub fn caps(json: bool) -> CliResult {
                     v.strip_prefix("0x")
                         .and_then(|h| i64::from_str_radix(h, 16).ok())
                 })
-                .map(serde_json::Value::from)
-                .unwrap_or_else(|| match v.as_str() {
-                    "true" | "yes" => true.into(),
-                    "false" | "no" => false.into(),
-                    _ => v.clone().into(),
-                });
+                .map_or_else(
+                    || match v.as_str() {
+                        "true" | "yes" => true.into(),
+                        "false" | "no" => false.into(),
+                        _ => v.clone().into(),
+                    },
+                    serde_json::Value::from,
+                );
             map.insert(k.to_string(), value);
         }
         map.insert("dirty_log_mode".into(), mode.to_string().into());

@@ -44,7 +44,7 @@ pub fn measure(guest: &Guest, spec: DirtyrateSpec, sample_pages: u32) -> CliResu
     };
     match spec.mode {
         DirtyRateMode::Sample => {
-            let seed = std::process::id() as u64 ^ 0x5a4d_504c_4553_0000;
+            let seed = u64::from(std::process::id()) ^ 0x5a4d_504c_4553_0000;
             measure_sample(&**guest.memory(), spec.duration, sample_pages, seed).map_err(failed)
         }
         DirtyRateMode::Bitmap => measure_bitmap(&**guest.memory(), spec.duration).map_err(failed),

@@ -531,8 +531,8 @@ mod tests {
             }
         );
         assert_eq!("read@7".parse::<FaultPlan>().unwrap().nth, 7);
-        assert!("read@0".parse::<FaultPlan>().is_err());
-        assert!("read@x".parse::<FaultPlan>().is_err());
+        "read@0".parse::<FaultPlan>().unwrap_err();
+        "read@x".parse::<FaultPlan>().unwrap_err();
         let e = "reboot".parse::<FaultPlan>().unwrap_err();
         assert!(e.contains("save-state"), "{e}");
         for step in FaultStep::ALL {
@@ -575,10 +575,10 @@ mod tests {
     #[test]
     fn only_the_nth_call_of_the_step_fails() {
         let inj = Injector::new(Some("clear@3".parse().unwrap()), None);
-        assert!(inj.check(FaultStep::Sync).is_ok());
-        assert!(inj.check(FaultStep::Clear).is_ok());
-        assert!(inj.check(FaultStep::Clear).is_ok());
+        inj.check(FaultStep::Sync).unwrap();
+        inj.check(FaultStep::Clear).unwrap();
+        inj.check(FaultStep::Clear).unwrap();
         assert!(inj.check(FaultStep::Clear).is_err());
-        assert!(inj.check(FaultStep::Clear).is_ok());
+        inj.check(FaultStep::Clear).unwrap();
     }
 }

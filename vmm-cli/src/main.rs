@@ -8,6 +8,8 @@
 //! its verification; 2 a usage error; 3 the verification found pages of the destination that
 //! differ from the source's final memory (on both sides).
 
+#![forbid(unsafe_code)]
+
 mod args;
 mod bench;
 mod bench_mode;

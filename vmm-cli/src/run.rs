@@ -356,7 +356,7 @@ pub fn migrate(
             bar.set_message(format!(
                 "{} | {:.0} MiB/s | expected downtime {:.0} ms{}",
                 p.iteration,
-                p.bandwidth_bytes_per_s as f64 / (1 << 20) as f64,
+                p.bandwidth_bytes_per_s as f64 / f64::from(1 << 20),
                 p.expected_downtime_ms,
                 if p.paused { " | paused" } else { "" }
             ));

@@ -171,7 +171,7 @@ pub fn builtin_workload(kind: WorkloadKind, g: &GuestArgs) -> CliResult<Workload
         WorkloadKind::Random => WorkloadSpec::Random {
             wss_bytes: g.wss,
             dirty_rate_bytes_per_s: g.dirty_rate.unwrap_or(DEFAULT_DIRTY_RATE),
-            seed: std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15,
+            seed: u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15,
         },
         WorkloadKind::Increment => WorkloadSpec::Increment {
             wss_bytes: g.wss,

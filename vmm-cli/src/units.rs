@@ -108,11 +108,11 @@ mod tests {
         assert_eq!(parse_size("128M").unwrap(), 128 << 20);
         assert_eq!(parse_size("128MiB").unwrap(), 128 << 20);
         assert_eq!(parse_size("4g").unwrap(), 4 << 30);
-        assert!(parse_size("").is_err());
+        parse_size("").unwrap_err();
         assert!(parse_size("-1G").unwrap_err().contains("negative"));
-        assert!(parse_size("1.5G").is_err());
-        assert!(parse_size("abc").is_err());
-        assert!(parse_size("99999999999T").is_err());
+        parse_size("1.5G").unwrap_err();
+        parse_size("abc").unwrap_err();
+        parse_size("99999999999T").unwrap_err();
     }
 
     #[test]
@@ -129,7 +129,7 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("250").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
-        assert!(parse_duration("-5ms").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
+        parse_duration("-5ms").unwrap_err();
+        parse_duration("5 parsecs").unwrap_err();
     }
 }

@@ -175,16 +175,13 @@ fn start_incoming_with(listen: &str, extra: &[&str]) -> Incoming {
         }
         all
     });
-    let uri = match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(uri) => uri,
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "vmm incoming --listen {listen} never said where it listens:\n{}",
-                stderr.join().unwrap_or_default()
-            );
-        }
+    let Ok(uri) = rx.recv_timeout(Duration::from_secs(20)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "vmm incoming --listen {listen} never said where it listens:\n{}",
+            stderr.join().unwrap_or_default()
+        );
     };
     Incoming { child, uri, stderr }
 }

@@ -364,7 +364,10 @@ fn clear_mode_migrates_increment_guest_without_loss_for_every_shift() {
         assert_eq!(stats.clear_chunk_bytes, 4096u64 << shift);
         // Small chunks mean several clears per pass over 8 MiB of working set.
         if shift == 6 {
-            assert!(stats.log_clear_calls > stats.iterations as u64, "{stats:?}");
+            assert!(
+                stats.log_clear_calls > u64::from(stats.iterations),
+                "{stats:?}"
+            );
         }
     }
 }

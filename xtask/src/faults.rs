@@ -175,7 +175,7 @@ fn set_linger_zero(s: &TcpStream) {
             s.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
+            (&raw const l).cast(),
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
     }
@@ -873,8 +873,7 @@ fn judge(j: Judged<'_>, harness_error: Option<String>, head: String) -> Result<C
     let short_err = first_error
         .as_deref()
         .and_then(|e| e.split(" failed: ").nth(1))
-        .map(|e| e.trim_end_matches("; the guest keeps running here"))
-        .unwrap_or("");
+        .map_or("", |e| e.trim_end_matches("; the guest keeps running here"));
     if let Some(e) = dst_a.error_line() {
         notes.push(format!(
             "A: {}",
@@ -924,7 +923,7 @@ mod tests {
         ));
         assert_eq!(t.counts(None), [2, 2, 1, 1, 1, 1, 1, 0, 2]);
         assert_eq!(t.counts(Some(Fault::Cut(CutKind::ProxyReset)))[0], 1);
-        assert!(t.verdict(0).is_ok());
+        t.verdict(0).unwrap();
         assert!(t.verdict(1).is_err(), "a stray process fails the run");
         t.undetected = 1;
         assert!(t.verdict(0).is_err(), "a loss no side caught fails the run");

@@ -202,7 +202,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
                         o.modes = v.split(',').map(Mode::parse).collect::<Result<_, _>>()?;
                     }
                     "--runs" => {
-                        o.runs = v.parse().map_err(|_| format!("--runs {v}: not a number"))?
+                        o.runs = v.parse().map_err(|_| format!("--runs {v}: not a number"))?;
                     }
                     "--out" => o.out = PathBuf::from(v),
                     "--mem" => (o.mem, explicit_shape) = (parse_size(v)?, true),
@@ -213,7 +213,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
                     "--warmup" => o.warmup_ms = parse_ms(v)?,
                     "--qemu" => o.qemu = v.clone(),
                     "--interleave-with-vmm" => {
-                        o.interleave_with_vmm = Some(v.split(',').map(str::to_string).collect())
+                        o.interleave_with_vmm = Some(v.split(',').map(str::to_string).collect());
                     }
                     _ => return Err(format!("unknown option `{flag}`\n{USAGE}")),
                 }
@@ -669,8 +669,7 @@ fn free_port() -> Result<u16, String> {
 fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn spawn_qemu(
@@ -950,7 +949,7 @@ fn check_run(o: &Opts, mode: Mode, line: &Value) -> Vec<String> {
     match (mode, clears.as_u64()) {
         (_, None) => p.push("the shim wrote no statistics".into()),
         (Mode::Legacy, Some(c)) if c > 0 => {
-            p.push(format!("legacy mode, yet {c} KVM_CLEAR_DIRTY_LOG calls"))
+            p.push(format!("legacy mode, yet {c} KVM_CLEAR_DIRTY_LOG calls"));
         }
         (Mode::Clear(_), Some(0)) => p.push("clear mode, yet no KVM_CLEAR_DIRTY_LOG call".into()),
         _ => {}
@@ -1001,9 +1000,9 @@ mod tests {
         assert_eq!(Mode::parse("clear:16M").unwrap().shift(), Some(12));
         assert_eq!(Mode::parse("clear:1G").unwrap().shift(), Some(18));
         assert_eq!(Mode::parse("clear:256K").unwrap().shift(), Some(6));
-        assert!(Mode::parse("clear:128K").is_err());
-        assert!(Mode::parse("clear:3M").is_err());
-        assert!(Mode::parse("fast").is_err());
+        Mode::parse("clear:128K").unwrap_err();
+        Mode::parse("clear:3M").unwrap_err();
+        Mode::parse("fast").unwrap_err();
         assert_eq!(Mode::Clear(MIB).label(), "clear 1 MiB");
     }
 
@@ -1012,20 +1011,20 @@ mod tests {
         assert_eq!(parse_size("400M").unwrap(), 400 * MIB);
         assert_eq!(parse_size("4G").unwrap(), 4 << 30);
         assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("4X").is_err());
+        parse_size("4X").unwrap_err();
         assert_eq!(parse_ms("100ms").unwrap(), 100);
         assert_eq!(parse_ms("2s").unwrap(), 2000);
         assert_eq!(parse_ms("2").unwrap(), 2);
-        assert!(parse_ms("2x").is_err());
+        parse_ms("2x").unwrap_err();
         let a = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
         let o = parse_opts(&a("--modes legacy,clear:1M --runs 3 --mem 1G --wss 512M")).unwrap();
         assert_eq!(o.modes, vec![Mode::Legacy, Mode::Clear(MIB)]);
         assert_eq!((o.runs, o.mem, o.wss), (3, 1 << 30, 512 * MIB));
         let s = parse_opts(&a("--smoke")).unwrap();
         assert_eq!((s.mem, s.wss), (512 * MIB, 256 * MIB));
-        assert!(parse_opts(&a("--wss 4G")).is_err());
-        assert!(parse_opts(&a("--bogus 1")).is_err());
-        assert!(parse_opts(&a("--runs")).is_err());
+        parse_opts(&a("--wss 4G")).unwrap_err();
+        parse_opts(&a("--bogus 1")).unwrap_err();
+        parse_opts(&a("--runs")).unwrap_err();
     }
 
     #[test]
@@ -1050,7 +1049,7 @@ mod tests {
             ),
             (0x4800, 0x5000, 2048)
         );
-        assert!(Image::from_json(PathBuf::from("x.img"), &json!({})).is_err());
+        Image::from_json(PathBuf::from("x.img"), &json!({})).unwrap_err();
     }
 
     #[test]
@@ -1067,7 +1066,7 @@ mod tests {
         assert!(check_run(&o, Mode::Clear(MIB), &good).is_empty());
         // The same numbers claimed as legacy: clears happened, so legacy was not in effect.
         assert_eq!(check_run(&o, Mode::Legacy, &good).len(), 1);
-        let mut idle = good.clone();
+        let mut idle = good;
         idle["guest_write_rate_bytes_per_s"] = json!(0);
         idle["ram"]["normal"] = json!(65536);
         assert_eq!(check_run(&o, Mode::Clear(MIB), &idle).len(), 2);

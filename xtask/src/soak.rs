@@ -351,7 +351,7 @@ mod tests {
             ..Totals::default()
         };
         assert_eq!((t.downtime_pct(0.5), t.downtime_pct(1.0)), (20.0, 30.0));
-        assert!(t.verdict(0).is_ok());
+        t.verdict(0).unwrap();
         t.digest_mismatched_pages = 1;
         assert!(t.verdict(0).is_err());
     }

@@ -328,7 +328,7 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(2));
     // Manual GET does not clear: every sync sees all 262144 pages dirty.
     g.bench_function("log_sync", |b| {
-        b.iter(|| rig.memory.log_sync_all().unwrap())
+        b.iter(|| rig.memory.log_sync_all().unwrap());
     });
     // Each clear needs a fresh sync with everything dirty: toggling logging with INITIALLY_SET
     // sets every bit again without re-protecting anything (the pages stay mapped writable).
@@ -341,7 +341,7 @@ fn bench(c: &mut Criterion) {
             },
             |()| rig.clear_all(),
             BatchSize::PerIteration,
-        )
+        );
     });
     g.finish();
     drop(rig);

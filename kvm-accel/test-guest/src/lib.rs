@@ -42,7 +42,7 @@
 //! let runner = VcpuRunner::spawn(vcpu).unwrap();
 //! WorkloadMonitor::new(&mem, 1).wait_ready(std::time::Duration::from_secs(5)).unwrap();
 //! ```
-#![deny(missing_docs)]
+#![deny(unreachable_pub)]
 #![cfg(target_arch = "x86_64")]
 
 pub mod boot_image;

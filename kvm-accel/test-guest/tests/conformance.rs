@@ -75,7 +75,7 @@ fn conformance(choice: Option<KvmDirtyLogMode>) {
     clearlog_test_guest::long_mode::write_tables(&ram, map_end).expect("page tables");
     vcpu.setup_ring3(&w.entry(0).unwrap()).unwrap();
 
-    let listener = Arc::new(KvmMemoryListener::new(vm.clone()));
+    let listener = Arc::new(KvmMemoryListener::new(vm));
     let idle = Mutex::new(Some(vcpu));
     let running: Mutex<Option<VcpuRunner>> = Mutex::new(None);
     let pokes = std::sync::atomic::AtomicU64::new(0);

@@ -238,7 +238,7 @@ fn selftest(choice: Option<KvmDirtyLogMode>, shift_paused: u8, shift_running: u8
     let pages = block.pages();
     let mut h = Harness {
         mv: &mv,
-        block: block.clone(),
+        block,
         first_wss_page: INFRA_END / PAGE,
         wss_pages,
         sent: vec![0; wss_pages as usize],

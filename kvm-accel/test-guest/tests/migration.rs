@@ -125,7 +125,7 @@ fn increment_consistent_after_migration() {
         dirty_rate_bytes_per_s: 0,
     });
     let (before, dst, r, _) = migrate(&w, INFRA_END + wss, |g| {
-        increment_ok(&g.mem, wss / 4096).expect("snapshot taken at the pause")
+        increment_ok(&g.mem, wss / 4096).expect("snapshot taken at the pause");
     });
     std::thread::sleep(Duration::from_millis(300));
     r.pause().unwrap();

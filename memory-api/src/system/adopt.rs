@@ -178,7 +178,7 @@ mod tests {
             (GuestAddress(0x10_0000), 1 << 20),
         ])
         .unwrap();
-        assert!(mem.add_guest_memory(&gm).is_err());
+        mem.add_guest_memory(&gm).unwrap_err();
         assert_eq!(mem.ram_blocks().len(), 1);
         assert!(gm.iter().all(|r| !r.get_mmap().bitmap().is_attached()));
         let view = mem.guest_memory().unwrap();

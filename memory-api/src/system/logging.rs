@@ -490,7 +490,7 @@ mod tests {
         let ok = Arc::new(Recorder::new("ok", 0));
         let no = Arc::new(Recorder::new("no", 1).refusing("log_global_start"));
         mem.register_listener(ok.clone()).unwrap();
-        mem.register_listener(no.clone()).unwrap();
+        mem.register_listener(no).unwrap();
         assert!(mem.log_global_start().is_err());
         assert!(!mem.global_logging());
         assert_eq!(

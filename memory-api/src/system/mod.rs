@@ -413,7 +413,7 @@ mod tests {
 
     #[test]
     fn checks_name_what_is_wrong() {
-        assert!(check_page_aligned("x", 0x2000).is_ok());
+        check_page_aligned("x", 0x2000).unwrap();
         assert!(matches!(
             check_page_aligned("x", 0x2001),
             Err(Error::NotPageAligned {
@@ -421,7 +421,7 @@ mod tests {
                 value: 0x2001
             })
         ));
-        assert!(check_range("r", 0x1000, 0x1000, 0x2000).is_ok());
+        check_range("r", 0x1000, 0x1000, 0x2000).unwrap();
         assert!(check_range("r", 1, u64::MAX, u64::MAX).is_err(), "overflow");
         assert!(check_range("r", 0x1000, 0x1001, 0x2000).is_err());
         let st = State {
@@ -446,6 +446,6 @@ mod tests {
             a.read().block_entry(&theirs),
             Err(Error::UnknownBlock(_))
         ));
-        assert!(a.read().block_entry(&a.ram_blocks()[0]).is_ok());
+        a.read().block_entry(&a.ram_blocks()[0]).unwrap();
     }
 }

@@ -363,7 +363,7 @@ fn run_loop(shared: &Shared) -> RunState {
                 shared.kicks.fetch_add(1, Ordering::Relaxed);
             }
             AfterExit::Unhandled(what) => {
-                let rip = guard.fd().get_regs().map(|r| r.rip).unwrap_or(0);
+                let rip = guard.fd().get_regs().map_or(0, |r| r.rip);
                 break RunState::Failed(format!("unhandled exit {what} at rip {rip:#x}"));
             }
             AfterExit::End(state) => break state,

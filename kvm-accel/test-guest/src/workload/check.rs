@@ -140,7 +140,7 @@ mod tests {
         w.load(&mem, 1_000_000).unwrap();
         let set = |page: u64, v: u8| {
             mem.write_at(w.wss_start() + page * PAGE_SIZE, &[v])
-                .unwrap()
+                .unwrap();
         };
         // Part 0 (pages 0..4) mid-sweep at page 2, part 1 (pages 4..8) mid-sweep at page 5:
         // one step each, consistent.

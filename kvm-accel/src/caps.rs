@@ -28,7 +28,8 @@ use crate::raw::{self, FdKind, KvmFd};
 ///
 /// # Example
 ///
-/// ```no_run
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("KvmCaps") { return; }
 /// use clearlog_kvm::KvmCaps;
 ///
 /// let caps = KvmCaps::probe_device("/dev/kvm".as_ref()).unwrap();
@@ -155,7 +156,8 @@ impl KvmCaps {
     ///
     /// # Example
     ///
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("probe_device") { return; }
     /// let caps = clearlog_kvm::KvmCaps::probe_device("/dev/kvm".as_ref()).unwrap();
     /// println!("manual protect flags: {:#x}", caps.manual_protect_flags);
     /// ```

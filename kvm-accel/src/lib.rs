@@ -8,9 +8,12 @@
 //!   through a per-slot [`SlotDirtyCache`] under one slots lock, so no dirty bit is ever cleared in
 //!   KVM unless KVM reported it since the last sync. Its memslot ids come from a range the caller
 //!   may choose ([`KvmMemoryListener::with_slot_ids`]), next to the VMM's own slots.
-//! - [`Vm`]: a VM fd ([`Vm::new`] makes one; [`Vm::from_fd`] takes the VMM's, of any kvm-ioctls
-//!   version) with its [`KvmDirtyLogMode`], probed [`KvmCaps`] and checked memslot and dirty-log calls,
-//!   which refuse slots a listener owns. Its GETs write into buffers that end right before a guard
+//! - [`VmmSlotCache`]: the same cache over memslots the VMM creates and keeps itself, for a VMM
+//!   with its own guest memory and memslots and no `clearlog-memory` (cloud-hypervisor's shape).
+//! - [`Vm`]: a VM fd ([`Vm::new`] makes one; [`Vm::from_fd`] takes the VMM's as it is: anything
+//!   [`AsKvmFd`], such as kvm-ioctls' `VmFd`) with its [`KvmDirtyLogMode`], probed [`KvmCaps`]
+//!   and checked memslot and dirty-log calls, which refuse slots a cache owns
+//!   ([`Error::SlotOwnedByCache`]). Its GETs write into buffers that end right before a guard
 //!   page, so a memslot re-made larger behind its back gives [`Error::SlotChangedBehindVm`]
 //!   instead of a write past the buffer; a listener probes each memslot id before it creates a
 //!   slot and refuses one the VMM made itself ([`Error::SlotIdTaken`]). Fds from the caller are
@@ -29,7 +32,8 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! ```
+//! # if clearlog_kvm::doctest_kvm_skip("lib.rs") { return; }
 //! use std::sync::Arc;
 //! use clearlog_kvm::{KvmMemoryListener, Vm, VmConfig};
 //! use clearlog_memory::MemorySystem;
@@ -87,3 +91,8 @@ pub use vmm_slot_cache::VmmSlotCache;
 /// assert_eq!(clearlog_kvm::PAGE_SIZE, 4096);
 /// ```
 pub const PAGE_SIZE: u64 = 4096;
+
+/// The examples of `README.md`, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

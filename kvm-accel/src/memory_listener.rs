@@ -24,7 +24,8 @@
 //! lost.
 //!
 //! # Example
-//! ```no_run
+//! ```
+//! # if clearlog_kvm::doctest_kvm_skip("memory_listener.rs") { return; }
 //! use std::sync::Arc;
 //! use clearlog_kvm::{KvmMemoryListener, Vm, VmConfig};
 //! use clearlog_memory::MemorySystem;
@@ -72,8 +73,14 @@ pub const RING_REAP_INTERVAL: Duration = Duration::from_millis(10);
 ///
 /// # Example
 ///
-/// ```no_run
-/// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("RingReaper") { return; }
+/// use clearlog_kvm::{KvmDirtyLogMode, Vm, VmConfig};
+///
+/// let Ok(vm) = Vm::new(VmConfig::with_dirty_log(Some(KvmDirtyLogMode::Ring { bytes: 65536 }))) else {
+///     return; // a kernel without the dirty ring
+/// };
+/// let vm = std::sync::Arc::new(vm);
 /// let listener = std::sync::Arc::new(clearlog_kvm::KvmMemoryListener::new(vm));
 /// let reaper: clearlog_kvm::RingReaper = listener.start_ring_reaper(clearlog_kvm::RING_REAP_INTERVAL).unwrap();
 /// ```
@@ -217,7 +224,8 @@ impl RingHarvester for ListenerHarvest<'_> {
 ///
 /// # Example
 ///
-/// ```no_run
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("KvmMemoryListener") { return; }
 /// use std::sync::Arc;
 /// use clearlog_kvm::{KvmMemoryListener, Vm};
 ///
@@ -282,7 +290,8 @@ impl KvmMemoryListener {
     /// Next to memslots the VMM made itself, use [`KvmMemoryListener::with_slot_ids`].
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("new") { return; }
     /// use std::sync::Arc;
     /// let vm = Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// let listener = clearlog_kvm::KvmMemoryListener::new(vm);
@@ -309,7 +318,8 @@ impl KvmMemoryListener {
     /// `KVM_CAP_NR_MEMSLOTS`.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("with_slot_ids") { return; }
     /// use std::sync::Arc;
     /// let vm = Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// // The VMM keeps memslots 0..16 for itself.
@@ -341,7 +351,8 @@ impl KvmMemoryListener {
     /// The memslot ids this listener may use.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("slot_ids") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// let listener = clearlog_kvm::KvmMemoryListener::with_slot_ids(vm, 4..8).unwrap();
     /// assert_eq!(listener.slot_ids(), 4..8);
@@ -357,7 +368,8 @@ impl KvmMemoryListener {
     /// The VM.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("vm") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// println!("{}", listener.vm().dirty_log_mode());
@@ -369,7 +381,8 @@ impl KvmMemoryListener {
     /// Counters so far.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("stats") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// assert_eq!(listener.stats().clears, 0);
@@ -381,7 +394,8 @@ impl KvmMemoryListener {
     /// The memslot id used for the section starting at `guest_addr`, if any (for tests and tools).
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("slot_id_at") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// assert_eq!(listener.slot_id_at(0), None);
@@ -393,7 +407,8 @@ impl KvmMemoryListener {
     /// A copy of the dirty cache of the slot at `guest_addr` (manual mode, logging on).
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("cache_at") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// assert!(listener.cache_at(0).is_none());
@@ -413,7 +428,8 @@ impl KvmMemoryListener {
     /// (out of `KVM_RUN`, buffers flushed) misses nothing.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("set_ring_kick") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// listener.set_ring_kick(std::sync::Arc::new(|| { /* pthread_kill each vCPU thread */ }));
@@ -435,7 +451,8 @@ impl KvmMemoryListener {
     /// harvest (every one calls the reset again while entries are owed) confirms them.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("reap_rings") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// let entries = listener.reap_rings().unwrap();
@@ -452,7 +469,8 @@ impl KvmMemoryListener {
     /// index; empty outside ring mode.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("ring_stats") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// for s in listener.ring_stats() {
@@ -472,8 +490,14 @@ impl KvmMemoryListener {
     /// [`Error::DirtyRingNotEnabled`] outside ring mode; the thread could not be spawned.
     ///
     /// # Example
-    /// ```no_run
-    /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("start_ring_reaper") { return; }
+    /// use clearlog_kvm::{KvmDirtyLogMode, Vm, VmConfig};
+    ///
+    /// let Ok(vm) = Vm::new(VmConfig::with_dirty_log(Some(KvmDirtyLogMode::Ring { bytes: 65536 }))) else {
+    ///     return; // a kernel without the dirty ring
+    /// };
+    /// let vm = std::sync::Arc::new(vm);
     /// let listener = std::sync::Arc::new(clearlog_kvm::KvmMemoryListener::new(vm));
     /// let reaper = listener.start_ring_reaper(clearlog_kvm::RING_REAP_INTERVAL).unwrap();
     /// drop(reaper); // stops the thread

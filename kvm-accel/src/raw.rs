@@ -268,17 +268,29 @@ pub(crate) unsafe fn set_user_memory_region(
 ///
 /// # Example
 ///
-/// ```no_run
-/// use std::os::fd::AsFd;
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("raw::get_dirty_log") { return Ok(()); }
+/// use clearlog_kvm::AsKvmFd;
+/// # use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+/// # let kvm = kvm_ioctls::Kvm::new().unwrap();
+/// # let vm = kvm.create_vm().unwrap();
+/// # let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 100 * 4096)]).unwrap();
+/// # let region = kvm_bindings::kvm_userspace_memory_region {
+/// #     slot: 0,
+/// #     flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+/// #     guest_phys_addr: 0,
+/// #     memory_size: 100 * 4096,
+/// #     userspace_addr: mem.get_host_address(GuestAddress(0)).unwrap() as u64,
+/// # };
+/// # // SAFETY: `mem` outlives `vm` and is used by nothing else.
+/// # unsafe { vm.set_user_memory_region(region).unwrap() };
 ///
-/// # fn f(vm: &std::fs::File) -> Result<(), vmm_sys_util::errno::Error> {
-/// // Slot 0 (the caller's own) is known to hold 100 pages: 2 words.
+/// // `vm`: a kvm-ioctls `VmFd`, whose slot 0 (the caller's own, logging) holds 100 pages: 2 words.
 /// let mut bitmap = [0u64; 2];
 /// // SAFETY: `vm` is a KVM VM fd; its slot 0 has 100 pages (nobody else changes it), the
 /// // buffer holds 128 bits.
-/// unsafe { clearlog_kvm::raw::get_dirty_log(vm.as_fd(), 0, &mut bitmap)? };
-/// # Ok(())
-/// # }
+/// unsafe { clearlog_kvm::raw::get_dirty_log(vm.as_kvm_fd(), 0, &mut bitmap)? };
+/// # Ok::<(), vmm_sys_util::errno::Error>(())
 /// ```
 pub unsafe fn get_dirty_log(
     vm: BorrowedFd<'_>,
@@ -422,16 +434,30 @@ impl ClearDirtyLogError {
 ///
 /// # Example
 ///
-/// ```no_run
-/// use std::os::fd::AsFd;
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("raw::clear_dirty_log") { return Ok(()); }
+/// use clearlog_kvm::{AsKvmFd, MANUAL_PROTECT_ENABLE, enable_manual_protect};
 /// use clearlog_kvm::raw::clear_dirty_log;
 ///
-/// # fn f(vm: &std::fs::File) -> Result<(), clearlog_kvm::ClearDirtyLogError> {
-/// // `vm` is a VM fd of any kvm-ioctls version (or a plain `File`/`OwnedFd`); slot 0 is the
-/// // caller's own, not a `KvmMemoryListener`'s. Clear pages 0..31 only; 32..63 stay dirty.
-/// clear_dirty_log(vm.as_fd(), 0, 0, 64, &[0xffff_ffff])?;
-/// # Ok(())
-/// # }
+/// # let kvm = kvm_ioctls::Kvm::new().unwrap();
+/// # let vm = kvm.create_vm().unwrap();
+/// # if enable_manual_protect(&vm, MANUAL_PROTECT_ENABLE).is_err() { return Ok(()); }
+/// # use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+/// # let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 100 * 4096)]).unwrap();
+/// # let region = kvm_bindings::kvm_userspace_memory_region {
+/// #     slot: 0,
+/// #     flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+/// #     guest_phys_addr: 0,
+/// #     memory_size: 100 * 4096,
+/// #     userspace_addr: mem.get_host_address(GuestAddress(0)).unwrap() as u64,
+/// # };
+/// # // SAFETY: `mem` outlives `vm` and is used by nothing else.
+/// # unsafe { vm.set_user_memory_region(region).unwrap() };
+/// // `vm`: a VM fd of any kvm-ioctls version (a `VmFd`, a `File`, an `OwnedFd`) in manual
+/// // protect mode; slot 0 is the caller's own, not a `KvmMemoryListener`'s. Clear pages 0..31
+/// // only; 32..63 stay dirty.
+/// clear_dirty_log(vm.as_kvm_fd(), 0, 0, 64, &[0xffff_ffff])?;
+/// # Ok::<(), clearlog_kvm::ClearDirtyLogError>(())
 /// ```
 pub fn clear_dirty_log(
     vm: BorrowedFd<'_>,

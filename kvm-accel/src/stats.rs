@@ -44,13 +44,13 @@ pub struct DirtyLogStats {
     /// Ring mode: time spent harvesting and resetting, nanoseconds.
     pub ring_reap_ns: u64,
     /// Ring mode: harvests that found a ring completely full without a ring-full exit (entries
-    /// may have been lost by the kernel; see [`VcpuRingStats::found_full`]). Each makes every
-    /// page of every logging slot dirty (this listener's, and the ones the [`Vm`] keeps entries
+    /// may have been lost by the kernel; see [`VcpuRingStats::found_full`](crate::VcpuRingStats::found_full)). Each makes every
+    /// page of every logging slot dirty (this listener's, and the ones the [`Vm`](crate::Vm) keeps entries
     /// for), so the next sync reports them all: nothing lost can go unreported.
     pub ring_found_full: u64,
-    /// Ring mode: entries of no logging memslot of the [`Vm`] (a slot deleted or no longer
+    /// Ring mode: entries of no logging memslot of the [`Vm`](crate::Vm) (a slot deleted or no longer
     /// logging since, or one the VMM made through its own fd), dropped. Entries of another
-    /// owner's logging slot (a second listener's, one made with [`Vm::set_memslot`]) are not
+    /// owner's logging slot (a second listener's, one made with [`Vm::set_memslot`](crate::Vm::set_memslot)) are not
     /// dropped: the `Vm` keeps them for their owner.
     pub ring_foreign: u64,
 }

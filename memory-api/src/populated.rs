@@ -253,7 +253,7 @@ pub(crate) fn scan(
 }
 
 /// How a block finds its populated pages: decided from what the kernel says its mapping is
-/// ([`crate::mapping`]), when the block is made and again by
+/// (its mapping type), when the block is made and again by
 /// [`RamBlock::reclassify_mapping`](crate::RamBlock::reclassify_mapping).
 ///
 /// # Examples

@@ -482,9 +482,8 @@ impl RamBlock {
     ///   page's read waits for the handler, like any read.
     ///
     /// Reading leaves never-touched private anonymous pages mapped to the zero page (as any read
-    /// of them does); a later write to one gets a fresh page as before (on this project's 6.18
-    /// test host a write to the huge zero page gets a fresh huge page, measured with
-    /// `PAGEMAP_SCAN`).
+    /// of them does); a later write to one gets a fresh page as before (a write to the huge zero
+    /// page gets a fresh huge page, docs/bench/README.md).
     ///
     /// # Errors
     ///

@@ -11,28 +11,23 @@ use crate::PAGE_SHIFT;
 
 use crate::{Error, Result};
 
-/// Default clear-bitmap shift: 2^12 pages = 16 MiB chunks, chosen from measurements.
+/// Default clear-bitmap shift: 2^12 pages = 16 MiB chunks.
 ///
-/// `vmm bench` on this project's 2-core PVM host (4 GiB guest, 3 GiB working set written at random at
-/// 288 MiB/s, 400 MiB/s bandwidth limit, 100 ms downtime limit, 5 interleaved runs per mode, all
-/// verified; see the workspace README) measured an average total migration time of 19.6 s without
-/// chunked clearing and 15.8 s / 14.5 s / 14.2 s / 13.9 s with 1 GiB / 128 MiB / 16 MiB / 1 MiB
-/// chunks. 16 MiB is within 2% of 1 MiB (run-to-run spread is about 5%) with 16x fewer
-/// `KVM_CLEAR_DIRTY_LOG` calls (~2,000 instead of ~31,500 per migration; 75 ms instead of 430 ms of
-/// clearing). The seed experiment (13 GiB guest) also found 128 MiB, 16 MiB and 1 MiB equally good
-/// (38-39 s vs 58 s) and 1 GiB (QEMU's own default, shift 18) the slowest chunked setting, as here.
+/// Chosen from `vmm bench` runs of the reference workload: 16 MiB chunks migrate about as fast as
+/// 1 MiB ones with 16x fewer `KVM_CLEAR_DIRTY_LOG` calls, and faster than 1 GiB ones (QEMU's
+/// default, shift 18). The figures are in docs/bench/README.md ("Clear chunk size").
 pub const DEFAULT_CLEAR_SHIFT: u8 = 12;
 
 /// The default [`MigrationConfig::mid_pass_sync`] interval (legacy mode): see there.
 pub const DEFAULT_MID_PASS_SYNC: Duration = Duration::from_millis(250);
 
-/// Default downtime limit: 100 ms, the limit of the seed experiment and of our scaled benchmark
-/// (QEMU's default is 300 ms; QEMU reached 20-30 ms of real downtime with a 100 ms limit here).
+/// Default downtime limit: 100 ms, the limit of the reference workload's experiment (QEMU's
+/// default is 300 ms; docs/bench/README.md compares the downtime both reach).
 pub const DEFAULT_DOWNTIME_LIMIT: Duration = Duration::from_millis(100);
 
 /// Default time the source waits for the destination's acknowledgement after the end marker. The
-/// destination hashes all of its RAM before acknowledging (about 0.1 s per GiB here, see the crate
-/// docs), so this leaves a wide margin for big guests on slow hosts.
+/// destination hashes all of its RAM before acknowledging (docs/bench/README.md, "Verification
+/// cost"), so this leaves a wide margin for big guests on slow hosts.
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The migration engine's dirty-log mode: how the source re-arms the accelerator's dirty
@@ -224,8 +219,8 @@ pub fn chunk_bytes_to_shift(bytes: u64) -> Result<u8> {
 ///   RAM after loading (re-reading what it wrote) and resumes only on a match. It proves the
 ///   destination's RAM, as read back, equals the source's final RAM (up to xxh3-64), including
 ///   what `write_untracked` stored. Costs the hashing of all RAM on both sides in the downtime
-///   (on this project's 2-core test host about 100 ms per GiB per side): for tests and
-///   benchmarks that must not resume a bad guest.
+///   (docs/bench/README.md, "Verification cost"): for tests and benchmarks that must not resume
+///   a bad guest.
 ///
 /// # Examples
 ///

@@ -14,7 +14,8 @@
 //! [`Guest::restore_vcpus`] and [`Guest::resume`]).
 //!
 //! # Example
-//! ```no_run
+//! ```
+//! # if clearlog_kvm::doctest_kvm_skip("guest.rs") { return; }
 //! use clearlog_test_guest::{Guest, GuestConfig};
 //! use clearlog_test_guest::workload::WorkloadSpec;
 //!
@@ -120,7 +121,8 @@ impl Guest {
     /// A size that is not a 2 MiB multiple or too large, `/dev/kvm` problems, memslot or mmap errors.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("create") { return; }
     /// let g = clearlog_test_guest::Guest::create(Default::default()).unwrap();
     /// assert_eq!(g.mem_bytes(), 256 << 20);
     /// ```
@@ -192,7 +194,8 @@ impl Guest {
     /// pre-faulted its working set.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("boot") { return; }
     /// let g = clearlog_test_guest::Guest::boot(Default::default()).unwrap();
     /// ```
     pub fn boot(config: GuestConfig) -> Result<Self> {

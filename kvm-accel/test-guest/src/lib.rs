@@ -19,7 +19,8 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! ```
+//! # if clearlog_kvm::doctest_kvm_skip("lib.rs") { return; }
 //! use clearlog_kvm::{Vm, VmConfig};
 //! use clearlog_test_guest::vcpu::{runner::VcpuRunner, Vcpu};
 //! use clearlog_test_guest::workload::{monitor::WorkloadMonitor, Workload, WorkloadSpec};

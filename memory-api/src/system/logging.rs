@@ -122,7 +122,7 @@ impl MemorySystem {
     /// sections and the active clients are as before the call (a retry starts logging again).
     /// Turning logging off cannot be refused: a failed `log_stop` is returned, logging is off anyway
     /// and the section is marked dirty for the clients that were logging it (see
-    /// [`MemoryListener::log_stop`]).
+    /// [`MemoryListener::log_stop`](crate::MemoryListener::log_stop)).
     ///
     /// # Examples
     ///

@@ -301,7 +301,7 @@ impl Default for MemorySystem {
 }
 
 impl Drop for MemorySystem {
-    /// Detach every block's [`DirtyBitmap`]: vm-memory views that outlive the memory system mark
+    /// Detach every block's [`DirtyBitmap`](crate::DirtyBitmap): vm-memory views that outlive the memory system mark
     /// nothing, and their regions may be adopted by another memory system.
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);

@@ -367,7 +367,7 @@ impl MemorySystem {
     ///
     /// [`Error::UnknownRegion`], [`Error::NotMapped`], [`Error::Listener`] (the region is unmapped
     /// anyway; if a listener's last sync of a logging section failed, the section's pages are marked
-    /// dirty for the clients that were logging it, see [`MemoryListener::region_del`]).
+    /// dirty for the clients that were logging it, see [`MemoryListener::region_del`](crate::MemoryListener::region_del)).
     ///
     /// # Examples
     ///

@@ -44,7 +44,8 @@ pub const MSR_IA32_TSC: u32 = 0x10;
 ///
 /// # Example
 ///
-/// ```no_run
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("Vcpu") { return; }
 /// use clearlog_kvm::Vm;
 /// use clearlog_test_guest::{vcpu::Vcpu, workload::{Workload, WorkloadSpec}};
 ///

@@ -207,10 +207,21 @@ pub struct RunStats {
 ///
 /// # Example
 ///
-/// ```no_run
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("VcpuRunner") { return; }
 /// use clearlog_test_guest::vcpu::{runner::VcpuRunner, Vcpu};
+/// # use clearlog_test_guest::workload::{monitor::WorkloadMonitor, Workload, WorkloadSpec};
+/// # use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 /// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+/// # let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+/// # let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+/// # // SAFETY: `mem` outlives the VM's use of it in this example.
+/// # unsafe { vm.set_memslot(0, 0, 4 << 20, host, false).unwrap() };
 /// # let vcpu = Vcpu::new(&vm, 0).unwrap();
+/// # let w = Workload::new(WorkloadSpec::Idle);
+/// # w.load(&mem, vcpu.tsc_khz().unwrap()).unwrap();
+/// # vcpu.setup_ring3(&w.entry(0).unwrap()).unwrap();
+/// // `vcpu` is set up to run a workload loaded in `mem`.
 /// let runner = VcpuRunner::spawn(vcpu).unwrap();
 /// runner.pause().unwrap();
 /// let state = runner.with_vcpu(|v| v.save_state()).unwrap().unwrap();

@@ -17,7 +17,8 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! ```
+//! # if clearlog_kvm::doctest_kvm_skip("workload/mod.rs") { return; }
 //! use clearlog_test_guest::workload::{Workload, WorkloadSpec};
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //!

@@ -620,7 +620,7 @@ pub fn predict_convergence(
 /// use std::time::Duration;
 /// use clearlog_migration::dirtyrate::{expected_distinct_pages, predict_convergence_saturating};
 ///
-/// // The seed workload scaled: 288 MiB/s of random writes over 3 GiB, 400 MiB/s, 100 ms. Over
+/// // The reference workload: 288 MiB/s of random writes over 3 GiB, 400 MiB/s, 100 ms. Over
 /// // 1 s such a guest dirties ~95% as many distinct pages as it writes.
 /// let wss: u64 = 3 << 30;
 /// let distinct = expected_distinct_pages(288.0 * 256.0, wss / 4096) * 4096.0;

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::args::{BenchArgs, DEFAULT_DIRTY_RATE};
-use crate::bench_mode::{runs_and_modes, BenchMode};
 use crate::bench_run::{one_run, RunResult, RunSpec};
+use crate::bench_scenario::{runs_and_modes, BenchScenario};
 use crate::{CliError, CliResult};
 
 /// `vmm bench`.
@@ -93,16 +93,19 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-fn print_table(modes: &[BenchMode], results: &[RunResult], runs: u32) {
-    let legacy_avg = modes.iter().position(|m| *m == BenchMode::Legacy).map(|i| {
-        mean(
-            &results
-                .iter()
-                .filter(|r| r.mode == i && r.verified)
-                .map(|r| r.f64("total_time_ms") / 1e3)
-                .collect::<Vec<_>>(),
-        )
-    });
+fn print_table(modes: &[BenchScenario], results: &[RunResult], runs: u32) {
+    let legacy_avg = modes
+        .iter()
+        .position(|m| *m == BenchScenario::Legacy)
+        .map(|i| {
+            mean(
+                &results
+                    .iter()
+                    .filter(|r| r.mode == i && r.verified)
+                    .map(|r| r.f64("total_time_ms") / 1e3)
+                    .collect::<Vec<_>>(),
+            )
+        });
     print!("{:<14}", "scenario");
     for run in 1..=runs {
         print!(" {:>7}", format!("run{run}"));
@@ -164,7 +167,7 @@ fn print_table(modes: &[BenchMode], results: &[RunResult], runs: u32) {
     );
 }
 
-fn write_json(path: &Path, modes: &[BenchMode], results: &[RunResult]) -> CliResult {
+fn write_json(path: &Path, modes: &[BenchScenario], results: &[RunResult]) -> CliResult {
     let mut out = String::new();
     for r in results {
         let mut v = r.source.clone();
@@ -186,7 +189,10 @@ fn write_json(path: &Path, modes: &[BenchMode], results: &[RunResult]) -> CliRes
 }
 
 /// What the plot needs of each run: (mode index, total seconds, remaining bytes per iteration).
-fn results_for_plot(_modes: &[BenchMode], results: &[RunResult]) -> Vec<(usize, f64, Vec<f64>)> {
+fn results_for_plot(
+    _modes: &[BenchScenario],
+    results: &[RunResult],
+) -> Vec<(usize, f64, Vec<f64>)> {
     results
         .iter()
         .filter(|r| r.verified)

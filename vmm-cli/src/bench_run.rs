@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::args::{BenchArgs, DEFAULT_DIRTY_RATE};
-use crate::bench_mode::BenchMode;
+use crate::bench_scenario::BenchScenario;
 use crate::{CliError, CliResult};
 
 /// What one run migrates: the guest, its workload and the migration settings.
@@ -126,7 +126,7 @@ fn last_json_line(s: &str) -> Option<serde_json::Value> {
 /// One migration between two `vmm` processes on loopback TCP.
 pub fn one_run(
     a: &RunSpec,
-    mode: &BenchMode,
+    mode: &BenchScenario,
     mode_index: usize,
     run: u32,
     timeout: Duration,
@@ -163,7 +163,7 @@ pub fn one_run(
 }
 
 /// The `vmm run` arguments of the source of a run.
-fn source_args(a: &RunSpec, mode: &BenchMode, uri: String, timeout: Duration) -> Vec<String> {
+fn source_args(a: &RunSpec, mode: &BenchScenario, uri: String, timeout: Duration) -> Vec<String> {
     let mut args: Vec<String> = [
         "run",
         "--workload",
@@ -426,7 +426,7 @@ mod tests {
     fn the_source_runs_the_random_workload_in_the_mode_asked() {
         let args = source_args(
             &spec(),
-            &BenchMode::Ring(16 << 10),
+            &BenchScenario::Ring(16 << 10),
             "tcp:x:1".into(),
             Duration::from_secs(5),
         );

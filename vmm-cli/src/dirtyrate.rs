@@ -14,7 +14,7 @@ use clearlog_migration::dirtyrate::{
 use clearlog_migration::DirtyTracking;
 use clearlog_test_guest::{Guest, GuestConfig};
 
-use crate::args::{DirtyLogArg, DirtyrateArgs, DirtyrateSpec, MigrationArgs, WorkloadKind};
+use crate::args::{CliDirtyLogMode, DirtyrateArgs, DirtyrateSpec, MigrationArgs, WorkloadKind};
 use crate::chain::ErrorChain;
 use crate::{CliError, CliResult};
 
@@ -258,7 +258,7 @@ pub fn dirtyrate(a: DirtyrateArgs) -> CliResult {
     let workload = crate::setup::builtin_workload(a.workload, &a.guest)?;
     // Ring mode measures the VM's dirty ring, so the VM gets one whatever `--dirty-log` says.
     let dirty_log = match a.mode {
-        DirtyRateMode::Ring => DirtyLogArg::Ring,
+        DirtyRateMode::Ring => CliDirtyLogMode::Ring,
         _ => a.dirty_log,
     };
     let guest = Guest::boot(GuestConfig {

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use crate::args::{GuestArgs, LadderArgs, WorkloadKind};
-use crate::bench_mode::BenchMode;
 use crate::bench_run::{one_run, RunResult, RunSpec};
+use crate::bench_scenario::BenchScenario;
 use crate::{CliError, CliResult};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -116,7 +116,7 @@ pub fn ladder(a: LadderArgs) -> CliResult {
             .map_err(|e| CliError::Usage(format!("--ladder-sizes {}: {e}", size_label(mem))))?;
     }
     crate::setup::validate_migration(&a.migration)?;
-    let modes = crate::bench_mode::runs_and_modes(a.runs, &a.modes, "legacy,clear:16M")?;
+    let modes = crate::bench_scenario::runs_and_modes(a.runs, &a.modes, "legacy,clear:16M")?;
     eprintln!(
         "vmm ladder: guests {}, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {:.0} MiB/s, downtime {} ms; {} run(s) of {} mode(s){}",
         a.sizes.iter().map(|&s| size_label(s)).collect::<Vec<_>>().join(", "),
@@ -217,7 +217,7 @@ fn cell(v: f64, decimals: usize, width: usize) -> String {
 }
 
 /// One row per size x mode: means over the verified runs; `/GiB` columns divide by the guest size.
-fn print_table(sizes: &[u64], modes: &[BenchMode], rungs: &[Rung]) {
+fn print_table(sizes: &[u64], modes: &[BenchScenario], rungs: &[Rung]) {
     // (header, width, decimals, metric, scale, per GiB)
     let cols: &[(&str, usize, usize, &str, f64, bool)] = &[
         ("total s", 8, 2, "total_time_ms", 1e-3, false),
@@ -278,7 +278,7 @@ fn print_table(sizes: &[u64], modes: &[BenchMode], rungs: &[Rung]) {
 }
 
 /// Where each run's downtime went (`downtime_breakdown`), and how many runs verified.
-fn print_downtime_table(modes: &[BenchMode], rungs: &[Rung]) {
+fn print_downtime_table(modes: &[BenchScenario], rungs: &[Rung]) {
     let parts = [
         "pause_ms",
         "final_sync_ms",
@@ -331,7 +331,7 @@ fn print_downtime_table(modes: &[BenchMode], rungs: &[Rung]) {
 
 /// One JSON object per run: the ladder's numbers, each also `_per_gib`, the downtime breakdown, and
 /// the full source JSON (destination under `source.destination`).
-fn json_line(modes: &[BenchMode], r: &Rung) -> Value {
+fn json_line(modes: &[BenchScenario], r: &Rung) -> Value {
     let gib = r.size as f64 / GIB;
     let mut m = Map::new();
     m.insert("guest_mem_bytes".into(), r.size.into());
@@ -363,7 +363,7 @@ fn json_line(modes: &[BenchMode], r: &Rung) -> Value {
     Value::Object(m)
 }
 
-fn write_json(path: &Path, modes: &[BenchMode], rungs: &[Rung]) -> CliResult {
+fn write_json(path: &Path, modes: &[BenchScenario], rungs: &[Rung]) -> CliResult {
     let mut out = String::new();
     for r in rungs {
         out.push_str(&json_line(modes, r).to_string());
@@ -422,7 +422,7 @@ mod tests {
                 source,
             },
         };
-        let v = json_line(&[BenchMode::Legacy], &r);
+        let v = json_line(&[BenchScenario::Legacy], &r);
         assert_eq!(v["total_time_ms_per_gib"], 1000.0);
         assert_eq!(v["guest_mem_gib"], 4.0);
         assert_eq!(v["scenario"], "legacy");

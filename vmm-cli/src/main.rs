@@ -12,8 +12,8 @@
 
 mod args;
 mod bench;
-mod bench_mode;
 mod bench_run;
+mod bench_scenario;
 mod caps;
 mod chain;
 mod compare;

@@ -7,12 +7,12 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::bench_mode::BenchMode;
+use crate::bench_scenario::BenchScenario;
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Draw the runs: `(mode index, total seconds, remaining bytes after each iteration)`.
-pub fn plot(path: &Path, modes: &[BenchMode], runs: &[(usize, f64, Vec<f64>)]) -> PlotResult {
+pub fn plot(path: &Path, modes: &[BenchScenario], runs: &[(usize, f64, Vec<f64>)]) -> PlotResult {
     let root = SVGBackend::new(path, (1200, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(520);

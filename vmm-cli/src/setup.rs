@@ -16,7 +16,7 @@ use clearlog_test_guest::layout::{
 };
 use clearlog_test_guest::workload::WorkloadSpec;
 
-use crate::args::{DirtyLogArg, GuestArgs, MigrationArgs, WorkloadKind, DEFAULT_DIRTY_RATE};
+use crate::args::{CliDirtyLogMode, GuestArgs, MigrationArgs, WorkloadKind, DEFAULT_DIRTY_RATE};
 use crate::chain::ErrorChain;
 use crate::{CliError, CliResult};
 
@@ -101,15 +101,15 @@ pub fn validate_migration(m: &MigrationArgs) -> CliResult {
 /// The migration config for a dirty-log mode and clear chunk.
 pub fn migration_config(
     m: &MigrationArgs,
-    dirty_log: DirtyLogArg,
+    dirty_log: CliDirtyLogMode,
     clear_chunk: u64,
     max_time: Duration,
 ) -> CliResult<MigrationConfig> {
     let mode = match dirty_log {
-        DirtyLogArg::Legacy => MigrationDirtyLogMode::Legacy,
+        CliDirtyLogMode::Legacy => MigrationDirtyLogMode::Legacy,
         // The ring hands its bits over at each sync, like a legacy GET: nothing to clear.
-        DirtyLogArg::Ring => MigrationDirtyLogMode::Ring,
-        DirtyLogArg::Clear => MigrationDirtyLogMode::from_clear_chunk_bytes(clear_chunk).map_err(|e| {
+        CliDirtyLogMode::Ring => MigrationDirtyLogMode::Ring,
+        CliDirtyLogMode::Clear => MigrationDirtyLogMode::from_clear_chunk_bytes(clear_chunk).map_err(|e| {
             CliError::Usage(format!(
                 "--clear-chunk {clear_chunk}: {e} (a power of two from 256K = 64 pages, shift 6, to 8T = shift 31)"
             ))
@@ -129,12 +129,15 @@ pub fn migration_config(
 }
 
 /// The VM's dirty-log mode for a migration mode: `legacy` really uses KVM's legacy get-and-clear
-/// (the seed's baseline), `clear` uses manual protection with INITIALLY_SET.
-pub fn vm_dirty_log(dirty_log: DirtyLogArg, ring_size: u64) -> CliResult<Option<KvmDirtyLogMode>> {
+/// (the reference experiment's baseline), `clear` uses manual protection with INITIALLY_SET.
+pub fn vm_dirty_log(
+    dirty_log: CliDirtyLogMode,
+    ring_size: u64,
+) -> CliResult<Option<KvmDirtyLogMode>> {
     Ok(match dirty_log {
-        DirtyLogArg::Legacy => Some(KvmDirtyLogMode::Legacy),
-        DirtyLogArg::Clear => None,
-        DirtyLogArg::Ring => Some(KvmDirtyLogMode::Ring {
+        CliDirtyLogMode::Legacy => Some(KvmDirtyLogMode::Legacy),
+        CliDirtyLogMode::Clear => None,
+        CliDirtyLogMode::Ring => Some(KvmDirtyLogMode::Ring {
             bytes: check_ring_size(ring_size)?,
         }),
     })

@@ -1,7 +1,7 @@
 // Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The scenarios `vmm bench` and `vmm ladder` run: [`BenchMode`] (`legacy`, `clear:SIZE`,
+//! The scenarios `vmm bench` and `vmm ladder` run: [`BenchScenario`] (`legacy`, `clear:SIZE`,
 //! `ring[:SIZE]`), its table label and the `vmm run` flags that select it.
 
 use crate::units::{human_bytes, parse_size};
@@ -9,7 +9,7 @@ use crate::{CliError, CliResult};
 
 /// One scenario of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BenchMode {
+pub enum BenchScenario {
     /// KVM legacy dirty log, clear everything at every sync.
     Legacy,
     /// Manual protect + KVM_CLEAR_DIRTY_LOG in chunks of this many bytes.
@@ -18,15 +18,15 @@ pub enum BenchMode {
     Ring(u64),
 }
 
-impl BenchMode {
+impl BenchScenario {
     /// Parse `legacy`, `clear:SIZE`, `ring` or `ring:SIZE`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if s == "legacy" {
-            return Ok(BenchMode::Legacy);
+            return Ok(BenchScenario::Legacy);
         }
         if s == "ring" {
-            return Ok(BenchMode::Ring(64 << 10));
+            return Ok(BenchScenario::Ring(64 << 10));
         }
         if let Some(size) = s.strip_prefix("ring:") {
             let bytes = parse_size(size).map_err(|e| format!("mode `{s}`: {e}"))?;
@@ -35,7 +35,7 @@ impl BenchMode {
                     "mode `{s}`: the ring size must be a power of two of at least 4K (`vmm caps` shows this kernel's maximum)"
                 ));
             }
-            return Ok(BenchMode::Ring(bytes));
+            return Ok(BenchScenario::Ring(bytes));
         }
         let Some(size) = s.strip_prefix("clear:") else {
             return Err(format!(
@@ -45,28 +45,28 @@ impl BenchMode {
         let bytes = parse_size(size).map_err(|e| format!("mode `{s}`: {e}"))?;
         clearlog_migration::MigrationDirtyLogMode::from_clear_chunk_bytes(bytes)
             .map_err(|e| format!("mode `{s}`: {e} (a power of two from 256K to 8T)"))?;
-        Ok(BenchMode::Clear(bytes))
+        Ok(BenchScenario::Clear(bytes))
     }
 
     /// Table label.
     pub fn label(&self) -> String {
         match self {
-            BenchMode::Legacy => "legacy".into(),
-            BenchMode::Clear(b) => format!("clear {}", human_bytes(*b)),
-            BenchMode::Ring(b) => format!("ring {}", human_bytes(*b)),
+            BenchScenario::Legacy => "legacy".into(),
+            BenchScenario::Clear(b) => format!("clear {}", human_bytes(*b)),
+            BenchScenario::Ring(b) => format!("ring {}", human_bytes(*b)),
         }
     }
 
     pub(crate) fn run_args(&self) -> Vec<String> {
         match self {
-            BenchMode::Legacy => vec!["--dirty-log".into(), "legacy".into()],
-            BenchMode::Ring(b) => vec![
+            BenchScenario::Legacy => vec!["--dirty-log".into(), "legacy".into()],
+            BenchScenario::Ring(b) => vec![
                 "--dirty-log".into(),
                 "ring".into(),
                 "--ring-size".into(),
                 b.to_string(),
             ],
-            BenchMode::Clear(b) => {
+            BenchScenario::Clear(b) => {
                 vec![
                     "--dirty-log".into(),
                     "clear".into(),
@@ -84,13 +84,13 @@ pub(crate) fn runs_and_modes(
     runs: u32,
     modes: &[String],
     example: &str,
-) -> CliResult<Vec<BenchMode>> {
+) -> CliResult<Vec<BenchScenario>> {
     if runs == 0 {
         return Err(CliError::Usage("--runs must be at least 1".into()));
     }
     let modes = modes
         .iter()
-        .map(|m| BenchMode::parse(m))
+        .map(|m| BenchScenario::parse(m))
         .collect::<Result<Vec<_>, _>>()
         .map_err(CliError::Usage)?;
     if modes.is_empty() {
@@ -107,19 +107,31 @@ mod tests {
 
     #[test]
     fn modes_parse() {
-        assert_eq!(BenchMode::parse("legacy").unwrap(), BenchMode::Legacy);
         assert_eq!(
-            BenchMode::parse("clear:128M").unwrap(),
-            BenchMode::Clear(128 << 20)
+            BenchScenario::parse("legacy").unwrap(),
+            BenchScenario::Legacy
         );
-        assert_eq!(BenchMode::parse("clear:1G").unwrap().label(), "clear 1 GiB");
-        BenchMode::parse("clear:3M").unwrap_err();
-        BenchMode::parse("clear:4K").unwrap_err();
-        assert_eq!(BenchMode::parse("ring").unwrap(), BenchMode::Ring(64 << 10));
-        assert_eq!(BenchMode::parse("ring:16K").unwrap().label(), "ring 16 KiB");
-        BenchMode::parse("ring:3K").unwrap_err();
-        BenchMode::parse("ring:48K").unwrap_err();
-        BenchMode::parse("fast").unwrap_err();
+        assert_eq!(
+            BenchScenario::parse("clear:128M").unwrap(),
+            BenchScenario::Clear(128 << 20)
+        );
+        assert_eq!(
+            BenchScenario::parse("clear:1G").unwrap().label(),
+            "clear 1 GiB"
+        );
+        BenchScenario::parse("clear:3M").unwrap_err();
+        BenchScenario::parse("clear:4K").unwrap_err();
+        assert_eq!(
+            BenchScenario::parse("ring").unwrap(),
+            BenchScenario::Ring(64 << 10)
+        );
+        assert_eq!(
+            BenchScenario::parse("ring:16K").unwrap().label(),
+            "ring 16 KiB"
+        );
+        BenchScenario::parse("ring:3K").unwrap_err();
+        BenchScenario::parse("ring:48K").unwrap_err();
+        BenchScenario::parse("fast").unwrap_err();
     }
 
     #[test]
@@ -128,10 +140,10 @@ mod tests {
         runs_and_modes(1, &[], "legacy").unwrap_err();
         assert_eq!(
             runs_and_modes(2, &["ring".into()], "x").unwrap(),
-            [BenchMode::Ring(64 << 10)]
+            [BenchScenario::Ring(64 << 10)]
         );
         assert_eq!(
-            BenchMode::Clear(1 << 20).run_args(),
+            BenchScenario::Clear(1 << 20).run_args(),
             ["--dirty-log", "clear", "--clear-chunk", "1048576"]
         );
     }

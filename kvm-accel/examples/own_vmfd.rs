@@ -64,7 +64,6 @@ fn main() -> ExitCode {
 
 #[cfg(target_arch = "x86_64")]
 mod demo {
-    use std::os::fd::{AsRawFd, BorrowedFd};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
@@ -164,8 +163,8 @@ mod demo {
         // --- The VMM's side: its own kvm-ioctls VM and memslot. ---
         let kvm = Kvm::new().map_err(|e| format!("Kvm::new: {e}"))?;
         let vm_fd = kvm.create_vm().map_err(|e| format!("create_vm: {e}"))?;
-        // SAFETY: `vm_fd` owns this open fd and outlives every use of the borrow in this function.
-        let fd = unsafe { BorrowedFd::borrow_raw(vm_fd.as_raw_fd()) };
+        // kvm-ioctls' `VmFd` is passed as it is (`&vm_fd`: clearlog_kvm::AsKvmFd).
+        let fd = &vm_fd;
 
         // Manual protect first: before any memslot logs dirty pages.
         let offered = clearlog_kvm::KvmCaps::probe(fd).manual_protect_flags;

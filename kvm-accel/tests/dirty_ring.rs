@@ -3,7 +3,6 @@
 
 //! The dirty ring on real KVM: bad sizes, the order rules, and a VMM's own VM and vCPU fds.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use clearlog_kvm::{
@@ -62,9 +61,7 @@ fn the_ring_must_be_enabled_before_any_vcpu() {
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm_fd = kvm.create_vm().unwrap();
     let _vcpu = vm_fd.create_vcpu(0).unwrap();
-    // SAFETY: `vm_fd` owns the fd and outlives the borrow.
-    let fd = unsafe { BorrowedFd::borrow_raw(vm_fd.as_raw_fd()) };
-    match enable_dirty_ring(fd, 64 << 10) {
+    match enable_dirty_ring(&vm_fd, 64 << 10) {
         Err(e @ Error::DirtyRingEnable { .. }) => {
             assert!(e.to_string().contains("before any vCPU"), "{e}");
         }
@@ -79,10 +76,8 @@ fn ring_calls_outside_ring_mode_are_refused() {
     }
     let vm = Vm::new(VmConfig::default()).unwrap();
     let vcpu = vm.vm_fd().unwrap().create_vcpu(0).unwrap();
-    // SAFETY: `vcpu` owns the fd and outlives the borrow.
-    let fd = unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) };
     assert!(matches!(
-        vm.register_vcpu_ring(0, fd),
+        vm.register_vcpu_ring(0, &vcpu),
         Err(Error::DirtyRingNotEnabled { .. })
     ));
     let listener = Arc::new(KvmMemoryListener::new(Arc::new(vm)));
@@ -100,16 +95,12 @@ fn a_vmms_own_vm_and_vcpu_register_their_ring() {
     let Some(r) = ring_range() else { return };
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm_fd = kvm.create_vm().unwrap();
-    // SAFETY: `vm_fd` owns the fd and outlives every borrow below.
-    let fd = unsafe { BorrowedFd::borrow_raw(vm_fd.as_raw_fd()) };
-    let mode = enable_dirty_ring(fd, r.min.max(16 << 10)).unwrap();
-    let vm = Arc::new(Vm::from_fd(fd, mode).unwrap());
+    let mode = enable_dirty_ring(&vm_fd, r.min.max(16 << 10)).unwrap();
+    let vm = Arc::new(Vm::from_fd(&vm_fd, mode).unwrap());
     let vcpu = vm_fd.create_vcpu(0).unwrap();
-    // SAFETY: `vcpu` owns the fd and outlives the borrows.
-    let vfd = unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) };
-    vm.register_vcpu_ring(0, vfd).unwrap();
+    vm.register_vcpu_ring(0, &vcpu).unwrap();
     assert!(matches!(
-        vm.register_vcpu_ring(0, vfd),
+        vm.register_vcpu_ring(0, &vcpu),
         Err(Error::DirtyRingVcpu { vcpu: 0, .. })
     ));
     let memory = MemorySystem::with_ram_capacity(1 << 20);
@@ -123,6 +114,6 @@ fn a_vmms_own_vm_and_vcpu_register_their_ring() {
     assert_eq!(stats.len(), 1);
     assert_eq!(stats[0].harvested, 0);
     // A from_fd ring mode with a size the kernel cannot have is refused.
-    let err = Vm::from_fd(fd, KvmDirtyLogMode::Ring { bytes: 3000 }).unwrap_err();
+    let err = Vm::from_fd(&vm_fd, KvmDirtyLogMode::Ring { bytes: 3000 }).unwrap_err();
     assert!(matches!(err, Error::DirtyRingSize { .. }), "{err}");
 }

@@ -6,7 +6,7 @@
 //! any ioctl or mapping.
 
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
+use std::os::fd::{AsFd, FromRawFd};
 use std::sync::Arc;
 
 use clearlog_kvm::{Error, KvmCaps, KvmDirtyLogMode, KvmMemoryListener, Vm, VmConfig};
@@ -172,7 +172,5 @@ fn fds_that_are_not_kvms_are_refused() {
     assert_eq!(KvmCaps::probe(file.as_fd()), KvmCaps::default());
     // The /dev/kvm system fd is still probed.
     let kvm = kvm_ioctls::Kvm::new().unwrap();
-    // SAFETY: `kvm` owns the fd and outlives the borrow.
-    let sys = unsafe { BorrowedFd::borrow_raw(kvm.as_raw_fd()) };
-    assert_eq!(KvmCaps::probe(sys).api_version, 12);
+    assert_eq!(KvmCaps::probe(&kvm).api_version, 12);
 }

@@ -4,7 +4,7 @@
 //! clearlog-kvm on a VM the VMM made itself with kvm-ioctls (real KVM): memslot ids next to the
 //! VMM's own slot, the fd checks of `Vm::from_fd`, `enable_manual_protect`'s flag checks.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 
 use clearlog_kvm::{
@@ -18,11 +18,6 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 mod common;
 use common::kvm_available;
 
-fn borrow(vm: &VmFd) -> BorrowedFd<'_> {
-    // SAFETY: `vm` owns this open fd, and the borrow cannot outlive `vm`.
-    unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) }
-}
-
 const VMM_GPA: u64 = 1 << 30;
 const VMM_SIZE: u64 = 2 << 20;
 const RAM: u64 = 4 << 20;
@@ -31,7 +26,7 @@ const RAM: u64 = 4 << 20;
 fn vmm_vm() -> (Kvm, VmFd, GuestMemoryMmap, KvmDirtyLogMode) {
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
-    let mode = enable_manual_protect(borrow(&vm), MANUAL_PROTECT_ENABLE).unwrap();
+    let mode = enable_manual_protect(&vm, MANUAL_PROTECT_ENABLE).unwrap();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), VMM_SIZE as usize)]).unwrap();
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
     let region = kvm_userspace_memory_region {
@@ -52,7 +47,7 @@ fn default_listener_next_to_vmm_slot_0_names_the_clash() {
         return;
     }
     let (_kvm, vm_fd, _vmm_mem, mode) = vmm_vm();
-    let vm = Arc::new(Vm::from_fd(borrow(&vm_fd), mode).unwrap());
+    let vm = Arc::new(Vm::from_fd(&vm_fd, mode).unwrap());
     let memory = MemorySystem::new();
     memory.add_ram("ram0", 0, RAM).unwrap();
     let e = memory
@@ -95,7 +90,7 @@ fn listener_with_a_range_avoiding_the_vmm_slot_works() {
         return;
     }
     let (_kvm, vm_fd, _vmm_mem, mode) = vmm_vm();
-    let vm = Arc::new(Vm::from_fd(borrow(&vm_fd), mode).unwrap());
+    let vm = Arc::new(Vm::from_fd(&vm_fd, mode).unwrap());
     let memory = MemorySystem::new();
     let ram = memory.add_ram("ram0", 0, RAM).unwrap();
     let listener = Arc::new(KvmMemoryListener::with_slot_ids(vm.clone(), 1..4).unwrap());
@@ -118,7 +113,7 @@ fn slot_id_ranges_are_checked() {
         return;
     }
     let (_kvm, vm_fd, _vmm_mem, mode) = vmm_vm();
-    let vm = Arc::new(Vm::from_fd(borrow(&vm_fd), mode).unwrap());
+    let vm = Arc::new(Vm::from_fd(&vm_fd, mode).unwrap());
     let max = vm.caps().max_memslots;
     for ids in [3..3, 0..max + 1] {
         let e = KvmMemoryListener::with_slot_ids(vm.clone(), ids.clone()).unwrap_err();
@@ -143,9 +138,7 @@ fn from_fd_refuses_what_is_not_a_vm_fd() {
         return;
     }
     let kvm = Kvm::new().unwrap();
-    // SAFETY: `kvm` owns this open fd and outlives the borrow.
-    let sys = unsafe { BorrowedFd::borrow_raw(kvm.as_raw_fd()) };
-    let e = Vm::from_fd(sys, KvmDirtyLogMode::Legacy).unwrap_err();
+    let e = Vm::from_fd(&kvm, KvmDirtyLogMode::Legacy).unwrap_err();
     assert!(
         matches!(e, Error::NotAVmFd { .. }) && e.to_string().contains("/dev/kvm"),
         "{e}"
@@ -162,7 +155,7 @@ fn from_fd_dups_the_fd_and_probes_the_vm() {
     }
     let kvm = Kvm::new().unwrap();
     let vm_fd = kvm.create_vm().unwrap();
-    let vm = Vm::from_fd(borrow(&vm_fd), KvmDirtyLogMode::Legacy).unwrap();
+    let vm = Vm::from_fd(&vm_fd, KvmDirtyLogMode::Legacy).unwrap();
     assert_ne!(vm.as_fd().as_raw_fd(), vm_fd.as_raw_fd());
     assert_eq!(vm.caps().api_version, 12);
     assert!(vm.caps().max_memslots > 0);
@@ -180,13 +173,13 @@ fn enable_manual_protect_checks_flags() {
     let kvm = Kvm::new().unwrap();
     let vm_fd = kvm.create_vm().unwrap();
     for flags in [0, 2, 1 | 4] {
-        let e = enable_manual_protect(borrow(&vm_fd), flags).unwrap_err();
+        let e = enable_manual_protect(&vm_fd, flags).unwrap_err();
         assert!(
             matches!(e, Error::InvalidProtectFlags { .. }),
             "{flags:#x}: {e}"
         );
     }
-    let mode = enable_manual_protect(borrow(&vm_fd), MANUAL_PROTECT_ENABLE).unwrap();
+    let mode = enable_manual_protect(&vm_fd, MANUAL_PROTECT_ENABLE).unwrap();
     assert_eq!(
         mode,
         KvmDirtyLogMode::Manual {
@@ -194,7 +187,7 @@ fn enable_manual_protect_checks_flags() {
         }
     );
     // The mode it returns is what `Vm::from_fd` takes.
-    let vm = Vm::from_fd(borrow(&vm_fd), mode).unwrap();
+    let vm = Vm::from_fd(&vm_fd, mode).unwrap();
     assert!(vm.dirty_log_mode().is_manual());
 }
 
@@ -307,10 +300,10 @@ fn a_vmm_memslot_is_never_taken_over_by_a_listener() {
     let reservation = Reservation::new();
     let kvm = Kvm::new().unwrap();
     let vm_fd = kvm.create_vm().unwrap();
-    let mode = enable_manual_protect(borrow(&vm_fd), MANUAL_PROTECT_ENABLE).unwrap();
+    let mode = enable_manual_protect(&vm_fd, MANUAL_PROTECT_ENABLE).unwrap();
     // SAFETY: `gm` outlives `vm_fd` (declared first).
     unsafe { set_region(&vm_fd, 1, 0, 0, RAM, host) }.unwrap();
-    let vm = Arc::new(Vm::from_fd(borrow(&vm_fd), mode).unwrap());
+    let vm = Arc::new(Vm::from_fd(&vm_fd, mode).unwrap());
     let memory = MemorySystem::new();
     memory.add_guest_memory(&gm).unwrap();
     let listener = Arc::new(KvmMemoryListener::with_slot_ids(vm.clone(), 1..16).unwrap());

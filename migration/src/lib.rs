@@ -2,14 +2,23 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Precopy live migration of a guest's RAM and CPU/device state, with loss-free dirty-page tracking
-//! built on `KVM_CLEAR_DIRTY_LOG` (chunked re-arming), for any VMM using `clearlog-memory`.
+//! built on `KVM_CLEAR_DIRTY_LOG` (chunked re-arming), for any VMM.
 //!
-//! The crate does not depend on KVM: it drives dirty logging only through [`clearlog_memory`]
-//! (`log_global_start`, `log_sync_all`, `clear_dirty_bitmap_block`, `sync_migration_bitmap`), so any
-//! accelerator that implements a `MemoryListener` works; or through [`MigrationMemory`] and
-//! [`DirtyTracking`] implemented by the VMM itself. The VMM implements two small traits,
-//! [`VmControl`] (source: pause, resume, save state) and [`VmRestore`] (destination: restore state,
-//! resume).
+//! The engine sees guest memory and dirty logging only through two traits: [`MigrationMemory`]
+//! (the RAM blocks, what is populated, reading and writing pages) and [`DirtyTracking`] (start,
+//! sync and stop logging; re-arm chunks before they are read; hand over the dirty bits). It
+//! depends on no accelerator and, without its default features, on no memory API either (only
+//! `clearlog-bitmap`). Two implementations come with it:
+//!
+//! - feature `clearlog-memory` (default): `clearlog-memory`'s `MemorySystem`, so any accelerator
+//!   that implements a `MemoryListener` (such as `clearlog-kvm`'s) works;
+//! - feature `vm-memory` (default): a vm-memory `GuestMemoryMmap` as the [`MigrationMemory`], for
+//!   a VMM that keeps its own memory and memslots and implements [`DirtyTracking`] itself (with
+//!   `clearlog-kvm`'s `VmmSlotCache`: `examples/ch_shaped.rs`).
+//!
+//! The VMM implements two small traits more, [`VmControl`] (source: pause, resume, save state)
+//! and [`VmRestore`] (destination: restore state, resume). docs/adopting.md says which path to
+//! take.
 //!
 //! # Source algorithm
 //!

@@ -10,3 +10,8 @@
 
 pub mod floor;
 pub mod vm_control;
+
+/// The code blocks of docs/adopting.md (both adoption paths), compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/adopting.md")]
+pub struct AdoptingDoctests;

@@ -272,9 +272,10 @@ pub(crate) unsafe fn set_user_memory_region(
 /// # if clearlog_kvm::doctest_kvm_skip("raw::get_dirty_log") { return Ok(()); }
 /// use clearlog_kvm::AsKvmFd;
 /// # use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+/// # // `mem` is declared first, so dropped after the VM and its memslot.
+/// # let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 100 * 4096)]).unwrap();
 /// # let kvm = kvm_ioctls::Kvm::new().unwrap();
 /// # let vm = kvm.create_vm().unwrap();
-/// # let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 100 * 4096)]).unwrap();
 /// # let region = kvm_bindings::kvm_userspace_memory_region {
 /// #     slot: 0,
 /// #     flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
@@ -282,7 +283,7 @@ pub(crate) unsafe fn set_user_memory_region(
 /// #     memory_size: 100 * 4096,
 /// #     userspace_addr: mem.get_host_address(GuestAddress(0)).unwrap() as u64,
 /// # };
-/// # // SAFETY: `mem` outlives `vm` and is used by nothing else.
+/// # // SAFETY: `mem` (declared first) outlives `vm` and is used by nothing else.
 /// # unsafe { vm.set_user_memory_region(region).unwrap() };
 ///
 /// // `vm`: a kvm-ioctls `VmFd`, whose slot 0 (the caller's own, logging) holds 100 pages: 2 words.
@@ -439,11 +440,12 @@ impl ClearDirtyLogError {
 /// use clearlog_kvm::{AsKvmFd, MANUAL_PROTECT_ENABLE, enable_manual_protect};
 /// use clearlog_kvm::raw::clear_dirty_log;
 ///
+/// # use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+/// # // `mem` is declared first, so dropped after the VM and its memslot.
+/// # let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 100 * 4096)]).unwrap();
 /// # let kvm = kvm_ioctls::Kvm::new().unwrap();
 /// # let vm = kvm.create_vm().unwrap();
 /// # if enable_manual_protect(&vm, MANUAL_PROTECT_ENABLE).is_err() { return Ok(()); }
-/// # use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-/// # let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 100 * 4096)]).unwrap();
 /// # let region = kvm_bindings::kvm_userspace_memory_region {
 /// #     slot: 0,
 /// #     flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
@@ -451,7 +453,7 @@ impl ClearDirtyLogError {
 /// #     memory_size: 100 * 4096,
 /// #     userspace_addr: mem.get_host_address(GuestAddress(0)).unwrap() as u64,
 /// # };
-/// # // SAFETY: `mem` outlives `vm` and is used by nothing else.
+/// # // SAFETY: `mem` (declared first) outlives `vm` and is used by nothing else.
 /// # unsafe { vm.set_user_memory_region(region).unwrap() };
 /// // `vm`: a VM fd of any kvm-ioctls version (a `VmFd`, a `File`, an `OwnedFd`) in manual
 /// // protect mode; slot 0 is the caller's own, not a `KvmMemoryListener`'s. Clear pages 0..31

@@ -42,11 +42,13 @@ mod miri;
 mod netns;
 mod qemu;
 mod soak;
+mod source_text;
 mod structure;
 /// The CLI's size, rate and duration parsing, this same file: one source for both.
 #[allow(dead_code)]
 #[path = "../../vmm-cli/src/units.rs"]
 mod units;
+mod unsafe_index;
 
 /// Environment variable the real-KVM tests read: when set to 1, a test that cannot use `/dev/kvm`
 /// fails instead of printing SKIPPED.
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Some("deps") => deps(),
         Some("structure") => structure::structure(&workspace_root()),
         Some("msrv") => gates::msrv_check().into_result(),
+        Some("unsafe-sites") => print_unsafe_sites(),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("miri") => miri::miri(&args[1..]),
         Some("faults") => faults::faults(&args[1..]),
@@ -105,6 +108,14 @@ fn print_usage() {
          fuzz             run each migration stream-decoder fuzz target (--seconds N, default 30); SKIPPED without nightly + cargo-fuzz\n  \
          miri             the memory-model tests (bitmap release sequences, dirty-client store buffering) under Miri; SKIPPED without nightly + miri"
     );
+}
+
+/// `cargo xtask unsafe-sites`: every `unsafe` of the repository, `path item` per line.
+fn print_unsafe_sites() -> Result<(), String> {
+    for s in unsafe_index::sites(&workspace_root())? {
+        println!("{} {}", s.path, s.item);
+    }
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {

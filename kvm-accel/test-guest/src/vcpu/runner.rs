@@ -212,10 +212,10 @@ pub struct RunStats {
 /// use clearlog_test_guest::vcpu::{runner::VcpuRunner, Vcpu};
 /// # use clearlog_test_guest::workload::{monitor::WorkloadMonitor, Workload, WorkloadSpec};
 /// # use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-/// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
 /// # let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+/// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
 /// # let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-/// # // SAFETY: `mem` outlives the VM's use of it in this example.
+/// # // SAFETY: `mem` (declared first) outlives `vm`.
 /// # unsafe { vm.set_memslot(0, 0, 4 << 20, host, false).unwrap() };
 /// # let vcpu = Vcpu::new(&vm, 0).unwrap();
 /// # let w = Workload::new(WorkloadSpec::Idle);

@@ -104,9 +104,7 @@ pub trait MigrationBlock: Send + Sync {
         npages: u64,
         out: &mut Vec<std::ops::Range<u64>>,
     ) -> MemoryResult<()> {
-        if npages > 0 {
-            out.push(first_page..first_page + npages);
-        }
+        all_populated(first_page, npages, out);
         Ok(())
     }
 
@@ -264,6 +262,13 @@ impl<T: MigrationBlock + ?Sized> MigrationBlock for Arc<T> {
     }
     fn nonzero_pages(&self, first_page: u64, npages: u64, out: &mut Vec<u64>) -> MemoryResult<()> {
         (**self).nonzero_pages(first_page, npages, out)
+    }
+}
+
+/// The answer "every page may hold data" for `npages` pages from `first_page`.
+pub(crate) fn all_populated(first_page: u64, npages: u64, out: &mut Vec<std::ops::Range<u64>>) {
+    if npages > 0 {
+        out.push(first_page..first_page + npages);
     }
 }
 

@@ -35,9 +35,7 @@ impl MigrationBlock for RamBlock {
             Ok(()) => Ok(()),
             // The kernel could not tell: every page may hold data (correct, only slower).
             Err(clearlog_memory::Error::PopulatedScan { .. }) => {
-                if npages > 0 {
-                    out.push(first_page..first_page + npages);
-                }
+                crate::memory::all_populated(first_page, npages, out);
                 Ok(())
             }
             Err(e) => Err(e.into()),

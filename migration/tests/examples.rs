@@ -23,21 +23,28 @@ fn glue_lines(source: &str) -> usize {
     count
 }
 
-#[test]
-fn vmm_adopter_glue_is_small() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/vmm_adopter.rs");
-    let source = std::fs::read_to_string(path).unwrap();
+/// The source of `examples/{name}.rs`, after checking that its glue is under `limit` lines and
+/// that its header states the count (`{claim} N lines.`).
+fn glue_checked(name: &str, limit: usize, claim: &str) -> String {
+    let path = format!("{}/examples/{name}.rs", env!("CARGO_MANIFEST_DIR"));
+    let source = std::fs::read_to_string(&path).unwrap();
     let glue = glue_lines(&source);
     assert!(glue > 0, "no glue markers found in {path}");
     assert!(
-        glue < 60,
-        "adopter glue grew to {glue} lines (limit: under 60)"
+        glue < limit,
+        "{name} glue grew to {glue} lines (limit: under {limit})"
     );
-    let claimed = format!("example's own VMM): {glue} lines.");
+    let claimed = format!("{claim} {glue} lines.");
     assert!(
         source.contains(&claimed),
         "the example's header must state its glue size: expected `{claimed}`"
     );
+    source
+}
+
+#[test]
+fn vmm_adopter_glue_is_small() {
+    glue_checked("vmm_adopter", 60, "example's own VMM):");
 }
 
 /// The example binary cargo built beside this test (`cargo test` builds every example).
@@ -108,19 +115,7 @@ fn kvm_or_skip(test: &str) -> bool {
 
 #[test]
 fn ch_shaped_glue_is_small() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/ch_shaped.rs");
-    let source = std::fs::read_to_string(path).unwrap();
-    let glue = glue_lines(&source);
-    assert!(glue > 0, "no glue markers found in {path}");
-    assert!(
-        glue < 80,
-        "ch_shaped glue grew to {glue} lines (limit: under 80)"
-    );
-    let claimed = format!("report): {glue} lines.");
-    assert!(
-        source.contains(&claimed),
-        "the example's header must state its glue size: expected `{claimed}`"
-    );
+    let source = glue_checked("ch_shaped", 80, "report):");
     assert!(
         !source.contains("MemorySystem") && !source.contains("clearlog_memory"),
         "ch_shaped must not use clearlog's memory API"

@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use crate::{cargo, run_step, workspace_root, StepResult};
+use crate::{cargo, cargo_stdout, run_step, workspace_root, StepResult};
 
 /// The library crates the MSRV promise covers.
 const LIBRARY_PACKAGES: [&str; 5] = [
@@ -108,18 +108,20 @@ pub(crate) fn bare_engine_tests() -> StepResult {
 /// `cargo tree -p clearlog-migration --no-default-features -e normal` names neither
 /// clearlog-memory nor vm-memory: a VMM can drive the engine without our memory API.
 pub(crate) fn bare_engine_deps() -> Result<(), String> {
-    let output = cargo()
-        .args(["tree", "-p", "clearlog-migration", "--no-default-features"])
-        .args(["-e", "normal", "--prefix", "none"])
-        .output()
-        .map_err(|e| format!("cannot run cargo tree: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "cargo tree failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    let found = forbidden_in_tree(&String::from_utf8_lossy(&output.stdout));
+    let stdout = cargo_stdout(
+        "cargo tree",
+        &[
+            "tree",
+            "-p",
+            "clearlog-migration",
+            "--no-default-features",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ],
+    )?;
+    let found = forbidden_in_tree(&String::from_utf8_lossy(&stdout));
     if found.is_empty() {
         Ok(())
     } else {

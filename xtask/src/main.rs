@@ -388,18 +388,28 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
 }
 
-fn deps() -> Result<(), String> {
+/// The standard output of `cargo ARGS` (`what` names it in errors), or why it failed.
+fn cargo_stdout(what: &str, args: &[&str]) -> Result<Vec<u8>, String> {
     let output = cargo()
-        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .args(args)
         .output()
-        .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "cargo metadata failed: {}",
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    if output.status.success() {
+        Ok(output.stdout)
+    } else {
+        Err(format!(
+            "{what} failed: {}",
             String::from_utf8_lossy(&output.stderr)
-        ));
+        ))
     }
-    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout)
+}
+
+fn deps() -> Result<(), String> {
+    let stdout = cargo_stdout(
+        "cargo metadata",
+        &["metadata", "--format-version", "1", "--no-deps"],
+    )?;
+    let metadata: serde_json::Value = serde_json::from_slice(&stdout)
         .map_err(|e| format!("cargo metadata output is not JSON: {e}"))?;
     let mut violations = layering::check(&metadata)?;
     violations.extend(gates::bare_engine_deps().err());

@@ -28,9 +28,10 @@
 //! The last line says whether the destination held exactly the source's memory at switchover;
 //! the exit code is 0 only if it did (and everything else worked), 1 otherwise.
 //!
-//! `--forget-mark` makes the device write some buffers through their raw host address, behind
-//! vm-memory's bitmap (a write the VMM forgets to mark): the verification must then fail, and
-//! `tests/examples.rs` asserts that it does.
+//! `--forget-mark` makes the device also update a status page in low memory through its raw host
+//! address, behind vm-memory's bitmap, every few milliseconds (a write the VMM forgets to mark).
+//! The page is sent early in the first pass and changes after that, every time: the verification
+//! must then fail, and `tests/examples.rs` asserts that it does.
 //!
 //! Adopter glue, the code lines between the `glue begin`/`glue end` markers (everything that is
 //! not the example's own VMM or its report): 79 lines. `ch_shaped_glue_is_small` in
@@ -111,6 +112,10 @@ mod vmm {
     /// The increment workload's working set, written page after page at this rate.
     const WSS: u64 = 32 << 20;
     const RATE: u64 = 16 << 20;
+
+    /// With `--forget-mark`, the page the device updates without marking it: below the guest's
+    /// working set (which starts at 1 MiB) and above its stacks, so the guest never touches it.
+    const FORGOTTEN_PAGE: u64 = 0xf_0000;
 
     /// The pause gate of the device thread (the vCPU runner has its own).
     #[derive(Default)]
@@ -244,8 +249,9 @@ mod vmm {
         }
 
         /// Starts the "virtio" device: it fills a buffer above 4 GiB through vm-memory, then
-        /// publishes a used-ring entry; with `forget`, every 4th buffer goes through the raw
-        /// host address instead, so vm-memory's bitmap never hears of it.
+        /// publishes a used-ring entry; with `forget`, it also writes its index into
+        /// [`FORGOTTEN_PAGE`] through the raw host address, so vm-memory's bitmap never hears of
+        /// it.
         pub(crate) fn start_device(&mut self, forget: bool) {
             let (mem, gate, used_idx) =
                 (self.mem.clone(), self.gate.clone(), self.used_idx.clone());
@@ -264,14 +270,13 @@ mod vmm {
                     let idx = used_idx.fetch_add(1, Ordering::Relaxed);
                     let buf = GuestAddress(base + 4096 + (idx * 7919 % (size / 4096 - 1)) * 4096);
                     let data = (idx + 1).to_le_bytes().repeat(512);
-                    if forget && idx % 4 == 3 {
-                        let host = mem.get_host_address(buf).unwrap();
-                        // SAFETY: `buf` is a whole page inside a region of `mem`, which this
-                        // thread keeps mapped (a clone); guest memory is written behind Rust's
-                        // back (raw pointer, no reference), as a vhost-user backend would.
+                    mem.write_slice(&data, buf).unwrap();
+                    if forget {
+                        let host = mem.get_host_address(GuestAddress(FORGOTTEN_PAGE)).unwrap();
+                        // SAFETY: a whole page inside a region of `mem`, which this thread keeps
+                        // mapped (a clone); guest memory is written behind Rust's back (raw
+                        // pointer, no reference), as a vhost-user backend would.
                         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), host, data.len()) };
-                    } else {
-                        mem.write_slice(&data, buf).unwrap();
                     }
                     mem.write_obj(idx, GuestAddress(base + (idx % 512) * 8))
                         .unwrap();

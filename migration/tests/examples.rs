@@ -147,7 +147,8 @@ fn ch_shaped_migrates_a_kvm_guest_byte_equal() {
 }
 
 /// A write the VMM forgets to mark (a device writing behind vm-memory's bitmap) must fail the
-/// example: the engine's verification catches it on both sides, and the memories differ.
+/// example: the engine's verification catches it on both sides, naming the page (the example's
+/// `FORGOTTEN_PAGE`, 0xf0000: page 240 of the low region), and the memories differ.
 #[test]
 fn ch_shaped_fails_on_a_write_the_vmm_forgets_to_mark() {
     if !kvm_or_skip("ch_shaped_fails_on_a_write_the_vmm_forgets_to_mark") {
@@ -160,6 +161,7 @@ fn ch_shaped_fails_on_a_write_the_vmm_forgets_to_mark() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("VerificationFailed"), "{stdout}");
+    assert!(stdout.contains("ram@0x0 page 240"), "{stdout}");
     assert!(
         stdout.contains("byte-equal to the source's at switchover: NO ("),
         "{stdout}"

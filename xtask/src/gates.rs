@@ -67,16 +67,12 @@ pub(crate) fn msrv_check() -> StepResult {
             .status()
             .is_ok_and(|s| s.success());
         if !installed || !toolchain_installed(&version) {
-            let note = format!(
-                "SKIPPED: Rust {version} is not installed and `rustup toolchain install {version}` failed: the MSRV is NOT checked"
-            );
-            println!("\n==> xtask: {name}: {note}");
-            return StepResult {
+            return StepResult::skipped(
                 name,
-                ok: true,
-                secs: 0.0,
-                note,
-            };
+                format!(
+                    "Rust {version} is not installed and `rustup toolchain install {version}` failed: the MSRV is NOT checked"
+                ),
+            );
         }
     }
     let mut cmd = Command::new("rustup");

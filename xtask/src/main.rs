@@ -141,6 +141,18 @@ struct StepResult {
 }
 
 impl StepResult {
+    /// A step that could not run here: printed loudly, and it passes.
+    fn skipped(name: String, why: String) -> StepResult {
+        let note = format!("SKIPPED: {why}");
+        println!("\n==> xtask: {name}: {note}");
+        StepResult {
+            name,
+            ok: true,
+            secs: 0.0,
+            note,
+        }
+    }
+
     fn into_result(self) -> Result<(), String> {
         if self.ok {
             Ok(())
@@ -310,16 +322,12 @@ fn aarch64_check() -> StepResult {
             .status()
             .is_ok_and(|s| s.success());
         if !added || !installed() {
-            let note = format!(
-                "SKIPPED: the {AARCH64} target is not installed and `rustup target add {AARCH64}` failed: the aarch64 build of the library crates is NOT checked"
-            );
-            println!("\n==> xtask: {name}: {note}");
-            return StepResult {
+            return StepResult::skipped(
                 name,
-                ok: true,
-                secs: 0.0,
-                note,
-            };
+                format!(
+                    "the {AARCH64} target is not installed and `rustup target add {AARCH64}` failed: the aarch64 build of the library crates is NOT checked"
+                ),
+            );
         }
     }
     let mut cmd = cargo();

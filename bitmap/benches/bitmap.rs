@@ -35,21 +35,21 @@ fn copies(c: &mut Criterion) {
     let mut dst = random_words(WORDS + 1, 2);
 
     g.bench_function("copy_from_slice", |b| {
-        b.iter(|| dst[..WORDS].copy_from_slice(black_box(&src[..WORDS])))
+        b.iter(|| dst[..WORDS].copy_from_slice(black_box(&src[..WORDS])));
     });
     for shift in [0usize, 64, 1, 37] {
         g.bench_with_input(
             BenchmarkId::new("src_offset", shift),
             &shift,
             |b, &shift| {
-                b.iter(|| copy_with_src_offset(&mut dst[..WORDS], black_box(&src), shift, BITS))
+                b.iter(|| copy_with_src_offset(&mut dst[..WORDS], black_box(&src), shift, BITS));
             },
         );
         g.bench_with_input(
             BenchmarkId::new("dst_offset", shift),
             &shift,
             |b, &shift| {
-                b.iter(|| copy_with_dst_offset(&mut dst, black_box(&src[..WORDS]), shift, BITS))
+                b.iter(|| copy_with_dst_offset(&mut dst, black_box(&src[..WORDS]), shift, BITS));
             },
         );
     }
@@ -80,22 +80,22 @@ fn finds(c: &mut Criterion) {
         ("random_50pct", &half),
     ] {
         g.bench_with_input(BenchmarkId::new("find_next_set", name), map, |b, m| {
-            b.iter(|| scan_find(black_box(m)))
+            b.iter(|| scan_find(black_box(m)));
         });
         g.bench_with_input(BenchmarkId::new("iter_ones", name), map, |b, m| {
             b.iter(|| {
                 black_box(m)
                     .iter_ones()
                     .fold(0usize, |s, i| s.wrapping_add(i))
-            })
+            });
         });
     }
     g.bench_function("count_ones/random_50pct", |b| {
-        b.iter(|| black_box(&half).count_ones())
+        b.iter(|| black_box(&half).count_ones());
     });
     let atomic = AtomicBitmap::from(half.clone());
     g.bench_function("atomic_count_ones/random_50pct", |b| {
-        b.iter(|| black_box(&atomic).count_ones())
+        b.iter(|| black_box(&atomic).count_ones());
     });
     g.finish();
 }

@@ -7,10 +7,10 @@ use std::iter::FusedIterator;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::word::{
-    bit_pos, check_range, check_range_words, for_each_word_in_range, valid_mask, words_for_bits,
-    BITS_PER_WORD,
+    bit_pos, check_range, check_range_words, for_each_word_in_range, low_mask, valid_mask,
+    words_for_bits, BITS_PER_WORD,
 };
-use crate::{Bitmap, Error};
+use crate::{Bitmap, ClearBitmap, Error};
 
 /// Ordering of read-modify-write operations: a writer's earlier stores are
 /// visible to whoever later observes (and e.g. takes) the bits it set.
@@ -561,6 +561,93 @@ impl AtomicBitmap {
         Bitmap::from_words(words, self.len).expect("word count matches length")
     }
 
+    /// Moves the `nbits` bits from word `first_word` on (bit `first_word * 64`) into the first
+    /// `nbits` bits of `dest`: each word is taken with one atomic exchange (a bit set
+    /// concurrently is either moved or stays here) and OR-ed into `dest`; zero words cost one
+    /// load. Returns how many moved bits were not already set in `dest`. With `clear`, marks the
+    /// chunk of every moved bit ([`ClearBitmap`]: what a migration re-arms before it reads).
+    ///
+    /// This is a migration's sync of one block whose dirty bits were collected here (a KVM
+    /// GET folded with [`or_words_at`](Self::or_words_at), a VMM's device writes): the block
+    /// starts at word `first_word` and has `nbits` pages.
+    ///
+    /// # Errors
+    ///
+    /// Nothing is moved when the range leaves this map ([`Error::OutOfRange`]), `dest` has fewer
+    /// than `nbits` bits or `clear` fewer chunks than `nbits` pages need
+    /// ([`Error::LengthMismatch`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_bitmap::{AtomicBitmap, Bitmap, ClearBitmap};
+    ///
+    /// let collected = AtomicBitmap::new(1024); // two blocks of 512 pages
+    /// collected.set(512 + 1);
+    /// collected.set(512 + 130);
+    /// let mut to_send = Bitmap::new(512);
+    /// to_send.set(1); // already known dirty
+    /// let mut clear = ClearBitmap::new(512, 6).unwrap();
+    /// let new = collected.take_into(512 / 64, 512, &mut to_send, Some(&mut clear)).unwrap();
+    /// assert_eq!(new, 1);
+    /// assert_eq!(to_send.iter_ones().collect::<Vec<_>>(), [1, 130]);
+    /// assert!(clear.test(0) && clear.test(2) && clear.pending() == 2);
+    /// assert_eq!(collected.count_ones(), 0);
+    /// ```
+    pub fn take_into(
+        &self,
+        first_word: usize,
+        nbits: usize,
+        dest: &mut Bitmap,
+        mut clear: Option<&mut ClearBitmap>,
+    ) -> Result<u64, Error> {
+        let start = first_word
+            .checked_mul(BITS_PER_WORD)
+            .ok_or(Error::OutOfRange {
+                start: usize::MAX,
+                len: nbits,
+                size: self.len,
+            })?;
+        check_range(start, nbits, self.len)?;
+        if dest.len() < nbits {
+            return Err(Error::LengthMismatch {
+                expected: nbits,
+                actual: dest.len(),
+            });
+        }
+        if let Some(c) = clear.as_deref() {
+            let need = (nbits as u64).div_ceil(1u64 << c.shift());
+            if c.chunk_count() < need {
+                return Err(Error::LengthMismatch {
+                    expected: usize::try_from(need).unwrap_or(usize::MAX),
+                    actual: usize::try_from(c.chunk_count()).unwrap_or(usize::MAX),
+                });
+            }
+        }
+        let nwords = words_for_bits(nbits);
+        let tail = nbits % BITS_PER_WORD;
+        let words = &self.words[first_word..first_word + nwords];
+        let mut newly = 0;
+        for (i, (word, dest)) in words.iter().zip(dest.as_words_mut()).enumerate() {
+            if word.load(LOAD) == 0 {
+                continue;
+            }
+            let taken = if i + 1 == nwords && tail != 0 {
+                let mask = low_mask(tail);
+                word.fetch_and(!mask, RMW) & mask
+            } else {
+                word.swap(0, RMW)
+            };
+            let old = *dest;
+            *dest = old | taken;
+            newly += u64::from((taken & !old).count_ones());
+            if let Some(c) = clear.as_deref_mut() {
+                c.mark_word(i, taken);
+            }
+        }
+        Ok(newly)
+    }
+
     /// Returns the number of bits set, counting one word at a time (not an
     /// atomic snapshot of the whole map).
     ///
@@ -652,7 +739,7 @@ impl AtomicBitmap {
     /// assert_eq!(map.count_ones(), 0);
     /// ```
     pub fn clear_all(&self) {
-        for w in self.words.iter() {
+        for w in &self.words {
             w.store(0, STORE);
         }
     }

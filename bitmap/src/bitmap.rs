@@ -421,7 +421,7 @@ impl Bitmap {
         let end = self.check_range(start, len);
         let mut n = 0;
         for_each_word_in_range(start, end, |i, m| {
-            n += (self.words[i] & m).count_ones() as usize
+            n += (self.words[i] & m).count_ones() as usize;
         });
         n
     }

@@ -20,6 +20,7 @@
 /// assert_eq!(err.to_string(), "length mismatch: expected 2, got 3");
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The bit range `[start, start + len)` does not fit in a bitmap (or word
     /// slice) of `size` bits. Also returned when `start + len` overflows `usize`.
@@ -40,6 +41,13 @@ pub enum Error {
         expected: usize,
         /// The length that was passed.
         actual: usize,
+    },
+    /// A [`ClearBitmap`](crate::ClearBitmap) chunk shift outside
+    /// `ClearBitmap::MIN_SHIFT..=ClearBitmap::MAX_SHIFT`.
+    #[error("clear-bitmap shift {shift} is outside 6..=31")]
+    InvalidClearShift {
+        /// The shift asked for.
+        shift: u8,
     },
 }
 

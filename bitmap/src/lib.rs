@@ -13,6 +13,10 @@
 //! - [`AtomicBitmap`]: a bitmap shared between threads; every operation is
 //!   atomic per word, and [`AtomicBitmap::take_range`] takes bits without ever
 //!   losing one set concurrently.
+//! - [`ClearBitmap`]: a migration's per-chunk "needs clear" bits and the one implementation of
+//!   the clear-then-read rule ([`ClearBitmap::clear_run_before_read`]);
+//!   [`AtomicBitmap::take_into`] moves a block's collected dirty bits into a migration's bitmap
+//!   and marks their chunks.
 //! - [`copy_with_src_offset`] / [`copy_with_dst_offset`] (and their `try_`
 //!   forms): copies at any bit offset that never touch destination bits
 //!   outside the written range.
@@ -47,16 +51,19 @@
 //! assert_eq!(out, [1, 1 << 60]);
 //! ```
 
-#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+#![deny(unreachable_pub)]
 
 mod atomic;
 mod bitmap;
+mod clear;
 mod copy;
 mod error;
 mod word;
 
 pub use atomic::{AtomicBitmap, AtomicIterOnes};
 pub use bitmap::{Bitmap, IterOnes};
+pub use clear::ClearBitmap;
 pub use copy::{
     copy_with_dst_offset, copy_with_src_offset, try_copy_with_dst_offset, try_copy_with_src_offset,
 };

@@ -137,8 +137,8 @@ mod tests {
     fn ranges() {
         assert_eq!(check_range(0, 0, 0), Ok(0));
         assert_eq!(check_range(3, 5, 8), Ok(8));
-        assert!(check_range(3, 6, 8).is_err());
-        assert!(check_range(usize::MAX, 1, usize::MAX).is_err());
+        check_range(3, 6, 8).unwrap_err();
+        check_range(usize::MAX, 1, usize::MAX).unwrap_err();
         assert_eq!(check_range_words(60, 68, 2), Ok(128));
         assert_eq!(
             check_range_words(60, 69, 2),
@@ -148,7 +148,7 @@ mod tests {
                 size: 128
             })
         );
-        assert!(check_range_words(0, 1, usize::MAX).is_ok());
+        check_range_words(0, 1, usize::MAX).unwrap();
     }
 
     #[test]

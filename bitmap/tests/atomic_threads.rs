@@ -21,7 +21,7 @@ fn on_threads(f: impl Fn(usize) + Send + Sync + 'static) {
             let (f, barrier) = (Arc::clone(&f), Arc::clone(&barrier));
             thread::spawn(move || {
                 barrier.wait();
-                f(t)
+                f(t);
             })
         })
         .collect();

@@ -64,13 +64,12 @@ fn main() -> ExitCode {
 
 #[cfg(target_arch = "x86_64")]
 mod demo {
-    use std::os::fd::{AsRawFd, BorrowedFd};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use clearlog_bitmap::Bitmap;
     use clearlog_kvm::{
-        enable_manual_protect, KvmMemoryListener, ProtectMode, Vm, INITIALLY_SET,
+        enable_manual_protect, KvmDirtyLogMode, KvmMemoryListener, Vm, INITIALLY_SET,
         MANUAL_PROTECT_ENABLE, PAGE_SIZE,
     };
     use clearlog_memory::{MemorySystem, RamBlock, RegionId};
@@ -164,8 +163,8 @@ mod demo {
         // --- The VMM's side: its own kvm-ioctls VM and memslot. ---
         let kvm = Kvm::new().map_err(|e| format!("Kvm::new: {e}"))?;
         let vm_fd = kvm.create_vm().map_err(|e| format!("create_vm: {e}"))?;
-        // SAFETY: `vm_fd` owns this open fd and outlives every use of the borrow in this function.
-        let fd = unsafe { BorrowedFd::borrow_raw(vm_fd.as_raw_fd()) };
+        // kvm-ioctls' `VmFd` is passed as it is (`&vm_fd`: clearlog_kvm::AsKvmFd).
+        let fd = &vm_fd;
 
         // Manual protect first: before any memslot logs dirty pages.
         let offered = clearlog_kvm::KvmCaps::probe(fd).manual_protect_flags;
@@ -198,11 +197,11 @@ mod demo {
         let vm = Arc::new(Vm::from_fd(fd, mode).map_err(|e| e.to_string())?);
         check(
             &mut checks,
-            vm.kvm().is_none() && vm.protect_mode() == mode,
+            vm.kvm().is_none() && vm.dirty_log_mode() == mode,
             format!(
                 "Vm::from_fd: {} memslots offered, mode {}, no /dev/kvm opened",
                 vm.caps().max_memslots,
-                vm.protect_mode()
+                vm.dirty_log_mode()
             ),
         )?;
         let memory = MemorySystem::new();
@@ -220,7 +219,7 @@ mod demo {
         let slot = listener.slot_id_at(0).ok_or("no listener slot at GPA 0")?;
         check(
             &mut checks,
-            LISTENER_IDS.contains(&slot) && vm.is_listener_slot(slot),
+            LISTENER_IDS.contains(&slot) && vm.is_cache_slot(slot),
             format!("guest RAM is memslot {slot}, from the listener's ids {LISTENER_IDS:?}, next to the VMM's slot {VMM_SLOT}"),
         )?;
 
@@ -258,7 +257,7 @@ mod demo {
             check(
                 &mut checks,
                 if mode
-                    == (ProtectMode::Manual {
+                    == (KvmDirtyLogMode::Manual {
                         initially_set: true,
                     })
                 {

@@ -5,39 +5,19 @@
 //! VM fd.
 
 use std::fmt;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
 use kvm_bindings::{
     KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_GET_TSC_KHZ,
     KVM_CAP_IMMEDIATE_EXIT, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_MAX_VCPUS,
     KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_NR_MEMSLOTS, KVM_CAP_NR_VCPUS,
-    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
 
+use crate::device::{open_kvm, KVM_API_VERSION};
 use crate::error::{Error, Result};
+use crate::fd::{checked_vm_fd, AsKvmFd};
+use crate::mode::{default_dirty_log_mode, KvmDirtyLogMode, INITIALLY_SET, MANUAL_PROTECT_ENABLE};
 use crate::raw::{self, FdKind, KvmFd};
-
-/// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` as a `u64` flag (bit 0).
-///
-/// # Example
-///
-/// ```
-/// assert_eq!(clearlog_kvm::MANUAL_PROTECT_ENABLE, 1);
-/// ```
-pub const MANUAL_PROTECT_ENABLE: u64 = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as u64;
-/// `KVM_DIRTY_LOG_INITIALLY_SET` as a `u64` flag (bit 1).
-///
-/// # Example
-///
-/// ```
-/// use clearlog_kvm::{INITIALLY_SET, MANUAL_PROTECT_ENABLE};
-/// assert_eq!(MANUAL_PROTECT_ENABLE | INITIALLY_SET, 3);
-/// ```
-pub const INITIALLY_SET: u64 = KVM_DIRTY_LOG_INITIALLY_SET as u64;
-
-/// The API version of every kernel this crate supports (`KVM_GET_API_VERSION`).
-pub(crate) const KVM_API_VERSION: i32 = 12;
 
 /// What the running kernel offers, as far as this crate cares.
 ///
@@ -48,7 +28,8 @@ pub(crate) const KVM_API_VERSION: i32 = 12;
 ///
 /// # Example
 ///
-/// ```no_run
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("KvmCaps") { return; }
 /// use clearlog_kvm::KvmCaps;
 ///
 /// let caps = KvmCaps::probe_device("/dev/kvm".as_ref()).unwrap();
@@ -123,26 +104,25 @@ impl KvmCaps {
     /// the kernel documents for `KVM_CHECK_EXTENSION` on VM fds) or a `/dev/kvm` system fd. No
     /// device is opened.
     ///
-    /// Works with the fd of any kvm-ioctls version (`VmFd` implements `AsRawFd`: borrow it with
-    /// `BorrowedFd::borrow_raw`) or a plain `File`/`OwnedFd`. The fd is checked to be the KVM
-    /// device or a KVM VM first (`fstat`, its `/proc/self/fd` link): for any other fd, or one
-    /// whose kind cannot be told, no ioctl is issued and nothing is offered
+    /// Takes kvm-ioctls' `VmFd` or `Kvm` as they are, or any fd ([`AsKvmFd`]). The fd is checked
+    /// to be the KVM device or a KVM VM first (`fstat`, its `/proc/self/fd` link): for any other
+    /// fd, or one whose kind cannot be told, no ioctl is issued and nothing is offered
     /// (`KvmCaps::default()`).
     ///
     /// # Example
     ///
-    /// ```no_run
-    /// use std::os::fd::{AsRawFd, BorrowedFd};
-    ///
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("KvmCaps::probe") { return; }
     /// let kvm = kvm_ioctls::Kvm::new().unwrap();
     /// let vm = kvm.create_vm().unwrap();
-    /// // SAFETY: `vm` owns the fd and outlives the borrow.
-    /// let fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
-    /// let caps = clearlog_kvm::KvmCaps::probe(fd);
+    /// let caps = clearlog_kvm::KvmCaps::probe(&vm);
     /// assert_eq!(caps.api_version, 12);
+    /// assert!(caps.max_memslots > 0);
+    /// let not_kvm = std::fs::File::open("/dev/null").unwrap();
+    /// assert_eq!(clearlog_kvm::KvmCaps::probe(&not_kvm), Default::default());
     /// ```
-    pub fn probe(fd: impl AsFd) -> Self {
-        match KvmFd::check(fd.as_fd()) {
+    pub fn probe(fd: impl AsKvmFd) -> Self {
+        match KvmFd::check(fd.as_kvm_fd()) {
             Ok(Some(fd)) if fd.kind() != FdKind::Vcpu => Self::probe_kvm(fd),
             _ => KvmCaps::default(),
         }
@@ -176,22 +156,17 @@ impl KvmCaps {
     ///
     /// # Example
     ///
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("probe_device") { return; }
     /// let caps = clearlog_kvm::KvmCaps::probe_device("/dev/kvm".as_ref()).unwrap();
     /// println!("manual protect flags: {:#x}", caps.manual_protect_flags);
     /// ```
     pub fn probe_device(path: &Path) -> Result<Self> {
-        let kvm = crate::vm::open_kvm(path)?;
-        let api = kvm.get_api_version();
-        if api != KVM_API_VERSION {
-            return Err(Error::ApiVersion(api));
-        }
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&kvm);
-        // SAFETY: `kvm` owns this open fd and outlives the borrow (the probe below).
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-        // SAFETY: `open_kvm` checked that the fd it opened is the KVM device.
+        let kvm = open_kvm(path)?;
+        // SAFETY: `open_kvm` checked that the fd it opened is the KVM device, and `kvm` keeps
+        // it open for as long as the borrow lives (the probe below).
         Ok(Self::probe_kvm(unsafe {
-            KvmFd::new_unchecked(fd, FdKind::System)
+            KvmFd::new_unchecked(kvm.as_kvm_fd(), FdKind::System)
         }))
     }
 
@@ -229,29 +204,29 @@ impl KvmCaps {
             (
                 // The report key predates the type's rename; `vmm caps --json` keeps it.
                 "default_dirty_log_mode",
-                self.default_protect_mode().to_string(),
+                self.default_dirty_log_mode().to_string(),
             ),
         ]
     }
 
     /// The dirty-log mode this crate uses by default on this kernel.
     ///
-    /// Same as [`default_protect_mode`] applied to
+    /// Same as [`default_dirty_log_mode`] applied to
     /// [`manual_protect_flags`](Self::manual_protect_flags).
     ///
     /// # Example
     ///
     /// ```
-    /// use clearlog_kvm::{ProtectMode, KvmCaps};
+    /// use clearlog_kvm::{KvmDirtyLogMode, KvmCaps};
     ///
     /// let caps = KvmCaps { manual_protect_flags: 3, ..Default::default() };
     /// assert_eq!(
-    ///     caps.default_protect_mode(),
-    ///     ProtectMode::Manual { initially_set: true }
+    ///     caps.default_dirty_log_mode(),
+    ///     KvmDirtyLogMode::Manual { initially_set: true }
     /// );
     /// ```
-    pub fn default_protect_mode(&self) -> ProtectMode {
-        default_protect_mode(self.manual_protect_flags)
+    pub fn default_dirty_log_mode(&self) -> KvmDirtyLogMode {
+        default_dirty_log_mode(self.manual_protect_flags)
     }
 }
 
@@ -269,133 +244,9 @@ impl fmt::Display for KvmCaps {
     }
 }
 
-/// How `KVM_GET_DIRTY_LOG` behaves on a VM.
-///
-/// # Example
-///
-/// ```
-/// use clearlog_kvm::ProtectMode;
-///
-/// let m = ProtectMode::Manual { initially_set: false };
-/// assert!(m.is_manual());
-/// assert_eq!(m.enable_flags(), 1);
-/// assert_eq!(ProtectMode::Legacy.enable_flags(), 0);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProtectMode {
-    /// `KVM_GET_DIRTY_LOG` copies, clears and write-protects at every call.
-    Legacy,
-    /// `KVM_GET_DIRTY_LOG` only copies; `KVM_CLEAR_DIRTY_LOG` re-arms tracking.
-    Manual {
-        /// A slot whose logging starts reads all ones, and pages are write-protected
-        /// lazily as they are cleared.
-        initially_set: bool,
-    },
-    /// The per-vCPU dirty ring ([`enable_dirty_ring`](crate::enable_dirty_ring)): no dirty bitmap,
-    /// `KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG` are refused; harvesting the rings and
-    /// `KVM_RESET_DIRTY_RINGS` re-protect the pages (see docs/design.md, "The dirty ring").
-    Ring {
-        /// Ring size per vCPU in bytes (16-byte entries).
-        bytes: u32,
-        /// Enabled through `KVM_CAP_DIRTY_LOG_RING_ACQ_REL`.
-        acq_rel: bool,
-    },
-}
-
-impl ProtectMode {
-    /// True for [`ProtectMode::Ring`].
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use clearlog_kvm::ProtectMode;
-    /// assert!(ProtectMode::Ring { bytes: 65536, acq_rel: true }.is_ring());
-    /// assert!(!ProtectMode::Legacy.is_ring());
-    /// ```
-    pub fn is_ring(&self) -> bool {
-        matches!(self, ProtectMode::Ring { .. })
-    }
-
-    /// True for [`ProtectMode::Manual`].
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// assert!(!clearlog_kvm::ProtectMode::Legacy.is_manual());
-    /// ```
-    pub fn is_manual(&self) -> bool {
-        matches!(self, ProtectMode::Manual { .. })
-    }
-
-    /// The `args[0]` of `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)` for this
-    /// mode; 0 for legacy (do not enable).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use clearlog_kvm::ProtectMode;
-    /// assert_eq!(ProtectMode::Manual { initially_set: true }.enable_flags(), 3);
-    /// ```
-    pub fn enable_flags(&self) -> u64 {
-        match self {
-            ProtectMode::Legacy | ProtectMode::Ring { .. } => 0,
-            ProtectMode::Manual { initially_set } => {
-                MANUAL_PROTECT_ENABLE | if *initially_set { INITIALLY_SET } else { 0 }
-            }
-        }
-    }
-}
-
-impl fmt::Display for ProtectMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ProtectMode::Legacy => f.write_str("legacy"),
-            ProtectMode::Manual {
-                initially_set: true,
-            } => f.write_str("manual+initially-set"),
-            ProtectMode::Manual {
-                initially_set: false,
-            } => f.write_str("manual"),
-            ProtectMode::Ring { bytes, .. } => {
-                write!(f, "ring:{}", crate::ring::format_bytes(*bytes))
-            }
-        }
-    }
-}
-
-/// Chooses the default dirty-log mode from the flags the kernel offers for
-/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
-///
-/// Manual with `INITIALLY_SET` when bit 1 (value 2) and bit 0 are offered, manual
-/// without it when only bit 0 is, legacy otherwise (with a warning: every
-/// `KVM_GET_DIRTY_LOG` then write-protects the whole slot).
-///
-/// # Example
-///
-/// ```
-/// use clearlog_kvm::{default_protect_mode, ProtectMode};
-///
-/// assert_eq!(default_protect_mode(3), ProtectMode::Manual { initially_set: true });
-/// assert_eq!(default_protect_mode(1), ProtectMode::Manual { initially_set: false });
-/// assert_eq!(default_protect_mode(0), ProtectMode::Legacy);
-/// ```
-pub fn default_protect_mode(offered_flags: u64) -> ProtectMode {
-    if offered_flags & MANUAL_PROTECT_ENABLE == 0 {
-        tracing::warn!(
-            offered_flags,
-            "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 not offered: using legacy dirty logging"
-        );
-        ProtectMode::Legacy
-    } else {
-        ProtectMode::Manual {
-            initially_set: offered_flags & INITIALLY_SET != 0,
-        }
-    }
-}
-
 /// Enables manual dirty-log protection (`KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)`) on
 /// any VM fd, with the kernel's flags: [`MANUAL_PROTECT_ENABLE`], optionally
-/// `| `[`INITIALLY_SET`]. Returns the [`ProtectMode`] now in effect, to hand to
+/// `| `[`INITIALLY_SET`]. Returns the [`KvmDirtyLogMode`] now in effect, to hand to
 /// [`Vm::from_fd`](crate::Vm::from_fd).
 ///
 /// **Call it before any memslot of the VM has dirty logging** (`KVM_MEM_LOG_DIRTY_PAGES`): the
@@ -412,23 +263,23 @@ pub fn default_protect_mode(offered_flags: u64) -> ProtectMode {
 ///
 /// # Example
 ///
-/// ```no_run
-/// use std::os::fd::{AsRawFd, BorrowedFd};
-/// use clearlog_kvm::{enable_manual_protect, ProtectMode, INITIALLY_SET, MANUAL_PROTECT_ENABLE};
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("enable_manual_protect") { return; }
+/// use clearlog_kvm::{enable_manual_protect, KvmCaps, KvmDirtyLogMode, MANUAL_PROTECT_ENABLE};
 ///
 /// let kvm = kvm_ioctls::Kvm::new().unwrap();
-/// let vm = kvm.create_vm().unwrap(); // any kvm-ioctls version: only the fd is used
-/// // SAFETY: `vm` owns the fd and outlives the borrow.
-/// let fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
-/// let mode = enable_manual_protect(fd, MANUAL_PROTECT_ENABLE | INITIALLY_SET).unwrap();
-/// assert_eq!(mode, ProtectMode::Manual { initially_set: true });
+/// let vm = kvm.create_vm().unwrap(); // the VMM's kvm-ioctls `VmFd`, passed as it is
+/// let flags = KvmCaps::probe(&vm).manual_protect_flags; // what this kernel offers
+/// let mode = enable_manual_protect(&vm, flags).unwrap();
+/// assert!(mode.is_manual());
+/// assert_eq!(mode.enable_flags(), flags);
 /// ```
-pub fn enable_manual_protect(vm: impl AsFd, flags: u64) -> Result<ProtectMode> {
-    enable_manual_protect_on(KvmFd::vm(vm.as_fd())?, flags)
+pub fn enable_manual_protect(vm: impl AsKvmFd, flags: u64) -> Result<KvmDirtyLogMode> {
+    enable_manual_protect_on(checked_vm_fd(vm.as_kvm_fd())?, flags)
 }
 
 /// [`enable_manual_protect`] on a fd known to be a KVM VM fd.
-pub(crate) fn enable_manual_protect_on(vm: KvmFd<'_>, flags: u64) -> Result<ProtectMode> {
+pub(crate) fn enable_manual_protect_on(vm: KvmFd<'_>, flags: u64) -> Result<KvmDirtyLogMode> {
     let known = MANUAL_PROTECT_ENABLE | INITIALLY_SET;
     if flags & MANUAL_PROTECT_ENABLE == 0 || flags & !known != 0 {
         return Err(Error::InvalidProtectFlags { flags });
@@ -444,7 +295,7 @@ pub(crate) fn enable_manual_protect_on(vm: KvmFd<'_>, flags: u64) -> Result<Prot
     raw::enable_cap(vm, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags).map_err(Error::kvm(
         "KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)",
     ))?;
-    let mode = ProtectMode::Manual {
+    let mode = KvmDirtyLogMode::Manual {
         initially_set: flags & INITIALLY_SET != 0,
     };
     tracing::debug!(flags, %mode, "manual dirty-log protection enabled");
@@ -454,32 +305,6 @@ pub(crate) fn enable_manual_protect_on(vm: KvmFd<'_>, flags: u64) -> Result<Prot
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_mode_table() {
-        assert_eq!(default_protect_mode(0), ProtectMode::Legacy);
-        // Bit 1 alone is meaningless without manual protect.
-        assert_eq!(default_protect_mode(2), ProtectMode::Legacy);
-        assert_eq!(
-            default_protect_mode(1),
-            ProtectMode::Manual {
-                initially_set: false
-            }
-        );
-        assert_eq!(
-            default_protect_mode(3),
-            ProtectMode::Manual {
-                initially_set: true
-            }
-        );
-        // Unknown future bits are ignored.
-        assert_eq!(
-            default_protect_mode(0xff),
-            ProtectMode::Manual {
-                initially_set: true
-            }
-        );
-    }
 
     #[test]
     fn display_lists_every_field() {

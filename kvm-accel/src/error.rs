@@ -5,6 +5,8 @@
 
 use std::path::PathBuf;
 
+use crate::dirty_cache::CacheError;
+use crate::mode::KvmDirtyLogMode;
 use crate::raw::ClearDirtyLogError;
 
 /// Errors returned by this crate.
@@ -38,7 +40,7 @@ pub enum Error {
         path: PathBuf,
     },
     /// The KVM device node could not be opened for another reason.
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     KvmOpen {
         /// Path of the device node.
         path: PathBuf,
@@ -49,7 +51,7 @@ pub enum Error {
     #[error("unsupported KVM API version {0} (expected 12)")]
     ApiVersion(i32),
     /// A KVM ioctl failed.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Kvm {
         /// Name of the operation (ioctl) that failed.
         op: &'static str,
@@ -99,9 +101,12 @@ pub enum Error {
         /// `KVM_CAP_NR_MEMSLOTS`.
         max: u32,
     },
+    /// A bitmap of `clearlog-bitmap` refused the call (a buffer smaller than the slot).
+    #[error("dirty bitmap")]
+    Bitmap(#[from] clearlog_bitmap::Error),
     /// A dirty-log clear that the per-slot cache refuses (before any sync, or out of range).
     #[error(transparent)]
-    DirtyCache(#[from] crate::CacheError),
+    DirtyCache(#[from] CacheError),
     /// The memslot is not registered with this VM.
     #[error("memslot {0:#x} is not registered")]
     UnknownSlot(u32),
@@ -149,21 +154,22 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
-    /// A slot a [`KvmMemoryListener`](crate::KvmMemoryListener) owns was asked for through a
-    /// path that bypasses the listener's [`SlotDirtyCache`](crate::SlotDirtyCache).
-    #[error("memslot {slot} belongs to a KvmMemoryListener: its dirty log is read and cleared through the listener's cache only (MemorySystem::log_sync_all / clear_dirty_bitmap); a direct GET or CLEAR would lose writes")]
-    SlotOwnedByListener {
+    /// A slot a dirty-log cache (a [`KvmMemoryListener`](crate::KvmMemoryListener) or a
+    /// [`VmmSlotCache`](crate::VmmSlotCache)) owns was asked for through a path that bypasses
+    /// the cache's [`SlotDirtyCache`](crate::SlotDirtyCache).
+    #[error("memslot {slot} belongs to a dirty-log cache (a KvmMemoryListener or a VmmSlotCache): its dirty log is read and cleared through that cache only; a direct GET or CLEAR would lose writes")]
+    SlotOwnedByCache {
         /// The slot id.
         slot: u32,
     },
     /// The memslot id is already registered with this `Vm` by someone else.
-    #[error("memslot {slot} is already in use in this Vm (by the caller or another listener): give each user its own slot ids (KvmMemoryListener::with_slot_ids)")]
+    #[error("memslot {slot} is already in use in this Vm (by the caller or a dirty-log cache): give each user its own slot ids (KvmMemoryListener::with_slot_ids)")]
     SlotInUse {
         /// The slot id.
         slot: u32,
     },
     /// KVM refused to create a new memslot (`EEXIST` or `EINVAL`).
-    #[error("KVM_SET_USER_MEMORY_REGION refused new memslot {slot} (guest {guest_phys:#x}, size {size:#x}): {source}; the slot id (or the guest range) may be in use by a memslot the VMM made outside this Vm: give KvmMemoryListener the slot ids it may use with KvmMemoryListener::with_slot_ids")]
+    #[error("KVM_SET_USER_MEMORY_REGION refused new memslot {slot} (guest {guest_phys:#x}, size {size:#x}): the slot id (or the guest range) may be in use by a memslot the VMM made outside this Vm (give KvmMemoryListener the slot ids it may use with KvmMemoryListener::with_slot_ids)")]
     MemslotRefused {
         /// The slot id.
         slot: u32,
@@ -249,7 +255,7 @@ pub enum Error {
         max: u32,
     },
     /// `KVM_ENABLE_CAP` of the dirty ring was refused.
-    #[error("enabling a dirty ring of {bytes} bytes failed: {source} (it must be enabled before any vCPU exists, and the kernel may need a larger ring than {min} bytes for its reserved entries: valid sizes are powers of two in {min}..={max})")]
+    #[error("enabling a dirty ring of {bytes} bytes failed (it must be enabled before any vCPU exists, and the kernel may need a larger ring than {min} bytes for its reserved entries: valid sizes are powers of two in {min}..={max})")]
     DirtyRingEnable {
         /// The size asked for.
         bytes: u32,
@@ -264,15 +270,48 @@ pub enum Error {
     #[error("the dirty ring is not enabled on this VM (its mode is {mode})")]
     DirtyRingNotEnabled {
         /// The VM's mode.
-        mode: crate::ProtectMode,
+        mode: KvmDirtyLogMode,
     },
-    /// A vCPU's ring could not be mapped or is registered twice.
+    /// A vCPU's ring is registered twice, or its fd is not a KVM vCPU fd.
     #[error("dirty ring of vCPU {vcpu}: {reason}")]
     DirtyRingVcpu {
         /// The vCPU index.
         vcpu: u32,
         /// What went wrong.
-        reason: String,
+        reason: &'static str,
+    },
+    /// Whether a vCPU's fd is a KVM vCPU fd could not be told (its `/proc/self/fd` link could
+    /// not be read): its ring is not mapped.
+    #[error("dirty ring of vCPU {vcpu}: cannot tell whether its fd is a KVM vCPU fd (is /proc mounted?)")]
+    DirtyRingVcpuFd {
+        /// The vCPU index.
+        vcpu: u32,
+        /// The `fstat`/`readlink` error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `mmap` of a vCPU's ring from its fd failed.
+    #[error("dirty ring of vCPU {vcpu}: cannot map the ring from the vCPU fd")]
+    DirtyRingMap {
+        /// The vCPU index.
+        vcpu: u32,
+        /// The `mmap` error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM fd given to [`Vm::from_fd`](crate::Vm::from_fd) could not be duplicated.
+    #[error("cannot duplicate the VM fd (F_DUPFD_CLOEXEC)")]
+    DupVmFd {
+        /// The `fcntl` error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The ring reaper thread could not be started.
+    #[error("cannot start the dirty ring reaper thread")]
+    ReaperThread {
+        /// The spawn error.
+        #[source]
+        source: std::io::Error,
     },
     /// `KVM_RESET_DIRTY_RINGS` reset fewer entries than were harvested: their pages may still be
     /// write-enabled, so their bits are held back (no sync folds them) and every later harvest

@@ -8,9 +8,12 @@
 //!   through a per-slot [`SlotDirtyCache`] under one slots lock, so no dirty bit is ever cleared in
 //!   KVM unless KVM reported it since the last sync. Its memslot ids come from a range the caller
 //!   may choose ([`KvmMemoryListener::with_slot_ids`]), next to the VMM's own slots.
-//! - [`Vm`]: a VM fd ([`Vm::new`] makes one; [`Vm::from_fd`] takes the VMM's, of any kvm-ioctls
-//!   version) with its [`ProtectMode`], probed [`KvmCaps`] and checked memslot and dirty-log calls,
-//!   which refuse slots a listener owns. Its GETs write into buffers that end right before a guard
+//! - [`VmmSlotCache`]: the same cache over memslots the VMM creates and keeps itself, for a VMM
+//!   with its own guest memory and memslots and no `clearlog-memory` (cloud-hypervisor's shape).
+//! - [`Vm`]: a VM fd ([`Vm::new`] makes one; [`Vm::from_fd`] takes the VMM's as it is: anything
+//!   [`AsKvmFd`], such as kvm-ioctls' `VmFd`) with its [`KvmDirtyLogMode`], probed [`KvmCaps`]
+//!   and checked memslot and dirty-log calls, which refuse slots a cache owns
+//!   ([`Error::SlotOwnedByCache`]). Its GETs write into buffers that end right before a guard
 //!   page, so a memslot re-made larger behind its back gives [`Error::SlotChangedBehindVm`]
 //!   instead of a write past the buffer; a listener probes each memslot id before it creates a
 //!   slot and refuses one the VMM made itself ([`Error::SlotIdTaken`]). Fds from the caller are
@@ -29,7 +32,8 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! ```
+//! # if clearlog_kvm::doctest_kvm_skip("lib.rs") { return; }
 //! use std::sync::Arc;
 //! use clearlog_kvm::{KvmMemoryListener, Vm, VmConfig};
 //! use clearlog_memory::MemorySystem;
@@ -42,29 +46,41 @@
 //! memory.log_sync_all().unwrap();           // KVM_GET_DIRTY_LOG into the slot caches
 //! memory.clear_dirty_bitmap(ram, 0, 1 << 20).unwrap(); // re-arm the first MiB: only bits KVM reported
 //! ```
-#![deny(missing_docs)]
+#![deny(unreachable_pub)]
 
 mod caps;
+mod device;
 mod dirty_cache;
+mod dirty_log;
 mod error;
+mod fd;
 mod guarded;
 mod memory_listener;
+mod mode;
 pub mod raw;
 mod ring;
+mod ring_registry;
+mod skip;
+mod slots;
+mod stats;
 mod vm;
+mod vmm_slot_cache;
 
-pub use caps::{
-    default_protect_mode, enable_manual_protect, KvmCaps, ProtectMode, INITIALLY_SET,
-    MANUAL_PROTECT_ENABLE,
-};
+pub use caps::{enable_manual_protect, KvmCaps};
+pub use device::KVM_DEVICE;
 pub use dirty_cache::{CacheError, ClearRange, ClearRequest, SlotDirtyCache};
 pub use error::{Error, Result};
-pub use memory_listener::{
-    DirtyLogStats, KvmMemoryListener, RingKick, RingReaper, RING_REAP_INTERVAL,
-};
+pub use fd::AsKvmFd;
+pub use memory_listener::{KvmMemoryListener, RingKick, RingReaper, RING_REAP_INTERVAL};
+pub use mode::{default_dirty_log_mode, KvmDirtyLogMode, INITIALLY_SET, MANUAL_PROTECT_ENABLE};
 pub use raw::ClearDirtyLogError;
 pub use ring::{enable_dirty_ring, is_pvm_host, RingRange, VcpuRingStats, RING_MIN_BYTES};
-pub use vm::{DirtyLogChoice, MemSlot, Vm, VmConfig, KVM_DEVICE};
+#[doc(hidden)]
+pub use skip::doctest_kvm_skip;
+pub use slots::MemSlot;
+pub use stats::DirtyLogStats;
+pub use vm::{Vm, VmConfig};
+pub use vmm_slot_cache::VmmSlotCache;
 
 /// The page size of dirty logging: one dirty bit per 4 KiB page (x86-64, and arm64 kernels with
 /// 4 KiB pages).
@@ -75,3 +91,8 @@ pub use vm::{DirtyLogChoice, MemSlot, Vm, VmConfig, KVM_DEVICE};
 /// assert_eq!(clearlog_kvm::PAGE_SIZE, 4096);
 /// ```
 pub const PAGE_SIZE: u64 = 4096;
+
+/// The examples of `README.md`, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -24,7 +24,8 @@
 //! lost.
 //!
 //! # Example
-//! ```no_run
+//! ```
+//! # if clearlog_kvm::doctest_kvm_skip("memory_listener.rs") { return; }
 //! use std::sync::Arc;
 //! use clearlog_kvm::{KvmMemoryListener, Vm, VmConfig};
 //! use clearlog_memory::MemorySystem;
@@ -41,7 +42,6 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,10 +51,13 @@ use clearlog_memory::{
 };
 
 use crate::dirty_cache::SlotDirtyCache;
+use crate::error::Error;
 use crate::guarded::GuardedWords;
 use crate::ring::VcpuRingStats;
-use crate::vm::{MemSlot, RingHarvester, SlotOwner, Vm};
-use crate::Error;
+use crate::ring_registry::RingHarvester;
+use crate::slots::{fill_pages, MemSlot, SlotOwner};
+use crate::stats::{Counters, DirtyLogStats};
+use crate::vm::Vm;
 
 /// The default interval of the ring reaper thread
 /// ([`KvmMemoryListener::start_ring_reaper`]); measured in docs/design.md ("The dirty ring").
@@ -70,8 +73,14 @@ pub const RING_REAP_INTERVAL: Duration = Duration::from_millis(10);
 ///
 /// # Example
 ///
-/// ```no_run
-/// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("RingReaper") { return; }
+/// use clearlog_kvm::{KvmDirtyLogMode, Vm, VmConfig};
+///
+/// let Ok(vm) = Vm::new(VmConfig::with_dirty_log(Some(KvmDirtyLogMode::Ring { bytes: 65536 }))) else {
+///     return; // a kernel without the dirty ring
+/// };
+/// let vm = std::sync::Arc::new(vm);
 /// let listener = std::sync::Arc::new(clearlog_kvm::KvmMemoryListener::new(vm));
 /// let reaper: clearlog_kvm::RingReaper = listener.start_ring_reaper(clearlog_kvm::RING_REAP_INTERVAL).unwrap();
 /// ```
@@ -95,70 +104,6 @@ impl Drop for RingReaper {
             let _ = t.join();
         }
     }
-}
-
-/// Counters of the listener's dirty-log work, for stats and benchmarks.
-///
-/// # Example
-///
-/// ```
-/// let stats = clearlog_kvm::DirtyLogStats::default();
-/// assert_eq!(stats.syncs + stats.clears, 0);
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DirtyLogStats {
-    /// `KVM_GET_DIRTY_LOG` calls.
-    pub syncs: u64,
-    /// Time spent in syncs (GET + fold), nanoseconds.
-    pub sync_ns: u64,
-    /// Dirty pages reported by syncs (summed over syncs).
-    pub pages_synced: u64,
-    /// `KVM_CLEAR_DIRTY_LOG` calls made.
-    pub clears: u64,
-    /// Clear requests that needed no ioctl (nothing known dirty in the range).
-    pub clears_skipped: u64,
-    /// Time spent in clears, nanoseconds.
-    pub clear_ns: u64,
-    /// Dirty bits cleared in KVM.
-    pub pages_cleared: u64,
-    /// Clear requests for a slot whose cache was never synced since its logging started (a slot
-    /// made or re-made after the caller's last sync, e.g. a region unmapped and mapped again
-    /// during a migration): nothing is known dirty there, so nothing is cleared (no ioctl).
-    pub clears_before_sync: u64,
-    /// Ring mode: harvests of all vCPU rings (each followed by `KVM_RESET_DIRTY_RINGS` when it
-    /// found entries), from syncs, the reaper thread and ring-full exits.
-    pub ring_reaps: u64,
-    /// Ring mode: entries harvested (one per page a vCPU dirtied since its last harvest).
-    pub ring_entries: u64,
-    /// Ring mode: time spent harvesting and resetting, nanoseconds.
-    pub ring_reap_ns: u64,
-    /// Ring mode: harvests that found a ring completely full without a ring-full exit (entries
-    /// may have been lost by the kernel; see [`VcpuRingStats::found_full`]). Each makes every
-    /// page of every logging slot dirty (this listener's, and the ones the [`Vm`] keeps entries
-    /// for), so the next sync reports them all: nothing lost can go unreported.
-    pub ring_found_full: u64,
-    /// Ring mode: entries of no logging memslot of the [`Vm`] (a slot deleted or no longer
-    /// logging since, or one the VMM made through its own fd), dropped. Entries of another
-    /// owner's logging slot (a second listener's, one made with [`Vm::set_memslot`]) are not
-    /// dropped: the `Vm` keeps them for their owner.
-    pub ring_foreign: u64,
-}
-
-#[derive(Default)]
-struct Counters {
-    syncs: AtomicU64,
-    sync_ns: AtomicU64,
-    pages_synced: AtomicU64,
-    clears: AtomicU64,
-    clears_skipped: AtomicU64,
-    clear_ns: AtomicU64,
-    pages_cleared: AtomicU64,
-    clears_before_sync: AtomicU64,
-    ring_reaps: AtomicU64,
-    ring_entries: AtomicU64,
-    ring_reap_ns: AtomicU64,
-    ring_found_full: AtomicU64,
-    ring_foreign: AtomicU64,
 }
 
 /// One memslot created for one section.
@@ -232,7 +177,7 @@ impl ListenerHarvest<'_> {
 }
 
 impl RingHarvester for ListenerHarvest<'_> {
-    fn listener(&self) -> Option<SlotOwner> {
+    fn owner(&self) -> Option<SlotOwner> {
         Some(self.owner)
     }
 
@@ -240,7 +185,7 @@ impl RingHarvester for ListenerHarvest<'_> {
         for slot in self.table.by_guest_addr.values_mut() {
             let pages = slot.size / crate::PAGE_SIZE;
             if let Some(words) = slot.log_buffer.as_mut() {
-                crate::vm::fill_pages(words, pages);
+                fill_pages(words, pages);
             }
         }
     }
@@ -273,13 +218,14 @@ impl RingHarvester for ListenerHarvest<'_> {
 /// `log_clear` with a [`SlotDirtyCache`] per slot (see the module docs).
 ///
 /// It owns its memslots: the [`Vm`] refuses its safe dirty-log and memslot calls on them
-/// ([`Error::SlotOwnedByListener`]), so every GET and CLEAR of a listener slot goes through
+/// ([`Error::SlotOwnedByCache`]), so every GET and CLEAR of a listener slot goes through
 /// its cache. Memslot ids come from [`KvmMemoryListener::new`]'s `0..max` or the range given to
 /// [`KvmMemoryListener::with_slot_ids`] (next to a VMM's own memslots).
 ///
 /// # Example
 ///
-/// ```no_run
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("KvmMemoryListener") { return; }
 /// use std::sync::Arc;
 /// use clearlog_kvm::{KvmMemoryListener, Vm};
 ///
@@ -290,7 +236,7 @@ impl RingHarvester for ListenerHarvest<'_> {
 /// ```
 pub struct KvmMemoryListener {
     vm: Arc<Vm>,
-    id: u64,
+    owner: SlotOwner,
     slot_ids: Range<u32>,
     slots: Mutex<SlotTable>,
     counters: Counters,
@@ -306,7 +252,7 @@ pub type RingKick = Arc<dyn Fn() + Send + Sync>;
 impl std::fmt::Debug for KvmMemoryListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvmMemoryListener")
-            .field("mode", &self.vm.protect_mode())
+            .field("mode", &self.vm.dirty_log_mode())
             .field("slot_ids", &self.slot_ids)
             .field("slots", &self.lock().by_guest_addr.len())
             .field("stats", &self.stats())
@@ -344,7 +290,8 @@ impl KvmMemoryListener {
     /// Next to memslots the VMM made itself, use [`KvmMemoryListener::with_slot_ids`].
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("new") { return; }
     /// use std::sync::Arc;
     /// let vm = Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// let listener = clearlog_kvm::KvmMemoryListener::new(vm);
@@ -371,7 +318,8 @@ impl KvmMemoryListener {
     /// `KVM_CAP_NR_MEMSLOTS`.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("with_slot_ids") { return; }
     /// use std::sync::Arc;
     /// let vm = Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// // The VMM keeps memslots 0..16 for itself.
@@ -391,7 +339,7 @@ impl KvmMemoryListener {
 
     fn build(vm: Arc<Vm>, slot_ids: Range<u32>) -> Self {
         Self {
-            id: vm.new_listener_id(),
+            owner: vm.new_cache_owner(),
             vm,
             slot_ids,
             slots: Mutex::new(SlotTable::default()),
@@ -403,7 +351,8 @@ impl KvmMemoryListener {
     /// The memslot ids this listener may use.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("slot_ids") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// let listener = clearlog_kvm::KvmMemoryListener::with_slot_ids(vm, 4..8).unwrap();
     /// assert_eq!(listener.slot_ids(), 4..8);
@@ -413,16 +362,17 @@ impl KvmMemoryListener {
     }
 
     fn owner(&self) -> SlotOwner {
-        SlotOwner::Listener(self.id)
+        self.owner
     }
 
     /// The VM.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("vm") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
-    /// println!("{}", listener.vm().protect_mode());
+    /// println!("{}", listener.vm().dirty_log_mode());
     /// ```
     pub fn vm(&self) -> &Arc<Vm> {
         &self.vm
@@ -431,34 +381,21 @@ impl KvmMemoryListener {
     /// Counters so far.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("stats") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// assert_eq!(listener.stats().clears, 0);
     /// ```
     pub fn stats(&self) -> DirtyLogStats {
-        let c = &self.counters;
-        DirtyLogStats {
-            syncs: c.syncs.load(Ordering::Relaxed),
-            sync_ns: c.sync_ns.load(Ordering::Relaxed),
-            pages_synced: c.pages_synced.load(Ordering::Relaxed),
-            clears: c.clears.load(Ordering::Relaxed),
-            clears_skipped: c.clears_skipped.load(Ordering::Relaxed),
-            clear_ns: c.clear_ns.load(Ordering::Relaxed),
-            pages_cleared: c.pages_cleared.load(Ordering::Relaxed),
-            clears_before_sync: c.clears_before_sync.load(Ordering::Relaxed),
-            ring_reaps: c.ring_reaps.load(Ordering::Relaxed),
-            ring_entries: c.ring_entries.load(Ordering::Relaxed),
-            ring_reap_ns: c.ring_reap_ns.load(Ordering::Relaxed),
-            ring_found_full: c.ring_found_full.load(Ordering::Relaxed),
-            ring_foreign: c.ring_foreign.load(Ordering::Relaxed),
-        }
+        self.counters.snapshot()
     }
 
     /// The memslot id used for the section starting at `guest_addr`, if any (for tests and tools).
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("slot_id_at") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// assert_eq!(listener.slot_id_at(0), None);
@@ -470,7 +407,8 @@ impl KvmMemoryListener {
     /// A copy of the dirty cache of the slot at `guest_addr` (manual mode, logging on).
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("cache_at") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// assert!(listener.cache_at(0).is_none());
@@ -490,7 +428,8 @@ impl KvmMemoryListener {
     /// (out of `KVM_RUN`, buffers flushed) misses nothing.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("set_ring_kick") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// listener.set_ring_kick(std::sync::Arc::new(|| { /* pthread_kill each vCPU thread */ }));
@@ -512,13 +451,14 @@ impl KvmMemoryListener {
     /// harvest (every one calls the reset again while entries are owed) confirms them.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("reap_rings") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// let entries = listener.reap_rings().unwrap();
     /// ```
     pub fn reap_rings(&self) -> Result<u64, Error> {
-        if !self.vm.protect_mode().is_ring() {
+        if !self.vm.dirty_log_mode().is_ring() {
             return Ok(0);
         }
         let mut table = self.lock();
@@ -529,7 +469,8 @@ impl KvmMemoryListener {
     /// index; empty outside ring mode.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("ring_stats") { return; }
     /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
     /// # let listener = clearlog_kvm::KvmMemoryListener::new(vm);
     /// for s in listener.ring_stats() {
@@ -549,16 +490,22 @@ impl KvmMemoryListener {
     /// [`Error::DirtyRingNotEnabled`] outside ring mode; the thread could not be spawned.
     ///
     /// # Example
-    /// ```no_run
-    /// # let vm = std::sync::Arc::new(clearlog_kvm::Vm::new(Default::default()).unwrap());
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("start_ring_reaper") { return; }
+    /// use clearlog_kvm::{KvmDirtyLogMode, Vm, VmConfig};
+    ///
+    /// let Ok(vm) = Vm::new(VmConfig::with_dirty_log(Some(KvmDirtyLogMode::Ring { bytes: 65536 }))) else {
+    ///     return; // a kernel without the dirty ring
+    /// };
+    /// let vm = std::sync::Arc::new(vm);
     /// let listener = std::sync::Arc::new(clearlog_kvm::KvmMemoryListener::new(vm));
     /// let reaper = listener.start_ring_reaper(clearlog_kvm::RING_REAP_INTERVAL).unwrap();
     /// drop(reaper); // stops the thread
     /// ```
     pub fn start_ring_reaper(self: &Arc<Self>, interval: Duration) -> Result<RingReaper, Error> {
-        if !self.vm.protect_mode().is_ring() {
+        if !self.vm.dirty_log_mode().is_ring() {
             return Err(Error::DirtyRingNotEnabled {
-                mode: self.vm.protect_mode(),
+                mode: self.vm.dirty_log_mode(),
             });
         }
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
@@ -583,10 +530,7 @@ impl KvmMemoryListener {
                     tracing::error!(error = %e, "dirty ring reaper: harvest failed");
                 }
             })
-            .map_err(|e| Error::DirtyRingVcpu {
-                vcpu: 0,
-                reason: format!("spawning the reaper thread: {e}"),
-            })?;
+            .map_err(|source| Error::ReaperThread { source })?;
         Ok(RingReaper {
             stop,
             thread: Some(thread),
@@ -602,13 +546,7 @@ impl KvmMemoryListener {
             last: None,
         };
         let (harvest, result) = self.vm.harvest_rings(&mut h);
-        let c = &self.counters;
-        c.ring_reaps.fetch_add(1, Ordering::Relaxed);
-        c.ring_entries.fetch_add(harvest.entries, Ordering::Relaxed);
-        c.ring_reap_ns.fetch_add(harvest.ns, Ordering::Relaxed);
-        c.ring_found_full
-            .fetch_add(harvest.found_full, Ordering::Relaxed);
-        c.ring_foreign.fetch_add(harvest.dropped, Ordering::Relaxed);
+        self.counters.add_reap(&harvest);
         result?;
         Ok(harvest.entries)
     }
@@ -617,7 +555,7 @@ impl KvmMemoryListener {
     /// exit and flush what their CPUs still buffer into the rings, before a reap. Never called
     /// with the slots lock held (a kicked vCPU may reap on a ring-full exit).
     fn kick_vcpus(&self) {
-        if self.vm.protect_mode().is_ring() {
+        if self.vm.dirty_log_mode().is_ring() {
             let kick = self
                 .ring_kick
                 .lock()
@@ -631,7 +569,7 @@ impl KvmMemoryListener {
 
     /// Ring mode: reap before a section's pending bits are folded.
     fn reap_if_ring(&self, table: &mut SlotTable) -> Result<(), ListenerError> {
-        if self.vm.protect_mode().is_ring() {
+        if self.vm.dirty_log_mode().is_ring() {
             self.reap_locked(table).map_err(listener_error)?;
         }
         Ok(())
@@ -687,7 +625,7 @@ impl KvmMemoryListener {
         let buffer = GuardedWords::new(pages.div_ceil(64) as usize)
             .map_err(|source| listener_error(Error::GuardedBuffer { source }))?;
         self.set_slot(slot, guest_addr, true, create)?;
-        if self.vm.protect_mode().is_manual() {
+        if self.vm.dirty_log_mode().is_manual() {
             slot.cache = Some(SlotDirtyCache::new(pages));
         }
         slot.log_buffer = Some(buffer);
@@ -719,7 +657,7 @@ impl KvmMemoryListener {
             // Ring mode: the pages harvested since the last sync (the caller reaped just now,
             // under the slots lock), once KVM_RESET_DIRTY_RINGS re-protected them: while a reset
             // is owed, some may still be writable, so nothing is folded (the bits stay).
-            (None, Some(buffer)) if self.vm.protect_mode().is_ring() => {
+            (None, Some(buffer)) if self.vm.dirty_log_mode().is_ring() => {
                 let owed = self.vm.ring_reset_owed();
                 if owed > 0 {
                     return Err(listener_error(Error::DirtyRingResetOwed { owed }));
@@ -744,18 +682,14 @@ impl KvmMemoryListener {
             }
         };
         let found = dirty.try_fold_bitmap(section.ram_first_page(), words, pages, clients)?;
-        if self.vm.protect_mode().is_ring() {
+        if self.vm.dirty_log_mode().is_ring() {
             // Folded into the clients: like a legacy GET, a ring sync hands its bits over.
             if let Some(b) = slot.log_buffer.as_mut() {
                 b.fill(0);
             }
         }
         let ns = start.elapsed().as_nanos() as u64;
-        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-        self.counters.sync_ns.fetch_add(ns, Ordering::Relaxed);
-        self.counters
-            .pages_synced
-            .fetch_add(found, Ordering::Relaxed);
+        self.counters.add_sync(ns, found);
         tracing::debug!(
             slot = slot.id,
             pages_dirty = found,
@@ -865,7 +799,7 @@ impl MemoryListener for KvmMemoryListener {
         let slot = Self::slot_for(&mut table, section)?;
         if !slot.logging() {
             self.start_logging(slot, section.guest_addr, false)?;
-            tracing::debug!(slot = slot.id, mode = %self.vm.protect_mode(), "dirty logging started");
+            tracing::debug!(slot = slot.id, mode = %self.vm.dirty_log_mode(), "dirty logging started");
         }
         Ok(())
     }
@@ -913,7 +847,7 @@ impl MemoryListener for KvmMemoryListener {
         first_page: u64,
         npages: u64,
     ) -> Result<(), ListenerError> {
-        if !self.vm.protect_mode().is_manual() {
+        if !self.vm.dirty_log_mode().is_manual() {
             return Ok(()); // legacy: the GET of the sync already re-protected everything
         }
         let start = Instant::now();
@@ -928,9 +862,7 @@ impl MemoryListener for KvmMemoryListener {
             // mapped again during a migration): there is nothing to clear. Its pages reach the
             // clients through its own syncs (INITIALLY_SET: all dirty at the first one; without,
             // KVM write-protects a slot created logging), so refusing would only kill the caller.
-            self.counters
-                .clears_before_sync
-                .fetch_add(1, Ordering::Relaxed);
+            self.counters.add_clear_before_sync();
             tracing::trace!(
                 slot = slot.id,
                 first_page,
@@ -943,7 +875,7 @@ impl MemoryListener for KvmMemoryListener {
             .take_clear_into(first_page, npages, &mut slot.clear_words)
             .map_err(listener_error)?;
         let Some(req) = request else {
-            self.counters.clears_skipped.fetch_add(1, Ordering::Relaxed);
+            self.counters.add_clear_skipped();
             return Ok(());
         };
         // Still under the slots lock: no sync can refill the cache before the kernel is told.
@@ -953,11 +885,7 @@ impl MemoryListener for KvmMemoryListener {
             .clear_owned_slot(slot.id, req.first_page, req.num_pages, &slot.clear_words)
             .map_err(listener_error)?;
         let ns = start.elapsed().as_nanos() as u64;
-        self.counters.clears.fetch_add(1, Ordering::Relaxed);
-        self.counters.clear_ns.fetch_add(ns, Ordering::Relaxed);
-        self.counters
-            .pages_cleared
-            .fetch_add(req.bits, Ordering::Relaxed);
+        self.counters.add_clear(ns, req.bits);
         tracing::trace!(
             slot = slot.id,
             first_page = req.first_page,
@@ -997,7 +925,7 @@ impl Drop for KvmMemoryListener {
 mod tests {
     use super::*;
     use crate::ring::DirtyRing;
-    use crate::vm::FakeReset;
+    use crate::ring_registry::FakeReset;
     use clearlog_memory::{DirtyClient, MemorySystem};
 
     /// A real VM, or None (with a loud SKIPPED line) when /dev/kvm cannot be opened; with
@@ -1079,7 +1007,7 @@ mod tests {
         let required = std::env::var("CI").is_ok_and(|v| v == "true")
             || std::env::var("CLEARLOG_REQUIRE_KVM").is_ok_and(|v| v == "1");
         match Vm::new(crate::VmConfig {
-            dirty_log: crate::DirtyLogChoice::Ring { bytes: 1 << 16 },
+            dirty_log: Some(crate::KvmDirtyLogMode::Ring { bytes: 1 << 16 }),
             ..Default::default()
         }) {
             Ok(vm) => Some(Arc::new(vm)),
@@ -1124,7 +1052,9 @@ mod tests {
     }
 
     fn push(vm: &Vm, vcpu: u32, at: u32, slot: u32, offset: u64) {
-        vm.with_fake_ring(vcpu, |r| r.kernel_push(at, slot, offset))
+        vm.rings_for_test()
+            .fake_ring(vcpu)
+            .kernel_push(at, slot, offset)
             .expect("a free ring entry");
     }
 
@@ -1143,7 +1073,7 @@ mod tests {
         // SAFETY: `vmm_mem` outlives `vm` (declared first, dropped last).
         unsafe { vm.set_memslot(100, 64 << 20, 64 * 4096, host, true) }.unwrap();
         let (memory, listener, id) = ring_rig(&vm, 0, 0..8);
-        vm.register_fake_ring(0, DirtyRing::fake(16));
+        vm.rings_for_test().register_fake(0, DirtyRing::fake(16));
         push(&vm, 0, 0, 100, 4);
         push(&vm, 0, 1, id, 2);
         memory.log_sync_all().unwrap();
@@ -1177,7 +1107,7 @@ mod tests {
         };
         let (memory_a, listener_a, id_a) = ring_rig(&vm, 0, 0..8);
         let (memory_b, _listener_b, id_b) = ring_rig(&vm, 16 << 20, 8..16);
-        vm.register_fake_ring(0, DirtyRing::fake(16));
+        vm.rings_for_test().register_fake(0, DirtyRing::fake(16));
         push(&vm, 0, 0, id_a, 1);
         push(&vm, 0, 1, id_b, 11);
         memory_a.log_sync_all().unwrap();
@@ -1200,9 +1130,10 @@ mod tests {
             return;
         };
         let (memory, listener, id) = ring_rig(&vm, 0, 0..8);
-        vm.register_fake_ring(0, DirtyRing::fake(16));
+        vm.rings_for_test().register_fake(0, DirtyRing::fake(16));
         memory.log_sync_all().unwrap();
-        vm.set_fake_reset(FakeReset::Fail(libc::EIO));
+        vm.rings_for_test()
+            .set_fake_reset(FakeReset::Fail(libc::EIO));
         push(&vm, 0, 0, id, 3);
         assert!(listener.reap_rings().is_err(), "the reset failed");
         // No new entry: the next sync must still not fold page 3 (it is writable, unreported).
@@ -1214,10 +1145,10 @@ mod tests {
         );
         assert_eq!(migration_pages(&memory), Vec::<u64>::new());
         // The reset works again: the next harvest resets although nothing is new, then folds.
-        vm.set_fake_reset(FakeReset::Kernel);
+        vm.rings_for_test().set_fake_reset(FakeReset::Kernel);
         memory.log_sync_all().unwrap();
         assert_eq!(migration_pages(&memory), vec![3], "the bit is not lost");
-        assert_eq!(vm.with_fake_ring(0, |r| r.kernel_marked_reset()), 0);
+        assert_eq!(vm.rings_for_test().fake_ring(0).kernel_marked_reset(), 0);
     }
 
     /// Finding 2: a partial reset (fewer entries than marked) is retried by every later harvest,
@@ -1228,22 +1159,23 @@ mod tests {
             return;
         };
         let (memory, listener, id) = ring_rig(&vm, 0, 0..8);
-        vm.register_fake_ring(0, DirtyRing::fake(16));
+        vm.rings_for_test().register_fake(0, DirtyRing::fake(16));
         memory.log_sync_all().unwrap();
-        vm.set_fake_reset(FakeReset::AtMost(1));
+        vm.rings_for_test().set_fake_reset(FakeReset::AtMost(1));
         push(&vm, 0, 0, id, 5);
         push(&vm, 0, 1, id, 6);
         assert!(listener.reap_rings().is_err(), "1 of 2 entries reset");
-        vm.set_fake_reset(FakeReset::Fail(libc::EIO));
+        vm.rings_for_test()
+            .set_fake_reset(FakeReset::Fail(libc::EIO));
         assert!(
             memory.log_sync_all().is_err(),
             "a sync folded bits while an entry was still owed a reset: {:?}",
             migration_pages(&memory)
         );
-        vm.set_fake_reset(FakeReset::AtMost(1));
+        vm.rings_for_test().set_fake_reset(FakeReset::AtMost(1));
         memory.log_sync_all().unwrap();
         assert_eq!(
-            vm.with_fake_ring(0, |r| r.kernel_marked_reset()),
+            vm.rings_for_test().fake_ring(0).kernel_marked_reset(),
             0,
             "the harvest with no new entry must call KVM_RESET_DIRTY_RINGS for the owed entry"
         );
@@ -1260,7 +1192,7 @@ mod tests {
         let (memory, listener, id) = ring_rig(&vm, 0, 0..8);
         // A second listener on the same Vm: its slot's entries are kept for it by the Vm.
         let (memory_b, _listener_b, id_b) = ring_rig(&vm, 16 << 20, 8..16);
-        vm.register_fake_ring(0, DirtyRing::fake(8));
+        vm.rings_for_test().register_fake(0, DirtyRing::fake(8));
         memory.log_sync_all().unwrap();
         assert_eq!(migration_pages(&memory), Vec::<u64>::new());
         // The kernel filled the whole ring (past its soft limit) and no exit was reported.
@@ -1291,7 +1223,7 @@ mod tests {
             return;
         };
         let (memory, _listener, id) = ring_rig(&vm, 0, 0..8);
-        vm.register_fake_ring(7, DirtyRing::fake(16));
+        vm.rings_for_test().register_fake(7, DirtyRing::fake(16));
         memory.log_sync_all().unwrap();
         push(&vm, 7, 0, id, 9);
         assert!(vm.unregister_vcpu_ring(7).unwrap());
@@ -1307,12 +1239,13 @@ mod tests {
             "the entry left in the unregistered ring must reach its slot's owner"
         );
         // A reset that fails: the ring stays (with its entries, kept for their owner).
-        vm.register_fake_ring(8, DirtyRing::fake(16));
+        vm.rings_for_test().register_fake(8, DirtyRing::fake(16));
         push(&vm, 8, 0, id, 10);
-        vm.set_fake_reset(FakeReset::Fail(libc::EIO));
-        assert!(vm.unregister_vcpu_ring(8).is_err());
+        vm.rings_for_test()
+            .set_fake_reset(FakeReset::Fail(libc::EIO));
+        vm.unregister_vcpu_ring(8).unwrap_err();
         assert_eq!(vm.ring_stats().len(), 1, "the ring is kept");
-        vm.set_fake_reset(FakeReset::Kernel);
+        vm.rings_for_test().set_fake_reset(FakeReset::Kernel);
         assert!(vm.unregister_vcpu_ring(8).unwrap());
         memory.log_sync_all().unwrap();
         assert_eq!(migration_pages(&memory), vec![9, 10]);

@@ -166,20 +166,6 @@ impl<'a> KvmFd<'a> {
         KvmFd { fd, kind }
     }
 
-    /// `fd` if it is a KVM VM fd; otherwise the error [`Vm::from_fd`](crate::Vm::from_fd) and
-    /// the other public entry points taking a VM fd give.
-    pub(crate) fn vm(fd: BorrowedFd<'a>) -> crate::Result<Self> {
-        use crate::Error;
-        let kind = FdKind::of(fd).map_err(|source| Error::FdKindUnknown { source })?;
-        let reason = match kind {
-            FdKind::Vm => return Ok(KvmFd { fd, kind }),
-            FdKind::System => "it is the /dev/kvm system fd, not a VM fd (KVM_CREATE_VM makes one)",
-            FdKind::Vcpu => "it is a KVM vCPU fd, not a VM fd",
-            FdKind::Other => "its /proc/self/fd link is not anon_inode:kvm-vm",
-        };
-        Err(Error::NotAVmFd { reason })
-    }
-
     /// What kind of KVM fd it is.
     pub(crate) fn kind(self) -> FdKind {
         self.kind
@@ -282,17 +268,30 @@ pub(crate) unsafe fn set_user_memory_region(
 ///
 /// # Example
 ///
-/// ```no_run
-/// use std::os::fd::AsFd;
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("raw::get_dirty_log") { return Ok(()); }
+/// use clearlog_kvm::AsKvmFd;
+/// # use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+/// # // `mem` is declared first, so dropped after the VM and its memslot.
+/// # let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 100 * 4096)]).unwrap();
+/// # let kvm = kvm_ioctls::Kvm::new().unwrap();
+/// # let vm = kvm.create_vm().unwrap();
+/// # let region = kvm_bindings::kvm_userspace_memory_region {
+/// #     slot: 0,
+/// #     flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+/// #     guest_phys_addr: 0,
+/// #     memory_size: 100 * 4096,
+/// #     userspace_addr: mem.get_host_address(GuestAddress(0)).unwrap() as u64,
+/// # };
+/// # // SAFETY: `mem` (declared first) outlives `vm` and is used by nothing else.
+/// # unsafe { vm.set_user_memory_region(region).unwrap() };
 ///
-/// # fn f(vm: &std::fs::File) -> Result<(), vmm_sys_util::errno::Error> {
-/// // Slot 0 (the caller's own) is known to hold 100 pages: 2 words.
+/// // `vm`: a kvm-ioctls `VmFd`, whose slot 0 (the caller's own, logging) holds 100 pages: 2 words.
 /// let mut bitmap = [0u64; 2];
 /// // SAFETY: `vm` is a KVM VM fd; its slot 0 has 100 pages (nobody else changes it), the
 /// // buffer holds 128 bits.
-/// unsafe { clearlog_kvm::raw::get_dirty_log(vm.as_fd(), 0, &mut bitmap)? };
-/// # Ok(())
-/// # }
+/// unsafe { clearlog_kvm::raw::get_dirty_log(vm.as_kvm_fd(), 0, &mut bitmap)? };
+/// # Ok::<(), vmm_sys_util::errno::Error>(())
 /// ```
 pub unsafe fn get_dirty_log(
     vm: BorrowedFd<'_>,
@@ -303,7 +302,7 @@ pub unsafe fn get_dirty_log(
         slot,
         padding1: 0,
         __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 {
-            dirty_bitmap: bitmap.as_mut_ptr() as *mut c_void,
+            dirty_bitmap: bitmap.as_mut_ptr().cast::<c_void>(),
         },
     };
     // SAFETY: the caller guarantees `vm` is a KVM VM fd and `bitmap` large enough for the
@@ -370,15 +369,14 @@ pub enum ClearDirtyLogError {
     #[error("KVM_CLEAR_DIRTY_LOG: not available while the dirty ring is enabled (ENXIO)")]
     DirtyRingEnabled,
     /// Another errno.
-    #[error("KVM_CLEAR_DIRTY_LOG: {0}")]
-    Other(errno::Error),
-    /// The fd is not a KVM VM fd (or what it is could not be told, e.g. without `/proc`): no
-    /// ioctl was issued.
-    #[error("KVM_CLEAR_DIRTY_LOG: not a KVM VM fd{}", why.as_ref().map(|w| format!(" (cannot tell what the fd is: {w})")).unwrap_or_default())]
-    NotAVmFd {
-        /// Why the fd's kind could not be told, if that was the problem.
-        why: Option<String>,
-    },
+    #[error("KVM_CLEAR_DIRTY_LOG failed")]
+    Other(#[source] errno::Error),
+    /// The fd is not a KVM VM fd: no ioctl was issued.
+    #[error("KVM_CLEAR_DIRTY_LOG: not a KVM VM fd")]
+    NotAVmFd,
+    /// What the fd is could not be told (e.g. without `/proc`): no ioctl was issued.
+    #[error("KVM_CLEAR_DIRTY_LOG: cannot tell whether the fd is a KVM VM fd (is /proc mounted?)")]
+    FdKindUnknown(#[source] errno::Error),
 }
 
 impl ClearDirtyLogError {
@@ -433,20 +431,35 @@ impl ClearDirtyLogError {
 /// dirty bit of a write made after that copy: the page is never reported again, a lost write
 /// (the `two_clients` test of `clearlog-test-guest` shows it happen). This function cannot
 /// check it (it knows only a fd); [`Vm::clear_dirty_log`](crate::Vm::clear_dirty_log), the safe
-/// path, refuses listener slots with [`Error::SlotOwnedByListener`](crate::Error::SlotOwnedByListener).
+/// path, refuses listener slots with [`Error::SlotOwnedByCache`](crate::Error::SlotOwnedByCache).
 ///
 /// # Example
 ///
-/// ```no_run
-/// use std::os::fd::AsFd;
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("raw::clear_dirty_log") { return Ok(()); }
+/// use clearlog_kvm::{AsKvmFd, MANUAL_PROTECT_ENABLE, enable_manual_protect};
 /// use clearlog_kvm::raw::clear_dirty_log;
 ///
-/// # fn f(vm: &std::fs::File) -> Result<(), clearlog_kvm::ClearDirtyLogError> {
-/// // `vm` is a VM fd of any kvm-ioctls version (or a plain `File`/`OwnedFd`); slot 0 is the
-/// // caller's own, not a `KvmMemoryListener`'s. Clear pages 0..31 only; 32..63 stay dirty.
-/// clear_dirty_log(vm.as_fd(), 0, 0, 64, &[0xffff_ffff])?;
-/// # Ok(())
-/// # }
+/// # use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+/// # // `mem` is declared first, so dropped after the VM and its memslot.
+/// # let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 100 * 4096)]).unwrap();
+/// # let kvm = kvm_ioctls::Kvm::new().unwrap();
+/// # let vm = kvm.create_vm().unwrap();
+/// # if enable_manual_protect(&vm, MANUAL_PROTECT_ENABLE).is_err() { return Ok(()); }
+/// # let region = kvm_bindings::kvm_userspace_memory_region {
+/// #     slot: 0,
+/// #     flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+/// #     guest_phys_addr: 0,
+/// #     memory_size: 100 * 4096,
+/// #     userspace_addr: mem.get_host_address(GuestAddress(0)).unwrap() as u64,
+/// # };
+/// # // SAFETY: `mem` (declared first) outlives `vm` and is used by nothing else.
+/// # unsafe { vm.set_user_memory_region(region).unwrap() };
+/// // `vm`: a VM fd of any kvm-ioctls version (a `VmFd`, a `File`, an `OwnedFd`) in manual
+/// // protect mode; slot 0 is the caller's own, not a `KvmMemoryListener`'s. Clear pages 0..31
+/// // only; 32..63 stay dirty.
+/// clear_dirty_log(vm.as_kvm_fd(), 0, 0, 64, &[0xffff_ffff])?;
+/// # Ok::<(), clearlog_kvm::ClearDirtyLogError>(())
 /// ```
 pub fn clear_dirty_log(
     vm: BorrowedFd<'_>,
@@ -459,10 +472,10 @@ pub fn clear_dirty_log(
         Ok(Some(fd)) if fd.kind() == FdKind::Vm => {
             clear_dirty_log_on(fd, slot, first_page, num_pages, bitmap)
         }
-        Ok(_) => Err(ClearDirtyLogError::NotAVmFd { why: None }),
-        Err(e) => Err(ClearDirtyLogError::NotAVmFd {
-            why: Some(e.to_string()),
-        }),
+        Ok(_) => Err(ClearDirtyLogError::NotAVmFd),
+        Err(e) => Err(ClearDirtyLogError::FdKindUnknown(errno::Error::new(
+            e.raw_os_error().unwrap_or(libc::EIO),
+        ))),
     }
 }
 

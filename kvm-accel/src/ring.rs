@@ -16,7 +16,6 @@
 //! `DIRTY` (a release with `_ACQ_REL`), so we load `flags` with acquire before reading the entry,
 //! and store `RESET` with release after reading it. See docs/design.md, "The dirty ring".
 
-use std::os::fd::AsFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -25,8 +24,10 @@ use kvm_bindings::{
     KVM_DIRTY_LOG_PAGE_OFFSET,
 };
 
-use crate::caps::{KvmCaps, ProtectMode};
+use crate::caps::KvmCaps;
 use crate::error::{Error, Result};
+use crate::fd::{checked_vm_fd, AsKvmFd};
+use crate::mode::KvmDirtyLogMode;
 use crate::raw::{self, FdKind, KvmFd};
 
 /// `KVM_DIRTY_GFN_F_DIRTY`: the entry holds a dirty page not harvested yet.
@@ -137,7 +138,7 @@ pub fn is_pvm_host() -> bool {
 /// any vCPU (the kernel refuses it later), and never together with manual protection's
 /// `INITIALLY_SET` (this crate enables no manual protection on a ring VM at all).
 ///
-/// Returns the [`ProtectMode::Ring`] to hand to [`Vm::from_fd`](crate::Vm::from_fd). vCPUs made
+/// Returns the [`KvmDirtyLogMode::Ring`] to hand to [`Vm::from_fd`](crate::Vm::from_fd). vCPUs made
 /// afterwards must be registered with [`Vm::register_vcpu_ring`](crate::Vm::register_vcpu_ring).
 ///
 /// # Errors
@@ -150,22 +151,22 @@ pub fn is_pvm_host() -> bool {
 ///
 /// # Example
 ///
-/// ```no_run
-/// use std::os::fd::{AsRawFd, BorrowedFd};
-///
-/// let kvm = kvm_ioctls::Kvm::new().unwrap();
-/// let vm_fd = kvm.create_vm().unwrap();
-/// // SAFETY: `vm_fd` owns the fd and outlives the borrow.
-/// let fd = unsafe { BorrowedFd::borrow_raw(vm_fd.as_raw_fd()) };
-/// let mode = clearlog_kvm::enable_dirty_ring(fd, 64 << 10).unwrap();
-/// assert!(mode.is_ring());
 /// ```
-pub fn enable_dirty_ring(vm: impl AsFd, bytes: u32) -> Result<ProtectMode> {
-    enable_dirty_ring_on(KvmFd::vm(vm.as_fd())?, bytes)
+/// # if clearlog_kvm::doctest_kvm_skip("enable_dirty_ring") { return; }
+/// let kvm = kvm_ioctls::Kvm::new().unwrap();
+/// let vm_fd = kvm.create_vm().unwrap(); // the VMM's kvm-ioctls `VmFd`, passed as it is
+/// match clearlog_kvm::enable_dirty_ring(&vm_fd, 64 << 10) {
+///     Ok(mode) => assert_eq!(mode, clearlog_kvm::KvmDirtyLogMode::Ring { bytes: 64 << 10 }),
+///     Err(clearlog_kvm::Error::DirtyRingUnsupported) => {} // a kernel without the ring
+///     Err(e) => panic!("{e}"),
+/// }
+/// ```
+pub fn enable_dirty_ring(vm: impl AsKvmFd, bytes: u32) -> Result<KvmDirtyLogMode> {
+    enable_dirty_ring_on(checked_vm_fd(vm.as_kvm_fd())?, bytes)
 }
 
 /// [`enable_dirty_ring`] on a fd known to be a KVM VM fd.
-pub(crate) fn enable_dirty_ring_on(vm: KvmFd<'_>, bytes: u32) -> Result<ProtectMode> {
+pub(crate) fn enable_dirty_ring_on(vm: KvmFd<'_>, bytes: u32) -> Result<KvmDirtyLogMode> {
     let caps = KvmCaps::probe_kvm(vm);
     let range = RingRange::of(&caps).ok_or(Error::DirtyRingUnsupported)?;
     range.check(bytes)?;
@@ -180,19 +181,7 @@ pub(crate) fn enable_dirty_ring_on(vm: KvmFd<'_>, bytes: u32) -> Result<ProtectM
         max: range.max,
         source,
     })?;
-    Ok(ProtectMode::Ring {
-        bytes,
-        acq_rel: range.acq_rel,
-    })
-}
-
-/// `bytes` as `64K`, `1M`... (exact multiples only), for mode names and messages.
-pub(crate) fn format_bytes(bytes: u32) -> String {
-    match bytes {
-        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
-        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
-        b => b.to_string(),
-    }
+    Ok(KvmDirtyLogMode::Ring { bytes })
 }
 
 /// Per-vCPU dirty-ring counters ([`KvmMemoryListener::ring_stats`](crate::KvmMemoryListener::ring_stats),
@@ -279,7 +268,7 @@ impl DirtyRing {
     ///
     /// The mapping is of a KVM vCPU fd (checked by `KvmFd`), so it is KVM's ring pages or
     /// nothing: if the vCPU's VM has no ring, or a smaller one than `bytes` (a wrong
-    /// `ProtectMode::Ring` given to [`Vm::from_fd`](crate::Vm::from_fd), or a vCPU of another VM),
+    /// `KvmDirtyLogMode::Ring` given to [`Vm::from_fd`](crate::Vm::from_fd), or a vCPU of another VM),
     /// the kernel has no page to give past its ring and an access there raises `SIGBUS` (the
     /// process dies), never touches memory of ours.
     pub(crate) fn map(vcpu: KvmFd<'_>, bytes: u32) -> std::io::Result<Self> {

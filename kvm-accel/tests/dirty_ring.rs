@@ -3,12 +3,10 @@
 
 //! The dirty ring on real KVM: bad sizes, the order rules, and a VMM's own VM and vCPU fds.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use clearlog_kvm::{
-    enable_dirty_ring, DirtyLogChoice, Error, KvmCaps, KvmMemoryListener, ProtectMode, RingRange,
-    Vm, VmConfig,
+    enable_dirty_ring, Error, KvmCaps, KvmDirtyLogMode, KvmMemoryListener, RingRange, Vm, VmConfig,
 };
 use clearlog_memory::MemorySystem;
 
@@ -34,7 +32,7 @@ fn ring_range() -> Option<RingRange> {
 
 fn ring_vm(bytes: u32) -> Result<Vm, Error> {
     Vm::new(VmConfig {
-        dirty_log: DirtyLogChoice::Ring { bytes },
+        dirty_log: Some(KvmDirtyLogMode::Ring { bytes }),
         ..Default::default()
     })
 }
@@ -46,19 +44,13 @@ fn bad_ring_sizes_list_the_valid_range() {
     for bad in [0, 1000, r.min + 16, r.min / 2, r.max.saturating_mul(2)] {
         match ring_vm(bad) {
             Err(e @ Error::DirtyRingSize { .. }) => {
-                assert!(e.to_string().contains(&range), "{e}")
+                assert!(e.to_string().contains(&range), "{e}");
             }
             other => panic!("size {bad}: expected DirtyRingSize, got {other:?}"),
         }
     }
     let vm = ring_vm(r.max).expect("the largest size");
-    assert_eq!(
-        vm.protect_mode(),
-        ProtectMode::Ring {
-            bytes: r.max,
-            acq_rel: r.acq_rel
-        }
-    );
+    assert_eq!(vm.dirty_log_mode(), KvmDirtyLogMode::Ring { bytes: r.max });
 }
 
 #[test]
@@ -69,11 +61,9 @@ fn the_ring_must_be_enabled_before_any_vcpu() {
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm_fd = kvm.create_vm().unwrap();
     let _vcpu = vm_fd.create_vcpu(0).unwrap();
-    // SAFETY: `vm_fd` owns the fd and outlives the borrow.
-    let fd = unsafe { BorrowedFd::borrow_raw(vm_fd.as_raw_fd()) };
-    match enable_dirty_ring(fd, 64 << 10) {
+    match enable_dirty_ring(&vm_fd, 64 << 10) {
         Err(e @ Error::DirtyRingEnable { .. }) => {
-            assert!(e.to_string().contains("before any vCPU"), "{e}")
+            assert!(e.to_string().contains("before any vCPU"), "{e}");
         }
         other => panic!("expected DirtyRingEnable, got {other:?}"),
     }
@@ -86,16 +76,14 @@ fn ring_calls_outside_ring_mode_are_refused() {
     }
     let vm = Vm::new(VmConfig::default()).unwrap();
     let vcpu = vm.vm_fd().unwrap().create_vcpu(0).unwrap();
-    // SAFETY: `vcpu` owns the fd and outlives the borrow.
-    let fd = unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) };
     assert!(matches!(
-        vm.register_vcpu_ring(0, fd),
+        vm.register_vcpu_ring(0, &vcpu),
         Err(Error::DirtyRingNotEnabled { .. })
     ));
     let listener = Arc::new(KvmMemoryListener::new(Arc::new(vm)));
-    assert!(listener
+    listener
         .start_ring_reaper(clearlog_kvm::RING_REAP_INTERVAL)
-        .is_err());
+        .unwrap_err();
     assert_eq!(listener.reap_rings().unwrap(), 0);
 }
 
@@ -107,21 +95,17 @@ fn a_vmms_own_vm_and_vcpu_register_their_ring() {
     let Some(r) = ring_range() else { return };
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm_fd = kvm.create_vm().unwrap();
-    // SAFETY: `vm_fd` owns the fd and outlives every borrow below.
-    let fd = unsafe { BorrowedFd::borrow_raw(vm_fd.as_raw_fd()) };
-    let mode = enable_dirty_ring(fd, r.min.max(16 << 10)).unwrap();
-    let vm = Arc::new(Vm::from_fd(fd, mode).unwrap());
+    let mode = enable_dirty_ring(&vm_fd, r.min.max(16 << 10)).unwrap();
+    let vm = Arc::new(Vm::from_fd(&vm_fd, mode).unwrap());
     let vcpu = vm_fd.create_vcpu(0).unwrap();
-    // SAFETY: `vcpu` owns the fd and outlives the borrows.
-    let vfd = unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) };
-    vm.register_vcpu_ring(0, vfd).unwrap();
+    vm.register_vcpu_ring(0, &vcpu).unwrap();
     assert!(matches!(
-        vm.register_vcpu_ring(0, vfd),
+        vm.register_vcpu_ring(0, &vcpu),
         Err(Error::DirtyRingVcpu { vcpu: 0, .. })
     ));
     let memory = MemorySystem::with_ram_capacity(1 << 20);
     memory.add_ram("ram", 0, 1 << 20).unwrap();
-    let listener = Arc::new(KvmMemoryListener::new(vm.clone()));
+    let listener = Arc::new(KvmMemoryListener::new(vm));
     memory.register_listener(listener.clone()).unwrap();
     memory.log_global_start().unwrap();
     memory.log_sync_all().unwrap();
@@ -130,13 +114,6 @@ fn a_vmms_own_vm_and_vcpu_register_their_ring() {
     assert_eq!(stats.len(), 1);
     assert_eq!(stats[0].harvested, 0);
     // A from_fd ring mode with a size the kernel cannot have is refused.
-    let err = Vm::from_fd(
-        fd,
-        ProtectMode::Ring {
-            bytes: 3000,
-            acq_rel: true,
-        },
-    )
-    .unwrap_err();
+    let err = Vm::from_fd(&vm_fd, KvmDirtyLogMode::Ring { bytes: 3000 }).unwrap_err();
     assert!(matches!(err, Error::DirtyRingSize { .. }), "{err}");
 }

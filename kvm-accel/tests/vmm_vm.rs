@@ -4,11 +4,11 @@
 //! clearlog-kvm on a VM the VMM made itself with kvm-ioctls (real KVM): memslot ids next to the
 //! VMM's own slot, the fd checks of `Vm::from_fd`, `enable_manual_protect`'s flag checks.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 
 use clearlog_kvm::{
-    enable_manual_protect, Error, KvmMemoryListener, ProtectMode, Vm, MANUAL_PROTECT_ENABLE,
+    enable_manual_protect, Error, KvmDirtyLogMode, KvmMemoryListener, Vm, MANUAL_PROTECT_ENABLE,
 };
 use clearlog_memory::MemorySystem;
 use kvm_bindings::kvm_userspace_memory_region;
@@ -18,20 +18,15 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 mod common;
 use common::kvm_available;
 
-fn borrow(vm: &VmFd) -> BorrowedFd<'_> {
-    // SAFETY: `vm` owns this open fd, and the borrow cannot outlive `vm`.
-    unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) }
-}
-
 const VMM_GPA: u64 = 1 << 30;
 const VMM_SIZE: u64 = 2 << 20;
 const RAM: u64 = 4 << 20;
 
 /// The VMM's VM with manual protect and its own memslot 0, made with kvm-ioctls directly.
-fn vmm_vm() -> (Kvm, VmFd, GuestMemoryMmap, ProtectMode) {
+fn vmm_vm() -> (Kvm, VmFd, GuestMemoryMmap, KvmDirtyLogMode) {
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
-    let mode = enable_manual_protect(borrow(&vm), MANUAL_PROTECT_ENABLE).unwrap();
+    let mode = enable_manual_protect(&vm, MANUAL_PROTECT_ENABLE).unwrap();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), VMM_SIZE as usize)]).unwrap();
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
     let region = kvm_userspace_memory_region {
@@ -52,7 +47,7 @@ fn default_listener_next_to_vmm_slot_0_names_the_clash() {
         return;
     }
     let (_kvm, vm_fd, _vmm_mem, mode) = vmm_vm();
-    let vm = Arc::new(Vm::from_fd(borrow(&vm_fd), mode).unwrap());
+    let vm = Arc::new(Vm::from_fd(&vm_fd, mode).unwrap());
     let memory = MemorySystem::new();
     memory.add_ram("ram0", 0, RAM).unwrap();
     let e = memory
@@ -95,13 +90,13 @@ fn listener_with_a_range_avoiding_the_vmm_slot_works() {
         return;
     }
     let (_kvm, vm_fd, _vmm_mem, mode) = vmm_vm();
-    let vm = Arc::new(Vm::from_fd(borrow(&vm_fd), mode).unwrap());
+    let vm = Arc::new(Vm::from_fd(&vm_fd, mode).unwrap());
     let memory = MemorySystem::new();
     let ram = memory.add_ram("ram0", 0, RAM).unwrap();
     let listener = Arc::new(KvmMemoryListener::with_slot_ids(vm.clone(), 1..4).unwrap());
     memory.register_listener(listener.clone()).unwrap();
     assert_eq!(listener.slot_id_at(0), Some(1));
-    assert!(vm.is_listener_slot(1));
+    assert!(vm.is_cache_slot(1));
     memory.log_global_start().unwrap();
     memory.log_sync_all().unwrap();
     memory.clear_dirty_bitmap(ram, 0, RAM).unwrap();
@@ -118,7 +113,7 @@ fn slot_id_ranges_are_checked() {
         return;
     }
     let (_kvm, vm_fd, _vmm_mem, mode) = vmm_vm();
-    let vm = Arc::new(Vm::from_fd(borrow(&vm_fd), mode).unwrap());
+    let vm = Arc::new(Vm::from_fd(&vm_fd, mode).unwrap());
     let max = vm.caps().max_memslots;
     for ids in [3..3, 0..max + 1] {
         let e = KvmMemoryListener::with_slot_ids(vm.clone(), ids.clone()).unwrap_err();
@@ -133,7 +128,7 @@ fn slot_id_ranges_are_checked() {
             KvmMemoryListener::with_slot_ids(vm, 5..6).unwrap(),
         ))
         .unwrap_err();
-    let msg = format!("{e:?} {e}");
+    let msg = chain(&e);
     assert!(msg.contains("5..6"), "{msg}");
 }
 
@@ -143,15 +138,13 @@ fn from_fd_refuses_what_is_not_a_vm_fd() {
         return;
     }
     let kvm = Kvm::new().unwrap();
-    // SAFETY: `kvm` owns this open fd and outlives the borrow.
-    let sys = unsafe { BorrowedFd::borrow_raw(kvm.as_raw_fd()) };
-    let e = Vm::from_fd(sys, ProtectMode::Legacy).unwrap_err();
+    let e = Vm::from_fd(&kvm, KvmDirtyLogMode::Legacy).unwrap_err();
     assert!(
         matches!(e, Error::NotAVmFd { .. }) && e.to_string().contains("/dev/kvm"),
         "{e}"
     );
     let file = std::fs::File::open("/proc/self/status").unwrap();
-    let e = Vm::from_fd(file.as_fd(), ProtectMode::Legacy).unwrap_err();
+    let e = Vm::from_fd(file.as_fd(), KvmDirtyLogMode::Legacy).unwrap_err();
     assert!(matches!(e, Error::NotAVmFd { .. }), "{e}");
 }
 
@@ -162,7 +155,7 @@ fn from_fd_dups_the_fd_and_probes_the_vm() {
     }
     let kvm = Kvm::new().unwrap();
     let vm_fd = kvm.create_vm().unwrap();
-    let vm = Vm::from_fd(borrow(&vm_fd), ProtectMode::Legacy).unwrap();
+    let vm = Vm::from_fd(&vm_fd, KvmDirtyLogMode::Legacy).unwrap();
     assert_ne!(vm.as_fd().as_raw_fd(), vm_fd.as_raw_fd());
     assert_eq!(vm.caps().api_version, 12);
     assert!(vm.caps().max_memslots > 0);
@@ -180,22 +173,22 @@ fn enable_manual_protect_checks_flags() {
     let kvm = Kvm::new().unwrap();
     let vm_fd = kvm.create_vm().unwrap();
     for flags in [0, 2, 1 | 4] {
-        let e = enable_manual_protect(borrow(&vm_fd), flags).unwrap_err();
+        let e = enable_manual_protect(&vm_fd, flags).unwrap_err();
         assert!(
             matches!(e, Error::InvalidProtectFlags { .. }),
             "{flags:#x}: {e}"
         );
     }
-    let mode = enable_manual_protect(borrow(&vm_fd), MANUAL_PROTECT_ENABLE).unwrap();
+    let mode = enable_manual_protect(&vm_fd, MANUAL_PROTECT_ENABLE).unwrap();
     assert_eq!(
         mode,
-        ProtectMode::Manual {
+        KvmDirtyLogMode::Manual {
             initially_set: false
         }
     );
     // The mode it returns is what `Vm::from_fd` takes.
-    let vm = Vm::from_fd(borrow(&vm_fd), mode).unwrap();
-    assert!(vm.protect_mode().is_manual());
+    let vm = Vm::from_fd(&vm_fd, mode).unwrap();
+    assert!(vm.dirty_log_mode().is_manual());
 }
 
 /// One `KVM_SET_USER_MEMORY_REGION` through kvm-ioctls; the kernel's errno on failure.
@@ -307,10 +300,10 @@ fn a_vmm_memslot_is_never_taken_over_by_a_listener() {
     let reservation = Reservation::new();
     let kvm = Kvm::new().unwrap();
     let vm_fd = kvm.create_vm().unwrap();
-    let mode = enable_manual_protect(borrow(&vm_fd), MANUAL_PROTECT_ENABLE).unwrap();
+    let mode = enable_manual_protect(&vm_fd, MANUAL_PROTECT_ENABLE).unwrap();
     // SAFETY: `gm` outlives `vm_fd` (declared first).
     unsafe { set_region(&vm_fd, 1, 0, 0, RAM, host) }.unwrap();
-    let vm = Arc::new(Vm::from_fd(borrow(&vm_fd), mode).unwrap());
+    let vm = Arc::new(Vm::from_fd(&vm_fd, mode).unwrap());
     let memory = MemorySystem::new();
     memory.add_guest_memory(&gm).unwrap();
     let listener = Arc::new(KvmMemoryListener::with_slot_ids(vm.clone(), 1..16).unwrap());
@@ -341,11 +334,11 @@ fn a_vmm_memslot_is_never_taken_over_by_a_listener() {
             KvmMemoryListener::with_slot_ids(vm.clone(), 1..2).unwrap(),
         ))
         .unwrap_err();
-    assert!(format!("{e}").contains("memslot 1"), "{e}");
+    assert!(chain(&e).contains("memslot 1"), "{e}");
 
     // With a range next to the VMM's slot the listener works: its first slot is probed with a
     // create (the Vm knows no slot yet), the second against the first.
-    let listener = Arc::new(KvmMemoryListener::with_slot_ids(vm.clone(), 2..16).unwrap());
+    let listener = Arc::new(KvmMemoryListener::with_slot_ids(vm, 2..16).unwrap());
     other.register_listener(listener.clone()).unwrap();
     assert_eq!(listener.slot_id_at(64 << 20), Some(2));
     other.add_ram("ram2", 128 << 20, RAM).unwrap();
@@ -359,4 +352,13 @@ fn a_vmm_memslot_is_never_taken_over_by_a_listener() {
     // SAFETY: refused by the kernel (overlaps slot 2), nothing is created.
     let probe = unsafe { set_region(&vm_fd, 4, 0, 64 << 20, 4096, reservation.addr()) };
     assert_eq!(probe, Err(libc::EEXIST));
+}
+
+/// An error and its sources, `outer: cause: ...` (the memory API's error names the listener, its
+/// source is the kvm error).
+fn chain(e: &dyn std::error::Error) -> String {
+    std::iter::successors(Some(e), |e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }

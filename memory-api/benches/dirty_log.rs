@@ -35,10 +35,10 @@ fn fold(c: &mut Criterion) {
     for (name, dense) in [("dense", true), ("sparse", false)] {
         let words = kvm_bitmap(dense);
         group.bench_function(format!("{name}/aligned/2_clients"), |b| {
-            b.iter(|| dirty.fold_bitmap(0, black_box(&words), PAGES, clients))
+            b.iter(|| dirty.fold_bitmap(0, black_box(&words), PAGES, clients));
         });
         group.bench_function(format!("{name}/unaligned/2_clients"), |b| {
-            b.iter(|| dirty.fold_bitmap(3, black_box(&words), PAGES, clients))
+            b.iter(|| dirty.fold_bitmap(3, black_box(&words), PAGES, clients));
         });
     }
     group.finish();
@@ -65,11 +65,11 @@ fn migration_sync(c: &mut Criterion) {
                 },
                 |mut fresh| mem.sync_migration_bitmap(&block, &mut fresh, Some(&mut clear)),
                 BatchSize::PerIteration,
-            )
+            );
         });
     }
     group.bench_function("clean", |b| {
-        b.iter(|| mem.sync_migration_bitmap(&block, &mut dest, Some(&mut clear)))
+        b.iter(|| mem.sync_migration_bitmap(&block, &mut dest, Some(&mut clear)));
     });
     group.finish();
 }

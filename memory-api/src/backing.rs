@@ -76,7 +76,7 @@ fn fstatfs(file: &File) -> io::Result<libc::statfs> {
     // SAFETY: an all-zero `statfs` is a valid value of the plain C struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: the fd is open (borrowed from `file`) and `st` is a valid, writable `statfs`.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &raw mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(st)

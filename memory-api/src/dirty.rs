@@ -7,144 +7,8 @@ use std::sync::atomic::{fence, AtomicU8, Ordering};
 
 use clearlog_bitmap::{words_for_bits, AtomicBitmap, BITS_PER_WORD};
 
+use crate::ids::{DirtyClient, DirtyClients};
 use crate::{Error, Result};
-
-/// A consumer of dirty bits. Each has one atomic bitmap over the whole RAM address space.
-///
-/// # Examples
-///
-/// ```
-/// use clearlog_memory::DirtyClient;
-///
-/// assert_eq!(DirtyClient::ALL.len(), 3);
-/// assert_eq!(DirtyClient::Vga.index(), 1);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DirtyClient {
-    /// Live migration (on while global logging is on).
-    Migration = 0,
-    /// A display-like client that redraws what changed.
-    Vga = 1,
-    /// Code-cache invalidation (modelled for completeness).
-    Code = 2,
-}
-
-impl DirtyClient {
-    /// Every client, in index order.
-    pub const ALL: [DirtyClient; 3] = [DirtyClient::Migration, DirtyClient::Vga, DirtyClient::Code];
-
-    /// The client's index (its bit number in [`DirtyClients`]).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(clearlog_memory::DirtyClient::Code.index(), 2);
-    /// ```
-    pub const fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// A set of [`DirtyClient`]s as a bit mask (bit = client as u8).
-///
-/// # Examples
-///
-/// ```
-/// use clearlog_memory::{DirtyClient, DirtyClients};
-///
-/// let set = DirtyClients::NONE.with(DirtyClient::Vga).with(DirtyClient::Migration);
-/// assert!(set.contains(DirtyClient::Vga));
-/// assert!(!set.contains(DirtyClient::Code));
-/// assert_eq!(set.iter().collect::<Vec<_>>(), [DirtyClient::Migration, DirtyClient::Vga]);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
-pub struct DirtyClients(pub u8);
-
-impl DirtyClients {
-    /// No client.
-    pub const NONE: DirtyClients = DirtyClients(0);
-    /// Every client.
-    pub const ALL: DirtyClients = DirtyClients(0b111);
-
-    /// Does the set contain `client`?
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use clearlog_memory::{DirtyClient, DirtyClients};
-    /// assert!(DirtyClients::ALL.contains(DirtyClient::Code));
-    /// ```
-    pub const fn contains(self, client: DirtyClient) -> bool {
-        self.0 & (1 << client as u8) != 0
-    }
-
-    /// The set plus `client`.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use clearlog_memory::{DirtyClient, DirtyClients};
-    /// assert_eq!(DirtyClients::NONE.with(DirtyClient::Vga), DirtyClients(0b10));
-    /// ```
-    pub const fn with(self, client: DirtyClient) -> DirtyClients {
-        DirtyClients(self.0 | (1 << client as u8))
-    }
-
-    /// The set minus `client`.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use clearlog_memory::{DirtyClient, DirtyClients};
-    /// assert_eq!(DirtyClients::ALL.without(DirtyClient::Migration), DirtyClients(0b110));
-    /// ```
-    pub const fn without(self, client: DirtyClient) -> DirtyClients {
-        DirtyClients(self.0 & !(1 << client as u8))
-    }
-
-    /// The union of two sets.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use clearlog_memory::DirtyClients;
-    /// assert_eq!(DirtyClients(1).union(DirtyClients(4)), DirtyClients(5));
-    /// ```
-    pub const fn union(self, other: DirtyClients) -> DirtyClients {
-        DirtyClients(self.0 | other.0)
-    }
-
-    /// Is the set empty (no logging)?
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(clearlog_memory::DirtyClients::NONE.is_empty());
-    /// ```
-    pub const fn is_empty(self) -> bool {
-        self.0 & Self::ALL.0 == 0
-    }
-
-    /// The clients of the set, in index order.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use clearlog_memory::{DirtyClient, DirtyClients};
-    /// assert_eq!(DirtyClients(0b100).iter().collect::<Vec<_>>(), [DirtyClient::Code]);
-    /// ```
-    pub fn iter(self) -> impl Iterator<Item = DirtyClient> {
-        DirtyClient::ALL
-            .into_iter()
-            .filter(move |c| self.contains(*c))
-    }
-}
-
-impl From<DirtyClient> for DirtyClients {
-    fn from(client: DirtyClient) -> Self {
-        DirtyClients::NONE.with(client)
-    }
-}
 
 /// The clients' dirty bitmaps: one bit per page of the RAM address space, per client.
 ///
@@ -220,20 +84,20 @@ impl DirtyMemory {
     /// # Examples
     ///
     /// ```
-    /// use clearlog_memory::{DirtyClients, MemorySystem};
+    /// use clearlog_memory::{DirtyClient, DirtyClients, MemorySystem};
     ///
     /// let mem = MemorySystem::with_ram_capacity(1 << 24);
     /// assert_eq!(mem.dirty().active_clients(), DirtyClients::NONE);
     /// mem.log_global_start().unwrap();
-    /// assert_eq!(mem.dirty().active_clients(), DirtyClients(1));
+    /// assert_eq!(mem.dirty().active_clients(), DirtyClients::from(DirtyClient::Migration));
     /// ```
     pub fn active_clients(&self) -> DirtyClients {
-        DirtyClients(self.active.load(Ordering::Acquire))
+        DirtyClients::from_bits(self.active.load(Ordering::Acquire))
     }
 
     /// Set the active clients (the memory system does this when logging changes).
     pub(crate) fn set_active_clients(&self, clients: DirtyClients) {
-        self.active.store(clients.0, Ordering::Release);
+        self.active.store(clients.bits(), Ordering::Release);
         // Pairs with the fence in `set_dirty_range`: a client turned on here, then reading
         // pages, and a host write that stores a page, then loads the active set, form a
         // store-buffering pattern. With a `SeqCst` fence between the store and the load on each

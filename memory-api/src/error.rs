@@ -3,7 +3,7 @@
 
 //! The crate's error type.
 
-use crate::{DirtyClient, RamBlockId, RegionId};
+use crate::ids::{DirtyClient, RamBlockId, RegionId};
 
 /// Error a [`crate::MemoryListener`] hook returns; boxed so accelerators keep their own error types.
 ///
@@ -35,7 +35,7 @@ pub type ListenerError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[non_exhaustive]
 pub enum Error {
     /// A listener hook failed.
-    #[error("memory listener `{listener}` failed in {hook}: {source}")]
+    #[error("memory listener `{listener}` failed in {hook}")]
     Listener {
         /// Listener name.
         listener: String,
@@ -136,7 +136,7 @@ pub enum Error {
         capacity_pages: u64,
     },
     /// Allocating host memory for a RAM block failed.
-    #[error("cannot map {size:#x} bytes of host memory: {source}")]
+    #[error("cannot map {size:#x} bytes of host memory")]
     Mmap {
         /// Size requested.
         size: u64,
@@ -145,7 +145,7 @@ pub enum Error {
         source: vm_memory::mmap::MmapRegionError,
     },
     /// A volatile access to guest memory failed.
-    #[error("guest memory access failed: {0}")]
+    #[error("guest memory access failed")]
     Volatile(#[from] vm_memory::VolatileMemoryError),
     /// Migration logging is global: use `log_global_start`/`log_global_stop`.
     #[error("{0:?} logging cannot be set per region")]
@@ -153,16 +153,17 @@ pub enum Error {
     /// The listener is not registered.
     #[error("listener is not registered")]
     UnknownListener,
-    /// A clear-bitmap shift outside `ClearBitmap::MIN_SHIFT..=ClearBitmap::MAX_SHIFT`.
-    #[error("clear-bitmap shift {0} is outside 6..=31")]
-    InvalidClearShift(u8),
+    /// A bitmap of `clearlog-bitmap` refused the call (a [`crate::ClearBitmap`] with a shift
+    /// outside its range, a page past its block).
+    #[error("dirty bitmap")]
+    Bitmap(#[from] clearlog_bitmap::Error),
     /// A memfd for RAM could not be created or sized.
-    #[error("cannot create or size a memfd for guest RAM: {0}")]
+    #[error("cannot create or size a memfd for guest RAM")]
     Memfd(#[source] std::io::Error),
     /// hugetlb memory could not be had: the host has no (or not enough) free huge pages.
     #[error(
         "cannot get {size:#x} bytes of hugetlb guest RAM{}: the host has no free huge pages for it \
-         (reserve some with /proc/sys/vm/nr_hugepages; see HugePages_Free in /proc/meminfo): {source}",
+         (reserve some with /proc/sys/vm/nr_hugepages; see HugePages_Free in /proc/meminfo)",
         if *huge_page_size != 0 { format!(" in {huge_page_size:#x}-byte pages") } else { String::new() }
     )]
     HugePagesUnavailable {
@@ -185,7 +186,7 @@ pub enum Error {
         huge_page_size: u64,
     },
     /// The caller's backing file could not be inspected (`fstat`/`fstatfs` failed: a bad fd?).
-    #[error("cannot inspect the RAM backing file: {source}")]
+    #[error("cannot inspect the RAM backing file")]
     BackingFile {
         /// The system call's error.
         #[source]
@@ -213,7 +214,7 @@ pub enum Error {
         guest_addr: Option<u64>,
     },
     /// The mapped RAM regions cannot be shown as one vm-memory `GuestMemoryMmap` (they overlap).
-    #[error("the mapped RAM regions do not form a vm-memory GuestMemoryMmap: {0}")]
+    #[error("the mapped RAM regions do not form a vm-memory GuestMemoryMmap")]
     GuestMemoryView(#[source] vm_memory::GuestRegionCollectionError),
     /// The RAM layout cannot change while a migration runs (global dirty logging is on): the
     /// migration stream's header fixed the list of RAM blocks (names and sizes) when it started.
@@ -231,7 +232,7 @@ pub enum Error {
     /// ([`crate::RamBlock::populated_pages`]): `PAGEMAP_SCAN` or `lseek(SEEK_DATA/SEEK_HOLE)`
     /// returned an error other than "not supported" (which is not an error: the range then counts
     /// as populated). A caller can treat the range as fully populated and read it.
-    #[error("cannot tell which guest pages are populated: {what}: {source}")]
+    #[error("cannot tell which guest pages are populated ({what})")]
     PopulatedScan {
         /// What failed.
         what: &'static str,

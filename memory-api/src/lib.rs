@@ -28,7 +28,7 @@
 //! - [`DirtyMemory`] (`dirty`): one atomic bitmap per [`DirtyClient`] (Migration, Vga, Code) over
 //!   the RAM address space; the accelerator folds KVM's bitmaps into it.
 //! - [`DirtySnapshot`] (`snapshot`): what [`MemorySystem::snapshot_and_clear_dirty`] returns.
-//! - [`ClearBitmap`] (`migration_sync`): migration's per-chunk "needs clear" bits.
+//! - [`ClearBitmap`] (re-exported from `clearlog-bitmap`): migration's per-chunk "needs clear" bits.
 //! - [`MemorySystem`] (`system`): all of the above behind one topology lock.
 //! - `testing` (cargo feature `testing`): a conformance check for [`MemoryListener`]
 //!   implementations.
@@ -92,20 +92,24 @@
 //! assert_eq!(newly, 0); // page 5 was already marked for the first pass
 //!
 //! // Before sending page 5: re-arm its chunk in the accelerator, then read it.
-//! mem.clear_chunk_before_send(&block, &mut clear, 5).unwrap();
+//! clear
+//!     .clear_run_before_read(5, 1, |first, n| {
+//!         mem.clear_dirty_bitmap_block(&block, first << 12, n << 12)
+//!     })
+//!     .unwrap();
 //! let mut page = [0u8; 4096];
 //! block.read_page(5, &mut page).unwrap();
 //! assert_eq!(&page[..10], b"device DMA");
 //! # let _ = ram;
 //! ```
-#![deny(missing_docs)]
+#![deny(unreachable_pub)]
 
 mod backing;
 mod dirty;
 mod error;
+mod ids;
 mod listener;
 mod mapping;
-mod migration_sync;
 mod populated;
 mod ram;
 mod region;
@@ -117,13 +121,14 @@ mod vm_bitmap;
 mod zero_scan;
 
 pub use backing::RamBacking;
-pub use dirty::{DirtyClient, DirtyClients, DirtyMemory};
+pub use clearlog_bitmap::ClearBitmap;
+pub use dirty::DirtyMemory;
 pub use error::{Error, ListenerError, Result};
+pub use ids::{DirtyClient, DirtyClients, RamBlockId, RegionId};
 pub use listener::MemoryListener;
-pub use migration_sync::ClearBitmap;
 pub use populated::PopulatedMethod;
-pub use ram::{is_zero_page, RamBlock, RamBlockId};
-pub use region::{RegionId, Section};
+pub use ram::{is_zero_page, RamBlock};
+pub use region::Section;
 pub use snapshot::DirtySnapshot;
 pub use system::{MemorySystem, DEFAULT_RAM_CAPACITY};
 pub use vm_bitmap::{DirtyBitmap, DirtyBitmapSlice};
@@ -156,10 +161,6 @@ pub struct ReadmeDoctests;
 ///
 /// ```compile_fail,E0603
 /// use clearlog_memory::listener::MemoryListener;
-/// ```
-///
-/// ```compile_fail,E0603
-/// use clearlog_memory::migration_sync::ClearBitmap;
 /// ```
 ///
 /// ```compile_fail,E0603

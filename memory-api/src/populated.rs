@@ -253,7 +253,7 @@ pub(crate) fn scan(
 }
 
 /// How a block finds its populated pages: decided from what the kernel says its mapping is
-/// ([`crate::mapping`]), when the block is made and again by
+/// (its mapping type), when the block is made and again by
 /// [`RamBlock::reclassify_mapping`](crate::RamBlock::reclassify_mapping).
 ///
 /// # Examples
@@ -449,8 +449,8 @@ impl Populated {
                 // borrow keeps mapped for the whole call; the mapping is page aligned.
                 unsafe {
                     zero_scan::scan_nonzero(base, (r.start - at) as usize, |i| {
-                        nonzero(at + i as u64)
-                    })
+                        nonzero(at + i as u64);
+                    });
                 };
             }
             at = at.max(r.end);
@@ -802,7 +802,7 @@ mod tests {
         let host = m.as_ptr() as u64;
         let mut v = Vec::new();
         let ok = scan(host, host + m.size() as u64, anyof, category::ALL, |r| {
-            v.push(((r.start - host) >> 12, (r.end - host) >> 12, r.categories))
+            v.push(((r.start - host) >> 12, (r.end - host) >> 12, r.categories));
         })
         .unwrap();
         assert!(ok, "PAGEMAP_SCAN refused on a kernel that has it");

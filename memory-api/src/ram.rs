@@ -8,25 +8,11 @@ use std::sync::Arc;
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 use crate::backing::NewMapping;
+use crate::ids::RamBlockId;
 use crate::populated::Populated;
 use crate::{
     DirtyBitmap, DirtyMemory, Error, PopulatedMethod, RamBacking, Result, PAGE_SHIFT, PAGE_SIZE,
 };
-
-/// Identifies a RAM block inside one [`crate::MemorySystem`].
-///
-/// # Examples
-///
-/// ```
-/// use clearlog_memory::MemorySystem;
-///
-/// let mem = MemorySystem::with_ram_capacity(1 << 24);
-/// mem.add_ram("ram", 0, 0x10000).unwrap();
-/// let id = mem.ram_blocks()[0].id();
-/// assert_eq!(mem.ram_block(id).unwrap().name(), "ram");
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RamBlockId(pub u32);
 
 /// A block of guest RAM: host memory, placed in the RAM address space at a page offset that
 /// is a multiple of 64 pages (so its dirty bits start on a bitmap word).
@@ -496,9 +482,8 @@ impl RamBlock {
     ///   page's read waits for the handler, like any read.
     ///
     /// Reading leaves never-touched private anonymous pages mapped to the zero page (as any read
-    /// of them does); a later write to one gets a fresh page as before (on this project's 6.18
-    /// test host a write to the huge zero page gets a fresh huge page, measured with
-    /// `PAGEMAP_SCAN`).
+    /// of them does); a later write to one gets a fresh page as before (a write to the huge zero
+    /// page gets a fresh huge page, docs/bench/README.md).
     ///
     /// # Errors
     ///
@@ -642,7 +627,7 @@ mod tests {
 
     fn block(pages: u64, dirty: &Arc<DirtyMemory>) -> RamBlock {
         RamBlock::with_backing(
-            RamBlockId(0),
+            RamBlockId::new(0),
             "test",
             pages * PAGE_SIZE,
             64,

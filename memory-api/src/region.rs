@@ -6,22 +6,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::{DirtyClient, DirtyClients, Error, RamBlock, Result};
-
-/// Identifies a region inside one [`crate::MemorySystem`].
-///
-/// # Examples
-///
-/// ```
-/// use clearlog_memory::MemorySystem;
-///
-/// let mem = MemorySystem::with_ram_capacity(1 << 24);
-/// let a = mem.add_ram("a", 0, 0x1000).unwrap();
-/// let b = mem.add_ram("b", 0x1000, 0x1000).unwrap();
-/// assert_ne!(a, b);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RegionId(pub u32);
+use crate::ids::{DirtyClient, DirtyClients, RamBlockId, RegionId};
+use crate::{Error, RamBlock, Result};
 
 /// A flattened, contiguous piece of guest-physical address space backed by one RAM block.
 ///
@@ -47,6 +33,7 @@ pub struct RegionId(pub u32);
 /// assert!(section.log.is_empty());
 /// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Section {
     /// The region this section shows (for an alias: the alias region).
     pub region: RegionId,
@@ -112,7 +99,7 @@ impl Section {
 
     /// The section's identity for topology diffs: everything but the logging state. Two sections with
     /// equal keys are the same memslot to an accelerator.
-    pub(crate) fn key(&self) -> (u64, u64, RegionId, u64, crate::RamBlockId, u64, bool) {
+    pub(crate) fn key(&self) -> (u64, u64, RegionId, u64, RamBlockId, u64, bool) {
         (
             self.guest_addr,
             self.size,
@@ -168,7 +155,7 @@ pub(crate) struct RegionTree {
 impl RegionTree {
     /// Add a region (mapped or not; the caller checked overlaps).
     pub(crate) fn insert(&mut self, node: RegionNode) -> RegionId {
-        let id = RegionId(self.next_id);
+        let id = RegionId::new(self.next_id);
         self.next_id += 1;
         self.regions.insert(id, node);
         id
@@ -317,13 +304,13 @@ impl RegionTree {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DirtyMemory, RamBlockId, PAGE_SIZE};
+    use crate::{DirtyMemory, PAGE_SIZE};
 
     fn ram(tree: &mut RegionTree, pages: u64, at: Option<(u64, i32)>) -> RegionId {
         let dirty = Arc::new(DirtyMemory::new(1024));
         let block = Arc::new(
             RamBlock::with_backing(
-                RamBlockId(tree.next_id),
+                RamBlockId::new(tree.next_id),
                 "r",
                 pages * PAGE_SIZE,
                 0,
@@ -352,7 +339,7 @@ mod tests {
                 (
                     s.guest_addr / PAGE_SIZE,
                     s.pages(),
-                    s.region.0,
+                    s.region.get(),
                     s.offset_in_block / PAGE_SIZE,
                 )
             })
@@ -368,7 +355,11 @@ mod tests {
         let s = tree.flatten(false);
         assert_eq!(
             layout(&s),
-            [(0, 6, low.0, 0), (6, 4, high.0, 0), (10, 6, low.0, 10)]
+            [
+                (0, 6, low.get(), 0),
+                (6, 4, high.get(), 0),
+                (10, 6, low.get(), 10)
+            ]
         );
         assert_eq!(s[2].offset_in_region, 10 * PAGE_SIZE);
     }
@@ -402,7 +393,7 @@ mod tests {
         });
         tree.get_mut(target).unwrap().log = DirtyClient::Vga.into();
         let s = tree.flatten(true);
-        assert_eq!(layout(&s), [(0x100, 4, alias.0, 5)]);
+        assert_eq!(layout(&s), [(0x100, 4, alias.get(), 5)]);
         assert_eq!(
             s[0].log,
             DirtyClients::NONE

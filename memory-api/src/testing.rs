@@ -10,9 +10,10 @@
 //! It panics, naming the rule broken, if the listener can lose a write:
 //!
 //! 1. **Clear before read.** A page written after a sync and the clear of its chunk
-//!    ([`MemorySystem::clear_chunk_before_send`]) is reported by the next sync.
+//!    ([`ClearBitmap::clear_run_before_read`] over [`MemorySystem::clear_dirty_bitmap_block`]) is
+//!    reported by the next sync.
 //! 2. **One clear per sync.** When two clients clear the same range after one sync (Migration with
-//!    `clear_chunk_before_send`, Vga with [`MemorySystem::snapshot_and_clear_dirty`], in both
+//!    its chunk re-arm, Vga with [`MemorySystem::snapshot_and_clear_dirty`], in both
 //!    orders), the second clear must not re-arm a page written after the first one: `log_clear` may
 //!    clear only bits the accelerator saw at its last sync and has not cleared since (the 8-step race
 //!    of the `KVM_CLEAR_DIRTY_LOG` series).
@@ -117,7 +118,7 @@ pub trait GuestWriter {
 
 impl<F: Fn(&Section, u64)> GuestWriter for F {
     fn dirty(&self, section: &Section, page: u64) {
-        self(section, page)
+        self(section, page);
     }
 }
 
@@ -203,7 +204,7 @@ pub fn check_memory_listener_with(
         ram,
         to_send: Bitmap::new(block.pages() as usize),
         clear: ok(
-            ClearBitmap::new(block.pages(), ClearBitmap::MIN_SHIFT),
+            ClearBitmap::new(block.pages(), ClearBitmap::MIN_SHIFT).map_err(crate::Error::from),
             "ClearBitmap::new",
         ),
         block,
@@ -276,9 +277,11 @@ impl Check<'_> {
     /// Migration sends page `page`: clear its chunk first (if it needs it), then "read" it.
     fn send(&mut self, page: u64) {
         ok(
-            self.mem
-                .clear_chunk_before_send(&self.block, &mut self.clear, page),
-            "clear_chunk_before_send",
+            self.clear.clear_run_before_read(page, 1, |first, n| {
+                self.mem
+                    .clear_dirty_bitmap_block(&self.block, first << PAGE_SHIFT, n << PAGE_SHIFT)
+            }),
+            "clear_run_before_read (re-arm the chunk before its read)",
         );
         self.to_send.clear(page as usize);
     }
@@ -355,7 +358,7 @@ impl Check<'_> {
             assert!(
                 self.to_send.test(p as usize),
                 "rule broken (clear before read): page {p}, written by the guest after a sync and \
-                 the clear of its chunk (clear_chunk_before_send), was not reported by the next sync"
+                 the re-arm of its chunk, was not reported by the next sync"
             );
         }
         // Once more for pages whose chunk was just cleared by sending them.
@@ -391,7 +394,7 @@ impl Check<'_> {
             self.to_send.test(p as usize),
             "rule broken (sync): page {p} written by the guest was not reported to Migration"
         );
-        self.send(p); // clear_chunk_before_send, then read
+        self.send(p); // re-arm the chunk, then read
         self.guest_dirty(p); // a write after Migration's clear
         let snap = self.vga_snapshot();
         assert!(
@@ -403,7 +406,7 @@ impl Check<'_> {
         assert!(
             self.to_send.test(p as usize),
             "rule broken (one clear per sync): page {p} was written after Migration's \
-             clear_chunk_before_send; Vga's snapshot_and_clear_dirty of the same range then cleared \
+             chunk re-arm; Vga's snapshot_and_clear_dirty of the same range then cleared \
              the accelerator's bit again for the same sync and the write was lost. log_clear may \
              clear only bits the accelerator saw at its last sync and has not cleared since"
         );
@@ -431,7 +434,7 @@ impl Check<'_> {
         assert!(
             self.to_send.test(q as usize),
             "rule broken (one clear per sync): page {q} was written after Vga's \
-             snapshot_and_clear_dirty; Migration's clear_chunk_before_send of the same chunk then \
+             snapshot_and_clear_dirty; Migration's re-arm of the same chunk then \
              cleared the accelerator's bit again for the same sync and the write was lost. \
              log_clear may clear only bits the accelerator saw at its last sync and has not \
              cleared since"

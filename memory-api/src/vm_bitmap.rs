@@ -377,7 +377,7 @@ mod tests {
     fn attach_twice_fails_and_detach_stops_marking() {
         let (dirty, b) = attached(2);
         assert!(matches!(
-            b.clone().attach(&dirty, 0, 1, Some(0x1000)),
+            b.attach(&dirty, 0, 1, Some(0x1000)),
             Err(Error::AlreadyAttached {
                 guest_addr: Some(0x1000)
             })

@@ -82,7 +82,10 @@ fn vmm_memory_adopted_as_it_is() {
 
     // Clear each chunk, then read the pages: the bytes the devices wrote.
     for p in &dirty[1] {
-        mem.clear_chunk_before_send(&blocks[1], &mut clear[1], *p)
+        clear[1]
+            .clear_run_before_read(*p, 1, |first, n| {
+                mem.clear_dirty_bitmap_block(&blocks[1], first * PAGE_SIZE, n * PAGE_SIZE)
+            })
             .unwrap();
     }
     let mut buf = [0u8; 11];

@@ -158,7 +158,7 @@ fn hugetlb_memfd_or_a_clear_error() {
     let mem = MemorySystem::with_ram_capacity(1 << 26);
     // Not a huge page multiple: refused before asking the kernel for anything.
     match mem.add_ram_backed("small", 0, 1 << 20, RamBacking::Memfd { hugetlb: true }) {
-        Err(Error::NotHugePageAligned { .. }) | Err(Error::HugePagesUnavailable { .. }) => {}
+        Err(Error::NotHugePageAligned { .. } | Error::HugePagesUnavailable { .. }) => {}
         other => panic!("1 MiB of hugetlb memory: {other:?}"),
     }
     match mem.add_ram_backed("huge", 0, 4 << 20, RamBacking::Memfd { hugetlb: true }) {

@@ -1,7 +1,8 @@
 // Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! `clear_chunk_before_send` is cheap per call: no heap allocation, whatever the number of blocks
+//! re-arming a chunk before its read (`ClearBitmap::clear_run_before_read` over
+//! `MemorySystem::clear_dirty_bitmap_block`) is cheap per call: no heap allocation, whatever the number of blocks
 //! and sections (it finds the block's sections through a per-block index). So is
 //! `RamBlock::populated_pages`, which the migration engine calls right after it for each chunk.
 
@@ -50,7 +51,7 @@ impl MemoryListener for Nop {
 }
 
 #[test]
-fn clear_chunk_before_send_does_not_allocate() {
+fn rearming_a_chunk_before_its_read_does_not_allocate() {
     let mem = MemorySystem::with_ram_capacity(1 << 30);
     let nop = Arc::new(Nop::default());
     mem.register_listener(nop.clone()).unwrap();
@@ -68,11 +69,14 @@ fn clear_chunk_before_send_does_not_allocate() {
 
     let before = ALLOCS.with(Cell::get);
     for page in 0..pages {
-        mem.clear_chunk_before_send(&block, &mut clear, page)
+        clear
+            .clear_run_before_read(page, 1, |first, n| {
+                mem.clear_dirty_bitmap_block(&block, first * PAGE_SIZE, n * PAGE_SIZE)
+            })
             .unwrap();
     }
     let allocs = ALLOCS.with(Cell::get) - before;
-    assert_eq!(allocs, 0, "clear_chunk_before_send allocated");
+    assert_eq!(allocs, 0, "re-arming a chunk before its read allocated");
     assert_eq!(nop.0.load(std::sync::atomic::Ordering::Relaxed), 128);
 }
 

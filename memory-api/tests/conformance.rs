@@ -59,7 +59,7 @@ fn naive_model_accelerator_fails() {
 fn naive_failure_names_the_race() {
     let msg = panic_message(catch_unwind(AssertUnwindSafe(|| run(false, None))));
     assert!(msg.contains("one clear per sync"), "{msg}");
-    assert!(msg.contains("clear_chunk_before_send"), "{msg}");
+    assert!(msg.contains("chunk re-arm"), "{msg}");
 }
 
 /// A listener that never syncs: the guest's writes are invisible to every client.
@@ -74,7 +74,7 @@ impl MemoryListener for NeverSyncs {
 fn listener_without_final_sync_fails() {
     let mem = MemorySystem::with_ram_capacity(64 << 20);
     let msg = panic_message(catch_unwind(AssertUnwindSafe(|| {
-        check_memory_listener(&mem, Arc::new(NeverSyncs), &|_: &Section, _: u64| {})
+        check_memory_listener(&mem, Arc::new(NeverSyncs), &|_: &Section, _: u64| {});
     })));
     assert!(
         msg.contains("rule broken (final sync at log_stop)"),

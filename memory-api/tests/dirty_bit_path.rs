@@ -83,9 +83,8 @@ fn display_snapshot_with_a_failing_clear_keeps_its_bits() {
     mem.ram_blocks()[0].write(70 * P, &[1]).unwrap();
 
     fail_once(&kvm, "log_clear");
-    assert!(mem
-        .snapshot_and_clear_dirty(vram, 64 * P, P, DirtyClient::Vga)
-        .is_err());
+    mem.snapshot_and_clear_dirty(vram, 64 * P, P, DirtyClient::Vga)
+        .unwrap_err();
     assert_eq!(ones(&mem, DirtyClient::Vga), [70]);
 
     let snap = mem
@@ -282,7 +281,7 @@ fn failed_log_start_rolls_back_global_logging() {
     let journal: Journal = Arc::default();
     let a = Recorder::new("a", 0, &journal);
     let b = Recorder::new("b", 10, &journal);
-    mem.register_listener(a.clone()).unwrap();
+    mem.register_listener(a).unwrap();
     mem.register_listener(b.clone()).unwrap();
     mem.add_ram("low", 0, 64 * P).unwrap();
     mem.add_ram("high", 0x1_0000_0000, 64 * P).unwrap();
@@ -341,7 +340,7 @@ fn failed_log_start_rolls_back_region_logging() {
     let journal: Journal = Arc::default();
     let a = Recorder::new("a", 0, &journal);
     let b = Recorder::new("b", 10, &journal);
-    mem.register_listener(a.clone()).unwrap();
+    mem.register_listener(a).unwrap();
     mem.register_listener(b.clone()).unwrap();
     let vram = mem.add_ram("vram", 0, 64 * P).unwrap();
     take(&journal);
@@ -485,7 +484,7 @@ fn ram_layout_changes_during_migration_are_refused() {
     let sections = |m: &MemorySystem| -> Vec<(u64, u64, u8)> {
         m.sections()
             .iter()
-            .map(|s| (s.guest_addr, s.size, s.log.0))
+            .map(|s| (s.guest_addr, s.size, s.log.bits()))
             .collect()
     };
     let before = sections(&mem);

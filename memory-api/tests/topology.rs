@@ -256,9 +256,8 @@ fn migration_sync_counts_only_new_pages_and_marks_chunks() {
         Err(Error::BitmapTooSmall { .. })
     ));
     let mut small = ClearBitmap::new(100, 6).unwrap();
-    assert!(mem
-        .try_sync_migration_bitmap(&block, &mut dest, Some(&mut small))
-        .is_err());
+    mem.try_sync_migration_bitmap(&block, &mut dest, Some(&mut small))
+        .unwrap_err();
 }
 
 #[test]
@@ -288,7 +287,10 @@ fn sync_and_clear_run_concurrently_without_deadlock() {
         mem.log_sync_all().unwrap();
         mem.sync_migration_bitmap(&block, &mut dest, Some(&mut clear));
         for page in (0..512).step_by(64) {
-            mem.clear_chunk_before_send(&block, &mut clear, page)
+            clear
+                .clear_run_before_read(page, 1, |first, n| {
+                    mem.clear_dirty_bitmap_block(&block, first * PAGE_SIZE, n * PAGE_SIZE)
+                })
                 .unwrap();
         }
     }

@@ -26,8 +26,8 @@ use std::time::Duration;
 use clearlog_memory::{MemorySystem, PAGE_SIZE};
 use clearlog_migration::stream::{ACK_MAGIC, ACK_OK, VERDICT_MAGIC, VERDICT_OK};
 use clearlog_migration::{
-    BoxError, CancelToken, DirtyLogMode, MigrationConfig, Source, StateBlob, Transport, VerifyMode,
-    VmControl,
+    BoxError, CancelToken, MigrationConfig, MigrationDirtyLogMode, Source, StateBlob, Transport,
+    VerifyMode, VmControl,
 };
 
 /// The fuzz targets' guest: one block `ram` of 1 MiB at guest address 0.
@@ -71,7 +71,7 @@ struct Case {
     name: &'static str,
     dirty: bool,
     verify: VerifyMode,
-    mode: DirtyLogMode,
+    mode: MigrationDirtyLogMode,
     ack: bool,
     blobs: Vec<StateBlob>,
 }
@@ -132,16 +132,14 @@ fn stream(case: &Case) -> Vec<u8> {
         let a: &'static [u8] = Box::leak(a.into_boxed_slice());
         Box::new(a) as Box<dyn clearlog_migration::TransportRead>
     });
-    let config = MigrationConfig {
-        mode: case.mode,
-        verify: case.verify,
+    let config = MigrationConfig::default()
+        .with_mode(case.mode)
+        .with_verify(case.verify)
         // Slow enough (about 0.25 s for the whole 1 MiB if all data) that the writer dirties pages
         // between passes; idle streams are tiny anyway.
-        bandwidth_limit_bytes_per_s: if case.dirty { 256 << 10 } else { 0 },
-        downtime_limit: Duration::from_millis(100),
-        max_time: Some(Duration::from_secs(30)),
-        ..MigrationConfig::default()
-    };
+        .with_bandwidth_limit_bytes_per_s(if case.dirty { 256 << 10 } else { 0 })
+        .with_downtime_limit(Duration::from_millis(100))
+        .with_max_time(Some(Duration::from_secs(30)));
     let vm = Vm {
         paused,
         blobs: case.blobs.clone(),
@@ -190,7 +188,7 @@ fn main() {
             StateBlob::new("devices", b"serial=on,virtio-net=off".to_vec()),
         ]
     };
-    let clear = DirtyLogMode::Clear { shift: 6 };
+    let clear = MigrationDirtyLogMode::Clear { shift: 6 };
     let cases = [
         Case {
             name: "idle-after",
@@ -236,7 +234,7 @@ fn main() {
             name: "dirty-strict-legacy-ack",
             dirty: true,
             verify: VerifyMode::Strict,
-            mode: DirtyLogMode::Legacy,
+            mode: MigrationDirtyLogMode::Legacy,
             ack: true,
             blobs: two(),
         },

@@ -55,12 +55,12 @@ fn guest(size: u64, fill: bool) -> MemorySystem {
 }
 
 fn report(name: &str, s: &MigrationStats, secs: f64) {
-    let mib = s.bytes_sent as f64 / (1 << 20) as f64;
+    let mib = s.bytes_sent as f64 / f64::from(1 << 20);
     println!(
         "{name}: {mib:.0} MiB in {secs:.2} s = {:.0} MiB/s end to end; live-phase bandwidth {:.0} MiB/s; \
          downtime {:.1} ms (strict verification {:.1} ms of it); verification after the commit {:.1} ms; iterations {}",
         mib / secs,
-        s.measured_bandwidth_bytes_per_s as f64 / (1 << 20) as f64,
+        s.measured_bandwidth_bytes_per_s as f64 / f64::from(1 << 20),
         s.downtime_ms,
         s.downtime_breakdown.verify_ms,
         s.verify_after_ms,
@@ -130,10 +130,7 @@ fn main() {
     let listener = Listener::bind("tcp:127.0.0.1:0").expect("bind");
     let uri = listener.local_uri().expect("uri");
     for verify in [VerifyMode::AfterResume, VerifyMode::Strict] {
-        let config = MigrationConfig {
-            verify,
-            ..MigrationConfig::default()
-        };
+        let config = MigrationConfig::default().with_verify(verify);
         let name = format!("tcp loopback, {} verification", verify.name());
         run(
             &name,

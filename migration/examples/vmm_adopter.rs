@@ -23,7 +23,7 @@
 //! and `tests/examples.rs` asserts that it does.
 //!
 //! Adopter glue, the lines between the `glue begin`/`glue end` markers (everything that is not the
-//! example's own VMM): 49 lines. `vmm_adopter_glue_is_small` in `tests/examples.rs` counts them.
+//! example's own VMM): 47 lines. `vmm_adopter_glue_is_small` in `tests/examples.rs` counts them.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -143,8 +143,8 @@ impl Workers {
 // --- glue begin ---
 use clearlog_memory::MemorySystem;
 use clearlog_migration::{
-    connect, BoxError, CancelToken, Destination, DirtyLogMode, ListenOptions, Listener,
-    MigrationConfig, Source, StateBlob, VmControl, VmRestore,
+    connect, BoxError, CancelToken, Destination, ListenOptions, Listener, MigrationConfig,
+    MigrationDirtyLogMode, Source, StateBlob, VmControl, VmRestore,
 };
 
 impl VmControl for Workers {
@@ -191,11 +191,9 @@ fn main() -> ExitCode {
     let destination = MemorySystem::new();
     destination.add_guest_memory(&dest_mem).unwrap();
     let listener = Listener::bind(&uri).expect("bind the migration socket");
-    let config = MigrationConfig {
-        mode: DirtyLogMode::from_clear_chunk_bytes(1 << 20).unwrap(),
-        bandwidth_limit_bytes_per_s: 256 << 20,
-        ..MigrationConfig::default()
-    };
+    let config = MigrationConfig::default()
+        .with_mode(MigrationDirtyLogMode::from_clear_chunk_bytes(1 << 20).unwrap())
+        .with_bandwidth_limit_bytes_per_s(256 << 20);
     let (sent, received) = std::thread::scope(|s| {
         let incoming = s.spawn(|| {
             let incoming = listener.accept_incoming(&ListenOptions::default())?;

@@ -5,51 +5,56 @@
 
 use std::time::Duration;
 
-use clearlog_memory::{ClearBitmap, PAGE_SHIFT};
+use clearlog_bitmap::ClearBitmap;
+
+use crate::PAGE_SHIFT;
 
 use crate::{Error, Result};
 
-/// Default clear-bitmap shift: 2^12 pages = 16 MiB chunks, chosen from measurements.
+/// Default clear-bitmap shift: 2^12 pages = 16 MiB chunks.
 ///
-/// `vmm bench` on this project's 2-core PVM host (4 GiB guest, 3 GiB working set written at random at
-/// 288 MiB/s, 400 MiB/s bandwidth limit, 100 ms downtime limit, 5 interleaved runs per mode, all
-/// verified; see the workspace README) measured an average total migration time of 19.6 s without
-/// chunked clearing and 15.8 s / 14.5 s / 14.2 s / 13.9 s with 1 GiB / 128 MiB / 16 MiB / 1 MiB
-/// chunks. 16 MiB is within 2% of 1 MiB (run-to-run spread is about 5%) with 16x fewer
-/// `KVM_CLEAR_DIRTY_LOG` calls (~2,000 instead of ~31,500 per migration; 75 ms instead of 430 ms of
-/// clearing). The seed experiment (13 GiB guest) also found 128 MiB, 16 MiB and 1 MiB equally good
-/// (38-39 s vs 58 s) and 1 GiB (QEMU's own default, shift 18) the slowest chunked setting, as here.
+/// Chosen from `vmm bench` runs of the reference workload: 16 MiB chunks migrate about as fast as
+/// 1 MiB ones with 16x fewer `KVM_CLEAR_DIRTY_LOG` calls, and faster than 1 GiB ones (QEMU's
+/// default, shift 18). The figures are in docs/bench/README.md ("Clear chunk size").
 pub const DEFAULT_CLEAR_SHIFT: u8 = 12;
 
 /// The default [`MigrationConfig::mid_pass_sync`] interval (legacy mode): see there.
 pub const DEFAULT_MID_PASS_SYNC: Duration = Duration::from_millis(250);
 
-/// Default downtime limit: 100 ms, the limit of the seed experiment and of our scaled benchmark
-/// (QEMU's default is 300 ms; QEMU reached 20-30 ms of real downtime with a 100 ms limit here).
+/// Default downtime limit: 100 ms, the limit of the reference workload's experiment (QEMU's
+/// default is 300 ms; docs/bench/README.md compares the downtime both reach).
 pub const DEFAULT_DOWNTIME_LIMIT: Duration = Duration::from_millis(100);
 
 /// Default time the source waits for the destination's acknowledgement after the end marker. The
-/// destination hashes all of its RAM before acknowledging (about 0.1 s per GiB here, see the crate
-/// docs), so this leaves a wide margin for big guests on slow hosts.
+/// destination hashes all of its RAM before acknowledging (docs/bench/README.md, "Verification
+/// cost"), so this leaves a wide margin for big guests on slow hosts.
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How the source re-arms the accelerator's dirty tracking.
+/// The migration engine's dirty-log mode: how the source re-arms the accelerator's dirty
+/// tracking, and what a migration reports as its `mode` ([`crate::MigrationStats::mode`]).
+///
+/// The accelerator's own mode is its business (`clearlog_kvm::KvmDirtyLogMode` on KVM): the VMM
+/// picks the engine mode that matches it. Manual protection (`KVM_CLEAR_DIRTY_LOG`) goes with
+/// [`Clear`](Self::Clear); get-and-clear logging with [`Legacy`](Self::Legacy); KVM's dirty ring
+/// with [`Ring`](Self::Ring).
 ///
 /// # Examples
 ///
 /// ```
-/// use clearlog_migration::DirtyLogMode;
+/// use clearlog_migration::MigrationDirtyLogMode;
 ///
-/// let mode = DirtyLogMode::from_clear_chunk_bytes(128 << 20).unwrap();
-/// assert_eq!(mode, DirtyLogMode::Clear { shift: 15 });
+/// let mode = MigrationDirtyLogMode::from_clear_chunk_bytes(128 << 20).unwrap();
+/// assert_eq!(mode, MigrationDirtyLogMode::Clear { shift: 15 });
 /// assert_eq!(mode.clear_chunk_bytes(), Some(128 << 20));
 /// assert_eq!(mode.name(), "clear");
-/// assert_eq!(DirtyLogMode::Legacy.name(), "legacy");
+/// assert_eq!(MigrationDirtyLogMode::Legacy.name(), "legacy");
+/// assert_eq!(MigrationDirtyLogMode::Ring.name(), "ring");
+/// assert!(MigrationDirtyLogMode::Ring.rearms_at_sync());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DirtyLogMode {
-    /// Re-arm whole RAM blocks right after every sync (what an accelerator without manual protect does
-    /// inside its sync). Kept for comparison.
+pub enum MigrationDirtyLogMode {
+    /// Re-arm whole RAM blocks right after every sync (what an accelerator without manual protect
+    /// does inside its sync). Kept for comparison.
     Legacy,
     /// Re-arm chunks of `2^shift` pages lazily, just before the first page of the chunk is read
     /// (`KVM_CLEAR_DIRTY_LOG`).
@@ -57,61 +62,88 @@ pub enum DirtyLogMode {
         /// log2 of the chunk size in pages, `6..=31`.
         shift: u8,
     },
+    /// The accelerator's sync re-arms what it reports (KVM's dirty ring: harvest and
+    /// `KVM_RESET_DIRTY_RINGS`). The engine runs as in [`Legacy`](Self::Legacy) (its whole-block
+    /// clears cost nothing there); the migration says `ring`.
+    Ring,
 }
 
-impl Default for DirtyLogMode {
+impl Default for MigrationDirtyLogMode {
     fn default() -> Self {
-        DirtyLogMode::Clear {
+        MigrationDirtyLogMode::Clear {
             shift: DEFAULT_CLEAR_SHIFT,
         }
     }
 }
 
-impl DirtyLogMode {
+impl MigrationDirtyLogMode {
     /// Clear mode with chunks of `bytes` bytes (a power of two, at least 256 KiB = 64 pages).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidClearChunkBytes`](crate::Error::InvalidClearChunkBytes).
     ///
     /// # Examples
     ///
     /// ```
-    /// use clearlog_migration::DirtyLogMode;
+    /// use clearlog_migration::MigrationDirtyLogMode;
     ///
-    /// assert_eq!(DirtyLogMode::from_clear_chunk_bytes(1 << 30).unwrap(), DirtyLogMode::Clear { shift: 18 });
-    /// assert!(DirtyLogMode::from_clear_chunk_bytes(4096).is_err());
+    /// assert_eq!(
+    ///     MigrationDirtyLogMode::from_clear_chunk_bytes(1 << 30).unwrap(),
+    ///     MigrationDirtyLogMode::Clear { shift: 18 }
+    /// );
+    /// assert!(MigrationDirtyLogMode::from_clear_chunk_bytes(4096).is_err());
     /// ```
     pub fn from_clear_chunk_bytes(bytes: u64) -> Result<Self> {
-        Ok(DirtyLogMode::Clear {
+        Ok(MigrationDirtyLogMode::Clear {
             shift: chunk_bytes_to_shift(bytes)?,
         })
     }
 
-    /// Chunk size in bytes (`None` in legacy mode).
+    /// Chunk size in bytes (`None` unless clear mode).
     ///
     /// # Examples
     ///
     /// ```
-    /// use clearlog_migration::DirtyLogMode;
+    /// use clearlog_migration::MigrationDirtyLogMode;
     ///
-    /// assert_eq!(DirtyLogMode::Clear { shift: 6 }.clear_chunk_bytes(), Some(256 << 10));
-    /// assert_eq!(DirtyLogMode::Legacy.clear_chunk_bytes(), None);
+    /// assert_eq!(MigrationDirtyLogMode::Clear { shift: 6 }.clear_chunk_bytes(), Some(256 << 10));
+    /// assert_eq!(MigrationDirtyLogMode::Legacy.clear_chunk_bytes(), None);
     /// ```
     pub fn clear_chunk_bytes(&self) -> Option<u64> {
         match self {
-            DirtyLogMode::Legacy => None,
-            DirtyLogMode::Clear { shift } => Some(shift_to_chunk_bytes(*shift)),
+            MigrationDirtyLogMode::Legacy | MigrationDirtyLogMode::Ring => None,
+            MigrationDirtyLogMode::Clear { shift } => Some(shift_to_chunk_bytes(*shift)),
         }
     }
 
-    /// `"legacy"` or `"clear"` (the `mode` field of [`crate::MigrationStats`]).
+    /// Does the engine re-arm whole blocks at every sync (legacy and ring), rather than chunks
+    /// before they are read (clear)? Only then does it sync within a pass
+    /// ([`MigrationConfig::mid_pass_sync`]).
     ///
     /// # Examples
     ///
     /// ```
-    /// assert_eq!(clearlog_migration::DirtyLogMode::Legacy.name(), "legacy");
+    /// use clearlog_migration::MigrationDirtyLogMode;
+    /// assert!(MigrationDirtyLogMode::Legacy.rearms_at_sync());
+    /// assert!(!MigrationDirtyLogMode::default().rearms_at_sync());
+    /// ```
+    pub fn rearms_at_sync(&self) -> bool {
+        !matches!(self, MigrationDirtyLogMode::Clear { .. })
+    }
+
+    /// `"legacy"`, `"clear"` or `"ring"` (the `mode` field of [`crate::MigrationStats`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(clearlog_migration::MigrationDirtyLogMode::Legacy.name(), "legacy");
     /// ```
     pub fn name(&self) -> &'static str {
         match self {
-            DirtyLogMode::Legacy => "legacy",
-            DirtyLogMode::Clear { .. } => "clear",
+            MigrationDirtyLogMode::Legacy => "legacy",
+            MigrationDirtyLogMode::Clear { .. } => "clear",
+            MigrationDirtyLogMode::Ring => "ring",
         }
     }
 }
@@ -187,8 +219,8 @@ pub fn chunk_bytes_to_shift(bytes: u64) -> Result<u8> {
 ///   RAM after loading (re-reading what it wrote) and resumes only on a match. It proves the
 ///   destination's RAM, as read back, equals the source's final RAM (up to xxh3-64), including
 ///   what `write_untracked` stored. Costs the hashing of all RAM on both sides in the downtime
-///   (on this project's 2-core test host about 100 ms per GiB per side): for tests and
-///   benchmarks that must not resume a bad guest.
+///   (docs/bench/README.md, "Verification cost"): for tests and benchmarks that must not resume
+///   a bad guest.
 ///
 /// # Examples
 ///
@@ -228,29 +260,28 @@ impl VerifyMode {
 ///
 /// ```
 /// use std::time::Duration;
-/// use clearlog_migration::{DirtyLogMode, MigrationConfig};
+/// use clearlog_migration::{MigrationDirtyLogMode, MigrationConfig};
 ///
-/// let config = MigrationConfig {
-///     mode: DirtyLogMode::Clear { shift: 12 },
-///     bandwidth_limit_bytes_per_s: 400 << 20,
-///     downtime_limit: Duration::from_millis(100),
-///     max_time: Some(Duration::from_secs(120)),
-///     ..MigrationConfig::default()
-/// };
+/// let config = MigrationConfig::default()
+///     .with_mode(MigrationDirtyLogMode::Clear { shift: 12 })
+///     .with_bandwidth_limit_bytes_per_s(400 << 20)
+///     .with_downtime_limit(Duration::from_millis(100))
+///     .with_max_time(Some(Duration::from_secs(120)));
 /// config.validate().unwrap();
 ///
 /// // The estimate may assume a faster link for the paused phase (off by default).
-/// let fast = MigrationConfig { switchover_bandwidth_bytes_per_s: 1 << 30, ..config.clone() };
+/// let fast = config.clone().with_switchover_bandwidth_bytes_per_s(1 << 30);
 /// assert_eq!(fast.estimate_bandwidth(400 << 20), 1 << 30);
 /// assert_eq!(config.estimate_bandwidth(400 << 20), 400 << 20);
 ///
-/// let bad = MigrationConfig { mode: DirtyLogMode::Clear { shift: 5 }, ..MigrationConfig::default() };
+/// let bad = MigrationConfig::default().with_mode(MigrationDirtyLogMode::Clear { shift: 5 });
 /// assert!(bad.validate().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct MigrationConfig {
     /// Dirty-log re-arm mode (default: clear, [`DEFAULT_CLEAR_SHIFT`]).
-    pub mode: DirtyLogMode,
+    pub mode: MigrationDirtyLogMode,
     /// Bandwidth limit of the live phase in bytes per second; 0 = unlimited (default). As in QEMU, the
     /// limit is lifted once the guest is paused, so it does not stretch the downtime.
     pub bandwidth_limit_bytes_per_s: u64,
@@ -276,7 +307,7 @@ pub struct MigrationConfig {
     /// When the destination's memory is verified against the source's final memory (default
     /// [`VerifyMode::AfterResume`]: outside the downtime).
     pub verify: VerifyMode,
-    /// Legacy mode only: also sync the dirty log this often *within* a live pass (default
+    /// Legacy and ring modes only: also sync the dirty log this often *within* a live pass (default
     /// [`DEFAULT_MID_PASS_SYNC`]; `None`: once per pass, as QEMU does). A legacy sync re-arms the
     /// whole guest, so a page written after the pass's sync but before it is sent goes twice;
     /// syncing again mid-pass takes that write's bit while the page is still ahead of the cursor
@@ -291,7 +322,7 @@ pub struct MigrationConfig {
 impl Default for MigrationConfig {
     fn default() -> Self {
         MigrationConfig {
-            mode: DirtyLogMode::default(),
+            mode: MigrationDirtyLogMode::default(),
             bandwidth_limit_bytes_per_s: 0,
             downtime_limit: DEFAULT_DOWNTIME_LIMIT,
             switchover_bandwidth_bytes_per_s: 0,
@@ -303,6 +334,36 @@ impl Default for MigrationConfig {
             mid_pass_sync: Some(DEFAULT_MID_PASS_SYNC),
         }
     }
+}
+
+/// `with_<field>`: the config with one field changed, for building a config in one expression
+/// (the struct is `#[non_exhaustive]`: literals outside this crate cannot name every field).
+macro_rules! with_fields {
+    ($($with:ident: $field:ident: $ty:ty;)*) => {
+        impl MigrationConfig {
+            $(
+                #[doc = concat!("The config with [`", stringify!($field), "`](Self::", stringify!($field), ") set to `", stringify!($field), "`.")]
+                #[must_use]
+                pub fn $with(mut self, $field: $ty) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+with_fields! {
+    with_mode: mode: MigrationDirtyLogMode;
+    with_bandwidth_limit_bytes_per_s: bandwidth_limit_bytes_per_s: u64;
+    with_downtime_limit: downtime_limit: Duration;
+    with_switchover_bandwidth_bytes_per_s: switchover_bandwidth_bytes_per_s: u64;
+    with_max_iterations: max_iterations: Option<u32>;
+    with_max_time: max_time: Option<Duration>;
+    with_auto_converge: auto_converge: bool;
+    with_ack_timeout: ack_timeout: Duration;
+    with_verify: verify: VerifyMode;
+    with_mid_pass_sync: mid_pass_sync: Option<Duration>;
 }
 
 impl MigrationConfig {
@@ -332,11 +393,11 @@ impl MigrationConfig {
     /// use std::time::Duration;
     /// use clearlog_migration::{Error, MigrationConfig};
     ///
-    /// let c = MigrationConfig { downtime_limit: Duration::ZERO, ..Default::default() };
+    /// let c = MigrationConfig::default().with_downtime_limit(Duration::ZERO);
     /// assert!(matches!(c.validate(), Err(Error::ZeroDowntimeLimit)));
     /// ```
     pub fn validate(&self) -> Result<()> {
-        if let DirtyLogMode::Clear { shift } = self.mode {
+        if let MigrationDirtyLogMode::Clear { shift } = self.mode {
             if !(ClearBitmap::MIN_SHIFT..=ClearBitmap::MAX_SHIFT).contains(&shift) {
                 return Err(Error::ClearShiftOutOfRange(shift));
             }
@@ -380,21 +441,12 @@ mod tests {
         let ok = MigrationConfig::default();
         ok.validate().unwrap();
         for shift in [0, 5, 32, 255] {
-            let c = MigrationConfig {
-                mode: DirtyLogMode::Clear { shift },
-                ..ok.clone()
-            };
+            let c = ok.clone().with_mode(MigrationDirtyLogMode::Clear { shift });
             assert!(matches!(c.validate(), Err(Error::ClearShiftOutOfRange(s)) if s == shift));
         }
-        let c = MigrationConfig {
-            max_iterations: Some(0),
-            ..ok.clone()
-        };
+        let c = ok.clone().with_max_iterations(Some(0));
         assert!(matches!(c.validate(), Err(Error::ZeroMigrationLimit)));
-        let c = MigrationConfig {
-            max_time: Some(Duration::ZERO),
-            ..ok
-        };
+        let c = ok.with_max_time(Some(Duration::ZERO));
         assert!(matches!(c.validate(), Err(Error::ZeroMigrationLimit)));
     }
 }

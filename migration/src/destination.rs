@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
-use clearlog_memory::{is_zero_page, PAGE_SIZE};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cpu::{ns_per_page, process_cpu_time, thread_cpu_time};
 
 use crate::digest::{hash_threads, page_digests};
+use crate::memory::is_zero_page;
 use crate::stats::{ChannelStats, IncomingStats};
 use crate::stream::Header;
 use crate::stream::{
@@ -25,7 +25,77 @@ use crate::transport::TransportRead;
 use crate::wire::{Ack, Confirm, Drained, Verdict};
 use crate::{
     Error, Incoming, MigrationBlock, MigrationMemory, Result, StateBlob, Transport, VmRestore,
+    PAGE_SIZE,
 };
+
+/// The reader of the control channel's records, and the bytes of a session's header (read while
+/// the session was accepted: counted with the stream).
+fn control_reader(
+    reader: Box<dyn TransportRead>,
+    session_header: Option<&Header>,
+) -> (StreamReader<BufReader<Box<dyn TransportRead>>>, u64) {
+    let buffered = BufReader::with_capacity(READ_BUFFER, reader);
+    match session_header {
+        // The header came before the page channels joined: what follows are records.
+        Some(h) => {
+            let mut b = Vec::new();
+            let _ = h.write_fields_to(&mut b);
+            (StreamReader::with_layout(buffered, h), b.len() as u64)
+        }
+        None => (StreamReader::new(buffered), 0),
+    }
+}
+
+/// Strict verification: hash all of our RAM and compare it with the source's tables before
+/// anything resumes.
+fn check_strict_digests<B: MigrationBlock>(
+    blocks: &[B],
+    digests: Vec<Option<Vec<u64>>>,
+) -> Result<()> {
+    let threads = hash_threads();
+    for (ram, table) in blocks.iter().zip(digests) {
+        let table = table.ok_or_else(|| Error::MissingDigests(ram.name().to_string()))?;
+        let local = page_digests(ram, threads)?;
+        let mut bad = local
+            .iter()
+            .zip(&table)
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, _)| i as u64);
+        if let Some(page) = bad.next() {
+            return Err(Error::DigestMismatch {
+                block: ram.name().to_string(),
+                page,
+                mismatched: 1 + bad.count() as u64,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// CPU per page record received: this thread's while it loaded (`load_cpu`), and the page
+/// channels' threads'.
+fn ns_per_page_received(stats: &IncomingStats, load_cpu: Duration) -> f64 {
+    let channels_cpu: f64 = stats
+        .channel_stats
+        .iter()
+        .map(|c| c.ns_per_page * c.pages as f64)
+        .sum();
+    if stats.pages_received == 0 {
+        0.0
+    } else {
+        (load_cpu.as_nanos() as f64 + channels_cpu) / stats.pages_received as f64
+    }
+}
+
+/// The error of a transport without the `half` ("read" or "write") a step needs.
+fn no_half(context: &'static str, half: &str) -> Error {
+    let what = format!("the transport has no {half} half");
+    Error::Io {
+        context,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, what),
+    }
+}
 
 /// Capacity of the incoming buffer (1 MiB).
 const READ_BUFFER: usize = 1 << 20;
@@ -256,26 +326,11 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
     ) -> Result<IncomingStats> {
         let start = Instant::now();
         let cpu_start = (process_cpu_time(), thread_cpu_time());
-        let reader = control.reader.ok_or(Error::Io {
-            context: "starting the incoming migration",
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "transport has no read half",
-            ),
-        })?;
+        let reader = control
+            .reader
+            .ok_or_else(|| no_half("starting the incoming migration", "read"))?;
         let mut writer = control.writer;
-        // A session's header was read while it was accepted: count it with the stream.
-        let header_bytes = session_header.as_ref().map_or(0, |h| {
-            let mut b = Vec::new();
-            let _ = h.write_fields_to(&mut b);
-            b.len() as u64
-        });
-        let buffered = BufReader::with_capacity(READ_BUFFER, reader);
-        let mut r = match &session_header {
-            // The header came before the page channels joined: what follows are records.
-            Some(h) => StreamReader::with_layout(buffered, h),
-            None => StreamReader::new(buffered),
-        };
+        let (mut r, header_bytes) = control_reader(reader, session_header.as_ref());
         let mut stats = IncomingStats {
             page_channels: pages.len() as u32,
             ..IncomingStats::default()
@@ -290,24 +345,14 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
             &mut flags,
             &mut received,
         );
-        // CPU per page record: this thread's while it loaded, and the page channels' threads'.
-        let channels_cpu: f64 = stats
-            .channel_stats
-            .iter()
-            .map(|c| c.ns_per_page * c.pages as f64)
-            .sum();
-        let load_cpu = thread_cpu_time().saturating_sub(cpu_start.1).as_nanos() as f64;
-        stats.dest_ns_per_page = if stats.pages_received == 0 {
-            0.0
-        } else {
-            (load_cpu + channels_cpu) / stats.pages_received as f64
-        };
+        let load_cpu = thread_cpu_time().saturating_sub(cpu_start.1);
+        stats.dest_ns_per_page = ns_per_page_received(&stats, load_cpu);
         let wants_ack = flags & FLAG_ACK_REQUESTED != 0;
         let wants_confirm = wants_ack && flags & FLAG_CONFIRM != 0;
         let verify_after = flags & FLAG_VERIFY_AFTER != 0;
         stats.bytes_received += r.bytes_read();
         stats.load_time_ms = start.elapsed().as_secs_f64() * 1000.0;
-        let mut ack_target = if wants_ack { writer.as_mut() } else { None };
+        let ack_target = if wants_ack { writer.as_mut() } else { None };
         let refuse = |ack_target: Option<&mut Box<dyn Write + Send>>, e: Error| {
             if let Some(w) = ack_target {
                 let _ = Ack::send(w.as_mut(), stream::ACK_FAILED);
@@ -331,24 +376,20 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         if let Err(e) = vm.restore_state(&state).map_err(vm_err("restore_state")) {
             return Err(refuse(ack_target, e));
         }
-        if let Some(w) = ack_target.as_mut() {
-            // If the acknowledgement cannot be sent the source resumes its guest: we must not.
-            Ack::send(w.as_mut(), stream::ACK_OK)
-                .map_err(Error::io("sending the acknowledgement"))?;
-            stats.acked = true;
-            if wants_confirm {
-                // Resume only once the source has committed: without its confirmation it may
-                // resume its own copy of the guest.
-                Confirm::wait(&mut ConfirmReader(r.get_mut()), self.confirm_timeout)?;
+        match ack_target {
+            Some(w) => {
+                // If the acknowledgement cannot be sent the source resumes its guest: we must not.
+                Ack::send(w.as_mut(), stream::ACK_OK)
+                    .map_err(Error::io("sending the acknowledgement"))?;
+                stats.acked = true;
+                if wants_confirm {
+                    // Resume only once the source has committed: without its confirmation it
+                    // may resume its own copy of the guest.
+                    Confirm::wait(&mut ConfirmReader(r.get_mut()), self.confirm_timeout)?;
+                }
             }
-        } else if wants_ack {
-            return Err(Error::Io {
-                context: "sending the acknowledgement",
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "transport has no write half",
-                ),
-            });
+            None if wants_ack => return Err(no_half("sending the acknowledgement", "write")),
+            None => {}
         }
         // A live destination resumes as soon as the source committed, then verifies.
         if resume {
@@ -503,30 +544,11 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
             }
             Ok((state, digests))
         })?;
-        if !full {
-            return Ok(state);
+        if full {
+            let t = Instant::now();
+            check_strict_digests(&blocks, digests)?;
+            stats.verify_ms = t.elapsed().as_secs_f64() * 1000.0;
         }
-        // Strict: hash all of our RAM and compare with the source's table before anything resumes.
-        let t = Instant::now();
-        let threads = hash_threads();
-        for (ram, table) in blocks.iter().zip(digests) {
-            let table = table.ok_or_else(|| Error::MissingDigests(ram.name().to_string()))?;
-            let local = page_digests(ram, threads)?;
-            let mut bad = local
-                .iter()
-                .zip(&table)
-                .enumerate()
-                .filter(|(_, (a, b))| a != b)
-                .map(|(i, _)| i as u64);
-            if let Some(page) = bad.next() {
-                return Err(Error::DigestMismatch {
-                    block: ram.name().to_string(),
-                    page,
-                    mismatched: 1 + bad.count() as u64,
-                });
-            }
-        }
-        stats.verify_ms = t.elapsed().as_secs_f64() * 1000.0;
         Ok(state)
     }
 }

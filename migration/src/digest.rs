@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use clearlog_memory::PAGE_SIZE;
+use crate::PAGE_SIZE;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::memory::ask_populated;

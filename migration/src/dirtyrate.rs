@@ -620,7 +620,7 @@ pub fn predict_convergence(
 /// use std::time::Duration;
 /// use clearlog_migration::dirtyrate::{expected_distinct_pages, predict_convergence_saturating};
 ///
-/// // The seed workload scaled: 288 MiB/s of random writes over 3 GiB, 400 MiB/s, 100 ms. Over
+/// // The reference workload: 288 MiB/s of random writes over 3 GiB, 400 MiB/s, 100 ms. Over
 /// // 1 s such a guest dirties ~95% as many distinct pages as it writes.
 /// let wss: u64 = 3 << 30;
 /// let distinct = expected_distinct_pages(288.0 * 256.0, wss / 4096) * 4096.0;
@@ -750,7 +750,7 @@ fn simulate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clearlog_memory::MemorySystem;
+    use crate::testing::PlainMemory;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
@@ -758,9 +758,8 @@ mod tests {
     fn sample_counts_changed_pages_and_its_error_covers_the_truth() {
         // 64 MiB, every page sampled would be 16384; 512/GiB samples 32. Sample all pages with a
         // huge per-GiB count, and check the estimate is exact then.
-        let mem = Arc::new(MemorySystem::new());
-        mem.add_ram("ram", 0, 64 << 20).unwrap();
-        let block = mem.ram_blocks()[0].clone();
+        let mem = Arc::new(PlainMemory::new(&[("ram", 64 << 20)]));
+        let block = mem.block(0).clone();
         let stop = Arc::new(AtomicBool::new(false));
         // A writer that changes the first quarter of RAM (4096 pages) during the window.
         let w = {
@@ -796,17 +795,16 @@ mod tests {
 
     #[test]
     fn bitmap_counts_distinct_pages_written_in_the_window() {
-        let mem = Arc::new(MemorySystem::new());
-        mem.add_ram("ram", 0, 16 << 20).unwrap();
-        let block = mem.ram_blocks()[0].clone();
+        let mem = Arc::new(PlainMemory::new(&[("ram", 16 << 20)]));
+        let block = mem.block(0).clone();
         // Written before the window: not counted.
         block.write(0, &[1]).unwrap();
         let w = {
-            let (mem, block) = (mem.clone(), block.clone());
+            let (mem, block) = (mem.clone(), block);
             std::thread::spawn(move || {
                 // Wait for the measurement to start logging, then write 100 distinct pages
                 // (the first one three times).
-                while !mem.global_logging() {
+                while !mem.logging() {
                     std::thread::yield_now();
                 }
                 std::thread::sleep(Duration::from_millis(30));
@@ -821,7 +819,7 @@ mod tests {
         let r = measure_bitmap(&*mem, Duration::from_millis(150)).unwrap();
         w.join().unwrap();
         assert_eq!(r.dirty_pages, 100);
-        assert!(!mem.global_logging(), "logging must be stopped");
+        assert!(!mem.logging(), "logging must be stopped");
         assert!(r.window_s > 0.1);
         let want = 100.0 * 4096.0 / r.window_s;
         assert!((r.dirty_rate_bytes_per_s - want).abs() < 1e-6);
@@ -829,12 +827,12 @@ mod tests {
 
     #[test]
     fn bad_input_is_an_error() {
-        let mem = MemorySystem::new();
+        let mem = PlainMemory::new(&[]);
         assert!(matches!(
             measure_sample(&mem, Duration::from_millis(1), 512, 0),
             Err(Error::InvalidDirtyRate(_))
         ));
-        mem.add_ram("ram", 0, 1 << 20).unwrap();
+        let mem = PlainMemory::new(&[("ram", 1 << 20)]);
         for r in [
             measure_sample(&mem, Duration::ZERO, 512, 0),
             measure_sample(&mem, Duration::from_millis(1), 0, 0),
@@ -843,12 +841,12 @@ mod tests {
             assert!(matches!(r, Err(Error::InvalidDirtyRate(_))), "{r:?}");
         }
         let ms = Duration::from_millis(100);
-        assert!(predict_convergence(f64::NAN, 1, 1, ms, 1).is_err());
-        assert!(predict_convergence(-1.0, 1, 1, ms, 1).is_err());
-        assert!(predict_convergence(1.0, 1, 0, ms, 1).is_err());
-        assert!(predict_convergence(1.0, 1, 1, Duration::ZERO, 1).is_err());
-        assert!(predict_convergence(1.0, 0, 1, ms, 1).is_err());
-        assert!(predict_convergence(1.0, 1, 1, ms, 0).is_err());
+        predict_convergence(f64::NAN, 1, 1, ms, 1).unwrap_err();
+        predict_convergence(-1.0, 1, 1, ms, 1).unwrap_err();
+        predict_convergence(1.0, 1, 0, ms, 1).unwrap_err();
+        predict_convergence(1.0, 1, 1, Duration::ZERO, 1).unwrap_err();
+        predict_convergence(1.0, 0, 1, ms, 1).unwrap_err();
+        predict_convergence(1.0, 1, 1, ms, 0).unwrap_err();
     }
 
     #[test]
@@ -878,9 +876,9 @@ mod tests {
         let growing = || -> std::result::Result<Vec<u64>, BoxError> {
             Ok(vec![0; 1 + k.fetch_add(1, Ordering::Relaxed) as usize])
         };
-        assert!(measure_ring(&growing, Duration::from_millis(1), 1).is_err());
+        measure_ring(&growing, Duration::from_millis(1), 1).unwrap_err();
         let none = || -> std::result::Result<Vec<u64>, BoxError> { Ok(vec![]) };
-        assert!(measure_ring(&none, Duration::from_millis(1), 1).is_err());
+        measure_ring(&none, Duration::from_millis(1), 1).unwrap_err();
         let failing = || -> std::result::Result<Vec<u64>, BoxError> { Err("ring gone".into()) };
         assert!(matches!(
             measure_ring(&failing, Duration::from_millis(1), 1),
@@ -937,8 +935,8 @@ mod tests {
         // The whole working set dirty within the window.
         let full = predict_convergence_saturating(2e9, 1.0, ws, ws, 400 << 20, ms100, 3).unwrap();
         assert!(!full.converges && full.ratio.is_infinite());
-        assert!(predict_convergence_saturating(1.0, 0.0, ws, ws, 1, ms100, 1).is_err());
-        assert!(predict_convergence_saturating(1.0, 1.0, 0, ws, 1, ms100, 1).is_err());
+        predict_convergence_saturating(1.0, 0.0, ws, ws, 1, ms100, 1).unwrap_err();
+        predict_convergence_saturating(1.0, 1.0, 0, ws, 1, ms100, 1).unwrap_err();
     }
 
     #[test]

@@ -2,14 +2,23 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Precopy live migration of a guest's RAM and CPU/device state, with loss-free dirty-page tracking
-//! built on `KVM_CLEAR_DIRTY_LOG` (chunked re-arming), for any VMM using `clearlog-memory`.
+//! built on `KVM_CLEAR_DIRTY_LOG` (chunked re-arming), for any VMM.
 //!
-//! The crate does not depend on KVM: it drives dirty logging only through [`clearlog_memory`]
-//! (`log_global_start`, `log_sync_all`, `clear_dirty_bitmap_block`, `sync_migration_bitmap`), so any
-//! accelerator that implements a `MemoryListener` works; or through [`MigrationMemory`] and
-//! [`DirtyTracking`] implemented by the VMM itself. The VMM implements two small traits,
-//! [`VmControl`] (source: pause, resume, save state) and [`VmRestore`] (destination: restore state,
-//! resume).
+//! The engine sees guest memory and dirty logging only through two traits: [`MigrationMemory`]
+//! (the RAM blocks, what is populated, reading and writing pages) and [`DirtyTracking`] (start,
+//! sync and stop logging; re-arm chunks before they are read; hand over the dirty bits). It
+//! depends on no accelerator and, without its default features, on no memory API either (only
+//! `clearlog-bitmap`). Two implementations come with it:
+//!
+//! - feature `clearlog-memory` (default): `clearlog-memory`'s `MemorySystem`, so any accelerator
+//!   that implements a `MemoryListener` (such as `clearlog-kvm`'s) works;
+//! - feature `vm-memory` (default): a vm-memory `GuestMemoryMmap` as the [`MigrationMemory`], for
+//!   a VMM that keeps its own memory and memslots and implements [`DirtyTracking`] itself (with
+//!   `clearlog-kvm`'s `VmmSlotCache`: `examples/ch_shaped.rs`).
+//!
+//! The VMM implements two small traits more, [`VmControl`] (source: pause, resume, save state)
+//! and [`VmRestore`] (destination: restore state, resume). docs/adopting.md says which path to
+//! take.
 //!
 //! # Source algorithm
 //!
@@ -161,7 +170,7 @@
 //! # Example
 //!
 //! See [`Source`] for an in-process migration over [`mem_channel`].
-#![deny(missing_docs)]
+#![deny(unreachable_pub)]
 
 mod cancel;
 mod config;
@@ -170,28 +179,41 @@ mod destination;
 mod digest;
 pub mod dirtyrate;
 mod error;
+#[cfg(feature = "vm-memory")]
+mod guest_memory;
 mod memory;
+#[cfg(feature = "clearlog-memory")]
+mod memory_system;
 mod ratelimit;
 mod sender;
 mod session;
 mod source;
 mod stats;
 pub mod stream;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tls;
 mod transport;
 mod vm;
 pub mod wire;
 
 pub use cancel::CancelToken;
+/// The bitmaps [`DirtyTracking`] passes (`clearlog-bitmap`'s, re-exported: an implementation
+/// needs no other dependency).
+pub use clearlog_bitmap::{Bitmap, ClearBitmap};
 pub use config::{
-    chunk_bytes_to_shift, shift_to_chunk_bytes, DirtyLogMode, MigrationConfig, VerifyMode,
+    chunk_bytes_to_shift, shift_to_chunk_bytes, MigrationConfig, MigrationDirtyLogMode, VerifyMode,
     DEFAULT_ACK_TIMEOUT, DEFAULT_CLEAR_SHIFT, DEFAULT_DOWNTIME_LIMIT, DEFAULT_MID_PASS_SYNC,
 };
 pub use cpu::{process_cpu_time, thread_cpu_time};
 pub use destination::{Destination, DEFAULT_CONFIRM_TIMEOUT};
 pub use digest::{page_digests, ram_fingerprint};
 pub use error::{BoxError, Error, Result};
-pub use memory::{DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory};
+#[cfg(feature = "vm-memory")]
+pub use guest_memory::GuestMemoryBlock;
+pub use memory::{
+    DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory, PAGE_SHIFT, PAGE_SIZE,
+};
 pub use ratelimit::{RateLimitedWriter, SharedBucket, TokenBucket};
 pub use session::{
     accept_incoming, connect_session, open_session, Accepted, ChannelAcceptor, ChannelConnector,

@@ -4,17 +4,34 @@
 //! What the engine needs of guest memory: [`MigrationMemory`] (the RAM blocks, both sides),
 //! [`DirtyTracking`] (dirty logging, the source) and [`MigrationBlock`] (one block's bytes).
 //!
-//! These are consumer-side traits: they hold exactly the calls the engine makes, so a VMM can
-//! migrate memory it manages itself. `clearlog-memory`'s [`MemorySystem`] implements them (and with
-//! it any VMM memory adopted into a `MemorySystem`, e.g. a vm-memory `GuestMemoryMmap`), and so do
-//! `&T` and `Arc<T>` of an implementation.
+//! These are consumer-side traits: they hold exactly the calls the engine makes, and name
+//! nothing but `clearlog-bitmap`'s bitmaps, so a VMM can migrate memory it manages itself (its
+//! own vm-memory `GuestMemoryMmap`, its own memslots: `examples/ch_shaped.rs`). With the default
+//! feature `clearlog-memory`, `clearlog-memory`'s `MemorySystem` implements them (and with it any
+//! VMM memory adopted into a `MemorySystem`); so do `&T` and `Arc<T>` of an implementation.
 
 use std::sync::Arc;
 
-use clearlog_bitmap::Bitmap;
-use clearlog_memory::{ClearBitmap, MemorySystem, RamBlock, PAGE_SHIFT, PAGE_SIZE};
+use clearlog_bitmap::{Bitmap, ClearBitmap};
 
 use crate::BoxError;
+
+/// log2 of the page size the engine migrates: 4 KiB, the dirty-log granularity of KVM.
+pub const PAGE_SHIFT: u32 = 12;
+/// The page size the engine migrates (4 KiB): blocks are multiples of it, dirty bits stand for one
+/// page each.
+///
+/// # Examples
+///
+/// ```
+/// assert_eq!(clearlog_migration::PAGE_SIZE, 1 << clearlog_migration::PAGE_SHIFT);
+/// ```
+pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+
+/// Whether a page (or any buffer) is all zero bytes.
+pub(crate) fn is_zero_page(page: &[u8]) -> bool {
+    crate::stream::is_zero(page)
+}
 
 /// Result of a [`MigrationMemory`], [`DirtyTracking`] or [`MigrationBlock`] call: the
 /// implementation's own error, boxed.
@@ -24,13 +41,35 @@ pub type MemoryResult<T> = std::result::Result<T, BoxError>;
 ///
 /// # Examples
 ///
-/// ```
-/// use clearlog_migration::MigrationBlock;
+/// A block over a `Vec` (a real VMM has its mappings; see [`MigrationMemory`] for a whole
+/// destination):
 ///
-/// let mem = clearlog_memory::MemorySystem::new();
-/// mem.add_ram("ram", 0, 1 << 20).unwrap();
-/// let block = mem.ram_blocks()[0].clone();
-/// assert_eq!((MigrationBlock::name(&block), MigrationBlock::pages(&block)), ("ram", 256));
+/// ```
+/// use std::sync::Mutex;
+/// use clearlog_migration::{MemoryResult, MigrationBlock};
+///
+/// struct VecBlock(Mutex<Vec<u8>>);
+/// impl MigrationBlock for VecBlock {
+///     fn name(&self) -> &str { "ram" }
+///     fn size(&self) -> u64 { self.0.lock().unwrap().len() as u64 }
+///     fn read(&self, offset: u64, buf: &mut [u8]) -> MemoryResult<()> {
+///         let o = offset as usize;
+///         buf.copy_from_slice(self.0.lock().unwrap().get(o..o + buf.len()).ok_or("out of range")?);
+///         Ok(())
+///     }
+///     fn write_untracked(&self, offset: u64, data: &[u8]) -> MemoryResult<()> {
+///         let o = offset as usize;
+///         self.0.lock().unwrap().get_mut(o..o + data.len()).ok_or("out of range")?.copy_from_slice(data);
+///         Ok(())
+///     }
+/// }
+///
+/// let block = VecBlock(Mutex::new(vec![0; 1 << 20]));
+/// block.write_untracked(0x3000, &[7]).unwrap();
+/// assert_eq!((block.name(), block.pages()), ("ram", 256));
+/// let mut nonzero = Vec::new();
+/// block.nonzero_pages(0, 256, &mut nonzero).unwrap(); // reads every page
+/// assert_eq!(nonzero, [3]);
 /// ```
 pub trait MigrationBlock: Send + Sync {
     /// The block's name: it identifies the block in the stream, so both sides must use the same.
@@ -65,9 +104,7 @@ pub trait MigrationBlock: Send + Sync {
         npages: u64,
         out: &mut Vec<std::ops::Range<u64>>,
     ) -> MemoryResult<()> {
-        if npages > 0 {
-            out.push(first_page..first_page + npages);
-        }
+        all_populated(first_page, npages, out);
         Ok(())
     }
 
@@ -152,12 +189,15 @@ pub trait MigrationMemory {
 ///   returns must be reported by a later sync. It may only clear what the accelerator reported
 ///   since the last sync, once (two dirty-memory clients must never clear a bit twice).
 /// - The engine re-arms a chunk *before* reading its pages
-///   ([`clear_chunk_before_send`](Self::clear_chunk_before_send)); an implementation must not
+///   ([`clear_chunks_before_send`](Self::clear_chunks_before_send)); an implementation must not
 ///   defer the clear past the call.
 ///
 /// # Examples
 ///
-/// `clearlog-memory`'s `MemorySystem` implements it: see [`crate::Source`].
+/// `clearlog-memory`'s `MemorySystem` implements it (feature `clearlog-memory`, on by default:
+/// see [`crate::Source`]); `examples/ch_shaped.rs` implements it for a cloud-hypervisor-shaped
+/// VMM (vm-memory's own `AtomicBitmap`, its own memslots, `clearlog-kvm`'s cache on its own VM
+/// fd).
 pub trait DirtyTracking: MigrationMemory {
     /// Start dirty logging for migration (every block dirty from here on is reported).
     fn start_logging(&self) -> MemoryResult<()>;
@@ -175,28 +215,14 @@ pub trait DirtyTracking: MigrationMemory {
     ) -> MemoryResult<u64>;
     /// Re-arm dirty tracking for bytes `[offset, offset + len)` of `block` (widened to pages).
     fn clear_dirty(&self, block: &Self::Block, offset: u64, len: u64) -> MemoryResult<()>;
-    /// Re-arm `page`'s chunk if `clear` still marks it, then return (the caller reads the page
-    /// next). Returns whether a clear was sent. On failure the chunk stays marked.
+    /// Re-arm `page`'s chunk, and up to `max_chunks - 1` marked chunks right after it, if
+    /// `clear` still marks it, before the caller reads any of their pages; returns how many
+    /// chunks were re-armed (0: not marked). On failure the chunks stay marked.
     ///
-    /// The default does it with [`clear_dirty`](Self::clear_dirty) through
-    /// [`ClearBitmap::clear_chunk_before_read`], the one implementation of the rule.
-    fn clear_chunk_before_send(
-        &self,
-        block: &Self::Block,
-        clear: &mut ClearBitmap,
-        page: u64,
-    ) -> MemoryResult<bool> {
-        clear.clear_chunk_before_read(page, |first, npages| {
-            self.clear_dirty(block, first << PAGE_SHIFT, npages << PAGE_SHIFT)
-        })
-    }
-    /// Re-arm `page`'s chunk and up to `max_chunks - 1` marked chunks right after it, before the
-    /// caller reads any of their pages; returns how many chunks were re-armed (0: not marked).
-    ///
-    /// The default re-arms one chunk through
-    /// [`clear_chunk_before_send`](Self::clear_chunk_before_send) (an implementation that
-    /// overrides only that keeps its behaviour); `MemorySystem` merges the run into one clear
-    /// with [`ClearBitmap::clear_run_before_read`].
+    /// The default is the rule's one implementation, [`ClearBitmap::clear_run_before_read`], with
+    /// one [`clear_dirty`](Self::clear_dirty) for the whole run. Override it only to observe or
+    /// test the engine (the consistency tests do, with a deliberately wrong order), never to
+    /// defer the clear past the call.
     fn clear_chunks_before_send(
         &self,
         block: &Self::Block,
@@ -204,44 +230,9 @@ pub trait DirtyTracking: MigrationMemory {
         page: u64,
         max_chunks: u64,
     ) -> MemoryResult<u64> {
-        let _ = max_chunks;
-        Ok(u64::from(self.clear_chunk_before_send(block, clear, page)?))
-    }
-}
-
-impl MigrationBlock for RamBlock {
-    fn name(&self) -> &str {
-        RamBlock::name(self)
-    }
-    fn size(&self) -> u64 {
-        RamBlock::size(self)
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> MemoryResult<()> {
-        Ok(RamBlock::read(self, offset, buf)?)
-    }
-    fn write_untracked(&self, offset: u64, data: &[u8]) -> MemoryResult<()> {
-        Ok(RamBlock::write_untracked(self, offset, data)?)
-    }
-    fn populated(
-        &self,
-        first_page: u64,
-        npages: u64,
-        out: &mut Vec<std::ops::Range<u64>>,
-    ) -> MemoryResult<()> {
-        match self.populated_pages(first_page, npages, out) {
-            Ok(()) => Ok(()),
-            // The kernel could not tell: every page may hold data (correct, only slower).
-            Err(clearlog_memory::Error::PopulatedScan { .. }) => {
-                if npages > 0 {
-                    out.push(first_page..first_page + npages);
-                }
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-    fn nonzero_pages(&self, first_page: u64, npages: u64, out: &mut Vec<u64>) -> MemoryResult<()> {
-        Ok(RamBlock::nonzero_pages(self, first_page, npages, out)?)
+        clear.clear_run_before_read(page, max_chunks, |first, npages| {
+            self.clear_dirty(block, first << PAGE_SHIFT, npages << PAGE_SHIFT)
+        })
     }
 }
 
@@ -274,55 +265,10 @@ impl<T: MigrationBlock + ?Sized> MigrationBlock for Arc<T> {
     }
 }
 
-impl MigrationMemory for MemorySystem {
-    type Block = Arc<RamBlock>;
-    fn blocks(&self) -> Vec<Arc<RamBlock>> {
-        self.ram_blocks()
-    }
-}
-
-impl DirtyTracking for MemorySystem {
-    fn start_logging(&self) -> MemoryResult<()> {
-        Ok(self.log_global_start()?)
-    }
-    fn stop_logging(&self) -> MemoryResult<()> {
-        Ok(self.log_global_stop()?)
-    }
-    fn sync_dirty(&self) -> MemoryResult<()> {
-        Ok(self.log_sync_all()?)
-    }
-    fn take_dirty(
-        &self,
-        block: &Arc<RamBlock>,
-        dest: &mut Bitmap,
-        clear: Option<&mut ClearBitmap>,
-    ) -> MemoryResult<u64> {
-        Ok(self.try_sync_migration_bitmap(block, dest, clear)?)
-    }
-    fn clear_dirty(&self, block: &Arc<RamBlock>, offset: u64, len: u64) -> MemoryResult<()> {
-        Ok(self.clear_dirty_bitmap_block(block, offset, len)?)
-    }
-    fn clear_chunk_before_send(
-        &self,
-        block: &Arc<RamBlock>,
-        clear: &mut ClearBitmap,
-        page: u64,
-    ) -> MemoryResult<bool> {
-        // The memory system's own entry point: the function its loss proptests exercise.
-        Ok(MemorySystem::clear_chunk_before_send(
-            self, block, clear, page,
-        )?)
-    }
-    fn clear_chunks_before_send(
-        &self,
-        block: &Arc<RamBlock>,
-        clear: &mut ClearBitmap,
-        page: u64,
-        max_chunks: u64,
-    ) -> MemoryResult<u64> {
-        Ok(MemorySystem::clear_chunks_before_send(
-            self, block, clear, page, max_chunks,
-        )?)
+/// The answer "every page may hold data" for `npages` pages from `first_page`.
+pub(crate) fn all_populated(first_page: u64, npages: u64, out: &mut Vec<std::ops::Range<u64>>) {
+    if npages > 0 {
+        out.push(first_page..first_page + npages);
     }
 }
 
@@ -356,14 +302,6 @@ macro_rules! forward_memory {
             }
             fn clear_dirty(&self, block: &T::Block, offset: u64, len: u64) -> MemoryResult<()> {
                 (**self).clear_dirty(block, offset, len)
-            }
-            fn clear_chunk_before_send(
-                &self,
-                block: &T::Block,
-                clear: &mut ClearBitmap,
-                page: u64,
-            ) -> MemoryResult<bool> {
-                (**self).clear_chunk_before_send(block, clear, page)
             }
             fn clear_chunks_before_send(
                 &self,

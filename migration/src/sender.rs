@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::Duration;
 
-use clearlog_memory::PAGE_SIZE;
+use crate::PAGE_SIZE;
 
 use crate::cpu::thread_cpu_time;
 use crate::ratelimit::{RateLimitedWriter, SharedBucket};

@@ -31,11 +31,11 @@ use crate::wire::{
     read_within, Hello, HelloReply, ReadFailure, HELLO_ACCEPTED, HELLO_BAD_CHANNEL, HELLO_BUSY,
     HELLO_NO_SESSION, HELLO_VERSION, KIND_CONTROL, KIND_PAGES,
 };
-use crate::{Error, Result, Transport};
+use crate::{Error, Result, Transport, PAGE_SIZE};
 
 /// Page channels a session opens by default (chosen by measurement: see docs/design.md, "A
-/// session of channels").
-pub const DEFAULT_CHANNELS: u32 = 2;
+/// session of channels" and "Channels and TLS, measured").
+pub const DEFAULT_CHANNELS: u32 = 4;
 
 /// How long each step of a session's setup may take: a hello's answer, a TLS handshake, the page
 /// channels to join after the control channel (default of the `handshake_timeout` options).
@@ -314,6 +314,46 @@ pub fn open_session(
         pages.push(hello(KIND_PAGES, channel)?);
     }
     Ok(Session { control, pages })
+}
+
+impl Listener {
+    /// Bind (or open) `uri` as a destination that will accept with `options`: a TCP address other
+    /// than loopback is refused without TLS (`options.tls`) unless `options.insecure_plaintext`
+    /// says so (anyone who reaches the port could write the guest's memory). Unix sockets are
+    /// local (their file's permissions say who may connect); files are read.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PlaintextRefused`]; [`Error::TlsNeedsTcp`] for TLS on a Unix socket or a file; those
+    /// of [`bind`](Self::bind).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use clearlog_migration::{Error, Listener, ListenOptions};
+    ///
+    /// let opts = ListenOptions::default();
+    /// assert!(Listener::bind_with("tcp:127.0.0.1:0", &opts).is_ok());
+    /// assert!(matches!(
+    ///     Listener::bind_with("tcp:0.0.0.0:0", &opts),
+    ///     Err(Error::PlaintextRefused { .. })
+    /// ));
+    /// ```
+    pub fn bind_with(uri: &str, options: &ListenOptions) -> Result<Self> {
+        if options.tls.is_some() && !matches!(uri.parse()?, MigrationUri::Tcp(_)) {
+            return Err(Error::TlsNeedsTcp("listen on a tcp: address"));
+        }
+        let listener = Self::bind(uri)?;
+        if let Listener::Tcp(l) = &listener {
+            let addr = l.local_addr().map_err(Error::io("TCP local address"))?;
+            if !addr.ip().is_loopback() && options.tls.is_none() && !options.insecure_plaintext {
+                return Err(Error::PlaintextRefused {
+                    addr: addr.to_string(),
+                });
+            }
+        }
+        Ok(listener)
+    }
 }
 
 /// 16 random bytes (the kernel's `getrandom`), or, if that fails, bytes from the clock and the
@@ -631,6 +671,30 @@ pub fn accept_incoming(
     accept_arrivals(&mut acceptor, options)
 }
 
+/// The forming session once its control channel and every page channel joined (their
+/// connections are no longer pending).
+fn take_complete(forming: &mut Option<Forming>, pending: &mut Pending) -> Option<IncomingSession> {
+    let f = forming.take_if(|f| f.complete())?;
+    let control_cut = pending.remove(&f.control_conn).map(|p| p.1);
+    for c in &f.page_conns {
+        pending.remove(c);
+    }
+    let (control, header) = f.control?;
+    tracing::info!(
+        page_channels = f.pages.len(),
+        tls_names = ?f.peer.as_ref().map(|p| &p.dns_names),
+        authorized_as = ?f.peer.as_ref().and_then(|p| p.authorized_as.as_ref()),
+        "accepted a session"
+    );
+    Some(IncomingSession {
+        control,
+        pages: f.pages.into_iter().flatten().collect(),
+        header,
+        peer: f.peer,
+        control_cut,
+    })
+}
+
 /// [`accept_incoming`] from any source of connections.
 fn accept_arrivals(arrivals: &mut dyn Arrivals, options: &ListenOptions) -> Result<Incoming> {
     let (tx, rx) = mpsc::channel::<(usize, Said)>();
@@ -704,27 +768,8 @@ fn accept_arrivals(arrivals: &mut dyn Arrivals, options: &ListenOptions) -> Resu
                 }
             }
         }
-        if let Some(f) = forming.take_if(|f| f.complete()) {
-            let control_cut = pending.remove(&f.control_conn).map(|p| p.1);
-            for c in &f.page_conns {
-                pending.remove(c);
-            }
-            let Some((control, header)) = f.control else {
-                continue; // not complete without it
-            };
-            tracing::info!(
-                page_channels = f.pages.len(),
-                tls_names = ?f.peer.as_ref().map(|p| &p.dns_names),
-                authorized_as = ?f.peer.as_ref().and_then(|p| p.authorized_as.as_ref()),
-                "accepted a session"
-            );
-            break Ok(Incoming::Session(IncomingSession {
-                control,
-                pages: f.pages.into_iter().flatten().collect(),
-                header,
-                peer: f.peer,
-                control_cut,
-            }));
+        if let Some(session) = take_complete(&mut forming, &mut pending) {
+            break Ok(Incoming::Session(session));
         }
     };
     // Every connection still being answered lost: cut it off.
@@ -937,7 +982,7 @@ fn read_session_header(t: &mut Transport) -> Result<Header> {
     r.set_read_timeout(None)
         .map_err(Error::io("clearing the read timeout"))?;
     let mut sr = StreamReader::new(HeaderOnly(r.as_mut()));
-    sr.read_header_fields(clearlog_memory::PAGE_SIZE as u32)
+    sr.read_header_fields(PAGE_SIZE as u32)
 }
 
 /// Reads through to a transport (the decoder reads the header fields from it byte-exactly).

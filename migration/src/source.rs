@@ -7,8 +7,7 @@ use std::io::Write;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use clearlog_bitmap::Bitmap;
-use clearlog_memory::{ClearBitmap, PAGE_SHIFT, PAGE_SIZE};
+use clearlog_bitmap::{Bitmap, ClearBitmap};
 
 use crate::cpu::{ns_per_page, process_cpu_time, thread_cpu_time};
 use crate::digest::{final_digests, hash_threads, page_digests};
@@ -22,8 +21,9 @@ use crate::stream::{
 use crate::transport::TransportRead;
 use crate::wire::{Ack, Confirm, Drained, Verdict};
 use crate::{
-    CancelToken, DirtyLogMode, DirtyTracking, DowntimeBreakdown, Error, MigrationBlock,
-    MigrationConfig, Result, Session, Transport, VerifyMode, VmControl,
+    CancelToken, DirtyTracking, DowntimeBreakdown, Error, MigrationBlock, MigrationConfig,
+    MigrationDirtyLogMode, Result, Session, Transport, VerifyMode, VmControl, PAGE_SHIFT,
+    PAGE_SIZE,
 };
 
 /// Per-block state of the source.
@@ -140,10 +140,10 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
     /// # Examples
     ///
     /// ```
-    /// use clearlog_migration::{DirtyLogMode, Error, MigrationConfig, Source};
+    /// use clearlog_migration::{MigrationDirtyLogMode, Error, MigrationConfig, Source};
     ///
     /// let mem = clearlog_memory::MemorySystem::new();
-    /// let bad = MigrationConfig { mode: DirtyLogMode::Clear { shift: 32 }, ..Default::default() };
+    /// let bad = MigrationConfig::default().with_mode(MigrationDirtyLogMode::Clear { shift: 32 });
     /// assert!(matches!(Source::new(&mem, bad), Err(Error::ClearShiftOutOfRange(32))));
     /// ```
     pub fn new(mem: &'a M, config: MigrationConfig) -> Result<Self> {
@@ -326,6 +326,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// `bytes` over `d` (0 for no time).
+fn bytes_per_s(bytes: u64, d: Duration) -> u64 {
+    if d.is_zero() {
+        0
+    } else {
+        (bytes as f64 / d.as_secs_f64()) as u64
+    }
+}
+
 fn vm_err(hook: &'static str) -> impl FnOnce(crate::BoxError) -> Error {
     move |source| Error::Vm { hook, source }
 }
@@ -358,17 +367,9 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             let sync_time = sync_start.elapsed();
             self.schedule_mid_pass_sync(sync_time);
             let remaining = self.remaining_bytes();
-            let bandwidth = if send_time.is_zero() {
-                0
-            } else {
-                (live_bytes as f64 / send_time.as_secs_f64()) as u64
-            };
+            let bandwidth = bytes_per_s(live_bytes, send_time);
             self.stats.measured_bandwidth_bytes_per_s = bandwidth;
-            let pass_bandwidth = if pass_time.is_zero() {
-                0
-            } else {
-                (pass.bytes as f64 / pass_time.as_secs_f64()) as u64
-            };
+            let pass_bandwidth = bytes_per_s(pass.bytes, pass_time);
             let fraction = if cfg.bandwidth_limit_bytes_per_s == 0 {
                 0.0
             } else {
@@ -411,23 +412,10 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 log_clear_calls: pass.clears,
             });
             self.report(iteration, remaining, bandwidth, expected, false);
-            if expected <= cfg.downtime_limit {
-                let Some(waited) = self.drain()? else {
-                    break;
-                };
-                // The destination's backlog is loaded: what it took is sending time. The guest
-                // ran meanwhile: decide again on what it dirtied.
-                send_time += waited;
-                self.mid_pass_dirty += self.sync()?;
-                let bandwidth = (live_bytes as f64 / send_time.as_secs_f64()) as u64;
-                self.stats.measured_bandwidth_bytes_per_s = bandwidth;
-                let estimate_bw = cfg.estimate_bandwidth(bandwidth).max(1);
-                let remaining = self.remaining_bytes();
-                if Duration::from_secs_f64(remaining as f64 / estimate_bw as f64)
-                    <= cfg.downtime_limit
-                {
-                    break;
-                }
+            if expected <= cfg.downtime_limit
+                && self.drained_and_fits(&mut send_time, live_bytes)?
+            {
+                break;
             }
             let over_iterations = cfg.max_iterations.is_some_and(|max| iteration >= max);
             let over_time = cfg.max_time.is_some_and(|max| start.elapsed() >= max);
@@ -445,6 +433,23 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             }
         }
         self.switchover()
+    }
+
+    /// The estimate fits: a session waits for its destination to catch up ([`Self::drain`]),
+    /// counts the wait as sending time and decides again on what the guest dirtied meanwhile.
+    /// `true`: switch over now.
+    fn drained_and_fits(&mut self, send_time: &mut Duration, live_bytes: u64) -> Result<bool> {
+        let Some(waited) = self.drain()? else {
+            return Ok(true);
+        };
+        *send_time += waited;
+        self.mid_pass_dirty += self.sync()?;
+        let bandwidth = bytes_per_s(live_bytes, *send_time);
+        self.stats.measured_bandwidth_bytes_per_s = bandwidth;
+        let estimate_bw = self.config.estimate_bandwidth(bandwidth).max(1);
+        let remaining = self.remaining_bytes();
+        let expected = Duration::from_secs_f64(remaining as f64 / estimate_bw as f64);
+        Ok(expected <= self.config.downtime_limit)
     }
 
     /// A session with a return path: wait until the destination has loaded every page record
@@ -501,8 +506,8 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         for block in blocks {
             let pages = block.pages() as usize;
             let clear = match self.config.mode {
-                DirtyLogMode::Legacy => None,
-                DirtyLogMode::Clear { shift } => Some(
+                MigrationDirtyLogMode::Legacy | MigrationDirtyLogMode::Ring => None,
+                MigrationDirtyLogMode::Clear { shift } => Some(
                     ClearBitmap::new(block.pages(), shift)
                         .map_err(|e| Error::memory("sizing the clear bitmap")(e.into()))?,
                 ),
@@ -540,7 +545,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 .take_dirty(block, &mut bs.dirty, bs.clear.as_mut())
                 .map_err(Error::memory("taking the dirty bits"))?;
         }
-        if self.config.mode == DirtyLogMode::Legacy {
+        if self.config.mode.rearms_at_sync() {
             for block in self.blocks {
                 let t = Instant::now();
                 mem.clear_dirty(block, 0, block.size())
@@ -557,7 +562,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     fn schedule_mid_pass_sync(&mut self, last_sync: Duration) {
         self.next_mid_pass_sync = match (self.config.mode, self.config.mid_pass_sync) {
             // An interval too long to represent means never.
-            (DirtyLogMode::Legacy, Some(interval)) => {
+            (mode, Some(interval)) if mode.rearms_at_sync() => {
                 Instant::now().checked_add(interval.max(last_sync.saturating_mul(50)))
             }
             _ => None,
@@ -801,6 +806,66 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         Ok(())
     }
 
+    /// After the final pass: every page channel ends (its end record says how many pages it
+    /// carried) and reports its totals.
+    fn finish_channels(&mut self) -> Result<()> {
+        let Some(ch) = self.channels.as_mut() else {
+            return Ok(());
+        };
+        ch.finish()?;
+        self.stats.channel_stats = ch
+            .totals()
+            .iter()
+            .map(|s| ChannelStats {
+                pages: s.pages,
+                bytes: s.bytes,
+                ns_per_page: ns_per_page(s.cpu, s.pages),
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// The CPU and device state, checked against the stream's bounds, on the control channel.
+    fn send_state(&mut self, state: &[crate::StateBlob]) -> Result<()> {
+        let mut rec = Vec::new();
+        for blob in state {
+            if blob.name.is_empty() || blob.name.len() > stream::MAX_NAME_LEN {
+                return Err(Error::Malformed(
+                    "state blob name (empty or over 256 bytes) from save_state",
+                ));
+            }
+            if blob.data.len() as u64 > u64::from(stream::MAX_STATE_BLOB_BYTES) {
+                return Err(Error::TooLarge {
+                    what: "state blob size",
+                    value: blob.data.len() as u64,
+                    limit: stream::MAX_STATE_BLOB_BYTES.into(),
+                });
+            }
+            rec.clear();
+            stream::encode_state(blob, &mut rec);
+            self.out
+                .write_all(&rec)
+                .map_err(Error::io("sending state"))?;
+        }
+        Ok(())
+    }
+
+    /// Strict verification: all of RAM hashed while paused, checked by the destination before it
+    /// resumes.
+    fn send_strict_digests(&mut self) -> Result<()> {
+        let threads = hash_threads();
+        let mut rec = Vec::new();
+        for bi in 0..self.blocks.len() {
+            let digests = page_digests(&self.blocks[bi], threads)?;
+            rec.clear();
+            stream::encode_digests(bi as u32, &digests, &mut rec);
+            self.out
+                .write_all(&rec)
+                .map_err(Error::io("sending digests"))?;
+        }
+        Ok(())
+    }
+
     fn switchover(&mut self) -> Result<()> {
         self.check_cancel()?;
         let pause_at = Instant::now();
@@ -831,60 +896,19 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         );
         let t = Instant::now();
         let last = self.pass()?;
-        if let Some(ch) = self.channels.as_mut() {
-            // Every page channel ends: its end record says how many pages it carried.
-            ch.finish()?;
-            self.stats.channel_stats = ch
-                .totals()
-                .iter()
-                .map(|s| ChannelStats {
-                    pages: s.pages,
-                    bytes: s.bytes,
-                    ns_per_page: ns_per_page(s.cpu, s.pages),
-                })
-                .collect();
-        }
+        self.finish_channels()?;
         b.final_pages_ms = ms(t.elapsed());
         tracing::info!(pages_sent = last.pages, "migration final pass (paused)");
 
         let t = Instant::now();
-        let mut rec = Vec::new();
-        for blob in &state {
-            if blob.name.is_empty() || blob.name.len() > stream::MAX_NAME_LEN {
-                return Err(Error::Malformed(
-                    "state blob name (empty or over 256 bytes) from save_state",
-                ));
-            }
-            if blob.data.len() as u64 > u64::from(stream::MAX_STATE_BLOB_BYTES) {
-                return Err(Error::TooLarge {
-                    what: "state blob size",
-                    value: blob.data.len() as u64,
-                    limit: stream::MAX_STATE_BLOB_BYTES.into(),
-                });
-            }
-            rec.clear();
-            stream::encode_state(blob, &mut rec);
-            self.out
-                .write_all(&rec)
-                .map_err(Error::io("sending state"))?;
-        }
+        self.send_state(&state)?;
         b.state_ms = save_ms + ms(t.elapsed());
-
         if self.config.verify == VerifyMode::Strict {
-            // Strict: all of RAM hashed while paused, checked by the destination before it resumes.
             let t = Instant::now();
-            let threads = hash_threads();
-            for bi in 0..self.blocks.len() {
-                let digests = page_digests(&self.blocks[bi], threads)?;
-                rec.clear();
-                stream::encode_digests(bi as u32, &digests, &mut rec);
-                self.out
-                    .write_all(&rec)
-                    .map_err(Error::io("sending digests"))?;
-            }
+            self.send_strict_digests()?;
             b.verify_ms = ms(t.elapsed());
         }
-        rec.clear();
+        let mut rec = Vec::new();
         stream::encode_end(self.page_records, &mut rec);
         self.out
             .write_all(&rec)
@@ -1045,7 +1069,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             match self.vm.resume() {
                 Ok(()) => tracing::warn!("migration failed after pause: source guest resumed"),
                 Err(e) => {
-                    tracing::error!(error = %e, "migration failed and the source guest could not be resumed")
+                    tracing::error!(error = %e, "migration failed and the source guest could not be resumed");
                 }
             }
         }

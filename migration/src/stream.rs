@@ -16,6 +16,10 @@ use crate::{Error, Result, StateBlob};
 
 /// `"CLEARLOG"` read as a little-endian `u64`: first field of every stream.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"CLEARLOG");
+
+/// The most page channels a session may have.
+pub const MAX_CHANNELS: u32 = 64;
+
 /// Stream format version written by this build (and the only one it reads).
 pub const VERSION: u32 = 1;
 /// Header flag: the source waits for an acknowledgement (network transports; not files).
@@ -433,7 +437,7 @@ pub enum Record {
     },
     /// A session's drain request: the page entries each page channel carried so far.
     Drain {
-        /// Per page channel (at most [`crate::wire::MAX_CHANNELS`]).
+        /// Per page channel (at most [`MAX_CHANNELS`]).
         page_records: Vec<u64>,
     },
 }
@@ -675,6 +679,101 @@ impl<R: Read> StreamReader<R> {
         Ok(index)
     }
 
+    /// A state blob (after its tag).
+    fn state_record(&mut self) -> Result<Record> {
+        let name = self.name("state blob name")?;
+        let len = self.u32("state blob size")?;
+        if len > MAX_STATE_BLOB_BYTES {
+            return Err(Error::TooLarge {
+                what: "state blob size",
+                value: len.into(),
+                limit: MAX_STATE_BLOB_BYTES.into(),
+            });
+        }
+        // Read in bounded steps so a lying length on a short stream costs at most one step.
+        let mut data = Vec::new();
+        let mut left = len as usize;
+        while left > 0 {
+            let step = left.min(1 << 20);
+            let at = data.len();
+            data.resize(at + step, 0);
+            self.fill(&mut data[at..], "state blob data")?;
+            left -= step;
+        }
+        Ok(Record::State(StateBlob { name, data }))
+    }
+
+    /// A zero range (after its tag), inside its block.
+    fn zero_range_record(&mut self) -> Result<Record> {
+        let block = self.block_index("zero range block")?;
+        let first_page = self.u64("zero range first page")?;
+        let npages = self.u64("zero range length")?;
+        let info = &self.blocks[block as usize];
+        let pages = info.size / self.page.len() as u64;
+        if npages == 0 {
+            return Err(Error::Malformed("zero range length"));
+        }
+        if first_page.checked_add(npages).is_none_or(|end| end > pages) {
+            return Err(Error::PageOutOfRange {
+                block: info.name.clone(),
+                page: first_page.saturating_add(npages - 1),
+                pages,
+            });
+        }
+        Ok(Record::ZeroRange {
+            block,
+            first_page,
+            npages,
+        })
+    }
+
+    /// A block's digest table (after its tag): one digest per page of the block.
+    fn digests_record(&mut self) -> Result<Record> {
+        let block = self.block_index("digest table block")?;
+        let count = self.u64("digest table length")?;
+        let pages = self.blocks[block as usize].size / self.page.len() as u64;
+        if count != pages {
+            return Err(Error::Malformed(
+                "digest table length (must equal the block's page count)",
+            ));
+        }
+        // `pages` comes from the header, which only the destination checks against its own
+        // RAM: grow with the data actually read rather than trusting it up front.
+        let mut digests = Vec::with_capacity(pages.min(DIGEST_PREALLOC) as usize);
+        let mut buf = [0u8; 8 * 512];
+        let mut left = count as usize;
+        while left > 0 {
+            let n = left.min(512);
+            self.fill(&mut buf[..n * 8], "digest table")?;
+            digests.extend(buf[..n * 8].chunks_exact(8).map(|c| {
+                let mut w = [0; 8];
+                w.copy_from_slice(c);
+                u64::from_le_bytes(w)
+            }));
+            left -= n;
+        }
+        Ok(Record::Digests { block, digests })
+    }
+
+    /// A drain (after its tag): each page channel's record count, 1 to [`MAX_CHANNELS`].
+    fn drain_record(&mut self) -> Result<Record> {
+        let channels = self.u32("drain channel count")?;
+        if channels == 0 {
+            return Err(Error::Malformed("drain channel count (none)"));
+        }
+        if channels > MAX_CHANNELS {
+            return Err(Error::TooLarge {
+                what: "drain channel count",
+                value: channels.into(),
+                limit: MAX_CHANNELS.into(),
+            });
+        }
+        let page_records = (0..channels)
+            .map(|_| self.u64("drain page count"))
+            .collect::<Result<_>>()?;
+        Ok(Record::Drain { page_records })
+    }
+
     /// Read the next record's tag and fixed fields (a page batch's entries are read with
     /// [`read_page`](Self::read_page)). Must follow [`read_header`](Self::read_header).
     ///
@@ -701,76 +800,9 @@ impl<R: Read> StreamReader<R> {
                 }
                 Ok(Record::Pages { block, count })
             }
-            TAG_STATE => {
-                let name = self.name("state blob name")?;
-                let len = self.u32("state blob size")?;
-                if len > MAX_STATE_BLOB_BYTES {
-                    return Err(Error::TooLarge {
-                        what: "state blob size",
-                        value: len.into(),
-                        limit: MAX_STATE_BLOB_BYTES.into(),
-                    });
-                }
-                // Read in bounded steps so a lying length on a short stream costs at most one step.
-                let mut data = Vec::new();
-                let mut left = len as usize;
-                while left > 0 {
-                    let step = left.min(1 << 20);
-                    let at = data.len();
-                    data.resize(at + step, 0);
-                    self.fill(&mut data[at..], "state blob data")?;
-                    left -= step;
-                }
-                Ok(Record::State(StateBlob { name, data }))
-            }
-            TAG_ZERO_RANGE => {
-                let block = self.block_index("zero range block")?;
-                let first_page = self.u64("zero range first page")?;
-                let npages = self.u64("zero range length")?;
-                let info = &self.blocks[block as usize];
-                let pages = info.size / self.page.len() as u64;
-                if npages == 0 {
-                    return Err(Error::Malformed("zero range length"));
-                }
-                if first_page.checked_add(npages).is_none_or(|end| end > pages) {
-                    return Err(Error::PageOutOfRange {
-                        block: info.name.clone(),
-                        page: first_page.saturating_add(npages - 1),
-                        pages,
-                    });
-                }
-                Ok(Record::ZeroRange {
-                    block,
-                    first_page,
-                    npages,
-                })
-            }
-            TAG_DIGESTS => {
-                let block = self.block_index("digest table block")?;
-                let count = self.u64("digest table length")?;
-                let pages = self.blocks[block as usize].size / self.page.len() as u64;
-                if count != pages {
-                    return Err(Error::Malformed(
-                        "digest table length (must equal the block's page count)",
-                    ));
-                }
-                // `pages` comes from the header, which only the destination checks against its own
-                // RAM: grow with the data actually read rather than trusting it up front.
-                let mut digests = Vec::with_capacity(pages.min(DIGEST_PREALLOC) as usize);
-                let mut buf = [0u8; 8 * 512];
-                let mut left = count as usize;
-                while left > 0 {
-                    let n = left.min(512);
-                    self.fill(&mut buf[..n * 8], "digest table")?;
-                    digests.extend(buf[..n * 8].chunks_exact(8).map(|c| {
-                        let mut w = [0; 8];
-                        w.copy_from_slice(c);
-                        u64::from_le_bytes(w)
-                    }));
-                    left -= n;
-                }
-                Ok(Record::Digests { block, digests })
-            }
+            TAG_STATE => self.state_record(),
+            TAG_ZERO_RANGE => self.zero_range_record(),
+            TAG_DIGESTS => self.digests_record(),
             TAG_END => {
                 let magic = self.u64("end marker")?;
                 if magic != END_MAGIC {
@@ -787,23 +819,7 @@ impl<R: Read> StreamReader<R> {
                 let page_records = self.u64("channel end page count")?;
                 Ok(Record::ChannelEnd { page_records })
             }
-            TAG_DRAIN => {
-                let channels = self.u32("drain channel count")?;
-                if channels == 0 {
-                    return Err(Error::Malformed("drain channel count (none)"));
-                }
-                if channels > crate::wire::MAX_CHANNELS {
-                    return Err(Error::TooLarge {
-                        what: "drain channel count",
-                        value: channels.into(),
-                        limit: crate::wire::MAX_CHANNELS.into(),
-                    });
-                }
-                let page_records = (0..channels)
-                    .map(|_| self.u64("drain page count"))
-                    .collect::<Result<_>>()?;
-                Ok(Record::Drain { page_records })
-            }
+            TAG_DRAIN => self.drain_record(),
             tag => Err(Error::UnknownRecord(tag)),
         }
     }

@@ -341,7 +341,7 @@ fn set_tcp_user_timeout(stream: &TcpStream, timeout: Duration) -> io::Result<()>
             stream.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_USER_TIMEOUT,
-            (&ms as *const libc::c_uint).cast(),
+            (&raw const ms).cast(),
             std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
         )
     };
@@ -396,44 +396,6 @@ impl Listener {
                 File::open(path).map_err(Error::io("opening the snapshot file"))?,
             )),
         }
-    }
-
-    /// Bind (or open) `uri` as a destination that will accept with `options`: a TCP address other
-    /// than loopback is refused without TLS (`options.tls`) unless `options.insecure_plaintext`
-    /// says so (anyone who reaches the port could write the guest's memory). Unix sockets are
-    /// local (their file's permissions say who may connect); files are read.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::PlaintextRefused`]; [`Error::TlsNeedsTcp`] for TLS on a Unix socket or a file; those
-    /// of [`bind`](Self::bind).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use clearlog_migration::{Error, Listener, ListenOptions};
-    ///
-    /// let opts = ListenOptions::default();
-    /// assert!(Listener::bind_with("tcp:127.0.0.1:0", &opts).is_ok());
-    /// assert!(matches!(
-    ///     Listener::bind_with("tcp:0.0.0.0:0", &opts),
-    ///     Err(Error::PlaintextRefused { .. })
-    /// ));
-    /// ```
-    pub fn bind_with(uri: &str, options: &crate::ListenOptions) -> Result<Self> {
-        if options.tls.is_some() && !matches!(uri.parse()?, MigrationUri::Tcp(_)) {
-            return Err(Error::TlsNeedsTcp("listen on a tcp: address"));
-        }
-        let listener = Self::bind(uri)?;
-        if let Listener::Tcp(l) = &listener {
-            let addr = l.local_addr().map_err(Error::io("TCP local address"))?;
-            if !addr.ip().is_loopback() && options.tls.is_none() && !options.insecure_plaintext {
-                return Err(Error::PlaintextRefused {
-                    addr: addr.to_string(),
-                });
-            }
-        }
-        Ok(listener)
     }
 
     /// The address a source should connect to (useful with port 0).
@@ -663,8 +625,8 @@ pub fn peek_header(transport: &mut Transport) -> Result<crate::stream::Header> {
         inner: &mut inner,
         seen: Vec::new(),
     };
-    let header = crate::stream::StreamReader::new(&mut recorder)
-        .read_header(clearlog_memory::PAGE_SIZE as u32);
+    let header =
+        crate::stream::StreamReader::new(&mut recorder).read_header(crate::PAGE_SIZE as u32);
     let seen = recorder.seen;
     transport.reader = Some(Box::new(Replay::new(seen, inner)));
     header

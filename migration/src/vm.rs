@@ -40,6 +40,23 @@ impl StateBlob {
     }
 }
 
+/// A blob from a name and its bytes (a VMM's snapshot entries, as they are).
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::StateBlob;
+///
+/// let snapshot = vec![("vcpu0", vec![1, 2]), ("virtio", vec![3])];
+/// let blobs: Vec<StateBlob> = snapshot.into_iter().map(StateBlob::from).collect();
+/// assert_eq!(blobs[1], StateBlob::new("virtio", vec![3]));
+/// ```
+impl<N: Into<String>> From<(N, Vec<u8>)> for StateBlob {
+    fn from((name, data): (N, Vec<u8>)) -> Self {
+        StateBlob::new(name, data)
+    }
+}
+
 /// What the source side needs from the VMM.
 ///
 /// # Examples

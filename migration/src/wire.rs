@@ -165,8 +165,7 @@ impl Hello {
     }
 }
 
-/// The most page channels a session may have.
-pub const MAX_CHANNELS: u32 = 64;
+pub use crate::stream::MAX_CHANNELS;
 
 /// The destination's answer to a [`Hello`].
 ///

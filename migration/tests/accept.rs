@@ -248,7 +248,7 @@ fn a_session_to_a_version_1_destination_says_so() {
         "{err:?}"
     );
     let none = SessionOptions::default().with_channels(0);
-    assert!(connect_session(&format!("tcp:{addr}"), &none).is_err());
+    connect_session(&format!("tcp:{addr}"), &none).unwrap_err();
 }
 
 /// Listening in plaintext on an address other than loopback needs an explicit yes.
@@ -260,8 +260,8 @@ fn plaintext_on_a_public_address_is_refused_unless_asked_for() {
         Err(Error::PlaintextRefused { .. })
     ));
     let yes = ListenOptions::default().with_insecure_plaintext(true);
-    assert!(Listener::bind_with("tcp:0.0.0.0:0", &yes).is_ok());
-    assert!(Listener::bind_with("tcp:127.0.0.1:0", &opts).is_ok());
+    Listener::bind_with("tcp:0.0.0.0:0", &yes).unwrap();
+    Listener::bind_with("tcp:127.0.0.1:0", &opts).unwrap();
 }
 
 /// A source of a later protocol version sends the same hello layout. One that still speaks

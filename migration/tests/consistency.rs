@@ -34,7 +34,7 @@ fn mid_pass_sync(seed: u64) -> Option<Duration> {
 
 fn run(
     seed: u64,
-    mode: DirtyLogMode,
+    mode: MigrationDirtyLogMode,
     verify: VerifyMode,
     accel: bool,
     read_before_clear: bool,
@@ -58,16 +58,14 @@ fn run(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let active = Duration::from_millis(rng.random_range(150..400));
     let writer = spawn_writer(&src, tracking, vm_src.gate.clone(), seed, rate, active);
-    let config = MigrationConfig {
-        mode,
-        bandwidth_limit_bytes_per_s: 32 << 20,
-        downtime_limit: Duration::from_millis(10),
-        max_time: Some(Duration::from_secs(30)),
-        verify,
+    let config = MigrationConfig::default()
+        .with_mode(mode)
+        .with_bandwidth_limit_bytes_per_s(32 << 20)
+        .with_downtime_limit(Duration::from_millis(10))
+        .with_max_time(Some(Duration::from_secs(30)))
+        .with_verify(verify)
         // Legacy mode: half the seeds also sync within passes (every 20 ms), half do not.
-        mid_pass_sync: mid_pass_sync(seed),
-        ..MigrationConfig::default()
-    };
+        .with_mid_pass_sync(mid_pass_sync(seed));
     let (src_t, dst_t) = mem_channel();
     let mut progress = Vec::new();
     let (src_res, dst_res) = std::thread::scope(|s| {
@@ -158,10 +156,10 @@ fn assert_clean(o: &Outcome, what: &str) {
 #[test]
 fn fake_accel_clear_and_legacy_many_seeds() {
     let modes = [
-        DirtyLogMode::Clear { shift: 6 },
-        DirtyLogMode::Legacy,
-        DirtyLogMode::Clear { shift: 7 },
-        DirtyLogMode::Clear { shift: 31 },
+        MigrationDirtyLogMode::Clear { shift: 6 },
+        MigrationDirtyLogMode::Legacy,
+        MigrationDirtyLogMode::Clear { shift: 7 },
+        MigrationDirtyLogMode::Clear { shift: 31 },
     ];
     for seed in 0..12u64 {
         let mode = modes[seed as usize % modes.len()];
@@ -184,7 +182,7 @@ fn fake_accel_clear_and_legacy_many_seeds() {
         );
         assert!(stats.iterations >= 2, "{what}: expected several iterations");
         match mode {
-            DirtyLogMode::Clear { shift } => {
+            MigrationDirtyLogMode::Clear { shift } => {
                 assert_eq!(stats.mode, "clear");
                 assert_eq!(stats.clear_chunk_bytes, 4096 << shift);
                 // Shift 6 on 8 MiB: adjacent 64-page chunks are re-armed together up to 4 MiB
@@ -199,7 +197,7 @@ fn fake_accel_clear_and_legacy_many_seeds() {
                     );
                 }
             }
-            DirtyLogMode::Legacy => {
+            MigrationDirtyLogMode::Legacy => {
                 assert_eq!(stats.mode, "legacy");
                 // A first pass of 8 MiB at 32 MiB/s takes ~250 ms: several 20 ms intervals.
                 if mid_pass_sync(seed).is_some() {
@@ -209,10 +207,11 @@ fn fake_accel_clear_and_legacy_many_seeds() {
                 }
                 assert_eq!(
                     stats.log_clear_calls,
-                    2 * stats.dirty_syncs as u64,
+                    2 * u64::from(stats.dirty_syncs),
                     "{what}: 2 blocks per sync"
                 );
             }
+            MigrationDirtyLogMode::Ring => unreachable!("not one of this test's modes"),
         }
     }
 }
@@ -221,9 +220,9 @@ fn fake_accel_clear_and_legacy_many_seeds() {
 fn host_write_tracking_many_seeds() {
     for seed in 100..106u64 {
         let mode = if seed % 2 == 0 {
-            DirtyLogMode::Clear { shift: 6 }
+            MigrationDirtyLogMode::Clear { shift: 6 }
         } else {
-            DirtyLogMode::Legacy
+            MigrationDirtyLogMode::Legacy
         };
         let o = run(seed, mode, VerifyMode::Strict, false, false, 30_000);
         assert_clean(&o, &format!("host seed {seed}"));
@@ -239,7 +238,7 @@ fn read_before_clear_is_detected() {
     for seed in 200..206u64 {
         let o = run(
             seed,
-            DirtyLogMode::Clear { shift: 6 },
+            MigrationDirtyLogMode::Clear { shift: 6 },
             VerifyMode::Strict,
             true,
             true,
@@ -289,7 +288,7 @@ fn verification_after_resume_detects_tracking_losses() {
     for seed in 300..306u64 {
         let o = run(
             seed,
-            DirtyLogMode::Clear { shift: 6 },
+            MigrationDirtyLogMode::Clear { shift: 6 },
             VerifyMode::AfterResume,
             true,
             true,

@@ -17,12 +17,10 @@ use common::*;
 const MIB: &[(&str, u64, u64)] = &[("ram", 0, 1 << 20)];
 
 fn config() -> MigrationConfig {
-    MigrationConfig {
-        bandwidth_limit_bytes_per_s: 64 << 20,
-        downtime_limit: Duration::from_millis(10),
-        max_time: Some(Duration::from_secs(30)),
-        ..MigrationConfig::default()
-    }
+    MigrationConfig::default()
+        .with_bandwidth_limit_bytes_per_s(64 << 20)
+        .with_downtime_limit(Duration::from_millis(10))
+        .with_max_time(Some(Duration::from_secs(30)))
 }
 
 /// Migrate `src` (with a writer running for `active`) over `src_t`, receiving on `dst_t` into `dst`.
@@ -181,10 +179,7 @@ fn cancel_during_live_phase_keeps_the_source_running() {
     let vm_dst = TestVm::default();
     let cancel = CancelToken::new();
     let (src_t, dst_t) = mem_channel();
-    let cfg = MigrationConfig {
-        bandwidth_limit_bytes_per_s: 4 << 20,
-        ..config()
-    };
+    let cfg = config().with_bandwidth_limit_bytes_per_s(4 << 20);
     let (s, d) = std::thread::scope(|sc| {
         let d = sc.spawn(|| Destination::new(&dst).receive(dst_t, &vm_dst));
         let c = cancel.clone();
@@ -238,10 +233,7 @@ fn ack_timeout_resumes_the_source() {
     let src = memory(MIB);
     let vm = TestVm::default();
     let (src_t, dst_t) = mem_channel();
-    let cfg = MigrationConfig {
-        ack_timeout: Duration::from_millis(300),
-        ..config()
-    };
+    let cfg = config().with_ack_timeout(Duration::from_millis(300));
     let s = std::thread::scope(|sc| {
         sc.spawn(move || silent_destination(dst_t));
         Source::new(&src, cfg)
@@ -333,12 +325,10 @@ fn no_convergence_hits_the_iteration_limit() {
         200_000,
         Duration::from_secs(60),
     );
-    let cfg = MigrationConfig {
-        bandwidth_limit_bytes_per_s: 4 << 20,
-        downtime_limit: Duration::from_micros(100),
-        max_iterations: Some(3),
-        ..config()
-    };
+    let cfg = config()
+        .with_bandwidth_limit_bytes_per_s(4 << 20)
+        .with_downtime_limit(Duration::from_micros(100))
+        .with_max_iterations(Some(3));
     let (src_t, dst_t) = mem_channel();
     let s = std::thread::scope(|sc| {
         sc.spawn(move || silent_destination(dst_t));
@@ -350,7 +340,7 @@ fn no_convergence_hits_the_iteration_limit() {
     writer.join().unwrap();
     match s {
         Err(e @ Error::NotConverged { iterations: 3, .. }) => {
-            assert!(e.to_string().contains("did not converge"))
+            assert!(e.to_string().contains("did not converge"));
         }
         other => panic!("{other:?}"),
     }
@@ -378,14 +368,12 @@ fn switchover_bandwidth_lets_it_converge_after_one_pass() {
         200_000,
         Duration::from_secs(60),
     );
-    let cfg = MigrationConfig {
-        bandwidth_limit_bytes_per_s: 4 << 20,
-        downtime_limit: Duration::from_micros(100),
-        max_iterations: Some(3),
+    let cfg = config()
+        .with_bandwidth_limit_bytes_per_s(4 << 20)
+        .with_downtime_limit(Duration::from_micros(100))
+        .with_max_iterations(Some(3))
         // At most 1 MiB dirty / 1 TiB/s = 1 us < 100 us.
-        switchover_bandwidth_bytes_per_s: 1 << 40,
-        ..config()
-    };
+        .with_switchover_bandwidth_bytes_per_s(1 << 40);
     let (s, d) = migrate_in_memory(&src, &dst, cfg, &vm);
     vm.gate.stop.store(true, Ordering::SeqCst);
     writer.join().unwrap();
@@ -411,13 +399,11 @@ fn no_convergence_hits_the_time_limit_and_auto_converge_throttles() {
         200_000,
         Duration::from_secs(60),
     );
-    let cfg = MigrationConfig {
-        bandwidth_limit_bytes_per_s: 4 << 20,
-        downtime_limit: Duration::from_micros(100),
-        max_time: Some(Duration::from_millis(1500)),
-        auto_converge: true,
-        ..config()
-    };
+    let cfg = config()
+        .with_bandwidth_limit_bytes_per_s(4 << 20)
+        .with_downtime_limit(Duration::from_micros(100))
+        .with_max_time(Some(Duration::from_millis(1500)))
+        .with_auto_converge(true);
     let (src_t, dst_t) = mem_channel();
     let s = std::thread::scope(|sc| {
         sc.spawn(move || silent_destination(dst_t));
@@ -510,10 +496,7 @@ fn receive_paused_does_not_resume_and_stats_serialize() {
 #[test]
 fn invalid_config_is_refused_up_front() {
     let mem = memory(MIB);
-    let cfg = MigrationConfig {
-        mode: DirtyLogMode::Clear { shift: 40 },
-        ..MigrationConfig::default()
-    };
+    let cfg = MigrationConfig::default().with_mode(MigrationDirtyLogMode::Clear { shift: 40 });
     assert!(matches!(
         Source::new(&mem, cfg),
         Err(Error::ClearShiftOutOfRange(40))
@@ -635,11 +618,9 @@ fn unrepresentable_mid_pass_sync_interval_means_never() {
         state: state_blobs(),
         ..TestVm::default()
     };
-    let cfg = MigrationConfig {
-        mode: DirtyLogMode::Legacy,
-        mid_pass_sync: Some(Duration::MAX),
-        ..config()
-    };
+    let cfg = config()
+        .with_mode(MigrationDirtyLogMode::Legacy)
+        .with_mid_pass_sync(Some(Duration::MAX));
     let (s, d) = migrate_in_memory(&src, &dst, cfg, &vm);
     let s = s.unwrap();
     assert!(s.converged && s.verified, "{s:?}");

@@ -19,11 +19,9 @@ use common::*;
 const SIZE: u64 = 64 << 20;
 
 fn config() -> MigrationConfig {
-    MigrationConfig {
-        downtime_limit: Duration::from_millis(50),
-        max_time: Some(Duration::from_secs(30)),
-        ..MigrationConfig::default()
-    }
+    MigrationConfig::default()
+        .with_downtime_limit(Duration::from_millis(50))
+        .with_max_time(Some(Duration::from_secs(30)))
 }
 
 fn migrate(src: &MemorySystem, dst: &MemorySystem) -> (MigrationStats, IncomingStats) {
@@ -265,7 +263,7 @@ impl LazyRestore {
                     revents: 0,
                 };
                 // SAFETY: one valid pollfd.
-                if unsafe { libc::poll(&mut pfd, 1, 20) } <= 0 {
+                if unsafe { libc::poll(&raw mut pfd, 1, 20) } <= 0 {
                     continue;
                 }
                 // SAFETY: reads at most UFFD_MSG_BYTES into `msg`.

@@ -123,17 +123,15 @@ fn migrate_over_slow_channels(
         8 << 20,
         Duration::from_millis(300),
     );
-    let config = MigrationConfig {
-        mode: if legacy {
-            DirtyLogMode::Legacy
+    let config = MigrationConfig::default()
+        .with_mode(if legacy {
+            MigrationDirtyLogMode::Legacy
         } else {
-            DirtyLogMode::Clear { shift: 6 }
-        },
-        bandwidth_limit_bytes_per_s: 16 << 20,
-        downtime_limit: Duration::from_millis(10),
-        max_time: Some(Duration::from_secs(30)),
-        ..MigrationConfig::default()
-    };
+            MigrationDirtyLogMode::Clear { shift: 6 }
+        })
+        .with_bandwidth_limit_bytes_per_s(16 << 20)
+        .with_downtime_limit(Duration::from_millis(10))
+        .with_max_time(Some(Duration::from_secs(30)));
     let (tx, rx) = channel();
     let mut acceptor = SlowPipes {
         rx,

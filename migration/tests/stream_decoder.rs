@@ -38,10 +38,7 @@ fn stream_with(
     };
     let buf = SharedBuf::default();
     let t = Transport::new(None, Some(Box::new(buf.clone())));
-    let config = MigrationConfig {
-        verify,
-        ..MigrationConfig::default()
-    };
+    let config = MigrationConfig::default().with_verify(verify);
     let stats = Source::new(&src, config)
         .unwrap()
         .migrate(t, &vm, None, &CancelToken::new())

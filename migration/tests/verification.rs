@@ -128,19 +128,17 @@ impl DirtyTracking for Lying<'_> {
     }
 }
 
-fn config(mode: DirtyLogMode) -> MigrationConfig {
-    MigrationConfig {
-        mode,
-        downtime_limit: Duration::from_millis(50),
-        max_time: Some(Duration::from_secs(30)),
-        ..MigrationConfig::default()
-    }
+fn config(mode: MigrationDirtyLogMode) -> MigrationConfig {
+    MigrationConfig::default()
+        .with_mode(mode)
+        .with_downtime_limit(Duration::from_millis(50))
+        .with_max_time(Some(Duration::from_secs(30)))
 }
 
 fn run<S: DirtyTracking + ?Sized, D: MigrationMemory + Sync + ?Sized>(
     src: &S,
     dst: &D,
-    mode: DirtyLogMode,
+    mode: MigrationDirtyLogMode,
 ) -> (Result<MigrationStats>, Result<IncomingStats>) {
     let (src_t, dst_t) = mem_channel();
     let vm_src = TestVm::default();
@@ -176,7 +174,10 @@ fn written_source() -> MemorySystem {
 /// populated, and the verification fails on both sides, naming the pages.
 #[test]
 fn hidden_populated_pages_fail_the_default_verification_on_both_sides() {
-    for mode in [DirtyLogMode::default(), DirtyLogMode::Legacy] {
+    for mode in [
+        MigrationDirtyLogMode::default(),
+        MigrationDirtyLogMode::Legacy,
+    ] {
         let src = written_source();
         let hidden: BTreeSet<u64> = [37u64 * 3, 2050, 2099].into();
         let lying = Lying {
@@ -237,9 +238,9 @@ fn a_destination_hiding_its_stale_pages_still_ends_equal_to_the_source() {
     }
     let dst = Lying {
         mem: &dst_mem,
-        lie: Lie::Hide(Arc::new(stale.clone())),
+        lie: Lie::Hide(Arc::new(stale)),
     };
-    let (s, d) = run(&src, &dst, DirtyLogMode::default());
+    let (s, d) = run(&src, &dst, MigrationDirtyLogMode::default());
     let differ = diff_ram(&src, &dst_mem);
     assert!(
         differ.is_empty(),
@@ -261,7 +262,10 @@ fn a_destination_hiding_its_stale_pages_still_ends_equal_to_the_source() {
 /// clips, sorts and merges what it gets.
 #[test]
 fn a_populated_answer_out_of_order_overlapping_or_past_the_end_loses_nothing() {
-    for mode in [DirtyLogMode::default(), DirtyLogMode::Legacy] {
+    for mode in [
+        MigrationDirtyLogMode::default(),
+        MigrationDirtyLogMode::Legacy,
+    ] {
         let src = written_source();
         let lying = Lying {
             mem: &src,
@@ -311,7 +315,7 @@ fn guest_ram_written_while_saving_the_state_is_sent() {
     let vm_dst = TestVm::default();
     let (s, d) = std::thread::scope(|sc| {
         let d = sc.spawn(|| Destination::new(&dst).receive(dst_t, &vm_dst));
-        let s = Source::new(&src, config(DirtyLogMode::default()))
+        let s = Source::new(&src, config(MigrationDirtyLogMode::default()))
             .unwrap()
             .migrate(src_t, &vm_src, None, &CancelToken::new());
         (s, d.join().unwrap())

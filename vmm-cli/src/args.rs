@@ -155,9 +155,10 @@ pub enum WorkloadKind {
     Image,
 }
 
-/// Dirty-log mode of a migration.
+/// The CLI's dirty-log mode (`--dirty-log`): it picks the VM's `KvmDirtyLogMode` and the
+/// engine's `MigrationDirtyLogMode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DirtyLogArg {
+pub enum CliDirtyLogMode {
     /// The accelerator clears (re-protects) everything at every sync.
     Legacy,
     /// KVM_CLEAR_DIRTY_LOG: re-protect each chunk just before sending it.
@@ -186,7 +187,7 @@ pub struct GuestArgs {
     pub vcpus: u32,
 }
 
-/// The scaled seed experiment's dirty rate (docs/design.md section 5).
+/// The reference workload's dirty rate (README, "The reference workload").
 pub const DEFAULT_DIRTY_RATE: u64 = 288 << 20;
 
 /// Migration settings (shared by `run` and `bench`).
@@ -304,7 +305,7 @@ pub struct RunArgs {
     pub migration: MigrationArgs,
     /// Dirty-log mode.
     #[arg(long, value_enum, default_value = "clear")]
-    pub dirty_log: DirtyLogArg,
+    pub dirty_log: CliDirtyLogMode,
     /// Clear chunk size (`clear` mode): a power of two from 256K (64 pages) to 8T (2^31 pages).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "16M")]
     pub clear_chunk: u64,
@@ -433,7 +434,7 @@ pub struct DirtyrateArgs {
     pub migration: MigrationArgs,
     /// Dirty-log mode of the VM (`--mode ring` always runs the VM with the ring).
     #[arg(long, value_enum, default_value = "clear")]
-    pub dirty_log: DirtyLogArg,
+    pub dirty_log: CliDirtyLogMode,
     /// Dirty ring size per vCPU in bytes (ring): a power of two within the kernel's range.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "64K")]
     pub ring_size: u64,
@@ -526,14 +527,14 @@ mod tests {
         assert!(parse_dirtyrate_spec("bits")
             .unwrap_err()
             .contains("sample, bitmap or ring"));
-        assert!(parse_dirtyrate_spec("ring,0s").is_err());
-        assert!(parse_dirtyrate_spec("ring,fast").is_err());
+        parse_dirtyrate_spec("ring,0s").unwrap_err();
+        parse_dirtyrate_spec("ring,fast").unwrap_err();
     }
 
     #[test]
     fn addresses() {
         assert_eq!(parse_addr("0x200000").unwrap(), 0x200000);
         assert_eq!(parse_addr("4096").unwrap(), 4096);
-        assert!(parse_addr("zz").is_err());
+        parse_addr("zz").unwrap_err();
     }
 }

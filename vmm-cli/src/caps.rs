@@ -5,13 +5,14 @@
 
 use clearlog_kvm::{is_pvm_host, KvmCaps, RingRange};
 
+use crate::chain::ErrorChain;
 use crate::{CliError, CliResult};
 
 /// Print what this host's KVM offers and which dirty-log mode `vmm` would use.
 pub fn caps(json: bool) -> CliResult {
-    let caps =
-        KvmCaps::probe_device("/dev/kvm".as_ref()).map_err(|e| CliError::Failed(e.to_string()))?;
-    let mode = caps.default_protect_mode();
+    let caps = KvmCaps::probe_device("/dev/kvm".as_ref())
+        .map_err(|e| CliError::Failed(e.chain().to_string()))?;
+    let mode = caps.default_dirty_log_mode();
     if json {
         let mut map = serde_json::Map::new();
         for (k, v) in caps.fields() {
@@ -23,12 +24,14 @@ pub fn caps(json: bool) -> CliResult {
                     v.strip_prefix("0x")
                         .and_then(|h| i64::from_str_radix(h, 16).ok())
                 })
-                .map(serde_json::Value::from)
-                .unwrap_or_else(|| match v.as_str() {
-                    "true" | "yes" => true.into(),
-                    "false" | "no" => false.into(),
-                    _ => v.clone().into(),
-                });
+                .map_or_else(
+                    || match v.as_str() {
+                        "true" | "yes" => true.into(),
+                        "false" | "no" => false.into(),
+                        _ => v.clone().into(),
+                    },
+                    serde_json::Value::from,
+                );
             map.insert(k.to_string(), value);
         }
         map.insert("dirty_log_mode".into(), mode.to_string().into());

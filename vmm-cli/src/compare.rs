@@ -71,10 +71,10 @@ pub fn parse_line(line: &str) -> Result<Option<Row>, String> {
             v.get("mode").and_then(Value::as_str),
         ) {
             (Some(s), _) => s.to_string(),
-            (None, Some("legacy")) => "legacy".into(),
+            (None, Some(m @ ("legacy" | "ring"))) => m.into(),
             (None, Some(_)) => format!(
                 "clear {}",
-                crate::output::human_bytes(num(&v, "clear_chunk_bytes").unwrap_or(0.0) as u64)
+                crate::units::human_bytes(num(&v, "clear_chunk_bytes").unwrap_or(0.0) as u64)
             ),
             (None, None) => "unknown".into(),
         };
@@ -120,7 +120,7 @@ pub fn parse_line(line: &str) -> Result<Option<Row>, String> {
     ) {
         (Some(m), _) => m.to_string(),
         (None, Some(0.0)) => "legacy".into(),
-        (None, Some(c)) => format!("clear {}", crate::output::human_bytes(c as u64)),
+        (None, Some(c)) => format!("clear {}", crate::units::human_bytes(c as u64)),
         (None, None) => "unknown".into(),
     };
     let ok = status == "completed";

@@ -14,7 +14,8 @@ use clearlog_migration::dirtyrate::{
 use clearlog_migration::DirtyTracking;
 use clearlog_test_guest::{Guest, GuestConfig};
 
-use crate::args::{DirtyLogArg, DirtyrateArgs, DirtyrateSpec, MigrationArgs, WorkloadKind};
+use crate::args::{CliDirtyLogMode, DirtyrateArgs, DirtyrateSpec, MigrationArgs, WorkloadKind};
+use crate::chain::ErrorChain;
 use crate::{CliError, CliResult};
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -24,7 +25,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 /// has no dirty ring.
 fn ring_counts(guest: &Guest) -> Option<impl VcpuDirtyCounts + '_> {
     let listener = guest.listener();
-    listener.vm().protect_mode().is_ring().then_some(
+    listener.vm().dirty_log_mode().is_ring().then_some(
         move || -> Result<Vec<u64>, clearlog_migration::BoxError> {
             listener.reap_rings()?;
             Ok(listener.ring_stats().iter().map(|s| s.harvested).collect())
@@ -35,11 +36,15 @@ fn ring_counts(guest: &Guest) -> Option<impl VcpuDirtyCounts + '_> {
 /// Measure `guest`'s dirty rate as `spec` says.
 pub fn measure(guest: &Guest, spec: DirtyrateSpec, sample_pages: u32) -> CliResult<DirtyRate> {
     let failed = |e: clearlog_migration::Error| {
-        CliError::Failed(format!("measuring the dirty rate ({}): {e}", spec.mode))
+        CliError::Failed(format!(
+            "measuring the dirty rate ({}): {}",
+            spec.mode,
+            e.chain()
+        ))
     };
     match spec.mode {
         DirtyRateMode::Sample => {
-            let seed = std::process::id() as u64 ^ 0x5a4d_504c_4553_0000;
+            let seed = u64::from(std::process::id()) ^ 0x5a4d_504c_4553_0000;
             measure_sample(&**guest.memory(), spec.duration, sample_pages, seed).map_err(failed)
         }
         DirtyRateMode::Bitmap => measure_bitmap(&**guest.memory(), spec.duration).map_err(failed),
@@ -52,7 +57,10 @@ pub fn measure(guest: &Guest, spec: DirtyrateSpec, sample_pages: u32) -> CliResu
             // KVM pushes ring entries only for memslots with dirty logging on.
             let mem = &**guest.memory();
             let logging = |op: &str, e: clearlog_migration::BoxError| {
-                CliError::Failed(format!("measuring the dirty rate (ring): {op}: {e}"))
+                CliError::Failed(format!(
+                    "measuring the dirty rate (ring): {op}: {}",
+                    e.chain()
+                ))
             };
             DirtyTracking::start_logging(mem).map_err(|e| logging("starting dirty logging", e))?;
             let rate = measure_ring(&counts, spec.duration, guest.mem_bytes() / 4096);
@@ -215,7 +223,7 @@ pub fn initial_bytes(guest: &Guest, wss: u64, workload: WorkloadKind) -> u64 {
 
 /// Check the settings a measurement needs before booting anything.
 pub fn validate(spec: DirtyrateSpec, sample_pages: u32, m: &MigrationArgs) -> CliResult {
-    crate::run::validate_migration(m)?;
+    crate::setup::validate_migration(m)?;
     if m.bandwidth == 0 {
         return Err(CliError::Usage(
             "the convergence verdict needs a bandwidth: give --bandwidth RATE, not unlimited"
@@ -247,26 +255,26 @@ pub fn dirtyrate(a: DirtyrateArgs) -> CliResult {
             "vmm dirtyrate runs the built-in workloads (random, increment, idle); for an image use vmm run --workload image --dirtyrate MODE".into(),
         ));
     }
-    crate::run::validate_guest(&a.guest, a.workload)?;
+    crate::setup::validate_guest(&a.guest, a.workload)?;
     let spec = DirtyrateSpec {
         mode: a.mode,
         duration: a.duration,
     };
     validate(spec, a.sample_pages, &a.migration)?;
-    let workload = crate::run::builtin_workload(a.workload, &a.guest)?;
+    let workload = crate::setup::builtin_workload(a.workload, &a.guest)?;
     // Ring mode measures the VM's dirty ring, so the VM gets one whatever `--dirty-log` says.
     let dirty_log = match a.mode {
-        DirtyRateMode::Ring => DirtyLogArg::Ring,
+        DirtyRateMode::Ring => CliDirtyLogMode::Ring,
         _ => a.dirty_log,
     };
     let guest = Guest::boot(GuestConfig {
         mem_bytes: a.guest.mem,
         vcpus: a.guest.vcpus,
-        dirty_log: crate::run::vm_dirty_log(dirty_log, a.ring_size)?,
+        dirty_log: crate::setup::vm_dirty_log(dirty_log, a.ring_size)?,
         workload,
         ..GuestConfig::default()
     })
-    .map_err(|e| CliError::Failed(format!("cannot start the guest: {e}")))?;
+    .map_err(|e| CliError::Failed(format!("cannot start the guest: {}", e.chain())))?;
     let t = Instant::now();
     std::thread::sleep(a.warmup);
     tracing::debug!(warmup_ms = t.elapsed().as_millis() as u64, "measuring");

@@ -49,7 +49,7 @@ impl Floor {
 ///
 /// ```
 /// use std::time::Duration;
-/// // The scaled seed workload: 3 GiB at 288 MiB/s over 400 MiB/s, 100 ms.
+/// // The reference workload: 3 GiB at 288 MiB/s over 400 MiB/s, 100 ms.
 /// let f = vmm_cli::floor::floor_model(3 << 30, 288 << 20, 400 << 20, Duration::from_millis(100)).unwrap();
 /// assert!((f.passes_s[0] - 7.68).abs() < 1e-9);
 /// assert!((f.total_s() - 13.3).abs() < 0.1);
@@ -96,7 +96,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     #[test]
-    fn the_seed_workload_matches_the_issue() {
+    fn the_reference_workload_floor_is_13_28_s() {
         let f = floor_model(3072 * MIB, 288 * MIB, 400 * MIB, Duration::from_millis(100)).unwrap();
         assert!((f.passes_s[0] - 7.68).abs() < 1e-9);
         // 1 - (1 - e^-0.72) / 0.72 = 0.287

@@ -7,18 +7,20 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use clearlog_migration::stream::Header;
 use clearlog_migration::{
-    peek_header, ram_fingerprint, BoxError, Destination, Incoming, ListenOptions, Listener,
-    MigrationUri, StateBlob, Transport, VmRestore,
+    peek_header, ram_fingerprint, BoxError, Destination, Incoming, IncomingStats, ListenOptions,
+    Listener, MigrationUri, StateBlob, Transport, VmRestore,
 };
 use clearlog_test_guest::workload::check::{check_increment, loaded_workload};
 use clearlog_test_guest::workload::WorkloadKind;
 use clearlog_test_guest::{Guest, GuestConfig, RAM_BLOCK_NAME};
 
 use crate::args::IncomingArgs;
+use crate::chain::ErrorChain;
 use crate::fault::{Fault, FaultyMemory, Injector};
 use crate::output::print_incoming;
-use crate::{chain, CliError, CliResult};
+use crate::{CliError, CliResult};
 use clearlog_migration::tls::{TlsError, TlsFiles, TlsServer};
 use vmm_cli::vm_control::GuestControl;
 
@@ -74,7 +76,8 @@ fn open_incoming(a: &IncomingArgs) -> CliResult<Incoming> {
         // is the migration.
         return listener.accept_incoming(&options).map_err(|e| {
             CliError::Failed(format!(
-                "accepting the migration on {local} failed: {e}; no guest was resumed"
+                "accepting the migration on {local} failed: {}; no guest was resumed",
+                e.chain()
             ))
         });
     }
@@ -86,7 +89,8 @@ fn open_incoming(a: &IncomingArgs) -> CliResult<Incoming> {
                 .map_err(|e| CliError::Failed(format!("cannot open {}: {e}", path.display())))?;
             let header = peek_header(&mut transport).map_err(|e| {
                 CliError::Failed(format!(
-                    "the incoming stream is not usable: {e}; no guest was resumed"
+                    "the incoming stream is not usable: {}; no guest was resumed",
+                    e.chain()
                 ))
             })?;
             Ok(Incoming::Stream { transport, header })
@@ -103,75 +107,28 @@ fn open_incoming(a: &IncomingArgs) -> CliResult<Incoming> {
 /// The destination's TLS configuration from `--tls-dir` and `--tls-authz`.
 fn tls_server(dir: &std::path::Path, authz: &[String]) -> CliResult<TlsServer> {
     let usage =
-        |e: TlsError| CliError::Usage(format!("--tls-dir {}: {}", dir.display(), chain(&e)));
+        |e: TlsError| CliError::Usage(format!("--tls-dir {}: {}", dir.display(), e.chain()));
     let server = TlsServer::new(&TlsFiles::in_dir(dir)).map_err(usage)?;
     if authz.is_empty() {
         return Ok(server);
     }
     server
         .with_authz(authz)
-        .map_err(|e| CliError::Usage(format!("--tls-authz {}: {}", authz.join(","), chain(&e))))
+        .map_err(|e| CliError::Usage(format!("--tls-authz {}: {}", authz.join(","), e.chain())))
 }
 
-/// `vmm incoming`.
+/// `vmm incoming`: accept the migration, make a guest of its RAM layout, receive (resuming the
+/// guest at the commit), watch the guest run, report.
 pub fn incoming(a: IncomingArgs) -> CliResult {
-    let failed = |what: &str, e: &dyn std::fmt::Display| {
-        CliError::Failed(format!("{what}: {e}; no guest was resumed"))
-    };
-    let mut incoming = open_incoming(&a)?;
-    if !a.io_timeout.is_zero() {
-        // Only once the stream has started (a source may boot and warm up its guest for long
-        // before sending its header). A read that times out fails the stream like any transport
-        // error: nothing resumes.
-        incoming.set_read_timeout(Some(a.io_timeout)).map_err(|e| {
-            CliError::Failed(format!("setting the --io-timeout on the connection: {e}"))
-        })?;
-    }
-    let header = incoming.header().clone();
-    let [block] = header.blocks.as_slice() else {
-        return Err(failed(
-            "unexpected RAM layout",
-            &format!(
-                "{} blocks, this VMM has one (`{RAM_BLOCK_NAME}`)",
-                header.blocks.len()
-            ),
-        ));
-    };
-    if block.name != RAM_BLOCK_NAME {
-        return Err(failed(
-            "unexpected RAM layout",
-            &format!("block `{}`, expected `{RAM_BLOCK_NAME}`", block.name),
-        ));
-    }
-    // A destination's vCPUs come from the stream's state blobs.
-    let guest = Guest::create(GuestConfig {
-        mem_bytes: block.size,
-        vcpus: 0,
-        ..GuestConfig::default()
-    })
-    .map_err(|e| failed("cannot create the destination guest", &e))?;
-
+    let incoming = open_incoming(&a)?;
+    let guest = guest_for(incoming.header())?;
     let start = Instant::now();
     let control = IncomingControl {
         guest: &guest,
         args: &a,
         extra: Mutex::new(serde_json::Map::new()),
     };
-    let received = match a.fault {
-        None => Destination::new(guest.memory()).receive_incoming(incoming, &control),
-        Some(Fault::HidePopulated(n)) => {
-            let mut memory = FaultyMemory::new(guest.memory(), Injector::new(None, None));
-            memory
-                .fill_and_hide_last_pages(n)
-                .map_err(|e| failed("--fault hide-populated", &e))?;
-            Destination::new(&memory).receive_incoming(incoming, &control)
-        }
-        Some(other) => {
-            return Err(CliError::Usage(format!(
-                "--fault {other}: a destination only takes hide-populated=N"
-            )))
-        }
-    };
+    let received = receive(&a, &guest, incoming, &control)?;
     let received_ms = start.elapsed().as_secs_f64() * 1e3;
     let mut extra = control
         .extra
@@ -183,42 +140,107 @@ pub fn incoming(a: IncomingArgs) -> CliResult {
             if a.json {
                 println!("{}", serde_json::Value::Object(extra));
             }
-            return Err(CliError::Mismatch(format!("incoming migration: {e}")));
+            return Err(CliError::Mismatch(format!(
+                "incoming migration: {}",
+                e.chain()
+            )));
         }
         Err(e) => {
-            let resumed = control_resumed(&extra);
+            let resumed = if control_resumed(&extra) {
+                "the guest was resumed but could not be verified"
+            } else {
+                "no guest was resumed"
+            };
             return Err(CliError::Failed(format!(
-                "incoming migration failed: {e}; {}",
-                if resumed {
-                    "the guest was resumed but could not be verified"
-                } else {
-                    "no guest was resumed"
-                }
+                "incoming migration failed: {}; {resumed}",
+                e.chain()
             )));
         }
     };
     extra.insert("guest_mem_bytes".into(), guest.mem_bytes().into());
     extra.insert("receive_ms".into(), received_ms.into());
+    run_after(&a, &guest, &stats, extra)
+}
+
+/// Fails a destination before anything resumed.
+fn failed(what: &str, e: &dyn std::fmt::Display) -> CliError {
+    CliError::Failed(format!("{what}: {e}; no guest was resumed"))
+}
+
+/// The destination guest for the stream's RAM layout (this VMM's one block); its vCPUs come from
+/// the stream's state blobs.
+fn guest_for(header: &Header) -> CliResult<Guest> {
+    let [block] = header.blocks.as_slice() else {
+        let n = header.blocks.len();
+        let why = format!("{n} blocks, this VMM has one (`{RAM_BLOCK_NAME}`)");
+        return Err(failed("unexpected RAM layout", &why));
+    };
+    if block.name != RAM_BLOCK_NAME {
+        let why = format!("block `{}`, expected `{RAM_BLOCK_NAME}`", block.name);
+        return Err(failed("unexpected RAM layout", &why));
+    }
+    Guest::create(GuestConfig {
+        mem_bytes: block.size,
+        vcpus: 0,
+        ..GuestConfig::default()
+    })
+    .map_err(|e| failed("cannot create the destination guest", &e.chain()))
+}
+
+/// Receives the migration into `guest` (`--fault hide-populated=N`: into memory that hides N
+/// pages holding data from the engine).
+fn receive(
+    a: &IncomingArgs,
+    guest: &Guest,
+    mut incoming: Incoming,
+    control: &IncomingControl<'_>,
+) -> CliResult<clearlog_migration::Result<IncomingStats>> {
+    if !a.io_timeout.is_zero() {
+        // Only once the stream has started (a source may boot and warm up its guest for long
+        // before sending its header). A read that times out fails the stream like any
+        // transport error: nothing resumes.
+        incoming.set_read_timeout(Some(a.io_timeout)).map_err(|e| {
+            CliError::Failed(format!("setting the --io-timeout on the connection: {e}"))
+        })?;
+    }
+    Ok(match a.fault {
+        None => Destination::new(guest.memory()).receive_incoming(incoming, control),
+        Some(Fault::HidePopulated(n)) => {
+            let mut memory = FaultyMemory::new(guest.memory(), Injector::new(None, None));
+            memory
+                .fill_and_hide_last_pages(n)
+                .map_err(|e| failed("--fault hide-populated", &e.chain()))?;
+            Destination::new(&memory).receive_incoming(incoming, control)
+        }
+        Some(other) => {
+            return Err(CliError::Usage(format!(
+                "--fault {other}: a destination only takes hide-populated=N"
+            )))
+        }
+    })
+}
+
+/// Lets the resumed guest run for `--run-after`, prints the report, and fails if the guest
+/// failed or made no progress.
+fn run_after(
+    a: &IncomingArgs,
+    guest: &Guest,
+    stats: &IncomingStats,
+    mut extra: serde_json::Map<String, serde_json::Value>,
+) -> CliResult {
     let workload = loaded_workload(guest.ram()).ok().flatten();
     let before = guest.pages_written().unwrap_or(0);
     std::thread::sleep(a.run_after);
     let after = guest.pages_written().unwrap_or(0);
     let failures = guest.vcpu_failures();
-    extra.insert(
-        "run_after_ms".into(),
-        (a.run_after.as_secs_f64() * 1e3).into(),
-    );
-    extra.insert(
-        "pages_written_after_resume".into(),
-        (after.saturating_sub(before)).into(),
-    );
+    let run_after_ms = a.run_after.as_secs_f64() * 1e3;
+    extra.insert("run_after_ms".into(), run_after_ms.into());
+    let written = after.saturating_sub(before);
+    extra.insert("pages_written_after_resume".into(), written.into());
     extra.insert("guest_ran_after_resume".into(), failures.is_empty().into());
-    extra.insert(
-        "peak_rss_bytes".into(),
-        crate::output::peak_rss_bytes().into(),
-    );
-    let extra = serde_json::Value::Object(extra);
-    print_incoming(&stats, &extra, a.json);
+    let rss = crate::output::peak_rss_bytes();
+    extra.insert("peak_rss_bytes".into(), rss.into());
+    print_incoming(stats, &serde_json::Value::Object(extra), a.json);
     if !failures.is_empty() {
         return Err(CliError::Failed(format!(
             "the resumed guest failed: {failures:?}"

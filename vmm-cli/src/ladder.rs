@@ -3,7 +3,7 @@
 
 //! `vmm ladder`: the scale ladder. The same working set in ever larger guests (4 GiB to 256 GiB by
 //! default), legacy and clear interleaved, each run two processes on loopback TCP exactly as `vmm
-//! bench` runs them ([`crate::bench::one_run`]); every cost is also reported per GiB of guest RAM,
+//! bench` runs them ([`crate::bench_run::one_run`]); every cost is also reported per GiB of guest RAM,
 //! to show which ones grow with the guest rather than with its working set.
 
 use std::path::Path;
@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use crate::args::{GuestArgs, LadderArgs, WorkloadKind};
-use crate::bench::{one_run, BenchMode, BenchTransport, RunResult, RunSpec};
+use crate::bench_run::{one_run, RunResult, RunSpec};
+use crate::bench_scenario::{BenchScenario, BenchTransport};
 use crate::{CliError, CliResult};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -111,11 +112,11 @@ pub fn ladder(a: LadderArgs) -> CliResult {
             dirty_rate: Some(a.dirty_rate),
             vcpus: 1,
         };
-        crate::run::validate_guest(&g, WorkloadKind::Random)
+        crate::setup::validate_guest(&g, WorkloadKind::Random)
             .map_err(|e| CliError::Usage(format!("--ladder-sizes {}: {e}", size_label(mem))))?;
     }
-    crate::run::validate_migration(&a.migration)?;
-    let modes = crate::bench::runs_and_modes(a.runs, &a.modes, "legacy,clear:16M")?;
+    crate::setup::validate_migration(&a.migration)?;
+    let modes = crate::bench_scenario::runs_and_modes(a.runs, &a.modes, "legacy,clear:16M")?;
     eprintln!(
         "vmm ladder: guests {}, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {}, downtime {} ms; {} run(s) of {} mode(s){}",
         a.sizes.iter().map(|&s| size_label(s)).collect::<Vec<_>>().join(", "),
@@ -197,7 +198,7 @@ pub fn ladder(a: LadderArgs) -> CliResult {
 
 /// `256 GiB`, `512 MiB`.
 fn size_label(b: u64) -> String {
-    crate::output::human_bytes(b)
+    crate::units::human_bytes(b)
 }
 
 fn mean(v: impl Iterator<Item = f64>) -> f64 {
@@ -218,7 +219,7 @@ fn cell(v: f64, decimals: usize, width: usize) -> String {
 }
 
 /// One row per size x mode: means over the verified runs; `/GiB` columns divide by the guest size.
-fn print_table(sizes: &[u64], modes: &[BenchMode], rungs: &[Rung]) {
+fn print_table(sizes: &[u64], modes: &[BenchScenario], rungs: &[Rung]) {
     // (header, width, decimals, metric, scale, per GiB)
     let cols: &[(&str, usize, usize, &str, f64, bool)] = &[
         ("total s", 8, 2, "total_time_ms", 1e-3, false),
@@ -274,8 +275,12 @@ fn print_table(sizes: &[u64], modes: &[BenchMode], rungs: &[Rung]) {
             println!();
         }
     }
-    // Where the downtime went.
     println!();
+    print_downtime_table(modes, rungs);
+}
+
+/// Where each run's downtime went (`downtime_breakdown`), and how many runs verified.
+fn print_downtime_table(modes: &[BenchScenario], rungs: &[Rung]) {
     let parts = [
         "pause_ms",
         "final_sync_ms",
@@ -328,7 +333,7 @@ fn print_table(sizes: &[u64], modes: &[BenchMode], rungs: &[Rung]) {
 
 /// One JSON object per run: the ladder's numbers, each also `_per_gib`, the downtime breakdown, and
 /// the full source JSON (destination under `source.destination`).
-fn json_line(modes: &[BenchMode], r: &Rung) -> Value {
+fn json_line(modes: &[BenchScenario], r: &Rung) -> Value {
     let gib = r.size as f64 / GIB;
     let mut m = Map::new();
     m.insert("guest_mem_bytes".into(), r.size.into());
@@ -360,7 +365,7 @@ fn json_line(modes: &[BenchMode], r: &Rung) -> Value {
     Value::Object(m)
 }
 
-fn write_json(path: &Path, modes: &[BenchMode], rungs: &[Rung]) -> CliResult {
+fn write_json(path: &Path, modes: &[BenchScenario], rungs: &[Rung]) -> CliResult {
     let mut out = String::new();
     for r in rungs {
         out.push_str(&json_line(modes, r).to_string());
@@ -419,7 +424,7 @@ mod tests {
                 source,
             },
         };
-        let v = json_line(&[BenchMode::Legacy], &r);
+        let v = json_line(&[BenchScenario::Legacy], &r);
         assert_eq!(v["total_time_ms_per_gib"], 1000.0);
         assert_eq!(v["guest_mem_gib"], 4.0);
         assert_eq!(v["scenario"], "legacy");

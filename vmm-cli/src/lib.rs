@@ -6,5 +6,12 @@
 //! `vmm` itself adds no logic of its own beyond assembling the library crates; this is the one
 //! piece of glue worth sharing: a `clearlog-kvm` guest seen through `clearlog-migration`'s traits.
 
+#![forbid(unsafe_code)]
+
 pub mod floor;
 pub mod vm_control;
+
+/// The code blocks of docs/adopting.md (both adoption paths), compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/adopting.md")]
+pub struct AdoptingDoctests;

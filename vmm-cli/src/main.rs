@@ -4,20 +4,31 @@
 //! `vmm`: the thin CLI of the clearlog workspace. It assembles the library crates (a KVM guest from
 //! `clearlog-kvm`, migration from `clearlog-migration`) and prints what they measure.
 //!
-//! Exit codes: 0 success, 1 a migration failed or did not verify, 2 usage errors.
+//! Exit codes: 0 success; 1 a migration (or the guest) failed, or committed without finishing
+//! its verification; 2 a usage error; 3 the verification found pages of the destination that
+//! differ from the source's final memory (on both sides).
+
+#![forbid(unsafe_code)]
 
 mod args;
 mod bench;
+mod bench_run;
+mod bench_scenario;
+mod bench_tls;
 mod caps;
+mod chain;
 mod compare;
 mod dirtyrate;
 mod fault;
+mod guest_view;
 mod incoming;
 mod ladder;
+mod outgoing;
 mod output;
 mod plot;
 mod qemu_image;
 mod run;
+mod setup;
 mod units;
 
 use std::process::ExitCode;
@@ -65,19 +76,6 @@ impl std::fmt::Display for CliError {
 
 /// Result of a command.
 pub type CliResult<T = ()> = Result<T, CliError>;
-
-/// `e` and its sources, joined with ": " (library errors keep their messages short and leave
-/// the cause to their source).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        next = s.source();
-    }
-    out
-}
 
 fn init_tracing(filter: Option<&str>) {
     use tracing_subscriber::EnvFilter;

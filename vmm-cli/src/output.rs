@@ -6,6 +6,8 @@
 use clearlog_migration::{IncomingStats, MigrationStats};
 use clearlog_test_guest::Guest;
 
+use crate::units::human_bytes;
+
 const MIB: f64 = (1u64 << 20) as f64;
 
 /// The source's JSON object: the migration stats plus what the CLI measured around them.
@@ -163,20 +165,10 @@ pub fn describe_mode(stats: &MigrationStats) -> String {
     }
 }
 
-/// `1 GiB`, `128 MiB`, `256 KiB`.
-pub fn human_bytes(b: u64) -> String {
-    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
-        if b >= 1 << shift && b % (1 << shift) == 0 {
-            return format!("{} {unit}", b >> shift);
-        }
-    }
-    format!("{b} B")
-}
-
 /// Ring mode: what the dirty ring did (`dirty_ring` in the JSON): entries harvested, ring-full
 /// exits, reaps and their time, rings found full, per vCPU too. `None` for the bitmap modes.
 pub fn ring_json(guest: &Guest) -> Option<serde_json::Value> {
-    if !guest.protect_mode().is_ring() {
+    if !guest.dirty_log_mode().is_ring() {
         return None;
     }
     let s = guest.listener().stats();
@@ -194,7 +186,7 @@ pub fn ring_json(guest: &Guest) -> Option<serde_json::Value> {
         })
         .collect();
     Some(serde_json::json!({
-        "mode": guest.protect_mode().to_string(),
+        "mode": guest.dirty_log_mode().to_string(),
         "entries_harvested": s.ring_entries,
         "ring_full_exits": per_vcpu.iter().map(|v| v["ring_full_exits"].as_u64().unwrap_or(0)).sum::<u64>(),
         "reaps": s.ring_reaps,
@@ -213,7 +205,7 @@ pub fn print_run_summary(guest: &Guest, boot_ms: f64, rate: f64, json: bool) {
             "{}",
             serde_json::json!({
                 "guest_mem_bytes": guest.mem_bytes(),
-                "vm_dirty_log_mode": guest.protect_mode().to_string(),
+                "vm_dirty_log_mode": guest.dirty_log_mode().to_string(),
                 "boot_ms": boot_ms,
                 "pages_written": written,
                 "guest_dirty_rate_bytes_per_s": rate.round() as u64,
@@ -225,7 +217,7 @@ pub fn print_run_summary(guest: &Guest, boot_ms: f64, rate: f64, json: bool) {
         println!(
             "guest ran ({} MiB, KVM dirty log: {})",
             guest.mem_bytes() >> 20,
-            guest.protect_mode()
+            guest.dirty_log_mode()
         );
         println!("  boot + pre-fault  {boot_ms:>10.0} ms");
         println!("  pages written     {written:>10}");

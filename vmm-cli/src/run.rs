@@ -6,201 +6,23 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use clearlog_kvm::DirtyLogChoice;
 use clearlog_migration::{
-    connect_session, ram_fingerprint, CancelToken, ConnectOptions, DirtyLogMode, MigrationConfig,
-    MigrationStats, MigrationUri, Progress, Session, SessionOptions, Source, Transport,
-};
-use clearlog_test_guest::layout::{
-    mapped_end, DEFAULT_WSS_START, IDENTITY_MAP_LIMIT, MAX_RAM, MAX_VCPUS,
+    ram_fingerprint, CancelToken, MigrationConfig, MigrationStats, Progress, Source,
 };
 use clearlog_test_guest::workload::WorkloadSpec;
 use clearlog_test_guest::{Guest, GuestConfig};
 
-use crate::args::{
-    DirtyLogArg, GuestArgs, MigrationArgs, RunArgs, SourceTlsArgs, WorkloadKind, DEFAULT_DIRTY_RATE,
-};
+use crate::args::{RunArgs, WorkloadKind};
+use crate::chain::ErrorChain;
 use crate::fault::{faulty_transport, Fault, FaultPlan, FaultyControl, FaultyMemory, Injector};
+use crate::guest_view::{GuestView, LiveProbe};
+use crate::outgoing::{connect_source, Outgoing};
 use crate::output::{print_run_summary, print_stats, ring_json, stats_json};
-use crate::{chain, CliError, CliResult};
-use clearlog_migration::tls::{TlsClient, TlsFiles};
-use std::sync::Mutex;
-
-use clearlog_migration::{BoxError, StateBlob, VmControl};
-use clearlog_test_guest::workload::check::loaded_workload;
-use clearlog_test_guest::workload::monitor::{achieved_rate, ticks_to_ms, WriteMark};
-use clearlog_test_guest::workload::{reset_stall, WorkloadKind as GuestWorkload};
-use vmm_cli::vm_control::GuestControl;
-
-/// Check a guest shape; every message says what is wrong and what to do.
-pub fn validate_guest(g: &GuestArgs, workload: WorkloadKind) -> CliResult {
-    let usage = |m: String| Err(CliError::Usage(m));
-    if g.mem == 0 || g.mem % (2 << 20) != 0 {
-        return usage(format!(
-            "--mem {} is not a multiple of 2M: use e.g. --mem 256M or --mem 4G",
-            g.mem
-        ));
-    }
-    if g.mem > MAX_RAM {
-        return usage(format!(
-            "--mem {} is larger than the {} GiB this guest layout supports",
-            g.mem,
-            MAX_RAM >> 30
-        ));
-    }
-    if matches!(workload, WorkloadKind::Random | WorkloadKind::Increment) {
-        if g.wss == 0 || g.wss % 4096 != 0 {
-            return usage(format!(
-                "--wss {} is not a positive multiple of the 4K page size",
-                g.wss
-            ));
-        }
-        // The guest reaches only the RAM its identity map covers (the first 127 GiB).
-        let room = mapped_end(g.mem).saturating_sub(DEFAULT_WSS_START);
-        if g.wss > room {
-            return usage(format!(
-                "--wss {} does not fit: the working set starts at 1M{}, so with --mem {} it can be at most {} bytes",
-                g.wss,
-                if g.mem > IDENTITY_MAP_LIMIT {
-                    format!(" and must lie in the first {} GiB the guest maps", IDENTITY_MAP_LIMIT >> 30)
-                } else {
-                    String::new()
-                },
-                g.mem,
-                room
-            ));
-        }
-        if g.dirty_rate == Some(0) {
-            return usage("--dirty-rate must be positive (e.g. 288M)".into());
-        }
-        if g.wss / 4096 < u64::from(g.vcpus) {
-            return usage(format!(
-                "--wss {} has fewer pages than --vcpus {}: each vCPU needs a part of its own",
-                g.wss, g.vcpus
-            ));
-        }
-    }
-    if g.vcpus == 0 || g.vcpus > MAX_VCPUS {
-        return usage(format!(
-            "--vcpus {} is out of range: give 1 to {MAX_VCPUS}",
-            g.vcpus
-        ));
-    }
-    Ok(())
-}
-
-/// Check migration settings.
-pub fn validate_migration(m: &MigrationArgs) -> CliResult {
-    if m.switchover_bandwidth == Some(0) {
-        return Err(CliError::Usage(
-            "--switchover-bandwidth must be positive (leave it out to use the measured bandwidth)"
-                .into(),
-        ));
-    }
-    if m.downtime.is_zero() {
-        return Err(CliError::Usage(
-            "--downtime must be positive (e.g. 100ms)".into(),
-        ));
-    }
-    if m.channels > clearlog_migration::wire::MAX_CHANNELS {
-        return Err(CliError::Usage(format!(
-            "--channels {}: at most {} page channels (0 for one version-1 stream)",
-            m.channels,
-            clearlog_migration::wire::MAX_CHANNELS
-        )));
-    }
-    Ok(())
-}
-
-/// The migration config for a dirty-log mode and clear chunk.
-pub fn migration_config(
-    m: &MigrationArgs,
-    dirty_log: DirtyLogArg,
-    clear_chunk: u64,
-    max_time: Duration,
-) -> CliResult<MigrationConfig> {
-    let mode = match dirty_log {
-        // The ring hands its bits over at each sync, like a legacy GET: nothing to clear.
-        DirtyLogArg::Legacy | DirtyLogArg::Ring => DirtyLogMode::Legacy,
-        DirtyLogArg::Clear => DirtyLogMode::from_clear_chunk_bytes(clear_chunk).map_err(|e| {
-            CliError::Usage(format!(
-                "--clear-chunk {clear_chunk}: {e} (a power of two from 256K = 64 pages, shift 6, to 8T = shift 31)"
-            ))
-        })?,
-    };
-    let config = MigrationConfig {
-        mode,
-        bandwidth_limit_bytes_per_s: m.bandwidth,
-        downtime_limit: m.downtime,
-        switchover_bandwidth_bytes_per_s: m.switchover_bandwidth.unwrap_or(0),
-        mid_pass_sync: m.mid_pass_sync.0,
-        max_time: Some(max_time),
-        ..MigrationConfig::default()
-    };
-    config
-        .validate()
-        .map_err(|e| CliError::Usage(e.to_string()))?;
-    Ok(config)
-}
-
-/// The VM's dirty-log mode for a migration mode: `legacy` really uses KVM's legacy get-and-clear
-/// (the seed's baseline), `clear` uses manual protection with INITIALLY_SET.
-pub fn vm_dirty_log(dirty_log: DirtyLogArg, ring_size: u64) -> CliResult<DirtyLogChoice> {
-    Ok(match dirty_log {
-        DirtyLogArg::Legacy => DirtyLogChoice::Legacy,
-        DirtyLogArg::Clear => DirtyLogChoice::Auto,
-        DirtyLogArg::Ring => DirtyLogChoice::Ring {
-            bytes: check_ring_size(ring_size)?,
-        },
-    })
-}
-
-/// `--ring-size` against this host's range (usage errors list it), and a host without the ring.
-pub fn check_ring_size(bytes: u64) -> CliResult<u32> {
-    let caps = clearlog_kvm::KvmCaps::probe_device(clearlog_kvm::KVM_DEVICE.as_ref())
-        .map_err(|e| CliError::Failed(format!("--dirty-log ring: {e}")))?;
-    let range = clearlog_kvm::RingRange::of(&caps).ok_or_else(|| {
-        CliError::Usage(format!(
-            "--dirty-log ring: {}",
-            clearlog_kvm::Error::DirtyRingUnsupported
-        ))
-    })?;
-    let bad = || {
-        CliError::Usage(format!(
-            "--ring-size {bytes}: {}",
-            clearlog_kvm::Error::DirtyRingSize {
-                bytes,
-                min: range.min,
-                max: range.max
-            }
-        ))
-    };
-    let b = u32::try_from(bytes).map_err(|_| bad())?;
-    range.check(b).map_err(|_| bad())?;
-    Ok(b)
-}
-
-/// The spec of a built-in workload (not `image`) for a guest shape.
-pub fn builtin_workload(kind: WorkloadKind, g: &GuestArgs) -> CliResult<WorkloadSpec> {
-    Ok(match kind {
-        WorkloadKind::Random => WorkloadSpec::Random {
-            wss_bytes: g.wss,
-            dirty_rate_bytes_per_s: g.dirty_rate.unwrap_or(DEFAULT_DIRTY_RATE),
-            seed: std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15,
-        },
-        WorkloadKind::Increment => WorkloadSpec::Increment {
-            wss_bytes: g.wss,
-            // `increment` sweeps as fast as it can unless a rate is given.
-            dirty_rate_bytes_per_s: g.dirty_rate.unwrap_or(0),
-        },
-        WorkloadKind::Idle => WorkloadSpec::Idle,
-        WorkloadKind::Image => {
-            return Err(CliError::Usage(
-                "--workload image needs --image FILE and --load-addr ADDR".into(),
-            ))
-        }
-    })
-}
+use crate::setup::{
+    builtin_workload, migration_config, validate_guest, validate_migration, validate_uri,
+    vm_dirty_log,
+};
+use crate::{CliError, CliResult};
 
 fn workload_spec(a: &RunArgs) -> CliResult<WorkloadSpec> {
     Ok(match a.workload {
@@ -226,36 +48,83 @@ fn workload_spec(a: &RunArgs) -> CliResult<WorkloadSpec> {
     })
 }
 
-/// `vmm run`.
+/// `vmm run`: check the flags, connect, boot the guest, let it warm up, (optionally) measure its
+/// dirty rate, migrate (retrying with `--retry-to`), report.
 pub fn run(a: RunArgs) -> CliResult {
+    let plan = plan(&a)?;
+    let booted = boot(&a, plan.spec)?;
+    let (Some(config), Some(outgoing)) = (plan.config, plan.outgoing) else {
+        print_run_summary(&booted.guest, booted.boot_ms, booted.warmup_rate, a.json);
+        return Ok(());
+    };
+    let guest = &booted.guest;
+    let written_before_migration = guest.pages_written().unwrap_or(0);
+    let mut retries = Retries::default();
+    let (stats, view) = match retries.migrate(&a, guest, config, outgoing) {
+        Ok(done) => done,
+        Err(e) => {
+            if a.json && !a.retry_to.is_empty() {
+                retries.errors.push(e.to_string());
+                println!("{}", retries.failed_json());
+            }
+            return Err(e);
+        }
+    };
+    // What the guest really wrote while it was being migrated (it is paused now): a migration is
+    // only as good as the load it kept up with.
+    let during = (a.retry_to.is_empty() && stats.total_time_ms > 0.0).then(|| {
+        let written = guest.pages_written().unwrap_or(0);
+        written.saturating_sub(written_before_migration) as f64 * 4096.0
+            / (stats.total_time_ms / 1e3)
+    });
+    // The source stays paused after a successful migration: its RAM is the switchover state.
+    let fingerprint = match a.ram_fingerprint {
+        true => Some(format!(
+            "{:016x}",
+            ram_fingerprint(guest.memory(), 2)
+                .map_err(|e| CliError::Failed(format!("fingerprinting RAM: {}", e.chain())))?
+        )),
+        false => None,
+    };
+    let done = Migrated {
+        stats,
+        view,
+        rates: (booted.warmup_rate, during),
+        fingerprint,
+    };
+    report(&a, guest, &done, &retries);
+    Ok(())
+}
+
+/// What `vmm run` will do, checked before the guest boots.
+struct Plan {
+    config: Option<MigrationConfig>,
+    spec: WorkloadSpec,
+    outgoing: Option<Outgoing>,
+}
+
+/// Checks every flag (usage errors, exit 2) and connects to the destination: a wrong address
+/// should fail before minutes of guest boot.
+fn plan(a: &RunArgs) -> CliResult<Plan> {
     validate_guest(&a.guest, a.workload)?;
     // A malformed address is a usage error (exit 2), not an unreachable destination.
-    for (flag, uri) in a
-        .migrate_to
-        .iter()
-        .map(|u| ("--migrate-to", u))
-        .chain(a.retry_to.iter().map(|u| ("--retry-to", u)))
-    {
+    let uris = a.migrate_to.iter().map(|u| ("--migrate-to", u));
+    for (flag, uri) in uris.chain(a.retry_to.iter().map(|u| ("--retry-to", u))) {
         validate_uri(flag, uri)?;
     }
     let config = match &a.migrate_to {
         Some(_) => {
             validate_migration(&a.migration)?;
-            Some(migration_config(
-                &a.migration,
-                a.dirty_log,
-                a.clear_chunk,
-                a.max_time,
-            )?)
+            let (m, d, c) = (&a.migration, a.dirty_log, a.clear_chunk);
+            Some(migration_config(m, d, c, a.max_time)?)
         }
         None => None,
     };
     if let Some(d) = a.dirtyrate {
         crate::dirtyrate::validate(d, a.sample_pages, &a.migration)?;
     }
-    let spec = workload_spec(&a)?;
-    // Connect first: a wrong address should fail before minutes of guest boot.
-    let transport = match &a.migrate_to {
+    let spec = workload_spec(a)?;
+    let outgoing = match &a.migrate_to {
         Some(uri) => Some(connect_source(
             uri,
             a.io_timeout,
@@ -264,7 +133,23 @@ pub fn run(a: RunArgs) -> CliResult {
         )?),
         None => None,
     };
+    Ok(Plan {
+        config,
+        spec,
+        outgoing,
+    })
+}
 
+/// A guest that booted and warmed up.
+struct Booted {
+    guest: Guest,
+    boot_ms: f64,
+    /// The write rate over the warm-up, bytes/s.
+    warmup_rate: f64,
+}
+
+/// Boots the guest, lets it warm up, and (`--dirtyrate`) measures and prints its dirty rate.
+fn boot(a: &RunArgs, spec: WorkloadSpec) -> CliResult<Booted> {
     let boot_start = Instant::now();
     let guest = Guest::boot(GuestConfig {
         mem_bytes: a.guest.mem,
@@ -273,15 +158,14 @@ pub fn run(a: RunArgs) -> CliResult {
         workload: spec,
         ..GuestConfig::default()
     })
-    .map_err(|e| CliError::Failed(format!("cannot start the guest: {e}")))?;
+    .map_err(|e| CliError::Failed(format!("cannot start the guest: {}", e.chain())))?;
     let boot_ms = boot_start.elapsed().as_secs_f64() * 1e3;
-    tracing::info!(mode = %guest.protect_mode(), boot_ms, "guest running");
-
+    tracing::info!(mode = %guest.dirty_log_mode(), boot_ms, "guest running");
     let before = guest.pages_written().unwrap_or(0);
     let warm_start = Instant::now();
     std::thread::sleep(a.warmup);
     let written = guest.pages_written().unwrap_or(0) - before;
-    let rate = written as f64 * 4096.0 / warm_start.elapsed().as_secs_f64();
+    let warmup_rate = written as f64 * 4096.0 / warm_start.elapsed().as_secs_f64();
     if let Some(d) = a.dirtyrate {
         let measured = crate::dirtyrate::measure(&guest, d, a.sample_pages)?;
         let initial = crate::dirtyrate::initial_bytes(&guest, a.guest.wss, a.workload);
@@ -289,343 +173,164 @@ pub fn run(a: RunArgs) -> CliResult {
         let v = crate::dirtyrate::verdict(&measured, initial, model, &a.migration)?;
         crate::dirtyrate::print(&measured, &v, initial, model, &a.migration, a.json);
     }
+    Ok(Booted {
+        guest,
+        boot_ms,
+        warmup_rate,
+    })
+}
 
-    let (Some(config), Some(transport)) = (config, transport) else {
-        print_run_summary(&guest, boot_ms, rate, a.json);
-        return Ok(());
-    };
-    let uri = a.migrate_to.clone().unwrap_or_default();
-    let written_before_migration = guest.pages_written().unwrap_or(0);
-    let mut attempt = migrate(&guest, config.clone(), transport, &uri, a.fail_at, a.fault);
-    // `--retry-to`: the library resumed the guest and stopped logging; prove the guest still runs,
-    // then migrate again from this same process.
-    let mut errors: Vec<String> = Vec::new();
-    let mut progress_after_failure: Option<u64> = None;
-    // Whether dirty logging was still on right after the first failure (it must not be).
-    let mut logging_after_failure: Option<bool> = None;
-    for retry in &a.retry_to {
-        match &attempt {
-            // After the commit the guest belongs to the destination: no retry.
-            Ok(_) | Err(CliError::Usage(_) | CliError::Mismatch(_) | CliError::Committed(_)) => {
-                break
+/// The attempts of `--retry-to`: why each failed, and what the guest did after the first failure.
+#[derive(Debug, Default)]
+struct Retries {
+    errors: Vec<String>,
+    /// Pages the guest wrote in [`PROGRESS_PROBE`] after the first failure.
+    progress_after_failure: Option<u64>,
+    /// Whether dirty logging was still on right after the first failure (it must not be).
+    logging_after_failure: Option<bool>,
+}
+
+impl Retries {
+    /// Migrates to `--migrate-to`, then, while an attempt fails before its commit, proves the
+    /// guest still runs and migrates again to the next `--retry-to` (the library resumed the
+    /// guest and stopped logging).
+    fn migrate(
+        &mut self,
+        a: &RunArgs,
+        guest: &Guest,
+        config: MigrationConfig,
+        outgoing: Outgoing,
+    ) -> CliResult<(MigrationStats, GuestView)> {
+        let uri = a.migrate_to.clone().unwrap_or_default();
+        let mut attempt = migrate(guest, config.clone(), outgoing, &uri, a.fail_at, a.fault);
+        for retry in &a.retry_to {
+            match &attempt {
+                // After the commit the guest belongs to the destination: no retry.
+                Ok(_)
+                | Err(CliError::Usage(_) | CliError::Mismatch(_) | CliError::Committed(_)) => break,
+                Err(e) => self.errors.push(e.to_string()),
             }
-            Err(e) => errors.push(e.to_string()),
+            self.note_failure(guest, retry, a.workload);
+            attempt = connect_source(retry, a.io_timeout, a.migration.channels, &a.tls)
+                .and_then(|o| migrate(guest, config.clone(), o, retry, None, None));
         }
-        logging_after_failure.get_or_insert(guest.memory().global_logging());
-        eprintln!("vmm: {}; retrying to {retry}", errors[errors.len() - 1]);
+        attempt
+    }
+
+    /// After a failed attempt: says so, and watches the guest for [`PROGRESS_PROBE`].
+    fn note_failure(&mut self, guest: &Guest, retry: &str, workload: WorkloadKind) {
+        self.logging_after_failure
+            .get_or_insert(guest.memory().global_logging());
+        eprintln!(
+            "vmm: {}; retrying to {retry}",
+            self.errors[self.errors.len() - 1]
+        );
         let before = guest.pages_written().unwrap_or(0);
         std::thread::sleep(PROGRESS_PROBE);
         let progressed = guest.pages_written().unwrap_or(0).saturating_sub(before);
-        progress_after_failure.get_or_insert(progressed);
-        if progressed == 0 && a.workload != WorkloadKind::Idle {
+        self.progress_after_failure.get_or_insert(progressed);
+        if progressed == 0 && workload != WorkloadKind::Idle {
             eprintln!(
                 "vmm: warning: the guest wrote no page in {} ms after the failed migration",
                 PROGRESS_PROBE.as_millis()
             );
         }
-        attempt = connect_source(retry, a.io_timeout, a.migration.channels, &a.tls)
-            .and_then(|t| migrate(&guest, config.clone(), t, retry, None, None));
     }
-    let (stats, view) = match attempt {
-        Ok(done) => done,
-        Err(e) => {
-            if a.json && !a.retry_to.is_empty() {
-                errors.push(e.to_string());
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "migrated": false,
-                        "first_error": errors.first(),
-                        "errors": errors,
-                        "progress_after_failure_pages": progress_after_failure,
-                        "logging_after_failure": logging_after_failure,
-                    })
-                );
-            }
-            return Err(e);
-        }
-    };
-    // What the guest really wrote while it was being migrated (it is paused now): a migration is
-    // only as good as the load it kept up with.
-    let during = if a.retry_to.is_empty() && stats.total_time_ms > 0.0 {
-        let written = guest
-            .pages_written()
-            .unwrap_or(0)
-            .saturating_sub(written_before_migration);
-        Some(written as f64 * 4096.0 / (stats.total_time_ms / 1e3))
-    } else {
-        None
-    };
-    // The source stays paused after a successful migration: its RAM is the switchover state.
-    let fingerprint = if a.ram_fingerprint {
-        let fp = ram_fingerprint(guest.memory(), 2)
-            .map_err(|e| CliError::Failed(format!("fingerprinting RAM: {e}")))?;
-        Some(format!("{fp:016x}"))
-    } else {
-        None
-    };
-    let retried = !a.retry_to.is_empty();
-    // With `--retry-to`, say which attempt migrated and why the others failed.
-    let migrated_to = match errors.len() {
-        0 => uri.as_str(),
-        n => a.retry_to[n - 1].as_str(),
-    };
-    if a.json {
-        let mut v = stats_json(
-            &stats,
-            &guest.protect_mode().to_string(),
-            (rate, during),
-            fingerprint.as_deref(),
-            ring_json(&guest).as_ref(),
-        );
-        if let (true, Some(map)) = (retried, v.as_object_mut()) {
+
+    /// The JSON line of `--retry-to` when every attempt failed.
+    fn failed_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "migrated": false,
+            "first_error": self.errors.first(),
+            "errors": self.errors,
+            "progress_after_failure_pages": self.progress_after_failure,
+            "logging_after_failure": self.logging_after_failure,
+        })
+    }
+
+    /// The `--retry-to` fields of a successful migration's JSON.
+    fn add_to(&self, v: &mut serde_json::Value, migrated_to: &str) {
+        if let Some(map) = v.as_object_mut() {
             map.insert("migrated".into(), true.into());
             map.insert("migrated_to".into(), migrated_to.into());
-            map.insert("attempts".into(), (errors.len() + 1).into());
-            map.insert("first_error".into(), errors.first().cloned().into());
-            map.insert("errors".into(), errors.clone().into());
+            map.insert("attempts".into(), (self.errors.len() + 1).into());
+            map.insert("first_error".into(), self.errors.first().cloned().into());
+            map.insert("errors".into(), self.errors.clone().into());
             map.insert(
                 "progress_after_failure_pages".into(),
-                progress_after_failure.into(),
+                self.progress_after_failure.into(),
             );
-            map.insert("logging_after_failure".into(), logging_after_failure.into());
+            map.insert(
+                "logging_after_failure".into(),
+                self.logging_after_failure.into(),
+            );
         }
-        view.add_to(&mut v);
-        println!("{v}");
-        return Ok(());
     }
-    if retried {
-        for (i, e) in errors.iter().enumerate() {
+
+    /// The `--retry-to` lines of a successful migration's text report.
+    fn print(&self, migrated_to: &str) {
+        for (i, e) in self.errors.iter().enumerate() {
             println!("attempt {} failed: {e}", i + 1);
         }
-        if let Some(p) = progress_after_failure {
+        if let Some(p) = self.progress_after_failure {
             println!(
                 "  the guest kept running: {p} page writes in {} ms after the failure",
                 PROGRESS_PROBE.as_millis()
             );
         }
-        println!("attempt {} migrated to {migrated_to}", errors.len() + 1);
+        println!(
+            "attempt {} migrated to {migrated_to}",
+            self.errors.len() + 1
+        );
     }
+}
+
+/// A successful migration, with what the run measured around it.
+struct Migrated {
+    stats: MigrationStats,
+    view: GuestView,
+    /// The guest's write rate over the warm-up, and while it was migrated (bytes/s).
+    rates: (f64, Option<f64>),
+    fingerprint: Option<String>,
+}
+
+/// Prints a successful migration: one JSON object (`--json`) or the text report.
+fn report(a: &RunArgs, guest: &Guest, done: &Migrated, retries: &Retries) {
+    let retried = !a.retry_to.is_empty();
+    // With `--retry-to`, say which attempt migrated and why the others failed.
+    let migrated_to = match retries.errors.len() {
+        0 => a.migrate_to.as_deref().unwrap_or_default(),
+        n => a.retry_to[n - 1].as_str(),
+    };
+    let mode = guest.dirty_log_mode().to_string();
+    let ring = ring_json(guest);
+    if a.json {
+        let fingerprint = done.fingerprint.as_deref();
+        let mut v = stats_json(&done.stats, &mode, done.rates, fingerprint, ring.as_ref());
+        if retried {
+            retries.add_to(&mut v, migrated_to);
+        }
+        done.view.add_to(&mut v);
+        println!("{v}");
+        return;
+    }
+    if retried {
+        retries.print(migrated_to);
+    }
+    let fingerprint = done.fingerprint.clone();
     print_stats(
-        &stats,
-        guest.protect_mode().to_string(),
-        (rate, during),
+        &done.stats,
+        mode,
+        done.rates,
         fingerprint,
-        ring_json(&guest).as_ref(),
+        ring.as_ref(),
         false,
     );
-    view.print();
-    Ok(())
-}
-
-/// The guest's own view of a migration's live phase, from the `random` workload's counter block:
-/// the largest gap between two consecutive page writes (any vCPU) and the write rate it achieved,
-/// both in guest TSC time, from the migration's start to the moment the engine paused the guest
-/// (so the downtime is not in them). `None` for other workloads.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct GuestView {
-    /// `guest_max_stall_ms`.
-    pub max_stall_ms: Option<f64>,
-    /// `guest_write_rate_bytes_per_s`.
-    pub write_rate_bytes_per_s: Option<f64>,
-}
-
-impl GuestView {
-    fn add_to(&self, v: &mut serde_json::Value) {
-        if let Some(map) = v.as_object_mut() {
-            map.insert("guest_max_stall_ms".into(), self.max_stall_ms.into());
-            map.insert(
-                "guest_write_rate_bytes_per_s".into(),
-                self.write_rate_bytes_per_s.map(|r| r.round() as u64).into(),
-            );
-        }
-    }
-
-    fn print(&self) {
-        if let Some(ms) = self.max_stall_ms {
-            println!("  guest max stall   {ms:>10.2} ms   (largest gap between two page writes, live phase)");
-        }
-        if let Some(r) = self.write_rate_bytes_per_s {
-            println!(
-                "  guest write rate  {:>10.1} MiB/s (achieved, guest clock, live phase)",
-                r / (1u64 << 20) as f64
-            );
-        }
-    }
-}
-
-/// A [`VmControl`] that reads the guest's view ([`GuestView`]) just before it pauses the guest.
-struct LiveProbe<'a> {
-    inner: GuestControl<'a>,
-    start: Option<Vec<WriteMark>>,
-    at_pause: Mutex<Option<(u64, Vec<WriteMark>)>>,
-}
-
-impl<'a> LiveProbe<'a> {
-    /// Restart the guest's stall measurement now (the migration's start).
-    fn start(guest: &'a Guest) -> Self {
-        let random = loaded_workload(guest.ram()).ok().flatten() == Some(GuestWorkload::Random);
-        let start = random
-            .then(|| {
-                reset_stall(guest.ram()).ok()?;
-                guest.monitor().write_marks().ok()
-            })
-            .flatten();
-        LiveProbe {
-            inner: GuestControl(guest),
-            start,
-            at_pause: Mutex::new(None),
-        }
-    }
-
-    fn view(&self) -> GuestView {
-        let guest = self.inner.0;
-        let at = self.at_pause.lock().unwrap_or_else(|p| p.into_inner());
-        match (&self.start, &*at) {
-            (Some(m0), Some((gap, m1))) => GuestView {
-                max_stall_ms: Some(ticks_to_ms(*gap, guest.tsc_khz())),
-                write_rate_bytes_per_s: achieved_rate(m0, m1, guest.tsc_khz()),
-            },
-            _ => GuestView::default(),
-        }
-    }
-}
-
-impl VmControl for LiveProbe<'_> {
-    fn pause(&self) -> Result<(), BoxError> {
-        if self.start.is_some() {
-            let mon = self.inner.0.monitor();
-            let mut at = self.at_pause.lock().unwrap_or_else(|p| p.into_inner());
-            // The first pause ends the live phase (a failed one resumes and fails the migration).
-            if at.is_none() {
-                *at = Some((mon.max_gap_ticks()?, mon.write_marks()?));
-            }
-        }
-        self.inner.pause()
-    }
-    fn resume(&self) -> Result<(), BoxError> {
-        self.inner.resume()
-    }
-    fn save_state(&self) -> Result<Vec<StateBlob>, BoxError> {
-        self.inner.save_state()
-    }
-}
-
-/// Migrate over a stream or a session.
-fn send<M: clearlog_migration::DirtyTracking + ?Sized>(
-    source: &Source<'_, M>,
-    outgoing: Outgoing,
-    control: &dyn VmControl,
-    progress: &mut dyn FnMut(&Progress),
-    cancel: &CancelToken,
-) -> clearlog_migration::Result<MigrationStats> {
-    match outgoing {
-        Outgoing::Stream(t) => source.migrate(t, control, Some(progress), cancel),
-        Outgoing::Session(s) => source.migrate_session(s, control, Some(progress), cancel),
-    }
-}
-
-/// Check that `uri` (given with `flag`) is a migration address a source can use.
-pub fn validate_uri(flag: &str, uri: &str) -> CliResult {
-    uri.parse::<MigrationUri>().map(drop).map_err(|e| {
-        CliError::Usage(format!(
-            "{flag} {uri}: {e}; use tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444), unix:PATH or file:PATH"
-        ))
-    })
+    done.view.print();
 }
 
 /// How long `--retry-to` watches the guest after a failed migration, to prove it still runs.
 const PROGRESS_PROBE: Duration = Duration::from_millis(300);
-
-/// Where a migration goes: one version-1 stream (a `file:` snapshot, or `--channels 0`) or a
-/// session.
-pub enum Outgoing {
-    /// One stream.
-    Stream(Transport),
-    /// A session of page channels.
-    Session(Session),
-}
-
-impl Outgoing {
-    /// Every connection wrapped with `f` (fault injection).
-    fn map(self, mut f: impl FnMut(Transport) -> Transport) -> Outgoing {
-        match self {
-            Outgoing::Stream(t) => Outgoing::Stream(f(t)),
-            Outgoing::Session(s) => Outgoing::Session(s.map(f)),
-        }
-    }
-}
-
-/// Connect to a destination: a session of `channels` page channels for `tcp:` and `unix:`
-/// (`0`: one version-1 stream), one stream for `file:`; with `--tls-dir`, every connection over
-/// mutual TLS. TCP connections are guarded against a dead link for `io_timeout` (the send
-/// timeout and `TCP_USER_TIMEOUT`), so a link that goes silent (cable pulled, peer host gone)
-/// fails the migration in seconds and the guest keeps running here.
-pub fn connect_source(
-    uri: &str,
-    io_timeout: Duration,
-    channels: u32,
-    tls: &SourceTlsArgs,
-) -> CliResult<Outgoing> {
-    let parsed = uri.parse::<MigrationUri>();
-    let tls = match (&tls.tls_dir, &parsed) {
-        (None, _) => None,
-        (Some(dir), Ok(MigrationUri::Tcp(addr))) if channels > 0 => {
-            let name = tls.tls_hostname.clone().unwrap_or_else(|| uri_host(addr));
-            Some(TlsClient::new(&TlsFiles::in_dir(dir), &name).map_err(|e| {
-                CliError::Usage(format!("--tls-dir {}: {}", dir.display(), chain(&e)))
-            })?)
-        }
-        (Some(_), Ok(MigrationUri::Tcp(_))) => {
-            return Err(CliError::Usage(
-                "--tls-dir needs a session: --channels 1 or more (0 is one version-1 stream, \
-                 without TLS)"
-                    .into(),
-            ))
-        }
-        (Some(_), _) => {
-            return Err(CliError::Usage(format!(
-                "--tls-dir: TLS runs over tcp: only, not {uri} (a Unix socket is guarded by its \
-                 file's permissions, a file by the file system's)"
-            )))
-        }
-    };
-    let with_tls = if tls.is_some() {
-        ", with --tls-dir"
-    } else {
-        ""
-    };
-    let unreachable = |e: clearlog_migration::Error| {
-        CliError::Failed(format!(
-            "cannot reach the destination {uri}: {} (is `vmm incoming` listening there{with_tls}?)",
-            chain(&e),
-        ))
-    };
-    let is_file = matches!(parsed, Ok(MigrationUri::File(_)));
-    if is_file || channels == 0 {
-        return clearlog_migration::connect_with(uri, &ConnectOptions { io_timeout })
-            .map(Outgoing::Stream)
-            .map_err(unreachable);
-    }
-    let mut opts = SessionOptions::default()
-        .with_channels(channels)
-        .with_io_timeout(io_timeout);
-    if let Some(tls) = tls {
-        opts = opts.with_tls(tls);
-    }
-    connect_session(uri, &opts)
-        .map(Outgoing::Session)
-        .map_err(unreachable)
-}
-
-/// The host of a `tcp:` URI's `HOST:PORT` (an IPv6 address without its brackets): the name a
-/// destination's certificate must be valid for unless `--tls-hostname` says otherwise.
-fn uri_host(addr: &str) -> String {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    host.trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string()
-}
 
 /// Run one migration of `guest`, with a progress bar on a terminal.
 pub fn migrate(
@@ -657,7 +362,7 @@ pub fn migrate(
             bar.set_message(format!(
                 "{} | {:.0} MiB/s | expected downtime {:.0} ms{}",
                 p.iteration,
-                p.bandwidth_bytes_per_s as f64 / (1 << 20) as f64,
+                p.bandwidth_bytes_per_s as f64 / f64::from(1 << 20),
                 p.expected_downtime_ms,
                 if p.paused { " | paused" } else { "" }
             ));
@@ -666,13 +371,16 @@ pub fn migrate(
     let control = LiveProbe::start(guest);
     let result = match (fail_at, fault) {
         (None, None) => Source::new(guest.memory(), config)
-            .and_then(|s| send(&s, outgoing, &control, &mut on_progress, &cancel)),
+            .and_then(|s| outgoing.send(&s, &control, &mut on_progress, &cancel)),
         (plan, fault) => {
             let faults = Injector::new(plan, fault);
             let mut memory = FaultyMemory::new(guest.memory(), faults.clone());
             if let Some(Fault::HidePopulated(n)) = fault {
                 memory.hide_populated_pages(n).map_err(|e| {
-                    CliError::Failed(format!("--fault hide-populated: choosing the pages: {e}"))
+                    CliError::Failed(format!(
+                        "--fault hide-populated: choosing the pages: {}",
+                        e.chain()
+                    ))
                 })?;
             }
             let control = FaultyControl {
@@ -681,7 +389,7 @@ pub fn migrate(
             };
             let outgoing = outgoing.map(|t| faulty_transport(t, &faults));
             Source::new(&memory, config)
-                .and_then(|s| send(&s, outgoing, &control, &mut on_progress, &cancel))
+                .and_then(|s| outgoing.send(&s, &control, &mut on_progress, &cancel))
         }
     };
     if let Some(bar) = bar {
@@ -690,13 +398,15 @@ pub fn migrate(
     let view = control.view();
     result.map(|stats| (stats, view)).map_err(|e| match e {
         clearlog_migration::Error::VerificationFailed { .. } => {
-            CliError::Mismatch(format!("migration to {uri}: {e}"))
+            CliError::Mismatch(format!("migration to {uri}: {}", e.chain()))
         }
         clearlog_migration::Error::VerificationIncomplete(_) => CliError::Committed(format!(
-            "migration to {uri} committed but {e}; the source guest stays paused here"
+            "migration to {uri} committed but {}; the source guest stays paused here",
+            e.chain()
         )),
         e => CliError::Failed(format!(
-            "migration to {uri} failed: {e}; the guest keeps running here"
+            "migration to {uri} failed: {}; the guest keeps running here",
+            e.chain()
         )),
     })
 }

@@ -1,11 +1,25 @@
 // Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Parsing of the sizes, rates and durations the CLI takes (`4G`, `288M`, `100ms`).
+//! Parsing of the sizes, rates and durations the CLI takes (`4G`, `288M`, `100ms`), and sizes
+//! printed back (`128 MiB`).
 //!
 //! Sizes and rates use binary units, as docs/design.md does: `400M` is 400 MiB. A bare number is bytes.
+//!
+//! `xtask` compiles this same file (`#[path]`) for its own flags: it must depend on nothing but
+//! `std`.
 
 use std::time::Duration;
+
+/// `1 GiB`, `128 MiB`, `256 KiB`.
+pub fn human_bytes(b: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if b >= 1 << shift && (b >> shift) << shift == b {
+            return format!("{} {unit}", b >> shift);
+        }
+    }
+    format!("{b} B")
+}
 
 /// Parse a size such as `4096`, `4K`, `128M`, `4G`, `1T` (binary units; an optional `B`/`iB`
 /// suffix is accepted: `128MiB`, `128MB`).
@@ -94,11 +108,11 @@ mod tests {
         assert_eq!(parse_size("128M").unwrap(), 128 << 20);
         assert_eq!(parse_size("128MiB").unwrap(), 128 << 20);
         assert_eq!(parse_size("4g").unwrap(), 4 << 30);
-        assert!(parse_size("").is_err());
+        parse_size("").unwrap_err();
         assert!(parse_size("-1G").unwrap_err().contains("negative"));
-        assert!(parse_size("1.5G").is_err());
-        assert!(parse_size("abc").is_err());
-        assert!(parse_size("99999999999T").is_err());
+        parse_size("1.5G").unwrap_err();
+        parse_size("abc").unwrap_err();
+        parse_size("99999999999T").unwrap_err();
     }
 
     #[test]
@@ -115,7 +129,7 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("250").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
-        assert!(parse_duration("-5ms").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
+        parse_duration("-5ms").unwrap_err();
+        parse_duration("5 parsecs").unwrap_err();
     }
 }

@@ -9,7 +9,8 @@ use clearlog_test_guest::Guest;
 /// Lets the migration engine pause, resume and save (or restore) a guest.
 ///
 /// # Example
-/// ```no_run
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("GuestControl") { return; }
 /// use clearlog_test_guest::{Guest, GuestConfig};
 /// use vmm_cli::vm_control::GuestControl;
 ///

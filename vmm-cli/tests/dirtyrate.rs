@@ -28,7 +28,7 @@ mod common;
 
 use std::time::Duration;
 
-use clearlog_kvm::DirtyLogChoice;
+use clearlog_kvm::KvmDirtyLogMode;
 use clearlog_migration::dirtyrate::{
     expected_distinct_pages, measure_bitmap, measure_ring, measure_sample, DirtyRate,
 };
@@ -61,7 +61,7 @@ fn modes_match_their_references_at_known_rates() {
     let g = Guest::boot(GuestConfig {
         mem_bytes: WSS + 2 * MIB,
         vcpus: 1,
-        dirty_log: DirtyLogChoice::Auto,
+        dirty_log: None,
         workload: WorkloadSpec::Random {
             wss_bytes: WSS,
             dirty_rate_bytes_per_s: 64 * MIB,
@@ -181,7 +181,7 @@ fn ring_follows_the_write_rate_per_vcpu() {
     let g = Guest::boot(GuestConfig {
         mem_bytes: WSS + 2 * MIB,
         vcpus: 2,
-        dirty_log: DirtyLogChoice::Ring { bytes: 64 << 10 },
+        dirty_log: Some(KvmDirtyLogMode::Ring { bytes: 64 << 10 }),
         workload: WorkloadSpec::Random {
             wss_bytes: WSS,
             dirty_rate_bytes_per_s: 64 * MIB,

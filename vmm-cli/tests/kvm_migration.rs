@@ -19,11 +19,11 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clearlog_kvm::DirtyLogChoice;
+use clearlog_kvm::KvmDirtyLogMode;
 use clearlog_memory::DirtyClient;
 use clearlog_migration::{
-    connect, ram_fingerprint, CancelToken, Destination, DirtyLogMode, Listener, MigrationConfig,
-    MigrationStats, Source,
+    connect, ram_fingerprint, CancelToken, Destination, Listener, MigrationConfig,
+    MigrationDirtyLogMode, MigrationStats, Source,
 };
 use clearlog_test_guest::layout::DEFAULT_WSS_START;
 use clearlog_test_guest::workload::check::check_increment;
@@ -44,7 +44,7 @@ enum Display {
     On,
 }
 
-fn boot_source(dirty_log: DirtyLogChoice, vcpus: u32) -> Guest {
+fn boot_source(dirty_log: Option<KvmDirtyLogMode>, vcpus: u32) -> Guest {
     let guest = Guest::boot(GuestConfig {
         mem_bytes: MEM,
         vcpus,
@@ -76,8 +76,8 @@ fn boot_source(dirty_log: DirtyLogChoice, vcpus: u32) -> Guest {
 /// the two `ram_fingerprint`s are compared too (about 2.5 s per side for 128 MiB in a debug build,
 /// so only some runs do it).
 fn migrate_and_check(
-    dirty_log: DirtyLogChoice,
-    mode: DirtyLogMode,
+    dirty_log: Option<KvmDirtyLogMode>,
+    mode: MigrationDirtyLogMode,
     display: Display,
     fingerprint: bool,
 ) -> MigrationStats {
@@ -87,22 +87,22 @@ fn migrate_and_check(
 /// [`migrate_and_check`] of a guest with `vcpus` vCPUs, each sweeping its own part.
 fn migrate_and_check_on(
     vcpus: u32,
-    dirty_log: DirtyLogChoice,
-    mode: DirtyLogMode,
+    dirty_log: Option<KvmDirtyLogMode>,
+    mode: MigrationDirtyLogMode,
     display: Display,
     fingerprint: bool,
 ) -> MigrationStats {
     let label = format!("{mode:?} (VM {dirty_log:?}, display {display:?}, {vcpus} vCPUs)");
     let src = boot_source(dirty_log, vcpus);
-    if matches!(mode, DirtyLogMode::Clear { .. }) {
+    if matches!(mode, MigrationDirtyLogMode::Clear { .. }) {
         assert!(
-            src.protect_mode().is_manual(),
+            src.dirty_log_mode().is_manual(),
             "{label}: the VM fell back to {} although this host offers manual protection",
-            src.protect_mode()
+            src.dirty_log_mode()
         );
     } else {
         assert!(
-            !src.protect_mode().is_manual(),
+            !src.dirty_log_mode().is_manual(),
             "{label}: legacy VM reports manual mode"
         );
     }
@@ -116,13 +116,11 @@ fn migrate_and_check_on(
 
     let listener = Listener::bind("tcp:127.0.0.1:0").expect("bind");
     let uri = listener.local_uri().expect("local uri");
-    let config = MigrationConfig {
-        mode,
-        bandwidth_limit_bytes_per_s: BANDWIDTH,
-        downtime_limit: Duration::from_millis(100),
-        max_time: Some(Duration::from_secs(60)),
-        ..MigrationConfig::default()
-    };
+    let config = MigrationConfig::default()
+        .with_mode(mode)
+        .with_bandwidth_limit_bytes_per_s(BANDWIDTH)
+        .with_downtime_limit(Duration::from_millis(100))
+        .with_max_time(Some(Duration::from_secs(60)));
     let region = src.memory().sections()[0].region;
     let stop = AtomicBool::new(false);
     let snapshots = AtomicU64::new(0);
@@ -181,7 +179,7 @@ fn migrate_and_check_on(
         vga_dirty.load(Ordering::Relaxed),
     );
     assert!(stats.converged, "{label}: not converged: {stats:?}");
-    if src.protect_mode().is_ring() {
+    if src.dirty_log_mode().is_ring() {
         let rings = src.listener().ring_stats();
         let l = src.listener().stats();
         eprintln!(
@@ -300,7 +298,7 @@ fn migrate_and_check_on(
     }
     // Legacy (and ring) migrations sync within passes by default: the first pass alone (8 MiB at
     // 8 MiB/s) spans several 250 ms intervals, so the loss checks above covered those syncs.
-    if mode == DirtyLogMode::Legacy {
+    if mode == MigrationDirtyLogMode::Legacy {
         assert!(stats.mid_pass_syncs > 0, "{label}: no sync within a pass");
     }
     stats
@@ -313,8 +311,8 @@ fn legacy_mode_migrates_increment_guest_without_loss() {
     }
     let _serial = serial();
     let stats = migrate_and_check(
-        DirtyLogChoice::Legacy,
-        DirtyLogMode::Legacy,
+        Some(KvmDirtyLogMode::Legacy),
+        MigrationDirtyLogMode::Legacy,
         Display::Off,
         true,
     );
@@ -342,8 +340,8 @@ fn ring_mode_migrates_increment_guest_without_loss() {
     // Two vCPUs, each incrementing its own part, each with its own (small, so it fills) ring.
     let stats = migrate_and_check_on(
         2,
-        DirtyLogChoice::Ring { bytes: 16 << 10 },
-        DirtyLogMode::Legacy,
+        Some(KvmDirtyLogMode::Ring { bytes: 16 << 10 }),
+        MigrationDirtyLogMode::Legacy,
         Display::On,
         true,
     );
@@ -358,15 +356,18 @@ fn clear_mode_migrates_increment_guest_without_loss_for_every_shift() {
     let _serial = serial();
     for shift in [6u8, 12, 15, 18, 31] {
         let stats = migrate_and_check(
-            DirtyLogChoice::Auto,
-            DirtyLogMode::Clear { shift },
+            None,
+            MigrationDirtyLogMode::Clear { shift },
             Display::Off,
             matches!(shift, 6 | 31),
         );
         assert_eq!(stats.clear_chunk_bytes, 4096u64 << shift);
         // Small chunks mean several clears per pass over 8 MiB of working set.
         if shift == 6 {
-            assert!(stats.log_clear_calls > stats.iterations as u64, "{stats:?}");
+            assert!(
+                stats.log_clear_calls > u64::from(stats.iterations),
+                "{stats:?}"
+            );
         }
     }
 }
@@ -380,8 +381,8 @@ fn two_vcpu_increment_guest_migrates_without_loss() {
     }
     let _serial = serial();
     for (choice, mode) in [
-        (DirtyLogChoice::Auto, DirtyLogMode::Clear { shift: 12 }),
-        (DirtyLogChoice::Legacy, DirtyLogMode::Legacy),
+        (None, MigrationDirtyLogMode::Clear { shift: 12 }),
+        (Some(KvmDirtyLogMode::Legacy), MigrationDirtyLogMode::Legacy),
     ] {
         let stats = migrate_and_check_on(2, choice, mode, Display::Off, false);
         assert!(stats.iterations >= 1, "{stats:?}");
@@ -397,15 +398,15 @@ fn vga_client_clearing_during_migration_loses_nothing() {
     }
     let _serial = serial();
     for (i, (choice, mode)) in [
-        (DirtyLogChoice::Auto, DirtyLogMode::Clear { shift: 6 }),
-        (DirtyLogChoice::Auto, DirtyLogMode::Clear { shift: 15 }),
+        (None, MigrationDirtyLogMode::Clear { shift: 6 }),
+        (None, MigrationDirtyLogMode::Clear { shift: 15 }),
         (
-            DirtyLogChoice::Manual {
+            Some(KvmDirtyLogMode::Manual {
                 initially_set: false,
-            },
-            DirtyLogMode::Clear { shift: 6 },
+            }),
+            MigrationDirtyLogMode::Clear { shift: 6 },
         ),
-        (DirtyLogChoice::Legacy, DirtyLogMode::Legacy),
+        (Some(KvmDirtyLogMode::Legacy), MigrationDirtyLogMode::Legacy),
     ]
     .into_iter()
     .enumerate()
@@ -493,17 +494,17 @@ fn remapping_a_ram_region_during_migration_does_not_kill_it() {
     let _serial = serial();
     let mut clears_of_new_slots = 0;
     for (choice, mode) in [
-        (DirtyLogChoice::Auto, DirtyLogMode::Clear { shift: 6 }),
+        (None, MigrationDirtyLogMode::Clear { shift: 6 }),
         (
-            DirtyLogChoice::Manual {
+            Some(KvmDirtyLogMode::Manual {
                 initially_set: false,
-            },
-            DirtyLogMode::Clear { shift: 12 },
+            }),
+            MigrationDirtyLogMode::Clear { shift: 12 },
         ),
     ] {
         let label = format!("{mode:?} (VM {choice:?}) with remaps");
         let src = boot_source(choice, 1);
-        assert!(src.protect_mode().is_manual(), "{label}");
+        assert!(src.dirty_log_mode().is_manual(), "{label}");
         let region = src.memory().sections()[0].region;
         // An alias of the working set at 4 GiB: the same RAM block, its own memslot.
         const ALIAS_GPA: u64 = 1 << 32;
@@ -521,13 +522,11 @@ fn remapping_a_ram_region_during_migration_does_not_kill_it() {
         .expect("create the destination guest");
         let listener = Listener::bind("tcp:127.0.0.1:0").expect("bind");
         let uri = listener.local_uri().expect("local uri");
-        let config = MigrationConfig {
-            mode,
-            bandwidth_limit_bytes_per_s: BANDWIDTH,
-            downtime_limit: Duration::from_millis(100),
-            max_time: Some(Duration::from_secs(60)),
-            ..MigrationConfig::default()
-        };
+        let config = MigrationConfig::default()
+            .with_mode(mode)
+            .with_bandwidth_limit_bytes_per_s(BANDWIDTH)
+            .with_downtime_limit(Duration::from_millis(100))
+            .with_max_time(Some(Duration::from_secs(60)));
         let stop = AtomicBool::new(false);
         let remaps = AtomicU64::new(0);
         let (stats, incoming) = std::thread::scope(|s| {

@@ -48,7 +48,7 @@ use crate::proxy::{How, Plan, Proxy, Step};
 const MIB: u64 = 1 << 20;
 
 /// The page channels of a session without `--channels` (`clearlog_migration::DEFAULT_CHANNELS`).
-const DEFAULT_CHANNELS: u32 = 2;
+const DEFAULT_CHANNELS: u32 = 4;
 
 /// The steps of a migration a cut case can hit (the proxy's [`Step`] without its numbers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,16 +231,6 @@ fn expected_stream_bytes(shape: &Shape) -> u64 {
     pages * 16 + written / 4096 * 4112
 }
 
-/// What the run found.
-#[derive(Debug, Default)]
-struct Tally {
-    rows: Vec<(Fault, CaseResult)>,
-    /// Cut points past the end of a stream (or of a channel), retried with an earlier point.
-    missed: u32,
-    /// Loss cases whose destination differed from the source while a side said `verified`.
-    undetected: u32,
-}
-
 /// `cargo xtask faults [--count N] [--seed S] [--only I] [--no-retry]`.
 pub fn faults(args: &[String]) -> Result<(), String> {
     let no_retry = args.iter().any(|a| a == "--no-retry");
@@ -342,32 +332,52 @@ fn summary(cases: &[Fault], tally: &Tally, seed: u64, took: Duration) -> Result<
         "\n==> xtask faults summary (seed {seed}, {:.0} s)",
         took.as_secs_f64()
     );
-    let heads = [
-        "tried",
-        "fault made",
-        "src error",
-        "survived",
-        "logging off",
-        "retry ok",
-        "before boot",
-        "after commit",
-        "wrongly resumed",
-        "handled",
-    ];
-    println!("  {:<20} {}", "fault", heads.join(" "));
-    let mut total = [0u32; 10];
-    for kind in cases.iter().copied().map(Some).chain([None]) {
-        let sel: Vec<&CaseResult> = tally
+    tally.print(cases);
+    println!(
+        "  (fault points past the end of a stream or channel, retried with an earlier point: {})\n  losses not caught while a side said verified: {} (must be 0)\n  stray child processes after the run: {}",
+        tally.missed,
+        tally.undetected,
+        left.len()
+    );
+    tally.verdict(left.len())
+}
+
+/// The bookkeeping of a faults run: every case's result, the fault points that missed, the losses
+/// no side caught.
+#[derive(Debug, Default)]
+struct Tally {
+    rows: Vec<(Fault, CaseResult)>,
+    /// Cut points past the end of a stream (or of a channel), retried with an earlier point.
+    missed: u32,
+    /// Loss cases whose destination differed from the source while a side said `verified`.
+    undetected: u32,
+}
+
+/// The columns of the summary, in the order of [`Tally::counts`]; each as wide as its name.
+const TALLY_COLUMNS: [&str; 10] = [
+    "tried",
+    "fault made",
+    "src error",
+    "survived",
+    "logging off",
+    "retry ok",
+    "before boot",
+    "after commit",
+    "wrongly resumed",
+    "handled",
+];
+
+impl Tally {
+    /// The counts of the cases of `kind` (all cases: `None`), by [`TALLY_COLUMNS`].
+    fn counts(&self, kind: Option<Fault>) -> [u32; 10] {
+        let sel: Vec<&CaseResult> = self
             .rows
             .iter()
             .filter(|(k, _)| kind.is_none_or(|x| x == *k))
             .map(|(_, r)| r)
             .collect();
-        if sel.is_empty() {
-            continue;
-        }
         let c = |f: fn(&CaseResult) -> bool| sel.iter().filter(|r| f(r)).count() as u32;
-        let row = [
+        [
             sel.len() as u32,
             c(|r| r.cut),
             c(|r| r.source_reported),
@@ -378,36 +388,42 @@ fn summary(cases: &[Fault], tally: &Tally, seed: u64, took: Duration) -> Result<
             c(|r| r.after_commit),
             c(|r| r.wrongly_resumed),
             c(|r| r.ok),
-        ];
-        if kind.is_none() {
-            total = row;
-        }
-        let cells: Vec<String> = row
-            .iter()
-            .zip(heads)
-            .map(|(n, h)| format!("{n:>w$}", w = h.len()))
-            .collect();
-        println!(
-            "  {:<20} {}",
-            kind.map_or("TOTAL".to_string(), Fault::name),
-            cells.join(" ")
-        );
+        ]
     }
-    println!(
-        "  (fault points past the end of a stream or channel, retried with an earlier point: {})\n  losses not caught while a side said verified: {} (must be 0)\n  stray child processes after the run: {}",
-        tally.missed,
-        tally.undetected,
-        left.len()
-    );
-    let [tried, cut, reported, survived, logging_off, verified, before_boot, after_commit, wrong, ok] =
-        total;
-    if tried == cut && tried == ok && wrong == 0 && tally.undetected == 0 && left.is_empty() {
-        println!("faults: all {tried} faults handled");
-        Ok(())
-    } else {
+
+    /// One row per fault kind tried, and the total.
+    fn print(&self, kinds: &[Fault]) {
+        println!("  {:<20} {}", "fault", TALLY_COLUMNS.join(" "));
+        for kind in kinds.iter().copied().map(Some).chain([None]) {
+            let row = self.counts(kind);
+            if row[0] == 0 {
+                continue;
+            }
+            let cells: Vec<String> = row
+                .iter()
+                .zip(TALLY_COLUMNS)
+                .map(|(n, h)| format!("{n:>w$}", w = h.len()))
+                .collect();
+            println!(
+                "  {:<20} {}",
+                kind.map_or("TOTAL".to_string(), Fault::name),
+                cells.join(" ")
+            );
+        }
+    }
+
+    /// Every fault made and handled, no destination wrongly resumed, no loss missed, no stray
+    /// process (`stray` of them left).
+    fn verdict(&self, stray: usize) -> Result<(), String> {
+        let [tried, cut, reported, survived, logging_off, verified, before_boot, after_commit, wrong, ok] =
+            self.counts(None);
+        if tried == cut && tried == ok && wrong == 0 && self.undetected == 0 && stray == 0 {
+            println!("faults: all {tried} faults handled");
+            return Ok(());
+        }
         Err(format!(
-            "faults: {tried} cases: {cut} faults made, {ok} handled ({reported} reported, {survived} survived, {logging_off} stopped logging, {verified} retries verified, {before_boot} before boot, {after_commit} after the commit), {wrong} destinations wrongly resumed, {} stray processes",
-            left.len()
+            "faults: {tried} cases: {cut} faults made, {ok} handled ({reported} reported, {survived} survived, {logging_off} stopped logging, {verified} retries verified, {before_boot} before boot, {after_commit} after the commit), {wrong} destinations wrongly resumed, {} undetected losses, {stray} stray processes",
+            self.undetected
         ))
     }
 }
@@ -707,6 +723,42 @@ mod tests {
             "{count} < {}",
             Fault::all().len()
         );
+    }
+
+    #[test]
+    fn the_tally_counts_by_kind_and_every_case_must_be_handled() {
+        let handled = CaseResult {
+            cut: true,
+            source_reported: true,
+            source_survived: true,
+            logging_stopped: true,
+            retry_verified: true,
+            ok: true,
+            ..CaseResult::default()
+        };
+        let (reset, close) = (Fault::Cut(CUTS[2]), Fault::Cut(CUTS[3]));
+        let mut t = Tally::default();
+        t.rows.push((reset, handled));
+        t.rows.push((
+            close,
+            CaseResult {
+                cut: true,
+                after_commit: true,
+                ok: true,
+                ..CaseResult::default()
+            },
+        ));
+        assert_eq!(t.counts(None), [2, 2, 1, 1, 1, 1, 0, 1, 0, 2]);
+        assert_eq!(t.counts(Some(reset))[0], 1);
+        assert_eq!(t.counts(Some(Fault::Cut(CUTS[0])))[0], 0);
+        t.verdict(0).unwrap();
+        t.verdict(1).expect_err("a stray process fails the run");
+        t.undetected = 1;
+        t.verdict(0)
+            .expect_err("a loss no side caught fails the run");
+        t.undetected = 0;
+        t.rows.push((Fault::Inject("sync"), CaseResult::default()));
+        t.verdict(0).expect_err("a fault not made fails the run");
     }
 
     #[test]

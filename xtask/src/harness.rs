@@ -23,8 +23,7 @@ pub fn build_vmm() -> Result<PathBuf, String> {
         return Err(format!("building vmm failed: {}", r.note));
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
     let path = target.join("release").join("vmm");
     if path.exists() {
         Ok(path)
@@ -35,9 +34,7 @@ pub fn build_vmm() -> Result<PathBuf, String> {
 
 /// Whether we run under CI (`CI=true` or `CI=1`).
 pub fn is_ci() -> bool {
-    std::env::var("CI")
-        .map(|v| v == "true" || v == "1")
-        .unwrap_or(false)
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 /// Whether `/dev/kvm` can be opened read-write.
@@ -64,8 +61,7 @@ impl Rng {
     pub fn clock_seed() -> u64 {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+            .map_or(0, |d| d.as_nanos() as u64);
         t ^ (u64::from(std::process::id()) << 32)
     }
 

@@ -135,8 +135,7 @@ fn short_error(first_error: Option<&str>) -> &str {
                 .nth(1)
                 .or(e.split(" committed but ").nth(1))
         })
-        .map(|e| e.trim_end_matches("; the guest keeps running here"))
-        .unwrap_or("")
+        .map_or("", |e| e.trim_end_matches("; the guest keeps running here"))
 }
 
 /// Judge a case whose first migration failed (the fault happened) against `expect`.
@@ -173,11 +172,11 @@ pub fn judge(
     // No retry came (after the commit, or a source without --retry-to): B waits for nothing. A
     // retry after the commit would be a bug: then B is waited for, and resuming counts against it.
     let retried = src.stderr().contains(&format!("retrying to {uri_b}"));
-    let b_status = if !retried {
+    let b_status = if retried {
+        dst_b.wait_timeout(Duration::from_secs(60))
+    } else {
         dst_b.kill();
         Err("never reached".to_string())
-    } else {
-        dst_b.wait_timeout(Duration::from_secs(60))
     };
     let progress = ju64(&sj, "progress_after_failure_pages").unwrap_or(0);
     r.source_survived = r.source_reported && progress > 0;

@@ -4,10 +4,13 @@
 //! Project automation for the clearlog workspace.
 //!
 //! ```text
-//! cargo xtask test            fmt, layering, packaging, clippy -D warnings, aarch64 check, all tests (real KVM)
+//! cargo xtask test            fmt, layering, structure, packaging, clippy -D warnings, aarch64 and MSRV
+//!                             checks, all tests (real KVM), the engine's tests without the memory API
 //! cargo xtask bench [CRATE]   criterion benchmarks (all, or one crate by directory or package name)
 //!                   [--quick] short runs, for CI
 //! cargo xtask deps            fail if a crate depends on a crate above it in the layering
+//! cargo xtask structure       fail on an import circle between files or a function over 100 lines
+//! cargo xtask msrv            cargo check of the library crates with the workspace's rust-version
 //! cargo xtask faults [--count N] [--seed S] [--only I] [--no-retry]   cut one connection of N
 //!                             migrations at every step (handshake, header, pages, end, ack,
 //!                             confirm, verification, verdict) or fail a step of the source; the
@@ -36,6 +39,7 @@ use std::time::Instant;
 
 mod faults;
 mod fuzz;
+mod gates;
 mod harness;
 mod judge;
 mod layering;
@@ -45,6 +49,13 @@ mod netns;
 mod proxy;
 mod qemu;
 mod soak;
+mod source_text;
+mod structure;
+/// The CLI's size, rate and duration parsing, this same file: one source for both.
+#[allow(dead_code)]
+#[path = "../../vmm-cli/src/units.rs"]
+mod units;
+mod unsafe_index;
 
 /// Environment variable the real-KVM tests read: when set to 1, a test that cannot use `/dev/kvm`
 /// fails instead of printing SKIPPED.
@@ -56,6 +67,9 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
         Some("deps") => deps(),
+        Some("structure") => structure::structure(&workspace_root()),
+        Some("msrv") => gates::msrv_check().into_result(),
+        Some("unsafe-sites") => print_unsafe_sites(),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("miri") => miri::miri(&args[1..]),
         Some("faults") => faults::faults(&args[1..]),
@@ -89,9 +103,11 @@ fn print_usage() {
     eprintln!(
         "usage: cargo xtask <command>\n\n\
          commands:\n  \
-         test             fmt check, layering check, clippy -D warnings, cargo test --workspace (real KVM tests included)\n  \
+         test             fmt check, layering and structure checks, clippy -D warnings, aarch64 and MSRV checks, cargo test --workspace (real KVM tests included), the engine's tests without the memory API\n  \
          bench [CRATE]    criterion benchmarks of all crates or one (bitmap, memory-api, kvm-accel/test-guest, migration); --quick for short runs\n  \
-         deps             check that no crate depends on a crate above it in the layering\n  \
+         deps             check that no crate depends on a crate above it in the layering (and the engine without default features on no memory API)\n  \
+         structure        check that no files of a crate import each other in a circle and no function is over 100 lines\n  \
+         msrv             cargo check of the library crates with the workspace's rust-version (installed with rustup; SKIPPED when it cannot be)\n  \
          faults           cut one connection of a migration at every step (--count N, default 50; --seed S; --only I; --no-retry): the source survives and a retry verifies\n  \
          soak             N random migrations (--runs N, default 200; --seed S), each verified; reports mismatched pages\n  \
          netns            migrate between two network namespaces over a shaped veth link, then take the link down mid-migration\n  \
@@ -99,6 +115,14 @@ fn print_usage() {
          fuzz             run each migration stream-decoder fuzz target (--seconds N, default 30); SKIPPED without nightly + cargo-fuzz\n  \
          miri             the memory-model tests (bitmap release sequences, dirty-client store buffering) under Miri; SKIPPED without nightly + miri"
     );
+}
+
+/// `cargo xtask unsafe-sites`: every `unsafe` of the repository, `path item` per line.
+fn print_unsafe_sites() -> Result<(), String> {
+    for s in unsafe_index::sites(&workspace_root())? {
+        println!("{} {}", s.path, s.item);
+    }
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {
@@ -123,6 +147,28 @@ struct StepResult {
     note: String,
 }
 
+impl StepResult {
+    /// A step that could not run here: printed loudly, and it passes.
+    fn skipped(name: String, why: String) -> StepResult {
+        let note = format!("SKIPPED: {why}");
+        println!("\n==> xtask: {name}: {note}");
+        StepResult {
+            name,
+            ok: true,
+            secs: 0.0,
+            note,
+        }
+    }
+
+    fn into_result(self) -> Result<(), String> {
+        if self.ok {
+            Ok(())
+        } else {
+            Err(format!("{}: {}", self.name, self.note))
+        }
+    }
+}
+
 fn run_step(name: &str, mut cmd: Command) -> StepResult {
     println!("\n==> xtask: {name}: {cmd:?}");
     let start = Instant::now();
@@ -143,9 +189,7 @@ fn run_step(name: &str, mut cmd: Command) -> StepResult {
 
 /// What the real-KVM tests will do on this machine, and why.
 fn kvm_status() -> (bool, String) {
-    let ci = std::env::var("CI")
-        .map(|v| v == "true" || v == "1")
-        .unwrap_or(false);
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -191,6 +235,16 @@ fn test() -> Result<(), String> {
         note: deps_result.err().unwrap_or_default(),
     });
 
+    println!("\n==> xtask: structure (import circles, long functions)");
+    let start = Instant::now();
+    let structure_result = structure::structure(&workspace_root());
+    results.push(StepResult {
+        name: "structure".into(),
+        ok: structure_result.is_ok(),
+        secs: start.elapsed().as_secs_f64(),
+        note: structure_result.err().unwrap_or_default(),
+    });
+
     // Each library crate must be publishable. Packaged together, cargo resolves their path
     // dependencies from each other (alone, a crate's dependency on an unpublished sibling cannot
     // be resolved against crates.io yet).
@@ -214,6 +268,7 @@ fn test() -> Result<(), String> {
     results.push(run_step("clippy -D warnings", clippy));
 
     results.push(aarch64_check());
+    results.push(gates::msrv_check());
 
     let mut tests = cargo();
     // All features: `clearlog-memory`'s `testing` kit and its conformance tests are tests too.
@@ -225,6 +280,7 @@ fn test() -> Result<(), String> {
         "cargo test --workspace --all-features (unit, integration, doc, real KVM)",
         tests,
     ));
+    results.push(gates::bare_engine_tests());
 
     println!("\n==> xtask test summary");
     println!("  real-KVM tests: {kvm_note}");
@@ -260,12 +316,11 @@ fn aarch64_check() -> StepResult {
         Command::new("rustup")
             .args(["target", "list", "--installed"])
             .output()
-            .map(|o| {
+            .is_ok_and(|o| {
                 String::from_utf8_lossy(&o.stdout)
                     .lines()
                     .any(|l| l.trim() == AARCH64)
             })
-            .unwrap_or(false)
     };
     if !installed() {
         println!("\n==> xtask: rustup target add {AARCH64}");
@@ -274,16 +329,12 @@ fn aarch64_check() -> StepResult {
             .status()
             .is_ok_and(|s| s.success());
         if !added || !installed() {
-            let note = format!(
-                "SKIPPED: the {AARCH64} target is not installed and `rustup target add {AARCH64}` failed: the aarch64 build of the library crates is NOT checked"
-            );
-            println!("\n==> xtask: {name}: {note}");
-            return StepResult {
+            return StepResult::skipped(
                 name,
-                ok: true,
-                secs: 0.0,
-                note,
-            };
+                format!(
+                    "the {AARCH64} target is not installed and `rustup target add {AARCH64}` failed: the aarch64 build of the library crates is NOT checked"
+                ),
+            );
         }
     }
     // `ring` (rustls, in clearlog-migration) compiles C and assembly for the target in its build
@@ -294,14 +345,10 @@ fn aarch64_check() -> StepResult {
             .output()
             .is_ok_and(|o| o.status.success());
     if !cross_cc {
-        let note = "SKIPPED: no aarch64 C cross compiler (`apt-get install gcc-aarch64-linux-gnu`, or set CC_aarch64_unknown_linux_gnu), which ring's build script needs: the aarch64 build of the library crates is NOT checked".to_string();
-        println!("\n==> xtask: {name}: {note}");
-        return StepResult {
+        return StepResult::skipped(
             name,
-            ok: true,
-            secs: 0.0,
-            note,
-        };
+            "no aarch64 C cross compiler (`apt-get install gcc-aarch64-linux-gnu`, or set CC_aarch64_unknown_linux_gnu), which ring's build script needs: the aarch64 build of the library crates is NOT checked".to_string(),
+        );
     }
     let mut cmd = cargo();
     cmd.args(["check", "--target", AARCH64]);
@@ -369,22 +416,33 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
 }
 
-fn deps() -> Result<(), String> {
+/// The standard output of `cargo ARGS` (`what` names it in errors), or why it failed.
+fn cargo_stdout(what: &str, args: &[&str]) -> Result<Vec<u8>, String> {
     let output = cargo()
-        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .args(args)
         .output()
-        .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "cargo metadata failed: {}",
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    if output.status.success() {
+        Ok(output.stdout)
+    } else {
+        Err(format!(
+            "{what} failed: {}",
             String::from_utf8_lossy(&output.stderr)
-        ));
+        ))
     }
-    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout)
+}
+
+fn deps() -> Result<(), String> {
+    let stdout = cargo_stdout(
+        "cargo metadata",
+        &["metadata", "--format-version", "1", "--no-deps"],
+    )?;
+    let metadata: serde_json::Value = serde_json::from_slice(&stdout)
         .map_err(|e| format!("cargo metadata output is not JSON: {e}"))?;
-    let violations = layering::check(&metadata)?;
+    let mut violations = layering::check(&metadata)?;
+    violations.extend(gates::bare_engine_deps().err());
     if violations.is_empty() {
-        println!("deps: layering holds (bitmap <- memory-api <- kvm-accel (<- test-guest), migration <- vmm-cli)");
+        println!("deps: layering holds (bitmap <- memory-api <- kvm-accel (<- test-guest), migration <- vmm-cli); the engine without default features has no memory API");
         Ok(())
     } else {
         for v in &violations {

@@ -391,8 +391,8 @@ fn phase_migrate(vmm: &std::path::Path, net: &Net) -> Result<(String, u64), Stri
     if bw > TBF_RATE_BYTES * 1.15 {
         return Err(format!(
             "measured {:.0} MiB/s over a link shaped to {:.0} MiB/s: the shaping is not in effect",
-            bw / (1 << 20) as f64,
-            TBF_RATE_BYTES / (1 << 20) as f64
+            bw / f64::from(1 << 20),
+            TBF_RATE_BYTES / f64::from(1 << 20)
         ));
     }
     let bytes = ju64(&sj, "bytes_sent").unwrap_or(0);
@@ -404,8 +404,8 @@ fn phase_migrate(vmm: &std::path::Path, net: &Net) -> Result<(String, u64), Stri
         bytes >> 20,
         sj.as_ref().and_then(|j| j.get("total_time_ms")).and_then(|v| v.as_f64()).unwrap_or(0.0),
         sj.as_ref().and_then(|j| j.get("downtime_ms")).and_then(|v| v.as_f64()).unwrap_or(0.0),
-        bw / (1 << 20) as f64,
-        TBF_RATE_BYTES / (1 << 20) as f64
+        bw / f64::from(1 << 20),
+        TBF_RATE_BYTES / f64::from(1 << 20)
     ), bytes))
 }
 

@@ -251,7 +251,7 @@ fn set_linger_zero(s: &TcpStream) {
             s.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
+            (&raw const l).cast(),
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
     }
@@ -315,9 +315,9 @@ impl Shared {
     fn note_head(&self, head: &[u8]) {
         let hs = self.plan.handshake(Dir::Up) as usize;
         if let (true, Ok(mut seen)) = (self.plan.session, self.seen.lock()) {
-            if seen.header_len.is_none() {
-                seen.header_len = head.get(hs..).and_then(header_len);
-            }
+            seen.header_len = seen
+                .header_len
+                .or_else(|| head.get(hs..).and_then(header_len));
         }
     }
 
@@ -444,12 +444,14 @@ fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: &Arc<Shared>
                 break;
             }
         }
-        if let (Step::Delay(d), Some(t)) = (shared.plan.step, shared.started.get()) {
-            if t.elapsed() >= d {
-                shared.fire();
-            }
+        let delay_over = match (shared.plan.step, shared.started.get()) {
+            (Step::Delay(d), Some(t)) => t.elapsed() >= d,
+            _ => false,
+        };
+        if delay_over {
+            shared.fire();
         }
-        report.connections = shared.links.lock().map(|l| l.len()).unwrap_or(0);
+        report.connections = shared.links.lock().map_or(0, |l| l.len());
         if report.connections == 0 && Instant::now() > first_deadline {
             report.error = Some("proxy: the source never connected".into());
             break;

@@ -51,18 +51,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::harness::{build_vmm, is_ci, kvm_usable};
+use crate::units::{human_bytes, parse_duration, parse_size};
 use crate::workspace_root;
+
+/// A duration flag in milliseconds (`100ms`, `2s`; a bare number is milliseconds).
+fn parse_ms(s: &str) -> Result<u64, String> {
+    Ok(parse_duration(s)?.as_millis() as u64)
+}
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
-/// Where the boot stub reports progress, and the value it writes right before ring 3
-/// (clearlog_test_guest::boot_image::{BOOT_STATUS_ADDR, BOOT_STATUS_RING3}).
-const BOOT_STATUS_ADDR: u64 = 0x4800;
-const BOOT_STATUS_RING3: u64 = 0xb007_0002;
-/// vCPU 0's counter slot: pages_written at +0, ready at +16 (clearlog_test_guest::layout).
-const COUNTER_SLOT: u64 = 0x5000;
-/// Must match clearlog_test_guest::boot_image::QEMU_MAX_RAM_BELOW_4G, which the image assumes.
-const MAX_RAM_BELOW_4G: &str = "2G";
 const QEMU: &str = "qemu-system-x86_64";
 /// QEMU's path inside a `--qemu-root` tree (Debian's package puts it there).
 const TREE_QEMU: &str = "/usr/bin/qemu-system-x86_64";
@@ -170,55 +168,9 @@ impl Mode {
     fn label(self) -> String {
         match self {
             Mode::Legacy => "legacy".into(),
-            Mode::Clear(b) => format!("clear {}", human(b)),
+            Mode::Clear(b) => format!("clear {}", human_bytes(b)),
         }
     }
-}
-
-fn human(b: u64) -> String {
-    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
-        if b >= 1 << shift && b.is_multiple_of(1 << shift) {
-            return format!("{} {unit}", b >> shift);
-        }
-    }
-    format!("{b} B")
-}
-
-/// `123`, `4K`, `400M`, `4G`, `1T` (binary units).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mul) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("`{s}`: unknown unit (use K, M, G or T)")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mul))
-        .ok_or_else(|| format!("`{s}` is not a size like 400M"))
-}
-
-/// `100ms`, `2s`.
-fn parse_ms(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    if let Some(n) = s.strip_suffix("ms") {
-        return n.parse().map_err(|_| format!("`{s}` is not a duration"));
-    }
-    if let Some(n) = s.strip_suffix('s') {
-        return n
-            .parse::<u64>()
-            .map(|v| v * 1000)
-            .map_err(|_| format!("`{s}` is not a duration"));
-    }
-    Err(format!("`{s}`: give a unit, e.g. 100ms or 2s"))
 }
 
 /// Options of `cargo xtask qemu-bench`.
@@ -261,6 +213,15 @@ const USAGE: &str = "usage: cargo xtask qemu-bench [--modes legacy,clear:1M,clea
                      --qemu-root a Debian trixie tree (debootstrap, QEMU 10.0)
   --install-qemu10 [DIR]  --qemu-root DIR --install (DIR: /opt/trixie)";
 
+/// What the flags said beyond [`Opts`]: whether the guest's shape or the QEMU binary was given, and
+/// the trees `--qemu-root` and `--install-qemu10` named.
+#[derive(Debug, Default)]
+struct Given {
+    shape: bool,
+    qemu: bool,
+    roots: Vec<PathBuf>,
+}
+
 fn parse_opts(args: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
         modes: vec![Mode::Legacy, Mode::Clear(MIB), Mode::Clear(16 * MIB)],
@@ -281,9 +242,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         qemu_root: None,
         multifd: 0,
     };
-    let mut explicit_shape = false;
-    let mut explicit_qemu = false;
-    let mut roots: Vec<PathBuf> = Vec::new();
+    let mut given = Given::default();
     let mut i = 0;
     while i < args.len() {
         let flag = args[i].as_str();
@@ -300,7 +259,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
                     }
                     _ => DEFAULT_QEMU10_ROOT.into(),
                 };
-                roots.push(PathBuf::from(dir));
+                given.roots.push(PathBuf::from(dir));
                 o.install = true;
             }
             "-h" | "--help" => return Err(USAGE.into()),
@@ -309,41 +268,59 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
                     .get(i + 1)
                     .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
                 i += 1;
-                match flag {
-                    "--modes" => {
-                        o.modes = v.split(',').map(Mode::parse).collect::<Result<_, _>>()?;
-                    }
-                    "--runs" => {
-                        o.runs = v.parse().map_err(|_| format!("--runs {v}: not a number"))?
-                    }
-                    "--out" => o.out = PathBuf::from(v),
-                    "--mem" => (o.mem, explicit_shape) = (parse_size(v)?, true),
-                    "--wss" => (o.wss, explicit_shape) = (parse_size(v)?, true),
-                    "--dirty-rate" => (o.dirty_rate, explicit_shape) = (parse_size(v)?, true),
-                    "--bandwidth" => o.bandwidth = parse_size(v)?,
-                    "--downtime" => o.downtime_ms = parse_ms(v)?,
-                    "--warmup" => o.warmup_ms = parse_ms(v)?,
-                    "--qemu" => (o.qemu, explicit_qemu) = (v.clone(), true),
-                    "--qemu-root" => roots.push(PathBuf::from(v)),
-                    "--multifd" => {
-                        // QEMU's multifd-channels is a uint8 of at least 1.
-                        o.multifd = v.parse().map_err(|_| {
-                            format!("--multifd {v}: give 0 (off) or a channel count up to 255")
-                        })?
-                    }
-                    "--vmm-transports" => o.vmm_transports = Some(v.clone()),
-                    "--interleave-with-vmm" => {
-                        o.interleave_with_vmm = Some(v.split(',').map(str::to_string).collect())
-                    }
-                    _ => return Err(format!("unknown option `{flag}`\n{USAGE}")),
-                }
+                set_opt(&mut o, &mut given, flag, v)?;
             }
         }
         i += 1;
     }
-    roots.dedup();
-    match roots.as_slice() {
-        [] => {}
+    let explicit_shape = given.shape;
+    set_qemu_root(&mut o, given)?;
+    if o.smoke {
+        smoke_defaults(&mut o, args, explicit_shape);
+    }
+    validate_opts(&o)?;
+    Ok(o)
+}
+
+/// Sets the option `flag` takes to its value `v`.
+fn set_opt(o: &mut Opts, given: &mut Given, flag: &str, v: &str) -> Result<(), String> {
+    match flag {
+        "--modes" => {
+            o.modes = v.split(',').map(Mode::parse).collect::<Result<_, _>>()?;
+        }
+        "--runs" => {
+            o.runs = v.parse().map_err(|_| format!("--runs {v}: not a number"))?;
+        }
+        "--out" => o.out = PathBuf::from(v),
+        "--mem" => (o.mem, given.shape) = (parse_size(v)?, true),
+        "--wss" => (o.wss, given.shape) = (parse_size(v)?, true),
+        "--dirty-rate" => (o.dirty_rate, given.shape) = (parse_size(v)?, true),
+        "--bandwidth" => o.bandwidth = parse_size(v)?,
+        "--downtime" => o.downtime_ms = parse_ms(v)?,
+        "--warmup" => o.warmup_ms = parse_ms(v)?,
+        "--qemu" => (o.qemu, given.qemu) = (v.to_string(), true),
+        "--qemu-root" => given.roots.push(PathBuf::from(v)),
+        "--multifd" => {
+            // QEMU's multifd-channels is a uint8 of at least 1.
+            o.multifd = v
+                .parse()
+                .map_err(|_| format!("--multifd {v}: give 0 (off) or a channel count up to 255"))?;
+        }
+        "--vmm-transports" => o.vmm_transports = Some(v.to_string()),
+        "--interleave-with-vmm" => {
+            o.interleave_with_vmm = Some(v.split(',').map(str::to_string).collect());
+        }
+        _ => return Err(format!("unknown option `{flag}`\n{USAGE}")),
+    }
+    Ok(())
+}
+
+/// The tree of `--qemu-root` / `--install-qemu10` (one, named the same way by both if both are
+/// given), whose QEMU is at [`TREE_QEMU`] unless `--qemu` says otherwise.
+fn set_qemu_root(o: &mut Opts, mut given: Given) -> Result<(), String> {
+    given.roots.dedup();
+    match given.roots.as_slice() {
+        [] => Ok(()),
         [root] => {
             if root.as_os_str().is_empty() || root == Path::new("/") {
                 return Err(format!(
@@ -352,35 +329,41 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
                 ));
             }
             o.qemu_root = Some(root.clone());
-            if !explicit_qemu {
+            if !given.qemu {
                 o.qemu = TREE_QEMU.into();
             }
+            Ok(())
         }
-        _ => {
-            return Err(format!(
-                "--qemu-root / --install-qemu10 name different trees: {}",
-                roots
-                    .iter()
-                    .map(|r| r.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        }
+        roots => Err(format!(
+            "--qemu-root / --install-qemu10 name different trees: {}",
+            roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
     }
-    if o.smoke {
-        if !explicit_shape {
-            (o.mem, o.wss, o.dirty_rate) = (512 * MIB, 256 * MIB, 96 * MIB);
-        }
-        if !args.iter().any(|a| a == "--modes") {
-            o.modes = vec![Mode::Legacy, Mode::Clear(MIB)];
-        }
-        if !args.iter().any(|a| a == "--warmup") {
-            o.warmup_ms = 1000;
-        }
-        if !args.iter().any(|a| a == "--out") {
-            o.out = workspace_root().join("target/qemu-bench/smoke.jsonl");
-        }
+}
+
+/// `--smoke`'s small guest (unless `explicit_shape`), modes, warm-up and output file, where `args`
+/// do not set them.
+fn smoke_defaults(o: &mut Opts, args: &[String], explicit_shape: bool) {
+    if !explicit_shape {
+        (o.mem, o.wss, o.dirty_rate) = (512 * MIB, 256 * MIB, 96 * MIB);
     }
+    if !args.iter().any(|a| a == "--modes") {
+        o.modes = vec![Mode::Legacy, Mode::Clear(MIB)];
+    }
+    if !args.iter().any(|a| a == "--warmup") {
+        o.warmup_ms = 1000;
+    }
+    if !args.iter().any(|a| a == "--out") {
+        o.out = workspace_root().join("target/qemu-bench/smoke.jsonl");
+    }
+}
+
+/// At least one run and one mode; a guest that holds its working set.
+fn validate_opts(o: &Opts) -> Result<(), String> {
     if o.runs == 0 || o.modes.is_empty() {
         return Err("--runs must be at least 1 and --modes not empty".into());
     }
@@ -394,7 +377,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             o.mem, o.wss
         ));
     }
-    Ok(o)
+    Ok(())
 }
 
 /// `cargo xtask qemu-bench`.
@@ -407,33 +390,8 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
         println!("qemu-bench: SKIPPED: {e}");
         return Ok(());
     }
-    if let Some(root) = &o.qemu_root {
-        if !root.join(o.qemu.trim_start_matches('/')).exists() {
-            if !o.install {
-                return Err(format!(
-                    "{} has no {} (pass --install, or --install-qemu10 {0}, to debootstrap Debian trixie with QEMU 10.0 there)",
-                    root.display(),
-                    o.qemu
-                ));
-            }
-            install_tree(root)?;
-        }
-        mount_tree(root)?;
-    } else {
-        if !have_qemu(&o.qemu) && o.install {
-            apt_install("qemu-system-x86")?;
-        }
-        if !have_qemu(&o.qemu) {
-            let msg = format!(
-                "{} is not installed (apt-get install -y qemu-system-x86, or pass --install)",
-                o.qemu
-            );
-            if o.smoke && !is_ci() {
-                println!("qemu-bench: SKIPPED: {msg}: the QEMU end-to-end check did NOT run");
-                return Ok(());
-            }
-            return Err(msg);
-        }
+    if !ensure_qemu(&o)? {
+        return Ok(());
     }
     let vmm = build_vmm()?;
     let work = match o.qemu_root {
@@ -443,32 +401,7 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let shim = build_shim(&work)?;
     let qemu_version = probe_qemu(&o, &shim, &work)?;
-    let image = work.join(format!(
-        "random-{}M-{}M-{}M.img",
-        o.mem >> 20,
-        o.wss >> 20,
-        o.dirty_rate >> 20
-    ));
-    let img = Command::new(&vmm)
-        .args([
-            "qemu-image",
-            "--mem",
-            &o.mem.to_string(),
-            "--wss",
-            &o.wss.to_string(),
-        ])
-        .args(["--dirty-rate", &o.dirty_rate.to_string(), "--out"])
-        .arg(&image)
-        .output()
-        .map_err(|e| format!("running vmm qemu-image: {e}"))?;
-    if !img.status.success() {
-        return Err(format!(
-            "vmm qemu-image failed: {}",
-            String::from_utf8_lossy(&img.stderr).trim()
-        ));
-    }
-    let image_info: Value = serde_json::from_slice(&img.stdout)
-        .map_err(|e| format!("vmm qemu-image printed no JSON: {e}"))?;
+    let image = Image::write(&vmm, &o, &work)?;
     if let Some(dir) = o.out.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
@@ -479,49 +412,17 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
         .truncate(!o.append)
         .open(&o.out)
         .map_err(|e| format!("{}: {e}", o.out.display()))?;
-    println!(
-        "\n==> xtask qemu-bench: {} ({qemu_version}): guest {} MiB, working set {} MiB ({} MiB pre-faulted before the warm-up) at {} MiB/s (TSC {} kHz), bandwidth {}, multifd {}, downtime {} ms, {} run(s) of {}",
-        qemu_label(&o),
-        o.mem >> 20,
-        o.wss >> 20,
-        o.wss >> 20,
-        o.dirty_rate >> 20,
-        image_info["tsc_khz"],
-        bandwidth_label(o.bandwidth),
-        match o.multifd {
-            0 => "off".to_string(),
-            n => format!("{n} channels"),
-        },
-        o.downtime_ms,
-        o.runs,
-        o.modes.iter().map(|m| m.label()).collect::<Vec<_>>().join(", ")
-    );
+    println!("{}", header(&o, &qemu_version, &image));
     let mut failures = Vec::new();
+    let mut write =
+        |line: &Value| writeln!(out, "{line}").map_err(|e| format!("{}: {e}", o.out.display()));
     for run in 1..=o.runs {
         for &mode in &o.modes {
             let t = Instant::now();
             match one_run(&o, mode, run, &image, &shim, &work) {
                 Ok(line) => {
                     let problems = check_run(&o, mode, &line);
-                    println!(
-                        "  run {run}/{} qemu {} {:<12} total {:>6.2} s  downtime {:>4} ms  stop->resume {:>6.1} ms  sent {:>6.0} MiB ({:>5.0} MiB/s)  syncs {:>3}  guest {:>4.0} MiB/s ({:>4.0} while migrating)  clears {:>6}  {} ({:.0} s wall, guest ready in {:.1} s)",
-                        o.runs,
-                        line["version"].as_str().unwrap_or("?"),
-                        mode.label(),
-                        line["total-time"].as_f64().unwrap_or(f64::NAN) / 1e3,
-                        line["downtime"],
-                        line["stop_to_resume_ms"].as_f64().unwrap_or(f64::NAN),
-                        line["ram"]["transferred"].as_f64().unwrap_or(f64::NAN) / MIB as f64,
-                        line["ram"]["transferred"].as_f64().unwrap_or(f64::NAN) / MIB as f64
-                            / (line["total-time"].as_f64().unwrap_or(f64::NAN) / 1e3),
-                        line["ram"]["dirty-sync-count"],
-                        line["guest_write_rate_bytes_per_s"].as_f64().unwrap_or(f64::NAN) / MIB as f64,
-                        line["guest_write_rate_during_migration_bytes_per_s"].as_f64().unwrap_or(f64::NAN) / MIB as f64,
-                        line["shim"]["source"]["kvm_clear_dirty_log_calls"],
-                        if problems.is_empty() { "ok".to_string() } else { format!("FAILED: {}", problems.join("; ")) },
-                        t.elapsed().as_secs_f64(),
-                        line["guest_ready_s"].as_f64().unwrap_or(f64::NAN)
-                    );
+                    println!("{}", run_summary(&o, mode, run, &line, &problems, t));
                     if !problems.is_empty() {
                         failures.push(format!(
                             "run {run} {}: {}",
@@ -529,7 +430,7 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
                             problems.join("; ")
                         ));
                     }
-                    writeln!(out, "{line}").map_err(|e| format!("{}: {e}", o.out.display()))?;
+                    write(&line)?;
                 }
                 Err(e) => {
                     println!(
@@ -542,9 +443,8 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
             }
         }
         if let Some(vmm_modes) = &o.interleave_with_vmm {
-            let lines = vmm_round(&o, &vmm, vmm_modes, &work)?;
-            for l in lines {
-                writeln!(out, "{l}").map_err(|e| format!("{}: {e}", o.out.display()))?;
+            for line in vmm_round(&o, &vmm, vmm_modes, &work)? {
+                write(&line)?;
             }
         }
     }
@@ -565,6 +465,160 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
         Ok(())
     } else {
         Err(failures.join("\n"))
+    }
+}
+
+/// Makes the QEMU to run ready: the host's, installed with apt-get if asked (`--install`), or a
+/// `--qemu-root` tree's, debootstrapped if asked and missing, with the host's directories mounted
+/// into it. `false` when the host's QEMU is missing and that is a loud skip (`--smoke` outside CI)
+/// rather than a failure.
+fn ensure_qemu(o: &Opts) -> Result<bool, String> {
+    if let Some(root) = &o.qemu_root {
+        ensure_tree(o, root)?;
+        return Ok(true);
+    }
+    if !have_qemu(&o.qemu) && o.install {
+        apt_install("qemu-system-x86")?;
+    }
+    if have_qemu(&o.qemu) {
+        return Ok(true);
+    }
+    let msg = format!(
+        "{} is not installed (apt-get install -y qemu-system-x86, or pass --install)",
+        o.qemu
+    );
+    if o.smoke && !is_ci() {
+        println!("qemu-bench: SKIPPED: {msg}: the QEMU end-to-end check did NOT run");
+        return Ok(false);
+    }
+    Err(msg)
+}
+
+/// A `--qemu-root` tree with QEMU in it (debootstrapped if `--install` and missing) and the host's
+/// directories mounted.
+fn ensure_tree(o: &Opts, root: &Path) -> Result<(), String> {
+    if !root.join(o.qemu.trim_start_matches('/')).exists() {
+        if !o.install {
+            return Err(format!(
+                "{} has no {} (pass --install, or --install-qemu10 {0}, to debootstrap Debian trixie with QEMU 10.0 there)",
+                root.display(),
+                o.qemu
+            ));
+        }
+        install_tree(root)?;
+    }
+    mount_tree(root)
+}
+
+/// The line printed before the runs: which QEMU (`qemu_version`: its `--version` line), the guest
+/// and the migration settings.
+fn header(o: &Opts, qemu_version: &str, image: &Image) -> String {
+    format!(
+        "\n==> xtask qemu-bench: {} ({qemu_version}): guest {} MiB, working set {} MiB ({} MiB pre-faulted before the warm-up) at {} MiB/s (TSC {} kHz), bandwidth {}, multifd {}, downtime {} ms, {} run(s) of {}",
+        qemu_label(o),
+        o.mem >> 20,
+        o.wss >> 20,
+        o.wss >> 20,
+        o.dirty_rate >> 20,
+        image.tsc_khz,
+        bandwidth_label(o.bandwidth),
+        match o.multifd {
+            0 => "off".to_string(),
+            n => format!("{n} channels"),
+        },
+        o.downtime_ms,
+        o.runs,
+        o.modes.iter().map(|m| m.label()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// The line a run prints.
+fn run_summary(
+    o: &Opts,
+    mode: Mode,
+    run: u32,
+    line: &Value,
+    problems: &[String],
+    t: Instant,
+) -> String {
+    let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let mib = |v: &Value| num(v) / MIB as f64;
+    format!(
+        "  run {run}/{} qemu {} {:<12} total {:>6.2} s  downtime {:>4} ms  stop->resume {:>6.1} ms  sent {:>6.0} MiB ({:>5.0} MiB/s)  syncs {:>3}  guest {:>4.0} MiB/s ({:>4.0} while migrating)  clears {:>6}  {} ({:.0} s wall, guest ready in {:.1} s)",
+        o.runs,
+        line["version"].as_str().unwrap_or("?"),
+        mode.label(),
+        num(&line["total-time"]) / 1e3,
+        line["downtime"],
+        num(&line["stop_to_resume_ms"]),
+        mib(&line["ram"]["transferred"]),
+        mib(&line["ram"]["transferred"]) / (num(&line["total-time"]) / 1e3),
+        line["ram"]["dirty-sync-count"],
+        mib(&line["guest_write_rate_bytes_per_s"]),
+        mib(&line["guest_write_rate_during_migration_bytes_per_s"]),
+        line["shim"]["source"]["kvm_clear_dirty_log_calls"],
+        if problems.is_empty() { "ok".to_string() } else { format!("FAILED: {}", problems.join("; ")) },
+        t.elapsed().as_secs_f64(),
+        num(&line["guest_ready_s"])
+    )
+}
+
+/// The guest image `vmm qemu-image` wrote, and what it says of its layout: where the boot stub
+/// reports, vCPU 0's counter slot (pages written at +0, ready at +16), the RAM split QEMU must use.
+#[derive(Debug, Clone)]
+struct Image {
+    path: PathBuf,
+    tsc_khz: Value,
+    boot_status_addr: u64,
+    boot_status_ring3: u64,
+    counter_slot: u64,
+    max_ram_below_4g: u64,
+}
+
+impl Image {
+    /// `vmm qemu-image` of the run's guest shape, into `work`.
+    fn write(vmm: &Path, o: &Opts, work: &Path) -> Result<Image, String> {
+        let path = work.join(format!(
+            "random-{}M-{}M-{}M.img",
+            o.mem >> 20,
+            o.wss >> 20,
+            o.dirty_rate >> 20
+        ));
+        let out = Command::new(vmm)
+            .args([
+                "qemu-image",
+                "--mem",
+                &o.mem.to_string(),
+                "--wss",
+                &o.wss.to_string(),
+            ])
+            .args(["--dirty-rate", &o.dirty_rate.to_string(), "--out"])
+            .arg(&path)
+            .output()
+            .map_err(|e| format!("running vmm qemu-image: {e}"))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!("vmm qemu-image failed: {}", err.trim()));
+        }
+        let info: Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("vmm qemu-image printed no JSON: {e}"))?;
+        Image::from_json(path, &info)
+    }
+
+    fn from_json(path: PathBuf, info: &Value) -> Result<Image, String> {
+        let num = |k: &str| {
+            info[k]
+                .as_u64()
+                .ok_or_else(|| format!("vmm qemu-image printed no `{k}`: {info}"))
+        };
+        Ok(Image {
+            path,
+            tsc_khz: info["tsc_khz"].clone(),
+            boot_status_addr: num("boot_status_addr")?,
+            boot_status_ring3: num("boot_status_ring3")?,
+            counter_slot: num("counter_slot_addr")?,
+            max_ram_below_4g: num("max_ram_below_4g")?,
+        })
     }
 }
 
@@ -984,15 +1038,14 @@ fn free_port() -> Result<u16, String> {
 fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn spawn_qemu(
     o: &Opts,
     mode: Mode,
     name: &'static str,
-    image: &Path,
+    image: &Image,
     shim: &Path,
     work: &Path,
     incoming: bool,
@@ -1025,7 +1078,7 @@ fn spawn_qemu(
     .args(["-m", &format!("{}M", o.mem >> 20)])
     .args([
         "-machine",
-        &format!("pc,max-ram-below-4g={MAX_RAM_BELOW_4G}"),
+        &format!("pc,max-ram-below-4g={}M", image.max_ram_below_4g >> 20),
     ])
     .args([
         "-nodefaults",
@@ -1039,7 +1092,7 @@ fn spawn_qemu(
     // be told apart.
     .args(["-name", &format!("clearlog-{name},debug-threads=on")])
     .args(["-no-reboot", "-kernel"])
-    .arg(image)
+    .arg(&image.path)
     .arg("-qmp")
     .arg(format!("unix:{},server=on,wait=off", sock.display()));
     if let Some(shift) = mode.shift() {
@@ -1086,12 +1139,42 @@ fn multifd_capability(q: &mut Qmp) -> Result<bool, String> {
         .ok_or_else(|| format!("query-migrate-capabilities has no multifd: {caps}"))
 }
 
+/// What both sides hold once the source is set up: their migration parameters and whether each
+/// has the multifd capability on.
+struct Settings {
+    source: Value,
+    destination: Value,
+    /// `{"source": bool, "destination": bool}`.
+    multifd_on: Value,
+}
+
+impl Settings {
+    /// Gives the source the run's multifd (the destination got it before it listened),
+    /// `max-bandwidth` and `downtime-limit`; then reads back what both sides hold.
+    fn apply(o: &Opts, sq: &mut Qmp, dq: &mut Qmp) -> Result<Settings, String> {
+        set_multifd(sq, o.multifd)?;
+        // max-bandwidth 0 is QEMU's "no limit" (see the module documentation).
+        sq.cmd(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": o.bandwidth, "downtime-limit": o.downtime_ms}),
+        )?;
+        Ok(Settings {
+            source: sq.cmd("query-migrate-parameters", json!({}))?,
+            destination: dq.cmd("query-migrate-parameters", json!({}))?,
+            multifd_on: json!({
+                "source": multifd_capability(sq)?,
+                "destination": multifd_capability(dq)?,
+            }),
+        })
+    }
+}
+
 /// One migration between two QEMUs; the JSON line.
 fn one_run(
     o: &Opts,
     mode: Mode,
     run: u32,
-    image: &Path,
+    image: &Image,
     shim: &Path,
     work: &Path,
 ) -> Result<Value, String> {
@@ -1104,122 +1187,31 @@ fn one_run(
     let mut dq = Qmp::connect(&dst_sock, &mut dst.child)?;
     let mut sq = Qmp::connect(&src_sock, &mut src.child)?;
     let version = sq.cmd("query-version", json!({}))?;
+    // The destination listens only now, with its multifd settings in place.
     set_multifd(&mut dq, o.multifd)?;
     dq.cmd("migrate-incoming", json!({ "uri": uri }))?;
-
-    // Boot (SeaBIOS and the ring-0 stub are emulated on PVM: seconds), then the pre-fault.
-    let boot_start = Instant::now();
-    let mut status = 0;
-    loop {
-        if let Ok(Some(st)) = src.child.try_wait() {
-            return Err(format!(
-                "the source QEMU exited ({st}) while booting: {}",
-                std::fs::read_to_string(&src_log).unwrap_or_default().trim()
-            ));
-        }
-        let boot = sq.read_u64s(BOOT_STATUS_ADDR, 1)?[0] & 0xffff_ffff;
-        if boot == BOOT_STATUS_RING3 {
-            status = 1;
-            let c = sq.read_u64s(COUNTER_SLOT, 3)?;
-            if c[2] == 1 {
-                break;
-            }
-        }
-        if boot_start.elapsed() > Duration::from_secs(300) {
-            return Err(format!(
-                "the guest did not become ready in 300 s (boot status {boot:#x}, {})",
-                if status == 1 {
-                    "in ring 3, pre-fault not done"
-                } else {
-                    "ring 3 not reached"
-                }
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let ready_s = boot_start.elapsed().as_secs_f64();
-
+    let ready_s = wait_ready(&mut sq, &mut src, &src_log, image)?;
     // Warm-up; the guest's write rate over it.
-    let w0 = (Instant::now(), sq.read_u64s(COUNTER_SLOT, 1)?[0]);
-    std::thread::sleep(Duration::from_millis(o.warmup_ms));
-    let w1 = (Instant::now(), sq.read_u64s(COUNTER_SLOT, 1)?[0]);
-    let guest_rate =
-        (w1.1.saturating_sub(w0.1) * PAGE) as f64 / w1.0.duration_since(w0.0).as_secs_f64();
-
-    set_multifd(&mut sq, o.multifd)?;
-    // max-bandwidth 0 is QEMU's "no limit" (see the module documentation).
-    sq.cmd(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": o.bandwidth, "downtime-limit": o.downtime_ms}),
-    )?;
-    let params = sq.cmd("query-migrate-parameters", json!({}))?;
-    let dst_params = dq.cmd("query-migrate-parameters", json!({}))?;
-    let multifd_on = json!({
-        "source": multifd_capability(&mut sq)?,
-        "destination": multifd_capability(&mut dq)?,
-    });
-    let pages_before = sq.read_u64s(COUNTER_SLOT, 1)?[0];
-    let (src_cpu0, src_nv0) = cpu_seconds(src.pid());
-    let (dst_cpu0, dst_nv0) = cpu_seconds(dst.pid());
+    let guest_rate = write_rate(&mut sq, image, Duration::from_millis(o.warmup_ms))?;
+    let settings = Settings::apply(o, &mut sq, &mut dq)?;
+    let pages_before = sq.read_u64s(image.counter_slot, 1)?[0];
+    let (src_cpu0, dst_cpu0) = (cpu_seconds(src.pid()), cpu_seconds(dst.pid()));
     let started_us = now_us();
     let t0 = Instant::now();
-    sq.cmd("migrate", json!({ "uri": uri }))?;
-    let result = loop {
-        std::thread::sleep(Duration::from_millis(50));
-        let r = sq.cmd("query-migrate", json!({}))?;
-        match r["status"].as_str() {
-            Some("completed") => break r,
-            Some("failed" | "cancelled") => {
-                return Err(format!("migration {}: {r}", r["status"]));
-            }
-            _ => {}
-        }
-        if t0.elapsed() > Duration::from_secs(600) {
-            let _ = sq.cmd("migrate_cancel", json!({}));
-            return Err("migration did not complete in 600 s".into());
-        }
-    };
+    let result = migrate(&mut sq, &uri)?;
     let wall_s = t0.elapsed().as_secs_f64();
-    let (src_cpu1, src_nv1) = cpu_seconds(src.pid());
+    let src_cpu1 = cpu_seconds(src.pid());
     // The source guest is stopped now: its counter holds every page it wrote while migrated.
-    let pages_after = sq.read_u64s(COUNTER_SLOT, 1)?[0];
-    // The destination resumes the guest when the stream ends.
-    let resume_start = Instant::now();
-    while dq.event_us("RESUME").is_none() {
-        if resume_start.elapsed() > Duration::from_secs(30) {
-            return Err("the destination did not resume in 30 s".into());
-        }
-        let st = dq.cmd("query-status", json!({}))?;
-        if st["status"] == "running" && dq.event_us("RESUME").is_none() {
-            // The event may come right after the status turns; read once more.
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    let (dst_cpu1, dst_nv1) = cpu_seconds(dst.pid());
+    let pages_after = sq.read_u64s(image.counter_slot, 1)?[0];
+    wait_resume(&mut dq)?;
+    let dst_cpu1 = cpu_seconds(dst.pid());
     // The guest goes on writing on the destination.
-    let d0 = (Instant::now(), dq.read_u64s(COUNTER_SLOT, 1)?[0]);
-    std::thread::sleep(Duration::from_millis(500));
-    let d1 = (Instant::now(), dq.read_u64s(COUNTER_SLOT, 1)?[0]);
-    let dst_rate =
-        (d1.1.saturating_sub(d0.1) * PAGE) as f64 / d1.0.duration_since(d0.0).as_secs_f64();
+    let dst_rate = write_rate(&mut dq, image, Duration::from_millis(500))?;
     let _ = sq.cmd("query-status", json!({}));
-    let stop = sq.event_us("STOP");
-    let resume = dq.event_us("RESUME");
+    let (stop, resume) = (sq.event_us("STOP"), dq.event_us("RESUME"));
     let _ = sq.cmd("quit", json!({}));
     let _ = dq.cmd("quit", json!({}));
-    let src_err = src.finish(&src_log);
-    let dst_err = dst.finish(&dst_log);
-    let read_stats = |p: &Path| -> Value {
-        std::fs::read_to_string(p)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or(Value::Null)
-    };
-
-    let mut line = result.clone();
-    let m = line
-        .as_object_mut()
-        .ok_or("query-migrate returned no object")?;
+    let (src_err, dst_err) = (src.finish(&src_log), dst.finish(&dst_log));
     // Written while migrating, over migrate command to STOP.
     let live_s = stop.map_or(wall_s, |s| s.saturating_sub(started_us) as f64 / 1e6);
     let live_rate = (pages_after.saturating_sub(pages_before) * PAGE) as f64 / live_s.max(1e-3);
@@ -1227,30 +1219,14 @@ fn one_run(
         (Some(s), Some(r)) => json!((r as f64 - s as f64) / 1e3),
         _ => Value::Null,
     };
+    let mut line = result;
+    let m = line
+        .as_object_mut()
+        .ok_or("query-migrate returned no object")?;
     let extra = json!({
-        "system": "qemu",
-        "version": format!(
-            "{}.{}.{}",
-            version["qemu"]["major"], version["qemu"]["minor"], version["qemu"]["micro"]
-        ),
-        "package": version["package"],
-        "qemu_root": o.qemu_root.as_ref().map(|r| r.display().to_string()),
-        "mode": mode.label(),
-        "chunk_bytes": match mode { Mode::Legacy => 0, Mode::Clear(b) => b },
-        "multifd_channels": o.multifd,
-        "multifd_capability": multifd_on,
-        "clear_bitmap_shift": mode.shift(),
-        "run": run,
-        "mem_bytes": o.mem,
-        "wss_bytes": o.wss,
-        "dirty_rate_bytes_per_s": o.dirty_rate,
-        "bandwidth_limit_bytes_per_s": o.bandwidth,
-        "bandwidth_unlimited": o.bandwidth == 0,
-        "downtime_limit_ms": o.downtime_ms,
-        "warmup_ms": o.warmup_ms,
-        "migration_parameters": params,
-        "destination_migration_parameters": dst_params,
-        "prefaulted_bytes": o.wss,
+        "multifd_capability": settings.multifd_on,
+        "migration_parameters": settings.source,
+        "destination_migration_parameters": settings.destination,
         "guest_ready_s": ready_s,
         "guest_write_rate_bytes_per_s": guest_rate.round(),
         "guest_pages_written_before_migration": pages_before,
@@ -1261,18 +1237,132 @@ fn one_run(
         "destination_resume_unix_us": resume,
         "stop_to_resume_ms": stop_to_resume,
         "harness_wall_s": wall_s,
-        "source_cpu_s": src_cpu1 - src_cpu0,
-        "source_cpu_s_without_vcpu": src_nv1 - src_nv0,
-        "destination_cpu_s": dst_cpu1 - dst_cpu0,
-        "destination_cpu_s_without_vcpu": dst_nv1 - dst_nv0,
-        "shim": {"source": read_stats(&src_stats), "destination": read_stats(&dst_stats)},
+        "source_cpu_s": src_cpu1.0 - src_cpu0.0,
+        "source_cpu_s_without_vcpu": src_cpu1.1 - src_cpu0.1,
+        "destination_cpu_s": dst_cpu1.0 - dst_cpu0.0,
+        "destination_cpu_s_without_vcpu": dst_cpu1.1 - dst_cpu0.1,
+        "shim": {"source": shim_stats(&src_stats), "destination": shim_stats(&dst_stats)},
         "source_stderr": src_err.trim(),
         "destination_stderr": dst_err.trim(),
     });
-    for (k, v) in extra.as_object().expect("object") {
+    for (k, v) in [run_fields(o, mode, run, &version), extra]
+        .iter()
+        .flat_map(|f| f.as_object().expect("object"))
+    {
         m.insert(k.clone(), v.clone());
     }
     Ok(line)
+}
+
+/// What a run's JSON line says of the run itself: the QEMU (`version`: `query-version`), the mode
+/// and the options it ran with.
+fn run_fields(o: &Opts, mode: Mode, run: u32, version: &Value) -> Value {
+    json!({
+        "system": "qemu",
+        "version": format!(
+            "{}.{}.{}",
+            version["qemu"]["major"], version["qemu"]["minor"], version["qemu"]["micro"]
+        ),
+        "package": version["package"],
+        "qemu_root": o.qemu_root.as_ref().map(|r| r.display().to_string()),
+        "mode": mode.label(),
+        "chunk_bytes": match mode { Mode::Legacy => 0, Mode::Clear(b) => b },
+        "multifd_channels": o.multifd,
+        "clear_bitmap_shift": mode.shift(),
+        "run": run,
+        "mem_bytes": o.mem,
+        "wss_bytes": o.wss,
+        "dirty_rate_bytes_per_s": o.dirty_rate,
+        "bandwidth_limit_bytes_per_s": o.bandwidth,
+        "bandwidth_unlimited": o.bandwidth == 0,
+        "downtime_limit_ms": o.downtime_ms,
+        "warmup_ms": o.warmup_ms,
+        "prefaulted_bytes": o.wss,
+    })
+}
+
+/// What the shim counted, from its statistics file (`null` if it wrote none).
+fn shim_stats(p: &Path) -> Value {
+    std::fs::read_to_string(p)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until the source guest is in ring 3 with its working set pre-faulted (SeaBIOS and the
+/// ring-0 stub are emulated on PVM: seconds); the seconds it took.
+fn wait_ready(sq: &mut Qmp, src: &mut QemuProc, log: &Path, image: &Image) -> Result<f64, String> {
+    let start = Instant::now();
+    let mut in_ring3 = false;
+    loop {
+        if let Ok(Some(st)) = src.child.try_wait() {
+            return Err(format!(
+                "the source QEMU exited ({st}) while booting: {}",
+                std::fs::read_to_string(log).unwrap_or_default().trim()
+            ));
+        }
+        let boot = sq.read_u64s(image.boot_status_addr, 1)?[0] & 0xffff_ffff;
+        if boot == image.boot_status_ring3 {
+            in_ring3 = true;
+            if sq.read_u64s(image.counter_slot, 3)?[2] == 1 {
+                return Ok(start.elapsed().as_secs_f64());
+            }
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            return Err(format!(
+                "the guest did not become ready in 300 s (boot status {boot:#x}, {})",
+                if in_ring3 {
+                    "in ring 3, pre-fault not done"
+                } else {
+                    "ring 3 not reached"
+                }
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The guest's write rate over `window` (bytes/s), from vCPU 0's counter.
+fn write_rate(q: &mut Qmp, image: &Image, window: Duration) -> Result<f64, String> {
+    let w0 = (Instant::now(), q.read_u64s(image.counter_slot, 1)?[0]);
+    std::thread::sleep(window);
+    let w1 = (Instant::now(), q.read_u64s(image.counter_slot, 1)?[0]);
+    Ok((w1.1.saturating_sub(w0.1) * PAGE) as f64 / w1.0.duration_since(w0.0).as_secs_f64())
+}
+
+/// Starts the migration to `uri` and polls `query-migrate` until it completes; its result.
+fn migrate(sq: &mut Qmp, uri: &str) -> Result<Value, String> {
+    let t0 = Instant::now();
+    sq.cmd("migrate", json!({ "uri": uri }))?;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let r = sq.cmd("query-migrate", json!({}))?;
+        match r["status"].as_str() {
+            Some("completed") => return Ok(r),
+            Some("failed" | "cancelled") => return Err(format!("migration {}: {r}", r["status"])),
+            _ => {}
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            let _ = sq.cmd("migrate_cancel", json!({}));
+            return Err("migration did not complete in 600 s".into());
+        }
+    }
+}
+
+/// Waits for the destination's RESUME event (it resumes the guest when the stream ends).
+fn wait_resume(dq: &mut Qmp) -> Result<(), String> {
+    let start = Instant::now();
+    while dq.event_us("RESUME").is_none() {
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err("the destination did not resume in 30 s".into());
+        }
+        let st = dq.cmd("query-status", json!({}))?;
+        if st["status"] == "running" && dq.event_us("RESUME").is_none() {
+            // The event may come right after the status turns; read once more.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
 }
 
 /// What makes a run's numbers meaningless: incomplete migration, a guest that was not writing, a
@@ -1312,7 +1402,7 @@ fn check_run(o: &Opts, mode: Mode, line: &Value) -> Vec<String> {
     match (mode, clears.as_u64()) {
         (_, None) => p.push("the shim wrote no statistics".into()),
         (Mode::Legacy, Some(c)) if c > 0 => {
-            p.push(format!("legacy mode, yet {c} KVM_CLEAR_DIRTY_LOG calls"))
+            p.push(format!("legacy mode, yet {c} KVM_CLEAR_DIRTY_LOG calls"));
         }
         (Mode::Clear(_), Some(0)) => p.push("clear mode, yet no KVM_CLEAR_DIRTY_LOG call".into()),
         _ => {}
@@ -1409,9 +1499,9 @@ mod tests {
         assert_eq!(Mode::parse("clear:16M").unwrap().shift(), Some(12));
         assert_eq!(Mode::parse("clear:1G").unwrap().shift(), Some(18));
         assert_eq!(Mode::parse("clear:256K").unwrap().shift(), Some(6));
-        assert!(Mode::parse("clear:128K").is_err());
-        assert!(Mode::parse("clear:3M").is_err());
-        assert!(Mode::parse("fast").is_err());
+        Mode::parse("clear:128K").unwrap_err();
+        Mode::parse("clear:3M").unwrap_err();
+        Mode::parse("fast").unwrap_err();
         assert_eq!(Mode::Clear(MIB).label(), "clear 1 MiB");
     }
 
@@ -1420,19 +1510,20 @@ mod tests {
         assert_eq!(parse_size("400M").unwrap(), 400 * MIB);
         assert_eq!(parse_size("4G").unwrap(), 4 << 30);
         assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("4X").is_err());
+        parse_size("4X").unwrap_err();
         assert_eq!(parse_ms("100ms").unwrap(), 100);
         assert_eq!(parse_ms("2s").unwrap(), 2000);
-        assert!(parse_ms("2").is_err());
+        assert_eq!(parse_ms("2").unwrap(), 2);
+        parse_ms("2x").unwrap_err();
         let a = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
         let o = parse_opts(&a("--modes legacy,clear:1M --runs 3 --mem 1G --wss 512M")).unwrap();
         assert_eq!(o.modes, vec![Mode::Legacy, Mode::Clear(MIB)]);
         assert_eq!((o.runs, o.mem, o.wss), (3, 1 << 30, 512 * MIB));
         let s = parse_opts(&a("--smoke")).unwrap();
         assert_eq!((s.mem, s.wss), (512 * MIB, 256 * MIB));
-        assert!(parse_opts(&a("--wss 4G")).is_err());
-        assert!(parse_opts(&a("--bogus 1")).is_err());
-        assert!(parse_opts(&a("--runs")).is_err());
+        parse_opts(&a("--wss 4G")).unwrap_err();
+        parse_opts(&a("--bogus 1")).unwrap_err();
+        parse_opts(&a("--runs")).unwrap_err();
     }
 
     #[test]
@@ -1461,13 +1552,13 @@ mod tests {
         assert_eq!(o.qemu_root, Some(PathBuf::from("/srv/t")));
         let o = parse_opts(&a("--install-qemu10 /srv/t --qemu-root /srv/t")).unwrap();
         assert_eq!(o.qemu_root, Some(PathBuf::from("/srv/t")));
-        assert!(parse_opts(&a("--install-qemu10 /a --qemu-root /b")).is_err());
-        assert!(parse_opts(&a("--qemu-root /")).is_err());
+        parse_opts(&a("--install-qemu10 /a --qemu-root /b")).unwrap_err();
+        parse_opts(&a("--qemu-root /")).unwrap_err();
 
-        assert!(parse_opts(&a("--multifd 256")).is_err());
-        assert!(parse_opts(&a("--multifd -1")).is_err());
-        assert!(parse_opts(&a("--multifd two")).is_err());
-        assert!(parse_opts(&a("--multifd")).is_err());
+        parse_opts(&a("--multifd 256")).unwrap_err();
+        parse_opts(&a("--multifd -1")).unwrap_err();
+        parse_opts(&a("--multifd two")).unwrap_err();
+        parse_opts(&a("--multifd")).unwrap_err();
 
         // The dense shape fits: 6000 MiB from 1 MiB in a 6 GiB guest.
         let o = parse_opts(&a("--mem 6G --wss 6000M --dirty-rate 8M --bandwidth 0")).unwrap();
@@ -1495,6 +1586,22 @@ mod tests {
         let stat = "4242 (CPU 0/KVM) R 1 2 3 4 5 6 7 8 9 10 150 25 0 0 20 0 1 0 100";
         assert_eq!(stat_cpu_ticks(stat), Some(175));
         assert!(stat_cpu_ticks("garbage").is_none());
+    }
+
+    #[test]
+    fn the_image_layout_comes_from_vmm_qemu_image() {
+        let info = json!({"tsc_khz": 2_000_000, "boot_status_addr": 18432, "boot_status_ring3": 2953248770u64,
+                          "counter_slot_addr": 20480, "max_ram_below_4g": 2147483648u64});
+        let img = Image::from_json(PathBuf::from("x.img"), &info).unwrap();
+        assert_eq!(
+            (
+                img.boot_status_addr,
+                img.counter_slot,
+                img.max_ram_below_4g >> 20
+            ),
+            (0x4800, 0x5000, 2048)
+        );
+        Image::from_json(PathBuf::from("x.img"), &json!({})).unwrap_err();
     }
 
     #[test]

@@ -106,24 +106,7 @@ pub fn soak(args: &[String]) -> Result<(), String> {
             },
             Some(loss) => run_loss_one(&vmm, loss, &shape, warmup_ms, &mut t),
         };
-        t.runs += 1;
-        if ok {
-            t.ok += 1;
-        } else {
-            t.failed += 1;
-        }
-        match (shape.ring_bytes, shape.clear_shift) {
-            (Some(_), _) => t.ring += 1,
-            (None, None) => t.legacy += 1,
-            (None, Some(_)) => t.clear += 1,
-        }
-        if shape.channels == Some(0) {
-            t.v1 += 1;
-        } else {
-            t.sessions += 1;
-            t.tls += u32::from(tls);
-            t.plain_sessions += u32::from(!tls && loss.is_none());
-        }
+        t.count(ok, &shape, tls, loss.is_some());
         if !ok || (i + 1) % 10 == 0 || runs <= 20 || loss.is_some() {
             println!(
                 "  {:>4}/{runs} {:<44} warm-up {:>4} ms {:>5.1}s {} {note}",
@@ -140,77 +123,119 @@ pub fn soak(args: &[String]) -> Result<(), String> {
         }
     }
     let left = leftover_children();
-    let mut dt = t.downtime_ms.clone();
-    dt.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        dt.get(((dt.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
-    let mismatched = t.increment_bad_pages + t.digest_mismatched_pages;
     println!(
         "\n==> xtask soak summary (seed {seed}, {:.0} s)",
         start.elapsed().as_secs_f64()
     );
-    println!(
-        "  runs                        {:>8}   (legacy {}, clear {}, ring {})",
-        t.runs, t.legacy, t.clear, t.ring
-    );
-    println!(
-        "  version-1 streams           {:>8}   (sessions {}, of which over TLS {})",
-        t.v1, t.sessions, t.tls
-    );
-    println!("  verified                    {:>8}", t.ok);
-    println!("  failed                      {:>8}", t.failed);
-    println!(
-        "  increment runs              {:>8}   (inconsistent {})",
-        t.increment_runs, t.increment_inconsistent
-    );
-    println!("  increment-rule bad pages    {:>8}", t.increment_bad_pages);
-    println!(
-        "  digest-table mismatches     {:>8}   pages",
-        t.digest_mismatched_pages
-    );
-    println!(
-        "  fingerprint mismatches      {:>8}   runs",
-        t.fingerprint_mismatches
-    );
-    println!(
-        "  MISMATCHED PAGES            {:>8}   (must be 0)",
-        mismatched
-    );
-    println!(
-        "  migration time              {:>8.0}   ms mean; downtime p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        if t.ok > 0 { t.total_ms / f64::from(t.ok) } else { 0.0 },
-        pct(0.5),
-        pct(0.99),
-        dt.last().copied().unwrap_or(0.0)
-    );
-    println!(
-        "  downtime over 2x its limit  {:>8}   runs (not a correctness failure)",
-        t.over_downtime
-    );
-    println!(
-        "  losses made on purpose      {:>8}   runs ({} handled: caught on both sides, or repaired by the destination)",
-        t.loss_runs, t.losses_handled
-    );
-    println!(
-        "  LOSSES NOT CAUGHT           {:>8}   (must be 0: memory differed while a side said verified)",
-        t.losses_undetected
-    );
-    println!("  stray child processes       {:>8}", left.len());
-    if t.failed == 0
-        && mismatched == 0
-        && t.fingerprint_mismatches == 0
-        && t.losses_undetected == 0
-        && left.is_empty()
-    {
-        println!("soak: all {} runs verified, 0 mismatched pages", t.runs);
-        Ok(())
-    } else {
+    t.print(left.len());
+    t.verdict(left.len())
+}
+
+impl Totals {
+    /// Counts one run: `ok`, its shape's mode, its transport (a version-1 stream, or a session
+    /// over `tls` or not; a `loss` run's session counts in neither TLS nor plain sessions).
+    fn count(&mut self, ok: bool, shape: &Shape, tls: bool, loss: bool) {
+        self.runs += 1;
+        if ok {
+            self.ok += 1;
+        } else {
+            self.failed += 1;
+        }
+        match (shape.ring_bytes, shape.clear_shift) {
+            (Some(_), _) => self.ring += 1,
+            (None, None) => self.legacy += 1,
+            (None, Some(_)) => self.clear += 1,
+        }
+        if shape.channels == Some(0) {
+            self.v1 += 1;
+        } else {
+            self.sessions += 1;
+            self.tls += u32::from(tls);
+            self.plain_sessions += u32::from(!tls && !loss);
+        }
+    }
+
+    /// Pages the checks found different (must be 0).
+    fn mismatched(&self) -> u64 {
+        self.increment_bad_pages + self.digest_mismatched_pages
+    }
+
+    /// The downtime at percentile `p` (0..=1) of the verified runs.
+    fn downtime_pct(&self, p: f64) -> f64 {
+        let mut dt = self.downtime_ms.clone();
+        dt.sort_by(f64::total_cmp);
+        dt.get(((dt.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    /// The summary table (`stray` child processes left).
+    fn print(&self, stray: usize) {
+        let t = self;
+        println!(
+            "  runs                        {:>8}   (legacy {}, clear {}, ring {})",
+            t.runs, t.legacy, t.clear, t.ring
+        );
+        println!(
+            "  version-1 streams           {:>8}   (sessions {}, of which over TLS {})",
+            t.v1, t.sessions, t.tls
+        );
+        println!("  verified                    {:>8}", t.ok);
+        println!("  failed                      {:>8}", t.failed);
+        println!(
+            "  increment runs              {:>8}   (inconsistent {})",
+            t.increment_runs, t.increment_inconsistent
+        );
+        println!("  increment-rule bad pages    {:>8}", t.increment_bad_pages);
+        println!(
+            "  digest-table mismatches     {:>8}   pages",
+            t.digest_mismatched_pages
+        );
+        println!(
+            "  fingerprint mismatches      {:>8}   runs",
+            t.fingerprint_mismatches
+        );
+        println!(
+            "  MISMATCHED PAGES            {:>8}   (must be 0)",
+            t.mismatched()
+        );
+        println!(
+            "  migration time              {:>8.0}   ms mean; downtime p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            if t.ok > 0 { t.total_ms / f64::from(t.ok) } else { 0.0 },
+            t.downtime_pct(0.5),
+            t.downtime_pct(0.99),
+            t.downtime_pct(1.0)
+        );
+        println!(
+            "  downtime over 2x its limit  {:>8}   runs (not a correctness failure)",
+            t.over_downtime
+        );
+        println!(
+            "  losses made on purpose      {:>8}   runs ({} handled: caught on both sides, or repaired by the destination)",
+            t.loss_runs, t.losses_handled
+        );
+        println!(
+            "  LOSSES NOT CAUGHT           {:>8}   (must be 0: memory differed while a side said verified)",
+            t.losses_undetected
+        );
+        println!("  stray child processes       {stray:>8}");
+    }
+
+    /// Every run verified, nothing mismatched or undetected, no stray process.
+    fn verdict(&self, stray: usize) -> Result<(), String> {
+        let mismatched = self.mismatched();
+        if self.failed == 0
+            && mismatched == 0
+            && self.fingerprint_mismatches == 0
+            && self.losses_undetected == 0
+            && stray == 0
+        {
+            println!("soak: all {} runs verified, 0 mismatched pages", self.runs);
+            return Ok(());
+        }
         Err(format!(
-            "soak: {} of {} runs failed, {mismatched} mismatched pages, {} fingerprint mismatches",
-            t.failed, t.runs, t.fingerprint_mismatches
+            "soak: {} of {} runs failed, {mismatched} mismatched pages, {} fingerprint mismatches, {} losses not caught, {stray} stray processes",
+            self.failed, self.runs, self.fingerprint_mismatches, self.losses_undetected
         ))
     }
 }
@@ -245,13 +270,14 @@ fn pick_channels(rng: &mut Rng) -> Option<u32> {
     }
 }
 
-fn run_one(
+/// Starts a destination, then a source migrating to it (over mutual TLS if `tls`): (destination,
+/// source).
+fn spawn_pair(
     vmm: &std::path::Path,
     shape: &Shape,
     warmup_ms: u64,
     tls: bool,
-    t: &mut Totals,
-) -> Result<(), String> {
+) -> Result<(Proc, Proc), String> {
     let mut incoming = incoming_cmd(vmm, &[], "127.0.0.1");
     if tls {
         incoming.args(incoming_tls_args());
@@ -270,7 +296,18 @@ fn run_one(
         "--ram-fingerprint".into(),
         "--json".into(),
     ]);
-    let mut src = Proc::spawn("source", cmd)?;
+    let src = Proc::spawn("source", cmd)?;
+    Ok((dst, src))
+}
+
+fn run_one(
+    vmm: &std::path::Path,
+    shape: &Shape,
+    warmup_ms: u64,
+    tls: bool,
+    t: &mut Totals,
+) -> Result<(), String> {
+    let (mut dst, mut src) = spawn_pair(vmm, shape, warmup_ms, tls)?;
     let src_status = src.wait_timeout(Duration::from_secs(120));
     let dst_status = dst.wait_timeout(Duration::from_secs(60));
     let d = dest_outcome(&dst);
@@ -349,5 +386,35 @@ fn run_one(
         Ok(())
     } else {
         Err(errors.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_count_modes_and_fail_on_anything_mismatched() {
+        let mut t = Totals::default();
+        let mut rng = Rng::new(7);
+        let shape = Shape::random(&mut rng, 128 * MIB, 256 * MIB, 80);
+        t.count(true, &shape.clone().with_channels(Some(0)), false, false);
+        t.count(false, &shape.clone().with_channels(None), true, false);
+        t.count(true, &shape.clone().with_channels(Some(4)), false, false);
+        t.count(true, &shape.with_channels(Some(1)), false, true);
+        assert_eq!((t.runs, t.ok, t.failed), (4, 3, 1));
+        assert_eq!(t.legacy + t.clear + t.ring, 4);
+        assert_eq!((t.v1, t.sessions, t.tls, t.plain_sessions), (1, 3, 1, 1));
+        assert!(t.verdict(0).is_err());
+        let mut t = Totals {
+            runs: 1,
+            ok: 1,
+            downtime_ms: vec![30.0, 10.0, 20.0],
+            ..Totals::default()
+        };
+        assert_eq!((t.downtime_pct(0.5), t.downtime_pct(1.0)), (20.0, 30.0));
+        t.verdict(0).unwrap();
+        t.digest_mismatched_pages = 1;
+        assert!(t.verdict(0).is_err());
     }
 }

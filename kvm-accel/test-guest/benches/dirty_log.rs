@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clearlog_kvm::KvmMemoryListener;
-use clearlog_kvm::{DirtyLogChoice, Vm, VmConfig};
+use clearlog_kvm::{KvmDirtyLogMode, Vm, VmConfig};
 use clearlog_memory::{MemorySystem, RamBlock, RegionId};
 use clearlog_test_guest::guest_ram::{GuestRam, RawGuestRam};
 use clearlog_test_guest::layout::{counter_slot_addr, INFRA_END};
@@ -46,7 +46,7 @@ struct Rig {
 
 impl Rig {
     /// 1 MiB of infrastructure + 1 GiB working set, logging on, `spec` running and ready.
-    fn new(choice: DirtyLogChoice, spec: WorkloadSpec) -> Rig {
+    fn new(choice: Option<KvmDirtyLogMode>, spec: WorkloadSpec) -> Rig {
         let vm = Arc::new(
             Vm::new(VmConfig {
                 dirty_log: choice,
@@ -86,9 +86,9 @@ impl Rig {
     /// A manual-mode rig, guest paused, synced and fully re-armed.
     fn paused_manual() -> Rig {
         let rig = Rig::new(
-            DirtyLogChoice::Manual {
+            Some(KvmDirtyLogMode::Manual {
                 initially_set: true,
-            },
+            }),
             sweep_spec(),
         );
         rig.runner().pause().unwrap();
@@ -162,12 +162,12 @@ fn table_sync_clear(reps: usize) {
     );
     println!("{:<8} {:>14} {:>14}", "mode", "log_sync ms", "log_clear ms");
     for (name, choice) in [
-        ("legacy", DirtyLogChoice::Legacy),
+        ("legacy", Some(KvmDirtyLogMode::Legacy)),
         (
             "manual",
-            DirtyLogChoice::Manual {
+            Some(KvmDirtyLogMode::Manual {
                 initially_set: true,
-            },
+            }),
         ),
     ] {
         let rig = Rig::new(choice, sweep_spec());
@@ -257,19 +257,19 @@ fn table_throughput_dip(reps: usize) {
         "mode / operation", "steady", "after op", "ratio"
     );
     for (name, choice, clear) in [
-        ("legacy: sync (GET)", DirtyLogChoice::Legacy, false),
+        ("legacy: sync (GET)", Some(KvmDirtyLogMode::Legacy), false),
         (
             "manual: sync (GET)",
-            DirtyLogChoice::Manual {
+            Some(KvmDirtyLogMode::Manual {
                 initially_set: true,
-            },
+            }),
             false,
         ),
         (
             "manual: sync + clear all",
-            DirtyLogChoice::Manual {
+            Some(KvmDirtyLogMode::Manual {
                 initially_set: true,
-            },
+            }),
             true,
         ),
     ] {
@@ -283,7 +283,7 @@ fn table_throughput_dip(reps: usize) {
         );
         // Settle: one full sync/clear, then let the guest fault everything back in.
         rig.memory.log_sync_all().unwrap();
-        if choice != DirtyLogChoice::Legacy {
+        if choice != Some(KvmDirtyLogMode::Legacy) {
             rig.clear_all();
         }
         let (mut steady, mut after) = (0.0, 0.0);
@@ -328,7 +328,7 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(2));
     // Manual GET does not clear: every sync sees all 262144 pages dirty.
     g.bench_function("log_sync", |b| {
-        b.iter(|| rig.memory.log_sync_all().unwrap())
+        b.iter(|| rig.memory.log_sync_all().unwrap());
     });
     // Each clear needs a fresh sync with everything dirty: toggling logging with INITIALLY_SET
     // sets every bit again without re-protecting anything (the pages stay mapped writable).
@@ -341,7 +341,7 @@ fn bench(c: &mut Criterion) {
             },
             |()| rig.clear_all(),
             BatchSize::PerIteration,
-        )
+        );
     });
     g.finish();
     drop(rig);

@@ -203,7 +203,7 @@ impl GuestRam for ImageRam {
 }
 
 fn asm_err(e: iced_x86::IcedError) -> Error {
-    Error::Assemble(e.to_string())
+    Error::Assemble(e)
 }
 
 /// The 32-bit entry: copy the infrastructure area down, enable long mode, jump to 64-bit code.
@@ -245,9 +245,9 @@ fn entry64(w: &Workload) -> Result<Vec<u8>> {
     let entry = w.entry(0)?;
     (|| {
         let mut a = CodeAssembler::new(64)?;
-        a.mov(ax, TSS_SEL as u32)?;
+        a.mov(ax, u32::from(TSS_SEL))?;
         a.ltr(ax)?;
-        a.mov(ax, KERNEL_DS as u32)?;
+        a.mov(ax, u32::from(KERNEL_DS))?;
         a.mov(ds, ax)?;
         a.mov(es, ax)?;
         a.mov(ss, ax)?;
@@ -461,15 +461,15 @@ mod tests {
     fn bad_specs_are_errors() {
         let mut s = spec();
         s.low_ram_end = (2 << 30) + 4096;
-        assert!(build(&s).is_err());
+        build(&s).unwrap_err();
         let mut s = spec();
         s.low_ram_end = 5 << 30;
-        assert!(build(&s).is_err());
+        build(&s).unwrap_err();
         let mut s = spec();
         s.wss_bytes = 5 << 30;
-        assert!(build(&s).is_err());
+        build(&s).unwrap_err();
         let mut s = spec();
         s.mem_bytes = (4 << 30) + 4096;
-        assert!(build(&s).is_err());
+        build(&s).unwrap_err();
     }
 }

@@ -20,7 +20,7 @@ pub enum Error {
     #[error(transparent)]
     Vm(#[from] clearlog_kvm::Error),
     /// A vCPU or system ioctl failed.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Kvm {
         /// Name of the operation (ioctl) that failed.
         op: &'static str,
@@ -39,8 +39,22 @@ pub enum Error {
     #[error("invalid guest layout: {0}")]
     Layout(String),
     /// Generating a guest program failed.
-    #[error("assembling guest code: {0}")]
-    Assemble(String),
+    #[error("assembling guest code")]
+    Assemble(#[source] iced_x86::IcedError),
+    /// A generated guest program does not fit the code area.
+    #[error("the guest program of {len} bytes is larger than the {max}-byte code area")]
+    ProgramTooLarge {
+        /// The program's size.
+        len: usize,
+        /// The code area's size.
+        max: u64,
+    },
+    /// The guest RAM could not be set up in the memory system.
+    #[error("setting up guest memory")]
+    Memory(#[source] clearlog_memory::Error),
+    /// An MSR list could not be built for `KVM_GET_MSRS`/`KVM_SET_MSRS`.
+    #[error("building the MSR list")]
+    MsrList(#[source] vmm_sys_util::fam::Error),
     /// A workload parameter is invalid.
     #[error("invalid workload: {0}")]
     InvalidWorkload(String),
@@ -74,9 +88,21 @@ pub enum Error {
     /// The operation needs the vCPU thread to be paused.
     #[error("vCPU {0} is not paused")]
     VcpuNotPaused(u32),
-    /// Spawning the vCPU thread or registering the kick signal failed.
-    #[error("vCPU thread: {0}")]
-    Thread(String),
+    /// Spawning, kicking or setting up the vCPU thread failed.
+    #[error("vCPU thread: {what} failed")]
+    Thread {
+        /// What failed (`"spawn"`, `"pthread_kill"`, ...).
+        what: &'static str,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The vCPU thread panicked (found when joining it).
+    #[error("the vCPU thread panicked")]
+    ThreadPanicked,
+    /// The vCPU is still shared after its thread ended, so it cannot be given back.
+    #[error("the vCPU is still shared after its thread ended")]
+    VcpuStillShared,
     /// The workload did not become ready in time.
     #[error("workload not ready after {0:?}")]
     WorkloadTimeout(std::time::Duration),
@@ -91,5 +117,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     pub(crate) fn kvm(op: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Error {
         move |source| Error::Kvm { op, source }
+    }
+
+    pub(crate) fn thread(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+        move |source| Error::Thread { what, source }
     }
 }

@@ -14,7 +14,8 @@
 //! [`Guest::restore_vcpus`] and [`Guest::resume`]).
 //!
 //! # Example
-//! ```no_run
+//! ```
+//! # if clearlog_kvm::doctest_kvm_skip("guest.rs") { return; }
 //! use clearlog_test_guest::{Guest, GuestConfig};
 //! use clearlog_test_guest::workload::WorkloadSpec;
 //!
@@ -34,7 +35,7 @@ use std::time::Duration;
 use clearlog_memory::{MemorySystem, RamBlock};
 
 use clearlog_kvm::{
-    DirtyLogChoice, KvmMemoryListener, ProtectMode, RingReaper, Vm, VmConfig, RING_REAP_INTERVAL,
+    KvmDirtyLogMode, KvmMemoryListener, RingReaper, Vm, VmConfig, RING_REAP_INTERVAL,
 };
 
 use crate::guest_ram::{GuestRam, RawGuestRam};
@@ -62,7 +63,7 @@ pub struct GuestConfig {
     /// Number of vCPUs (the workload runs on each).
     pub vcpus: u32,
     /// Dirty-log mode of the VM.
-    pub dirty_log: DirtyLogChoice,
+    pub dirty_log: Option<KvmDirtyLogMode>,
     /// The guest program.
     pub workload: WorkloadSpec,
     /// How long [`Guest::boot`] waits for the workload to pre-fault its working set.
@@ -74,7 +75,7 @@ impl Default for GuestConfig {
         Self {
             mem_bytes: 256 << 20,
             vcpus: 1,
-            dirty_log: DirtyLogChoice::Auto,
+            dirty_log: None,
             workload: WorkloadSpec::Idle,
             ready_timeout: Duration::from_secs(60),
         }
@@ -107,7 +108,7 @@ impl std::fmt::Debug for Guest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Guest")
             .field("mem_bytes", &self.mem_bytes)
-            .field("mode", &self.vm.protect_mode())
+            .field("mode", &self.vm.dirty_log_mode())
             .finish_non_exhaustive()
     }
 }
@@ -120,7 +121,8 @@ impl Guest {
     /// A size that is not a 2 MiB multiple or too large, `/dev/kvm` problems, memslot or mmap errors.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("create") { return; }
     /// let g = clearlog_test_guest::Guest::create(Default::default()).unwrap();
     /// assert_eq!(g.mem_bytes(), 256 << 20);
     /// ```
@@ -148,12 +150,12 @@ impl Guest {
         ));
         let region = memory
             .add_ram(RAM_BLOCK_NAME, 0, mem)
-            .map_err(memory_error)?;
-        let (block, _) = memory.region_block(region).map_err(memory_error)?;
+            .map_err(Error::Memory)?;
+        let (block, _) = memory.region_block(region).map_err(Error::Memory)?;
         let listener = Arc::new(KvmMemoryListener::new(vm.clone()));
         memory
             .register_listener(listener.clone())
-            .map_err(memory_error)?;
+            .map_err(Error::Memory)?;
         // SAFETY: the block's mapping of `mem` bytes is page-aligned, readable and writable, and
         // lives as long as `block`, which this struct holds for as long as `ram`. Nothing forms a
         // Rust reference into it: the memory system and vm-memory (a migration's copies) access it
@@ -170,7 +172,7 @@ impl Guest {
             Some(v) => v.tsc_khz()?,
             None => 0,
         };
-        let reaper = if vm.protect_mode().is_ring() {
+        let reaper = if vm.dirty_log_mode().is_ring() {
             Some(listener.start_ring_reaper(RING_REAP_INTERVAL)?)
         } else {
             None
@@ -192,7 +194,8 @@ impl Guest {
     /// pre-faulted its working set.
     ///
     /// # Example
-    /// ```no_run
+    /// ```
+    /// # if clearlog_kvm::doctest_kvm_skip("boot") { return; }
     /// let g = clearlog_test_guest::Guest::boot(Default::default()).unwrap();
     /// ```
     pub fn boot(config: GuestConfig) -> Result<Self> {
@@ -225,7 +228,7 @@ impl Guest {
 
     /// The ring-full handler of this guest's vCPUs (ring mode): note the exit, reap the rings.
     fn ring_handler(&self) -> Option<RingFullHandler> {
-        if !self.vm.protect_mode().is_ring() {
+        if !self.vm.dirty_log_mode().is_ring() {
             return None;
         }
         let listener = Arc::downgrade(&self.listener);
@@ -292,8 +295,8 @@ impl Guest {
     }
 
     /// The dirty-log mode in use.
-    pub fn protect_mode(&self) -> ProtectMode {
-        self.vm.protect_mode()
+    pub fn dirty_log_mode(&self) -> KvmDirtyLogMode {
+        self.vm.dirty_log_mode()
     }
 
     /// Guest TSC frequency in kHz.
@@ -522,8 +525,4 @@ impl Drop for Guest {
 /// The vCPU index of a state blob name (`vcpu3` -> 3).
 fn vcpu_blob_index(name: &str) -> Option<u32> {
     name.strip_prefix(VCPU_BLOB_PREFIX)?.parse().ok()
-}
-
-fn memory_error(e: clearlog_memory::Error) -> Error {
-    Error::Layout(format!("guest memory: {e}"))
 }

@@ -170,7 +170,7 @@ impl RawGuestRam {
         // for the lifetime of `self` (which the reference cannot outlive). Accesses through this
         // type are atomic; other host code's plain copies of the same bytes are the shared-memory
         // case of the type docs.
-        unsafe { AtomicU64::from_ptr(self.host.add(offset as usize) as *mut u64) }
+        unsafe { AtomicU64::from_ptr(self.host.add(offset as usize).cast::<u64>()) }
     }
 
     fn atomic(&self, gpa: u64) -> Result<&AtomicU64> {
@@ -255,7 +255,7 @@ mod tests {
     fn byte_copies_at_every_alignment_round_trip() {
         let mut buf = vec![0u64; 64];
         // SAFETY: `buf` outlives `ram` and is only accessed through it meanwhile.
-        let ram = unsafe { RawGuestRam::new(buf.as_mut_ptr() as *mut u8, 512) };
+        let ram = unsafe { RawGuestRam::new(buf.as_mut_ptr().cast::<u8>(), 512) };
         for start in 0..16u64 {
             for len in 0..40usize {
                 let data: Vec<u8> = (0..len).map(|i| (i as u8) ^ (start as u8 * 7)).collect();

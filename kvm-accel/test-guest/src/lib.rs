@@ -19,7 +19,8 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! ```
+//! # if clearlog_kvm::doctest_kvm_skip("lib.rs") { return; }
 //! use clearlog_kvm::{Vm, VmConfig};
 //! use clearlog_test_guest::vcpu::{runner::VcpuRunner, Vcpu};
 //! use clearlog_test_guest::workload::{monitor::WorkloadMonitor, Workload, WorkloadSpec};
@@ -42,7 +43,7 @@
 //! let runner = VcpuRunner::spawn(vcpu).unwrap();
 //! WorkloadMonitor::new(&mem, 1).wait_ready(std::time::Duration::from_secs(5)).unwrap();
 //! ```
-#![deny(missing_docs)]
+#![deny(unreachable_pub)]
 #![cfg(target_arch = "x86_64")]
 
 pub mod boot_image;

@@ -9,8 +9,8 @@ mod common;
 use std::os::fd::AsFd;
 
 use clearlog_kvm::raw::{clear_dirty_log, ClearDirtyLogError};
-use clearlog_kvm::DirtyLogChoice;
 use clearlog_kvm::Error;
+use clearlog_kvm::KvmDirtyLogMode;
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -21,9 +21,9 @@ const SLOT: u32 = 1;
 /// on-demand dirtier running.
 fn setup(pages: u64) -> (Guest, clearlog_test_guest::vcpu::runner::VcpuRunner) {
     let g = Guest::unmapped(
-        DirtyLogChoice::Manual {
+        Some(KvmDirtyLogMode::Manual {
             initially_set: false,
-        },
+        }),
         2 * MIB,
     );
     g.map(0, 0, MIB, false);
@@ -194,7 +194,7 @@ fn legacy_vm_refuses_clear() {
         return;
     }
     let _s = serial();
-    let g = Guest::unmapped(DirtyLogChoice::Legacy, 2 * MIB);
+    let g = Guest::unmapped(Some(KvmDirtyLogMode::Legacy), 2 * MIB);
     g.map(0, 0, MIB, false);
     g.map(SLOT, MIB, 64 * 4096, true);
     assert!(matches!(

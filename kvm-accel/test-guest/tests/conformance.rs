@@ -17,7 +17,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clearlog_kvm::{DirtyLogChoice, KvmMemoryListener, Vm, VmConfig};
+use clearlog_kvm::{KvmDirtyLogMode, KvmMemoryListener, Vm, VmConfig};
 use clearlog_memory::testing::{check_memory_listener, ConformanceConfig};
 use clearlog_memory::{MemoryListener, MemorySystem, Section, PAGE_SIZE};
 use clearlog_test_guest::guest_ram::{GuestRam, RawGuestRam};
@@ -47,7 +47,7 @@ fn poke_image() -> Vec<u8> {
     a.assemble(CODE_ADDR).unwrap()
 }
 
-fn conformance(choice: DirtyLogChoice) {
+fn conformance(choice: Option<KvmDirtyLogMode>) {
     let vm = Arc::new(
         Vm::new(VmConfig {
             dirty_log: choice,
@@ -75,7 +75,7 @@ fn conformance(choice: DirtyLogChoice) {
     clearlog_test_guest::long_mode::write_tables(&ram, map_end).expect("page tables");
     vcpu.setup_ring3(&w.entry(0).unwrap()).unwrap();
 
-    let listener = Arc::new(KvmMemoryListener::new(vm.clone()));
+    let listener = Arc::new(KvmMemoryListener::new(vm));
     let idle = Mutex::new(Some(vcpu));
     let running: Mutex<Option<VcpuRunner>> = Mutex::new(None);
     let pokes = std::sync::atomic::AtomicU64::new(0);
@@ -127,14 +127,14 @@ fn kvm_listener_passes_the_conformance_kit() {
         return;
     }
     let _s = serial();
-    conformance(DirtyLogChoice::Legacy);
+    conformance(Some(KvmDirtyLogMode::Legacy));
     if !manual_available() {
         return;
     }
-    conformance(DirtyLogChoice::Manual {
+    conformance(Some(KvmDirtyLogMode::Manual {
         initially_set: false,
-    });
-    conformance(DirtyLogChoice::Manual {
+    }));
+    conformance(Some(KvmDirtyLogMode::Manual {
         initially_set: true,
-    });
+    }));
 }

@@ -5,15 +5,14 @@
 
 mod common;
 
-use clearlog_kvm::DirtyLogChoice;
-use clearlog_kvm::{KvmCaps, ProtectMode};
+use clearlog_kvm::{KvmCaps, KvmDirtyLogMode};
 use common::*;
 
 const MIB: u64 = 1 << 20;
 const SLOT: u32 = 1;
 const PAGES: u64 = 128;
 
-fn setup(choice: DirtyLogChoice) -> Guest {
+fn setup(choice: Option<KvmDirtyLogMode>) -> Guest {
     let g = Guest::unmapped(choice, 2 * MIB);
     g.map(0, 0, MIB, false);
     g.map(SLOT, MIB, PAGES * 4096, true);
@@ -32,8 +31,8 @@ fn legacy_get_clears() {
         return;
     }
     let _s = serial();
-    let g = setup(DirtyLogChoice::Legacy);
-    assert_eq!(g.vm.protect_mode(), ProtectMode::Legacy);
+    let g = setup(Some(KvmDirtyLogMode::Legacy));
+    assert_eq!(g.vm.dirty_log_mode(), KvmDirtyLogMode::Legacy);
     let r = start_dirtier(&g);
     let mut d = Dirtier {
         mem: &g.mem,
@@ -59,9 +58,9 @@ fn manual_get_only_copies() {
         return;
     }
     let _s = serial();
-    let g = setup(DirtyLogChoice::Manual {
+    let g = setup(Some(KvmDirtyLogMode::Manual {
         initially_set: false,
-    });
+    }));
     let r = start_dirtier(&g);
     let mut d = Dirtier {
         mem: &g.mem,
@@ -92,9 +91,9 @@ fn initially_set_first_get_is_all_ones() {
         return;
     }
     let _s = serial();
-    let g = setup(DirtyLogChoice::Manual {
+    let g = setup(Some(KvmDirtyLogMode::Manual {
         initially_set: true,
-    });
+    }));
     // No guest ran: every bit is set anyway.
     assert_eq!(get(&g), vec![u64::MAX, u64::MAX]);
     let r = start_dirtier(&g);

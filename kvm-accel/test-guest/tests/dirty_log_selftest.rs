@@ -4,7 +4,7 @@
 //! The approach of Linux's `dirty_log_test` (selftests/kvm), rewritten for our stack: a guest
 //! writes the current `iteration` into random pages as fast as it can while the host harvests the
 //! dirty log the way migration does (`log_sync_all`, `sync_migration_bitmap` with a
-//! `ClearBitmap`, then `clear_chunk_before_send` for every chunk, then read the pages), and
+//! `ClearBitmap`, then re-arm every chunk (`ClearBitmap::clear_run_before_read`), then read the pages), and
 //! every page of the working set is checked at every round against what it holds.
 //!
 //! Per page the host keeps `sent`: the value it read the last time the page was reported dirty
@@ -34,7 +34,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
-use clearlog_kvm::DirtyLogChoice;
+use clearlog_kvm::KvmDirtyLogMode;
 use clearlog_memory::ClearBitmap;
 use clearlog_test_guest::guest_ram::GuestRam;
 use clearlog_test_guest::layout::INFRA_END;
@@ -100,11 +100,18 @@ impl Harness<'_> {
         for chunk in 0..self.clear.chunk_count() {
             if self.clear.test(chunk) {
                 let (first, _) = self.clear.chunk_pages(chunk);
-                assert!(self
-                    .mv
-                    .memory
-                    .clear_chunk_before_send(&self.block, &mut self.clear, first)
-                    .unwrap());
+                let (memory, block) = (&self.mv.memory, &self.block);
+                let rearmed = self
+                    .clear
+                    .clear_run_before_read(first, 1, |first, n| {
+                        memory.clear_dirty_bitmap_block(
+                            block,
+                            first * clearlog_memory::PAGE_SIZE,
+                            n * clearlog_memory::PAGE_SIZE,
+                        )
+                    })
+                    .unwrap();
+                assert_eq!(rearmed, 1);
             }
         }
         assert_eq!(self.clear.pending(), 0);
@@ -214,10 +221,10 @@ impl Harness<'_> {
     }
 }
 
-fn selftest(choice: DirtyLogChoice, shift_paused: u8, shift_running: u8) {
+fn selftest(choice: Option<KvmDirtyLogMode>, shift_paused: u8, shift_running: u8) {
     let started = Instant::now();
     let mv = MemVm::new(choice, RAM);
-    let mode = mv.vm.protect_mode();
+    let mode = mv.vm.dirty_log_mode();
     mv.memory.log_global_start().unwrap();
     let wss_pages = (RAM - INFRA_END) / PAGE;
     let w = Workload::new(WorkloadSpec::Random {
@@ -231,7 +238,7 @@ fn selftest(choice: DirtyLogChoice, shift_paused: u8, shift_running: u8) {
     let pages = block.pages();
     let mut h = Harness {
         mv: &mv,
-        block: block.clone(),
+        block,
         first_wss_page: INFRA_END / PAGE,
         wss_pages,
         sent: vec![0; wss_pages as usize],
@@ -343,7 +350,7 @@ fn selftest_ring() {
     }
     let _s = serial();
     // 16 KiB = 1024 entries per vCPU, far below the working set: rings fill every round.
-    selftest(DirtyLogChoice::Ring { bytes: 16 << 10 }, 6, 18);
+    selftest(Some(KvmDirtyLogMode::Ring { bytes: 16 << 10 }), 6, 18);
 }
 
 #[test]
@@ -352,7 +359,7 @@ fn selftest_legacy() {
         return;
     }
     let _s = serial();
-    selftest(DirtyLogChoice::Legacy, 6, 18);
+    selftest(Some(KvmDirtyLogMode::Legacy), 6, 18);
 }
 
 #[test]
@@ -362,9 +369,9 @@ fn selftest_manual_initially_set() {
     }
     let _s = serial();
     selftest(
-        DirtyLogChoice::Manual {
+        Some(KvmDirtyLogMode::Manual {
             initially_set: true,
-        },
+        }),
         6,
         12,
     );
@@ -377,9 +384,9 @@ fn selftest_manual() {
     }
     let _s = serial();
     selftest(
-        DirtyLogChoice::Manual {
+        Some(KvmDirtyLogMode::Manual {
             initially_set: false,
-        },
+        }),
         9,
         18,
     );

@@ -8,7 +8,6 @@ mod common;
 
 use std::time::Duration;
 
-use clearlog_kvm::DirtyLogChoice;
 use clearlog_test_guest::layout::INFRA_END;
 use clearlog_test_guest::workload::monitor::{achieved_rate, ticks_to_ms, WorkloadMonitor};
 use clearlog_test_guest::workload::{reset_stall, set_dirty_rate, Workload, WorkloadSpec};
@@ -28,7 +27,7 @@ fn random_holds_target_rate() {
     let _s = serial();
     let wss = 256 * MIB;
     let target = 64 * MIB;
-    let g = Guest::new(DirtyLogChoice::Auto, INFRA_END + wss, false);
+    let g = Guest::new(None, INFRA_END + wss, false);
     let w = Workload::new(WorkloadSpec::Random {
         wss_bytes: wss,
         dirty_rate_bytes_per_s: target,
@@ -86,7 +85,7 @@ fn random_records_write_gaps_and_rate() {
     let _s = serial();
     let wss = 64 * MIB;
     let target = 32 * MIB;
-    let g = Guest::new(DirtyLogChoice::Auto, INFRA_END + wss, false);
+    let g = Guest::new(None, INFRA_END + wss, false);
     let w = Workload::new(WorkloadSpec::Random {
         wss_bytes: wss,
         dirty_rate_bytes_per_s: target,

@@ -13,7 +13,7 @@
 
 mod common;
 
-use clearlog_kvm::DirtyLogChoice;
+use clearlog_kvm::KvmDirtyLogMode;
 use clearlog_memory::DirtyClient;
 use clearlog_test_guest::layout::INFRA_END;
 use common::*;
@@ -22,9 +22,9 @@ const PAGE: u64 = 4096;
 /// Guest-physical address of the region under test (inside the guest's identity map).
 const T_GPA: u64 = 0x20_0000;
 
-const MANUAL: DirtyLogChoice = DirtyLogChoice::Manual {
+const MANUAL: Option<KvmDirtyLogMode> = Some(KvmDirtyLogMode::Manual {
     initially_set: false,
-};
+});
 
 fn pages(r: std::ops::Range<u64>) -> Vec<u64> {
     r.collect()
@@ -108,9 +108,9 @@ fn initially_set_half_clear() {
     let _s = serial();
     // No guest at all: INITIALLY_SET makes every page read dirty when logging starts.
     let mv = MemVm::new(
-        DirtyLogChoice::Manual {
+        Some(KvmDirtyLogMode::Manual {
             initially_set: true,
-        },
+        }),
         INFRA_END,
     );
     let t = mv.memory.add_ram("t", T_GPA, 64 * PAGE).unwrap();
@@ -194,9 +194,9 @@ fn clear_before_sync_clears_nothing() {
     }
     let _s = serial();
     let mv = MemVm::new(
-        DirtyLogChoice::Manual {
+        Some(KvmDirtyLogMode::Manual {
             initially_set: true,
-        },
+        }),
         INFRA_END,
     );
     let t = mv.memory.add_ram("t", T_GPA, 64 * PAGE).unwrap();
@@ -226,7 +226,7 @@ fn clear_before_sync_clears_nothing() {
 /// synced and the clear was refused (`ClearBeforeSync`). Now the clear is a no-op, and no write
 /// is lost: those made before the unmap reach Migration through region_del's sync, those made on
 /// the new slot through its own syncs.
-fn remap_between_sync_and_clear(choice: DirtyLogChoice) {
+fn remap_between_sync_and_clear(choice: Option<KvmDirtyLogMode>) {
     let mv = MemVm::new(choice, INFRA_END);
     let t = mv.memory.add_ram("t", T_GPA, 128 * PAGE).unwrap();
     let block = mv.memory.region_block(t).unwrap().0;
@@ -251,8 +251,11 @@ fn remap_between_sync_and_clear(choice: DirtyLogChoice) {
             mv.memory.map_region(t, T_GPA, 0).unwrap();
         }
         for &p in &dirty {
-            mv.memory
-                .clear_chunk_before_send(&block, clear, p)
+            clear
+                .clear_run_before_read(p, 1, |first, n| {
+                    mv.memory
+                        .clear_dirty_bitmap_block(&block, first * PAGE, n * PAGE)
+                })
                 .unwrap_or_else(|e| panic!("{choice:?}: chunk clear of page {p} failed: {e}"));
             to_send.clear(p as usize);
         }
@@ -279,12 +282,15 @@ fn remap_between_sync_and_clear(choice: DirtyLogChoice) {
     mv.memory.unmap_region(t).unwrap();
     mv.memory.map_region(t, T_GPA, 0).unwrap();
     for p in reported {
-        mv.memory
-            .clear_chunk_before_send(&block, &mut clear, p)
+        clear
+            .clear_run_before_read(p, 1, |first, n| {
+                mv.memory
+                    .clear_dirty_bitmap_block(&block, first * PAGE, n * PAGE)
+            })
             .unwrap_or_else(|e| panic!("{choice:?}: chunk clear after the remap failed: {e}"));
         to_send.clear(p as usize);
     }
-    if choice != DirtyLogChoice::Legacy {
+    if choice != Some(KvmDirtyLogMode::Legacy) {
         assert!(
             mv.listener.stats().clears_before_sync > before.clears_before_sync,
             "{choice:?}: the clear of the new slot should have been a counted no-op"
@@ -321,14 +327,14 @@ fn remapping_a_region_during_migration_does_not_kill_it() {
         return;
     }
     let _s = serial();
-    remap_between_sync_and_clear(DirtyLogChoice::Legacy);
+    remap_between_sync_and_clear(Some(KvmDirtyLogMode::Legacy));
     if !manual_available() {
         return;
     }
     remap_between_sync_and_clear(MANUAL);
-    remap_between_sync_and_clear(DirtyLogChoice::Manual {
+    remap_between_sync_and_clear(Some(KvmDirtyLogMode::Manual {
         initially_set: true,
-    });
+    }));
 }
 
 #[test]
@@ -337,7 +343,7 @@ fn legacy_clear_before_sync_is_a_no_op() {
         return;
     }
     let _s = serial();
-    let mv = MemVm::new(DirtyLogChoice::Legacy, INFRA_END);
+    let mv = MemVm::new(Some(KvmDirtyLogMode::Legacy), INFRA_END);
     let t = mv.memory.add_ram("t", T_GPA, 64 * PAGE).unwrap();
     mv.memory.log_global_start().unwrap();
     // Legacy: nothing to re-arm (the GET does it), so any clear is accepted and does nothing.
@@ -425,7 +431,7 @@ fn removal_and_unmap_sync_first() {
     r.stop().unwrap();
 }
 
-fn global_stop_syncs(choice: DirtyLogChoice) {
+fn global_stop_syncs(choice: Option<KvmDirtyLogMode>) {
     let mv = MemVm::new(choice, INFRA_END);
     let t = mv.memory.add_ram("t", T_GPA, 64 * PAGE).unwrap();
     mv.memory.log_global_start().unwrap();
@@ -491,7 +497,7 @@ fn log_global_stop_syncs_legacy() {
         return;
     }
     let _s = serial();
-    global_stop_syncs(DirtyLogChoice::Legacy);
+    global_stop_syncs(Some(KvmDirtyLogMode::Legacy));
 }
 
 #[test]
@@ -500,7 +506,7 @@ fn legacy_sync_clears_and_log_clear_is_a_no_op() {
         return;
     }
     let _s = serial();
-    let mv = MemVm::new(DirtyLogChoice::Legacy, INFRA_END);
+    let mv = MemVm::new(Some(KvmDirtyLogMode::Legacy), INFRA_END);
     let t = mv.memory.add_ram("t", T_GPA, 64 * PAGE).unwrap();
     mv.memory.log_global_start().unwrap();
     let r = mv.start_dirtier();

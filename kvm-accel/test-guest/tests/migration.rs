@@ -7,7 +7,6 @@ mod common;
 
 use std::time::Duration;
 
-use clearlog_kvm::DirtyLogChoice;
 use clearlog_test_guest::guest_ram::GuestRam;
 use clearlog_test_guest::layout::INFRA_END;
 use clearlog_test_guest::vcpu::runner::VcpuRunner;
@@ -48,7 +47,7 @@ fn migrate(
     size: u64,
     check: impl FnOnce(&Guest),
 ) -> (u64, Guest, VcpuRunner, VcpuState) {
-    let src = Guest::new(DirtyLogChoice::Auto, size, true);
+    let src = Guest::new(None, size, true);
     let r = src.start(w).pop().unwrap();
     let mon = WorkloadMonitor::new(&src.mem, 1);
     mon.wait_ready(Duration::from_secs(10)).unwrap();
@@ -67,7 +66,7 @@ fn migrate(
     r.stop().unwrap();
     drop(src);
 
-    let dst = Guest::new(DirtyLogChoice::Auto, size, true);
+    let dst = Guest::new(None, size, true);
     dst.mem.write_at(0, &ram).unwrap();
     let state = VcpuState::from_bytes(&blob).unwrap();
     let vcpu = Vcpu::new(&dst.vm, 0).unwrap();
@@ -126,7 +125,7 @@ fn increment_consistent_after_migration() {
         dirty_rate_bytes_per_s: 0,
     });
     let (before, dst, r, _) = migrate(&w, INFRA_END + wss, |g| {
-        increment_ok(&g.mem, wss / 4096).expect("snapshot taken at the pause")
+        increment_ok(&g.mem, wss / 4096).expect("snapshot taken at the pause");
     });
     std::thread::sleep(Duration::from_millis(300));
     r.pause().unwrap();

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use clearlog_bitmap::Bitmap;
-use clearlog_kvm::DirtyLogChoice;
+use clearlog_kvm::KvmDirtyLogMode;
 use clearlog_test_guest::workload::WorkloadSpec;
 use clearlog_test_guest::{Guest, GuestConfig};
 use common::*;
@@ -24,7 +24,7 @@ fn a_ring_guest_on_two_vcpus_kicks_reaps_and_reports() {
     let g = Guest::boot(GuestConfig {
         mem_bytes: 64 << 20,
         vcpus: 2,
-        dirty_log: DirtyLogChoice::Ring { bytes: 16 << 10 },
+        dirty_log: Some(KvmDirtyLogMode::Ring { bytes: 16 << 10 }),
         workload: WorkloadSpec::Random {
             wss_bytes: 32 << 20,
             dirty_rate_bytes_per_s: 64 << 20,
@@ -33,7 +33,7 @@ fn a_ring_guest_on_two_vcpus_kicks_reaps_and_reports() {
         ..GuestConfig::default()
     })
     .expect("boot a ring guest");
-    assert!(g.protect_mode().is_ring());
+    assert!(g.dirty_log_mode().is_ring());
     let memory = g.memory();
     memory.log_global_start().unwrap();
     let block = g.block().clone();
@@ -90,7 +90,7 @@ fn ring_region_removal_and_logging_stop_kick_before_their_reap() {
         return;
     }
     let _s = serial();
-    let mv = MemVm::new(DirtyLogChoice::Ring { bytes: 16 << 10 }, INFRA_END);
+    let mv = MemVm::new(Some(KvmDirtyLogMode::Ring { bytes: 16 << 10 }), INFRA_END);
     let t = mv.memory.add_ram("t", T_GPA, 64 * PAGE).unwrap();
     mv.memory.log_global_start().unwrap();
     let r = mv.start_dirtier();

@@ -2,7 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Two dirty-log clients clearing the same pages concurrently while the guest writes (manual
-//! mode): migration (`sync_migration_bitmap` + `clear_chunk_before_send`, then read) on one
+//! mode): migration (`sync_migration_bitmap`, re-arm the chunk (`ClearBitmap::clear_run_before_read`), then read) on one
 //! thread, a display (`snapshot_and_clear_dirty` for Vga, then read) on another. This is the
 //! 8-step race of docs/design.md section 2: with the listener's per-slot cache no write is lost; with
 //! a naive listener that clears whole ranges in KVM (bypassing the cache, through the raw
@@ -22,11 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
-use clearlog_kvm::DirtyLogChoice;
+use clearlog_kvm::KvmDirtyLogMode;
 use clearlog_kvm::{Error, KvmMemoryListener};
 use clearlog_memory::{
     ClearBitmap, DirtyClient, DirtyClients, DirtyMemory, ListenerError, MemoryListener,
-    MemorySystem, RamBlock, RegionId, Section,
+    MemorySystem, RamBlock, RegionId, Section, PAGE_SIZE,
 };
 use clearlog_test_guest::layout::INFRA_END;
 use clearlog_test_guest::workload::{set_iteration, Workload, WorkloadSpec};
@@ -123,8 +123,10 @@ impl Migration {
         for p in dirty {
             self.dest.clear(p);
             // Clear (re-arm) the chunk, then read: the migration ordering rule.
-            memory
-                .clear_chunk_before_send(block, &mut self.clear, p as u64)
+            self.clear
+                .clear_run_before_read(p as u64, 1, |first, n| {
+                    memory.clear_dirty_bitmap_block(block, first * PAGE_SIZE, n * PAGE_SIZE)
+                })
                 .unwrap();
             self.last[p] = read_page(block, p as u64);
             self.pages_sent += 1;
@@ -169,9 +171,9 @@ const MIN_GUEST_WRITES: u64 = 10_000;
 
 fn run(naive: bool, rounds: u64, round_len: Duration) -> Outcome {
     run_in(
-        DirtyLogChoice::Manual {
+        Some(KvmDirtyLogMode::Manual {
             initially_set: true,
-        },
+        }),
         1,
         naive,
         rounds,
@@ -180,7 +182,7 @@ fn run(naive: bool, rounds: u64, round_len: Duration) -> Outcome {
 }
 
 fn run_in(
-    choice: DirtyLogChoice,
+    choice: Option<KvmDirtyLogMode>,
     vcpus: u32,
     naive: bool,
     rounds: u64,
@@ -323,7 +325,7 @@ fn two_clients_lose_nothing_ring() {
     }
     let _s = serial();
     let out = run_in(
-        DirtyLogChoice::Ring { bytes: 16 << 10 },
+        Some(KvmDirtyLogMode::Ring { bytes: 16 << 10 }),
         2,
         false,
         10,
@@ -364,9 +366,9 @@ fn safe_clear_refuses_listener_slots() {
     }
     // What `naive_clear_loses_writes` does through the raw ioctl, the safe path refuses.
     let mv = MemVm::new(
-        DirtyLogChoice::Manual {
+        Some(KvmDirtyLogMode::Manual {
             initially_set: true,
-        },
+        }),
         INFRA_END + WSS,
     );
     mv.memory.log_global_start().unwrap();
@@ -376,10 +378,10 @@ fn safe_clear_refuses_listener_slots() {
         .slot_id_at(0)
         .expect("the listener's slot at GPA 0");
     let vm = mv.listener.vm();
-    assert!(vm.is_listener_slot(slot));
+    assert!(vm.is_cache_slot(slot));
     let owned = |r: Result<(), Error>| {
         assert!(
-            matches!(r, Err(Error::SlotOwnedByListener { slot: s }) if s == slot),
+            matches!(r, Err(Error::SlotOwnedByCache { slot: s }) if s == slot),
             "{r:?}"
         );
     };

@@ -6,8 +6,8 @@
 mod common;
 
 use clearlog_kvm::Error;
-use clearlog_kvm::{DirtyLogChoice, Vm, VmConfig};
-use clearlog_kvm::{KvmCaps, ProtectMode};
+use clearlog_kvm::KvmCaps;
+use clearlog_kvm::{KvmDirtyLogMode, Vm, VmConfig};
 use common::*;
 
 #[test]
@@ -21,7 +21,7 @@ fn caps_report() {
     assert!(caps.max_memslots > 0);
     assert!(caps.max_vcpus >= caps.nr_vcpus && caps.nr_vcpus > 0);
     assert_eq!(
-        caps.default_protect_mode().is_manual(),
+        caps.default_dirty_log_mode().is_manual(),
         caps.manual_protect_flags & 1 == 1
     );
     assert_eq!(caps.to_string().split(' ').count(), caps.fields().len());
@@ -34,26 +34,26 @@ fn each_mode() {
     }
     let caps = KvmCaps::probe_device("/dev/kvm".as_ref()).unwrap();
     let vm = Vm::new(VmConfig {
-        dirty_log: DirtyLogChoice::Legacy,
+        dirty_log: Some(KvmDirtyLogMode::Legacy),
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(vm.protect_mode(), ProtectMode::Legacy);
+    assert_eq!(vm.dirty_log_mode(), KvmDirtyLogMode::Legacy);
 
     let auto = Vm::new(VmConfig::default()).unwrap();
-    assert_eq!(auto.protect_mode(), caps.default_protect_mode());
+    assert_eq!(auto.dirty_log_mode(), caps.default_dirty_log_mode());
     assert_eq!(auto.caps(), &caps);
 
     for initially_set in [false, true] {
         let wanted = if initially_set { 3 } else { 1 };
         let r = Vm::new(VmConfig {
-            dirty_log: DirtyLogChoice::Manual { initially_set },
+            dirty_log: Some(KvmDirtyLogMode::Manual { initially_set }),
             ..Default::default()
         });
         if caps.manual_protect_flags & wanted == wanted {
             assert_eq!(
-                r.unwrap().protect_mode(),
-                ProtectMode::Manual { initially_set }
+                r.unwrap().dirty_log_mode(),
+                KvmDirtyLogMode::Manual { initially_set }
             );
         } else {
             assert!(matches!(r, Err(Error::ManualProtectUnsupported { .. })));
@@ -88,7 +88,7 @@ fn memslot_errors() {
     if !kvm_available() {
         return;
     }
-    let g = Guest::unmapped(DirtyLogChoice::Auto, 1 << 20);
+    let g = Guest::unmapped(None, 1 << 20);
     let host = 0x7f00_0000_0000u64;
     let max = g.vm.caps().max_memslots;
     // SAFETY: every call below is rejected before reaching the kernel.

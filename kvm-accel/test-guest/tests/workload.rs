@@ -7,7 +7,6 @@ mod common;
 
 use std::time::Duration;
 
-use clearlog_kvm::DirtyLogChoice;
 use clearlog_test_guest::layout::DOORBELL_ADDR;
 use clearlog_test_guest::layout::INFRA_END;
 use clearlog_test_guest::vcpu::runner::RunState;
@@ -53,7 +52,7 @@ fn ring3_boot_and_doorbell_exit() {
         return;
     }
     let _s = serial();
-    let g = Guest::new(DirtyLogChoice::Auto, 2 * MIB, false);
+    let g = Guest::new(None, 2 * MIB, false);
     let r = g.start(&Workload::new(WorkloadSpec::Idle)).pop().unwrap();
     WorkloadMonitor::new(&g.mem, 1)
         .wait_ready(Duration::from_secs(5))
@@ -81,7 +80,7 @@ fn faulting_guest_reports_failure() {
         return;
     }
     let _s = serial();
-    let g = Guest::new(DirtyLogChoice::Auto, 2 * MIB, false);
+    let g = Guest::new(None, 2 * MIB, false);
     // `hlt` in ring 3 raises #GP; there is no IDT, so the vCPU shuts down.
     let w = Workload::new(WorkloadSpec::Image {
         image: vec![0xf4],
@@ -109,7 +108,7 @@ fn ring3_port_io_faults_on_pvm() {
         return;
     }
     let _s = serial();
-    let g = Guest::new(DirtyLogChoice::Auto, 2 * MIB, false);
+    let g = Guest::new(None, 2 * MIB, false);
     // mov dx, 0xcf0; out dx, al; jmp $
     let w = Workload::new(WorkloadSpec::Image {
         image: vec![0x66, 0xba, 0xf0, 0x0c, 0xee, 0xeb, 0xfe],
@@ -136,7 +135,7 @@ fn pause_resume_kick() {
     }
     let _s = serial();
     let wss = 16 * MIB;
-    let g = Guest::new(DirtyLogChoice::Auto, INFRA_END + wss, false);
+    let g = Guest::new(None, INFRA_END + wss, false);
     let w = Workload::new(WorkloadSpec::Increment {
         wss_bytes: wss,
         dirty_rate_bytes_per_s: 0,
@@ -190,7 +189,7 @@ fn random_writes_iteration_value() {
     }
     let _s = serial();
     let wss = 8 * MIB;
-    let g = Guest::new(DirtyLogChoice::Auto, INFRA_END + wss, false);
+    let g = Guest::new(None, INFRA_END + wss, false);
     let w = Workload::new(WorkloadSpec::Random {
         wss_bytes: wss,
         dirty_rate_bytes_per_s: 0,

@@ -70,7 +70,7 @@ impl MemoryListener for Recorder {
         self.priority
     }
     fn region_add(&self, s: &Section) -> Result<(), ListenerError> {
-        self.record("region_add", Call::Add(s.guest_addr, s.size, s.log.0))
+        self.record("region_add", Call::Add(s.guest_addr, s.size, s.log.bits()))
     }
     fn region_del(&self, s: &Section, _: &DirtyMemory) -> Result<(), ListenerError> {
         self.record("region_del", Call::Del(s.guest_addr))
@@ -81,7 +81,10 @@ impl MemoryListener for Recorder {
         old: DirtyClients,
         new: DirtyClients,
     ) -> Result<(), ListenerError> {
-        self.record("log_start", Call::Start(s.guest_addr, old.0, new.0))
+        self.record(
+            "log_start",
+            Call::Start(s.guest_addr, old.bits(), new.bits()),
+        )
     }
     fn log_stop(
         &self,
@@ -90,7 +93,7 @@ impl MemoryListener for Recorder {
         new: DirtyClients,
         _: &DirtyMemory,
     ) -> Result<(), ListenerError> {
-        self.record("log_stop", Call::Stop(s.guest_addr, old.0, new.0))
+        self.record("log_stop", Call::Stop(s.guest_addr, old.bits(), new.bits()))
     }
     fn log_global_start(&self) -> Result<(), ListenerError> {
         self.record("log_global_start", Call::GlobalStart)

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
-use clearlog_memory::ClearBitmap;
+use clearlog_bitmap::ClearBitmap;
 use clearlog_memory::{
     DirtyMemory, ListenerError, MemoryListener, MemorySystem, RamBlock, Section, PAGE_SIZE,
 };
@@ -184,13 +184,14 @@ impl DirtyTracking for ReadBeforeClear<'_> {
     fn clear_dirty(&self, block: &Arc<RamBlock>, offset: u64, len: u64) -> MemoryResult<()> {
         self.mem.clear_dirty(block, offset, len)
     }
-    fn clear_chunk_before_send(
+    fn clear_chunks_before_send(
         &self,
         block: &Arc<RamBlock>,
         clear: &mut ClearBitmap,
         page: u64,
-    ) -> MemoryResult<bool> {
-        clear.clear_chunk_before_read(page, |first, npages| -> MemoryResult<()> {
+        _max_chunks: u64,
+    ) -> MemoryResult<u64> {
+        clear.clear_run_before_read(page, 1, |first, npages| -> MemoryResult<()> {
             let previous = self
                 .pending
                 .lock()

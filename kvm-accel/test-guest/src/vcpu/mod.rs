@@ -44,7 +44,8 @@ pub const MSR_IA32_TSC: u32 = 0x10;
 ///
 /// # Example
 ///
-/// ```no_run
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("Vcpu") { return; }
 /// use clearlog_kvm::Vm;
 /// use clearlog_test_guest::{vcpu::Vcpu, workload::{Workload, WorkloadSpec}};
 ///
@@ -81,11 +82,8 @@ impl Vcpu {
             return Err(Error::NoKvmHandles);
         };
         let vcpu = Self::from_fds(kvm, fd, vm.caps(), index)?;
-        if vm.protect_mode().is_ring() {
-            let raw = std::os::fd::AsRawFd::as_raw_fd(vcpu.fd());
-            // SAFETY: `vcpu` owns this open fd and outlives the borrow (the call below).
-            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
-            vm.register_vcpu_ring(index, borrowed)?;
+        if vm.dirty_log_mode().is_ring() {
+            vm.register_vcpu_ring(index, vcpu.fd())?;
         }
         Ok(vcpu)
     }
@@ -205,8 +203,7 @@ impl Vcpu {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| Error::InvalidState(format!("MSR list: {e:?}")))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(Error::MsrList)?;
         let n = self
             .fd
             .get_msrs(&mut msrs)
@@ -265,8 +262,7 @@ impl Vcpu {
             });
         }
         if !entries.is_empty() {
-            let msrs = Msrs::from_entries(&entries)
-                .map_err(|e| Error::InvalidState(format!("MSR list: {e:?}")))?;
+            let msrs = Msrs::from_entries(&entries).map_err(Error::MsrList)?;
             let n = self
                 .fd
                 .set_msrs(&msrs)

@@ -55,13 +55,14 @@ extern "C" fn kick_handler(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
 }
 
 fn register_kick_handler() -> Result<()> {
-    static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    // The errno of the one registration, kept for every later caller.
+    static REGISTERED: OnceLock<std::result::Result<(), i32>> = OnceLock::new();
     REGISTERED
-        .get_or_init(|| {
-            register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.to_string())
+        .get_or_init(|| register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.errno()))
+        .map_err(|errno| Error::Thread {
+            what: "registering the kick signal handler",
+            source: std::io::Error::from_raw_os_error(errno),
         })
-        .clone()
-        .map_err(|e| Error::Thread(format!("registering the kick signal handler: {e}")))
 }
 
 /// What the vCPU thread is doing.
@@ -206,10 +207,21 @@ pub struct RunStats {
 ///
 /// # Example
 ///
-/// ```no_run
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("VcpuRunner") { return; }
 /// use clearlog_test_guest::vcpu::{runner::VcpuRunner, Vcpu};
+/// # use clearlog_test_guest::workload::{monitor::WorkloadMonitor, Workload, WorkloadSpec};
+/// # use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+/// # let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
 /// # let vm = clearlog_kvm::Vm::new(Default::default()).unwrap();
+/// # let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+/// # // SAFETY: `mem` (declared first) outlives `vm`.
+/// # unsafe { vm.set_memslot(0, 0, 4 << 20, host, false).unwrap() };
 /// # let vcpu = Vcpu::new(&vm, 0).unwrap();
+/// # let w = Workload::new(WorkloadSpec::Idle);
+/// # w.load(&mem, vcpu.tsc_khz().unwrap()).unwrap();
+/// # vcpu.setup_ring3(&w.entry(0).unwrap()).unwrap();
+/// // `vcpu` is set up to run a workload loaded in `mem`.
 /// let runner = VcpuRunner::spawn(vcpu).unwrap();
 /// runner.pause().unwrap();
 /// let state = runner.with_vcpu(|v| v.save_state()).unwrap().unwrap();
@@ -231,18 +243,111 @@ impl std::fmt::Debug for VcpuRunner {
     }
 }
 
+/// What the vCPU loop does after an exit of `KVM_RUN`.
+enum AfterExit {
+    /// Run again.
+    Run,
+    /// Run again; the exit was a write to the doorbell (the guest is at a sync point).
+    Doorbell,
+    /// A kick (signal or `immediate_exit`): clear `immediate_exit`, run again.
+    Kicked,
+    /// An exit this runner does not handle: the vCPU thread ends with it.
+    Unhandled(String),
+    /// The vCPU thread ends.
+    End(RunState),
+}
+
+/// Handles one exit of `KVM_RUN` (port and MMIO exits are answered and counted; a ring-full
+/// exit has the rings reaped).
+fn on_exit(
+    shared: &Shared,
+    exit: std::result::Result<VcpuExit<'_>, vmm_sys_util::errno::Error>,
+) -> AfterExit {
+    match exit {
+        Ok(VcpuExit::IoOut(port, data)) => {
+            let mut v = [0u8; 4];
+            let n = data.len().min(4);
+            v[..n].copy_from_slice(&data[..n]);
+            shared.last_out.store(
+                (u64::from(port) << 32) | u64::from(u32::from_le_bytes(v)),
+                Ordering::Release,
+            );
+            shared.io_exits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(VcpuExit::IoIn(_, data)) => {
+            data.fill(0xff);
+            shared.io_exits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(VcpuExit::MmioWrite(addr, data)) => {
+            let mut v = [0u8; 8];
+            let n = data.len().min(8);
+            v[..n].copy_from_slice(&data[..n]);
+            shared
+                .last_mmio_value
+                .store(u64::from_le_bytes(v), Ordering::Release);
+            shared.last_mmio_addr.store(addr, Ordering::Release);
+            shared.mmio_exits.fetch_add(1, Ordering::Release);
+            if crate::layout::is_doorbell(addr) {
+                return AfterExit::Doorbell;
+            }
+        }
+        Ok(VcpuExit::MmioRead(_, data)) => {
+            data.fill(0xff);
+            shared.mmio_exits.fetch_add(1, Ordering::Release);
+        }
+        Ok(VcpuExit::Intr) => return AfterExit::Kicked,
+        Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+            shared.ring_full_exits.fetch_add(1, Ordering::Relaxed);
+            let Some(reap) = &shared.on_ring_full else {
+                return AfterExit::End(RunState::Failed(
+                    "KVM_EXIT_DIRTY_RING_FULL and no ring-full handler to reap the rings".into(),
+                ));
+            };
+            // The ring must be harvested and reset before KVM_RUN, or the vCPU exits again at
+            // once. No runner lock is held: the reap takes only the listener's slots lock.
+            if let Err(e) = reap(shared.index) {
+                return AfterExit::End(RunState::Failed(format!("reaping the dirty rings: {e}")));
+            }
+        }
+        Ok(exit) => return AfterExit::Unhandled(format!("{exit:?}")),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            return AfterExit::Kicked
+        }
+        Err(e) => return AfterExit::End(RunState::Failed(format!("KVM_RUN: {e}"))),
+    }
+    AfterExit::Run
+}
+
+/// Parks the vCPU thread (the vCPU released) until the wish is no longer a pause: `false` when
+/// the wish is now to stop.
+fn park(shared: &Shared, mut ctl: MutexGuard<'_, Ctl>, doorbell_sync: bool) -> bool {
+    if doorbell_sync {
+        shared.doorbell_pauses.fetch_add(1, Ordering::Relaxed);
+    }
+    ctl.state = RunState::Paused;
+    shared.cv.notify_all();
+    while matches!(ctl.want, Want::Pause | Want::PauseAtDoorbell) {
+        ctl = shared.cv.wait(ctl).unwrap_or_else(|p| p.into_inner());
+    }
+    if ctl.want == Want::Stop {
+        return false;
+    }
+    ctl.state = RunState::Running;
+    shared.cv.notify_all();
+    true
+}
+
 fn run_loop(shared: &Shared) -> RunState {
     let mut guard = shared.vcpu.lock().unwrap_or_else(|p| p.into_inner());
     let run_ptr: *mut kvm_run = guard.fd_mut().get_kvm_run();
     KVM_RUN_PTR.with(|c| c.set(run_ptr));
-    let index = shared.index;
     // Set when the last exit was a write to the doorbell: the guest is at a sync point.
     let mut at_doorbell = false;
     let result = loop {
         let doorbell_sync =
             std::mem::take(&mut at_doorbell) && shared.ctl().want == Want::PauseAtDoorbell;
         if doorbell_sync || shared.pending.swap(false, Ordering::AcqRel) {
-            let mut ctl = shared.ctl();
+            let ctl = shared.ctl();
             match ctl.want {
                 Want::Run => {}
                 // A doorbell pause is taken only right after a doorbell exit; anywhere else
@@ -250,92 +355,34 @@ fn run_loop(shared: &Shared) -> RunState {
                 Want::PauseAtDoorbell if !doorbell_sync => {}
                 Want::Stop => break RunState::Stopped,
                 Want::Pause | Want::PauseAtDoorbell => {
-                    if doorbell_sync {
-                        shared.doorbell_pauses.fetch_add(1, Ordering::Relaxed);
-                    }
                     // Park: release the vCPU, report, wait for another wish.
                     drop(guard);
-                    ctl.state = RunState::Paused;
-                    shared.cv.notify_all();
-                    while matches!(ctl.want, Want::Pause | Want::PauseAtDoorbell) {
-                        ctl = shared.cv.wait(ctl).unwrap_or_else(|p| p.into_inner());
-                    }
-                    if ctl.want == Want::Stop {
-                        drop(ctl);
+                    if !park(shared, ctl, doorbell_sync) {
                         KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
                         return RunState::Stopped;
                     }
-                    ctl.state = RunState::Running;
-                    shared.cv.notify_all();
-                    drop(ctl);
                     guard = shared.vcpu.lock().unwrap_or_else(|p| p.into_inner());
                     continue;
                 }
             }
         }
-        match guard.fd_mut().run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                let mut v = [0u8; 4];
-                let n = data.len().min(4);
-                v[..n].copy_from_slice(&data[..n]);
-                shared.last_out.store(
-                    (u64::from(port) << 32) | u64::from(u32::from_le_bytes(v)),
-                    Ordering::Release,
-                );
-                shared.io_exits.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(VcpuExit::IoIn(_, data)) => {
-                data.fill(0xff);
-                shared.io_exits.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                let mut v = [0u8; 8];
-                let n = data.len().min(8);
-                v[..n].copy_from_slice(&data[..n]);
-                shared
-                    .last_mmio_value
-                    .store(u64::from_le_bytes(v), Ordering::Release);
-                shared.last_mmio_addr.store(addr, Ordering::Release);
-                shared.mmio_exits.fetch_add(1, Ordering::Release);
-                at_doorbell = crate::layout::is_doorbell(addr);
-            }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
-                shared.mmio_exits.fetch_add(1, Ordering::Release);
-            }
-            Ok(VcpuExit::Intr) => {
+        match on_exit(shared, guard.fd_mut().run()) {
+            AfterExit::Run => {}
+            AfterExit::Doorbell => at_doorbell = true,
+            AfterExit::Kicked => {
                 guard.fd_mut().set_kvm_immediate_exit(0);
                 shared.kicks.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
-                shared.ring_full_exits.fetch_add(1, Ordering::Relaxed);
-                let Some(reap) = &shared.on_ring_full else {
-                    break RunState::Failed(
-                        "KVM_EXIT_DIRTY_RING_FULL and no ring-full handler to reap the rings"
-                            .into(),
-                    );
-                };
-                // The ring must be harvested and reset before KVM_RUN, or the vCPU exits again
-                // at once. No runner lock is held: the reap takes only the listener's slots lock.
-                if let Err(e) = reap(index) {
-                    break RunState::Failed(format!("reaping the dirty rings: {e}"));
-                }
-            }
-            Ok(exit) => {
-                let what = format!("{exit:?}");
-                let rip = guard.fd().get_regs().map(|r| r.rip).unwrap_or(0);
+            AfterExit::Unhandled(what) => {
+                let rip = guard.fd().get_regs().map_or(0, |r| r.rip);
                 break RunState::Failed(format!("unhandled exit {what} at rip {rip:#x}"));
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                guard.fd_mut().set_kvm_immediate_exit(0);
-                shared.kicks.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => break RunState::Failed(format!("KVM_RUN: {e}")),
+            AfterExit::End(state) => break state,
         }
     };
     KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
     drop(guard);
-    tracing::debug!(vcpu = index, state = ?result, "vCPU thread ends");
+    tracing::debug!(vcpu = shared.index, state = ?result, "vCPU thread ends");
     result
 }
 
@@ -387,7 +434,7 @@ impl VcpuRunner {
                 ctl.state = end;
                 s.cv.notify_all();
             })
-            .map_err(|e| Error::Thread(e.to_string()))?;
+            .map_err(Error::thread("spawning the vCPU thread"))?;
         Ok(VcpuRunner {
             shared,
             thread: Some(thread),
@@ -435,8 +482,10 @@ impl VcpuRunner {
     pub fn kick(&self) -> Result<()> {
         if let Some(t) = &self.thread {
             if !t.is_finished() {
-                t.kill(kick_signal())
-                    .map_err(|e| Error::Thread(format!("pthread_kill: {e}")))?;
+                t.kill(kick_signal()).map_err(|e| Error::Thread {
+                    what: "pthread_kill",
+                    source: std::io::Error::from_raw_os_error(e.errno()),
+                })?;
             }
         }
         Ok(())
@@ -587,8 +636,7 @@ impl VcpuRunner {
         let shared = self.shared.clone();
         // Drops our other reference (the thread's one went with the join).
         drop(self);
-        let shared = Arc::try_unwrap(shared)
-            .map_err(|_| Error::Thread("vCPU still shared after join".into()))?;
+        let shared = Arc::try_unwrap(shared).map_err(|_| Error::VcpuStillShared)?;
         Ok(shared.vcpu.into_inner().unwrap_or_else(|p| p.into_inner()))
     }
 
@@ -606,8 +654,7 @@ impl VcpuRunner {
             // The thread may exit between the check and the kill; ESRCH is fine then.
             let _ = t.kill(kick_signal());
         }
-        t.join()
-            .map_err(|_| Error::Thread("vCPU thread panicked".into()))
+        t.join().map_err(|_| Error::ThreadPanicked)
     }
 }
 

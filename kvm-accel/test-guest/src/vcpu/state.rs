@@ -58,7 +58,7 @@ unsafe impl Pod for kvm_xcrs {}
 fn pod_bytes<T: Pod>(v: &T) -> &[u8] {
     // SAFETY: `T: Pod` has no uninitialized bytes; the slice covers exactly `*v` and
     // borrows it.
-    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
 
 fn pod_from<T: Pod>(b: &[u8], what: &str) -> Result<T> {
@@ -73,7 +73,7 @@ fn pod_from<T: Pod>(b: &[u8], what: &str) -> Result<T> {
     // SAFETY: lengths are equal, the regions are distinct, and any bit pattern is a valid
     // `T: Pod`.
     unsafe {
-        std::ptr::copy_nonoverlapping(b.as_ptr(), &mut v as *mut T as *mut u8, b.len());
+        std::ptr::copy_nonoverlapping(b.as_ptr(), (&raw mut v).cast::<u8>(), b.len());
     }
     Ok(v)
 }
@@ -300,21 +300,21 @@ mod tests {
         let b = sample().to_bytes();
         let mut bad = b.clone();
         bad[0] ^= 1;
-        assert!(VcpuState::from_bytes(&bad).is_err());
+        VcpuState::from_bytes(&bad).unwrap_err();
         let mut bad = b.clone();
         bad[8] = 2; // version
-        assert!(VcpuState::from_bytes(&bad).is_err());
+        VcpuState::from_bytes(&bad).unwrap_err();
         let mut bad = b.clone();
         bad.push(0);
-        assert!(VcpuState::from_bytes(&bad).is_err());
+        VcpuState::from_bytes(&bad).unwrap_err();
         // Section count 0: regs missing.
         let mut bad = b.clone();
         bad[12..16].copy_from_slice(&0u32.to_le_bytes());
-        assert!(VcpuState::from_bytes(&bad[..16]).is_err());
+        VcpuState::from_bytes(&bad[..16]).unwrap_err();
         // Wrong regs length.
         let mut bad = b;
         bad[20..24].copy_from_slice(&143u32.to_le_bytes());
-        assert!(VcpuState::from_bytes(&bad).is_err());
+        VcpuState::from_bytes(&bad).unwrap_err();
     }
 
     proptest! {

@@ -45,10 +45,12 @@ impl IncrementCheck {
 /// there, e.g. an image that overwrote it).
 ///
 /// # Example
-/// ```no_run
-/// # fn f(ram: &impl clearlog_test_guest::guest_ram::GuestRam) {
-/// let kind = clearlog_test_guest::workload::check::loaded_workload(ram).unwrap();
-/// # }
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("loaded_workload") { return; }
+/// use clearlog_test_guest::workload::{WorkloadKind, check::loaded_workload};
+///
+/// let guest = clearlog_test_guest::Guest::boot(Default::default()).unwrap();
+/// assert_eq!(loaded_workload(guest.ram()).unwrap(), Some(WorkloadKind::Idle));
 /// ```
 pub fn loaded_workload(ram: &(impl GuestRam + ?Sized)) -> Result<Option<WorkloadKind>> {
     if ram.load_u64(PARAMS_ADDR + P_MAGIC)? != PARAMS_MAGIC {
@@ -70,11 +72,18 @@ pub fn loaded_workload(ram: &(impl GuestRam + ?Sized)) -> Result<Option<Workload
 /// [`Error::InvalidWorkload`] if the guest does not run the `increment` workload.
 ///
 /// # Example
-/// ```no_run
-/// # fn f(ram: &impl clearlog_test_guest::guest_ram::GuestRam) {
-/// let check = clearlog_test_guest::workload::check::check_increment(ram).unwrap();
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("check_increment") { return; }
+/// use clearlog_test_guest::{Guest, GuestConfig, workload::WorkloadSpec};
+///
+/// let guest = Guest::boot(GuestConfig {
+///     workload: WorkloadSpec::Increment { wss_bytes: 16 << 20, dirty_rate_bytes_per_s: 0 },
+///     ..GuestConfig::default()
+/// })
+/// .unwrap();
+/// guest.pause().unwrap(); // frozen memory
+/// let check = clearlog_test_guest::workload::check::check_increment(guest.ram()).unwrap();
 /// assert!(check.is_consistent(), "lost writes at pages {:?}", check.bad_pages);
-/// # }
 /// ```
 pub fn check_increment(ram: &(impl GuestRam + ?Sized)) -> Result<IncrementCheck> {
     if loaded_workload(ram)? != Some(WorkloadKind::Increment) {
@@ -140,7 +149,7 @@ mod tests {
         w.load(&mem, 1_000_000).unwrap();
         let set = |page: u64, v: u8| {
             mem.write_at(w.wss_start() + page * PAGE_SIZE, &[v])
-                .unwrap()
+                .unwrap();
         };
         // Part 0 (pages 0..4) mid-sweep at page 2, part 1 (pages 4..8) mid-sweep at page 5:
         // one step each, consistent.

@@ -17,7 +17,8 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! ```
+//! # if clearlog_kvm::doctest_kvm_skip("workload/mod.rs") { return; }
 //! use clearlog_test_guest::workload::{Workload, WorkloadSpec};
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //!
@@ -316,7 +317,10 @@ impl Workload {
             WorkloadKind::Image => Vec::new(),
         };
         if code.len() as u64 > CODE_END - CODE_ADDR {
-            return Err(Error::Assemble("program larger than the code area".into()));
+            return Err(Error::ProgramTooLarge {
+                len: code.len(),
+                max: CODE_END - CODE_ADDR,
+            });
         }
         Ok(code)
     }
@@ -483,7 +487,7 @@ mod tests {
             dirty_rate_bytes_per_s: 0,
             seed: 0,
         });
-        assert!(ok.validate(5 * mb).is_ok());
+        ok.validate(5 * mb).unwrap();
         assert!(ok.validate(5 * mb - 1).is_err());
         assert!(ok
             .clone()
@@ -491,11 +495,7 @@ mod tests {
             .validate(8 * mb)
             .is_err());
         assert!(ok.clone().with_vcpus(0).validate(8 * mb).is_err());
-        assert!(ok
-            .clone()
-            .with_vcpus(MAX_VCPUS + 1)
-            .validate(8 * mb)
-            .is_err());
+        assert!(ok.with_vcpus(MAX_VCPUS + 1).validate(8 * mb).is_err());
         let unaligned = Workload::new(WorkloadSpec::Increment {
             wss_bytes: 4097,
             dirty_rate_bytes_per_s: 0,
@@ -509,8 +509,8 @@ mod tests {
             })
             .validate(2 * mb)
         };
-        assert!(img(CODE_ADDR, CODE_ADDR).is_ok());
-        assert!(img(INFRA_END, INFRA_END + 15).is_ok());
+        img(CODE_ADDR, CODE_ADDR).unwrap();
+        img(INFRA_END, INFRA_END + 15).unwrap();
         assert!(img(INFRA_END, INFRA_END + 16).is_err());
         assert!(img(PARAMS_ADDR, PARAMS_ADDR).is_err());
         assert!(img(CODE_END - 8, CODE_END - 8).is_err());
@@ -524,8 +524,8 @@ mod tests {
                 seed: 0,
             })
         };
-        assert!(wss(64 * mb).validate(huge).is_ok());
-        assert!(wss(IDENTITY_MAP_LIMIT - INFRA_END).validate(huge).is_ok());
+        wss(64 * mb).validate(huge).unwrap();
+        wss(IDENTITY_MAP_LIMIT - INFRA_END).validate(huge).unwrap();
         let e = wss(IDENTITY_MAP_LIMIT).validate(huge).unwrap_err();
         assert!(e.to_string().contains("identity map"), "{e}");
         assert!(wss(64 * mb)
@@ -561,7 +561,7 @@ mod tests {
         let e1 = w.entry(1).unwrap();
         assert_eq!(e1.rsi, counter_slot_addr(1));
         assert_eq!(e1.rsp, stack_top(1));
-        assert!(w.entry(2).is_err());
+        w.entry(2).unwrap_err();
         // Each vCPU's part, in the parts table.
         for (i, (start, pages)) in [(INFRA_END, 128u64), (INFRA_END + (128 << 12), 128)]
             .into_iter()

@@ -100,12 +100,15 @@ pub fn ticks_to_ms(ticks: u64, tsc_khz: u32) -> f64 {
 ///
 /// # Example
 ///
-/// ```no_run
+/// ```
+/// # if clearlog_kvm::doctest_kvm_skip("WorkloadMonitor") { return; }
 /// use clearlog_test_guest::workload::monitor::WorkloadMonitor;
 /// use std::time::Duration;
-/// # let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+/// # let guest = clearlog_test_guest::Guest::boot(Default::default()).unwrap();
+/// # let mem = guest.ram();
 ///
-/// let mon = WorkloadMonitor::new(&mem, 1);
+/// // `mem`: the RAM of a guest running a workload on one vCPU.
+/// let mon = WorkloadMonitor::new(mem, 1);
 /// mon.wait_ready(Duration::from_secs(5)).unwrap();
 /// let rate = mon.measure_rate(Duration::from_secs(1)).unwrap();
 /// println!("{:.1} MiB/s", rate.bytes_per_s() / (1 << 20) as f64);

@@ -12,7 +12,7 @@ use super::params::*;
 use crate::error::{Error, Result};
 
 fn asm_err(e: iced_x86::IcedError) -> Error {
-    Error::Assemble(e.to_string())
+    Error::Assemble(e)
 }
 
 /// Emits `r12 = rdtsc` (clobbers rax, rdx).
@@ -140,7 +140,7 @@ pub fn random(ip: u64) -> Result<Vec<u8>> {
         a.jae(pf_done)?;
         a.mov(rax, qword_ptr(rdi + P_ITERATION as i32))?;
         a.mov(qword_ptr(r13), rax)?;
-        // Non-zero content, so the working set is data (as in the seed experiment), not zero
+        // Non-zero content, so the working set is data (as in the reference workload), not zero
         // pages that a migration would send as cheap markers.
         a.mov(qword_ptr(r13 + 16), r13)?;
         a.add(r13, 4096)?;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
 use clearlog_kvm::KvmMemoryListener;
-use clearlog_kvm::{DirtyLogChoice, Vm, VmConfig};
+use clearlog_kvm::{KvmDirtyLogMode, Vm, VmConfig};
 use clearlog_memory::{DirtyClient, MemorySystem, RamBlock, RegionId};
 use clearlog_test_guest::guest_ram::{GuestRam, RawGuestRam};
 use clearlog_test_guest::layout::{counter_slot_addr, PARAMS_ADDR};
@@ -88,14 +88,14 @@ pub struct Guest {
 
 impl Guest {
     /// `size` bytes of RAM registered as memslot 0 from GPA 0.
-    pub fn new(choice: DirtyLogChoice, size: u64, log_dirty: bool) -> Guest {
+    pub fn new(choice: Option<KvmDirtyLogMode>, size: u64, log_dirty: bool) -> Guest {
         let g = Guest::unmapped(choice, size);
         g.map(0, 0, size, log_dirty);
         g
     }
 
     /// A VM and RAM, with no memslot yet.
-    pub fn unmapped(choice: DirtyLogChoice, size: u64) -> Guest {
+    pub fn unmapped(choice: Option<KvmDirtyLogMode>, size: u64) -> Guest {
         let vm = Vm::new(VmConfig {
             dirty_log: choice,
             ..Default::default()
@@ -254,7 +254,7 @@ impl std::fmt::Debug for MemVm {
 
 impl MemVm {
     /// A VM in `choice` mode with `low_size` bytes of RAM at GPA 0, listener registered.
-    pub fn new(choice: DirtyLogChoice, low_size: u64) -> MemVm {
+    pub fn new(choice: Option<KvmDirtyLogMode>, low_size: u64) -> MemVm {
         let vm = Arc::new(
             Vm::new(VmConfig {
                 dirty_log: choice,
@@ -377,7 +377,7 @@ impl Rng {
 pub fn ring_handler(
     listener: &Arc<KvmMemoryListener>,
 ) -> Option<clearlog_test_guest::vcpu::runner::RingFullHandler> {
-    if !listener.vm().protect_mode().is_ring() {
+    if !listener.vm().dirty_log_mode().is_ring() {
         return None;
     }
     let l = Arc::downgrade(listener);

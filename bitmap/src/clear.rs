@@ -1,26 +1,28 @@
 // Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The migration-facing sync: a RAM block's Migration bits into a caller-owned bitmap.
+//! [`ClearBitmap`]: migration's per-chunk "needs clear" bits, and the clear-then-read rule.
 
-use clearlog_bitmap::Bitmap;
+use crate::{Bitmap, Error};
 
-use crate::{Error, Result};
-
-/// Per-chunk "needs clear" bits of one RAM block (QEMU's `clear_bmap`): one bit per `2^shift` pages.
+/// Per-chunk "needs clear" bits of one block of guest RAM (QEMU's `clear_bmap`): one bit per
+/// `2^shift` pages.
 ///
-/// Migration keeps its own bitmap per RAM block (one bit per page still to send). At every sync it
-/// takes the block's Migration-client bits into that bitmap
-/// ([`crate::MemorySystem::sync_migration_bitmap`]) and, instead of re-arming the accelerator for
-/// the whole block at once (one long vCPU stall on big guests), marks each chunk that received bits
-/// in a [`ClearBitmap`]. Before sending the first page of a marked chunk it clears the chunk in the
-/// accelerator ([`crate::MemorySystem::clear_chunk_before_send`]): re-arm first, then read, so a
-/// write after the read is caught by the next sync.
+/// A migration keeps its own bitmap per block (one bit per page still to send). At every sync it
+/// takes the block's dirty bits into that bitmap ([`AtomicBitmap::take_into`] does it for bits
+/// collected in an [`AtomicBitmap`]) and, instead of re-arming the accelerator for the whole block
+/// at once (one long vCPU stall on big guests), marks each chunk that received bits here. Before
+/// sending the first page of a marked chunk it re-arms the chunk in the accelerator
+/// ([`clear_run_before_read`](Self::clear_run_before_read)): re-arm first, then read, so a write
+/// after the read is caught by the next sync.
+///
+/// [`AtomicBitmap`]: crate::AtomicBitmap
+/// [`AtomicBitmap::take_into`]: crate::AtomicBitmap::take_into
 ///
 /// # Examples
 ///
 /// ```
-/// use clearlog_memory::ClearBitmap;
+/// use clearlog_bitmap::ClearBitmap;
 ///
 /// let mut clear = ClearBitmap::new(1000, 8).unwrap(); // 256-page chunks
 /// assert_eq!(clear.chunk_count(), 4);
@@ -44,25 +46,31 @@ impl ClearBitmap {
     /// Largest shift.
     pub const MAX_SHIFT: u8 = 31;
 
-    /// Bitmap for a block of `pages` pages with chunks of `2^shift` pages (error if shift out of range).
+    /// Bitmap for a block of `pages` pages with chunks of `2^shift` pages.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidClearShift`] unless `MIN_SHIFT <= shift <= MAX_SHIFT`.
+    /// [`Error::InvalidClearShift`] unless `MIN_SHIFT <= shift <= MAX_SHIFT`;
+    /// [`Error::OutOfRange`] when the chunk count does not fit in `usize`.
     ///
     /// # Examples
     ///
     /// ```
-    /// let clear = clearlog_memory::ClearBitmap::new(64, 6).unwrap();
+    /// let clear = clearlog_bitmap::ClearBitmap::new(64, 6).unwrap();
     /// assert_eq!(clear.chunk_count(), 1);
     /// ```
-    pub fn new(pages: u64, shift: u8) -> Result<Self> {
+    pub fn new(pages: u64, shift: u8) -> Result<Self, Error> {
         if !(Self::MIN_SHIFT..=Self::MAX_SHIFT).contains(&shift) {
-            return Err(Error::InvalidClearShift(shift));
+            return Err(Error::InvalidClearShift { shift });
         }
         let chunks = pages.div_ceil(1u64 << shift);
+        let chunks = usize::try_from(chunks).map_err(|_| Error::OutOfRange {
+            start: 0,
+            len: usize::MAX,
+            size: usize::MAX,
+        })?;
         Ok(ClearBitmap {
-            bits: Bitmap::new(chunks as usize),
+            bits: Bitmap::new(chunks),
             shift,
             pages,
         })
@@ -73,7 +81,7 @@ impl ClearBitmap {
     /// # Examples
     ///
     /// ```
-    /// assert_eq!(clearlog_memory::ClearBitmap::new(64, 15).unwrap().shift(), 15);
+    /// assert_eq!(clearlog_bitmap::ClearBitmap::new(64, 15).unwrap().shift(), 15);
     /// ```
     pub fn shift(&self) -> u8 {
         self.shift
@@ -84,7 +92,7 @@ impl ClearBitmap {
     /// # Examples
     ///
     /// ```
-    /// let clear = clearlog_memory::ClearBitmap::new(1 << 20, 18).unwrap();
+    /// let clear = clearlog_bitmap::ClearBitmap::new(1 << 20, 18).unwrap();
     /// assert_eq!(clear.chunk_of((1 << 18) + 5), 1);
     /// ```
     pub fn chunk_of(&self, page: u64) -> u64 {
@@ -103,7 +111,7 @@ impl ClearBitmap {
     /// See [`ClearBitmap`].
     #[track_caller]
     pub fn test_and_clear(&mut self, chunk: u64) -> bool {
-        self.bits.test_and_clear(chunk as usize)
+        self.bits.test_and_clear(index(chunk))
     }
 
     /// Mark a chunk as needing a clear.
@@ -115,13 +123,13 @@ impl ClearBitmap {
     /// # Examples
     ///
     /// ```
-    /// let mut clear = clearlog_memory::ClearBitmap::new(128, 6).unwrap();
+    /// let mut clear = clearlog_bitmap::ClearBitmap::new(128, 6).unwrap();
     /// clear.set(1);
     /// assert!(clear.test(1));
     /// ```
     #[track_caller]
     pub fn set(&mut self, chunk: u64) {
-        self.bits.set(chunk as usize);
+        self.bits.set(index(chunk));
     }
 
     /// Does a chunk need a clear?
@@ -133,12 +141,12 @@ impl ClearBitmap {
     /// # Examples
     ///
     /// ```
-    /// let clear = clearlog_memory::ClearBitmap::new(128, 6).unwrap();
+    /// let clear = clearlog_bitmap::ClearBitmap::new(128, 6).unwrap();
     /// assert!(!clear.test(0));
     /// ```
     #[track_caller]
     pub fn test(&self, chunk: u64) -> bool {
-        self.bits.test(chunk as usize)
+        self.bits.test(index(chunk))
     }
 
     /// Number of chunks (the last one may be partial).
@@ -146,7 +154,7 @@ impl ClearBitmap {
     /// # Examples
     ///
     /// ```
-    /// assert_eq!(clearlog_memory::ClearBitmap::new(129, 6).unwrap().chunk_count(), 3);
+    /// assert_eq!(clearlog_bitmap::ClearBitmap::new(129, 6).unwrap().chunk_count(), 3);
     /// ```
     pub fn chunk_count(&self) -> u64 {
         self.bits.len() as u64
@@ -157,7 +165,7 @@ impl ClearBitmap {
     /// # Examples
     ///
     /// ```
-    /// let mut clear = clearlog_memory::ClearBitmap::new(129, 6).unwrap();
+    /// let mut clear = clearlog_bitmap::ClearBitmap::new(129, 6).unwrap();
     /// clear.set(0);
     /// clear.set(2);
     /// assert_eq!(clear.pending(), 2);
@@ -171,7 +179,7 @@ impl ClearBitmap {
     /// # Examples
     ///
     /// ```
-    /// assert_eq!(clearlog_memory::ClearBitmap::new(129, 6).unwrap().block_pages(), 129);
+    /// assert_eq!(clearlog_bitmap::ClearBitmap::new(129, 6).unwrap().block_pages(), 129);
     /// ```
     pub fn block_pages(&self) -> u64 {
         self.pages
@@ -183,19 +191,27 @@ impl ClearBitmap {
     ///
     /// See [`ClearBitmap`].
     pub fn chunk_pages(&self, chunk: u64) -> (u64, u64) {
-        let first = (chunk << self.shift).min(self.pages);
+        let first = chunk
+            .checked_shl(u32::from(self.shift))
+            .unwrap_or(u64::MAX)
+            .min(self.pages);
         let end = first.saturating_add(1u64 << self.shift).min(self.pages);
         (first, end - first)
     }
 
     /// The chunk-clear-then-read rule, in one place: if `page`'s chunk is marked, unmark it and
-    /// call `rearm(first_page, npages)` for the chunk (clipped to the block) BEFORE the caller reads
-    /// `page`; a write after the re-arm is then caught by the next sync (read first, and a write
-    /// between the read and the re-arm is lost). Returns whether `rearm` was called. If it fails,
-    /// the chunk stays marked and its error is returned.
+    /// up to `max_chunks - 1` marked chunks right after it (stopping at the first unmarked one),
+    /// and call `rearm(first_page, npages)` ONCE for the whole run (clipped to the block), before
+    /// the caller reads any page of it. A write after the re-arm is then caught by the next sync
+    /// (read first, and a write between the read and the re-arm is lost). Re-arming a chunk
+    /// earlier than its read is safe (the rule is only "never after"); one call for adjacent
+    /// chunks saves the per-call cost of the accelerator.
     ///
-    /// [`crate::MemorySystem::clear_chunk_before_send`] and the migration engine both go through
-    /// this function.
+    /// Returns how many chunks were re-armed (0: `page`'s chunk was not marked, `rearm` was not
+    /// called). If `rearm` fails, every chunk of the run stays marked and its error is returned.
+    ///
+    /// `clearlog_migration::DirtyTracking::clear_chunks_before_send` and every test of the rule
+    /// go through this function.
     ///
     /// # Errors
     ///
@@ -204,66 +220,31 @@ impl ClearBitmap {
     /// # Examples
     ///
     /// ```
-    /// let mut clear = clearlog_memory::ClearBitmap::new(256, 6).unwrap();
-    /// clear.set(1);
-    /// let mut rearmed = Vec::new();
-    /// let mut rearm = |first, n| -> Result<(), clearlog_memory::Error> {
-    ///     rearmed.push((first, n));
-    ///     Ok(())
-    /// };
-    /// assert!(clear.clear_chunk_before_read(70, &mut rearm).unwrap());
-    /// assert!(!clear.clear_chunk_before_read(71, &mut rearm).unwrap()); // already re-armed
-    /// assert!(!clear.clear_chunk_before_read(0, &mut rearm).unwrap()); // never marked
-    /// assert!(clear.clear_chunk_before_read(256, &mut rearm).is_err());
-    /// assert_eq!(rearmed, [(64, 64)]);
-    /// ```
-    pub fn clear_chunk_before_read<E: From<Error>>(
-        &mut self,
-        page: u64,
-        rearm: impl FnOnce(u64, u64) -> std::result::Result<(), E>,
-    ) -> std::result::Result<bool, E> {
-        Ok(self.clear_run_before_read(page, 1, rearm)? != 0)
-    }
-
-    /// [`clear_chunk_before_read`](Self::clear_chunk_before_read) for a run of chunks: if
-    /// `page`'s chunk is marked, unmark it and up to `max_chunks - 1` marked chunks right after it
-    /// (stopping at the first unmarked one), and call `rearm` ONCE for the whole run, before the
-    /// caller reads any page of it. Re-arming a chunk earlier than its read is safe (the rule is
-    /// only "never after"); one call for adjacent chunks saves the per-call cost of the
-    /// accelerator. Returns how many chunks were re-armed (0: `page`'s chunk was not marked). If
-    /// `rearm` fails, every chunk of the run stays marked.
-    ///
-    /// # Errors
-    ///
-    /// As [`clear_chunk_before_read`](Self::clear_chunk_before_read).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// let mut clear = clearlog_memory::ClearBitmap::new(64 * 8, 6).unwrap();
+    /// let mut clear = clearlog_bitmap::ClearBitmap::new(64 * 8, 6).unwrap();
     /// for c in [1, 2, 3, 5] { clear.set(c); }
     /// let mut rearmed = Vec::new();
-    /// let mut rearm = |first, n| -> Result<(), clearlog_memory::Error> {
+    /// let mut rearm = |first, n| -> Result<(), clearlog_bitmap::Error> {
     ///     rearmed.push((first, n));
     ///     Ok(())
     /// };
     /// assert_eq!(clear.clear_run_before_read(64, 4, &mut rearm).unwrap(), 3); // chunks 1..4
     /// assert_eq!(clear.clear_run_before_read(200, 4, &mut rearm).unwrap(), 0); // chunk 3: done
-    /// assert_eq!(clear.clear_run_before_read(64 * 5, 4, &mut rearm).unwrap(), 1);
+    /// assert_eq!(clear.clear_run_before_read(64 * 5, 1, &mut rearm).unwrap(), 1);
+    /// assert_eq!(clear.clear_run_before_read(0, 1, &mut rearm).unwrap(), 0); // never marked
+    /// assert!(clear.clear_run_before_read(64 * 8, 1, &mut rearm).is_err()); // past the block
     /// assert_eq!(rearmed, [(64, 192), (320, 64)]);
     /// ```
     pub fn clear_run_before_read<E: From<Error>>(
         &mut self,
         page: u64,
         max_chunks: u64,
-        rearm: impl FnOnce(u64, u64) -> std::result::Result<(), E>,
-    ) -> std::result::Result<u64, E> {
+        rearm: impl FnOnce(u64, u64) -> Result<(), E>,
+    ) -> Result<u64, E> {
         if page >= self.pages {
             return Err(Error::OutOfRange {
-                what: "block (pages)",
-                offset: page,
+                start: usize::try_from(page).unwrap_or(usize::MAX),
                 len: 1,
-                size: self.pages,
+                size: usize::try_from(self.pages).unwrap_or(usize::MAX),
             }
             .into());
         }
@@ -289,29 +270,23 @@ impl ClearBitmap {
         Ok(run)
     }
 
-    /// The chunk bits as words (bit `c` = chunk `c`).
-    pub(crate) fn words_mut(&mut self) -> &mut [u64] {
-        self.bits.as_words_mut()
+    /// Marks the chunk of every page whose bit is set in `words` (one 64-page word of the block,
+    /// word index `word`): how [`AtomicBitmap::take_into`](crate::AtomicBitmap::take_into) marks
+    /// what it takes.
+    pub(crate) fn mark_word(&mut self, word: usize, bits: u64) {
+        if bits == 0 {
+            return;
+        }
+        // shift >= 6: a 64-page word lies inside one chunk.
+        let chunk = (word << 6) >> self.shift;
+        self.bits.set(chunk);
     }
 }
 
-/// OR `taken` (the Migration bits of one 64-page word of the block, word index `word`) into
-/// `dest_words[word]`; returns how many bits were not set there before, and marks the chunk.
-#[inline]
-pub(crate) fn merge_word(
-    dest_words: &mut [u64],
-    word: usize,
-    taken: u64,
-    clear: Option<(&mut [u64], u8)>,
-) -> u64 {
-    let old = dest_words[word];
-    dest_words[word] = old | taken;
-    if let Some((chunks, shift)) = clear {
-        // shift >= 6: a 64-page word lies inside one chunk.
-        let chunk = (word << 6) >> shift;
-        chunks[chunk / 64] |= 1 << (chunk % 64);
-    }
-    u64::from((taken & !old).count_ones())
+/// A chunk number as a bit index (chunks of a `ClearBitmap` always fit: `new` checked).
+#[track_caller]
+fn index(chunk: u64) -> usize {
+    usize::try_from(chunk).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]
@@ -320,13 +295,13 @@ mod tests {
 
     #[test]
     fn shift_bounds() {
-        assert!(matches!(
-            ClearBitmap::new(1, 5),
-            Err(Error::InvalidClearShift(5))
-        ));
-        assert!(ClearBitmap::new(1, 6).is_ok());
-        assert!(ClearBitmap::new(1, 31).is_ok());
-        assert!(ClearBitmap::new(1, 32).is_err());
+        assert_eq!(
+            ClearBitmap::new(1, 5).unwrap_err(),
+            Error::InvalidClearShift { shift: 5 }
+        );
+        ClearBitmap::new(1, 6).unwrap();
+        ClearBitmap::new(1, 31).unwrap();
+        ClearBitmap::new(1, 32).unwrap_err();
     }
 
     #[test]
@@ -338,27 +313,25 @@ mod tests {
         }
         let mut calls = Vec::new();
         let n = clear
-            .clear_run_before_read(10, 2, |f, n| -> Result<()> {
+            .clear_run_before_read(10, 2, |f, n| -> Result<(), Error> {
                 calls.push((f, n));
                 Ok(())
             })
             .unwrap();
         assert_eq!((n, &calls[..]), (2, &[(0, 128)][..]));
         // A failing re-arm leaves every chunk of the run marked.
-        let err = clear.clear_run_before_read(128, 8, |_, _| -> Result<()> {
-            Err(Error::OutOfRange {
-                what: "test",
-                offset: 0,
-                len: 0,
-                size: 0,
+        let err = clear.clear_run_before_read(128, 8, |_, _| -> Result<(), Error> {
+            Err(Error::LengthMismatch {
+                expected: 0,
+                actual: 1,
             })
         });
-        assert!(err.is_err());
+        err.unwrap_err();
         assert_eq!(clear.pending(), 3);
         // The run ends at the block end, clipped.
         calls.clear();
         let n = clear
-            .clear_run_before_read(128, 8, |f, n| -> Result<()> {
+            .clear_run_before_read(128, 8, |f, n| -> Result<(), Error> {
                 calls.push((f, n));
                 Ok(())
             })
@@ -369,7 +342,7 @@ mod tests {
         clear.set(2);
         calls.clear();
         let n = clear
-            .clear_run_before_read(0, 8, |f, n| -> Result<()> {
+            .clear_run_before_read(0, 8, |f, n| -> Result<(), Error> {
                 calls.push((f, n));
                 Ok(())
             })
@@ -388,12 +361,11 @@ mod tests {
     }
 
     #[test]
-    fn merge_counts_only_new_bits_and_marks_chunk() {
-        let mut dest = [0b0110u64, 0];
-        let mut chunks = [0u64];
-        assert_eq!(merge_word(&mut dest, 1, 0b11, Some((&mut chunks, 6))), 2);
-        assert_eq!(merge_word(&mut dest, 0, 0b1100, Some((&mut chunks, 6))), 1);
-        assert_eq!(dest, [0b1110, 0b11]);
-        assert_eq!(chunks, [0b11]);
+    fn a_marked_word_marks_its_chunk_only() {
+        let mut clear = ClearBitmap::new(64 * 8, 7).unwrap(); // 128-page chunks
+        clear.mark_word(0, 0);
+        assert_eq!(clear.pending(), 0);
+        clear.mark_word(3, 1 << 63); // pages 192..256: chunk 1
+        assert!(clear.test(1) && clear.pending() == 1);
     }
 }

@@ -1,0 +1,218 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The scenarios `vmm bench` and `vmm ladder` run: [`BenchScenario`] (`legacy`, `clear:SIZE`,
+//! `ring[:SIZE]`), its table label and the `vmm run` flags that select it, and the
+//! [`BenchTransport`] (`plain:N`, `tls:N`) each scenario runs over.
+
+use crate::units::{human_bytes, parse_size};
+use crate::{CliError, CliResult};
+
+/// One scenario of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BenchScenario {
+    /// KVM legacy dirty log, clear everything at every sync.
+    Legacy,
+    /// Manual protect + KVM_CLEAR_DIRTY_LOG in chunks of this many bytes.
+    Clear(u64),
+    /// KVM's dirty ring of this many bytes per vCPU (`ring` = the `vmm run` default, 64K).
+    Ring(u64),
+}
+
+impl BenchScenario {
+    /// Parse `legacy`, `clear:SIZE`, `ring` or `ring:SIZE`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "legacy" {
+            return Ok(BenchScenario::Legacy);
+        }
+        if s == "ring" {
+            return Ok(BenchScenario::Ring(64 << 10));
+        }
+        if let Some(size) = s.strip_prefix("ring:") {
+            let bytes = parse_size(size).map_err(|e| format!("mode `{s}`: {e}"))?;
+            if !bytes.is_power_of_two() || bytes < u64::from(clearlog_kvm::RING_MIN_BYTES) {
+                return Err(format!(
+                    "mode `{s}`: the ring size must be a power of two of at least 4K (`vmm caps` shows this kernel's maximum)"
+                ));
+            }
+            return Ok(BenchScenario::Ring(bytes));
+        }
+        let Some(size) = s.strip_prefix("clear:") else {
+            return Err(format!(
+                "mode `{s}`: use `legacy`, `clear:SIZE` like clear:128M, `ring` or `ring:SIZE` like ring:64K"
+            ));
+        };
+        let bytes = parse_size(size).map_err(|e| format!("mode `{s}`: {e}"))?;
+        clearlog_migration::MigrationDirtyLogMode::from_clear_chunk_bytes(bytes)
+            .map_err(|e| format!("mode `{s}`: {e} (a power of two from 256K to 8T)"))?;
+        Ok(BenchScenario::Clear(bytes))
+    }
+
+    /// Table label.
+    pub fn label(&self) -> String {
+        match self {
+            BenchScenario::Legacy => "legacy".into(),
+            BenchScenario::Clear(b) => format!("clear {}", human_bytes(*b)),
+            BenchScenario::Ring(b) => format!("ring {}", human_bytes(*b)),
+        }
+    }
+
+    pub(crate) fn run_args(&self) -> Vec<String> {
+        match self {
+            BenchScenario::Legacy => vec!["--dirty-log".into(), "legacy".into()],
+            BenchScenario::Ring(b) => vec![
+                "--dirty-log".into(),
+                "ring".into(),
+                "--ring-size".into(),
+                b.to_string(),
+            ],
+            BenchScenario::Clear(b) => {
+                vec![
+                    "--dirty-log".into(),
+                    "clear".into(),
+                    "--clear-chunk".into(),
+                    b.to_string(),
+                ]
+            }
+        }
+    }
+}
+
+/// How a run's migration travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchTransport {
+    /// Page channels (0: one version-1 stream).
+    pub channels: u32,
+    /// Mutual TLS on every channel.
+    pub tls: bool,
+}
+
+impl BenchTransport {
+    /// Plaintext over `channels` page channels.
+    pub fn plain(channels: u32) -> Self {
+        BenchTransport {
+            channels,
+            tls: false,
+        }
+    }
+
+    /// Parse `plain:N` or `tls:N`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let bad = || {
+            format!(
+                "transport `{s}`: use plain:N or tls:N (N page channels, 1 to {})",
+                clearlog_migration::wire::MAX_CHANNELS
+            )
+        };
+        let (kind, n) = s.split_once(':').ok_or_else(bad)?;
+        let channels: u32 = n.parse().map_err(|_| bad())?;
+        if channels > clearlog_migration::wire::MAX_CHANNELS {
+            return Err(bad());
+        }
+        match kind {
+            "plain" => Ok(BenchTransport::plain(channels)),
+            "tls" if channels == 0 => Err(format!(
+                "transport `{s}`: TLS runs over a session (tls:1 or more)"
+            )),
+            "tls" => Ok(BenchTransport {
+                channels,
+                tls: true,
+            }),
+            _ => Err(bad()),
+        }
+    }
+
+    /// Table label.
+    pub fn label(&self) -> String {
+        match (self.tls, self.channels) {
+            (false, 0) => "v1 stream".into(),
+            (false, n) => format!("plain x{n}"),
+            (true, n) => format!("tls x{n}"),
+        }
+    }
+}
+
+/// `--runs` and `--modes` of `vmm bench` and `vmm ladder`, checked (`example` shows a valid
+/// `--modes` in the error).
+pub(crate) fn runs_and_modes(
+    runs: u32,
+    modes: &[String],
+    example: &str,
+) -> CliResult<Vec<BenchScenario>> {
+    if runs == 0 {
+        return Err(CliError::Usage("--runs must be at least 1".into()));
+    }
+    let modes = modes
+        .iter()
+        .map(|m| BenchScenario::parse(m))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CliError::Usage)?;
+    if modes.is_empty() {
+        return Err(CliError::Usage(format!(
+            "--modes is empty: give e.g. {example}"
+        )));
+    }
+    Ok(modes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!(
+            BenchScenario::parse("legacy").unwrap(),
+            BenchScenario::Legacy
+        );
+        assert_eq!(
+            BenchScenario::parse("clear:128M").unwrap(),
+            BenchScenario::Clear(128 << 20)
+        );
+        assert_eq!(
+            BenchScenario::parse("clear:1G").unwrap().label(),
+            "clear 1 GiB"
+        );
+        BenchScenario::parse("clear:3M").unwrap_err();
+        BenchScenario::parse("clear:4K").unwrap_err();
+        assert_eq!(
+            BenchScenario::parse("ring").unwrap(),
+            BenchScenario::Ring(64 << 10)
+        );
+        assert_eq!(
+            BenchScenario::parse("ring:16K").unwrap().label(),
+            "ring 16 KiB"
+        );
+        BenchScenario::parse("ring:3K").unwrap_err();
+        BenchScenario::parse("ring:48K").unwrap_err();
+        BenchScenario::parse("fast").unwrap_err();
+    }
+
+    #[test]
+    fn transports_parse() {
+        let t = |s| BenchTransport::parse(s);
+        assert_eq!(t("plain:2").unwrap(), BenchTransport::plain(2));
+        assert_eq!(t("plain:0").unwrap().label(), "v1 stream");
+        assert_eq!(t("tls:4").unwrap().label(), "tls x4");
+        assert!(t("tls:0").unwrap_err().contains("tls:1 or more"));
+        t("plain:65").unwrap_err();
+        t("quic:2").unwrap_err();
+        t("plain").unwrap_err();
+    }
+
+    #[test]
+    fn runs_and_modes_are_checked() {
+        runs_and_modes(0, &["legacy".into()], "legacy").unwrap_err();
+        runs_and_modes(1, &[], "legacy").unwrap_err();
+        assert_eq!(
+            runs_and_modes(2, &["ring".into()], "x").unwrap(),
+            [BenchScenario::Ring(64 << 10)]
+        );
+        assert_eq!(
+            BenchScenario::Clear(1 << 20).run_args(),
+            ["--dirty-log", "clear", "--clear-chunk", "1048576"]
+        );
+    }
+}

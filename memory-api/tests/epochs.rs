@@ -179,3 +179,38 @@ fn vmm_writes_through_vm_memory_are_in_their_epoch() {
     drop(epochs);
     assert!(!mem.dirty().active_clients().contains(DirtyClient::Snapshot));
 }
+
+/// Aliases and remaps while the tracker is open (allowed, as during a migration): an alias logs
+/// for Snapshot at once and a guest write through it is in the block's delta; a write just before
+/// an unmap reaches the delta through the section's last sync; a region mapped again is tracked.
+#[test]
+fn aliases_and_remaps_during_the_epochs() {
+    const HI: u64 = 0x1_0000_0000;
+    let rig = Rig::new();
+    let id = rig.block.id();
+    let mut epochs = DirtyEpochs::open(&rig.mem).unwrap();
+    let alias = rig
+        .mem
+        .add_alias("hi", rig.ram, 64 * PAGE_SIZE, 64 * PAGE_SIZE, HI, 0)
+        .unwrap();
+    assert!(rig.mem.sections()[1].log.contains(DirtyClient::Snapshot));
+    epochs.advance().unwrap(); // the alias's new slot: INITIALLY_SET reports all of it once
+    rig.kernel.lock().unwrap().guest_write(HI, 2); // block page 66, through the alias
+    let e = epochs.advance().unwrap();
+    assert_eq!(e.iter().collect::<Vec<_>>(), [(id, 66)]);
+
+    rig.mem.remove_region(alias).unwrap();
+    rig.guest_write(5);
+    rig.mem.unmap_region(rig.ram).unwrap(); // its last sync folds page 5
+    assert_eq!(
+        epochs.advance().unwrap().iter().collect::<Vec<_>>(),
+        [(id, 5)]
+    );
+    rig.mem.map_region(rig.ram, 0, 0).unwrap();
+    epochs.advance().unwrap(); // the new slot: INITIALLY_SET reports all of it once
+    rig.guest_write(7);
+    assert_eq!(
+        epochs.advance().unwrap().iter().collect::<Vec<_>>(),
+        [(id, 7)]
+    );
+}

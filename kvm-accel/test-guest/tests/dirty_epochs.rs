@@ -19,6 +19,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -237,6 +238,9 @@ fn read_page(block: &RamBlock, page: u64) -> Content {
     b
 }
 
+/// Guest page writes a live chain must see.
+const MIN_GUEST_WRITES: u64 = 5_000;
+
 /// The random workload writes while a migration thread iterates and the main thread makes diff
 /// snapshots; after a last advance (guest paused) the chain equals memory. Returns the number of
 /// pages the chain read after its full snapshot.
@@ -252,20 +256,30 @@ fn live_chain(mode: Option<KvmDirtyLogMode>) -> u64 {
         seed: 0xe90c_0001,
     });
     let runner = mv.start(&w, |ram| set_iteration(ram, 1).unwrap());
+    let monitor = clearlog_test_guest::workload::monitor::WorkloadMonitor::new(&mv.ram, 1);
+    let written_before = monitor.pages_written().unwrap();
     let mut epochs = DirtyEpochs::open(&mv.memory).unwrap();
     // The full snapshot, read after `open` returned.
     let mut chain: Vec<Content> = (0..pages).map(|p| read_page(&block, p)).collect();
     let mut read = 0;
-    let deadline = Instant::now() + Duration::from_millis(1500);
+    // At least 1.5 s and `MIN_GUEST_WRITES` guest writes (at most 15 s): on a loaded 2-core host
+    // the guest's vCPU may get little time.
+    let start = Instant::now();
+    let done = AtomicBool::new(false);
     std::thread::scope(|s| {
-        let (memory, block) = (&mv.memory, &block);
+        let (memory, block, done) = (&mv.memory, &block, &done);
         s.spawn(move || {
             let mut m = Migration::new(block.pages());
-            while Instant::now() < deadline {
+            while !done.load(Ordering::Relaxed) {
                 m.iterate(memory, block);
+                // A sync kicks the vCPU out of KVM_RUN: leave the guest time to write.
+                std::thread::sleep(Duration::from_millis(2));
             }
         });
-        while Instant::now() < deadline {
+        while start.elapsed() < Duration::from_millis(1500)
+            || (monitor.pages_written().unwrap() - written_before < MIN_GUEST_WRITES
+                && start.elapsed() < Duration::from_secs(15))
+        {
             std::thread::sleep(Duration::from_millis(50));
             let delta = epochs.advance().unwrap();
             for (_, p) in delta.iter() {
@@ -273,6 +287,7 @@ fn live_chain(mode: Option<KvmDirtyLogMode>) -> u64 {
                 read += 1;
             }
         }
+        done.store(true, Ordering::Relaxed);
     });
     runner.pause().unwrap();
     let delta = epochs.advance().unwrap();
@@ -289,10 +304,16 @@ fn live_chain(mode: Option<KvmDirtyLogMode>) -> u64 {
         lost.len(),
         &lost[..lost.len().min(10)]
     );
+    let written = monitor.pages_written().unwrap() - written_before;
     eprintln!(
-        "live chain ({mode:?}): {read} pages read in {} epochs, listener {:?}",
+        "live chain ({mode:?}): the guest wrote {written} pages, the chain read {read} pages in \
+         {} epochs, listener {:?}",
         epochs.epoch(),
         mv.listener.stats()
+    );
+    assert!(
+        written >= MIN_GUEST_WRITES,
+        "the guest wrote only {written} pages"
     );
     drop(epochs);
     runner.stop().unwrap();

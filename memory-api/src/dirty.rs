@@ -14,7 +14,8 @@ use crate::{Error, Result};
 ///
 /// Several consumers want to know which guest pages changed: live migration, a display that redraws
 /// what changed, a code cache. Each is a [`DirtyClient`] with its own [`AtomicBitmap`] over the whole
-/// RAM address space (one bit per page; RAM block `b`'s page `p` is bit `b.ram_page_offset() + p`).
+/// RAM address space (one bit per page; RAM block `b`'s page `p` is bit `b.ram_page_offset() + p`);
+/// [`DirtyClient::Snapshot`] is the client of [`crate::DirtyEpochs`].
 /// Two sources set bits: the accelerator (it folds what KVM reports with
 /// [`DirtyMemory::fold_bitmap`]) and the VMM itself (device writes, DMA, image loading, through
 /// [`DirtyMemory::set_dirty_range`]). Each client takes its own bits, so clients never steal each
@@ -24,7 +25,8 @@ use crate::{Error, Result};
 /// folds, host-side writes and takes run lock-free, concurrently with each other. Besides the
 /// bitmaps it keeps the set of *active* clients: those that receive host-side writes
 /// ([`set_dirty_range`](Self::set_dirty_range)). Migration is active while global logging is on;
-/// Vga and Code while at least one region logs for them.
+/// Snapshot while a [`crate::DirtyEpochs`] tracker is open; Vga and Code while at least one region
+/// logs for them.
 ///
 /// # Examples
 ///
@@ -42,7 +44,7 @@ use crate::{Error, Result};
 /// ```
 #[derive(Debug)]
 pub struct DirtyMemory {
-    clients: [AtomicBitmap; 3],
+    clients: [AtomicBitmap; 4],
     active: AtomicU8,
 }
 
@@ -59,11 +61,7 @@ impl DirtyMemory {
     pub fn new(pages: u64) -> Self {
         let bits = words_for_bits(pages as usize) * BITS_PER_WORD;
         DirtyMemory {
-            clients: [
-                AtomicBitmap::new(bits),
-                AtomicBitmap::new(bits),
-                AtomicBitmap::new(bits),
-            ],
+            clients: std::array::from_fn(|_| AtomicBitmap::new(bits)),
             active: AtomicU8::new(0),
         }
     }

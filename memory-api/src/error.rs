@@ -147,7 +147,8 @@ pub enum Error {
     /// A volatile access to guest memory failed.
     #[error("guest memory access failed")]
     Volatile(#[from] vm_memory::VolatileMemoryError),
-    /// Migration logging is global: use `log_global_start`/`log_global_stop`.
+    /// Migration and Snapshot logging are global: use `log_global_start`/`log_global_stop`, or
+    /// open a [`crate::DirtyEpochs`].
     #[error("{0:?} logging cannot be set per region")]
     NotPerRegionClient(DirtyClient),
     /// The listener is not registered.
@@ -227,6 +228,27 @@ pub enum Error {
     MigrationInProgress {
         /// What was refused (`"add a RAM block"`, `"remove a RAM region"`).
         what: &'static str,
+    },
+    /// A [`crate::DirtyEpochs`] tracker is open: the RAM layout is fixed (every epoch's delta
+    /// names the same RAM blocks), and one tracker at a time owns the Snapshot client.
+    #[error(
+        "cannot {what} while a dirty-epoch tracker is open: the RAM layout is fixed and the \
+         Snapshot client has one owner until the tracker is closed; close it first"
+    )]
+    DirtyEpochsOpen {
+        /// What was refused (`"add a RAM block"`, `"open a second dirty-epoch tracker"`).
+        what: &'static str,
+    },
+    /// Two [`crate::EpochDelta`]s cannot be merged: the later one must come from the same tracker
+    /// and start where the earlier one ends.
+    #[error("cannot merge dirty epochs {theirs:?} into {ours:?}: {why}")]
+    EpochMerge {
+        /// The epochs of the delta merged into.
+        ours: std::ops::Range<u64>,
+        /// The epochs of the delta given.
+        theirs: std::ops::Range<u64>,
+        /// Why not.
+        why: &'static str,
     },
     /// Asking the kernel which pages of a RAM block are populated failed unexpectedly
     /// ([`crate::RamBlock::populated_pages`]): `PAGEMAP_SCAN` or `lseek(SEEK_DATA/SEEK_HOLE)`

@@ -79,8 +79,9 @@ impl RegionId {
 /// ```
 /// use clearlog_memory::DirtyClient;
 ///
-/// assert_eq!(DirtyClient::ALL.len(), 3);
+/// assert_eq!(DirtyClient::ALL.len(), 4);
 /// assert_eq!(DirtyClient::Vga.index(), 1);
+/// assert_eq!(DirtyClient::Snapshot.index(), 3);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DirtyClient {
@@ -90,11 +91,19 @@ pub enum DirtyClient {
     Vga = 1,
     /// Code-cache invalidation (modelled for completeness).
     Code = 2,
+    /// Dirty epochs for snapshots: on while a [`crate::DirtyEpochs`] tracker is open, over all
+    /// RAM (like Migration, never per region).
+    Snapshot = 3,
 }
 
 impl DirtyClient {
     /// Every client, in index order.
-    pub const ALL: [DirtyClient; 3] = [DirtyClient::Migration, DirtyClient::Vga, DirtyClient::Code];
+    pub const ALL: [DirtyClient; 4] = [
+        DirtyClient::Migration,
+        DirtyClient::Vga,
+        DirtyClient::Code,
+        DirtyClient::Snapshot,
+    ];
 
     /// The client's index (its bit number in [`DirtyClients`]).
     ///
@@ -127,7 +136,7 @@ impl DirtyClients {
     /// No client.
     pub const NONE: DirtyClients = DirtyClients(0);
     /// Every client.
-    pub const ALL: DirtyClients = DirtyClients(0b111);
+    pub const ALL: DirtyClients = DirtyClients(0b1111);
 
     /// Does the set contain `client`?
     ///
@@ -159,7 +168,7 @@ impl DirtyClients {
     ///
     /// ```
     /// use clearlog_memory::{DirtyClient, DirtyClients};
-    /// assert_eq!(DirtyClients::ALL.without(DirtyClient::Migration).bits(), 0b110);
+    /// assert_eq!(DirtyClients::ALL.without(DirtyClient::Migration).bits(), 0b1110);
     /// ```
     pub const fn without(self, client: DirtyClient) -> DirtyClients {
         DirtyClients(self.0 & !(1 << client as u8))
@@ -196,7 +205,7 @@ impl DirtyClients {
     /// # Examples
     ///
     /// ```
-    /// assert_eq!(clearlog_memory::DirtyClients::ALL.bits(), 0b111);
+    /// assert_eq!(clearlog_memory::DirtyClients::ALL.bits(), 0b1111);
     /// ```
     pub const fn bits(self) -> u8 {
         self.0

@@ -25,9 +25,13 @@
 //!   address space with priorities, flattened into sections (what an accelerator registers).
 //! - [`MemoryListener`] (`listener`): the hooks an accelerator implements: map changes, logging
 //!   start/stop, `log_sync` (collect only) and `log_clear` (re-arm a range).
-//! - [`DirtyMemory`] (`dirty`): one atomic bitmap per [`DirtyClient`] (Migration, Vga, Code) over
+//! - [`DirtyMemory`] (`dirty`): one atomic bitmap per [`DirtyClient`] (Migration, Vga, Code,
+//!   Snapshot) over
 //!   the RAM address space; the accelerator folds KVM's bitmaps into it.
 //! - [`DirtySnapshot`] (`snapshot`): what [`MemorySystem::snapshot_and_clear_dirty`] returns.
+//! - [`DirtyEpochs`] (`system::epochs`) and [`EpochDelta`] (`epochs`): dirty epochs for snapshots,
+//!   the [`DirtyClient::Snapshot`] client's tracker: which pages changed since the previous epoch,
+//!   lossless next to a migration and a display.
 //! - [`ClearBitmap`] (re-exported from `clearlog-bitmap`): migration's per-chunk "needs clear" bits.
 //! - [`MemorySystem`] (`system`): all of the above behind one topology lock.
 //! - `testing` (cargo feature `testing`): a conformance check for [`MemoryListener`]
@@ -50,7 +54,8 @@
 //! nothing: adding a RAM block ([`MemorySystem::add_ram`], [`MemorySystem::create_ram`],
 //! [`MemorySystem::add_ram_backed`], [`MemorySystem::create_ram_backed`],
 //! [`MemorySystem::add_guest_memory`]) and removing a RAM region ([`MemorySystem::remove_region`]
-//! of a region that owns a block). Stop or finish the migration first.
+//! of a region that owns a block). Stop or finish the migration first. The same holds while a
+//! [`DirtyEpochs`] tracker is open ([`Error::DirtyEpochsOpen`]).
 //!
 //! Remaps stay allowed, because they keep the blocks: [`MemorySystem::map_region`] and
 //! [`MemorySystem::unmap_region`] of existing RAM, and adding or removing aliases
@@ -106,6 +111,7 @@
 
 mod backing;
 mod dirty;
+mod epochs;
 mod error;
 mod ids;
 mod listener;
@@ -123,6 +129,7 @@ mod zero_scan;
 pub use backing::RamBacking;
 pub use clearlog_bitmap::ClearBitmap;
 pub use dirty::DirtyMemory;
+pub use epochs::EpochDelta;
 pub use error::{Error, ListenerError, Result};
 pub use ids::{DirtyClient, DirtyClients, RamBlockId, RegionId};
 pub use listener::MemoryListener;
@@ -130,7 +137,7 @@ pub use populated::PopulatedMethod;
 pub use ram::{is_zero_page, RamBlock};
 pub use region::Section;
 pub use snapshot::DirtySnapshot;
-pub use system::{MemorySystem, DEFAULT_RAM_CAPACITY};
+pub use system::{DirtyEpochs, MemorySystem, DEFAULT_RAM_CAPACITY};
 pub use vm_bitmap::{DirtyBitmap, DirtyBitmapSlice};
 
 /// log2 of the page size tracked by dirty logging.

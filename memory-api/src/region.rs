@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::ids::{DirtyClient, DirtyClients, RamBlockId, RegionId};
+use crate::ids::{DirtyClients, RamBlockId, RegionId};
 use crate::{Error, RamBlock, Result};
 
 /// A flattened, contiguous piece of guest-physical address space backed by one RAM block.
@@ -226,9 +226,10 @@ impl RegionTree {
         }
     }
 
-    /// Logging clients of a region's sections: its own, its alias target's, and Migration while
-    /// global logging is on.
-    pub(crate) fn log_of(&self, id: RegionId, global_logging: bool) -> DirtyClients {
+    /// Logging clients of a region's sections: its own, its alias target's, and the clients that
+    /// log all RAM (`global`: Migration while global logging is on, Snapshot while dirty epochs
+    /// are open).
+    pub(crate) fn log_of(&self, id: RegionId, global: DirtyClients) -> DirtyClients {
         let mut log = DirtyClients::NONE;
         let mut cur = Some(id);
         while let Some(node) = cur.and_then(|c| self.regions.get(&c)) {
@@ -238,20 +239,17 @@ impl RegionTree {
                 RegionKind::Ram(_) => None,
             };
         }
-        if global_logging {
-            log = log.with(DirtyClient::Migration);
-        }
-        log
+        log.union(global)
     }
 
-    /// Clients that some region logs for (Migration excluded: it is global).
+    /// Clients that some region logs for (Migration and Snapshot excluded: they are global).
     pub(crate) fn region_logging_clients(&self) -> DirtyClients {
         self.iter()
             .fold(DirtyClients::NONE, |acc, (_, n)| acc.union(n.log))
     }
 
     /// Flatten the tree into sections sorted by guest address: higher priorities hide lower ones.
-    pub(crate) fn flatten(&self, global_logging: bool) -> Vec<Section> {
+    pub(crate) fn flatten(&self, global: DirtyClients) -> Vec<Section> {
         let mut mapped: Vec<(RegionId, &RegionNode, Mapping)> = self
             .iter()
             .filter_map(|(id, n)| n.mapping.map(|m| (id, n, m)))
@@ -264,7 +262,7 @@ impl RegionTree {
             let Ok((block, base)) = self.resolve(id) else {
                 continue;
             };
-            let log = self.log_of(id, global_logging);
+            let log = self.log_of(id, global);
             let start = m.guest_addr;
             let end = start + node.size;
             let mut visible = Vec::new();
@@ -304,7 +302,7 @@ impl RegionTree {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DirtyMemory, PAGE_SIZE};
+    use crate::{DirtyClient, DirtyMemory, PAGE_SIZE};
 
     fn ram(tree: &mut RegionTree, pages: u64, at: Option<(u64, i32)>) -> RegionId {
         let dirty = Arc::new(DirtyMemory::new(1024));
@@ -352,7 +350,7 @@ mod tests {
         let mut tree = RegionTree::default();
         let low = ram(&mut tree, 16, Some((0, 0)));
         let high = ram(&mut tree, 4, Some((6, 1)));
-        let s = tree.flatten(false);
+        let s = tree.flatten(DirtyClients::NONE);
         assert_eq!(
             layout(&s),
             [
@@ -369,7 +367,7 @@ mod tests {
     fn unmapped_regions_have_no_sections() {
         let mut tree = RegionTree::default();
         ram(&mut tree, 4, None);
-        assert!(tree.flatten(true).is_empty());
+        assert!(tree.flatten(DirtyClient::Migration.into()).is_empty());
     }
 
     #[test]
@@ -392,7 +390,7 @@ mod tests {
             readonly: false,
         });
         tree.get_mut(target).unwrap().log = DirtyClient::Vga.into();
-        let s = tree.flatten(true);
+        let s = tree.flatten(DirtyClient::Migration.into());
         assert_eq!(layout(&s), [(0x100, 4, alias.get(), 5)]);
         assert_eq!(
             s[0].log,

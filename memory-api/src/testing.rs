@@ -17,7 +17,11 @@
 //!    orders), the second clear must not re-arm a page written after the first one: `log_clear` may
 //!    clear only bits the accelerator saw at its last sync and has not cleared since (the 8-step race
 //!    of the `KVM_CLEAR_DIRTY_LOG` series).
-//! 3. **Final sync.** A page dirtied before logging stops on a section (`log_stop` of a Vga-only
+//! 3. **Dirty epochs.** A [`DirtyEpochs`] tracker next to the migration: a page the guest writes
+//!    in an epoch is in that epoch's delta, and after the tracker's advance re-armed a page, the
+//!    migration's re-arm of the same chunk (from the bits of an older sync) must not hide the
+//!    next write from the next epoch (the same rule as 2, with the Snapshot client).
+//! 4. **Final sync.** A page dirtied before logging stops on a section (`log_stop` of a Vga-only
 //!    region, `log_global_stop`) or before its section goes away (`region_del`, here by unmapping)
 //!    is in the clients' bitmaps afterwards.
 //!
@@ -27,7 +31,7 @@
 //! The check registers the listener, adds one RAM region (`conformance`, at
 //! [`ConformanceConfig::guest_addr`]), turns Vga and global logging on and off, and at the end
 //! removes the region and unregisters the listener. The memory system must not have global logging
-//! on, nor a region in the way.
+//! on, nor a dirty-epoch tracker open, nor a region in the way.
 //!
 //! # Examples
 //!
@@ -65,7 +69,8 @@ use std::sync::Arc;
 use clearlog_bitmap::Bitmap;
 
 use crate::{
-    ClearBitmap, DirtyClient, MemoryListener, MemorySystem, RamBlock, RegionId, Section, PAGE_SHIFT,
+    ClearBitmap, DirtyClient, DirtyEpochs, MemoryListener, MemorySystem, RamBlock, RegionId,
+    Section, PAGE_SHIFT,
 };
 
 /// Make [`RamBlock::populated_pages`] of `block` answer as on a kernel without `PAGEMAP_SCAN` or
@@ -213,6 +218,7 @@ pub fn check_memory_listener_with(
     ok(mem.log_global_start(), "log_global_start");
     c.clear_before_read();
     c.one_clear_per_sync();
+    c.epochs_next_to_migration();
     c.final_sync_at_global_stop();
     c.final_sync_at_region_del();
     ok(mem.remove_region(ram), "remove_region");
@@ -451,6 +457,58 @@ impl Check<'_> {
                 .set_region_logging(self.ram, DirtyClient::Vga, false),
             "set_region_logging(Vga, off)",
         );
+    }
+
+    /// An advance of `epochs`: page `p` must be in the delta.
+    fn epoch_must_hold(&self, epochs: &mut DirtyEpochs<&MemorySystem>, p: u64, why: &str) {
+        let delta = ok(epochs.advance(), "DirtyEpochs::advance");
+        assert!(
+            delta.is_dirty(self.block.id(), p),
+            "rule broken ({why}): page {p}, written by the guest in epoch {}, is not in its delta",
+            delta.epochs().start
+        );
+    }
+
+    fn epochs_next_to_migration(&mut self) {
+        self.drain(false);
+        let mut epochs = ok(DirtyEpochs::open(self.mem), "DirtyEpochs::open");
+        // A write in an epoch, with a migration sync and re-arm in the middle.
+        let p = 13;
+        self.guest_dirty(p);
+        self.migration_sync();
+        self.send(p);
+        self.guest_dirty(p); // after Migration's re-arm
+        self.epoch_must_hold(
+            &mut epochs,
+            p,
+            "epochs: a sync must fold into the Snapshot client",
+        );
+        self.migration_sync();
+        assert!(
+            self.to_send.test(p as usize),
+            "rule broken (epochs): page {p}, written after Migration's re-arm, was not reported \
+             to Migration after the epoch's advance synced and re-armed it"
+        );
+        self.send_all();
+
+        // The epoch's re-arm first, then Migration's re-arm of the same chunk.
+        let q = 77;
+        self.guest_dirty(q);
+        self.migration_sync(); // Migration holds q
+        self.epoch_must_hold(&mut epochs, q, "epochs: sync");
+        self.guest_dirty(q); // after the advance's re-arm
+        self.send(q); // Migration re-arms q's chunk from its older bits
+        self.epoch_must_hold(
+            &mut epochs,
+            q,
+            "one clear per sync, epochs: Migration's re-arm of the chunk cleared the \
+             accelerator's bit again after the advance had re-armed it, and the write was lost. \
+             log_clear may clear only bits the accelerator saw at its last sync and has not \
+             cleared since",
+        );
+        self.migration_sync();
+        self.send_all();
+        ok(epochs.close(), "DirtyEpochs::close");
     }
 
     fn final_sync_at_global_stop(&mut self) {

@@ -3,7 +3,8 @@
 
 //! `clearlog_memory::testing::check_memory_listener` has teeth: the model accelerator with the
 //! per-slot cache passes it; the naive one (clears KVM directly, all ones for the range) fails it
-//! on the one-clear-per-sync rule; a listener that never syncs fails the final-sync rule.
+//! on the one-clear-per-sync rule; one that does not fold into the Snapshot client fails the
+//! dirty-epochs rule; a listener that never syncs fails the final-sync rule.
 
 mod common;
 
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use clearlog_memory::testing::{
     check_memory_listener, check_memory_listener_with, ConformanceConfig,
 };
-use clearlog_memory::{MemoryListener, MemorySystem, Section};
+use clearlog_memory::{DirtyClient, MemoryListener, MemorySystem, Section};
 use common::{FakeKvm, ModelKernel};
 
 /// Run the check against the model accelerator; the guest writes through the model kernel.
@@ -94,5 +95,15 @@ fn the_check_cleans_up_after_itself() {
     assert!(!mem.global_logging());
     assert!(kernel.lock().unwrap().slots.is_empty());
     // The listener was unregistered: it can run the check again.
+    check_memory_listener(&mem, kvm, &guest);
+}
+
+#[test]
+#[should_panic(expected = "rule broken (epochs: a sync must fold into the Snapshot client)")]
+fn an_accelerator_that_forgets_the_snapshot_client_fails() {
+    let kernel = Arc::new(Mutex::new(ModelKernel::default()));
+    let kvm = FakeKvm::skipping(&kernel, true, DirtyClient::Snapshot.into());
+    let mem = MemorySystem::with_ram_capacity(64 << 20);
+    let guest = |s: &Section, page: u64| kernel.lock().unwrap().guest_write(s.guest_addr, page);
     check_memory_listener(&mem, kvm, &guest);
 }

@@ -9,10 +9,14 @@
 //! - Migration: sync (log_sync_all + `sync_migration_bitmap` into its own bitmap with a
 //!   `ClearBitmap`), and send (clear the page's chunk first, then read the page's version);
 //! - Vga: its own `log_sync` of the region, and `snapshot_and_clear_dirty` then reading every page
-//!   the snapshot reports.
+//!   the snapshot reports;
+//! - Snapshot: a `DirtyEpochs` tracker opened at the start (a full read of RAM), whose advances
+//!   end an epoch, then read every page of its delta (a chain of diff snapshots).
 //!
 //! Property, after a final sync: for every page, each client's last-read version equals the page's
-//! latest version, or the client still has the page marked dirty.
+//! latest version, or the client still has the page marked dirty. For the epochs, at every
+//! advance: every page written in the epoch that ends (by the guest or the VMM) is in its delta;
+//! and after a final advance the chain's last read of every page is its latest version.
 //!
 //! With the per-slot cache (docs/design.md section 2) the property holds. With the naive clear (all ones
 //! for the range) proptest finds the race of the `KVM_CLEAR_DIRTY_LOG` series' 8-step example (docs/design.md
@@ -23,7 +27,9 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use clearlog_bitmap::Bitmap;
-use clearlog_memory::{ClearBitmap, DirtyClient, MemorySystem, RamBlock, RegionId, PAGE_SIZE};
+use clearlog_memory::{
+    ClearBitmap, DirtyClient, DirtyEpochs, MemorySystem, RamBlock, RegionId, PAGE_SIZE,
+};
 use common::{FakeKvm, ModelKernel};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestError, TestRng, TestRunner};
@@ -49,6 +55,8 @@ enum Op {
     VgaSync,
     /// Display: `snapshot_and_clear_dirty` of pages [first, first + len) of "ram", then reads them.
     VgaSnapshot(u64, u64),
+    /// Snapshot: end the epoch (`DirtyEpochs::advance`), check its delta, read its pages.
+    EpochAdvance,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -59,6 +67,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1..80u64).prop_map(Op::MigrationSend),
         1 => Just(Op::VgaSync),
         2 => (0..RAM_PAGES, 1..RAM_PAGES).prop_map(|(f, l)| Op::VgaSnapshot(f, l.min(RAM_PAGES - f))),
+        2 => Just(Op::EpochAdvance),
     ]
 }
 
@@ -69,7 +78,7 @@ struct MigrationBlock {
 }
 
 struct Harness {
-    mem: MemorySystem,
+    mem: Arc<MemorySystem>,
     kernel: Arc<Mutex<ModelKernel>>,
     ram: RegionId,
     blocks: Vec<Arc<RamBlock>>,
@@ -77,11 +86,18 @@ struct Harness {
     migration: Vec<MigrationBlock>,
     vga_read: Vec<u64>,
     cursor: (usize, u64),
+    epochs: DirtyEpochs<Arc<MemorySystem>>,
+    /// Pages (block, page) written in the running epoch.
+    written_in_epoch: Vec<(usize, u64)>,
+    /// The chain of diff snapshots: the last version read of every page.
+    epoch_read: Vec<Vec<u64>>,
+    /// The first epoch whose delta lacked a page written in it.
+    epoch_loss: Option<String>,
 }
 
 impl Harness {
     fn new(with_cache: bool) -> Harness {
-        let mem = MemorySystem::with_ram_capacity(1024 * P);
+        let mem = Arc::new(MemorySystem::with_ram_capacity(1024 * P));
         let kernel = Arc::new(Mutex::new(ModelKernel::default()));
         mem.register_listener(FakeKvm::new(&kernel, with_cache))
             .unwrap();
@@ -100,8 +116,14 @@ impl Harness {
                 read: vec![0; b.pages() as usize],
             })
             .collect();
-        let versions = blocks.iter().map(|b| vec![0; b.pages() as usize]).collect();
+        let versions: Vec<Vec<u64>> = blocks.iter().map(|b| vec![0; b.pages() as usize]).collect();
+        // The full snapshot: every page is read (version 0) right after the tracker opens.
+        let epochs = DirtyEpochs::open(mem.clone()).unwrap();
         let mut h = Harness {
+            epochs,
+            written_in_epoch: Vec::new(),
+            epoch_read: versions.clone(),
+            epoch_loss: None,
             mem,
             kernel,
             ram,
@@ -118,6 +140,7 @@ impl Harness {
     }
 
     fn bump(&mut self, block: usize, page: u64) -> [u8; 8] {
+        self.written_in_epoch.push((block, page));
         let v = &mut self.versions[block][page as usize];
         *v += 1;
         v.to_le_bytes()
@@ -172,6 +195,25 @@ impl Harness {
                     self.vga_read[page as usize] = self.read_version(0, page);
                 }
             }
+            Op::EpochAdvance => self.epoch_advance(),
+        }
+    }
+
+    /// End the epoch: every page written in it must be in its delta; then read the delta's pages.
+    fn epoch_advance(&mut self) {
+        let delta = self.epochs.advance().unwrap();
+        for &(b, p) in &self.written_in_epoch {
+            if !delta.is_dirty(self.blocks[b].id(), p) && self.epoch_loss.is_none() {
+                self.epoch_loss = Some(format!(
+                    "epoch {} lost block {b} page {p}: written in the epoch, not in its delta",
+                    delta.epochs().start
+                ));
+            }
+        }
+        self.written_in_epoch.clear();
+        for (block, page) in delta.iter() {
+            let b = self.blocks.iter().position(|x| x.id() == block).unwrap();
+            self.epoch_read[b][page as usize] = self.read_version(b, page);
         }
     }
 
@@ -239,6 +281,26 @@ impl Harness {
                     "vga lost page {p}: read v{}, latest v{latest}",
                     self.vga_read[p as usize]
                 ));
+            }
+        }
+        self.epoch_lost_write()
+    }
+
+    /// A last advance, then: no epoch lacked a page written in it, and the chain holds every
+    /// page's latest version.
+    fn epoch_lost_write(&mut self) -> Option<String> {
+        self.epoch_advance();
+        if let Some(why) = self.epoch_loss.take() {
+            return Some(why);
+        }
+        for (b, versions) in self.versions.iter().enumerate() {
+            for (p, &latest) in versions.iter().enumerate() {
+                let read = self.epoch_read[b][p];
+                if read != latest {
+                    return Some(format!(
+                        "the snapshot chain lost block {b} page {p}: read v{read}, latest v{latest}"
+                    ));
+                }
             }
         }
         None

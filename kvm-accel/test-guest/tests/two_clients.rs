@@ -17,16 +17,14 @@
 
 mod common;
 
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
+use clearlog_kvm::Error;
 use clearlog_kvm::KvmDirtyLogMode;
-use clearlog_kvm::{Error, KvmMemoryListener};
 use clearlog_memory::{
-    ClearBitmap, DirtyClient, DirtyClients, DirtyMemory, ListenerError, MemoryListener,
-    MemorySystem, RamBlock, RegionId, Section, PAGE_SIZE,
+    ClearBitmap, DirtyClient, MemoryListener, MemorySystem, RamBlock, RegionId, PAGE_SIZE,
 };
 use clearlog_test_guest::layout::INFRA_END;
 use clearlog_test_guest::workload::{set_iteration, Workload, WorkloadSpec};
@@ -35,67 +33,6 @@ use common::*;
 const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;
 const WSS: u64 = 32 * MIB;
-
-/// A listener that forwards everything to the real one except `log_clear`, which clears the
-/// whole requested range in KVM (all ones, widened to 64 pages with zeros) without looking at
-/// what the last sync reported: what each client clearing "its" bits on its own amounts to.
-struct NaiveClear(Arc<KvmMemoryListener>);
-
-impl MemoryListener for NaiveClear {
-    fn name(&self) -> &str {
-        "naive-kvm"
-    }
-    fn priority(&self) -> i32 {
-        self.0.priority()
-    }
-    fn region_add(&self, s: &Section) -> Result<(), ListenerError> {
-        self.0.region_add(s)
-    }
-    fn region_del(&self, s: &Section, d: &DirtyMemory) -> Result<(), ListenerError> {
-        self.0.region_del(s, d)
-    }
-    fn log_start(
-        &self,
-        s: &Section,
-        o: DirtyClients,
-        n: DirtyClients,
-    ) -> Result<(), ListenerError> {
-        self.0.log_start(s, o, n)
-    }
-    fn log_stop(
-        &self,
-        s: &Section,
-        o: DirtyClients,
-        n: DirtyClients,
-        d: &DirtyMemory,
-    ) -> Result<(), ListenerError> {
-        self.0.log_stop(s, o, n, d)
-    }
-    fn log_sync(&self, s: &Section, d: &DirtyMemory) -> Result<(), ListenerError> {
-        self.0.log_sync(s, d)
-    }
-    fn log_clear(&self, s: &Section, first: u64, npages: u64) -> Result<(), ListenerError> {
-        if npages == 0 {
-            return Ok(());
-        }
-        let slot = self.0.slot_id_at(s.guest_addr).ok_or("no slot")?;
-        let start = first & !63;
-        let end = (first + npages).next_multiple_of(64).min(s.pages());
-        let mut bitmap = vec![0u64; (end - start).div_ceil(64) as usize];
-        for p in first..first + npages {
-            let b = p - start;
-            bitmap[(b / 64) as usize] |= 1 << (b % 64);
-        }
-        clearlog_kvm::raw::clear_dirty_log(
-            self.0.vm().as_fd(),
-            slot,
-            start,
-            (end - start) as u32,
-            &bitmap,
-        )
-        .map_err(|e| Box::new(e) as ListenerError)
-    }
-}
 
 type Content = [u64; 2];
 
@@ -190,12 +127,7 @@ fn run_in(
 ) -> Outcome {
     let mv = MemVm::new(choice, INFRA_END + WSS);
     let listener: Arc<dyn MemoryListener> = if naive {
-        // Replace the registered listener by the naive wrapper around it.
-        let l: Arc<dyn MemoryListener> = mv.listener.clone();
-        mv.memory.unregister_listener(&l).unwrap();
-        let n: Arc<dyn MemoryListener> = Arc::new(NaiveClear(mv.listener.clone()));
-        mv.memory.register_listener(n.clone()).unwrap();
-        n
+        mv.use_naive_clear()
     } else {
         mv.listener.clone()
     };

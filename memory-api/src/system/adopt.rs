@@ -11,7 +11,7 @@ use vm_memory::{
 };
 
 use super::topology::Source;
-use super::{check_no_migration, check_page_aligned, MemorySystem};
+use super::{check_layout_fixed, check_page_aligned, MemorySystem};
 use crate::region::{Mapping, RegionKind};
 use crate::{DirtyBitmap, Error, RamBlock, RegionId, Result};
 
@@ -77,7 +77,7 @@ impl MemorySystem {
         }
         // One topology lock for the whole adoption: a migration cannot start half-way.
         let mut st = self.write();
-        check_no_migration(&st, "add a RAM block")?;
+        check_layout_fixed(&st, "add a RAM block")?;
         let mut added = Vec::new();
         for region in memory.iter() {
             let guest_addr = region.start_addr().0;

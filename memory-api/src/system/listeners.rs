@@ -83,7 +83,7 @@ impl State {
         // logging for it: both are dirty sources and a page marked early is merely sent twice.
         dirty.set_active_clients(active.union(dirty.active_clients()));
 
-        let new = self.tree.flatten(self.global_logging);
+        let new = self.tree.flatten(self.global_clients());
         let old = std::mem::take(&mut self.sections);
         let old_logs: HashMap<_, DirtyClients> = old.iter().map(|s| (s.key(), s.log)).collect();
         let new_keys: HashMap<_, ()> = new.iter().map(|s| (s.key(), ())).collect();

@@ -17,14 +17,12 @@ use crate::{
 };
 
 impl State {
-    /// The clients that log somewhere: per-region clients, and Migration while global logging is on.
+    /// The clients that log somewhere: per-region clients, Migration while global logging is on,
+    /// Snapshot while dirty epochs are open.
     pub(super) fn logging_clients(&self) -> DirtyClients {
-        let active = self.tree.region_logging_clients();
-        if self.global_logging {
-            active.with(DirtyClient::Migration)
-        } else {
-            active
-        }
+        self.tree
+            .region_logging_clients()
+            .union(self.global_clients())
     }
 
     /// Apply a change that only turns logging on (a client added to a region's set, global logging
@@ -33,9 +31,9 @@ impl State {
     /// If a `log_start` fails, the change is rolled back: the listeners that already started for it
     /// get the matching `log_stop` (new set back to the old one, latest first), the sections and the
     /// active clients stay as they were, and the error is returned. The caller restores the flag
-    /// it changed (the region's set, `global_logging`).
-    fn start_logging(&mut self, dirty: &DirtyMemory) -> Result<()> {
-        let new = self.tree.flatten(self.global_logging);
+    /// it changed (the region's set, `global_logging`, `epochs_open`).
+    pub(super) fn start_logging(&mut self, dirty: &DirtyMemory) -> Result<()> {
+        let new = self.tree.flatten(self.global_clients());
         let same_sections = new.len() == self.sections.len()
             && new
                 .iter()
@@ -85,7 +83,7 @@ impl State {
 
     /// `log_clear` on every listener for every logging section of `block`, clipped to the
     /// page-aligned byte range `[start, end)` of the block.
-    fn clear_block_range(&self, block: RamBlockId, start: u64, end: u64) -> Result<()> {
+    pub(super) fn clear_block_range(&self, block: RamBlockId, start: u64, end: u64) -> Result<()> {
         for l in &self.listeners {
             for s in self
                 .sections_showing(block, start, end)
@@ -107,7 +105,8 @@ impl State {
 }
 
 impl MemorySystem {
-    /// Turn dirty logging on or off for a client on a region (Vga/Code; Migration is global).
+    /// Turn dirty logging on or off for a client on a region (Vga/Code; Migration and Snapshot are
+    /// global).
     ///
     /// Logging set on a RAM region covers the aliases that show it. Listeners see `log_start` /
     /// `log_stop` for the sections whose logging set changes. Setting the state the region already
@@ -115,7 +114,8 @@ impl MemorySystem {
     ///
     /// # Errors
     ///
-    /// [`Error::NotPerRegionClient`] for Migration, [`Error::UnknownRegion`], [`Error::Listener`].
+    /// [`Error::NotPerRegionClient`] for Migration and Snapshot, [`Error::UnknownRegion`],
+    /// [`Error::Listener`].
     ///
     /// Turning logging on is all or nothing: if a listener's `log_start` fails, the listeners that
     /// already started for this call get the matching `log_stop`, and the region's logging set, the
@@ -134,6 +134,7 @@ impl MemorySystem {
     /// mem.set_region_logging(vram, DirtyClient::Vga, true).unwrap();
     /// assert!(mem.sections()[0].log.contains(DirtyClient::Vga));
     /// assert!(mem.set_region_logging(vram, DirtyClient::Migration, true).is_err());
+    /// assert!(mem.set_region_logging(vram, DirtyClient::Snapshot, true).is_err());
     /// ```
     pub fn set_region_logging(
         &self,
@@ -141,7 +142,7 @@ impl MemorySystem {
         client: DirtyClient,
         on: bool,
     ) -> Result<()> {
-        if client == DirtyClient::Migration {
+        if matches!(client, DirtyClient::Migration | DirtyClient::Snapshot) {
             return Err(Error::NotPerRegionClient(client));
         }
         let mut st = self.write();

@@ -8,9 +8,11 @@
 //! - `listeners`: registering listeners, and telling them what the topology change did;
 //! - `logging`: dirty logging and the dirty-memory clients (start/stop, sync, clear, snapshot);
 //! - `migration_sync`: a block's Migration bits into the caller's bitmap;
-//! - `adopt`: a VMM's vm-memory `GuestMemoryMmap` as RAM blocks, and a vm-memory view back.
+//! - `adopt`: a VMM's vm-memory `GuestMemoryMmap` as RAM blocks, and a vm-memory view back;
+//! - `epochs`: [`DirtyEpochs`], the Snapshot client's tracker (open, advance, close).
 
 mod adopt;
+mod epochs;
 mod listeners;
 mod logging;
 mod migration_sync;
@@ -20,11 +22,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::region::RegionTree;
-use crate::{DirtyMemory, Error, RamBlock, RamBlockId, RegionId, Result, Section, PAGE_SIZE};
+use crate::{
+    DirtyClient, DirtyClients, DirtyMemory, Error, RamBlock, RamBlockId, RegionId, Result, Section,
+    PAGE_SIZE,
+};
 
 use listeners::ListenerEntry;
 
-/// RAM address space of [`MemorySystem::new`]: 64 GiB (6 MiB of dirty bitmaps for three clients).
+pub use epochs::DirtyEpochs;
+
+/// RAM address space of [`MemorySystem::new`]: 64 GiB (8 MiB of dirty bitmaps for four clients).
 pub const DEFAULT_RAM_CAPACITY: u64 = 64 << 30;
 
 /// A RAM block and the RAM region that owns it.
@@ -57,12 +64,18 @@ struct State {
     /// Sorted by priority; equal priorities in registration order.
     listeners: Vec<ListenerEntry>,
     global_logging: bool,
+    /// A [`DirtyEpochs`] tracker is open: the Snapshot client logs all RAM.
+    epochs_open: bool,
 }
 
-/// The RAM layout (the set of RAM blocks) is fixed while global logging (a migration) is on.
-fn check_no_migration(st: &State, what: &'static str) -> Result<()> {
+/// The RAM layout (the set of RAM blocks) is fixed while global logging (a migration) is on and
+/// while a dirty-epoch tracker is open.
+fn check_layout_fixed(st: &State, what: &'static str) -> Result<()> {
     if st.global_logging {
         return Err(Error::MigrationInProgress { what });
+    }
+    if st.epochs_open {
+        return Err(Error::DirtyEpochsOpen { what });
     }
     Ok(())
 }
@@ -87,6 +100,19 @@ fn check_range(what: &'static str, offset: u64, len: u64, size: u64) -> Result<(
 }
 
 impl State {
+    /// The clients that log all RAM: Migration while global logging is on, Snapshot while a
+    /// dirty-epoch tracker is open.
+    fn global_clients(&self) -> DirtyClients {
+        let mut global = DirtyClients::NONE;
+        if self.global_logging {
+            global = global.with(DirtyClient::Migration);
+        }
+        if self.epochs_open {
+            global = global.with(DirtyClient::Snapshot);
+        }
+        global
+    }
+
     /// The index entry of `block`, if it is a block of this system (ids alone are not enough: a
     /// block of another system may have the same id).
     fn block_entry(&self, block: &RamBlock) -> Result<&BlockIndex> {
@@ -429,9 +455,18 @@ mod tests {
             ..State::default()
         };
         assert!(matches!(
-            check_no_migration(&st, "add"),
+            check_layout_fixed(&st, "add"),
             Err(Error::MigrationInProgress { what: "add" })
         ));
+        let st = State {
+            epochs_open: true,
+            ..State::default()
+        };
+        assert!(matches!(
+            check_layout_fixed(&st, "add"),
+            Err(Error::DirtyEpochsOpen { what: "add" })
+        ));
+        assert_eq!(st.global_clients(), DirtyClient::Snapshot.into());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use vm_memory::MmapRegion;
 
-use super::{check_no_migration, check_page_aligned, check_range, BlockEntry, MemorySystem, State};
+use super::{check_layout_fixed, check_page_aligned, check_range, BlockEntry, MemorySystem, State};
 use crate::region::{Mapping, RegionKind, RegionNode};
 use crate::{
     DirtyBitmap, DirtyClient, DirtyClients, DirtyMemory, Error, RamBacking, RamBlock, RamBlockId,
@@ -209,7 +209,7 @@ impl MemorySystem {
         source: Source<'_>,
     ) -> Result<RegionId> {
         let mut st = self.write();
-        check_no_migration(&st, "add a RAM block")?;
+        check_layout_fixed(&st, "add a RAM block")?;
         self.add_ram_locked(&mut st, name, size, mapping, source)
     }
 
@@ -411,7 +411,7 @@ impl MemorySystem {
     pub fn remove_region(&self, region: RegionId) -> Result<()> {
         let mut st = self.write();
         if matches!(st.tree.get(region)?.kind, RegionKind::Ram(_)) {
-            check_no_migration(&st, "remove a RAM region")?;
+            check_layout_fixed(&st, "remove a RAM region")?;
         }
         self.remove_locked(&mut st, region)
     }

@@ -231,15 +231,27 @@ fn set_logging(slot: &mut KernelSlot, on: bool) {
 pub struct FakeKvm {
     pub kernel: Arc<Mutex<ModelKernel>>,
     pub with_cache: bool,
+    /// Clients a sync does not fold into (a broken accelerator, for the kit's teeth).
+    pub skip_fold: DirtyClients,
     /// All slot state under one lock, like the accelerator's slots lock.
     caches: Mutex<HashMap<u64, Option<Vec<u64>>>>,
 }
 
 impl FakeKvm {
     pub fn new(kernel: &Arc<Mutex<ModelKernel>>, with_cache: bool) -> Arc<Self> {
+        Self::skipping(kernel, with_cache, DirtyClients::NONE)
+    }
+
+    /// A fake whose syncs never fold into `skip_fold`.
+    pub fn skipping(
+        kernel: &Arc<Mutex<ModelKernel>>,
+        with_cache: bool,
+        skip_fold: DirtyClients,
+    ) -> Arc<Self> {
         Arc::new(FakeKvm {
             kernel: kernel.clone(),
             with_cache,
+            skip_fold,
             caches: Mutex::new(HashMap::new()),
         })
     }
@@ -251,7 +263,8 @@ impl FakeKvm {
         dirty: &DirtyMemory,
     ) -> Result<(), ListenerError> {
         let words = self.kernel.lock().unwrap().get_dirty_log(s.guest_addr)?;
-        dirty.try_fold_bitmap(s.ram_first_page(), &words, s.pages(), s.log)?;
+        let clients = s.log.minus(self.skip_fold);
+        dirty.try_fold_bitmap(s.ram_first_page(), &words, s.pages(), clients)?;
         caches.insert(s.guest_addr, Some(words));
         Ok(())
     }

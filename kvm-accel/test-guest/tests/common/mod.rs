@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -12,7 +13,10 @@ use std::time::{Duration, Instant};
 use clearlog_bitmap::Bitmap;
 use clearlog_kvm::KvmMemoryListener;
 use clearlog_kvm::{KvmDirtyLogMode, Vm, VmConfig};
-use clearlog_memory::{DirtyClient, MemorySystem, RamBlock, RegionId};
+use clearlog_memory::{
+    DirtyClient, DirtyClients, DirtyMemory, ListenerError, MemoryListener, MemorySystem, RamBlock,
+    RegionId, Section,
+};
 use clearlog_test_guest::guest_ram::{GuestRam, RawGuestRam};
 use clearlog_test_guest::layout::{counter_slot_addr, PARAMS_ADDR};
 use clearlog_test_guest::vcpu::runner::VcpuRunner;
@@ -334,6 +338,15 @@ impl MemVm {
             .collect()
     }
 
+    /// Replaces the registered listener by [`NaiveClear`] around it (which it returns).
+    pub fn use_naive_clear(&self) -> Arc<dyn MemoryListener> {
+        let l: Arc<dyn MemoryListener> = self.listener.clone();
+        self.memory.unregister_listener(&l).unwrap();
+        let n: Arc<dyn MemoryListener> = Arc::new(NaiveClear(self.listener.clone()));
+        self.memory.register_listener(n.clone()).unwrap();
+        n
+    }
+
     /// Takes (and thereby clears) the Migration client's bits of `region`'s block.
     pub fn take_migration(&self, region: RegionId) -> Vec<u64> {
         let block = self.memory.region_block(region).unwrap().0;
@@ -402,5 +415,66 @@ pub fn ring_available() -> bool {
             eprintln!("SKIPPED: no KVM dirty ring on this host");
             false
         }
+    }
+}
+
+/// A listener that forwards everything to the real one except `log_clear`, which clears the
+/// whole requested range in KVM (all ones, widened to 64 pages with zeros) without looking at
+/// what the last sync reported: what each client clearing "its" bits on its own amounts to.
+pub struct NaiveClear(pub Arc<KvmMemoryListener>);
+
+impl MemoryListener for NaiveClear {
+    fn name(&self) -> &str {
+        "naive-kvm"
+    }
+    fn priority(&self) -> i32 {
+        self.0.priority()
+    }
+    fn region_add(&self, s: &Section) -> Result<(), ListenerError> {
+        self.0.region_add(s)
+    }
+    fn region_del(&self, s: &Section, d: &DirtyMemory) -> Result<(), ListenerError> {
+        self.0.region_del(s, d)
+    }
+    fn log_start(
+        &self,
+        s: &Section,
+        o: DirtyClients,
+        n: DirtyClients,
+    ) -> Result<(), ListenerError> {
+        self.0.log_start(s, o, n)
+    }
+    fn log_stop(
+        &self,
+        s: &Section,
+        o: DirtyClients,
+        n: DirtyClients,
+        d: &DirtyMemory,
+    ) -> Result<(), ListenerError> {
+        self.0.log_stop(s, o, n, d)
+    }
+    fn log_sync(&self, s: &Section, d: &DirtyMemory) -> Result<(), ListenerError> {
+        self.0.log_sync(s, d)
+    }
+    fn log_clear(&self, s: &Section, first: u64, npages: u64) -> Result<(), ListenerError> {
+        if npages == 0 {
+            return Ok(());
+        }
+        let slot = self.0.slot_id_at(s.guest_addr).ok_or("no slot")?;
+        let start = first & !63;
+        let end = (first + npages).next_multiple_of(64).min(s.pages());
+        let mut bitmap = vec![0u64; (end - start).div_ceil(64) as usize];
+        for p in first..first + npages {
+            let b = p - start;
+            bitmap[(b / 64) as usize] |= 1 << (b % 64);
+        }
+        clearlog_kvm::raw::clear_dirty_log(
+            self.0.vm().as_fd(),
+            slot,
+            start,
+            (end - start) as u32,
+            &bitmap,
+        )
+        .map_err(|e| Box::new(e) as ListenerError)
     }
 }

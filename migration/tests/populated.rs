@@ -9,11 +9,11 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clearlog_memory::{MemorySystem, RamBacking, PAGE_SIZE};
 use clearlog_migration::*;
+use clearlog_test_guest::lazy_pages::LazyPages;
 use common::*;
 
 const SIZE: u64 = 64 << 20;
@@ -202,112 +202,6 @@ fn an_adopted_raw_shared_memfd_mapping_loses_no_page() {
     assert!(s.verified && d.verified);
 }
 
-/// `struct uffd_msg` is 32 bytes; a page fault carries its address at byte 16.
-const UFFD_MSG_BYTES: usize = 32;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-
-/// `_IOWR(0xAA, nr, size)`.
-const fn uffd_iowr(nr: u64, size: u64) -> u64 {
-    (3 << 30) | (size << 16) | (0xaa << 8) | nr
-}
-
-/// A userfaultfd over a private anonymous mapping whose handler thread fills every missing page
-/// with its page number (a lazy snapshot restore, as firecracker and cloud-hypervisor do).
-struct LazyRestore {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    handler: Option<std::thread::JoinHandle<()>>,
-    served: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl LazyRestore {
-    /// `None` (SKIPPED) where userfaultfd is unavailable.
-    fn register(base: *mut u8, len: usize) -> Option<Self> {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-        // SAFETY: userfaultfd(2) takes flags only.
-        let fd =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            eprintln!("SKIPPED: userfaultfd: {}", std::io::Error::last_os_error());
-            return None;
-        }
-        // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
-        let uffd = unsafe { std::fs::File::from_raw_fd(fd as i32) };
-        let mut api = [0xaau64, 0, 0]; // struct uffdio_api { api, features, ioctls }
-                                       // SAFETY: UFFDIO_API reads and writes one `uffdio_api` (24 bytes), which `api` is.
-        let rc =
-            unsafe { libc::ioctl(uffd.as_raw_fd(), uffd_iowr(0x3f, 24) as _, api.as_mut_ptr()) };
-        assert_eq!(rc, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
-        // struct uffdio_register { start, len, mode (MISSING = 1), ioctls }
-        let mut reg = [base as u64, len as u64, 1, 0];
-        // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register` (32 bytes); the range is
-        // a mapping the test owns for the handler's lifetime.
-        let rc =
-            unsafe { libc::ioctl(uffd.as_raw_fd(), uffd_iowr(0x00, 32) as _, reg.as_mut_ptr()) };
-        assert_eq!(
-            rc,
-            0,
-            "UFFDIO_REGISTER: {}",
-            std::io::Error::last_os_error()
-        );
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(AtomicU64::new(0));
-        let (s, n) = (stop.clone(), served.clone());
-        let base = base as u64;
-        let handler = std::thread::spawn(move || {
-            let mut msg = [0u8; UFFD_MSG_BYTES];
-            while !s.load(Ordering::Relaxed) {
-                let mut pfd = libc::pollfd {
-                    fd: uffd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd.
-                if unsafe { libc::poll(&raw mut pfd, 1, 20) } <= 0 {
-                    continue;
-                }
-                // SAFETY: reads at most UFFD_MSG_BYTES into `msg`.
-                let got = unsafe {
-                    libc::read(uffd.as_raw_fd(), msg.as_mut_ptr().cast(), UFFD_MSG_BYTES)
-                };
-                if got != UFFD_MSG_BYTES as isize || msg[0] != UFFD_EVENT_PAGEFAULT {
-                    continue;
-                }
-                let addr = u64::from_le_bytes(msg[16..24].try_into().unwrap()) & !(PAGE_SIZE - 1);
-                let page = (addr - base) / PAGE_SIZE;
-                let content = [(page as u8) | 1; PAGE_SIZE as usize];
-                // struct uffdio_copy { dst, src, len, mode, copy }
-                let mut copy = [addr, content.as_ptr() as u64, PAGE_SIZE, 0, 0];
-                // SAFETY: UFFDIO_COPY reads one `uffdio_copy` (40 bytes) and `len` bytes at `src`
-                // (`content`, alive for the call), and places them at `dst`, a missing page of
-                // the registered range.
-                unsafe {
-                    libc::ioctl(
-                        uffd.as_raw_fd(),
-                        uffd_iowr(0x03, 40) as _,
-                        copy.as_mut_ptr(),
-                    )
-                };
-                n.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        Some(LazyRestore {
-            stop,
-            handler: Some(handler),
-            served,
-        })
-    }
-}
-
-impl Drop for LazyRestore {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(h) = self.handler.take() {
-            let _ = h.join();
-        }
-    }
-}
-
 /// Finding (2): under a missing-mode userfaultfd (a lazy restore) a never-touched page is empty in
 /// the page tables but not zero: its content comes from the handler. It was sent as zero, and
 /// the default verification (which asked the same populated-pages answer) reported success.
@@ -320,8 +214,15 @@ fn userfaultfd_registered_memory_is_read_not_sent_as_zero() {
     // SAFETY: the block's own mapping; no THP, so the handler serves 4 KiB pages.
     unsafe { libc::madvise(base.cast(), LAZY as usize, libc::MADV_NOHUGEPAGE) };
     // Registered after the block was made (the migration's start must notice).
-    let Some(lazy) = LazyRestore::register(base, LAZY as usize) else {
-        return;
+    // A lazy snapshot restore, as firecracker and cloud-hypervisor do: the handler fills every
+    // missing page with its page number.
+    let fill = |page: u64, out: &mut [u8]| out.fill((page as u8) | 1);
+    let lazy = match LazyPages::register(base as u64, LAZY, Box::new(fill)) {
+        Ok(lazy) => lazy,
+        Err(e) => {
+            eprintln!("SKIPPED: userfaultfd: {e}");
+            return;
+        }
     };
     let dst = memory(&[("ram", 0, LAZY)]);
     let (s, d) = migrate(&src, &dst);
@@ -333,7 +234,7 @@ fn userfaultfd_registered_memory_is_read_not_sent_as_zero() {
         lost.first(),
         s.verified,
         d.verified,
-        lazy.served.load(std::sync::atomic::Ordering::Relaxed)
+        lazy.served()
     );
     assert!(s.verified && d.verified);
     drop(lazy);

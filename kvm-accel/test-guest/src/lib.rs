@@ -10,6 +10,8 @@
 //!   is emulated, ring 3 runs natively), their state for migration and a runner thread with
 //!   pause/resume/kick;
 //! - [`layout`], [`long_mode`], [`guest_ram`]: the guest environment;
+//! - [`lazy_pages`]: memory whose pages a userfaultfd handler places on first touch (lazy
+//!   restore, postcopy), for tests;
 //! - [`workload`]: guest programs (assembled with iced-x86) that dirty memory at a controlled rate,
 //!   a progress monitor and the `increment` consistency check;
 //! - [`boot_image`]: the `random` workload as a Multiboot kernel for QEMU's `-kernel`, to compare
@@ -51,6 +53,7 @@ mod error;
 mod guest;
 pub mod guest_ram;
 pub mod layout;
+pub mod lazy_pages;
 pub mod long_mode;
 pub mod vcpu;
 pub mod workload;

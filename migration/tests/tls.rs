@@ -154,6 +154,15 @@ fn client_err(r: ClientResult) -> TlsError {
     }
 }
 
+/// `e` says the peer refused the handshake with `alert`.
+#[track_caller]
+fn assert_peer_refused(e: &TlsError, alert: AlertDescription) {
+    assert!(
+        matches!(e, TlsError::PeerRefused { alert: a } if *a == alert),
+        "{e:?}"
+    );
+}
+
 /// The error, printed with its sources, as an operator would see it.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -332,15 +341,7 @@ fn wrong_server_name_is_refused_by_the_client() {
     }
     assert!(e.to_string().contains("not valid for dst.example"), "{e}");
     let e = server_err(srv);
-    assert!(
-        matches!(
-            e,
-            TlsError::PeerRefused {
-                alert: AlertDescription::BadCertificate
-            }
-        ),
-        "{e:?}"
-    );
+    assert_peer_refused(&e, AlertDescription::BadCertificate);
 }
 
 #[test]
@@ -356,15 +357,7 @@ fn client_certificate_from_another_ca_is_refused() {
         "the peer's certificate is not signed by our CA (ca.pem)"
     );
     let e = client_err(cli);
-    assert!(
-        matches!(
-            e,
-            TlsError::PeerRefused {
-                alert: AlertDescription::UnknownCA
-            }
-        ),
-        "{e:?}"
-    );
+    assert_peer_refused(&e, AlertDescription::UnknownCA);
     assert!(e.to_string().contains("does not trust the CA"), "{e}");
 }
 
@@ -377,15 +370,7 @@ fn server_certificate_from_another_ca_is_refused() {
     let e = client_err(cli);
     assert!(matches!(e, TlsError::UntrustedCertificate), "{e:?}");
     let e = server_err(srv);
-    assert!(
-        matches!(
-            e,
-            TlsError::PeerRefused {
-                alert: AlertDescription::UnknownCA
-            }
-        ),
-        "{e:?}"
-    );
+    assert_peer_refused(&e, AlertDescription::UnknownCA);
 }
 
 #[test]
@@ -410,15 +395,7 @@ fn expired_client_certificate_is_refused() {
         "{e}"
     );
     let e = client_err(cli);
-    assert!(
-        matches!(
-            e,
-            TlsError::PeerRefused {
-                alert: AlertDescription::CertificateExpired
-            }
-        ),
-        "{e:?}"
-    );
+    assert_peer_refused(&e, AlertDescription::CertificateExpired);
 }
 
 #[test]
@@ -430,15 +407,7 @@ fn expired_server_certificate_is_refused() {
     let e = client_err(cli);
     assert!(matches!(e, TlsError::CertificateExpired { .. }), "{e:?}");
     let e = server_err(srv);
-    assert!(
-        matches!(
-            e,
-            TlsError::PeerRefused {
-                alert: AlertDescription::CertificateExpired
-            }
-        ),
-        "{e:?}"
-    );
+    assert_peer_refused(&e, AlertDescription::CertificateExpired);
 }
 
 #[test]
@@ -454,15 +423,7 @@ fn not_yet_valid_client_certificate_is_refused() {
     );
     assert!(e.to_string().contains("valid from 2190-01-01"), "{e}");
     let e = client_err(cli);
-    assert!(
-        matches!(
-            e,
-            TlsError::PeerRefused {
-                alert: AlertDescription::CertificateExpired
-            }
-        ),
-        "{e:?}"
-    );
+    assert_peer_refused(&e, AlertDescription::CertificateExpired);
 }
 
 #[test]
@@ -494,15 +455,7 @@ fn authz_accepts_listed_sources_and_refuses_others() {
         other => panic!("{other:?}"),
     }
     let e = client_err(cli);
-    assert!(
-        matches!(
-            e,
-            TlsError::PeerRefused {
-                alert: AlertDescription::AccessDenied
-            }
-        ),
-        "{e:?}"
-    );
+    assert_peer_refused(&e, AlertDescription::AccessDenied);
     assert!(
         e.to_string().contains("not in its authorization list"),
         "{e}"
@@ -560,6 +513,16 @@ fn a_client_without_a_certificate_is_refused() {
 
 // ---- peers that do not behave ----
 
+/// `e` is a handshake timeout, reported no sooner than its 300 ms deadline and well before 3 s.
+#[track_caller]
+fn assert_timed_out_at_300ms(e: &TlsError, took: Duration) {
+    assert!(matches!(e, TlsError::HandshakeTimeout(_)), "{e:?}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
 #[test]
 fn a_silent_client_times_out_within_the_deadline() {
     let pki = Pki::new();
@@ -569,12 +532,7 @@ fn a_silent_client_times_out_within_the_deadline() {
     let (sock, _) = listener.accept().unwrap();
     let t0 = Instant::now();
     let e = tls_server(sock, &server, Duration::from_millis(300)).unwrap_err();
-    let took = t0.elapsed();
-    assert!(matches!(e, TlsError::HandshakeTimeout(_)), "{e:?}");
-    assert!(
-        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
-        "{took:?}"
-    );
+    assert_timed_out_at_300ms(&e, t0.elapsed());
 }
 
 #[test]
@@ -586,12 +544,7 @@ fn a_silent_server_times_out_within_the_deadline() {
     let _silent = listener.accept().unwrap();
     let t0 = Instant::now();
     let e = tls_client(sock, &client, Duration::from_millis(300)).unwrap_err();
-    let took = t0.elapsed();
-    assert!(matches!(e, TlsError::HandshakeTimeout(_)), "{e:?}");
-    assert!(
-        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
-        "{took:?}"
-    );
+    assert_timed_out_at_300ms(&e, t0.elapsed());
 }
 
 #[test]
@@ -798,12 +751,7 @@ fn openssl_made_files_work() {
     let client = TlsClient::new(&TlsFiles::in_dir(data.join("src-b")), "localhost").unwrap();
     let (srv, cli) = pair(&server, &client);
     assert!(matches!(server_err(srv), TlsError::NotAuthorized { .. }));
-    assert!(matches!(
-        client_err(cli),
-        TlsError::PeerRefused {
-            alert: AlertDescription::AccessDenied
-        }
-    ));
+    assert_peer_refused(&client_err(cli), AlertDescription::AccessDenied);
 }
 
 // ---- cost ----

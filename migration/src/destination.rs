@@ -28,14 +28,18 @@ use crate::{
     PAGE_SIZE,
 };
 
+/// The control channel's record reader.
+type ControlReader = StreamReader<BufReader<Box<dyn TransportRead>>>;
+
 /// The reader of the control channel's records, and the bytes of a session's header (read while
 /// the session was accepted: counted with the stream).
 fn control_reader(
-    reader: Box<dyn TransportRead>,
+    reader: Option<Box<dyn TransportRead>>,
     session_header: Option<&Header>,
-) -> (StreamReader<BufReader<Box<dyn TransportRead>>>, u64) {
+) -> Result<(ControlReader, u64)> {
+    let reader = reader.ok_or_else(|| Error::no_half("starting the incoming migration", "read"))?;
     let buffered = BufReader::with_capacity(READ_BUFFER, reader);
-    match session_header {
+    Ok(match session_header {
         // The header came before the page channels joined: what follows are records.
         Some(h) => {
             let mut b = Vec::new();
@@ -43,7 +47,7 @@ fn control_reader(
             (StreamReader::with_layout(buffered, h), b.len() as u64)
         }
         None => (StreamReader::new(buffered), 0),
-    }
+    })
 }
 
 /// Strict verification: hash all of our RAM and compare it with the source's tables before
@@ -85,15 +89,6 @@ fn ns_per_page_received(stats: &IncomingStats, load_cpu: Duration) -> f64 {
         0.0
     } else {
         (load_cpu.as_nanos() as f64 + channels_cpu) / stats.pages_received as f64
-    }
-}
-
-/// The error of a transport without the `half` ("read" or "write") a step needs.
-fn no_half(context: &'static str, half: &str) -> Error {
-    let what = format!("the transport has no {half} half");
-    Error::Io {
-        context,
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, what),
     }
 }
 
@@ -326,11 +321,8 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
     ) -> Result<IncomingStats> {
         let start = Instant::now();
         let cpu_start = (process_cpu_time(), thread_cpu_time());
-        let reader = control
-            .reader
-            .ok_or_else(|| no_half("starting the incoming migration", "read"))?;
+        let (mut r, header_bytes) = control_reader(control.reader, session_header.as_ref())?;
         let mut writer = control.writer;
-        let (mut r, header_bytes) = control_reader(reader, session_header.as_ref());
         let mut stats = IncomingStats {
             page_channels: pages.len() as u32,
             ..IncomingStats::default()
@@ -388,7 +380,9 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                     Confirm::wait(&mut ConfirmReader(r.get_mut()), self.confirm_timeout)?;
                 }
             }
-            None if wants_ack => return Err(no_half("sending the acknowledgement", "write")),
+            None if wants_ack => {
+                return Err(Error::no_half("sending the acknowledgement", "write"))
+            }
             None => {}
         }
         // A live destination resumes as soon as the source committed, then verifies.
@@ -844,10 +838,7 @@ fn load_channel<'b, B: MigrationBlock>(
     // Both halves are dropped when this returns: on an error the source sees the connection go.
     let Transport { reader, writer } = t;
     let _writer = writer;
-    let reader = reader.ok_or(Error::Io {
-        context: "a page channel",
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no read half"),
-    })?;
+    let reader = reader.ok_or_else(|| Error::no_half("a page channel", "read"))?;
     let mut r = StreamReader::with_layout(BufReader::with_capacity(READ_BUFFER, reader), header);
     let mut loader = PageLoader::new(blocks, track);
     loop {

@@ -294,6 +294,15 @@ impl Error {
     }
 
     /// Wrap an I/O error, turning `UnexpectedEof` into [`Error::Truncated`].
+    /// The error of a transport without the `half` (`"read"` or `"write"`) a step needs.
+    pub(crate) fn no_half(context: &'static str, half: &str) -> Error {
+        let what = format!("transport has no {half} half");
+        Error::Io {
+            context,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, what),
+        }
+    }
+
     pub(crate) fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
         move |source| {
             if source.kind() == std::io::ErrorKind::UnexpectedEof {

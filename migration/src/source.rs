@@ -218,13 +218,7 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
         progress: Option<&mut dyn FnMut(&Progress)>,
         cancel: &CancelToken,
     ) -> Result<MigrationStats> {
-        let no_writer = || Error::Io {
-            context: "starting the migration",
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "transport has no write half",
-            ),
-        };
+        let no_writer = || Error::no_half("starting the migration", "write");
         let writer = control.writer.ok_or_else(no_writer)?;
         let bucket = SharedBucket::new(self.config.bandwidth_limit_bytes_per_s);
         let mut page_outs = Vec::with_capacity(pages.len());

@@ -617,10 +617,10 @@ pub fn mem_channel() -> (Transport, Transport) {
 /// assert_eq!(again, bytes);
 /// ```
 pub fn peek_header(transport: &mut Transport) -> Result<crate::stream::Header> {
-    let mut inner = transport.reader.take().ok_or(Error::Io {
-        context: "reading the stream header",
-        source: io::Error::new(io::ErrorKind::InvalidInput, "transport has no read half"),
-    })?;
+    let mut inner = transport
+        .reader
+        .take()
+        .ok_or_else(|| Error::no_half("reading the stream header", "read"))?;
     let mut recorder = Recorder {
         inner: &mut inner,
         seen: Vec::new(),

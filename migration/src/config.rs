@@ -317,6 +317,36 @@ pub struct MigrationConfig {
     /// the time goes to mid-pass syncs. Clear mode does not need it (each chunk is re-armed just
     /// before it is sent).
     pub mid_pass_sync: Option<Duration>,
+    /// Whether and when to switch to postcopy (default [`PostcopyPolicy::Off`]). Needs a session
+    /// (a return path) and [`VerifyMode::AfterResume`].
+    pub postcopy: PostcopyPolicy,
+}
+
+/// When a migration switches from precopy to postcopy: the source pauses, sends the CPU state
+/// and the list of pages still dirty, and the destination resumes at once with those pages
+/// missing; the source sends them after, the ones the guest touches first (docs/design.md,
+/// "Postcopy").
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::{MigrationConfig, PostcopyPolicy};
+///
+/// let c = MigrationConfig::default().with_postcopy(PostcopyPolicy::AfterPasses(1));
+/// c.validate().unwrap();
+/// assert!(MigrationConfig::default().with_postcopy(PostcopyPolicy::AfterPasses(0)).validate().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PostcopyPolicy {
+    /// Precopy to the end (the default).
+    #[default]
+    Off,
+    /// Switch after this many live passes (at least 1) unless precopy fits the downtime limit
+    /// first.
+    AfterPasses(u32),
+    /// After the first pass, switch unless the convergence model says precopy ends within the
+    /// downtime limit in a few more passes (see [`crate::dirtyrate::predict_convergence`]).
+    Auto,
 }
 
 impl Default for MigrationConfig {
@@ -332,6 +362,7 @@ impl Default for MigrationConfig {
             ack_timeout: DEFAULT_ACK_TIMEOUT,
             verify: VerifyMode::default(),
             mid_pass_sync: Some(DEFAULT_MID_PASS_SYNC),
+            postcopy: PostcopyPolicy::Off,
         }
     }
 }
@@ -364,6 +395,7 @@ with_fields! {
     with_ack_timeout: ack_timeout: Duration;
     with_verify: verify: VerifyMode;
     with_mid_pass_sync: mid_pass_sync: Option<Duration>;
+    with_postcopy: postcopy: PostcopyPolicy;
 }
 
 impl MigrationConfig {
@@ -408,8 +440,16 @@ impl MigrationConfig {
         if self.max_iterations == Some(0)
             || self.max_time == Some(Duration::ZERO)
             || self.mid_pass_sync == Some(Duration::ZERO)
+            || self.postcopy == PostcopyPolicy::AfterPasses(0)
         {
             return Err(Error::ZeroMigrationLimit);
+        }
+        if self.postcopy != PostcopyPolicy::Off && self.verify == VerifyMode::Strict {
+            return Err(Error::PostcopyUnavailable(
+                "strict verification checks all of memory before the destination resumes, and \
+                 postcopy resumes it first: use the default verification (after resuming)"
+                    .into(),
+            ));
         }
         Ok(())
     }

@@ -3,23 +3,24 @@
 
 //! The destination side: load, verify, restore, acknowledge, resume.
 
-use std::collections::BTreeMap;
 use std::io::{BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
-use xxhash_rust::xxh3::xxh3_64;
 
-use crate::cpu::{ns_per_page, process_cpu_time, thread_cpu_time};
+use crate::cpu::{process_cpu_time, thread_cpu_time};
 
 use crate::digest::{hash_threads, page_digests};
-use crate::memory::is_zero_page;
-use crate::stats::{ChannelStats, IncomingStats};
+use crate::loader::{PageLoader, PostcopyCell, Received};
+use crate::postcopy::missing::Missing;
+use crate::postcopy::UffdPlacement;
+use crate::stats::IncomingStats;
 use crate::stream::Header;
 use crate::stream::{
-    self, PageEntry, Record, StreamReader, VerifyRecord, FLAG_ACK_REQUESTED, FLAG_CONFIRM,
-    FLAG_DIGEST_FULL, FLAG_VERIFY_AFTER,
+    self, Record, StreamReader, VerifyRecord, FLAG_ACK_REQUESTED, FLAG_CONFIRM, FLAG_DIGEST_FULL,
+    FLAG_VERIFY_AFTER,
 };
 use crate::transport::TransportRead;
 use crate::wire::{Ack, Confirm, Drained, Verdict};
@@ -332,7 +333,10 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         let loaded = self.load(
             &mut r,
             (session_header, pages, control_cut.as_deref()),
-            writer.as_mut().map(|w| w.as_mut() as &mut dyn Write),
+            writer
+                .as_mut()
+                .map(|w| w.as_mut() as &mut (dyn Write + Send)),
+            (vm, resume),
             &mut stats,
             &mut flags,
             &mut received,
@@ -353,43 +357,27 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         };
         let state = match loaded {
             Ok(state) => state,
+            // After a postcopy's commit the source waits for requests, not an answer.
+            Err(e) if stats.postcopy => return Err(e),
             Err(e) => return Err(refuse(ack_target, e)),
         };
-        let vm_err = |hook| move |source| Error::Vm { hook, source };
         // A snapshot (no source waiting for us) is verified before anything else happens to it.
         let mut verified_early = false;
         if verify_after && !wants_ack {
             self.verify_now(&mut r, &mut stats, std::mem::take(&mut received), None)?;
             verified_early = true;
         }
-        if let Err(e) = vm.check_loaded().map_err(vm_err("check_loaded")) {
-            return Err(refuse(ack_target, e));
-        }
-        if let Err(e) = vm.restore_state(&state).map_err(vm_err("restore_state")) {
-            return Err(refuse(ack_target, e));
-        }
-        match ack_target {
-            Some(w) => {
-                // If the acknowledgement cannot be sent the source resumes its guest: we must not.
-                Ack::send(w.as_mut(), stream::ACK_OK)
-                    .map_err(Error::io("sending the acknowledgement"))?;
-                stats.acked = true;
-                if wants_confirm {
-                    // Resume only once the source has committed: without its confirmation it
-                    // may resume its own copy of the guest.
-                    Confirm::wait(&mut ConfirmReader(r.get_mut()), self.confirm_timeout)?;
-                }
-            }
-            None if wants_ack => {
-                return Err(Error::no_half("sending the acknowledgement", "write"))
-            }
-            None => {}
-        }
-        // A live destination resumes as soon as the source committed, then verifies.
-        if resume {
-            vm.resume().map_err(vm_err("resume"))?;
-            stats.resumed = true;
-            stats.resumed_at_unix_ns = crate::source::unix_ns();
+        // A postcopy handed the guest over (restored, acknowledged, confirmed, resumed) when it
+        // began; what is left is the verification.
+        if !stats.postcopy {
+            let how = HandOver {
+                wants_ack,
+                wants_confirm,
+                resume,
+                check_loaded: true,
+            };
+            let target = ack_target.map(|w| w.as_mut() as &mut (dyn Write + Send));
+            self.hand_over(vm, &state, &mut r, target, how, &mut stats)?;
         }
         if verify_after && !verified_early {
             // The source hashes and checks all of its RAM before its digests come: a bound for a
@@ -408,6 +396,56 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         stats.cpu_s = process_cpu_time().saturating_sub(cpu_start.0).as_secs_f64();
         stats.migration_thread_cpu_s = thread_cpu_time().saturating_sub(cpu_start.1).as_secs_f64();
         Ok(stats)
+    }
+
+    /// Check and restore what was loaded, acknowledge, wait for the source's commit, resume.
+    fn hand_over(
+        &self,
+        vm: &dyn VmRestore,
+        state: &[StateBlob],
+        r: &mut ControlReader,
+        ack_target: Option<&mut (dyn Write + Send)>,
+        how: HandOver,
+        stats: &mut IncomingStats,
+    ) -> Result<()> {
+        let vm_err = |hook| move |source| Error::Vm { hook, source };
+        let refuse = |ack_target: Option<&mut (dyn Write + Send)>, e: Error| {
+            if let Some(w) = ack_target {
+                let _ = Ack::send(w, stream::ACK_FAILED);
+            }
+            e
+        };
+        if how.check_loaded {
+            if let Err(e) = vm.check_loaded().map_err(vm_err("check_loaded")) {
+                return Err(refuse(ack_target, e));
+            }
+        }
+        if let Err(e) = vm.restore_state(state).map_err(vm_err("restore_state")) {
+            return Err(refuse(ack_target, e));
+        }
+        match ack_target {
+            Some(w) => {
+                // If the acknowledgement cannot be sent the source resumes its guest: we must not.
+                Ack::send(w, stream::ACK_OK).map_err(Error::io("sending the acknowledgement"))?;
+                stats.acked = true;
+                if how.wants_confirm {
+                    // Resume only once the source has committed: without its confirmation it
+                    // may resume its own copy of the guest.
+                    Confirm::wait(&mut ConfirmReader(r.get_mut()), self.confirm_timeout)?;
+                }
+            }
+            None if how.wants_ack => {
+                return Err(Error::no_half("sending the acknowledgement", "write"))
+            }
+            None => {}
+        }
+        // A live destination resumes as soon as the source committed, then verifies.
+        if how.resume {
+            vm.resume().map_err(vm_err("resume"))?;
+            stats.resumed = true;
+            stats.resumed_at_unix_ns = crate::source::unix_ns();
+        }
+        Ok(())
     }
 
     /// Read the source's final digests, compare them with the pages as received, answer with the
@@ -451,12 +489,15 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
     ///
     /// A session (`session_header` read already, `pages` its page channels): each page channel is
     /// loaded by a thread of its own up to its channel end, while the control channel is read
-    /// here up to the end marker; pages on the control channel are refused.
-    fn load<R: std::io::BufRead>(
+    /// here up to the end marker; pages on the control channel are refused, except in a postcopy
+    /// phase ([`Self::postcopy`]), which hands the guest over on the way.
+    #[allow(clippy::too_many_arguments)]
+    fn load(
         &self,
-        r: &mut StreamReader<R>,
+        r: &mut ControlReader,
         (session_header, pages, control_cut): Channels<'_>,
-        reply: Option<&mut dyn Write>,
+        reply: Option<&mut (dyn Write + Send)>,
+        (vm, resume): (&dyn VmRestore, bool),
         stats: &mut IncomingStats,
         flags: &mut u32,
         received: &mut Received,
@@ -477,67 +518,41 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         let blocks = self.mem.blocks();
         check_layout(&blocks, &header)?;
         let progress = ChannelProgress::new(pages.len());
-        let (state, digests) = std::thread::scope(|scope| -> Result<_> {
-            let threads: Vec<_> = pages
-                .into_iter()
-                .enumerate()
-                .map(|(i, t)| {
-                    let (blocks, header, progress) = (&blocks, &header, &progress);
-                    scope.spawn(move || {
-                        let loaded = &progress.loaded[i];
-                        let r = load_channel(i as u32, t, blocks, header, track, loaded);
-                        if r.is_err() {
-                            progress.failed.store(true, Ordering::Release);
-                            // Wake the control channel's reader: the migration is over.
-                            if let Some(cut) = control_cut {
-                                cut();
-                            }
-                        }
-                        r
-                    })
-                })
-                .collect();
-            let mut inline = PageLoader::new(&blocks, track);
-            let drain = reply.filter(|_| session).map(|reply| Drain {
-                progress: &progress,
-                reply,
+        let reply = reply.map(|w| Mutex::new(&mut *w as &mut (dyn Write + Send)));
+        let postcopy = PostcopyCell::new();
+        let stop_faults = AtomicBool::new(false);
+        let ctx = LoadContext {
+            blocks: &blocks,
+            header: &header,
+            track,
+            full,
+            session,
+            progress: &progress,
+            control_cut,
+            reply: reply.as_ref(),
+            postcopy: &postcopy,
+            stop_faults: &stop_faults,
+        };
+        let loaded = std::thread::scope(|scope| {
+            let result = self.load_streams(scope, &ctx, r, pages, (vm, resume), stats, received);
+            // The fault thread (postcopy) serves until every stream ended.
+            stop_faults.store(true, Ordering::Release);
+            result
+        });
+        let mut postcopy = postcopy.into_inner();
+        if let Some(m) = postcopy.as_mut() {
+            postcopy_stats(m, stats, received);
+        }
+        let (state, digests) = loaded?;
+        if let Some(m) = postcopy.as_ref().filter(|m| m.left() > 0) {
+            return Err(Error::Postcopy {
+                context: "ending the postcopy phase",
+                source: std::io::Error::other(format!(
+                    "{} pages never arrived: the guest waits on them and cannot go on",
+                    m.left()
+                )),
             });
-            let control = load_control(r, &mut inline, session, drain, full, blocks.len());
-            // Every channel thread ends (its stream ended, failed, or the source went away).
-            let mut loaders = vec![inline];
-            let mut channel_error = None;
-            for (i, t) in threads.into_iter().enumerate() {
-                match t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)) {
-                    Ok(l) => loaders.push(l),
-                    Err(e) => {
-                        channel_error.get_or_insert(Error::Channel {
-                            index: i as u32,
-                            source: Box::new(e),
-                        });
-                    }
-                }
-            }
-            // A channel's own error says more than the control channel's end of stream.
-            if let Some(e) = channel_error {
-                return Err(e);
-            }
-            let (state, digests, page_records) = control?;
-            stats.state_blobs = state.len() as u32;
-            let mut channel_stats = Vec::new();
-            for (i, l) in loaders.into_iter().enumerate() {
-                if i > 0 {
-                    channel_stats.push(l.channel_stats());
-                }
-                l.add_to(stats, received);
-            }
-            stats.channel_stats = channel_stats;
-            if page_records != stats.pages_received {
-                return Err(Error::Malformed(
-                    "end marker page count (page records lost or added)",
-                ));
-            }
-            Ok((state, digests))
-        })?;
+        }
         if full {
             let t = Instant::now();
             check_strict_digests(&blocks, digests)?;
@@ -545,6 +560,193 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         }
         Ok(state)
     }
+
+    /// Inside [`Self::load`]'s thread scope: one thread per page channel, the control channel
+    /// here; with a postcopy phase in the middle if the source switches to one.
+    #[allow(clippy::too_many_arguments)]
+    fn load_streams<'s, 'e: 's, 'w: 'e, B: MigrationBlock>(
+        &self,
+        scope: &'s std::thread::Scope<'s, 'e>,
+        ctx: &'e LoadContext<'e, 'w, B>,
+        r: &mut ControlReader,
+        pages: Vec<Transport>,
+        (vm, resume): (&dyn VmRestore, bool),
+        stats: &mut IncomingStats,
+        received: &mut Received,
+    ) -> Result<(Vec<StateBlob>, Vec<Option<Vec<u64>>>)> {
+        let threads: Vec<_> = pages
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| scope.spawn(move || ctx.channel(i, t)))
+            .collect();
+        let mut inline = PageLoader::new(ctx.blocks, ctx.track);
+        let mut control = load_control(r, &mut inline, ctx);
+        let mut handed_state = Vec::new();
+        if let Ok(ControlEnd::Postcopy { state, missing }) = control {
+            control = self
+                .postcopy(scope, ctx, r, &state, missing, (vm, resume), stats)
+                .and_then(|()| load_control(r, &mut inline, ctx));
+            handed_state = state;
+        }
+        // Every channel thread ends (its stream ended, failed, or the source went away).
+        let mut loaders = vec![inline];
+        let mut channel_error = None;
+        for (i, t) in threads.into_iter().enumerate() {
+            match t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)) {
+                Ok(l) => loaders.push(l),
+                Err(e) => {
+                    channel_error.get_or_insert(Error::Channel {
+                        index: i as u32,
+                        source: Box::new(e),
+                    });
+                }
+            }
+        }
+        // A channel's own error says more than the control channel's end of stream.
+        if let Some(e) = channel_error {
+            return Err(e);
+        }
+        let (mut state, digests, page_records) = match control? {
+            ControlEnd::End(read) => read,
+            ControlEnd::Postcopy { .. } => {
+                return Err(Error::UnexpectedRecord("a second postcopy switch"))
+            }
+        };
+        if !handed_state.is_empty() {
+            state = handed_state;
+        }
+        stats.state_blobs = state.len() as u32;
+        let mut channel_stats = Vec::new();
+        for (i, l) in loaders.into_iter().enumerate() {
+            if i > 0 {
+                channel_stats.push(l.channel_stats());
+            }
+            l.add_to(stats, received);
+        }
+        stats.channel_stats = channel_stats;
+        if page_records != stats.pages_received {
+            return Err(Error::Malformed(
+                "end marker page count (page records lost or added)",
+            ));
+        }
+        Ok((state, digests))
+    }
+
+    /// The source switched to postcopy: make the pages it still sends missing, start answering
+    /// faults, hand the guest over (restore, acknowledge, wait for the commit, resume). Anything
+    /// failing before the acknowledgement refuses, and the source resumes its guest.
+    #[allow(clippy::too_many_arguments)]
+    fn postcopy<'s, 'e: 's, 'w: 'e, B: MigrationBlock>(
+        &self,
+        scope: &'s std::thread::Scope<'s, 'e>,
+        ctx: &'e LoadContext<'e, 'w, B>,
+        r: &mut ControlReader,
+        state: &[StateBlob],
+        missing: Vec<Bitmap>,
+        (vm, resume): (&dyn VmRestore, bool),
+        stats: &mut IncomingStats,
+    ) -> Result<()> {
+        let Some(reply) = ctx.reply.filter(|_| ctx.session) else {
+            return Err(Error::UnexpectedRecord(
+                "a postcopy switch outside a session",
+            ));
+        };
+        let refuse = |e: Error| {
+            let _ = Ack::send(&mut **lock(reply), stream::ACK_FAILED);
+            e
+        };
+        let placement = UffdPlacement::prepare(ctx.blocks, &missing).map_err(refuse)?;
+        let m = Missing::new(Box::new(placement), &missing, reply);
+        stats.postcopy = true;
+        let m = ctx.postcopy.get_or_init(|| m);
+        let stop = ctx.stop_faults;
+        scope.spawn(move || {
+            if let Err(e) = m.serve_faults(stop) {
+                tracing::error!(error = %crate::error::chain(&e), "postcopy fault thread");
+            }
+        });
+        let how = HandOver {
+            wants_ack: true,
+            wants_confirm: true,
+            resume,
+            check_loaded: false,
+        };
+        let started = Instant::now();
+        {
+            let mut w = lock(reply);
+            self.hand_over(vm, state, r, Some(&mut **w), how, stats)?;
+        }
+        // Nothing missing: say so now (no page will arrive to say it).
+        m.send_done()?;
+        stats.postcopy_resume_ms = started.elapsed().as_secs_f64() * 1000.0;
+        Ok(())
+    }
+}
+
+/// What the streams of one [`Destination::load`] share.
+struct LoadContext<'e, 'w, B> {
+    blocks: &'e [B],
+    header: &'e Header,
+    track: bool,
+    full: bool,
+    session: bool,
+    progress: &'e ChannelProgress,
+    control_cut: Option<&'e (dyn Fn() + Send + Sync)>,
+    reply: Option<&'w Mutex<&'w mut (dyn Write + Send)>>,
+    postcopy: &'e PostcopyCell<'w>,
+    stop_faults: &'e AtomicBool,
+}
+
+impl<'e, B: MigrationBlock> LoadContext<'e, '_, B> {
+    /// Page channel `i`'s thread: load it; on an error, wake the control channel's reader.
+    fn channel(&self, i: usize, t: Transport) -> Result<PageLoader<'e, B>> {
+        let loaded = &self.progress.loaded[i];
+        let r = load_channel(i as u32, t, self, loaded);
+        if r.is_err() {
+            self.progress.failed.store(true, Ordering::Release);
+            // Wake the control channel's reader: the migration is over.
+            if let Some(cut) = self.control_cut {
+                cut();
+            }
+        }
+        r
+    }
+}
+
+/// The postcopy phase's counts into `stats`, and its digests into `received` (in place of what
+/// precopy had received for the pages it listed as missing).
+fn postcopy_stats(m: &mut Missing<'_>, stats: &mut IncomingStats, received: &mut Received) {
+    let (digests, s) = m.finish();
+    stats.postcopy_missing_pages = s.missing_pages;
+    stats.postcopy_requested_pages = s.requested_pages;
+    stats.postcopy_duplicate_pages = s.duplicate_pages;
+    stats.postcopy_zero_faults = s.zero_faults;
+    stats.postcopy_ms = s.length.as_secs_f64() * 1000.0;
+    stats.fault_latency_median_ms = s
+        .latencies
+        .get(s.latencies.len() / 2)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    stats.fault_latency_max_ms = s.latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    received.forget(m.missing_bitmaps());
+    received.push(digests);
+}
+
+/// A lock that a panicking holder did not poison for the others.
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What [`Destination::hand_over`] does besides restoring the state.
+#[derive(Debug, Clone, Copy)]
+struct HandOver {
+    /// Acknowledge to the source (a live migration; a file has no one to answer).
+    wants_ack: bool,
+    /// Wait for the source's confirmation before resuming.
+    wants_confirm: bool,
+    /// Resume the guest.
+    resume: bool,
+    /// Ask the VMM to check the memory first (not in postcopy: pages are missing then).
+    check_loaded: bool,
 }
 
 /// Pages that differ between the source's final memory and ours at switchover.
@@ -606,34 +808,6 @@ fn verify_after_resume<R: Read, B: MigrationBlock>(
     Ok(bad)
 }
 
-/// Per stream (a version-1 stream's one, or each page channel), per block, the xxh3-64 of every
-/// page received as data on it. The streams carry disjoint pages (a page always travels on the
-/// same channel), so they are kept apart: merging them would cost the downtime a pass over every
-/// page received (80 ms for 1.5 M pages, measured before the acknowledgement).
-#[derive(Debug, Default)]
-struct Received(Vec<Vec<BTreeMap<u64, u64>>>);
-
-impl Received {
-    /// The digest `page` of `block` was last received with, taken out.
-    fn take(&mut self, block: usize, page: u64) -> Option<u64> {
-        self.0
-            .iter_mut()
-            .find_map(|stream| stream.get_mut(block)?.remove(&page))
-    }
-
-    /// The pages of `block` received as data and never taken, in order.
-    fn left(&self, block: usize) -> Vec<u64> {
-        let mut left: Vec<u64> = self
-            .0
-            .iter()
-            .filter_map(|stream| stream.get(block))
-            .flat_map(|table| table.keys().copied())
-            .collect();
-        left.sort_unstable();
-        left
-    }
-}
-
 /// A session's parts for [`Destination::load`]: the header its control channel sent, its page
 /// channels, and how to shut its control connection down.
 type Channels<'c> = (
@@ -669,6 +843,17 @@ fn check_layout<B: MigrationBlock>(blocks: &[B], header: &Header) -> Result<()> 
 /// state blobs, the digest tables (strict mode) and the end marker's page count.
 type ControlRead = (Vec<StateBlob>, Vec<Option<Vec<u64>>>, u64);
 
+/// Where [`load_control`] stopped.
+enum ControlEnd {
+    /// At the end marker.
+    End(ControlRead),
+    /// At a postcopy switch: the state so far and the pages still to come, per block.
+    Postcopy {
+        state: Vec<StateBlob>,
+        missing: Vec<Bitmap>,
+    },
+}
+
 /// How far each page channel of a session has loaded, for drain requests.
 struct ChannelProgress {
     /// Page records each channel has loaded into guest memory.
@@ -688,12 +873,12 @@ impl ChannelProgress {
 
 /// What answers a session's drain requests: the channels' progress and the control channel's
 /// writer.
-struct Drain<'a> {
+struct Drain<'a, 'w> {
     progress: &'a ChannelProgress,
-    reply: &'a mut dyn Write,
+    reply: &'w Mutex<&'w mut (dyn Write + Send)>,
 }
 
-impl Drain<'_> {
+impl Drain<'_, '_> {
     /// Wait until every channel has loaded at least `page_records` (one count per channel), then
     /// answer [`Drained`]. A channel that fails ends the wait (its own error is what the
     /// migration reports); a channel that never gets there runs into its read timeout.
@@ -719,109 +904,195 @@ impl Drain<'_> {
             }
             std::thread::sleep(DRAIN_POLL);
         }
-        Drained::send(self.reply).map_err(Error::io("answering a drain request"))
+        Drained::send(&mut **lock(self.reply)).map_err(Error::io("answering a drain request"))
     }
 }
 
 /// How often a drain request looks at the channels' progress.
 const DRAIN_POLL: Duration = Duration::from_micros(200);
 
-/// Read the control channel up to the end marker. Pages go to `inline` (a version-1 stream; a
-/// session's pages travel on its page channels, so there they are refused, and its drain
-/// requests are answered through `drain`).
-fn load_control<R: std::io::BufRead, B: MigrationBlock>(
-    r: &mut StreamReader<R>,
+/// Read the control channel up to the end marker, or up to a postcopy switch. Pages go to
+/// `inline`: a version-1 stream's, and a session's pages asked for in postcopy (otherwise a
+/// session's pages travel on its page channels, so there they are refused). A session's drain
+/// requests are answered on its reply path.
+fn load_control<B: MigrationBlock>(
+    r: &mut ControlReader,
     inline: &mut PageLoader<'_, B>,
-    session: bool,
-    mut drain: Option<Drain<'_>>,
-    full: bool,
-    nblocks: usize,
-) -> Result<ControlRead> {
-    let mut state = Vec::new();
-    let mut state_bytes = 0u64;
-    let mut digests: Vec<Option<Vec<u64>>> = vec![None; nblocks];
-    let mut in_digests = false;
-    let pages_here = |what| {
-        if session {
-            Err(Error::UnexpectedRecord(what))
-        } else {
-            Ok(())
-        }
-    };
+    ctx: &LoadContext<'_, '_, B>,
+) -> Result<ControlEnd> {
+    let mut c = ControlState::new(ctx.blocks.len());
     loop {
         match r.next_record()? {
             Record::Pages { block, count } => {
-                pages_here("page record on a session's control channel")?;
-                if in_digests {
-                    return Err(Error::UnexpectedRecord(
-                        "page record after the digest table",
-                    ));
-                }
-                inline.pages(r, block, count)?;
+                c.pages_allowed(ctx, "page record")?;
+                inline.pages(r, block, count, ctx.postcopy)?;
             }
             Record::ZeroRange {
                 block,
                 first_page,
                 npages,
             } => {
-                pages_here("zero range on a session's control channel")?;
-                if in_digests {
-                    return Err(Error::UnexpectedRecord("zero range after the digest table"));
-                }
-                inline.zero_range(block, first_page, npages)?;
+                c.pages_allowed(ctx, "zero range")?;
+                inline.zero_range(block, first_page, npages, ctx.postcopy)?;
             }
-            Record::State(blob) => {
-                if in_digests {
-                    return Err(Error::UnexpectedRecord(
-                        "state record after the digest table",
-                    ));
-                }
-                if state.len() as u32 >= stream::MAX_STATE_BLOBS {
-                    return Err(Error::TooLarge {
-                        what: "state blob count",
-                        value: state.len() as u64 + 1,
-                        limit: stream::MAX_STATE_BLOBS.into(),
-                    });
-                }
-                state_bytes += blob.data.len() as u64;
-                if state_bytes > stream::MAX_STATE_TOTAL_BYTES {
-                    return Err(Error::TooLarge {
-                        what: "total state size",
-                        value: state_bytes,
-                        limit: stream::MAX_STATE_TOTAL_BYTES,
-                    });
-                }
-                state.push(blob);
-            }
+            Record::State(blob) => c.state(blob)?,
             Record::Digests {
                 block,
                 digests: table,
-            } => {
-                if !full {
-                    return Err(Error::UnexpectedRecord(
-                        "digest table in a stream verified after resuming",
-                    ));
-                }
-                in_digests = true;
-                let slot = &mut digests[block as usize];
-                if slot.is_some() {
-                    return Err(Error::UnexpectedRecord(
-                        "digest table sent twice for one block",
-                    ));
-                }
-                *slot = Some(table);
-            }
+            } => c.digests(ctx.full, block, table)?,
             Record::ChannelEnd { .. } => {
                 return Err(Error::UnexpectedRecord(
                     "a channel end on the control channel",
                 ))
             }
-            Record::Drain { page_records } => match drain.as_mut() {
-                Some(d) => d.answer(&page_records)?,
+            Record::Drain { page_records } => match ctx.reply.filter(|_| ctx.session) {
+                Some(reply) => Drain {
+                    progress: ctx.progress,
+                    reply,
+                }
+                .answer(&page_records)?,
                 None => return Err(Error::UnexpectedRecord("a drain request outside a session")),
             },
-            Record::End { page_records } => return Ok((state, digests, page_records)),
+            Record::Missing {
+                block,
+                first_page,
+                words,
+            } => c.missing(ctx, block, first_page, &words)?,
+            Record::Postcopy { missing_pages } => return c.postcopy(missing_pages),
+            Record::End { page_records } => {
+                return Ok(ControlEnd::End((c.state, c.digests, page_records)))
+            }
         }
+    }
+}
+
+/// What [`load_control`] collected so far.
+struct ControlState {
+    state: Vec<StateBlob>,
+    state_bytes: u64,
+    digests: Vec<Option<Vec<u64>>>,
+    in_digests: bool,
+    /// Postcopy: the pages still to come, per block, as the source listed them.
+    missing: Option<Vec<Bitmap>>,
+}
+
+impl ControlState {
+    fn new(nblocks: usize) -> Self {
+        ControlState {
+            state: Vec::new(),
+            state_bytes: 0,
+            digests: vec![None; nblocks],
+            in_digests: false,
+            missing: None,
+        }
+    }
+
+    /// Pages may come on the control channel: a version-1 stream's before its digest table, and
+    /// a session's in its postcopy phase.
+    fn pages_allowed<B>(&self, ctx: &LoadContext<'_, '_, B>, what: &'static str) -> Result<()> {
+        if ctx.session && ctx.postcopy.get().is_none() {
+            return Err(Error::UnexpectedRecord(match what {
+                "page record" => "page record on a session's control channel",
+                _ => "zero range on a session's control channel",
+            }));
+        }
+        if self.in_digests {
+            return Err(Error::UnexpectedRecord(match what {
+                "page record" => "page record after the digest table",
+                _ => "zero range after the digest table",
+            }));
+        }
+        Ok(())
+    }
+
+    fn state(&mut self, blob: StateBlob) -> Result<()> {
+        if self.in_digests {
+            return Err(Error::UnexpectedRecord(
+                "state record after the digest table",
+            ));
+        }
+        if self.state.len() as u32 >= stream::MAX_STATE_BLOBS {
+            return Err(Error::TooLarge {
+                what: "state blob count",
+                value: self.state.len() as u64 + 1,
+                limit: stream::MAX_STATE_BLOBS.into(),
+            });
+        }
+        self.state_bytes += blob.data.len() as u64;
+        if self.state_bytes > stream::MAX_STATE_TOTAL_BYTES {
+            return Err(Error::TooLarge {
+                what: "total state size",
+                value: self.state_bytes,
+                limit: stream::MAX_STATE_TOTAL_BYTES,
+            });
+        }
+        self.state.push(blob);
+        Ok(())
+    }
+
+    fn digests(&mut self, full: bool, block: u32, table: Vec<u64>) -> Result<()> {
+        if !full {
+            return Err(Error::UnexpectedRecord(
+                "digest table in a stream verified after resuming",
+            ));
+        }
+        self.in_digests = true;
+        let slot = &mut self.digests[block as usize];
+        if slot.is_some() {
+            return Err(Error::UnexpectedRecord(
+                "digest table sent twice for one block",
+            ));
+        }
+        *slot = Some(table);
+        Ok(())
+    }
+
+    /// A list of pages still to come (postcopy, a session verified after resuming).
+    fn missing<B: MigrationBlock>(
+        &mut self,
+        ctx: &LoadContext<'_, '_, B>,
+        block: u32,
+        first_page: u64,
+        words: &[u64],
+    ) -> Result<()> {
+        if !ctx.session || ctx.full || ctx.postcopy.get().is_some() {
+            return Err(Error::UnexpectedRecord(
+                "missing pages outside a session's switch to postcopy",
+            ));
+        }
+        let missing = self.missing.get_or_insert_with(|| {
+            ctx.blocks
+                .iter()
+                .map(|b| Bitmap::new(b.pages() as usize))
+                .collect()
+        });
+        let bits = missing[block as usize].as_words_mut();
+        let first = (first_page / 64) as usize;
+        // The decoder checked that every set bit is a page of the block.
+        for (i, &w) in words.iter().enumerate().filter(|(_, w)| **w != 0) {
+            bits[first + i] |= w;
+        }
+        Ok(())
+    }
+
+    /// The postcopy switch: the pages listed must add up to its count.
+    fn postcopy(self, missing_pages: u64) -> Result<ControlEnd> {
+        let missing = self.missing.unwrap_or_default();
+        let listed: u64 = missing.iter().map(|b| b.count_ones() as u64).sum();
+        if listed != missing_pages {
+            return Err(Error::Malformed(
+                "postcopy switch (missing page count differs from the pages listed)",
+            ));
+        }
+        if self.in_digests {
+            return Err(Error::UnexpectedRecord(
+                "postcopy switch after a digest table",
+            ));
+        }
+        Ok(ControlEnd::Postcopy {
+            state: self.state,
+            missing,
+        })
     }
 }
 
@@ -829,11 +1100,10 @@ fn load_control<R: std::io::BufRead, B: MigrationBlock>(
 fn load_channel<'b, B: MigrationBlock>(
     index: u32,
     t: Transport,
-    blocks: &'b [B],
-    header: &Header,
-    track: bool,
+    ctx: &LoadContext<'b, '_, B>,
     loaded: &AtomicU64,
 ) -> Result<PageLoader<'b, B>> {
+    let (blocks, header, track) = (ctx.blocks, ctx.header, ctx.track);
     let cpu = thread_cpu_time();
     // Both halves are dropped when this returns: on an error the source sees the connection go.
     let Transport { reader, writer } = t;
@@ -844,14 +1114,14 @@ fn load_channel<'b, B: MigrationBlock>(
     loop {
         match r.next_record()? {
             Record::Pages { block, count } => {
-                loader.pages(&mut r, block, count)?;
+                loader.pages(&mut r, block, count, ctx.postcopy)?;
                 loaded.store(loader.pages_received, Ordering::Release);
             }
             Record::ZeroRange {
                 block,
                 first_page,
                 npages,
-            } => loader.zero_range(block, first_page, npages)?,
+            } => loader.zero_range(block, first_page, npages, ctx.postcopy)?,
             Record::ChannelEnd { page_records } => {
                 if page_records != loader.pages_received {
                     return Err(Error::Malformed(
@@ -875,174 +1145,6 @@ fn load_channel<'b, B: MigrationBlock>(
         "page channel ended"
     );
     Ok(loader)
-}
-
-/// Loads page records and zero ranges of one stream (a version-1 stream, or one page channel of a
-/// session) into guest RAM, keeping what the verification needs.
-struct PageLoader<'b, B> {
-    blocks: &'b [B],
-    /// Per block, the xxh3-64 of every page received as data on this stream (the last copy; a
-    /// page received as zero leaves it). Empty unless verifying after resuming.
-    received: Vec<BTreeMap<u64, u64>>,
-    /// Per block, pages whose content now comes from a data record of this stream (a page zeroed
-    /// later that is not in here held data from before the stream: stale). A page always travels
-    /// on the same channel, so one stream's view is the whole truth for its pages.
-    got_data: Vec<Bitmap>,
-    scratch: Box<[u8; PAGE_SIZE as usize]>,
-    zero_page: Vec<u8>,
-    nonzero: Vec<u64>,
-    pages_received: u64,
-    zero_pages: u64,
-    zero_range_pages: u64,
-    zero_checked_pages: u64,
-    stale_pages_zeroed: u64,
-    bytes: u64,
-    cpu: Duration,
-}
-
-impl<'b, B: MigrationBlock> PageLoader<'b, B> {
-    fn new(blocks: &'b [B], track: bool) -> Self {
-        PageLoader {
-            blocks,
-            received: if track {
-                blocks.iter().map(|_| BTreeMap::new()).collect()
-            } else {
-                Vec::new()
-            },
-            got_data: blocks
-                .iter()
-                .map(|b| Bitmap::new(b.pages() as usize))
-                .collect(),
-            scratch: Box::new([0u8; PAGE_SIZE as usize]),
-            zero_page: vec![0u8; PAGE_SIZE as usize],
-            nonzero: Vec::new(),
-            pages_received: 0,
-            zero_pages: 0,
-            zero_range_pages: 0,
-            zero_checked_pages: 0,
-            stale_pages_zeroed: 0,
-            bytes: 0,
-            cpu: Duration::ZERO,
-        }
-    }
-
-    /// Load a page batch of `count` entries of `block`.
-    fn pages<R: std::io::BufRead>(
-        &mut self,
-        r: &mut StreamReader<R>,
-        block: u32,
-        count: u32,
-    ) -> Result<()> {
-        let ram = &self.blocks[block as usize];
-        let got = &mut self.got_data[block as usize];
-        for _ in 0..count {
-            let table = self.received.get_mut(block as usize);
-            // One copy: from the read buffer into guest RAM; the digest is taken from the same
-            // bytes while they are in the cache.
-            let entry = r.read_page_with(block, |page, data| {
-                ram.write_untracked(page * PAGE_SIZE, data)
-                    .map_err(Error::memory("loading a page"))?;
-                if let Some(table) = table {
-                    table.insert(page, xxh3_64(data));
-                }
-                Ok(())
-            })?;
-            match entry {
-                PageEntry::Data(page) => got.set(page as usize),
-                PageEntry::Zero(page) => {
-                    // Read, and written only if not zero: fresh destination RAM is already zero,
-                    // and writing zeros would fault in (allocate) every untouched page (a mostly
-                    // idle guest then loaded ~10x slower than the source sends it, and the backlog
-                    // showed up as downtime). Reading an untouched page maps the shared zero page
-                    // instead.
-                    if zero_page_in_place(ram, page, &mut self.scratch, &self.zero_page)?
-                        && !got.test(page as usize)
-                    {
-                        self.stale_pages_zeroed += 1;
-                    }
-                    got.clear(page as usize);
-                    if let Some(table) = self.received.get_mut(block as usize) {
-                        table.remove(&page);
-                    }
-                    self.zero_pages += 1;
-                    self.zero_checked_pages += 1;
-                }
-            }
-            self.pages_received += 1;
-        }
-        Ok(())
-    }
-
-    /// Load a zero range: every page is read (in place where the block can: untouched memory
-    /// reads through the shared zero page) and only non-zero ones are written. Our own
-    /// populated-pages answer is not asked: were it wrong, data this memory held before the
-    /// stream would stay where the source has zeros.
-    fn zero_range(&mut self, block: u32, first_page: u64, npages: u64) -> Result<()> {
-        let ram = &self.blocks[block as usize];
-        self.nonzero.clear();
-        ram.nonzero_pages(first_page, npages, &mut self.nonzero)
-            .map_err(Error::memory("reading pages received as zero"))?;
-        let got = &mut self.got_data[block as usize];
-        for &page in &self.nonzero {
-            ram.write_untracked(page * PAGE_SIZE, &self.zero_page)
-                .map_err(Error::memory("loading a zero page"))?;
-            if !got.test(page as usize) {
-                self.stale_pages_zeroed += 1;
-            }
-        }
-        got.clear_range(first_page as usize, npages as usize);
-        if let Some(table) = self.received.get_mut(block as usize) {
-            let end = first_page + npages;
-            let gone: Vec<u64> = table.range(first_page..end).map(|(p, _)| *p).collect();
-            for page in gone {
-                table.remove(&page);
-            }
-        }
-        self.zero_range_pages += npages;
-        self.zero_checked_pages += npages;
-        Ok(())
-    }
-
-    /// This stream as a page channel's stats.
-    fn channel_stats(&self) -> ChannelStats {
-        ChannelStats {
-            pages: self.pages_received,
-            bytes: self.bytes,
-            ns_per_page: ns_per_page(self.cpu, self.pages_received),
-        }
-    }
-
-    /// Add this stream's counts to `stats` and its digests to `received` (kept apart: the
-    /// streams carry disjoint pages).
-    fn add_to(self, stats: &mut IncomingStats, received: &mut Received) {
-        stats.pages_received += self.pages_received;
-        stats.zero_pages += self.zero_pages;
-        stats.zero_range_pages += self.zero_range_pages;
-        stats.zero_checked_pages += self.zero_checked_pages;
-        stats.stale_pages_zeroed += self.stale_pages_zeroed;
-        stats.bytes_received += self.bytes;
-        if !self.received.is_empty() {
-            received.0.push(self.received);
-        }
-    }
-}
-
-/// Makes `page` of `ram` zero, writing only when it is not (see [`PageLoader::pages`] for why);
-/// returns whether it wrote. `scratch` holds one page; `zero_page` is a page of zeros.
-fn zero_page_in_place<B: MigrationBlock>(
-    ram: &B,
-    page: u64,
-    scratch: &mut [u8; PAGE_SIZE as usize],
-    zero_page: &[u8],
-) -> Result<bool> {
-    ram.read(page * PAGE_SIZE, &mut scratch[..])
-        .map_err(Error::memory("reading a page"))?;
-    if is_zero_page(scratch) {
-        return Ok(false);
-    }
-    ram.write_untracked(page * PAGE_SIZE, zero_page)
-        .map_err(Error::memory("loading a zero page"))?;
-    Ok(true)
 }
 
 /// The control channel's buffered reader as a [`TransportRead`]: the confirmation is read through

@@ -45,9 +45,11 @@ pub enum Error {
     /// The downtime limit is zero.
     #[error("downtime limit must be greater than zero")]
     ZeroDowntimeLimit,
-    /// `max_iterations`, `max_time` or `mid_pass_sync` is `Some(0)`.
+    /// `max_iterations`, `max_time` or `mid_pass_sync` is `Some(0)`, or postcopy is asked for
+    /// after 0 passes.
     #[error(
-        "iteration limit, time limit and mid-pass sync interval must be greater than zero when set"
+        "iteration limit, time limit, mid-pass sync interval and passes before postcopy must be \
+         greater than zero when set"
     )]
     ZeroMigrationLimit,
     /// A dirty-rate measurement or convergence prediction was asked with impossible settings (a
@@ -265,6 +267,24 @@ pub enum Error {
     /// destination may be running an unverified guest.
     #[error("verification incomplete after the commit: {0}")]
     VerificationIncomplete(String),
+    // ---- postcopy ----
+    /// Postcopy was asked for on a stream without a return path (a version-1 stream, a file).
+    #[error("postcopy needs a session with a return path (tcp: or unix:), not a version-1 stream or a file")]
+    PostcopyNeedsSession,
+    /// The destination cannot run its guest with pages missing (no userfaultfd, a block without
+    /// a mapping it may register): it refused before anything was committed.
+    #[error("postcopy is not possible on this destination: {0}")]
+    PostcopyUnavailable(String),
+    /// A step of the postcopy phase failed after the commit: the guest belongs to the
+    /// destination, whose missing pages only the paused source holds.
+    #[error("postcopy failed while {context}")]
+    Postcopy {
+        /// What was being done.
+        context: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A page of the loaded RAM does not match the source's digest.
     #[error("digest mismatch in RAM block `{block}`, page {page} ({mismatched} mismatched pages in total)")]
     DigestMismatch {

@@ -13,9 +13,12 @@
 use std::sync::Arc;
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 
-use crate::{MemoryResult, MigrationBlock, MigrationMemory};
+use crate::{HostMapping, MemoryResult, MigrationBlock, MigrationMemory};
 
 /// Region `index` of a [`GuestMemoryMmap`], as a migration block.
 ///
@@ -85,6 +88,16 @@ impl<B: Bitmap + Send + Sync + 'static> MigrationBlock for GuestMemoryBlock<B> {
     }
     fn write_untracked(&self, offset: u64, data: &[u8]) -> MemoryResult<()> {
         Ok(self.mem.write_slice(data, self.addr(offset, data.len())?)?)
+    }
+    /// The region's mapping; shared when the region is file-backed (a private file mapping is
+    /// refused by userfaultfd when a postcopy registers it, before anything is committed).
+    fn host_mapping(&self) -> Option<HostMapping> {
+        let region = self.mem.find_region(GuestAddress(self.start))?;
+        let addr = region.get_host_address(MemoryRegionAddress(0)).ok()? as u64;
+        let shared = region.file_offset().is_some();
+        // SAFETY: the region's own mapping, which the `GuestMemoryMmap` this block holds keeps
+        // mapped, and which holds guest RAM only.
+        Some(unsafe { HostMapping::new(addr, self.size, shared) })
     }
 }
 

@@ -181,9 +181,11 @@ pub mod dirtyrate;
 mod error;
 #[cfg(feature = "vm-memory")]
 mod guest_memory;
+mod loader;
 mod memory;
 #[cfg(feature = "clearlog-memory")]
 mod memory_system;
+mod postcopy;
 mod ratelimit;
 mod sender;
 mod session;
@@ -202,8 +204,9 @@ pub use cancel::CancelToken;
 /// needs no other dependency).
 pub use clearlog_bitmap::{Bitmap, ClearBitmap};
 pub use config::{
-    chunk_bytes_to_shift, shift_to_chunk_bytes, MigrationConfig, MigrationDirtyLogMode, VerifyMode,
-    DEFAULT_ACK_TIMEOUT, DEFAULT_CLEAR_SHIFT, DEFAULT_DOWNTIME_LIMIT, DEFAULT_MID_PASS_SYNC,
+    chunk_bytes_to_shift, shift_to_chunk_bytes, MigrationConfig, MigrationDirtyLogMode,
+    PostcopyPolicy, VerifyMode, DEFAULT_ACK_TIMEOUT, DEFAULT_CLEAR_SHIFT, DEFAULT_DOWNTIME_LIMIT,
+    DEFAULT_MID_PASS_SYNC,
 };
 pub use cpu::{process_cpu_time, thread_cpu_time};
 pub use destination::{Destination, DEFAULT_CONFIRM_TIMEOUT};
@@ -212,7 +215,8 @@ pub use error::{BoxError, Error, Result};
 #[cfg(feature = "vm-memory")]
 pub use guest_memory::GuestMemoryBlock;
 pub use memory::{
-    DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory, PAGE_SHIFT, PAGE_SIZE,
+    DirtyTracking, HostMapping, MemoryResult, MigrationBlock, MigrationMemory, PAGE_SHIFT,
+    PAGE_SIZE,
 };
 pub use ratelimit::{RateLimitedWriter, SharedBucket, TokenBucket};
 pub use session::{

@@ -133,6 +133,69 @@ pub trait MigrationBlock: Send + Sync {
         }
         Ok(())
     }
+
+    /// Where the block's memory is mapped in this process, for a postcopy destination (which
+    /// registers it with a userfaultfd, drops the pages the source still sends, and places them
+    /// as they arrive). The default: `None`, and a postcopy into this block is refused before
+    /// anything is committed.
+    fn host_mapping(&self) -> Option<HostMapping> {
+        None
+    }
+}
+
+/// A block's memory as mapped in this process ([`MigrationBlock::host_mapping`]).
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::{HostMapping, MigrationBlock};
+///
+/// let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)])
+///     .unwrap();
+/// let block = clearlog_migration::MigrationMemory::blocks(&mem).remove(0);
+/// let m: HostMapping = block.host_mapping().unwrap();
+/// assert_eq!((m.len(), m.shared()), (1 << 20, false));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostMapping {
+    addr: u64,
+    len: u64,
+    shared: bool,
+}
+
+impl HostMapping {
+    /// The mapping at `addr` of `len` bytes (both page aligned); `shared`: a `MAP_SHARED`
+    /// mapping (memfd, shmem), whose pages are dropped from the backing store, not just from
+    /// this mapping.
+    ///
+    /// # Safety
+    ///
+    /// `[addr, addr + len)` must be the block's memory, mapped while the block lives, holding
+    /// nothing but guest RAM: during a postcopy migration into it the engine drops pages there
+    /// (their old contents are gone) and places pages with `UFFDIO_COPY`.
+    pub unsafe fn new(addr: u64, len: u64, shared: bool) -> Self {
+        HostMapping { addr, len, shared }
+    }
+
+    /// The start address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the mapping is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether it is a shared mapping.
+    pub fn shared(&self) -> bool {
+        self.shared
+    }
 }
 
 /// Pages the default [`MigrationBlock::nonzero_pages`] reads at a time (256 KiB).
@@ -262,6 +325,9 @@ impl<T: MigrationBlock + ?Sized> MigrationBlock for Arc<T> {
     }
     fn nonzero_pages(&self, first_page: u64, npages: u64, out: &mut Vec<u64>) -> MemoryResult<()> {
         (**self).nonzero_pages(first_page, npages, out)
+    }
+    fn host_mapping(&self) -> Option<HostMapping> {
+        (**self).host_mapping()
     }
 }
 

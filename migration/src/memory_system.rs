@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clearlog_bitmap::{Bitmap, ClearBitmap};
 use clearlog_memory::{MemorySystem, RamBlock};
 
-use crate::{DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory};
+use crate::{DirtyTracking, HostMapping, MemoryResult, MigrationBlock, MigrationMemory};
 
 impl MigrationBlock for RamBlock {
     fn name(&self) -> &str {
@@ -43,6 +43,21 @@ impl MigrationBlock for RamBlock {
     }
     fn nonzero_pages(&self, first_page: u64, npages: u64, out: &mut Vec<u64>) -> MemoryResult<()> {
         Ok(RamBlock::nonzero_pages(self, first_page, npages, out)?)
+    }
+    /// None on hugetlbfs: its pages are placed 2 MiB at a time, which postcopy does not do.
+    fn host_mapping(&self) -> Option<HostMapping> {
+        if self.is_hugetlbfs() {
+            return None;
+        }
+        // SAFETY: the block's own mapping, which lives as long as the block and holds its guest
+        // RAM only; a file-backed block is mapped shared (`RamBacking`'s memfds and files).
+        Some(unsafe {
+            HostMapping::new(
+                self.host_addr(),
+                RamBlock::size(self),
+                self.file_offset().is_some(),
+            )
+        })
     }
 }
 

@@ -3,6 +3,8 @@
 
 //! The source side: precopy iterations, convergence, switchover.
 
+mod postcopy;
+
 use std::io::Write;
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -218,6 +220,9 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
         progress: Option<&mut dyn FnMut(&Progress)>,
         cancel: &CancelToken,
     ) -> Result<MigrationStats> {
+        if !session && self.config.postcopy != crate::PostcopyPolicy::Off {
+            return Err(Error::PostcopyNeedsSession);
+        }
         let no_writer = || Error::no_half("starting the migration", "write");
         let writer = control.writer.ok_or_else(no_writer)?;
         let bucket = SharedBucket::new(self.config.bandwidth_limit_bytes_per_s);
@@ -410,6 +415,9 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 && self.drained_and_fits(&mut send_time, live_bytes)?
             {
                 break;
+            }
+            if self.postcopy_due(iteration, dirty, pass_time, remaining, bandwidth) {
+                return self.switch_to_postcopy();
             }
             let over_iterations = cfg.max_iterations.is_some_and(|max| iteration >= max);
             let over_time = cfg.max_time.is_some_and(|max| start.elapsed() >= max);
@@ -807,6 +815,15 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             return Ok(());
         };
         ch.finish()?;
+        self.finish_channel_stats();
+        Ok(())
+    }
+
+    /// Every channel's totals into the stats.
+    fn finish_channel_stats(&mut self) {
+        let Some(ch) = self.channels.as_ref() else {
+            return;
+        };
         self.stats.channel_stats = ch
             .totals()
             .iter()
@@ -816,7 +833,6 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 ns_per_page: ns_per_page(s.cpu, s.pages),
             })
             .collect();
-        Ok(())
     }
 
     /// The CPU and device state, checked against the stream's bounds, on the control channel.

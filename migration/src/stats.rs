@@ -225,6 +225,21 @@ pub struct MigrationStats {
     /// What each page channel carried (empty for a version-1 stream).
     #[serde(default)]
     pub channel_stats: Vec<ChannelStats>,
+    /// The migration switched to postcopy after `iterations` live passes.
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Postcopy: pages still dirty at the switch (sent after the destination resumed).
+    #[serde(default)]
+    pub postcopy_pages: u64,
+    /// Postcopy: from the commit to the destination's "every page arrived", ms.
+    #[serde(default)]
+    pub postcopy_ms: f64,
+    /// Postcopy: requests the destination sent for pages its guest touched.
+    #[serde(default)]
+    pub postcopy_requests: u64,
+    /// Postcopy: requests answered before the background push had taken the page.
+    #[serde(default)]
+    pub postcopy_requests_first: u64,
     /// Per-iteration details.
     pub iteration_history: Vec<IterationStats>,
 }
@@ -310,4 +325,32 @@ pub struct IncomingStats {
     pub acked: bool,
     /// The guest was resumed.
     pub resumed: bool,
+    /// The source switched to postcopy: the guest resumed with pages missing.
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Postcopy: from the switch record to the guest resumed (placement set up, state restored,
+    /// acknowledged, confirmed), ms.
+    #[serde(default)]
+    pub postcopy_resume_ms: f64,
+    /// Postcopy: from the guest resumed to the last missing page placed, ms.
+    #[serde(default)]
+    pub postcopy_ms: f64,
+    /// Postcopy: pages missing when the guest resumed.
+    #[serde(default)]
+    pub postcopy_missing_pages: u64,
+    /// Postcopy: pages asked for because the guest or the VMM touched them.
+    #[serde(default)]
+    pub postcopy_requested_pages: u64,
+    /// Postcopy: pages that arrived again after they were placed (placed once).
+    #[serde(default)]
+    pub postcopy_duplicate_pages: u64,
+    /// Postcopy: touched pages the source never listed (zero there), placed as zero.
+    #[serde(default)]
+    pub postcopy_zero_faults: u64,
+    /// Postcopy: median time from a fault on a missing page to its placement, ms.
+    #[serde(default)]
+    pub fault_latency_median_ms: f64,
+    /// Postcopy: the longest such wait, ms.
+    #[serde(default)]
+    pub fault_latency_max_ms: f64,
 }

@@ -85,6 +85,15 @@ pub const TAG_CHANNEL_END: u8 = 0x07;
 /// count), then per page channel `page_records: u64`, the page entries it carried so far; the
 /// destination answers [`crate::wire::Drained`] once it has loaded them all.
 pub const TAG_DRAIN: u8 = 0x08;
+/// Tag of a postcopy list of missing pages: block (u32), first page (u64, a multiple of 64), word
+/// count (u32, 1..=[`MAX_MISSING_WORDS`]), then that many little-endian u64 bitmap words.
+pub const TAG_MISSING: u8 = 0x09;
+/// Tag of the postcopy switch: [`END_MAGIC`], then the missing pages listed (u64). The state
+/// records follow; the destination acknowledges, the source confirms, and the destination's guest
+/// runs with those pages missing.
+pub const TAG_POSTCOPY: u8 = 0x0a;
+/// Most bitmap words in one missing-pages record (256 Ki pages).
+pub const MAX_MISSING_WORDS: u32 = 4096;
 /// Page entry kind: the page is all zeros (no data follows).
 pub const PAGE_ZERO: u8 = 0;
 /// Page entry kind: `page_size` bytes of data follow.
@@ -353,6 +362,25 @@ pub(crate) fn encode_channel_end(page_records: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(&page_records.to_le_bytes());
 }
 
+/// Encode the missing pages of `block` from `first_page` (a multiple of 64): one bit per page.
+pub(crate) fn encode_missing(block: u32, first_page: u64, words: &[u64], out: &mut Vec<u8>) {
+    out.reserve(17 + words.len() * 8);
+    out.push(TAG_MISSING);
+    out.extend_from_slice(&block.to_le_bytes());
+    out.extend_from_slice(&first_page.to_le_bytes());
+    out.extend_from_slice(&(words.len() as u32).to_le_bytes());
+    for w in words {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
+/// Encode the postcopy switch, with the number of missing pages listed before it.
+pub(crate) fn encode_postcopy(missing_pages: u64, out: &mut Vec<u8>) {
+    out.push(TAG_POSTCOPY);
+    out.extend_from_slice(&END_MAGIC.to_le_bytes());
+    out.extend_from_slice(&missing_pages.to_le_bytes());
+}
+
 /// Encode a verify record: `(page, digest)` pairs of block `block` (at most
 /// [`MAX_VERIFY_ENTRIES`]).
 pub(crate) fn encode_verify(block: u32, entries: &[(u64, u64)], out: &mut Vec<u8>) {
@@ -439,6 +467,21 @@ pub enum Record {
     Drain {
         /// Per page channel (at most [`MAX_CHANNELS`]).
         page_records: Vec<u64>,
+    },
+    /// Postcopy: pages of a block still to come, one bit per page from `first_page` (checked to
+    /// lie inside the block).
+    Missing {
+        /// Block index.
+        block: u32,
+        /// First page the words cover (a multiple of 64).
+        first_page: u64,
+        /// Bitmap words (at most [`MAX_MISSING_WORDS`]).
+        words: Vec<u64>,
+    },
+    /// Postcopy: the switch, after the missing-page lists.
+    Postcopy {
+        /// Missing pages listed in all missing-page records.
+        missing_pages: u64,
     },
 }
 
@@ -774,6 +817,52 @@ impl<R: Read> StreamReader<R> {
         Ok(Record::Drain { page_records })
     }
 
+    /// A missing-pages list (after its tag), inside its block.
+    fn missing_record(&mut self) -> Result<Record> {
+        let block = self.block_index("missing pages block")?;
+        let first_page = self.u64("missing pages first page")?;
+        let nwords = self.u32("missing pages word count")?;
+        if first_page % 64 != 0 || nwords == 0 {
+            return Err(Error::Malformed("missing pages (first page or word count)"));
+        }
+        if nwords > MAX_MISSING_WORDS {
+            return Err(Error::TooLarge {
+                what: "missing pages word count",
+                value: nwords.into(),
+                limit: MAX_MISSING_WORDS.into(),
+            });
+        }
+        let pages = self.blocks[block as usize].size / self.page.len() as u64;
+        let words = (0..nwords)
+            .map(|_| self.u64("missing pages"))
+            .collect::<Result<Vec<u64>>>()?;
+        // The last set bit must be a page of the block.
+        let last = words.iter().enumerate().rev().find(|(_, w)| **w != 0);
+        if let Some((i, w)) = last {
+            let page = first_page + i as u64 * 64 + 63 - u64::from(w.leading_zeros());
+            if page >= pages {
+                return Err(Error::PageOutOfRange {
+                    block: self.blocks[block as usize].name.clone(),
+                    page,
+                    pages,
+                });
+            }
+        }
+        Ok(Record::Missing {
+            block,
+            first_page,
+            words,
+        })
+    }
+
+    /// A tag, the end magic and a count (the end marker, a channel end, the postcopy switch).
+    fn marked_count(&mut self, what: &'static str, count: &'static str) -> Result<u64> {
+        if self.u64(what)? != END_MAGIC {
+            return Err(Error::Malformed(what));
+        }
+        self.u64(count)
+    }
+
     /// Read the next record's tag and fixed fields (a page batch's entries are read with
     /// [`read_page`](Self::read_page)). Must follow [`read_header`](Self::read_header).
     ///
@@ -803,23 +892,18 @@ impl<R: Read> StreamReader<R> {
             TAG_STATE => self.state_record(),
             TAG_ZERO_RANGE => self.zero_range_record(),
             TAG_DIGESTS => self.digests_record(),
-            TAG_END => {
-                let magic = self.u64("end marker")?;
-                if magic != END_MAGIC {
-                    return Err(Error::Malformed("end marker"));
-                }
-                let page_records = self.u64("end marker page count")?;
-                Ok(Record::End { page_records })
-            }
-            TAG_CHANNEL_END => {
-                let magic = self.u64("channel end marker")?;
-                if magic != END_MAGIC {
-                    return Err(Error::Malformed("channel end marker"));
-                }
-                let page_records = self.u64("channel end page count")?;
-                Ok(Record::ChannelEnd { page_records })
-            }
+            TAG_END => Ok(Record::End {
+                page_records: self.marked_count("end marker", "end marker page count")?,
+            }),
+            TAG_CHANNEL_END => Ok(Record::ChannelEnd {
+                page_records: self.marked_count("channel end marker", "channel end page count")?,
+            }),
             TAG_DRAIN => self.drain_record(),
+            TAG_MISSING => self.missing_record(),
+            TAG_POSTCOPY => Ok(Record::Postcopy {
+                missing_pages: self
+                    .marked_count("postcopy switch", "postcopy missing page count")?,
+            }),
             tag => Err(Error::UnknownRecord(tag)),
         }
     }

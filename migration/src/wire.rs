@@ -14,6 +14,7 @@
 //! | [`Ack`]        | 8     | destination to source     | `b"ACK1"`, status (0 loaded and restored, 1 failed) |
 //! | [`Confirm`]    | 8     | source to destination     | `b"GO!!"`, 0 |
 //! | [`Verdict`]    | 24    | destination to source     | `b"VRFY"`, status (0 verified, 1 mismatch), mismatched pages, resume time (Unix ns) |
+//! | [`PostcopyMessage`] | 16 | destination to source, postcopy phase | `b"WANT"` and a block with a page the guest touched, or `b"DONE"`, 0, 0 once every missing page arrived |
 
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
@@ -484,6 +485,96 @@ impl Verdict {
     /// When the destination resumed the guest, Unix ns (0: it did not).
     pub fn resumed_at_unix_ns(&self) -> u64 {
         self.resumed_at_unix_ns.get()
+    }
+}
+
+const WANT_MAGIC: u32 = u32::from_le_bytes(*b"WANT");
+const DONE_MAGIC: u32 = u32::from_le_bytes(*b"DONE");
+
+/// The destination's messages of the postcopy phase, on the control channel's return path: a
+/// request for a page the guest touched while it was missing, and, once, "every missing page
+/// arrived".
+///
+/// # Examples
+///
+/// ```
+/// use clearlog_migration::wire::{PostcopyMessage, PostcopyWant};
+///
+/// let mut bytes = Vec::new();
+/// PostcopyMessage::want(1, 77).write_to(&mut bytes).unwrap();
+/// PostcopyMessage::done().write_to(&mut bytes).unwrap();
+/// let first = PostcopyMessage::parse(&bytes[..16]).unwrap();
+/// assert_eq!(first.wanted(), Some(PostcopyWant { block: 1, page: 77 }));
+/// assert_eq!(PostcopyMessage::parse(&bytes[16..]).unwrap().wanted(), None);
+/// assert!(PostcopyMessage::parse(&[0; 16]).is_err());
+/// ```
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct PostcopyMessage {
+    magic: U32,
+    block: U32,
+    page: U64,
+}
+
+/// A page the destination asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostcopyWant {
+    /// Block index.
+    pub block: u32,
+    /// Page index in the block.
+    pub page: u64,
+}
+
+impl PostcopyMessage {
+    /// Size on the wire.
+    pub const LEN: usize = 16;
+
+    /// Ask for `page` of `block`.
+    pub fn want(block: u32, page: u64) -> Self {
+        PostcopyMessage {
+            magic: WANT_MAGIC.into(),
+            block: block.into(),
+            page: page.into(),
+        }
+    }
+
+    /// Every missing page arrived.
+    pub fn done() -> Self {
+        PostcopyMessage {
+            magic: DONE_MAGIC.into(),
+            block: 0.into(),
+            page: 0.into(),
+        }
+    }
+
+    /// The page asked for; `None` for "done".
+    pub fn wanted(&self) -> Option<PostcopyWant> {
+        (self.magic.get() == WANT_MAGIC).then(|| PostcopyWant {
+            block: self.block.get(),
+            page: self.page.get(),
+        })
+    }
+
+    /// Write it (the caller flushes: a request is worth a flush of its own).
+    pub fn write_to(&self, w: &mut dyn Write) -> io::Result<()> {
+        w.write_all(self.as_bytes())
+    }
+
+    /// Parse one message.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Malformed`]: not 16 bytes, or neither message.
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let m = PostcopyMessage::read_from_bytes(bytes)
+            .map_err(|_| Error::Malformed("postcopy message (not 16 bytes)"))?;
+        match m.magic.get() {
+            WANT_MAGIC => Ok(m),
+            DONE_MAGIC if m.block.get() == 0 && m.page.get() == 0 => Ok(m),
+            _ => Err(Error::Malformed(
+                "postcopy message (neither a request nor done)",
+            )),
+        }
     }
 }
 

@@ -76,14 +76,15 @@ pub fn bench(a: BenchArgs) -> CliResult {
         }
     }
     let scenarios = Scenarios::new(&a)?;
-    let mib = |b: u64| b as f64 / f64::from(1 << 20);
     eprintln!(
-        "vmm bench: guest {} MiB, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {}, downtime {} ms; {} run(s) of {} mode(s)",
-        a.guest.mem >> 20,
-        a.guest.wss >> 20,
-        mib(a.guest.dirty_rate.unwrap_or(DEFAULT_DIRTY_RATE)),
-        crate::output::rate_label(a.migration.bandwidth),
-        a.migration.downtime.as_millis(),
+        "vmm bench: guest {}, {}; {} run(s) of {} mode(s)",
+        crate::units::fmt_size(a.guest.mem),
+        crate::output::settings_label(
+            a.guest.wss,
+            a.guest.dirty_rate.unwrap_or(DEFAULT_DIRTY_RATE),
+            a.migration.bandwidth,
+            a.migration.downtime
+        ),
         a.runs,
         scenarios.list.len()
     );

@@ -428,6 +428,25 @@ fn bad_ring_sizes_are_usage_errors_listing_the_range() {
     );
 }
 
+/// `vmm bench` compares both legacy rows by default (QEMU-style, one sync per pass, and ours,
+/// syncing within passes) and says so in --help; a mode it does not know lists them.
+#[test]
+fn bench_modes_have_both_legacy_rows() {
+    let out = vmm(&["bench", "--help"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let help = text(&out.stdout);
+    assert!(
+        help.contains("[default: legacy-qemu,legacy,clear:1G,"),
+        "{help}"
+    );
+    assert!(help.contains("`legacy-qemu` (KVM's legacy dirty log with one sync per pass"));
+    expect_error(
+        &["bench", "--modes", "legacy,qemu"],
+        2,
+        &["mode `qemu`", "`legacy-qemu`, `legacy`"],
+    );
+}
+
 #[test]
 fn migration_over_unix_socket() {
     if !kvm_available("migration_over_unix_socket") {

@@ -298,4 +298,23 @@ mod tests {
         );
         assert_eq!(rate_label(400 << 20), "400M/s");
     }
+
+    /// The library crates' errors spell sizes with their own copy of the formatter (units.rs,
+    /// which xtask compiles too, cannot use the library's): both must print a size alike.
+    #[test]
+    fn the_cli_and_the_library_print_sizes_alike() {
+        for b in [
+            0,
+            1000,
+            4095,
+            4096,
+            5000,
+            255 << 20,
+            (1 << 30) + 1,
+            3 << 40,
+            u64::MAX,
+        ] {
+            assert_eq!(fmt_size(b), clearlog_bitmap::format_size(b), "{b}");
+        }
+    }
 }

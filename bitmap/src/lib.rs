@@ -59,6 +59,7 @@ mod bitmap;
 mod clear;
 mod copy;
 mod error;
+mod size;
 mod word;
 
 pub use atomic::{AtomicBitmap, AtomicIterOnes};
@@ -68,6 +69,8 @@ pub use copy::{
     copy_with_dst_offset, copy_with_src_offset, try_copy_with_dst_offset, try_copy_with_src_offset,
 };
 pub use error::Error;
+#[doc(hidden)]
+pub use size::format_size;
 pub use word::{words_for_bits, BITS_PER_WORD};
 
 /// The examples of `README.md`, compiled and run as doc tests.

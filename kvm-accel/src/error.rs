@@ -5,6 +5,8 @@
 
 use std::path::PathBuf;
 
+use clearlog_bitmap::format_size;
+
 use crate::dirty_cache::CacheError;
 use crate::mode::KvmDirtyLogMode;
 use crate::raw::ClearDirtyLogError;
@@ -245,7 +247,10 @@ pub enum Error {
     #[error("the dirty ring is not available: this kernel offers neither KVM_CAP_DIRTY_LOG_RING_ACQ_REL nor KVM_CAP_DIRTY_LOG_RING (use the bitmap modes: clear or legacy)")]
     DirtyRingUnsupported,
     /// A ring size that is not a power of two within the kernel's range.
-    #[error("dirty ring size {bytes} bytes is invalid: it must be a power of two in {min}..={max} bytes (this kernel's range)")]
+    #[error(
+        "dirty ring size {} is invalid: it must be a power of two in {}..={} (this kernel's range)",
+        format_size(*bytes), format_size(u64::from(*min)), format_size(u64::from(*max))
+    )]
     DirtyRingSize {
         /// The size asked for.
         bytes: u64,
@@ -255,7 +260,10 @@ pub enum Error {
         max: u32,
     },
     /// `KVM_ENABLE_CAP` of the dirty ring was refused.
-    #[error("enabling a dirty ring of {bytes} bytes failed (it must be enabled before any vCPU exists, and the kernel may need a larger ring than {min} bytes for its reserved entries: valid sizes are powers of two in {min}..={max})")]
+    #[error(
+        "enabling a dirty ring of {} failed (it must be enabled before any vCPU exists, and the kernel may need a larger ring than {min} for its reserved entries: valid sizes are powers of two in {min}..={max})",
+        format_size(u64::from(*bytes)), min = format_size(u64::from(*min)), max = format_size(u64::from(*max))
+    )]
     DirtyRingEnable {
         /// The size asked for.
         bytes: u32,
@@ -351,5 +359,23 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     pub(crate) fn kvm(op: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Error {
         move |source| Error::Kvm { op, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_sizes_are_printed_in_units() {
+        let e = Error::DirtyRingSize {
+            bytes: 48 << 10,
+            min: 4096,
+            max: 1 << 20,
+        };
+        assert_eq!(
+            e.to_string(),
+            "dirty ring size 48K is invalid: it must be a power of two in 4K..=1M (this kernel's range)"
+        );
     }
 }

@@ -5,6 +5,7 @@
 
 use std::fmt;
 
+use clearlog_bitmap::format_size;
 use kvm_bindings::{KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE};
 
 /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` as a `u64` flag (bit 0).
@@ -119,7 +120,7 @@ impl fmt::Display for KvmDirtyLogMode {
             KvmDirtyLogMode::Manual {
                 initially_set: false,
             } => f.write_str("manual"),
-            KvmDirtyLogMode::Ring { bytes } => write!(f, "ring:{}", format_bytes(*bytes)),
+            KvmDirtyLogMode::Ring { bytes } => write!(f, "ring:{}", format_size(u64::from(*bytes))),
         }
     }
 }
@@ -151,15 +152,6 @@ pub fn default_dirty_log_mode(offered_flags: u64) -> KvmDirtyLogMode {
         KvmDirtyLogMode::Manual {
             initially_set: offered_flags & INITIALLY_SET != 0,
         }
-    }
-}
-
-/// `bytes` as `64K`, `1M`... (exact multiples only), for mode names and messages.
-pub(crate) fn format_bytes(bytes: u32) -> String {
-    match bytes {
-        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
-        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
-        b => b.to_string(),
     }
 }
 
@@ -195,9 +187,14 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(format_bytes(16 << 10), "16K");
-        assert_eq!(format_bytes(1 << 20), "1M");
-        assert_eq!(format_bytes(5000), "5000");
+        assert_eq!(
+            KvmDirtyLogMode::Ring { bytes: 16 << 10 }.to_string(),
+            "ring:16K"
+        );
+        assert_eq!(
+            KvmDirtyLogMode::Ring { bytes: 1 << 20 }.to_string(),
+            "ring:1M"
+        );
         assert_eq!(
             KvmDirtyLogMode::Manual {
                 initially_set: true

@@ -58,7 +58,7 @@ pub const RING_MIN_BYTES: u32 = 4096;
 /// let r = clearlog_kvm::RingRange::of(&caps).unwrap();
 /// assert_eq!((r.min, r.max, r.acq_rel), (4096, 65536, true));
 /// assert!(r.check(32768).is_ok());
-/// assert!(r.check(5000).unwrap_err().to_string().contains("4096..=65536"));
+/// assert!(r.check(5000).unwrap_err().to_string().contains("4K..=64K"));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingRange {
@@ -520,7 +520,7 @@ mod tests {
         };
         for bad in [0, 1000, 4095, 6144, 131072] {
             let e = r.check(bad).unwrap_err().to_string();
-            assert!(e.contains("4096..=65536"), "{e}");
+            assert!(e.contains("4K..=64K"), "{e}");
         }
         for good in [4096, 8192, 65536] {
             r.check(good).unwrap();

@@ -40,7 +40,9 @@ fn ring_vm(bytes: u32) -> Result<Vm, Error> {
 #[test]
 fn bad_ring_sizes_list_the_valid_range() {
     let Some(r) = ring_range() else { return };
-    let range = format!("{}..={}", r.min, r.max);
+    // The range as a user types it (`4K..=64K`).
+    let size = |b: u32| clearlog_bitmap::format_size(b.into());
+    let range = format!("{}..={}", size(r.min), size(r.max));
     for bad in [0, 1000, r.min + 16, r.min / 2, r.max.saturating_mul(2)] {
         match ring_vm(bad) {
             Err(e @ Error::DirtyRingSize { .. }) => {

@@ -3,6 +3,8 @@
 
 //! The crate's error type.
 
+use clearlog_bitmap::format_size;
+
 use crate::ids::{DirtyClient, RamBlockId, RegionId};
 
 /// Error a [`crate::MemoryListener`] hook returns; boxed so accelerators keep their own error types.
@@ -136,7 +138,7 @@ pub enum Error {
         capacity_pages: u64,
     },
     /// Allocating host memory for a RAM block failed.
-    #[error("cannot map {size:#x} bytes of host memory")]
+    #[error("cannot map {} of host memory", format_size(*size))]
     Mmap {
         /// Size requested.
         size: u64,
@@ -163,9 +165,10 @@ pub enum Error {
     Memfd(#[source] std::io::Error),
     /// hugetlb memory could not be had: the host has no (or not enough) free huge pages.
     #[error(
-        "cannot get {size:#x} bytes of hugetlb guest RAM{}: the host has no free huge pages for it \
+        "cannot get {} of hugetlb guest RAM{}: the host has no free huge pages for it \
          (reserve some with /proc/sys/vm/nr_hugepages; see HugePages_Free in /proc/meminfo)",
-        if *huge_page_size != 0 { format!(" in {huge_page_size:#x}-byte pages") } else { String::new() }
+        format_size(*size),
+        if *huge_page_size != 0 { format!(" in {} pages", format_size(*huge_page_size)) } else { String::new() }
     )]
     HugePagesUnavailable {
         /// Bytes requested.
@@ -177,7 +180,10 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A hugetlb size or offset is not a multiple of the huge page size.
-    #[error("{what} {value:#x} is not a multiple of the huge page size {huge_page_size:#x}")]
+    #[error(
+        "{what} {} is not a multiple of the huge page size {}",
+        format_size(*value), format_size(*huge_page_size)
+    )]
     NotHugePageAligned {
         /// Which value.
         what: &'static str,
@@ -199,7 +205,10 @@ pub enum Error {
     )]
     BackingNotRegularFile,
     /// The block would extend past the end of the caller's backing file.
-    #[error("RAM of {size:#x} bytes at file offset {offset:#x} is past the end of the {file_size:#x}-byte backing file (ftruncate it first)")]
+    #[error(
+        "RAM of {} at file offset {offset:#x} is past the end of the backing file of {} (ftruncate it first)",
+        format_size(*size), format_size(*file_size)
+    )]
     BackingPastEof {
         /// Offset of the block in the file.
         offset: u64,
@@ -285,3 +294,30 @@ pub enum Error {
 /// assert_eq!(size_of_first_block(&clearlog_memory::MemorySystem::new()).unwrap(), 0);
 /// ```
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_sizes_are_printed_in_units() {
+        let e = Error::NotHugePageAligned {
+            what: "size",
+            value: 3 << 20,
+            huge_page_size: 2 << 20,
+        };
+        assert_eq!(
+            e.to_string(),
+            "size 3M is not a multiple of the huge page size 2M"
+        );
+        let e = Error::BackingPastEof {
+            offset: 0x20_0000,
+            size: 1 << 30,
+            file_size: 512 << 20,
+        };
+        assert_eq!(
+            e.to_string(),
+            "RAM of 1G at file offset 0x200000 is past the end of the backing file of 512M (ftruncate it first)"
+        );
+    }
+}

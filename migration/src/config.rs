@@ -474,6 +474,11 @@ mod tests {
                 matches!(chunk_bytes_to_shift(bytes), Err(Error::InvalidClearChunkBytes(b)) if b == bytes)
             );
         }
+        // The size as a user types it, not in bytes.
+        assert_eq!(
+            chunk_bytes_to_shift(3 << 20).unwrap_err().to_string(),
+            "clear chunk size 3M invalid: must be a power of two between 256K and 8T"
+        );
     }
 
     #[test]

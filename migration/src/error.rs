@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use clearlog_bitmap::format_size;
+
 /// An error from a VMM hook ([`crate::VmControl`], [`crate::VmRestore`]); boxed so a VMM keeps its own
 /// error types.
 ///
@@ -39,7 +41,8 @@ pub enum Error {
     /// A clear chunk size in bytes is not a power-of-two multiple of the page size of at least 256 KiB
     /// and at most 2^31 pages.
     #[error(
-        "clear chunk size {0} bytes invalid: must be a power of two between 256 KiB and 8 TiB"
+        "clear chunk size {} invalid: must be a power of two between 256K and 8T",
+        format_size(*.0)
     )]
     InvalidClearChunkBytes(u64),
     /// The downtime limit is zero.
@@ -82,8 +85,9 @@ pub enum Error {
     Cancelled,
     /// The migration did not converge within the configured iteration or time limit.
     #[error(
-        "migration did not converge: {iterations} iterations in {elapsed:?}, {remaining_bytes} bytes \
-         still dirty (estimated {expected_downtime:?} to send, limit {downtime_limit:?})"
+        "migration did not converge: {iterations} iterations in {elapsed:?}, {} still dirty \
+         (estimated {expected_downtime:?} to send, limit {downtime_limit:?})",
+        format_size(*remaining_bytes)
     )]
     NotConverged {
         /// Iterations done.
@@ -345,4 +349,25 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
         next = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_are_printed_in_units() {
+        let e = Error::NotConverged {
+            iterations: 30,
+            elapsed: Duration::from_millis(1500),
+            remaining_bytes: 48 << 20,
+            expected_downtime: Duration::from_millis(120),
+            downtime_limit: Duration::from_millis(100),
+        };
+        assert_eq!(
+            e.to_string(),
+            "migration did not converge: 30 iterations in 1.5s, 48M still dirty (estimated 120ms \
+             to send, limit 100ms)"
+        );
+    }
 }

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::args::{BenchArgs, DEFAULT_DIRTY_RATE};
+use crate::args::{BenchArgs, MidPassSync, DEFAULT_DIRTY_RATE};
 use crate::bench_run::{one_run, RunResult, RunSpec};
 use crate::bench_scenario::{runs_and_modes, BenchScenario, BenchTransport};
 use crate::bench_tls::BenchTls;
@@ -20,8 +20,9 @@ use crate::{CliError, CliResult};
 struct Scenarios {
     list: Vec<(BenchScenario, BenchTransport)>,
     labels: Vec<String>,
-    /// The index of `legacy` over the first transport, the table's reference.
-    legacy: Option<usize>,
+    /// The table's references, each a ratio column: `legacy-qemu` (the seed's baseline, QEMU-style
+    /// legacy) and `legacy` (ours, syncing within passes) over the first transport, those present.
+    baselines: Vec<usize>,
 }
 
 impl Scenarios {
@@ -47,14 +48,37 @@ impl Scenarios {
                 _ => format!("{} {}", m.label(), t.label()),
             })
             .collect();
-        let legacy = list
+        let baselines = [BenchScenario::LegacyQemu, BenchScenario::Legacy]
             .iter()
-            .position(|(m, t)| *m == BenchScenario::Legacy && *t == transports[0]);
+            .filter_map(|b| list.iter().position(|(m, t)| m == b && *t == transports[0]))
+            .collect();
         Ok(Scenarios {
             list,
             labels,
-            legacy,
+            baselines,
         })
+    }
+
+    /// The legend under the table: what each mode is (with the bench's `--mid-pass-sync`) and
+    /// what the ratio columns divide by.
+    fn legend(&self, mid_pass_sync: MidPassSync) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mut seen = Vec::new();
+        for (m, _) in &self.list {
+            if !seen.contains(&m) {
+                seen.push(m);
+                lines.push(format!("  {:<14} {}", m.label(), m.describe(mid_pass_sync)));
+            }
+        }
+        for &b in &self.baselines {
+            lines.push(format!(
+                "  {:<14} avg (s) over that of {}, {}",
+                format!("vs {}", self.labels[b]),
+                self.labels[b],
+                self.list[b].0.describe(mid_pass_sync)
+            ));
+        }
+        lines
     }
 
     /// Whether any scenario runs over TLS.
@@ -76,20 +100,25 @@ pub fn bench(a: BenchArgs) -> CliResult {
         }
     }
     let scenarios = Scenarios::new(&a)?;
-    let mib = |b: u64| b as f64 / f64::from(1 << 20);
     eprintln!(
-        "vmm bench: guest {} MiB, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {}, downtime {} ms; {} run(s) of {} mode(s)",
-        a.guest.mem >> 20,
-        a.guest.wss >> 20,
-        mib(a.guest.dirty_rate.unwrap_or(DEFAULT_DIRTY_RATE)),
-        crate::output::rate_label(a.migration.bandwidth),
-        a.migration.downtime.as_millis(),
+        "vmm bench: guest {}, {}; {} run(s) of {} mode(s)",
+        crate::units::fmt_size(a.guest.mem),
+        crate::output::settings_label(
+            a.guest.wss,
+            a.guest.dirty_rate.unwrap_or(DEFAULT_DIRTY_RATE),
+            a.migration.bandwidth,
+            a.migration.downtime
+        ),
         a.runs,
         scenarios.list.len()
     );
     let results = run_all(&a, &scenarios)?;
     let labels = &scenarios.labels;
-    print_table(labels, scenarios.legacy, &results, a.runs);
+    print_table(labels, &scenarios.baselines, &results, a.runs);
+    println!("modes:");
+    for line in scenarios.legend(a.migration.mid_pass_sync) {
+        println!("{line}");
+    }
     if let Some(mut rows) = compare {
         let ours = results
             .iter()
@@ -160,34 +189,46 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-/// The table of runs by scenario (`labels`); ratios to the scenario `legacy`, if any.
-fn print_table(labels: &[String], legacy: Option<usize>, results: &[RunResult], runs: u32) {
-    let legacy_avg = legacy.map(|i| {
-        mean(
-            &results
-                .iter()
-                .filter(|r| r.mode == i && r.verified)
-                .map(|r| r.f64("total_time_ms") / 1e3)
-                .collect::<Vec<_>>(),
-        )
-    });
+/// Mean total seconds of the verified runs of scenario `i`.
+fn mean_total_s(results: &[RunResult], i: usize) -> f64 {
+    mean(
+        &results
+            .iter()
+            .filter(|r| r.mode == i && r.verified)
+            .map(|r| r.f64("total_time_ms") / 1e3)
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// The ratio columns of the table: for each baseline scenario, its header (`vs legacy-qemu`)
+/// and the mean total seconds the ratios divide by.
+fn ratio_columns(
+    labels: &[String],
+    baselines: &[usize],
+    results: &[RunResult],
+) -> Vec<(String, f64)> {
+    baselines
+        .iter()
+        .map(|&b| (format!("vs {}", labels[b]), mean_total_s(results, b)))
+        .collect()
+}
+
+/// The table of runs by scenario (`labels`); a ratio column to each of the `baselines`.
+fn print_table(labels: &[String], baselines: &[usize], results: &[RunResult], runs: u32) {
+    let refs = ratio_columns(labels, baselines, results);
     let width = labels.iter().map(String::len).max().unwrap_or(0).max(14);
     print!("{:<width$}", "scenario");
     for run in 1..=runs {
         print!(" {:>7}", format!("run{run}"));
     }
-    println!(
-        " {:>8} {:>13} {:>11} {:>11} {:>6} {:>12} {:>9} {:>10} {:>11}",
-        "avg (s)",
-        "downtime (ms)",
-        "pages sent",
-        "resent",
-        "iters",
-        "guest MiB/s",
-        "vs legacy",
-        "stall (ms)",
-        "write MiB/s"
+    print!(
+        " {:>8} {:>13} {:>11} {:>11} {:>6} {:>12}",
+        "avg (s)", "downtime (ms)", "pages sent", "resent", "iters", "guest MiB/s"
     );
+    for (head, _) in &refs {
+        print!(" {head:>9}");
+    }
+    println!(" {:>10} {:>11}", "stall (ms)", "write MiB/s");
     for (i, label) in labels.iter().enumerate() {
         let rs: Vec<&RunResult> = results.iter().filter(|r| r.mode == i).collect();
         print!("{label:<width$}");
@@ -201,17 +242,13 @@ fn print_table(labels: &[String], legacy: Option<usize>, results: &[RunResult], 
         let ok: Vec<&&RunResult> = rs.iter().filter(|r| r.verified).collect();
         let avg = |k: &str| mean(&ok.iter().map(|r| r.f64(k)).collect::<Vec<_>>());
         let total = avg("total_time_ms") / 1e3;
-        let ratio = match legacy_avg {
-            Some(l) if l > 0.0 && !ok.is_empty() => format!("{:.2}x", total / l),
-            _ => "-".into(),
-        };
         // The guest's own view of the live phase: worst stall of any run, mean achieved rate.
         let stall = ok
             .iter()
             .map(|r| r.f64("guest_max_stall_ms"))
             .fold(f64::NAN, f64::max);
-        println!(
-            " {:>8.2} {:>13.1} {:>11.0} {:>11.0} {:>6.1} {:>12.0} {:>9} {:>10.1} {:>11.0}",
+        print!(
+            " {:>8.2} {:>13.1} {:>11.0} {:>11.0} {:>6.1} {:>12.0}",
             total,
             avg("downtime_ms"),
             avg("pages_sent"),
@@ -219,7 +256,16 @@ fn print_table(labels: &[String], legacy: Option<usize>, results: &[RunResult], 
             avg("iterations"),
             // What the guest really dirtied while being migrated.
             avg("guest_dirty_rate_during_migration_bytes_per_s") / (1u64 << 20) as f64,
-            ratio,
+        );
+        for (head, base) in &refs {
+            let ratio = match base {
+                l if *l > 0.0 && !ok.is_empty() => format!("{:.2}x", total / l),
+                _ => "-".into(),
+            };
+            print!(" {ratio:>w$}", w = head.len().max(9));
+        }
+        println!(
+            " {:>10.1} {:>11.0}",
             stall,
             avg("guest_write_rate_bytes_per_s") / (1u64 << 20) as f64
         );
@@ -274,4 +320,68 @@ fn results_for_plot(results: &[RunResult]) -> Vec<(usize, f64, Vec<f64>)> {
             (r.mode, r.f64("total_time_ms") / 1e3, remaining)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::args::{Cli, Command};
+
+    fn bench_args(extra: &[&str]) -> BenchArgs {
+        let argv = ["vmm", "bench"].iter().chain(extra);
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Bench(a)) => a,
+            other => panic!("not a bench: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_default_modes_have_both_legacy_rows_each_a_ratio_column() {
+        let s = Scenarios::new(&bench_args(&[])).unwrap();
+        assert_eq!(s.labels[..3], ["legacy-qemu", "legacy", "clear 1 GiB"]);
+        assert_eq!(s.baselines, [0, 1]);
+        let legend = s.legend(MidPassSync(Some(Duration::from_millis(250))));
+        for line in [
+            "  legacy-qemu    legacy (QEMU-style: one sync per pass)",
+            "  legacy         legacy (syncs within passes: --mid-pass-sync 250ms)",
+            "  vs legacy-qemu avg (s) over that of legacy-qemu, legacy (QEMU-style: one sync per pass)",
+            "  vs legacy      avg (s) over that of legacy, legacy (syncs within passes: --mid-pass-sync 250ms)",
+        ] {
+            assert!(legend.iter().any(|l| l == line), "`{line}` not in {legend:#?}");
+        }
+        // One legend line per mode, whatever the transports.
+        let s = Scenarios::new(&bench_args(&["--transports", "plain:1,tls:1"])).unwrap();
+        assert_eq!(s.legend(MidPassSync(None)).len(), 6 + 2);
+        assert_eq!(s.labels[s.baselines[0]], "legacy-qemu plain x1");
+        let s = Scenarios::new(&bench_args(&["--modes", "clear:16M"])).unwrap();
+        assert!(s.baselines.is_empty());
+    }
+
+    #[test]
+    fn ratio_columns_name_their_baseline() {
+        let run = |mode, total_ms: f64, verified| RunResult {
+            mode,
+            run: 1,
+            verified,
+            problem: None,
+            source: serde_json::json!({ "total_time_ms": total_ms }),
+        };
+        let results = [
+            run(0, 18_000.0, true),
+            run(0, 19_000.0, true),
+            run(0, 1_000.0, false),
+            run(1, 14_000.0, true),
+            run(2, 13_000.0, true),
+        ];
+        let labels = ["legacy-qemu", "legacy", "clear 1 MiB"].map(String::from);
+        assert_eq!(
+            ratio_columns(&labels, &[0, 1], &results),
+            [
+                ("vs legacy-qemu".to_string(), 18.5),
+                ("vs legacy".to_string(), 14.0)
+            ]
+        );
+    }
 }

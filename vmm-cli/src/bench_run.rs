@@ -34,7 +34,7 @@ pub struct RunSpec {
     pub vcpus: u32,
     /// `--switchover-bandwidth` for the source (None: off).
     pub switchover_bandwidth: Option<u64>,
-    /// `--mid-pass-sync` for the source.
+    /// `--mid-pass-sync` for the source (a `legacy-qemu` scenario turns it off for its runs).
     pub mid_pass_sync: crate::args::MidPassSync,
     /// How the migration travels.
     pub transport: BenchTransport,
@@ -204,7 +204,7 @@ fn source_args(a: &RunSpec, mode: &BenchScenario, uri: String, timeout: Duration
         "--vcpus",
         &a.vcpus.to_string(),
         "--mid-pass-sync",
-        &a.mid_pass_sync.to_string(),
+        &mode.mid_pass_sync(a.mid_pass_sync).to_string(),
         "--channels",
         &a.transport.channels.to_string(),
     ]
@@ -460,6 +460,23 @@ mod tests {
         assert!(has(["--dirty-log", "ring"]) && has(["--ring-size", "16384"]));
         assert!(has(["--max-time", "5s"]) && args.contains(&"--ram-fingerprint".to_string()));
         assert!(has(["--channels", "4"]) && has(["--tls-dir", "/certs/src"]));
+    }
+
+    #[test]
+    fn each_row_has_its_own_mid_pass_sync() {
+        let every = crate::args::MidPassSync(Some(Duration::from_millis(250)));
+        let spec = RunSpec {
+            mid_pass_sync: every,
+            ..spec()
+        };
+        let args = |mode| source_args(&spec, &mode, "tcp:x:1".into(), Duration::from_secs(5));
+        let has = |args: &[String], pair: [&str; 2]| args.windows(2).any(|w| w == pair);
+        let qemu = args(BenchScenario::LegacyQemu);
+        assert!(has(&qemu, ["--mid-pass-sync", "off"]) && has(&qemu, ["--dirty-log", "legacy"]));
+        let ours = args(BenchScenario::Legacy);
+        assert!(has(&ours, ["--mid-pass-sync", "250ms"]) && has(&ours, ["--dirty-log", "legacy"]));
+        let n = qemu.iter().filter(|a| *a == "--mid-pass-sync").count();
+        assert_eq!(n, 1, "{qemu:?}");
     }
 
     #[test]

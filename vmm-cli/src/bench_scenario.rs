@@ -1,17 +1,22 @@
 // Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The scenarios `vmm bench` and `vmm ladder` run: [`BenchScenario`] (`legacy`, `clear:SIZE`,
-//! `ring[:SIZE]`), its table label and the `vmm run` flags that select it, and the
-//! [`BenchTransport`] (`plain:N`, `tls:N`) each scenario runs over.
+//! The scenarios `vmm bench` and `vmm ladder` run: [`BenchScenario`] (`legacy-qemu`, `legacy`,
+//! `clear:SIZE`, `ring[:SIZE]`), its table label, what the legend says of it and the `vmm run`
+//! flags that select it, and the [`BenchTransport`] (`plain:N`, `tls:N`) each scenario runs over.
 
-use crate::units::{human_bytes, parse_size};
+use crate::args::MidPassSync;
+use crate::units::{fmt_duration, fmt_size, human_bytes, parse_size};
 use crate::{CliError, CliResult};
 
 /// One scenario of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BenchScenario {
-    /// KVM legacy dirty log, clear everything at every sync.
+    /// KVM legacy dirty log as QEMU drives it: one sync per pass (`--mid-pass-sync off` whatever
+    /// the bench's `--mid-pass-sync`), the seed's baseline.
+    LegacyQemu,
+    /// KVM legacy dirty log, clear everything at every sync; syncs within passes as the bench's
+    /// `--mid-pass-sync` says (every 250ms by default).
     Legacy,
     /// Manual protect + KVM_CLEAR_DIRTY_LOG in chunks of this many bytes.
     Clear(u64),
@@ -20,11 +25,14 @@ pub enum BenchScenario {
 }
 
 impl BenchScenario {
-    /// Parse `legacy`, `clear:SIZE`, `ring` or `ring:SIZE`.
+    /// Parse `legacy-qemu`, `legacy`, `clear:SIZE`, `ring` or `ring:SIZE`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if s == "legacy" {
             return Ok(BenchScenario::Legacy);
+        }
+        if s == "legacy-qemu" {
+            return Ok(BenchScenario::LegacyQemu);
         }
         if s == "ring" {
             return Ok(BenchScenario::Ring(64 << 10));
@@ -40,7 +48,7 @@ impl BenchScenario {
         }
         let Some(size) = s.strip_prefix("clear:") else {
             return Err(format!(
-                "mode `{s}`: use `legacy`, `clear:SIZE` like clear:128M, `ring` or `ring:SIZE` like ring:64K"
+                "mode `{s}`: use `legacy-qemu`, `legacy`, `clear:SIZE` like clear:128M, `ring` or `ring:SIZE` like ring:64K"
             ));
         };
         let bytes = parse_size(size).map_err(|e| format!("mode `{s}`: {e}"))?;
@@ -52,15 +60,47 @@ impl BenchScenario {
     /// Table label.
     pub fn label(&self) -> String {
         match self {
+            BenchScenario::LegacyQemu => "legacy-qemu".into(),
             BenchScenario::Legacy => "legacy".into(),
             BenchScenario::Clear(b) => format!("clear {}", human_bytes(*b)),
             BenchScenario::Ring(b) => format!("ring {}", human_bytes(*b)),
         }
     }
 
+    /// The `--mid-pass-sync` of this scenario's source, given the bench's: off for `legacy-qemu`
+    /// (and meaningless for `clear`, whose engine never syncs within a pass).
+    pub fn mid_pass_sync(&self, configured: MidPassSync) -> MidPassSync {
+        match self {
+            BenchScenario::LegacyQemu => MidPassSync(None),
+            _ => configured,
+        }
+    }
+
+    /// What the table's legend says of the scenario, with the bench's `--mid-pass-sync`:
+    /// `legacy (QEMU-style: one sync per pass)`, `legacy (syncs within passes: --mid-pass-sync
+    /// 250ms)`.
+    pub fn describe(&self, configured: MidPassSync) -> String {
+        let syncs = match configured.0 {
+            Some(d) => format!("syncs within passes: --mid-pass-sync {}", fmt_duration(d)),
+            None => "one sync per pass: --mid-pass-sync off".into(),
+        };
+        match self {
+            BenchScenario::LegacyQemu => "legacy (QEMU-style: one sync per pass)".into(),
+            BenchScenario::Legacy => format!("legacy ({syncs})"),
+            BenchScenario::Clear(_) => {
+                "KVM_CLEAR_DIRTY_LOG, each chunk re-protected just before it is sent".into()
+            }
+            BenchScenario::Ring(b) => {
+                format!("dirty ring of {} per vCPU ({syncs})", fmt_size(*b))
+            }
+        }
+    }
+
     pub(crate) fn run_args(&self) -> Vec<String> {
         match self {
-            BenchScenario::Legacy => vec!["--dirty-log".into(), "legacy".into()],
+            BenchScenario::Legacy | BenchScenario::LegacyQemu => {
+                vec!["--dirty-log".into(), "legacy".into()]
+            }
             BenchScenario::Ring(b) => vec![
                 "--dirty-log".into(),
                 "ring".into(),
@@ -168,6 +208,14 @@ mod tests {
             BenchScenario::Legacy
         );
         assert_eq!(
+            BenchScenario::parse("legacy-qemu").unwrap(),
+            BenchScenario::LegacyQemu
+        );
+        assert_eq!(BenchScenario::LegacyQemu.label(), "legacy-qemu");
+        assert!(BenchScenario::parse("legacy-kvm")
+            .unwrap_err()
+            .contains("`legacy-qemu`, `legacy`"));
+        assert_eq!(
             BenchScenario::parse("clear:128M").unwrap(),
             BenchScenario::Clear(128 << 20)
         );
@@ -188,6 +236,31 @@ mod tests {
         BenchScenario::parse("ring:3K").unwrap_err();
         BenchScenario::parse("ring:48K").unwrap_err();
         BenchScenario::parse("fast").unwrap_err();
+    }
+
+    #[test]
+    fn only_legacy_qemu_turns_mid_pass_syncs_off() {
+        let every = MidPassSync(Some(std::time::Duration::from_millis(250)));
+        let qemu = BenchScenario::LegacyQemu;
+        assert_eq!(qemu.mid_pass_sync(every), MidPassSync(None));
+        assert_eq!(BenchScenario::Legacy.mid_pass_sync(every), every);
+        assert_eq!(qemu.run_args(), BenchScenario::Legacy.run_args());
+        assert_eq!(
+            qemu.describe(every),
+            "legacy (QEMU-style: one sync per pass)"
+        );
+        assert_eq!(
+            BenchScenario::Legacy.describe(every),
+            "legacy (syncs within passes: --mid-pass-sync 250ms)"
+        );
+        assert_eq!(
+            BenchScenario::Legacy.describe(MidPassSync(None)),
+            "legacy (one sync per pass: --mid-pass-sync off)"
+        );
+        assert_eq!(
+            BenchScenario::Ring(16 << 10).describe(every),
+            "dirty ring of 16K per vCPU (syncs within passes: --mid-pass-sync 250ms)"
+        );
     }
 
     #[test]

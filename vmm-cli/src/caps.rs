@@ -64,9 +64,9 @@ pub fn caps(json: bool) -> CliResult {
         }
         match RingRange::of(&caps) {
             Some(r) => println!(
-                "dirty ring: available (`--dirty-log ring --ring-size N`, N a power of two in {}..={} bytes{}), never the default",
-                r.min,
-                r.max,
+                "dirty ring: available (`--dirty-log ring --ring-size N`, N a power of two in {}..={}{}), never the default",
+                crate::units::fmt_size(r.min.into()),
+                crate::units::fmt_size(r.max.into()),
                 if r.acq_rel { ", acquire/release" } else { "" }
             ),
             None => println!("dirty ring: not available on this kernel"),

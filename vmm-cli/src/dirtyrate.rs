@@ -190,20 +190,20 @@ pub fn print(
     for (i, r) in rate.per_vcpu_bytes_per_s.iter().enumerate() {
         println!("  vCPU {i}: {:.1} MiB/s", r / MIB);
     }
-    let bw = m.bandwidth as f64 / MIB;
-    let dt = m.downtime.as_secs_f64() * 1e3;
+    let bw = crate::units::fmt_rate(m.bandwidth);
+    let dt = crate::units::fmt_duration(m.downtime);
     if verdict.converges {
         println!(
-            "converges at bandwidth {bw:.0} MiB/s with downtime {dt:.0} ms: yes, expected passes {} (downtime {:.0} ms, total {:.1} s for {:.0} MiB to send first; {} model)",
+            "converges at bandwidth {bw} with downtime {dt}: yes, expected passes {} (downtime {:.0} ms, total {:.1} s for {} to send first; {} model)",
             verdict.expected_passes,
             verdict.expected_downtime_s * 1e3,
             verdict.expected_total_s,
-            initial_bytes as f64 / MIB,
+            crate::units::fmt_size(initial_bytes),
             model_name(saturating)
         );
     } else {
         println!(
-            "converges at bandwidth {bw:.0} MiB/s with downtime {dt:.0} ms: no (write rate / bandwidth = {:.2}, {} model; after {} passes {:.0} ms would still be left)",
+            "converges at bandwidth {bw} with downtime {dt}: no (write rate / bandwidth = {:.2}, {} model; after {} passes {:.0} ms would still be left)",
             verdict.ratio,
             model_name(saturating),
             verdict.expected_passes,

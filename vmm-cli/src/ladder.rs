@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 use crate::args::{GuestArgs, LadderArgs, WorkloadKind};
 use crate::bench_run::{one_run, RunResult, RunSpec};
 use crate::bench_scenario::{BenchScenario, BenchTransport};
+use crate::units::fmt_size;
 use crate::{CliError, CliResult};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -98,8 +99,8 @@ fn finite(v: f64) -> Value {
     serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
 }
 
-/// `vmm ladder`.
-pub fn ladder(a: LadderArgs) -> CliResult {
+/// The ladder's flags, checked before any run; its modes.
+fn validate(a: &LadderArgs) -> CliResult<Vec<BenchScenario>> {
     if a.sizes.is_empty() {
         return Err(CliError::Usage(
             "--ladder-sizes is empty: give e.g. 4G,16G,64G,256G".into(),
@@ -113,20 +114,35 @@ pub fn ladder(a: LadderArgs) -> CliResult {
             vcpus: 1,
         };
         crate::setup::validate_guest(&g, WorkloadKind::Random)
-            .map_err(|e| CliError::Usage(format!("--ladder-sizes {}: {e}", size_label(mem))))?;
+            .map_err(|e| CliError::Usage(format!("--ladder-sizes {}: {e}", fmt_size(mem))))?;
     }
     crate::setup::validate_migration(&a.migration)?;
-    let modes = crate::bench_scenario::runs_and_modes(a.runs, &a.modes, "legacy,clear:16M")?;
+    crate::bench_scenario::runs_and_modes(a.runs, &a.modes, "legacy,clear:16M")
+}
+
+/// `vmm ladder`.
+pub fn ladder(a: LadderArgs) -> CliResult {
+    let modes = validate(&a)?;
     eprintln!(
-        "vmm ladder: guests {}, working set {} MiB, dirty rate {:.0} MiB/s, bandwidth {}, downtime {} ms; {} run(s) of {} mode(s){}",
-        a.sizes.iter().map(|&s| size_label(s)).collect::<Vec<_>>().join(", "),
-        a.wss >> 20,
-        a.dirty_rate as f64 / MIB,
-        crate::output::rate_label(a.migration.bandwidth),
-        a.migration.downtime.as_millis(),
+        "vmm ladder: guests {}, {}; {} run(s) of {} mode(s){}",
+        a.sizes
+            .iter()
+            .map(|&s| fmt_size(s))
+            .collect::<Vec<_>>()
+            .join(", "),
+        crate::output::settings_label(
+            a.wss,
+            a.dirty_rate,
+            a.migration.bandwidth,
+            a.migration.downtime
+        ),
         a.runs,
         modes.len(),
-        if a.ram_fingerprint { ", RAM fingerprints compared" } else { "" }
+        if a.ram_fingerprint {
+            ", RAM fingerprints compared"
+        } else {
+            ""
+        }
     );
     let timeout = Duration::from_secs(300);
     let mut rungs = Vec::new();

@@ -6,7 +6,9 @@
 use clearlog_migration::{IncomingStats, MigrationStats};
 use clearlog_test_guest::Guest;
 
-use crate::units::human_bytes;
+use std::time::Duration;
+
+use crate::units::{fmt_duration, fmt_rate, fmt_size};
 
 const MIB: f64 = (1u64 << 20) as f64;
 
@@ -111,14 +113,7 @@ pub fn print_stats(
     println!(
         "  bandwidth         {:>10.1} MiB/s (limit {})",
         stats.measured_bandwidth_bytes_per_s as f64 / MIB,
-        if stats.bandwidth_limit_bytes_per_s == 0 {
-            "none".to_string()
-        } else {
-            format!(
-                "{:.0} MiB/s",
-                stats.bandwidth_limit_bytes_per_s as f64 / MIB
-            )
-        }
+        rate_label(stats.bandwidth_limit_bytes_per_s)
     );
     if stats.verify_mode == "after-resume" {
         println!(
@@ -156,10 +151,10 @@ pub fn print_stats(
     }
 }
 
-/// "legacy" or "clear, 128 MiB chunks".
+/// "legacy" or "clear, 128M chunks".
 pub fn describe_mode(stats: &MigrationStats) -> String {
     if stats.mode == "clear" {
-        format!("clear, {} chunks", human_bytes(stats.clear_chunk_bytes))
+        format!("clear, {} chunks", fmt_size(stats.clear_chunk_bytes))
     } else {
         stats.mode.clone()
     }
@@ -215,8 +210,8 @@ pub fn print_run_summary(guest: &Guest, boot_ms: f64, rate: f64, json: bool) {
         );
     } else {
         println!(
-            "guest ran ({} MiB, KVM dirty log: {})",
-            guest.mem_bytes() >> 20,
+            "guest ran ({}, KVM dirty log: {})",
+            fmt_size(guest.mem_bytes()),
             guest.dirty_log_mode()
         );
         println!("  boot + pre-fault  {boot_ms:>10.0} ms");
@@ -261,12 +256,24 @@ pub fn print_incoming(stats: &IncomingStats, extra: &serde_json::Value, json: bo
     }
 }
 
-/// A bandwidth limit for people: `400 MiB/s`, or `unlimited` for 0.
+/// A bandwidth limit as it is typed: `400M/s`, or `unlimited` for 0.
 pub fn rate_label(bytes_per_s: u64) -> String {
     match bytes_per_s {
         0 => "unlimited".into(),
-        b => format!("{:.0} MiB/s", b as f64 / (1u64 << 20) as f64),
+        b => fmt_rate(b),
     }
+}
+
+/// The workload and migration settings of `vmm bench` and `vmm ladder`, as given:
+/// `working set 1G, dirty rate 288M/s, bandwidth 400M/s, downtime 100ms`.
+pub fn settings_label(wss: u64, dirty_rate: u64, bandwidth: u64, downtime: Duration) -> String {
+    format!(
+        "working set {}, dirty rate {}, bandwidth {}, downtime {}",
+        fmt_size(wss),
+        fmt_rate(dirty_rate),
+        rate_label(bandwidth),
+        fmt_duration(downtime)
+    )
 }
 
 #[cfg(test)]
@@ -281,5 +288,33 @@ mod tests {
         );
         assert_eq!(parse_vm_hwm("Name: x\n"), None);
         assert!(peak_rss_bytes().is_some_and(|b| b > 0));
+    }
+
+    #[test]
+    fn settings_are_printed_as_typed() {
+        assert_eq!(
+            settings_label(3 << 30, 288 << 20, 0, Duration::from_millis(100)),
+            "working set 3G, dirty rate 288M/s, bandwidth unlimited, downtime 100ms"
+        );
+        assert_eq!(rate_label(400 << 20), "400M/s");
+    }
+
+    /// The library crates' errors spell sizes with their own copy of the formatter (units.rs,
+    /// which xtask compiles too, cannot use the library's): both must print a size alike.
+    #[test]
+    fn the_cli_and_the_library_print_sizes_alike() {
+        for b in [
+            0,
+            1000,
+            4095,
+            4096,
+            5000,
+            255 << 20,
+            (1 << 30) + 1,
+            3 << 40,
+            u64::MAX,
+        ] {
+            assert_eq!(fmt_size(b), clearlog_bitmap::format_size(b), "{b}");
+        }
     }
 }

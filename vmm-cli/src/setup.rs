@@ -16,6 +16,7 @@ use clearlog_test_guest::workload::WorkloadSpec;
 
 use crate::args::{CliDirtyLogMode, GuestArgs, MigrationArgs, WorkloadKind, DEFAULT_DIRTY_RATE};
 use crate::chain::ErrorChain;
+use crate::units::fmt_size;
 use crate::{CliError, CliResult};
 
 /// Check a guest shape; every message says what is wrong and what to do.
@@ -24,36 +25,36 @@ pub fn validate_guest(g: &GuestArgs, workload: WorkloadKind) -> CliResult {
     if g.mem == 0 || g.mem % (2 << 20) != 0 {
         return usage(format!(
             "--mem {} is not a multiple of 2M: use e.g. --mem 256M or --mem 4G",
-            g.mem
+            fmt_size(g.mem)
         ));
     }
     if g.mem > MAX_RAM {
         return usage(format!(
-            "--mem {} is larger than the {} GiB this guest layout supports",
-            g.mem,
-            MAX_RAM >> 30
+            "--mem {} is larger than the {} this guest layout supports",
+            fmt_size(g.mem),
+            fmt_size(MAX_RAM)
         ));
     }
     if matches!(workload, WorkloadKind::Random | WorkloadKind::Increment) {
         if g.wss == 0 || g.wss % 4096 != 0 {
             return usage(format!(
                 "--wss {} is not a positive multiple of the 4K page size",
-                g.wss
+                fmt_size(g.wss)
             ));
         }
         // The guest reaches only the RAM its identity map covers (the first 127 GiB).
         let room = mapped_end(g.mem).saturating_sub(DEFAULT_WSS_START);
         if g.wss > room {
             return usage(format!(
-                "--wss {} does not fit: the working set starts at 1M{}, so with --mem {} it can be at most {} bytes",
-                g.wss,
+                "--wss {} does not fit: the working set starts at 1M{}, so with --mem {} it can be at most {}",
+                fmt_size(g.wss),
                 if g.mem > IDENTITY_MAP_LIMIT {
-                    format!(" and must lie in the first {} GiB the guest maps", IDENTITY_MAP_LIMIT >> 30)
+                    format!(" and must lie in the first {} the guest maps", fmt_size(IDENTITY_MAP_LIMIT))
                 } else {
                     String::new()
                 },
-                g.mem,
-                room
+                fmt_size(g.mem),
+                fmt_size(room)
             ));
         }
         if g.dirty_rate == Some(0) {
@@ -62,7 +63,8 @@ pub fn validate_guest(g: &GuestArgs, workload: WorkloadKind) -> CliResult {
         if g.wss / 4096 < u64::from(g.vcpus) {
             return usage(format!(
                 "--wss {} has fewer pages than --vcpus {}: each vCPU needs a part of its own",
-                g.wss, g.vcpus
+                fmt_size(g.wss),
+                g.vcpus
             ));
         }
     }
@@ -111,7 +113,8 @@ pub fn migration_config(
         CliDirtyLogMode::Ring => MigrationDirtyLogMode::Ring,
         CliDirtyLogMode::Clear => MigrationDirtyLogMode::from_clear_chunk_bytes(clear_chunk).map_err(|e| {
             CliError::Usage(format!(
-                "--clear-chunk {clear_chunk}: {e} (a power of two from 256K = 64 pages, shift 6, to 8T = shift 31)"
+                "--clear-chunk {}: {e} (a power of two from 256K = 64 pages, shift 6, to 8T = shift 31)",
+                fmt_size(clear_chunk)
             ))
         })?,
     };
@@ -155,7 +158,8 @@ pub fn check_ring_size(bytes: u64) -> CliResult<u32> {
     })?;
     let bad = || {
         CliError::Usage(format!(
-            "--ring-size {bytes}: {}",
+            "--ring-size {}: {}",
+            fmt_size(bytes),
             clearlog_kvm::Error::DirtyRingSize {
                 bytes,
                 min: range.min,

@@ -1,8 +1,9 @@
 // Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Parsing of the sizes, rates and durations the CLI takes (`4G`, `288M`, `100ms`), and sizes
-//! printed back (`128 MiB`).
+//! Parsing of the sizes, rates and durations the CLI takes (`4G`, `288M`, `100ms`), printing them
+//! back in messages as they are typed ([`fmt_size`], [`fmt_rate`], [`fmt_duration`]: `1G`,
+//! `400M/s`, `100ms`), and table labels (`128 MiB`).
 //!
 //! Sizes and rates use binary units, as docs/design.md does: `400M` is 400 MiB. A bare number is bytes.
 //!
@@ -11,7 +12,7 @@
 
 use std::time::Duration;
 
-/// `1 GiB`, `128 MiB`, `256 KiB`.
+/// `1 GiB`, `128 MiB`, `256 KiB`: table and mode labels (`clear 1 MiB`). Messages use [`fmt_size`].
 pub fn human_bytes(b: u64) -> String {
     for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
         if b >= 1 << shift && (b >> shift) << shift == b {
@@ -19,6 +20,62 @@ pub fn human_bytes(b: u64) -> String {
         }
     }
     format!("{b} B")
+}
+
+/// A size as it is typed (`1G`, `255M`, `4K`): the largest binary unit it is a whole number of.
+/// A size that is no whole number of K says its bytes (`1000 bytes`), after the nearest unit when
+/// it is larger (`4.9K (5000 bytes)`). Every message that echoes a size uses it.
+pub fn fmt_size(bytes: u64) -> String {
+    scaled(bytes, "", "bytes")
+}
+
+/// A rate in bytes per second as it is typed: `400M/s`, `1000 bytes/s`, `4.9K/s (5000 bytes/s)`.
+pub fn fmt_rate(bytes_per_s: u64) -> String {
+    scaled(bytes_per_s, "/s", "bytes/s")
+}
+
+/// `b` in the largest unit it is a whole number of, with `per` after the unit (`/s`); otherwise
+/// the exact count in `exact_unit`, after the nearest unit rounded to a tenth.
+fn scaled(b: u64, per: &str, exact_unit: &str) -> String {
+    const UNITS: [(&str, u32); 4] = [("T", 40), ("G", 30), ("M", 20), ("K", 10)];
+    let mut nearest = None;
+    for (unit, shift) in UNITS {
+        if b >> shift == 0 {
+            continue;
+        }
+        if b.trailing_zeros() >= shift {
+            return format!("{}{unit}{per}", b >> shift);
+        }
+        nearest = nearest.or(Some((unit, shift)));
+    }
+    match nearest {
+        Some((unit, shift)) => format!(
+            "{:.1}{unit}{per} ({b} {exact_unit})",
+            b as f64 / (1u64 << shift) as f64
+        ),
+        None => format!("{b} {exact_unit}"),
+    }
+}
+
+/// A duration as it is typed: `100ms`, `2s`, `1.5s`, `250us` (the largest of s, ms, us and ns
+/// it is at least one of, with the decimals it needs).
+pub fn fmt_duration(d: Duration) -> String {
+    let ns = d.as_nanos();
+    let (unit, per) = match ns {
+        0 => return "0s".into(),
+        n if n >= 1_000_000_000 => ("s", 1_000_000_000),
+        n if n >= 1_000_000 => ("ms", 1_000_000),
+        n if n >= 1_000 => ("us", 1_000),
+        _ => ("ns", 1),
+    };
+    let (whole, frac) = (ns / per, ns % per);
+    if frac == 0 {
+        return format!("{whole}{unit}");
+    }
+    // `per` is 10^k: the fraction has k digits, less its trailing zeros.
+    let digits = per.ilog10() as usize;
+    let frac = format!("{frac:0digits$}");
+    format!("{whole}.{}{unit}", frac.trim_end_matches('0'))
 }
 
 /// Parse a size such as `4096`, `4K`, `128M`, `4G`, `1T` (binary units; an optional `B`/`iB`
@@ -131,5 +188,62 @@ mod tests {
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
         parse_duration("-5ms").unwrap_err();
         parse_duration("5 parsecs").unwrap_err();
+    }
+
+    #[test]
+    fn sizes_print_as_typed() {
+        assert_eq!(fmt_size(1 << 30), "1G");
+        assert_eq!(fmt_size(256 << 20), "256M");
+        assert_eq!(fmt_size(255 << 20), "255M");
+        assert_eq!(fmt_size(1536 << 20), "1536M");
+        assert_eq!(fmt_size(64 << 10), "64K");
+        assert_eq!(fmt_size(2 << 40), "2T");
+        assert_eq!(fmt_size(1000), "1000 bytes");
+        assert_eq!(fmt_size(0), "0 bytes");
+        assert_eq!(fmt_size(5000), "4.9K (5000 bytes)");
+        assert_eq!(fmt_size((1 << 30) + 1), "1.0G (1073741825 bytes)");
+        assert_eq!(
+            fmt_size(u64::MAX),
+            "16777216.0T (18446744073709551615 bytes)"
+        );
+        // What is printed parses back to the same size.
+        for b in [4096, 255 << 20, 3 << 30, 1000] {
+            let shown = fmt_size(b);
+            assert_eq!(
+                parse_size(shown.trim_end_matches(" bytes")),
+                Ok(b),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn rates_print_as_typed() {
+        assert_eq!(fmt_rate(400 << 20), "400M/s");
+        assert_eq!(fmt_rate(288 << 20), "288M/s");
+        assert_eq!(fmt_rate(1000), "1000 bytes/s");
+        assert_eq!(fmt_rate(1_500_000), "1.4M/s (1500000 bytes/s)");
+        assert_eq!(parse_rate(&fmt_rate(400 << 20)), Ok(400 << 20));
+    }
+
+    #[test]
+    fn durations_print_as_typed() {
+        let ms = Duration::from_millis;
+        assert_eq!(fmt_duration(ms(100)), "100ms");
+        assert_eq!(fmt_duration(ms(2000)), "2s");
+        assert_eq!(fmt_duration(ms(300_000)), "300s");
+        assert_eq!(fmt_duration(ms(1500)), "1.5s");
+        assert_eq!(fmt_duration(ms(1001)), "1.001s");
+        assert_eq!(fmt_duration(Duration::from_micros(250)), "250us");
+        assert_eq!(fmt_duration(Duration::from_micros(1500)), "1.5ms");
+        assert_eq!(
+            fmt_duration(Duration::from_nanos(1_000_000_007)),
+            "1.000000007s"
+        );
+        assert_eq!(fmt_duration(Duration::from_nanos(12)), "12ns");
+        assert_eq!(fmt_duration(Duration::ZERO), "0s");
+        for d in [ms(100), ms(1500), Duration::from_micros(250), ms(250_000)] {
+            assert_eq!(parse_duration(&fmt_duration(d)), Ok(d));
+        }
     }
 }

@@ -16,6 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use clearlog_bitmap::format_size;
 use common::*;
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
@@ -50,8 +51,9 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Runs `vmm ARGS`, expects exit code `code` and a stderr containing every one of `needles`.
-fn expect_error(args: &[&str], code: i32, needles: &[&str]) {
+/// Runs `vmm ARGS`, expects exit code `code` and a stderr containing every one of `needles`;
+/// returns the stderr.
+fn expect_error(args: &[&str], code: i32, needles: &[&str]) -> String {
     let start = Instant::now();
     let out = vmm(args);
     let stderr = text(&out.stderr);
@@ -72,6 +74,7 @@ fn expect_error(args: &[&str], code: i32, needles: &[&str]) {
         "vmm {args:?} took {:?} to fail",
         start.elapsed()
     );
+    stderr
 }
 
 #[test]
@@ -390,10 +393,11 @@ fn bad_ring_sizes_are_usage_errors_listing_the_range() {
     let Some((min, max)) = ring_range() else {
         return;
     };
-    let range = format!("{min}..={max}");
+    // The range as it is typed (`4K..=64K`), not in bytes.
+    let range = format!("{}..={}", format_size(min), format_size(max));
     let too_big = (max * 2).to_string();
     for bad in ["48K", "1000", too_big.as_str()] {
-        expect_error(
+        let e = expect_error(
             &[
                 "run",
                 "--dirty-log",
@@ -408,11 +412,38 @@ fn bad_ring_sizes_are_usage_errors_listing_the_range() {
             2,
             &["--ring-size", "power of two", &range],
         );
+        assert!(!e.contains(&max.to_string()), "{e}");
+        if bad == "48K" {
+            assert!(
+                e.contains("--ring-size 48K: dirty ring size 48K is invalid"),
+                "{e}"
+            );
+            assert!(!e.contains("49152"), "{e}");
+        }
     }
     expect_error(
         &["bench", "--modes", "legacy,ring:3K"],
         2,
         &["ring:3K", "power of two"],
+    );
+}
+
+/// `vmm bench` compares both legacy rows by default (QEMU-style, one sync per pass, and ours,
+/// syncing within passes) and says so in --help; a mode it does not know lists them.
+#[test]
+fn bench_modes_have_both_legacy_rows() {
+    let out = vmm(&["bench", "--help"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let help = text(&out.stdout);
+    assert!(
+        help.contains("[default: legacy-qemu,legacy,clear:1G,"),
+        "{help}"
+    );
+    assert!(help.contains("`legacy-qemu` (KVM's legacy dirty log with one sync per pass"));
+    expect_error(
+        &["bench", "--modes", "legacy,qemu"],
+        2,
+        &["mode `qemu`", "`legacy-qemu`, `legacy`"],
     );
 }
 
@@ -865,7 +896,7 @@ fn dirtyrate_measures_a_guest() {
     assert!(t.contains("dirty rate (sample"), "{t}");
     assert!(t.contains("standard error"), "{t}");
     assert!(
-        t.contains("converges at bandwidth 100 MiB/s with downtime 100 ms: "),
+        t.contains("converges at bandwidth 100M/s with downtime 100ms: "),
         "{t}"
     );
     // Ring mode: the VM gets the ring; per-vCPU rates, two vCPUs writing half each.
@@ -924,7 +955,7 @@ fn guest_shape_errors() {
     expect_error(
         &["run", "--mem", "256M", "--wss", "1000"],
         2,
-        &["--wss 1000", "4K page"],
+        &["--wss 1000 bytes", "4K page"],
     );
     expect_error(
         &["run", "--mem", "3M", "--wss", "1M"],
@@ -951,23 +982,58 @@ fn guest_shape_errors() {
     );
 }
 
+/// Size errors echo what the user typed in units (`1G`, `256M`), never a raw byte count.
+#[test]
+fn size_errors_are_in_the_units_typed() {
+    let e = expect_error(
+        &["run", "--mem", "256M", "--wss", "1G"],
+        2,
+        &["--wss 1G does not fit: the working set starts at 1M, so with --mem 256M it can be at most 255M"],
+    );
+    for raw in ["1073741824", "268435456", "267386880", "bytes"] {
+        assert!(!e.contains(raw), "`{raw}` in: {e}");
+    }
+    let e = expect_error(
+        &["run", "--mem", "3M", "--wss", "1M"],
+        2,
+        &["--mem 3M is not a multiple of 2M"],
+    );
+    assert!(!e.contains("3145728"), "{e}");
+    let to = format!("tcp:127.0.0.1:{}", closed_port());
+    let e = expect_error(
+        &["run", "--migrate-to", &to, "--clear-chunk", "3M"],
+        2,
+        &[
+            "--clear-chunk 3M: clear chunk size 3M invalid",
+            "between 256K and 8T",
+        ],
+    );
+    assert!(!e.contains("3145728"), "{e}");
+    let e = expect_error(
+        &["run", "--mem", "64M", "--wss", "8K", "--vcpus", "3"],
+        2,
+        &["--wss 8K has fewer pages than --vcpus 3"],
+    );
+    assert!(!e.contains("8192"), "{e}");
+}
+
 #[test]
 fn huge_guest_shape_errors() {
     // Guest RAM may reach 1 TiB, but the working set must lie in the first 127 GiB.
     expect_error(
         &["run", "--mem", "256G", "--wss", "128G"],
         2,
-        &["--wss", "does not fit", "first 127 GiB"],
+        &["--wss 128G", "does not fit", "first 127G"],
     );
     expect_error(
         &["run", "--mem", "1026G", "--wss", "1G"],
         2,
-        &["--mem", "larger than the 1024 GiB"],
+        &["--mem 1026G", "larger than the 1T"],
     );
     expect_error(
         &["ladder", "--ladder-sizes", "4G,3M", "--wss", "1M"],
         2,
-        &["--ladder-sizes 3 MiB", "multiple of 2M"],
+        &["--ladder-sizes 3M: --mem 3M", "multiple of 2M"],
     );
     expect_error(
         &["ladder", "--runs", "0"],

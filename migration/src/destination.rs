@@ -374,7 +374,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
                 wants_ack,
                 wants_confirm,
                 resume,
-                check_loaded: true,
+                postcopy: false,
             };
             let target = ack_target.map(|w| w.as_mut() as &mut (dyn Write + Send));
             self.hand_over(vm, &state, &mut r, target, how, &mut stats)?;
@@ -415,7 +415,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
             }
             e
         };
-        if how.check_loaded {
+        if !how.postcopy {
             if let Err(e) = vm.check_loaded().map_err(vm_err("check_loaded")) {
                 return Err(refuse(ack_target, e));
             }
@@ -441,7 +441,11 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         }
         // A live destination resumes as soon as the source committed, then verifies.
         if how.resume {
-            vm.resume().map_err(vm_err("resume"))?;
+            if how.postcopy {
+                vm.resume_postcopy().map_err(vm_err("resume_postcopy"))?;
+            } else {
+                vm.resume().map_err(vm_err("resume"))?;
+            }
             stats.resumed = true;
             stats.resumed_at_unix_ns = crate::source::unix_ns();
         }
@@ -543,7 +547,15 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         if let Some(m) = postcopy.as_mut() {
             postcopy_stats(m, stats, received);
         }
-        let (state, digests) = loaded?;
+        // Once the guest runs here, any failure strands it: say so in one kind of error.
+        let (state, digests) = loaded.map_err(|e| match e {
+            e @ Error::Postcopy { .. } => e,
+            e if stats.resumed => Error::Postcopy {
+                context: "receiving the missing pages",
+                source: std::io::Error::other(crate::error::chain(&e)),
+            },
+            e => e,
+        })?;
         if let Some(m) = postcopy.as_ref().filter(|m| m.left() > 0) {
             return Err(Error::Postcopy {
                 context: "ending the postcopy phase",
@@ -582,9 +594,14 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         let mut inline = PageLoader::new(ctx.blocks, ctx.track);
         let mut control = load_control(r, &mut inline, ctx);
         let mut handed_state = Vec::new();
-        if let Ok(ControlEnd::Postcopy { state, missing }) = control {
+        if let Ok(ControlEnd::Postcopy {
+            state,
+            missing,
+            early,
+        }) = control
+        {
             control = self
-                .postcopy(scope, ctx, r, &state, missing, (vm, resume), stats)
+                .postcopy(scope, ctx, r, (&state, missing, early), (vm, resume), stats)
                 .and_then(|()| load_control(r, &mut inline, ctx));
             handed_state = state;
         }
@@ -641,8 +658,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         scope: &'s std::thread::Scope<'s, 'e>,
         ctx: &'e LoadContext<'e, 'w, B>,
         r: &mut ControlReader,
-        state: &[StateBlob],
-        missing: Vec<Bitmap>,
+        (state, missing, early): (&[StateBlob], Vec<Bitmap>, Option<Result<UffdPlacement>>),
         (vm, resume): (&dyn VmRestore, bool),
         stats: &mut IncomingStats,
     ) -> Result<()> {
@@ -655,7 +671,11 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
             let _ = Ack::send(&mut **lock(reply), stream::ACK_FAILED);
             e
         };
-        let placement = UffdPlacement::prepare(ctx.blocks, &missing).map_err(refuse)?;
+        let started = Instant::now();
+        let mut placement = early
+            .unwrap_or_else(|| UffdPlacement::prepare(ctx.blocks))
+            .map_err(refuse)?;
+        placement.discard(ctx.blocks, &missing).map_err(refuse)?;
         let m = Missing::new(Box::new(placement), &missing, reply);
         stats.postcopy = true;
         let m = ctx.postcopy.get_or_init(|| m);
@@ -669,9 +689,8 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
             wants_ack: true,
             wants_confirm: true,
             resume,
-            check_loaded: false,
+            postcopy: true,
         };
-        let started = Instant::now();
         {
             let mut w = lock(reply);
             self.hand_over(vm, state, r, Some(&mut **w), how, stats)?;
@@ -745,8 +764,8 @@ struct HandOver {
     wants_confirm: bool,
     /// Resume the guest.
     resume: bool,
-    /// Ask the VMM to check the memory first (not in postcopy: pages are missing then).
-    check_loaded: bool,
+    /// A postcopy: pages are missing, so no `check_loaded`, and `resume_postcopy`.
+    postcopy: bool,
 }
 
 /// Pages that differ between the source's final memory and ours at switchover.
@@ -847,10 +866,12 @@ type ControlRead = (Vec<StateBlob>, Vec<Option<Vec<u64>>>, u64);
 enum ControlEnd {
     /// At the end marker.
     End(ControlRead),
-    /// At a postcopy switch: the state so far and the pages still to come, per block.
+    /// At a postcopy switch: the state so far, the pages still to come, per block, and the
+    /// placement set up ahead of the switch, if it was.
     Postcopy {
         state: Vec<StateBlob>,
         missing: Vec<Bitmap>,
+        early: Option<Result<UffdPlacement>>,
     },
 }
 
@@ -946,11 +967,16 @@ fn load_control<B: MigrationBlock>(
                 ))
             }
             Record::Drain { page_records } => match ctx.reply.filter(|_| ctx.session) {
-                Some(reply) => Drain {
-                    progress: ctx.progress,
-                    reply,
+                Some(reply) => {
+                    // A drain after missing pages: the source waits here, its guest running,
+                    // while the stale pages are dropped ahead of its switch to postcopy.
+                    c.discard_early(ctx);
+                    Drain {
+                        progress: ctx.progress,
+                        reply,
+                    }
+                    .answer(&page_records)?;
                 }
-                .answer(&page_records)?,
                 None => return Err(Error::UnexpectedRecord("a drain request outside a session")),
             },
             Record::Missing {
@@ -974,6 +1000,8 @@ struct ControlState {
     in_digests: bool,
     /// Postcopy: the pages still to come, per block, as the source listed them.
     missing: Option<Vec<Bitmap>>,
+    /// Postcopy: memory registered and stale pages dropped ahead of the switch (or why not).
+    early: Option<Result<UffdPlacement>>,
 }
 
 impl ControlState {
@@ -984,7 +1012,24 @@ impl ControlState {
             digests: vec![None; nblocks],
             in_digests: false,
             missing: None,
+            early: None,
         }
+    }
+
+    /// Ahead of a postcopy switch: register the memory and drop the pages listed missing so
+    /// far. A failure is kept for the switch, which refuses with it.
+    fn discard_early<B: MigrationBlock>(&mut self, ctx: &LoadContext<'_, '_, B>) {
+        let Some(missing) = self.missing.as_ref() else {
+            return;
+        };
+        if matches!(self.early, Some(Err(_))) {
+            return;
+        }
+        let placement = match self.early.take() {
+            Some(p) => p,
+            None => UffdPlacement::prepare(ctx.blocks),
+        };
+        self.early = Some(placement.and_then(|mut p| p.discard(ctx.blocks, missing).map(|()| p)));
     }
 
     /// Pages may come on the control channel: a version-1 stream's before its digest table, and
@@ -1092,6 +1137,7 @@ impl ControlState {
         Ok(ControlEnd::Postcopy {
             state: self.state,
             missing,
+            early: self.early,
         })
     }
 }

@@ -107,7 +107,8 @@ pub trait VmControl {
 pub trait VmRestore {
     /// Check the loaded memory with the VMM's own rules before anything is acknowledged (called
     /// after the stream ended and, in strict mode, its digests matched; before `restore_state`).
-    /// An error refuses the migration: the source resumes its guest. Default: no check.
+    /// An error refuses the migration: the source resumes its guest. Default: no check. Not
+    /// called for a postcopy (pages are still missing when the guest resumes).
     fn check_loaded(&self) -> Result<(), BoxError> {
         Ok(())
     }
@@ -117,4 +118,11 @@ pub trait VmRestore {
     /// Start the guest (called only after `restore_state` succeeded, the acknowledgement was sent
     /// and the source confirmed).
     fn resume(&self) -> Result<(), BoxError>;
+    /// Start the guest with pages still missing (a postcopy): as [`resume`](Self::resume), but
+    /// every read of a missing page waits until the page arrives, so whatever reads guest memory
+    /// here (a checksum of all of it) delays the guest; reads from the VMM's other threads later
+    /// are fine. Default: [`resume`](Self::resume).
+    fn resume_postcopy(&self) -> Result<(), BoxError> {
+        self.resume()
+    }
 }

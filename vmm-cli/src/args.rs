@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use clearlog_migration::PostcopyPolicy;
+
 use crate::units::{parse_duration, parse_rate, parse_size};
 
 /// Measure live migration of KVM guests, with and without KVM_CLEAR_DIRTY_LOG.
@@ -213,6 +215,39 @@ pub struct MigrationArgs {
     /// only version 1 reads. A `file:` snapshot is always one stream.
     #[arg(long, value_name = "N", default_value_t = clearlog_migration::DEFAULT_CHANNELS)]
     pub channels: u32,
+    /// Switch to postcopy: the destination resumes with the pages still dirty missing and gets
+    /// them after (the ones its guest touches first). `--postcopy` alone: after the first pass;
+    /// `--postcopy N`: after N passes; `--postcopy auto`: after the first pass unless the
+    /// convergence model says precopy ends within the downtime limit in 3 more passes. Needs a
+    /// session (`tcp:`/`unix:` with `--channels` 1 or more).
+    #[arg(long, value_name = "N|auto", num_args = 0..=1, default_missing_value = "1", value_parser = parse_postcopy)]
+    pub postcopy: Option<PostcopyPolicy>,
+    /// Switch to postcopy after N passes (the same as `--postcopy N`).
+    #[arg(long, value_name = "N", conflicts_with = "postcopy", value_parser = parse_postcopy_after)]
+    pub postcopy_after: Option<PostcopyPolicy>,
+}
+
+impl MigrationArgs {
+    /// `--postcopy` or `--postcopy-after`, off when neither is given.
+    pub fn postcopy_policy(&self) -> PostcopyPolicy {
+        self.postcopy.or(self.postcopy_after).unwrap_or_default()
+    }
+}
+
+/// `--postcopy`: a number of passes (at least 1), or `auto`.
+fn parse_postcopy(s: &str) -> Result<PostcopyPolicy, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        return Ok(PostcopyPolicy::Auto);
+    }
+    parse_postcopy_after(s)
+}
+
+/// `--postcopy-after`: a number of passes, at least 1.
+fn parse_postcopy_after(s: &str) -> Result<PostcopyPolicy, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(PostcopyPolicy::AfterPasses(n)),
+        _ => Err(format!("`{s}`: a number of passes (1 or more), or auto")),
+    }
 }
 
 /// `--bandwidth`: a positive rate, or `unlimited` (0, as the library's

@@ -4,7 +4,10 @@
 //! The guest's own view of a migration's live phase ([`GuestView`]), read by a [`VmControl`]
 //! ([`LiveProbe`]) just before the engine pauses the guest.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::thread::{Scope, ScopedJoinHandle};
+use std::time::{Duration, Instant};
 
 use clearlog_migration::{BoxError, StateBlob, VmControl};
 use clearlog_test_guest::workload::check::loaded_workload;
@@ -104,4 +107,71 @@ impl VmControl for LiveProbe<'_> {
     fn save_state(&self) -> Result<Vec<StateBlob>, BoxError> {
         self.inner.save_state()
     }
+}
+
+/// How often [`PostcopyWatch`] reads the guest's counters.
+const WATCH_EVERY: Duration = Duration::from_millis(5);
+
+/// The destination guest's own view while it runs with pages missing: from its resume, the
+/// `random` workload's counters read every [`WATCH_EVERY`], so the view up to the postcopy
+/// phase's end (known only afterwards) can be picked out.
+pub(crate) struct PostcopyWatch<'s> {
+    stop: &'s AtomicBool,
+    thread: ScopedJoinHandle<'s, Vec<Sample>>,
+}
+
+/// When (after the resume), the largest stall so far, the write marks.
+type Sample = (Duration, u64, Vec<WriteMark>);
+
+impl<'s> PostcopyWatch<'s> {
+    /// Start watching `guest` (before it resumes) in `scope` until `stop`; `None` unless it runs
+    /// the `random` workload. Reads the counter page, which may be missing: one fault, served
+    /// like the guest's own.
+    pub(crate) fn start<'e>(
+        scope: &'s Scope<'s, 'e>,
+        guest: &'e Guest,
+        stop: &'s AtomicBool,
+    ) -> Option<Self> {
+        if loaded_workload(guest.ram()).ok().flatten() != Some(GuestWorkload::Random) {
+            return None;
+        }
+        reset_stall(guest.ram()).ok()?;
+        let first = sample(guest, Duration::ZERO)?;
+        let thread = scope.spawn(move || {
+            let t0 = Instant::now();
+            let mut samples = vec![first];
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(WATCH_EVERY);
+                samples.extend(sample(guest, t0.elapsed()));
+            }
+            samples
+        });
+        Some(PostcopyWatch { stop, thread })
+    }
+
+    /// The guest's view from its resume to `until` after it (the postcopy phase's length): its
+    /// largest stall and its write rate.
+    pub(crate) fn view(self, until: Duration, tsc_khz: u32) -> GuestView {
+        self.stop.store(true, Ordering::Relaxed);
+        let samples = self.thread.join().unwrap_or_default();
+        let (Some(first), Some(end)) = (
+            samples.first(),
+            samples.iter().find(|s| s.0 >= until).or(samples.last()),
+        ) else {
+            return GuestView::default();
+        };
+        GuestView {
+            max_stall_ms: Some(ticks_to_ms(end.1, tsc_khz)),
+            write_rate_bytes_per_s: achieved_rate(&first.2, &end.2, tsc_khz),
+        }
+    }
+}
+
+fn sample(guest: &Guest, at: Duration) -> Option<Sample> {
+    let monitor = guest.monitor();
+    Some((
+        at,
+        monitor.max_gap_ticks().ok()?,
+        monitor.write_marks().ok()?,
+    ))
 }

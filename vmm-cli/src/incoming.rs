@@ -4,7 +4,9 @@
 //! `vmm incoming`: the destination side.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::thread::Scope;
 use std::time::{Duration, Instant};
 
 use clearlog_migration::stream::Header;
@@ -19,6 +21,7 @@ use clearlog_test_guest::{Guest, GuestConfig, RAM_BLOCK_NAME};
 use crate::args::IncomingArgs;
 use crate::chain::ErrorChain;
 use crate::fault::{Fault, FaultyMemory, Injector};
+use crate::guest_view::PostcopyWatch;
 use crate::output::print_incoming;
 use crate::{CliError, CliResult};
 use clearlog_migration::tls::{TlsError, TlsFiles, TlsServer};
@@ -123,43 +126,86 @@ pub fn incoming(a: IncomingArgs) -> CliResult {
     let incoming = open_incoming(&a)?;
     let guest = guest_for(incoming.header())?;
     let start = Instant::now();
-    let control = IncomingControl {
-        guest: &guest,
-        args: &a,
-        extra: Mutex::new(serde_json::Map::new()),
-    };
-    let received = receive(&a, &guest, incoming, &control)?;
-    let received_ms = start.elapsed().as_secs_f64() * 1e3;
-    let mut extra = control
-        .extra
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner());
-    let stats = match received {
-        Ok(stats) => stats,
+    let stop_watch = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let control = IncomingControl {
+            guest: &guest,
+            args: &a,
+            extra: Mutex::new(serde_json::Map::new()),
+            postcopy_watch: Mutex::new(None),
+            scope,
+            stop_watch: &stop_watch,
+        };
+        let received = receive(&a, &guest, incoming, &control);
+        let received_ms = start.elapsed().as_secs_f64() * 1e3;
+        let watch = control
+            .postcopy_watch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        // The watch thread ends with the scope, whatever happened.
+        stop_watch.store(true, Ordering::Relaxed);
+        let received = received?;
+        let mut extra = control
+            .extra
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        let stats = received_or_exit(received, &a, &extra)?;
+        if let Some(w) = watch {
+            let view = w.view(
+                Duration::from_secs_f64(stats.postcopy_ms / 1e3),
+                guest.tsc_khz(),
+            );
+            extra.insert(
+                "postcopy_guest_max_stall_ms".into(),
+                view.max_stall_ms.into(),
+            );
+            extra.insert(
+                "postcopy_guest_write_rate_bytes_per_s".into(),
+                view.write_rate_bytes_per_s.map(|r| r.round() as u64).into(),
+            );
+        }
+        extra.insert("guest_mem_bytes".into(), guest.mem_bytes().into());
+        extra.insert("receive_ms".into(), received_ms.into());
+        run_after(&a, &guest, &stats, extra)
+    })
+}
+
+/// The engine's answer, or the exit it maps to: 3 for pages that differ, 4 for a postcopy
+/// that failed after its commit, 1 otherwise.
+fn received_or_exit(
+    received: clearlog_migration::Result<IncomingStats>,
+    a: &IncomingArgs,
+    extra: &serde_json::Map<String, serde_json::Value>,
+) -> CliResult<IncomingStats> {
+    match received {
+        Ok(stats) => Ok(stats),
         Err(e @ clearlog_migration::Error::VerificationFailed { .. }) => {
             if a.json {
-                println!("{}", serde_json::Value::Object(extra));
+                println!("{}", serde_json::Value::Object(extra.clone()));
             }
-            return Err(CliError::Mismatch(format!(
+            Err(CliError::Mismatch(format!(
                 "incoming migration: {}",
                 e.chain()
-            )));
+            )))
         }
+        Err(e @ clearlog_migration::Error::Postcopy { .. }) => Err(CliError::Postcopy(format!(
+            "incoming migration: {}; the guest runs here but waits on pages only the source \
+             holds (the source keeps them, paused): stop this guest or let an orchestrator decide",
+            e.chain()
+        ))),
         Err(e) => {
-            let resumed = if control_resumed(&extra) {
+            let resumed = if control_resumed(extra) {
                 "the guest was resumed but could not be verified"
             } else {
                 "no guest was resumed"
             };
-            return Err(CliError::Failed(format!(
+            Err(CliError::Failed(format!(
                 "incoming migration failed: {}; {resumed}",
                 e.chain()
-            )));
+            )))
         }
-    };
-    extra.insert("guest_mem_bytes".into(), guest.mem_bytes().into());
-    extra.insert("receive_ms".into(), received_ms.into());
-    run_after(&a, &guest, &stats, extra)
+    }
 }
 
 /// Fails a destination before anything resumed.
@@ -193,7 +239,7 @@ fn receive(
     a: &IncomingArgs,
     guest: &Guest,
     mut incoming: Incoming,
-    control: &IncomingControl<'_>,
+    control: &IncomingControl<'_, '_>,
 ) -> CliResult<clearlog_migration::Result<IncomingStats>> {
     if !a.io_timeout.is_zero() {
         // Only once the stream has started (a source may boot and warm up its guest for long
@@ -229,6 +275,9 @@ fn run_after(
     mut extra: serde_json::Map<String, serde_json::Value>,
 ) -> CliResult {
     let workload = loaded_workload(guest.ram()).ok().flatten();
+    if stats.postcopy && workload == Some(WorkloadKind::Increment) {
+        check_increment_paused(guest, &mut extra)?;
+    }
     let before = guest.pages_written().unwrap_or(0);
     std::thread::sleep(a.run_after);
     let after = guest.pages_written().unwrap_or(0);
@@ -260,13 +309,17 @@ fn run_after(
 /// The destination guest seen by the engine, with `vmm incoming`'s own checks: the increment rule
 /// before anything is acknowledged, and the RAM fingerprint and `--save-memory` right before the
 /// guest resumes (the memory is then exactly what the source had at switchover).
-struct IncomingControl<'a> {
+struct IncomingControl<'a, 's> {
     guest: &'a Guest,
     args: &'a IncomingArgs,
     extra: Mutex<serde_json::Map<String, serde_json::Value>>,
+    /// Postcopy: the guest's own view from its resume on.
+    postcopy_watch: Mutex<Option<PostcopyWatch<'s>>>,
+    scope: &'s Scope<'s, 'a>,
+    stop_watch: &'s AtomicBool,
 }
 
-impl IncomingControl<'_> {
+impl IncomingControl<'_, '_> {
     fn note(&self, key: &str, value: serde_json::Value) {
         self.extra
             .lock()
@@ -275,7 +328,7 @@ impl IncomingControl<'_> {
     }
 }
 
-impl VmRestore for IncomingControl<'_> {
+impl VmRestore for IncomingControl<'_, '_> {
     fn check_loaded(&self) -> Result<(), BoxError> {
         let workload = loaded_workload(self.guest.ram()).ok().flatten();
         self.note(
@@ -321,6 +374,50 @@ impl VmRestore for IncomingControl<'_> {
         self.note("resumed_by_engine", true.into());
         GuestControl(self.guest).resume()
     }
+
+    /// Pages are missing: the fingerprint and `--save-memory` would read all of them before the
+    /// guest runs (and the guest changes them right after): both are skipped, and the engine's
+    /// verification is the proof. The increment rule is checked once every page arrived.
+    fn resume_postcopy(&self) -> Result<(), BoxError> {
+        if self.args.ram_fingerprint || self.args.save_memory.is_some() {
+            self.note(
+                "ram_fingerprint_skipped",
+                "postcopy: the guest resumed with pages missing".into(),
+            );
+        }
+        let watch = PostcopyWatch::start(self.scope, self.guest, self.stop_watch);
+        *self
+            .postcopy_watch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = watch;
+        self.note("resumed_by_engine", true.into());
+        GuestControl(self.guest).resume()
+    }
+}
+
+/// After a postcopy (every page arrived): pause the guest, check the increment rule on its
+/// memory, resume it. A page lost or placed wrong breaks the rule.
+fn check_increment_paused(
+    guest: &Guest,
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+) -> CliResult {
+    let failed = |e: &dyn std::fmt::Display| {
+        CliError::Failed(format!("checking the guest after postcopy: {e}"))
+    };
+    guest.pause().map_err(|e| failed(&e))?;
+    let check = check_increment(guest.ram());
+    guest.resume().map_err(|e| failed(&e))?;
+    let check = check.map_err(|e| failed(&e))?;
+    extra.insert("increment_consistent".into(), check.is_consistent().into());
+    extra.insert("increment_bad_pages".into(), check.bad_count.into());
+    if !check.is_consistent() {
+        return Err(CliError::Mismatch(format!(
+            "after postcopy the guest's memory breaks the increment rule ({} bad pages: lost \
+             writes)",
+            check.bad_count
+        )));
+    }
+    Ok(())
 }
 
 /// Whether the engine got as far as resuming the guest.

@@ -6,7 +6,9 @@
 //!
 //! Exit codes: 0 success; 1 a migration (or the guest) failed, or committed without finishing
 //! its verification; 2 a usage error; 3 the verification found pages of the destination that
-//! differ from the source's final memory (on both sides).
+//! differ from the source's final memory (on both sides); 4 a postcopy failed after its commit:
+//! the destination's guest waits on pages only the source holds, and the source keeps the guest
+//! paused with its memory (on both sides).
 
 #![forbid(unsafe_code)]
 
@@ -50,6 +52,9 @@ pub enum CliError {
     /// The migration committed (the guest belongs to the destination) but did not finish its
     /// verification (exit 1; never retried).
     Committed(String),
+    /// A postcopy failed after its commit: the destination's guest waits on missing pages, the
+    /// source holds them with its guest paused (exit 4, on both sides).
+    Postcopy(String),
 }
 
 impl CliError {
@@ -59,6 +64,7 @@ impl CliError {
             CliError::Failed(_) => ExitCode::from(1),
             CliError::Mismatch(_) => ExitCode::from(3),
             CliError::Committed(_) => ExitCode::from(1),
+            CliError::Postcopy(_) => ExitCode::from(4),
         }
     }
 }
@@ -69,7 +75,8 @@ impl std::fmt::Display for CliError {
             CliError::Usage(m)
             | CliError::Failed(m)
             | CliError::Mismatch(m)
-            | CliError::Committed(m) => f.write_str(m),
+            | CliError::Committed(m)
+            | CliError::Postcopy(m) => f.write_str(m),
         }
     }
 }

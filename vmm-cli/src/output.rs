@@ -98,6 +98,22 @@ pub fn print_stats(
         stats.total_time_ms, stats.setup_time_ms
     );
     println!("  downtime          {:>10.1} ms", stats.downtime_ms);
+    if stats.guest_visible_downtime_ms > 0.0 {
+        println!(
+            "  guest-visible     {:>10.1} ms   (source pause to destination resume, host clock)",
+            stats.guest_visible_downtime_ms
+        );
+    }
+    if stats.postcopy {
+        println!(
+            "  postcopy          {:>10.0} ms   after {} passes: {} pages sent after the resume, {} asked for by faults ({} before the push had them)",
+            stats.postcopy_ms,
+            stats.iterations,
+            stats.postcopy_pages,
+            stats.postcopy_requests,
+            stats.postcopy_requests_first
+        );
+    }
     println!(
         "  iterations        {:>10}      dirty syncs {} ({} within passes)",
         stats.iterations, stats.dirty_syncs, stats.mid_pass_syncs
@@ -249,6 +265,16 @@ pub fn print_incoming(stats: &IncomingStats, extra: &serde_json::Value, json: bo
         "  checked zero      {:>10}   pages received as zero, read here (stale data zeroed: {})",
         stats.zero_checked_pages, stats.stale_pages_zeroed
     );
+    if stats.postcopy {
+        println!(
+            "  postcopy          {:>10.0} ms   resumed with {} pages missing; {} asked for, fault latency median {:.2} ms, max {:.2} ms",
+            stats.postcopy_ms,
+            stats.postcopy_missing_pages,
+            stats.postcopy_requested_pages,
+            stats.fault_latency_median_ms,
+            stats.fault_latency_max_ms
+        );
+    }
     if let Some(map) = extra.as_object() {
         for (k, v) in map {
             println!("  {k:<17} {v}");

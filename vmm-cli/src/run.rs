@@ -180,6 +180,12 @@ fn boot(a: &RunArgs, spec: WorkloadSpec) -> CliResult<Booted> {
     })
 }
 
+/// Whether a failure came after a postcopy's commit (the source holds pages the destination's
+/// running guest waits on).
+fn stats_committed(e: &clearlog_migration::Error) -> bool {
+    matches!(e, clearlog_migration::Error::Postcopy { .. })
+}
+
 /// The attempts of `--retry-to`: why each failed, and what the guest did after the first failure.
 #[derive(Debug, Default)]
 struct Retries {
@@ -207,7 +213,12 @@ impl Retries {
             match &attempt {
                 // After the commit the guest belongs to the destination: no retry.
                 Ok(_)
-                | Err(CliError::Usage(_) | CliError::Mismatch(_) | CliError::Committed(_)) => break,
+                | Err(
+                    CliError::Usage(_)
+                    | CliError::Mismatch(_)
+                    | CliError::Committed(_)
+                    | CliError::Postcopy(_),
+                ) => break,
                 Err(e) => self.errors.push(e.to_string()),
             }
             self.note_failure(guest, retry, a.workload);
@@ -402,6 +413,14 @@ pub fn migrate(
         }
         clearlog_migration::Error::VerificationIncomplete(_) => CliError::Committed(format!(
             "migration to {uri} committed but {}; the source guest stays paused here",
+            e.chain()
+        )),
+        clearlog_migration::Error::PostcopyNeedsSession => {
+            CliError::Usage(format!("--postcopy with {uri}: {e}"))
+        }
+        e if stats_committed(&e) => CliError::Postcopy(format!(
+            "postcopy to {uri} failed after the commit: {}; the source guest stays paused here \
+             with its memory, the destination's guest waits on the pages it lacks",
             e.chain()
         )),
         e => CliError::Failed(format!(

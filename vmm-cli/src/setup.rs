@@ -97,6 +97,11 @@ pub fn validate_migration(m: &MigrationArgs) -> CliResult {
             clearlog_migration::wire::MAX_CHANNELS
         )));
     }
+    if m.channels == 0 && m.postcopy_policy() != clearlog_migration::PostcopyPolicy::Off {
+        return Err(CliError::Usage(
+            "--postcopy needs a session with a return path: --channels 1 or more (not 0)".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -124,6 +129,7 @@ pub fn migration_config(
         .with_downtime_limit(m.downtime)
         .with_switchover_bandwidth_bytes_per_s(m.switchover_bandwidth.unwrap_or(0))
         .with_mid_pass_sync(m.mid_pass_sync.0)
+        .with_postcopy(m.postcopy_policy())
         .with_max_time(Some(max_time));
     config
         .validate()

@@ -29,6 +29,7 @@
 //! println!("{} pages written", guest.pages_written().unwrap());
 //! ```
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -101,7 +102,7 @@ pub struct Guest {
     block: Arc<RamBlock>,
     ram: RawGuestRam,
     mem_bytes: u64,
-    tsc_khz: u32,
+    tsc_khz: AtomicU32,
 }
 
 impl std::fmt::Debug for Guest {
@@ -186,7 +187,7 @@ impl Guest {
             block,
             ram,
             mem_bytes: mem,
-            tsc_khz,
+            tsc_khz: AtomicU32::new(tsc_khz),
         })
     }
 
@@ -205,7 +206,7 @@ impl Guest {
         workload.validate(config.mem_bytes)?;
         let guest = Self::create(config)?;
         // Boot-time writes go straight to RAM: no dirty logging is on yet, so nothing can be missed.
-        workload.load(&guest.ram, guest.tsc_khz)?;
+        workload.load(&guest.ram, guest.tsc_khz())?;
         {
             let mut set = guest.lock_vcpus();
             let VcpuSet::Idle(vcpus) = &*set else {
@@ -299,9 +300,9 @@ impl Guest {
         self.vm.dirty_log_mode()
     }
 
-    /// Guest TSC frequency in kHz.
+    /// Guest TSC frequency in kHz (0 on a destination until its vCPUs are restored).
     pub fn tsc_khz(&self) -> u32 {
-        self.tsc_khz
+        self.tsc_khz.load(Ordering::Relaxed)
     }
 
     /// Number of vCPUs.
@@ -474,6 +475,9 @@ impl Guest {
             for i in 0..count {
                 vcpus.push(Vcpu::new(&self.vm, i)?);
             }
+        }
+        if let Some(v) = vcpus.first() {
+            self.tsc_khz.store(v.tsc_khz()?, Ordering::Relaxed);
         }
         for v in vcpus.iter() {
             let name = format!("{VCPU_BLOB_PREFIX}{}", v.index());

@@ -27,18 +27,19 @@ use crate::{Error, HostMapping, MigrationBlock, Result, PAGE_SIZE};
 pub(crate) struct UffdPlacement {
     uffd: Userfaultfd,
     mappings: Vec<HostMapping>,
+    /// Pages made missing so far, per block.
+    discarded: Vec<Bitmap>,
 }
 
 impl UffdPlacement {
-    /// Register every block with a new userfaultfd and make its `pending` pages missing. Any
-    /// failure here comes before the commit: the destination refuses and the source resumes.
-    pub(crate) fn prepare<B: MigrationBlock>(blocks: &[B], pending: &[Bitmap]) -> Result<Self> {
-        let unavailable = |what: String| Error::PostcopyUnavailable(what);
+    /// Register every block with a new userfaultfd. Any failure here comes before the commit:
+    /// the destination refuses and the source resumes.
+    pub(crate) fn prepare<B: MigrationBlock>(blocks: &[B]) -> Result<Self> {
         let mappings = blocks
             .iter()
             .map(|b| {
                 b.host_mapping().ok_or_else(|| {
-                    unavailable(format!(
+                    Error::PostcopyUnavailable(format!(
                         "block `{}` has no mapping the engine may register (its memory does not \
                          say where it lives, or is hugetlbfs)",
                         b.name()
@@ -46,15 +47,40 @@ impl UffdPlacement {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let uffd = Userfaultfd::new().map_err(|e| unavailable(format!("userfaultfd: {e}")))?;
-        for ((m, b), p) in mappings.iter().zip(blocks).zip(pending) {
+        let uffd = Userfaultfd::new()
+            .map_err(|e| Error::PostcopyUnavailable(format!("userfaultfd: {e}")))?;
+        for (m, b) in mappings.iter().zip(blocks) {
             uffd.register(m.addr(), m.len()).map_err(|e| {
-                unavailable(format!(
+                Error::PostcopyUnavailable(format!(
                     "registering block `{}` with userfaultfd: {e}",
                     b.name()
                 ))
             })?;
-            for r in runs(p) {
+        }
+        let discarded = blocks
+            .iter()
+            .map(|b| Bitmap::new(b.pages() as usize))
+            .collect();
+        Ok(UffdPlacement {
+            uffd,
+            mappings,
+            discarded,
+        })
+    }
+
+    /// Make the pages of `missing` missing, those not made missing before: their content here
+    /// is stale (the source sends each of them again). Called while the source's guest still
+    /// runs (most of them, outside the downtime), and at the switch for the rest.
+    pub(crate) fn discard<B: MigrationBlock>(
+        &mut self,
+        blocks: &[B],
+        missing: &[Bitmap],
+    ) -> Result<()> {
+        let mut calls = 0;
+        for (bi, (m, b)) in self.mappings.iter().zip(blocks).enumerate() {
+            let mut new = missing[bi].clone();
+            new.and_not_assign(&self.discarded[bi]);
+            for r in runs(&new) {
                 // SAFETY: `m` is the block's own mapping (HostMapping's contract), and these
                 // pages are still dirty at the source, which sends each of them again: their
                 // content here is stale.
@@ -66,11 +92,17 @@ impl UffdPlacement {
                     )
                 }
                 .map_err(|e| {
-                    unavailable(format!("discarding stale pages of `{}`: {e}", b.name()))
+                    Error::PostcopyUnavailable(format!(
+                        "discarding stale pages of `{}`: {e}",
+                        b.name()
+                    ))
                 })?;
+                calls += 1;
             }
+            self.discarded[bi].or_assign(&new);
         }
-        Ok(UffdPlacement { uffd, mappings })
+        tracing::debug!(calls, "postcopy: stale pages discarded");
+        Ok(())
     }
 
     fn addr(&self, block: usize, page: u64) -> u64 {

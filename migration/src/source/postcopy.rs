@@ -45,6 +45,12 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             return Err(Error::PostcopyNeedsSession);
         }
         self.check_cancel()?;
+        // While the guest still runs here: the destination loads every precopy page (a copy
+        // landing after a page is dropped would overwrite what postcopy places), then drops the
+        // pages dirty so far, before the pause; at the switch only the rest is left to drop.
+        self.drain()?;
+        self.send_missing()?;
+        self.drain()?;
         let pause_at = Instant::now();
         self.stats.paused_at_unix_ns = unix_ns();
         let mut b = DowntimeBreakdown::default();
@@ -57,9 +63,6 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         let t = Instant::now();
         self.sync()?;
         b.final_sync_ms = ms(t.elapsed());
-        // Every precopy page must be in the destination's memory before it drops the missing
-        // ones: a precopy copy landing after would overwrite a page placed in postcopy.
-        self.drain()?;
         let t = Instant::now();
         let missing = self.send_missing()?;
         self.send_state(&state)?;
@@ -74,7 +77,14 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         self.stats.postcopy = true;
         self.stats.postcopy_pages = missing;
         let t = Instant::now();
-        self.postcopy_phase()?;
+        // After the commit any failure strands the destination's guest: one kind of error.
+        self.postcopy_phase().map_err(|e| match e {
+            e @ Error::Postcopy { .. } => e,
+            e => Error::Postcopy {
+                context: "sending the missing pages",
+                source: std::io::Error::other(crate::error::chain(&e)),
+            },
+        })?;
         self.stats.postcopy_ms = ms(t.elapsed());
         let mut rec = Vec::new();
         stream::encode_end(self.page_records, &mut rec);
@@ -86,7 +96,8 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         self.verify_after_commit()
     }
 
-    /// The pages still dirty, per block, as missing-page records; how many.
+    /// The pages still dirty, per block, as missing-page records (a superset of any list sent
+    /// before: bits only come, until the switch); how many.
     fn send_missing(&mut self) -> Result<u64> {
         let mut total = 0;
         let mut rec = Vec::new();

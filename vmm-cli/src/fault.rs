@@ -19,8 +19,8 @@ use std::sync::Arc;
 use clearlog_bitmap::Bitmap;
 use clearlog_memory::{is_zero_page, ClearBitmap, MemorySystem, RamBlock, PAGE_SIZE};
 use clearlog_migration::{
-    BoxError, DirtyTracking, MemoryResult, MigrationBlock, MigrationMemory, StateBlob, Transport,
-    TransportRead, VmControl,
+    BoxError, DirtyTracking, HostMapping, MemoryResult, MigrationBlock, MigrationMemory, StateBlob,
+    Transport, TransportRead, VmControl,
 };
 
 /// A step of the source's migration that `--fail-at` can break.
@@ -45,11 +45,16 @@ pub enum FaultStep {
     Ack,
     /// Sending the confirmation that commits the migration (the source's last write).
     Confirm,
+    /// A postcopy's write after the commit (a page pushed or asked for, the end): the link
+    /// cut while the destination's guest runs with pages missing.
+    PostcopySend,
+    /// A postcopy's read after the commit (the destination's requests).
+    PostcopyRequest,
 }
 
 impl FaultStep {
     /// Every step, in migration order.
-    pub const ALL: [FaultStep; 9] = [
+    pub const ALL: [FaultStep; 11] = [
         FaultStep::Sync,
         FaultStep::Clear,
         FaultStep::Read,
@@ -59,6 +64,8 @@ impl FaultStep {
         FaultStep::SaveState,
         FaultStep::Ack,
         FaultStep::Confirm,
+        FaultStep::PostcopySend,
+        FaultStep::PostcopyRequest,
     ];
 
     /// The name `--fail-at` takes.
@@ -73,6 +80,8 @@ impl FaultStep {
             FaultStep::SaveState => "save-state",
             FaultStep::Ack => "ack",
             FaultStep::Confirm => "confirm",
+            FaultStep::PostcopySend => "postcopy-send",
+            FaultStep::PostcopyRequest => "postcopy-request",
         }
     }
 }
@@ -180,6 +189,8 @@ pub struct Injector {
     /// Bytes read back from the destination since the pause: once the 8-byte acknowledgement is
     /// in, the next write is the confirmation.
     ack_bytes: AtomicU64,
+    /// The confirmation went out (the commit).
+    committed: std::sync::atomic::AtomicBool,
 }
 
 impl Injector {
@@ -196,6 +207,7 @@ impl Injector {
             syncs: AtomicU64::new(0),
             paused: std::sync::atomic::AtomicBool::new(false),
             ack_bytes: AtomicU64::new(0),
+            committed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -326,6 +338,9 @@ impl MigrationBlock for FaultyBlock {
     }
     fn write_untracked(&self, offset: u64, data: &[u8]) -> MemoryResult<()> {
         MigrationBlock::write_untracked(&self.inner, offset, data)
+    }
+    fn host_mapping(&self) -> Option<HostMapping> {
+        MigrationBlock::host_mapping(&self.inner)
     }
     fn populated(
         &self,
@@ -494,13 +509,20 @@ struct FaultyWriter {
 
 impl Write for FaultyWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let acked = self.faults.ack_bytes.load(Ordering::Relaxed) >= 8;
-        self.faults.check(if acked {
+        let f = &self.faults;
+        let step = if f.committed.load(Ordering::Relaxed) {
+            FaultStep::PostcopySend
+        } else if f.ack_bytes.load(Ordering::Relaxed) >= 8 {
             FaultStep::Confirm
         } else {
             FaultStep::Send
-        })?;
-        self.inner.write(buf)
+        };
+        f.check(step)?;
+        let n = self.inner.write(buf)?;
+        if step == FaultStep::Confirm {
+            f.committed.store(true, Ordering::Relaxed);
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
@@ -515,11 +537,14 @@ struct FaultyReader {
 impl Read for FaultyReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let paused = self.faults.paused.load(Ordering::Relaxed);
-        self.faults.check(if paused {
-            FaultStep::Ack
-        } else {
-            FaultStep::Drain
-        })?;
+        self.faults
+            .check(if self.faults.committed.load(Ordering::Relaxed) {
+                FaultStep::PostcopyRequest
+            } else if paused {
+                FaultStep::Ack
+            } else {
+                FaultStep::Drain
+            })?;
         let n = self.inner.read(buf)?;
         if paused {
             self.faults.ack_bytes.fetch_add(n as u64, Ordering::Relaxed);

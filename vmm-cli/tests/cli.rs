@@ -1381,3 +1381,148 @@ fn tls_usage_errors() {
         &["TLS runs over TCP only"],
     );
 }
+
+/// A postcopy of an increment guest between two `vmm` processes over TCP loopback: `vmm run
+/// ... --postcopy` with `extra` arguments, and `vmm incoming` (which checks the increment rule
+/// once every page arrived, its guest paused for it). Returns both exit codes and JSON (or
+/// stderr when a side printed none).
+fn postcopy_migration(
+    dirty_log: &str,
+    extra: &[&str],
+) -> (
+    (Option<i32>, serde_json::Value, String),
+    (Option<i32>, serde_json::Value, String),
+) {
+    let incoming = start_incoming("tcp:127.0.0.1:0");
+    let mut args = vec![
+        "run",
+        "--mem",
+        "128M",
+        "--workload",
+        "increment",
+        "--wss",
+        "32M",
+        // Unpaced: the increment sweeps its working set faster than 16 MiB/s, so precopy
+        // never fits the downtime limit and the switch to postcopy always comes.
+        "--bandwidth",
+        "16M",
+        "--warmup",
+        "300ms",
+        "--max-time",
+        "60s",
+        "--dirty-log",
+        dirty_log,
+        "--migrate-to",
+        &incoming.uri,
+        "--json",
+        "--postcopy",
+    ];
+    args.extend_from_slice(extra);
+    let out = vmm(&args);
+    let Incoming { child, stderr, .. } = incoming;
+    let dst_out = child.wait_with_output().expect("wait for vmm incoming");
+    let json = |b: &[u8]| serde_json::from_slice(b).unwrap_or(serde_json::Value::Null);
+    (
+        (out.status.code(), json(&out.stdout), text(&out.stderr)),
+        (
+            dst_out.status.code(),
+            json(&dst_out.stdout),
+            stderr.join().unwrap_or_default(),
+        ),
+    )
+}
+
+/// Increment guests through postcopy after a first pass in each dirty-log mode: the destination
+/// resumes with pages missing, gets them asked for and pushed, both sides verify, and the
+/// guest's memory keeps the increment rule once every page arrived; the source never resumes.
+#[test]
+fn postcopy_moves_an_increment_guest_after_a_legacy_clear_or_ring_pass() {
+    if !kvm_available("postcopy_moves_an_increment_guest_after_a_legacy_clear_or_ring_pass") {
+        return;
+    }
+    let _serial = serial();
+    let modes: &[&str] = if ring_available() {
+        &["legacy", "clear", "ring"]
+    } else {
+        &["legacy", "clear"]
+    };
+    for &mode in modes {
+        let ((code, src, src_err), (dst_code, dst, dst_err)) = postcopy_migration(mode, &[]);
+        assert_eq!(code, Some(0), "{mode}: vmm run: {src_err}");
+        assert_eq!(dst_code, Some(0), "{mode}: vmm incoming: {dst_err}");
+        assert_eq!(src["postcopy"], true, "{mode}: {src}");
+        assert_eq!(
+            src["iterations"], 1,
+            "{mode}: postcopy after the first pass: {src}"
+        );
+        assert_eq!(src["verified"], true, "{mode}: {src}");
+        assert_eq!(dst["postcopy"], true, "{mode}: {dst}");
+        assert_eq!(dst["verified"], true, "{mode}: {dst}");
+        assert_eq!(dst["increment_consistent"], true, "{mode}: {dst}");
+        let missing = dst["postcopy_missing_pages"].as_u64().unwrap();
+        assert!(missing > 0, "{mode}: {dst}");
+        assert_eq!(
+            dst["postcopy_missing_pages"], src["postcopy_pages"],
+            "{mode}"
+        );
+        assert_eq!(
+            dst["pages_received"], src["pages_sent"],
+            "{mode}: {src}\n{dst}"
+        );
+        assert!(
+            dst["pages_written_after_resume"].as_u64().unwrap() > 0,
+            "{mode}: the guest runs after postcopy: {dst}"
+        );
+        assert!(
+            dst["ram_fingerprint_skipped"].is_string(),
+            "{mode}: no fingerprint of memory with pages missing: {dst}"
+        );
+    }
+}
+
+/// Dirty bits lost at the sync after the first pass: those pages are neither missing nor sent
+/// again, the destination keeps their stale precopy copies, and the verification fails on both
+/// sides (exit 3).
+#[test]
+fn postcopy_with_lost_dirty_bits_fails_the_verification_on_both_sides() {
+    if !kvm_available("postcopy_with_lost_dirty_bits_fails_the_verification_on_both_sides") {
+        return;
+    }
+    let _serial = serial();
+    // Paced, so a page whose bit is lost is not written again before the switch (a guest that
+    // rewrote it would make it dirty again, and nothing would be lost); a 1 ms downtime limit so
+    // precopy does not fit and the switch comes.
+    let extra = [
+        "--fault",
+        "lose-dirty-bits=16",
+        "--dirty-rate",
+        "8M",
+        "--downtime",
+        "1ms",
+    ];
+    let ((code, _, src_err), (dst_code, _, dst_err)) = postcopy_migration("clear", &extra);
+    assert_eq!(code, Some(3), "vmm run: {src_err}");
+    assert_eq!(dst_code, Some(3), "vmm incoming: {dst_err}");
+    assert!(src_err.contains("verification FAILED"), "{src_err}");
+    assert!(dst_err.contains("verification FAILED"), "{dst_err}");
+}
+
+/// The link cut while the destination's guest runs with pages missing (no recovery yet): both
+/// sides exit 4, the source says its guest stays paused (it never resumes it: the guest never
+/// runs twice), the destination says its guest waits on pages only the source holds.
+#[test]
+fn a_link_cut_during_postcopy_stops_both_sides_with_exit_code_4() {
+    if !kvm_available("a_link_cut_during_postcopy_stops_both_sides_with_exit_code_4") {
+        return;
+    }
+    let _serial = serial();
+    for step in ["postcopy-send@3", "postcopy-request@2"] {
+        let ((code, _, src_err), (dst_code, _, dst_err)) =
+            postcopy_migration("clear", &["--fail-at", step]);
+        assert_eq!(code, Some(4), "{step}: vmm run: {src_err}");
+        assert!(src_err.contains("stays paused"), "{step}: {src_err}");
+        assert!(src_err.contains("injected fault"), "{step}: {src_err}");
+        assert_eq!(dst_code, Some(4), "{step}: vmm incoming: {dst_err}");
+        assert!(dst_err.contains("waits on pages"), "{step}: {dst_err}");
+    }
+}

@@ -131,7 +131,8 @@ pub struct MigrationStats {
     /// Guest RAM size (all blocks).
     pub guest_mem_bytes: u64,
     /// From the call to `migrate` to the commit (the confirmation sent; for a file, the end of the
-    /// stream). The verification after it is [`verify_after_ms`](Self::verify_after_ms).
+    /// stream); after a postcopy, to the destination's word that every missing page arrived. The
+    /// verification after it is [`verify_after_ms`](Self::verify_after_ms).
     pub total_time_ms: f64,
     /// Starting dirty logging, first sync and allocating the bitmaps.
     pub setup_time_ms: f64,

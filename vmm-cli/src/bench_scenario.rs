@@ -22,12 +22,27 @@ pub enum BenchScenario {
     Clear(u64),
     /// KVM's dirty ring of this many bytes per vCPU (`ring` = the `vmm run` default, 64K).
     Ring(u64),
+    /// Clear chunks of this many bytes for the first pass, then postcopy (`--postcopy`).
+    Postcopy(u64),
 }
 
+/// `postcopy` without a size: the first pass in clear chunks of 1 MiB.
+const POSTCOPY_CHUNK: u64 = 1 << 20;
+
 impl BenchScenario {
-    /// Parse `legacy-qemu`, `legacy`, `clear:SIZE`, `ring` or `ring:SIZE`.
+    /// Parse `legacy-qemu`, `legacy`, `clear:SIZE`, `ring`, `ring:SIZE`, `postcopy` or
+    /// `postcopy:SIZE`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
+        if s == "postcopy" {
+            return Ok(BenchScenario::Postcopy(POSTCOPY_CHUNK));
+        }
+        if let Some(size) = s.strip_prefix("postcopy:") {
+            return match BenchScenario::parse(&format!("clear:{size}"))? {
+                BenchScenario::Clear(b) => Ok(BenchScenario::Postcopy(b)),
+                _ => unreachable!("clear:SIZE parses to Clear"),
+            };
+        }
         if s == "legacy" {
             return Ok(BenchScenario::Legacy);
         }
@@ -48,7 +63,7 @@ impl BenchScenario {
         }
         let Some(size) = s.strip_prefix("clear:") else {
             return Err(format!(
-                "mode `{s}`: use `legacy-qemu`, `legacy`, `clear:SIZE` like clear:128M, `ring` or `ring:SIZE` like ring:64K"
+                "mode `{s}`: use `legacy-qemu`, `legacy`, `clear:SIZE` like clear:128M, `ring`, `ring:SIZE` like ring:64K, `postcopy` or `postcopy:SIZE`"
             ));
         };
         let bytes = parse_size(size).map_err(|e| format!("mode `{s}`: {e}"))?;
@@ -64,6 +79,7 @@ impl BenchScenario {
             BenchScenario::Legacy => "legacy".into(),
             BenchScenario::Clear(b) => format!("clear {}", human_bytes(*b)),
             BenchScenario::Ring(b) => format!("ring {}", human_bytes(*b)),
+            BenchScenario::Postcopy(b) => format!("postcopy {}", human_bytes(*b)),
         }
     }
 
@@ -93,6 +109,11 @@ impl BenchScenario {
             BenchScenario::Ring(b) => {
                 format!("dirty ring of {} per vCPU ({syncs})", fmt_size(*b))
             }
+            BenchScenario::Postcopy(b) => format!(
+                "postcopy after a first pass in clear chunks of {}: the destination resumes with \
+                 the pages still dirty missing",
+                fmt_size(*b)
+            ),
         }
     }
 
@@ -114,6 +135,11 @@ impl BenchScenario {
                     "--clear-chunk".into(),
                     b.to_string(),
                 ]
+            }
+            BenchScenario::Postcopy(b) => {
+                let mut args = BenchScenario::Clear(*b).run_args();
+                args.push("--postcopy".into());
+                args
             }
         }
     }
@@ -212,6 +238,15 @@ mod tests {
             BenchScenario::LegacyQemu
         );
         assert_eq!(BenchScenario::LegacyQemu.label(), "legacy-qemu");
+        assert_eq!(
+            BenchScenario::parse("postcopy").unwrap(),
+            BenchScenario::Postcopy(1 << 20)
+        );
+        let p = BenchScenario::parse("postcopy:16M").unwrap();
+        assert_eq!(p, BenchScenario::Postcopy(16 << 20));
+        assert_eq!(p.label(), "postcopy 16 MiB");
+        assert!(p.run_args().ends_with(&["--clear-chunk".into(), (16u64 << 20).to_string(), "--postcopy".into()]));
+        assert!(BenchScenario::parse("postcopy:3M").is_err());
         assert!(BenchScenario::parse("legacy-kvm")
             .unwrap_err()
             .contains("`legacy-qemu`, `legacy`"));

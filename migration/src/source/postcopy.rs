@@ -86,6 +86,9 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             },
         })?;
         self.stats.postcopy_ms = ms(t.elapsed());
+        // The migration's total runs to the last page's arrival, not to the commit: until then
+        // the guest still depends on this side.
+        self.committed_at = Some(Instant::now());
         let mut rec = Vec::new();
         stream::encode_end(self.page_records, &mut rec);
         self.out

@@ -585,7 +585,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         (vm, resume): (&dyn VmRestore, bool),
         stats: &mut IncomingStats,
         received: &mut Received,
-    ) -> Result<(Vec<StateBlob>, Vec<Option<Vec<u64>>>)> {
+    ) -> Result<Loaded> {
         let threads: Vec<_> = pages
             .into_iter()
             .enumerate()
@@ -754,6 +754,10 @@ fn postcopy_stats(m: &mut Missing<'_>, stats: &mut IncomingStats, received: &mut
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// What every stream of a [`Destination::load`] held: the state blobs and the digest tables
+/// (strict mode).
+type Loaded = (Vec<StateBlob>, Vec<Option<Vec<u64>>>);
 
 /// What [`Destination::hand_over`] does besides restoring the state.
 #[derive(Debug, Clone, Copy)]

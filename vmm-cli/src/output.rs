@@ -98,22 +98,7 @@ pub fn print_stats(
         stats.total_time_ms, stats.setup_time_ms
     );
     println!("  downtime          {:>10.1} ms", stats.downtime_ms);
-    if stats.guest_visible_downtime_ms > 0.0 {
-        println!(
-            "  guest-visible     {:>10.1} ms   (source pause to destination resume, host clock)",
-            stats.guest_visible_downtime_ms
-        );
-    }
-    if stats.postcopy {
-        println!(
-            "  postcopy          {:>10.0} ms   after {} passes: {} pages sent after the resume, {} asked for by faults ({} before the push had them)",
-            stats.postcopy_ms,
-            stats.iterations,
-            stats.postcopy_pages,
-            stats.postcopy_requests,
-            stats.postcopy_requests_first
-        );
-    }
+    print_postcopy(stats);
     println!(
         "  iterations        {:>10}      dirty syncs {} ({} within passes)",
         stats.iterations, stats.dirty_syncs, stats.mid_pass_syncs
@@ -164,6 +149,26 @@ pub fn print_stats(
     }
     if let Some(fp) = fingerprint {
         println!("  RAM fingerprint   {fp:>16}");
+    }
+}
+
+/// The guest-visible downtime and a postcopy's phase, when there are.
+fn print_postcopy(stats: &MigrationStats) {
+    if stats.guest_visible_downtime_ms > 0.0 {
+        println!(
+            "  guest-visible     {:>10.1} ms   (source pause to destination resume, host clock)",
+            stats.guest_visible_downtime_ms
+        );
+    }
+    if stats.postcopy {
+        println!(
+            "  postcopy          {:>10.0} ms   after {} passes: {} pages sent after the resume, {} asked for by faults ({} before the push had them)",
+            stats.postcopy_ms,
+            stats.iterations,
+            stats.postcopy_pages,
+            stats.postcopy_requests,
+            stats.postcopy_requests_first
+        );
     }
 }
 

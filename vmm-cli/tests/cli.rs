@@ -1382,17 +1382,14 @@ fn tls_usage_errors() {
     );
 }
 
+/// One side of a run: its exit code, its JSON (or null) and its stderr.
+type Side = (Option<i32>, serde_json::Value, String);
+
 /// A postcopy of an increment guest between two `vmm` processes over TCP loopback: `vmm run
 /// ... --postcopy` with `extra` arguments, and `vmm incoming` (which checks the increment rule
 /// once every page arrived, its guest paused for it). Returns both exit codes and JSON (or
 /// stderr when a side printed none).
-fn postcopy_migration(
-    dirty_log: &str,
-    extra: &[&str],
-) -> (
-    (Option<i32>, serde_json::Value, String),
-    (Option<i32>, serde_json::Value, String),
-) {
+fn postcopy_migration(dirty_log: &str, extra: &[&str]) -> (Side, Side) {
     let incoming = start_incoming("tcp:127.0.0.1:0");
     let mut args = vec![
         "run",

@@ -465,7 +465,8 @@ mod tests {
                 self.0.store(true, Ordering::SeqCst);
             }
         }
-        struct Guarded<'a>(Dropped<'a>);
+        /// Holds its `Dropped` only to be dropped with it.
+        struct Guarded<'a>(#[allow(dead_code)] Dropped<'a>);
         impl Placement for Guarded<'_> {
             fn place(&self, _: usize, _: u64, _: &[u8; 4096]) -> io::Result<Placed> {
                 Ok(Placed::Now)

@@ -925,21 +925,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             .map_err(Error::io("sending the end marker"))?;
         self.out.flush().map_err(Error::io("flushing the stream"))?;
         self.stats.bytes_sent = self.bytes_sent();
-        if let Some(reader) = self.ack.as_mut() {
-            let t = Instant::now();
-            Ack::wait_ok(reader.as_mut(), self.config.ack_timeout, self.cancel)?;
-            b.ack_ms = ms(t.elapsed());
-            // The commit point: once the confirmation is out the guest runs at the destination.
-            // If it fails, no whole confirmation left us, the destination will not resume, and the
-            // failure path resumes the guest here.
-            // Written straight to the transport, not through the stream's buffer: a buffer that
-            // failed to flush would try again when dropped, and a late confirmation could then
-            // reach a destination after this side had resumed.
-            let t = Instant::now();
-            Confirm::send(self.out.get_mut().get_mut().as_mut())
-                .map_err(Error::io("sending the confirmation"))?;
-            b.confirm_ms = ms(t.elapsed());
-        }
+        self.ack_and_confirm(&mut b)?;
         self.committed = true;
         self.committed_at = Some(Instant::now());
         self.cpu_at_commit = Some((process_cpu_time(), thread_cpu_time()));
@@ -960,6 +946,27 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 Ok(())
             }
         }
+    }
+
+    /// A live destination (one with a return path): wait for its acknowledgement, then send the
+    /// confirmation. The commit point: once the confirmation is out the guest runs at the
+    /// destination. If it fails, no whole confirmation left us, the destination will not resume,
+    /// and the failure path resumes the guest here. A file has no one to answer: nothing to do.
+    fn ack_and_confirm(&mut self, b: &mut DowntimeBreakdown) -> Result<()> {
+        let Some(reader) = self.ack.as_mut() else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        Ack::wait_ok(reader.as_mut(), self.config.ack_timeout, self.cancel)?;
+        b.ack_ms = ms(t.elapsed());
+        // Written straight to the transport, not through the stream's buffer: a buffer that
+        // failed to flush would try again when dropped, and a late confirmation could then reach
+        // a destination after this side had resumed.
+        let t = Instant::now();
+        Confirm::send(self.out.get_mut().get_mut().as_mut())
+            .map_err(Error::io("sending the confirmation"))?;
+        b.confirm_ms = ms(t.elapsed());
+        Ok(())
     }
 
     /// [`VerifyMode::AfterResume`]: the guest runs at the destination now; this side, still

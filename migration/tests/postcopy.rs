@@ -8,7 +8,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -17,18 +17,6 @@ use clearlog_memory::MemorySystem;
 use clearlog_migration::*;
 use common::*;
 use rand::{Rng, SeedableRng};
-
-struct Pipes(Sender<Transport>);
-
-impl ChannelConnector for Pipes {
-    fn connect(&mut self) -> clearlog_migration::Result<Transport> {
-        let (ours, theirs) = mem_channel();
-        self.0
-            .send(theirs)
-            .map_err(|_| Error::Handshake("the destination is gone".into()))?;
-        Ok(ours)
-    }
-}
 
 struct PipeAcceptor(Receiver<Transport>);
 

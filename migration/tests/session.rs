@@ -13,7 +13,7 @@ mod common;
 
 use std::io::Read;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,19 +21,6 @@ use clearlog_migration::*;
 use common::*;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
-
-/// The source side: each connection is an in-memory pair whose far end goes to the destination.
-struct Pipes(Sender<Transport>);
-
-impl ChannelConnector for Pipes {
-    fn connect(&mut self) -> clearlog_migration::Result<Transport> {
-        let (ours, theirs) = mem_channel();
-        self.0
-            .send(theirs)
-            .map_err(|_| Error::Handshake("the destination is gone".into()))?;
-        Ok(ours)
-    }
-}
 
 /// The destination side: connections arrive from [`Pipes`]; each one's reads are delayed at
 /// random, differently per connection.

@@ -7,7 +7,6 @@
 //! goes again (it may still sit in a page channel's queue), and the destination places it once.
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clearlog_bitmap::AtomicBitmap;
@@ -15,14 +14,14 @@ use clearlog_bitmap::AtomicBitmap;
 use crate::sender::{Channels, Out, Sent, WindowJob};
 use crate::stream::PageBatch;
 use crate::transport::TransportRead;
-use crate::wire::PostcopyMessage;
+use crate::wire::{read_within, PostcopyMessage, ReadFailure};
 use crate::{CancelToken, Error, MigrationBlock, Result, PAGE_SIZE};
 
 /// Pages per window of the background push (1 MiB).
 const PUSH_WINDOW_PAGES: usize = 256;
 
-/// How often the request reader wakes to see whether the phase was called off.
-const REQUEST_POLL: Duration = Duration::from_millis(50);
+/// The request reader's deadline: none to speak of (see [`serve_requests`]).
+const NO_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// What serving requests did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -37,20 +36,28 @@ pub(crate) struct Served {
 
 /// Answer the destination's requests on `out` until it says every page arrived. `pending[b]`:
 /// block `b`'s pages neither path has taken yet. Ends early, with an error, when the return path
-/// fails, or when `stop` is set (the push failed).
+/// fails, or when `stop` is cancelled (the push failed, or the caller cancelled).
 pub(crate) fn serve_requests<B: MigrationBlock>(
     reader: &mut dyn TransportRead,
     out: &mut Out,
     blocks: &[B],
     pending: &[AtomicBitmap],
-    stop: &AtomicBool,
-    cancel: &CancelToken,
+    stop: &CancelToken,
 ) -> Result<Served> {
     let mut batch = PageBatch::new(PAGE_SIZE as usize);
     let mut served = Served::default();
     let mut buf = [0u8; PostcopyMessage::LEN];
     loop {
-        read_message(reader, &mut buf, stop, cancel)?;
+        // No deadline of its own: the destination may ask nothing for as long as the push takes.
+        // A dead link fails the read; a failed push, or the caller, cancels `stop`.
+        read_within(reader, &mut buf, NO_DEADLINE, Some(stop)).map_err(|e| Error::Postcopy {
+            context: "reading the destination's requests",
+            source: match e {
+                ReadFailure::Io(e) => e,
+                ReadFailure::Eof => io::ErrorKind::UnexpectedEof.into(),
+                other => io::Error::other(other.to_string()),
+            },
+        })?;
         let Some(want) = PostcopyMessage::parse(&buf)?.wanted() else {
             return Ok(served);
         };
@@ -76,39 +83,6 @@ pub(crate) fn serve_requests<B: MigrationBlock>(
         served.sent.zero += u64::from(zero);
         served.sent.bytes += rec.len() as u64;
     }
-}
-
-/// Fill `buf` from `reader`, waking every [`REQUEST_POLL`] to look at `stop` and `cancel`; bytes
-/// already read are kept across the wake-ups.
-fn read_message(
-    reader: &mut dyn TransportRead,
-    buf: &mut [u8],
-    stop: &AtomicBool,
-    cancel: &CancelToken,
-) -> Result<()> {
-    let io_err = postcopy_io("reading the destination's requests");
-    reader
-        .set_read_timeout(Some(REQUEST_POLL))
-        .map_err(postcopy_io("reading the destination's requests"))?;
-    let mut got = 0;
-    while got < buf.len() {
-        if stop.load(Ordering::Acquire) || cancel.is_cancelled() {
-            return Err(io_err(io::Error::other(
-                "the postcopy phase was called off",
-            )));
-        }
-        match reader.read(&mut buf[got..]) {
-            Ok(0) => return Err(io_err(io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => got += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(io_err(e)),
-        }
-    }
-    Ok(())
 }
 
 /// Push every page still pending to the page channels, window by window, then end the channels.

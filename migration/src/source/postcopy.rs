@@ -4,7 +4,6 @@
 //! The source's switch to postcopy and its postcopy phase (docs/design.md, "Postcopy").
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clearlog_bitmap::AtomicBitmap;
@@ -13,8 +12,9 @@ use super::{ms, unix_ns, vm_err, Run};
 use crate::postcopy::auto_switches;
 use crate::postcopy::serve::{push_pending, serve_requests};
 use crate::stream::{self, MAX_MISSING_WORDS};
-use crate::wire::{Ack, Confirm};
-use crate::{DirtyTracking, DowntimeBreakdown, Error, PostcopyPolicy, Result, PAGE_SIZE};
+use crate::{
+    CancelToken, DirtyTracking, DowntimeBreakdown, Error, PostcopyPolicy, Result, PAGE_SIZE,
+};
 
 impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     /// After live pass `iteration` (which took `pass_time` while the guest dirtied `dirty`
@@ -125,14 +125,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     /// Wait for the destination's acknowledgement and confirm: the commit point, after which
     /// the guest runs there and this side never resumes it (its memory holds the missing pages).
     fn commit_postcopy(&mut self, pause_at: Instant, mut b: DowntimeBreakdown) -> Result<()> {
-        let reader = self.ack.as_mut().ok_or(Error::PostcopyNeedsSession)?;
-        let t = Instant::now();
-        Ack::wait_ok(reader.as_mut(), self.config.ack_timeout, self.cancel)?;
-        b.ack_ms = ms(t.elapsed());
-        let t = Instant::now();
-        Confirm::send(self.out.get_mut().get_mut().as_mut())
-            .map_err(Error::io("sending the confirmation"))?;
-        b.confirm_ms = ms(t.elapsed());
+        self.ack_and_confirm(&mut b)?;
         self.committed = true;
         self.committed_at = Some(Instant::now());
         self.stats.downtime_ms = ms(pause_at.elapsed());
@@ -161,17 +154,18 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 bits
             })
             .collect();
-        let stop = AtomicBool::new(false);
+        // Cancelled when the push fails or the caller cancels: the request server stops then.
+        let stop = CancelToken::new();
         let (blocks, cancel) = (self.blocks, self.cancel);
         let reader = self.ack.as_mut().ok_or(Error::PostcopyNeedsSession)?;
         let channels = self.channels.as_mut().ok_or(Error::PostcopyNeedsSession)?;
         let out = &mut self.out;
         let (served, pushed) = std::thread::scope(|scope| {
-            let server = scope
-                .spawn(|| serve_requests(reader.as_mut(), out, blocks, &pending, &stop, cancel));
+            let server =
+                scope.spawn(|| serve_requests(reader.as_mut(), out, blocks, &pending, &stop));
             let pushed = push_pending(channels, &pending, cancel);
-            if pushed.is_err() {
-                stop.store(true, Ordering::Release);
+            if pushed.is_err() || cancel.is_cancelled() {
+                stop.cancel();
             }
             let served = server
                 .join()

@@ -17,7 +17,8 @@ use clearlog_memory::{
     DirtyMemory, ListenerError, MemoryListener, MemorySystem, RamBlock, Section, PAGE_SIZE,
 };
 use clearlog_migration::{
-    BoxError, DirtyTracking, MemoryResult, MigrationMemory, StateBlob, VmControl, VmRestore,
+    mem_channel, BoxError, ChannelConnector, DirtyTracking, Error, MemoryResult, MigrationMemory,
+    StateBlob, Transport, VmControl, VmRestore,
 };
 use rand::{Rng, SeedableRng};
 
@@ -388,6 +389,19 @@ pub fn diff_ram(a: &MemorySystem, b: &MemorySystem) -> Vec<(String, u64)> {
         }
     }
     out
+}
+
+/// The source side: each connection is an in-memory pair whose far end goes to the destination.
+pub struct Pipes(pub std::sync::mpsc::Sender<Transport>);
+
+impl ChannelConnector for Pipes {
+    fn connect(&mut self) -> clearlog_migration::Result<Transport> {
+        let (ours, theirs) = mem_channel();
+        self.0
+            .send(theirs)
+            .map_err(|_| Error::Handshake("the destination is gone".into()))?;
+        Ok(ours)
+    }
 }
 
 /// A `Write` into a shared buffer (to capture a stream).

@@ -38,8 +38,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    build_vmm, check_opts, incoming_cmd, jstr, kvm_usable, leftover_children, opt_value, Proc, Rng,
-    Shape,
+    build_vmm, check_opts, incoming_cmd, jbool, jstr, kvm_usable, leftover_children, opt_value,
+    Proc, Rng, Shape,
 };
 use crate::judge::{judge, judge_before_boot, CaseResult, Expect, Judged};
 use crate::loss::{run_loss, Loss};
@@ -176,7 +176,15 @@ enum Fault {
     Inject(&'static str),
     /// A loss made on purpose (`--fault`): it must be caught, or repaired by the destination.
     Loss(Loss),
+    /// A postcopy cut after its commit (`vmm run --postcopy --fail-at STEP@N`, a `postcopy-*`
+    /// step): there is no recovery yet, so both sides must stop with exit code 4, the source's
+    /// guest paused, and no side may say `verified`.
+    Postcopy(&'static str),
 }
+
+/// The postcopy steps `vmm run --fail-at` can break: a write after the commit (a page pushed or
+/// asked for) and a read of the destination's requests.
+const POSTCOPY_STEPS: [&str; 2] = ["postcopy-send", "postcopy-request"];
 
 impl Fault {
     /// Every case kind: the cuts, the injection points, then the losses.
@@ -185,6 +193,7 @@ impl Fault {
             .map(|c| Fault::Cut(*c))
             .chain(INJECT_STEPS.iter().map(|s| Fault::Inject(s)))
             .chain(Loss::ALL.iter().map(|l| Fault::Loss(*l)))
+            .chain(POSTCOPY_STEPS.iter().map(|s| Fault::Postcopy(s)))
             .collect()
     }
 
@@ -193,6 +202,7 @@ impl Fault {
             Fault::Cut(c) => c.name(),
             Fault::Inject(step) => format!("fail@{step}"),
             Fault::Loss(l) => l.name().to_string(),
+            Fault::Postcopy(step) => format!("fail@{step}"),
         }
     }
 
@@ -206,6 +216,8 @@ impl Fault {
             Fault::Inject("read") => 20_000,
             Fault::Inject("send") => 400,
             Fault::Inject(_) => 1,
+            Fault::Postcopy("postcopy-send") => 200,
+            Fault::Postcopy(_) => 8,
         }
     }
 
@@ -216,8 +228,8 @@ impl Fault {
         let pick = MIX[((u64::from(case) + seed) % MIX.len() as u64) as usize];
         match self {
             Fault::Cut(c) if c.at.session_only() && pick == Some(0) => None,
-            // Only a session drains.
-            Fault::Inject("drain") if pick == Some(0) => None,
+            // Only a session drains, and only a session has a postcopy.
+            Fault::Inject("drain") | Fault::Postcopy(_) if pick == Some(0) => None,
             _ => pick,
         }
     }
@@ -312,6 +324,14 @@ fn run_kind(
                 run_inject_case(vmm, step, nth, shape, no_retry)
             }
             Fault::Loss(loss) => run_loss_case(vmm, loss, shape, &mut tally.undetected),
+            Fault::Postcopy(step) => {
+                let nth = if attempt == 3 {
+                    1
+                } else {
+                    case_rng.range(1, (kind.max_call() >> (2 * attempt)).max(1))
+                };
+                run_postcopy_case(vmm, step, nth, shape, no_retry)
+            }
         };
         r = result.unwrap_or_else(|e| CaseResult {
             note: format!("harness error: {e}"),
@@ -544,7 +564,7 @@ fn run_cut(
     };
     let proxy = Proxy::start(addr_a, plan)?;
     let to = format!("tcp:{}", proxy.addr);
-    let (mut src, src_status) = run_source(vmm, shape, &to, dst.retry(no_retry), None)?;
+    let (mut src, src_status) = run_source(vmm, shape, &to, dst.retry(no_retry), &[])?;
     let report = proxy.finish();
     let head = format!(
         "{} {}@{} of {} conns",
@@ -577,7 +597,7 @@ fn run_cut(
     let to_a = dst.uri_a.clone();
     let judged = dst.judged(&mut src, src_status, shape);
     if cut.at.expect() == Expect::BeforeBoot {
-        return judge_before_boot(judged, || run_source(vmm, shape, &to_a, None, None), head);
+        return judge_before_boot(judged, || run_source(vmm, shape, &to_a, None, &[]), head);
     }
     Ok(judge(judged, cut.at.expect(), report.error, head))
 }
@@ -589,7 +609,7 @@ fn run_source(
     shape: &Shape,
     to: &str,
     retry: Option<&str>,
-    extra: Option<&str>,
+    extra: &[&str],
 ) -> Result<(Proc, Result<std::process::ExitStatus, String>), String> {
     let mut cmd = std::process::Command::new(vmm);
     cmd.args(shape.run_args()).args([
@@ -619,7 +639,7 @@ fn run_inject_case(
     let mut dst = Destinations::start(vmm)?;
     let fail_at = format!("--fail-at={step}@{nth}");
     let (mut src, src_status) =
-        run_source(vmm, shape, &dst.uri_a, dst.retry(no_retry), Some(&fail_at))?;
+        run_source(vmm, shape, &dst.uri_a, dst.retry(no_retry), &[&fail_at])?;
     let injected = src
         .stderr()
         .contains(&format!("injected fault ({step}@{nth})"))
@@ -644,6 +664,88 @@ fn run_inject_case(
         None,
         format!("{step}@{nth}"),
     ))
+}
+
+/// A postcopy cut after its commit (`--postcopy --fail-at STEP@N`). No recovery yet: the case
+/// is handled when both sides stop with exit code 4 (the source saying its guest stays paused,
+/// A that its guest waits on pages), no side says `verified`, and B never gets a migration (the
+/// source does not retry after the commit). "after commit" counts these; "retry ok" never does.
+fn run_postcopy_case(
+    vmm: &std::path::Path,
+    step: &str,
+    nth: u64,
+    shape: &Shape,
+    no_retry: bool,
+) -> Result<CaseResult, String> {
+    let mut dst = Destinations::start(vmm)?;
+    let fail_at = format!("--fail-at={step}@{nth}");
+    // A 1 µs downtime limit: precopy fits only when nothing is left, so the switch comes.
+    let shape = Shape {
+        downtime_ms: 0,
+        ..shape.clone()
+    };
+    let (src, src_status) = run_source(
+        vmm,
+        &shape,
+        &dst.uri_a,
+        dst.retry(no_retry),
+        // The switch is logged: a precopy that ended first makes no postcopy fault.
+        &[
+            "--postcopy",
+            &fail_at,
+            "--log=warn,clearlog_migration::source::postcopy=info",
+        ],
+    )?;
+    let switched = src.stderr().contains("postcopy committed");
+    if !switched
+        || !src
+            .stderr()
+            .contains(&format!("injected fault ({step}@{nth})"))
+    {
+        return Ok(CaseResult {
+            note: format!("no fault ({step} call {nth} never happened, or no postcopy)"),
+            ..CaseResult::default()
+        });
+    }
+    let a_status = dst.a.wait_timeout(Duration::from_secs(60));
+    let code =
+        |s: &Result<std::process::ExitStatus, String>| s.as_ref().ok().and_then(|s| s.code());
+    let (src_code, a_code) = (code(&src_status), code(&a_status));
+    let (src_err, a_err) = (src.stderr(), dst.a.stderr());
+    // Stranded (exit 4), or, when the cut came after the last page arrived, the verification
+    // incomplete (exit 1): either way the source keeps its guest paused.
+    let src_paused = matches!(src_code, Some(1 | 4)) && src_err.contains("stays paused");
+    let stranded = src_code == Some(4);
+    // A either says its guest waits on pages (exit 4), or had every page and verified or not.
+    let a_ok = match a_code {
+        Some(4) => a_err.contains("waits on pages"),
+        Some(0 | 1) => !stranded,
+        _ => false,
+    };
+    let b_used = dst.b.stderr().contains("accepted a session") || !dst.b.running();
+    dst.b.kill();
+    let ok = src_paused && a_ok && jbool(&src.json(), "verified") != Some(true) && !b_used;
+    Ok(CaseResult {
+        cut: true,
+        source_reported: src_paused,
+        after_commit: true,
+        a_resumed: true,
+        ok,
+        note: match (ok, stranded) {
+            (true, true) => {
+                "stranded safely: exit 4 on both sides, source paused (no recovery yet)".into()
+            }
+            (true, false) => {
+                "cut after the last page: verification incomplete, source paused".into()
+            }
+            (false, _) => format!(
+                "source {src_code:?} A {a_code:?} B used {b_used}: {} / {}",
+                src.error_line().unwrap_or_default(),
+                dst.a.error_line().unwrap_or_default()
+            ),
+        },
+        ..CaseResult::default()
+    })
 }
 
 /// A loss made on purpose: "fault made" when it happened, "handled" when it was caught on both

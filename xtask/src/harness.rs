@@ -148,7 +148,7 @@ pub struct Shape {
     pub ring_bytes: Option<u64>,
     /// Bandwidth limit, bytes/s.
     pub bandwidth: u64,
-    /// Downtime limit, ms.
+    /// Downtime limit, ms (0: 1 µs, for cases that must not end in precopy).
     pub downtime_ms: u64,
     /// `vmm run --channels`: `None` the default session, `Some(0)` one version-1 stream.
     pub channels: Option<u32>,
@@ -226,7 +226,12 @@ impl Shape {
             ),
             format!("--dirty-rate={}M", self.dirty_rate / MIB),
             format!("--bandwidth={}M", self.bandwidth / MIB),
-            format!("--downtime={}ms", self.downtime_ms),
+            // 0: one microsecond, so precopy fits only when nothing at all is left.
+            if self.downtime_ms == 0 {
+                "--downtime=1us".to_string()
+            } else {
+                format!("--downtime={}ms", self.downtime_ms)
+            },
         ];
         v.extend(self.channels.map(|n| format!("--channels={n}")));
         match (self.ring_bytes, self.clear_shift) {

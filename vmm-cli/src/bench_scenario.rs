@@ -245,7 +245,11 @@ mod tests {
         let p = BenchScenario::parse("postcopy:16M").unwrap();
         assert_eq!(p, BenchScenario::Postcopy(16 << 20));
         assert_eq!(p.label(), "postcopy 16 MiB");
-        assert!(p.run_args().ends_with(&["--clear-chunk".into(), (16u64 << 20).to_string(), "--postcopy".into()]));
+        assert!(p.run_args().ends_with(&[
+            "--clear-chunk".into(),
+            (16u64 << 20).to_string(),
+            "--postcopy".into()
+        ]));
         assert!(BenchScenario::parse("postcopy:3M").is_err());
         assert!(BenchScenario::parse("legacy-kvm")
             .unwrap_err()

@@ -12,8 +12,9 @@
 //!   interleaved by hand or by `cargo xtask qemu-bench --interleave-with-vmm` make one table.
 //!
 //! The table gives medians per system and mode, and each `vmm` row's ratio to QEMU: legacy rows
-//! (`legacy-qemu` and `legacy`) against QEMU's legacy, the others against QEMU's best (fastest
-//! median) clear mode.
+//! (`legacy-qemu` and `legacy`) against QEMU's legacy, postcopy rows (`postcopy 1 MiB`) against
+//! QEMU's best (fastest median) postcopy mode (`postcopy`, `postcopy 1 MiB`, ...; QEMU's best
+//! clear mode when the file has no QEMU postcopy row), the others against QEMU's best clear mode.
 
 use std::path::Path;
 
@@ -285,11 +286,15 @@ pub fn groups(rows: &[Row]) -> Vec<Group> {
         .iter()
         .find(|g| g.system == "qemu" && g.mode == "legacy" && g.total_s.is_finite())
         .map(|g| (g.total_s, g.mode.clone()));
-    let qemu_best_clear = out
-        .iter()
-        .filter(|g| g.system == "qemu" && g.mode.starts_with("clear") && g.total_s.is_finite())
-        .min_by(|a, b| a.total_s.total_cmp(&b.total_s))
-        .map(|g| (g.total_s, g.mode.clone()));
+    // QEMU's fastest mode whose label starts with `prefix`.
+    let qemu_best = |prefix: &str| {
+        out.iter()
+            .filter(|g| g.system == "qemu" && g.mode.starts_with(prefix) && g.total_s.is_finite())
+            .min_by(|a, b| a.total_s.total_cmp(&b.total_s))
+            .map(|g| (g.total_s, g.mode.clone()))
+    };
+    let qemu_best_clear = qemu_best("clear");
+    let qemu_best_postcopy = qemu_best("postcopy").or_else(|| qemu_best_clear.clone());
     for g in out
         .iter_mut()
         .filter(|g| g.system == "vmm" && g.total_s.is_finite())
@@ -297,6 +302,8 @@ pub fn groups(rows: &[Row]) -> Vec<Group> {
         // Both legacy rows of ours (`legacy-qemu`, `legacy`, with a transport after it or not).
         let reference = if g.mode.starts_with("legacy") {
             qemu_legacy.clone()
+        } else if g.mode.starts_with("postcopy") {
+            qemu_best_postcopy.clone()
         } else {
             qemu_best_clear.clone()
         };
@@ -492,5 +499,56 @@ mod tests {
         assert_eq!(find("qemu", "clear 1 MiB").sent_mib, 1.0);
         assert_eq!(median([3.0, 1.0, f64::NAN, 2.0]), 2.0);
         assert!(median([]).is_nan());
+    }
+
+    #[test]
+    fn postcopy_rows_against_qemu_postcopy() {
+        // What `cargo xtask qemu-bench --modes postcopy,postcopy:1M,clear:1M` writes.
+        let q = |mode: &str, total_ms: u32| {
+            parse_line(&format!(
+                r#"{{"status":"completed","total-time":{total_ms},"downtime":20,"ram":{{"transferred":1048576,"postcopy-requests":40}},"system":"qemu","mode":"{mode}","chunk_bytes":null,"stop_to_resume_ms":300.0}}"#
+            ))
+            .unwrap()
+            .unwrap()
+        };
+        // `vmm bench --modes postcopy,clear:1M` labels its postcopy `postcopy 1 MiB`.
+        let v = |mode: &str, total_ms: u32| {
+            parse_line(&format!(
+                r#"{{"scenario":"{mode}","verified":true,"total_time_ms":{total_ms},"downtime_ms":8,"bytes_sent":2097152}}"#
+            ))
+            .unwrap()
+            .unwrap()
+        };
+        let qp = q("postcopy", 10400);
+        assert_eq!(
+            (qp.mode.as_str(), qp.guest_downtime_ms),
+            ("postcopy", Some(300.0))
+        );
+        let rows = vec![
+            qp,
+            q("postcopy 1 MiB", 10000),
+            q("clear 1 MiB", 13800),
+            v("postcopy 1 MiB", 9000),
+            v("clear 1 MiB", 13400),
+        ];
+        let g = groups(&rows);
+        let find = |s: &str, m: &str| g.iter().find(|x| x.system == s && x.mode == m).unwrap();
+        // Ours against QEMU's fastest postcopy row, whatever its chunk.
+        let (r, m) = find("vmm", "postcopy 1 MiB").vs_qemu.clone().unwrap();
+        assert!((r - 0.9).abs() < 1e-9 && m == "postcopy 1 MiB", "{r} {m}");
+        // Clear rows still against QEMU's clear rows, never its postcopy.
+        let (r, m) = find("vmm", "clear 1 MiB").vs_qemu.clone().unwrap();
+        assert!(
+            (r - 13.4 / 13.8).abs() < 1e-9 && m == "clear 1 MiB",
+            "{r} {m}"
+        );
+        // Only QEMU's default-chunk postcopy: that one.
+        let g = groups(&[q("postcopy", 10000), v("postcopy 1 MiB", 9000)]);
+        let (_, m) = g[0].vs_qemu.clone().unwrap();
+        assert_eq!(m, "postcopy");
+        // No QEMU postcopy row: QEMU's best clear mode, named in the column.
+        let g = groups(&[q("clear 16 MiB", 15000), v("postcopy 1 MiB", 9000)]);
+        let (r, m) = g[0].vs_qemu.clone().unwrap();
+        assert!((r - 0.6).abs() < 1e-9 && m == "clear 16 MiB", "{r} {m}");
     }
 }

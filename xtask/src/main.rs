@@ -19,7 +19,7 @@
 //! cargo xtask soak [--runs N] [--seed S]      N random migrations, each verified (increment rule,
 //!                             RAM fingerprint, digest table); reports mismatched pages
 //! cargo xtask netns           two network namespaces, a shaped veth link; migrate, then cut the link
-//! cargo xtask qemu-bench [--modes legacy,clear:1M,clear:16M] [--runs N] [--out FILE] [--smoke]
+//! cargo xtask qemu-bench [--modes legacy,clear:1M,clear:16M,postcopy] [--runs N] [--out FILE] [--smoke]
 //!                   [--qemu-root DIR | --install-qemu10 [DIR]] [--multifd N] [--bandwidth 0]
 //!                             the same workload migrated by QEMU (the host's 7.2, or a Debian
 //!                             tree's 10.0 under chroot), one JSON line per run for
@@ -111,7 +111,7 @@ fn print_usage() {
          faults           cut one connection of a migration at every step (--count N, default 50; --seed S; --only I; --no-retry): the source survives and a retry verifies\n  \
          soak             N random migrations (--runs N, default 200; --seed S), each verified; reports mismatched pages\n  \
          netns            migrate between two network namespaces over a shaped veth link, then take the link down mid-migration\n  \
-         qemu-bench       migrate the same workload with QEMU (--modes legacy,clear:1M,clear:16M --runs N --out FILE; --smoke: a short end-to-end check; --interleave-with-vmm MODES; --qemu-root DIR: a debootstrap tree's QEMU under chroot, --install-qemu10 [DIR] creates one; --multifd N; --bandwidth 0: no limit; --help for all)\n  \
+         qemu-bench       migrate the same workload with QEMU (--modes legacy,clear:1M,clear:16M,postcopy --runs N --out FILE; --smoke: a short end-to-end check; --interleave-with-vmm MODES; --qemu-root DIR: a debootstrap tree's QEMU under chroot, --install-qemu10 [DIR] creates one; --multifd N; --bandwidth 0: no limit; --help for all)\n  \
          fuzz             run each migration stream-decoder fuzz target (--seconds N, default 30); SKIPPED without nightly + cargo-fuzz\n  \
          miri             the memory-model tests (bitmap release sequences, dirty-client store buffering) under Miri; SKIPPED without nightly + miri"
     );

@@ -33,11 +33,19 @@
 //! built here with gcc) makes `KVM_CHECK_EXTENSION(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)` answer 0,
 //! QEMU's own fallback when the kernel lacks the capability. The same shim counts
 //! `KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG` calls in every mode, and a run fails unless the
-//! counts match the mode (legacy: no clears; clear: clears).
+//! counts match the mode (legacy: no clears; clear and postcopy: clears).
 //!
-//! `--smoke`: a short end-to-end check (512M guest, 256M working set, legacy and clear:1M once):
-//! the migration completes, the guest was writing before and after it, and dirty pages were re-sent.
-//! With `--qemu-root` and `--multifd` it checks those paths the same way.
+//! `postcopy` and `postcopy:CHUNK` ([`postcopy`]): clear mode (QEMU's default chunk, or CHUNK as
+//! in `clear:CHUNK`) with `postcopy-ram` on both sides and `migrate-start-postcopy` once the first
+//! pass is done (`ram.dirty-sync-count` 2); the JSON line adds `postcopy_started_after_ms` (from
+//! `migrate` to `migrate-start-postcopy`), the statuses seen and `query-migrate` at the switch.
+//! `stop_to_resume_ms` is measured as in precopy: the source's STOP event (the switch) to the
+//! destination's RESUME event (its guest runs with pages still missing).
+//!
+//! `--smoke`: a short end-to-end check (512M guest, 256M working set, legacy and clear:1M once,
+//! or each of `--modes` once): the migration completes, the guest was writing before and after it,
+//! and dirty pages were re-sent; a postcopy mode also went through `postcopy-active`. With
+//! `--qemu-root` and `--multifd` it checks those paths the same way.
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
@@ -53,6 +61,8 @@ use serde_json::{json, Value};
 use crate::harness::{build_vmm, is_ci, kvm_usable};
 use crate::units::{human_bytes, parse_duration, parse_size};
 use crate::workspace_root;
+
+mod postcopy;
 
 /// A duration flag in milliseconds (`100ms`, `2s`; a bare number is milliseconds).
 fn parse_ms(s: &str) -> Result<u64, String> {
@@ -136,41 +146,68 @@ enum Mode {
     Legacy,
     /// Clear chunk in bytes (a power of two, 256K..).
     Clear(u64),
+    /// `postcopy-ram` on both sides, `migrate-start-postcopy` after the first pass (see
+    /// [`postcopy`]); dirty logging as in clear mode, with this chunk (`postcopy:CHUNK`) or
+    /// QEMU's default one (`postcopy`: no `-global`, QEMU's shift 18, 1 GiB chunks).
+    Postcopy(Option<u64>),
 }
 
 impl Mode {
     fn parse(s: &str) -> Result<Mode, String> {
         let s = s.trim();
-        if s == "legacy" {
-            return Ok(Mode::Legacy);
+        match s {
+            "legacy" => return Ok(Mode::Legacy),
+            "postcopy" => return Ok(Mode::Postcopy(None)),
+            _ => {}
         }
-        let size = s
-            .strip_prefix("clear:")
-            .ok_or_else(|| format!("mode `{s}`: use legacy or clear:SIZE (e.g. clear:1M)"))?;
-        let b = parse_size(size)?;
-        // x-clear-bitmap-shift is 6..=31 (chunks of 2^shift pages).
-        if !b.is_power_of_two() || !(PAGE << 6..=PAGE << 31).contains(&b) {
-            return Err(format!(
-                "mode `{s}`: the chunk must be a power of two from 256K to 8T"
-            ));
+        if let Some(size) = s.strip_prefix("postcopy:") {
+            return Ok(Mode::Postcopy(Some(parse_chunk(s, size)?)));
         }
-        Ok(Mode::Clear(b))
+        let size = s.strip_prefix("clear:").ok_or_else(|| {
+            format!("mode `{s}`: use legacy, clear:SIZE (e.g. clear:1M), postcopy or postcopy:SIZE")
+        })?;
+        Ok(Mode::Clear(parse_chunk(s, size)?))
+    }
+
+    /// The clear chunk the mode sets (None: legacy, or QEMU's default chunk).
+    fn chunk(self) -> Option<u64> {
+        match self {
+            Mode::Legacy | Mode::Postcopy(None) => None,
+            Mode::Clear(b) | Mode::Postcopy(Some(b)) => Some(b),
+        }
     }
 
     fn shift(self) -> Option<u32> {
-        match self {
-            Mode::Legacy => None,
-            Mode::Clear(b) => Some((b / PAGE).trailing_zeros()),
-        }
+        self.chunk().map(|b| (b / PAGE).trailing_zeros())
     }
 
-    /// The same label `vmm bench` prints ("legacy", "clear 1 MiB").
+    fn is_postcopy(self) -> bool {
+        matches!(self, Mode::Postcopy(_))
+    }
+
+    /// The label the tables print: `vmm bench`'s for legacy and clear ("legacy", "clear 1 MiB"),
+    /// "postcopy" with QEMU's default chunk, "postcopy 1 MiB" with a chunk of 1 MiB (the label of
+    /// `vmm bench`'s own `postcopy`, whose first pass clears 1 MiB chunks).
     fn label(self) -> String {
         match self {
             Mode::Legacy => "legacy".into(),
             Mode::Clear(b) => format!("clear {}", human_bytes(b)),
+            Mode::Postcopy(None) => "postcopy".into(),
+            Mode::Postcopy(Some(b)) => format!("postcopy {}", human_bytes(b)),
         }
     }
+}
+
+/// The chunk of mode `mode` (`clear:SIZE`, `postcopy:SIZE`): a power of two QEMU's
+/// `x-clear-bitmap-shift` can name (6..=31: chunks of 2^shift pages).
+fn parse_chunk(mode: &str, size: &str) -> Result<u64, String> {
+    let b = parse_size(size)?;
+    if !b.is_power_of_two() || !(PAGE << 6..=PAGE << 31).contains(&b) {
+        return Err(format!(
+            "mode `{mode}`: the chunk must be a power of two from 256K to 8T"
+        ));
+    }
+    Ok(b)
 }
 
 /// Options of `cargo xtask qemu-bench`.
@@ -200,11 +237,13 @@ struct Opts {
     multifd: u8,
 }
 
-const USAGE: &str = "usage: cargo xtask qemu-bench [--modes legacy,clear:1M,clear:16M] [--runs N] [--out FILE] [--append]
+const USAGE: &str = "usage: cargo xtask qemu-bench [--modes legacy,clear:1M,clear:16M,postcopy] [--runs N] [--out FILE] [--append]
        [--mem 4G] [--wss 3G] [--dirty-rate 288M] [--bandwidth 400M|0] [--downtime 100ms] [--warmup 2s]
        [--multifd N] [--interleave-with-vmm MODES [--vmm-transports plain:N,tls:N]] [--install] [--qemu PATH]
        [--qemu-root DIR | --install-qemu10 [DIR]] [--smoke]
-  --bandwidth 0      no bandwidth limit (QEMU max-bandwidth 0)
+  --modes M,...      legacy, clear:CHUNK (x-clear-bitmap-shift), postcopy (postcopy-ram, switched
+                     after the first pass; QEMU's default chunk) or postcopy:CHUNK
+  --bandwidth 0      no bandwidth limit (QEMU max-bandwidth 0; also max-postcopy-bandwidth)
   --multifd N        the multifd capability with N channels on both sides (0, the default: off)
   --qemu-root DIR    run DIR's QEMU under chroot (a debootstrap tree; /dev, /dev/shm, /proc, /sys
                      and /tmp are bind-mounted into it if they are not yet); --qemu is then a path
@@ -401,6 +440,7 @@ pub fn qemu_bench(args: &[String]) -> Result<(), String> {
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let shim = build_shim(&work)?;
     let qemu_version = probe_qemu(&o, &shim, &work)?;
+    postcopy::check_multifd(&o.modes, o.multifd, &qemu_version)?;
     let image = Image::write(&vmm, &o, &work)?;
     if let Some(dir) = o.out.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -543,8 +583,18 @@ fn run_summary(
 ) -> String {
     let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     let mib = |v: &Value| num(v) / MIB as f64;
+    let postcopy = if mode.is_postcopy() {
+        format!(
+            "  postcopy after {:.0} ms, {} requests, {:.0} MiB in postcopy",
+            num(&line["postcopy_started_after_ms"]),
+            line["ram"]["postcopy-requests"],
+            mib(&line["ram"]["postcopy-bytes"])
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "  run {run}/{} qemu {} {:<12} total {:>6.2} s  downtime {:>4} ms  stop->resume {:>6.1} ms  sent {:>6.0} MiB ({:>5.0} MiB/s)  syncs {:>3}  guest {:>4.0} MiB/s ({:>4.0} while migrating)  clears {:>6}  {} ({:.0} s wall, guest ready in {:.1} s)",
+        "  run {run}/{} qemu {} {:<12} total {:>6.2} s  downtime {:>4} ms  stop->resume {:>6.1} ms  sent {:>6.0} MiB ({:>5.0} MiB/s)  syncs {:>3}  guest {:>4.0} MiB/s ({:>4.0} while migrating)  clears {:>6}{postcopy}  {} ({:.0} s wall, guest ready in {:.1} s)",
         o.runs,
         line["version"].as_str().unwrap_or("?"),
         mode.label(),
@@ -1114,57 +1164,74 @@ fn spawn_qemu(
     Ok((QemuProc { child }, sock, log, stats))
 }
 
-/// Turns the multifd capability on with `channels` channels; 0 leaves it off (QEMU's default).
-fn set_multifd(q: &mut Qmp, channels: u8) -> Result<(), String> {
-    if channels == 0 {
-        return Ok(());
-    }
+/// Turns capability `name` on at the `side` QEMU; a refusal names both.
+fn set_capability(q: &mut Qmp, side: &str, name: &str) -> Result<(), String> {
     q.cmd(
         "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "multifd", "state": true}]}),
-    )?;
-    q.cmd(
-        "migrate-set-parameters",
-        json!({ "multifd-channels": channels }),
-    )?;
+        json!({"capabilities": [{"capability": name, "state": true}]}),
+    )
+    .map(drop)
+    .map_err(|e| format!("the {side} QEMU refuses the {name} capability: {e}"))
+}
+
+/// The capabilities of the run at the `side` QEMU: multifd with `o.multifd` channels (0 leaves it
+/// off, QEMU's default) and, in a postcopy mode, `postcopy-ram`. The destination gets them before
+/// it listens (QEMU reads the multifd settings then), the source before `migrate`.
+fn set_capabilities(o: &Opts, mode: Mode, q: &mut Qmp, side: &str) -> Result<(), String> {
+    if o.multifd > 0 {
+        set_capability(q, side, "multifd")?;
+        q.cmd(
+            "migrate-set-parameters",
+            json!({ "multifd-channels": o.multifd }),
+        )?;
+    }
+    if mode.is_postcopy() {
+        set_capability(q, side, "postcopy-ram")?;
+    }
     Ok(())
 }
 
-/// Whether QEMU reports the multifd capability on.
-fn multifd_capability(q: &mut Qmp) -> Result<bool, String> {
+/// Whether QEMU reports capability `name` on.
+fn capability(q: &mut Qmp, name: &str) -> Result<bool, String> {
     let caps = q.cmd("query-migrate-capabilities", json!({}))?;
     caps.as_array()
-        .and_then(|c| c.iter().find(|c| c["capability"] == "multifd"))
+        .and_then(|c| c.iter().find(|c| c["capability"] == name))
         .and_then(|c| c["state"].as_bool())
-        .ok_or_else(|| format!("query-migrate-capabilities has no multifd: {caps}"))
+        .ok_or_else(|| format!("query-migrate-capabilities has no {name}: {caps}"))
 }
 
 /// What both sides hold once the source is set up: their migration parameters and whether each
-/// has the multifd capability on.
+/// has the multifd and postcopy-ram capabilities on.
 struct Settings {
     source: Value,
     destination: Value,
     /// `{"source": bool, "destination": bool}`.
     multifd_on: Value,
+    /// `{"source": bool, "destination": bool}`.
+    postcopy_on: Value,
 }
 
 impl Settings {
-    /// Gives the source the run's multifd (the destination got it before it listened),
-    /// `max-bandwidth` and `downtime-limit`; then reads back what both sides hold.
-    fn apply(o: &Opts, sq: &mut Qmp, dq: &mut Qmp) -> Result<Settings, String> {
-        set_multifd(sq, o.multifd)?;
-        // max-bandwidth 0 is QEMU's "no limit" (see the module documentation).
-        sq.cmd(
-            "migrate-set-parameters",
-            json!({"max-bandwidth": o.bandwidth, "downtime-limit": o.downtime_ms}),
-        )?;
+    /// Gives the source the run's capabilities (the destination got them before it listened),
+    /// `max-bandwidth` and `downtime-limit` (and in a postcopy mode `max-postcopy-bandwidth`, the
+    /// same link for the postcopy phase); then reads back what both sides hold.
+    fn apply(o: &Opts, mode: Mode, sq: &mut Qmp, dq: &mut Qmp) -> Result<Settings, String> {
+        set_capabilities(o, mode, sq, "source")?;
+        // max-bandwidth 0 is QEMU's "no limit" (see the module documentation), as is
+        // max-postcopy-bandwidth 0 (QEMU's default, whatever max-bandwidth says).
+        let mut params = json!({"max-bandwidth": o.bandwidth, "downtime-limit": o.downtime_ms});
+        if mode.is_postcopy() {
+            params["max-postcopy-bandwidth"] = json!(o.bandwidth);
+        }
+        sq.cmd("migrate-set-parameters", params)?;
+        let on = |name: &str, sq: &mut Qmp, dq: &mut Qmp| -> Result<Value, String> {
+            Ok(json!({"source": capability(sq, name)?, "destination": capability(dq, name)?}))
+        };
         Ok(Settings {
             source: sq.cmd("query-migrate-parameters", json!({}))?,
             destination: dq.cmd("query-migrate-parameters", json!({}))?,
-            multifd_on: json!({
-                "source": multifd_capability(sq)?,
-                "destination": multifd_capability(dq)?,
-            }),
+            multifd_on: on("multifd", sq, dq)?,
+            postcopy_on: on("postcopy-ram", sq, dq)?,
         })
     }
 }
@@ -1187,18 +1254,18 @@ fn one_run(
     let mut dq = Qmp::connect(&dst_sock, &mut dst.child)?;
     let mut sq = Qmp::connect(&src_sock, &mut src.child)?;
     let version = sq.cmd("query-version", json!({}))?;
-    // The destination listens only now, with its multifd settings in place.
-    set_multifd(&mut dq, o.multifd)?;
+    // The destination listens only now, with its multifd settings (and postcopy-ram) in place.
+    set_capabilities(o, mode, &mut dq, "destination")?;
     dq.cmd("migrate-incoming", json!({ "uri": uri }))?;
     let ready_s = wait_ready(&mut sq, &mut src, &src_log, image)?;
     // Warm-up; the guest's write rate over it.
     let guest_rate = write_rate(&mut sq, image, Duration::from_millis(o.warmup_ms))?;
-    let settings = Settings::apply(o, &mut sq, &mut dq)?;
+    let settings = Settings::apply(o, mode, &mut sq, &mut dq)?;
     let pages_before = sq.read_u64s(image.counter_slot, 1)?[0];
     let (src_cpu0, dst_cpu0) = (cpu_seconds(src.pid()), cpu_seconds(dst.pid()));
     let started_us = now_us();
     let t0 = Instant::now();
-    let result = migrate(&mut sq, &uri)?;
+    let (result, trace) = migrate(&mut sq, &uri, mode)?;
     let wall_s = t0.elapsed().as_secs_f64();
     let src_cpu1 = cpu_seconds(src.pid());
     // The source guest is stopped now: its counter holds every page it wrote while migrated.
@@ -1225,6 +1292,7 @@ fn one_run(
         .ok_or("query-migrate returned no object")?;
     let extra = json!({
         "multifd_capability": settings.multifd_on,
+        "postcopy_ram_capability": settings.postcopy_on,
         "migration_parameters": settings.source,
         "destination_migration_parameters": settings.destination,
         "guest_ready_s": ready_s,
@@ -1245,7 +1313,7 @@ fn one_run(
         "source_stderr": src_err.trim(),
         "destination_stderr": dst_err.trim(),
     });
-    for (k, v) in [run_fields(o, mode, run, &version), extra]
+    for (k, v) in [run_fields(o, mode, run, &version), extra, trace.json()]
         .iter()
         .flat_map(|f| f.as_object().expect("object"))
     {
@@ -1266,7 +1334,8 @@ fn run_fields(o: &Opts, mode: Mode, run: u32, version: &Value) -> Value {
         "package": version["package"],
         "qemu_root": o.qemu_root.as_ref().map(|r| r.display().to_string()),
         "mode": mode.label(),
-        "chunk_bytes": match mode { Mode::Legacy => 0, Mode::Clear(b) => b },
+        // null: QEMU's default chunk (postcopy without a chunk).
+        "chunk_bytes": if mode == Mode::Legacy { Some(0) } else { mode.chunk() },
         "multifd_channels": o.multifd,
         "clear_bitmap_shift": mode.shift(),
         "run": run,
@@ -1330,17 +1399,20 @@ fn write_rate(q: &mut Qmp, image: &Image, window: Duration) -> Result<f64, Strin
     Ok((w1.1.saturating_sub(w0.1) * PAGE) as f64 / w1.0.duration_since(w0.0).as_secs_f64())
 }
 
-/// Starts the migration to `uri` and polls `query-migrate` until it completes; its result.
-fn migrate(sq: &mut Qmp, uri: &str) -> Result<Value, String> {
+/// Starts the migration to `uri` and polls `query-migrate` until it completes (in a postcopy
+/// mode, switching to postcopy after the first pass); its result, and what the polls saw.
+fn migrate(sq: &mut Qmp, uri: &str, mode: Mode) -> Result<(Value, postcopy::Trace), String> {
     let t0 = Instant::now();
+    let mut trace = postcopy::Trace::default();
     sq.cmd("migrate", json!({ "uri": uri }))?;
     loop {
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(trace.interval(mode));
         let r = sq.cmd("query-migrate", json!({}))?;
+        trace.record(&r);
         match r["status"].as_str() {
-            Some("completed") => return Ok(r),
+            Some("completed") => return Ok((r, trace)),
             Some("failed" | "cancelled") => return Err(format!("migration {}: {r}", r["status"])),
-            _ => {}
+            _ => trace.switch_if_due(mode, sq, &r, t0),
         }
         if t0.elapsed() > Duration::from_secs(600) {
             let _ = sq.cmd("migrate_cancel", json!({}));
@@ -1404,8 +1476,14 @@ fn check_run(o: &Opts, mode: Mode, line: &Value) -> Vec<String> {
         (Mode::Legacy, Some(c)) if c > 0 => {
             p.push(format!("legacy mode, yet {c} KVM_CLEAR_DIRTY_LOG calls"));
         }
-        (Mode::Clear(_), Some(0)) => p.push("clear mode, yet no KVM_CLEAR_DIRTY_LOG call".into()),
+        (Mode::Clear(_) | Mode::Postcopy(_), Some(0)) => p.push(format!(
+            "{} mode (clear), yet no KVM_CLEAR_DIRTY_LOG call",
+            mode.label()
+        )),
         _ => {}
+    }
+    if mode.is_postcopy() {
+        p.extend(postcopy::check(o.bandwidth, line));
     }
     if line["stop_to_resume_ms"].is_null() {
         p.push("no STOP or RESUME event".into());
@@ -1503,6 +1581,47 @@ mod tests {
         Mode::parse("clear:3M").unwrap_err();
         Mode::parse("fast").unwrap_err();
         assert_eq!(Mode::Clear(MIB).label(), "clear 1 MiB");
+    }
+
+    #[test]
+    fn postcopy_modes() {
+        // Plain postcopy: QEMU's default chunk, no -global; labelled `postcopy`.
+        let p = Mode::parse("postcopy").unwrap();
+        assert_eq!(p, Mode::Postcopy(None));
+        assert_eq!(
+            (p.shift(), p.chunk(), p.label().as_str()),
+            (None, None, "postcopy")
+        );
+        assert!(p.is_postcopy() && !Mode::Clear(MIB).is_postcopy() && !Mode::Legacy.is_postcopy());
+        // postcopy:CHUNK sets the shift as clear:CHUNK does; its label is vmm bench's postcopy's.
+        let p = Mode::parse(" postcopy:1M").unwrap();
+        assert_eq!(p, Mode::Postcopy(Some(MIB)));
+        assert_eq!(p.shift(), Mode::parse("clear:1M").unwrap().shift());
+        assert_eq!(p.label(), "postcopy 1 MiB");
+        assert_eq!(Mode::parse("postcopy:16M").unwrap().shift(), Some(12));
+        Mode::parse("postcopy:3M").unwrap_err();
+        Mode::parse("postcopy:").unwrap_err();
+        Mode::parse("postcopy:128K").unwrap_err();
+        Mode::parse("postcopy-ram").unwrap_err();
+        let a = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        let o = parse_opts(&a("--smoke --modes postcopy,clear:1M,postcopy:1M")).unwrap();
+        assert_eq!(
+            o.modes,
+            vec![
+                Mode::Postcopy(None),
+                Mode::Clear(MIB),
+                Mode::Postcopy(Some(MIB))
+            ]
+        );
+        assert_eq!(o.mem, 512 * MIB);
+        // The JSON's chunk: 0 for legacy, null for QEMU's default.
+        let v = json!({"qemu": {"major": 10, "minor": 0, "micro": 13}});
+        let f = |m: Mode| run_fields(&o, m, 1, &v);
+        assert_eq!(f(Mode::Legacy)["chunk_bytes"], 0);
+        assert_eq!(f(Mode::Postcopy(None))["chunk_bytes"], Value::Null);
+        assert_eq!(f(Mode::Postcopy(None))["mode"], "postcopy");
+        assert_eq!(f(Mode::Postcopy(Some(MIB)))["chunk_bytes"], MIB);
+        assert_eq!(f(Mode::Postcopy(Some(MIB)))["clear_bitmap_shift"], 8);
     }
 
     #[test]
@@ -1647,5 +1766,26 @@ mod tests {
         half["destination_migration_parameters"]["multifd-channels"] = json!(4);
         half["ram"]["multifd-bytes"] = json!(0);
         assert_eq!(check_run(&m, Mode::Clear(MIB), &half).len(), 3);
+
+        // A postcopy run: the clear-mode checks (clears made), and it went through postcopy.
+        let mut pc = good.clone();
+        pc["postcopy_ram_capability"] = json!({"source": true, "destination": true});
+        pc["migration_parameters"]["max-postcopy-bandwidth"] = json!(400 * MIB);
+        pc["postcopy_started_after_ms"] = json!(700.0);
+        pc["query_migrate_statuses"] = json!(["active", "postcopy-active", "completed"]);
+        pc["ram"]["postcopy-requests"] = json!(3);
+        let p = Mode::Postcopy(None);
+        assert!(
+            check_run(&o, p, &pc).is_empty(),
+            "{:?}",
+            check_run(&o, p, &pc)
+        );
+        let mut no_clears = pc.clone();
+        no_clears["shim"]["source"]["kvm_clear_dirty_log_calls"] = json!(0);
+        no_clears["query_migrate_statuses"] = json!(["active", "completed"]);
+        let problems = check_run(&o, p, &no_clears);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("postcopy mode (clear), yet no KVM_CLEAR_DIRTY_LOG"));
+        assert!(problems[1].contains("never reported postcopy-active"));
     }
 }

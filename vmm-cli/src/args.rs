@@ -396,7 +396,8 @@ pub struct BenchArgs {
     /// Modes to compare: `legacy-qemu` (KVM's legacy dirty log with one sync per pass, as QEMU
     /// drives it: `--mid-pass-sync off` for that row), `legacy` (the same log, syncing within
     /// passes as --mid-pass-sync says), `clear:CHUNK`, `ring` and `ring:SIZE` (dirty ring per
-    /// vCPU). The table has a ratio column to each legacy row it has, and a legend that says
+    /// vCPU), `postcopy` and `postcopy:CHUNK` (a first pass in clear chunks, 1M by default, then
+    /// postcopy). The table has a ratio column to each legacy row it has, and a legend that says
     /// which is which.
     #[arg(
         long,
@@ -506,7 +507,8 @@ pub struct LadderArgs {
     #[command(flatten)]
     pub migration: MigrationArgs,
     /// Modes to compare: `legacy-qemu` (one sync per pass, as QEMU does), `legacy` (syncs within
-    /// passes as --mid-pass-sync says), `clear:CHUNK`, `ring` and `ring:SIZE` (dirty ring per vCPU).
+    /// passes as --mid-pass-sync says), `clear:CHUNK`, `ring` and `ring:SIZE` (dirty ring per vCPU),
+    /// `postcopy` and `postcopy:CHUNK`.
     #[arg(long, value_delimiter = ',', default_value = "legacy,clear:16M")]
     pub modes: Vec<String>,
     /// Runs per size and mode.

@@ -189,7 +189,7 @@ pub struct GuestArgs {
     pub vcpus: u32,
 }
 
-/// The reference workload's dirty rate (README, "The reference workload").
+/// The reference workload's dirty rate (docs/bench/README.md, "The reference workload").
 pub const DEFAULT_DIRTY_RATE: u64 = 288 << 20;
 
 /// Migration settings (shared by `run` and `bench`).

@@ -362,7 +362,8 @@ impl RunCheck {
 
     /// The source's JSON with the destination's beside it: its per-page cost and CPU as
     /// `dest_ns_per_page`/`dest_cpu_s`, all of it under `destination`, and the distance to the
-    /// floor model of the run's own parameters (README, "The floor") as `floor_s`/`vs_floor_pct`.
+    /// floor model of the run's own parameters (docs/bench/README.md, "The floor") as
+    /// `floor_s`/`vs_floor_pct`.
     fn merged(self, a: &RunSpec) -> serde_json::Value {
         let mut source = self.source;
         let incoming = self.destination;

@@ -1,9 +1,10 @@
 // Copyright The clearlog authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The floor model of precopy with chunked clear under uniform random writes (README, "The
-//! floor"): how long the live phase takes at exactly the bandwidth limit, pass by pass, when each
-//! page is re-armed right before it is read and the guest writes pages uniformly at random.
+//! The floor model of precopy with chunked clear under uniform random writes
+//! (docs/bench/README.md, "The floor"): how long the live phase takes at exactly the bandwidth
+//! limit, pass by pass, when each page is re-armed right before it is read and the guest writes
+//! pages uniformly at random.
 
 use std::time::Duration;
 

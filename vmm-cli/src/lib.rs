@@ -15,3 +15,10 @@ pub mod vm_control;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/adopting.md")]
 pub struct AdoptingDoctests;
+
+/// The code blocks of the workspace README (an example per crate), compiled and run as doc tests.
+/// Here rather than in a library crate: `vmm-cli` is not published, and its dev-dependencies have
+/// every crate the examples use (a published crate could not include a file outside its package).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct TopReadmeDoctests;

@@ -14,13 +14,13 @@ use crate::cpu::{process_cpu_time, thread_cpu_time};
 
 use crate::digest::{hash_threads, page_digests};
 use crate::loader::{PageLoader, PostcopyCell, Received};
-use crate::postcopy::missing::Missing;
+use crate::postcopy::missing::{Missing, ReplyPath};
 use crate::postcopy::UffdPlacement;
 use crate::stats::IncomingStats;
 use crate::stream::Header;
 use crate::stream::{
     self, Record, StreamReader, VerifyRecord, FLAG_ACK_REQUESTED, FLAG_CONFIRM, FLAG_DIGEST_FULL,
-    FLAG_VERIFY_AFTER,
+    FLAG_POSTCOPY_RECOVER, FLAG_VERIFY_AFTER,
 };
 use crate::transport::TransportRead;
 use crate::wire::{Ack, Confirm, Drained, Verdict};
@@ -127,10 +127,29 @@ const VERIFY_WAIT: Duration = Duration::from_secs(600);
 /// let err = Destination::new(&mem).receive(Transport::new(Some(Box::new(garbage)), None), &Vm).unwrap_err();
 /// assert!(matches!(err, Error::BadMagic(_)));
 /// ```
-#[derive(Debug)]
 pub struct Destination<'a, M: ?Sized> {
     mem: &'a M,
     confirm_timeout: Duration,
+    recovery: Option<Recovery<'a>>,
+}
+
+impl<M: ?Sized> std::fmt::Debug for Destination<'_, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Destination")
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("recovery", &self.recovery.as_ref().map(|r| r.timeout))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a postcopy cut after its commit waits for the source to come back
+/// ([`Destination::with_postcopy_recovery`]).
+type AcceptUntil<'a> = Box<dyn FnMut(Instant) -> Result<Incoming> + Send + 'a>;
+
+/// [`Destination::with_postcopy_recovery`]'s settings.
+struct Recovery<'a> {
+    accept: Mutex<AcceptUntil<'a>>,
+    timeout: Duration,
 }
 
 /// How long a destination waits for the source's confirmation after acknowledging (default of
@@ -150,7 +169,40 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         Destination {
             mem,
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+            recovery: None,
         }
+    }
+
+    /// If a postcopy is cut after its commit (the guest runs here with pages missing), wait up
+    /// to `timeout` for the source to come back: `accept(deadline)` gives the next incoming
+    /// migration before `deadline` (e.g. [`crate::Listener::accept_incoming`] with
+    /// [`crate::ListenOptions::with_accept_deadline`]); a session that resumes this postcopy
+    /// ([`crate::stream::FLAG_POSTCOPY_RECOVER`], the same layout) gets the pages still missing
+    /// and the requests still open, and the migration finishes on it; anything else is refused.
+    /// Meanwhile the guest's threads wait on their missing pages. Without it (the default), a
+    /// cut ends the postcopy with [`Error::Postcopy`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use clearlog_migration::{Destination, Error, Incoming};
+    ///
+    /// let mem = clearlog_memory::MemorySystem::new();
+    /// let _dst = Destination::new(&mem).with_postcopy_recovery(Duration::from_secs(30), |_deadline| {
+    ///     Err::<Incoming, _>(Error::AcceptTimeout) // a real VMM accepts on its listener here
+    /// });
+    /// ```
+    pub fn with_postcopy_recovery(
+        mut self,
+        timeout: Duration,
+        accept: impl FnMut(Instant) -> Result<Incoming> + Send + 'a,
+    ) -> Self {
+        self.recovery = Some(Recovery {
+            accept: Mutex::new(Box::new(accept)),
+            timeout,
+        });
+        self
     }
 
     /// How long to wait, after acknowledging, for the source's confirmation before giving up
@@ -333,9 +385,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         let loaded = self.load(
             &mut r,
             (session_header, pages, control_cut.as_deref()),
-            writer
-                .as_mut()
-                .map(|w| w.as_mut() as &mut (dyn Write + Send)),
+            &mut writer,
             (vm, resume),
             &mut stats,
             &mut flags,
@@ -500,7 +550,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         &self,
         r: &mut ControlReader,
         (session_header, pages, control_cut): Channels<'_>,
-        reply: Option<&mut (dyn Write + Send)>,
+        writer: &mut Option<Box<dyn Write + Send>>,
         (vm, resume): (&dyn VmRestore, bool),
         stats: &mut IncomingStats,
         flags: &mut u32,
@@ -522,7 +572,9 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         let blocks = self.mem.blocks();
         check_layout(&blocks, &header)?;
         let progress = ChannelProgress::new(pages.len());
-        let reply = reply.map(|w| Mutex::new(&mut *w as &mut (dyn Write + Send)));
+        // The return path, shared by the threads that answer on it; back in `writer` at the end
+        // (a postcopy recovered on a new session leaves that session's writer there).
+        let reply: ReplyPath = Mutex::new(writer.take());
         let postcopy = PostcopyCell::new();
         let stop_faults = AtomicBool::new(false);
         let ctx = LoadContext {
@@ -533,7 +585,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
             session,
             progress: &progress,
             control_cut,
-            reply: reply.as_ref(),
+            reply: Some(&reply),
             postcopy: &postcopy,
             stop_faults: &stop_faults,
         };
@@ -547,6 +599,10 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         if let Some(m) = postcopy.as_mut() {
             postcopy_stats(m, stats, received);
         }
+        let left = postcopy.as_ref().map_or(0, |m| m.left());
+        // With pages missing, its drop keeps the userfaultfd open (the guest waits on them).
+        drop(postcopy);
+        *writer = reply.into_inner().unwrap_or_else(|p| p.into_inner());
         // Once the guest runs here, any failure strands it: say so in one kind of error.
         let (state, digests) = loaded.map_err(|e| match e {
             e @ Error::Postcopy { .. } => e,
@@ -556,12 +612,11 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
             },
             e => e,
         })?;
-        if let Some(m) = postcopy.as_ref().filter(|m| m.left() > 0) {
+        if left > 0 {
             return Err(Error::Postcopy {
                 context: "ending the postcopy phase",
                 source: std::io::Error::other(format!(
-                    "{} pages never arrived: the guest waits on them and cannot go on",
-                    m.left()
+                    "{left} pages never arrived: the guest waits on them and cannot go on"
                 )),
             });
         }
@@ -574,7 +629,8 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
     }
 
     /// Inside [`Self::load`]'s thread scope: one thread per page channel, the control channel
-    /// here; with a postcopy phase in the middle if the source switches to one.
+    /// here; with a postcopy phase in the middle if the source switches to one, and, if that
+    /// phase is cut and [`Self::with_postcopy_recovery`] allows, the sessions that resume it.
     #[allow(clippy::too_many_arguments)]
     fn load_streams<'s, 'e: 's, 'w: 'e, B: MigrationBlock>(
         &self,
@@ -586,44 +642,22 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         stats: &mut IncomingStats,
         received: &mut Received,
     ) -> Result<Loaded> {
-        let threads: Vec<_> = pages
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| scope.spawn(move || ctx.channel(i, t)))
-            .collect();
-        let mut inline = PageLoader::new(ctx.blocks, ctx.track);
-        let mut control = load_control(r, &mut inline, ctx);
-        let mut handed_state = Vec::new();
-        if let Ok(ControlEnd::Postcopy {
-            state,
-            missing,
-            early,
-        }) = control
-        {
-            control = self
-                .postcopy(scope, ctx, r, (&state, missing, early), (vm, resume), stats)
-                .and_then(|()| load_control(r, &mut inline, ctx));
-            handed_state = state;
+        let first = SessionIo {
+            pages,
+            cut: ctx.control_cut,
+        };
+        let mut end = self.session_streams(scope, ctx, r, first, Some((vm, resume)), stats);
+        let handed_state = std::mem::take(&mut end.handed_state);
+        let mut loaders = std::mem::take(&mut end.loaders);
+        while end.result.is_err() && ctx.postcopy.get().is_some() && self.recovery.is_some() {
+            let e = end.result.err().expect("checked");
+            tracing::warn!(error = %crate::error::chain(&e), "postcopy cut: waiting for the source to come back");
+            end = self.recover_session(scope, ctx, r, stats)?;
+            loaders.append(&mut end.loaders);
+            stats.postcopy_recoveries += 1;
         }
-        // Every channel thread ends (its stream ended, failed, or the source went away).
-        let mut loaders = vec![inline];
-        let mut channel_error = None;
-        for (i, t) in threads.into_iter().enumerate() {
-            match t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)) {
-                Ok(l) => loaders.push(l),
-                Err(e) => {
-                    channel_error.get_or_insert(Error::Channel {
-                        index: i as u32,
-                        source: Box::new(e),
-                    });
-                }
-            }
-        }
-        // A channel's own error says more than the control channel's end of stream.
-        if let Some(e) = channel_error {
-            return Err(e);
-        }
-        let (mut state, digests, page_records) = match control? {
+        let session_records = end.records;
+        let (mut state, digests, page_records) = match end.result? {
             ControlEnd::End(read) => read,
             ControlEnd::Postcopy { .. } => {
                 return Err(Error::UnexpectedRecord("a second postcopy switch"))
@@ -635,18 +669,134 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         stats.state_blobs = state.len() as u32;
         let mut channel_stats = Vec::new();
         for (i, l) in loaders.into_iter().enumerate() {
-            if i > 0 {
+            if l.is_channel {
                 channel_stats.push(l.channel_stats());
             }
             l.add_to(stats, received);
+            let _ = i;
         }
         stats.channel_stats = channel_stats;
-        if page_records != stats.pages_received {
+        if page_records != session_records {
             return Err(Error::Malformed(
                 "end marker page count (page records lost or added)",
             ));
         }
         Ok((state, digests))
+    }
+
+    /// One session's streams: its page channels' threads, its control channel up to the end
+    /// marker (handing the guest over on the way if the source switches to postcopy, `hand`),
+    /// then the channels joined. Every stream's loader is kept, also when it failed: what it
+    /// loaded before a cut counts.
+    fn session_streams<'s, 'e: 's, 'w: 'e, B: MigrationBlock>(
+        &self,
+        scope: &'s std::thread::Scope<'s, 'e>,
+        ctx: &'e LoadContext<'e, 'w, B>,
+        r: &mut ControlReader,
+        io: SessionIo<'e>,
+        hand: Option<(&dyn VmRestore, bool)>,
+        stats: &mut IncomingStats,
+    ) -> SessionEnd<'e, B> {
+        let cut = io.cut;
+        let threads: Vec<_> = io
+            .pages
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| scope.spawn(move || ctx.channel(i, t, cut)))
+            .collect();
+        let mut inline = PageLoader::new(ctx.blocks, ctx.track);
+        let mut control = load_control(r, &mut inline, ctx);
+        let mut handed_state = Vec::new();
+        if let (
+            Ok(ControlEnd::Postcopy {
+                state,
+                missing,
+                early,
+            }),
+            Some((vm, resume)),
+        ) = (&mut control, hand)
+        {
+            let (state, missing, early) =
+                (std::mem::take(state), std::mem::take(missing), early.take());
+            control = self
+                .postcopy(scope, ctx, r, (&state, missing, early), (vm, resume), stats)
+                .and_then(|()| load_control(r, &mut inline, ctx));
+            handed_state = state;
+        }
+        // Every channel thread ends (its stream ended, failed, or the source went away).
+        let mut loaders = vec![inline];
+        let mut channel_error = None;
+        for (i, t) in threads.into_iter().enumerate() {
+            let (loader, result) = t.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            loaders.push(loader);
+            if let Err(e) = result {
+                channel_error.get_or_insert(Error::Channel {
+                    index: i as u32,
+                    source: Box::new(e),
+                });
+            }
+        }
+        let records = loaders.iter().map(|l| l.pages_received).sum();
+        SessionEnd {
+            // A channel's own error says more than the control channel's end of stream.
+            result: match channel_error {
+                Some(e) => Err(e),
+                None => control,
+            },
+            loaders,
+            records,
+            handed_state,
+        }
+    }
+
+    /// A postcopy was cut: wait (until the recovery's deadline) for a session that resumes it,
+    /// send it the pages still missing and the requests still open, and load it.
+    fn recover_session<'s, 'e: 's, 'w: 'e, B: MigrationBlock>(
+        &self,
+        scope: &'s std::thread::Scope<'s, 'e>,
+        ctx: &'e LoadContext<'e, 'w, B>,
+        r: &mut ControlReader,
+        stats: &mut IncomingStats,
+    ) -> Result<SessionEnd<'e, B>> {
+        let recovery = self.recovery.as_ref().expect("checked by the caller");
+        let m = ctx.postcopy.get().expect("checked by the caller");
+        let reply = ctx.reply.expect("a postcopy has a return path");
+        let deadline = Instant::now() + recovery.timeout;
+        let session = loop {
+            let incoming = (lock(&recovery.accept))(deadline).map_err(|e| Error::Postcopy {
+                context: "waiting for the source to resume the postcopy",
+                source: std::io::Error::other(crate::error::chain(&e)),
+            })?;
+            match incoming {
+                Incoming::Session(s)
+                    if s.header.flags & FLAG_POSTCOPY_RECOVER != 0
+                        && check_layout(ctx.blocks, &s.header).is_ok() =>
+                {
+                    break s
+                }
+                _ => tracing::warn!("refused a migration that does not resume this postcopy"),
+            }
+        };
+        let (reader, writer) = (session.control.reader, session.control.writer);
+        let reader = reader.ok_or_else(|| Error::no_half("resuming the postcopy", "read"))?;
+        let writer = writer.ok_or_else(|| Error::no_half("resuming the postcopy", "write"))?;
+        *r = StreamReader::with_layout(BufReader::with_capacity(READ_BUFFER, reader), ctx.header);
+        *lock(reply) = Some(writer);
+        m.announce().map_err(|e| Error::Postcopy {
+            context: "telling the source which pages are missing",
+            source: e,
+        })?;
+        tracing::info!(missing = m.left(), "postcopy resumed by a new session");
+        // Leaked (one small closure per recovery): it must outlive the threads of this session,
+        // which the load's thread scope joins only at its end.
+        let cut: Option<&'e (dyn Fn() + Send + Sync)> = session
+            .control_cut
+            .map(|c| &*Box::leak(c) as &'e (dyn Fn() + Send + Sync));
+        let io = SessionIo {
+            pages: session.pages,
+            cut,
+        };
+        Ok(self.session_streams(scope, ctx, r, io, None, stats))
     }
 
     /// The source switched to postcopy: make the pages it still sends missing, start answering
@@ -668,7 +818,9 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
             ));
         };
         let refuse = |e: Error| {
-            let _ = Ack::send(&mut **lock(reply), stream::ACK_FAILED);
+            if let Some(w) = lock(reply).as_mut() {
+                let _ = Ack::send(w.as_mut(), stream::ACK_FAILED);
+            }
             e
         };
         let started = Instant::now();
@@ -676,7 +828,12 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
             .unwrap_or_else(|| UffdPlacement::prepare(ctx.blocks))
             .map_err(refuse)?;
         placement.discard(ctx.blocks, &missing).map_err(refuse)?;
-        let m = Missing::new(Box::new(placement), &missing, reply);
+        let m = Missing::new(
+            Box::new(placement),
+            &missing,
+            reply,
+            self.recovery.is_some(),
+        );
         stats.postcopy = true;
         let m = ctx.postcopy.get_or_init(|| m);
         let stop = ctx.stop_faults;
@@ -693,7 +850,8 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         };
         {
             let mut w = lock(reply);
-            self.hand_over(vm, state, r, Some(&mut **w), how, stats)?;
+            let target = w.as_mut().map(|w| w.as_mut() as &mut (dyn Write + Send));
+            self.hand_over(vm, state, r, target, how, stats)?;
         }
         // Nothing missing: say so now (no page will arrive to say it).
         m.send_done()?;
@@ -711,25 +869,50 @@ struct LoadContext<'e, 'w, B> {
     session: bool,
     progress: &'e ChannelProgress,
     control_cut: Option<&'e (dyn Fn() + Send + Sync)>,
-    reply: Option<&'w Mutex<&'w mut (dyn Write + Send)>>,
+    reply: Option<&'w ReplyPath>,
     postcopy: &'e PostcopyCell<'w>,
     stop_faults: &'e AtomicBool,
 }
 
 impl<'e, B: MigrationBlock> LoadContext<'e, '_, B> {
-    /// Page channel `i`'s thread: load it; on an error, wake the control channel's reader.
-    fn channel(&self, i: usize, t: Transport) -> Result<PageLoader<'e, B>> {
-        let loaded = &self.progress.loaded[i];
-        let r = load_channel(i as u32, t, self, loaded);
+    /// Page channel `i`'s thread: load it; on an error, wake the control channel's reader
+    /// (`cut`, its session's). The loader comes back also after an error: what it loaded counts.
+    fn channel(
+        &self,
+        i: usize,
+        t: Transport,
+        cut: Option<&(dyn Fn() + Send + Sync)>,
+    ) -> (PageLoader<'e, B>, Result<()>) {
+        let loaded = &self.progress.loaded[i.min(self.progress.loaded.len().saturating_sub(1))];
+        let mut loader = PageLoader::new(self.blocks, self.track);
+        loader.is_channel = true;
+        let r = load_channel(i as u32, t, self, loaded, &mut loader);
         if r.is_err() {
             self.progress.failed.store(true, Ordering::Release);
-            // Wake the control channel's reader: the migration is over.
-            if let Some(cut) = self.control_cut {
+            // Wake the control channel's reader: the migration (or this session) is over.
+            if let Some(cut) = cut {
                 cut();
             }
         }
-        r
+        (loader, r)
     }
+}
+
+/// One session's connections: its page channels and how to cut its control channel.
+struct SessionIo<'e> {
+    pages: Vec<Transport>,
+    cut: Option<&'e (dyn Fn() + Send + Sync)>,
+}
+
+/// How one session's streams ended ([`Destination::session_streams`]).
+struct SessionEnd<'b, B> {
+    result: Result<ControlEnd>,
+    /// Every stream's loader, failed ones too.
+    loaders: Vec<PageLoader<'b, B>>,
+    /// Page records this session's streams loaded (what its end marker must say).
+    records: u64,
+    /// The state restored at a postcopy switch (the end marker comes with none then).
+    handed_state: Vec<StateBlob>,
 }
 
 /// The postcopy phase's counts into `stats`, and its digests into `received` (in place of what
@@ -898,12 +1081,12 @@ impl ChannelProgress {
 
 /// What answers a session's drain requests: the channels' progress and the control channel's
 /// writer.
-struct Drain<'a, 'w> {
+struct Drain<'a> {
     progress: &'a ChannelProgress,
-    reply: &'w Mutex<&'w mut (dyn Write + Send)>,
+    reply: &'a ReplyPath,
 }
 
-impl Drain<'_, '_> {
+impl Drain<'_> {
     /// Wait until every channel has loaded at least `page_records` (one count per channel), then
     /// answer [`Drained`]. A channel that fails ends the wait (its own error is what the
     /// migration reports); a channel that never gets there runs into its read timeout.
@@ -929,7 +1112,11 @@ impl Drain<'_, '_> {
             }
             std::thread::sleep(DRAIN_POLL);
         }
-        Drained::send(&mut **lock(self.reply)).map_err(Error::io("answering a drain request"))
+        let mut w = lock(self.reply);
+        let w = w
+            .as_mut()
+            .ok_or_else(|| Error::no_half("answering a drain request", "write"))?;
+        Drained::send(w.as_mut()).map_err(Error::io("answering a drain request"))
     }
 }
 
@@ -1152,15 +1339,15 @@ fn load_channel<'b, B: MigrationBlock>(
     t: Transport,
     ctx: &LoadContext<'b, '_, B>,
     loaded: &AtomicU64,
-) -> Result<PageLoader<'b, B>> {
-    let (blocks, header, track) = (ctx.blocks, ctx.header, ctx.track);
+    loader: &mut PageLoader<'b, B>,
+) -> Result<()> {
+    let header = ctx.header;
     let cpu = thread_cpu_time();
     // Both halves are dropped when this returns: on an error the source sees the connection go.
     let Transport { reader, writer } = t;
     let _writer = writer;
     let reader = reader.ok_or_else(|| Error::no_half("a page channel", "read"))?;
     let mut r = StreamReader::with_layout(BufReader::with_capacity(READ_BUFFER, reader), header);
-    let mut loader = PageLoader::new(blocks, track);
     loop {
         match r.next_record()? {
             Record::Pages { block, count } => {
@@ -1194,7 +1381,7 @@ fn load_channel<'b, B: MigrationBlock>(
         pages = loader.pages_received,
         "page channel ended"
     );
-    Ok(loader)
+    Ok(())
 }
 
 /// The control channel's buffered reader as a [`TransportRead`]: the confirmation is read through

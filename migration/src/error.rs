@@ -271,6 +271,9 @@ pub enum Error {
     /// destination may be running an unverified guest.
     #[error("verification incomplete after the commit: {0}")]
     VerificationIncomplete(String),
+    /// No migration arrived before the listener's deadline (`ListenOptions::accept_deadline`).
+    #[error("no migration arrived before the deadline")]
+    AcceptTimeout,
     // ---- postcopy ----
     /// Postcopy was asked for on a stream without a return path (a version-1 stream, a file).
     #[error("postcopy needs a session with a return path (tcp: or unix:), not a version-1 stream or a file")]

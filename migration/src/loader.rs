@@ -80,6 +80,8 @@ pub(crate) struct PageLoader<'b, B> {
     zero_page: Vec<u8>,
     nonzero: Vec<u64>,
     pub(crate) pages_received: u64,
+    /// A page channel's loader (its stats are a channel's).
+    pub(crate) is_channel: bool,
     zero_pages: u64,
     zero_range_pages: u64,
     zero_checked_pages: u64,
@@ -105,6 +107,7 @@ impl<'b, B: MigrationBlock> PageLoader<'b, B> {
             zero_page: vec![0u8; PAGE_SIZE as usize],
             nonzero: Vec::new(),
             pages_received: 0,
+            is_channel: false,
             zero_pages: 0,
             zero_range_pages: 0,
             zero_checked_pages: 0,

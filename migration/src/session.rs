@@ -394,6 +394,10 @@ pub struct ListenOptions {
     /// [`crate::tls`]); every connection of a session must present the same identity. `None`:
     /// plaintext.
     pub tls: Option<TlsServer>,
+    /// Give up waiting at this moment ([`Error::AcceptTimeout`]); `None` (the default): wait
+    /// until a migration comes. A postcopy destination waiting for its source to come back uses
+    /// it.
+    pub accept_deadline: Option<Instant>,
 }
 
 impl Default for ListenOptions {
@@ -402,6 +406,7 @@ impl Default for ListenOptions {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             insecure_plaintext: false,
             tls: None,
+            accept_deadline: None,
         }
     }
 }
@@ -422,6 +427,12 @@ impl ListenOptions {
     /// Accept only mutual TLS with `tls`.
     pub fn with_tls(mut self, tls: TlsServer) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Give up waiting at `deadline`.
+    pub fn with_accept_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.accept_deadline = deadline;
         self
     }
 }
@@ -719,6 +730,9 @@ fn accept_arrivals(arrivals: &mut dyn Arrivals, options: &ListenOptions) -> Resu
             }
             Ok(None) => {}
             Err(e) => break Err(e),
+        }
+        if options.accept_deadline.is_some_and(|d| Instant::now() >= d) {
+            break Err(Error::AcceptTimeout);
         }
         if forming
             .as_ref()

@@ -129,10 +129,28 @@ impl PassCounters {
 /// dst_mem.ram_blocks()[0].read(8192, &mut buf).unwrap();
 /// assert_eq!(&buf, b"hello");
 /// ```
-#[derive(Debug)]
 pub struct Source<'a, M: ?Sized> {
     mem: &'a M,
     config: MigrationConfig,
+    recovery: Option<SourceRecovery<'a>>,
+}
+
+impl<M: ?Sized> std::fmt::Debug for Source<'_, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("config", &self.config)
+            .field("recovery", &self.recovery.as_ref().map(|r| r.timeout))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A new session to the same destination ([`Source::with_postcopy_recovery`]).
+type Reconnect<'a> = Box<dyn FnMut() -> Result<Session> + Send + 'a>;
+
+/// [`Source::with_postcopy_recovery`]'s settings.
+struct SourceRecovery<'a> {
+    reconnect: std::sync::Mutex<Reconnect<'a>>,
+    timeout: Duration,
 }
 
 impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
@@ -150,7 +168,43 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
     /// ```
     pub fn new(mem: &'a M, config: MigrationConfig) -> Result<Self> {
         config.validate()?;
-        Ok(Source { mem, config })
+        Ok(Source {
+            mem,
+            config,
+            recovery: None,
+        })
+    }
+
+    /// If the postcopy phase is cut after its commit, keep the guest paused here and open new
+    /// sessions with `reconnect` (to the same destination, or its new address) until one
+    /// resumes the postcopy or `timeout` has passed since the cut: the destination says which
+    /// pages it still misses, this side sends them (the requested ones first), and the migration
+    /// ends and verifies on that session. Without it (the default), a cut ends the migration
+    /// with [`Error::Postcopy`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use clearlog_migration::{connect_session, MigrationConfig, PostcopyPolicy, SessionOptions, Source};
+    ///
+    /// let mem = clearlog_memory::MemorySystem::new();
+    /// let config = MigrationConfig::default().with_postcopy(PostcopyPolicy::AfterPasses(1));
+    /// let _src = Source::new(&mem, config).unwrap().with_postcopy_recovery(
+    ///     Duration::from_secs(30),
+    ///     || connect_session("tcp:127.0.0.1:4444", &SessionOptions::default()),
+    /// );
+    /// ```
+    pub fn with_postcopy_recovery(
+        mut self,
+        timeout: Duration,
+        reconnect: impl FnMut() -> Result<Session> + Send + 'a,
+    ) -> Self {
+        self.recovery = Some(SourceRecovery {
+            reconnect: std::sync::Mutex::new(Box::new(reconnect)),
+            timeout,
+        });
+        self
     }
 
     /// Migrate: stream RAM while the guest runs, pause it when the rest fits in the downtime limit, send
@@ -231,6 +285,10 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
             page_outs.push(sender::out(t.writer.ok_or_else(no_writer)?, bucket.clone()));
         }
         let blocks = self.mem.blocks();
+        let reconnect = || match self.recovery.as_ref() {
+            Some(r) => (r.reconnect.lock().unwrap_or_else(|p| p.into_inner()))(),
+            None => Err(Error::PostcopyNeedsSession),
+        };
         std::thread::scope(|scope| {
             let channels = if session {
                 Some(Channels::start(scope, &blocks, page_outs)?)
@@ -240,6 +298,12 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
             let mut run = Run {
                 mem: self.mem,
                 config: &self.config,
+                recovery: self
+                    .recovery
+                    .as_ref()
+                    .map(|r| (&reconnect as &dyn Fn() -> Result<Session>, r.timeout)),
+                bucket: bucket.clone(),
+                header: None,
                 vm,
                 cancel,
                 progress,
@@ -265,7 +329,7 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
             };
             let start = Instant::now();
             let cpu_start = (process_cpu_time(), thread_cpu_time());
-            let result = run.run(start);
+            let result = run.run(start).map_err(|e| run.after_commit(e));
             run.finish(result.is_ok());
             result.map(|()| {
                 // Until the commit: the verification after it is `verify_after_ms`.
@@ -286,6 +350,12 @@ impl<'a, M: DirtyTracking + ?Sized> Source<'a, M> {
 struct Run<'r, 'p, M: DirtyTracking + ?Sized> {
     mem: &'r M,
     config: &'r MigrationConfig,
+    /// [`Source::with_postcopy_recovery`]: a new session, and how long to keep trying.
+    recovery: Option<(&'r dyn Fn() -> Result<Session>, Duration)>,
+    /// The bandwidth limit every writer shares (a session that resumes a postcopy too).
+    bucket: SharedBucket,
+    /// The header sent at the start (a session that resumes a postcopy sends it again).
+    header: Option<Header>,
     vm: &'r dyn VmControl,
     cancel: &'r CancelToken,
     progress: Option<&'p mut dyn FnMut(&Progress)>,
@@ -503,6 +573,7 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         }
         .and_then(|()| self.out.flush())
         .map_err(Error::io("sending the header"))?;
+        self.header = Some(header);
         self.stats.guest_mem_bytes = blocks.iter().map(|b| b.size()).sum();
         self.stats.page_channels = self.channels.as_ref().map_or(0, |c| c.len() as u32);
         for block in blocks {
@@ -1053,6 +1124,26 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
             "verification after the commit"
         );
         Ok(())
+    }
+
+    /// After the commit the guest belongs to the destination: whatever fails then comes back as
+    /// an error that says so (never one a caller could take for "the guest still runs here"
+    /// and migrate it again), `VerificationIncomplete` after a precopy, `Postcopy` after a
+    /// postcopy. Errors before the commit pass unchanged.
+    fn after_commit(&self, e: Error) -> Error {
+        if !self.committed {
+            return e;
+        }
+        match e {
+            e @ (Error::VerificationFailed { .. }
+            | Error::VerificationIncomplete(_)
+            | Error::Postcopy { .. }) => e,
+            e if self.stats.postcopy => Error::Postcopy {
+                context: "finishing after the commit",
+                source: std::io::Error::other(crate::error::chain(&e)),
+            },
+            e => Error::VerificationIncomplete(crate::error::chain(&e)),
+        }
     }
 
     /// Bytes written to the control channel and every page channel.

@@ -241,6 +241,9 @@ pub struct MigrationStats {
     /// Postcopy: requests answered before the background push had taken the page.
     #[serde(default)]
     pub postcopy_requests_first: u64,
+    /// Postcopy: sessions opened to resume it after a cut.
+    #[serde(default)]
+    pub postcopy_recoveries: u32,
     /// Per-iteration details.
     pub iteration_history: Vec<IterationStats>,
 }
@@ -354,4 +357,7 @@ pub struct IncomingStats {
     /// Postcopy: the longest such wait, ms.
     #[serde(default)]
     pub fault_latency_max_ms: f64,
+    /// Postcopy: sessions that resumed it after a cut.
+    #[serde(default)]
+    pub postcopy_recoveries: u32,
 }

@@ -39,6 +39,11 @@ pub const FLAG_CONFIRM: u32 = 4;
 /// ([`VERDICT_MAGIC`]): the default verification ([`crate::VerifyMode::AfterResume`]), outside the
 /// downtime. On a file it follows the end marker and the destination checks it before resuming.
 pub const FLAG_VERIFY_AFTER: u32 = 8;
+/// Header flag of a session that resumes an interrupted postcopy: the destination answers on the
+/// return path with the pages it still misses (`TAG_MISSING` records, then `TAG_POSTCOPY` with
+/// their count), then its requests; the source sends them, then the end marker and the
+/// verification, as the interrupted session would have.
+pub const FLAG_POSTCOPY_RECOVER: u32 = 16;
 /// Most entries in one verify record.
 pub const MAX_VERIFY_ENTRIES: u32 = 4096;
 /// Record tag (after the end marker): `(page, digest)` pairs of a block's final non-zero pages.
@@ -678,7 +683,13 @@ impl<R: Read> StreamReader<R> {
             });
         }
         let flags = self.u32("header flags")?;
-        if flags & !(FLAG_ACK_REQUESTED | FLAG_DIGEST_FULL | FLAG_CONFIRM | FLAG_VERIFY_AFTER) != 0
+        if flags
+            & !(FLAG_ACK_REQUESTED
+                | FLAG_DIGEST_FULL
+                | FLAG_CONFIRM
+                | FLAG_VERIFY_AFTER
+                | FLAG_POSTCOPY_RECOVER)
+            != 0
         {
             return Err(Error::Malformed("header flags"));
         }

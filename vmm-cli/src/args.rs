@@ -105,6 +105,11 @@ pub struct IncomingArgs {
     /// waiting forever on a dead link. `0` waits forever.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "60s")]
     pub io_timeout: Duration,
+    /// If a postcopy is cut after its commit (the guest runs here with pages missing), keep
+    /// listening this long for the source to come back and finish it (`--listen` only; the
+    /// source needs `--postcopy-recover-timeout` too). Without it a cut ends with exit code 4.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub postcopy_recover_timeout: Option<Duration>,
     /// Print a fingerprint of guest RAM at switchover (before resuming), to compare with the
     /// source's (`vmm run --ram-fingerprint`). Costs a pass over all RAM before the guest resumes.
     #[arg(long)]
@@ -333,6 +338,11 @@ pub struct RunArgs {
     /// TCP_USER_TIMEOUT), instead of waiting for the kernel to give up (~15 min).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "10s")]
     pub io_timeout: Duration,
+    /// If the postcopy is cut after its commit, keep the guest paused and reconnect to
+    /// `--migrate-to` (new sessions, same settings) for this long to finish it (the destination
+    /// needs `--postcopy-recover-timeout` too). Without it a cut ends with exit code 4.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "migrate_to")]
+    pub postcopy_recover_timeout: Option<Duration>,
     /// TLS.
     #[command(flatten)]
     pub tls: SourceTlsArgs,

@@ -27,9 +27,13 @@ use crate::{CliError, CliResult};
 use clearlog_migration::tls::{TlsError, TlsFiles, TlsServer};
 use vmm_cli::vm_control::GuestControl;
 
+/// Where `vmm incoming` listens, kept for a postcopy's source to come back to.
+type Listening = Option<(Listener, ListenOptions)>;
+
 /// Accept the incoming migration and read its header: a session or a version-1 connection
-/// (stray and refused connections are logged and skipped), or the saved file.
-fn open_incoming(a: &IncomingArgs) -> CliResult<Incoming> {
+/// (stray and refused connections are logged and skipped), or the saved file. With `--listen`,
+/// the listener too.
+fn open_incoming(a: &IncomingArgs) -> CliResult<(Incoming, Listening)> {
     if let Some(uri) = &a.listen {
         match uri.parse::<MigrationUri>() {
             Ok(MigrationUri::File(_)) => {
@@ -77,12 +81,13 @@ fn open_incoming(a: &IncomingArgs) -> CliResult<Incoming> {
         // A port probe, a peer that is not a clearlog source, a second source while one joins:
         // refused and logged; the first source whose session (or version-1 header) is complete
         // is the migration.
-        return listener.accept_incoming(&options).map_err(|e| {
+        let incoming = listener.accept_incoming(&options).map_err(|e| {
             CliError::Failed(format!(
                 "accepting the migration on {local} failed: {}; no guest was resumed",
                 e.chain()
             ))
-        });
+        })?;
+        return Ok((incoming, Some((listener, options))));
     }
     let from = a.from.as_deref().unwrap_or_default();
     match from.parse::<MigrationUri>() {
@@ -96,7 +101,7 @@ fn open_incoming(a: &IncomingArgs) -> CliResult<Incoming> {
                     e.chain()
                 ))
             })?;
-            Ok(Incoming::Stream { transport, header })
+            Ok((Incoming::Stream { transport, header }, None))
         }
         Ok(_) => Err(CliError::Usage(format!(
             "--from {from}: only file:PATH can be restored; use --listen for sockets"
@@ -123,7 +128,7 @@ fn tls_server(dir: &std::path::Path, authz: &[String]) -> CliResult<TlsServer> {
 /// `vmm incoming`: accept the migration, make a guest of its RAM layout, receive (resuming the
 /// guest at the commit), watch the guest run, report.
 pub fn incoming(a: IncomingArgs) -> CliResult {
-    let incoming = open_incoming(&a)?;
+    let (incoming, listening) = open_incoming(&a)?;
     let guest = guest_for(incoming.header())?;
     let start = Instant::now();
     let stop_watch = AtomicBool::new(false);
@@ -136,7 +141,7 @@ pub fn incoming(a: IncomingArgs) -> CliResult {
             scope,
             stop_watch: &stop_watch,
         };
-        let received = receive(&a, &guest, incoming, &control);
+        let received = receive(&a, &guest, (incoming, listening.as_ref()), &control);
         let received_ms = start.elapsed().as_secs_f64() * 1e3;
         let watch = control
             .postcopy_watch
@@ -238,7 +243,7 @@ fn guest_for(header: &Header) -> CliResult<Guest> {
 fn receive(
     a: &IncomingArgs,
     guest: &Guest,
-    mut incoming: Incoming,
+    (mut incoming, listening): (Incoming, Option<&(Listener, ListenOptions)>),
     control: &IncomingControl<'_, '_>,
 ) -> CliResult<clearlog_migration::Result<IncomingStats>> {
     if !a.io_timeout.is_zero() {
@@ -250,13 +255,15 @@ fn receive(
         })?;
     }
     Ok(match a.fault {
-        None => Destination::new(guest.memory()).receive_incoming(incoming, control),
+        None => with_recovery(Destination::new(guest.memory()), a, listening)?
+            .receive_incoming(incoming, control),
         Some(Fault::HidePopulated(n)) => {
             let mut memory = FaultyMemory::new(guest.memory(), Injector::new(None, None));
             memory
                 .fill_and_hide_last_pages(n)
                 .map_err(|e| failed("--fault hide-populated", &e.chain()))?;
-            Destination::new(&memory).receive_incoming(incoming, control)
+            with_recovery(Destination::new(&memory), a, listening)?
+                .receive_incoming(incoming, control)
         }
         Some(other) => {
             return Err(CliError::Usage(format!(
@@ -264,6 +271,36 @@ fn receive(
             )))
         }
     })
+}
+
+/// `--postcopy-recover-timeout`: a cut postcopy waits on the same listener for its source to
+/// come back (each connection with the `--io-timeout` of the first).
+fn with_recovery<'a, M: clearlog_migration::MigrationMemory + ?Sized>(
+    d: Destination<'a, M>,
+    a: &'a IncomingArgs,
+    listening: Option<&'a (Listener, ListenOptions)>,
+) -> CliResult<Destination<'a, M>> {
+    let Some(timeout) = a.postcopy_recover_timeout else {
+        return Ok(d);
+    };
+    let Some((listener, options)) = listening else {
+        return Err(CliError::Usage(
+            "--postcopy-recover-timeout needs --listen (a file has no source to come back)".into(),
+        ));
+    };
+    Ok(d.with_postcopy_recovery(timeout, move |deadline| {
+        let options = options.clone().with_accept_deadline(Some(deadline));
+        let mut incoming = listener.accept_incoming(&options)?;
+        if !a.io_timeout.is_zero() {
+            incoming
+                .set_read_timeout(Some(a.io_timeout))
+                .map_err(|source| clearlog_migration::Error::Io {
+                    context: "setting the --io-timeout",
+                    source,
+                })?;
+        }
+        Ok(incoming)
+    }))
 }
 
 /// Lets the resumed guest run for `--run-after`, prints the report, and fails if the guest

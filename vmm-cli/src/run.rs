@@ -208,7 +208,15 @@ impl Retries {
         outgoing: Outgoing,
     ) -> CliResult<(MigrationStats, GuestView)> {
         let uri = a.migrate_to.clone().unwrap_or_default();
-        let mut attempt = migrate(guest, config.clone(), outgoing, &uri, a.fail_at, a.fault);
+        let recover = a.postcopy_recover_timeout.map(|t| (t, a));
+        let mut attempt = migrate(
+            guest,
+            config.clone(),
+            outgoing,
+            (&uri, recover),
+            a.fail_at,
+            a.fault,
+        );
         for retry in &a.retry_to {
             match &attempt {
                 // After the commit the guest belongs to the destination: no retry.
@@ -223,7 +231,7 @@ impl Retries {
             }
             self.note_failure(guest, retry, a.workload);
             attempt = connect_source(retry, a.io_timeout, a.migration.channels, &a.tls)
-                .and_then(|o| migrate(guest, config.clone(), o, retry, None, None));
+                .and_then(|o| migrate(guest, config.clone(), o, (retry, None), None, None));
         }
         attempt
     }
@@ -343,12 +351,30 @@ fn report(a: &RunArgs, guest: &Guest, done: &Migrated, retries: &Retries) {
 /// How long `--retry-to` watches the guest after a failed migration, to prove it still runs.
 const PROGRESS_PROBE: Duration = Duration::from_millis(300);
 
+/// `--postcopy-recover-timeout`: a cut postcopy reconnects to `uri` with the run's settings.
+fn with_recovery<'a, M: clearlog_migration::DirtyTracking + ?Sized>(
+    s: Source<'a, M>,
+    uri: &'a str,
+    recover: Option<(Duration, &'a RunArgs)>,
+) -> Source<'a, M> {
+    let Some((timeout, a)) = recover else {
+        return s;
+    };
+    s.with_postcopy_recovery(timeout, move || {
+        match connect_source(uri, a.io_timeout, a.migration.channels, &a.tls) {
+            Ok(Outgoing::Session(session)) => Ok(session),
+            Ok(Outgoing::Stream(_)) => Err(clearlog_migration::Error::PostcopyNeedsSession),
+            Err(e) => Err(clearlog_migration::Error::Handshake(e.to_string())),
+        }
+    })
+}
+
 /// Run one migration of `guest`, with a progress bar on a terminal.
 pub fn migrate(
     guest: &Guest,
     config: MigrationConfig,
     outgoing: Outgoing,
-    uri: &str,
+    (uri, recover): (&str, Option<(Duration, &RunArgs)>),
     fail_at: Option<FaultPlan>,
     fault: Option<Fault>,
 ) -> CliResult<(MigrationStats, GuestView)> {
@@ -382,6 +408,7 @@ pub fn migrate(
     let control = LiveProbe::start(guest);
     let result = match (fail_at, fault) {
         (None, None) => Source::new(guest.memory(), config)
+            .map(|s| with_recovery(s, uri, recover))
             .and_then(|s| outgoing.send(&s, &control, &mut on_progress, &cancel)),
         (plan, fault) => {
             let faults = Injector::new(plan, fault);
@@ -400,6 +427,7 @@ pub fn migrate(
             };
             let outgoing = outgoing.map(|t| faulty_transport(t, &faults));
             Source::new(&memory, config)
+                .map(|s| with_recovery(s, uri, recover))
                 .and_then(|s| outgoing.send(&s, &control, &mut on_progress, &cancel))
         }
     };

@@ -1390,7 +1390,12 @@ type Side = (Option<i32>, serde_json::Value, String);
 /// once every page arrived, its guest paused for it). Returns both exit codes and JSON (or
 /// stderr when a side printed none).
 fn postcopy_migration(dirty_log: &str, extra: &[&str]) -> (Side, Side) {
-    let incoming = start_incoming("tcp:127.0.0.1:0");
+    postcopy_migration_with(dirty_log, extra, &[])
+}
+
+/// [`postcopy_migration`] with `dst_extra` arguments for `vmm incoming`.
+fn postcopy_migration_with(dirty_log: &str, extra: &[&str], dst_extra: &[&str]) -> (Side, Side) {
+    let incoming = start_incoming_with("tcp:127.0.0.1:0", dst_extra);
     let mut args = vec![
         "run",
         "--mem",
@@ -1521,5 +1526,31 @@ fn a_link_cut_during_postcopy_stops_both_sides_with_exit_code_4() {
         assert!(src_err.contains("injected fault"), "{step}: {src_err}");
         assert_eq!(dst_code, Some(4), "{step}: vmm incoming: {dst_err}");
         assert!(dst_err.contains("waits on pages"), "{step}: {dst_err}");
+    }
+}
+
+/// The link cut after a postcopy's commit, with `--postcopy-recover-timeout` on both sides: the
+/// source keeps its guest paused and opens a new session, the destination (its guest waiting on
+/// missing pages) says which pages it still misses, and the migration ends on the new session,
+/// verified on both sides, the increment rule holding.
+#[test]
+fn a_postcopy_cut_after_its_commit_is_resumed_on_a_new_session() {
+    if !kvm_available("a_postcopy_cut_after_its_commit_is_resumed_on_a_new_session") {
+        return;
+    }
+    let _serial = serial();
+    let recover = ["--postcopy-recover-timeout", "20s"];
+    for step in ["postcopy-send@3", "postcopy-request@2"] {
+        let extra = ["--fail-at", step, recover[0], recover[1]];
+        let ((code, src, src_err), (dst_code, dst, dst_err)) =
+            postcopy_migration_with("clear", &extra, &recover);
+        assert_eq!(code, Some(0), "{step}: vmm run: {src_err}");
+        assert_eq!(dst_code, Some(0), "{step}: vmm incoming: {dst_err}");
+        assert!(src_err.contains("injected fault"), "{step}: {src_err}");
+        assert_eq!(src["postcopy_recoveries"], 1, "{step}: {src}");
+        assert_eq!(dst["postcopy_recoveries"], 1, "{step}: {dst}");
+        assert_eq!(src["verified"], true, "{step}: {src}");
+        assert_eq!(dst["verified"], true, "{step}: {dst}");
+        assert_eq!(dst["increment_consistent"], true, "{step}: {dst}");
     }
 }

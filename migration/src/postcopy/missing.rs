@@ -18,6 +18,7 @@ use clearlog_bitmap::{AtomicBitmap, Bitmap};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::postcopy::uffd::Placed;
+use crate::stream::{self, MAX_MISSING_WORDS};
 use crate::wire::PostcopyMessage;
 use crate::{Error, Result, PAGE_SIZE};
 
@@ -31,6 +32,10 @@ pub(crate) trait Placement: Send + Sync {
     /// The next page a thread waits on, as `(block, page)`, waiting at most `timeout`.
     fn next_fault(&self, timeout: Duration) -> io::Result<Option<(usize, u64)>>;
 }
+
+/// The destination's return path, shared by the threads that write to it; `None` once its
+/// connection is gone (a postcopy waiting for its source to come back puts the new one in).
+pub(crate) type ReplyPath = Mutex<Option<Box<dyn Write + Send>>>;
 
 /// How long the fault thread waits for a fault before it looks whether the phase ended.
 const FAULT_POLL: Duration = Duration::from_millis(20);
@@ -88,7 +93,9 @@ pub(crate) struct Missing<'w> {
     zero_faults: AtomicU64,
     latencies: Mutex<Latencies>,
     /// The return path: requests, then the one "all placed" message.
-    reply: &'w Mutex<&'w mut (dyn Write + Send)>,
+    reply: &'w ReplyPath,
+    /// A lost return path is waited out (the source may come back, [`Self::announce`]).
+    recoverable: bool,
     done_sent: AtomicBool,
     /// A placement or the return path failed: the postcopy phase cannot end well.
     failed: AtomicBool,
@@ -100,7 +107,8 @@ impl<'w> Missing<'w> {
     pub(crate) fn new(
         placement: Box<dyn Placement + 'w>,
         pending: &[Bitmap],
-        reply: &'w Mutex<&'w mut (dyn Write + Send)>,
+        reply: &'w ReplyPath,
+        recoverable: bool,
     ) -> Self {
         let mut left = 0;
         let blocks = pending
@@ -131,6 +139,7 @@ impl<'w> Missing<'w> {
             zero_faults: AtomicU64::new(0),
             latencies: Mutex::default(),
             reply,
+            recoverable,
             done_sent: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         }
@@ -262,9 +271,64 @@ impl<'w> Missing<'w> {
 
     fn send(&self, m: PostcopyMessage, context: &'static str) -> Result<()> {
         let mut w = lock(self.reply);
-        m.write_to(&mut **w)
-            .and_then(|()| w.flush())
-            .map_err(self.fail(context))
+        let sent = match w.as_mut() {
+            Some(w) => m.write_to(&mut **w).and_then(|()| w.flush()),
+            None => Err(io::Error::other("the return path is gone")),
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            // Kept: the request stays open (its page's bit too) and goes again on the session
+            // that resumes the postcopy; "done" too.
+            Err(e) if self.recoverable => {
+                tracing::warn!(error = %e, "postcopy: the return path is gone; waiting for the source");
+                *w = None;
+                Ok(())
+            }
+            Err(e) => Err(self.fail(context)(e)),
+        }
+    }
+
+    /// On the session that resumes a cut postcopy: the pages still missing (missing-page
+    /// records, then the switch record with their count), then a request for each page a thread
+    /// still waits on, then "done" if nothing is missing.
+    pub(crate) fn announce(&self) -> io::Result<()> {
+        let mut rec = Vec::new();
+        let mut total = 0u64;
+        let mut waited_on = Vec::new();
+        for (bi, b) in self.blocks.iter().enumerate() {
+            let pending = b.pending.snapshot();
+            total += pending.count_ones() as u64;
+            for (i, part) in pending
+                .as_words()
+                .chunks(MAX_MISSING_WORDS as usize)
+                .enumerate()
+            {
+                if part.iter().any(|&w| w != 0) {
+                    let first = (i * MAX_MISSING_WORDS as usize * 64) as u64;
+                    stream::encode_missing(bi as u32, first, part, &mut rec);
+                }
+            }
+            let mut asked = b.requested.snapshot();
+            asked.and_assign(&pending);
+            waited_on.extend(
+                asked
+                    .iter_ones()
+                    .map(|p| PostcopyMessage::want(bi as u32, p as u64)),
+            );
+        }
+        stream::encode_postcopy(total, &mut rec);
+        for m in &waited_on {
+            rec.extend_from_slice(zerocopy::IntoBytes::as_bytes(m));
+        }
+        if total == 0 {
+            rec.extend_from_slice(zerocopy::IntoBytes::as_bytes(&PostcopyMessage::done()));
+        }
+        let mut w = lock(self.reply);
+        let w = w
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no return path"))?;
+        w.write_all(&rec)?;
+        w.flush()
     }
 
     /// Mark the phase failed, and say what failed.
@@ -395,9 +459,13 @@ mod tests {
     fn a_page_asked_for_is_asked_once_and_a_page_arriving_twice_is_placed_once() {
         let plain = PlainPlacement::default();
         let out = Sink::default();
-        let mut w = out.clone();
-        let reply = Mutex::new(&mut w as &mut (dyn Write + Send));
-        let m = Missing::new(Box::new(&plain), &[missing(&[3, 5]), missing(&[])], &reply);
+        let reply: ReplyPath = Mutex::new(Some(Box::new(out.clone())));
+        let m = Missing::new(
+            Box::new(&plain),
+            &[missing(&[3, 5]), missing(&[])],
+            &reply,
+            false,
+        );
         m.fault(0, 3).unwrap();
         m.fault(0, 3).unwrap(); // a second vCPU on the same page
                                 // A page the source never listed is zero there: placed here without asking.
@@ -437,9 +505,8 @@ mod tests {
         let plain = PlainPlacement::default();
         lock(&plain.faults).push((0, 7));
         let out = Sink::default();
-        let mut w = out.clone();
-        let reply = Mutex::new(&mut w as &mut (dyn Write + Send));
-        let m = Missing::new(Box::new(&plain), &[missing(&[])], &reply);
+        let reply: ReplyPath = Mutex::new(Some(Box::new(out.clone())));
+        let m = Missing::new(Box::new(&plain), &[missing(&[])], &reply, false);
         m.send_done().unwrap();
         m.send_done().unwrap();
         let stop = AtomicBool::new(false);
@@ -479,12 +546,12 @@ mod tests {
             }
         }
         let (gone_missing, gone_complete) = (AtomicBool::new(false), AtomicBool::new(false));
-        let mut w = Sink::default();
-        let reply = Mutex::new(&mut w as &mut (dyn Write + Send));
+        let reply: ReplyPath = Mutex::new(Some(Box::new(Sink::default())));
         let m = Missing::new(
             Box::new(Guarded(Dropped(&gone_missing))),
             &[missing(&[1])],
             &reply,
+            false,
         );
         drop(m);
         assert!(
@@ -495,6 +562,7 @@ mod tests {
             Box::new(Guarded(Dropped(&gone_complete))),
             &[missing(&[1])],
             &reply,
+            false,
         );
         m.place(0, 1, &[1; 4096]).unwrap();
         drop(m);

@@ -119,6 +119,34 @@ pub(crate) fn push_pending(
     channels.finish()
 }
 
+/// Serve requests on `out` (read from `reader`) while `channels` push every page of `pending`,
+/// until the destination says every page arrived; the channels end. What each path sent.
+pub(crate) fn serve_and_push<B: MigrationBlock>(
+    out: &mut Out,
+    reader: &mut dyn TransportRead,
+    channels: &mut Channels,
+    blocks: &[B],
+    pending: &[AtomicBitmap],
+    cancel: &CancelToken,
+) -> Result<(Served, Sent)> {
+    // Cancelled when the push fails or the caller cancels: the request server stops then.
+    let stop = CancelToken::new();
+    let (served, pushed) = std::thread::scope(|scope| {
+        let server = scope.spawn(|| serve_requests(reader, out, blocks, pending, &stop));
+        let pushed = push_pending(channels, pending, cancel);
+        if pushed.is_err() || cancel.is_cancelled() {
+            stop.cancel();
+        }
+        let served = server
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (served, pushed)
+    });
+    // A failed push says more than the request server it called off.
+    let pushed = pushed?;
+    Ok((served?, pushed))
+}
+
 fn postcopy_io(context: &'static str) -> impl Fn(io::Error) -> Error {
     move |source| Error::Postcopy { context, source }
 }

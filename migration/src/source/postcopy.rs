@@ -10,11 +10,13 @@ use clearlog_bitmap::AtomicBitmap;
 
 use super::{ms, unix_ns, vm_err, Run};
 use crate::postcopy::auto_switches;
-use crate::postcopy::serve::{push_pending, serve_requests};
+use crate::postcopy::serve::{serve_and_push, Served};
+use crate::sender::{self, Channels, Sent};
 use crate::stream::{self, MAX_MISSING_WORDS};
-use crate::{
-    CancelToken, DirtyTracking, DowntimeBreakdown, Error, PostcopyPolicy, Result, PAGE_SIZE,
-};
+use crate::stream::{Header, Record, StreamReader, FLAG_POSTCOPY_RECOVER};
+use crate::transport::TransportRead;
+use crate::Session;
+use crate::{DirtyTracking, DowntimeBreakdown, Error, PostcopyPolicy, Result, PAGE_SIZE};
 
 impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
     /// After live pass `iteration` (which took `pass_time` while the guest dirtied `dirty`
@@ -77,8 +79,23 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         self.stats.postcopy = true;
         self.stats.postcopy_pages = missing;
         let t = Instant::now();
-        // After the commit any failure strands the destination's guest: one kind of error.
-        self.postcopy_phase().map_err(|e| match e {
+        // After the commit any failure strands the destination's guest: one kind of error, never
+        // one a caller could take for "the guest still runs here" (and migrate it again). The
+        // end marker is part of the phase: a cut before it is recovered like any other.
+        let mut phase = self
+            .postcopy_phase()
+            .and_then(|()| self.send_postcopy_end());
+        let ended = loop {
+            match phase {
+                Ok(()) => break Ok(()),
+                // Resumed on a new session (whose end marker goes next), or given up.
+                Err(e) => match self.recover_postcopy(e) {
+                    Ok(()) => phase = self.send_postcopy_end(),
+                    Err(e) => break Err(e),
+                },
+            }
+        };
+        ended.map_err(|e| match e {
             e @ Error::Postcopy { .. } => e,
             e => Error::Postcopy {
                 context: "sending the missing pages",
@@ -89,14 +106,18 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         // The migration's total runs to the last page's arrival, not to the commit: until then
         // the guest still depends on this side.
         self.committed_at = Some(Instant::now());
+        self.stats.bytes_sent = self.bytes_sent();
+        self.verify_after_commit()
+    }
+
+    /// The end marker of the postcopy's (last) session, with that session's page records.
+    fn send_postcopy_end(&mut self) -> Result<()> {
         let mut rec = Vec::new();
         stream::encode_end(self.page_records, &mut rec);
         self.out
             .write_all(&rec)
             .and_then(|()| self.out.flush())
-            .map_err(Error::io("sending the end marker"))?;
-        self.stats.bytes_sent = self.bytes_sent();
-        self.verify_after_commit()
+            .map_err(Error::io("sending the end marker"))
     }
 
     /// The pages still dirty, per block, as missing-page records (a superset of any list sent
@@ -154,32 +175,151 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
                 bits
             })
             .collect();
-        // Cancelled when the push fails or the caller cancels: the request server stops then.
-        let stop = CancelToken::new();
         let (blocks, cancel) = (self.blocks, self.cancel);
         let reader = self.ack.as_mut().ok_or(Error::PostcopyNeedsSession)?;
         let channels = self.channels.as_mut().ok_or(Error::PostcopyNeedsSession)?;
-        let out = &mut self.out;
-        let (served, pushed) = std::thread::scope(|scope| {
-            let server =
-                scope.spawn(|| serve_requests(reader.as_mut(), out, blocks, &pending, &stop));
-            let pushed = push_pending(channels, &pending, cancel);
-            if pushed.is_err() || cancel.is_cancelled() {
-                stop.cancel();
-            }
-            let served = server
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (served, pushed)
-        });
-        let pushed = pushed?;
-        let served = served?;
-        self.page_records += pushed.pages + served.sent.pages;
-        self.stats.pages_sent += pushed.pages + served.sent.pages;
-        self.stats.zero_pages += pushed.zero + served.sent.zero;
-        self.stats.postcopy_requests = served.requests;
-        self.stats.postcopy_requests_first = served.first;
+        let (served, pushed) = serve_and_push(
+            &mut self.out,
+            reader.as_mut(),
+            channels,
+            blocks,
+            &pending,
+            cancel,
+        )?;
+        self.count_postcopy(served, pushed);
         self.finish_channel_stats();
         Ok(())
     }
+
+    fn count_postcopy(&mut self, served: Served, pushed: Sent) {
+        self.page_records += pushed.pages + served.sent.pages;
+        self.stats.pages_sent += pushed.pages + served.sent.pages;
+        self.stats.zero_pages += pushed.zero + served.sent.zero;
+        self.stats.postcopy_requests += served.requests;
+        self.stats.postcopy_requests_first += served.first;
+    }
+
+    /// The postcopy phase was cut (`e`): with [`crate::Source::with_postcopy_recovery`], open
+    /// sessions until one resumes it (or the time is up); without, fail with `e`.
+    fn recover_postcopy(&mut self, e: Error) -> Result<()> {
+        let Some((reconnect, timeout)) = self.recovery else {
+            return Err(e);
+        };
+        tracing::warn!(error = %crate::error::chain(&e), "postcopy cut: the guest stays paused here; reconnecting");
+        // The cut session ends here: its page channels stop and its connections close, so the
+        // destination sees the cut too (a failure on this side only may have left them open).
+        self.channels = None;
+        self.ack = None;
+        self.out = sender::out(Box::new(std::io::sink()), self.bucket.clone());
+        let deadline = Instant::now() + timeout;
+        let mut last = e;
+        while Instant::now() < deadline {
+            self.check_cancel()?;
+            match reconnect().and_then(|s| self.resume_on(s)) {
+                Ok(()) => {
+                    self.stats.postcopy_recoveries += 1;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::error::chain(&e), "postcopy not resumed yet");
+                    last = e;
+                    std::thread::sleep(RECONNECT_PAUSE);
+                }
+            }
+        }
+        Err(Error::Postcopy {
+            context: "resuming the postcopy on a new session",
+            source: std::io::Error::other(format!(
+                "no session resumed it within {timeout:?}; last: {}",
+                crate::error::chain(&last)
+            )),
+        })
+    }
+
+    /// Resume the cut postcopy on `session`: the header again (flagged), the destination's list
+    /// of the pages it still misses, then requests and the push of those pages on new channels.
+    /// On success the session's control channel carries the rest (end marker, verification).
+    fn resume_on(&mut self, session: Session) -> Result<()> {
+        let no_half = |half| Error::no_half("resuming the postcopy", half);
+        let Session { control, pages } = session;
+        let mut out = sender::out(
+            control.writer.ok_or_else(|| no_half("write"))?,
+            self.bucket.clone(),
+        );
+        let mut reader = control.reader.ok_or_else(|| no_half("read"))?;
+        let mut header = self.header.clone().ok_or(Error::PostcopyNeedsSession)?;
+        header.flags |= FLAG_POSTCOPY_RECOVER;
+        header
+            .write_fields_to(&mut out)
+            .and_then(|()| out.flush())
+            .map_err(Error::io("sending the header"))?;
+        let pending = read_missing(reader.as_mut(), &header, self.config.ack_timeout)?;
+        let mut outs = Vec::with_capacity(pages.len());
+        for t in pages {
+            outs.push(sender::out(
+                t.writer.ok_or_else(|| no_half("write"))?,
+                self.bucket.clone(),
+            ));
+        }
+        let (blocks, cancel) = (self.blocks, self.cancel);
+        let (served, pushed) = std::thread::scope(|scope| {
+            let mut channels = Channels::start(scope, blocks, outs)?;
+            serve_and_push(
+                &mut out,
+                reader.as_mut(),
+                &mut channels,
+                blocks,
+                &pending,
+                cancel,
+            )
+        })?;
+        // The end marker of this session counts this session's page records.
+        self.page_records = 0;
+        self.count_postcopy(served, pushed);
+        self.out = out;
+        self.ack = Some(reader);
+        Ok(())
+    }
+}
+
+/// How long a source whose postcopy was cut waits between two attempts to resume it.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+/// The destination's answer to a session that resumes a postcopy: the pages it still misses
+/// (missing-page records, then the switch record with their count), read within `timeout`.
+fn read_missing(
+    reader: &mut dyn TransportRead,
+    header: &Header,
+    timeout: Duration,
+) -> Result<Vec<AtomicBitmap>> {
+    reader
+        .set_read_timeout(Some(timeout))
+        .map_err(Error::io("reading the pages still missing"))?;
+    let pending: Vec<AtomicBitmap> = header
+        .blocks
+        .iter()
+        .map(|b| AtomicBitmap::new((b.size / PAGE_SIZE) as usize))
+        .collect();
+    let mut r = StreamReader::with_layout(&mut *reader, header);
+    let listed = loop {
+        match r.next_record()? {
+            Record::Missing {
+                block,
+                first_page,
+                words,
+            } => pending[block as usize].or_words_at((first_page / 64) as usize, &words),
+            Record::Postcopy { missing_pages } => break missing_pages,
+            _ => return Err(Error::UnexpectedRecord("not a list of missing pages")),
+        }
+    };
+    let counted: u64 = pending.iter().map(|p| p.count_ones() as u64).sum();
+    if counted != listed {
+        return Err(Error::Malformed(
+            "missing pages (the count differs from the pages listed)",
+        ));
+    }
+    reader
+        .set_read_timeout(None)
+        .map_err(Error::io("reading the pages still missing"))?;
+    Ok(pending)
 }

@@ -254,6 +254,20 @@ impl<W: Write> RateLimitedWriter<W> {
         self.written
     }
 
+    /// The wrapped writer, this one gone (nothing is written or flushed by that).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::Write;
+    /// let mut w = clearlog_migration::RateLimitedWriter::new(Vec::new(), 0);
+    /// w.write_all(b"abc").unwrap();
+    /// assert_eq!(w.into_inner(), b"abc");
+    /// ```
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+
     /// The wrapped writer.
     ///
     /// # Examples

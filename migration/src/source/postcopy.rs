@@ -210,7 +210,14 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         // destination sees the cut too (a failure on this side only may have left them open).
         self.channels = None;
         self.ack = None;
-        self.out = sender::out(Box::new(std::io::sink()), self.bucket.clone());
+        let cut = std::mem::replace(
+            &mut self.out,
+            sender::out(Box::new(std::io::sink()), self.bucket.clone()),
+        );
+        // What the cut session's control channel still buffers is dropped, not flushed: a late
+        // end marker would tell the destination this session ended well (seen in a faults run:
+        // it then waited for digests that never came instead of for the source).
+        drop(cut.into_inner().into_parts());
         let deadline = Instant::now() + timeout;
         let mut last = e;
         while Instant::now() < deadline {

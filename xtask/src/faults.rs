@@ -736,11 +736,10 @@ fn run_postcopy_case(
         || ju64(&src.json(), "attempts").is_some_and(|n| n > 1);
     dst.b.kill();
     let ok = (recovered || late) && !b_used;
-    if !ok {
-        if let Ok(dir) = std::env::var("XTASK_FAULTS_DUMP") {
-            let _ = std::fs::write(format!("{dir}/src.txt"), src.stderr() + &src.stdout());
-            let _ = std::fs::write(format!("{dir}/a.txt"), dst.a.stderr() + &dst.a.stdout());
-        }
+    // For a failure's post-mortem: both sides' output.
+    if let Some(dir) = std::env::var("XTASK_FAULTS_DUMP").ok().filter(|_| !ok) {
+        let _ = std::fs::write(format!("{dir}/src.txt"), src.stderr() + &src.stdout());
+        let _ = std::fs::write(format!("{dir}/a.txt"), dst.a.stderr() + &dst.a.stdout());
     }
     Ok(CaseResult {
         cut: true,

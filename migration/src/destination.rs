@@ -760,7 +760,6 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
     ) -> Result<SessionEnd<'e, B>> {
         let recovery = self.recovery.as_ref().expect("checked by the caller");
         let m = ctx.postcopy.get().expect("checked by the caller");
-        let reply = ctx.reply.expect("a postcopy has a return path");
         let deadline = Instant::now() + recovery.timeout;
         let session = loop {
             let incoming = (lock(&recovery.accept))(deadline).map_err(|e| Error::Postcopy {
@@ -781,8 +780,7 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         let reader = reader.ok_or_else(|| Error::no_half("resuming the postcopy", "read"))?;
         let writer = writer.ok_or_else(|| Error::no_half("resuming the postcopy", "write"))?;
         *r = StreamReader::with_layout(BufReader::with_capacity(READ_BUFFER, reader), ctx.header);
-        *lock(reply) = Some(writer);
-        m.announce().map_err(|e| Error::Postcopy {
+        m.announce(writer).map_err(|e| Error::Postcopy {
             context: "telling the source which pages are missing",
             source: e,
         })?;

@@ -357,7 +357,7 @@ pub struct IncomingStats {
     /// Postcopy: the longest such wait, ms.
     #[serde(default)]
     pub fault_latency_max_ms: f64,
-    /// Postcopy: sessions that resumed it after a cut.
+    /// Postcopy: sessions accepted to resume it after a cut (one that failed in turn counts too).
     #[serde(default)]
     pub postcopy_recoveries: u32,
 }

@@ -288,10 +288,13 @@ impl<'w> Missing<'w> {
         }
     }
 
-    /// On the session that resumes a cut postcopy: the pages still missing (missing-page
-    /// records, then the switch record with their count), then a request for each page a thread
-    /// still waits on, then "done" if nothing is missing.
-    pub(crate) fn announce(&self) -> io::Result<()> {
+    /// On the session that resumes a cut postcopy (its return path `writer`, which becomes this
+    /// phase's): the pages still missing (missing-page records, then the switch record with
+    /// their count), then a request for each page a thread still waits on, then "done" if
+    /// nothing is missing. The return path stays locked until that is out: no request of the
+    /// fault thread may come before it.
+    pub(crate) fn announce(&self, mut writer: Box<dyn Write + Send>) -> io::Result<()> {
+        let mut w = lock(self.reply);
         let mut rec = Vec::new();
         let mut total = 0u64;
         let mut waited_on = Vec::new();
@@ -323,12 +326,10 @@ impl<'w> Missing<'w> {
         if total == 0 {
             rec.extend_from_slice(zerocopy::IntoBytes::as_bytes(&PostcopyMessage::done()));
         }
-        let mut w = lock(self.reply);
-        let w = w
-            .as_mut()
-            .ok_or_else(|| io::Error::other("no return path"))?;
-        w.write_all(&rec)?;
-        w.flush()
+        writer.write_all(&rec)?;
+        writer.flush()?;
+        *w = Some(writer);
+        Ok(())
     }
 
     /// Mark the phase failed, and say what failed.

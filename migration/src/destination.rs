@@ -668,12 +668,11 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         }
         stats.state_blobs = state.len() as u32;
         let mut channel_stats = Vec::new();
-        for (i, l) in loaders.into_iter().enumerate() {
+        for l in loaders {
             if l.is_channel {
                 channel_stats.push(l.channel_stats());
             }
             l.add_to(stats, received);
-            let _ = i;
         }
         stats.channel_stats = channel_stats;
         if page_records != session_records {

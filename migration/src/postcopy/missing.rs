@@ -44,7 +44,8 @@ const FAULT_POLL: Duration = Duration::from_millis(20);
 struct BlockMissing {
     /// Set at the start from the source's list; a page's bit goes when the page is placed.
     pending: AtomicBitmap,
-    /// Pages asked for on the return path (at most once each).
+    /// Pages asked for on the return path (once each; again, by `announce`, on a session that
+    /// resumes a cut postcopy).
     requested: AtomicBitmap,
     /// Digests of the pages placed here (for the verification).
     digests: Mutex<BTreeMap<u64, u64>>,

@@ -603,8 +603,13 @@ impl<'a, M: MigrationMemory + ?Sized> Destination<'a, M> {
         // With pages missing, its drop keeps the userfaultfd open (the guest waits on them).
         drop(postcopy);
         *writer = reply.into_inner().unwrap_or_else(|p| p.into_inner());
-        // Once the guest runs here, any failure strands it: say so in one kind of error.
+        // Once the guest runs here, a failure with pages still missing strands it (one kind of
+        // error); with every page here the guest is whole, only unverified.
         let (state, digests) = loaded.map_err(|e| match e {
+            e if stats.resumed && left == 0 => Error::VerificationIncomplete(format!(
+                "every page arrived, but the stream did not end: {}",
+                crate::error::chain(&e)
+            )),
             e @ Error::Postcopy { .. } => e,
             e if stats.resumed => Error::Postcopy {
                 context: "receiving the missing pages",

@@ -58,6 +58,23 @@ fn decode(data: &[u8]) {
             Ok(Record::Drain { page_records }) => {
                 assert!((1..=64).contains(&page_records.len()));
             }
+            // Postcopy's list of missing pages: every set bit is a page of its block.
+            Ok(Record::Missing {
+                block,
+                first_page,
+                words,
+            }) => {
+                let pages = header.blocks[block as usize].size / PAGE as u64;
+                assert!(first_page % 64 == 0 && (1..=4096).contains(&words.len()));
+                for (i, w) in words.iter().enumerate() {
+                    for bit in 0..64 {
+                        if w & (1 << bit) != 0 {
+                            assert!(first_page + i as u64 * 64 + bit < pages);
+                        }
+                    }
+                }
+            }
+            Ok(Record::Postcopy { .. }) => {}
             // A session's page channel ends with its own marker.
             Ok(Record::End { .. } | Record::ChannelEnd { .. }) | Err(_) => break,
         }

@@ -844,6 +844,13 @@ impl<R: Read> StreamReader<R> {
             });
         }
         let pages = self.blocks[block as usize].size / self.page.len() as u64;
+        if first_page >= pages {
+            return Err(Error::PageOutOfRange {
+                block: self.blocks[block as usize].name.clone(),
+                page: first_page,
+                pages,
+            });
+        }
         let words = (0..nwords)
             .map(|_| self.u64("missing pages"))
             .collect::<Result<Vec<u64>>>()?;
@@ -1133,6 +1140,41 @@ mod tests {
         p[4095] = 0;
         p[1] = 1;
         assert!(!is_zero(&p[1..]));
+    }
+
+    /// Missing-page records: a list inside its block decodes; a first page past the block (the
+    /// fuzzer's overflow: a first page near `u64::MAX`), a set bit past it, a first page not a multiple of 64
+    /// or no words are refused, never a panic.
+    #[test]
+    fn missing_pages_records_are_checked_against_their_block() {
+        let h = Header {
+            page_size: 4096,
+            flags: 0,
+            blocks: vec![BlockInfo {
+                name: "b".into(),
+                size: 4096 * 100,
+            }],
+        };
+        let decode = |first: u64, words: &[u64]| {
+            let mut b = Vec::new();
+            h.write_to(&mut b).unwrap();
+            encode_missing(0, first, words, &mut b);
+            let mut r = StreamReader::new(&b[..]);
+            r.read_header(4096).unwrap();
+            r.next_record()
+        };
+        let ok = decode(64, &[1 << 35, 0, 0]).unwrap();
+        assert!(matches!(ok, Record::Missing { first_page: 64, .. }));
+        assert!(matches!(
+            decode(u64::MAX - 63, &[0, 1 << 63]),
+            Err(Error::PageOutOfRange { .. })
+        ));
+        assert!(matches!(
+            decode(64, &[1 << 36]),
+            Err(Error::PageOutOfRange { page: 100, .. })
+        ));
+        assert!(matches!(decode(3, &[1]), Err(Error::Malformed(_))));
+        assert!(matches!(decode(0, &[]), Err(Error::Malformed(_))));
     }
 
     #[test]

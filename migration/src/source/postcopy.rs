@@ -314,7 +314,13 @@ fn read_missing(
                 block,
                 first_page,
                 words,
-            } => pending[block as usize].or_words_at((first_page / 64) as usize, &words),
+            } => {
+                // The decoder checked every set bit; zero words past the block may follow.
+                let used = words.iter().rposition(|&w| w != 0).map_or(0, |i| i + 1);
+                pending[block as usize]
+                    .try_or_words_at((first_page / 64) as usize, &words[..used])
+                    .map_err(|_| Error::Malformed("missing pages (past the block)"))?;
+            }
             Record::Postcopy { missing_pages } => break missing_pages,
             _ => return Err(Error::UnexpectedRecord("not a list of missing pages")),
         }

@@ -947,8 +947,13 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         Ok(())
     }
 
-    fn switchover(&mut self) -> Result<()> {
-        self.check_cancel()?;
+    /// Pause the guest (the downtime starts here) and save its state: when the pause began, the
+    /// breakdown so far, the state, and how long saving took. The state before the final sync: a
+    /// device that writes guest RAM while it saves (flushing a queue into guest memory) dirties
+    /// pages, and the final sync must see them.
+    fn pause_and_save(
+        &mut self,
+    ) -> Result<(Instant, DowntimeBreakdown, Vec<crate::StateBlob>, f64)> {
         let pause_at = Instant::now();
         self.stats.paused_at_unix_ns = unix_ns();
         let mut b = DowntimeBreakdown::default();
@@ -957,13 +962,16 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         self.paused = true;
         self.vm.pause().map_err(vm_err("pause"))?;
         b.pause_ms = ms(pause_at.elapsed());
-        // The limit applies to the live phase only: do not stretch the downtime.
-        self.out.set_rate(0);
-        // The state first: a device that writes guest RAM while it saves (flushing a queue into
-        // guest memory) dirties pages, and the final sync and pass below must send them.
         let t = Instant::now();
         let state = self.vm.save_state().map_err(vm_err("save_state"))?;
-        let save_ms = ms(t.elapsed());
+        Ok((pause_at, b, state, ms(t.elapsed())))
+    }
+
+    fn switchover(&mut self) -> Result<()> {
+        self.check_cancel()?;
+        let (pause_at, mut b, state, save_ms) = self.pause_and_save()?;
+        // The limit applies to the live phase only: do not stretch the downtime.
+        self.out.set_rate(0);
         let t = Instant::now();
         self.sync()?;
         b.final_sync_ms = ms(t.elapsed());

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clearlog_bitmap::AtomicBitmap;
 
-use super::{ms, unix_ns, vm_err, Run};
+use super::{ms, Run};
 use crate::postcopy::auto_switches;
 use crate::postcopy::serve::{serve_and_push, Served};
 use crate::sender::{self, Channels, Sent};
@@ -53,15 +53,8 @@ impl<M: DirtyTracking + ?Sized> Run<'_, '_, M> {
         self.drain()?;
         self.send_missing()?;
         self.drain()?;
-        let pause_at = Instant::now();
-        self.stats.paused_at_unix_ns = unix_ns();
-        let mut b = DowntimeBreakdown::default();
-        self.paused = true;
-        self.vm.pause().map_err(vm_err("pause"))?;
-        b.pause_ms = ms(pause_at.elapsed());
-        let t = Instant::now();
-        let state = self.vm.save_state().map_err(vm_err("save_state"))?;
-        let save_ms = ms(t.elapsed());
+        // The bandwidth limit stays: the postcopy phase is live.
+        let (pause_at, mut b, state, save_ms) = self.pause_and_save()?;
         let t = Instant::now();
         self.sync()?;
         b.final_sync_ms = ms(t.elapsed());

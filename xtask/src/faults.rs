@@ -220,6 +220,17 @@ impl Fault {
         }
     }
 
+    /// Which call of the step try `attempt` (0..4) fails: at random below [`Self::max_call`],
+    /// a quarter of it at each retry; the last try fails the first call, which happens in every
+    /// migration.
+    fn call_number(self, attempt: u32, rng: &mut Rng) -> u64 {
+        if attempt == 3 {
+            1
+        } else {
+            rng.range(1, (self.max_call() >> (2 * attempt)).max(1))
+        }
+    }
+
     /// The page channels of the case's source: the default session mostly, a version-1 stream
     /// and four channels in turn (by case number and seed), a session where the step needs one.
     fn channels(self, case: u32, seed: u64) -> Option<u32> {
@@ -314,21 +325,12 @@ fn run_kind(
         let result = match kind {
             Fault::Cut(cut) => run_cut(vmm, cut, shape, &mut case_rng, 1u64 << attempt, no_retry),
             Fault::Inject(step) => {
-                // The last try fails the first call: it happens in every migration.
-                let nth = if attempt == 3 {
-                    1
-                } else {
-                    case_rng.range(1, (kind.max_call() >> (2 * attempt)).max(1))
-                };
+                let nth = kind.call_number(attempt, &mut case_rng);
                 run_inject_case(vmm, step, nth, shape, no_retry)
             }
             Fault::Loss(loss) => run_loss_case(vmm, loss, shape, &mut tally.undetected),
             Fault::Postcopy(step) => {
-                let nth = if attempt == 3 {
-                    1
-                } else {
-                    case_rng.range(1, (kind.max_call() >> (2 * attempt)).max(1))
-                };
+                let nth = kind.call_number(attempt, &mut case_rng);
                 run_postcopy_case(vmm, step, nth, shape, no_retry)
             }
         };

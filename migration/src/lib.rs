@@ -189,6 +189,7 @@ mod postcopy;
 mod ratelimit;
 mod sender;
 mod session;
+pub mod snapshot;
 mod source;
 mod stats;
 pub mod stream;

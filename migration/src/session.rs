@@ -294,7 +294,7 @@ pub fn open_session(
             limit: crate::wire::MAX_CHANNELS.into(),
         });
     }
-    let id = session_id();
+    let id = random_id();
     let mut hello = |kind, channel| -> Result<Transport> {
         let mut t = connector.connect()?;
         let (Some(w), Some(r)) = (t.writer.as_mut(), t.reader.as_mut()) else {
@@ -357,8 +357,8 @@ impl Listener {
 }
 
 /// 16 random bytes (the kernel's `getrandom`), or, if that fails, bytes from the clock and the
-/// process id: a session id only has to differ from other sessions reaching the same destination.
-fn session_id() -> [u8; 16] {
+/// process id: a session or snapshot id only has to differ from the others it meets.
+pub(crate) fn random_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     // SAFETY: getrandom(2) writes at most `id.len()` bytes into `id`, a live local buffer.
     let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };

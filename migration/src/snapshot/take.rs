@@ -1,0 +1,343 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Taking snapshots of a running guest: a full one, then diffs, each written while the guest
+//! runs and finished with a short pause.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use clearlog_bitmap::Bitmap;
+
+use super::digests::{self, Capture};
+use super::format::{self, ParentRef, SnapshotHeader};
+use super::writer::SnapshotWriter;
+use super::{SnapshotError, SnapshotResult};
+use crate::memory::ask_populated;
+use crate::postcopy::runs;
+use crate::{BoxError, Error, MigrationBlock, MigrationMemory, VmControl};
+
+/// Where a snapshot's deltas come from: a dirty-memory client that answers "which pages were
+/// written since the last time I asked", losslessly, next to any other client (a migration, a
+/// display). `clearlog_memory::DirtyEpochs` is one (feature `clearlog-memory`).
+pub trait SnapshotEpochs {
+    /// End the current epoch and start the next: per block of the memory (in
+    /// [`MigrationMemory::blocks`] order), one bit per page written in the epoch that ends.
+    /// May report pages that did not change, never fewer than did.
+    fn advance(&mut self) -> Result<Vec<Bitmap>, BoxError>;
+}
+
+#[cfg(feature = "clearlog-memory")]
+impl<M: std::ops::Deref<Target = clearlog_memory::MemorySystem>> SnapshotEpochs
+    for clearlog_memory::DirtyEpochs<M>
+{
+    fn advance(&mut self) -> Result<Vec<Bitmap>, BoxError> {
+        let delta = clearlog_memory::DirtyEpochs::advance(self)?;
+        self.memory()
+            .ram_blocks()
+            .iter()
+            .map(|b| {
+                delta
+                    .pages(b.id())
+                    .cloned()
+                    .ok_or_else(|| format!("the delta has no RAM block `{}`", b.name()).into())
+            })
+            .collect()
+    }
+}
+
+/// How snapshots are taken.
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    /// Passes written while the guest runs, at most, before the pause (at least 1).
+    pub max_live_passes: u32,
+    /// Stop the live passes once a pass's delta is at most this many pages: what is left is
+    /// written during the pause.
+    pub pause_pages: u64,
+    /// `fdatasync` the file before its header, and the header (a snapshot survives a crash).
+    pub sync: bool,
+    /// Take the digests "as at the pause" after the guest resumed, under userfaultfd
+    /// write-protection, where the memory allows it; otherwise they are hashed during the pause.
+    pub background_digests: bool,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        SnapshotOptions {
+            max_live_passes: 4,
+            pause_pages: 2048,
+            sync: true,
+            background_digests: true,
+        }
+    }
+}
+
+/// What one snapshot did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SnapshotStats {
+    /// Position in the chain: 0 for the full snapshot.
+    pub sequence: u64,
+    /// Pages the file defines (data or zero).
+    pub pages: u64,
+    /// Of those, zero pages (holes).
+    pub zero_pages: u64,
+    /// Pages written while the guest ran, per live pass.
+    pub live_pass_pages: Vec<u64>,
+    /// Pages written during the pause (the last delta).
+    pub pause_pages: u64,
+    /// How long the guest was paused, in milliseconds.
+    pub pause_ms: f64,
+    /// Of the pause: the last delta's sync and take.
+    pub pause_advance_ms: f64,
+    /// Of the pause: writing the last delta.
+    pub pause_write_ms: f64,
+    /// Of the pause: saving the CPU and device state.
+    pub pause_state_ms: f64,
+    /// Of the pause: hashing every page, or arming the write-protection that lets the
+    /// hashing run after the pause.
+    pub pause_digest_ms: f64,
+    /// Whether the digests were taken after the pause (under write-protection).
+    pub background_digests: bool,
+    /// From the call to the file being complete, in milliseconds.
+    pub total_ms: f64,
+    /// The file's length.
+    pub file_len: u64,
+    /// Bytes of disk the file takes (its allocated blocks).
+    pub disk_bytes: u64,
+}
+
+/// Takes a full snapshot, then diff snapshots, of a running guest.
+///
+/// Every call to [`snapshot`](Self::snapshot) after the first writes a diff of the previous
+/// one that finished; if a call fails, the pages it took from the dirty epochs stay due and
+/// go into the next file, so a failed snapshot loses nothing.
+pub struct Snapshotter<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> {
+    mem: &'a M,
+    epochs: E,
+    vm: &'a V,
+    options: SnapshotOptions,
+    last: Option<(ParentRef, u64)>,
+    /// Pages taken from the epochs since the last finished snapshot.
+    due: Option<Vec<Bitmap>>,
+}
+
+impl<M: MigrationMemory, E: SnapshotEpochs, V: VmControl> std::fmt::Debug
+    for Snapshotter<'_, M, E, V>
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshotter")
+            .field("options", &self.options)
+            .field("last", &self.last)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M, E, V> {
+    /// A snapshotter for `mem`, whose dirty `epochs` were opened before the first snapshot,
+    /// pausing through `vm`.
+    pub fn new(mem: &'a M, epochs: E, vm: &'a V, options: SnapshotOptions) -> Self {
+        Snapshotter {
+            mem,
+            epochs,
+            vm,
+            options,
+            last: None,
+            due: None,
+        }
+    }
+
+    /// The dirty epochs, back (to close them).
+    pub fn into_epochs(self) -> E {
+        self.epochs
+    }
+
+    /// Write the next snapshot to `path`: full the first time, then a diff of the previous
+    /// one (named in its header; keep the files in one directory).
+    pub fn snapshot(&mut self, path: &Path) -> SnapshotResult<SnapshotStats> {
+        let start = Instant::now();
+        let blocks = self.mem.blocks();
+        let header = SnapshotHeader {
+            id: crate::session::random_id(),
+            parent: self.last.as_ref().map(|(p, _)| p.clone()),
+            sequence: self.last.as_ref().map_or(0, |(_, s)| s + 1),
+        };
+        let layout: Vec<(String, u64)> = blocks
+            .iter()
+            .map(|b| (b.name().to_owned(), b.size()))
+            .collect();
+        let mut w = SnapshotWriter::create(path, header.clone(), &layout)
+            .map_err(SnapshotError::in_file(path))?;
+        let mut stats = SnapshotStats {
+            sequence: header.sequence,
+            ..SnapshotStats::default()
+        };
+        self.live_passes(&blocks, &mut w, &mut stats)?;
+        let (digests, state) = self.pause_and_finish(&blocks, &mut w, &mut stats)?;
+        stats.file_len = w.finish(digests, state, self.options.sync)?;
+        stats.pages = w_pages(&stats);
+        stats.disk_bytes = disk_bytes(path);
+        stats.total_ms = ms(start.elapsed());
+        self.last = Some((
+            ParentRef {
+                id: header.id,
+                file_name: format::file_name_of(path)?,
+            },
+            header.sequence,
+        ));
+        self.due = None;
+        tracing::info!(path = %path.display(), ?stats, "snapshot written");
+        Ok(stats)
+    }
+
+    /// Write while the guest runs: all populated memory for a full snapshot, the pages due for
+    /// a diff; then deltas until one is small.
+    fn live_passes(
+        &mut self,
+        blocks: &[M::Block],
+        w: &mut SnapshotWriter,
+        stats: &mut SnapshotStats,
+    ) -> SnapshotResult<()> {
+        let first = if self.last.is_none() {
+            self.due = None;
+            write_populated(blocks, w)?
+        } else {
+            self.advance()?;
+            // Everything due: this epoch's pages, and those of a snapshot that failed.
+            let due = self.due.clone().expect("set by the advance");
+            write_pages(blocks, w, &due)?
+        };
+        stats.live_pass_pages.push(first);
+        for _ in 1..self.options.max_live_passes.max(1) {
+            let delta = self.advance()?;
+            let n = write_pages(blocks, w, &delta)?;
+            stats.live_pass_pages.push(n);
+            if n <= self.options.pause_pages {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pause, write the last delta, save the state, start the digests, resume; then wait for
+    /// the digests.
+    fn pause_and_finish(
+        &mut self,
+        blocks: &[M::Block],
+        w: &mut SnapshotWriter,
+        stats: &mut SnapshotStats,
+    ) -> SnapshotResult<(Vec<Vec<u64>>, Vec<crate::StateBlob>)> {
+        self.vm.pause().map_err(|e| vm_error("pause", e))?;
+        let paused = Instant::now();
+        let inside = self.while_paused(blocks, w, stats);
+        let resumed = self.vm.resume().map_err(|e| vm_error("resume", e));
+        stats.pause_ms = ms(paused.elapsed());
+        let (capture, state) = inside?;
+        resumed?;
+        stats.background_digests = capture.is_background();
+        Ok((capture.finish()?, state))
+    }
+
+    fn while_paused(
+        &mut self,
+        blocks: &[M::Block],
+        w: &mut SnapshotWriter,
+        stats: &mut SnapshotStats,
+    ) -> SnapshotResult<(Capture, Vec<crate::StateBlob>)> {
+        let t = Instant::now();
+        let delta = self.advance()?;
+        stats.pause_advance_ms = ms(t.elapsed());
+        let t = Instant::now();
+        stats.pause_pages = write_pages(blocks, w, &delta)?;
+        stats.pause_write_ms = ms(t.elapsed());
+        let t = Instant::now();
+        let state = self
+            .vm
+            .save_state()
+            .map_err(|e| vm_error("save_state", e))?;
+        stats.pause_state_ms = ms(t.elapsed());
+        let t = Instant::now();
+        let capture = digests::capture(blocks, self.options.background_digests)?;
+        stats.pause_digest_ms = ms(t.elapsed());
+        Ok((capture, state))
+    }
+
+    /// The next delta; its pages stay due until a snapshot finishes.
+    fn advance(&mut self) -> SnapshotResult<Vec<Bitmap>> {
+        let delta = self.epochs.advance().map_err(|e| SnapshotError::Engine {
+            context: "taking the pages dirtied since the last snapshot",
+            source: Error::Memory {
+                op: "advancing the dirty epochs",
+                source: e,
+            },
+        })?;
+        let pages: Vec<u64> = self.mem.blocks().iter().map(|b| b.pages()).collect();
+        if delta.len() != pages.len() || delta.iter().zip(&pages).any(|(d, &p)| d.len() as u64 != p)
+        {
+            return Err(SnapshotError::Layout(
+                "the dirty epochs' blocks do not match the memory's".into(),
+            ));
+        }
+        match &mut self.due {
+            Some(due) => due.iter_mut().zip(&delta).for_each(|(d, n)| d.or_assign(n)),
+            None => self.due = Some(delta.clone()),
+        }
+        Ok(delta)
+    }
+}
+
+fn vm_error(hook: &'static str, source: BoxError) -> SnapshotError {
+    SnapshotError::Engine {
+        context: "pausing the guest",
+        source: Error::Vm { hook, source },
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn w_pages(stats: &SnapshotStats) -> u64 {
+    stats.live_pass_pages.iter().sum::<u64>() + stats.pause_pages
+}
+
+/// Bytes of disk `path` takes.
+fn disk_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+/// Write every page of `blocks` that may hold data; the pages written.
+fn write_populated<B: MigrationBlock>(blocks: &[B], w: &mut SnapshotWriter) -> SnapshotResult<u64> {
+    let mut ranges = Vec::new();
+    let mut n = 0;
+    for (bi, b) in blocks.iter().enumerate() {
+        ask_populated(b, 0, b.pages(), &mut ranges).map_err(|e| SnapshotError::Engine {
+            context: "asking which pages hold data",
+            source: Error::Memory {
+                op: "asking which pages are populated",
+                source: e,
+            },
+        })?;
+        for r in &ranges {
+            w.write_run(bi, b, r.start, r.end - r.start)?;
+            n += r.end - r.start;
+        }
+    }
+    Ok(n)
+}
+
+/// Write the pages set in `pages` (one bitmap per block); how many.
+fn write_pages<B: MigrationBlock>(
+    blocks: &[B],
+    w: &mut SnapshotWriter,
+    pages: &[Bitmap],
+) -> SnapshotResult<u64> {
+    let mut n = 0;
+    for (bi, (b, bits)) in blocks.iter().zip(pages).enumerate() {
+        for r in runs(bits) {
+            w.write_run(bi, b, r.start, r.end - r.start)?;
+            n += r.end - r.start;
+        }
+    }
+    Ok(n)
+}

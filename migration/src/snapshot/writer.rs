@@ -1,0 +1,190 @@
+// Copyright The clearlog authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! One snapshot file being written: pages at their fixed offsets, then the meta, then the header.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use clearlog_bitmap::Bitmap;
+
+use super::format::{self, BlockLayout, Meta, SnapshotHeader};
+use super::{SnapshotError, SnapshotResult};
+use crate::memory::is_zero_page;
+use crate::{MigrationBlock, StateBlob, PAGE_SIZE};
+
+/// Pages read from guest memory per call while writing (256 KiB).
+pub(crate) const PAGES_PER_READ: u64 = 64;
+
+/// A snapshot file being written. Until [`finish`](Self::finish) writes its header the file
+/// has none, and every reader refuses it; dropping an unfinished writer removes the file.
+#[derive(Debug)]
+pub(crate) struct SnapshotWriter {
+    file: File,
+    path: PathBuf,
+    header: SnapshotHeader,
+    blocks: Vec<BlockLayout>,
+    meta_offset: u64,
+    /// Per block: the pages this file defines.
+    present: Vec<Bitmap>,
+    /// Per block: the pages written with data (the others are holes).
+    data: Vec<Bitmap>,
+    buf: Vec<u8>,
+    pub(crate) pages_written: u64,
+    pub(crate) zero_pages: u64,
+    finished: bool,
+}
+
+impl SnapshotWriter {
+    /// Create (or replace) `path` for `blocks` (`(name, size)`).
+    pub(crate) fn create(
+        path: &Path,
+        header: SnapshotHeader,
+        blocks: &[(String, u64)],
+    ) -> SnapshotResult<Self> {
+        let (layouts, meta_offset) = format::layout(blocks)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        // The data region is sparse: only pages holding data take disk.
+        file.set_len(meta_offset)?;
+        Ok(SnapshotWriter {
+            file,
+            path: path.to_path_buf(),
+            header,
+            present: layouts
+                .iter()
+                .map(|b| Bitmap::new(b.pages() as usize))
+                .collect(),
+            data: layouts
+                .iter()
+                .map(|b| Bitmap::new(b.pages() as usize))
+                .collect(),
+            blocks: layouts,
+            meta_offset,
+            buf: vec![0; (PAGES_PER_READ * PAGE_SIZE) as usize],
+            pages_written: 0,
+            zero_pages: 0,
+            finished: false,
+        })
+    }
+
+    /// Read pages `first..first + n` of `block` (index `bi`) from guest memory and store them:
+    /// data at their offsets, a zero page as a hole.
+    pub(crate) fn write_run<B: MigrationBlock + ?Sized>(
+        &mut self,
+        bi: usize,
+        block: &B,
+        first: u64,
+        n: u64,
+    ) -> SnapshotResult<()> {
+        let mut at = first;
+        while at < first + n {
+            let count = (first + n - at).min(PAGES_PER_READ);
+            let bytes = &mut self.buf[..(count * PAGE_SIZE) as usize];
+            block
+                .read(at * PAGE_SIZE, bytes)
+                .map_err(|e| SnapshotError::Engine {
+                    context: "reading guest memory",
+                    source: crate::Error::Memory {
+                        op: "reading a page to snapshot it",
+                        source: e,
+                    },
+                })?;
+            self.store(bi, at, count)?;
+            at += count;
+        }
+        Ok(())
+    }
+
+    /// Store the `count` pages in `self.buf`, the first being page `first` of block `bi`.
+    fn store(&mut self, bi: usize, first: u64, count: u64) -> SnapshotResult<()> {
+        let base = self.blocks[bi].data_offset;
+        let mut i = 0;
+        while i < count {
+            let page = |k: u64| &self.buf[(k * PAGE_SIZE) as usize..((k + 1) * PAGE_SIZE) as usize];
+            let zero = is_zero_page(page(i));
+            let mut end = i + 1;
+            while end < count && is_zero_page(page(end)) == zero {
+                end += 1;
+            }
+            let (p0, len) = (first + i, end - i);
+            if zero {
+                self.zero_pages += len;
+                self.punch_written(bi, p0, len)?;
+            } else {
+                let bytes = &self.buf[(i * PAGE_SIZE) as usize..(end * PAGE_SIZE) as usize];
+                self.file.write_all_at(bytes, base + p0 * PAGE_SIZE)?;
+                self.data[bi].set_range(p0 as usize, len as usize);
+            }
+            self.present[bi].set_range(p0 as usize, len as usize);
+            self.pages_written += len;
+            i = end;
+        }
+        Ok(())
+    }
+
+    /// Make pages that an earlier pass wrote with data holes again (they are zero now).
+    fn punch_written(&mut self, bi: usize, first: u64, len: u64) -> SnapshotResult<()> {
+        if self.data[bi].is_range_clear(first as usize, len as usize) {
+            return Ok(());
+        }
+        let offset = self.blocks[bi].data_offset + first * PAGE_SIZE;
+        // SAFETY: fallocate(2) on our own open file descriptor, with plain integer arguments.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                (len * PAGE_SIZE) as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            // No hole punching here (some file systems): zeros take disk, but read the same.
+            let zeros = vec![0u8; (len * PAGE_SIZE) as usize];
+            self.file.write_all_at(&zeros, offset)?;
+        }
+        self.data[bi].clear_range(first as usize, len as usize);
+        Ok(())
+    }
+
+    /// Write the meta (`digests` per block, the state) and, once it and the pages are on disk,
+    /// the header that makes the file a snapshot.
+    pub(crate) fn finish(
+        mut self,
+        digests: Vec<Vec<u64>>,
+        state: Vec<StateBlob>,
+        sync: bool,
+    ) -> SnapshotResult<u64> {
+        let meta = Meta {
+            blocks: self.blocks.clone(),
+            state,
+            present: std::mem::take(&mut self.present),
+            digests,
+        };
+        let extent = format::write_meta(&self.file, self.meta_offset, &meta)?;
+        if sync {
+            self.file.sync_data()?;
+        }
+        let header = format::encode_header(&self.header, self.blocks.len() as u32, extent);
+        self.file.write_all_at(&header, 0)?;
+        if sync {
+            self.file.sync_data()?;
+        }
+        self.finished = true;
+        Ok(extent.file_len)
+    }
+}
+
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}

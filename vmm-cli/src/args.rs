@@ -37,6 +37,10 @@ pub enum Command {
     Incoming(IncomingArgs),
     /// Source: boot a guest workload, optionally migrate it.
     Run(RunArgs),
+    /// Boot a guest workload and take live snapshots of it: a full one, then diffs holding only
+    /// what changed, each pausing the guest only for its last delta (restore with `vmm incoming
+    /// --from file:PATH`, optionally `--lazy`).
+    Snapshot(SnapshotArgs),
     /// Run source and destination as two processes on loopback TCP for each mode, print the table.
     Bench(BenchArgs),
     /// Boot a guest workload and measure its dirty rate; predict whether a migration at
@@ -92,9 +96,14 @@ pub struct IncomingArgs {
     /// Where to listen: `tcp:HOST:PORT` or `unix:PATH` (listens on that address only).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Restore a saved migration: `file:PATH`.
+    /// Restore a saved migration, or a snapshot chain (`vmm snapshot`; give its newest file):
+    /// `file:PATH`.
     #[arg(long, value_name = "file:PATH")]
     pub from: Option<String>,
+    /// With `--from` a snapshot: resume the guest at once and place its pages on demand
+    /// (userfaultfd) and in the background, each checked against the snapshot's digests.
+    #[arg(long, requires = "from")]
+    pub lazy: bool,
     /// Write the guest RAM at switchover (before resuming) to PATH (guest physical 0 at offset 0).
     #[arg(long, value_name = "PATH")]
     pub save_memory: Option<PathBuf>,
@@ -173,6 +182,54 @@ pub enum CliDirtyLogMode {
     /// KVM's per-vCPU dirty ring (`--ring-size`): harvest and reset re-protect. Never the default
     /// (on PVM hosts the kernel can lose ring entries when emulated ring-0 code fills a ring).
     Ring,
+}
+
+/// `vmm snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// Guest shape and workload.
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// The workload.
+    #[arg(long, value_enum, default_value = "random")]
+    pub workload: WorkloadKind,
+    /// Dirty-log mode.
+    #[arg(long, value_enum, default_value = "clear")]
+    pub dirty_log: CliDirtyLogMode,
+    /// Dirty ring size per vCPU in bytes (`ring` mode).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "64K")]
+    pub ring_size: u64,
+    /// Run the workload this long before the first snapshot.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "2s")]
+    pub warmup: Duration,
+    /// Directory of the files: `snap-0.clsnap` (full), then `snap-1.clsnap`... (diffs, each
+    /// naming its parent).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Snapshots to take, the full one included.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub count: u32,
+    /// Start a snapshot this often (the diff holds what changed since the last one).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true, default_value = "2s")]
+    pub every: Duration,
+    /// Do not fdatasync the files (faster; a crash may lose a snapshot, never mix one up: the
+    /// header that makes a file a snapshot is written last).
+    #[arg(long)]
+    pub no_sync: bool,
+    /// Hash every page during the pause, instead of after it under write-protection.
+    #[arg(long)]
+    pub digests_in_pause: bool,
+    /// After the chain, also take a full snapshot with the guest paused throughout (the usual
+    /// way), into `full-paused.clsnap`, and report its pause beside the live ones.
+    #[arg(long)]
+    pub paused_full_dump: bool,
+    /// Print the stats as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Testing: `lose-dirty-bits=N` drops N dirty bits of the last snapshot's first delta, so
+    /// those pages hold stale data in the chain: a restore must refuse it (exit code 3).
+    #[arg(long, value_name = "lose-dirty-bits=N", help_heading = "Testing")]
+    pub fault: Option<crate::fault::Fault>,
 }
 
 /// Guest shape and workload (shared by `run` and `bench`).

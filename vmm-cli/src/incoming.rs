@@ -91,6 +91,11 @@ fn open_incoming(a: &IncomingArgs) -> CliResult<(Incoming, Listening)> {
     }
     let from = a.from.as_deref().unwrap_or_default();
     match from.parse::<MigrationUri>() {
+        Ok(MigrationUri::File(path)) if a.lazy => Err(CliError::Usage(format!(
+            "--lazy: {} is not a snapshot (`vmm snapshot` writes them); a saved migration \
+             restores eagerly",
+            path.display()
+        ))),
         Ok(MigrationUri::File(path)) => {
             let mut transport = std::fs::File::open(&path)
                 .map(Transport::file_reader)
@@ -128,6 +133,9 @@ fn tls_server(dir: &std::path::Path, authz: &[String]) -> CliResult<TlsServer> {
 /// `vmm incoming`: accept the migration, make a guest of its RAM layout, receive (resuming the
 /// guest at the commit), watch the guest run, report.
 pub fn incoming(a: IncomingArgs) -> CliResult {
+    if let Some(path) = crate::restore::snapshot_from(&a) {
+        return crate::restore::restore(&a, &path);
+    }
     let (incoming, listening) = open_incoming(&a)?;
     let guest = guest_for(incoming.header())?;
     let start = Instant::now();
@@ -221,17 +229,28 @@ fn failed(what: &str, e: &dyn std::fmt::Display) -> CliError {
 /// The destination guest for the stream's RAM layout (this VMM's one block); its vCPUs come from
 /// the stream's state blobs.
 fn guest_for(header: &Header) -> CliResult<Guest> {
-    let [block] = header.blocks.as_slice() else {
-        let n = header.blocks.len();
+    let layout: Vec<(String, u64)> = header
+        .blocks
+        .iter()
+        .map(|b| (b.name.clone(), b.size))
+        .collect();
+    guest_for_layout(&layout)
+}
+
+/// The destination guest for a RAM layout of `(name, size)` blocks (this VMM's one block), to
+/// receive a migration or restore a snapshot; its vCPUs come from the saved state.
+pub(crate) fn guest_for_layout(blocks: &[(String, u64)]) -> CliResult<Guest> {
+    let [(name, size)] = blocks else {
+        let n = blocks.len();
         let why = format!("{n} blocks, this VMM has one (`{RAM_BLOCK_NAME}`)");
         return Err(failed("unexpected RAM layout", &why));
     };
-    if block.name != RAM_BLOCK_NAME {
-        let why = format!("block `{}`, expected `{RAM_BLOCK_NAME}`", block.name);
+    if name != RAM_BLOCK_NAME {
+        let why = format!("block `{name}`, expected `{RAM_BLOCK_NAME}`");
         return Err(failed("unexpected RAM layout", &why));
     }
     Guest::create(GuestConfig {
-        mem_bytes: block.size,
+        mem_bytes: *size,
         vcpus: 0,
         ..GuestConfig::default()
     })

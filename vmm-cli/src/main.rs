@@ -29,8 +29,10 @@ mod outgoing;
 mod output;
 mod plot;
 mod qemu_image;
+mod restore;
 mod run;
 mod setup;
+mod snapshot;
 mod units;
 
 use std::process::ExitCode;
@@ -59,12 +61,16 @@ pub enum CliError {
 
 impl CliError {
     fn exit_code(&self) -> ExitCode {
+        ExitCode::from(self.exit_code_number() as u8)
+    }
+
+    /// The exit code, as `std::process::exit` takes it.
+    fn exit_code_number(&self) -> i32 {
         match self {
-            CliError::Usage(_) => ExitCode::from(2),
-            CliError::Failed(_) => ExitCode::from(1),
-            CliError::Mismatch(_) => ExitCode::from(3),
-            CliError::Committed(_) => ExitCode::from(1),
-            CliError::Postcopy(_) => ExitCode::from(4),
+            CliError::Usage(_) => 2,
+            CliError::Failed(_) | CliError::Committed(_) => 1,
+            CliError::Mismatch(_) => 3,
+            CliError::Postcopy(_) => 4,
         }
     }
 }
@@ -103,6 +109,7 @@ fn main() -> ExitCode {
         Command::Caps { json } => caps::caps(json),
         Command::Incoming(a) => incoming::incoming(a),
         Command::Run(a) => run::run(a),
+        Command::Snapshot(a) => snapshot::snapshot(a),
         Command::Bench(a) => bench::bench(a),
         Command::Dirtyrate(a) => dirtyrate::dirtyrate(a),
         Command::Ladder(a) => ladder::ladder(a),

@@ -146,6 +146,11 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
         }
     }
 
+    /// The dirty epochs.
+    pub fn epochs(&self) -> &E {
+        &self.epochs
+    }
+
     /// The dirty epochs, back (to close them).
     pub fn into_epochs(self) -> E {
         self.epochs

@@ -189,6 +189,11 @@ mod postcopy;
 mod ratelimit;
 mod sender;
 mod session;
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "the live snapshot will call it")
+)]
+mod snapshot;
 mod source;
 mod stats;
 pub mod stream;

@@ -186,6 +186,8 @@ fn take_chain(dir: &Path, diffs: usize, lose: Option<(u32, usize)>) -> Vec<Vec<V
         let stats = snap.snapshot(&file(dir, k)).unwrap();
         assert_eq!(stats.sequence, k as u64);
         assert!(stats.pause_ms >= 0.0 && stats.pages > 0, "{stats:?}");
+        // Anonymous memory on this kernel: the digests are taken after the pause.
+        assert!(stats.background_digests, "{stats:?}");
     }
     drop(snap);
     guest.stop.store(true, Ordering::SeqCst);

@@ -5,6 +5,10 @@
 //! pages are placed atomically (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`), which also wakes the threads
 //! waiting on them. The kernel's own accesses (KVM's vCPUs, a `read(2)` into guest memory) wait
 //! too: the registration is not `UFFD_USER_MODE_ONLY`.
+//!
+//! The same fd in write-protect mode (`Userfaultfd::with_features`, `register_wp`,
+//! `writeprotect`) serves `snapshot::wp_digests`: writes to protected pages wait until the page is
+//! un-protected.
 
 use std::fs::File;
 use std::io;
@@ -70,6 +74,15 @@ pub(crate) struct Userfaultfd {
     fd: File,
 }
 
+/// A page fault read from the fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Fault {
+    /// The faulting address, rounded down to its page.
+    pub(crate) addr: u64,
+    /// `UFFD_PAGEFAULT_FLAG_*` ([`wp::PAGEFAULT_FLAG_WP`] for a write-protect fault).
+    pub(crate) flags: u64,
+}
+
 /// What placing a page did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Placed {
@@ -82,6 +95,12 @@ pub(crate) enum Placed {
 impl Userfaultfd {
     /// A new userfaultfd (non-blocking reads).
     pub(crate) fn new() -> io::Result<Self> {
+        Self::with_features(0).map(|(uffd, _)| uffd)
+    }
+
+    /// A new userfaultfd (non-blocking reads) with the `UFFD_FEATURE_*` bits `features` enabled,
+    /// and the features this kernel offers. A feature the kernel lacks fails with `EINVAL`.
+    pub(crate) fn with_features(features: u64) -> io::Result<(Self, u64)> {
         // SAFETY: userfaultfd(2) takes flags only; a non-negative result is a new fd we own.
         let fd =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
@@ -93,25 +112,25 @@ impl Userfaultfd {
         let uffd = Userfaultfd { fd };
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: 0,
+            features,
             ioctls: 0,
         };
         uffd.ioctl(NR_API, &mut api)?;
-        Ok(uffd)
+        Ok((uffd, api.features))
     }
 
-    /// The userfaultfd ioctl `nr` with `arg`.
+    /// The userfaultfd ioctl `nr`, declared `_IOWR`, with `arg`.
     fn ioctl<T>(&self, nr: u64, arg: &mut T) -> io::Result<()> {
-        // SAFETY: every caller passes the `#[repr(C)]` struct the ioctl `nr` reads and writes (its
+        self.ioctl_request(iowr::<T>(nr), arg)
+    }
+
+    /// The userfaultfd ioctl `request` (built by `iowr` or `wp::ior` from `T`) with `arg`.
+    fn ioctl_request<T>(&self, request: u64, arg: &mut T) -> io::Result<()> {
+        // SAFETY: every caller passes the `#[repr(C)]` struct the ioctl reads and writes (its
         // size is part of the request number), alive and exclusively borrowed for the call. The
-        // ioctls that place pages only write into ranges registered on this fd.
-        let rc = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                iowr::<T>(nr) as _,
-                std::ptr::from_mut(arg),
-            )
-        };
+        // ioctls that place pages only write into ranges registered on this fd; the others only
+        // change how its registered ranges fault.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), request as _, std::ptr::from_mut(arg)) };
         if rc == 0 {
             Ok(())
         } else {
@@ -167,6 +186,14 @@ impl Userfaultfd {
     /// The address (page aligned) of the next page fault, waiting at most `timeout`; `None` if
     /// none came. Other events (none are asked for) are skipped.
     pub(crate) fn next_fault(&self, timeout: Duration) -> io::Result<Option<u64>> {
+        if !self.wait_readable(timeout)? {
+            return Ok(None);
+        }
+        Ok(self.read_fault()?.map(|f| f.addr))
+    }
+
+    /// Whether a message can be read, waiting at most `timeout` for one.
+    pub(crate) fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
         let mut pfd = libc::pollfd {
             fd: self.fd.as_raw_fd(),
             events: libc::POLLIN,
@@ -178,16 +205,20 @@ impl Userfaultfd {
         if n < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(None)
+                Ok(false)
             } else {
                 Err(e)
             };
         }
-        if n == 0 {
-            return Ok(None);
-        }
-        let mut msg = [0u8; 32]; // struct uffd_msg: event at byte 0, a fault's address at byte 16
-                                 // SAFETY: reads at most `msg.len()` bytes into `msg`, which lives for the call.
+        Ok(n > 0)
+    }
+
+    /// The next page fault if one is queued (no waiting); `None` if none is, or if the message
+    /// read is another event (none are asked for).
+    pub(crate) fn read_fault(&self) -> io::Result<Option<Fault>> {
+        // struct uffd_msg: event at byte 0; a fault's flags at byte 8, its address at byte 16.
+        let mut msg = [0u8; 32];
+        // SAFETY: reads at most `msg.len()` bytes into `msg`, which lives for the call.
         let got = unsafe { libc::read(self.fd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
         if got < 0 {
             let e = io::Error::last_os_error();
@@ -200,8 +231,108 @@ impl Userfaultfd {
         if got != msg.len() as isize || msg[0] != UFFD_EVENT_PAGEFAULT {
             return Ok(None);
         }
-        let addr = u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes"));
-        Ok(Some(addr & !(PAGE_SIZE - 1)))
+        let word = |at: usize| u64::from_le_bytes(msg[at..at + 8].try_into().expect("8 bytes"));
+        Ok(Some(Fault {
+            addr: word(16) & !(PAGE_SIZE - 1),
+            flags: word(8),
+        }))
+    }
+}
+
+/// Write-protect mode, for `snapshot::wp_digests`.
+pub(crate) mod wp {
+    use std::io;
+
+    use super::{UffdioRegister, Userfaultfd, NR_REGISTER};
+
+    const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+    const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+    /// `_UFFDIO_UNREGISTER`, `_UFFDIO_WRITEPROTECT`.
+    const NR_UNREGISTER: u64 = 0x01;
+    const NR_WRITEPROTECT: u64 = 0x06;
+
+    /// `UFFD_FEATURE_PAGEFAULT_FLAG_WP`: write-protect faults are reported as such.
+    pub(crate) const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+    /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`: write-protect mode on shmem (memfd) and hugetlbfs.
+    pub(crate) const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+    /// `UFFD_FEATURE_WP_UNPOPULATED`: protecting an anonymous page that is not there yet leaves a
+    /// marker, so its first write waits too instead of filling it unseen.
+    pub(crate) const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+    /// `UFFD_PAGEFAULT_FLAG_WP` in a fault's flags: a write to a write-protected page.
+    pub(crate) const PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+
+    /// `struct uffdio_range`.
+    #[repr(C)]
+    struct UffdioRange {
+        start: u64,
+        len: u64,
+    }
+
+    /// `struct uffdio_writeprotect`: the range, then the mode.
+    #[repr(C)]
+    struct UffdioWriteprotect {
+        start: u64,
+        len: u64,
+        mode: u64,
+    }
+
+    /// `_IOR(0xAA, nr, size_of::<T>())` (only `UFFDIO_UNREGISTER` is declared so).
+    const fn ior<T>(nr: u64) -> u64 {
+        (2 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xaa << 8) | nr
+    }
+
+    impl Userfaultfd {
+        /// The `UFFD_FEATURE_*` bits this kernel offers (asked on a throwaway fd: the handshake can
+        /// be made once per fd).
+        pub(crate) fn available_features() -> io::Result<u64> {
+            Self::with_features(0).map(|(_, available)| available)
+        }
+
+        /// Register `[start, start + len)` (page aligned, mapped memory of this process) in
+        /// write-protect mode: from now on a write to a page protected with [`Self::writeprotect`]
+        /// waits for this fd's owner. `Unsupported` if the kernel offers no `UFFDIO_WRITEPROTECT`
+        /// for the range.
+        pub(crate) fn register_wp(&self, start: u64, len: u64) -> io::Result<()> {
+            let mut reg = UffdioRegister {
+                start,
+                len,
+                mode: UFFDIO_REGISTER_MODE_WP,
+                ioctls: 0,
+            };
+            self.ioctl(NR_REGISTER, &mut reg)?;
+            if reg.ioctls & (1 << NR_WRITEPROTECT) == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "userfaultfd: no UFFDIO_WRITEPROTECT for this memory",
+                ));
+            }
+            Ok(())
+        }
+
+        /// Unregister `[start, start + len)`: its faults no longer come to this fd (and its waiters
+        /// are woken).
+        pub(crate) fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+            let mut range = UffdioRange { start, len };
+            self.ioctl_request(ior::<UffdioRange>(NR_UNREGISTER), &mut range)
+        }
+
+        /// Write-protect (`protect`) or un-protect `[start, start + len)` (page aligned, in a range
+        /// registered with [`Self::register_wp`]). Un-protecting wakes the writers waiting there.
+        pub(crate) fn writeprotect(&self, start: u64, len: u64, protect: bool) -> io::Result<()> {
+            let mode = if protect {
+                UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                0
+            };
+            let mut wp = UffdioWriteprotect { start, len, mode };
+            loop {
+                match self.ioctl(NR_WRITEPROTECT, &mut wp) {
+                    // The address space is changing (fork, mremap...): the kernel asks to retry.
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
+                    r => return r,
+                }
+            }
+        }
     }
 }
 

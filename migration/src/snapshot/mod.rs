@@ -10,6 +10,8 @@
 //!
 //! - [`format`]: the file, each page at a fixed offset, zero memory as holes.
 //! - `digests`: every page's digest as at the pause, read from memory.
+//! - `wp_digests`: those digests taken after the guest resumed, under userfaultfd
+//!   write-protection.
 //! - `writer`: one file being written.
 //! - `take`: the snapshot procedure over a VMM's memory, dirty epochs and vCPUs.
 //! - `chain`: a chain of files opened, checked and linked for a restore.
@@ -22,6 +24,7 @@ pub mod format;
 pub(crate) mod lazy;
 pub(crate) mod restore;
 pub(crate) mod take;
+pub(crate) mod wp_digests;
 pub(crate) mod writer;
 
 use std::path::PathBuf;

@@ -98,6 +98,10 @@ pub struct SnapshotStats {
     pub pause_digest_ms: f64,
     /// Whether the digests were taken after the pause (under write-protection).
     pub background_digests: bool,
+    /// After the pause: the wait for the background hashing to end, in milliseconds.
+    pub digest_ms: f64,
+    /// Writes of the guest that waited for their page to be hashed after the pause.
+    pub digest_waits: u64,
     /// From the call to the file being complete, in milliseconds.
     pub total_ms: f64,
     /// The file's length.
@@ -239,7 +243,11 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
         let (capture, state) = inside?;
         resumed?;
         stats.background_digests = capture.is_background();
-        Ok((capture.finish()?, state))
+        let t = Instant::now();
+        let (digests, waits) = capture.finish()?;
+        stats.digest_ms = ms(t.elapsed());
+        stats.digest_waits = waits;
+        Ok((digests, state))
     }
 
     fn while_paused(

@@ -38,12 +38,22 @@ impl Capture {
     }
 }
 
+/// What was prepared for the digests while the guest still ran.
+pub(crate) enum Armed {
+    /// Nothing: the pause arms write-protection (`true`) or hashes everything (`false`).
+    AtPause(bool),
+}
+
+/// Prepare the digests of `blocks` while their writers run, right before the last live pass:
+/// `background` asks for them to be taken after the pause.
+pub(crate) fn arm<B: MigrationBlock>(_blocks: &[B], background: bool) -> SnapshotResult<Armed> {
+    Ok(Armed::AtPause(background))
+}
+
 /// Start taking the digests of `blocks`, whose writers are paused: under write-protection if
-/// `background` and the memory allows it, else hashed now.
-pub(crate) fn capture<B: MigrationBlock>(
-    blocks: &[B],
-    background: bool,
-) -> SnapshotResult<Capture> {
+/// asked for and the memory allows it, else hashed now.
+pub(crate) fn capture<B: MigrationBlock>(blocks: &[B], armed: Armed) -> SnapshotResult<Capture> {
+    let Armed::AtPause(background) = armed;
     if background {
         if let Some(regions) = protectable(blocks)? {
             // SAFETY: every mapping is its block's own (`MigrationBlock::host_mapping`'s

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use clearlog_bitmap::Bitmap;
 
-use super::digests::{self, Capture};
+use super::digests::{self, Armed, Capture};
 use super::format::{self, ParentRef, SnapshotHeader};
-use super::writer::SnapshotWriter;
+use super::writer::{CopiedPages, SnapshotWriter};
 use super::{SnapshotError, SnapshotResult};
 use crate::memory::ask_populated;
 use crate::postcopy::runs;
@@ -49,7 +49,8 @@ impl<M: std::ops::Deref<Target = clearlog_memory::MemorySystem>> SnapshotEpochs
 /// How snapshots are taken.
 #[derive(Debug, Clone)]
 pub struct SnapshotOptions {
-    /// Passes written while the guest runs, at most, before the pause (at least 1).
+    /// Passes written while the guest runs, at most, before the pause (at least 2: the last one
+    /// writes what changed while the digests were armed).
     pub max_live_passes: u32,
     /// Stop the live passes once a pass's delta is at most this many pages: what is left is
     /// written during the pause.
@@ -89,8 +90,8 @@ pub struct SnapshotStats {
     pub pause_ms: f64,
     /// Of the pause: the last delta's sync and take.
     pub pause_advance_ms: f64,
-    /// Of the pause: writing the last delta.
-    pub pause_write_ms: f64,
+    /// Of the pause: copying the last delta to memory (written to the file after the pause).
+    pub pause_copy_ms: f64,
     /// Of the pause: saving the CPU and device state.
     pub pause_state_ms: f64,
     /// Of the pause: hashing every page, or arming the write-protection that lets the
@@ -98,6 +99,11 @@ pub struct SnapshotStats {
     pub pause_digest_ms: f64,
     /// Whether the digests were taken after the pause (under write-protection).
     pub background_digests: bool,
+    /// Before the last live pass: preparing the digests (write-protection armed while the guest
+    /// runs).
+    pub arm_ms: f64,
+    /// After the pause: writing the last delta's copy to the file.
+    pub copied_write_ms: f64,
     /// After the pause: the wait for the background hashing to end, in milliseconds.
     pub digest_ms: f64,
     /// Writes of the guest that waited for their page to be hashed after the pause.
@@ -180,8 +186,8 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
             sequence: header.sequence,
             ..SnapshotStats::default()
         };
-        self.live_passes(&blocks, &mut w, &mut stats)?;
-        let (digests, state) = self.pause_and_finish(&blocks, &mut w, &mut stats)?;
+        let armed = self.live_passes(&blocks, &mut w, &mut stats)?;
+        let (digests, state) = self.pause_and_finish(&blocks, &mut w, armed, &mut stats)?;
         stats.file_len = w.finish(digests, state, self.options.sync)?;
         stats.pages = w_pages(&stats);
         stats.disk_bytes = disk_bytes(path);
@@ -199,13 +205,14 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
     }
 
     /// Write while the guest runs: all populated memory for a full snapshot, the pages due for
-    /// a diff; then deltas until one is small.
+    /// a diff; then deltas until one is small; then arm the digests and write one more delta
+    /// (what was written while they were armed), so the pause is left with little.
     fn live_passes(
         &mut self,
         blocks: &[M::Block],
         w: &mut SnapshotWriter,
         stats: &mut SnapshotStats,
-    ) -> SnapshotResult<()> {
+    ) -> SnapshotResult<Armed> {
         let first = if self.last.is_none() {
             self.due = None;
             write_populated(blocks, w)?
@@ -216,33 +223,41 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
             write_pages(blocks, w, &due)?
         };
         stats.live_pass_pages.push(first);
-        for _ in 1..self.options.max_live_passes.max(1) {
-            let delta = self.advance()?;
-            let n = write_pages(blocks, w, &delta)?;
-            stats.live_pass_pages.push(n);
-            if n <= self.options.pause_pages {
+        for _ in 2..self.options.max_live_passes.max(2) {
+            if *stats.live_pass_pages.last().expect("one pass") <= self.options.pause_pages {
                 break;
             }
+            let delta = self.advance()?;
+            stats.live_pass_pages.push(write_pages(blocks, w, &delta)?);
         }
-        Ok(())
+        let t = Instant::now();
+        let armed = digests::arm(blocks, self.options.background_digests)?;
+        stats.arm_ms = ms(t.elapsed());
+        let delta = self.advance()?;
+        stats.live_pass_pages.push(write_pages(blocks, w, &delta)?);
+        Ok(armed)
     }
 
-    /// Pause, write the last delta, save the state, start the digests, resume; then wait for
-    /// the digests.
+    /// Pause, copy the last delta to memory, save the state, start the digests, resume; then
+    /// write the copied pages and wait for the digests.
     fn pause_and_finish(
         &mut self,
         blocks: &[M::Block],
         w: &mut SnapshotWriter,
+        armed: Armed,
         stats: &mut SnapshotStats,
     ) -> SnapshotResult<(Vec<Vec<u64>>, Vec<crate::StateBlob>)> {
         self.vm.pause().map_err(|e| vm_error("pause", e))?;
         let paused = Instant::now();
-        let inside = self.while_paused(blocks, w, stats);
+        let inside = self.while_paused(blocks, armed, stats);
         let resumed = self.vm.resume().map_err(|e| vm_error("resume", e));
         stats.pause_ms = ms(paused.elapsed());
-        let (capture, state) = inside?;
+        let (capture, state, copied) = inside?;
         resumed?;
         stats.background_digests = capture.is_background();
+        let t = Instant::now();
+        w.store_copied(copied)?;
+        stats.copied_write_ms = ms(t.elapsed());
         let t = Instant::now();
         let (digests, waits) = capture.finish()?;
         stats.digest_ms = ms(t.elapsed());
@@ -250,18 +265,22 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
         Ok((digests, state))
     }
 
+    /// In the pause: the last delta copied to memory (the file is written after the guest
+    /// resumed: a disk busy with write-back must not lengthen the pause), the state, the digests
+    /// started.
     fn while_paused(
         &mut self,
         blocks: &[M::Block],
-        w: &mut SnapshotWriter,
+        armed: Armed,
         stats: &mut SnapshotStats,
-    ) -> SnapshotResult<(Capture, Vec<crate::StateBlob>)> {
+    ) -> SnapshotResult<(Capture, Vec<crate::StateBlob>, CopiedPages)> {
         let t = Instant::now();
         let delta = self.advance()?;
         stats.pause_advance_ms = ms(t.elapsed());
         let t = Instant::now();
-        stats.pause_pages = write_pages(blocks, w, &delta)?;
-        stats.pause_write_ms = ms(t.elapsed());
+        let copied = CopiedPages::copy(blocks, &delta)?;
+        stats.pause_pages = copied.pages();
+        stats.pause_copy_ms = ms(t.elapsed());
         let t = Instant::now();
         let state = self
             .vm
@@ -269,9 +288,9 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
             .map_err(|e| vm_error("save_state", e))?;
         stats.pause_state_ms = ms(t.elapsed());
         let t = Instant::now();
-        let capture = digests::capture(blocks, self.options.background_digests)?;
+        let capture = digests::capture(blocks, armed)?;
         stats.pause_digest_ms = ms(t.elapsed());
-        Ok((capture, state))
+        Ok((capture, state, copied))
     }
 
     /// The next delta; its pages stay due until a snapshot finishes.

@@ -102,6 +102,18 @@ impl SnapshotWriter {
         Ok(())
     }
 
+    /// Store pages copied from guest memory earlier.
+    pub(crate) fn store_copied(&mut self, copied: CopiedPages) -> SnapshotResult<()> {
+        for (bi, first, bytes) in copied.runs {
+            for (i, chunk) in bytes.chunks(self.buf.len()).enumerate() {
+                self.buf[..chunk.len()].copy_from_slice(chunk);
+                let at = first + (i * self.buf.len()) as u64 / PAGE_SIZE;
+                self.store(bi, at, chunk.len() as u64 / PAGE_SIZE)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Store the `count` pages in `self.buf`, the first being page `first` of block `bi`.
     fn store(&mut self, bi: usize, first: u64, count: u64) -> SnapshotResult<()> {
         let base = self.blocks[bi].data_offset;
@@ -178,6 +190,46 @@ impl SnapshotWriter {
         }
         self.finished = true;
         Ok(extent.file_len)
+    }
+}
+
+/// Pages copied from guest memory in a pause, to be written after it: `(block, first page,
+/// bytes)` runs.
+#[derive(Debug, Default)]
+pub(crate) struct CopiedPages {
+    runs: Vec<(usize, u64, Vec<u8>)>,
+}
+
+impl CopiedPages {
+    /// Copy the pages set in `pages` (one bitmap per block) of `blocks`.
+    pub(crate) fn copy<B: MigrationBlock>(
+        blocks: &[B],
+        pages: &[clearlog_bitmap::Bitmap],
+    ) -> SnapshotResult<Self> {
+        let mut runs = Vec::new();
+        for (bi, (b, bits)) in blocks.iter().zip(pages).enumerate() {
+            for r in crate::postcopy::runs(bits) {
+                let mut bytes = vec![0u8; ((r.end - r.start) * PAGE_SIZE) as usize];
+                b.read(r.start * PAGE_SIZE, &mut bytes)
+                    .map_err(|e| SnapshotError::Engine {
+                        context: "reading guest memory",
+                        source: crate::Error::Memory {
+                            op: "copying a page to snapshot it",
+                            source: e,
+                        },
+                    })?;
+                runs.push((bi, r.start, bytes));
+            }
+        }
+        Ok(CopiedPages { runs })
+    }
+
+    /// Pages copied.
+    pub(crate) fn pages(&self) -> u64 {
+        self.runs
+            .iter()
+            .map(|(_, _, b)| b.len() as u64 / PAGE_SIZE)
+            .sum()
     }
 }
 

@@ -216,6 +216,10 @@ pub struct SnapshotArgs {
     /// header that makes a file a snapshot is written last).
     #[arg(long)]
     pub no_sync: bool,
+    /// Compress each file's runs of 64 pages with lz4, after the pause (a run keeps its fixed
+    /// offset; the space it no longer needs becomes a hole).
+    #[arg(long)]
+    pub compress: bool,
     /// Hash every page during the pause, instead of after it under write-protection.
     #[arg(long)]
     pub digests_in_pause: bool,

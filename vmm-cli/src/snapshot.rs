@@ -110,6 +110,7 @@ fn check(a: &SnapshotArgs) -> CliResult<u64> {
 fn options(a: &SnapshotArgs) -> SnapshotOptions {
     SnapshotOptions {
         sync: !a.no_sync,
+        compress: a.compress,
         background_digests: !a.digests_in_pause,
         ..SnapshotOptions::default()
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use clearlog_bitmap::Bitmap;
 
-use super::format::{self, BlockLayout, Meta, SnapshotHeader};
+use super::format::{self, BlockLayout, Meta, SnapshotHeader, RUN_PAGES};
 use super::{SnapshotError, SnapshotResult};
 use crate::{StateBlob, PAGE_SIZE};
 
@@ -148,14 +148,7 @@ impl SnapshotChain {
     /// Read `buf.len() / 4096` pages of block `bi` from file `n`, from page `first`.
     pub(crate) fn read(&self, n: u8, bi: usize, first: u64, buf: &mut [u8]) -> SnapshotResult<()> {
         let link = &self.links[n as usize];
-        let offset = link.meta.blocks[bi].data_offset + first * PAGE_SIZE;
-        link.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => SnapshotError::corrupt("truncated"),
-                _ => SnapshotError::Io(e),
-            })
-            .map_err(SnapshotError::in_file(&link.path))
+        read_pages(link, bi, first, buf).map_err(SnapshotError::in_file(&link.path))
     }
 
     /// The first block layout that differs from `blocks` (`(name, size)`), as a message.
@@ -168,6 +161,53 @@ impl SnapshotChain {
         (ours != blocks)
             .then(|| format!("the snapshot holds RAM blocks {ours:?}, the guest has {blocks:?}"))
     }
+}
+
+/// Read pages of block `bi` from `link`: as they are, or by decompressing their runs.
+fn read_pages(link: &Link, bi: usize, first: u64, buf: &mut [u8]) -> SnapshotResult<()> {
+    let block = &link.meta.blocks[bi];
+    let lens = &link.meta.compressed[bi];
+    let count = buf.len() as u64 / PAGE_SIZE;
+    let mut at = 0;
+    let mut run_buf = Vec::new();
+    while at < count {
+        let page = first + at;
+        let run = page / RUN_PAGES;
+        let run_first = run * RUN_PAGES;
+        let run_end = (run_first + RUN_PAGES).min(block.pages());
+        let take = run_end.min(first + count) - page;
+        let dst = &mut buf[(at * PAGE_SIZE) as usize..((at + take) * PAGE_SIZE) as usize];
+        match lens[run as usize] {
+            0 => read_at(&link.file, dst, block.data_offset + page * PAGE_SIZE)?,
+            len => {
+                let mut packed = vec![0u8; len as usize];
+                read_at(
+                    &link.file,
+                    &mut packed,
+                    block.data_offset + run_first * PAGE_SIZE,
+                )?;
+                run_buf.resize(((run_end - run_first) * PAGE_SIZE) as usize, 0);
+                let got = lz4_flex::block::decompress_into(&packed, &mut run_buf)
+                    .map_err(|_| SnapshotError::corrupt("a compressed run does not decompress"))?;
+                if got != run_buf.len() {
+                    return Err(SnapshotError::corrupt(
+                        "a compressed run has the wrong length",
+                    ));
+                }
+                let from = ((page - run_first) * PAGE_SIZE) as usize;
+                dst.copy_from_slice(&run_buf[from..from + dst.len()]);
+            }
+        }
+        at += take;
+    }
+    Ok(())
+}
+
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> SnapshotResult<()> {
+    file.read_exact_at(buf, offset).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => SnapshotError::corrupt("truncated"),
+        _ => SnapshotError::Io(e),
+    })
 }
 
 /// Open one file and check its header, meta and length.

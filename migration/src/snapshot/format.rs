@@ -7,7 +7,12 @@
 //! |-----------------------|------|
 //! | `0..4096`             | [`RawHeader`], written last: a file without it was never finished |
 //! | per block, 2 MiB aligned | the block's pages, page `p` at `data_offset + p * 4096`; a page this file does not hold, or holds as zero, is a hole |
-//! | meta, 4 KiB aligned   | the block table and the CPU/device state; then per block its present bits (one per page: this file defines the page) and its digests (8 bytes per page) |
+//! | meta, 4 KiB aligned   | the block table and the CPU/device state; then per block its present bits (one per page: this file defines the page), its digests (8 bytes per page), and the compressed length of each run (4 bytes per 64 pages, 0 for a run stored as is) |
+//!
+//! Compression (optional, lz4) works per run of 64 pages (256 KiB) and keeps the fixed offsets:
+//! a compressed run's bytes start at its first page's offset, and the rest of its 256 KiB is a
+//! hole, so it takes disk in proportion to its compressed size while any page can still be
+//! found (and read by decompressing its run).
 //!
 //! Digests are stored XOR-ed with the digest of a zero page, so the digests of zero memory are
 //! zero bytes and stay holes: the file of a sparse guest takes disk in proportion to what it
@@ -35,6 +40,10 @@ pub const SNAPSHOT_VERSION: u32 = 1;
 pub(crate) const HEADER_LEN: u64 = 4096;
 /// Alignment of a block's data in the file (a huge page).
 const DATA_ALIGN: u64 = 2 << 20;
+/// Pages per compression run.
+pub(crate) const RUN_PAGES: u64 = 64;
+/// Bytes of a run.
+pub(crate) const RUN_BYTES: usize = (RUN_PAGES * PAGE_SIZE) as usize;
 /// Longest parent file name the header holds.
 pub(crate) const MAX_PARENT_NAME: usize = 255;
 /// Longest block or state name.
@@ -138,6 +147,8 @@ pub(crate) struct Meta {
     pub(crate) present: Vec<Bitmap>,
     /// Per block: xxh3-64 of every page at the snapshot's pause.
     pub(crate) digests: Vec<Vec<u64>>,
+    /// Per block, per run of [`RUN_PAGES`] pages: its compressed length, 0 if stored as is.
+    pub(crate) compressed: Vec<Vec<u32>>,
 }
 
 fn put_name(out: &mut Vec<u8>, name: &str) {
@@ -173,6 +184,10 @@ impl Meta {
         let zero = zero_page_digest();
         for d in &self.digests {
             out.extend(d.iter().flat_map(|d| (d ^ zero).to_le_bytes()));
+            pad_page(&mut out);
+        }
+        for c in &self.compressed {
+            out.extend(c.iter().flat_map(|n| n.to_le_bytes()));
             pad_page(&mut out);
         }
         out
@@ -234,11 +249,27 @@ impl Meta {
             );
             r.pad_page();
         }
+        let mut compressed = Vec::new();
+        for b in &layouts {
+            let raw = r.take(b.pages().div_ceil(RUN_PAGES) * 4)?;
+            let lens: Vec<u32> = raw
+                .chunks_exact(4)
+                .map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes")))
+                .collect();
+            if lens.iter().any(|&n| n as usize >= RUN_BYTES) {
+                return Err(SnapshotError::corrupt(
+                    "a compressed run is longer than a run",
+                ));
+            }
+            compressed.push(lens);
+            r.pad_page();
+        }
         Ok(Meta {
             blocks: layouts,
             state,
             present,
             digests,
+            compressed,
         })
     }
 }
@@ -440,6 +471,7 @@ mod tests {
             state: vec![StateBlob::new("vcpu0", vec![1, 2, 3])],
             present,
             digests,
+            compressed: vec![vec![0, 900, 0], vec![0]],
         }
     }
 
@@ -453,8 +485,9 @@ mod tests {
         assert_eq!(back.state, m.state);
         assert_eq!(back.present, m.present);
         assert_eq!(back.digests, m.digests);
+        assert_eq!(back.compressed, m.compressed);
         // Page 0 of the first block's digests: zero page, stored as zero bytes.
-        let digests_at = bytes.len() - 2 * PAGE_SIZE as usize;
+        let digests_at = bytes.len() - 4 * PAGE_SIZE as usize;
         assert!(bytes[digests_at..digests_at + 8].iter().all(|&b| b == 0));
         Meta::decode(&bytes[..100], 2).unwrap_err();
         Meta::decode(&bytes, 3).unwrap_err();

@@ -57,6 +57,9 @@ pub struct SnapshotOptions {
     pub pause_pages: u64,
     /// `fdatasync` the file before its header, and the header (a snapshot survives a crash).
     pub sync: bool,
+    /// Compress the file's runs of 64 pages with lz4 (after the pause; a run that would not
+    /// shrink by a page stays as is).
+    pub compress: bool,
     /// Take the digests "as at the pause" after the guest resumed, under userfaultfd
     /// write-protection, where the memory allows it; otherwise they are hashed during the pause.
     pub background_digests: bool,
@@ -68,6 +71,7 @@ impl Default for SnapshotOptions {
             max_live_passes: 4,
             pause_pages: 2048,
             sync: true,
+            compress: false,
             background_digests: true,
         }
     }
@@ -104,6 +108,8 @@ pub struct SnapshotStats {
     pub arm_ms: f64,
     /// After the pause: writing the last delta's copy to the file.
     pub copied_write_ms: f64,
+    /// After the pause: compressing (if asked), writing the meta and header, syncing.
+    pub finish_ms: f64,
     /// After the pause: the wait for the background hashing to end, in milliseconds.
     pub digest_ms: f64,
     /// Writes of the guest that waited for their page to be hashed after the pause.
@@ -188,7 +194,9 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
         };
         let armed = self.live_passes(&blocks, &mut w, &mut stats)?;
         let (digests, state) = self.pause_and_finish(&blocks, &mut w, armed, &mut stats)?;
-        stats.file_len = w.finish(digests, state, self.options.sync)?;
+        let t = Instant::now();
+        stats.file_len = w.finish(digests, state, (self.options.sync, self.options.compress))?;
+        stats.finish_ms = ms(t.elapsed());
         stats.pages = w_pages(&stats);
         stats.disk_bytes = disk_bytes(path);
         stats.total_ms = ms(start.elapsed());

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use clearlog_bitmap::Bitmap;
 
-use super::format::{self, BlockLayout, Meta, SnapshotHeader};
+use super::format::{self, BlockLayout, Meta, SnapshotHeader, RUN_BYTES, RUN_PAGES};
 use super::{SnapshotError, SnapshotResult};
 use crate::memory::is_zero_page;
 use crate::{MigrationBlock, StateBlob, PAGE_SIZE};
@@ -147,22 +147,39 @@ impl SnapshotWriter {
             return Ok(());
         }
         let offset = self.blocks[bi].data_offset + first * PAGE_SIZE;
-        // SAFETY: fallocate(2) on our own open file descriptor, with plain integer arguments.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                (len * PAGE_SIZE) as libc::off_t,
-            )
-        };
-        if rc != 0 {
-            // No hole punching here (some file systems): zeros take disk, but read the same.
-            let zeros = vec![0u8; (len * PAGE_SIZE) as usize];
-            self.file.write_all_at(&zeros, offset)?;
-        }
+        punch_hole(&self.file, offset, len * PAGE_SIZE)?;
         self.data[bi].clear_range(first as usize, len as usize);
         Ok(())
+    }
+
+    /// Compress, in place, every run of [`RUN_PAGES`] pages that holds data and shrinks by at
+    /// least a page; per block, per run, its compressed length (0: stored as is).
+    fn compress_runs(&mut self) -> SnapshotResult<Vec<Vec<u32>>> {
+        let mut raw = vec![0u8; RUN_BYTES];
+        let mut out = Vec::with_capacity(self.blocks.len());
+        for (bi, b) in self.blocks.iter().enumerate() {
+            let mut lens = vec![0u32; b.pages().div_ceil(RUN_PAGES) as usize];
+            for (run, len) in lens.iter_mut().enumerate() {
+                let first = run as u64 * RUN_PAGES;
+                let n = (b.pages() - first).min(RUN_PAGES);
+                if self.data[bi].is_range_clear(first as usize, n as usize) {
+                    continue;
+                }
+                let offset = b.data_offset + first * PAGE_SIZE;
+                let bytes = &mut raw[..(n * PAGE_SIZE) as usize];
+                self.file.read_exact_at(bytes, offset)?;
+                let packed = lz4_flex::block::compress(bytes);
+                let stored = (packed.len() as u64).next_multiple_of(PAGE_SIZE);
+                if stored >= n * PAGE_SIZE {
+                    continue;
+                }
+                self.file.write_all_at(&packed, offset)?;
+                punch_hole(&self.file, offset + stored, n * PAGE_SIZE - stored)?;
+                *len = packed.len() as u32;
+            }
+            out.push(lens);
+        }
+        Ok(out)
     }
 
     /// Write the meta (`digests` per block, the state) and, once it and the pages are on disk,
@@ -171,13 +188,22 @@ impl SnapshotWriter {
         mut self,
         digests: Vec<Vec<u64>>,
         state: Vec<StateBlob>,
-        sync: bool,
+        (sync, compress): (bool, bool),
     ) -> SnapshotResult<u64> {
+        let compressed = match compress {
+            true => self.compress_runs()?,
+            false => self
+                .blocks
+                .iter()
+                .map(|b| vec![0; b.pages().div_ceil(RUN_PAGES) as usize])
+                .collect(),
+        };
         let meta = Meta {
             blocks: self.blocks.clone(),
             state,
             present: std::mem::take(&mut self.present),
             digests,
+            compressed,
         };
         let extent = format::write_meta(&self.file, self.meta_offset, &meta)?;
         if sync {
@@ -191,6 +217,24 @@ impl SnapshotWriter {
         self.finished = true;
         Ok(extent.file_len)
     }
+}
+
+/// Free `len` bytes of `file` at `offset` (they read as zeros after).
+fn punch_hole(file: &File, offset: u64, len: u64) -> SnapshotResult<()> {
+    // SAFETY: fallocate(2) on our own open file descriptor, with plain integer arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        // No hole punching here (some file systems): zeros take disk, but read the same.
+        file.write_all_at(&vec![0u8; len as usize], offset)?;
+    }
+    Ok(())
 }
 
 /// Pages copied from guest memory in a pause, to be written after it: `(block, first page,

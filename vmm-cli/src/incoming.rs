@@ -16,7 +16,7 @@ use clearlog_migration::{
 };
 use clearlog_test_guest::workload::check::{check_increment, loaded_workload};
 use clearlog_test_guest::workload::WorkloadKind;
-use clearlog_test_guest::{Guest, GuestConfig, RAM_BLOCK_NAME};
+use clearlog_test_guest::Guest;
 
 use crate::args::IncomingArgs;
 use crate::chain::ErrorChain;
@@ -234,27 +234,7 @@ fn guest_for(header: &Header) -> CliResult<Guest> {
         .iter()
         .map(|b| (b.name.clone(), b.size))
         .collect();
-    guest_for_layout(&layout)
-}
-
-/// The destination guest for a RAM layout of `(name, size)` blocks (this VMM's one block), to
-/// receive a migration or restore a snapshot; its vCPUs come from the saved state.
-pub(crate) fn guest_for_layout(blocks: &[(String, u64)]) -> CliResult<Guest> {
-    let [(name, size)] = blocks else {
-        let n = blocks.len();
-        let why = format!("{n} blocks, this VMM has one (`{RAM_BLOCK_NAME}`)");
-        return Err(failed("unexpected RAM layout", &why));
-    };
-    if name != RAM_BLOCK_NAME {
-        let why = format!("block `{name}`, expected `{RAM_BLOCK_NAME}`");
-        return Err(failed("unexpected RAM layout", &why));
-    }
-    Guest::create(GuestConfig {
-        mem_bytes: *size,
-        vcpus: 0,
-        ..GuestConfig::default()
-    })
-    .map_err(|e| failed("cannot create the destination guest", &e.chain()))
+    crate::restore::guest_for_layout(&layout)
 }
 
 /// Receives the migration into `guest` (`--fault hide-populated=N`: into memory that hides N

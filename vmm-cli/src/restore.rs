@@ -15,12 +15,11 @@ use clearlog_migration::snapshot::{
 use clearlog_migration::{BoxError, MigrationUri, StateBlob, VmRestore};
 use clearlog_test_guest::workload::check::{check_increment, loaded_workload};
 use clearlog_test_guest::workload::WorkloadKind;
-use clearlog_test_guest::Guest;
+use clearlog_test_guest::{Guest, GuestConfig, RAM_BLOCK_NAME};
 use vmm_cli::vm_control::GuestControl;
 
 use crate::args::IncomingArgs;
 use crate::chain::ErrorChain;
-use crate::incoming::guest_for_layout;
 use crate::{CliError, CliResult};
 
 /// The snapshot `--from` names, if it is one (a file starting with the snapshot magic).
@@ -170,6 +169,35 @@ fn lazy(
         // down in order, so the process ends here, taking the guest with it.
         eprintln!("vmm: error: {e}");
         std::process::exit(e.exit_code_number())
+    })
+}
+
+/// The destination guest for a RAM layout of `(name, size)` blocks (this VMM's one block), to
+/// receive a migration or restore a snapshot; its vCPUs come from the saved state.
+pub fn guest_for_layout(blocks: &[(String, u64)]) -> CliResult<Guest> {
+    let [(name, size)] = blocks else {
+        let n = blocks.len();
+        let why = format!("{n} blocks, this VMM has one (`{RAM_BLOCK_NAME}`)");
+        return Err(CliError::Failed(format!(
+            "unexpected RAM layout: {why}; no guest was resumed"
+        )));
+    };
+    if name != RAM_BLOCK_NAME {
+        let why = format!("block `{name}`, expected `{RAM_BLOCK_NAME}`");
+        return Err(CliError::Failed(format!(
+            "unexpected RAM layout: {why}; no guest was resumed"
+        )));
+    }
+    Guest::create(GuestConfig {
+        mem_bytes: *size,
+        vcpus: 0,
+        ..GuestConfig::default()
+    })
+    .map_err(|e| {
+        CliError::Failed(format!(
+            "cannot create the destination guest: {}; no guest was resumed",
+            e.chain()
+        ))
     })
 }
 

@@ -62,6 +62,10 @@ pub struct SnapshotOptions {
     pub compress: bool,
     /// Take the digests "as at the pause" after the guest resumed, under userfaultfd
     /// write-protection, where the memory allows it; otherwise they are hashed during the pause.
+    /// Write-protection holds back the writes made through the blocks' mappings (vCPUs, the
+    /// VMM's own accesses); turn it off if something else writes guest memory while a snapshot
+    /// is taken (another process through a shared file, a balloon discarding pages): such a
+    /// write would make a digest wrong, and the restore refuse the snapshot.
     pub background_digests: bool,
 }
 

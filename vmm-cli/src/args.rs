@@ -230,8 +230,9 @@ pub struct SnapshotArgs {
     /// Print the stats as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Testing: `lose-dirty-bits=N` drops N dirty bits of the last snapshot's first delta, so
-    /// those pages hold stale data in the chain: a restore must refuse it (exit code 3).
+    /// Testing: `lose-dirty-bits=N` drops N pages from the last snapshot's deltas (the first N
+    /// its first delta reports), so they hold stale data in the chain: a restore must refuse it
+    /// (exit code 3).
     #[arg(long, value_name = "lose-dirty-bits=N", help_heading = "Testing")]
     pub fault: Option<crate::fault::Fault>,
 }

@@ -25,25 +25,37 @@ pub fn snapshot_path(dir: &Path, n: u32) -> PathBuf {
     dir.join(format!("snap-{n}.clsnap"))
 }
 
-/// The guest's dirty epochs; with `--fault lose-dirty-bits=N`, the first deltas of the last
-/// snapshot lose N pages (no later snapshot brings them back unless the guest writes them again
-/// before that snapshot's pause).
+/// The guest's dirty epochs; with `--fault lose-dirty-bits=N`, the first delta of the last
+/// snapshot loses N pages, and its later deltas lose them too: those pages keep an older
+/// snapshot's data in the chain (the first delta of a diff is exact: its epoch began in the
+/// previous pause).
 struct Epochs<'a> {
     inner: DirtyEpochs<&'a MemorySystem>,
     /// Set before the last snapshot: bits still to drop.
     lose: AtomicU64,
-    lost: u64,
+    /// Per block, the pages dropped so far.
+    dropped: Vec<Bitmap>,
+}
+
+impl Epochs<'_> {
+    fn lost(&self) -> u64 {
+        self.dropped.iter().map(|b| b.count_ones() as u64).sum()
+    }
 }
 
 impl SnapshotEpochs for Epochs<'_> {
     fn advance(&mut self) -> Result<Vec<Bitmap>, BoxError> {
         let mut delta = SnapshotEpochs::advance(&mut self.inner)?;
-        for bits in &mut delta {
-            let left = self.lose.load(Ordering::SeqCst) as usize;
+        if self.dropped.is_empty() {
+            self.dropped = delta.iter().map(|b| Bitmap::new(b.len())).collect();
+        }
+        for (bits, dropped) in delta.iter_mut().zip(&mut self.dropped) {
+            let left = self.lose.swap(0, Ordering::SeqCst) as usize;
             let ones: Vec<usize> = bits.iter_ones().take(left).collect();
-            self.lose.fetch_sub(ones.len() as u64, Ordering::SeqCst);
-            self.lost += ones.len() as u64;
-            ones.into_iter().for_each(|p| bits.clear(p));
+            self.lose
+                .store((left - ones.len()) as u64, Ordering::SeqCst);
+            ones.into_iter().for_each(|p| dropped.set(p));
+            bits.and_not_assign(dropped);
         }
         Ok(delta)
     }
@@ -125,7 +137,7 @@ fn take_chain(a: &SnapshotArgs, guest: &Guest, lose: u64) -> CliResult<(Vec<Snap
     let epochs = Epochs {
         inner: DirtyEpochs::open(mem).map_err(|e| failed("opening the dirty epochs", &e))?,
         lose: AtomicU64::new(0),
-        lost: 0,
+        dropped: Vec::new(),
     };
     let mut snap = Snapshotter::new(mem, epochs, &control, options(a));
     let mut taken = Vec::new();
@@ -147,7 +159,7 @@ fn take_chain(a: &SnapshotArgs, guest: &Guest, lose: u64) -> CliResult<(Vec<Snap
         }
     }
     let epochs = snap.into_epochs();
-    let lost = epochs.lost;
+    let lost = epochs.lost();
     epochs
         .inner
         .close()

@@ -18,6 +18,9 @@
 //!                             (--no-retry: a self-check, the cases needing the retry must fail)
 //! cargo xtask soak [--runs N] [--seed S]      N random migrations, each verified (increment rule,
 //!                             RAM fingerprint, digest table); reports mismatched pages
+//! cargo xtask snapshot-soak [--rounds N] [--seed S]   N random chains of live snapshots, each
+//!                             restored eagerly and lazily and verified; losses made on purpose
+//!                             must be refused
 //! cargo xtask netns           two network namespaces, a shaped veth link; migrate, then cut the link
 //! cargo xtask qemu-bench [--modes legacy,clear:1M,clear:16M,postcopy] [--runs N] [--out FILE] [--smoke]
 //!                   [--qemu-root DIR | --install-qemu10 [DIR]] [--multifd N] [--bandwidth 0]
@@ -48,6 +51,7 @@ mod miri;
 mod netns;
 mod proxy;
 mod qemu;
+mod snapshot_soak;
 mod soak;
 mod source_text;
 mod structure;
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         Some("miri") => miri::miri(&args[1..]),
         Some("faults") => faults::faults(&args[1..]),
         Some("soak") => soak::soak(&args[1..]),
+        Some("snapshot-soak") => snapshot_soak::snapshot_soak(&args[1..]),
         Some("netns") => netns::netns(&args[1..]),
         Some("qemu-bench") => qemu::qemu_bench(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
@@ -110,6 +115,7 @@ fn print_usage() {
          msrv             cargo check of the library crates with the workspace's rust-version (installed with rustup; SKIPPED when it cannot be)\n  \
          faults           cut one connection of a migration at every step (--count N, default 50; --seed S; --only I; --no-retry): the source survives and a retry verifies\n  \
          soak             N random migrations (--runs N, default 200; --seed S), each verified; reports mismatched pages\n  \
+         snapshot-soak    N random chains of live snapshots (--rounds N, default 50; --seed S), each restored eagerly and lazily and verified; some lose dirty bits on purpose and must be refused\n  \
          netns            migrate between two network namespaces over a shaped veth link, then take the link down mid-migration\n  \
          qemu-bench       migrate the same workload with QEMU (--modes legacy,clear:1M,clear:16M,postcopy --runs N --out FILE; --smoke: a short end-to-end check; --interleave-with-vmm MODES; --qemu-root DIR: a debootstrap tree's QEMU under chroot, --install-qemu10 [DIR] creates one; --multifd N; --bandwidth 0: no limit; --help for all)\n  \
          fuzz             run each migration stream-decoder fuzz target (--seconds N, default 30); SKIPPED without nightly + cargo-fuzz\n  \

@@ -17,8 +17,6 @@ use std::time::Instant;
 
 use crate::harness::{build_vmm, check_opts, is_ci, kvm_usable, opt_value, Rng};
 
-const MIB: u64 = 1 << 20;
-
 /// One chain: how it was taken.
 #[derive(Debug)]
 struct Chain {

@@ -203,11 +203,15 @@ pub fn guest_for_layout(blocks: &[(String, u64)]) -> CliResult<Guest> {
 
 /// A restore that stopped before the guest resumed.
 fn refused(path: &Path, e: &SnapshotError) -> CliError {
-    let text = format!(
-        "restoring {}: {}; no guest was resumed",
-        path.display(),
-        e.chain()
-    );
+    // An error about one file of the chain names it already.
+    let text = match e {
+        SnapshotError::File { .. } => format!("restoring: {}; no guest was resumed", e.chain()),
+        _ => format!(
+            "restoring {}: {}; no guest was resumed",
+            path.display(),
+            e.chain()
+        ),
+    };
     match e.is_mismatch() {
         true => CliError::Mismatch(text),
         false => CliError::Failed(text),

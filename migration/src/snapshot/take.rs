@@ -95,13 +95,19 @@ pub struct SnapshotStats {
     /// Of the pause: saving the CPU and device state.
     pub pause_state_ms: f64,
     /// Of the pause: hashing every page, or arming the write-protection that lets the
-    /// hashing run after the pause.
+    /// hashing run after the pause, or (armed before the pause) re-protecting what was written
+    /// or populated since.
     pub pause_digest_ms: f64,
     /// Whether the digests were taken after the pause (under write-protection).
     pub background_digests: bool,
     /// Before the last live pass: preparing the digests (write-protection armed while the guest
     /// runs).
     pub arm_ms: f64,
+    /// Writes of the guest that faulted between that arming and the pause (each un-protected a
+    /// 2 MiB group of pages and recorded it as written).
+    pub arm_faults: u64,
+    /// Of the pause's digests: pages re-protected, written or populated since the arming.
+    pub pause_reprotected_pages: u64,
     /// After the pause: writing the last delta's copy to the file.
     pub copied_write_ms: f64,
     /// After the pause: the wait for the background hashing to end, in milliseconds.
@@ -255,6 +261,10 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
         let (capture, state, copied) = inside?;
         resumed?;
         stats.background_digests = capture.is_background();
+        if let Some(armed) = capture.arm_stats() {
+            stats.arm_faults = armed.faults;
+            stats.pause_reprotected_pages = armed.reprotected_pages;
+        }
         let t = Instant::now();
         w.store_copied(copied)?;
         stats.copied_write_ms = ms(t.elapsed());

@@ -192,6 +192,7 @@ fn take_chain_with(
         ..SnapshotOptions::default()
     };
     let mut snap = Snapshotter::new(guest.mem.as_ref(), lossy, guest.as_ref(), options);
+    let mut arm_faults = 0;
     for k in 0..=diffs {
         std::thread::sleep(Duration::from_millis(30));
         let stats = snap.snapshot(&file(dir, k)).unwrap();
@@ -199,7 +200,13 @@ fn take_chain_with(
         assert!(stats.pause_ms >= 0.0 && stats.pages > 0, "{stats:?}");
         // Anonymous memory on this kernel: the digests are taken after the pause.
         assert!(stats.background_digests, "{stats:?}");
+        arm_faults += stats.arm_faults;
     }
+    // Armed before the pauses, the write-protection saw the guest's writes.
+    assert!(
+        arm_faults > 0,
+        "no write faulted between an arming and its pause"
+    );
     drop(snap);
     guest.stop.store(true, Ordering::SeqCst);
     runner.join().unwrap();

@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use std::time::Duration;
 
 use crate::PAGE_SIZE;
@@ -194,14 +194,30 @@ impl Userfaultfd {
 
     /// Whether a message can be read, waiting at most `timeout` for one.
     pub(crate) fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
+        self.wait_readable_or(None, timeout)
+    }
+
+    /// Whether a message can be read, waiting at most `timeout` for one, or for `wake` (another
+    /// fd, left unread) to become readable: how another thread cuts the wait short.
+    pub(crate) fn wait_readable_or(
+        &self,
+        wake: Option<BorrowedFd<'_>>,
+        timeout: Duration,
+    ) -> io::Result<bool> {
+        let pfd = |fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
         };
+        let mut pfds = [pfd(self.fd.as_raw_fd()), pfd(-1)];
+        if let Some(w) = wake {
+            pfds[1].fd = w.as_raw_fd();
+        }
+        let count = if wake.is_some() { 2 } else { 1 };
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd, alive for the call.
-        let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        // SAFETY: `count` (1 or 2) valid pollfds, in an array alive for the call; the kernel
+        // writes only their `revents`.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), count, ms) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {
@@ -210,7 +226,7 @@ impl Userfaultfd {
                 Err(e)
             };
         }
-        Ok(n > 0)
+        Ok(pfds[0].revents != 0)
     }
 
     /// The next page fault if one is queued (no waiting); `None` if none is, or if the message

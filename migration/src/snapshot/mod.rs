@@ -12,6 +12,8 @@
 //! - `digests`: every page's digest as at the pause, read from memory.
 //! - `wp_digests`: those digests taken after the guest resumed, under userfaultfd
 //!   write-protection.
+//! - `wp_arm`: that write-protection armed while the guest runs; the pause re-protects only the
+//!   pages written or populated since.
 //! - `writer`: one file being written.
 //! - `take`: the snapshot procedure over a VMM's memory, dirty epochs and vCPUs.
 //! - `chain`: a chain of files opened, checked and linked for a restore.
@@ -24,6 +26,7 @@ pub mod format;
 pub(crate) mod lazy;
 pub(crate) mod restore;
 pub(crate) mod take;
+pub(crate) mod wp_arm;
 pub(crate) mod wp_digests;
 pub(crate) mod writer;
 

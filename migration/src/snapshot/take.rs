@@ -88,7 +88,7 @@ pub struct SnapshotStats {
     pub sequence: u64,
     /// Pages the file defines (data or zero).
     pub pages: u64,
-    /// Of those, zero pages (holes).
+    /// Zero pages written (as holes), a page written in several passes counted each time.
     pub zero_pages: u64,
     /// Pages written while the guest ran, per live pass.
     pub live_pass_pages: Vec<u64>,
@@ -103,13 +103,19 @@ pub struct SnapshotStats {
     /// Of the pause: saving the CPU and device state.
     pub pause_state_ms: f64,
     /// Of the pause: hashing every page, or arming the write-protection that lets the
-    /// hashing run after the pause.
+    /// hashing run after the pause, or (armed before the pause) re-protecting what was written
+    /// or populated since.
     pub pause_digest_ms: f64,
     /// Whether the digests were taken after the pause (under write-protection).
     pub background_digests: bool,
     /// Before the last live pass: preparing the digests (write-protection armed while the guest
     /// runs).
     pub arm_ms: f64,
+    /// Writes of the guest that faulted between that arming and the pause (each un-protected a
+    /// 2 MiB group of pages and recorded it as written).
+    pub arm_faults: u64,
+    /// Of the pause's digests: pages re-protected, written or populated since the arming.
+    pub pause_reprotected_pages: u64,
     /// After the pause: writing the last delta's copy to the file.
     pub copied_write_ms: f64,
     /// After the pause: compressing (if asked), writing the meta and header, syncing.
@@ -139,6 +145,8 @@ pub struct Snapshotter<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> 
     last: Option<(ParentRef, u64)>,
     /// Pages taken from the epochs since the last finished snapshot.
     due: Option<Vec<Bitmap>>,
+    /// The pause's copy of its last delta, kept (and touched) from one snapshot to the next.
+    copied: CopiedPages,
 }
 
 impl<M: MigrationMemory, E: SnapshotEpochs, V: VmControl> std::fmt::Debug
@@ -163,6 +171,7 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
             options,
             last: None,
             due: None,
+            copied: CopiedPages::default(),
         }
     }
 
@@ -198,10 +207,11 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
         };
         let armed = self.live_passes(&blocks, &mut w, &mut stats)?;
         let (digests, state) = self.pause_and_finish(&blocks, &mut w, armed, &mut stats)?;
+        stats.pages = w.defined_pages();
+        stats.zero_pages = w.zero_pages;
         let t = Instant::now();
         stats.file_len = w.finish(digests, state, (self.options.sync, self.options.compress))?;
         stats.finish_ms = ms(t.elapsed());
-        stats.pages = w_pages(&stats);
         stats.disk_bytes = disk_bytes(path);
         stats.total_ms = ms(start.elapsed());
         self.last = Some((
@@ -246,7 +256,10 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
         let armed = digests::arm(blocks, self.options.background_digests)?;
         stats.arm_ms = ms(t.elapsed());
         let delta = self.advance()?;
-        stats.live_pass_pages.push(write_pages(blocks, w, &delta)?);
+        let n = write_pages(blocks, w, &delta)?;
+        stats.live_pass_pages.push(n);
+        // The pause's delta is about as large as this pass's: room for twice that, touched now.
+        self.copied.reserve(2 * n.max(self.options.pause_pages));
         Ok(armed)
     }
 
@@ -264,11 +277,15 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
         let inside = self.while_paused(blocks, armed, stats);
         let resumed = self.vm.resume().map_err(|e| vm_error("resume", e));
         stats.pause_ms = ms(paused.elapsed());
-        let (capture, state, copied) = inside?;
+        let (capture, state) = inside?;
         resumed?;
         stats.background_digests = capture.is_background();
+        if let Some(armed) = capture.arm_stats() {
+            stats.arm_faults = armed.faults;
+            stats.pause_reprotected_pages = armed.reprotected_pages;
+        }
         let t = Instant::now();
-        w.store_copied(copied)?;
+        w.store_copied(&self.copied)?;
         stats.copied_write_ms = ms(t.elapsed());
         let t = Instant::now();
         let (digests, waits) = capture.finish()?;
@@ -285,13 +302,13 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
         blocks: &[M::Block],
         armed: Armed,
         stats: &mut SnapshotStats,
-    ) -> SnapshotResult<(Capture, Vec<crate::StateBlob>, CopiedPages)> {
+    ) -> SnapshotResult<(Capture, Vec<crate::StateBlob>)> {
         let t = Instant::now();
         let delta = self.advance()?;
         stats.pause_advance_ms = ms(t.elapsed());
         let t = Instant::now();
-        let copied = CopiedPages::copy(blocks, &delta)?;
-        stats.pause_pages = copied.pages();
+        self.copied.copy(blocks, &delta)?;
+        stats.pause_pages = self.copied.pages();
         stats.pause_copy_ms = ms(t.elapsed());
         let t = Instant::now();
         let state = self
@@ -302,7 +319,7 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
         let t = Instant::now();
         let capture = digests::capture(blocks, armed)?;
         stats.pause_digest_ms = ms(t.elapsed());
-        Ok((capture, state, copied))
+        Ok((capture, state))
     }
 
     /// The next delta; its pages stay due until a snapshot finishes.
@@ -338,10 +355,6 @@ fn vm_error(hook: &'static str, source: BoxError) -> SnapshotError {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn w_pages(stats: &SnapshotStats) -> u64 {
-    stats.live_pass_pages.iter().sum::<u64>() + stats.pause_pages
 }
 
 /// Bytes of disk `path` takes.

@@ -4,13 +4,18 @@
 //! Digests of guest memory as it was at the pause, computed while the guest runs again.
 //!
 //! A live snapshot records an xxh3-64 digest of every page as it was when the guest paused for the
-//! last delta. Hashing all of memory in the pause would make the pause long, so
-//! [`PauseDigests::start`] (in the pause) only write-protects the populated pages with a
-//! userfaultfd, and a thread hashes them after the guest resumes, a chunk at a time, un-protecting
-//! each chunk once it is hashed. A write to a page not hashed yet waits (a vCPU inside KVM's
-//! `get_user_pages`, a VMM thread as an ordinary page fault) until the thread has hashed that page
-//! and un-protected it, as QEMU's background snapshot does. So each page is hashed exactly once,
-//! before anything could change it.
+//! last delta. Hashing all of memory in the pause would make the pause long, so the populated
+//! pages are write-protected with a userfaultfd (by [`PauseDigests::start`] in the pause, or
+//! mostly before it by `wp_arm`), and a thread hashes them after the guest resumes, a group at a
+//! time, un-protecting each group once it is hashed. A write to a page not hashed yet waits (a
+//! vCPU inside KVM's `get_user_pages`, a VMM thread as an ordinary page fault) until the thread
+//! has hashed that page's group and un-protected it, as QEMU's background snapshot does. So each
+//! page is hashed exactly once, before anything could change it.
+//!
+//! Pages are un-protected in groups of [`GROUP_PAGES`] aligned by address (2 MiB), hashed first
+//! when a writer waits on one of them: a transparent huge page un-protected whole stays mapped
+//! whole (un-protecting 4 KiB of it splits its mapping into 512 entries, which every later
+//! protect and scan then walks one by one).
 //!
 //! Pages outside the populated ranges are zero pages: neither read nor protected, a write to one
 //! after the pause does not wait, and its digest is the zero page's.
@@ -30,8 +35,11 @@ use crate::stream::zero_page_digest;
 use crate::{HostMapping, PAGE_SIZE};
 
 /// Pages hashed between two looks at the waiting writers (256 KiB, some tens of microseconds):
-/// a writer waits at most about that long for a page the thread is not hashing.
+/// a writer waits at most about that long for a group the thread is not hashing.
 const CHUNK_PAGES: u64 = 64;
+
+/// Pages un-protected together, aligned by address: 2 MiB, a transparent huge page on x86-64.
+pub(super) const GROUP_PAGES: u64 = 512;
 
 /// The longest the thread waits for a writer without looking at the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(10);
@@ -58,28 +66,40 @@ struct Shared {
 /// Counts of the writes that waited, so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct WaitStats {
-    /// Write faults served (each woke the writers of one page).
+    /// Write faults served (each woke the writers of one group).
     pub(crate) faults: u64,
-    /// Pages hashed because a writer waited on them before the thread's walk reached them.
+    /// Pages hashed because a writer waited on their group before the thread's walk reached it.
     pub(crate) hashed_on_fault: u64,
 }
 
-/// How the thread works; tests slow it down or make it fail.
+/// How the thread works; tests slow it down, make it fail or change the groups.
 #[derive(Debug, Clone, Copy)]
-struct Tuning {
-    chunk_pages: u64,
+pub(super) struct Tuning {
+    pub(super) chunk_pages: u64,
+    /// Pages un-protected together on a fault, aligned by address (a power of two).
+    pub(super) group_pages: u64,
     /// After each chunk, serve writers only, for this long.
-    chunk_pause: Duration,
+    pub(super) chunk_pause: Duration,
     /// Fail on the first fault, before serving it (tests of the error path).
-    fail_on_fault: bool,
+    pub(super) fail_on_fault: bool,
+    /// `wp_arm`'s thread waits this long before serving a fault, unless told to stop (tests: a
+    /// writer still waits when the armed value goes).
+    pub(super) serve_delay: Duration,
 }
 
 impl Tuning {
-    const DEFAULT: Tuning = Tuning {
+    pub(super) const DEFAULT: Tuning = Tuning {
         chunk_pages: CHUNK_PAGES,
+        group_pages: GROUP_PAGES,
         chunk_pause: Duration::ZERO,
         fail_on_fault: false,
+        serve_delay: Duration::ZERO,
     };
+
+    /// The walk's step: whole groups, hashed a chunk at a time, un-protected at once.
+    fn unit_pages(&self) -> u64 {
+        self.group_pages.max(self.chunk_pages)
+    }
 }
 
 /// The `UFFD_FEATURE_*` bits needed: write faults flagged as such, and a protected page that is
@@ -94,6 +114,75 @@ fn needed_features(shared: bool) -> u64 {
     } else {
         anon
     }
+}
+
+/// A userfaultfd with the features `regions` need; `Unsupported` if the kernel lacks one.
+pub(super) fn wp_userfaultfd(
+    regions: &[(HostMapping, Vec<Range<u64>>)],
+) -> io::Result<Userfaultfd> {
+    let needed = needed_features(regions.iter().any(|(m, _)| m.shared()));
+    let available = Userfaultfd::available_features()?;
+    if available & needed != needed {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "userfaultfd write-protect: the kernel offers features {available:#x}, \
+                 {needed:#x} are needed"
+            ),
+        ));
+    }
+    Userfaultfd::with_features(needed).map(|(uffd, _)| uffd)
+}
+
+/// Register `map` on `uffd` in write-protect mode.
+pub(super) fn register(uffd: &Userfaultfd, map: &HostMapping) -> io::Result<()> {
+    let (addr, len) = (map.addr(), map.len());
+    uffd.register_wp(addr, len).map_err(|e| {
+        // EINVAL: memory userfaultfd cannot protect (a file on disk, hugetlbfs pages the 4 KiB
+        // ranges would split).
+        let kind = if e.raw_os_error() == Some(libc::EINVAL) {
+            io::ErrorKind::Unsupported
+        } else {
+            e.kind()
+        };
+        io::Error::new(
+            kind,
+            format!("registering {addr:#x}+{len:#x} for write-protect: {e}"),
+        )
+    })
+}
+
+/// Write-protect (`protect`) or un-protect the pages `span` of `map`.
+pub(super) fn set_protection(
+    uffd: &Userfaultfd,
+    map: &HostMapping,
+    span: Range<u64>,
+    protect: bool,
+) -> io::Result<()> {
+    let len = (span.end - span.start) * PAGE_SIZE;
+    uffd.writeprotect(map.addr() + span.start * PAGE_SIZE, len, protect)
+}
+
+/// The pages of `map` in the group of `group_pages` (a power of two), aligned by address, that
+/// holds `page`.
+pub(super) fn group_of(map: &HostMapping, page: u64, group_pages: u64) -> Range<u64> {
+    let base = map.addr() / PAGE_SIZE;
+    let at = base + page;
+    let start = at & !(group_pages - 1);
+    let end = (start + group_pages).min(base + map.len() / PAGE_SIZE);
+    start.max(base) - base..end - base
+}
+
+/// The parts of `ranges` (sorted, disjoint) inside `span`.
+pub(super) fn ranges_in(
+    ranges: &[Range<u64>],
+    span: Range<u64>,
+) -> impl Iterator<Item = Range<u64>> + '_ {
+    let first = ranges.partition_point(|r| r.end <= span.start);
+    ranges[first..]
+        .iter()
+        .take_while(move |r| r.start < span.end)
+        .map(move |r| r.start.max(span.start)..r.end.min(span.end))
 }
 
 impl PauseDigests {
@@ -135,48 +224,39 @@ impl PauseDigests {
         tuning: Tuning,
     ) -> io::Result<Self> {
         check(&regions)?;
-        let needed = needed_features(regions.iter().any(|(m, _)| m.shared()));
-        let available = Userfaultfd::available_features()?;
-        if available & needed != needed {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!(
-                    "userfaultfd write-protect: the kernel offers features {available:#x}, \
-                     {needed:#x} are needed"
-                ),
-            ));
-        }
-        let (uffd, _) = Userfaultfd::with_features(needed)?;
-        let mappings: Vec<HostMapping> = regions.iter().map(|(m, _)| *m).collect();
-        let zero = zero_page_digest(PAGE_SIZE as usize);
-        let regions: Vec<Region> = regions
-            .into_iter()
-            .map(|(map, ranges)| {
-                let pages = (map.len() / PAGE_SIZE) as usize;
-                Region {
-                    map,
-                    ranges,
-                    hashed: Bitmap::new(pages),
-                    digests: vec![zero; pages],
-                }
-            })
-            .collect();
-        let shared = Arc::new(Shared {
-            uffd,
-            stop: AtomicBool::new(false),
-            faults: AtomicU64::new(0),
-            hashed_on_fault: AtomicU64::new(0),
-        });
+        let uffd = wp_userfaultfd(&regions)?;
+        let rooms = regions.iter().map(|(m, _)| Room::new(m)).collect();
         // From here on, a `Hasher` dropped unfinished un-protects every populated page.
-        let mut hasher = Hasher {
-            shared: Arc::clone(&shared),
-            regions,
-            at: Cursor::default(),
-            tuning,
-            registered: 0,
-            complete: false,
-        };
+        let mut hasher = Hasher::new(uffd, regions, rooms, tuning);
         hasher.protect()?;
+        Self::spawn(hasher)
+    }
+
+    /// Hash `regions` (checked by [`check`]) from now on, as [`Self::start`] does once it has
+    /// protected them: `uffd` has every mapping registered in write-protect mode, and every page
+    /// of the ranges, and only those, write-protected. `rooms`: one per region, for its mapping.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Self::start`].
+    pub(super) unsafe fn adopt(
+        uffd: Userfaultfd,
+        regions: Vec<(HostMapping, Vec<Range<u64>>)>,
+        rooms: Vec<Room>,
+        tuning: Tuning,
+    ) -> io::Result<Self> {
+        debug_assert!(check(&regions).is_ok());
+        debug_assert!(regions.len() == rooms.len());
+        let mut hasher = Hasher::new(uffd, regions, rooms, tuning);
+        hasher.registered = hasher.regions.len();
+        Self::spawn(hasher)
+    }
+
+    /// Start `hasher`'s thread. If it cannot start, `hasher` is dropped unfinished, which
+    /// un-protects everything.
+    fn spawn(hasher: Hasher) -> io::Result<Self> {
+        let shared = Arc::clone(&hasher.shared);
+        let mappings: Vec<HostMapping> = hasher.regions.iter().map(|r| r.map).collect();
         let thread = std::thread::Builder::new()
             .name("wp-digests".into())
             .spawn(move || hasher.run())?;
@@ -237,7 +317,7 @@ impl Drop for PauseDigests {
 
 /// `InvalidInput` unless every mapping is page aligned and non-empty, no two overlap, and each
 /// region's ranges are non-empty, sorted, disjoint and inside it.
-fn check(regions: &[(HostMapping, Vec<Range<u64>>)]) -> io::Result<()> {
+pub(super) fn check(regions: &[(HostMapping, Vec<Range<u64>>)]) -> io::Result<()> {
     let bad = |what: String| Err(io::Error::new(io::ErrorKind::InvalidInput, what));
     let mut spans = Vec::with_capacity(regions.len());
     for (m, ranges) in regions {
@@ -270,6 +350,26 @@ fn check(regions: &[(HostMapping, Vec<Range<u64>>)]) -> io::Result<()> {
     Ok(())
 }
 
+/// Where the digests of one region go, made before the pause: a first touch of fresh memory
+/// costs microseconds a page where the host itself is virtualized (8 MiB of digests for 4 GiB
+/// took some 25 ms on a nested host).
+#[derive(Debug)]
+pub(super) struct Room {
+    digests: Vec<u64>,
+    hashed: Bitmap,
+}
+
+impl Room {
+    /// For `map`: every digest that of the zero page (written, so touched), none hashed.
+    pub(super) fn new(map: &HostMapping) -> Room {
+        let pages = (map.len() / PAGE_SIZE) as usize;
+        Room {
+            digests: vec![zero_page_digest(PAGE_SIZE as usize); pages],
+            hashed: Bitmap::new(pages),
+        }
+    }
+}
+
 /// One region as the thread sees it.
 struct Region {
     map: HostMapping,
@@ -294,14 +394,41 @@ impl Region {
         debug_assert!(self.populated(page) && !self.hashed.test(page as usize));
         let p = self.addr(page) as *const u8;
         // SAFETY: `page` is inside the mapping (`check` bounds every range by it), which
-        // `start`'s caller keeps mapped while this thread runs (`finish` and `Drop` join it
-        // first). A populated page not hashed yet is still write-protected (pages are
-        // un-protected only once hashed, or all at once when the thread ends), so writes through
-        // the mapping wait until after this read; `start`'s caller promises there are no others.
-        // So the 4 KiB do not change while the slice, which ends with this call, exists.
+        // `start`'s (or `adopt`'s) caller keeps mapped while this thread runs (`finish` and
+        // `Drop` join it first). A populated page not hashed yet is still write-protected (every
+        // populated page was when the thread started: `protect` did it, or `adopt`'s caller
+        // promises it; pages are un-protected only once hashed, a group or unit whose populated
+        // pages are all hashed, or all at once when the thread ends), so writes through the
+        // mapping wait until after this read; that caller promises there are no others. So the
+        // 4 KiB do not change while the slice, which ends with this call, exists.
         let bytes = unsafe { std::slice::from_raw_parts(p, PAGE_SIZE as usize) };
         self.digests[page as usize] = xxh3_64(bytes);
         self.hashed.set(page as usize);
+    }
+
+    /// Hash the populated pages of `span` not hashed yet, from its start, stopping before the
+    /// page that would be the `max + 1`th hashed: where it stopped (`span.end` once every page
+    /// of `span` is hashed) and how many it hashed.
+    fn hash_span(&mut self, span: Range<u64>, max: u64) -> (u64, u64) {
+        let mut n = 0;
+        let first = self.ranges.partition_point(|r| r.end <= span.start);
+        for i in first..self.ranges.len() {
+            let r = self.ranges[i].clone();
+            if r.start >= span.end {
+                break;
+            }
+            for page in r.start.max(span.start)..r.end.min(span.end) {
+                if self.hashed.test(page as usize) {
+                    continue;
+                }
+                if n == max {
+                    return (page, n);
+                }
+                self.hash(page);
+                n += 1;
+            }
+        }
+        (span.end, n)
     }
 }
 
@@ -309,7 +436,6 @@ impl Region {
 #[derive(Debug, Default, Clone, Copy)]
 struct Cursor {
     region: usize,
-    range: usize,
     page: u64,
 }
 
@@ -326,27 +452,45 @@ struct Hasher {
 }
 
 impl Hasher {
+    fn new(
+        uffd: Userfaultfd,
+        regions: Vec<(HostMapping, Vec<Range<u64>>)>,
+        rooms: Vec<Room>,
+        tuning: Tuning,
+    ) -> Self {
+        let regions = regions
+            .into_iter()
+            .zip(rooms)
+            .map(|((map, ranges), room)| Region {
+                map,
+                ranges,
+                hashed: room.hashed,
+                digests: room.digests,
+            })
+            .collect();
+        Hasher {
+            shared: Arc::new(Shared {
+                uffd,
+                stop: AtomicBool::new(false),
+                faults: AtomicU64::new(0),
+                hashed_on_fault: AtomicU64::new(0),
+            }),
+            regions,
+            at: Cursor::default(),
+            tuning,
+            registered: 0,
+            complete: false,
+        }
+    }
+
     /// Register every mapping and write-protect its populated ranges.
     fn protect(&mut self) -> io::Result<()> {
         let uffd = &self.shared.uffd;
         for r in &self.regions {
-            let (addr, len) = (r.map.addr(), r.map.len());
-            uffd.register_wp(addr, len).map_err(|e| {
-                // EINVAL: memory userfaultfd cannot protect (a file on disk, hugetlbfs pages
-                // the 4 KiB ranges would split).
-                let kind = if e.raw_os_error() == Some(libc::EINVAL) {
-                    io::ErrorKind::Unsupported
-                } else {
-                    e.kind()
-                };
-                io::Error::new(
-                    kind,
-                    format!("registering {addr:#x}+{len:#x} for write-protect: {e}"),
-                )
-            })?;
+            register(uffd, &r.map)?;
             self.registered += 1;
             for p in &r.ranges {
-                uffd.writeprotect(r.addr(p.start), (p.end - p.start) * PAGE_SIZE, true)?;
+                set_protection(uffd, &r.map, p.clone(), true)?;
             }
         }
         Ok(())
@@ -362,14 +506,14 @@ impl Hasher {
             .collect())
     }
 
-    /// Serve the waiting writers, then hash and un-protect one chunk; false once every
+    /// Serve the waiting writers, then hash and un-protect one unit; false once every
     /// populated page is hashed (and so un-protected: no writer can wait any more).
     fn step(&mut self) -> io::Result<bool> {
         if self.shared.stop.load(Ordering::Relaxed) {
             return Err(io::Error::new(io::ErrorKind::Interrupted, "stopped"));
         }
         self.serve_faults()?;
-        if !self.hash_chunk()? {
+        if !self.hash_unit()? {
             return Ok(false);
         }
         if !self.tuning.chunk_pause.is_zero() {
@@ -400,8 +544,8 @@ impl Hasher {
         Ok(())
     }
 
-    /// A writer waits on the page at `fault.addr`: hash it if not yet, then un-protect it,
-    /// which wakes the writer.
+    /// A writer waits on the page at `fault.addr`: hash its group's populated pages not hashed
+    /// yet, then un-protect the group, which wakes the writer.
     fn serve(&mut self, fault: Fault) -> io::Result<()> {
         if self.tuning.fail_on_fault {
             return Err(io::Error::other("injected failure on a write fault"));
@@ -419,14 +563,14 @@ impl Hasher {
             )));
         };
         let r = &mut self.regions[region];
-        // Not populated: never protected, nothing to hash; just wake the writer.
-        if r.populated(page) && !r.hashed.test(page as usize) {
-            r.hash(page);
-            self.shared.hashed_on_fault.fetch_add(1, Ordering::Relaxed);
-        }
+        let group = group_of(&r.map, page, self.tuning.group_pages);
+        let (_, hashed) = r.hash_span(group.clone(), u64::MAX);
         self.shared
-            .uffd
-            .writeprotect(fault.addr, PAGE_SIZE, false)?;
+            .hashed_on_fault
+            .fetch_add(hashed, Ordering::Relaxed);
+        // Every populated page of the group is hashed now (pages not populated were never
+        // protected, nothing to hash): un-protecting it cannot lose one.
+        set_protection(&self.shared.uffd, &r.map, group, false)?;
         self.shared.faults.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -439,36 +583,48 @@ impl Hasher {
         })
     }
 
-    /// Hash the next chunk of populated pages (those not hashed yet) and un-protect it; false
-    /// if none is left.
-    fn hash_chunk(&mut self) -> io::Result<bool> {
-        while let Some(r) = self.regions.get_mut(self.at.region) {
-            let Some(range) = r.ranges.get(self.at.range).cloned() else {
+    /// The next unit of the walk (aligned by address, within its region) that holds populated
+    /// pages; the cursor moves past it.
+    fn next_unit(&mut self) -> Option<(usize, Range<u64>)> {
+        while let Some(r) = self.regions.get(self.at.region) {
+            let i = r.ranges.partition_point(|x| x.end <= self.at.page);
+            let Some(range) = r.ranges.get(i) else {
                 self.at = Cursor {
                     region: self.at.region + 1,
-                    ..Cursor::default()
+                    page: 0,
                 };
                 continue;
             };
-            let first = self.at.page.max(range.start);
-            if first >= range.end {
-                self.at.range += 1;
-                continue;
-            }
-            let end = (first + self.tuning.chunk_pages).min(range.end);
-            for page in first..end {
-                if !r.hashed.test(page as usize) {
-                    r.hash(page);
-                }
-            }
-            // Every page of the chunk is hashed now: un-protecting them cannot lose one.
-            self.shared
-                .uffd
-                .writeprotect(r.addr(first), (end - first) * PAGE_SIZE, false)?;
-            self.at.page = end;
-            return Ok(true);
+            let unit = group_of(
+                &r.map,
+                self.at.page.max(range.start),
+                self.tuning.unit_pages(),
+            );
+            self.at.page = unit.end;
+            return Some((self.at.region, unit));
         }
-        Ok(false)
+        None
+    }
+
+    /// Hash the next unit's populated pages not hashed yet, a chunk at a time with the waiting
+    /// writers served in between, and un-protect it; false if none is left.
+    fn hash_unit(&mut self) -> io::Result<bool> {
+        let Some((region, unit)) = self.next_unit() else {
+            return Ok(false);
+        };
+        let mut at = unit.start;
+        loop {
+            let (next, _) = self.regions[region].hash_span(at..unit.end, self.tuning.chunk_pages);
+            if next >= unit.end {
+                break;
+            }
+            at = next;
+            self.serve_faults()?;
+        }
+        // Every populated page of the unit is hashed now: un-protecting it cannot lose one.
+        let r = &self.regions[region];
+        set_protection(&self.shared.uffd, &r.map, unit, false)?;
+        Ok(true)
     }
 }
 
@@ -479,10 +635,9 @@ impl Drop for Hasher {
         }
         for r in &self.regions[..self.registered] {
             for p in &r.ranges {
-                let (addr, len) = (r.addr(p.start), (p.end - p.start) * PAGE_SIZE);
-                if let Err(e) = self.shared.uffd.writeprotect(addr, len, false) {
+                if let Err(e) = set_protection(&self.shared.uffd, &r.map, p.clone(), false) {
                     // Its writers then wait until the fd is closed, which releases them.
-                    tracing::warn!("un-protecting {addr:#x}+{len:#x}: {e}");
+                    tracing::warn!("un-protecting pages {p:?} of {:#x}: {e}", r.map.addr());
                 }
             }
         }
@@ -490,7 +645,7 @@ impl Drop for Hasher {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::fs::File;
     use std::os::fd::{AsRawFd, FromRawFd};
     use std::sync::mpsc;
@@ -503,15 +658,15 @@ mod tests {
 
     /// Test memory: private anonymous (with huge pages if asked) or a shared memfd mapping,
     /// unmapped on drop.
-    struct Mem {
-        addr: u64,
-        len: u64,
+    pub(crate) struct Mem {
+        pub(crate) addr: u64,
+        pub(crate) len: u64,
         shared: bool,
         _file: Option<File>,
     }
 
     impl Mem {
-        fn anon(pages: u64, huge: bool) -> Mem {
+        pub(crate) fn anon(pages: u64, huge: bool) -> Mem {
             let len = pages * PAGE_SIZE;
             let addr = map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
             if huge {
@@ -528,7 +683,7 @@ mod tests {
             }
         }
 
-        fn memfd(pages: u64) -> Mem {
+        pub(crate) fn memfd(pages: u64) -> Mem {
             // SAFETY: memfd_create takes a NUL-terminated name and flags; a non-negative result
             // is a new fd that nothing else owns.
             let fd = unsafe { libc::memfd_create(c"wp-digests".as_ptr(), libc::MFD_CLOEXEC) };
@@ -551,18 +706,18 @@ mod tests {
             }
         }
 
-        fn mapping(&self) -> HostMapping {
+        pub(crate) fn mapping(&self) -> HostMapping {
             // SAFETY: the test's own mapping, alive as long as `self`, holding test data only.
             unsafe { HostMapping::new(self.addr, self.len, self.shared) }
         }
 
         /// Write `pattern(page, seed)` over `page` (waits while it is write-protected).
-        fn write(&self, page: u64, seed: u64) {
+        pub(crate) fn write(&self, page: u64, seed: u64) {
             self.write_bytes(page, &pattern(page, seed));
         }
 
         /// Write `data` (a page) over `page`.
-        fn write_bytes(&self, page: u64, data: &[u8]) {
+        pub(crate) fn write_bytes(&self, page: u64, data: &[u8]) {
             assert!(page < self.len / PAGE_SIZE && data.len() == PAGE_SIZE as usize);
             let at = (self.addr + page * PAGE_SIZE) as *mut u8;
             // SAFETY: `page` lies inside the mapping (asserted), which lives as long as `self`;
@@ -571,7 +726,7 @@ mod tests {
         }
 
         /// xxh3-64 of `page` as it is now.
-        fn digest(&self, page: u64) -> u64 {
+        pub(crate) fn digest(&self, page: u64) -> u64 {
             assert!(page < self.len / PAGE_SIZE);
             let mut buf = vec![0u8; PAGE_SIZE as usize];
             let at = (self.addr + page * PAGE_SIZE) as *const u8;
@@ -606,7 +761,7 @@ mod tests {
     }
 
     /// A page's worth of bytes particular to `page` and `seed`.
-    fn pattern(page: u64, seed: u64) -> Vec<u8> {
+    pub(crate) fn pattern(page: u64, seed: u64) -> Vec<u8> {
         (0..PAGE_SIZE / 8)
             .flat_map(|i| {
                 let x = (page << 20 | i) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -615,12 +770,12 @@ mod tests {
             .collect()
     }
 
-    fn zero() -> u64 {
+    pub(crate) fn zero() -> u64 {
         xxh3_64(&[0u8; PAGE_SIZE as usize])
     }
 
     /// Whether write protection works here; without it the tests skip, loudly (and fail in CI).
-    fn supported(shared: bool) -> bool {
+    pub(crate) fn supported(shared: bool) -> bool {
         if PauseDigests::supported(shared) {
             return true;
         }
@@ -632,7 +787,7 @@ mod tests {
         false
     }
 
-    const PAGES: u64 = 4096;
+    pub(crate) const PAGES: u64 = 4096;
     /// Pages inside the populated ranges left unwritten before the start: zero and not there
     /// yet, their writes must wait all the same.
     const UNWRITTEN: Range<u64> = 2000..2050;
@@ -643,7 +798,7 @@ mod tests {
     }
 
     /// A hasher slow enough (64 chunks, 5 ms each) that the writer gets to most pages first.
-    const SLOW: Tuning = Tuning {
+    pub(crate) const SLOW: Tuning = Tuning {
         chunk_pause: Duration::from_millis(5),
         ..Tuning::DEFAULT
     };
@@ -712,7 +867,7 @@ mod tests {
 
     /// Many writes must have waited for pages the thread had not reached: otherwise the test
     /// proves nothing about write protection.
-    fn writes_waited(stats: WaitStats) {
+    pub(crate) fn writes_waited(stats: WaitStats) {
         assert!(
             stats.hashed_on_fault >= 10,
             "only {} pages were hashed for a waiting writer ({stats:?})",
@@ -738,6 +893,21 @@ mod tests {
     fn memfd_memory_hashes_as_at_start_while_a_writer_overwrites_it() {
         if supported(true) {
             writes_waited(digests_are_as_at_start(&Mem::memfd(PAGES), SLOW));
+        }
+    }
+
+    /// 4 KiB groups: each fault hashes and un-protects its page only.
+    #[test]
+    fn in_groups_of_one_page_the_digests_are_as_at_start() {
+        if supported(true) {
+            let tuning = Tuning {
+                group_pages: 1,
+                ..SLOW
+            };
+            let stats = digests_are_as_at_start(&Mem::anon(PAGES, true), tuning);
+            assert_eq!(stats.faults, stats.hashed_on_fault, "one page per fault");
+            writes_waited(stats);
+            writes_waited(digests_are_as_at_start(&Mem::memfd(PAGES), tuning));
         }
     }
 
@@ -840,7 +1010,9 @@ mod tests {
         // SAFETY: `mem` outlives `d`, and only this thread writes it, through the mapping.
         let d = unsafe { PauseDigests::start_tuned(whole(&mem), tuning) }.expect("start");
         mem.write(PAGES - 1, 2);
-        assert_eq!(d.wait_stats().hashed_on_fault, 1);
+        // The write's group, hashed for it (the walk is far from it).
+        let group = group_of(&mem.mapping(), PAGES - 1, GROUP_PAGES);
+        assert_eq!(d.wait_stats().hashed_on_fault, group.end - group.start);
         let t = Instant::now();
         drop(d);
         assert!(

@@ -32,7 +32,6 @@ pub(crate) struct SnapshotWriter {
     /// Per block: the pages written with data (the others are holes).
     data: Vec<Bitmap>,
     buf: Vec<u8>,
-    pub(crate) pages_written: u64,
     pub(crate) zero_pages: u64,
     finished: bool,
 }
@@ -68,7 +67,6 @@ impl SnapshotWriter {
             blocks: layouts,
             meta_offset,
             buf: vec![0; (PAGES_PER_READ * PAGE_SIZE) as usize],
-            pages_written: 0,
             zero_pages: 0,
             finished: false,
         })
@@ -102,13 +100,23 @@ impl SnapshotWriter {
         Ok(())
     }
 
+    /// Pages this file defines so far.
+    pub(crate) fn defined_pages(&self) -> u64 {
+        self.present.iter().map(|p| p.count_ones() as u64).sum()
+    }
+
     /// Store pages copied from guest memory earlier.
-    pub(crate) fn store_copied(&mut self, copied: CopiedPages) -> SnapshotResult<()> {
-        for (bi, first, bytes) in copied.runs {
-            for (i, chunk) in bytes.chunks(self.buf.len()).enumerate() {
-                self.buf[..chunk.len()].copy_from_slice(chunk);
-                let at = first + (i * self.buf.len()) as u64 / PAGE_SIZE;
-                self.store(bi, at, chunk.len() as u64 / PAGE_SIZE)?;
+    pub(crate) fn store_copied(&mut self, copied: &CopiedPages) -> SnapshotResult<()> {
+        let mut at = 0usize;
+        for &(bi, first, n) in &copied.runs {
+            let mut done = 0;
+            while done < n {
+                let count = (n - done).min(PAGES_PER_READ);
+                let len = (count * PAGE_SIZE) as usize;
+                self.buf[..len].copy_from_slice(&copied.buf[at..at + len]);
+                self.store(bi, first + done, count)?;
+                at += len;
+                done += count;
             }
         }
         Ok(())
@@ -135,7 +143,6 @@ impl SnapshotWriter {
                 self.data[bi].set_range(p0 as usize, len as usize);
             }
             self.present[bi].set_range(p0 as usize, len as usize);
-            self.pages_written += len;
             i = end;
         }
         Ok(())
@@ -238,23 +245,45 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> SnapshotResult<()> {
 }
 
 /// Pages copied from guest memory in a pause, to be written after it: `(block, first page,
-/// bytes)` runs.
+/// pages)` runs, their bytes one after the other in `buf`.
+///
+/// The buffer is kept from one snapshot to the next and touched before the pause
+/// ([`reserve`](Self::reserve)): a first touch of fresh memory costs a page fault per page,
+/// which must not happen in the pause.
 #[derive(Debug, Default)]
 pub(crate) struct CopiedPages {
-    runs: Vec<(usize, u64, Vec<u8>)>,
+    runs: Vec<(usize, u64, u64)>,
+    buf: Vec<u8>,
 }
 
 impl CopiedPages {
-    /// Copy the pages set in `pages` (one bitmap per block) of `blocks`.
+    /// Make room for `pages` pages, touching every page of it now.
+    pub(crate) fn reserve(&mut self, pages: u64) {
+        let bytes = (pages * PAGE_SIZE) as usize;
+        if self.buf.len() < bytes {
+            self.buf.resize(bytes, 0);
+            // `resize` may leave fresh zeroed memory unmapped: touch it.
+            for page in self.buf.chunks_mut(PAGE_SIZE as usize) {
+                page[0] = 1;
+            }
+        }
+    }
+
+    /// Copy the pages set in `pages` (one bitmap per block) of `blocks`, replacing what was
+    /// copied before.
     pub(crate) fn copy<B: MigrationBlock>(
+        &mut self,
         blocks: &[B],
         pages: &[clearlog_bitmap::Bitmap],
-    ) -> SnapshotResult<Self> {
-        let mut runs = Vec::new();
+    ) -> SnapshotResult<()> {
+        self.runs.clear();
+        let total: u64 = pages.iter().map(|b| b.count_ones() as u64).sum();
+        self.reserve(total);
+        let mut at = 0usize;
         for (bi, (b, bits)) in blocks.iter().zip(pages).enumerate() {
             for r in crate::postcopy::runs(bits) {
-                let mut bytes = vec![0u8; ((r.end - r.start) * PAGE_SIZE) as usize];
-                b.read(r.start * PAGE_SIZE, &mut bytes)
+                let len = ((r.end - r.start) * PAGE_SIZE) as usize;
+                b.read(r.start * PAGE_SIZE, &mut self.buf[at..at + len])
                     .map_err(|e| SnapshotError::Engine {
                         context: "reading guest memory",
                         source: crate::Error::Memory {
@@ -262,18 +291,16 @@ impl CopiedPages {
                             source: e,
                         },
                     })?;
-                runs.push((bi, r.start, bytes));
+                self.runs.push((bi, r.start, r.end - r.start));
+                at += len;
             }
         }
-        Ok(CopiedPages { runs })
+        Ok(())
     }
 
     /// Pages copied.
     pub(crate) fn pages(&self) -> u64 {
-        self.runs
-            .iter()
-            .map(|(_, _, b)| b.len() as u64 / PAGE_SIZE)
-            .sum()
+        self.runs.iter().map(|&(_, _, n)| n).sum()
     }
 }
 

@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use clearlog_bitmap::Bitmap;
 
@@ -23,6 +24,9 @@ struct Link {
     file: File,
     header: SnapshotHeader,
     meta: Meta,
+    /// The run decompressed last, `(block, run, bytes)`: a restore reads a run's pages one
+    /// source at a time, often page by page.
+    last_run: Mutex<Option<(usize, u64, Vec<u8>)>>,
 }
 
 /// A snapshot chain opened for a restore: the full snapshot first, the newest diff last.
@@ -50,7 +54,7 @@ impl SnapshotChain {
     /// is refused here, before anything is restored.
     pub fn open(newest: &Path) -> SnapshotResult<SnapshotChain> {
         let dir = newest.parent().unwrap_or(Path::new("."));
-        let mut links = vec![open_link(newest)?];
+        let mut links = vec![open_link(newest, true)?];
         while let Some(parent) = links.last().expect("one link").header.parent.clone() {
             if links.len() >= MAX_CHAIN {
                 return Err(SnapshotError::Chain(format!(
@@ -58,7 +62,7 @@ impl SnapshotChain {
                 )));
             }
             let path = dir.join(&parent.file_name);
-            let link = open_link(&path)?;
+            let link = open_link(&path, false)?;
             let child = links.last().expect("one link");
             if link.header.id != parent.id {
                 return Err(SnapshotError::Chain(format!(
@@ -169,7 +173,6 @@ fn read_pages(link: &Link, bi: usize, first: u64, buf: &mut [u8]) -> SnapshotRes
     let lens = &link.meta.compressed[bi];
     let count = buf.len() as u64 / PAGE_SIZE;
     let mut at = 0;
-    let mut run_buf = Vec::new();
     while at < count {
         let page = first + at;
         let run = page / RUN_PAGES;
@@ -180,27 +183,44 @@ fn read_pages(link: &Link, bi: usize, first: u64, buf: &mut [u8]) -> SnapshotRes
         match lens[run as usize] {
             0 => read_at(&link.file, dst, block.data_offset + page * PAGE_SIZE)?,
             len => {
-                let mut packed = vec![0u8; len as usize];
-                read_at(
-                    &link.file,
-                    &mut packed,
-                    block.data_offset + run_first * PAGE_SIZE,
-                )?;
-                run_buf.resize(((run_end - run_first) * PAGE_SIZE) as usize, 0);
-                let got = lz4_flex::block::decompress_into(&packed, &mut run_buf)
-                    .map_err(|_| SnapshotError::corrupt("a compressed run does not decompress"))?;
-                if got != run_buf.len() {
-                    return Err(SnapshotError::corrupt(
-                        "a compressed run has the wrong length",
-                    ));
+                let mut cached = link.last_run.lock().unwrap_or_else(|p| p.into_inner());
+                if !matches!(&*cached, Some((b, r, _)) if *b == bi && *r == run) {
+                    let bytes = decompress_run(link, block, run_first, run_end, len)?;
+                    *cached = Some((bi, run, bytes));
                 }
+                let bytes = &cached.as_ref().expect("just filled").2;
                 let from = ((page - run_first) * PAGE_SIZE) as usize;
-                dst.copy_from_slice(&run_buf[from..from + dst.len()]);
+                dst.copy_from_slice(&bytes[from..from + dst.len()]);
             }
         }
         at += take;
     }
     Ok(())
+}
+
+/// The pages `run_first..run_end` of `block`, stored as a compressed run of `len` bytes.
+fn decompress_run(
+    link: &Link,
+    block: &BlockLayout,
+    run_first: u64,
+    run_end: u64,
+    len: u32,
+) -> SnapshotResult<Vec<u8>> {
+    let mut packed = vec![0u8; len as usize];
+    read_at(
+        &link.file,
+        &mut packed,
+        block.data_offset + run_first * PAGE_SIZE,
+    )?;
+    let mut bytes = vec![0u8; ((run_end - run_first) * PAGE_SIZE) as usize];
+    let got = lz4_flex::block::decompress_into(&packed, &mut bytes)
+        .map_err(|_| SnapshotError::corrupt("a compressed run does not decompress"))?;
+    if got != bytes.len() {
+        return Err(SnapshotError::corrupt(
+            "a compressed run has the wrong length",
+        ));
+    }
+    Ok(bytes)
 }
 
 fn read_at(file: &File, buf: &mut [u8], offset: u64) -> SnapshotResult<()> {
@@ -210,15 +230,15 @@ fn read_at(file: &File, buf: &mut [u8], offset: u64) -> SnapshotResult<()> {
     })
 }
 
-/// Open one file and check its header, meta and length.
-fn open_link(path: &Path) -> SnapshotResult<Link> {
+/// Open one file and check its header, meta and length; keep its digests if `newest`.
+fn open_link(path: &Path, newest: bool) -> SnapshotResult<Link> {
     let open = || -> SnapshotResult<Link> {
         let file = File::open(path)?;
         let (header, blocks, extent) = format::read_header(&file)?;
         if file.metadata()?.len() < extent.file_len {
             return Err(SnapshotError::corrupt("truncated"));
         }
-        let meta = format::read_meta(&file, extent, blocks)?;
+        let meta = format::read_meta(&file, extent, blocks, newest)?;
         let data_end = meta
             .blocks
             .iter()
@@ -240,6 +260,7 @@ fn open_link(path: &Path) -> SnapshotResult<Link> {
             file,
             header,
             meta,
+            last_run: Mutex::new(None),
         })
     };
     open().map_err(SnapshotError::in_file(path))

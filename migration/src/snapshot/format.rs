@@ -193,8 +193,9 @@ impl Meta {
         out
     }
 
-    /// Parse `bytes` (checked against its digest by the caller) for `blocks` blocks.
-    pub(crate) fn decode(bytes: &[u8], blocks: u32) -> SnapshotResult<Meta> {
+    /// Parse `bytes` (checked against its digest by the caller) for `blocks` blocks; the
+    /// digests only `with_digests` (a restore uses only the newest file's).
+    pub(crate) fn decode(bytes: &[u8], blocks: u32, with_digests: bool) -> SnapshotResult<Meta> {
         let mut r = Cursor { bytes, at: 0 };
         if r.u32()? != blocks {
             return Err(SnapshotError::corrupt(
@@ -242,6 +243,11 @@ impl Meta {
         let mut digests = Vec::new();
         for b in &layouts {
             let raw = r.take(b.pages() * 8)?;
+            if !with_digests {
+                digests.push(Vec::new());
+                r.pad_page();
+                continue;
+            }
             digests.push(
                 raw.chunks_exact(8)
                     .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")) ^ zero)
@@ -405,7 +411,12 @@ pub(crate) fn read_header(file: &File) -> SnapshotResult<(SnapshotHeader, u32, M
 }
 
 /// Read the meta at `extent` of `file` and check its digest.
-pub(crate) fn read_meta(file: &File, extent: MetaExtent, blocks: u32) -> SnapshotResult<Meta> {
+pub(crate) fn read_meta(
+    file: &File,
+    extent: MetaExtent,
+    blocks: u32,
+    with_digests: bool,
+) -> SnapshotResult<Meta> {
     let mut bytes = vec![0u8; extent.len as usize];
     file.read_exact_at(&mut bytes, extent.offset)
         .map_err(|e| match e.kind() {
@@ -417,7 +428,7 @@ pub(crate) fn read_meta(file: &File, extent: MetaExtent, blocks: u32) -> Snapsho
             "the meta section's digest does not match",
         ));
     }
-    Meta::decode(&bytes, blocks)
+    Meta::decode(&bytes, blocks, with_digests)
 }
 
 /// Write `meta` at `offset` of `file` (pre-sized: its all-zero pages stay holes); its extent.
@@ -480,7 +491,7 @@ mod tests {
         let m = meta();
         let bytes = m.encode();
         assert_eq!(bytes.len() % PAGE_SIZE as usize, 0);
-        let back = Meta::decode(&bytes, 2).unwrap();
+        let back = Meta::decode(&bytes, 2, true).unwrap();
         assert_eq!(back.blocks, m.blocks);
         assert_eq!(back.state, m.state);
         assert_eq!(back.present, m.present);
@@ -489,8 +500,9 @@ mod tests {
         // Page 0 of the first block's digests: zero page, stored as zero bytes.
         let digests_at = bytes.len() - 4 * PAGE_SIZE as usize;
         assert!(bytes[digests_at..digests_at + 8].iter().all(|&b| b == 0));
-        Meta::decode(&bytes[..100], 2).unwrap_err();
-        Meta::decode(&bytes, 3).unwrap_err();
+        Meta::decode(&bytes[..100], 2, true).unwrap_err();
+        Meta::decode(&bytes, 3, true).unwrap_err();
+        assert!(Meta::decode(&bytes, 2, false).unwrap().digests[0].is_empty());
     }
 
     #[test]

@@ -530,8 +530,10 @@ mod tests {
             .filter(|&p| mem.digest(p) != xxh3_64(&pattern(p, 3)))
             .collect();
         assert!(lost.is_empty(), "writes lost on pages {lost:?}");
-        assert_eq!(run.faults, expected_faults, "faults before the pause");
-        assert_eq!(run.stats.faults, expected_faults);
+        // Read while the writer stood still; the thread may count a fault just after it
+        // un-protected (and so released) its page: the capture's count is the settled one.
+        assert!(run.faults <= expected_faults, "faults before the pause");
+        assert_eq!(run.stats.faults, expected_faults, "faults before the pause");
         assert_eq!(run.stats.reprotected_pages, expected_reprotected);
         assert_eq!(run.stats.new_pages, 200);
         eprintln!("{:?} {:?}", run.stats, run.waits);

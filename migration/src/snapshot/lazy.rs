@@ -11,7 +11,7 @@ use clearlog_bitmap::Bitmap;
 
 use super::chain::{SnapshotChain, Source};
 use super::format::zero_page_digest;
-use super::restore::{check_layout, resume, source_runs, RestoreStats};
+use super::restore::{check_layout, resume, source_runs, Mismatches, RestoreStats};
 use super::writer::PAGES_PER_READ;
 use super::{SnapshotError, SnapshotResult};
 use crate::memory::is_zero_page;
@@ -98,26 +98,17 @@ fn check_unheld_pages_are_zero<B: MigrationBlock>(
     sources: &[Vec<Source>],
 ) -> SnapshotResult<u64> {
     let zero = zero_page_digest();
-    let mut first = None;
-    let mut mismatched = 0;
+    let mut wrong = Mismatches::default();
     let mut unheld = 0;
     for (bi, s) in sources.iter().enumerate() {
         for (page, (src, d)) in s.iter().zip(chain.digests(bi)).enumerate() {
             unheld += u64::from(*src == Source::Zero);
             if *src == Source::Zero && *d != zero {
-                mismatched += 1;
-                first.get_or_insert((bi, page as u64));
+                wrong.note(bi, page as u64);
             }
         }
     }
-    match first {
-        None => Ok(unheld),
-        Some((bi, page)) => Err(SnapshotError::VerificationFailed {
-            mismatched_pages: mismatched,
-            block: blocks[bi].name().to_owned(),
-            page,
-        }),
-    }
+    wrong.check(blocks).map(|()| unheld)
 }
 
 struct Server {

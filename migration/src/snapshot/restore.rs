@@ -152,25 +152,43 @@ fn load_block<B: MigrationBlock>(
 /// checked.
 fn verify<B: MigrationBlock>(chain: &SnapshotChain, blocks: &[B]) -> SnapshotResult<u64> {
     let found = hash_now(blocks)?;
-    let mut first = None;
-    let mut mismatched = 0u64;
+    let mut wrong = Mismatches::default();
     let mut checked = 0u64;
     for (bi, digests) in found.iter().enumerate() {
         for (page, (have, want)) in digests.iter().zip(chain.digests(bi)).enumerate() {
             checked += 1;
             if have != want {
-                mismatched += 1;
-                first.get_or_insert((bi, page as u64));
+                wrong.note(bi, page as u64);
             }
         }
     }
-    match first {
-        None => Ok(checked),
-        Some((bi, page)) => Err(SnapshotError::VerificationFailed {
-            mismatched_pages: mismatched,
-            block: blocks[bi].name().to_owned(),
-            page,
-        }),
+    wrong.check(blocks).map(|()| checked)
+}
+
+/// Pages found to differ from the digests of the pause: how many, and the first.
+#[derive(Debug, Default)]
+pub(crate) struct Mismatches {
+    count: u64,
+    first: Option<(usize, u64)>,
+}
+
+impl Mismatches {
+    /// Page `page` of block `bi` differs.
+    pub(crate) fn note(&mut self, bi: usize, page: u64) {
+        self.count += 1;
+        self.first.get_or_insert((bi, page));
+    }
+
+    /// [`SnapshotError::VerificationFailed`] if any page differs.
+    pub(crate) fn check<B: MigrationBlock>(self, blocks: &[B]) -> SnapshotResult<()> {
+        match self.first {
+            None => Ok(()),
+            Some((bi, page)) => Err(SnapshotError::VerificationFailed {
+                mismatched_pages: self.count,
+                block: blocks[bi].name().to_owned(),
+                page,
+            }),
+        }
     }
 }
 

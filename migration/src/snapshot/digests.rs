@@ -238,7 +238,8 @@ pub(crate) fn hash_now<B: MigrationBlock>(blocks: &[B]) -> SnapshotResult<Vec<Ve
         .collect()
 }
 
-#[cfg(test)]
+// The end-to-end test runs over a `clearlog-memory` RAM block.
+#[cfg(all(test, feature = "clearlog-memory"))]
 mod tests {
     use std::sync::mpsc;
     use std::time::Duration;

@@ -217,13 +217,14 @@ fn take_chain_with(
     std::mem::take(&mut *guest.at_pause.lock().unwrap())
 }
 
-fn restore_eager(
-    path: &Path,
-) -> (
+/// What a restore returned, the memory it restored into, and what the "VMM" was told.
+type Restore = (
     std::result::Result<RestoreStats, SnapshotError>,
     MemorySystem,
     Restored,
-) {
+);
+
+fn restore_eager(path: &Path) -> Restore {
     let mem = memory();
     let vm = Restored::default();
     let r = SnapshotChain::open(path).and_then(|c| restore(&c, &mem, &vm));
@@ -232,14 +233,7 @@ fn restore_eager(
 
 /// `read`: a "guest" reads pages while they arrive (it would wait for good on a page a failed
 /// restore never places).
-fn restore_lazy(
-    path: &Path,
-    read: bool,
-) -> (
-    std::result::Result<RestoreStats, SnapshotError>,
-    MemorySystem,
-    Restored,
-) {
+fn restore_lazy(path: &Path, read: bool) -> Restore {
     let mem = memory();
     let vm = Restored::default();
     let r = SnapshotChain::open(path)

@@ -326,20 +326,7 @@ fn run_after(
     let rss = crate::output::peak_rss_bytes();
     extra.insert("peak_rss_bytes".into(), rss.into());
     print_incoming(stats, &serde_json::Value::Object(extra), a.json);
-    if !failures.is_empty() {
-        return Err(CliError::Failed(format!(
-            "the resumed guest failed: {failures:?}"
-        )));
-    }
-    if workload.is_some_and(|w| w != WorkloadKind::Idle)
-        && a.run_after >= Duration::from_millis(100)
-        && after == before
-    {
-        return Err(CliError::Failed(
-            "the resumed guest makes no progress".into(),
-        ));
-    }
-    Ok(())
+    crate::restore::check_ran(guest, &failures, after != before, a.run_after, "resumed")
 }
 
 /// The destination guest seen by the engine, with `vmm incoming`'s own checks: the increment rule

@@ -265,19 +265,31 @@ fn run_after(
             crate::units::fmt_duration(a.run_after)
         );
     }
+    check_ran(guest, &failures, written > 0, a.run_after, "restored")
+}
+
+/// After `run_after` of running (`progressed`: its count of pages written moved): fail if a
+/// vCPU failed, or if a workload that writes made no progress. `which`: "resumed", "restored".
+pub(crate) fn check_ran(
+    guest: &Guest,
+    failures: &[(u32, String)],
+    progressed: bool,
+    run_after: Duration,
+    which: &str,
+) -> CliResult {
     if !failures.is_empty() {
         return Err(CliError::Failed(format!(
-            "the restored guest failed: {failures:?}"
+            "the {which} guest failed: {failures:?}"
         )));
     }
     let workload = loaded_workload(guest.ram()).ok().flatten();
     if workload.is_some_and(|w| w != WorkloadKind::Idle)
-        && a.run_after >= Duration::from_millis(100)
-        && written == 0
+        && run_after >= Duration::from_millis(100)
+        && !progressed
     {
-        return Err(CliError::Failed(
-            "the restored guest makes no progress".into(),
-        ));
+        return Err(CliError::Failed(format!(
+            "the {which} guest makes no progress"
+        )));
     }
     Ok(())
 }

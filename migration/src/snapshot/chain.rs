@@ -4,7 +4,6 @@
 //! A chain of snapshot files, from the full snapshot to the newest diff, checked and linked.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -223,11 +222,9 @@ fn decompress_run(
     Ok(bytes)
 }
 
+/// Fill `buf` from `offset` of `file`: a file that ends first is truncated.
 fn read_at(file: &File, buf: &mut [u8], offset: u64) -> SnapshotResult<()> {
-    file.read_exact_at(buf, offset).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => SnapshotError::corrupt("truncated"),
-        _ => SnapshotError::Io(e),
-    })
+    format::read_at(file, buf, offset, "truncated")
 }
 
 /// Open one file and check its header, meta and length; keep its digests if `newest`.

@@ -190,14 +190,11 @@ fn complement(ranges: &[Range<u64>], pages: u64) -> Vec<Range<u64>> {
     out
 }
 
-fn populated_error(e: crate::BoxError) -> SnapshotError {
-    SnapshotError::Engine {
-        context: "asking which pages hold data",
-        source: crate::Error::Memory {
-            op: "asking which pages are populated",
-            source: e,
-        },
-    }
+/// A failed populated-pages answer, as the snapshot reports it.
+pub(crate) fn populated_error(e: crate::BoxError) -> SnapshotError {
+    SnapshotError::engine("asking which pages hold data")(crate::Error::memory(
+        "asking which pages are populated",
+    )(e))
 }
 
 /// Every block's mapping with the pages that may hold data, if every block has a mapping the

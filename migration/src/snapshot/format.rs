@@ -53,8 +53,7 @@ const MAX_META: u64 = (1 << 40) / PAGE_SIZE * 9 + (64 << 20);
 
 /// The xxh3-64 of a zero page, which digests are XOR-ed with on disk.
 pub(crate) fn zero_page_digest() -> u64 {
-    static ZERO: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *ZERO.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE as usize]))
+    crate::stream::zero_page_digest(PAGE_SIZE as usize)
 }
 
 /// The header, at offset 0, little-endian.
@@ -357,14 +356,23 @@ pub(crate) fn encode_header(header: &SnapshotHeader, blocks: u32, meta: MetaExte
     raw.as_bytes().to_vec()
 }
 
+/// Fill `buf` from `offset` of `file`; a file that ends first is corrupt (`short` says how).
+pub(crate) fn read_at(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    short: &'static str,
+) -> SnapshotResult<()> {
+    file.read_exact_at(buf, offset).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => SnapshotError::corrupt(short),
+        _ => SnapshotError::Io(e),
+    })
+}
+
 /// Read and check the header of `file`: what it is, its block count and where its meta lies.
 pub(crate) fn read_header(file: &File) -> SnapshotResult<(SnapshotHeader, u32, MetaExtent)> {
     let mut bytes = [0u8; RAW_HEADER_LEN];
-    file.read_exact_at(&mut bytes, 0)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => SnapshotError::corrupt("shorter than a header"),
-            _ => SnapshotError::Io(e),
-        })?;
+    read_at(file, &mut bytes, 0, "shorter than a header")?;
     let raw = RawHeader::read_from_bytes(&bytes).expect("exact size");
     if raw.magic != SNAPSHOT_MAGIC {
         return Err(SnapshotError::NotASnapshot);
@@ -418,11 +426,7 @@ pub(crate) fn read_meta(
     with_digests: bool,
 ) -> SnapshotResult<Meta> {
     let mut bytes = vec![0u8; extent.len as usize];
-    file.read_exact_at(&mut bytes, extent.offset)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => SnapshotError::corrupt("truncated"),
-            _ => SnapshotError::Io(e),
-        })?;
+    read_at(file, &mut bytes, extent.offset, "truncated")?;
     if xxh3_64(&bytes) != extent.digest {
         return Err(SnapshotError::corrupt(
             "the meta section's digest does not match",

@@ -4,6 +4,7 @@
 //! Lazy restore: the guest resumes at once with all its memory missing; a thread places each
 //! page it touches from the chain on demand (userfaultfd) and the rest in the background.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,7 @@ impl LazyRestore {
         let start = Instant::now();
         let blocks = mem.blocks();
         check_layout(&chain, &blocks)?;
-        let sources: Vec<Vec<Source>> = (0..blocks.len()).map(|bi| chain.sources(bi)).collect();
+        let sources: Arc<[Vec<Source>]> = (0..blocks.len()).map(|bi| chain.sources(bi)).collect();
         let unheld = check_unheld_pages_are_zero(&chain, &blocks, &sources)?;
         let mut placement = UffdPlacement::prepare(&blocks)
             .map_err(|e| SnapshotError::LazyUnavailable(crate::error::chain(&e)))?;
@@ -113,7 +114,8 @@ fn check_unheld_pages_are_zero<B: MigrationBlock>(
 
 struct Server {
     chain: SnapshotChain,
-    sources: Vec<Vec<Source>>,
+    /// Per block, where each page comes from (shared with the prefetch's walk over it).
+    sources: Arc<[Vec<Source>]>,
     placement: UffdPlacement,
     stats: RestoreStats,
     start: Instant,
@@ -143,35 +145,23 @@ impl Server {
 
     /// Prefetch every page a file holds, in order, serving faults before each run.
     fn place_all(&mut self) -> SnapshotResult<()> {
-        for bi in 0..self.sources.len() {
-            let sources = std::mem::take(&mut self.sources[bi]);
-            for (source, first, n) in source_runs(&sources, PAGES_PER_READ) {
-                self.serve_faults(&sources, Duration::ZERO, bi)?;
+        let sources = Arc::clone(&self.sources);
+        for (bi, block) in sources.iter().enumerate() {
+            for (source, first, n) in source_runs(block, PAGES_PER_READ) {
+                self.serve_faults()?;
                 if let Source::File(f) = source {
                     self.place_run(f, bi, first, n, false)?;
                 }
             }
-            self.sources[bi] = sources;
         }
         Ok(())
     }
 
-    /// Serve the faults pending (waiting at most `timeout` for the first).
-    fn serve_faults(
-        &mut self,
-        held: &[Source],
-        timeout: Duration,
-        held_bi: usize,
-    ) -> SnapshotResult<()> {
-        let mut wait = timeout;
-        while let Some((bi, page)) = self.placement.next_fault(wait)? {
-            wait = Duration::ZERO;
+    /// Serve the faults pending, without waiting for more.
+    fn serve_faults(&mut self) -> SnapshotResult<()> {
+        while let Some((bi, page)) = self.placement.next_fault(Duration::ZERO)? {
             let t = Instant::now();
-            let source = if bi == held_bi {
-                held[page as usize]
-            } else {
-                self.sources[bi][page as usize]
-            };
+            let source = self.sources[bi][page as usize];
             match source {
                 Source::File(f) => self.place_run(f, bi, page, 1, true)?,
                 Source::Zero => {

@@ -135,13 +135,8 @@ fn load_block<B: MigrationBlock>(
             }
             block
                 .write_untracked((first + i as u64) * PAGE_SIZE, page)
-                .map_err(|e| SnapshotError::Engine {
-                    context: "restoring guest memory",
-                    source: Error::Memory {
-                        op: "writing a restored page",
-                        source: e,
-                    },
-                })?;
+                .map_err(Error::memory("writing a restored page"))
+                .map_err(SnapshotError::engine("restoring guest memory"))?;
             stats.pages_placed += 1;
         }
     }

@@ -324,13 +324,13 @@ impl<'a, M: MigrationMemory, E: SnapshotEpochs, V: VmControl> Snapshotter<'a, M,
 
     /// The next delta; its pages stay due until a snapshot finishes.
     fn advance(&mut self) -> SnapshotResult<Vec<Bitmap>> {
-        let delta = self.epochs.advance().map_err(|e| SnapshotError::Engine {
-            context: "taking the pages dirtied since the last snapshot",
-            source: Error::Memory {
-                op: "advancing the dirty epochs",
-                source: e,
-            },
-        })?;
+        let delta = self
+            .epochs
+            .advance()
+            .map_err(Error::memory("advancing the dirty epochs"))
+            .map_err(SnapshotError::engine(
+                "taking the pages dirtied since the last snapshot",
+            ))?;
         let pages: Vec<u64> = self.mem.blocks().iter().map(|b| b.pages()).collect();
         if delta.len() != pages.len() || delta.iter().zip(&pages).any(|(d, &p)| d.len() as u64 != p)
         {
@@ -368,13 +368,7 @@ fn write_populated<B: MigrationBlock>(blocks: &[B], w: &mut SnapshotWriter) -> S
     let mut ranges = Vec::new();
     let mut n = 0;
     for (bi, b) in blocks.iter().enumerate() {
-        ask_populated(b, 0, b.pages(), &mut ranges).map_err(|e| SnapshotError::Engine {
-            context: "asking which pages hold data",
-            source: Error::Memory {
-                op: "asking which pages are populated",
-                source: e,
-            },
-        })?;
+        ask_populated(b, 0, b.pages(), &mut ranges).map_err(digests::populated_error)?;
         for r in &ranges {
             w.write_run(bi, b, r.start, r.end - r.start)?;
             n += r.end - r.start;

@@ -81,23 +81,22 @@ impl SnapshotWriter {
         first: u64,
         n: u64,
     ) -> SnapshotResult<()> {
+        // The read buffer is lent out while `store` borrows the writer.
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut stored = Ok(());
         let mut at = first;
-        while at < first + n {
+        while stored.is_ok() && at < first + n {
             let count = (first + n - at).min(PAGES_PER_READ);
-            let bytes = &mut self.buf[..(count * PAGE_SIZE) as usize];
-            block
+            let bytes = &mut buf[..(count * PAGE_SIZE) as usize];
+            stored = block
                 .read(at * PAGE_SIZE, bytes)
-                .map_err(|e| SnapshotError::Engine {
-                    context: "reading guest memory",
-                    source: crate::Error::Memory {
-                        op: "reading a page to snapshot it",
-                        source: e,
-                    },
-                })?;
-            self.store(bi, at, count)?;
+                .map_err(crate::Error::memory("reading a page to snapshot it"))
+                .map_err(SnapshotError::engine("reading guest memory"))
+                .and_then(|()| self.store(bi, at, bytes));
             at += count;
         }
-        Ok(())
+        self.buf = buf;
+        stored
     }
 
     /// Pages this file defines so far.
@@ -109,25 +108,20 @@ impl SnapshotWriter {
     pub(crate) fn store_copied(&mut self, copied: &CopiedPages) -> SnapshotResult<()> {
         let mut at = 0usize;
         for &(bi, first, n) in &copied.runs {
-            let mut done = 0;
-            while done < n {
-                let count = (n - done).min(PAGES_PER_READ);
-                let len = (count * PAGE_SIZE) as usize;
-                self.buf[..len].copy_from_slice(&copied.buf[at..at + len]);
-                self.store(bi, first + done, count)?;
-                at += len;
-                done += count;
-            }
+            let len = (n * PAGE_SIZE) as usize;
+            self.store(bi, first, &copied.buf[at..at + len])?;
+            at += len;
         }
         Ok(())
     }
 
-    /// Store the `count` pages in `self.buf`, the first being page `first` of block `bi`.
-    fn store(&mut self, bi: usize, first: u64, count: u64) -> SnapshotResult<()> {
+    /// Store `bytes` (whole pages), the first being page `first` of block `bi`.
+    fn store(&mut self, bi: usize, first: u64, bytes: &[u8]) -> SnapshotResult<()> {
         let base = self.blocks[bi].data_offset;
+        let count = bytes.len() as u64 / PAGE_SIZE;
+        let page = |k: u64| &bytes[(k * PAGE_SIZE) as usize..((k + 1) * PAGE_SIZE) as usize];
         let mut i = 0;
         while i < count {
-            let page = |k: u64| &self.buf[(k * PAGE_SIZE) as usize..((k + 1) * PAGE_SIZE) as usize];
             let zero = is_zero_page(page(i));
             let mut end = i + 1;
             while end < count && is_zero_page(page(end)) == zero {
@@ -138,8 +132,8 @@ impl SnapshotWriter {
                 self.zero_pages += len;
                 self.punch_written(bi, p0, len)?;
             } else {
-                let bytes = &self.buf[(i * PAGE_SIZE) as usize..(end * PAGE_SIZE) as usize];
-                self.file.write_all_at(bytes, base + p0 * PAGE_SIZE)?;
+                let data = &bytes[(i * PAGE_SIZE) as usize..(end * PAGE_SIZE) as usize];
+                self.file.write_all_at(data, base + p0 * PAGE_SIZE)?;
                 self.data[bi].set_range(p0 as usize, len as usize);
             }
             self.present[bi].set_range(p0 as usize, len as usize);
@@ -284,13 +278,8 @@ impl CopiedPages {
             for r in crate::postcopy::runs(bits) {
                 let len = ((r.end - r.start) * PAGE_SIZE) as usize;
                 b.read(r.start * PAGE_SIZE, &mut self.buf[at..at + len])
-                    .map_err(|e| SnapshotError::Engine {
-                        context: "reading guest memory",
-                        source: crate::Error::Memory {
-                            op: "copying a page to snapshot it",
-                            source: e,
-                        },
-                    })?;
+                    .map_err(crate::Error::memory("copying a page to snapshot it"))
+                    .map_err(SnapshotError::engine("reading guest memory"))?;
                 self.runs.push((bi, r.start, r.end - r.start));
                 at += len;
             }
